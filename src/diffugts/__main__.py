@@ -1,0 +1,3 @@
+from diffugts.cli import run
+
+run()

@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+Anything raised as a :class:`DiffugtsError` is bad input or a bad environment, not a
+bug: the CLI prints its message as one line and exits with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class DiffugtsError(Exception):
+    """An error the user can fix; ``str(err)`` is the one line shown to them."""
+
+    exit_code = 2
+
+
+class InputError(DiffugtsError):
+    """Bad input, naming the file (or folder / URI) and the reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class ConfigError(DiffugtsError):
+    """A bad setting: missing credentials, malformed rules, unknown option."""

@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 from diffugts import __version__
 from diffugts.errors import DiffugtsError
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    return not (record.name.startswith("pydicom") and record.levelno < logging.ERROR)
+
+
 def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -43,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
+    # pydicom logs and warns about every oddity of a file; ingestion reports the ones that
+    # matter as one line each, so its own chatter is dropped unless debugging.
+    if not os.environ.get("DIFFUGTS_DEBUG"):
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_libraries)
+        warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
     try:
         return int(args.func(args) or 0)
     except DiffugtsError as err:

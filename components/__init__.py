@@ -1,0 +1,1 @@
+"""Kubeflow components: thin adapters that parse artifacts, call the library, write artifacts."""

@@ -1,0 +1,1 @@
+"""Kubeflow pipelines of diffugts (compiled by `make compile`, run locally by `make run`)."""

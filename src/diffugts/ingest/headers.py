@@ -1,0 +1,256 @@
+"""Header scan: one cheap read per file, pixel data deferred.
+
+Every file either becomes one or more :class:`Frame` records (one per slice: a classic
+image is one frame, an Enhanced CT/MR instance has many) or a :class:`Rejection` with a
+one-line reason. Nothing here decodes pixels; the memory guard and the truncation check
+use the declared sizes and the byte length recorded in the file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from diffugts.ingest.sources import SourceFile
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.2"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+LEGACY_ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.4"
+SUPPORTED_SOP_CLASSES = {CT_IMAGE, ENHANCED_CT, LEGACY_ENHANCED_CT, MR_IMAGE, ENHANCED_MR, LEGACY_ENHANCED_MR}
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+# Values at least this large stay on disk until needed (the pixel data, in practice).
+DEFER_BYTES = 1024
+# No CT/MR frame is larger than this in either direction; larger is a corrupt header.
+MAX_FRAME_SIDE = 16384
+
+
+@dataclass
+class Rejection:
+    file: str  # display name, relative to the input
+    reason: str
+    kind: str  # not_dicom | truncated | unsupported | invalid | index_file | decode
+
+    def as_dict(self) -> dict:
+        return {"file": self.file, "kind": self.kind, "reason": self.reason}
+
+
+@dataclass
+class Frame:
+    """One 2D slice: a classic instance, or one frame of a multi-frame instance."""
+
+    source: SourceFile
+    ds: Dataset  # shared by all frames of a file; pixel data deferred
+    frame: int | None  # 0-based frame number in a multi-frame file, None for classic
+    position: np.ndarray | None  # ImagePositionPatient, mm (LPS)
+    orientation: np.ndarray | None  # ImageOrientationPatient: row cosines, column cosines
+    pixel_spacing: tuple[float, float] | None  # (between rows, between columns), mm
+    slice_thickness: float | None
+    spacing_between_slices: float | None
+    slope: float
+    intercept: float
+    split: tuple = field(default=())  # extra keys that must agree within one volume
+    pixel_offset: int | None = None  # file offset of the Pixel Data value
+    pixel_length: int | None = None  # its length in bytes (None: encapsulated / unknown)
+
+
+def _floats(value, n: int) -> np.ndarray | None:
+    try:
+        arr = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return arr if arr.shape == (n,) and np.all(np.isfinite(arr)) else None
+
+
+def _float(value) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) else None
+
+
+def _either(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _first_item(ds: Dataset, keyword: str) -> Dataset | None:
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
+def _group(per_frame: Dataset | None, shared: Dataset | None, keyword: str) -> Dataset | None:
+    """A functional-group macro item, per-frame first, then shared."""
+    for container in (per_frame, shared):
+        if container is not None and (item := _first_item(container, keyword)) is not None:
+            return item
+    return None
+
+
+def read_header(src: SourceFile) -> Dataset | Rejection:
+    """Parse one file's header, or say in one line why it is not a usable image."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(src.path, defer_size=DEFER_BYTES)
+        eof = [w for w in caught if "end of file" in str(w.message).lower()]
+        if eof or len(ds) == 0:
+            detail = "the file ends inside its data" if eof else "no data set after the file meta information"
+            return Rejection(src.name, f"truncated or corrupt DICOM ({detail})", "truncated")
+    except InvalidDicomError:
+        # Files without the 128-byte preamble ("DICM") are still common in old exports.
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(src.path, defer_size=DEFER_BYTES, force=True)
+            if "SOPClassUID" not in ds or "Rows" not in ds:
+                raise InvalidDicomError
+        except Exception:
+            return Rejection(src.name, "not a DICOM file", "not_dicom")
+    except (EOFError, OSError, ValueError, KeyError, TypeError, OverflowError) as err:
+        return Rejection(src.name, f"truncated or corrupt DICOM header ({_short(err)})", "truncated")
+    except Exception as err:  # pydicom raises many types on corrupt input
+        return Rejection(src.name, f"corrupt DICOM header ({_short(err)})", "invalid")
+    return ds
+
+
+def _short(err: Exception) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def check_image(src: SourceFile, ds: Dataset, max_voxels: int) -> Rejection | None:
+    """Checks that need no pixel decoding: SOP class, pixel module, sizes, truncation."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        return Rejection(src.name, "DICOMDIR index file (not an image)", "index_file")
+    if sop_class not in SUPPORTED_SOP_CLASSES:
+        name = UID(sop_class).name if sop_class else "no SOP Class UID"
+        return Rejection(src.name, f"unsupported SOP class: {name} (CT and MR images only)", "unsupported")
+    if "PixelData" not in ds:
+        return Rejection(src.name, "no pixel data", "invalid")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        bits = int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1))
+    except (AttributeError, TypeError, ValueError):
+        return Rejection(src.name, "incomplete image pixel module (Rows, Columns, Bits Allocated)", "invalid")
+    if samples != 1:
+        return Rejection(src.name, f"{samples} samples per pixel: colour images are not CT/MR volumes", "invalid")
+    if not (0 < rows <= MAX_FRAME_SIDE and 0 < cols <= MAX_FRAME_SIDE and frames > 0):
+        return Rejection(src.name, f"absurd declared dimensions {cols}x{rows}x{frames}", "invalid")
+    if bits not in (8, 16, 32):
+        return Rejection(src.name, f"unsupported Bits Allocated {bits}", "invalid")
+    if rows * cols * frames > max_voxels:
+        return Rejection(
+            src.name,
+            f"declared size {cols}x{rows}x{frames} exceeds the memory limit "
+            f"({max_voxels * 4 / 2**30:.1f} GiB as float32; DIFFUGTS_MAX_VOLUME_GB)",
+            "invalid",
+        )
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is None or not UID(ts).is_compressed:
+        raw = ds.get_item(0x7FE00010, keep_deferred=True)
+        length = getattr(raw, "length", None)
+        expected = rows * cols * frames * bits // 8
+        if length is not None and length != 0xFFFFFFFF:
+            value_tell = getattr(raw, "value_tell", None)
+            available = length
+            if value_tell is not None:
+                available = min(length, max(0, os.path.getsize(src.path) - value_tell))
+            if available < expected:
+                return Rejection(
+                    src.name, f"pixel data truncated: {available} of {expected} bytes present", "truncated"
+                )
+    return None
+
+
+def frames_of(src: SourceFile, ds: Dataset) -> list[Frame]:
+    """Slice records of one image file (classic: one; enhanced multi-frame: one per frame)."""
+    raw = ds.get_item(0x7FE00010, keep_deferred=True)
+    offset = getattr(raw, "value_tell", None)
+    length = getattr(raw, "length", None)
+    if length == 0xFFFFFFFF:  # encapsulated (compressed) pixel data
+        length = None
+    if "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames") or 1) > 1:
+        frames = _enhanced_frames(src, ds)
+    else:
+        frames = _classic_frame(src, ds)
+    for f in frames:
+        f.pixel_offset, f.pixel_length = offset, length
+    return frames
+
+
+def _classic_frame(src: SourceFile, ds: Dataset) -> list[Frame]:
+    return [
+        Frame(
+            source=src,
+            ds=ds,
+            frame=None,
+            position=_floats(ds.get("ImagePositionPatient"), 3),
+            orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+            pixel_spacing=_spacing(ds.get("PixelSpacing")),
+            slice_thickness=_float(ds.get("SliceThickness")),
+            spacing_between_slices=_float(ds.get("SpacingBetweenSlices")),
+            slope=_either(_float(ds.get("RescaleSlope")), 1.0),
+            intercept=_either(_float(ds.get("RescaleIntercept")), 0.0),
+            # Multi-echo and dynamic series repeat positions: one volume per echo / phase.
+            split=(str(ds.get("EchoNumbers", "")), str(ds.get("TemporalPositionIdentifier", ""))),
+        )
+    ]
+
+
+def _spacing(value) -> tuple[float, float] | None:
+    arr = _floats(value, 2) if value is not None else None
+    if arr is None or np.any(arr <= 0):
+        return None
+    return float(arr[0]), float(arr[1])
+
+
+def _enhanced_frames(src: SourceFile, ds: Dataset) -> list[Frame]:
+    n = int(ds.get("NumberOfFrames") or 1)
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    top_slope = _either(_float(ds.get("RescaleSlope")), 1.0)
+    top_intercept = _either(_float(ds.get("RescaleIntercept")), 0.0)
+    frames = []
+    for i in range(n):
+        pf = per_frame[i] if i < len(per_frame) else None
+        pos = _group(pf, shared, "PlanePositionSequence")
+        ori = _group(pf, shared, "PlaneOrientationSequence")
+        meas = _group(pf, shared, "PixelMeasuresSequence")
+        pvt = _group(pf, shared, "PixelValueTransformationSequence")
+        content = _group(pf, shared, "FrameContentSequence")
+        echo = _group(pf, shared, "MREchoSequence")
+        frames.append(
+            Frame(
+                source=src,
+                ds=ds,
+                frame=i,
+                position=_floats(pos.get("ImagePositionPatient"), 3) if pos else None,
+                orientation=_floats(ori.get("ImageOrientationPatient"), 6) if ori else None,
+                pixel_spacing=_spacing(meas.get("PixelSpacing")) if meas else None,
+                slice_thickness=_float(meas.get("SliceThickness")) if meas else None,
+                spacing_between_slices=_float(meas.get("SpacingBetweenSlices")) if meas else None,
+                slope=_either(_float(pvt.get("RescaleSlope")) if pvt else None, top_slope),
+                intercept=_either(_float(pvt.get("RescaleIntercept")) if pvt else None, top_intercept),
+                split=(
+                    str(content.get("StackID", "")) if content else "",
+                    str(content.get("TemporalPositionIndex", "")) if content else "",
+                    str(echo.get("EffectiveEchoTime", "")) if echo else "",
+                ),
+            )
+        )
+    return frames

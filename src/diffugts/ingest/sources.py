@@ -23,14 +23,10 @@ class SourceFile:
     name: str  # how reports refer to it: relative to the input
 
 
-def is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
-
-
 def localize(input_ref: str | os.PathLike, workdir: Path) -> Path:
     """A local path for a folder, file, zip or s3:// URI (S3 is mirrored into workdir)."""
     ref = os.fspath(input_ref)
-    if is_s3(ref):
+    if ref.startswith("s3://"):
         from diffugts import storage  # minio is only needed for S3 inputs
 
         return storage.localize(ref, workdir / "s3")

@@ -1,0 +1,3 @@
+"""Shared fixtures. Services the tests need run for real on loopback, started here."""
+
+from s3server import s3_env, s3_server  # noqa: F401  (pytest finds fixtures by name)

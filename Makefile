@@ -8,14 +8,21 @@ STAMP := $(VENV)/.diffugts-installed
 # Debian packages the tests use: dciodvfy (DICOM validator) and a real Pushgateway.
 APT_PACKAGES := dicom3tools prometheus-pushgateway
 OUT ?= local_outputs
+# Lint tools (hadolint, kubernetes-validate, hera, checkov) live in their own venv:
+# checkov's pins conflict with ours.
+LINT_VENV ?= .venv-lint
+LINT_STAMP := $(LINT_VENV)/.diffugts-lint-installed
+IMAGE_VERSION := $(shell sed -n 's/^VERSION = "\(.*\)"/\1/p' components/images.py)
+IMAGE_REPO ?= ghcr.io/diffugts
 
-.PHONY: help venv system-deps run test compile bench clean
+.PHONY: help venv lint-venv system-deps run test compile bench images clean
 
 help:
 	@echo "make run      - run the study pipeline locally (kfp.local) on the embedded demo, offline"
 	@echo "make test     - run the test suite"
 	@echo "make compile  - write the pipeline YAML to build/pipelines/"
 	@echo "make bench    - run the CPU benchmarks"
+	@echo "make images   - build the CPU and CUDA images (needs a Docker engine)"
 	@echo "make clean    - remove build outputs and local runs (keeps .venv)"
 
 venv: $(STAMP)
@@ -24,6 +31,14 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip==26.3
 	$(PIP) install --quiet -c requirements/constraints.txt -e '.[kfp,dev]'
+	@touch $@
+
+lint-venv: $(LINT_STAMP)
+
+$(LINT_STAMP): requirements/lint.txt
+	@test -x $(LINT_VENV)/bin/python || $(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install --quiet --upgrade pip==26.3
+	$(LINT_VENV)/bin/pip install --quiet -r requirements/lint.txt
 	@touch $@
 
 # apt installs only what is missing; needs root (CI) or sudo.
@@ -40,7 +55,7 @@ system-deps:
 run: $(STAMP)
 	$(PY) -m pipelines.run_local --out $(OUT)
 
-test: $(STAMP) system-deps
+test: $(STAMP) $(LINT_STAMP) system-deps
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
@@ -49,6 +64,14 @@ compile: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ingest_throughput.py
+
+images:
+	docker build -f images/cpu/Dockerfile -t $(IMAGE_REPO)/diffugts-cpu:$(IMAGE_VERSION) \
+	  --build-arg VERSION=$(IMAGE_VERSION) --build-arg VCS_REF=$$(git rev-parse HEAD) \
+	  --build-arg BUILD_DATE=$$(date -u +%Y-%m-%dT%H:%M:%SZ) .
+	docker build -f images/cuda/Dockerfile -t $(IMAGE_REPO)/diffugts-cuda:$(IMAGE_VERSION) \
+	  --build-arg VERSION=$(IMAGE_VERSION) --build-arg VCS_REF=$$(git rev-parse HEAD) \
+	  --build-arg BUILD_DATE=$$(date -u +%Y-%m-%dT%H:%M:%SZ) .
 
 clean:
 	rm -rf build $(OUT) .pytest_cache

@@ -1,7 +1,13 @@
 """`make run`: the study pipeline on the embedded demo with kfp.local, offline.
 
-Runs every demo study through the pipeline with ``kfp.local.SubprocessRunner`` in the
-current virtualenv (no Docker, no cluster) and prints where the outputs are.
+The demo cohort is a few phantom studies (CT with seen and unseen tumor types, and an MR),
+written as DICOM under ``--out``/demo-input. Every study runs through the pipeline with
+``kfp.local.SubprocessRunner`` in the current virtualenv (no Docker, no cluster); the
+script prints where the outputs are.
+
+Inputs live under ``--out`` rather than in site-packages for a reason: kfp.local's
+SubprocessRunner rewrites every "python3" in a task's arguments to the interpreter path,
+parameter values included, which mangles paths inside a virtualenv (.../lib/python3.11/...).
 """
 
 from __future__ import annotations
@@ -15,34 +21,33 @@ import tempfile
 from pathlib import Path
 
 
+# The demo cohort: phantom studies from a seed that training and evaluation never use.
+DEMO_SEED = 7
+DEMO_CASES = [
+    {"index": 0, "modality": "CT", "split": "unseen"},  # tumor types the heads never saw
+    {"index": 1, "modality": "CT", "split": "seen"},
+    {"index": 2, "modality": "MR", "mr_contrast": "T2", "split": "any"},  # unseen modality
+]
+
+
 def demo_studies(folder: Path) -> list[dict]:
-    """Real DICOM that ships in pip packages: pydicom's and pydicom-data's test files.
-
-    They are copied under ``folder`` first: kfp.local's SubprocessRunner rewrites every
-    "python3" in a task's arguments to the interpreter path, parameter values included,
-    which mangles paths inside a virtualenv (.../lib/python3.11/...).
-    """
-    from pydicom.data import get_testdata_file
-
-    def data(name: str) -> Path:
-        path = get_testdata_file(name, download=False)
-        if not path:
-            sys.exit(f"demo data {name} not found: is pydicom-data installed? (make venv)")
-        return Path(path)
+    """Write the demo phantom studies as DICOM (once) and return their pipeline inputs."""
+    from diffugts.phantom import CaseSpec, generate_case, write_case
 
     folder.mkdir(parents=True, exist_ok=True)
-    ct_study = folder / "ct-study-folder"
-    if not ct_study.exists():
-        shutil.copytree(data("CT_small.dcm").parent / "dicomdirtests", ct_study)
-    mr = folder / "enhanced-mr.dcm"
-    if not mr.exists():
-        shutil.copyfile(data("emri_small_jpeg_2k_lossless.dcm"), mr)
-    return [
-        # A study folder from a DICOMDIR test set: localizers, CR, broken series, one CT volume.
-        {"name": "ct-study-folder", "input_uri": str(ct_study), "rules": "default"},
-        # An Enhanced MR multi-frame instance (no plane positions: permissive rules).
-        {"name": "enhanced-mr", "input_uri": str(mr), "rules": "permissive"},
-    ]
+    studies = []
+    for entry in DEMO_CASES:
+        spec = CaseSpec(seed=DEMO_SEED, healthy_fraction=0.0, **entry)
+        case_dir = folder / spec.case_id
+        if not (case_dir / "case.json").exists():
+            write_case(generate_case(spec), folder)
+        lesions = json.loads((case_dir / "case.json").read_text())["lesions"]
+        studies.append({
+            "name": f"{spec.case_id} ({spec.render_modality}, "
+                    f"{', '.join(sorted({l['organ'] + ' ' + l['type'] for l in lesions})) or 'healthy'})",
+            "input_uri": str(case_dir / "dicom"),
+        })
+    return studies
 
 
 def main() -> int:
@@ -71,7 +76,7 @@ def main() -> int:
     try:
         for study in demo_studies(out / "demo-input"):
             print(f"\n=== study pipeline: {study['name']} ===", flush=True)
-            task = study_pipeline(input_uri=study["input_uri"], rules=study["rules"])
+            task = study_pipeline(input_uri=study["input_uri"])
             study_dir = Path(task.outputs["Output"].path)
             series = json.loads((study_dir / "series.json").read_text())
             results.append((study["name"], study_dir, series))

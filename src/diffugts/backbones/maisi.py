@@ -1,0 +1,237 @@
+"""The MAISI family on MONAI's own classes: AutoencoderKlMaisi + DiffusionModelUNetMaisi.
+
+Weights are those of the official bundle (``diffugts models import-maisi``) or of the demo
+recipe; configurations live in :mod:`diffugts.models.configs`. Two runtime choices that do
+not touch the weights:
+
+- ``MaisiGroupNorm3D`` normalises group by group in a Python loop to save GPU memory; with
+  ``norm_float16`` off it computes exactly ``nn.GroupNorm``, so its forward is swapped for
+  the fused kernel (3-5x faster; equivalence is tested);
+- flash attention is used on CUDA only (MONAI refuses it otherwise); half precision comes
+  from bf16 autocast instead of ``norm_float16``.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiGroupNorm3D
+from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
+from monai.networks.schedulers import DDIMScheduler, RFlowScheduler
+from torch import nn
+
+from diffugts.backbones.base import Backbone, FeatureSpec, Sampler
+from diffugts.errors import ConfigError
+
+# Denoiser features are read at this fraction of the noise schedule: enough noise to put
+# the denoiser to work, little enough to keep the image's content (DESIGN.md: small t).
+DEFAULT_FEATURE_NOISE = 0.05
+
+
+def build_vae(config: dict, device: torch.device) -> AutoencoderKlMaisi:
+    cfg = dict(config)
+    cfg["norm_float16"] = False  # bf16 autocast instead (see module docstring)
+    if device.type != "cuda":
+        cfg["num_splits"] = 1  # tensor splitting only saves GPU memory; it breaks small inputs
+    vae = AutoencoderKlMaisi(**cfg)
+    for m in vae.modules():
+        if isinstance(m, MaisiGroupNorm3D):
+            m.forward = types.MethodType(nn.GroupNorm.forward, m)
+    return vae
+
+
+def build_unet(config: dict, device: torch.device) -> DiffusionModelUNetMaisi:
+    cfg = dict(config)
+    cfg["use_flash_attention"] = bool(cfg.get("use_flash_attention")) and device.type == "cuda"
+    return DiffusionModelUNetMaisi(**cfg)
+
+
+def encoder_level_ends(num_res_blocks: list[int]) -> list[int]:
+    """Indices in ``encoder.blocks`` of each level's last residual block.
+
+    The block list is: conv, then per level its residual blocks and (but the last) a
+    downsampler, then norm and conv (see docs/research/maisi.md).
+    """
+    ends, idx = [], 0
+    for level, n in enumerate(num_res_blocks):
+        idx += n
+        ends.append(idx)
+        if level < len(num_res_blocks) - 1:
+            idx += 1
+    return ends
+
+
+class RFlowSampler(Sampler):
+    """Rectified flow (MAISI v2): x_t = (1 - t/T) x0 + (t/T) noise, velocity prediction."""
+
+    def __init__(self, args: dict, latent_numel: int):
+        self.s = RFlowScheduler(**args)
+        self.num_train_timesteps = self.s.num_train_timesteps
+        self.latent_numel = latent_numel
+
+    def timesteps(self, strength: float, steps: int) -> list[float]:
+        t0 = strength * self.num_train_timesteps
+        full = min(self.num_train_timesteps, max(steps, math.ceil(steps / max(strength, 1e-3))))
+        self.s.set_timesteps(full, input_img_size_numel=self.latent_numel)
+        later = [float(t) for t in self.s.timesteps if float(t) < t0 - 1e-3]
+        return [t0] + later[: steps - 1]
+
+    def add_noise(self, z0, noise, t):
+        return self.s.add_noise(z0, noise, torch.full((z0.shape[0],), t, device=z0.device))
+
+    def step(self, model_out, t, t_next, z_t):
+        return self.s.step(model_out, t, z_t, next_timestep=t_next)[0]
+
+
+class DDIMSampler(Sampler):
+    """DDIM over the betas a DDPM model (MAISI v1) was trained with: deterministic, few steps."""
+
+    def __init__(self, args: dict):
+        args = {k: v for k, v in args.items() if k not in ("variance_type",)}
+        self.s = DDIMScheduler(**{**args, "clip_sample": False})
+        self.num_train_timesteps = self.s.num_train_timesteps
+
+    def timesteps(self, strength: float, steps: int) -> list[float]:
+        full = min(self.num_train_timesteps, max(steps, math.ceil(steps / max(strength, 1e-3))))
+        self.s.set_timesteps(full)
+        return [float(t) for t in self.s.timesteps if t <= strength * self.num_train_timesteps][:steps]
+
+    def add_noise(self, z0, noise, t):
+        return self.s.add_noise(z0, noise, torch.full((z0.shape[0],), int(t), device=z0.device, dtype=torch.long))
+
+    def step(self, model_out, t, t_next, z_t):
+        return self.s.step(model_out, int(t), z_t)[0]
+
+
+class MaisiBackbone(Backbone):
+    family = "maisi"
+
+    def __init__(self, config: dict, scale_factor: float = 1.0, device: str | torch.device = "cpu",
+                 feature_noise: float = DEFAULT_FEATURE_NOISE):
+        super().__init__()
+        self.device = torch.device(device)
+        self.config = config
+        self.vae = build_vae(config["vae"], self.device)
+        self.unet = build_unet(config["unet"], self.device)
+        self.scale_factor = float(scale_factor)
+        self.feature_noise = float(feature_noise)
+        self.conditioning = config.get("conditioning", {})
+        self.latent_stride = 2 ** (len(config["vae"]["num_channels"]) - 1)
+        self._enc_ends = encoder_level_ends(list(config["vae"]["num_res_blocks"]))
+        unet_levels = len(config["unet"]["num_channels"])
+        # up_blocks[i] returns latent stride 2^(L-2-i) (the last one keeps stride 1).
+        self._up_strides = [2 ** max(unet_levels - 2 - i, 0) for i in range(unet_levels)]
+        self._up_used = [i for i, s in enumerate(self._up_strides) if s * self.latent_stride <= 8]
+        self.requires_grad_(False)
+        self.eval()
+        self.to(self.device)
+
+    # --- loading --------------------------------------------------------------------------
+    def load_weights(self, vae_state: dict, unet_state: dict, where: str = "model") -> None:
+        for name, net, state in (("vae", self.vae, vae_state), ("unet", self.unet, unet_state)):
+            load_strict(net, state, f"{where}: {name}")
+
+    # --- features ---------------------------------------------------------------------------
+    def feature_specs(self) -> list[FeatureSpec]:
+        enc = [FeatureSpec(f"encoder{i}", c, 2 ** i) for i, c in enumerate(self.config["vae"]["num_channels"])]
+        chans = list(reversed(self.config["unet"]["num_channels"]))
+        dec = [FeatureSpec(f"denoiser{i}", chans[i], self._up_strides[i] * self.latent_stride) for i in self._up_used]
+        return enc + dec
+
+    def _encode_with_levels(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        levels = []
+        hooks = [self.vae.encoder.blocks[i].register_forward_hook(lambda m, a, out: levels.append(out))
+                 for i in self._enc_ends]
+        try:
+            h = self.vae.encoder(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        z_mu = self.vae.quant_conv_mu(h)
+        return levels, z_mu * self.scale_factor
+
+    def encoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        with self._autocast():
+            levels, _ = self._encode_with_levels(x)
+        return [f.float() for f in levels]
+
+    def features(self, x, spacing, generator=None):
+        with self._autocast():
+            levels, z = self._encode_with_levels(x)
+            sampler = self.sampler(z.shape[2:])
+            t = self.feature_noise * sampler.num_train_timesteps
+            if generator is None:  # deterministic by default
+                generator = torch.Generator(device=z.device).manual_seed(0)
+            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            z_t = sampler.add_noise(z, noise, t)
+            ups = []
+            hooks = [self.unet.up_blocks[i].register_forward_hook(lambda m, a, out: ups.append(out))
+                     for i in self._up_used]
+            try:
+                self.denoise(z_t, t, spacing)
+            finally:
+                for hook in hooks:
+                    hook.remove()
+        return [f.float() for f in levels + ups]
+
+    # --- latent diffusion -------------------------------------------------------------------
+    def encode(self, x):
+        with self._autocast():
+            return self._encode_with_levels(x)[1].float()
+
+    def decode(self, z):
+        with self._autocast():
+            return self.vae.decode(z / self.scale_factor).float()
+
+    def sampler(self, latent_shape) -> Sampler:
+        sched = self.config["scheduler"]
+        if sched["class"] == "RFlowScheduler":
+            return RFlowSampler(sched["args"], int(math.prod(latent_shape)))
+        if sched["class"] in ("DDPMScheduler", "DDIMScheduler"):
+            return DDIMSampler(sched["args"])
+        raise ConfigError(f"unsupported scheduler {sched['class']!r}")
+
+    def denoise(self, z_t, t, spacing):
+        n = z_t.shape[0]
+        kwargs = {}
+        unet_cfg = self.config["unet"]
+        if unet_cfg.get("include_spacing_input"):
+            kwargs["spacing_tensor"] = torch.tensor([list(spacing)] * n, device=z_t.device, dtype=torch.float32) * 100
+        if unet_cfg.get("num_class_embeds"):
+            label = self.conditioning.get("class_label") or 1
+            kwargs["class_labels"] = torch.full((n,), int(label), device=z_t.device, dtype=torch.long)
+        region = self.conditioning.get("body_region")
+        if unet_cfg.get("include_top_region_index_input"):
+            kwargs["top_region_index_tensor"] = torch.tensor([region[0]] * n, device=z_t.device).float() * 100
+        if unet_cfg.get("include_bottom_region_index_input"):
+            kwargs["bottom_region_index_tensor"] = torch.tensor([region[1]] * n, device=z_t.device).float() * 100
+        timesteps = torch.full((n,), float(t), device=z_t.device)
+        with self._autocast():
+            return self.unet(z_t, timesteps, **kwargs).float()
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+
+def load_strict(net: nn.Module, state: dict, where: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error that names the first bad keys."""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise ConfigError(f"{where}: weights do not match the network configuration: {'; '.join(parts)}")
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        k = bad[0]
+        raise ConfigError(f"{where}: weights do not match the network configuration: {len(bad)} tensors "
+                          f"of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})")
+    net.load_state_dict(state, strict=True)

@@ -1,0 +1,131 @@
+"""Network configurations of the MAISI backbone family, as plain dicts for MONAI's classes.
+
+``maisi-ct`` is NVIDIA MAISI v2 (rectified flow), ``maisi-ct-v1`` MAISI v1 (DDPM): the
+official numbers of ``generation/maisi/configs/config_maisi3d-rflow.json`` and
+``config_maisi3d-ddpm.json`` in github.com/Project-MONAI/tutorials (commits 9f6d19f and
+a056700; see docs/research/maisi.md for every source). ``demo`` is the same classes, tiny,
+for CPU: it is what `make demo-model` trains on the phantom world.
+
+Two runtime flags of the official configs are not architecture: ``use_flash_attention``
+(refuses to build without CUDA) and ``norm_float16`` (breaks the VAE on CPU). They change no
+weight and are switched per device by :mod:`diffugts.backbones.maisi`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+_MAISI_VAE = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 1,
+    "latent_channels": 4,
+    "num_channels": [64, 128, 256],
+    "num_res_blocks": [2, 2, 2],
+    "norm_num_groups": 32,
+    "norm_eps": 1e-06,
+    "attention_levels": [False, False, False],
+    "with_encoder_nonlocal_attn": False,
+    "with_decoder_nonlocal_attn": False,
+    "use_checkpointing": False,
+    "use_convtranspose": False,
+    "norm_float16": True,
+    "num_splits": 4,
+    "dim_split": 1,
+}
+
+_MAISI_UNET_V2 = {
+    "spatial_dims": 3,
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_channels": [64, 128, 256, 512],
+    "attention_levels": [False, False, True, True],
+    "num_head_channels": [0, 0, 32, 32],
+    "num_res_blocks": 2,
+    "use_flash_attention": True,
+    "include_top_region_index_input": False,
+    "include_bottom_region_index_input": False,
+    "include_spacing_input": True,
+    "num_class_embeds": 128,
+    "resblock_updown": True,
+    "include_fc": True,
+}
+
+_MAISI_UNET_V1 = {
+    **{k: v for k, v in _MAISI_UNET_V2.items() if k not in ("num_class_embeds",)},
+    "include_top_region_index_input": True,
+    "include_bottom_region_index_input": True,
+    "resblock_updown": False,
+    "include_fc": False,
+}
+
+CONFIGS: dict[str, dict] = {
+    "maisi-ct": {
+        "family": "maisi",
+        "vae": _MAISI_VAE,
+        "unet": _MAISI_UNET_V2,
+        "scheduler": {
+            "class": "RFlowScheduler",
+            "args": {"num_train_timesteps": 1000, "use_discrete_timesteps": False,
+                     "use_timestep_transform": True, "sample_method": "uniform"},
+        },
+        # CT class label of MAISI v2; spacing is fed as mm x 100 (official scripts).
+        "conditioning": {"spacing": True, "class_label": 1, "body_region": None},
+        "preprocessing": {"spacing_mm": [1.5, 1.5, 1.5], "orientation": "RAS", "ct_window": [-1000, 1000],
+                          "mr_percentiles": [0.0, 99.5], "multiple": 32},
+    },
+    "maisi-ct-v1": {
+        "family": "maisi",
+        "vae": {**_MAISI_VAE, "num_splits": 8},
+        "unet": _MAISI_UNET_V1,
+        "scheduler": {
+            "class": "DDPMScheduler",
+            "args": {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015,
+                     "beta_end": 0.0195, "clip_sample": False},
+        },
+        # Abdomen top and bottom region (one-hot x 100, order head/neck, chest, abdomen, lower body).
+        "conditioning": {"spacing": True, "class_label": None, "body_region": [[0, 0, 1, 0], [0, 0, 1, 0]]},
+        "preprocessing": {"spacing_mm": [1.5, 1.5, 1.5], "orientation": "RAS", "ct_window": [-1000, 1000],
+                          "mr_percentiles": [0.0, 99.5], "multiple": 32},
+    },
+    "demo": {
+        "family": "maisi",
+        "vae": {
+            **_MAISI_VAE,
+            "num_channels": [16, 32, 32],
+            "num_res_blocks": [1, 1, 1],
+            "norm_num_groups": 8,
+            "norm_float16": False,
+            "num_splits": 1,
+        },
+        "unet": {
+            **_MAISI_UNET_V2,
+            "num_channels": [32, 64, 64],
+            "attention_levels": [False, False, True],
+            "num_head_channels": [0, 0, 16],
+            "num_res_blocks": 1,
+            "norm_num_groups": 8,
+            "use_flash_attention": False,
+            "num_class_embeds": None,
+            "resblock_updown": False,
+            "include_fc": False,
+        },
+        "scheduler": {
+            "class": "RFlowScheduler",
+            "args": {"num_train_timesteps": 1000, "use_discrete_timesteps": False,
+                     "use_timestep_transform": False, "sample_method": "uniform"},
+        },
+        "conditioning": {"spacing": True, "class_label": None, "body_region": None},
+        # The phantom world's grid: no resampling for demo studies.
+        "preprocessing": {"spacing_mm": [2.75, 2.75, 4.0], "orientation": "LPS", "ct_window": [-1000, 1000],
+                          "mr_percentiles": [0.0, 99.5], "multiple": 16},
+    },
+}
+
+
+def get_config(name: str) -> dict:
+    from diffugts.errors import ConfigError
+
+    if name not in CONFIGS:
+        raise ConfigError(f"unknown backbone configuration {name!r} (known: {', '.join(CONFIGS)})")
+    return copy.deepcopy(CONFIGS[name])

@@ -38,12 +38,12 @@ class ModelSpace:
     study: Geometry
     model: Geometry
 
-    def to_study(self, array: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        """A map on the model grid, trilinearly resampled onto the study grid."""
-        return resample_array(array, self.model, self.study, fill)
+    def to_study(self, array: np.ndarray, fill: float = 0.0, nearest: bool = False) -> np.ndarray:
+        """A map on the model grid resampled onto the study grid (trilinear, or nearest for labels)."""
+        return resample_array(array, self.model, self.study, fill, nearest)
 
-    def to_model(self, array: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        return resample_array(array, self.study, self.model, fill)
+    def to_model(self, array: np.ndarray, fill: float = 0.0, nearest: bool = False) -> np.ndarray:
+        return resample_array(array, self.study, self.model, fill, nearest)
 
 
 def model_grid(study: Geometry, prep: Preprocessing) -> Geometry:
@@ -61,14 +61,20 @@ def model_grid(study: Geometry, prep: Preprocessing) -> Geometry:
     return Geometry(direction @ first, spacing, direction, (size[2], size[1], size[0]))
 
 
-def normalise(volume: np.ndarray, modality: str, prep: Preprocessing) -> np.ndarray:
-    """Intensities to the model's [0, 1] range."""
-    v = volume.astype(np.float32, copy=False)
+def intensity_range(volume: np.ndarray, modality: str, prep: Preprocessing) -> tuple[float, float]:
+    """The (lo, hi) that :func:`normalise` maps to (0, 1): the CT window, or MR percentiles."""
     if modality == "CT":
-        lo, hi = prep.ct_window
-        return np.clip((v - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-    lo, hi = np.percentile(v, prep.mr_percentiles)
-    return ((v - lo) / max(hi - lo, 1e-6)).astype(np.float32)
+        return float(prep.ct_window[0]), float(prep.ct_window[1])
+    lo, hi = np.percentile(volume, prep.mr_percentiles)
+    return float(lo), float(lo) + max(float(hi - lo), 1e-6)
+
+
+def normalise(volume: np.ndarray, modality: str, prep: Preprocessing) -> np.ndarray:
+    """Intensities to the model's [0, 1] range (clipped for CT, as MAISI's transforms)."""
+    v = volume.astype(np.float32, copy=False)
+    lo, hi = intensity_range(v, modality, prep)
+    out = (v - lo) / (hi - lo)
+    return (np.clip(out, 0.0, 1.0) if modality == "CT" else out).astype(np.float32)
 
 
 def to_model(volume: np.ndarray, geometry: Geometry, modality: str, prep: Preprocessing) -> tuple[np.ndarray, ModelSpace]:

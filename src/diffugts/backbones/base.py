@@ -57,6 +57,16 @@ class Backbone(nn.Module, ABC):
     def feature_specs(self) -> list[FeatureSpec]:
         """The maps :meth:`features` returns, in that order."""
 
+    def feature_index(self, names: list[str]) -> list[int]:
+        """Positions of the named maps in :meth:`features` (a head stores the names it uses)."""
+        specs = [s.name for s in self.feature_specs()]
+        missing = [n for n in names if n not in specs]
+        if missing:
+            from diffugts.errors import ConfigError
+
+            raise ConfigError(f"backbone has no feature map {missing[0]!r} (has: {', '.join(specs)})")
+        return [specs.index(n) for n in names]
+
     @abstractmethod
     def features(self, x: torch.Tensor, spacing, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """Multi-scale features of ``x``: encoder levels, then denoiser decoder levels at a

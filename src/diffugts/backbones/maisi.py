@@ -82,7 +82,9 @@ class RFlowSampler(Sampler):
         return self.s.add_noise(z0, noise, torch.full((z0.shape[0],), t, device=z0.device))
 
     def step(self, model_out, t, t_next, z_t):
-        return self.s.step(model_out, t, z_t, next_timestep=t_next)[0]
+        # The Euler step of RFlowScheduler.step, written out because MONAI truncates the
+        # next timestep to an integer, a small error with MAISI's shifted (fractional) steps.
+        return z_t + model_out * (float(t) - float(t_next)) / self.num_train_timesteps
 
 
 class DDIMSampler(Sampler):

@@ -17,7 +17,7 @@ from diffugts import __version__
 from diffugts.errors import DiffugtsError
 
 # Sub-command modules, in the order `diffugts --help` lists them.
-COMMANDS = ["ingest", "phantom", "models"]
+COMMANDS = ["ingest", "phantom", "models", "attend", "synthesize", "report"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -148,3 +148,32 @@ def _fetch(uri: str) -> Path:
     if not (local.is_file() and local.read_bytes() == remote):
         store.fetch_artifact(uri, dest)
     return dest
+
+
+def add_networks(pkg: ModelPackage, networks: dict[str, tuple[dict, dict]], out: Path | None = None,
+                 provenance: dict | None = None) -> ModelPackage:
+    """A package with extra (or replaced) networks: name -> (manifest entry, state dict).
+
+    Written into ``out`` (the other files copied) or in place; the manifest is rewritten
+    last, so a reader sees either the old package or the new one.
+    """
+    import shutil
+
+    root = Path(out) if out else pkg.root
+    if root.resolve() != pkg.root.resolve():
+        root.mkdir(parents=True, exist_ok=True)
+        for name in pkg.manifest["files"]:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(pkg.root / name, root / name)
+    manifest = json.loads(json.dumps(pkg.manifest))  # deep copy
+    manifest.pop("files", None)
+    manifest.pop("format", None)
+    weights = {}
+    for name, (entry, state) in networks.items():
+        manifest["networks"][name] = dict(entry)
+        weights[name] = state
+    if provenance:
+        manifest.setdefault("provenance", {}).update(provenance)
+    keep = [n["weights"] for k, n in manifest["networks"].items() if k not in weights and n.get("weights")]
+    extra = [f for f in pkg.manifest["files"] if f not in keep and not f.endswith(".safetensors")]
+    return write_package(root, manifest, weights, extra_files=keep + extra)

@@ -1,0 +1,108 @@
+"""The attention stage end to end on CPU with a random-weight demo backbone and AOVA head."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from diffugts.aova import AOVAHead
+from diffugts.attend import Method, attend
+from diffugts.cli import main
+from diffugts.geometry import Geometry
+from diffugts.ingest import ingest
+from diffugts.models.create import create_random
+from diffugts.models.package import add_networks
+from diffugts.phantom import CaseSpec, generate_case, write_case
+
+FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    pkg = create_random(root / "backbone", "demo", seed=0)
+    from diffugts.backbones import build_backbone
+
+    specs = {s.name: s.channels for s in build_backbone(pkg.manifest["backbone"]).feature_specs()}
+    torch.manual_seed(0)
+    head = AOVAHead([specs[n] for n in FEATURES], text_dim=384, dim=16)
+    entry = {"config": head.config, "features": FEATURES, "threshold": 0.5}
+    return add_networks(pkg, {"aova": (entry, head.state_dict())}, out=root / "with-aova")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    case_dir = write_case(generate_case(CaseSpec(seed=5, index=0, shape=(32, 64, 64))), root)
+    ingest(case_dir / "dicom", root / "study", show_progress=False)
+    return root / "study"
+
+
+def test_attend_writes_maps_on_the_study_grid(model, study, tmp_path):
+    summary = attend(study, str(model.root), ["liver tumor", "pancreatic cyst"], tmp_path / "att")
+    out = tmp_path / "att"
+    assert json.loads((out / "attention.json").read_text()) == summary
+    ref = sitk.ReadImage(str(study / "volume.nii"))
+    assert [t["prompt"]["text"] for t in summary["targets"]] == ["liver tumor", "pancreatic cyst"]
+    assert summary["targets"][1]["prompt"]["organ"] == "pancreas"
+    for t in summary["targets"]:
+        prob = sitk.ReadImage(str(out / t["map"]))
+        mask = sitk.ReadImage(str(out / t["mask"]))
+        for img in (prob, mask):
+            assert img.GetSize() == ref.GetSize()
+            np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+            np.testing.assert_allclose(img.GetSpacing(), ref.GetSpacing(), atol=1e-6)
+        p = sitk.GetArrayFromImage(prob)
+        m = sitk.GetArrayFromImage(mask)
+        assert 0.0 <= p.min() and p.max() <= 1.0
+        np.testing.assert_array_equal(m, (p >= 0.5).astype(np.uint8))
+        assert 0.0 <= t["score"] <= 1.0
+    assert summary["model"]["sha256"] == model.sha256
+
+
+def test_attend_is_deterministic(model, study, tmp_path):
+    method = Method.load(str(model.root), "cpu")
+    a = attend(study, str(model.root), ["liver tumor"], tmp_path / "a", method=method, seed=1)
+    b = attend(study, str(model.root), ["liver tumor"], tmp_path / "b", method=method, seed=1)
+    pa = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / a["targets"][0]["map"])))
+    pb = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / b["targets"][0]["map"])))
+    np.testing.assert_array_equal(pa, pb)
+
+
+def test_tiled_and_whole_volume_agree(model, study, tmp_path):
+    from diffugts.attend import attention_maps
+    from diffugts.preprocess import to_model
+    from diffugts.study import load_study
+    from diffugts.text import make_target
+
+    method = Method.load(str(model.root), "cpu")
+    s = load_study(study)
+    x, _ = to_model(s.volume, s.geometry, s.modality, method.prep)
+    whole, _ = attention_maps(method, x, method.prep.spacing_mm, [make_target("liver tumor")])
+    method.package.manifest["inference"] = {"roi_size": [32, 48, 48]}
+    tiled, _ = attention_maps(method, x, method.prep.spacing_mm, [make_target("liver tumor")])
+    # Tiles see less context, so maps differ a little, not in substance.
+    assert np.abs(whole - tiled).mean() < 0.05
+
+
+def test_cli_errors_are_one_line(model, tmp_path, capsys):
+    assert main(["attend", str(tmp_path), "--model", str(model.root), "--prompt", "x", "--out",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a study artifact" in err[0]
+
+
+def test_model_without_head_is_a_clear_error(study, tmp_path, capsys):
+    pkg = create_random(tmp_path / "bare", "demo", seed=0)
+    assert main(["attend", str(study), "--model", str(pkg.root), "--prompt", "liver tumor", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "no trained aova head" in capsys.readouterr().err
+
+
+def test_geometry_helper_round_trip():
+    g = Geometry((1, 2, 3), (0.5, 0.5, 2), np.diag([-1.0, 1, 1]), (4, 5, 6))
+    assert Geometry.from_dict(g.as_dict()).allclose(g)

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 
+PROMPTS = ["liver tumor", "kidney tumor", "pancreas tumor", "spleen lesion"]
 # The demo cohort: phantom studies from a seed that training and evaluation never use.
 DEMO_SEED = 7
 DEMO_CASES = [
@@ -66,6 +67,9 @@ def main() -> int:
 
     from kfp import local
 
+    from diffugts.models.defaults import default_model
+
+    model = str(Path(default_model()).resolve())
     # The local runner warns that Kubernetes settings (limits, images) do not apply to it.
     warnings.filterwarnings("ignore", module=r"kfp\.local(\..*)?$")
 
@@ -76,21 +80,20 @@ def main() -> int:
     try:
         for study in demo_studies(out / "demo-input"):
             print(f"\n=== study pipeline: {study['name']} ===", flush=True)
-            task = study_pipeline(input_uri=study["input_uri"])
-            study_dir = Path(task.outputs["Output"].path)
-            series = json.loads((study_dir / "series.json").read_text())
-            results.append((study["name"], study_dir, series))
+            task = study_pipeline(input_uri=study["input_uri"], model_uri=model, prompts=PROMPTS)
+            results.append((study["name"], Path(task.outputs["Output"].path)))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    print("\nOutputs:")
-    for name, study_dir, series in results:
-        v = series["volume"]
-        print(f"  {name}: {series['series_label']}, {'x'.join(map(str, v['size_ijk']))} voxels")
-        print(f"    study artifact: {study_dir}")
-        print(f"    volume:         {study_dir / v['file']}")
-        print(f"    decisions:      {study_dir / 'series.json'}, {study_dir / 'rejections.json'}")
-        print(f"    summary:        {study_dir.parent / 'summary'}")
+    print(f"\nModel: {model}\nPrompts: {', '.join(PROMPTS)}\n\nReports:")
+    for name, report_dir in results:
+        summary = json.loads((report_dir / "report.json").read_text())
+        found = ", ".join(f"{t['text']}: {len(t['lesion_ids'])} lesion(s), {t['total_volume_ml']:.1f} mL"
+                          for t in summary["targets"])
+        print(f"  {name}")
+        print(f"    found:  {found}")
+        print(f"    report: {report_dir / 'report.html'}")
+        print(f"    DICOM:  {', '.join(str(report_dir / f) for f in ('seg.dcm', 'sr.dcm') if (report_dir / f).exists())}")
     return 0
 
 

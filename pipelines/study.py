@@ -1,31 +1,55 @@
-"""The study pipeline: one DICOM study in, results out.
+"""The study pipeline: one DICOM study in, masks, lesions, DICOM SEG/SR and a report out.
 
-Stages land here as they are built: ingestion -> attention maps -> pseudo-healthy synthesis
--> residual refinement -> reporting.
+    ingestion -> attention maps (GPU) -> pseudo-healthy synthesis (GPU) -> residual refinement (GPU) -> report
 """
 
 from kfp import dsl
 
+from components.attend import attend
 from components.ingest import ingest
+from components.refine import refine
+from components.report import report
+from components.synthesize import synthesize
+from pipelines.resources import cpu_stage, gpu_stage
 
 
 @dsl.pipeline(
     name="diffugts-study",
-    description="Zero-shot tumor segmentation of one CT/MR study (DICOM folder, zip or s3:// prefix).",
+    description="Zero-shot, open-vocabulary tumor segmentation of one CT/MR study "
+    "(DICOM folder, zip or s3:// prefix).",
 )
 def study_pipeline(
     input_uri: str,
+    model_uri: str,
+    prompts: list = ["liver tumor", "kidney tumor", "pancreas tumor"],
     rules: str = "default",
     resample: bool = False,
+    min_volume_ml: float = 0.1,
+    upload: bool = False,
+    results_uri: str = "",
 ) -> dsl.Dataset:
     """Segment one study.
 
     Args:
         input_uri: The study: a DICOM folder, a .zip, or s3://bucket/prefix.
+        model_uri: The model package: a folder or s3:// prefix (manifest + safetensors).
+        prompts: What to segment, free text, e.g. ["liver tumor", "pancreatic cyst"].
         rules: Series selection rules: "default", "permissive" (single slices, any orientation) or a JSON document.
         resample: Resample gantry-tilted or oblique series instead of rejecting them.
+        min_volume_ml: Lesions smaller than this (mL) are dropped.
+        upload: Publish the results (DICOM SEG/SR, report) to the results bucket under the study UID.
+        results_uri: Base s3:// URI for results; empty = s3://$DIFFUGTS_BUCKET.
     """
-    ingest_task = ingest(input_uri=input_uri, rules=rules, resample=resample)
-    ingest_task.set_display_name("DICOM ingestion")
-    ingest_task.set_cpu_limit("2").set_memory_limit("8G")
-    return ingest_task.outputs["study"]
+    ingest_task = cpu_stage(ingest(input_uri=input_uri, rules=rules, resample=resample), "DICOM ingestion")
+    attend_task = gpu_stage(attend(study=ingest_task.outputs["study"], model_uri=model_uri, prompts=prompts),
+                            "Attention maps")
+    synth_task = gpu_stage(synthesize(study=ingest_task.outputs["study"], attention=attend_task.outputs["attention"],
+                                      model_uri=model_uri), "Pseudo-healthy synthesis")
+    refine_task = gpu_stage(refine(study=ingest_task.outputs["study"], attention=attend_task.outputs["attention"],
+                                   synthesis=synth_task.outputs["synthesis"], model_uri=model_uri,
+                                   min_volume_ml=min_volume_ml), "Residual refinement")
+    report_task = cpu_stage(report(study=ingest_task.outputs["study"], lesions=refine_task.outputs["lesions"],
+                                   attention=attend_task.outputs["attention"],
+                                   synthesis=synth_task.outputs["synthesis"], upload=upload, upload_uri=results_uri),
+                            "Report")
+    return report_task.outputs["report_folder"]

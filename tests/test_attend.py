@@ -7,31 +7,19 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
-from diffugts.aova import AOVAHead
 from diffugts.attend import Method, attend
 from diffugts.cli import main
 from diffugts.geometry import Geometry
 from diffugts.ingest import ingest
 from diffugts.models.create import create_random
-from diffugts.models.package import add_networks
 from diffugts.phantom import CaseSpec, generate_case, write_case
-
-FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
+from modelfactory import random_package
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    pkg = create_random(root / "backbone", "demo", seed=0)
-    from diffugts.backbones import build_backbone
-
-    specs = {s.name: s.channels for s in build_backbone(pkg.manifest["backbone"]).feature_specs()}
-    torch.manual_seed(0)
-    head = AOVAHead([specs[n] for n in FEATURES], text_dim=384, dim=16)
-    entry = {"config": head.config, "features": FEATURES, "threshold": 0.5}
-    return add_networks(pkg, {"aova": (entry, head.state_dict())}, out=root / "with-aova")
+    return random_package(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from kfp import components, local
 
-from components.images import CPU_IMAGE
-from dicomfactory import write_series
+from components.images import CPU_IMAGE, GPU_IMAGE
+from modelfactory import random_package
 from pipelines.compile import compile_all
 
 
@@ -22,12 +22,23 @@ def test_pipelines_compile_and_load_back(tmp_path):
     assert [p.name for p in paths] == ["diffugts-study.yaml"]
     study = components.load_component_from_file(str(paths[0]))
     assert study.name == "diffugts-study"
-    assert set(study.component_spec.inputs) == {"input_uri", "rules", "resample"}
-    spec = yaml.safe_load(paths[0].read_text())
+    assert set(study.component_spec.inputs) == {"input_uri", "model_uri", "prompts", "rules", "resample",
+                                                "min_volume_ml", "upload", "results_uri"}
+    docs = [d for d in yaml.safe_load_all(paths[0].read_text()) if d]
+    spec = docs[0]
     executors = spec["deploymentSpec"]["executors"]
     assert executors["exec-ingest"]["container"]["image"] == CPU_IMAGE
+    assert executors["exec-attend"]["container"]["image"] == GPU_IMAGE
+    for gpu_stage in ("exec-attend", "exec-synthesize", "exec-refine"):
+        assert executors[gpu_stage]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    # GPU node selector / toleration and S3 credentials come through kfp-kubernetes.
+    k8s = [d for d in docs if "platforms" in d][0]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-attend"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert k8s["exec-attend"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert k8s["exec-ingest"]["secretAsEnv"][0]["secretName"] == "diffugts-s3"
     # kfp is preinstalled in our images: no pip install at container start.
-    assert not any("pip install" in part for part in executors["exec-ingest"]["container"]["command"])
+    for executor in executors.values():
+        assert not any("pip install" in part for part in executor["container"]["command"])
     # Parameters carry descriptions for the Kubeflow UI.
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert all(p.get("description") for p in params.values())
@@ -53,16 +64,20 @@ def kfp_local(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_study_pipeline_runs_locally(kfp_local):
+    from diffugts.phantom import CaseSpec, generate_case, write_case
     from pipelines.study import study_pipeline
 
-    write_series(kfp_local / "study", n=7)
-    task = study_pipeline(input_uri=str(kfp_local / "study"))
+    case = write_case(generate_case(CaseSpec(seed=3, index=0, shape=(32, 64, 64))), kfp_local / "cases")
+    model = random_package(kfp_local / "model")
+    task = study_pipeline(input_uri=str(case / "dicom"), model_uri=str(model.root), prompts=["liver tumor"])
     out = Path(task.outputs["Output"].path)
-    series = json.loads((out / "series.json").read_text())
-    assert series["volume"]["size_ijk"] == [10, 12, 7]
-    summary = (out.parent / "summary").read_text()
-    assert "**Taken:** series 1" in summary
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["status"] == "done" and summary["targets"][0]["text"] == "liver tumor"
+    assert (out / "report.html").exists() and (out / "sr.dcm").exists()
+    root = out.parents[1]  # the run folder: one sub-folder per task
+    assert {p.name for p in root.iterdir() if p.is_dir()} >= {"ingest", "attend", "synthesize", "refine", "report"}
 
 
 def test_study_pipeline_fails_cleanly_on_bad_input(kfp_local, capfd):
@@ -70,6 +85,6 @@ def test_study_pipeline_fails_cleanly_on_bad_input(kfp_local, capfd):
 
     (kfp_local / "empty").mkdir()
     with pytest.raises(RuntimeError, match="Inner task failed"):
-        study_pipeline(input_uri=str(kfp_local / "empty"))
+        study_pipeline(input_uri=str(kfp_local / "empty"), model_uri=str(kfp_local / "no-model"))
     err = capfd.readouterr()
     assert "diffugts: error: " in err.out + err.err and "no files found" in err.out + err.err

@@ -1,12 +1,12 @@
 """Anomaly-aware open-vocabulary attention (AOVA) maps.
 
 Frozen multi-scale backbone features are matched against text embeddings of a target's
-prompts. Per scale, small trainable adapters map features to queries Q and text to keys K;
-attention logits QK^T / sqrt(d) are soft-maxed **over the prompts** of one target, normal
-and abnormal together (the anomaly-aware contrast), and the probability mass on the
-abnormal prompts is the voxel's anomaly probability for that target. Scales are fused with
-learned weights at the finest feature resolution; an image-level anomaly score comes from
-the top of the fused log-odds map.
+prompts. Small trainable adapters map each scale's features, which are fused at the finest
+feature resolution into voxel queries Q; a text projection maps prompt embeddings to keys
+K. Attention logits QK^T / sqrt(d) are soft-maxed **over the prompts** of one target,
+normal and abnormal together (the anomaly-aware contrast), and the probability mass on the
+abnormal prompts is the voxel's anomaly probability for that target. An image-level
+anomaly score comes from the top of the log-odds map.
 
 Losses (decisions, see DESIGN.md): Dice + BCE on the fused map, a contrastive alignment of
 pooled region features with prompt embeddings (lesion <-> abnormal prompts, healthy organ
@@ -21,73 +21,98 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EPS = 1e-6
-
-
 @dataclass
 class AOVAOutput:
     prob: torch.Tensor  # (B, T, *spatial) anomaly probability per target, finest scale
     log_odds: torch.Tensor  # (B, T, *spatial) log(p_abnormal / p_normal)
     score: torch.Tensor  # (B, T) image-level anomaly probability
-    queries: list[torch.Tensor]  # per scale (B, d, *spatial_s): adapted features
+    queries: list[torch.Tensor]  # (B, d, *spatial) fused voxel queries (a list for the loss API)
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each voxel of a (B, C, *S) tensor."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = x.var(1, keepdim=True, unbiased=False)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
 
 
 class AOVAHead(nn.Module):
-    def __init__(self, feature_channels: list[int], text_dim: int = 384, dim: int = 64, top_fraction: float = 0.002):
+    def __init__(self, feature_channels: list[int], text_dim: int = 384, dim: int = 64, top_fraction: float = 0.002,
+                 pool_finest: bool = False):
         super().__init__()
         self.config = {"feature_channels": list(feature_channels), "text_dim": text_dim, "dim": dim,
-                       "top_fraction": top_fraction}
+                       "top_fraction": top_fraction, "pool_finest": pool_finest}
+        self.pool_finest = pool_finest
         self.dim = dim
         self.top_fraction = top_fraction
-        groups = 8 if dim % 8 == 0 else 1
-        # Pointwise projection, then a depthwise 3x3x3 for a little spatial context: a full
-        # 3x3x3 convolution at the finest scale would cost ~30x more for no measured gain.
+        # Per-scale adapters project each frozen feature map; the scales are then fused by
+        # concatenation at the finest resolution, so the query of a voxel can compare its
+        # fine appearance with the coarse context around it ("unlike the tissue around it"
+        # is what abnormal means; a per-scale linear read-out of these features is at chance
+        # level on held-out phantoms, a cross-scale one is not). Norms are per voxel over
+        # channels: a map must not depend on the crop or tile it was computed in.
         self.adapters = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv3d(c, dim, 1),
-                nn.GroupNorm(groups, dim),
-                nn.GELU(),
-                nn.Conv3d(dim, dim, 3, padding=1, groups=dim),
-                nn.Conv3d(dim, dim, 1),
-            )
-            for c in feature_channels
+            nn.Sequential(nn.Conv3d(c, dim, 1), ChannelNorm(dim), nn.GELU()) for c in feature_channels
         )
-        self.text_proj = nn.ModuleList(
-            nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(), nn.Linear(dim, dim)) for _ in feature_channels
+        self.fuse = nn.Sequential(
+            nn.Conv3d(dim * len(feature_channels), dim, 1),
+            ChannelNorm(dim),
+            nn.GELU(),
+            nn.Conv3d(dim, dim, 3, padding=1),
+            ChannelNorm(dim),
+            nn.GELU(),
+            nn.Conv3d(dim, dim, 1),
         )
-        self.scale_logits = nn.Parameter(torch.zeros(len(feature_channels)))
+        self.text_proj = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(), nn.Linear(dim, dim))
         self.score_affine = nn.Parameter(torch.tensor([1.0, 0.0]))
 
     @classmethod
     def from_config(cls, config: dict) -> "AOVAHead":
         return cls(**config)
 
+    def work_shape(self, shapes) -> tuple[int, ...]:
+        """Where the queries live: the finest feature grid, or with ``pool_finest`` the
+        second finest (full-resolution maps are pooled down to it: fine intensity detail
+        without paying for full-resolution queries)."""
+        ordered = sorted({tuple(s) for s in shapes}, key=lambda s: -torch.Size(s).numel())
+        return ordered[1] if len(ordered) > 1 and self.pool_finest else ordered[0]
+
     def forward(self, features: list[torch.Tensor], prompts: torch.Tensor, groups: list[tuple[list[int], list[int]]],
                 out_shape: tuple[int, ...] | None = None) -> AOVAOutput:
         """features: per scale (B, C_s, *S_s); prompts: (P, text_dim) embeddings;
         groups: per target (normal prompt indices, abnormal prompt indices)."""
-        out_shape = tuple(out_shape or max((f.shape[2:] for f in features), key=lambda s: torch.Size(s).numel()))
-        weights = torch.softmax(self.scale_logits, 0)
-        fused = None
-        queries = []
-        for s, feat in enumerate(features):
-            q = self.adapters[s](feat)  # (B, d, *S)
-            k = self.text_proj[s](prompts)  # (P, d)
-            queries.append(q)
-            logits = torch.einsum("bd...,pd->bp...", q, k) / self.dim ** 0.5  # (B, P, *S)
-            per_target = []
-            for normal, abnormal in groups:
-                lp = torch.log_softmax(logits[:, normal + abnormal], dim=1)
-                p_abn = lp[:, len(normal):].logsumexp(1).exp()
-                per_target.append(p_abn)
-            prob_s = torch.stack(per_target, 1)  # (B, T, *S)
-            if tuple(prob_s.shape[2:]) != out_shape:
-                prob_s = F.interpolate(prob_s, size=out_shape, mode="trilinear", align_corners=False)
-            fused = weights[s] * prob_s if fused is None else fused + weights[s] * prob_s
-        prob = fused.clamp(EPS, 1 - EPS)
-        log_odds = torch.log(prob) - torch.log1p(-prob)
-        score = torch.sigmoid(self.score_affine[0] * top_mean(log_odds, self.top_fraction) + self.score_affine[1])
-        return AOVAOutput(prob=prob, log_odds=log_odds, score=score, queries=queries)
+        work = self.work_shape([f.shape[2:] for f in features])
+        adapted = []
+        for adapter, feat in zip(self.adapters, features):
+            a = adapter(feat)
+            if tuple(a.shape[2:]) != work:
+                bigger = torch.Size(a.shape[2:]).numel() > torch.Size(work).numel()
+                a = F.adaptive_avg_pool3d(a, work) if bigger else F.interpolate(a, size=work, mode="trilinear",
+                                                                                  align_corners=False)
+            adapted.append(a)
+        q = self.fuse(torch.cat(adapted, 1))  # (B, d, *S): the voxel queries
+        k = self.text_proj(prompts)  # (P, d): the prompt keys
+        logits = torch.einsum("bd...,pd->bp...", q, k) / self.dim ** 0.5  # (B, P, *S)
+        per_target = []
+        for normal, abnormal in groups:
+            # Softmax over this target's prompts, kept in log space: the log-odds of the
+            # abnormal mass never saturate, so gradients survive tiny probabilities.
+            lp = torch.log_softmax(logits[:, normal + abnormal], dim=1)
+            per_target.append(lp[:, len(normal):].logsumexp(1) - lp[:, : len(normal)].logsumexp(1))
+        lo = torch.stack(per_target, 1)  # (B, T, *S) log-odds
+        if out_shape is not None and tuple(out_shape) != tuple(lo.shape[2:]):
+            lo = F.interpolate(lo, size=tuple(out_shape), mode="trilinear", align_corners=False)
+        score = torch.sigmoid(self.score_affine[0] * top_mean(lo, self.top_fraction) + self.score_affine[1])
+        return AOVAOutput(prob=torch.sigmoid(lo), log_odds=lo, score=score, queries=[q])
 
 
 def top_mean(x: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -97,29 +122,39 @@ def top_mean(x: torch.Tensor, fraction: float) -> torch.Tensor:
     return flat.topk(k, dim=-1).values.mean(-1)
 
 
-def dice_bce(prob: torch.Tensor, target: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
-    """Soft Dice (over maps with any foreground, plus an empty-map term) + BCE."""
+def soft_dice(log_odds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice per map: (B, T, *S) -> (B, T)."""
+    prob = torch.sigmoid(log_odds)
     dims = tuple(range(2, prob.ndim))
     inter = (prob * target).sum(dims)
-    denom = prob.sum(dims) + target.sum(dims)
-    dice = 1 - (2 * inter + 1.0) / (denom + 1.0)
-    weight = torch.where(target > 0, torch.full_like(target, pos_weight), torch.ones_like(target))
-    bce = F.binary_cross_entropy(prob.clamp(EPS, 1 - EPS), target, weight=weight)
-    return dice.mean() + bce
+    return (2 * inter + 1.0) / (prob.sum(dims) + target.sum(dims) + 1.0)
+
+
+def dice_bce(log_odds: torch.Tensor, target: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
+    """Dice loss over the maps that have foreground, plus BCE over all maps, from log-odds.
+
+    Dice of an empty target only rewards predicting nothing, which the BCE already does;
+    averaging it in lets easy empty maps hide a failing lesion map.
+    """
+    dice = soft_dice(log_odds, target)
+    has = target.flatten(2).amax(-1) > 0
+    dice_loss = (1 - dice[has]).mean() if has.any() else log_odds.new_zeros(())
+    bce = F.binary_cross_entropy_with_logits(log_odds, target, pos_weight=torch.tensor(pos_weight))
+    return dice_loss + bce
 
 
 def region_alignment(queries: list[torch.Tensor], head: AOVAHead, prompts: torch.Tensor,
                      regions: list[tuple[int, torch.Tensor, int]], temperature: float = 0.1) -> torch.Tensor:
     """InfoNCE between pooled region features and prompt embeddings.
 
-    regions: (batch index, mask on the finest grid (*S), index of the matching prompt); all
-    prompts act as negatives. Pooled per scale through the head's own adapters.
+    regions: (batch index, mask on the input grid (*S), index of the matching prompt); all
+    prompts act as negatives. Pooled from the head's fused voxel queries.
     """
     if not regions:
         return prompts.new_zeros(())
     losses = []
-    for s, q in enumerate(queries):
-        keys = F.normalize(head.text_proj[s](prompts), dim=-1)  # (P, d)
+    for q in queries:
+        keys = F.normalize(head.text_proj(prompts), dim=-1)  # (P, d)
         pooled, labels = [], []
         for b, mask, label in regions:
             m = mask[None, None].float()

@@ -17,7 +17,7 @@ from diffugts import __version__
 from diffugts.errors import DiffugtsError
 
 # Sub-command modules, in the order `diffugts --help` lists them.
-COMMANDS = ["ingest", "phantom", "models", "attend", "synthesize", "report"]
+COMMANDS = ["ingest", "phantom", "models", "attend", "synthesize", "segment", "report", "train", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries(record: logging.LogRecord) -> bool:
-    return not (record.name.startswith("pydicom") and record.levelno < logging.ERROR)
+    # pydicom below ERROR, and highdicom's INFO lines (which quote UIDs) never reach users.
+    if record.name.startswith("pydicom"):
+        return record.levelno >= logging.ERROR
+    if record.name.startswith("highdicom"):
+        return record.levelno >= logging.WARNING
+    return True
 
 
 def one_line(text: str) -> str:
@@ -48,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
-    # pydicom logs and warns about every oddity of a file; ingestion reports the ones that
-    # matter as one line each, so its own chatter is dropped unless debugging.
+    # pydicom logs and warns about every oddity of a file (ingestion reports the ones that
+    # matter as one line each) and highdicom logs UIDs: both are dropped unless debugging.
     if not os.environ.get("DIFFUGTS_DEBUG"):
         for handler in logging.getLogger().handlers:
             handler.addFilter(_quiet_libraries)

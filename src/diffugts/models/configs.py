@@ -117,7 +117,9 @@ CONFIGS: dict[str, dict] = {
         },
         "conditioning": {"spacing": True, "class_label": None, "body_region": None},
         # The phantom world's grid: no resampling for demo studies.
-        "preprocessing": {"spacing_mm": [2.75, 2.75, 4.0], "orientation": "LPS", "ct_window": [-1000, 1000],
+        # A soft-tissue window: lesions differ from their organ by 20-100 HU, which the
+        # full [-1000, 1000] range squeezes below what a small VAE keeps.
+        "preprocessing": {"spacing_mm": [2.75, 2.75, 4.0], "orientation": "LPS", "ct_window": [-250, 350],
                           "mr_percentiles": [0.0, 99.5], "multiple": 16},
     },
 }

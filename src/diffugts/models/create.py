@@ -144,5 +144,6 @@ def verify(ref: str | os.PathLike) -> ModelPackage:
 def head_classes() -> dict:
     """Trainable heads a package may carry, by network name."""
     from diffugts.aova import AOVAHead
+    from diffugts.refine import RefineHead
 
-    return {"aova": AOVAHead}
+    return {"aova": AOVAHead, "refine": RefineHead}

@@ -28,7 +28,8 @@ from diffugts.synthesis.masks import (MaskSource, Region, latent_box, latent_foo
                                       mask_from_attention, read_mask, spacing_kji)
 
 __all__ = ["MARKER", "GroundTruth", "Params", "Region", "Tiles", "fidelity", "inpaint", "load_phantom_truth",
-           "make_region", "mask_from_attention", "mask_truth", "read_mask", "renoise", "synthesize"]
+           "make_region", "mask_from_attention", "mask_truth", "pseudo_healthy", "read_mask", "renoise",
+           "synthesize"]
 
 log = logging.getLogger(__name__)
 MARKER = "synthesis.json"
@@ -95,28 +96,35 @@ def synthesize(study_dir, model: str, out_dir, *, mask=None, attention=None, tar
     region = make_region(coarse, spacing_kji(study.geometry), params.dilation_mm, params.feather_mm)
     timings = {"load": time.perf_counter() - clock}
     if coarse.any():
-        pseudo, used, inpainting = _inpaint_study(study, region, pkg, prep, params, device, show_progress,
-                                                  backbone, timings)
+        import torch
+
+        from diffugts.backbones import load_backbone
+
+        clock = time.perf_counter()
+        device = pick_device(device) if backbone is None else next(backbone.parameters()).device
+        backbone = backbone or load_backbone(pkg, device)
+        timings["model"] = time.perf_counter() - clock
+        tile = params.tile or (pkg.manifest.get("inference") or {}).get("roi_size")
+        pseudo, inpainting = pseudo_healthy(study.volume, study.geometry, study.modality, region, backbone, prep,
+                                            params, tile=tile, show_progress=show_progress, timings=timings)
+        used = str(device)
     else:
         pseudo, used, inpainting = study.volume.astype(np.float32, copy=True), None, None
     return _write(Path(out_dir), study, region, pseudo, pkg, params, source, used, inpainting, timings,
                   ground_truth)
 
 
-def _inpaint_study(study, region: Region, pkg, prep, params: Params, device, show_progress, backbone,
-                   timings: dict) -> tuple[np.ndarray, str, dict]:
-    """The pseudo-healthy volume on the study grid, the device used, and what was done."""
+def pseudo_healthy(volume: np.ndarray, geometry, modality: str, region: Region, backbone, prep, params: Params,
+                   tile=None, show_progress: bool = False, timings: dict | None = None) -> tuple[np.ndarray, dict]:
+    """The pseudo-healthy volume on the volume's own grid, and what was done (in memory)."""
     import torch
 
-    from diffugts.backbones import load_backbone
     from diffugts.preprocess import to_model
 
+    timings = {} if timings is None else timings
+    device = next(backbone.parameters()).device
     clock = time.perf_counter()
-    device = pick_device(device) if backbone is None else next(backbone.parameters()).device
-    backbone = backbone or load_backbone(pkg, device)
-    timings["model"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    x, space = to_model(study.volume, study.geometry, study.modality, prep)
+    x, space = to_model(volume, geometry, modality, prep)
     stride = backbone.latent_stride
     footprint = latent_footprint(space.to_model(region.dilated.astype(np.float32)) > 0, stride)
     latent_mm = [s * stride for s in prep.spacing_mm[::-1]]
@@ -124,7 +132,6 @@ def _inpaint_study(study, region: Region, pkg, prep, params: Params, device, sho
     multiple = max(prep.multiple // stride, 1)  # the model grid is padded to this many latent voxels
     lbox = latent_box(footprint, margin, multiple)
     ibox = tuple(slice(s.start * stride, s.stop * stride) for s in lbox)
-    tile = params.tile or (pkg.manifest.get("inference") or {}).get("roi_size")
     tile_latent = None
     if tile:
         tile_latent = tuple(max(multiple, int(t) // stride // multiple * multiple)
@@ -138,7 +145,7 @@ def _inpaint_study(study, region: Region, pkg, prep, params: Params, device, sho
                   jumps=params.jumps, seed=params.seed, tile=tile_latent, overlap=params.tile_overlap,
                   show_progress=show_progress, stats=stats)
     out = out[0, 0].float().cpu().numpy()
-    if study.modality == "CT":
+    if modality == "CT":
         out = np.clip(out, 0.0, 1.0)  # the model's CT range is the clipped window
     for key in ("encode_s", "denoise_s", "decode_s"):
         timings[key.removesuffix("_s")] = stats[key]
@@ -146,14 +153,14 @@ def _inpaint_study(study, region: Region, pkg, prep, params: Params, device, sho
     clock = time.perf_counter()
     full = x.copy()
     full[ibox] = out
-    lo, hi = intensity_range(study.volume, study.modality, prep)
+    lo, hi = intensity_range(volume, modality, prep)
     synthetic = space.to_study(full) * np.float32(hi - lo) + np.float32(lo)
-    pseudo = study.volume.astype(np.float32, copy=True)
+    pseudo = volume.astype(np.float32, copy=True)
     sel = region.weight > 0
     w = region.weight[sel]
     pseudo[sel] = w * synthetic[sel] + (1 - w) * pseudo[sel]
     timings["paste"] = time.perf_counter() - clock
-    return pseudo, str(device), {
+    return pseudo, {
         "latent_voxels": int(footprint.sum()),
         "crop_model_kji": [[s.start, s.stop] for s in ibox],
         "tile_latent": list(tile_latent) if tile_latent else None,

@@ -1,0 +1,37 @@
+"""Kubeflow component: anomaly-aware open-vocabulary attention maps (GPU stage)."""
+
+from kfp import dsl
+
+from components.images import GPU_IMAGE
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def attend(
+    study: dsl.Input[dsl.Dataset],
+    model_uri: str,
+    prompts: list,
+    attention: dsl.Output[dsl.Dataset],
+    seed: int = 0,
+):
+    """Per-prompt anomaly probability maps and coarse masks on the study grid.
+
+    Args:
+        model_uri: Model package folder or s3:// prefix (S3 settings from the environment).
+        prompts: What to segment, free text, e.g. ["liver tumor", "pancreatic cyst"].
+        seed: Seed of the denoiser-feature noise (the same seed gives the same maps).
+    """
+    import sys
+
+    from diffugts.attend import attend as run_attend
+    from diffugts.errors import DiffugtsError
+
+    try:
+        summary = run_attend(study.path, model_uri, [str(p) for p in prompts], attention.path, seed=seed)
+    except DiffugtsError as err:
+        print(f"diffugts: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    attention.metadata.update({
+        "model": summary["model"]["name"],
+        "device": summary["device"],
+        "scores": {t["prompt"]["text"]: t["score"] for t in summary["targets"]},
+    })

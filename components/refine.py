@@ -1,0 +1,37 @@
+"""Kubeflow component: residual refinement -> refined masks and lesion instances."""
+
+from kfp import dsl
+
+from components.images import GPU_IMAGE
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def refine(
+    study: dsl.Input[dsl.Dataset],
+    attention: dsl.Input[dsl.Dataset],
+    synthesis: dsl.Input[dsl.Dataset],
+    model_uri: str,
+    lesions: dsl.Output[dsl.Dataset],
+    min_volume_ml: float = 0.1,
+):
+    """Refine the coarse masks with the pseudo-healthy residuals; split into measured lesions.
+
+    Args:
+        model_uri: Model package folder or s3:// prefix (S3 settings from the environment).
+        min_volume_ml: Lesions smaller than this are dropped.
+    """
+    import sys
+
+    from diffugts.errors import DiffugtsError
+    from diffugts.refine import refine as run_refine
+
+    try:
+        summary = run_refine(study.path, attention.path, synthesis.path, model_uri, lesions.path,
+                             min_volume_ml=min_volume_ml)
+    except DiffugtsError as err:
+        print(f"diffugts: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    lesions.metadata.update({
+        "lesions": len(summary["lesions"]),
+        "volume_ml": round(sum(l["volume_ml"] for l in summary["lesions"]), 3),
+    })

@@ -1,0 +1,39 @@
+"""Kubernetes settings of the pipeline's tasks: resources, GPU scheduling, credentials.
+
+GPU stages ask for one `nvidia.com/gpu` with a node selector and toleration (kfp-kubernetes);
+S3 credentials come from the Kubernetes secret `diffugts-s3` and the endpoint / bucket /
+Pushgateway from the ConfigMap `diffugts-config` (see manifests/). kfp.local ignores all of
+this, so `make run` works offline.
+"""
+
+from kfp import dsl, kubernetes
+
+S3_SECRET = "diffugts-s3"
+CONFIG_MAP = "diffugts-config"
+GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def _common(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
+    task.set_display_name(name)
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET,
+                                 secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                                                    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+    kubernetes.use_config_map_as_env(task, config_map_name=CONFIG_MAP,
+                                     config_map_key_to_env={"DIFFUGTS_S3_ENDPOINT": "DIFFUGTS_S3_ENDPOINT",
+                                                            "DIFFUGTS_BUCKET": "DIFFUGTS_BUCKET",
+                                                            "DIFFUGTS_PUSHGATEWAY_URL": "DIFFUGTS_PUSHGATEWAY_URL"})
+    return task
+
+
+def cpu_stage(task: dsl.PipelineTask, name: str, cpu: str = "2", memory: str = "8G") -> dsl.PipelineTask:
+    task.set_cpu_request("1").set_cpu_limit(cpu).set_memory_request("2G").set_memory_limit(memory)
+    return _common(task, name)
+
+
+def gpu_stage(task: dsl.PipelineTask, name: str, memory: str = "32G") -> dsl.PipelineTask:
+    task.set_cpu_request("4").set_cpu_limit("8").set_memory_request("16G").set_memory_limit(memory)
+    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    kubernetes.add_node_selector(task, label_key=GPU_NODE_LABEL[0], label_value=GPU_NODE_LABEL[1])
+    kubernetes.add_toleration(task, **GPU_TOLERATION)
+    return _common(task, name)

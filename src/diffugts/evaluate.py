@@ -1,0 +1,231 @@
+"""`diffugts evaluate`: Dice and NSD on phantom cases with exact ground truth.
+
+For every case and every organ that carries lesions, the prompt "<organ> tumor" (or the
+user's template) is segmented by four variants of the method:
+
+- ``baseline``: an intensity-outlier detector that knows nothing of the method (voxels of
+  the body whose soft-tissue intensity departs from a smoothed local background);
+- ``aova``: the coarse attention mask alone;
+- ``residual``: coarse mask -> pseudo-healthy synthesis -> |x - H| above a threshold inside
+  the inpainted region, no trained head;
+- ``full``: the refined mask (residual refinement head), the product's output.
+
+Scores are grouped by lesion type, organ, modality and seen / unseen (the phantom split),
+with Dice and normalised surface Dice (MONAI metrics) and a lesion-level detection rate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from diffugts import atomic
+from diffugts.errors import InputError
+from diffugts.geometry import Geometry
+from diffugts.progress import progress
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("baseline", "aova", "residual", "full")
+NSD_TOLERANCE_MM = 2.0
+RESIDUAL_THRESHOLD_HU = 40.0  # the "no head" variant; a lesion departs from its organ by >= 18 HU
+
+
+@dataclass
+class Case:
+    case_id: str
+    root: Path
+    meta: dict
+    volume: np.ndarray
+    geometry: Geometry
+    lesions: np.ndarray
+
+    @property
+    def modality(self) -> str:
+        return self.meta["modality"]
+
+
+def load_cases(root: str | Path) -> list[Case]:
+    root = Path(root)
+    dirs = sorted(p.parent for p in root.glob("*/case.json")) or ([root] if (root / "case.json").exists() else [])
+    if not dirs:
+        raise InputError(root, "no phantom cases (folders with case.json; make them with `diffugts phantom`)")
+    cases = []
+    for d in dirs:
+        meta = json.loads((d / "case.json").read_text())
+        image = sitk.ReadImage(str(d / meta["files"]["volume"]))
+        lesions = sitk.GetArrayFromImage(sitk.ReadImage(str(d / meta["files"]["lesions"])))
+        cases.append(Case(meta["case_id"], d, meta, sitk.GetArrayFromImage(image).astype(np.float32),
+                          Geometry.from_sitk(image), lesions))
+    return cases
+
+
+def family(organ: str) -> str:
+    return organ.replace("left ", "").replace("right ", "")
+
+
+def intensity_baseline(volume: np.ndarray, geometry: Geometry, modality: str, k: float = 3.0) -> np.ndarray:
+    """Voxels of the body that depart from their smoothed surroundings by k robust SDs.
+
+    Soft tissue only (CT: -100..300 HU; MR: the middle of the intensity distribution), so
+    air, fat and bone edges do not dominate. No organ or text knowledge.
+    """
+    from diffugts.refine import body_mask
+
+    sigma_vox = 10.0 / np.asarray(geometry.spacing)[::-1]  # ~10 mm background scale
+    background = ndimage.gaussian_filter(volume, sigma_vox)
+    residual = volume - background
+    body = body_mask(volume, modality)
+    if modality == "CT":
+        soft = (volume > -100) & (volume < 300)
+    else:
+        lo, hi = np.percentile(volume[body], [20, 95])
+        soft = (volume > lo) & (volume < hi)
+    region = body & soft
+    med = np.median(residual[region])
+    mad = np.median(np.abs(residual[region] - med)) * 1.4826 + 1e-6
+    mask = region & (np.abs(residual - med) > k * mad)
+    return ndimage.binary_opening(mask, iterations=1)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    denom = pred.sum() + truth.sum()
+    return float(2 * (pred & truth).sum() / denom) if denom else 1.0
+
+
+def nsd(pred: np.ndarray, truth: np.ndarray, spacing_kji, tolerance_mm: float = NSD_TOLERANCE_MM) -> float:
+    from monai.metrics import compute_surface_dice
+
+    if not pred.any() and not truth.any():
+        return 1.0
+    if not pred.any() or not truth.any():
+        return 0.0
+    p = torch.from_numpy(np.stack([~pred, pred]))[None].float()
+    t = torch.from_numpy(np.stack([~truth, truth]))[None].float()
+    value = compute_surface_dice(p, t, class_thresholds=[tolerance_mm], include_background=False,
+                                 spacing=tuple(float(s) for s in spacing_kji))
+    return float(value[0, 0])
+
+
+def detection(pred: np.ndarray, lesion_map: np.ndarray, ids) -> tuple[int, int]:
+    """(detected, total) lesions: a lesion is detected when the prediction touches it."""
+    found = sum(1 for i in ids if (pred & (lesion_map == i)).any())
+    return found, len(ids)
+
+
+def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", device: str | None = None,
+             variants=VARIANTS, show_progress: bool = True) -> dict:
+    from diffugts.attend import Method, attention_maps, load_head
+    from diffugts.preprocess import intensity_range, to_model
+    from diffugts.refine import RefineHead, body_mask, refine_probability, shared_inputs
+    from diffugts.synthesis import Params, make_region, pseudo_healthy
+    from diffugts.synthesis.masks import spacing_kji
+    from diffugts.text import make_target
+
+    cases = load_cases(cases_dir)
+    method = Method.load(model, device)
+    refine_head = load_head(method.package, "refine", RefineHead).to(method.device)
+    threshold = float(method.package.network("aova").get("threshold", 0.5))
+    rows = []
+    for case in progress(cases, desc="evaluate", unit="case", enable=show_progress):
+        by_family: dict[str, list[dict]] = defaultdict(list)
+        for rec in case.meta["lesions"]:
+            by_family[family(rec["organ"])].append(rec)
+        if not by_family:
+            continue
+        organs = sorted(by_family)
+        targets = [make_target(prompt_template.format(organ=o), organ=o) for o in organs]
+        x, space = to_model(case.volume, case.geometry, case.modality, method.prep)
+        probs, scores = attention_maps(method, x, tuple(method.prep.spacing_mm), targets)
+        coarse = [np.clip(space.to_study(p), 0, 1) for p in probs]
+        union = np.any([c >= threshold for c in coarse], axis=0)
+        region = make_region(union, spacing_kji(case.geometry), Params().dilation_mm, Params().feather_mm)
+        if union.any():
+            pseudo, _ = pseudo_healthy(case.volume, case.geometry, case.modality, region, method.backbone,
+                                       method.prep, Params())
+        else:
+            pseudo = case.volume.copy()
+        lo, hi = intensity_range(case.volume, case.modality, method.prep)
+        h = space.to_model(np.clip((pseudo - lo) / (hi - lo), 0, 1) if case.modality == "CT"
+                           else (pseudo - lo) / (hi - lo))
+        shared = shared_inputs(method.backbone, x, h, space.to_model(region.dilated.astype(np.float32)) > 0.5)
+        body = body_mask(case.volume, case.modality)
+        baseline = intensity_baseline(case.volume, case.geometry, case.modality) if "baseline" in variants else None
+        residual_hu = RESIDUAL_THRESHOLD_HU if case.modality == "CT" else RESIDUAL_THRESHOLD_HU / 600 * (hi - lo)
+        for n, organ in enumerate(organs):
+            recs = by_family[organ]
+            ids = [r["id"] for r in recs]
+            truth = np.isin(case.lesions, ids)
+            refined = np.clip(space.to_study(refine_probability(refine_head, shared, space.to_model(coarse[n]))), 0, 1)
+            preds = {
+                "baseline": baseline,
+                "aova": coarse[n] >= threshold,
+                "residual": (np.abs(case.volume - pseudo) > residual_hu) & region.dilated & (coarse[n] >= 0.05),
+                "full": (refined >= 0.5) & region.dilated & body,
+            }
+            largest = max(recs, key=lambda r: r["voxels"])
+            for variant in variants:
+                pred = preds[variant]
+                found, total = detection(pred, case.lesions, ids)
+                rows.append({
+                    "case": case.case_id, "modality": case.modality, "organ": organ, "variant": variant,
+                    "lesion_type": largest["type"], "types": sorted({r["type"] for r in recs}),
+                    "split": "seen" if all(r["split"] == "seen" for r in recs) else "unseen",
+                    "dice": dice(pred, truth), "nsd": nsd(pred, truth, case.geometry.spacing[::-1]),
+                    "detected": found, "lesions": total, "score": float(scores[n]),
+                })
+    return {"model": {"name": method.package.name, "sha256": method.package.sha256},
+            "prompt_template": prompt_template, "cases": len(cases), "rows": rows, "summary": summarise(rows)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    groups = {"split": ["split"], "modality": ["modality"], "lesion_type": ["lesion_type"], "organ": ["organ"],
+              "modality_split": ["modality", "split"]}
+    out = {}
+    for name, keys in groups.items():
+        table: dict[str, dict] = {}
+        for row in rows:
+            key = " / ".join(str(row[k]) for k in keys)
+            cell = table.setdefault(key, {}).setdefault(row["variant"], {"dice": [], "nsd": [], "found": 0, "total": 0})
+            cell["dice"].append(row["dice"])
+            cell["nsd"].append(row["nsd"])
+            cell["found"] += row["detected"]
+            cell["total"] += row["lesions"]
+        out[name] = {
+            key: {v: {"dice": round(float(np.mean(c["dice"])), 4), "nsd": round(float(np.mean(c["nsd"])), 4),
+                      "detection": round(c["found"] / max(c["total"], 1), 4), "n": len(c["dice"])}
+                  for v, c in variants.items()}
+            for key, variants in sorted(table.items())
+        }
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Model `{result['model']['name']}` (sha256 {result['model']['sha256'][:12]}), "
+             f"{result['cases']} cases, prompt template \"{result['prompt_template']}\".", ""]
+    for name, table in result["summary"].items():
+        title = {"modality_split": "modality and split", "lesion_type": "lesion type"}.get(name, name)
+        lines += [f"### By {title}", "",
+                  "| group | n | " + " | ".join(f"{v} Dice / NSD / det." for v in VARIANTS) + " |",
+                  "|---|---|" + "---|" * len(VARIANTS)]
+        for key, cells in table.items():
+            n = next(iter(cells.values()))["n"]
+            vals = [f"{cells[v]['dice']:.3f} / {cells[v]['nsd']:.3f} / {cells[v]['detection']:.2f}"
+                    if v in cells else "-" for v in VARIANTS]
+            lines.append(f"| {key} | {n} | " + " | ".join(vals) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out / "evaluation.md", markdown(result))
+    atomic.write_json(out / "evaluation.json", result)

@@ -1,0 +1,169 @@
+"""Stage 4: residual refinement.
+
+Where the pseudo-healthy image differs from the input, something abnormal was there. The
+pixel residual x - H, feature residuals |E(x) - E(H)| of the frozen encoder at each level,
+and the coarse attention map go into a small trainable 3D U-Net (MONAI's BasicUNet) that
+gives the refined probability. Post-processing keeps voxels inside the body and inside the
+region synthesis could change, drops components below a minimum volume, and splits the rest
+into lesion instances (diffugts.lesions).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import nn
+
+from diffugts.backbones import Backbone
+from diffugts.errors import InputError
+
+# x, H, x - H, |x - H|, one feature residual per encoder level (3), the inpainted region, the coarse map
+IN_CHANNELS = 9
+RESIDUAL_GAIN = 10.0  # residuals are a few % of the [0, 1] range; bring them near unit scale
+DEFAULT_MIN_VOLUME_ML = 0.1
+
+
+class RefineHead(nn.Module):
+    def __init__(self, in_channels: int = IN_CHANNELS, features=(8, 16, 32, 64, 64, 8)):
+        super().__init__()
+        from monai.networks.nets import BasicUNet
+
+        self.config = {"in_channels": in_channels, "features": list(features)}
+        # Batch norm: at inference its statistics are fixed, so a map does not depend on the
+        # crop or tile it was computed in (instance / group norm would).
+        self.net = BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=1, features=tuple(features),
+                             norm=("batch", {}), act=("leakyrelu", {"negative_slope": 0.1}))
+
+    @classmethod
+    def from_config(cls, config: dict) -> "RefineHead":
+        return cls(**config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@torch.no_grad()
+def shared_inputs(backbone: Backbone, x: np.ndarray, h: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The target-independent channels on the model grid: (8, *S) float32."""
+    device = next(backbone.parameters()).device
+    xt = torch.from_numpy(x)[None, None].to(device)
+    ht = torch.from_numpy(h)[None, None].to(device)
+    channels = [xt, ht, (xt - ht) * RESIDUAL_GAIN, (xt - ht).abs() * RESIDUAL_GAIN]
+    for fx, fh in zip(backbone.encoder_features(xt), backbone.encoder_features(ht)):
+        r = (fx - fh).abs().mean(1, keepdim=True) / (fx.std() + 1e-6)
+        channels.append(F.interpolate(r, size=x.shape, mode="trilinear", align_corners=False))
+    channels.append(torch.from_numpy(region.astype(np.float32))[None, None].to(device))
+    return torch.cat(channels, 1)[0].float().cpu().numpy()
+
+
+@torch.no_grad()
+def refine_probability(head: RefineHead, shared: np.ndarray, coarse: np.ndarray, roi=None) -> np.ndarray:
+    """Refined probability on the model grid for one target."""
+    from monai.inferers import sliding_window_inference
+
+    device = next(head.parameters()).device
+    inp = torch.from_numpy(np.concatenate([shared, coarse[None].astype(np.float32)]))[None].to(device)
+    roi = tuple(min(r, s) for r, s in zip(roi or inp.shape[2:], inp.shape[2:]))
+    logits = sliding_window_inference(inp, roi, sw_batch_size=1, predictor=head, overlap=0.25, mode="gaussian")
+    return torch.sigmoid(logits)[0, 0].float().cpu().numpy()
+
+
+def body_mask(volume: np.ndarray, modality: str) -> np.ndarray:
+    """The patient's body: the largest connected component above air, holes filled."""
+    if modality == "CT":
+        body = volume > -500
+    else:
+        body = volume > np.percentile(volume, 60) * 0.2
+    labels, n = ndimage.label(body)
+    if n == 0:
+        return body
+    sizes = ndimage.sum(body, labels, range(1, n + 1))
+    body = labels == (int(np.argmax(sizes)) + 1)
+    return ndimage.binary_fill_holes(body)
+
+
+def residual_only(x: np.ndarray, h: np.ndarray, region: np.ndarray, threshold: float) -> np.ndarray:
+    """The "coarse + synthesis residual, no head" variant: |x - H| above a threshold."""
+    return (np.abs(x - h) > threshold) & region
+
+
+def read_mask_image(path: Path, shape) -> np.ndarray:
+    if not path.is_file():
+        raise InputError(path, "missing file")
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    if tuple(arr.shape) != tuple(shape):
+        raise InputError(path, f"shape {arr.shape} does not match the study {tuple(shape)}")
+    return arr
+
+
+def timer():
+    start = time.perf_counter()
+    return lambda: round(time.perf_counter() - start, 3)
+
+
+def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
+           device: str | None = None, backbone: Backbone | None = None, head: RefineHead | None = None) -> dict:
+    """Refined masks and lesion instances for every prompt of the attention artifact."""
+    from diffugts.attend import load_head
+    from diffugts.backbones import load_backbone
+    from diffugts.device import pick_device
+    from diffugts.lesions import write_lesion_artifact
+    from diffugts.models.package import open_package
+    from diffugts.preprocess import Preprocessing, intensity_range, to_model
+    from diffugts.study import load_study
+
+    elapsed = timer()
+    study = load_study(study_dir)
+    attention_dir, synthesis_dir = Path(attention_dir), Path(synthesis_dir)
+    att = _read_json(attention_dir / "attention.json", "attention artifact (run `diffugts attend`)")
+    syn = _read_json(synthesis_dir / "synthesis.json", "synthesis artifact (run `diffugts synthesize`)")
+    pkg = open_package(model)
+    prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
+    dev = pick_device(device) if backbone is None else next(backbone.parameters()).device
+    backbone = backbone or load_backbone(pkg, dev)
+    head = (head or load_head(pkg, "refine", RefineHead)).to(dev)
+
+    files = syn.get("files", {})
+    pseudo = read_mask_image(synthesis_dir / files.get("pseudo_healthy", "pseudo_healthy.nii.gz"),
+                             study.geometry.shape).astype(np.float32)
+    inpainted = read_mask_image(synthesis_dir / files.get("inpaint_mask", "inpaint_mask.nii.gz"),
+                                study.geometry.shape) > 0
+    x, space = to_model(study.volume, study.geometry, study.modality, prep)
+    # H is normalised with the input's own range so x - H is a pure residual.
+    lo, hi = intensity_range(study.volume, study.modality, prep)
+    h = space.to_model(((pseudo - lo) / (hi - lo)).astype(np.float32))
+    if study.modality == "CT":
+        h = np.clip(h, 0.0, 1.0)
+    region_model = space.to_model(inpainted.astype(np.float32), nearest=True) > 0.5
+    shared = shared_inputs(backbone, x, h, region_model)
+    body = body_mask(study.volume, study.modality)
+    roi = (pkg.manifest.get("inference") or {}).get("roi_size")
+    targets, masks, probs = [], [], []
+    for entry in att["targets"]:
+        coarse_study = read_mask_image(attention_dir / entry["map"], study.geometry.shape).astype(np.float32)
+        prob = space.to_study(refine_probability(head, shared, space.to_model(coarse_study), roi))
+        prob = np.clip(prob, 0.0, 1.0)
+        masks.append((prob >= 0.5) & inpainted & body)
+        probs.append(prob)
+        targets.append({"prompt": entry["prompt"], "score": entry["score"]})
+    summary = write_lesion_artifact(out_dir, study, targets, masks, probs, min_volume_ml=min_volume_ml,
+                                    model={"name": pkg.name, "sha256": pkg.sha256})
+    summary["timings"] = {"refine_s": elapsed()}
+    return summary
+
+
+def _read_json(path: Path, what: str) -> dict:
+    import json
+
+    if not path.is_file():
+        raise InputError(path.parent, f"not a {what}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"unreadable ({err})") from None

@@ -1,0 +1,138 @@
+"""Training commands: each produces (or extends) a model package with its provenance."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffugts.backbones import build_backbone, load_backbone
+from diffugts.models.configs import get_config
+from diffugts.models.create import base_manifest
+from diffugts.models.package import ModelPackage, add_networks, open_package, write_package
+from diffugts.preprocess import Preprocessing
+from diffugts.progress import progress
+from diffugts.text import TextEncoder
+from diffugts.train import recipe as R
+from diffugts.train.data import phantom_case
+
+log = logging.getLogger(__name__)
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["diffugts", *sys.argv[1:]]) if sys.argv else ""
+
+
+def backbone_cases(prep: Preprocessing, n: int, seed: int, show: bool):
+    """Half healthy, half seen-lesion CT cases of the backbone's seed range."""
+    return [phantom_case(R.BACKBONE_SEED + seed, i, prep, split="seen", healthy=(i % 2 == 0))
+            for i in progress(range(n), desc="phantoms", unit="case", enable=show)]
+
+
+def train_backbone(out: Path, config_name: str = "demo", seed: int = 0, cases: int = 48, vae_steps: int = 1500,
+                   denoiser_steps: int = 1500, show_progress: bool = True) -> ModelPackage:
+    from diffugts.train.backbone import train_denoiser, train_vae
+
+    torch.manual_seed(seed)
+    config = get_config(config_name)
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    data = backbone_cases(prep, cases, seed, show_progress)
+    backbone = build_backbone({**config, "scale_factor": 1.0})
+    t0 = time.perf_counter()
+    vae_curve = train_vae(backbone, [c.x for c in data], vae_steps, seed, show_progress=show_progress)
+    t1 = time.perf_counter()
+    healthy = [c.x for c in data if not c.records]
+    unet_curve = train_denoiser(backbone, healthy, denoiser_steps, seed, spacing=prep.spacing_mm,
+                                show_progress=show_progress)
+    t2 = time.perf_counter()
+    manifest = base_manifest(f"{config_name}-phantom", config_name, config, backbone.scale_factor, {
+        "kind": "trained", "command": command_line(), "seed": seed,
+        "backbone_training": {
+            "cases": cases, "case_seed": R.BACKBONE_SEED + seed, "vae_steps": vae_steps,
+            "denoiser_steps": denoiser_steps, "vae_loss_first_last": _ends(vae_curve),
+            "denoiser_loss_first_last": _ends(unet_curve), "vae_seconds": round(t1 - t0, 1),
+            "denoiser_seconds": round(t2 - t1, 1), "denoiser_data": "healthy CT phantoms only"},
+    })
+    return write_package(out, manifest, {"vae": backbone.vae.state_dict(), "unet": backbone.unet.state_dict()})
+
+
+def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 60, steps: int = 1200,
+                    dim: int = 64, features: list[str] | None = None, show_progress: bool = True) -> ModelPackage:
+    from diffugts.train.aova import evaluate_dice, train_aova
+
+    features = features or list(R.AOVA_FEATURES)
+    pkg = open_package(model)
+    prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
+    backbone = load_backbone(pkg, "cpu")
+    text = TextEncoder()
+    data = [phantom_case(R.AOVA_SEED + seed, i, prep, split="seen", healthy=(i % 6 == 0))
+            for i in progress(range(cases), desc="phantoms", unit="case", enable=show_progress)]
+    held_out = [phantom_case(R.AOVA_SEED + seed + 500, i, prep, split="seen") for i in range(4)]
+    t0 = time.perf_counter()
+    result = train_aova(backbone, text, data, feature_names=features, spacing=prep.spacing_mm, steps=steps,
+                        seed=seed, dim=dim, show_progress=show_progress)
+    seconds = time.perf_counter() - t0
+    rows = evaluate_dice(result.head, backbone, text, held_out, features, prep.spacing_mm)
+    val = float(np.mean([r["dice"] for r in rows])) if rows else None
+    entry = {"config": result.head.config, "features": features, "threshold": 0.5}
+    losses = [h["loss"] for h in result.history]
+    return add_networks(pkg, {"aova": (entry, result.head.state_dict())}, out=out, provenance={
+        "aova_training": {"command": command_line(), "seed": seed, "cases": cases, "case_seed": R.AOVA_SEED + seed,
+                          "steps": steps, "dim": dim, "loss_first_last": _ends(losses), "seconds": round(seconds, 1),
+                          "held_out_seen_dice": None if val is None else round(val, 4)}})
+
+
+def _ends(curve: list[float], n: int = 20) -> list[float]:
+    return [round(float(np.mean(curve[:n])), 5), round(float(np.mean(curve[-n:])), 5)] if curve else []
+
+
+def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 40, steps: int = 1200,
+                      synthesis_steps: int = 10, show_progress: bool = True) -> ModelPackage:
+    from diffugts.attend import load_head
+    from diffugts.aova import AOVAHead
+    from diffugts.synthesis import Params
+    from diffugts.train.refine import evaluate_refine, refinement_example, train_refine
+
+    pkg = open_package(model)
+    prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
+    backbone = load_backbone(pkg, "cpu")
+    aova = load_head(pkg, "aova", AOVAHead)
+    features = pkg.network("aova")["features"]
+    text = TextEncoder()
+    params = Params(steps=synthesis_steps)
+    rng = np.random.default_rng(seed)
+    examples, held_out = [], []
+    indices = range(cases + 4)
+    for i in progress(indices, desc="synthesis for refinement", unit="case", enable=show_progress):
+        case = phantom_case(R.REFINE_SEED + seed, i, prep, split="seen", healthy_fraction=0.0, keep_volume=True)
+        made = refinement_example(case, backbone, aova, text, features, prep, params, rng)
+        (examples if i < cases else held_out).extend(made)
+    t0 = time.perf_counter()
+    head, history = train_refine(examples, steps, seed, show_progress=show_progress)
+    seconds = time.perf_counter() - t0
+    val = evaluate_refine(head, held_out)
+    return add_networks(pkg, {"refine": ({"config": head.config, "threshold": 0.5}, head.state_dict())}, out=out,
+                        provenance={"refine_training": {
+                            "command": command_line(), "seed": seed, "cases": cases,
+                            "case_seed": R.REFINE_SEED + seed, "steps": steps, "synthesis_steps": synthesis_steps,
+                            "loss_first_last": _ends([h["loss"] for h in history]), "seconds": round(seconds, 1),
+                            "held_out_seen_dice": round(val, 4)}})
+
+
+def train_demo(out: Path, recipe: R.DemoRecipe, show_progress: bool = True) -> ModelPackage:
+    """The whole demo model: backbone, then the AOVA head, then the refinement head."""
+    clock = time.perf_counter()
+    pkg = train_backbone(out, "demo", recipe.seed, recipe.backbone_cases, recipe.vae_steps, recipe.denoiser_steps,
+                         show_progress)
+    pkg = train_aova_head(out, None, recipe.seed, recipe.aova_cases, recipe.aova_steps, recipe.aova_dim,
+                          recipe.features, show_progress)
+    pkg = train_refine_head(out, None, recipe.seed, recipe.refine_cases, recipe.refine_steps,
+                            show_progress=show_progress)
+    manifest_provenance = {"recipe": recipe.as_dict(), "command": command_line(),
+                           "total_seconds": round(time.perf_counter() - clock, 1)}
+    return add_networks(pkg, {}, provenance=manifest_provenance)

@@ -3,14 +3,21 @@
 Frozen multi-scale backbone features are matched against text embeddings of a target's
 prompts. Small trainable adapters map each scale's features, which are fused at the finest
 feature resolution into voxel queries Q; a text projection maps prompt embeddings to keys
-K. Attention logits QK^T / sqrt(d) are soft-maxed **over the prompts** of one target,
-normal and abnormal together (the anomaly-aware contrast), and the probability mass on the
-abnormal prompts is the voxel's anomaly probability for that target. An image-level
-anomaly score comes from the top of the log-odds map.
+K. Attention logits QK^T / sqrt(d) are soft-maxed **over the prompts** of one target:
 
-Losses (decisions, see DESIGN.md): Dice + BCE on the fused map, a contrastive alignment of
-pooled region features with prompt embeddings (lesion <-> abnormal prompts, healthy organ
-<-> its normal prompts), and BCE on the image-level score.
+- the *region* map contrasts the target organ's prompts (its normal and abnormal ones)
+  with generic normal tissue: where the named tissue is;
+- the *anomaly* map contrasts, within that tissue, the abnormal prompts with the organ's
+  normal prompts (the anomaly-aware contrast), from queries that also carry each voxel's
+  deviation from the tissue's prototype query.
+
+P(lesion) = P(region) x P(abnormal | region). An image-level anomaly score comes from the
+top of the log-odds map.
+
+Losses (decisions, see DESIGN.md): Dice + BCE on the lesion map and on the region map (the
+organ's mask, every organ including those that never carry a lesion in training), a
+contrastive alignment of pooled lesion features with the target's prompt embedding, and
+BCE on the image-level score.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from torch import nn
 
 @dataclass
 class AOVAOutput:
-    prob: torch.Tensor  # (B, T, *spatial) anomaly probability per target, finest scale
-    log_odds: torch.Tensor  # (B, T, *spatial) log(p_abnormal / p_normal)
+    prob: torch.Tensor  # (B, T, *spatial) P(lesion of the target) = P(target tissue) * P(abnormal | tissue)
+    log_odds: torch.Tensor  # (B, T, *spatial) logit of prob
+    region_log_odds: torch.Tensor  # (B, T, *spatial) target tissue (its organ) vs generic normal tissue
+    anomaly_log_odds: torch.Tensor  # (B, T, *spatial) abnormal vs normal prompts of the target's organ
     score: torch.Tensor  # (B, T) image-level anomaly probability
     queries: list[torch.Tensor]  # (B, d, *spatial) fused voxel queries (a list for the loss API)
 
@@ -72,6 +81,15 @@ class AOVAHead(nn.Module):
             nn.GELU(),
             nn.Conv3d(dim, dim, 1),
         )
+        # Anomaly-aware queries: each voxel's query next to its deviation from the target
+        # tissue's prototype (the region-weighted mean query), so "abnormal" can mean
+        # "unlike this organ" for organs and lesion types training never paired.
+        self.deviation = nn.Sequential(
+            nn.Conv3d(2 * dim, dim, 1),
+            ChannelNorm(dim),
+            nn.GELU(),
+            nn.Conv3d(dim, dim, 1),
+        )
         self.text_proj = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(), nn.Linear(dim, dim))
         self.score_affine = nn.Parameter(torch.tensor([1.0, 0.0]))
 
@@ -86,10 +104,10 @@ class AOVAHead(nn.Module):
         ordered = sorted({tuple(s) for s in shapes}, key=lambda s: -torch.Size(s).numel())
         return ordered[1] if len(ordered) > 1 and self.pool_finest else ordered[0]
 
-    def forward(self, features: list[torch.Tensor], prompts: torch.Tensor, groups: list[tuple[list[int], list[int]]],
+    def forward(self, features: list[torch.Tensor], prompts: torch.Tensor, groups: list[tuple[list[int], ...]],
                 out_shape: tuple[int, ...] | None = None) -> AOVAOutput:
         """features: per scale (B, C_s, *S_s); prompts: (P, text_dim) embeddings;
-        groups: per target (normal prompt indices, abnormal prompt indices)."""
+        groups: per target (generic normal, organ normal, abnormal) prompt indices."""
         work = self.work_shape([f.shape[2:] for f in features])
         adapted = []
         for adapter, feat in zip(self.adapters, features):
@@ -102,17 +120,32 @@ class AOVAHead(nn.Module):
         q = self.fuse(torch.cat(adapted, 1))  # (B, d, *S): the voxel queries
         k = self.text_proj(prompts)  # (P, d): the prompt keys
         logits = torch.einsum("bd...,pd->bp...", q, k) / self.dim ** 0.5  # (B, P, *S)
-        per_target = []
-        for normal, abnormal in groups:
-            # Softmax over this target's prompts, kept in log space: the log-odds of the
-            # abnormal mass never saturate, so gradients survive tiny probabilities.
-            lp = torch.log_softmax(logits[:, normal + abnormal], dim=1)
-            per_target.append(lp[:, len(normal):].logsumexp(1) - lp[:, : len(normal)].logsumexp(1))
-        lo = torch.stack(per_target, 1)  # (B, T, *S) log-odds
-        if out_shape is not None and tuple(out_shape) != tuple(lo.shape[2:]):
-            lo = F.interpolate(lo, size=tuple(out_shape), mode="trilinear", align_corners=False)
-        score = torch.sigmoid(self.score_affine[0] * top_mean(lo, self.top_fraction) + self.score_affine[1])
-        return AOVAOutput(prob=torch.sigmoid(lo), log_odds=lo, score=score, queries=[q])
+        regions, anomalies = [], []
+        for generic, organ, abnormal in groups:
+            # Where the target's tissue is: its organ's normal and abnormal prompts against
+            # generic normal tissue, one softmax over the prompts (kept in log space).
+            lp = torch.log_softmax(logits[:, generic + organ + abnormal], dim=1)
+            region = lp[:, len(generic):].logsumexp(1) - lp[:, : len(generic)].logsumexp(1)
+            weight = torch.sigmoid(region).unsqueeze(1)  # (B, 1, *S)
+            dims = tuple(range(2, q.ndim))
+            prototype = (q * weight).sum(dims, keepdim=True) / weight.sum(dims, keepdim=True).clamp(min=1e-3)
+            qa = self.deviation(torch.cat([q, q - prototype], 1))
+            # Within that tissue: abnormal against the organ's normal prompts.
+            normal = organ or generic
+            la = torch.einsum("bd...,pd->bp...", qa, k[normal + abnormal]) / self.dim ** 0.5
+            lpa = torch.log_softmax(la, dim=1)
+            anomalies.append(lpa[:, len(normal):].logsumexp(1) - lpa[:, : len(normal)].logsumexp(1))
+            regions.append(region)
+        region_lo = torch.stack(regions, 1)  # (B, T, *S)
+        anomaly_lo = torch.stack(anomalies, 1)
+        if out_shape is not None and tuple(out_shape) != tuple(region_lo.shape[2:]):
+            region_lo = F.interpolate(region_lo, size=tuple(out_shape), mode="trilinear", align_corners=False)
+            anomaly_lo = F.interpolate(anomaly_lo, size=tuple(out_shape), mode="trilinear", align_corners=False)
+        log_p = F.logsigmoid(region_lo) + F.logsigmoid(anomaly_lo)
+        log_odds = log_p - torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))
+        score = torch.sigmoid(self.score_affine[0] * top_mean(log_odds, self.top_fraction) + self.score_affine[1])
+        return AOVAOutput(prob=log_p.exp(), log_odds=log_odds, region_log_odds=region_lo, anomaly_log_odds=anomaly_lo,
+                          score=score, queries=[q])
 
 
 def top_mean(x: torch.Tensor, fraction: float) -> torch.Tensor:

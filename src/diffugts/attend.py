@@ -71,17 +71,11 @@ def text_encoder_path(pkg: ModelPackage) -> Path | None:
     return pkg.root / entry["path"] if entry.get("path") else None
 
 
-def prompt_tensors(method: Method, targets: list[Target]) -> tuple[torch.Tensor, list[tuple[list[int], list[int]]]]:
-    """All prompts embedded once, and per target the indices of its normal / abnormal prompts."""
-    texts: list[str] = []
-    groups = []
-    for t in targets:
-        idx = []
-        for p in t.prompts:
-            if p not in texts:
-                texts.append(p)
-            idx.append(texts.index(p))
-        groups.append((idx[: len(t.normal)], idx[len(t.normal):]))
+def prompt_tensors(method: Method, targets: list[Target]) -> tuple[torch.Tensor, list[tuple[list[int], ...]]]:
+    """All prompts embedded once, and per target the indices of its generic normal, organ
+    normal and abnormal prompts."""
+    texts = list(dict.fromkeys(p for t in targets for p in t.prompts))
+    groups = [t.groups(texts.index) for t in targets]
     return method.text.embed(texts).to(method.device), groups
 
 

@@ -80,9 +80,6 @@ def intensity_baseline(volume: np.ndarray, geometry: Geometry, modality: str, k:
     """
     from diffugts.refine import body_mask
 
-    sigma_vox = 10.0 / np.asarray(geometry.spacing)[::-1]  # ~10 mm background scale
-    background = ndimage.gaussian_filter(volume, sigma_vox)
-    residual = volume - background
     body = body_mask(volume, modality)
     if modality == "CT":
         soft = (volume > -100) & (volume < 300)
@@ -90,6 +87,12 @@ def intensity_baseline(volume: np.ndarray, geometry: Geometry, modality: str, k:
         lo, hi = np.percentile(volume[body], [20, 95])
         soft = (volume > lo) & (volume < hi)
     region = body & soft
+    # Background = soft-tissue-only smoothing (normalised convolution), so air, fat and bone
+    # next to an organ do not pull its background down or up.
+    sigma_vox = 10.0 / np.asarray(geometry.spacing)[::-1]  # ~10 mm background scale
+    weight = ndimage.gaussian_filter(region.astype(np.float32), sigma_vox)
+    background = ndimage.gaussian_filter(np.where(region, volume, 0).astype(np.float32), sigma_vox)
+    residual = volume - background / np.maximum(weight, 1e-3)
     med = np.median(residual[region])
     mad = np.median(np.abs(residual[region] - med)) * 1.4826 + 1e-6
     mask = region & (np.abs(residual - med) > k * mad)

@@ -121,8 +121,8 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
     elapsed = timer()
     study = load_study(study_dir)
     attention_dir, synthesis_dir = Path(attention_dir), Path(synthesis_dir)
-    att = _read_json(attention_dir / "attention.json", "attention artifact (run `diffugts attend`)")
-    syn = _read_json(synthesis_dir / "synthesis.json", "synthesis artifact (run `diffugts synthesize`)")
+    att = _read_json(attention_dir / "attention.json", "an attention artifact (run `diffugts attend`)")
+    syn = _read_json(synthesis_dir / "synthesis.json", "a synthesis artifact (run `diffugts synthesize`)")
     pkg = open_package(model)
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
     dev = pick_device(device) if backbone is None else next(backbone.parameters()).device
@@ -162,7 +162,7 @@ def _read_json(path: Path, what: str) -> dict:
     import json
 
     if not path.is_file():
-        raise InputError(path.parent, f"not a {what}")
+        raise InputError(path.parent, f"not {what}")
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:

@@ -61,15 +61,23 @@ class Target:
 
     text: str
     organ: str | None
-    normal: list[str] = field(default_factory=list)
+    normal: list[str] = field(default_factory=list)  # organ-specific first, then generic
     abnormal: list[str] = field(default_factory=list)
+    organ_normal: int = 0  # how many of ``normal`` describe the organ (the rest: any tissue)
 
     @property
     def prompts(self) -> list[str]:
         return self.normal + self.abnormal
 
+    def groups(self, index) -> tuple[list[int], list[int], list[int]]:
+        """(generic normal, organ normal, abnormal) positions of the prompts in ``index``."""
+        pos = [index(p) for p in self.prompts]
+        n, o = len(self.normal), self.organ_normal
+        return pos[o:n], pos[:o], pos[n:]
+
     def as_dict(self) -> dict:
-        return {"text": self.text, "organ": self.organ, "normal": self.normal, "abnormal": self.abnormal}
+        return {"text": self.text, "organ": self.organ, "normal": self.normal, "abnormal": self.abnormal,
+                "organ_normal": self.organ_normal}
 
 
 def make_target(text: str, organ: str | None = None, normal: list[str] | None = None,
@@ -79,13 +87,16 @@ def make_target(text: str, organ: str | None = None, normal: list[str] | None = 
     if not text:
         raise ConfigError("empty prompt")
     organ = organ or organ_of(text)
+    organ_normal = 0
     if normal is None:
         normal = [t.format(organ=organ) for t in NORMAL_TEMPLATES] if organ else []
+        organ_normal = len(normal)
         normal += list(GENERIC_NORMAL)
     if abnormal is None:
         abnormal = [text] + ([t.format(organ=organ) for t in ABNORMAL_TEMPLATES] if organ else list(GENERIC_ABNORMAL))
     abnormal = list(dict.fromkeys(abnormal))  # keep order, drop duplicates
-    return Target(text=text, organ=organ, normal=list(dict.fromkeys(normal)), abnormal=abnormal)
+    return Target(text=text, organ=organ, normal=list(dict.fromkeys(normal)), abnormal=abnormal,
+                  organ_normal=organ_normal)
 
 
 def default_encoder_path() -> Path:

@@ -1,12 +1,16 @@
 """Training the AOVA head on seen lesion types (`diffugts train aova`).
 
 Backbone features are computed once per case (the backbone is frozen). Each step takes one
-case and a few targets: the organs that carry lesions (positives; the ground truth is every
-lesion in that organ) and organs that do not (negatives: an empty map). The target text is
-drawn from the lesion's own prompts and the organ templates, so the head learns the
-anomaly-aware contrast, not one phrasing. Healthy tissue of *every* organ, seen or not, is
-aligned with its normal prompt; that is how the head can later find an organ it never saw a
-lesion in.
+whole case (the tissue prototype of a target is a mean over the whole volume, so crops
+would change it) and a few targets:
+
+- organs that carry lesions: the lesion map learns from every lesion in that organ;
+- organs that do not, *any* organ of the body, seen or not: their lesion map must stay
+  empty. Every target's region map learns its organ's mask. That is how the head can later
+  find the tissue of an organ it never saw a lesion in.
+
+The target text is drawn from the lesions' own prompts and the organ templates, so the
+head learns the anomaly-aware contrast, not one phrasing.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffugts.aova import AOVAHead, dice_bce, region_alignment, soft_dice
+from diffugts.aova import AOVAHead, region_alignment, soft_dice
 from diffugts.backbones import Backbone
 from diffugts.progress import progress
 from diffugts.text import TextEncoder, make_target
 from diffugts.train.data import TrainingCase
 
 log = logging.getLogger(__name__)
+
+# Organs whose masks the phantom world has and whose names prompts use.
+PROMPTABLE = ("liver", "kidney", "spleen", "pancreas", "stomach", "gallbladder", "aorta")
 
 
 def organ_family(organ: str) -> str:
@@ -38,6 +45,7 @@ class CaseFeatures:
     feats: list[torch.Tensor]  # selected scales, float16, (C, *S)
     positives: dict[str, np.ndarray] = field(default_factory=dict)  # organ family -> lesion mask
     prompts: dict[str, list[str]] = field(default_factory=dict)  # organ family -> lesion prompts
+    organs: dict[str, np.ndarray] = field(default_factory=dict)  # organ family -> organ mask (lesions included)
 
 
 @torch.no_grad()
@@ -52,6 +60,14 @@ def case_features(backbone: Backbone, case: TrainingCase, index: list[int], spac
         cf.positives[fam] = cf.positives.get(fam, np.zeros_like(mask)) | mask
         cf.prompts.setdefault(fam, [])
         cf.prompts[fam] += [p for p in rec["prompts"] if p not in cf.prompts[fam]]
+    for label, name in case.organ_names.items():
+        fam = organ_family(name)
+        if fam in PROMPTABLE:
+            mask = case.organs == label
+            if mask.any():
+                cf.organs[fam] = cf.organs.get(fam, np.zeros_like(mask)) | mask
+    for fam, lesion in cf.positives.items():
+        cf.organs[fam] = cf.organs.get(fam, np.zeros_like(lesion)) | lesion
     return cf
 
 
@@ -70,115 +86,79 @@ class AOVATraining:
 
 def train_aova(backbone: Backbone, text: TextEncoder, cases: list[TrainingCase], *, feature_names: list[str],
                spacing, steps: int, seed: int = 0, dim: int = 64, lr: float = 2e-3, negatives: int = 2,
-               seen_organs: tuple[str, ...] = ("liver", "kidney"), align_weight: float = 0.5,
-               score_weight: float = 0.2, crop: tuple[int, int, int] = (32, 64, 64), positive_fraction: float = 0.7,
-               pool_finest: bool = False, show_progress: bool = True, log_every: int = 50) -> AOVATraining:
+               align_weight: float = 0.2, score_weight: float = 0.2, show_progress: bool = True) -> AOVATraining:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     index = backbone.feature_index(feature_names)
     specs = backbone.feature_specs()
     data = [case_features(backbone, c, index, spacing, seed)
             for c in progress(cases, desc="features", unit="case", enable=show_progress)]
-    head = AOVAHead([specs[i].channels for i in index], text_dim=text.dim, dim=dim, pool_finest=pool_finest)
+    head = AOVAHead([specs[i].channels for i in index], text_dim=text.dim, dim=dim)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     history: list[dict] = []
     bar = progress(range(steps), desc="train AOVA", unit="step", enable=show_progress)
-    strides = [specs[i].stride for i in index]
     for step in bar:
         cf = data[rng.integers(len(data))]
-        targets, truths = _sample_targets(cf, rng, negatives, seen_organs)
-        box = _crop_box(cf, truths, crop, max(strides), rng, positive_fraction)
-        feats = [f[(slice(None),) + tuple(slice(a // st, b // st) for a, b in box)] for f, st in zip(cf.feats, strides)]
-        truths = [m[tuple(slice(a, b) for a, b in box)] for m in truths]
-        texts = list(dict.fromkeys(p for t in targets for p in t.prompts + [f"normal {o} tissue" for o in
-                                                                            _organs_present(cf)]))
+        targets, lesions, organs = _sample_targets(cf, rng, negatives)
+        texts = list(dict.fromkeys(p for t in targets for p in t.prompts))
         emb = text.embed(texts)
-        groups = [([texts.index(p) for p in t.normal], [texts.index(p) for p in t.abnormal]) for t in targets]
-        shape = head.work_shape([f.shape[1:] for f in feats])
-        out = head([f.float()[None] for f in feats], emb, groups, out_shape=shape)
-        gt = torch.stack([downsample(m, shape) for m in truths])[None]
-        loss_map = dice_bce(out.log_odds, gt, pos_weight=3.0)
-        with torch.no_grad():
-            has = gt.flatten(2).amax(-1) > 0
-            pos_dice = float(soft_dice(out.log_odds, gt)[has].mean()) if has.any() else None
-        present = (gt.flatten(2).amax(-1) > 0).float()
-        loss_score = F.binary_cross_entropy(out.score.clamp(1e-6, 1 - 1e-6), present)
-        regions = []
-        for t, m in zip(targets, truths):
-            if m.any():
-                regions.append((0, torch.from_numpy(m), texts.index(t.text)))
-        for organ, mask in _organ_regions(cf, rng).items():
-            mask = mask[tuple(slice(a, b) for a, b in box)]
-            if mask.sum() > 20:
-                regions.append((0, torch.from_numpy(mask), texts.index(f"normal {organ} tissue")))
+        shape = head.work_shape([f.shape[1:] for f in cf.feats])
+        out = head([f.float()[None] for f in cf.feats], emb, [t.groups(texts.index) for t in targets],
+                   out_shape=shape)
+        les = torch.stack([downsample(m, shape) for m in lesions])[None]
+        org = torch.stack([downsample(m, shape) for m in organs])[None]
+        loss_region = _dice_bce(out.region_log_odds, org)
+        # The lesion map: BCE everywhere on the final probability, Dice where there is a lesion.
+        loss_lesion = F.binary_cross_entropy_with_logits(out.log_odds, les, pos_weight=torch.tensor(3.0))
+        has = les.flatten(2).amax(-1) > 0
+        dice = soft_dice(out.log_odds, les)
+        if has.any():
+            loss_lesion = loss_lesion + (1 - dice[has]).mean()
+        # Within the organ, the anomaly contrast itself, so it learns even while the region is poor.
+        inside = (org > 0.5).float()
+        loss_anomaly = (F.binary_cross_entropy_with_logits(out.anomaly_log_odds, les, reduction="none",
+                                                           pos_weight=torch.tensor(3.0)) * inside).sum() \
+            / inside.sum().clamp(min=1)
+        loss_score = F.binary_cross_entropy(out.score.clamp(1e-6, 1 - 1e-6), has.float())
+        regions = [(0, torch.from_numpy(m), texts.index(t.text)) for t, m in zip(targets, lesions) if m.any()]
         loss_align = region_alignment(out.queries, head, emb, regions)
-        loss = loss_map + align_weight * loss_align + score_weight * loss_score
+        loss = loss_region + loss_lesion + loss_anomaly + align_weight * loss_align + score_weight * loss_score
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append({"step": step, "loss": loss.item(), "map": loss_map.item(), "align": float(loss_align.detach()),
-                        "score": loss_score.item(), "positive_dice": pos_dice})
+        history.append({"step": step, "loss": loss.item(), "region": loss_region.item(),
+                        "lesion": loss_lesion.item(), "anomaly": loss_anomaly.item(),
+                        "positive_dice": float(dice[has].mean()) if has.any() else None})
         if hasattr(bar, "set_postfix") and step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean([h['loss'] for h in history[-20:]]):.3f}")
-        if log_every and step % log_every == 0:
-            log.debug("step %d loss %.4f", step, loss.item())
     head.eval().requires_grad_(False)
     return AOVATraining(head, history, feature_names)
 
 
-def _crop_box(cf: CaseFeatures, truths, crop, stride: int, rng, positive_fraction: float = 0.7):
-    """A crop (aligned to the coarsest feature stride) around a lesion voxel most of the
-    time, anywhere otherwise: lesions are ~0.1% of a volume, so whole volumes drown them."""
-    shape = cf.case.x.shape
-    size = [min(c, s) // stride * stride for c, s in zip(crop, shape)]
-    positives = [m for m in truths if m.any()]
-    if positives and rng.random() < positive_fraction:
-        where = np.argwhere(positives[rng.integers(len(positives))])
-        centre = where[rng.integers(len(where))]
-    else:
-        centre = [rng.integers(0, s) for s in shape]
-    box = []
-    for c, n, s in zip(centre, size, shape):
-        start = int(np.clip(c - n // 2, 0, s - n)) // stride * stride
-        box.append((start, start + n))
-    return box
+def _dice_bce(log_odds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (1 - soft_dice(log_odds, target)).mean() + F.binary_cross_entropy_with_logits(log_odds, target)
 
 
-def _organs_present(cf: CaseFeatures) -> list[str]:
-    fams = {organ_family(n) for lbl, n in cf.case.organ_names.items() if np.any(cf.case.organs == lbl)}
-    return sorted(fams)
-
-
-def _organ_regions(cf: CaseFeatures, rng, k: int = 4) -> dict[str, np.ndarray]:
-    """Healthy tissue of a few organs (lesions excluded), every organ eligible."""
-    organs = _organs_present(cf)
-    chosen = rng.choice(organs, size=min(k, len(organs)), replace=False)
-    out = {}
-    for fam in chosen:
-        labels = [lbl for lbl, n in cf.case.organ_names.items() if organ_family(n) == fam]
-        mask = np.isin(cf.case.organs, labels) & (cf.case.lesions == 0)
-        if mask.sum() > 20:
-            out[str(fam)] = mask
-    return out
-
-
-def _sample_targets(cf: CaseFeatures, rng, negatives: int, seen_organs):
-    targets, truths = [], []
+def _sample_targets(cf: CaseFeatures, rng, negatives: int):
+    targets, lesions, organs = [], [], []
     for fam, mask in cf.positives.items():
         choices = cf.prompts[fam] + [f"{fam} tumor", f"{fam} lesion"]
         targets.append(make_target(str(rng.choice(choices)), organ=fam))
-        truths.append(mask)
-    empty = [o for o in seen_organs if o not in cf.positives]
+        lesions.append(mask)
+        organs.append(cf.organs[fam])
+    empty = [o for o in cf.organs if o not in cf.positives]
     for fam in rng.permutation(empty)[:negatives]:
-        targets.append(make_target(str(rng.choice([f"{fam} tumor", f"{fam} lesion", f"{fam} cyst"])), organ=str(fam)))
-        truths.append(np.zeros(cf.case.x.shape, dtype=bool))
-    return targets, truths
+        fam = str(fam)
+        targets.append(make_target(str(rng.choice([f"{fam} tumor", f"{fam} lesion", f"{fam} cyst"])), organ=fam))
+        lesions.append(np.zeros(cf.case.x.shape, dtype=bool))
+        organs.append(cf.organs[fam])
+    return targets, lesions, organs
 
 
 @torch.no_grad()
 def evaluate_dice(head: AOVAHead, backbone: Backbone, text: TextEncoder, cases: list[TrainingCase],
                   feature_names: list[str], spacing, threshold: float = 0.5, seed: int = 0) -> list[dict]:
-    """Dice of the coarse mask per (case, organ) with lesions, at full resolution."""
+    """Dice of the coarse mask (and of the region map vs the organ) per (case, organ with lesions)."""
     index = backbone.feature_index(feature_names)
     rows = []
     for case in cases:
@@ -186,9 +166,14 @@ def evaluate_dice(head: AOVAHead, backbone: Backbone, text: TextEncoder, cases: 
         for fam, mask in cf.positives.items():
             t = make_target(f"{fam} tumor", organ=fam)
             emb = text.embed(t.prompts)
-            groups = [(list(range(len(t.normal))), list(range(len(t.normal), len(t.prompts))))]
-            out = head([f.float()[None] for f in cf.feats], emb, groups, out_shape=case.x.shape)
+            out = head([f.float()[None] for f in cf.feats], emb, [t.groups(t.prompts.index)], out_shape=case.x.shape)
             pred = out.prob[0, 0].numpy() >= threshold
-            dice = 2 * (pred & mask).sum() / max(pred.sum() + mask.sum(), 1)
-            rows.append({"case": case.case_id, "organ": fam, "dice": float(dice), "score": float(out.score[0, 0])})
+            region = out.region_log_odds[0, 0].numpy() >= 0
+            organ = cf.organs[fam]
+            rows.append({"case": case.case_id, "organ": fam, "dice": _dice(pred, mask), "score": float(out.score[0, 0]),
+                         "region_dice": _dice(region, organ)})
     return rows
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))

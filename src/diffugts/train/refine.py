@@ -30,9 +30,8 @@ def coarse_maps(head: AOVAHead, backbone: Backbone, text: TextEncoder, case: Tra
     for fam in organs:
         t = make_target(f"{fam} tumor", organ=fam)
         emb = text.embed(t.prompts)
-        groups = [(list(range(len(t.normal))), list(range(len(t.normal), len(t.prompts))))]
         with torch.no_grad():
-            res = head([f.float()[None] for f in cf.feats], emb, groups, out_shape=case.x.shape)
+            res = head([f.float()[None] for f in cf.feats], emb, [t.groups(t.prompts.index)], out_shape=case.x.shape)
         out[fam] = res.prob[0, 0].numpy()
     return out
 

@@ -1,0 +1,103 @@
+"""Refinement, `diffugts segment` end to end, and `diffugts evaluate`, with random-weight
+models (the mechanics and the geometry; quality is the demo model's business)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from diffugts.cli import main
+from diffugts.evaluate import dice, evaluate, intensity_baseline, markdown, nsd
+from diffugts.geometry import Geometry
+from diffugts.phantom import CaseSpec, generate_case, write_case
+from diffugts.refine import body_mask
+from modelfactory import random_package
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return random_package(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    spec = CaseSpec(seed=11, index=0, shape=(32, 64, 64), split="seen", healthy_fraction=0.0)
+    return write_case(generate_case(spec), tmp_path_factory.mktemp("case"))
+
+
+def test_segment_end_to_end(model, case, tmp_path, capsys):
+    out = tmp_path / "seg"
+    code = main(["-q", "segment", str(case / "dicom"), "--out", str(out), "--model", str(model.root),
+                 "--prompt", "liver tumor", "--prompt", "kidney cyst"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "'liver tumor':" in printed and "'kidney cyst':" in printed and "report.html" in printed
+    for marker in ("study/series.json", "attention/attention.json", "synthesis/synthesis.json",
+                   "lesions/lesions.json", "report/report.json"):
+        assert (out / marker).is_file(), marker
+    lesions = json.loads((out / "lesions" / "lesions.json").read_text())
+    assert [t["prompt"]["text"] for t in lesions["targets"]] == ["liver tumor", "kidney cyst"]
+    # Masks are on the exact grid of the source series.
+    ref = sitk.ReadImage(str(out / "study" / "volume.nii"))
+    for t in lesions["targets"]:
+        m = sitk.ReadImage(str(out / "lesions" / t["mask"]))
+        assert m.GetSize() == ref.GetSize()
+        np.testing.assert_allclose(m.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+        # Nothing outside the region synthesis was allowed to change.
+        inpainted = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "synthesis" / "inpaint_mask.nii.gz"))) > 0
+        assert not (sitk.GetArrayFromImage(m).astype(bool) & ~inpainted).any()
+
+
+def test_segment_bad_input_is_one_line(model, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main(["segment", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--model", str(model.root),
+                 "--prompt", "liver tumor"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no files found" in err[0]
+
+
+def test_refine_needs_its_inputs(model, case, tmp_path, capsys):
+    assert main(["-q", "ingest", str(case / "dicom"), "--out", str(tmp_path / "study")]) == 0
+    code = main(["refine", str(tmp_path / "study"), "--attention", str(tmp_path / "nope"), "--synthesis",
+                 str(tmp_path / "nope"), "--model", str(model.root), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not an attention artifact" in err[0]
+
+
+def test_evaluate_runs_every_variant(model, case, tmp_path):
+    result = evaluate(case.parent, str(model.root), show_progress=False)
+    variants = {r["variant"] for r in result["rows"]}
+    assert variants == {"baseline", "aova", "residual", "full"}
+    organs = {r["organ"] for r in result["rows"]}
+    meta = json.loads((case / "case.json").read_text())
+    assert organs == {l["organ"].replace("left ", "").replace("right ", "") for l in meta["lesions"]}
+    for row in result["rows"]:
+        assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["nsd"] <= 1.0
+        assert row["split"] == "seen"
+    text = markdown(result)
+    assert "### By split" in text and "full Dice / NSD / det." in text
+
+
+def test_metrics_on_known_shapes():
+    a = np.zeros((10, 20, 20), bool)
+    b = np.zeros_like(a)
+    a[2:8, 5:15, 5:15] = True
+    b[2:8, 5:15, 7:17] = True  # shifted by 2 voxels
+    assert dice(a, a) == 1.0 and dice(a, np.zeros_like(a)) == 0.0
+    assert dice(a, b) == pytest.approx(2 * 6 * 10 * 8 / (2 * 600))
+    assert nsd(a, a, (1, 1, 1)) == pytest.approx(1.0)
+    assert nsd(a, b, (1, 1, 1), tolerance_mm=3.0) == pytest.approx(1.0)  # shift within tolerance
+    assert nsd(a, b, (1, 1, 1), tolerance_mm=0.5) < 0.9
+
+
+def test_intensity_baseline_finds_a_bright_blob_in_soft_tissue():
+    vol = np.full((20, 40, 40), -1000, np.float32)
+    vol[:, 5:35, 5:35] = 50 + np.random.default_rng(0).normal(0, 5, (20, 30, 30))
+    vol[8:12, 18:22, 18:22] = 200
+    g = Geometry((0, 0, 0), (1, 1, 1), np.eye(3), vol.shape)
+    found = intensity_baseline(vol, g, "CT")
+    assert found[10, 20, 20] and found.sum() < 400
+    assert body_mask(vol, "CT")[10, 20, 20]

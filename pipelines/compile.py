@@ -1,18 +1,42 @@
-"""Compile the pipelines to KFP IR YAML: `python -m pipelines.compile --out build/pipelines`."""
+"""Compile the pipelines: `python -m pipelines.compile` (`make compile`).
+
+Writes, per pipeline:
+- ``build/pipelines/<name>.yaml``: KFP IR YAML, to upload through the KFP API / UI;
+- ``manifests/base/pipelines/<name>.yaml``: Kubernetes-native ``Pipeline`` + ``PipelineVersion``
+  objects (KFP in Kubernetes-native API mode), listed under ``resources:`` of that directory's
+  kustomization.yaml. These are committed; tests/test_pipelines.py fails when they are stale.
+
+Images (DIFFUGTS_CPU_IMAGE / DIFFUGTS_GPU_IMAGE) and DIFFUGTS_COHORT_PARALLELISM are read at
+import time and baked into the output.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from kfp import compiler
+from kfp.compiler import KubernetesManifestOptions
 
+from components.images import VERSION
+from pipelines.cohort import cohort_pipeline
 from pipelines.study import study_pipeline
 
-PIPELINES = {"diffugts-study": study_pipeline}
+PIPELINES = {"diffugts-study": study_pipeline, "diffugts-cohort": cohort_pipeline}
+NAMESPACE = "diffugts"
+REPO = Path(__file__).resolve().parents[1]
+MANIFESTS = REPO / "manifests" / "base" / "pipelines"
+# kubectl apply (client-side) keeps a copy of each object in an annotation of at most 256 KiB.
+MAX_MANIFEST_BYTES = 200 * 1024
+
+
+def version_name(name: str) -> str:
+    return f"{name}-{VERSION.replace('.', '-')}"
 
 
 def compile_all(out: Path) -> list[Path]:
+    """KFP IR YAML of every pipeline into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, pipeline in PIPELINES.items():
@@ -22,11 +46,36 @@ def compile_all(out: Path) -> list[Path]:
     return paths
 
 
+def compile_manifests(out: Path = MANIFESTS) -> list[Path]:
+    """Pipeline + PipelineVersion manifests of every pipeline into ``out``, and the file names
+    into the ``resources:`` list of ``out/kustomization.yaml``."""
+    paths = []
+    for name, pipeline in PIPELINES.items():
+        path = out / f"{name}.yaml"
+        options = KubernetesManifestOptions(namespace=NAMESPACE, pipeline_name=name,
+                                            pipeline_version_name=version_name(name), include_pipeline_manifest=True)
+        compiler.Compiler().compile(pipeline, str(path), kubernetes_manifest_format=True,
+                                    kubernetes_manifest_options=options)
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise SystemExit(f"{path}: {path.stat().st_size} bytes, too large for `kubectl apply`")
+        paths.append(path)
+    kustomization = out / "kustomization.yaml"
+    text = kustomization.read_text()
+    listed = "resources:\n" + "".join(f"  - {p.name}\n" for p in paths)
+    # Only the resources list is ours: the comments and settings around it stay as written.
+    new = re.sub(r"^resources:.*?(?=^\S|\Z)", listed, text, count=1, flags=re.S | re.M)
+    if new == text and listed not in text:
+        raise SystemExit(f"{kustomization}: no resources: list to update")
+    kustomization.write_text(new)
+    return paths
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", type=Path, default=Path("build/pipelines"))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("build/pipelines"), help="where the IR YAML goes")
+    ap.add_argument("--manifests", type=Path, default=MANIFESTS, help="where the Kubernetes manifests go")
     args = ap.parse_args()
-    for path in compile_all(args.out):
+    for path in compile_all(args.out) + compile_manifests(args.manifests):
         print(f"wrote {path}")
 
 

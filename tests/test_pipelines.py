@@ -19,7 +19,7 @@ from pipelines.compile import compile_all
 
 def test_pipelines_compile_and_load_back(tmp_path):
     paths = compile_all(tmp_path)
-    assert [p.name for p in paths] == ["diffugts-study.yaml"]
+    assert [p.name for p in paths] == ["diffugts-study.yaml", "diffugts-cohort.yaml"]
     study = components.load_component_from_file(str(paths[0]))
     assert study.name == "diffugts-study"
     assert set(study.component_spec.inputs) == {"input_uri", "model_uri", "prompts", "rules", "resample",

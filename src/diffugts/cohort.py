@@ -1,0 +1,378 @@
+"""Cohort runs: list studies, skip those already done, record outcomes, collect the results.
+
+The steps of the ``diffugts-cohort`` pipeline call these functions; nothing here imports kfp.
+Everything lives under ``results_uri``, a local folder or an ``s3://`` prefix:
+
+    <StudyInstanceUID>/report/                   a study's report (the report stage's upload layout)
+    _runs/<key>.json                             marker of one study input (see below)
+    _runs/cohort-<run>/listing.json              what run <run> found: pending and skipped inputs
+    _runs/cohort-<run>/failed/<key>/failed.json  why a study of that run failed
+    _runs/cohort-<run>.json                      the run's record, written by the exit handler
+    cohort/<run>/                                the cohort report (cohort.csv, lesions.csv, cohort.html)
+
+``key`` = the first 32 hex digits of sha256(input URI): object names never carry the input's
+folder names (those can hold patient names). A marker records the model's sha256 (of its
+``manifest.json``), the hash of the study parameters and the status; an input whose marker says
+``done`` with the same model and parameters is skipped by the next run.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+from diffugts import __version__, atomic
+from diffugts.errors import ConfigError, DiffugtsError, InputError
+
+RUNS = "_runs"
+COHORT = "cohort"
+MODEL_MANIFEST = "manifest.json"  # diffugts.models.package.MANIFEST; its sha256 names the model
+# Diagnosing a failure re-reads the study (see diagnose); past this many, a run stops trying.
+MAX_DIAGNOSED = 25
+
+
+# -- where things are: local folders and s3:// prefixes behind the same five calls ---------
+
+def _is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def _store():
+    from diffugts.storage import ObjectStore  # minio only when S3 is involved
+
+    return ObjectStore()
+
+
+def join(base: str, *parts: str) -> str:
+    if _is_s3(base):
+        from diffugts.storage import join_uri
+
+        return join_uri(base, *parts)
+    return str(Path(base, *parts))
+
+
+def _read(uri: str) -> bytes | None:
+    if _is_s3(uri):
+        from diffugts.storage import ObjectNotFound
+
+        try:
+            return _store().get_bytes(uri)
+        except ObjectNotFound:
+            return None
+    path = Path(uri)
+    return path.read_bytes() if path.is_file() else None
+
+
+def _read_json(uri: str) -> dict | None:
+    raw = _read(uri)
+    return None if raw is None else json.loads(raw)
+
+
+def _write_json(uri: str, obj: dict) -> None:
+    if _is_s3(uri):
+        _store().put_bytes(uri, (json.dumps(obj, indent=2) + "\n").encode(), "application/json")
+    else:
+        atomic.write_json(uri, obj)
+
+
+def _publish(local_dir: Path, uri: str, marker: str, meta: dict | None = None) -> str:
+    """Copy a finished folder to ``uri`` (manifest last on S3, ``marker`` last locally)."""
+    if _is_s3(uri):
+        _store().publish_dir(local_dir, uri, meta=meta)
+        return uri
+    with atomic.staging_dir(uri, marker=marker) as stage:
+        shutil.copytree(local_dir, stage, dirs_exist_ok=True)
+    return str(Path(uri))
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- what to run -----------------------------------------------------------------------------
+
+def study_key(input_uri: str) -> str:
+    """Pseudonymous, stable name of a study input (sha256 of its URI, trailing / ignored)."""
+    return hashlib.sha256(str(input_uri).rstrip("/").encode()).hexdigest()[:32]
+
+
+def params_hash(prompts, rules: str, resample: bool, min_volume_ml: float) -> str:
+    """Hash of the study parameters that change a study's results (prompt order included)."""
+    doc = {"prompts": [str(p) for p in prompts], "rules": str(rules), "resample": bool(resample),
+           "min_volume_ml": float(min_volume_ml)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def model_sha256(model_uri: str) -> str:
+    """The model's identity: sha256 of its ``manifest.json`` (as ``ModelPackage.sha256``)."""
+    raw = _read(join(model_uri, MODEL_MANIFEST))
+    if raw is None:
+        raise InputError(model_uri, f"not a model package (no {MODEL_MANIFEST})")
+    return hashlib.sha256(raw).hexdigest()
+
+
+def list_inputs(studies_uri: str = "", studies_csv: str = "") -> list[str]:
+    """Study inputs: the ``input_uri`` column of ``studies_csv`` when given, else every
+    sub-folder (sub-prefix) and ``.zip`` directly under ``studies_uri``. Names starting with
+    ``.`` or ``_`` are left out."""
+    if studies_csv:
+        return _from_csv(studies_csv)
+    if not studies_uri:
+        raise ConfigError("give studies_uri (a folder or s3:// prefix of studies) or studies_csv")
+    if _is_s3(studies_uri):
+        return _list_s3(studies_uri)
+    root = Path(studies_uri)
+    if not root.is_dir():
+        raise InputError(studies_uri, "no such folder")
+    return [str(p.resolve()) for p in sorted(root.iterdir())
+            if not p.name.startswith((".", "_")) and (p.is_dir() or p.suffix.lower() == ".zip")]
+
+
+def _list_s3(prefix: str) -> list[str]:
+    from diffugts.storage.uri import folder_prefix, parse_s3_uri
+
+    bucket, key = parse_s3_uri(prefix)
+    base = folder_prefix(key)
+    store = _store()
+    # One level only (delimiter listing): a study holds hundreds of objects, the recursive
+    # ObjectStore.list would fetch them all. _call gives it the store's retries.
+    objs = store._call(prefix, lambda: list(store.client.list_objects(bucket, prefix=base, recursive=False)))
+    out = []
+    for o in objs:
+        name = o.object_name[len(base):].rstrip("/")
+        if not name or name.startswith((".", "_")):
+            continue
+        if o.is_dir or name.lower().endswith(".zip"):
+            out.append(f"s3://{bucket}/{o.object_name.rstrip('/')}")
+    return sorted(out)
+
+
+def _from_csv(studies_csv: str) -> list[str]:
+    raw = _read(studies_csv)
+    if raw is None:
+        raise InputError(studies_csv, "no such file")
+    rows = csv.DictReader(io.StringIO(raw.decode("utf-8-sig")))
+    if "input_uri" not in (rows.fieldnames or []):
+        raise InputError(studies_csv, "no input_uri column")
+    here = None if _is_s3(studies_csv) else Path(studies_csv).resolve().parent
+    out: list[str] = []
+    for row in rows:
+        uri = (row.get("input_uri") or "").strip()
+        if not uri:
+            continue
+        if here is not None and "://" not in uri and not Path(uri).is_absolute():
+            uri = str(here / uri)  # relative paths are relative to the CSV
+        if uri not in out:
+            out.append(uri)
+    return out
+
+
+def marker_uri(results_uri: str, key: str) -> str:
+    return join(results_uri, RUNS, f"{key}.json")
+
+
+def run_uri(results_uri: str, run: str) -> str:
+    return join(results_uri, RUNS, f"cohort-{run}")
+
+
+def plan_run(results_uri: str, run: str, *, studies_uri: str = "", studies_csv: str = "", model_uri: str,
+             prompts, rules: str = "default", resample: bool = False, min_volume_ml: float = 0.1,
+             force: bool = False) -> dict:
+    """List the inputs, split them into pending and skipped (done before with this model and
+    these parameters; ``force`` runs everything), and write the run's ``listing.json``."""
+    sha, phash = model_sha256(model_uri), params_hash(prompts, rules, resample, min_volume_ml)
+    pending, skipped = [], []
+    for uri in list_inputs(studies_uri, studies_csv):
+        key = study_key(uri)
+        marker = None if force else _read_json(marker_uri(results_uri, key))
+        if marker and marker.get("status") == "done" and marker.get("model_sha256") == sha \
+                and marker.get("params_hash") == phash:
+            skipped.append({"key": key, "input_uri": uri, "result": marker["result"]})
+        else:
+            pending.append({"key": key, "input_uri": uri, "model_sha256": sha, "params_hash": phash})
+    listing = {"run": run, "time": _now(), "diffugts_version": __version__, "model_sha256": sha,
+               "params_hash": phash, "force": bool(force), "pending": pending, "skipped": skipped}
+    _write_json(join(run_uri(results_uri, run), "listing.json"), listing)
+    return listing
+
+
+# -- one study's outcome -----------------------------------------------------------------------
+
+def publish_result(report_dir: str | os.PathLike, results_uri: str) -> str:
+    """Put a report folder where the report stage's upload puts it,
+    ``<results_uri>/<StudyInstanceUID>/report``; returns that location."""
+    report_dir = Path(report_dir)
+    summary = json.loads((report_dir / "report.json").read_text())
+    uid = summary["study"]["study_instance_uid"]
+    if _is_s3(results_uri):
+        from diffugts.report.upload import upload_report
+
+        return upload_report(report_dir, uid, results_uri, meta={"lesions": len(summary.get("lesions", []))})
+    return _publish(report_dir, join(results_uri, uid, "report"), marker="report.json")
+
+
+def mark_done(report_dir: str | os.PathLike, results_uri: str, key: str, *, model_sha256: str, params_hash: str,
+              run: str = "") -> dict:
+    """Publish a finished study's report, then write its ``done`` marker (in that order: a
+    marker always points at a complete result)."""
+    summary = json.loads((Path(report_dir) / "report.json").read_text())
+    result = publish_result(report_dir, results_uri)
+    marker = {"key": key, "status": "done", "model_sha256": model_sha256, "params_hash": params_hash,
+              "result": result, "study_key": summary["study"]["study_key"], "run": run, "time": _now(),
+              "diffugts_version": __version__}
+    _write_json(marker_uri(results_uri, key), marker)
+    return marker
+
+
+class LaterStageFailure(DiffugtsError):
+    """Ingestion works on the study: one of the later stages failed."""
+
+    metrics_reason = "internal"
+    DEFAULT = ("ingestion succeeds on a re-check, so a later stage (attention maps, synthesis, refinement "
+               "or report) failed: see that task's log in this run")
+
+    def __init__(self, reason: str = DEFAULT):
+        self.reason = reason
+        super().__init__(reason)
+
+
+def diagnose(input_uri: str, rules: str = "default", resample: bool = False) -> tuple[str, BaseException]:
+    """(stage, error) of a study the pipeline could not finish. KFP hands no error text to
+    later steps, so ingestion is re-run here (in memory, nothing written): a bad input fails
+    the same way the ingestion stage did; otherwise a later stage is to blame."""
+    from diffugts.ingest import load_series
+
+    try:
+        load_series(input_uri, rules=rules, resample_grid=resample, show_progress=False)
+    except Exception as exc:
+        return "ingest", exc
+    return "pipeline", LaterStageFailure()
+
+
+def record_failure(results_uri: str, run: str, item: dict, stage: str, exc: BaseException, work: Path) -> dict:
+    """Write ``failed.json`` for a study of this run and its ``failed`` marker; returns the
+    record, with ``source``: its folder (a source for the cohort report)."""
+    from diffugts.report.cohort import FAILED_MARKER, write_failure
+
+    local = work / item["key"]
+    record = write_failure(local, stage, exc)
+    record.update(input_key=item["key"], input_uri=item["input_uri"], run=run)
+    atomic.write_json(local / FAILED_MARKER, record)
+    source = _publish(local, join(run_uri(results_uri, run), "failed", item["key"]), marker=FAILED_MARKER)
+    _write_json(marker_uri(results_uri, item["key"]),
+                {"key": item["key"], "status": "failed", "model_sha256": item.get("model_sha256"),
+                 "params_hash": item.get("params_hash"), "stage": stage, "reason_code": record["reason_code"],
+                 "reason": record["reason"], "failure": source, "run": run, "time": _now(),
+                 "diffugts_version": __version__})
+    return {**record, "source": source}
+
+
+# -- the run's results ----------------------------------------------------------------------
+
+def collect_run(results_uri: str, run: str, out_dir: str | os.PathLike, *, rules: str = "default",
+                resample: bool = False) -> dict:
+    """The cohort report of run ``run`` into ``out_dir`` (then copied to ``cohort/<run>``):
+    studies done in this run, studies skipped as done before, and failed studies with their
+    reasons (each recorded in ``failed/<key>/failed.json`` and its marker)."""
+    from diffugts.report.cohort import cohort_report
+
+    listing = _read_json(join(run_uri(results_uri, run), "listing.json"))
+    if listing is None:
+        raise InputError(run_uri(results_uri, run), "no listing.json: the listing step did not finish")
+    out = Path(out_dir)
+    sources = [s["result"] for s in listing["skipped"]]
+    failed, records = [], []
+    for item in listing["pending"]:
+        marker = _read_json(marker_uri(results_uri, item["key"])) or {}
+        if marker.get("status") == "done" and marker.get("model_sha256") == item["model_sha256"] \
+                and marker.get("params_hash") == item["params_hash"]:
+            sources.append(marker["result"])
+        else:
+            failed.append(item)
+    work = out.parent / f".{out.name}.failures"
+    try:
+        for n, item in enumerate(failed):
+            if n < MAX_DIAGNOSED:
+                stage, exc = diagnose(item["input_uri"], rules, resample)
+            else:
+                stage, exc = "pipeline", LaterStageFailure(f"not diagnosed (over {MAX_DIAGNOSED} failures in one run)")
+            records.append(record_failure(results_uri, run, item, stage, exc, work))
+            sources.append(records[-1]["source"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary = cohort_report(sources, out)
+    summary.update(run=run, listed=len(listing["pending"]) + len(listing["skipped"]),
+                   skipped=len(listing["skipped"]), processed=len(listing["pending"]),
+                   failures=[{"key": r["input_key"], "stage": r["stage"], "reason_code": r["reason_code"],
+                              "reason": r["reason"]} for r in records])
+    summary["report"] = _publish(out, join(results_uri, COHORT, run), marker="cohort.json", meta={"run": run})
+    return summary
+
+
+def run_markdown(summary: dict) -> str:
+    """The KFP Markdown view of a cohort run (keys, not input paths)."""
+    lines = [f"# DiffuGTS cohort run {summary['run']}", "",
+             f"{summary['listed']} studies listed: {summary['skipped']} skipped (done before with this model "
+             f"and these parameters), {summary['processed']} processed; {summary['done']} done and "
+             f"{summary['failed']} failed in the report; {summary['lesions']} lesions.", "",
+             f"Cohort report: `{summary['report']}`"]
+    if summary.get("failures"):
+        lines += ["", "| study input key | stage | reason code | reason |", "|---|---|---|---|"]
+        lines += [f"| {r['key']} | {r['stage']} | {r['reason_code']} | {r['reason'].replace('|', '/')} |"
+                  for r in summary["failures"]]
+    return "\n".join(lines) + "\n"
+
+
+def finish_run(results_uri: str, run: str, state: str, error: str = "", gateway: str | None = None) -> dict:
+    """The exit handler: write ``_runs/cohort-<run>.json`` (the pipeline's final state and the
+    counts) and push the run's gauges to the Pushgateway when one is configured."""
+    listing = _read_json(join(run_uri(results_uri, run), "listing.json"))
+    cohort = _read_json(join(results_uri, COHORT, run, "cohort.json"))
+    record = {"run": run, "state": state, "error": error, "time": _now(), "diffugts_version": __version__,
+              "listed": None, "skipped": None, "processed": None, "done": None, "failed": None, "report": None}
+    if listing is not None:
+        record.update(listed=len(listing["pending"]) + len(listing["skipped"]), skipped=len(listing["skipped"]),
+                      processed=len(listing["pending"]))
+    if cohort is not None:
+        record.update(done=cohort["done"], failed=cohort["failed"], report=join(results_uri, COHORT, run))
+    _write_json(join(results_uri, RUNS, f"cohort-{run}.json"), record)
+    _push_metrics(record, gateway)
+    return record
+
+
+def _push_metrics(record: dict, gateway: str | None) -> bool:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily
+
+    from diffugts import metrics
+
+    studies = GaugeMetricFamily("diffugts_cohort_studies", "Studies of the last cohort run, by outcome.",
+                                labels=["outcome"])
+    for outcome in ("done", "failed", "skipped"):
+        studies.add_metric([outcome], float(record.get(outcome) or 0))
+    ok = record["state"] == "SUCCEEDED" and not record.get("failed") and record.get("done") is not None
+    families = [studies,
+                GaugeMetricFamily("diffugts_cohort_last_run_succeeded",
+                                  "1 if the last cohort run finished with every study done, else 0.", value=float(ok)),
+                GaugeMetricFamily("diffugts_cohort_last_run_timestamp_seconds",
+                                  "Unix time the last cohort run ended.",
+                                  value=dt.datetime.now(dt.timezone.utc).timestamp())]
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(_Fixed(families))
+    return metrics.push(registry, "cohort", gateway)
+
+
+class _Fixed:
+    """A collector that yields fixed metric families (one push, no global registry)."""
+
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return self.families

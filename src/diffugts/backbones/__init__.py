@@ -18,11 +18,16 @@ def build_backbone(backbone_config: dict, device: str | torch.device = "cpu") ->
 
         return MaisiBackbone(backbone_config, scale_factor=backbone_config.get("scale_factor", 1.0),
                              device=device, feature_noise=backbone_config.get("feature_noise", 0.05))
+    if family == "diffusers2d":
+        from diffugts.backbones.diffusers2d import Diffusers2DBackbone
+
+        return Diffusers2DBackbone(backbone_config, device=device)
     raise ConfigError(f"unknown backbone family {family!r}")
 
 
 def load_backbone(pkg, device: str | torch.device = "cpu") -> Backbone:
     """The package's backbone with its weights, loaded strictly."""
     backbone = build_backbone(pkg.manifest["backbone"], device)
+    backbone.package_root = pkg.root  # files the backbone names (a 2D model's text encoder) are relative to it
     backbone.load_weights(pkg.state_dict("vae"), pkg.state_dict("unet"), where=str(pkg.root))
     return backbone.to(device)

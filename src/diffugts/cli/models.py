@@ -22,8 +22,20 @@ def register(sub) -> None:
     i.add_argument("--unet", help="diffusion UNet checkpoint, relative to the bundle")
     i.set_defaults(func=_import)
 
+    d = msub.add_parser("import-diffusers", help="convert a diffusers text-to-image model folder (2D family)")
+    d.add_argument("folder", help="diffusers folder (unet/, vae/, scheduler/, text_encoder/, tokenizer/)")
+    d.add_argument("--out", required=True, help="package folder to write")
+    d.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 2.5), metavar=("X", "Y", "Z"),
+                   help="model grid spacing in mm (in-plane: the model's training pixel size)")
+    d.add_argument("--sampler", choices=["ddim", "native"], default="ddim",
+                   help="inpainting with DDIM over the model's betas, or with its own scheduler")
+    d.add_argument("--prompt", default="", help="conditioning text of the denoiser (default: empty)")
+    d.add_argument("--context-slices", type=int, default=0,
+                   help="neighbouring slices on each side as VAE input channels (needs 2n+1 channels)")
+    d.set_defaults(func=_import_diffusers)
+
     c = msub.add_parser("create", help="a package with random backbone weights (benchmarks, tests)")
-    c.add_argument("--config", default="demo", help="demo, maisi-ct or maisi-ct-v1")
+    c.add_argument("--config", default="demo", help="demo, demo-2d, maisi-ct or maisi-ct-v1")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True)
     c.set_defaults(func=_create)
@@ -52,4 +64,14 @@ def _create(args) -> int:
 
     pkg = create_random(Path(args.out), args.config, args.seed)
     print(f"wrote {pkg.root} ({args.config}, random weights, seed {args.seed})")
+    return 0
+
+
+def _import_diffusers(args) -> int:
+    from diffugts.models.diffusers_import import import_diffusers
+
+    pkg = import_diffusers(Path(args.folder), Path(args.out), spacing_mm=args.spacing, sampler=args.sampler,
+                           prompt=args.prompt, context_slices=args.context_slices)
+    print(f"wrote {pkg.root} (diffusers2d, {pkg.manifest['backbone']['scheduler']['class']}, "
+          f"{len(pkg.manifest['files'])} files)")
     return 0

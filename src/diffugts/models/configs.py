@@ -4,7 +4,8 @@
 official numbers of ``generation/maisi/configs/config_maisi3d-rflow.json`` and
 ``config_maisi3d-ddpm.json`` in github.com/Project-MONAI/tutorials (commits 9f6d19f and
 a056700; see docs/research/maisi.md for every source). ``demo`` is the same classes, tiny,
-for CPU: it is what `make demo-model` trains on the phantom world.
+for CPU: it is what `make demo-model` trains on the phantom world. ``demo-2d`` is a tiny
+model of the 2D diffusers family (:mod:`diffugts.backbones.diffusers2d`), random weights only.
 
 Two runtime flags of the official configs are not architecture: ``use_flash_attention``
 (refuses to build without CUDA) and ``norm_float16`` (breaks the VAE on CPU). They change no
@@ -119,6 +120,42 @@ CONFIGS: dict[str, dict] = {
         # The phantom world's grid: no resampling for demo studies.
         # A soft-tissue window: lesions differ from their organ by 20-100 HU, which the
         # full [-1000, 1000] range squeezes below what a small VAE keeps.
+        "preprocessing": {"spacing_mm": [2.75, 2.75, 4.0], "orientation": "LPS", "ct_window": [-250, 350],
+                          "mr_percentiles": [0.0, 99.5], "multiple": 16},
+    },
+    # The 2D family (diffusers UNet2DConditionModel + AutoencoderKL, docs/backbones-2d.md), tiny,
+    # for CPU tests: the configs are the classes' own keyword arguments (a diffusers folder's
+    # config.json). cross_attention_dim 384 is the width of the offline MiniLM text encoder.
+    "demo-2d": {
+        "family": "diffusers2d",
+        "vae": {
+            "in_channels": 1, "out_channels": 1, "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+            "block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+            "scaling_factor": 1.0,
+        },
+        "unet": {
+            "sample_size": 16, "in_channels": 4, "out_channels": 4,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
+            "attention_head_dim": 8, "cross_attention_dim": 384,
+        },
+        # The Stable Diffusion training schedule (DDPM, scaled-linear betas); inpainting uses
+        # DDIM over it ("sampler": "ddim") or this scheduler itself ("sampler": "native").
+        "scheduler": {
+            "class": "DDPMScheduler",
+            "args": {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                     "beta_end": 0.012, "prediction_type": "epsilon", "clip_sample": False,
+                     "set_alpha_to_one": False, "steps_offset": 1},
+        },
+        "sampler": "ddim",
+        "conditioning": {"prompt": ""},
+        "context_slices": 0,
+        "slice_batch": 16,
+        "attention": {"noise": [0.1, 0.3, 0.5],
+                      "probes": ["tumor", "lesion", "abnormal tissue", "normal tissue", "organ", "background"]},
         "preprocessing": {"spacing_mm": [2.75, 2.75, 4.0], "orientation": "LPS", "ct_window": [-250, 350],
                           "mr_percentiles": [0.0, 99.5], "multiple": 16},
     },

@@ -50,9 +50,12 @@ def base_manifest(name: str, config_name: str, config: dict, scale_factor: float
             "conditioning": config["conditioning"],
             "scale_factor": float(scale_factor),
             "feature_noise": 0.05,
+            # Family-specific settings (the 2D family's sampler, slices, text encoder...).
+            **{k: v for k, v in config.items() if k not in ("family", "vae", "unet", "scheduler", "conditioning",
+                                                              "preprocessing")},
         },
         "preprocessing": config["preprocessing"],
-        "inference": {"roi_size": None if config_name == "demo" else [128, 128, 128]},
+        "inference": {"roi_size": None if config_name.startswith("demo") else [128, 128, 128]},
         "text_encoder": text_encoder_entry(),
         "prompts": {"default": DEFAULT_PROMPTS},
         "networks": {"vae": {}, "unet": {}},

@@ -175,5 +175,8 @@ def add_networks(pkg: ModelPackage, networks: dict[str, tuple[dict, dict]], out:
     if provenance:
         manifest.setdefault("provenance", {}).update(provenance)
     keep = [n["weights"] for k, n in manifest["networks"].items() if k not in weights and n.get("weights")]
-    extra = [f for f in pkg.manifest["files"] if f not in keep and not f.endswith(".safetensors")]
+    # Every other file stays hashed, safetensors included (a 2D model's text encoder), except
+    # the weights of the networks being replaced.
+    old = {n["weights"] for n in pkg.manifest["networks"].values() if n.get("weights")}
+    extra = [f for f in pkg.manifest["files"] if f not in keep and f not in old]
     return write_package(root, manifest, weights, extra_files=keep + extra)

@@ -91,3 +91,18 @@ def test_official_configurations_build_on_cpu(name):
 def test_unknown_configuration():
     with pytest.raises(ConfigError, match="unknown backbone configuration"):
         get_config("nope")
+
+
+def test_unoptimized_backbone_is_the_same_network(demo):
+    """optimized=False (the GPU benchmark's fp32 baseline) keeps MONAI's loop GroupNorm and
+    computes the same features from the same weights."""
+    from diffugts.backbones.maisi import MaisiBackbone
+
+    plain = MaisiBackbone(get_config("demo"), optimized=False)
+    plain.vae.load_state_dict(demo.vae.state_dict())
+    plain.unet.load_state_dict(demo.unet.state_dict())
+    assert all("forward" not in vars(m) for m in plain.vae.modules() if isinstance(m, MaisiGroupNorm3D))
+    assert any("forward" in vars(m) for m in demo.vae.modules() if isinstance(m, MaisiGroupNorm3D))
+    x = torch.rand(1, 1, 16, 32, 32)
+    for a, b in zip(plain.features(x, (1.5, 1.5, 1.5)), demo.features(x, (1.5, 1.5, 1.5))):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)

@@ -49,8 +49,12 @@ class RefineHead(nn.Module):
 
 
 @torch.no_grad()
-def shared_inputs(backbone: Backbone, x: np.ndarray, h: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """The target-independent channels on the model grid: (8, *S) float32."""
+def shared_inputs(backbone: Backbone, x: np.ndarray, h: np.ndarray, region: np.ndarray,
+                  as_tensor: bool = False) -> np.ndarray | torch.Tensor:
+    """The target-independent channels on the model grid: (8, *S) float32.
+
+    ``as_tensor`` keeps them on the backbone's device (no host round trip before the head).
+    """
     device = next(backbone.parameters()).device
     xt = torch.from_numpy(x)[None, None].to(device)
     ht = torch.from_numpy(h)[None, None].to(device)
@@ -59,19 +63,23 @@ def shared_inputs(backbone: Backbone, x: np.ndarray, h: np.ndarray, region: np.n
         r = (fx - fh).abs().mean(1, keepdim=True) / (fx.std() + 1e-6)
         channels.append(F.interpolate(r, size=x.shape, mode="trilinear", align_corners=False))
     channels.append(torch.from_numpy(region.astype(np.float32))[None, None].to(device))
-    return torch.cat(channels, 1)[0].float().cpu().numpy()
+    shared = torch.cat(channels, 1)[0].float()
+    return shared if as_tensor else shared.cpu().numpy()
 
 
 @torch.no_grad()
-def refine_probability(head: RefineHead, shared: np.ndarray, coarse: np.ndarray, roi=None) -> np.ndarray:
-    """Refined probability on the model grid for one target."""
+def refine_probability(head: RefineHead, shared: np.ndarray | torch.Tensor, coarse: np.ndarray, roi=None,
+                       bf16: bool = True) -> np.ndarray:
+    """Refined probability on the model grid for one target (bf16 autocast on CUDA)."""
     from monai.inferers import sliding_window_inference
 
     device = next(head.parameters()).device
-    inp = torch.from_numpy(np.concatenate([shared, coarse[None].astype(np.float32)]))[None].to(device)
+    shared = shared if isinstance(shared, torch.Tensor) else torch.from_numpy(shared)
+    inp = torch.cat([shared.to(device), torch.from_numpy(coarse.astype(np.float32))[None].to(device)])[None]
     roi = tuple(min(r, s) for r, s in zip(roi or inp.shape[2:], inp.shape[2:]))
-    logits = sliding_window_inference(inp, roi, sw_batch_size=1, predictor=head, overlap=0.25, mode="gaussian")
-    return torch.sigmoid(logits)[0, 0].float().cpu().numpy()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+        logits = sliding_window_inference(inp, roi, sw_batch_size=1, predictor=head, overlap=0.25, mode="gaussian")
+    return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
 
 
 def body_mask(volume: np.ndarray, modality: str) -> np.ndarray:
@@ -141,7 +149,7 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
     if study.modality == "CT":
         h = np.clip(h, 0.0, 1.0)
     region_model = space.to_model(inpainted.astype(np.float32), nearest=True) > 0.5
-    shared = shared_inputs(backbone, x, h, region_model)
+    shared = shared_inputs(backbone, x, h, region_model, as_tensor=True)
     body = body_mask(study.volume, study.modality)
     roi = (pkg.manifest.get("inference") or {}).get("roi_size")
     targets, masks, probs = [], [], []

@@ -9,6 +9,8 @@ not touch the weights:
   the fused kernel (3-5x faster; equivalence is tested);
 - flash attention is used on CUDA only (MONAI refuses it otherwise); half precision comes
   from bf16 autocast instead of ``norm_float16``.
+
+``optimized=False`` turns all three off (the fp32 baseline of the GPU benchmark).
 """
 
 from __future__ import annotations
@@ -30,21 +32,21 @@ from diffugts.errors import ConfigError
 DEFAULT_FEATURE_NOISE = 0.05
 
 
-def build_vae(config: dict, device: torch.device) -> AutoencoderKlMaisi:
+def build_vae(config: dict, device: torch.device, optimized: bool = True) -> AutoencoderKlMaisi:
     cfg = dict(config)
     cfg["norm_float16"] = False  # bf16 autocast instead (see module docstring)
     if device.type != "cuda":
         cfg["num_splits"] = 1  # tensor splitting only saves GPU memory; it breaks small inputs
     vae = AutoencoderKlMaisi(**cfg)
-    for m in vae.modules():
+    for m in vae.modules() if optimized else ():
         if isinstance(m, MaisiGroupNorm3D):
             m.forward = types.MethodType(nn.GroupNorm.forward, m)
     return vae
 
 
-def build_unet(config: dict, device: torch.device) -> DiffusionModelUNetMaisi:
+def build_unet(config: dict, device: torch.device, optimized: bool = True) -> DiffusionModelUNetMaisi:
     cfg = dict(config)
-    cfg["use_flash_attention"] = bool(cfg.get("use_flash_attention")) and device.type == "cuda"
+    cfg["use_flash_attention"] = bool(cfg.get("use_flash_attention")) and device.type == "cuda" and optimized
     return DiffusionModelUNetMaisi(**cfg)
 
 
@@ -111,12 +113,15 @@ class MaisiBackbone(Backbone):
     family = "maisi"
 
     def __init__(self, config: dict, scale_factor: float = 1.0, device: str | torch.device = "cpu",
-                 feature_noise: float = DEFAULT_FEATURE_NOISE):
+                 feature_noise: float = DEFAULT_FEATURE_NOISE, optimized: bool = True):
         super().__init__()
         self.device = torch.device(device)
         self.config = config
-        self.vae = build_vae(config["vae"], self.device)
-        self.unet = build_unet(config["unet"], self.device)
+        # optimized=False is the plain fp32 path (MONAI's loop GroupNorm, no flash attention,
+        # no autocast): the baseline of benchmarks/gpu_stages.py, and a reference for numerics.
+        self.optimized = optimized
+        self.vae = build_vae(config["vae"], self.device, optimized)
+        self.unet = build_unet(config["unet"], self.device, optimized)
         self.scale_factor = float(scale_factor)
         self.feature_noise = float(feature_noise)
         self.conditioning = config.get("conditioning", {})
@@ -214,7 +219,7 @@ class MaisiBackbone(Backbone):
             return self.unet(z_t, timesteps, **kwargs).float()
 
     def _autocast(self):
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.optimized:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 

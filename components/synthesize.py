@@ -24,6 +24,7 @@ def synthesize(
     seed: int = 0,
     context_mm: float = 48.0,
     feather_mm: float = 4.0,
+    harmonise: bool = True,
 ):
     """Inpaint the coarse attention mask with the frozen backbone; outside the dilated mask the
     output equals the input exactly.
@@ -38,6 +39,7 @@ def synthesize(
         seed: Noise seed: the same seed gives the same output.
         context_mm: Tissue around the mask the denoiser sees.
         feather_mm: Width of the paste-back ramp inside the dilated mask's border (0 = hard edge).
+        harmonise: Shift the synthesis by the median (input - synthesis) of the ring around the mask.
     """
     import sys
 
@@ -46,7 +48,7 @@ def synthesize(
     from diffugts.synthesis import synthesize as run_synthesis
 
     params = Params(dilation_mm=dilation_mm, strength=strength, steps=steps, jumps=jumps, seed=seed,
-                    context_mm=context_mm, feather_mm=feather_mm)
+                    context_mm=context_mm, feather_mm=feather_mm, harmonise=harmonise)
     try:
         summary = run_synthesis(study.path, model_uri, synthesis.path, attention=attention.path,
                                 target=None if target < 0 else target, params=params, show_progress=False)

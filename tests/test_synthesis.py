@@ -350,3 +350,35 @@ def test_defaults_agree_across_library_cli_and_component():
         assert inputs[name].default == getattr(p, name), name
     assert {"study", "attention", "model_uri"} <= set(inputs)
     assert "synthesis" in component.component_spec.outputs
+
+
+def test_harmonisation_removes_a_generator_bias(backbone, monkeypatch):
+    """A generator that returns the input brighter by a constant: harmonised H matches x in
+    the ring around the mask (so x - H is the lesion alone); without it the bias stays."""
+    import diffugts.synthesis as synthesis
+    from diffugts.preprocess import Preprocessing
+    from diffugts.synthesis import pseudo_healthy
+
+    def biased(backbone, x, mask, spacing, *, stats, **kwargs):
+        stats.update(encode_s=0.0, denoise_s=0.0, decode_s=0.0, tiles=1, denoiser_calls=0, timesteps=[])
+        return x + 0.05  # 0.05 of the CT window = +30 HU for the demo window
+
+    monkeypatch.setattr(synthesis, "inpaint", biased)
+    from diffugts.models import get_config
+
+    prep = Preprocessing.from_dict(get_config("demo")["preprocessing"])
+    rng = np.random.default_rng(0)
+    volume = (60 + rng.normal(0, 5, (24, 48, 48))).astype(np.float32)
+    lesion = np.zeros(volume.shape, bool)
+    lesion[10:14, 20:28, 20:28] = True
+    volume[lesion] -= 50
+    g = Geometry((0, 0, 0), DEMO_SPACING, np.eye(3), volume.shape)
+    region = make_region(lesion, tuple(DEMO_SPACING[::-1]), 8.0, 4.0)
+    ring = region.dilated & ~region.mask & (region.weight >= 1)
+    plain, _ = pseudo_healthy(volume, g, "CT", region, backbone, prep, Params(harmonise=False))
+    fixed, info = pseudo_healthy(volume, g, "CT", region, backbone, prep, Params())
+    assert np.median(plain[ring] - volume[ring]) > 20
+    assert abs(np.median(fixed[ring] - volume[ring])) < 3
+    assert info["harmonise_offset"] < -20
+    outside = ~region.dilated
+    np.testing.assert_array_equal(fixed[outside], volume[outside])

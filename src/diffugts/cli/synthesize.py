@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--strength", type=float, default=0.8,
                    help="starting noise level, fraction of the schedule, (0, 1] (default 0.8)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--no-harmonise", dest="harmonise", action="store_false",
+                   help="keep the generator's intensity as it is (default: shift H by the median x - H of the "
+                        "regenerated ring around the mask)")
     p.add_argument("--jumps", type=int, default=0,
                    help="RePaint resampling jumps per step (default 0; each one costs a full step)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -67,6 +70,7 @@ def _run(args) -> int:
     if args.target is not None and not args.attention:
         raise ConfigError("--target needs --attention")
     params = Params(dilation_mm=args.dilation_mm, strength=args.strength, steps=args.steps, jumps=args.jumps,
+                    harmonise=args.harmonise,
                     seed=args.seed, context_mm=args.context_mm, feather_mm=args.feather_mm, tile=args.tile)
     params.validate()
     truth = _truth(args)

@@ -49,6 +49,7 @@ class Params:
     feather_mm: float = 4.0  # width of the paste-back ramp inside the dilated mask's border
     tile: int | tuple[int, int, int] | None = None  # model voxels per tile side; None: the package's
     tile_overlap: float = 0.5  # fraction of a tile shared with its neighbour (0.25 leaves seams)
+    harmonise: bool = True  # shift H by the median x - H of the regenerated ring around the mask
 
     def validate(self) -> None:
         checks = [
@@ -155,6 +156,15 @@ def pseudo_healthy(volume: np.ndarray, geometry, modality: str, region: Region, 
     full[ibox] = out
     lo, hi = intensity_range(volume, modality, prep)
     synthetic = space.to_study(full) * np.float32(hi - lo) + np.float32(lo)
+    # Harmonisation: the ring between the coarse mask and its dilation is regenerated too,
+    # yet it is (mostly) healthy tissue in x, so x - H there measures the generator's
+    # intensity bias for this tissue (a small denoiser tends to drift); the median removes
+    # it without being pulled by a lesion that pokes into the ring.
+    offset = 0.0
+    ring = region.dilated & ~region.mask
+    if params.harmonise and ring.sum() >= 20:
+        offset = float(np.median(volume[ring] - synthetic[ring]))
+        synthetic += np.float32(offset)
     pseudo = volume.astype(np.float32, copy=True)
     sel = region.weight > 0
     w = region.weight[sel]
@@ -166,6 +176,7 @@ def pseudo_healthy(volume: np.ndarray, geometry, modality: str, region: Region, 
         "tile_latent": list(tile_latent) if tile_latent else None,
         "tiles": stats["tiles"],
         "denoiser_calls": stats["denoiser_calls"],
+        "harmonise_offset": round(offset, 3),
         "timesteps": [round(float(t), 3) for t in stats["timesteps"]],
     }
 

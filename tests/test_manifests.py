@@ -1000,7 +1000,14 @@ def checkov_report(tmp_path_factory) -> list[dict]:
         if not docs:
             continue
         stem = target.replace("/", "_")
-        (root / f"{stem}.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        text = yaml.safe_dump_all(docs, sort_keys=False)
+        # The compiled pipelines map the Secret's key *name* AWS_SECRET_ACCESS_KEY to the env
+        # var of that name; the secrets scanner takes the name for a base64 secret. kustomize
+        # drops comments, so the exception is written here, on exactly those lines.
+        text = re.sub(r"^(\s*secretKey: AWS_SECRET_ACCESS_KEY)$",
+                      r"\1  # checkov:skip=CKV_SECRET_6: a Secret key name that the pipeline maps to an env var, "
+                      r"not a credential value", text, flags=re.M)
+        (root / f"{stem}.yaml").write_text(text)
         derived = [obj for cron in by_kind(docs, "CronWorkflow")
                    for obj in _derived_argo_objects(target, cron)]
         for i, obj in enumerate(derived):

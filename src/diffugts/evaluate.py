@@ -55,7 +55,8 @@ class Case:
 
 def load_cases(root: str | Path) -> list[Case]:
     root = Path(root)
-    dirs = sorted(p.parent for p in root.glob("*/case.json")) or ([root] if (root / "case.json").exists() else [])
+    # Any depth, so one folder can hold several sets (e.g. ct-unseen/, ct-seen/, mr/).
+    dirs = sorted(p.parent for p in root.rglob("case.json"))
     if not dirs:
         raise InputError(root, "no phantom cases (folders with case.json; make them with `diffugts phantom`)")
     cases = []

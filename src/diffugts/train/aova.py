@@ -128,7 +128,7 @@ def train_aova(backbone: Backbone, text: TextEncoder, cases: list[TrainingCase],
         opt.step()
         history.append({"step": step, "loss": loss.item(), "region": loss_region.item(),
                         "lesion": loss_lesion.item(), "anomaly": loss_anomaly.item(),
-                        "positive_dice": float(dice[has].mean()) if has.any() else None})
+                        "positive_dice": float(dice[has].mean().detach()) if has.any() else None})
         if hasattr(bar, "set_postfix") and step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean([h['loss'] for h in history[-20:]]):.3f}")
     head.eval().requires_grad_(False)

@@ -15,13 +15,14 @@ LINT_STAMP := $(LINT_VENV)/.diffugts-lint-installed
 IMAGE_VERSION := $(shell sed -n 's/^VERSION = "\(.*\)"/\1/p' components/images.py)
 IMAGE_REPO ?= ghcr.io/diffugts
 
-.PHONY: help venv lint-venv system-deps run test compile bench images clean
+.PHONY: help venv lint-venv system-deps run test demo-model compile bench images clean
 
 help:
-	@echo "make run      - run the study pipeline locally (kfp.local) on the embedded demo, offline"
+	@echo "make run      - run the cohort pipeline locally (kfp.local) on the embedded demo, offline"
 	@echo "make test     - run the test suite"
 	@echo "make compile  - write the pipeline YAML to build/pipelines/"
-	@echo "make bench    - run the CPU benchmarks"
+	@echo "make bench    - run the CPU benchmarks (GPU: python benchmarks/gpu_stages.py)"
+	@echo "make demo-model - retrain the shipped demo model (about 40 min on 2 CPU cores)"
 	@echo "make images   - build the CPU and CUDA images (needs a Docker engine)"
 	@echo "make clean    - remove build outputs and local runs (keeps .venv)"
 
@@ -69,6 +70,7 @@ compile: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ingest_throughput.py
+	$(PY) benchmarks/cpu_study.py
 
 images:
 	docker build -f images/cpu/Dockerfile -t $(IMAGE_REPO)/diffugts-cpu:$(IMAGE_VERSION) \

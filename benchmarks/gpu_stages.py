@@ -41,7 +41,7 @@ from diffugts.preprocess import Preprocessing, normalise, to_model
 from diffugts.refine import RefineHead, refine_probability, shared_inputs
 from diffugts.synthesis import Params, make_region, pseudo_healthy
 from diffugts.text import make_target
-from diffugts.train.recipe import AOVA_FEATURES
+from diffugts.train.recipe import default_features
 
 PROMPTS = ["liver tumor", "kidney tumor", "pancreas tumor", "spleen lesion"]
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -200,10 +200,7 @@ def main() -> None:
     reference = MaisiBackbone(config, device=device, optimized=True)
     state = (reference.vae.state_dict(), reference.unet.state_dict())
     specs = reference.feature_specs()
-    # The demo recipe's scales where the backbone has them, else every scale but the finest.
-    features = [n for n in AOVA_FEATURES if n in {s.name for s in specs}]
-    if len(features) < len(AOVA_FEATURES):
-        features = [s.name for s in specs if s.name != "encoder0"]
+    features = default_features(reference)
     index = reference.feature_index(features)
     aova = AOVAHead([specs[i].channels for i in index], text_dim=384, dim=64).to(device).eval()
     refine_head = RefineHead().to(device).eval()

@@ -106,3 +106,13 @@ def test_unoptimized_backbone_is_the_same_network(demo):
     x = torch.rand(1, 1, 16, 32, 32)
     for a, b in zip(plain.features(x, (1.5, 1.5, 1.5)), demo.features(x, (1.5, 1.5, 1.5))):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+
+
+def test_default_aova_features_follow_the_backbone(demo):
+    from diffugts.train.recipe import AOVA_FEATURES, default_features
+
+    assert default_features(demo) == AOVA_FEATURES
+    two_d = build_backbone(get_config("demo-2d"))
+    names = [s.name for s in two_d.feature_specs()]
+    assert default_features(two_d) == names[1:]
+    two_d.feature_index(default_features(two_d))  # every name exists

@@ -24,6 +24,9 @@ def register(sub) -> None:
     a.add_argument("--cases", type=int, default=60)
     a.add_argument("--steps", type=int, default=1200)
     a.add_argument("--dim", type=int, default=64)
+    a.add_argument("--features", default=None,
+                   help="comma-separated backbone feature maps (default: the demo recipe's, or every scale but the "
+                        "finest for backbones without them)")
     a.set_defaults(func=_aova)
 
     r = t.add_parser("refine", help="the residual refinement head, on seen lesion types only")
@@ -53,8 +56,9 @@ def _backbone(args) -> int:
 def _aova(args) -> int:
     from diffugts.train.run import train_aova_head
 
+    features = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
     pkg = train_aova_head(args.model, Path(args.out) if args.out else None, args.seed, args.cases, args.steps,
-                          args.dim, show_progress=not args.quiet)
+                          args.dim, features, show_progress=not args.quiet)
     dice = pkg.manifest["provenance"]["aova_training"]["held_out_seen_dice"]
     print(f"wrote {pkg.root} (held-out seen Dice of the coarse map: {dice})")
     return 0

@@ -65,10 +65,10 @@ def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, c
                     dim: int = 64, features: list[str] | None = None, show_progress: bool = True) -> ModelPackage:
     from diffugts.train.aova import evaluate_dice, train_aova
 
-    features = features or list(R.AOVA_FEATURES)
     pkg = open_package(model)
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
     backbone = load_backbone(pkg, "cpu")
+    features = features or R.default_features(backbone)
     text = TextEncoder()
     data = [phantom_case(R.AOVA_SEED + seed, i, prep, split="seen", healthy=(i % 6 == 0))
             for i in progress(range(cases), desc="phantoms", unit="case", enable=show_progress)]

@@ -15,6 +15,15 @@ REFINE_SEED = 3000
 AOVA_FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
 
 
+def default_features(backbone) -> list[str]:
+    """The demo recipe's scales where the backbone has them (the demo and MAISI-like 3D
+    models), else every scale but the finest (other families, e.g. 2D diffusers models)."""
+    names = [s.name for s in backbone.feature_specs()]
+    if set(AOVA_FEATURES) <= set(names):
+        return list(AOVA_FEATURES)
+    return names[1:]
+
+
 @dataclass
 class DemoRecipe:
     seed: int = 0
@@ -23,10 +32,10 @@ class DemoRecipe:
     vae_steps: int = 900
     denoiser_steps: int = 3000
     aova_cases: int = 40
-    aova_steps: int = 500
+    aova_steps: int = 1500
     aova_dim: int = 32
     refine_cases: int = 30
-    refine_steps: int = 600
+    refine_steps: int = 900
     features: list[str] = field(default_factory=lambda: list(AOVA_FEATURES))
 
     def as_dict(self) -> dict:

@@ -101,3 +101,15 @@ def test_intensity_baseline_finds_a_bright_blob_in_soft_tissue():
     found = intensity_baseline(vol, g, "CT")
     assert found[10, 20, 20] and found.sum() < 400
     assert body_mask(vol, "CT")[10, 20, 20]
+
+
+def test_target_region_grows_a_prompts_own_mask_only():
+    from diffugts.refine import target_region
+
+    g = Geometry((0, 0, 0), (1.0, 1.0, 2.0), np.eye(3), (20, 40, 40))
+    mask = np.zeros(g.shape, bool)
+    mask[10, 20, 20] = True
+    grown = target_region(mask, g, 4.0)
+    assert grown[10, 20, 24] and not grown[10, 20, 25]  # 4 mm in-plane at 1 mm
+    assert grown[12, 20, 20] and not grown[13, 20, 20]  # 2 slices of 2 mm
+    assert not target_region(np.zeros(g.shape, bool), g, 4.0).any()

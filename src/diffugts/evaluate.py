@@ -129,7 +129,7 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
              variants=VARIANTS, show_progress: bool = True) -> dict:
     from diffugts.attend import Method, attention_maps, load_head
     from diffugts.preprocess import intensity_range, to_model
-    from diffugts.refine import RefineHead, body_mask, refine_probability, shared_inputs
+    from diffugts.refine import RefineHead, body_mask, refine_probability, shared_inputs, target_region
     from diffugts.synthesis import Params, make_region, pseudo_healthy
     from diffugts.synthesis.masks import spacing_kji
     from diffugts.text import make_target
@@ -169,11 +169,12 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
             ids = [r["id"] for r in recs]
             truth = np.isin(case.lesions, ids)
             refined = np.clip(space.to_study(refine_probability(refine_head, shared, space.to_model(coarse[n]))), 0, 1)
+            own = target_region(coarse[n] >= threshold, case.geometry, Params().dilation_mm) & region.dilated
             preds = {
                 "baseline": baseline,
                 "aova": coarse[n] >= threshold,
-                "residual": (np.abs(case.volume - pseudo) > residual_hu) & region.dilated & (coarse[n] >= 0.05),
-                "full": (refined >= 0.5) & region.dilated & body,
+                "residual": (np.abs(case.volume - pseudo) > residual_hu) & own,
+                "full": (refined >= 0.5) & own & body,
             }
             largest = max(recs, key=lambda r: r["voxels"])
             for variant in variants:

@@ -82,6 +82,16 @@ def refine_probability(head: RefineHead, shared: np.ndarray | torch.Tensor, coar
     return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
 
 
+def target_region(coarse_mask: np.ndarray, geometry, dilation_mm: float) -> np.ndarray:
+    """The target's own coarse mask grown as synthesis grew it: a prompt's lesions must lie
+    where its attention pointed (synthesis inpaints the union of every prompt's masks, so
+    without this one prompt's lesion would be reported under every prompt)."""
+    if not coarse_mask.any():
+        return coarse_mask
+    spacing = tuple(float(s) for s in geometry.spacing[::-1])
+    return ndimage.distance_transform_edt(~coarse_mask, sampling=spacing) <= dilation_mm
+
+
 def body_mask(volume: np.ndarray, modality: str) -> np.ndarray:
     """The patient's body: the largest connected component above air, holes filled."""
     if modality == "CT":
@@ -153,11 +163,13 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
     body = body_mask(study.volume, study.modality)
     roi = (pkg.manifest.get("inference") or {}).get("roi_size")
     targets, masks, probs = [], [], []
+    dilation_mm = float((syn.get("parameters") or {}).get("dilation_mm", 8.0))
     for entry in att["targets"]:
         coarse_study = read_mask_image(attention_dir / entry["map"], study.geometry.shape).astype(np.float32)
         prob = space.to_study(refine_probability(head, shared, space.to_model(coarse_study), roi))
         prob = np.clip(prob, 0.0, 1.0)
-        masks.append((prob >= 0.5) & inpainted & body)
+        own = target_region(coarse_study >= float(entry.get("threshold", 0.5)), study.geometry, dilation_mm)
+        masks.append((prob >= 0.5) & inpainted & own & body)
         probs.append(prob)
         targets.append({"prompt": entry["prompt"], "score": entry["score"]})
     summary = write_lesion_artifact(out_dir, study, targets, masks, probs, min_volume_ml=min_volume_ml,

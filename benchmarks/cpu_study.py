@@ -4,7 +4,8 @@ through `kfp.local`, side by side in the same process.
     python benchmarks/cpu_study.py                       # the shipped demo model
     python benchmarks/cpu_study.py --model PKG --repeats 3
 
-The study is a CT phantom of the `make run` demo cohort (seed 7, case 0), written as DICOM
+The study is a CT phantom of the `make run` demo cohort (seed 7, case 1: kidney lesions that the
+demo model finds, so every stage does its full work), written as DICOM
 once. Both variants run the same five stages (ingest, attend, synthesize, refine, report)
 with the same prompts; runs alternate (in-process, pipeline, in-process, ...) and the
 median of each is compared. Printed per variant: wall time, per-stage time (in-process),
@@ -85,7 +86,7 @@ def main() -> int:
     os.environ["TMPDIR"] = str(work)  # kfp.local's scratch folders stay under the work folder
     tempfile.tempdir = None
     names = demo_studies(work / "demo-input")
-    study = next(Path(p) for p, name in names.items() if "phantom_7_0000" in name)
+    study = next(Path(p) for p, name in names.items() if "phantom_7_0001" in name)
     print(f"study: {names[str(study)]}; model {model}; torch threads {__import__('torch').get_num_threads()}")
 
     inproc, pipeline, stages = [], [], []

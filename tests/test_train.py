@@ -14,6 +14,7 @@ import torch
 from diffugts.attend import load_head
 from diffugts.aova import AOVAHead
 from diffugts.backbones import load_backbone
+from diffugts.evaluate import dice
 from diffugts.models.defaults import DEMO_MODEL
 from diffugts.models.package import open_package
 from diffugts.preprocess import Preprocessing
@@ -75,6 +76,27 @@ def test_refinement_head_learns_and_the_shipped_one_beats_the_coarse_map(demo, t
     # The head the demo recipe trained (30 cases) against the coarse AOVA mask, on cases
     # neither saw: the residual channels must add what the coarse map lacks.
     refined = evaluate_refine(shipped, held_out)
-    coarse = _mean([2 * ((inp[-1] >= 0.5) & truth).sum() / max((inp[-1] >= 0.5).sum() + truth.sum(), 1)
-                    for inp, truth in held_out])
+    coarse = _mean([dice(inp[-1] >= 0.5, truth) for inp, truth in held_out])
     assert refined > coarse + 0.05, (refined, coarse)
+
+
+def test_backbone_training_losses_fall_and_set_the_scale_factor():
+    """The demo backbone recipe's two parts on tiny discs: the VAE's reconstruction loss and
+    the denoiser's rectified-flow loss both fall; the latent scale factor is 1 / std."""
+    from diffugts.backbones import build_backbone
+    from diffugts.models import get_config
+    from diffugts.train.backbone import latents, train_denoiser, train_vae
+
+    torch.manual_seed(0)
+    backbone = build_backbone({**get_config("demo"), "scale_factor": 1.0})
+    rng = np.random.default_rng(0)
+    _, j, i = np.indices((32, 64, 64))
+    images = [(0.4 + 0.3 * (((i - 32) ** 2 + (j - 32) ** 2) < (15 + 3 * n) ** 2)
+               + 0.02 * rng.standard_normal((32, 64, 64))).astype(np.float32) for n in range(3)]
+    vae = train_vae(backbone, images, 30, 0, show_progress=False)
+    assert len(vae) == 30 and _mean(vae[-5:]) < 0.5 * _mean(vae[:5])
+    unet = train_denoiser(backbone, images, 30, 0, show_progress=False)
+    assert len(unet) == 30 and _mean(unet[-5:]) < 0.8 * _mean(unet[:5])
+    std = float(torch.cat([z.flatten() for z in latents(backbone, images)]).std())
+    assert backbone.scale_factor == pytest.approx(1 / std, rel=1e-4)
+    assert not any(p.requires_grad for p in backbone.parameters())

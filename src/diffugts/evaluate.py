@@ -169,7 +169,7 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
             ids = [r["id"] for r in recs]
             truth = np.isin(case.lesions, ids)
             refined = np.clip(space.to_study(refine_probability(refine_head, shared, space.to_model(coarse[n]))), 0, 1)
-            own = target_region(coarse[n] >= threshold, case.geometry, Params().dilation_mm) & region.dilated
+            own = target_region(coarse[n] >= threshold, case.geometry, Params().dilation_mm)
             preds = {
                 "baseline": baseline,
                 "aova": coarse[n] >= threshold,

@@ -83,13 +83,12 @@ def refine_probability(head: RefineHead, shared: np.ndarray | torch.Tensor, coar
 
 
 def target_region(coarse_mask: np.ndarray, geometry, dilation_mm: float) -> np.ndarray:
-    """The target's own coarse mask grown as synthesis grew it: a prompt's lesions must lie
-    where its attention pointed (synthesis inpaints the union of every prompt's masks, so
-    without this one prompt's lesion would be reported under every prompt)."""
-    if not coarse_mask.any():
-        return coarse_mask
-    spacing = tuple(float(s) for s in geometry.spacing[::-1])
-    return ndimage.distance_transform_edt(~coarse_mask, sampling=spacing) <= dilation_mm
+    """The target's own coarse mask grown exactly as synthesis grew it: a prompt's lesions
+    must lie where its attention pointed (synthesis inpaints the union of every prompt's
+    masks, so without this one prompt's lesion would be reported under every prompt)."""
+    from diffugts.synthesis.masks import make_region, spacing_kji
+
+    return make_region(coarse_mask, spacing_kji(geometry), dilation_mm, 0.0).dilated
 
 
 def body_mask(volume: np.ndarray, modality: str) -> np.ndarray:

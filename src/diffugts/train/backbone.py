@@ -55,13 +55,7 @@ def train_vae(backbone: MaisiBackbone, images: list[np.ndarray], steps: int, see
         recon, mu, sigma = vae(x)
         kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).mean()
         loss = F.l1_loss(recon, x) + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if hasattr(bar, "set_postfix") and step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        _update(opt, loss, vae, losses, bar, step)
     vae.requires_grad_(False).eval()
     return losses
 
@@ -102,15 +96,20 @@ def train_denoiser(backbone: MaisiBackbone, healthy: list[np.ndarray], steps: in
         z_t = torch.stack([sampler.add_noise(z0[b:b + 1], noise[b:b + 1], float(t[b]))[0] for b in range(batch)])
         v = _denoise_batch(backbone, z_t, t, spacing)
         loss = F.mse_loss(v, z0 - noise)  # velocity target of rectified flow
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if hasattr(bar, "set_postfix") and step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        _update(opt, loss, unet, losses, bar, step)
     unet.requires_grad_(False).eval()
     return losses
+
+
+def _update(opt, loss, net, losses: list[float], bar, step: int) -> None:
+    """One clipped optimiser step; the loss joins the curve and the progress bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    losses.append(loss.item())
+    if hasattr(bar, "set_postfix") and step % 10 == 0:
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
 
 
 def _latent_crops(arrays, crop, batch, rng) -> np.ndarray:

@@ -7,8 +7,9 @@ user's template) is segmented by four variants of the method:
   the body whose soft-tissue intensity departs from a smoothed local background);
 - ``aova``: the coarse attention mask alone;
 - ``residual``: coarse mask -> pseudo-healthy synthesis -> |x - H| above a threshold inside
-  the inpainted region, no trained head;
-- ``full``: the refined mask (residual refinement head), the product's output.
+  the target's own dilated coarse mask, no trained head;
+- ``full``: the refined mask (residual refinement head) inside that same region and the body,
+  the product's output.
 
 Scores are grouped by lesion type, organ, modality and seen / unseen (the phantom split),
 with Dice and normalised surface Dice (MONAI metrics) and a lesion-level detection rate.

@@ -1,17 +1,22 @@
-"""One demo study end to end on the CPU: in-process (`diffugts segment`) vs the study pipeline
-through `kfp.local`, side by side in the same process.
+"""One demo study end to end on the CPU: in-process (`diffugts segment`) vs the study pipelines
+through `kfp.local`, side by side.
 
     python benchmarks/cpu_study.py                       # the shipped demo model
     python benchmarks/cpu_study.py --model PKG --repeats 3
 
 The study is a CT phantom of the `make run` demo cohort (seed 7, case 1: kidney lesions that the
-demo model finds, so every stage does its full work), written as DICOM
-once. Both variants run the same five stages (ingest, attend, synthesize, refine, report)
-with the same prompts; runs alternate (in-process, pipeline, in-process, ...) and the
-median of each is compared. Printed per variant: wall time, per-stage time (in-process),
-peak RSS (in-process: this process; pipeline: the largest task subprocess), and the
-pipeline's overhead = pipeline / in-process - 1 (process start-up, imports and model
-loading per task, artifact copies between tasks).
+demo model finds, so every stage does its full work), written as DICOM once. Every variant
+runs the same five stages (ingest, attend, synthesize, refine, report) with the same prompts:
+
+- ``in-process``: the `diffugts segment` command, a fresh process (what a user runs instead
+  of the pipeline: torch and MONAI are imported once, the package read once);
+- ``warm``: :func:`diffugts.segment.segment` called in this process, imports already done;
+- ``kfp staged``: pipelines/study.py, five task processes;
+- ``kfp fused``: pipelines/study_fused.py, three task processes (the model stages in one).
+
+Runs alternate and the median of each is compared. Printed: wall time, per-stage time
+(warm), peak RSS, and each pipeline's overhead = pipeline / in-process - 1 (per task: process
+start, kfp's executor, imports, reading the package; artifact copies between tasks).
 """
 
 from __future__ import annotations
@@ -37,6 +42,17 @@ def peak_rss_gb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024 ** 2  # KiB -> GiB
 
 
+def in_process_cold(study: Path, out: Path, model: str) -> float:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "diffugts", "segment", str(study), "--out", str(out), "--model", model]
+    for prompt in PROMPTS:
+        cmd += ["--prompt", prompt]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
 def in_process(study: Path, out: Path, model: str) -> tuple[float, dict]:
     from diffugts.segment import segment
 
@@ -45,10 +61,8 @@ def in_process(study: Path, out: Path, model: str) -> tuple[float, dict]:
     return time.perf_counter() - t0, result["timings_s"]
 
 
-def through_kfp_local(study: Path, out: Path, model: str) -> float:
+def through_kfp_local(study: Path, out: Path, model: str, pipeline) -> float:
     from kfp import local
-
-    from pipelines.study import study_pipeline
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out))
     # The tasks' own logs go to the pipeline root, not the terminal.
@@ -59,7 +73,7 @@ def through_kfp_local(study: Path, out: Path, model: str) -> float:
         os.dup2(log.fileno(), 2)
         try:
             t0 = time.perf_counter()
-            study_pipeline(input_uri=str(study), model_uri=model, prompts=PROMPTS)
+            pipeline(input_uri=str(study), model_uri=model, prompts=PROMPTS)
             return time.perf_counter() - t0
         finally:
             sys.stdout.flush()
@@ -89,21 +103,33 @@ def main() -> int:
     study = next(Path(p) for p, name in names.items() if "phantom_7_0001" in name)
     print(f"study: {names[str(study)]}; model {model}; torch threads {__import__('torch').get_num_threads()}")
 
-    inproc, pipeline, stages = [], [], []
-    for r in range(args.repeats):
-        seconds, timings = in_process(study, work / f"inproc-{r}", model)
-        inproc.append(seconds)
-        stages.append(timings)
-        print(f"run {r}: in-process {seconds:6.1f} s  " + "  ".join(f"{k} {v:.1f}" for k, v in timings.items()),
-              flush=True)
-        seconds = through_kfp_local(study, work / f"kfp-{r}", model)
-        pipeline.append(seconds)
-        print(f"run {r}: kfp.local  {seconds:6.1f} s", flush=True)
+    from pipelines.study import study_pipeline
+    from pipelines.study_fused import study_fused_pipeline
 
-    a, b = statistics.median(inproc), statistics.median(pipeline)
-    print(f"\nmedian in-process {a:.1f} s (peak RSS {peak_rss_gb(resource.RUSAGE_SELF):.2f} GiB)")
-    print(f"median kfp.local  {b:.1f} s (largest task peak RSS {peak_rss_gb(resource.RUSAGE_CHILDREN):.2f} GiB)")
-    print(f"kfp.local / in-process = {b / a:.2f} (overhead {100 * (b / a - 1):.0f}%)")
+    runs: dict[str, list[float]] = {"in-process": [], "warm": [], "kfp staged": [], "kfp fused": []}
+    stages = []
+    for r in range(args.repeats):
+        for name in runs:
+            out = work / f"{name.replace(' ', '-')}-{r}"
+            if name == "in-process":
+                seconds = in_process_cold(study, out, model)
+            elif name == "warm":
+                seconds, timings = in_process(study, out, model)
+                stages.append(timings)
+            else:
+                pipeline = study_pipeline if name == "kfp staged" else study_fused_pipeline
+                seconds = through_kfp_local(study, out, model, pipeline)
+            runs[name].append(seconds)
+            print(f"run {r}: {name:11s} {seconds:6.1f} s", flush=True)
+
+    med = {name: statistics.median(values) for name, values in runs.items()}
+    print(f"\npeak RSS: this process {peak_rss_gb(resource.RUSAGE_SELF):.2f} GiB, "
+          f"largest child process {peak_rss_gb(resource.RUSAGE_CHILDREN):.2f} GiB")
+    base = med["in-process"]
+    for name, value in med.items():
+        ratio = "" if name == "in-process" else f"  / in-process = {value / base:.2f} (overhead {100 * (value / base - 1):+.0f}%)"
+        print(f"median {name:11s} {value:6.1f} s{ratio}")
+    print("warm in-process, per stage:")
     for key in stages[0]:
         print(f"  {key:10s} {statistics.median(s[key] for s in stages):6.1f} s")
     if args.work is None:

@@ -2,7 +2,7 @@
 
     exit handler (record_run: _runs/cohort-<run>.json + Pushgateway)
     └─ list_studies ─> studies: ParallelFor (at most PARALLELISM at once)
-                      │     study pipeline ─> mark_done
+                      │     fused study pipeline ─> mark_done
                       └─> cohort_report (runs when studies failed too)
 
 Why the fan-out sits in its own graph component (``cohort_studies``): on the KFP backend an
@@ -21,11 +21,11 @@ from kfp import dsl
 
 from components.cohort import cohort_report, list_studies, mark_done, record_run
 from pipelines.resources import cpu_stage
-from pipelines.study import study_pipeline
+from pipelines.study_fused import study_fused_pipeline
 
 # Studies processed at once. KFP takes ParallelFor's parallelism at compile time only (a
 # pipeline parameter cannot set it): change it here or with DIFFUGTS_COHORT_PARALLELISM when
-# running `make compile` (one study holds one GPU for its three GPU stages).
+# running `make compile` (one study holds one GPU for its model task).
 PARALLELISM = int(os.environ.get("DIFFUGTS_COHORT_PARALLELISM", "4"))
 DEFAULT_PROMPTS = ["liver tumor", "kidney tumor", "pancreas tumor"]
 
@@ -43,7 +43,8 @@ def cohort_studies(pending: list, model_uri: str, prompts: list, rules: str, res
     with dsl.ParallelFor(pending, parallelism=PARALLELISM) as study:
         # Caching stays on for the stages (deterministic given their inputs); the report is
         # published by mark_done, which runs every time.
-        segmented = study_pipeline(input_uri=study.input_uri, model_uri=model_uri, prompts=prompts, rules=rules,
+        # The fused study pipeline: three pods per study instead of five (pipelines/study_fused.py).
+        segmented = study_fused_pipeline(input_uri=study.input_uri, model_uri=model_uri, prompts=prompts, rules=rules,
                                    resample=resample, min_volume_ml=min_volume_ml, upload=False, results_uri="")
         segmented.set_display_name("Study")
         _bookkeeping(mark_done(report=segmented.output, key=study.key, model_sha256=study.model_sha256,

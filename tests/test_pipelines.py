@@ -19,7 +19,7 @@ from pipelines.compile import compile_all
 
 def test_pipelines_compile_and_load_back(tmp_path):
     paths = compile_all(tmp_path)
-    assert [p.name for p in paths] == ["diffugts-study.yaml", "diffugts-cohort.yaml"]
+    assert [p.name for p in paths] == ["diffugts-study.yaml", "diffugts-study-fused.yaml", "diffugts-cohort.yaml"]
     study = components.load_component_from_file(str(paths[0]))
     assert study.name == "diffugts-study"
     assert set(study.component_spec.inputs) == {"input_uri", "model_uri", "prompts", "rules", "resample",
@@ -42,6 +42,21 @@ def test_pipelines_compile_and_load_back(tmp_path):
     # Parameters carry descriptions for the Kubeflow UI.
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert all(p.get("description") for p in params.values())
+
+
+def test_fused_study_pipeline_has_one_gpu_task_and_the_same_interface(tmp_path):
+    paths = compile_all(tmp_path)
+    staged, fused = (components.load_component_from_file(str(p)) for p in paths[:2])
+    assert fused.name == "diffugts-study-fused"
+    assert set(fused.component_spec.inputs) == set(staged.component_spec.inputs)
+    spec = next(d for d in yaml.safe_load_all(paths[1].read_text()) if d)
+    executors = spec["deploymentSpec"]["executors"]
+    assert sorted(executors) == ["exec-ingest", "exec-report", "exec-segment"]
+    assert executors["exec-segment"]["container"]["image"] == GPU_IMAGE
+    assert executors["exec-segment"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    # The cohort runs each study through the fused pipeline: no staged GPU tasks in it.
+    cohort = paths[2].read_text()
+    assert "exec-segment" in cohort and "exec-attend" not in cohort
 
 
 def test_library_never_imports_kfp():
@@ -78,6 +93,29 @@ def test_study_pipeline_runs_locally(kfp_local):
     assert (out / "report.html").exists() and (out / "sr.dcm").exists()
     root = out.parents[1]  # the run folder: one sub-folder per task
     assert {p.name for p in root.iterdir() if p.is_dir()} >= {"ingest", "attend", "synthesize", "refine", "report"}
+
+
+@pytest.mark.slow
+def test_fused_study_pipeline_writes_what_the_staged_one_writes(kfp_local):
+    from diffugts.phantom import CaseSpec, generate_case, write_case
+    from pipelines.study_fused import study_fused_pipeline
+    from pipelines.study import study_pipeline
+
+    case = write_case(generate_case(CaseSpec(seed=3, index=0, shape=(32, 64, 64))), kfp_local / "cases")
+    model = random_package(kfp_local / "model")
+    reports = []
+    for pipeline in (study_pipeline, study_fused_pipeline):
+        task = pipeline(input_uri=str(case / "dicom"), model_uri=str(model.root), prompts=["liver tumor", "kidney tumor"])
+        reports.append(json.loads((Path(task.outputs["Output"].path) / "report.json").read_text()))
+    fused_root = Path(task.outputs["Output"].path).parents[1]
+    assert {p.name for p in fused_root.iterdir() if p.is_dir()} == {"ingest", "segment", "report"}
+    staged, fused = reports
+    assert fused["status"] == "done"
+    assert [(t["text"], t["score"], t["total_volume_ml"]) for t in fused["targets"]] == \
+        [(t["text"], t["score"], t["total_volume_ml"]) for t in staged["targets"]]
+    # Same model, same seeds: the same lesions, whichever way the stages ran.
+    assert [(x["target"], x["volume_ml"]) for x in fused["lesions"]] == \
+        [(x["target"], x["volume_ml"]) for x in staged["lesions"]]
 
 
 def test_study_pipeline_fails_cleanly_on_bad_input(kfp_local, capfd):

@@ -3,6 +3,9 @@
 INPUT (DICOM folder, zip or s3:// prefix) -> OUT/study -> OUT/attention -> OUT/synthesis ->
 OUT/lesions -> OUT/report, with the networks loaded once. The folders are the same
 artifacts the pipeline's stages exchange, so any stage can be re-run on its own.
+
+:func:`model_stages` is the middle of it (attend -> synthesize -> refine on one device, the
+package read once): the fused GPU task of the pipelines (components/segment.py).
 """
 
 from __future__ import annotations
@@ -15,24 +18,79 @@ from diffugts.progress import progress
 
 log = logging.getLogger(__name__)
 
-STAGES = ("ingest", "attend", "synthesize", "refine", "report")
+MODEL_STAGES = ("attend", "synthesize", "refine")
+STAGES = ("ingest", *MODEL_STAGES, "report")
+
+
+class ModelStages:
+    """The networks of one package, loaded once, and the three stages that use them."""
+
+    def __init__(self, model: str, device: str | None = None, synthesis=None, min_volume_ml: float | None = None,
+                 seed: int = 0):
+        from diffugts.attend import Method, load_head
+        from diffugts.refine import DEFAULT_MIN_VOLUME_ML, RefineHead
+        from diffugts.synthesis import Params
+
+        self.model = model
+        self.method = Method.load(model, device)
+        self.refine_head = load_head(self.method.package, "refine", RefineHead).to(self.method.device)
+        self.params = synthesis or Params()
+        self.min_volume_ml = DEFAULT_MIN_VOLUME_ML if min_volume_ml is None else min_volume_ml
+        self.seed = seed
+
+    def run(self, stage: str, study: Path, prompts: list[str], attention: Path, synthesis: Path,
+            lesions: Path) -> dict:
+        if stage == "attend":
+            from diffugts.attend import attend
+
+            return attend(study, self.model, prompts, attention, method=self.method, seed=self.seed)
+        if stage == "synthesize":
+            from diffugts.synthesis import synthesize
+
+            return synthesize(study, self.model, synthesis, attention=attention, params=self.params,
+                              backbone=self.method.backbone, show_progress=False)
+        if stage == "refine":
+            from diffugts.refine import refine
+
+            return refine(study, attention, synthesis, self.model, lesions, min_volume_ml=self.min_volume_ml,
+                          backbone=self.method.backbone, head=self.refine_head)
+        raise ValueError(f"not a model stage: {stage}")
+
+
+def model_stages(study, model: str, prompts: list[str], attention, synthesis, lesions, *,
+                 device: str | None = None, params=None, min_volume_ml: float | None = None, seed: int = 0,
+                 show_progress: bool = False) -> dict:
+    """Attention maps, pseudo-healthy synthesis and residual refinement of one ingested study,
+    written to the three artifact folders; returns each stage's summary and the timings."""
+    from diffugts.errors import ConfigError
+
+    if not prompts:
+        raise ConfigError("give at least one --prompt")
+    clock = time.perf_counter()
+    runner = ModelStages(model, device, params, min_volume_ml, seed)
+    result: dict = {"timings_s": {"load": round(time.perf_counter() - clock, 3)}}
+    for stage in progress(MODEL_STAGES, desc="model stages", unit="stage", enable=show_progress):
+        clock = time.perf_counter()
+        result[stage] = runner.run(stage, Path(study), prompts, Path(attention), Path(synthesis), Path(lesions))
+        result["timings_s"][stage] = round(time.perf_counter() - clock, 3)
+    return result
 
 
 def segment(input_ref: str, out: str | Path, prompts: list[str], *, model: str | None = None,
             device: str | None = None, rules: str = "default", resample: bool = False,
             synthesis=None, min_volume_ml: float | None = None, report: bool = True,
             upload: str | None = None, show_progress: bool = True) -> dict:
-    from diffugts.attend import Method, attend, load_head
     from diffugts.errors import ConfigError
     from diffugts.ingest import ingest
     from diffugts.models.defaults import default_model
-    from diffugts.refine import DEFAULT_MIN_VOLUME_ML, RefineHead, refine
-    from diffugts.synthesis import Params, synthesize
 
     if not prompts:
         raise ConfigError("give at least one --prompt")
     out = Path(out)
     model = model or default_model()
+    folders = {"study": out / "study", "attention": out / "attention", "synthesis": out / "synthesis",
+               "lesions": out / "lesions"}
+    keys = {"attend": "attention", "synthesize": "synthesis", "refine": "lesions"}
     timings: dict[str, float] = {}
     bar = progress(STAGES if report else STAGES[:-1], desc="segment", unit="stage", enable=show_progress)
     clock = time.perf_counter()
@@ -41,26 +99,17 @@ def segment(input_ref: str, out: str | Path, prompts: list[str], *, model: str |
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(stage)
         if stage == "ingest":
-            ingested = ingest(input_ref, out / "study", rules=rules, resample_grid=resample,
-                              show_progress=False)
+            ingested = ingest(input_ref, folders["study"], rules=rules, resample_grid=resample, show_progress=False)
             result["series"] = ingested.series["series_label"]
-            method = Method.load(model, device)
-            refine_head = load_head(method.package, "refine", RefineHead).to(method.device)
-        elif stage == "attend":
-            result["attention"] = attend(out / "study", model, prompts, out / "attention", method=method)
-        elif stage == "synthesize":
-            result["synthesis"] = synthesize(out / "study", model, out / "synthesis", attention=out / "attention",
-                                             params=synthesis or Params(), backbone=method.backbone,
-                                             show_progress=False)
-        elif stage == "refine":
-            result["lesions"] = refine(out / "study", out / "attention", out / "synthesis", model, out / "lesions",
-                                       min_volume_ml=DEFAULT_MIN_VOLUME_ML if min_volume_ml is None else min_volume_ml,
-                                       backbone=method.backbone, head=refine_head)
+            runner = ModelStages(model, device, synthesis, min_volume_ml)
+        elif stage in MODEL_STAGES:
+            result[keys[stage]] = runner.run(stage, folders["study"], prompts, folders["attention"],
+                                             folders["synthesis"], folders["lesions"])
         elif stage == "report":
             from diffugts.report import make_report
 
-            result["report"] = make_report(out / "study", out / "lesions", out / "report",
-                                           attention_dir=out / "attention", synthesis_dir=out / "synthesis",
+            result["report"] = make_report(folders["study"], folders["lesions"], out / "report",
+                                           attention_dir=folders["attention"], synthesis_dir=folders["synthesis"],
                                            upload=upload)
         now = time.perf_counter()
         timings[stage] = round(now - clock, 3)

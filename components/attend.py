@@ -12,6 +12,7 @@ def attend(
     prompts: list,
     attention: dsl.Output[dsl.Dataset],
     seed: int = 0,
+    maps: str = "aova",
 ):
     """Per-prompt anomaly probability maps and coarse masks on the study grid.
 
@@ -19,6 +20,8 @@ def attend(
         model_uri: Model package folder or s3:// prefix (S3 settings from the environment).
         prompts: What to segment, free text, e.g. ["liver tumor", "pancreatic cyst"].
         seed: Seed of the denoiser-feature noise (the same seed gives the same maps).
+        maps: "aova" (the package's trained head) or "training-free" (the backbone's own text
+            cross-attention; 2D diffusers packages only).
     """
     import sys
 
@@ -26,12 +29,14 @@ def attend(
     from diffugts.errors import DiffugtsError
 
     try:
-        summary = run_attend(study.path, model_uri, [str(p) for p in prompts], attention.path, seed=seed)
+        summary = run_attend(study.path, model_uri, [str(p) for p in prompts], attention.path, seed=seed,
+                              maps=maps)
     except DiffugtsError as err:
         print(f"diffugts: error: {err}", file=sys.stderr)
         sys.exit(2)
     attention.metadata.update({
         "model": summary["model"]["name"],
+        "maps": summary["maps"],
         "device": summary["device"],
         "scores": {t["prompt"]["text"]: t["score"] for t in summary["targets"]},
     })

@@ -20,6 +20,7 @@ def segment(
     lesions: dsl.Output[dsl.Dataset],
     min_volume_ml: float = 0.1,
     seed: int = 0,
+    maps: str = "aova",
 ):
     """Per-prompt attention maps, the pseudo-healthy study, refined masks and measured lesions.
 
@@ -28,6 +29,8 @@ def segment(
         prompts: What to segment, free text, e.g. ["liver tumor", "pancreatic cyst"].
         min_volume_ml: Lesions smaller than this are dropped.
         seed: Seed of the attention features' noise (the same seed gives the same maps).
+        maps: "aova" (the package's trained head) or "training-free" (the backbone's own text
+            cross-attention; 2D diffusers packages only).
     """
     import sys
 
@@ -36,7 +39,7 @@ def segment(
 
     try:
         result = model_stages(study.path, model_uri, [str(p) for p in prompts], attention.path, synthesis.path,
-                              lesions.path, min_volume_ml=min_volume_ml, seed=seed)
+                              lesions.path, min_volume_ml=min_volume_ml, seed=seed, maps=maps)
     except DiffugtsError as err:
         print(f"diffugts: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -27,6 +27,7 @@ def study_pipeline(
     min_volume_ml: float = 0.1,
     upload: bool = False,
     results_uri: str = "",
+    maps: str = "aova",
 ) -> dsl.Dataset:
     """Segment one study.
 
@@ -39,9 +40,10 @@ def study_pipeline(
         min_volume_ml: Lesions smaller than this (mL) are dropped.
         upload: Publish the results (DICOM SEG/SR, report) to the results bucket under the study UID.
         results_uri: Base s3:// URI for results; empty = s3://$DIFFUGTS_BUCKET.
+        maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
     """
     ingest_task = cpu_stage(ingest(input_uri=input_uri, rules=rules, resample=resample), "DICOM ingestion")
-    attend_task = gpu_stage(attend(study=ingest_task.outputs["study"], model_uri=model_uri, prompts=prompts),
+    attend_task = gpu_stage(attend(study=ingest_task.outputs["study"], model_uri=model_uri, prompts=prompts, maps=maps),
                             "Attention maps")
     synth_task = gpu_stage(synthesize(study=ingest_task.outputs["study"], attention=attend_task.outputs["attention"],
                                       model_uri=model_uri), "Pseudo-healthy synthesis")

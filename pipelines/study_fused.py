@@ -31,6 +31,7 @@ def study_fused_pipeline(
     min_volume_ml: float = 0.1,
     upload: bool = False,
     results_uri: str = "",
+    maps: str = "aova",
 ) -> dsl.Dataset:
     """Segment one study.
 
@@ -43,9 +44,10 @@ def study_fused_pipeline(
         min_volume_ml: Lesions smaller than this (mL) are dropped.
         upload: Publish the results (DICOM SEG/SR, report) to the results bucket under the study UID.
         results_uri: Base s3:// URI for results; empty = s3://$DIFFUGTS_BUCKET.
+        maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
     """
     ingest_task = cpu_stage(ingest(input_uri=input_uri, rules=rules, resample=resample), "DICOM ingestion")
-    model_task = gpu_stage(segment(study=ingest_task.outputs["study"], model_uri=model_uri, prompts=prompts,
+    model_task = gpu_stage(segment(study=ingest_task.outputs["study"], model_uri=model_uri, prompts=prompts, maps=maps,
                                    min_volume_ml=min_volume_ml),
                            "Attention, synthesis, refinement")
     report_task = cpu_stage(report(study=ingest_task.outputs["study"], lesions=model_task.outputs["lesions"],

@@ -23,7 +23,7 @@ def test_pipelines_compile_and_load_back(tmp_path):
     study = components.load_component_from_file(str(paths[0]))
     assert study.name == "diffugts-study"
     assert set(study.component_spec.inputs) == {"input_uri", "model_uri", "prompts", "rules", "resample",
-                                                "min_volume_ml", "upload", "results_uri"}
+                                                "min_volume_ml", "upload", "results_uri", "maps"}
     docs = [d for d in yaml.safe_load_all(paths[0].read_text()) if d]
     spec = docs[0]
     executors = spec["deploymentSpec"]["executors"]

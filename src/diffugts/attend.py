@@ -3,6 +3,11 @@
 Study volume -> model grid -> frozen backbone features -> AOVA head, tiled with MONAI's
 sliding-window inferer so large volumes never hold full-resolution features at once ->
 per-prompt anomaly probability and coarse mask, mapped back onto the exact study grid.
+
+``maps="training-free"`` replaces the trained head by the backbone's own cross-attention
+maps (2D diffusers family only: :func:`~diffugts.backbones.diffusers2d.training_free_probabilities`,
+abnormal vs normal prompts' attention mass); the artifact has the same layout, so synthesis
+and refinement read it unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ from diffugts.text import Target, TextEncoder, make_target
 log = logging.getLogger(__name__)
 MARKER = "attention.json"
 DEFAULT_THRESHOLD = 0.5  # used when the package does not set one
+MAPS = ("aova", "training-free")  # where the per-prompt map comes from (attention.json "maps")
+# Image-level score of a training-free map: the mean of its top 0.2 %, as the AOVA head's
+# default top_fraction (a head's own affine calibration does not exist without training).
+TRAINING_FREE_TOP_FRACTION = 0.002
 
 
 @dataclass
@@ -38,17 +47,18 @@ class Method:
 
     package: ModelPackage
     backbone: Backbone
-    head: AOVAHead
+    head: AOVAHead | None  # None: loaded for training-free maps only
     text: TextEncoder
     prep: Preprocessing
     device: torch.device
 
     @classmethod
-    def load(cls, model: str, device: str | torch.device | None = None) -> "Method":
+    def load(cls, model: str, device: str | torch.device | None = None, head: bool = True) -> "Method":
+        """``head=False``: without the AOVA head (training-free maps need none)."""
         device = pick_device(device) if not isinstance(device, torch.device) else device
         pkg = open_package(model)
         backbone = load_backbone(pkg, device)
-        head = load_head(pkg, "aova", AOVAHead).to(device)
+        head = load_head(pkg, "aova", AOVAHead).to(device) if head else None
         text = TextEncoder(text_encoder_path(pkg), device=device)
         return cls(pkg, backbone, head, text, Preprocessing.from_dict(pkg.manifest["preprocessing"]), device)
 
@@ -102,29 +112,79 @@ def attention_maps(method: Method, x: np.ndarray, spacing, targets: list[Target]
     return torch.sigmoid(log_odds)[0].float().cpu().numpy(), score[0].float().cpu().numpy()
 
 
+@torch.no_grad()
+def training_free_maps(method: Method, x: np.ndarray, targets: list[Target],
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Training-free anomaly probability (T, *grid) from the backbone's cross-attention, and
+    image-level scores (T,): the mean of each map's top :data:`TRAINING_FREE_TOP_FRACTION`.
+
+    Tiled like :func:`attention_maps` (same ROI and blending), so memory behaves alike."""
+    from monai.inferers import sliding_window_inference
+
+    from diffugts.backbones.diffusers2d import training_free_probabilities
+
+    check_training_free(method)
+    xt = torch.from_numpy(x)[None, None].to(method.device)
+    roi = tuple(min(r, s) for r, s in zip(method.roi_size or tuple(x.shape), x.shape))
+
+    def predictor(patch: torch.Tensor) -> torch.Tensor:
+        return training_free_probabilities(method.backbone, patch, targets, seed=seed)
+
+    prob = sliding_window_inference(xt, roi, sw_batch_size=1, predictor=predictor, overlap=0.25, mode="gaussian")
+    score = top_mean(prob, TRAINING_FREE_TOP_FRACTION)
+    return prob[0].float().cpu().numpy(), score[0].float().cpu().numpy()
+
+
+def check_training_free(method: Method) -> None:
+    if method.backbone.family != "diffusers2d":
+        raise ConfigError(f"{method.package.root}: training-free maps need a backbone with text cross-attention "
+                          f"(the diffusers2d family); this model is {method.backbone.family!r}: use --maps aova")
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
 
 
 def attend(study_dir, model: str, prompts: list[str], out_dir, *, threshold: float | None = None,
-           device: str | None = None, seed: int = 0, method: Method | None = None) -> dict:
-    """Write per-prompt maps and coarse masks on the study grid, and ``attention.json`` last."""
+           device: str | None = None, seed: int = 0, method: Method | None = None, maps: str = "aova") -> dict:
+    """Write per-prompt maps and coarse masks on the study grid, and ``attention.json`` last.
+
+    ``maps``: ``"aova"`` (the package's trained head) or ``"training-free"`` (the backbone's
+    cross-attention maps; 2D diffusers packages, no head needed)."""
     if not prompts:
         raise ConfigError("give at least one --prompt")
+    if maps not in MAPS:
+        raise ConfigError(f"unknown maps {maps!r} (one of: {', '.join(MAPS)})")
     study = load_study(study_dir)
-    method = method or Method.load(model, device)
+    method = method or Method.load(model, device, head=maps == "aova")
+    if maps == "training-free":
+        check_training_free(method)  # before any work
+    elif method.head is None:
+        raise ConfigError("the AOVA maps need the package's trained head (Method.load(..., head=True))")
     if threshold is None:
-        threshold = float(method.package.network("aova").get("threshold", DEFAULT_THRESHOLD))
+        threshold = default_threshold(method.package, maps)
     targets = [make_target(p) for p in prompts]
     t0 = time.perf_counter()
     x, space = to_model(study.volume, study.geometry, study.modality, method.prep)
-    probs, scores = attention_maps(method, x, tuple(method.prep.spacing_mm), targets, seed=seed)
+    if maps == "aova":
+        probs, scores = attention_maps(method, x, tuple(method.prep.spacing_mm), targets, seed=seed)
+    else:
+        probs, scores = training_free_maps(method, x, targets, seed=seed)
     timings = {"attention_s": round(time.perf_counter() - t0, 3)}
-    return write_attention(Path(out_dir), study, space, targets, probs, scores, threshold, method, timings)
+    return write_attention(Path(out_dir), study, space, targets, probs, scores, threshold, method, timings, maps)
+
+
+def default_threshold(pkg: ModelPackage, maps: str = "aova") -> float:
+    """The coarse-mask threshold: the AOVA entry's, or for training-free maps the backbone's
+    ``attention.threshold`` (both default :data:`DEFAULT_THRESHOLD`)."""
+    if maps == "aova":
+        return float(pkg.network("aova").get("threshold", DEFAULT_THRESHOLD))
+    attention = pkg.manifest["backbone"].get("attention") or {}
+    return float(attention.get("threshold", DEFAULT_THRESHOLD))
 
 
 def write_attention(out: Path, study: Study, space: ModelSpace, targets: list[Target], probs: np.ndarray,
-                    scores: np.ndarray, threshold: float, method: Method, timings: dict) -> dict:
+                    scores: np.ndarray, threshold: float, method: Method, timings: dict, maps: str = "aova") -> dict:
     voxel_ml = float(np.prod(study.geometry.spacing)) / 1000.0
     entries = []
     with atomic.staging_dir(out, marker=MARKER) as stage:
@@ -149,6 +209,7 @@ def write_attention(out: Path, study: Study, space: ModelSpace, targets: list[Ta
         summary = {
             "stage": "attend",
             "model": {"name": method.package.name, "sha256": method.package.sha256},
+            "maps": maps,
             "device": str(method.device),
             "targets": entries,
             "timings": timings,

@@ -9,7 +9,10 @@ user's template) is segmented by four variants of the method:
 - ``residual``: coarse mask -> pseudo-healthy synthesis -> |x - H| above a threshold inside
   the target's own dilated coarse mask, no trained head;
 - ``full``: the refined mask (residual refinement head) inside that same region and the body,
-  the product's output.
+  the product's output;
+- ``training_free`` (2D diffusers packages only, beside the four): the backbone's own
+  cross-attention map (``diffugts attend --maps training-free``) at the package's
+  training-free threshold; no trained weight beyond the backbone.
 
 Scores are grouped by lesion type, organ, modality and seen / unseen (the phantom split),
 with Dice and normalised surface Dice (MONAI metrics) and a lesion-level detection rate.
@@ -36,6 +39,7 @@ from diffugts.progress import progress
 log = logging.getLogger(__name__)
 
 VARIANTS = ("baseline", "aova", "residual", "full")
+CROSS_ATTENTION_VARIANTS = VARIANTS + ("training_free",)  # models with text cross-attention (2D family)
 NSD_TOLERANCE_MM = 2.0
 RESIDUAL_THRESHOLD_HU = 40.0  # the "no head" variant; a lesion departs from its organ by >= 18 HU
 
@@ -127,8 +131,9 @@ def detection(pred: np.ndarray, lesion_map: np.ndarray, ids) -> tuple[int, int]:
 
 
 def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", device: str | None = None,
-             variants=VARIANTS, show_progress: bool = True) -> dict:
-    from diffugts.attend import Method, attention_maps, load_head
+             variants=None, show_progress: bool = True) -> dict:
+    """``variants`` None: the four, plus ``training_free`` for a 2D diffusers package."""
+    from diffugts.attend import Method, attention_maps, default_threshold, load_head, training_free_maps
     from diffugts.preprocess import intensity_range, to_model
     from diffugts.refine import RefineHead, body_mask, refine_probability, shared_inputs, target_region
     from diffugts.synthesis import Params, make_region, pseudo_healthy
@@ -139,6 +144,9 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
     method = Method.load(model, device)
     refine_head = load_head(method.package, "refine", RefineHead).to(method.device)
     threshold = float(method.package.network("aova").get("threshold", 0.5))
+    if variants is None:
+        variants = CROSS_ATTENTION_VARIANTS if method.backbone.family == "diffusers2d" else VARIANTS
+    free_threshold = default_threshold(method.package, "training-free")
     rows = []
     for case in progress(cases, desc="evaluate", unit="case", enable=show_progress):
         by_family: dict[str, list[dict]] = defaultdict(list)
@@ -165,6 +173,7 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
         body = body_mask(case.volume, case.modality)
         baseline = intensity_baseline(case.volume, case.geometry, case.modality) if "baseline" in variants else None
         residual_hu = RESIDUAL_THRESHOLD_HU if case.modality == "CT" else RESIDUAL_THRESHOLD_HU / 600 * (hi - lo)
+        free = training_free_maps(method, x, targets)[0] if "training_free" in variants else None
         for n, organ in enumerate(organs):
             recs = by_family[organ]
             ids = [r["id"] for r in recs]
@@ -177,6 +186,8 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
                 "residual": (np.abs(case.volume - pseudo) > residual_hu) & own,
                 "full": (refined >= 0.5) & own & body,
             }
+            if free is not None:
+                preds["training_free"] = np.clip(space.to_study(free[n]), 0, 1) >= free_threshold
             largest = max(recs, key=lambda r: r["voxels"])
             for variant in variants:
                 pred = preds[variant]
@@ -189,7 +200,8 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
                     "detected": found, "lesions": total, "score": float(scores[n]),
                 })
     return {"model": {"name": method.package.name, "sha256": method.package.sha256},
-            "prompt_template": prompt_template, "cases": len(cases), "rows": rows, "summary": summarise(rows)}
+            "prompt_template": prompt_template, "cases": len(cases), "variants": list(variants), "rows": rows,
+            "summary": summarise(rows)}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -214,18 +226,28 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def table_variants(result: dict) -> list[str]:
+    """The variant columns: the result's own list, else every variant its summary has, the
+    known ones in their usual order first (results of other models have other sets)."""
+    if result.get("variants"):
+        return list(result["variants"])
+    seen = {v for table in result["summary"].values() for cells in table.values() for v in cells}
+    return [v for v in CROSS_ATTENTION_VARIANTS if v in seen] + sorted(seen - set(CROSS_ATTENTION_VARIANTS))
+
+
 def markdown(result: dict) -> str:
+    variants = table_variants(result)
     lines = [f"Model `{result['model']['name']}` (sha256 {result['model']['sha256'][:12]}), "
              f"{result['cases']} cases, prompt template \"{result['prompt_template']}\".", ""]
     for name, table in result["summary"].items():
         title = {"modality_split": "modality and split", "lesion_type": "lesion type"}.get(name, name)
         lines += [f"### By {title}", "",
-                  "| group | n | " + " | ".join(f"{v} Dice / NSD / det." for v in VARIANTS) + " |",
-                  "|---|---|" + "---|" * len(VARIANTS)]
+                  "| group | n | " + " | ".join(f"{v} Dice / NSD / det." for v in variants) + " |",
+                  "|---|---|" + "---|" * len(variants)]
         for key, cells in table.items():
             n = next(iter(cells.values()))["n"]
             vals = [f"{cells[v]['dice']:.3f} / {cells[v]['nsd']:.3f} / {cells[v]['detection']:.2f}"
-                    if v in cells else "-" for v in VARIANTS]
+                    if v in cells else "-" for v in variants]
             lines.append(f"| {key} | {n} | " + " | ".join(vals) + " |")
         lines.append("")
     return "\n".join(lines)

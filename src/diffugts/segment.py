@@ -26,24 +26,25 @@ class ModelStages:
     """The networks of one package, loaded once, and the three stages that use them."""
 
     def __init__(self, model: str, device: str | None = None, synthesis=None, min_volume_ml: float | None = None,
-                 seed: int = 0):
+                 seed: int = 0, maps: str = "aova"):
         from diffugts.attend import Method, load_head
         from diffugts.refine import DEFAULT_MIN_VOLUME_ML, RefineHead
         from diffugts.synthesis import Params
 
         self.model = model
-        self.method = Method.load(model, device)
+        self.method = Method.load(model, device, head=maps == "aova")
         self.refine_head = load_head(self.method.package, "refine", RefineHead).to(self.method.device)
         self.params = synthesis or Params()
         self.min_volume_ml = DEFAULT_MIN_VOLUME_ML if min_volume_ml is None else min_volume_ml
         self.seed = seed
+        self.maps = maps  # "aova" or "training-free" (diffugts.attend.MAPS)
 
     def run(self, stage: str, study: Path, prompts: list[str], attention: Path, synthesis: Path,
             lesions: Path) -> dict:
         if stage == "attend":
             from diffugts.attend import attend
 
-            return attend(study, self.model, prompts, attention, method=self.method, seed=self.seed)
+            return attend(study, self.model, prompts, attention, method=self.method, seed=self.seed, maps=self.maps)
         if stage == "synthesize":
             from diffugts.synthesis import synthesize
 
@@ -59,7 +60,7 @@ class ModelStages:
 
 def model_stages(study, model: str, prompts: list[str], attention, synthesis, lesions, *,
                  device: str | None = None, params=None, min_volume_ml: float | None = None, seed: int = 0,
-                 show_progress: bool = False) -> dict:
+                 maps: str = "aova", show_progress: bool = False) -> dict:
     """Attention maps, pseudo-healthy synthesis and residual refinement of one ingested study,
     written to the three artifact folders; returns each stage's summary and the timings."""
     from diffugts.errors import ConfigError
@@ -67,7 +68,7 @@ def model_stages(study, model: str, prompts: list[str], attention, synthesis, le
     if not prompts:
         raise ConfigError("give at least one --prompt")
     clock = time.perf_counter()
-    runner = ModelStages(model, device, params, min_volume_ml, seed)
+    runner = ModelStages(model, device, params, min_volume_ml, seed, maps)
     result: dict = {"timings_s": {"load": round(time.perf_counter() - clock, 3)}}
     for stage in progress(MODEL_STAGES, desc="model stages", unit="stage", enable=show_progress):
         clock = time.perf_counter()
@@ -79,7 +80,7 @@ def model_stages(study, model: str, prompts: list[str], attention, synthesis, le
 def segment(input_ref: str, out: str | Path, prompts: list[str], *, model: str | None = None,
             device: str | None = None, rules: str = "default", resample: bool = False,
             synthesis=None, min_volume_ml: float | None = None, report: bool = True,
-            upload: str | None = None, show_progress: bool = True) -> dict:
+            upload: str | None = None, maps: str = "aova", show_progress: bool = True) -> dict:
     from diffugts.errors import ConfigError
     from diffugts.ingest import ingest
     from diffugts.models.defaults import default_model
@@ -101,7 +102,7 @@ def segment(input_ref: str, out: str | Path, prompts: list[str], *, model: str |
         if stage == "ingest":
             ingested = ingest(input_ref, folders["study"], rules=rules, resample_grid=resample, show_progress=False)
             result["series"] = ingested.series["series_label"]
-            runner = ModelStages(model, device, synthesis, min_volume_ml)
+            runner = ModelStages(model, device, synthesis, min_volume_ml, maps=maps)
         elif stage in MODEL_STAGES:
             result[keys[stage]] = runner.run(stage, folders["study"], prompts, folders["attention"],
                                              folders["synthesis"], folders["lesions"])

@@ -588,7 +588,19 @@ def training_free_probability(backbone: Diffusers2DBackbone, x: torch.Tensor, ta
     done on the native cross-attention maps with no trained weights. 0.5 where the model
     attends equally (or not at all) to both.
     """
-    maps = cross_attention_maps(backbone, x, target.normal + target.abnormal, noise=noise, seed=seed).maps
-    normal = maps[:, : len(target.normal)].mean(1)
-    abnormal = maps[:, len(target.normal):].mean(1)
-    return (abnormal + 1e-6) / (abnormal + normal + 2e-6)
+    return training_free_probabilities(backbone, x, [target], noise=noise, seed=seed)[:, 0]
+
+
+@torch.no_grad()
+def training_free_probabilities(backbone: Diffusers2DBackbone, x: torch.Tensor, targets: list, noise=None,
+                                seed: int = 0) -> torch.Tensor:
+    """:func:`training_free_probability` of several targets (B, T, K, J, I): prompts that
+    targets share (the generic normal ones) go through the UNet once."""
+    prompts = list(dict.fromkeys(p for t in targets for p in t.normal + t.abnormal))
+    maps = cross_attention_maps(backbone, x, prompts, noise=noise, seed=seed).maps
+    out = []
+    for t in targets:
+        normal = maps[:, [prompts.index(p) for p in t.normal]].mean(1)
+        abnormal = maps[:, [prompts.index(p) for p in t.abnormal]].mean(1)
+        out.append((abnormal + 1e-6) / (abnormal + normal + 2e-6))
+    return torch.stack(out, 1)

@@ -17,6 +17,9 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, default=None, help="probability threshold of the coarse mask")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if present)")
     p.add_argument("--seed", type=int, default=0, help="seed of the denoiser-feature noise")
+    p.add_argument("--maps", choices=("aova", "training-free"), default="aova",
+                   help="aova: the package's trained AOVA head (default); training-free: the backbone's own "
+                        "cross-attention maps, abnormal vs normal prompts (2D diffusers packages; no head needed)")
     p.set_defaults(func=_run)
 
 
@@ -25,7 +28,7 @@ def _run(args) -> int:
     from diffugts.models.defaults import default_model
 
     summary = attend(args.study, args.model or default_model(), args.prompt, args.out,
-                     threshold=args.threshold, device=args.device, seed=args.seed)
+                     threshold=args.threshold, device=args.device, seed=args.seed, maps=args.maps)
     for t in summary["targets"]:
         print(f"{t['prompt']['text']!r}: score {t['score']:.2f}, coarse mask {t['coarse_volume_ml']:.1f} mL "
               f"-> {args.out}/{t['mask']}")

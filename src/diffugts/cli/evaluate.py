@@ -8,10 +8,12 @@ from pathlib import Path
 def register(sub) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="Dice / NSD per lesion type, organ, modality, seen vs unseen, for four method variants",
+        help="Dice / NSD per lesion type, organ, modality, seen vs unseen, for four method variants "
+        "(five for 2D diffusers packages: + training_free)",
         description="Evaluate a model on phantom cases (folders written by `diffugts phantom`): the "
         "intensity baseline, the coarse attention mask, coarse + synthesis residual without the head, and "
-        "the full refined method. Writes OUT/evaluation.json and OUT/evaluation.md.",
+        "the full refined method; for a 2D diffusers package also the training-free cross-attention map "
+        "(training_free). Writes OUT/evaluation.json and OUT/evaluation.md.",
     )
     p.add_argument("--cases", required=True, help="folder of phantom case folders (with case.json)")
     p.add_argument("--model", default=None, help="model package (default: the demo model)")

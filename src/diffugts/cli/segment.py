@@ -20,6 +20,9 @@ def register(sub) -> None:
     s.add_argument("--resample", action="store_true", help="resample tilted / oblique series")
     s.add_argument("--min-volume-ml", type=float, default=None, help="drop lesions smaller than this (default 0.1)")
     s.add_argument("--no-report", action="store_true", help="stop after the lesion masks")
+    s.add_argument("--maps", choices=("aova", "training-free"), default="aova",
+                   help="attention maps from the trained AOVA head (default) or the backbone's own text "
+                        "cross-attention (2D diffusers packages)")
     s.add_argument("--upload", nargs="?", const="", default=None,
                    help="upload the report to s3:// (default base: s3://$DIFFUGTS_BUCKET)")
     s.set_defaults(func=_segment)
@@ -40,7 +43,7 @@ def _segment(args) -> int:
 
     result = segment(args.input, args.out, args.prompt, model=args.model, device=args.device, rules=args.rules,
                      resample=args.resample, min_volume_ml=args.min_volume_ml, report=not args.no_report,
-                     upload=args.upload, show_progress=not args.quiet)
+                     upload=args.upload, maps=args.maps, show_progress=not args.quiet)
     _print_lesions(result["lesions"])
     if "report" in result:
         print(f"report: {args.out}/report/report.html")

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+DEMO_CONFIGS = ("demo", "demo-2d")  # configurations with a training recipe
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train the demo backbone or the trainable heads on the phantom world")
     t = p.add_subparsers(dest="train_command", metavar="WHAT", required=True)
 
-    b = t.add_parser("backbone", help="demo VAE + rectified-flow denoiser (healthy anatomy)")
+    b = t.add_parser("backbone", help="demo VAE + denoiser (healthy anatomy), 3D or 2D by --config")
     b.add_argument("--out", required=True, help="package folder to write")
+    b.add_argument("--config", default="demo", choices=DEMO_CONFIGS,
+                   help="backbone configuration: demo (3D MAISI-like, rectified flow) or demo-2d (diffusers 2D, "
+                        "captioned slices, DDPM)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--cases", type=int, default=48)
     b.add_argument("--vae-steps", type=int, default=1500)
@@ -40,6 +45,8 @@ def register(sub) -> None:
     d = t.add_parser("demo", help="the whole demo model (what `make demo-model` runs)")
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--config", default="demo", choices=DEMO_CONFIGS,
+                   help="demo (3D, the shipped model) or demo-2d (the 2D diffusers family; docs/backbones-2d.md)")
     d.add_argument("--quick", action="store_true", help="a few minutes, for smoke tests (not the shipped model)")
     d.set_defaults(func=_demo)
 
@@ -47,7 +54,7 @@ def register(sub) -> None:
 def _backbone(args) -> int:
     from diffugts.train.run import train_backbone
 
-    pkg = train_backbone(Path(args.out), "demo", args.seed, args.cases, args.vae_steps, args.denoiser_steps,
+    pkg = train_backbone(Path(args.out), args.config, args.seed, args.cases, args.vae_steps, args.denoiser_steps,
                          not args.quiet)
     print(f"wrote {pkg.root}")
     return 0
@@ -75,10 +82,10 @@ def _refine(args) -> int:
 
 
 def _demo(args) -> int:
-    from diffugts.train.recipe import DemoRecipe
+    from diffugts.train.recipe import recipe_for
     from diffugts.train.run import train_demo
 
-    recipe = DemoRecipe.quick(args.seed) if args.quick else DemoRecipe(seed=args.seed)
+    recipe = recipe_for(args.config, args.quick, args.seed)
     pkg = train_demo(Path(args.out), recipe, show_progress=not args.quiet)
     print(f"wrote {pkg.root} in {pkg.manifest['provenance']['total_seconds']:.0f} s")
     return 0

@@ -32,13 +32,17 @@ class TrainingCase:
 
 
 def phantom_case(seed: int, index: int, prep: Preprocessing, split: str = "seen", healthy: bool = False,
-                 modality: str = "CT", keep_volume: bool = False, healthy_fraction: float = 0.0) -> TrainingCase:
+                 modality: str = "CT", keep_volume: bool = False, healthy_fraction: float = 0.0,
+                 shape: tuple[int, int, int] | None = None) -> TrainingCase:
+    """One phantom on the model grid; ``shape`` (z, y, x) shrinks the phantom's field of view
+    (the middle of the abdomen) for quick recipes and tests."""
     from diffugts.phantom import CaseSpec, generate_case
     from diffugts.phantom.case import organ_table
 
+    extra = {"shape": tuple(shape)} if shape else {}
     spec = CaseSpec(seed=seed, index=index, modality=modality, split=split, healthy=healthy,
                     healthy_fraction=healthy_fraction,
-                    mr_contrast=None if modality == "CT" else ("T1" if index % 2 == 0 else "T2"))
+                    mr_contrast=None if modality == "CT" else ("T1" if index % 2 == 0 else "T2"), **extra)
     case = generate_case(spec)
     g = case.grid
     geometry = Geometry(g.origin, g.spacing, np.eye(3), g.shape)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from diffugts.errors import ConfigError
+
 BACKBONE_SEED = 1000
 AOVA_SEED = 2000
 REFINE_SEED = 3000
@@ -36,7 +38,10 @@ class DemoRecipe:
     aova_dim: int = 32
     refine_cases: int = 30
     refine_steps: int = 900
-    features: list[str] = field(default_factory=lambda: list(AOVA_FEATURES))
+    # None: the backbone's default scales (default_features)
+    features: list[str] | None = field(default_factory=lambda: list(AOVA_FEATURES))
+    config: str = "demo"  # backbone configuration (models/configs.py): its family picks the backbone recipe
+    phantom_shape: tuple[int, int, int] | None = None  # None: full-size phantoms; smaller for quick runs
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -46,3 +51,47 @@ class DemoRecipe:
         """A few minutes instead of most of an hour: for tests and smoke runs."""
         return cls(seed=seed, backbone_cases=6, vae_steps=30, denoiser_steps=30, aova_cases=6, aova_steps=40,
                    aova_dim=16, refine_cases=4, refine_steps=30)
+
+
+def demo_2d(seed: int = 0) -> DemoRecipe:
+    """The 2D demo model (``demo-2d``, the diffusers family): about 22 minutes on 2 idle CPU cores.
+
+    Sized from timings of each part on the 2-core development machine (2026-11, torch 2.13,
+    2 threads, machine otherwise idle; full-size phantoms: 64 slices of 128 x 128 on the
+    model grid), per unit -> for this recipe:
+
+    - backbone: phantom 0.32 s/case; VAE step (8 crops of 64 x 64) 0.07 s -> 70 s;
+      latents 0.005 s/slice; denoiser step (16 latent crops of 16 x 16, captioned, token
+      grounding) 0.19 s -> 375 s; about 7.7 min in all;
+    - AOVA head: backbone features 11.7 s/case (the cross-attention probes are 6 of the 7
+      UNet passes) for 12 + 4 held-out cases -> 190 s; head step (dim 16; the 2D features
+      keep every slice, so the finest map is twice the 3D one) 0.9 s -> 360 s; about 9 min;
+    - refinement head: features + synthesis (10 steps) + residuals ~15 s/case for 10 + 4
+      held-out cases -> 210 s; head step 0.25 s -> 125 s; about 5.5 min.
+
+    Sum: about 1350 s (22-23 min); synthesis grows with the coarse masks of the trained head,
+    so allow 25.
+
+    The same steps take 1.6-1.9 times longer on one thread, and far longer when another
+    process competes for the two cores (two-thread runs then spin: run it alone).
+    """
+    return DemoRecipe(seed=seed, config="demo-2d", features=None, backbone_cases=24, vae_steps=1000,
+                      denoiser_steps=2000, aova_cases=12, aova_steps=400, aova_dim=16, refine_cases=10,
+                      refine_steps=500)
+
+
+def demo_2d_quick(seed: int = 0) -> DemoRecipe:
+    """The 2D recipe on small phantoms (16 x 48 x 48) and a few steps: well under a minute,
+    for tests and smoke runs (not a usable model)."""
+    return DemoRecipe(seed=seed, config="demo-2d", features=None, backbone_cases=4, vae_steps=20, denoiser_steps=20,
+                      aova_cases=3, aova_steps=20, aova_dim=8, refine_cases=2, refine_steps=10,
+                      phantom_shape=(16, 48, 48))
+
+
+def recipe_for(config: str, quick: bool = False, seed: int = 0) -> DemoRecipe:
+    """The demo recipe of a backbone configuration (``diffugts train demo --config``)."""
+    if config == "demo":
+        return DemoRecipe.quick(seed) if quick else DemoRecipe(seed=seed)
+    if config == "demo-2d":
+        return demo_2d_quick(seed) if quick else demo_2d(seed)
+    raise ConfigError(f"no demo recipe for configuration {config!r} (demo, demo-2d)")

@@ -28,41 +28,59 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["diffugts", *sys.argv[1:]]) if sys.argv else ""
 
 
-def backbone_cases(prep: Preprocessing, n: int, seed: int, show: bool):
+def backbone_cases(prep: Preprocessing, n: int, seed: int, show: bool, shape=None):
     """Half healthy, half seen-lesion CT cases of the backbone's seed range."""
-    return [phantom_case(R.BACKBONE_SEED + seed, i, prep, split="seen", healthy=(i % 2 == 0))
+    return [phantom_case(R.BACKBONE_SEED + seed, i, prep, split="seen", healthy=(i % 2 == 0), shape=shape)
             for i in progress(range(n), desc="phantoms", unit="case", enable=show)]
 
 
 def train_backbone(out: Path, config_name: str = "demo", seed: int = 0, cases: int = 48, vae_steps: int = 1500,
-                   denoiser_steps: int = 1500, show_progress: bool = True) -> ModelPackage:
-    from diffugts.train.backbone import train_denoiser, train_vae
-
+                   denoiser_steps: int = 1500, show_progress: bool = True, phantom_shape=None) -> ModelPackage:
+    """Train a demo-size backbone of the configuration's family (3D MAISI-like, or the 2D
+    diffusers family: :mod:`diffugts.train.backbone2d`) on phantoms and write its package."""
     torch.manual_seed(seed)
     config = get_config(config_name)
     prep = Preprocessing.from_dict(config["preprocessing"])
-    data = backbone_cases(prep, cases, seed, show_progress)
+    data = backbone_cases(prep, cases, seed, show_progress, phantom_shape)
     backbone = build_backbone({**config, "scale_factor": 1.0})
+    if config["family"] == "diffusers2d":
+        from diffugts.train.backbone2d import fit_backbone_2d
+
+        fitted = fit_backbone_2d(backbone, data, vae_steps, denoiser_steps, seed, show_progress)
+        config["vae"] = backbone.config["vae"]  # carries the trained latent scaling_factor
+    else:
+        fitted = _fit_backbone_3d(backbone, data, vae_steps, denoiser_steps, seed, prep, show_progress)
+    training = {
+        "cases": cases, "case_seed": R.BACKBONE_SEED + seed, "vae_steps": vae_steps,
+        "denoiser_steps": denoiser_steps, "vae_loss_first_last": _ends(fitted.vae_curve),
+        "denoiser_loss_first_last": _ends(fitted.unet_curve), "vae_seconds": round(fitted.vae_seconds, 1),
+        "denoiser_seconds": round(fitted.denoiser_seconds, 1),
+        **{f"{name}_loss_first_last": _ends(curve) for name, curve in fitted.curves.items()}, **fitted.details}
+    if phantom_shape:
+        training["phantom_shape"] = list(phantom_shape)
+    manifest = base_manifest(f"{config_name}-phantom", config_name, config, backbone.scale_factor, {
+        "kind": "trained", "command": command_line(), "seed": seed, "backbone_training": training})
+    return write_package(out, manifest, {"vae": backbone.vae.state_dict(), "unet": backbone.unet.state_dict()})
+
+
+def _fit_backbone_3d(backbone, data, vae_steps: int, denoiser_steps: int, seed: int, prep: Preprocessing,
+                     show_progress: bool):
+    from diffugts.train.backbone import train_denoiser, train_vae
+    from diffugts.train.backbone2d import Fitted
+
     t0 = time.perf_counter()
     vae_curve = train_vae(backbone, [c.x for c in data], vae_steps, seed, show_progress=show_progress)
     t1 = time.perf_counter()
     healthy = [c.x for c in data if not c.records]
     unet_curve = train_denoiser(backbone, healthy, denoiser_steps, seed, spacing=prep.spacing_mm,
                                 show_progress=show_progress)
-    t2 = time.perf_counter()
-    manifest = base_manifest(f"{config_name}-phantom", config_name, config, backbone.scale_factor, {
-        "kind": "trained", "command": command_line(), "seed": seed,
-        "backbone_training": {
-            "cases": cases, "case_seed": R.BACKBONE_SEED + seed, "vae_steps": vae_steps,
-            "denoiser_steps": denoiser_steps, "vae_loss_first_last": _ends(vae_curve),
-            "denoiser_loss_first_last": _ends(unet_curve), "vae_seconds": round(t1 - t0, 1),
-            "denoiser_seconds": round(t2 - t1, 1), "denoiser_data": "healthy CT phantoms only"},
-    })
-    return write_package(out, manifest, {"vae": backbone.vae.state_dict(), "unet": backbone.unet.state_dict()})
+    return Fitted(vae_curve, unet_curve, t1 - t0, time.perf_counter() - t1,
+                  {"denoiser_data": "healthy CT phantoms only"})
 
 
 def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 60, steps: int = 1200,
-                    dim: int = 64, features: list[str] | None = None, show_progress: bool = True) -> ModelPackage:
+                    dim: int = 64, features: list[str] | None = None, show_progress: bool = True,
+                    phantom_shape=None) -> ModelPackage:
     from diffugts.train.aova import evaluate_dice, train_aova
 
     pkg = open_package(model)
@@ -70,9 +88,9 @@ def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, c
     backbone = load_backbone(pkg, "cpu")
     features = features or R.default_features(backbone)
     text = TextEncoder()
-    data = [phantom_case(R.AOVA_SEED + seed, i, prep, split="seen", healthy=(i % 6 == 0))
+    data = [phantom_case(R.AOVA_SEED + seed, i, prep, split="seen", healthy=(i % 6 == 0), shape=phantom_shape)
             for i in progress(range(cases), desc="phantoms", unit="case", enable=show_progress)]
-    held_out = [phantom_case(R.AOVA_SEED + seed + 500, i, prep, split="seen") for i in range(4)]
+    held_out = [phantom_case(R.AOVA_SEED + seed + 500, i, prep, split="seen", shape=phantom_shape) for i in range(4)]
     t0 = time.perf_counter()
     result = train_aova(backbone, text, data, feature_names=features, spacing=prep.spacing_mm, steps=steps,
                         seed=seed, dim=dim, show_progress=show_progress)
@@ -92,7 +110,7 @@ def _ends(curve: list[float], n: int = 20) -> list[float]:
 
 
 def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 40, steps: int = 1200,
-                      synthesis_steps: int = 10, show_progress: bool = True) -> ModelPackage:
+                      synthesis_steps: int = 10, show_progress: bool = True, phantom_shape=None) -> ModelPackage:
     from diffugts.attend import load_head
     from diffugts.aova import AOVAHead
     from diffugts.synthesis import Params
@@ -109,7 +127,8 @@ def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0,
     examples, held_out = [], []
     indices = range(cases + 4)
     for i in progress(indices, desc="synthesis for refinement", unit="case", enable=show_progress):
-        case = phantom_case(R.REFINE_SEED + seed, i, prep, split="seen", healthy_fraction=0.0, keep_volume=True)
+        case = phantom_case(R.REFINE_SEED + seed, i, prep, split="seen", healthy_fraction=0.0, keep_volume=True,
+                            shape=phantom_shape)
         made = refinement_example(case, backbone, aova, text, features, prep, params, rng)
         (examples if i < cases else held_out).extend(made)
     t0 = time.perf_counter()
@@ -125,14 +144,17 @@ def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0,
 
 
 def train_demo(out: Path, recipe: R.DemoRecipe, show_progress: bool = True) -> ModelPackage:
-    """The whole demo model: backbone, then the AOVA head, then the refinement head."""
+    """The whole demo model of the recipe's configuration (``demo``: 3D, ``demo-2d``: the
+    diffusers family): backbone, then the AOVA head, then the refinement head."""
     clock = time.perf_counter()
-    pkg = train_backbone(out, "demo", recipe.seed, recipe.backbone_cases, recipe.vae_steps, recipe.denoiser_steps,
-                         show_progress)
-    pkg = train_aova_head(out, None, recipe.seed, recipe.aova_cases, recipe.aova_steps, recipe.aova_dim,
-                          recipe.features, show_progress)
+    shape = recipe.phantom_shape
+    train_backbone(out, recipe.config, recipe.seed, recipe.backbone_cases, recipe.vae_steps, recipe.denoiser_steps,
+                   show_progress, phantom_shape=shape)
+    # features None: the backbone's own default scales (R.default_features).
+    train_aova_head(out, None, recipe.seed, recipe.aova_cases, recipe.aova_steps, recipe.aova_dim,
+                    recipe.features, show_progress, phantom_shape=shape)
     pkg = train_refine_head(out, None, recipe.seed, recipe.refine_cases, recipe.refine_steps,
-                            show_progress=show_progress)
+                            show_progress=show_progress, phantom_shape=shape)
     manifest_provenance = {"recipe": recipe.as_dict(), "command": command_line(),
                            "total_seconds": round(time.perf_counter() - clock, 1)}
     return add_networks(pkg, {}, provenance=manifest_provenance)

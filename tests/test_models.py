@@ -133,3 +133,16 @@ def test_package_from_s3(s3_env, package, tmp_path, monkeypatch):
     assert pkg.manifest["name"] == package.manifest["name"]
     assert (pkg.root / "vae.safetensors").is_file()
     assert open_package(uri).root == pkg.root  # cached copy reused
+
+
+def test_written_weights_are_byte_reproducible(tmp_path):
+    """Same tensors -> same file bytes and sha256 (safetensors writes metadata in hash order)."""
+    from diffugts.models.package import sha256_file, write_package
+
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3)}
+    digests = set()
+    for i in range(6):
+        pkg = write_package(tmp_path / f"p{i}", {"name": "t", "networks": {"head": {}}}, {"head": state})
+        digests.add(sha256_file(pkg.root / "head.safetensors"))
+    assert len(digests) == 1
+    assert load_file(str(tmp_path / "p0" / "head.safetensors"))["w"].tolist() == state["w"].tolist()

@@ -65,8 +65,11 @@ class ModelPackage:
 
 
 def open_package(ref: str | os.PathLike, verify: bool = True) -> ModelPackage:
-    """Open a model package folder or s3:// prefix (fetched into the local cache)."""
-    ref = os.fspath(ref)
+    """Open a model package folder, s3:// prefix (fetched into the local cache) or the name of
+    a model shipped in the library (``demo``, ``demo-2d``)."""
+    from diffugts.models.defaults import resolve_model
+
+    ref = resolve_model(os.fspath(ref))
     if ref.startswith("s3://"):
         root = _fetch(ref)
     else:
@@ -122,7 +125,9 @@ def write_package(root: Path, manifest: dict, weights: dict[str, dict], extra_fi
         fname = f"{name}.safetensors"
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         with atomic.atomic_path(root / fname) as tmp:
-            save_file(tensors, str(tmp), metadata={"network": name, "format": FORMAT})
+            # One metadata key: safetensors writes its metadata map in hash order (safetensors
+            # issue #584), so two keys would make the bytes, and the sha256, vary run to run.
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})
         manifest["networks"][name]["weights"] = fname
     for fname in sorted({n["weights"] for n in manifest["networks"].values() if n.get("weights")} | set(extra_files)):
         path = root / fname

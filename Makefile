@@ -15,7 +15,7 @@ LINT_STAMP := $(LINT_VENV)/.diffugts-lint-installed
 IMAGE_VERSION := $(shell sed -n 's/^VERSION = "\(.*\)"/\1/p' components/images.py)
 IMAGE_REPO ?= ghcr.io/diffugts
 
-.PHONY: help venv lint-venv system-deps run test demo-model compile bench images clean
+.PHONY: help venv lint-venv system-deps run test demo-model demo-model-2d compile bench images clean
 
 help:
 	@echo "make run      - run the cohort pipeline locally (kfp.local) on the embedded demo, offline"
@@ -23,6 +23,7 @@ help:
 	@echo "make compile  - write the pipeline YAML to build/pipelines/"
 	@echo "make bench    - run the CPU benchmarks (GPU: python benchmarks/gpu_stages.py)"
 	@echo "make demo-model - retrain the shipped demo model (about 40 min on 2 CPU cores)"
+	@echo "make demo-model-2d - retrain the shipped 2D demo model (about 22 min on 2 CPU cores)"
 	@echo "make images   - build the CPU and CUDA images (needs a Docker engine)"
 	@echo "make clean    - remove build outputs and local runs (keeps .venv)"
 
@@ -64,6 +65,11 @@ test: $(STAMP) $(LINT_STAMP) system-deps
 demo-model: $(STAMP)
 	$(PY) -m diffugts train demo --out src/diffugts/data/models/demo --seed 0
 	$(VENV)/bin/diffugts models verify src/diffugts/data/models/demo
+
+# Not part of CI: trains the shipped 2D diffusers-family demo model (about 22 min on 2 CPU cores).
+demo-model-2d: $(STAMP)
+	$(PY) -m diffugts train demo --config demo-2d --out src/diffugts/data/models/demo-2d --seed 0
+	$(VENV)/bin/diffugts models verify src/diffugts/data/models/demo-2d
 
 compile: $(STAMP)
 	$(PY) -m pipelines.compile --out build/pipelines

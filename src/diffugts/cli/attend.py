@@ -11,7 +11,7 @@ def register(sub) -> None:
         "study grid (OUT/maps, OUT/masks) and OUT/attention.json with image-level scores.",
     )
     p.add_argument("study", help="study artifact folder (from `diffugts ingest`)")
-    p.add_argument("--model", default=None, help="model package folder or s3:// prefix (default: the demo model)")
+    p.add_argument("--model", default=None, help="model package folder, s3:// prefix, or a shipped model: demo (default), demo-2d")
     p.add_argument("--prompt", action="append", required=True, help="target text, e.g. 'liver tumor' (repeatable)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=None, help="probability threshold of the coarse mask")

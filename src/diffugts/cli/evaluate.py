@@ -16,7 +16,7 @@ def register(sub) -> None:
         "(training_free). Writes OUT/evaluation.json and OUT/evaluation.md.",
     )
     p.add_argument("--cases", required=True, help="folder of phantom case folders (with case.json)")
-    p.add_argument("--model", default=None, help="model package (default: the demo model)")
+    p.add_argument("--model", default=None, help="model package folder, s3:// prefix, or demo (default) / demo-2d")
     p.add_argument("--prompt", default="{organ} tumor",
                    help="prompt template; {organ} is replaced by each lesion-bearing organ (default '{organ} tumor')")
     p.add_argument("--out", required=True, help="output folder")

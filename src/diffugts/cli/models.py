@@ -10,7 +10,7 @@ def register(sub) -> None:
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
     v = msub.add_parser("verify", help="check every checksum and load every network strictly")
-    v.add_argument("model", help="model package folder or s3:// prefix")
+    v.add_argument("model", help="model package folder, s3:// prefix, or demo / demo-2d")
     v.set_defaults(func=_verify)
 
     i = msub.add_parser("import-maisi", help="convert the official MAISI bundle checkpoints to a package")

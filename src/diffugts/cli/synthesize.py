@@ -16,7 +16,7 @@ def register(sub) -> None:
         "See docs/synthesis.md.",
     )
     p.add_argument("study", help="study artifact folder (from `diffugts ingest`)")
-    p.add_argument("--model", required=True, help="model package folder or s3:// prefix")
+    p.add_argument("--model", required=True, help="model package folder, s3:// prefix, or demo / demo-2d")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--attention", help="attention artifact folder: the union of its coarse masks")
     src.add_argument("--mask", help="binary mask NIfTI on the study grid")

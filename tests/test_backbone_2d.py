@@ -13,8 +13,8 @@ import SimpleITK as sitk
 import torch
 
 from diffugts.backbones import build_backbone, load_backbone
-from diffugts.backbones.diffusers2d import (CaptureProcessor, Diffusers2DBackbone, cross_attention_maps,
-                                            training_free_probability)
+from diffugts.backbones.cross_attention import CaptureProcessor, cross_attention_maps, training_free_probability
+from diffugts.backbones.diffusers2d import Diffusers2DBackbone
 from diffugts.errors import ConfigError, InputError
 from diffugts.models import get_config, open_package
 from diffugts.models.create import create_random, verify
@@ -147,7 +147,7 @@ def test_cross_attention_maps(backbone):
 def test_cross_attention_maps_use_every_layer(backbone):
     """Each cross-attention layer reports once per UNet call (4 in demo-2d: one down, the
     middle, two up)."""
-    from diffugts.backbones.diffusers2d import AttentionStore
+    from diffugts.backbones.cross_attention import AttentionStore
 
     store = AttentionStore((8, 8))
     hidden, mask = backbone._context(["tumor"], 2)

@@ -125,7 +125,7 @@ def test_token_grounding_makes_organ_words_attend_to_their_organs(prep):
     """The same short denoiser training with and without the grounding term: only with it
     does the cross-attention of "liver" / "spine" land on the liver / spine (measured
     contrast inside - outside: 0.36 / 0.21 with, 0.00 / 0.00 without)."""
-    from diffugts.backbones.diffusers2d import cross_attention_maps
+    from diffugts.backbones.cross_attention import cross_attention_maps
     from diffugts.train.backbone2d import set_scale_factor, slice_latents, slice_set, train_unet_2d
 
     cases = [phantom_case(1000, i, prep, split="seen", healthy=True, shape=SMALL) for i in range(2)]
@@ -175,7 +175,7 @@ def test_quick_2d_demo_writes_a_verifiable_package(quick_model, capsys):
 def test_attend_training_free_feeds_synthesis(quick_model, study, tmp_path):
     from diffugts.aova import top_mean
     from diffugts.attend import TRAINING_FREE_TOP_FRACTION, attend
-    from diffugts.backbones.diffusers2d import training_free_probability
+    from diffugts.backbones.cross_attention import training_free_probability
     from diffugts.preprocess import to_model
     from diffugts.study import load_study
     from diffugts.synthesis import Params, synthesize

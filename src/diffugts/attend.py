@@ -5,7 +5,7 @@ sliding-window inferer so large volumes never hold full-resolution features at o
 per-prompt anomaly probability and coarse mask, mapped back onto the exact study grid.
 
 ``maps="training-free"`` replaces the trained head by the backbone's own cross-attention
-maps (2D diffusers family only: :func:`~diffugts.backbones.diffusers2d.training_free_probabilities`,
+maps (2D diffusers family only: :func:`~diffugts.backbones.cross_attention.training_free_probabilities`,
 abnormal vs normal prompts' attention mass); the artifact has the same layout, so synthesis
 and refinement read it unchanged.
 """
@@ -121,7 +121,7 @@ def training_free_maps(method: Method, x: np.ndarray, targets: list[Target],
     Tiled like :func:`attention_maps` (same ROI and blending), so memory behaves alike."""
     from monai.inferers import sliding_window_inference
 
-    from diffugts.backbones.diffusers2d import training_free_probabilities
+    from diffugts.backbones.cross_attention import training_free_probabilities
 
     check_training_free(method)
     xt = torch.from_numpy(x)[None, None].to(method.device)

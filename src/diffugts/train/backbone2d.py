@@ -35,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffugts.backbones.diffusers2d import Diffusers2DBackbone, _scheduler_args
+from diffugts.backbones.diffusers2d import Diffusers2DBackbone
+from diffugts.backbones.diffusers_samplers import scheduler_args
 from diffugts.progress import progress
 from diffugts.train.backbone import _update, cosine_lr
 from diffugts.train.data import TrainingCase
@@ -190,16 +191,16 @@ def train_unet_2d(backbone: Diffusers2DBackbone, latents: torch.Tensor, slices: 
     barely needs the caption, and after 450 steps the cross-attention of "liver" was the
     same inside and outside the liver (0.340 / 0.340, measured). So, for captioned samples
     at t <= GROUNDING_MAX_NOISE * T, the cross-attention mass A of each organ's words
-    (heads and layers averaged, as :func:`~diffugts.backbones.diffusers2d.cross_attention_maps`
+    (heads and layers averaged, as :func:`~diffugts.backbones.cross_attention.cross_attention_maps`
     reads it) learns the organ's mask M on the latent grid: (1 - sum(A M) / sum(A))^2 (the
     word attends inside its organ) + BCE(A, M) (per position). Only organ masks of healthy
     slices are used, never a lesion: the words "tumor" or "lesion" are never grounded.
     """
     from diffusers import DDPMScheduler
 
-    from diffugts.backbones.diffusers2d import AttentionStore
+    from diffugts.backbones.cross_attention import AttentionStore
 
-    sched = DDPMScheduler.from_config(_scheduler_args(backbone.config["scheduler"]))
+    sched = DDPMScheduler.from_config(scheduler_args(backbone.config["scheduler"]))
     prediction = sched.config.prediction_type
     if prediction not in ("epsilon", "v_prediction"):
         from diffugts.errors import ConfigError

@@ -8,8 +8,10 @@ and run on a synthetic abdomen-like volume (0.75 mm in-plane, 1.5 mm slices). Pe
 prints wall time (CUDA-synchronised) and peak GPU memory, for two variants of the *same*
 code path in the same process:
 
-  optimized  bf16 autocast, flash attention (SDPA), fused GroupNorm, whole-volume windows
-  baseline   MaisiBackbone(optimized=False): fp32, MONAI's loop GroupNorm, no flash attention
+  optimized  bf16 autocast, flash attention (SDPA), fused GroupNorm, whole-volume windows,
+             study <-> model grid resampling with torch on the GPU (Backbone.resample_device)
+  baseline   MaisiBackbone(optimized=False): fp32, MONAI's loop GroupNorm, no flash attention,
+             resampling in SimpleITK on the host
 
 and the ratio baseline/optimized. The FLOPs of each optimized stage are counted once with
 torch.utils.flop_counter and set against the card's bf16 dense peak (H100 SXM: 989 TFLOP/s
@@ -125,8 +127,8 @@ def run_study(backbone, heads, prep, volume, geometry, lesion, device, roi, watc
     aova, refine_head = heads
     method = Method(BenchPackage(roi, features), backbone, aova, FixedEmbeddings(aova.config["text_dim"], device), prep, device)
     targets = [make_target(p) for p in PROMPTS]
-    x, space = to_model(volume, geometry, "CT", prep)
-    with watch.stage("attend"):
+    with watch.stage("attend"):  # includes the study -> model grid resampling, as the stage does
+        x, space = to_model(volume, geometry, "CT", prep, device=backbone.resample_device)
         probs, _ = attention_maps(method, x, prep.spacing_mm, targets)
     region = make_region(lesion, tuple(geometry.spacing[::-1]), 8.0, 4.0)
     parts: dict = {}

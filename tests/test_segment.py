@@ -51,6 +51,55 @@ def test_segment_end_to_end(model, case, tmp_path, capsys):
         assert not (sitk.GetArrayFromImage(m).astype(bool) & ~inpainted).any()
 
 
+def test_resampling_on_the_device_gives_the_same_study(model, tmp_path, monkeypatch):
+    """The GPU path's torch resampling (forced here on the CPU) against SimpleITK, through
+    every stage: same maps, same pseudo-healthy study, same refined masks."""
+    import torch
+
+    from diffugts.backbones.base import Backbone
+
+    # A study finer than the model grid (2.75 x 2.75 x 4 mm), so every stage resamples.
+    spec = CaseSpec(seed=11, index=0, shape=(40, 80, 80), spacing=(2.2, 2.2, 3.2), split="seen",
+                    healthy_fraction=0.0)
+    case = write_case(generate_case(spec), tmp_path / "case")
+    args = ["-q", "segment", str(case / "dicom"), "--model", str(model.root), "--prompt", "liver tumor",
+            "--no-report", "--out"]
+    assert main([*args, str(tmp_path / "host")]) == 0
+    import diffugts.preprocess as preprocess
+
+    calls = []
+    monkeypatch.setattr(Backbone, "resample_device", property(lambda self: torch.device("cpu")))
+    monkeypatch.setattr(preprocess, "resample_torch",
+                        lambda *a, _real=preprocess.resample_torch, **k: calls.append(1) or _real(*a, **k))
+    assert main([*args, str(tmp_path / "device")]) == 0
+    assert len(calls) >= 6  # attend, synthesis (study, region, paste-back), refine (x, H, region, maps)
+
+    def read(run, path):
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / run / path)))
+
+    att = json.loads((tmp_path / "host" / "attention" / "attention.json").read_text())["targets"][0]
+    np.testing.assert_allclose(read("device", f"attention/{att['map']}"), read("host", f"attention/{att['map']}"),
+                               atol=1e-3)
+    np.testing.assert_allclose(read("device", "synthesis/pseudo_healthy.nii.gz"),
+                               read("host", "synthesis/pseudo_healthy.nii.gz"), atol=0.5)  # HU
+    host, dev = (read(r, "lesions/" + json.loads((tmp_path / r / "lesions" / "lesions.json").read_text())
+                      ["targets"][0]["mask"]) > 0 for r in ("host", "device"))
+    assert (host != dev).mean() < 1e-3
+
+
+def test_resample_device_is_the_optimised_cuda_path_only():
+    from types import SimpleNamespace
+
+    import torch
+
+    from diffugts.backbones.base import Backbone
+
+    where = Backbone.resample_device.fget
+    assert where(SimpleNamespace(device=torch.device("cuda:0"), optimized=True)) == torch.device("cuda:0")
+    assert where(SimpleNamespace(device=torch.device("cuda:0"), optimized=False)) is None  # fp32 baseline
+    assert where(SimpleNamespace(device=torch.device("cpu"))) is None
+
+
 def test_segment_bad_input_is_one_line(model, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code = main(["segment", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--model", str(model.root),

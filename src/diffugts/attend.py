@@ -165,7 +165,8 @@ def attend(study_dir, model: str, prompts: list[str], out_dir, *, threshold: flo
         threshold = default_threshold(method.package, maps)
     targets = [make_target(p) for p in prompts]
     t0 = time.perf_counter()
-    x, space = to_model(study.volume, study.geometry, study.modality, method.prep)
+    x, space = to_model(study.volume, study.geometry, study.modality, method.prep,
+                        device=method.backbone.resample_device)
     if maps == "aova":
         probs, scores = attention_maps(method, x, tuple(method.prep.spacing_mm), targets, seed=seed)
     else:

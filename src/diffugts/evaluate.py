@@ -156,7 +156,8 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
             continue
         organs = sorted(by_family)
         targets = [make_target(prompt_template.format(organ=o), organ=o) for o in organs]
-        x, space = to_model(case.volume, case.geometry, case.modality, method.prep)
+        x, space = to_model(case.volume, case.geometry, case.modality, method.prep,
+                            device=method.backbone.resample_device)
         probs, scores = attention_maps(method, x, tuple(method.prep.spacing_mm), targets)
         coarse = [np.clip(space.to_study(p), 0, 1) for p in probs]
         union = np.any([c >= threshold for c in coarse], axis=0)

@@ -151,7 +151,7 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
                              study.geometry.shape).astype(np.float32)
     inpainted = read_mask_image(synthesis_dir / files.get("inpaint_mask", "inpaint_mask.nii.gz"),
                                 study.geometry.shape) > 0
-    x, space = to_model(study.volume, study.geometry, study.modality, prep)
+    x, space = to_model(study.volume, study.geometry, study.modality, prep, device=backbone.resample_device)
     # H is normalised with the input's own range so x - H is a pure residual.
     lo, hi = intensity_range(study.volume, study.modality, prep)
     h = space.to_model(((pseudo - lo) / (hi - lo)).astype(np.float32))

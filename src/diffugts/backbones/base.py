@@ -57,6 +57,16 @@ class Backbone(nn.Module, ABC):
     def feature_specs(self) -> list[FeatureSpec]:
         """The maps :meth:`features` returns, in that order."""
 
+    @property
+    def resample_device(self) -> torch.device | None:
+        """Where study <-> model grid resampling runs (:func:`diffugts.preprocess.resample_array`):
+        this backbone's CUDA device, or None (SimpleITK on the host) on the CPU and for the
+        unoptimised fp32 baseline of the GPU benchmark."""
+        device = getattr(self, "device", None)
+        if device is not None and torch.device(device).type == "cuda" and getattr(self, "optimized", True):
+            return torch.device(device)
+        return None
+
     def feature_index(self, names: list[str]) -> list[int]:
         """Positions of the named maps in :meth:`features` (a head stores the names it uses)."""
         specs = [s.name for s in self.feature_specs()]

@@ -125,7 +125,7 @@ def pseudo_healthy(volume: np.ndarray, geometry, modality: str, region: Region, 
     timings = {} if timings is None else timings
     device = next(backbone.parameters()).device
     clock = time.perf_counter()
-    x, space = to_model(volume, geometry, modality, prep)
+    x, space = to_model(volume, geometry, modality, prep, device=backbone.resample_device)
     stride = backbone.latent_stride
     footprint = latent_footprint(space.to_model(region.dilated.astype(np.float32)) > 0, stride)
     latent_mm = [s * stride for s in prep.spacing_mm[::-1]]

@@ -239,6 +239,25 @@ def test_training_free_on_a_3d_package_is_a_clear_error(study, tmp_path, capsys)
     assert not (tmp_path / "o").exists()
 
 
+def test_segment_refuses_training_free_on_a_3d_package_before_any_output(case_dir, tmp_path, capsys):
+    bare = create_random(tmp_path / "bare3d", "demo", seed=0)
+    code = main(["segment", str(case_dir / "dicom"), "--model", str(bare.root), "--prompt", "liver tumor",
+                 "--maps", "training-free", "--out", str(tmp_path / "seg")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cross-attention" in err[0]
+    assert not (tmp_path / "seg").exists()
+
+
+def test_segment_api_rejects_unknown_maps_before_ingest(case_dir, tmp_path):
+    from diffugts.errors import ConfigError
+    from diffugts.segment import segment
+
+    with pytest.raises(ConfigError, match="unknown maps 'attention'"):
+        segment(str(case_dir / "dicom"), tmp_path / "seg", ["liver tumor"], model="demo", maps="attention",
+                show_progress=False)
+    assert not (tmp_path / "seg").exists()
+
+
 # --- evaluation -------------------------------------------------------------------------------
 
 def test_evaluate_adds_the_training_free_variant(quick_model, case_dir):
@@ -249,6 +268,9 @@ def test_evaluate_adds_the_training_free_variant(quick_model, case_dir):
     assert {r["variant"] for r in result["rows"]} == set(result["variants"])
     free = [r for r in result["rows"] if r["variant"] == "training_free"]
     assert free and all(0 <= r["dice"] <= 1 for r in free)
+    # Its rows carry the training-free map's own image-level score, not the AOVA head's.
+    aova = {(r["case"], r["organ"]): r["score"] for r in result["rows"] if r["variant"] == "aova"}
+    assert any(abs(r["score"] - aova[(r["case"], r["organ"])]) > 1e-6 for r in free)
     text = markdown(result)
     header = next(line for line in text.splitlines() if line.startswith("| group"))
     assert header.count("Dice / NSD / det.") == 5 and "training_free Dice" in header

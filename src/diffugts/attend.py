@@ -135,6 +135,11 @@ def training_free_maps(method: Method, x: np.ndarray, targets: list[Target],
     return prob[0].float().cpu().numpy(), score[0].float().cpu().numpy()
 
 
+def check_maps(maps: str) -> None:
+    if maps not in MAPS:
+        raise ConfigError(f"unknown maps {maps!r} (one of: {', '.join(MAPS)})")
+
+
 def check_training_free(method: Method) -> None:
     if method.backbone.family != "diffusers2d":
         raise ConfigError(f"{method.package.root}: training-free maps need a backbone with text cross-attention "
@@ -153,8 +158,7 @@ def attend(study_dir, model: str, prompts: list[str], out_dir, *, threshold: flo
     cross-attention maps; 2D diffusers packages, no head needed)."""
     if not prompts:
         raise ConfigError("give at least one --prompt")
-    if maps not in MAPS:
-        raise ConfigError(f"unknown maps {maps!r} (one of: {', '.join(MAPS)})")
+    check_maps(maps)
     study = load_study(study_dir)
     method = method or Method.load(model, device, head=maps == "aova")
     if maps == "training-free":

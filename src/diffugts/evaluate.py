@@ -174,7 +174,7 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
         body = body_mask(case.volume, case.modality)
         baseline = intensity_baseline(case.volume, case.geometry, case.modality) if "baseline" in variants else None
         residual_hu = RESIDUAL_THRESHOLD_HU if case.modality == "CT" else RESIDUAL_THRESHOLD_HU / 600 * (hi - lo)
-        free = training_free_maps(method, x, targets)[0] if "training_free" in variants else None
+        free, free_scores = training_free_maps(method, x, targets) if "training_free" in variants else (None, None)
         for n, organ in enumerate(organs):
             recs = by_family[organ]
             ids = [r["id"] for r in recs]
@@ -198,7 +198,8 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
                     "lesion_type": largest["type"], "types": sorted({r["type"] for r in recs}),
                     "split": "seen" if all(r["split"] == "seen" for r in recs) else "unseen",
                     "dice": dice(pred, truth), "nsd": nsd(pred, truth, case.geometry.spacing[::-1]),
-                    "detected": found, "lesions": total, "score": float(scores[n]),
+                    "detected": found, "lesions": total,
+                    "score": float((free_scores if variant == "training_free" else scores)[n]),
                 })
     return {"model": {"name": method.package.name, "sha256": method.package.sha256},
             "prompt_template": prompt_template, "cases": len(cases), "variants": list(variants), "rows": rows,

@@ -10,7 +10,8 @@ Resampling runs in SimpleITK on the host, or, given a CUDA device (``Backbone.re
 with torch on that device: at 512x512x128 the host resampling between the grids was 1.1 s of
 a 2.8 s study on an H100 (docs/benchmarks.md). Both follow ITK's rules (linear with the edge
 voxels repeated up to half a voxel outside, the fill value beyond; nearest rounds half up) and
-agree to float precision (tests/test_text_and_preprocess.py).
+agree to float precision (tests/test_text_and_preprocess.py); a label voxel can differ where
+rounding puts a position on the other side of an exact half-voxel tie.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def resample_torch(array: np.ndarray, src: Geometry, dst: Geometry, fill: float 
     Not MONAI's ``SpatialResample``: its zero / border padding differs from ITK's at the
     outer half voxel and its nearest mode rounds half to even, and the two paths must give
     the same masks. Source positions are computed in float64 (as ITK does), so exact
-    half-voxel ties round the same way in both.
+    half-voxel ties round the same way in both, up to floating-point rounding.
     """
     import torch
     import torch.nn.functional as F

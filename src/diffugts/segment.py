@@ -27,12 +27,15 @@ class ModelStages:
 
     def __init__(self, model: str, device: str | None = None, synthesis=None, min_volume_ml: float | None = None,
                  seed: int = 0, maps: str = "aova"):
-        from diffugts.attend import Method, load_head
+        from diffugts.attend import Method, check_maps, check_training_free, load_head
         from diffugts.refine import DEFAULT_MIN_VOLUME_ML, RefineHead
         from diffugts.synthesis import Params
 
+        check_maps(maps)
         self.model = model
         self.method = Method.load(model, device, head=maps == "aova")
+        if maps == "training-free":
+            check_training_free(self.method)  # before any stage runs
         self.refine_head = load_head(self.method.package, "refine", RefineHead).to(self.method.device)
         self.params = synthesis or Params()
         self.min_volume_ml = DEFAULT_MIN_VOLUME_ML if min_volume_ml is None else min_volume_ml
@@ -81,12 +84,14 @@ def segment(input_ref: str, out: str | Path, prompts: list[str], *, model: str |
             device: str | None = None, rules: str = "default", resample: bool = False,
             synthesis=None, min_volume_ml: float | None = None, report: bool = True,
             upload: str | None = None, maps: str = "aova", show_progress: bool = True) -> dict:
+    from diffugts.attend import check_maps
     from diffugts.errors import ConfigError
     from diffugts.ingest import ingest
     from diffugts.models.defaults import default_model
 
     if not prompts:
         raise ConfigError("give at least one --prompt")
+    check_maps(maps)  # before ingest
     out = Path(out)
     model = model or default_model()
     folders = {"study": out / "study", "attention": out / "attention", "synthesis": out / "synthesis",
@@ -100,9 +105,10 @@ def segment(input_ref: str, out: str | Path, prompts: list[str], *, model: str |
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(stage)
         if stage == "ingest":
+            # The model first: a package that cannot do what was asked fails before any output.
+            runner = ModelStages(model, device, synthesis, min_volume_ml, maps=maps)
             ingested = ingest(input_ref, folders["study"], rules=rules, resample_grid=resample, show_progress=False)
             result["series"] = ingested.series["series_label"]
-            runner = ModelStages(model, device, synthesis, min_volume_ml, maps=maps)
         elif stage in MODEL_STAGES:
             result[keys[stage]] = runner.run(stage, folders["study"], prompts, folders["attention"],
                                              folders["synthesis"], folders["lesions"])

@@ -21,6 +21,7 @@ def list_studies(
     force: bool,
     run_id: str,
     summary: dsl.Output[dsl.Markdown],
+    maps: str = "aova",
 ) -> list:
     """The studies to process: every input without a ``done`` marker for this model and these
     parameters (all of them with ``force``). Each item: key, input_uri, model_sha256, params_hash.
@@ -33,7 +34,7 @@ def list_studies(
     try:
         listing = plan_run(results_uri, run_id, studies_uri=studies_uri, studies_csv=studies_csv,
                            model_uri=model_uri, prompts=[str(p) for p in prompts], rules=rules, resample=resample,
-                           min_volume_ml=min_volume_ml, force=force)
+                           min_volume_ml=min_volume_ml, force=force, maps=maps)
     except DiffugtsError as err:
         print(f"diffugts: error: {err}", file=sys.stderr)
         sys.exit(2)

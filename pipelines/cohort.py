@@ -39,13 +39,14 @@ def _bookkeeping(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
 
 @dsl.pipeline(name="diffugts-cohort-studies", description="The studies of a cohort run, in parallel.")
 def cohort_studies(pending: list, model_uri: str, prompts: list, rules: str, resample: bool, min_volume_ml: float,
-                   results_uri: str):
+                   results_uri: str, maps: str):
     with dsl.ParallelFor(pending, parallelism=PARALLELISM) as study:
         # Caching stays on for the stages (deterministic given their inputs); the report is
         # published by mark_done, which runs every time.
         # The fused study pipeline: three pods per study instead of five (pipelines/study_fused.py).
         segmented = study_fused_pipeline(input_uri=study.input_uri, model_uri=model_uri, prompts=prompts, rules=rules,
-                                   resample=resample, min_volume_ml=min_volume_ml, upload=False, results_uri="")
+                                   resample=resample, min_volume_ml=min_volume_ml, upload=False, results_uri="",
+                                   maps=maps)
         segmented.set_display_name("Study")
         _bookkeeping(mark_done(report=segmented.output, key=study.key, model_sha256=study.model_sha256,
                                params_hash=study.params_hash, results_uri=results_uri,
@@ -67,6 +68,7 @@ def cohort_pipeline(
     resample: bool = False,
     min_volume_ml: float = 0.1,
     force: bool = False,
+    maps: str = "aova",
 ):
     """Segment a cohort.
 
@@ -80,16 +82,17 @@ def cohort_pipeline(
         resample: Resample gantry-tilted or oblique series instead of rejecting them.
         min_volume_ml: Lesions smaller than this (mL) are dropped.
         force: Process every study, also those done before with this model and these parameters.
+        maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
     """
     record = _bookkeeping(record_run(results_uri=results_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
                           "Record run")
     with dsl.ExitHandler(record, name="cohort"):
         listing = _bookkeeping(list_studies(studies_uri=studies_uri, studies_csv=studies_csv, model_uri=model_uri,
                                             results_uri=results_uri, prompts=prompts, rules=rules, resample=resample,
-                                            min_volume_ml=min_volume_ml, force=force,
+                                            min_volume_ml=min_volume_ml, force=force, maps=maps,
                                             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "List studies")
         studies = cohort_studies(pending=listing.outputs["Output"], model_uri=model_uri, prompts=prompts, rules=rules,
-                                 resample=resample, min_volume_ml=min_volume_ml, results_uri=results_uri)
+                                 resample=resample, min_volume_ml=min_volume_ml, results_uri=results_uri, maps=maps)
         studies.set_display_name("Studies")
         report = cohort_report(results_uri=results_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, rules=rules,
                                resample=resample)

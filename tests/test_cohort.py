@@ -52,6 +52,10 @@ def test_params_hash_follows_every_parameter():
         assert cohort.params_hash(**{**PARAMS, **change}) != base, change
     two = {**PARAMS, "prompts": ["a", "b"]}
     assert cohort.params_hash(**two) != cohort.params_hash(**{**two, "prompts": ["b", "a"]})
+    # The map source: the default keeps the hash studies were marked with before the option
+    # existed (value of the previous release), so adding it re-runs nothing.
+    assert base == "f509b476fc0a2df38150d8b19ba7407f68acc3f6908efa5ef2cc4221feb9b219"
+    assert cohort.params_hash(**PARAMS, maps="aova") == base != cohort.params_hash(**PARAMS, maps="training-free")
 
 
 def test_list_local_folder(tmp_path):

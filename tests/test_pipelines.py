@@ -57,6 +57,9 @@ def test_fused_study_pipeline_has_one_gpu_task_and_the_same_interface(tmp_path):
     # The cohort runs each study through the fused pipeline: no staged GPU tasks in it.
     cohort = paths[2].read_text()
     assert "exec-segment" in cohort and "exec-attend" not in cohort
+    # The cohort takes the study pipelines' model-side choices too.
+    cohort_inputs = set(components.load_component_from_file(str(paths[2])).component_spec.inputs)
+    assert {"model_uri", "prompts", "min_volume_ml", "maps"} <= cohort_inputs
 
 
 def test_library_never_imports_kfp():

@@ -102,10 +102,12 @@ def study_key(input_uri: str) -> str:
     return hashlib.sha256(str(input_uri).rstrip("/").encode()).hexdigest()[:32]
 
 
-def params_hash(prompts, rules: str, resample: bool, min_volume_ml: float) -> str:
+def params_hash(prompts, rules: str, resample: bool, min_volume_ml: float, maps: str = "aova") -> str:
     """Hash of the study parameters that change a study's results (prompt order included)."""
     doc = {"prompts": [str(p) for p in prompts], "rules": str(rules), "resample": bool(resample),
            "min_volume_ml": float(min_volume_ml)}
+    if maps != "aova":  # only then: studies done before the option existed keep their hash
+        doc["maps"] = str(maps)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -183,10 +185,10 @@ def run_uri(results_uri: str, run: str) -> str:
 
 def plan_run(results_uri: str, run: str, *, studies_uri: str = "", studies_csv: str = "", model_uri: str,
              prompts, rules: str = "default", resample: bool = False, min_volume_ml: float = 0.1,
-             force: bool = False) -> dict:
+             force: bool = False, maps: str = "aova") -> dict:
     """List the inputs, split them into pending and skipped (done before with this model and
     these parameters; ``force`` runs everything), and write the run's ``listing.json``."""
-    sha, phash = model_sha256(model_uri), params_hash(prompts, rules, resample, min_volume_ml)
+    sha, phash = model_sha256(model_uri), params_hash(prompts, rules, resample, min_volume_ml, maps)
     pending, skipped = [], []
     for uri in list_inputs(studies_uri, studies_csv):
         key = study_key(uri)

@@ -143,7 +143,7 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
     cases = load_cases(cases_dir)
     method = Method.load(model, device)
     refine_head = load_head(method.package, "refine", RefineHead).to(method.device)
-    threshold = float(method.package.network("aova").get("threshold", 0.5))
+    threshold = default_threshold(method.package, "aova")
     if variants is None:
         variants = CROSS_ATTENTION_VARIANTS if method.backbone.family == "diffusers2d" else VARIANTS
     free_threshold = default_threshold(method.package, "training-free")

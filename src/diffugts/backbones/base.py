@@ -13,6 +13,7 @@ processes them slice by slice behind the same methods, so the stages never chang
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -45,6 +46,30 @@ class Sampler(ABC):
     @abstractmethod
     def step(self, model_out: torch.Tensor, t: float, t_next: float, z_t: torch.Tensor) -> torch.Tensor:
         """One denoising step from ``t`` to ``t_next`` (0 for the last step)."""
+
+
+def grid_size(num_train_timesteps: int, strength: float, steps: int) -> int:
+    """Timesteps of the scheduler grid of which the last ``steps`` start near ``strength * T``
+    (as diffusers' img2img pipelines: ceil(steps / strength), at most T)."""
+    return min(num_train_timesteps, max(steps, math.ceil(steps / max(strength, 1e-3))))
+
+
+class ScheduleSampler(Sampler):
+    """A :class:`Sampler` over a DDIM-style scheduler ``self.s`` (MONAI's or diffusers': both
+    have ``set_timesteps``, ``timesteps``, ``add_noise`` and a ``step`` whose first item is the
+    previous sample). Subclasses build ``self.s`` and set ``num_train_timesteps``."""
+
+    s: object
+
+    def timesteps(self, strength: float, steps: int) -> list[float]:
+        self.s.set_timesteps(grid_size(self.num_train_timesteps, strength, steps))
+        return [float(t) for t in self.s.timesteps if t <= strength * self.num_train_timesteps][:steps]
+
+    def add_noise(self, z0, noise, t):
+        return self.s.add_noise(z0, noise, torch.full((z0.shape[0],), int(t), dtype=torch.long, device=z0.device))
+
+    def step(self, model_out, t, t_next, z_t):
+        return self.s.step(model_out, int(t), z_t)[0]
 
 
 class Backbone(nn.Module, ABC):

@@ -3,11 +3,7 @@
 
 from __future__ import annotations
 
-import math
-
-import torch
-
-from diffugts.backbones.base import Sampler
+from diffugts.backbones.base import ScheduleSampler, grid_size
 from diffugts.errors import ConfigError
 
 # Schedulers whose denoiser input is the unscaled latent and whose step only needs
@@ -23,7 +19,7 @@ def scheduler_args(sched: dict) -> dict:
     return {k: v for k, v in sched.get("args", {}).items() if not k.startswith("_")}
 
 
-class DDIMSampler(Sampler):
+class DDIMSampler(ScheduleSampler):
     """diffusers' DDIMScheduler (deterministic, eta = 0) over the betas the model was trained
     with (taken from the package's scheduler configuration, whatever its class)."""
 
@@ -33,17 +29,6 @@ class DDIMSampler(Sampler):
         # Latents are not images: never clip the predicted x0 to [-1, 1].
         self.s = DDIMScheduler.from_config({**scheduler_args(sched), "clip_sample": False})
         self.num_train_timesteps = int(self.s.config.num_train_timesteps)
-
-    def timesteps(self, strength: float, steps: int) -> list[float]:
-        full = min(self.num_train_timesteps, max(steps, math.ceil(steps / max(strength, 1e-3))))
-        self.s.set_timesteps(full)
-        return [float(t) for t in self.s.timesteps if t <= strength * self.num_train_timesteps][:steps]
-
-    def add_noise(self, z0, noise, t):
-        return self.s.add_noise(z0, noise, torch.full((z0.shape[0],), int(t), dtype=torch.long, device=z0.device))
-
-    def step(self, model_out, t, t_next, z_t):
-        return self.s.step(model_out, int(t), z_t).prev_sample
 
 
 class NativeSampler(DDIMSampler):
@@ -68,9 +53,7 @@ class NativeSampler(DDIMSampler):
         self._expect: list[float] = []
 
     def timesteps(self, strength: float, steps: int) -> list[float]:
-        # As diffusers' img2img pipelines: ``steps`` of a grid of ceil(steps / strength).
-        full = min(self.num_train_timesteps, max(steps, math.ceil(steps / max(strength, 1e-3))))
-        self.s.set_timesteps(full)
+        self.s.set_timesteps(grid_size(self.num_train_timesteps, strength, steps))
         grid = [float(t) for t in self.s.timesteps]
         begin = next((i for i, t in enumerate(grid) if t <= strength * self.num_train_timesteps), len(grid) - 1)
         if hasattr(self.s, "set_begin_index"):

@@ -24,7 +24,7 @@ from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import Diff
 from monai.networks.schedulers import DDIMScheduler, RFlowScheduler
 from torch import nn
 
-from diffugts.backbones.base import Backbone, FeatureSpec, Sampler
+from diffugts.backbones.base import Backbone, FeatureSpec, Sampler, ScheduleSampler, grid_size
 from diffugts.errors import ConfigError
 
 # Denoiser features are read at this fraction of the noise schedule: enough noise to put
@@ -75,8 +75,8 @@ class RFlowSampler(Sampler):
 
     def timesteps(self, strength: float, steps: int) -> list[float]:
         t0 = strength * self.num_train_timesteps
-        full = min(self.num_train_timesteps, max(steps, math.ceil(steps / max(strength, 1e-3))))
-        self.s.set_timesteps(full, input_img_size_numel=self.latent_numel)
+        self.s.set_timesteps(grid_size(self.num_train_timesteps, strength, steps),
+                             input_img_size_numel=self.latent_numel)
         later = [float(t) for t in self.s.timesteps if float(t) < t0 - 1e-3]
         return [t0] + later[: steps - 1]
 
@@ -89,24 +89,13 @@ class RFlowSampler(Sampler):
         return z_t + model_out * (float(t) - float(t_next)) / self.num_train_timesteps
 
 
-class DDIMSampler(Sampler):
+class DDIMSampler(ScheduleSampler):
     """DDIM over the betas a DDPM model (MAISI v1) was trained with: deterministic, few steps."""
 
     def __init__(self, args: dict):
         args = {k: v for k, v in args.items() if k not in ("variance_type",)}
         self.s = DDIMScheduler(**{**args, "clip_sample": False})
         self.num_train_timesteps = self.s.num_train_timesteps
-
-    def timesteps(self, strength: float, steps: int) -> list[float]:
-        full = min(self.num_train_timesteps, max(steps, math.ceil(steps / max(strength, 1e-3))))
-        self.s.set_timesteps(full)
-        return [float(t) for t in self.s.timesteps if t <= strength * self.num_train_timesteps][:steps]
-
-    def add_noise(self, z0, noise, t):
-        return self.s.add_noise(z0, noise, torch.full((z0.shape[0],), int(t), device=z0.device, dtype=torch.long))
-
-    def step(self, model_out, t, t_next, z_t):
-        return self.s.step(model_out, int(t), z_t)[0]
 
 
 class MaisiBackbone(Backbone):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,6 +21,31 @@ from diffugts.backbones.maisi import MaisiBackbone
 from diffugts.progress import progress
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Fitted:
+    """What backbone training (3D here, 2D in :mod:`diffugts.train.backbone2d`) reports into
+    the package's provenance."""
+
+    vae_curve: list[float]
+    unet_curve: list[float]
+    vae_seconds: float
+    denoiser_seconds: float
+    details: dict
+    curves: dict[str, list[float]] = field(default_factory=dict)  # parts of the denoiser's loss
+
+
+def fit_backbone_3d(backbone: MaisiBackbone, cases, vae_steps: int, denoiser_steps: int, seed: int, spacing,
+                    show_progress: bool = True) -> Fitted:
+    """The VAE on every case, then the denoiser on the healthy ones."""
+    t0 = time.perf_counter()
+    vae_curve = train_vae(backbone, [c.x for c in cases], vae_steps, seed, show_progress=show_progress)
+    t1 = time.perf_counter()
+    healthy = [c.x for c in cases if not c.records]
+    unet_curve = train_denoiser(backbone, healthy, denoiser_steps, seed, spacing=spacing, show_progress=show_progress)
+    return Fitted(vae_curve, unet_curve, t1 - t0, time.perf_counter() - t1,
+                  {"denoiser_data": "healthy CT phantoms only"})
 
 
 def random_crops(arrays: list[np.ndarray], crop: tuple[int, int, int], batch: int, rng: np.random.Generator) -> np.ndarray:

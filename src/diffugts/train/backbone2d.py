@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from diffugts.backbones.diffusers2d import Diffusers2DBackbone
 from diffugts.backbones.diffusers_samplers import scheduler_args
 from diffugts.progress import progress
-from diffugts.train.backbone import _update, cosine_lr
+from diffugts.train.backbone import Fitted, _update, cosine_lr
 from diffugts.train.data import TrainingCase
 
 # A slice this close to a lesion may still show its rim or mass effect: not "healthy".
@@ -291,18 +291,6 @@ class WordTokens:
             out.append(list(range(at, at + len(piece))))
             start = at + len(piece)
         return out
-
-
-@dataclass
-class Fitted:
-    """What backbone training reports into the package's provenance."""
-
-    vae_curve: list[float]
-    unet_curve: list[float]
-    vae_seconds: float
-    denoiser_seconds: float
-    details: dict
-    curves: dict[str, list[float]] = field(default_factory=dict)  # parts of the denoiser's loss
 
 
 def fit_backbone_2d(backbone: Diffusers2DBackbone, cases: list[TrainingCase], vae_steps: int, denoiser_steps: int,

@@ -49,7 +49,9 @@ def train_backbone(out: Path, config_name: str = "demo", seed: int = 0, cases: i
         fitted = fit_backbone_2d(backbone, data, vae_steps, denoiser_steps, seed, show_progress)
         config["vae"] = backbone.config["vae"]  # carries the trained latent scaling_factor
     else:
-        fitted = _fit_backbone_3d(backbone, data, vae_steps, denoiser_steps, seed, prep, show_progress)
+        from diffugts.train.backbone import fit_backbone_3d
+
+        fitted = fit_backbone_3d(backbone, data, vae_steps, denoiser_steps, seed, prep.spacing_mm, show_progress)
     training = {
         "cases": cases, "case_seed": R.BACKBONE_SEED + seed, "vae_steps": vae_steps,
         "denoiser_steps": denoiser_steps, "vae_loss_first_last": _ends(fitted.vae_curve),
@@ -61,21 +63,6 @@ def train_backbone(out: Path, config_name: str = "demo", seed: int = 0, cases: i
     manifest = base_manifest(f"{config_name}-phantom", config_name, config, backbone.scale_factor, {
         "kind": "trained", "command": command_line(), "seed": seed, "backbone_training": training})
     return write_package(out, manifest, {"vae": backbone.vae.state_dict(), "unet": backbone.unet.state_dict()})
-
-
-def _fit_backbone_3d(backbone, data, vae_steps: int, denoiser_steps: int, seed: int, prep: Preprocessing,
-                     show_progress: bool):
-    from diffugts.train.backbone import train_denoiser, train_vae
-    from diffugts.train.backbone2d import Fitted
-
-    t0 = time.perf_counter()
-    vae_curve = train_vae(backbone, [c.x for c in data], vae_steps, seed, show_progress=show_progress)
-    t1 = time.perf_counter()
-    healthy = [c.x for c in data if not c.records]
-    unet_curve = train_denoiser(backbone, healthy, denoiser_steps, seed, spacing=prep.spacing_mm,
-                                show_progress=show_progress)
-    return Fitted(vae_curve, unet_curve, t1 - t0, time.perf_counter() - t1,
-                  {"denoiser_data": "healthy CT phantoms only"})
 
 
 def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 60, steps: int = 1200,

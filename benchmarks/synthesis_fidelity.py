@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--png", default=None, help="write the before / after picture here")
     ap.add_argument("--modality", default="CT", help="only cases of this modality (CT or MR; 'any' for all)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the method's)")
+    ap.add_argument("--strength", type=float, default=None, help="noise level to start from (default: the method's)")
     args = ap.parse_args()
 
     from diffugts.backbones import load_backbone
@@ -44,7 +46,8 @@ def main() -> None:
     pkg = open_package(args.model or default_model())
     backbone = load_backbone(pkg, "cpu")
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
-    params = Params()
+    params = Params(**{k: v for k, v in (("steps", args.steps), ("strength", args.strength)) if v is not None})
+    params.validate()
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     examples: dict[str, tuple] = {}
     for case in load_cases(args.cases):

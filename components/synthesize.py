@@ -19,7 +19,7 @@ def synthesize(
     target: int = -1,
     dilation_mm: float = 8.0,
     strength: float = 0.8,
-    steps: int = 20,
+    steps: int = 10,
     jumps: int = 0,
     seed: int = 0,
     context_mm: float = 48.0,

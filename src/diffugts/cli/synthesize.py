@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--dilation-mm", type=float, default=8.0, help="grow the mask by this many mm (default 8)")
     p.add_argument("--strength", type=float, default=0.8,
                    help="starting noise level, fraction of the schedule, (0, 1] (default 0.8)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
     p.add_argument("--no-harmonise", dest="harmonise", action="store_false",
                    help="keep the generator's intensity as it is (default: shift H by the median x - H of the "
                         "regenerated ring around the mask)")

@@ -29,6 +29,9 @@ def register(sub) -> None:
     a.add_argument("--cases", type=int, default=60)
     a.add_argument("--steps", type=int, default=1200)
     a.add_argument("--dim", type=int, default=64)
+    a.add_argument("--synthetic-cases", type=int, default=0,
+                   help="extra healthy cases with generic synthetic anomalies painted into seen organs "
+                        "(the demo recipe uses 40)")
     a.add_argument("--features", default=None,
                    help="comma-separated backbone feature maps (default: the demo recipe's, or every scale but the "
                         "finest for backbones without them)")
@@ -65,7 +68,7 @@ def _aova(args) -> int:
 
     features = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
     pkg = train_aova_head(args.model, Path(args.out) if args.out else None, args.seed, args.cases, args.steps,
-                          args.dim, features, show_progress=not args.quiet)
+                          args.dim, features, show_progress=not args.quiet, synthetic_cases=args.synthetic_cases)
     dice = pkg.manifest["provenance"]["aova_training"]["held_out_seen_dice"]
     print(f"wrote {pkg.root} (held-out seen Dice of the coarse map: {dice})")
     return 0

@@ -14,6 +14,8 @@ from diffugts.errors import ConfigError
 BACKBONE_SEED = 1000
 AOVA_SEED = 2000
 REFINE_SEED = 3000
+SYNTHETIC_INDEX = 1000  # healthy cases for synthetic anomalies: indices from here in the AOVA seed range
+SYNTHETIC_STREAM = 77  # the anomalies' own random stream, apart from the phantoms'
 AOVA_FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
 
 
@@ -36,6 +38,10 @@ class DemoRecipe:
     aova_cases: int = 40
     aova_steps: int = 1500
     aova_dim: int = 32
+    # Healthy cases with generic synthetic anomalies (train/anomalies.py) beside the seen
+    # ones. Off: two trainings with 40 (and one with 80) were no better than none on
+    # development seeds (docs/benchmarks.md#generic-synthetic-anomalies).
+    aova_synthetic_cases: int = 0
     refine_cases: int = 30
     refine_steps: int = 900
     # None: the backbone's default scales (default_features)

@@ -67,7 +67,10 @@ def train_backbone(out: Path, config_name: str = "demo", seed: int = 0, cases: i
 
 def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 60, steps: int = 1200,
                     dim: int = 64, features: list[str] | None = None, show_progress: bool = True,
-                    phantom_shape=None) -> ModelPackage:
+                    phantom_shape=None, synthetic_cases: int = 0) -> ModelPackage:
+    """``synthetic_cases``: healthy cases with generic synthetic anomalies added to the seen
+    ones (diffugts.train.anomalies)."""
+    from diffugts.train.anomalies import add_anomalies
     from diffugts.train.aova import evaluate_dice, train_aova
 
     pkg = open_package(model)
@@ -77,6 +80,10 @@ def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, c
     text = TextEncoder()
     data = [phantom_case(R.AOVA_SEED + seed, i, prep, split="seen", healthy=(i % 6 == 0), shape=phantom_shape)
             for i in progress(range(cases), desc="phantoms", unit="case", enable=show_progress)]
+    rng = np.random.default_rng([R.AOVA_SEED + seed, R.SYNTHETIC_STREAM])
+    data += [add_anomalies(phantom_case(R.AOVA_SEED + seed, R.SYNTHETIC_INDEX + i, prep, split="seen", healthy=True,
+                                        shape=phantom_shape), prep.spacing_mm, rng)
+             for i in progress(range(synthetic_cases), desc="synthetic anomalies", unit="case", enable=show_progress)]
     held_out = [phantom_case(R.AOVA_SEED + seed + 500, i, prep, split="seen", shape=phantom_shape) for i in range(4)]
     t0 = time.perf_counter()
     result = train_aova(backbone, text, data, feature_names=features, spacing=prep.spacing_mm, steps=steps,
@@ -88,6 +95,8 @@ def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, c
     losses = [h["loss"] for h in result.history]
     return add_networks(pkg, {"aova": (entry, result.head.state_dict())}, out=out, provenance={
         "aova_training": {"command": command_line(), "seed": seed, "cases": cases, "case_seed": R.AOVA_SEED + seed,
+                          "synthetic_cases": synthetic_cases,
+                          "synthetic_lesions": sum(r["type"] == "synthetic" for c in data for r in c.records),
                           "steps": steps, "dim": dim, "loss_first_last": _ends(losses), "seconds": round(seconds, 1),
                           "held_out_seen_dice": None if val is None else round(val, 4)}})
 
@@ -139,7 +148,7 @@ def train_demo(out: Path, recipe: R.DemoRecipe, show_progress: bool = True) -> M
                    show_progress, phantom_shape=shape)
     # features None: the backbone's own default scales (R.default_features).
     train_aova_head(out, None, recipe.seed, recipe.aova_cases, recipe.aova_steps, recipe.aova_dim,
-                    recipe.features, show_progress, phantom_shape=shape)
+                    recipe.features, show_progress, phantom_shape=shape, synthetic_cases=recipe.aova_synthetic_cases)
     pkg = train_refine_head(out, None, recipe.seed, recipe.refine_cases, recipe.refine_steps,
                             show_progress=show_progress, phantom_shape=shape)
     manifest_provenance = {"recipe": recipe.as_dict(), "command": command_line(),

@@ -1,0 +1,98 @@
+"""Generic synthetic anomalies for training the AOVA head.
+
+The head sees few real lesions (a seen-type case carries one or two), and learns their
+particular looks rather than "unlike the tissue around it". Self-supervised anomaly
+detection answers this with synthetic anomalies (DRAEM, CutPaste, foreign-patch
+interpolation); we paint generic ones into training cases on the model grid, before the
+frozen backbone sees them:
+
+- a blob: an ellipsoid, its surface perturbed by smooth noise, 6-50 mm across, inside a
+  *seen* organ (liver, kidneys: the zero-shot protocol keeps pancreas and spleen unseen);
+- a shift of the organ's own intensity by +-15..80 HU (either sign: no one lesion type),
+  with smooth texture and a soft edge of random width, so the local noise stays the organ's.
+
+Nothing here is a lesion type of the phantom library (no rim, no necrotic core, no
+multiplicity rule): the head learns deviation as such. The painted blob joins the case's
+lesion map like a real lesion, with generic prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy import ndimage
+
+from diffugts.phantom.grid import smooth_noise
+from diffugts.phantom.shapes import ellipsoid, ramp, rotation
+from diffugts.phantom.split import SEEN_ORGANS
+from diffugts.train.aova import organ_family
+from diffugts.train.data import TrainingCase
+
+PROMPTS = ("{organ} lesion", "{organ} tumor", "abnormal {organ} tissue")
+
+
+@dataclass(frozen=True)
+class AnomalySpec:
+    """Ranges a synthetic anomaly is drawn from (decisions; see the module docstring)."""
+
+    count: tuple[int, int] = (1, 3)  # per case
+    diameter_mm: tuple[float, float] = (6.0, 50.0)
+    contrast_hu: tuple[float, float] = (15.0, 80.0)  # magnitude; the sign is random
+    texture_hu: tuple[float, float] = (0.0, 15.0)
+    edge_mm: tuple[float, float] = (0.5, 4.0)
+    lobulation: tuple[float, float] = (0.0, 0.35)
+    hu_range: float = 600.0  # the CT window's width: HU per unit of the model-grid image
+
+
+def add_anomalies(case: TrainingCase, spacing_mm, rng: np.random.Generator,
+                  spec: AnomalySpec = AnomalySpec()) -> TrainingCase:
+    """A copy of ``case`` with generic anomalies painted into its seen organs (CT only)."""
+    if case.modality != "CT":
+        raise ValueError("synthetic anomalies are painted in CT training cases only")
+    hosts = [(label, name) for label, name in case.organ_names.items()
+             if name in SEEN_ORGANS and (case.organs == label).any()]
+    x, lesions, records = case.x.copy(), case.lesions.copy(), list(case.records)
+    if not hosts:
+        return replace(case, x=x, lesions=lesions, records=records)
+    sp = np.asarray(spacing_mm, dtype=np.float64)[::-1]  # (z, y, x) mm
+    next_id = int(lesions.max()) + 1
+    for _ in range(int(rng.integers(spec.count[0], spec.count[1] + 1))):
+        label, name = hosts[int(rng.integers(len(hosts)))]
+        organ = (case.organs == label) & (lesions == 0)
+        mask, weight = _blob(organ, sp, rng, spec)
+        if mask is None:
+            continue
+        sign = 1.0 if rng.random() < 0.5 else -1.0
+        shift = sign * rng.uniform(*spec.contrast_hu)
+        texture = rng.uniform(*spec.texture_hu) * smooth_noise(rng, x.shape, 1.5 / sp)
+        x += weight * ((shift + texture) / spec.hu_range).astype(np.float32)
+        lesions[mask] = next_id
+        fam = organ_family(name)
+        records.append({"id": next_id, "type": "synthetic", "organ": name, "split": "seen",
+                        "prompts": [p.format(organ=fam) for p in PROMPTS], "voxels": int(mask.sum())})
+        next_id += 1
+    return replace(case, x=np.clip(x, 0.0, 1.0), lesions=lesions, records=records)
+
+
+def _blob(organ: np.ndarray, sp: np.ndarray, rng, spec: AnomalySpec):
+    """(mask, soft weight) of one blob centred in ``organ``, or (None, None) if none fits."""
+    dist = ndimage.distance_transform_edt(organ, sampling=sp)
+    r = float(np.exp(rng.uniform(*np.log(spec.diameter_mm)))) / 2
+    r = min(r, float(dist.max()) * 1.2)
+    cand = np.flatnonzero(dist.ravel() >= min(0.6 * r, dist.max() * 0.9))
+    if r < 2.0 or not len(cand):
+        return None, None
+    c = np.array(np.unravel_index(cand[int(rng.integers(len(cand)))], organ.shape))
+    Z, Y, X = np.meshgrid(*[(np.arange(n) - ci) * d for n, ci, d in zip(organ.shape, c, sp)], indexing="ij")
+    q = ellipsoid(Z.astype(np.float32), Y.astype(np.float32), X.astype(np.float32), (0, 0, 0),
+                  r * rng.uniform(0.7, 1.3, 3), rotation(*rng.uniform(0, 180, 3)))
+    lob = rng.uniform(*spec.lobulation)
+    if lob > 0:
+        q = q / np.maximum(1 + np.float32(lob) * smooth_noise(rng, q.shape, rng.uniform(4, 12) / sp), 0.3)
+    mask = (q < 1) & organ
+    if mask.sum() < 4:
+        return None, None
+    weight = ramp((q - 1.0) * r, rng.uniform(*spec.edge_mm)) * organ
+    weight[mask] = np.maximum(weight[mask], 0.5)
+    return mask, weight.astype(np.float32)

@@ -31,7 +31,7 @@ def register(sub) -> None:
     a.add_argument("--dim", type=int, default=64)
     a.add_argument("--synthetic-cases", type=int, default=0,
                    help="extra healthy cases with generic synthetic anomalies painted into seen organs "
-                        "(the demo recipe uses 40)")
+                        "(default 0, as in the demo recipe)")
     a.add_argument("--features", default=None,
                    help="comma-separated backbone feature maps (default: the demo recipe's, or every scale but the "
                         "finest for backbones without them)")

@@ -26,6 +26,7 @@ from scipy import ndimage
 from diffugts.phantom.grid import smooth_noise
 from diffugts.phantom.shapes import ellipsoid, ramp, rotation
 from diffugts.phantom.split import SEEN_ORGANS
+from diffugts.preprocess import Preprocessing, intensity_range
 from diffugts.train.aova import organ_family
 from diffugts.train.data import TrainingCase
 
@@ -42,12 +43,12 @@ class AnomalySpec:
     texture_hu: tuple[float, float] = (0.0, 15.0)
     edge_mm: tuple[float, float] = (0.5, 4.0)
     lobulation: tuple[float, float] = (0.0, 0.35)
-    hu_range: float = 600.0  # the CT window's width: HU per unit of the model-grid image
 
 
-def add_anomalies(case: TrainingCase, spacing_mm, rng: np.random.Generator,
+def add_anomalies(case: TrainingCase, prep: Preprocessing, rng: np.random.Generator,
                   spec: AnomalySpec = AnomalySpec()) -> TrainingCase:
-    """A copy of ``case`` with generic anomalies painted into its seen organs (CT only)."""
+    """A copy of ``case`` (on ``prep``'s model grid) with generic anomalies painted into its
+    seen organs (CT only)."""
     if case.modality != "CT":
         raise ValueError("synthetic anomalies are painted in CT training cases only")
     hosts = [(label, name) for label, name in case.organ_names.items()
@@ -55,7 +56,8 @@ def add_anomalies(case: TrainingCase, spacing_mm, rng: np.random.Generator,
     x, lesions, records = case.x.copy(), case.lesions.copy(), list(case.records)
     if not hosts:
         return replace(case, x=x, lesions=lesions, records=records)
-    sp = np.asarray(spacing_mm, dtype=np.float64)[::-1]  # (z, y, x) mm
+    sp = np.asarray(prep.spacing_mm, dtype=np.float64)[::-1]  # (z, y, x) mm
+    lo, hi = intensity_range(x, "CT", prep)  # the image is (HU - lo) / (hi - lo)
     next_id = int(lesions.max()) + 1
     for _ in range(int(rng.integers(spec.count[0], spec.count[1] + 1))):
         label, name = hosts[int(rng.integers(len(hosts)))]
@@ -66,7 +68,7 @@ def add_anomalies(case: TrainingCase, spacing_mm, rng: np.random.Generator,
         sign = 1.0 if rng.random() < 0.5 else -1.0
         shift = sign * rng.uniform(*spec.contrast_hu)
         texture = rng.uniform(*spec.texture_hu) * smooth_noise(rng, x.shape, 1.5 / sp)
-        x += weight * ((shift + texture) / spec.hu_range).astype(np.float32)
+        x += weight * ((shift + texture) / (hi - lo)).astype(np.float32)
         lesions[mask] = next_id
         fam = organ_family(name)
         records.append({"id": next_id, "type": "synthetic", "organ": name, "split": "seen",

@@ -82,7 +82,7 @@ def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, c
             for i in progress(range(cases), desc="phantoms", unit="case", enable=show_progress)]
     rng = np.random.default_rng([R.AOVA_SEED + seed, R.SYNTHETIC_STREAM])
     data += [add_anomalies(phantom_case(R.AOVA_SEED + seed, R.SYNTHETIC_INDEX + i, prep, split="seen", healthy=True,
-                                        shape=phantom_shape), prep.spacing_mm, rng)
+                                        shape=phantom_shape), prep, rng)
              for i in progress(range(synthetic_cases), desc="synthetic anomalies", unit="case", enable=show_progress)]
     held_out = [phantom_case(R.AOVA_SEED + seed + 500, i, prep, split="seen", shape=phantom_shape) for i in range(4)]
     t0 = time.perf_counter()

@@ -64,6 +64,9 @@ def test_resampling_on_the_device_gives_the_same_study(model, tmp_path, monkeypa
     case = write_case(generate_case(spec), tmp_path / "case")
     args = ["-q", "segment", str(case / "dicom"), "--model", str(model.root), "--prompt", "liver tumor",
             "--no-report", "--out"]
+    # Threshold 0: the random head's maps cover the study, so synthesis and refinement work
+    # (refinement skips targets without a region, and a random head may find none at 0.5).
+    monkeypatch.setattr("diffugts.attend.default_threshold", lambda *a, **k: 0.0)
     assert main([*args, str(tmp_path / "host")]) == 0
     import diffugts.preprocess as preprocess
 
@@ -162,3 +165,107 @@ def test_target_region_grows_a_prompts_own_mask_only():
     assert grown[10, 20, 24] and not grown[10, 20, 25]  # 4 mm in-plane at 1 mm
     assert grown[12, 20, 20] and not grown[13, 20, 20]  # 2 slices of 2 mm
     assert not target_region(np.zeros(g.shape, bool), g, 4.0).any()
+
+
+def test_refine_probability_batches_targets_without_changing_them():
+    """All targets in one pass give each target's map as one at a time (batch norm is fixed)."""
+    import torch
+
+    from diffugts.refine import IN_CHANNELS, RefineHead, refine_probability
+
+    torch.manual_seed(0)
+    head = RefineHead(features=(4, 8, 8, 16, 16, 4)).eval()
+    rng = np.random.default_rng(0)
+    shared = rng.random((IN_CHANNELS - 1, 16, 32, 32), dtype=np.float32)
+    coarse = rng.random((3, 16, 32, 32), dtype=np.float32)
+    batched = refine_probability(head, shared, coarse, roi=(16, 16, 16))
+    assert batched.shape == coarse.shape
+    for n in range(3):
+        one = refine_probability(head, shared, coarse[n], roi=(16, 16, 16))
+        assert one.shape == coarse[n].shape
+        np.testing.assert_allclose(batched[n], one, atol=1e-5)
+    assert not np.allclose(batched[0], batched[1], atol=1e-3)  # each target's own map
+
+
+def _artifacts(model, case, out):
+    """attend + synthesize artifacts of the case (random model), for refine() to read."""
+    args = ["-q", "segment", str(case / "dicom"), "--model", str(model.root), "--no-report", "--out", str(out)]
+    for prompt in ("liver tumor", "kidney cyst", "spleen lesion"):
+        args += ["--prompt", prompt]
+    assert main(args) == 0
+    return json.loads((out / "attention" / "attention.json").read_text())["targets"]
+
+
+def _rewrite(path, array):
+    ref = sitk.ReadImage(str(path))
+    image = sitk.GetImageFromArray(array.astype(sitk.GetArrayViewFromImage(ref).dtype))
+    image.CopyInformation(ref)
+    sitk.WriteImage(image, str(path))
+
+
+def test_refine_skips_targets_without_a_region_and_batches_the_rest(model, case, tmp_path, monkeypatch):
+    import shutil
+
+    import diffugts.refine as refine_module
+
+    out = tmp_path / "seg"
+    targets = _artifacts(model, case, out)
+    att, syn = out / "attention", out / "synthesis"
+    shape = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "study" / "volume.nii"))).shape
+    # Target 0 and 2 point at two boxes inside the body, target 1 at nothing; synthesis
+    # "inpainted" both boxes (the refined masks must stay inside them).
+    k, j, i = (s // 2 for s in shape)
+    boxes = [np.zeros(shape, bool) for _ in range(3)]
+    boxes[0][k - 3:k + 3, j - 6:j, i - 6:i] = True
+    boxes[2][k - 3:k + 3, j:j + 6, i:i + 6] = True
+    for n, t in enumerate(targets):
+        _rewrite(att / t["map"], boxes[n].astype(np.float32) * 0.9)
+    _rewrite(syn / "inpaint_mask.nii.gz", np.logical_or.reduce([
+        ndimage_dilate(b) for b in boxes]).astype(np.uint8))
+    calls = []
+    real = refine_module.refine_probability
+    monkeypatch.setattr(refine_module, "refine_probability",
+                        lambda head, shared, coarse, roi=None: calls.append(np.shape(coarse)) or real(head, shared, coarse, roi))
+    summary = refine_module.refine(out / "study", att, syn, str(model.root), tmp_path / "three")
+    assert [c[0] for c in calls] == [2]  # targets 0 and 2 in one pass, target 1 not at all
+    assert summary["targets"][1]["lesion_ids"] == []
+
+    def mask(run, n):
+        entry = json.loads((tmp_path / run / "lesions.json").read_text())["targets"][n]
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / run / entry["mask"]))) > 0
+
+    assert not mask("three", 1).any()
+    # Target 0 alone (an attention artifact with only its entry) gives the same mask.
+    alone = tmp_path / "att-alone"
+    shutil.copytree(att, alone)
+    meta = json.loads((att / "attention.json").read_text())
+    meta["targets"] = meta["targets"][:1]
+    (alone / "attention.json").write_text(json.dumps(meta))
+    refine_module.refine(out / "study", alone, syn, str(model.root), tmp_path / "one")
+    assert (mask("one", 0) == mask("three", 0)).all()
+
+
+def test_refine_of_a_study_with_no_region_loads_no_networks(model, case, tmp_path, monkeypatch):
+    import diffugts.refine as refine_module
+
+    out = tmp_path / "seg"
+    targets = _artifacts(model, case, out)
+    for t in targets:
+        path = out / "attention" / t["map"]
+        _rewrite(path, np.zeros_like(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))))
+
+    def boom(*a, **k):
+        raise AssertionError("no feature pass expected")
+
+    monkeypatch.setattr(refine_module, "shared_inputs", boom)
+    monkeypatch.setattr("diffugts.backbones.load_backbone", boom)
+    summary = refine_module.refine(out / "study", out / "attention", out / "synthesis", str(model.root),
+                                   tmp_path / "lesions")
+    assert [t["lesion_ids"] for t in summary["targets"]] == [[], [], []]
+    assert (tmp_path / "lesions" / "lesions.json").is_file()
+
+
+def ndimage_dilate(mask):
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=2)

@@ -168,24 +168,30 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
         else:
             pseudo = case.volume.copy()
         lo, hi = intensity_range(case.volume, case.modality, method.prep)
-        h = space.to_model(np.clip((pseudo - lo) / (hi - lo), 0, 1) if case.modality == "CT"
-                           else (pseudo - lo) / (hi - lo))
-        shared = shared_inputs(method.backbone, x, h, space.to_model(region.dilated.astype(np.float32)) > 0.5)
         body = body_mask(case.volume, case.modality)
         baseline = intensity_baseline(case.volume, case.geometry, case.modality) if "baseline" in variants else None
         residual_hu = RESIDUAL_THRESHOLD_HU if case.modality == "CT" else RESIDUAL_THRESHOLD_HU / 600 * (hi - lo)
         free, free_scores = training_free_maps(method, x, targets) if "training_free" in variants else (None, None)
+        owns = [target_region(c >= threshold, case.geometry, Params().dilation_mm) for c in coarse]
+        run = [n for n, own in enumerate(owns) if (own & body).any()]  # as refine(): no region, no head pass
+        full = [np.zeros(case.volume.shape, bool) for _ in organs]
+        if run:
+            h = space.to_model(np.clip((pseudo - lo) / (hi - lo), 0, 1) if case.modality == "CT"
+                               else (pseudo - lo) / (hi - lo))
+            shared = shared_inputs(method.backbone, x, h, space.to_model(region.dilated.astype(np.float32)) > 0.5)
+            refined = refine_probability(refine_head, shared, np.stack([space.to_model(coarse[n]) for n in run]))
+            for n, p in zip(run, refined):
+                full[n] = (np.clip(space.to_study(p), 0, 1) >= 0.5) & owns[n] & body
         for n, organ in enumerate(organs):
             recs = by_family[organ]
             ids = [r["id"] for r in recs]
             truth = np.isin(case.lesions, ids)
-            refined = np.clip(space.to_study(refine_probability(refine_head, shared, space.to_model(coarse[n]))), 0, 1)
-            own = target_region(coarse[n] >= threshold, case.geometry, Params().dilation_mm)
+            own = owns[n]
             preds = {
                 "baseline": baseline,
                 "aova": coarse[n] >= threshold,
                 "residual": (np.abs(case.volume - pseudo) > residual_hu) & own,
-                "full": (refined >= 0.5) & own & body,
+                "full": full[n],
             }
             if free is not None:
                 preds["training_free"] = np.clip(space.to_study(free[n]), 0, 1) >= free_threshold

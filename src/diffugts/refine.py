@@ -70,16 +70,24 @@ def shared_inputs(backbone: Backbone, x: np.ndarray, h: np.ndarray, region: np.n
 @torch.no_grad()
 def refine_probability(head: RefineHead, shared: np.ndarray | torch.Tensor, coarse: np.ndarray, roi=None,
                        bf16: bool = True) -> np.ndarray:
-    """Refined probability on the model grid for one target (bf16 autocast on CUDA)."""
+    """Refined probability on the model grid (bf16 autocast on CUDA): one target's coarse map
+    (*S) -> (*S), or several targets' (T, *S) -> (T, *S) in one batched pass (batch norm is
+    fixed at inference, so a target's map does not depend on the others in its batch)."""
     from monai.inferers import sliding_window_inference
 
     device = next(head.parameters()).device
     shared = shared if isinstance(shared, torch.Tensor) else torch.from_numpy(shared)
-    inp = torch.cat([shared.to(device), torch.from_numpy(coarse.astype(np.float32))[None].to(device)])[None]
+    coarse = np.asarray(coarse, dtype=np.float32)
+    single = coarse.ndim == shared.ndim - 1
+    maps = torch.from_numpy(coarse[None] if single else coarse).to(device)[:, None]
+    shared = shared.to(device)[None].expand(len(maps), *shared.shape)
+    inp = torch.cat([shared, maps], 1)
     roi = tuple(min(r, s) for r, s in zip(roi or inp.shape[2:], inp.shape[2:]))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
-        logits = sliding_window_inference(inp, roi, sw_batch_size=1, predictor=head, overlap=0.25, mode="gaussian")
-    return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+        logits = sliding_window_inference(inp, roi, sw_batch_size=len(maps), predictor=head, overlap=0.25,
+                                          mode="gaussian")
+    prob = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+    return prob[0] if single else prob
 
 
 def target_region(coarse_mask: np.ndarray, geometry, dilation_mm: float) -> np.ndarray:
@@ -142,35 +150,42 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
     syn = _read_json(synthesis_dir / "synthesis.json", "a synthesis artifact (run `diffugts synthesize`)")
     pkg = open_package(model)
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
-    dev = pick_device(device) if backbone is None else next(backbone.parameters()).device
-    backbone = backbone or load_backbone(pkg, dev)
-    head = (head or load_head(pkg, "refine", RefineHead)).to(dev)
 
     files = syn.get("files", {})
     pseudo = read_mask_image(synthesis_dir / files.get("pseudo_healthy", "pseudo_healthy.nii.gz"),
                              study.geometry.shape).astype(np.float32)
     inpainted = read_mask_image(synthesis_dir / files.get("inpaint_mask", "inpaint_mask.nii.gz"),
                                 study.geometry.shape) > 0
-    x, space = to_model(study.volume, study.geometry, study.modality, prep, device=backbone.resample_device)
-    # H is normalised with the input's own range so x - H is a pure residual.
-    lo, hi = intensity_range(study.volume, study.modality, prep)
-    h = space.to_model(((pseudo - lo) / (hi - lo)).astype(np.float32))
-    if study.modality == "CT":
-        h = np.clip(h, 0.0, 1.0)
-    region_model = space.to_model(inpainted.astype(np.float32), nearest=True) > 0.5
-    shared = shared_inputs(backbone, x, h, region_model, as_tensor=True)
     body = body_mask(study.volume, study.modality)
-    roi = (pkg.manifest.get("inference") or {}).get("roi_size")
-    targets, masks, probs = [], [], []
     dilation_mm = float((syn.get("parameters") or {}).get("dilation_mm", 8.0))
+    coarse, allowed = [], []
     for entry in att["targets"]:
-        coarse_study = read_mask_image(attention_dir / entry["map"], study.geometry.shape).astype(np.float32)
-        prob = space.to_study(refine_probability(head, shared, space.to_model(coarse_study), roi))
-        prob = np.clip(prob, 0.0, 1.0)
-        own = target_region(coarse_study >= float(entry.get("threshold", 0.5)), study.geometry, dilation_mm)
-        masks.append((prob >= 0.5) & inpainted & own & body)
-        probs.append(prob)
-        targets.append({"prompt": entry["prompt"], "score": entry["score"]})
+        coarse.append(read_mask_image(attention_dir / entry["map"], study.geometry.shape).astype(np.float32))
+        own = target_region(coarse[-1] >= float(entry.get("threshold", 0.5)), study.geometry, dilation_mm)
+        allowed.append(own & inpainted & body)
+    # A target's lesions must lie in its allowed region, so a target without one needs no
+    # head pass (its mask is empty whatever the head says), and a study where no target has
+    # one (most of a cohort) needs no features either; the rest go through in one batch.
+    run = [n for n, a in enumerate(allowed) if a.any()]
+    probs = [np.zeros(study.geometry.shape, np.float32) for _ in allowed]
+    if run:
+        dev = pick_device(device) if backbone is None else next(backbone.parameters()).device
+        backbone = backbone or load_backbone(pkg, dev)
+        head = (head or load_head(pkg, "refine", RefineHead)).to(dev)
+        x, space = to_model(study.volume, study.geometry, study.modality, prep, device=backbone.resample_device)
+        # H is normalised with the input's own range so x - H is a pure residual.
+        lo, hi = intensity_range(study.volume, study.modality, prep)
+        h = space.to_model(((pseudo - lo) / (hi - lo)).astype(np.float32))
+        if study.modality == "CT":
+            h = np.clip(h, 0.0, 1.0)
+        region_model = space.to_model(inpainted.astype(np.float32), nearest=True) > 0.5
+        shared = shared_inputs(backbone, x, h, region_model, as_tensor=True)
+        roi = (pkg.manifest.get("inference") or {}).get("roi_size")
+        refined = refine_probability(head, shared, np.stack([space.to_model(coarse[n]) for n in run]), roi)
+        for n, p in zip(run, refined):
+            probs[n] = np.clip(space.to_study(p), 0.0, 1.0)
+    masks = [(p >= 0.5) & a for p, a in zip(probs, allowed)]
+    targets = [{"prompt": e["prompt"], "score": e["score"]} for e in att["targets"]]
     summary = write_lesion_artifact(out_dir, study, targets, masks, probs, min_volume_ml=min_volume_ml,
                                     model={"name": pkg.name, "sha256": pkg.sha256})
     summary["timings"] = {"refine_s": elapsed()}

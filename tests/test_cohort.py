@@ -52,10 +52,28 @@ def test_params_hash_follows_every_parameter():
         assert cohort.params_hash(**{**PARAMS, **change}) != base, change
     two = {**PARAMS, "prompts": ["a", "b"]}
     assert cohort.params_hash(**two) != cohort.params_hash(**{**two, "prompts": ["b", "a"]})
-    # The map source: the default keeps the hash studies were marked with before the option
-    # existed (value of the previous release), so adding it re-runs nothing.
-    assert base == "f509b476fc0a2df38150d8b19ba7407f68acc3f6908efa5ef2cc4221feb9b219"
+    # The map source: the default adds nothing to the hash, so studies marked before the
+    # option existed were not re-run for it. (The value changed once since, when the
+    # synthesis defaults entered the hash, after the step default went from 20 to 10.)
+    assert base == "6b61c7edaf6345da60e764ceaade67a65003374673d7de522199698a7ba7d438"
     assert cohort.params_hash(**PARAMS, maps="aova") == base != cohort.params_hash(**PARAMS, maps="training-free")
+
+
+def test_params_hash_follows_the_methods_defaults(monkeypatch):
+    """A release that changes a synthesis default must not count studies done with the old
+    one as done (the cohort pipeline runs synthesis with the defaults)."""
+    import dataclasses
+
+    import diffugts.synthesis as synthesis
+
+    base = cohort.params_hash(**PARAMS)
+
+    @dataclasses.dataclass(frozen=True)
+    class Twenty(synthesis.Params):
+        steps: int = 20
+
+    monkeypatch.setattr(synthesis, "Params", Twenty)
+    assert cohort.params_hash(**PARAMS) != base
 
 
 def test_list_local_folder(tmp_path):

@@ -103,9 +103,16 @@ def study_key(input_uri: str) -> str:
 
 
 def params_hash(prompts, rules: str, resample: bool, min_volume_ml: float, maps: str = "aova") -> str:
-    """Hash of the study parameters that change a study's results (prompt order included)."""
+    """Hash of what changes a study's results besides the model: the cohort's parameters
+    (prompt order included) and the method's own defaults that the study pipeline runs with
+    (the synthesis parameters), so a release that changes a default re-runs the studies done
+    with the old one instead of mixing both in one cohort."""
+    from dataclasses import asdict
+
+    from diffugts.synthesis import Params  # imports torch: fine in the list step, once per run
+
     doc = {"prompts": [str(p) for p in prompts], "rules": str(rules), "resample": bool(resample),
-           "min_volume_ml": float(min_volume_ml)}
+           "min_volume_ml": float(min_volume_ml), "synthesis": asdict(Params())}
     if maps != "aova":  # only then: studies done before the option existed keep their hash
         doc["maps"] = str(maps)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()

@@ -129,3 +129,24 @@ def test_torch_resampling_agrees_with_simpleitk(case):
     ref = resample_array(labels, study, model, nearest=True)
     got = resample_torch(labels, study, model, nearest=True, device="cpu", slab=5)  # several slabs
     np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])  # SimpleITK on the host, torch
+def test_to_study_of_a_box_is_that_box_of_the_whole(device):
+    """Synthesis and refinement resample only the box they paste into: the same values as
+    the box of a whole-grid resampling, labels included, in an oblique study."""
+    from diffugts.preprocess import ModelSpace
+
+    study = geometry(shape=(17, 29, 33), spacing=(0.9, 1.3, 2.5), direction=_oblique(17.0))
+    space = ModelSpace(study, model_grid(study, Preprocessing((1.7, 1.7, 2.0), orientation="RAS", multiple=8)),
+                       device)
+    rng = np.random.default_rng(5)
+    values = rng.random(space.model.shape).astype(np.float32)
+    labels = rng.integers(0, 3, space.model.shape).astype(np.float32)
+    box = (slice(3, 11), slice(0, 20), slice(7, 33))
+    sub = study.crop(box)
+    np.testing.assert_allclose(sub.world([0, 0, 0]), study.world([7, 0, 3]))
+    assert sub.shape == (8, 20, 26)
+    np.testing.assert_allclose(space.to_study(values, box=box), space.to_study(values)[box], atol=1e-5)
+    np.testing.assert_array_equal(space.to_study(labels, nearest=True, box=box),
+                                  space.to_study(labels, nearest=True)[box])

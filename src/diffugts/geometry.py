@@ -71,6 +71,12 @@ class Geometry:
     def from_dict(cls, d: dict) -> "Geometry":
         return cls(d["origin_lps_mm"], d["spacing_mm"], d["direction"], d["shape_kji"])
 
+    def crop(self, box) -> "Geometry":
+        """The sub-grid of the (k, j, i) slices ``box`` (with start and stop): same spacing and
+        direction, origin at the box's first voxel."""
+        start = [s.start for s in box][::-1]  # (i, j, k)
+        return Geometry(self.world(start), self.spacing, self.direction, tuple(s.stop - s.start for s in box))
+
     def allclose(self, other: "Geometry", atol: float = 1e-4) -> bool:
         return (
             self.shape == other.shape

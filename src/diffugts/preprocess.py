@@ -46,9 +46,12 @@ class ModelSpace:
     model: Geometry
     device: object = None  # a torch device to resample on (None: SimpleITK on the host)
 
-    def to_study(self, array: np.ndarray, fill: float = 0.0, nearest: bool = False) -> np.ndarray:
-        """A map on the model grid resampled onto the study grid (trilinear, or nearest for labels)."""
-        return resample_array(array, self.model, self.study, fill, nearest, self.device)
+    def to_study(self, array: np.ndarray, fill: float = 0.0, nearest: bool = False, box=None) -> np.ndarray:
+        """A map on the model grid resampled onto the study grid (trilinear, or nearest for
+        labels); only the study voxels of ``box`` ((k, j, i) slices) when given: the same
+        values as ``to_study(array)[box]``, without resampling the rest."""
+        dst = self.study if box is None else self.study.crop(box)
+        return resample_array(array, self.model, dst, fill, nearest, self.device)
 
     def to_model(self, array: np.ndarray, fill: float = 0.0, nearest: bool = False) -> np.ndarray:
         return resample_array(array, self.study, self.model, fill, nearest, self.device)

@@ -142,6 +142,7 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
     from diffugts.models.package import open_package
     from diffugts.preprocess import Preprocessing, intensity_range, to_model
     from diffugts.study import load_study
+    from diffugts.synthesis.masks import bbox
 
     elapsed = timer()
     study = load_study(study_dir)
@@ -182,8 +183,9 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
         shared = shared_inputs(backbone, x, h, region_model, as_tensor=True)
         roi = (pkg.manifest.get("inference") or {}).get("roi_size")
         refined = refine_probability(head, shared, np.stack([space.to_model(coarse[n]) for n in run]), roi)
-        for n, p in zip(run, refined):
-            probs[n] = np.clip(space.to_study(p), 0.0, 1.0)
+        for n, p in zip(run, refined):  # only the allowed region's box is used (masks, confidence)
+            box = bbox(allowed[n])
+            probs[n][box] = np.clip(space.to_study(p, box=box), 0.0, 1.0)
     masks = [(p >= 0.5) & a for p, a in zip(probs, allowed)]
     targets = [{"prompt": e["prompt"], "score": e["score"]} for e in att["targets"]]
     summary = write_lesion_artifact(out_dir, study, targets, masks, probs, min_volume_ml=min_volume_ml,

@@ -24,7 +24,7 @@ from diffugts.errors import ConfigError
 from diffugts.preprocess import intensity_range
 from diffugts.synthesis.fidelity import GroundTruth, fidelity, load_phantom_truth, mask_truth
 from diffugts.synthesis.inpaint import Tiles, inpaint, renoise
-from diffugts.synthesis.masks import (MaskSource, Region, latent_box, latent_footprint, make_region,
+from diffugts.synthesis.masks import (MaskSource, Region, bbox, latent_box, latent_footprint, make_region,
                                       mask_from_attention, read_mask, spacing_kji)
 
 __all__ = ["MARKER", "GroundTruth", "Params", "Region", "Tiles", "fidelity", "inpaint", "load_phantom_truth",
@@ -155,20 +155,24 @@ def pseudo_healthy(volume: np.ndarray, geometry, modality: str, region: Region, 
     full = x.copy()
     full[ibox] = out
     lo, hi = intensity_range(volume, modality, prep)
-    synthetic = space.to_study(full) * np.float32(hi - lo) + np.float32(lo)
+    # Only the dilated mask's box of the study grid is pasted into: resample just that.
+    sbox = bbox(region.dilated) or tuple(slice(0, n) for n in volume.shape)
+    synthetic = space.to_study(full, box=sbox) * np.float32(hi - lo) + np.float32(lo)
+    source = volume[sbox]
     # Harmonisation: the ring between the coarse mask and its dilation is regenerated too,
     # yet it is (mostly) healthy tissue in x, so x - H there measures the generator's
     # intensity bias for this tissue (a small denoiser tends to drift); the median removes
     # it without being pulled by a lesion that pokes into the ring.
     offset = 0.0
-    ring = region.dilated & ~region.mask
+    ring = region.dilated[sbox] & ~region.mask[sbox]
     if params.harmonise and ring.sum() >= 20:
-        offset = float(np.median(volume[ring] - synthetic[ring]))
+        offset = float(np.median(source[ring] - synthetic[ring]))
         synthetic += np.float32(offset)
     pseudo = volume.astype(np.float32, copy=True)
-    sel = region.weight > 0
-    w = region.weight[sel]
-    pseudo[sel] = w * synthetic[sel] + (1 - w) * pseudo[sel]
+    view = pseudo[sbox]
+    sel = region.weight[sbox] > 0
+    w = region.weight[sbox][sel]
+    view[sel] = w * synthetic[sel] + (1 - w) * view[sel]
     timings["paste"] = time.perf_counter() - clock
     return pseudo, {
         "latent_voxels": int(footprint.sum()),

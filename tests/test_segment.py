@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from diffugts.cli import main
 from diffugts.evaluate import dice, evaluate, intensity_baseline, markdown, nsd
@@ -220,8 +221,8 @@ def test_refine_skips_targets_without_a_region_and_batches_the_rest(model, case,
     boxes[2][k - 3:k + 3, j:j + 6, i:i + 6] = True
     for n, t in enumerate(targets):
         _rewrite(att / t["map"], boxes[n].astype(np.float32) * 0.9)
-    _rewrite(syn / "inpaint_mask.nii.gz", np.logical_or.reduce([
-        ndimage_dilate(b) for b in boxes]).astype(np.uint8))
+    grown = [ndimage.binary_dilation(b, iterations=2) for b in boxes]
+    _rewrite(syn / "inpaint_mask.nii.gz", np.logical_or.reduce(grown).astype(np.uint8))
     calls = []
     real = refine_module.refine_probability
     monkeypatch.setattr(refine_module, "refine_probability",
@@ -263,9 +264,3 @@ def test_refine_of_a_study_with_no_region_loads_no_networks(model, case, tmp_pat
                                    tmp_path / "lesions")
     assert [t["lesion_ids"] for t in summary["targets"]] == [[], [], []]
     assert (tmp_path / "lesions" / "lesions.json").is_file()
-
-
-def ndimage_dilate(mask):
-    from scipy import ndimage
-
-    return ndimage.binary_dilation(mask, iterations=2)

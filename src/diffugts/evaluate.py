@@ -135,7 +135,7 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
     """``variants`` None: the four, plus ``training_free`` for a 2D diffusers package."""
     from diffugts.attend import Method, attention_maps, default_threshold, load_head, training_free_maps
     from diffugts.preprocess import intensity_range, to_model
-    from diffugts.refine import RefineHead, body_mask, refine_probability, shared_inputs, target_region
+    from diffugts.refine import RefineHead, body_mask, refined_probabilities, shared_inputs, target_region
     from diffugts.synthesis import Params, make_region, pseudo_healthy
     from diffugts.synthesis.masks import spacing_kji
     from diffugts.text import make_target
@@ -173,15 +173,14 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
         residual_hu = RESIDUAL_THRESHOLD_HU if case.modality == "CT" else RESIDUAL_THRESHOLD_HU / 600 * (hi - lo)
         free, free_scores = training_free_maps(method, x, targets) if "training_free" in variants else (None, None)
         owns = [target_region(c >= threshold, case.geometry, Params().dilation_mm) for c in coarse]
-        run = [n for n, own in enumerate(owns) if (own & body).any()]  # as refine(): no region, no head pass
+        allowed = [own & body for own in owns]
         full = [np.zeros(case.volume.shape, bool) for _ in organs]
-        if run:
+        if any(a.any() for a in allowed):  # as refine(): no region, no features, no head pass
             h = space.to_model(np.clip((pseudo - lo) / (hi - lo), 0, 1) if case.modality == "CT"
                                else (pseudo - lo) / (hi - lo))
             shared = shared_inputs(method.backbone, x, h, space.to_model(region.dilated.astype(np.float32)) > 0.5)
-            refined = refine_probability(refine_head, shared, np.stack([space.to_model(coarse[n]) for n in run]))
-            for n, p in zip(run, refined):
-                full[n] = (np.clip(space.to_study(p), 0, 1) >= 0.5) & owns[n] & body
+            probs = refined_probabilities(refine_head, shared, coarse, allowed, space)
+            full = [(p >= 0.5) & a for p, a in zip(probs, allowed)]
         for n, organ in enumerate(organs):
             recs = by_family[organ]
             ids = [r["id"] for r in recs]

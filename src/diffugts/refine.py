@@ -90,6 +90,23 @@ def refine_probability(head: RefineHead, shared: np.ndarray | torch.Tensor, coar
     return prob[0] if single else prob
 
 
+def refined_probabilities(head: RefineHead, shared, coarse: list[np.ndarray], allowed: list[np.ndarray],
+                          space, roi=None) -> list[np.ndarray]:
+    """Per target its refined probability on the study grid, inside the bounding box of its
+    ``allowed`` region (0 elsewhere: nothing outside it becomes a mask), from its ``coarse``
+    map (study grid). Only targets with a region go through the head, all in one batch."""
+    from diffugts.synthesis.masks import bbox
+
+    probs = [np.zeros(a.shape, np.float32) for a in allowed]
+    run = [n for n, a in enumerate(allowed) if a.any()]
+    if run:
+        refined = refine_probability(head, shared, np.stack([space.to_model(coarse[n]) for n in run]), roi)
+        for n, prob in zip(run, refined):
+            box = bbox(allowed[n])
+            probs[n][box] = np.clip(space.to_study(prob, box=box), 0.0, 1.0)
+    return probs
+
+
 def target_region(coarse_mask: np.ndarray, geometry, dilation_mm: float) -> np.ndarray:
     """The target's own coarse mask grown exactly as synthesis grew it: a prompt's lesions
     must lie where its attention pointed (synthesis inpaints the union of every prompt's
@@ -142,7 +159,6 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
     from diffugts.models.package import open_package
     from diffugts.preprocess import Preprocessing, intensity_range, to_model
     from diffugts.study import load_study
-    from diffugts.synthesis.masks import bbox
 
     elapsed = timer()
     study = load_study(study_dir)
@@ -166,10 +182,9 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
         allowed.append(own & inpainted & body)
     # A target's lesions must lie in its allowed region, so a target without one needs no
     # head pass (its mask is empty whatever the head says), and a study where no target has
-    # one (most of a cohort) needs no features either; the rest go through in one batch.
-    run = [n for n, a in enumerate(allowed) if a.any()]
+    # one (most of a cohort) needs no features either.
     probs = [np.zeros(study.geometry.shape, np.float32) for _ in allowed]
-    if run:
+    if any(a.any() for a in allowed):
         dev = pick_device(device) if backbone is None else next(backbone.parameters()).device
         backbone = backbone or load_backbone(pkg, dev)
         head = (head or load_head(pkg, "refine", RefineHead)).to(dev)
@@ -182,10 +197,7 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
         region_model = space.to_model(inpainted.astype(np.float32), nearest=True) > 0.5
         shared = shared_inputs(backbone, x, h, region_model, as_tensor=True)
         roi = (pkg.manifest.get("inference") or {}).get("roi_size")
-        refined = refine_probability(head, shared, np.stack([space.to_model(coarse[n]) for n in run]), roi)
-        for n, p in zip(run, refined):  # only the allowed region's box is used (masks, confidence)
-            box = bbox(allowed[n])
-            probs[n][box] = np.clip(space.to_study(p, box=box), 0.0, 1.0)
+        probs = refined_probabilities(head, shared, coarse, allowed, space, roi)
     masks = [(p >= 0.5) & a for p, a in zip(probs, allowed)]
     targets = [{"prompt": e["prompt"], "score": e["score"]} for e in att["targets"]]
     summary = write_lesion_artifact(out_dir, study, targets, masks, probs, min_volume_ml=min_volume_ml,

@@ -188,6 +188,31 @@ def test_refine_probability_batches_targets_without_changing_them():
     assert not np.allclose(batched[0], batched[1], atol=1e-3)  # each target's own map
 
 
+def test_refine_probability_bounds_the_voxels_of_a_pass_without_changing_the_maps(monkeypatch):
+    """A study with many findings runs its targets in several bounded passes, same maps."""
+    import torch
+
+    import diffugts.refine as refine_module
+    from diffugts.refine import IN_CHANNELS, RefineHead, refine_probability
+
+    torch.manual_seed(0)
+    head = RefineHead(features=(4, 8, 8, 16, 16, 4)).eval()
+    rng = np.random.default_rng(1)
+    shared = rng.random((IN_CHANNELS - 1, 16, 16, 32), dtype=np.float32)
+    coarse = rng.random((5, 16, 16, 32), dtype=np.float32)
+    at_once = refine_probability(head, shared, coarse)
+    seen = []
+    head.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[0]))
+    monkeypatch.setattr(refine_module, "HEAD_BATCH_VOXELS", 2 * 16 * 16 * 32)  # two whole-grid windows
+    bounded = refine_probability(head, shared, coarse)
+    assert seen == [2, 2, 1]
+    np.testing.assert_allclose(bounded, at_once, atol=1e-5)
+    seen.clear()
+    windows = refine_probability(head, shared, coarse, roi=(16, 16, 16))  # half-size windows: four per call
+    assert seen[0] == 4 and max(seen) <= 4 and sum(seen) % 5 == 0 and len(seen) > 2
+    assert windows.shape == coarse.shape
+
+
 def _artifacts(model, case, out):
     """attend + synthesize artifacts of the case (random model), for refine() to read."""
     args = ["-q", "segment", str(case / "dicom"), "--model", str(model.root), "--no-report", "--out", str(out)]

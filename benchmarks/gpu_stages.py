@@ -10,9 +10,12 @@ code path in the same process:
 
   optimized  bf16 autocast, flash attention (SDPA), fused GroupNorm, whole-volume windows,
              study <-> model grid resampling with torch on the GPU (Backbone.resample_device),
-             the method's default 10 denoising steps, a refinement head pass only for the
-             prompts with a region (here the one with the lesion), batched
-  baseline   MaisiBackbone(optimized=False): fp32, MONAI's loop GroupNorm, no flash attention,
+             the method's default 10 denoising steps replayed from a CUDA graph (captured
+             anew for every timed study, as each study's crop shape differs, and checked
+             against an eager call), a refinement head pass only for the prompts with a
+             region (here the one with the lesion), batched
+  eager      the same without the CUDA graph (to show what the graph buys)
+  baseline   MaisiBackbone(optimized=False): fp32, MONAI's loop GroupNorm, no flash attention, no graph,
              resampling in SimpleITK on the host, 20 denoising steps (the default until 10
              were shown to synthesize as well: docs/synthesis.md), one refinement head pass
              per prompt (four)
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 from dataclasses import dataclass
 
@@ -40,7 +42,9 @@ import numpy as np
 import torch
 
 from diffugts.aova import AOVAHead
+from diffugts.atomic import write_json
 from diffugts.attend import Method, attention_maps
+from diffugts.backbones.cuda_graphs import GraphedCall
 from diffugts.backbones.maisi import MaisiBackbone
 from diffugts.geometry import Geometry
 from diffugts.models.configs import get_config
@@ -140,10 +144,14 @@ def run_study(backbone, heads, prep, volume, geometry, lesion, device, roi, watc
         probs, _ = attention_maps(method, x, prep.spacing_mm, targets)
     region = make_region(lesion, tuple(geometry.spacing[::-1]), 8.0, 4.0)
     parts: dict = {}
+    if backbone.graphed is not None:  # a study captures its own graph (crop shapes differ): timed
+        backbone.graphed = GraphedCall(backbone._unet_call)
     with watch.stage("synthesize"):
         params = Params() if backbone.optimized else Params(steps=BASELINE_STEPS)
         pseudo, info = pseudo_healthy(volume, geometry, "CT", region, backbone, prep, params, tile=None, timings=parts)
     watch.rows["synthesize"]["parts"] = {k: round(v, 3) for k, v in parts.items()}
+    if backbone.graphed is not None:
+        info["cuda_graph"] = dict(backbone.graphed.stats)
     with watch.stage("refine"):
         t0 = time.perf_counter()
         h = normalise(pseudo, "CT", prep)
@@ -199,7 +207,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--roi", default=None, help="attention/refinement window on the model grid, e.g. 128x128x128 "
                                                 "(default: the whole volume in one window)")
-    ap.add_argument("--variants", default="optimized,baseline")
+    ap.add_argument("--variants", default="optimized,eager,baseline",
+                    help="eager = optimized without the CUDA graph (on the CPU the two are the same)")
     ap.add_argument("--no-flops", action="store_true")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
@@ -226,8 +235,8 @@ def main() -> None:
     for variant in args.variants.split(","):
         if variant == "optimized":
             backbone = reference
-        else:
-            backbone = MaisiBackbone(config, device=device, optimized=False)
+        else:  # "eager": optimized but no CUDA graph (what the graph buys); "baseline"
+            backbone = MaisiBackbone(config, device=device, optimized=variant == "eager", cuda_graphs=False)
             backbone.vae.load_state_dict(state[0])
             backbone.unet.load_state_dict(state[1])
         # Warm-up (kernel selection, allocator) on the first shape, untimed.
@@ -241,7 +250,10 @@ def main() -> None:
             results["shapes"].setdefault("x".join(map(str, shape)), {})[variant] = rows
             print(f"{variant:9s} {'x'.join(map(str, shape)):12s} " + "  ".join(
                 f"{k} {v['s']:.2f} s" + (f" ({v['peak_gb']:.1f} GB)" if "peak_gb" in v else "") for k, v in rows.items())
-                + f"  [synthesis crop {info['crop_model_kji']}, {info['denoiser_calls']} denoiser calls]", flush=True)
+                + f"  [synthesis crop {info['crop_model_kji']}, {info['denoiser_calls']} denoiser calls"
+                + (f", CUDA graph {info['cuda_graph']}" if "cuda_graph" in info else "") + "]", flush=True)
+            rows["synthesize"]["cuda_graph"] = info.get("cuda_graph")
+            save(args.json, results)  # as it goes: a run cut short keeps what it measured
             print(" " * 23 + "  ".join(f"{k}: " + ", ".join(f"{a} {b:.2f}" for a, b in v["parts"].items())
                                        for k, v in rows.items() if "parts" in v), flush=True)
         if backbone is not reference:
@@ -257,6 +269,11 @@ def main() -> None:
                     ratio[f"{stage}.{part}"] = by["baseline"][stage]["parts"][part] / max(seconds, 1e-6)
             by["speedup"] = ratio
             print(f"speedup   {shape:12s} " + "  ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+        if "optimized" in by and "eager" in by:
+            eager, graphed = (by[v]["synthesize"]["parts"]["denoise"] for v in ("eager", "optimized"))
+            by["cuda_graph_denoise_speedup"] = eager / max(graphed, 1e-6)
+            print(f"graph     {shape:12s} denoise eager {eager:.3f} s, CUDA graph {graphed:.3f} s: "
+                  f"{by['cuda_graph_denoise_speedup']:.2f}x")
 
     if not args.no_flops and "optimized" in args.variants:
         shape = shapes[0]
@@ -267,7 +284,10 @@ def main() -> None:
             def fn():
                 run_study(reference, (aova, refine_head), prep, *cases[shape], device, roi, watch, features)
             return fn
+        # Eager while counting: a graph's warm-up and capture would count its first call thrice.
+        graphed, reference.graphed = reference.graphed, None
         total = count_flops(stage("all"))
+        reference.graphed = graphed
         flops["total"] = total
         opt = results["shapes"]["x".join(map(str, shape))]["optimized"]
         seconds = opt["total"]["s"]
@@ -282,9 +302,12 @@ def main() -> None:
                 line += f"; {100 * total / seconds / peak:.1f}% of the {peak / 1e12:.0f} TFLOP/s spec peak"
         print(line)
         results["flops"] = flops
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    save(args.json, results)
+
+
+def save(path: str | None, results: dict) -> None:
+    if path:
+        write_json(path, results)
 
 
 if __name__ == "__main__":

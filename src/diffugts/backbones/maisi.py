@@ -1,16 +1,18 @@
 """The MAISI family on MONAI's own classes: AutoencoderKlMaisi + DiffusionModelUNetMaisi.
 
 Weights are those of the official bundle (``diffugts models import-maisi``) or of the demo
-recipe; configurations live in :mod:`diffugts.models.configs`. Two runtime choices that do
-not touch the weights:
+recipe; configurations live in :mod:`diffugts.models.configs`. Runtime choices that do not
+touch the weights:
 
 - ``MaisiGroupNorm3D`` normalises group by group in a Python loop to save GPU memory; with
   ``norm_float16`` off it computes exactly ``nn.GroupNorm``, so its forward is swapped for
   the fused kernel (3-5x faster; equivalence is tested);
 - flash attention is used on CUDA only (MONAI refuses it otherwise); half precision comes
-  from bf16 autocast instead of ``norm_float16``.
+  from bf16 autocast instead of ``norm_float16``;
+- on CUDA, synthesis replays the denoiser from a captured CUDA graph (checked against an
+  eager call first; :mod:`diffugts.backbones.cuda_graphs`).
 
-``optimized=False`` turns all three off (the fp32 baseline of the GPU benchmark).
+``optimized=False`` turns all of these off (the fp32 baseline of the GPU benchmark).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from monai.networks.schedulers import DDIMScheduler, RFlowScheduler
 from torch import nn
 
 from diffugts.backbones.base import Backbone, FeatureSpec, Sampler, ScheduleSampler, grid_size
+from diffugts.backbones.cuda_graphs import GraphedCall
 from diffugts.errors import ConfigError
 
 # Denoiser features are read at this fraction of the noise schedule: enough noise to put
@@ -102,7 +105,7 @@ class MaisiBackbone(Backbone):
     family = "maisi"
 
     def __init__(self, config: dict, scale_factor: float = 1.0, device: str | torch.device = "cpu",
-                 feature_noise: float = DEFAULT_FEATURE_NOISE, optimized: bool = True):
+                 feature_noise: float = DEFAULT_FEATURE_NOISE, optimized: bool = True, cuda_graphs: bool = True):
         super().__init__()
         self.device = torch.device(device)
         self.config = config
@@ -120,6 +123,16 @@ class MaisiBackbone(Backbone):
         # up_blocks[i] returns latent stride 2^(L-2-i) (the last one keeps stride 1).
         self._up_strides = [2 ** max(unet_levels - 2 - i, 0) for i in range(unet_levels)]
         self._up_used = [i for i, s in enumerate(self._up_strides) if s * self.latent_stride <= 8]
+        unet = config["unet"]
+        self._conditioning_names = [name for name, used in (
+            ("spacing_tensor", unet.get("include_spacing_input")), ("class_labels", unet.get("num_class_embeds")),
+            ("top_region_index_tensor", unet.get("include_top_region_index_input")),
+            ("bottom_region_index_tensor", unet.get("include_bottom_region_index_input"))) if used]
+        self._conditioning_cache: dict = {}
+        # Synthesis replays the denoiser from a CUDA graph (diffugts.backbones.cuda_graphs):
+        # its calls on a small latent crop are bound by kernel launches.
+        self.graphed = GraphedCall(self._unet_call) if optimized and cuda_graphs and self.device.type == "cuda" \
+            else None
         self.requires_grad_(False)
         self.eval()
         self.to(self.device)
@@ -166,7 +179,7 @@ class MaisiBackbone(Backbone):
             hooks = [self.unet.up_blocks[i].register_forward_hook(lambda m, a, out: ups.append(out))
                      for i in self._up_used]
             try:
-                self.denoise(z_t, t, spacing)
+                self._denoise(z_t, t, spacing, self._unet_call)  # eager: a graph replay runs no hooks
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -190,22 +203,31 @@ class MaisiBackbone(Backbone):
         raise ConfigError(f"unsupported scheduler {sched['class']!r}")
 
     def denoise(self, z_t, t, spacing):
-        n = z_t.shape[0]
-        kwargs = {}
-        unet_cfg = self.config["unet"]
-        if unet_cfg.get("include_spacing_input"):
-            kwargs["spacing_tensor"] = torch.tensor([list(spacing)] * n, device=z_t.device, dtype=torch.float32) * 100
-        if unet_cfg.get("num_class_embeds"):
-            label = self.conditioning.get("class_label") or 1
-            kwargs["class_labels"] = torch.full((n,), int(label), device=z_t.device, dtype=torch.long)
-        region = self.conditioning.get("body_region")
-        if unet_cfg.get("include_top_region_index_input"):
-            kwargs["top_region_index_tensor"] = torch.tensor([region[0]] * n, device=z_t.device).float() * 100
-        if unet_cfg.get("include_bottom_region_index_input"):
-            kwargs["bottom_region_index_tensor"] = torch.tensor([region[1]] * n, device=z_t.device).float() * 100
-        timesteps = torch.full((n,), float(t), device=z_t.device)
+        return self._denoise(z_t, t, spacing, self.graphed or self._unet_call)
+
+    def _denoise(self, z_t, t, spacing, call):
+        timesteps = torch.full((z_t.shape[0],), float(t), device=z_t.device)
+        return call(z_t, timesteps, *self._conditioning(z_t.shape[0], tuple(spacing), z_t.device))
+
+    def _unet_call(self, z_t, timesteps, *conditioning):
         with self._autocast():
-            return self.unet(z_t, timesteps, **kwargs).float()
+            return self.unet(z_t, timesteps, **dict(zip(self._conditioning_names, conditioning))).float()
+
+    def _conditioning(self, n: int, spacing: tuple, device) -> tuple[torch.Tensor, ...]:
+        """The denoiser's conditioning inputs, made once per (batch, spacing): building them
+        per call copied host memory to the GPU, a synchronisation before every call."""
+        key = (n, tuple(float(v) for v in spacing), str(device))
+        if key not in self._conditioning_cache:
+            region = self.conditioning.get("body_region")
+            make = {
+                "spacing_tensor": lambda: torch.tensor([list(key[1])] * n, dtype=torch.float32) * 100,
+                "class_labels": lambda: torch.full((n,), int(self.conditioning.get("class_label") or 1),
+                                                   dtype=torch.long),
+                "top_region_index_tensor": lambda: torch.tensor([region[0]] * n).float() * 100,
+                "bottom_region_index_tensor": lambda: torch.tensor([region[1]] * n).float() * 100,
+            }
+            self._conditioning_cache = {key: tuple(make[name]().to(device) for name in self._conditioning_names)}
+        return self._conditioning_cache[key]
 
     def _autocast(self):
         if self.device.type == "cuda" and self.optimized:

@@ -11,8 +11,8 @@ code path in the same process:
   optimized  bf16 autocast, flash attention (SDPA), fused GroupNorm, whole-volume windows,
              study <-> model grid resampling with torch on the GPU (Backbone.resample_device),
              the method's default 10 denoising steps replayed from a CUDA graph (captured
-             anew for every timed study, as each study's crop shape differs, and checked
-             against an eager call), a refinement head pass only for the prompts with a
+             anew in every inpainting, so in every timed study, and checked against an
+             eager call), a refinement head pass only for the prompts with a
              region (here the one with the lesion), batched
   eager      the same without the CUDA graph (to show what the graph buys)
   baseline   MaisiBackbone(optimized=False): fp32, MONAI's loop GroupNorm, no flash attention, no graph,
@@ -144,8 +144,8 @@ def run_study(backbone, heads, prep, volume, geometry, lesion, device, roi, watc
         probs, _ = attention_maps(method, x, prep.spacing_mm, targets)
     region = make_region(lesion, tuple(geometry.spacing[::-1]), 8.0, 4.0)
     parts: dict = {}
-    if backbone.graphed is not None:  # a study captures its own graph (crop shapes differ): timed
-        backbone.graphed = GraphedCall(backbone._unet_call)
+    if backbone.graphed is not None:  # fresh counts; inpainting captures its graph anew (timed)
+        backbone.graphed = GraphedCall()
     with watch.stage("synthesize"):
         params = Params() if backbone.optimized else Params(steps=BASELINE_STEPS)
         pseudo, info = pseudo_healthy(volume, geometry, "CT", region, backbone, prep, params, tile=None, timings=parts)
@@ -233,6 +233,8 @@ def main() -> None:
     results: dict = {"device": card, "config": args.config, "shapes": {}}
 
     for variant in args.variants.split(","):
+        if variant not in ("optimized", "eager", "baseline"):
+            raise SystemExit(f"unknown variant {variant!r} (optimized, eager, baseline)")
         if variant == "optimized":
             backbone = reference
         else:  # "eager": optimized but no CUDA graph (what the graph buys); "baseline"

@@ -126,3 +126,6 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def denoise(self, z_t: torch.Tensor, t: float, spacing) -> torch.Tensor:
         """The denoiser's output at timestep ``t`` (what :meth:`Sampler.step` consumes)."""
+
+    def end_denoising(self) -> None:
+        """One inpainting's denoiser calls are done: drop what was kept for them (a CUDA graph)."""

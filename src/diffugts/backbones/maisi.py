@@ -131,8 +131,7 @@ class MaisiBackbone(Backbone):
         self._conditioning_cache: dict = {}
         # Synthesis replays the denoiser from a CUDA graph (diffugts.backbones.cuda_graphs):
         # its calls on a small latent crop are bound by kernel launches.
-        self.graphed = GraphedCall(self._unet_call) if optimized and cuda_graphs and self.device.type == "cuda" \
-            else None
+        self.graphed = GraphedCall() if optimized and cuda_graphs and self.device.type == "cuda" else None
         self.requires_grad_(False)
         self.eval()
         self.to(self.device)
@@ -203,7 +202,13 @@ class MaisiBackbone(Backbone):
         raise ConfigError(f"unsupported scheduler {sched['class']!r}")
 
     def denoise(self, z_t, t, spacing):
-        return self._denoise(z_t, t, spacing, self.graphed or self._unet_call)
+        if self.graphed is None:
+            return self._denoise(z_t, t, spacing, self._unet_call)
+        return self._denoise(z_t, t, spacing, lambda *inputs: self.graphed(self._unet_call, *inputs))
+
+    def end_denoising(self) -> None:
+        if self.graphed is not None:
+            self.graphed.reset()
 
     def _denoise(self, z_t, t, spacing, call):
         timesteps = torch.full((z_t.shape[0],), float(t), device=z_t.device)

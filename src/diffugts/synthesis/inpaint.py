@@ -127,16 +127,19 @@ def inpaint(backbone: Backbone, x: torch.Tensor, mask: torch.Tensor, spacing, *,
         return z0 if t <= 0 else sampler.add_noise(z0, eps, t)
 
     z = known(ts[0])
-    for n in progress(range(len(ts)), desc="denoise", unit="step", enable=show_progress):
-        t = ts[n]
-        t_next = ts[n + 1] if n + 1 < len(ts) else 0.0
-        for r in range(jumps + 1):
-            out = tiles.apply(lambda zt: backbone.denoise(zt, t, spacing), z)
-            z_next = m * sampler.step(out, t, t_next, z) + (1 - m) * known(t_next)
-            if r < jumps:
-                z = m * renoise(sampler, z_next, t_next, t, generator) + (1 - m) * known(t)
-            else:
-                z = z_next
+    try:
+        for n in progress(range(len(ts)), desc="denoise", unit="step", enable=show_progress):
+            t = ts[n]
+            t_next = ts[n + 1] if n + 1 < len(ts) else 0.0
+            for r in range(jumps + 1):
+                out = tiles.apply(lambda zt: backbone.denoise(zt, t, spacing), z)
+                z_next = m * sampler.step(out, t, t_next, z) + (1 - m) * known(t_next)
+                if r < jumps:
+                    z = m * renoise(sampler, z_next, t_next, t, generator) + (1 - m) * known(t)
+                else:
+                    z = z_next
+    finally:
+        backbone.end_denoising()  # e.g. a CUDA graph's memory, before decoding needs it
     t_denoised = _now(z)
     image = tiles.apply(backbone.decode, z, scale_out=stride)
     if stats is not None:

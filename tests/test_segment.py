@@ -188,6 +188,41 @@ def test_refine_probability_batches_targets_without_changing_them():
     assert not np.allclose(batched[0], batched[1], atol=1e-3)  # each target's own map
 
 
+def test_shared_inputs_are_the_residual_channels_of_the_method():
+    """x, H, the pixel residual (signed, absolute), one feature residual per encoder level
+    (channel mean of |E(x) - E(H)| over the std of E(x), upsampled), the inpainted region."""
+    import torch
+    import torch.nn.functional as F
+
+    from diffugts.backbones import build_backbone
+    from diffugts.models import get_config
+    from diffugts.refine import RESIDUAL_GAIN, shared_inputs
+
+    torch.manual_seed(0)
+    backbone = build_backbone(get_config("demo"))
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 48, 64), dtype=np.float32)
+    h = x.copy()
+    h[8:20, 10:30, 20:40] *= 0.7
+    region = np.zeros(x.shape, bool)
+    region[6:22, 8:32, 18:42] = True
+    got = shared_inputs(backbone, x, h, region)
+    assert got.shape == (8, *x.shape) and got.dtype == np.float32
+    np.testing.assert_array_equal(got[0], x)
+    np.testing.assert_array_equal(got[1], h)
+    np.testing.assert_allclose(got[2], (x - h) * RESIDUAL_GAIN, atol=1e-6)
+    np.testing.assert_allclose(got[3], np.abs(x - h) * RESIDUAL_GAIN, atol=1e-6)
+    with torch.no_grad():
+        ex = backbone.encoder_features(torch.from_numpy(x)[None, None])
+        eh = backbone.encoder_features(torch.from_numpy(h)[None, None])
+    for n, (fx, fh) in enumerate(zip(ex, eh)):
+        r = (fx - fh).abs().mean(1, keepdim=True) / (fx.std() + 1e-6)
+        want = F.interpolate(r, size=x.shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+        np.testing.assert_array_equal(got[4 + n], want)
+    assert got[4:7, region].mean() > 2 * got[4:7, ~region].mean() + 1e-6  # the change shows where H changed
+    np.testing.assert_array_equal(got[7], region.astype(np.float32))
+
+
 def test_refine_probability_bounds_the_voxels_of_a_pass_without_changing_the_maps(monkeypatch):
     """A study with many findings runs its targets in several bounded passes, same maps."""
     import torch

@@ -64,8 +64,12 @@ def shared_inputs(backbone: Backbone, x: np.ndarray, h: np.ndarray, region: np.n
     xt = torch.from_numpy(x)[None, None].to(device)
     ht = torch.from_numpy(h)[None, None].to(device)
     channels = [xt, ht, (xt - ht) * RESIDUAL_GAIN, (xt - ht).abs() * RESIDUAL_GAIN]
-    for fx, fh in zip(backbone.encoder_features(xt), backbone.encoder_features(ht)):
-        r = (fx - fh).abs().mean(1, keepdim=True) / (fx.std() + 1e-6)
+    fx_levels, fh_levels = backbone.encoder_features(xt), backbone.encoder_features(ht)
+    while fx_levels:  # level by level, in place, each freed once used: no full-size temporaries
+        fx, fh = fx_levels.pop(0), fh_levels.pop(0)
+        scale = fx.std() + 1e-6
+        r = fx.sub_(fh).abs_().mean(1, keepdim=True) / scale
+        del fx, fh
         channels.append(F.interpolate(r, size=x.shape, mode="trilinear", align_corners=False))
     channels.append(torch.from_numpy(region.astype(np.float32))[None, None].to(device))
     shared = torch.cat(channels, 1)[0].float()

@@ -123,12 +123,10 @@ class MaisiBackbone(Backbone):
         # up_blocks[i] returns latent stride 2^(L-2-i) (the last one keeps stride 1).
         self._up_strides = [2 ** max(unet_levels - 2 - i, 0) for i in range(unet_levels)]
         self._up_used = [i for i, s in enumerate(self._up_strides) if s * self.latent_stride <= 8]
-        unet = config["unet"]
-        self._conditioning_names = [name for name, used in (
-            ("spacing_tensor", unet.get("include_spacing_input")), ("class_labels", unet.get("num_class_embeds")),
-            ("top_region_index_tensor", unet.get("include_top_region_index_input")),
-            ("bottom_region_index_tensor", unet.get("include_bottom_region_index_input"))) if used]
-        self._conditioning_cache: dict = {}
+        # The denoiser's conditioning inputs for the current (batch, spacing, device): _conditioning()
+        self._conditioning_key: tuple | None = None
+        self._conditioning_names: tuple[str, ...] = ()
+        self._conditioning_values: tuple[torch.Tensor, ...] = ()
         # Synthesis replays the denoiser from a CUDA graph (diffugts.backbones.cuda_graphs):
         # its calls on a small latent crop are bound by kernel launches.
         self.graphed = GraphedCall() if optimized and cuda_graphs and self.device.type == "cuda" else None
@@ -212,27 +210,32 @@ class MaisiBackbone(Backbone):
 
     def _denoise(self, z_t, t, spacing, call):
         timesteps = torch.full((z_t.shape[0],), float(t), device=z_t.device)
-        return call(z_t, timesteps, *self._conditioning(z_t.shape[0], tuple(spacing), z_t.device))
+        return call(z_t, timesteps, *self._conditioning(z_t.shape[0], spacing, z_t.device))
 
     def _unet_call(self, z_t, timesteps, *conditioning):
         with self._autocast():
             return self.unet(z_t, timesteps, **dict(zip(self._conditioning_names, conditioning))).float()
 
-    def _conditioning(self, n: int, spacing: tuple, device) -> tuple[torch.Tensor, ...]:
-        """The denoiser's conditioning inputs, made once per (batch, spacing): building them
-        per call copied host memory to the GPU, a synchronisation before every call."""
+    def _conditioning(self, n: int, spacing, device) -> tuple[torch.Tensor, ...]:
+        """The denoiser's conditioning inputs (keywords: ``_conditioning_names``), made once per
+        (batch, spacing): building them per call copied host memory to the GPU, a
+        synchronisation before every call."""
         key = (n, tuple(float(v) for v in spacing), str(device))
-        if key not in self._conditioning_cache:
-            region = self.conditioning.get("body_region")
-            make = {
-                "spacing_tensor": lambda: torch.tensor([list(key[1])] * n, dtype=torch.float32) * 100,
-                "class_labels": lambda: torch.full((n,), int(self.conditioning.get("class_label") or 1),
-                                                   dtype=torch.long),
-                "top_region_index_tensor": lambda: torch.tensor([region[0]] * n).float() * 100,
-                "bottom_region_index_tensor": lambda: torch.tensor([region[1]] * n).float() * 100,
-            }
-            self._conditioning_cache = {key: tuple(make[name]().to(device) for name in self._conditioning_names)}
-        return self._conditioning_cache[key]
+        if key != self._conditioning_key:
+            unet, region = self.config["unet"], self.conditioning.get("body_region")
+            kwargs = {}
+            if unet.get("include_spacing_input"):
+                kwargs["spacing_tensor"] = torch.tensor([list(key[1])] * n, dtype=torch.float32) * 100
+            if unet.get("num_class_embeds"):
+                label = self.conditioning.get("class_label") or 1
+                kwargs["class_labels"] = torch.full((n,), int(label), dtype=torch.long)
+            if unet.get("include_top_region_index_input"):
+                kwargs["top_region_index_tensor"] = torch.tensor([region[0]] * n).float() * 100
+            if unet.get("include_bottom_region_index_input"):
+                kwargs["bottom_region_index_tensor"] = torch.tensor([region[1]] * n).float() * 100
+            self._conditioning_key, self._conditioning_names = key, tuple(kwargs)
+            self._conditioning_values = tuple(v.to(device) for v in kwargs.values())
+        return self._conditioning_values
 
     def _autocast(self):
         if self.device.type == "cuda" and self.optimized:

@@ -109,7 +109,7 @@ def main() -> int:
     if record["report"]:
         print(f"\nCohort report: {Path(record['report']) / 'cohort.html'}\n"
               f"               {Path(record['report']) / 'cohort.csv'}")
-    return 0 if record["state"] == "SUCCEEDED" else 1
+    return 0 if cohort.run_succeeded(record["state"]) else 1
 
 
 if __name__ == "__main__":

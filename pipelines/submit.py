@@ -10,6 +10,11 @@ pipeline declares (numbers, true/false, JSON lists). The KFP API is ``$KF_PIPELI
 (else the in-cluster default); the bearer token is read from ``$KF_PIPELINES_SA_TOKEN_PATH``
 when that file exists (the CronWorkflow mounts a projected service-account token there).
 Prints the run id; on failure exits 1 with one line on stderr.
+
+kfp.Client saves its context to ``~/.config/kfp/context.json`` (in-cluster, multi-user KFP:
+every time, with the pod's namespace). The image's home is on a read-only root filesystem, so
+when ``$HOME`` cannot be written the submitter points it at a fresh temporary folder before
+importing kfp (which reads the path at import time); the CronWorkflow also sets HOME=/tmp.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import argparse
 import json
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 PARAMETER_TYPES = {"NUMBER_INTEGER": int, "NUMBER_DOUBLE": float}
 
@@ -54,7 +61,23 @@ def parse_params(pairs: list[str]) -> dict[str, str]:
     return params
 
 
+def ensure_writable_home() -> str:
+    """$HOME, or a new temporary folder when $HOME/.config/kfp cannot be written (a read-only
+    root filesystem; os.access cannot tell, so it is tried)."""
+    home = os.environ.get("HOME") or str(Path.home())
+    try:
+        folder = Path(home, ".config", "kfp")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError:
+        home = tempfile.mkdtemp(prefix="kfp-home-")
+        os.environ["HOME"] = home
+    return home
+
+
 def make_client():
+    ensure_writable_home()  # before kfp is imported: it resolves ~ at import time
     import kfp
     from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -208,6 +209,29 @@ def _gauges(gateway: str) -> dict:
             for s in f.samples if s.name.startswith("diffugts_cohort") and s.labels.get("stage") == "cohort"}
 
 
+# The states an exit handler receives: kfp.local / Vertex "SUCCEEDED"; the KFP backend the
+# ML Metadata state ("COMPLETE", "CACHED"), newer KFP "COMPLETE" for SUCCEEDED/SKIPPED/CACHED.
+@pytest.mark.parametrize("state, succeeded", [
+    ("SUCCEEDED", True), ("COMPLETE", True), ("CACHED", True), ("SKIPPED", True),
+    ("FAILED", False), ("CANCELED", False), ("CANCELLED", False), ("RUNNING", False), ("", False)])
+def test_run_record_knows_the_states_the_backends_send(tmp_path, monkeypatch, state, succeeded):
+    from diffugts import metrics
+
+    pushed = []
+    monkeypatch.setattr(metrics, "push", lambda registry, job, gateway: pushed.append(registry) or True)
+    studies, results, run = tmp_path / "studies", str(tmp_path / "results"), "r1"
+    (studies / "good").mkdir(parents=True)
+    listing = cohort.plan_run(results, run, studies_uri=str(studies), model_uri=_model(tmp_path / "m"), **PARAMS)
+    (item,) = listing["pending"]
+    cohort.mark_done(_report(tmp_path / "report", "1.2.3"), results, item["key"],
+                     model_sha256=item["model_sha256"], params_hash=item["params_hash"], run=run)
+    cohort.collect_run(results, run, tmp_path / "out")
+    record = cohort.finish_run(results, run, state, gateway="")
+    assert (record["state"], record["succeeded"]) == (state, succeeded)
+    gauge = pushed[0].get_sample_value("diffugts_cohort_last_run_succeeded")
+    assert gauge == (1.0 if succeeded else 0.0)
+
+
 def test_run_record_without_listing(tmp_path):
     record = cohort.finish_run(str(tmp_path), "r0", "FAILED", "listing failed", gateway="")
     assert record["listed"] is None and record["report"] is None
@@ -319,3 +343,43 @@ def test_submit_shortens_api_errors(capsys):
     client.create_experiment = refuse
     assert submit.main(ARGV, client=client) == 1
     assert capsys.readouterr().err == "submit: error: KFP API: 403 Forbidden\n"
+
+
+def test_submitter_client_works_with_a_read_only_home(tmp_path):
+    """In-cluster, multi-user KFP: kfp.Client() saves ~/.config/kfp/context.json; the image's
+    home is on a read-only root filesystem. A home below a regular file cannot be written by
+    any user (root ignores permission bits), like one on a read-only filesystem."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    class Healthz(http.server.BaseHTTPRequestHandler):  # the KFP API's healthz, on loopback
+        def do_GET(self):
+            body = json.dumps({"multi_user": True}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    (tmp_path / "rootfs").write_text("a file, not a folder")
+    code = ("from pipelines.submit import make_client\n"
+            "client = make_client()\n"
+            "client.set_user_namespace('diffugts')  # what kfp.Client does in a pod of multi-user KFP\n"
+            "import os; print(os.environ['HOME'])\n")
+    env = {**os.environ, "HOME": str(tmp_path / "rootfs" / "home"),
+           "KF_PIPELINES_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "KF_PIPELINES_SA_TOKEN_PATH": ""}
+    try:
+        out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
+                             env=env, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    finally:
+        server.shutdown()
+    assert out.returncode == 0, out.stderr[-2000:]
+    home = Path(out.stdout.strip().splitlines()[-1])
+    assert json.loads((home / ".config" / "kfp" / "context.json").read_text())["namespace"] == "diffugts"

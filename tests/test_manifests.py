@@ -502,6 +502,14 @@ def test_cronworkflow_schedule_and_submission():
         (token,) = [v for v in wf["volumes"] if v["name"] == "kfp-token"]
         assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == \
             "pipelines.kubeflow.org"
+        # kfp.Client writes $HOME/.config/kfp/context.json: HOME must be on a writable volume,
+        # the root filesystem is read-only.
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        home = env["HOME"]["value"]
+        writable = {m["mountPath"] for m in container["volumeMounts"]
+                    if not m.get("readOnly") and any(v["name"] == m["name"] and "emptyDir" in v
+                                                     for v in wf["volumes"])}
+        assert any(home == w or home.startswith(w.rstrip("/") + "/") for w in writable), (label, home)
 
 
 # JSON schemas of the KFP custom resources, written from kubeflow/pipelines:

@@ -35,6 +35,12 @@ COHORT = "cohort"
 MODEL_MANIFEST = "manifest.json"  # diffugts.models.package.MANIFEST; its sha256 names the model
 # Diagnosing a failure re-reads the study (see diagnose); past this many, a run stops trying.
 MAX_DIAGNOSED = 25
+# The exit handler's PipelineTaskFinalStatus.state of a run that went through. kfp.local and
+# Vertex send SUCCEEDED. The KFP backend sends the ML Metadata execution state (driver
+# resolve.go: GetLastKnownState().String(): COMPLETE, or CACHED for a cached task), and
+# newer KFP, without ML Metadata, maps SUCCEEDED/SKIPPED/CACHED to COMPLETE
+# (pipelineTaskFinalStatusState). Anything else (FAILED, CANCELED, CANCELLED, ...) is a failure.
+SUCCESS_STATES = frozenset({"SUCCEEDED", "COMPLETE", "CACHED", "SKIPPED"})
 
 
 # -- where things are: local folders and s3:// prefixes behind the same five calls ---------
@@ -338,12 +344,19 @@ def run_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_succeeded(state: str) -> bool:
+    """Whether an exit handler's final state means the run went through (see SUCCESS_STATES)."""
+    return str(state).strip().upper() in SUCCESS_STATES
+
+
 def finish_run(results_uri: str, run: str, state: str, error: str = "", gateway: str | None = None) -> dict:
-    """The exit handler: write ``_runs/cohort-<run>.json`` (the pipeline's final state and the
-    counts) and push the run's gauges to the Pushgateway when one is configured."""
+    """The exit handler: write ``_runs/cohort-<run>.json`` (the pipeline's final state as the
+    backend sent it, whether that is a success, and the counts) and push the run's gauges to
+    the Pushgateway when one is configured."""
     listing = _read_json(join(run_uri(results_uri, run), "listing.json"))
     cohort = _read_json(join(results_uri, COHORT, run, "cohort.json"))
-    record = {"run": run, "state": state, "error": error, "time": _now(), "diffugts_version": __version__,
+    record = {"run": run, "state": state, "succeeded": run_succeeded(state), "error": error, "time": _now(),
+              "diffugts_version": __version__,
               "listed": None, "skipped": None, "processed": None, "done": None, "failed": None, "report": None}
     if listing is not None:
         record.update(listed=len(listing["pending"]) + len(listing["skipped"]), skipped=len(listing["skipped"]),
@@ -365,7 +378,7 @@ def _push_metrics(record: dict, gateway: str | None) -> bool:
                                 labels=["outcome"])
     for outcome in ("done", "failed", "skipped"):
         studies.add_metric([outcome], float(record.get(outcome) or 0))
-    ok = record["state"] == "SUCCEEDED" and not record.get("failed") and record.get("done") is not None
+    ok = record["succeeded"] and not record.get("failed") and record.get("done") is not None
     families = [studies,
                 GaugeMetricFamily("diffugts_cohort_last_run_succeeded",
                                   "1 if the last cohort run finished with every study done, else 0.", value=float(ok)),

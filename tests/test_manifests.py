@@ -513,7 +513,8 @@ def test_cronworkflow_schedule_and_submission():
 
 
 # JSON schemas of the KFP custom resources, written from kubeflow/pipelines:
-#   backend/src/crd/pkg/apis/scheduledworkflow/v1beta1/types.go (ScheduledWorkflow),
+#   backend/src/crd/pkg/apis/scheduledworkflow/v1beta1/types.go (ScheduledWorkflow: `spec` and
+#   `status` are tagged without omitempty, so the CRD generated from it requires both),
 #   manifests/kustomize/base/crds/pipelines.kubeflow.org_{pipelines,pipelineversions}.yaml
 #   (Pipeline, PipelineVersion; `displayName` on Pipeline as emitted by the kfp 2.17 SDK).
 # additionalProperties is false throughout, stricter than the API server (which prunes unknown
@@ -529,7 +530,7 @@ _METADATA = {
 KFP_SCHEMAS = {
     "ScheduledWorkflow": {
         "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "required": ["apiVersion", "kind", "metadata", "spec", "status"],
         "additionalProperties": False,
         "properties": {
             "apiVersion": {"const": "kubeflow.org/v1beta1"},
@@ -585,6 +586,7 @@ KFP_SCHEMAS = {
                     "serviceAccount": {"type": "string"},
                 },
             },
+            "status": {"type": "object"},
         },
     },
     "Pipeline": {
@@ -723,10 +725,10 @@ def test_scheduledworkflow_is_safe_to_apply():
     swf = one(rendered("base/pipelines/schedule-kfp"), "ScheduledWorkflow",
               "diffugts-cohort-nightly")
     spec = swf["spec"]
-    # Enabled only with the IDs of an uploaded pipeline: otherwise the controller has nothing
-    # to start and would report an error every night.
+    # Enabled only with the ID of an uploaded pipeline: otherwise the controller has nothing
+    # to start and would report an error every night. (No version ID: the newest version.)
     if spec.get("enabled"):
-        assert spec.get("pipelineId") and spec.get("pipelineVersionId")
+        assert spec.get("pipelineId")
     assert spec["maxConcurrency"] == 1  # no overlapping cohort runs
     assert spec["noCatchup"] is True
     fields = spec["trigger"]["cronSchedule"]["cron"].split()
@@ -739,6 +741,29 @@ def test_scheduledworkflow_is_safe_to_apply():
     assert swf_params == {"studies_uri", "model_uri", "results_uri"} <= cron_params
     # Both fire at the same minute and hour (KFP: sec min hour ...; Argo: min hour ...).
     assert fields[1:3] == cron["spec"]["schedules"][0].split()[0:2]
+
+
+def _scheduledworkflows() -> list[tuple[str, dict]]:
+    return [(target, d) for target in _kustomizations() for d in by_kind(rendered(target), "ScheduledWorkflow")]
+
+
+def test_scheduledworkflow_parameters_are_json_and_match_the_overlay():
+    """KFP's scheduledworkflow controller JSON-decodes every parameter value into the run's
+    parameters: a bare s3://... is not JSON, and no run is ever made. Each overlay's schedule
+    uses that overlay's prefixes (the ones its CronWorkflow passes)."""
+    swfs = _scheduledworkflows()
+    assert {target for target, _ in swfs} >= {"base/pipelines/schedule-kfp", "overlays/kubeflow/schedule-kfp"}
+    for target, swf in swfs:
+        values = {}
+        for param in swf["spec"]["workflow"]["parameters"]:
+            try:
+                values[param["name"]] = json.loads(param["value"])
+            except json.JSONDecodeError:
+                pytest.fail(f"{target}: {param['name']}: {param['value']!r} is not JSON")
+        overlay = "overlays/kubeflow" if target.startswith("overlays/kubeflow") else "overlays/standalone"
+        cron = one(rendered(overlay), "CronWorkflow", "diffugts-cohort-nightly")
+        cron_values = {p["name"]: p["value"] for p in cron["spec"]["workflowSpec"]["arguments"]["parameters"]}
+        assert values == {name: cron_values[name] for name in values}, target
 
 
 def test_at_most_one_active_nightly_schedule():

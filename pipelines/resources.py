@@ -9,6 +9,9 @@ this, so `make run` works offline.
 from kfp import dsl, kubernetes
 
 S3_SECRET = "diffugts-s3"
+# On every step's pod: the kubeflow overlay's default-deny-ingress selects our pods by it (a
+# profile namespace also holds notebooks and model servers whose ingress is not ours to cut).
+POD_LABEL = ("app.kubernetes.io/part-of", "diffugts")
 CONFIG_MAP = "diffugts-config"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -16,6 +19,7 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 
 def _common(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     task.set_display_name(name)
+    kubernetes.add_pod_label(task, label_key=POD_LABEL[0], label_value=POD_LABEL[1])
     kubernetes.use_secret_as_env(task, secret_name=S3_SECRET,
                                  secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                                                     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})

@@ -960,7 +960,12 @@ def test_network_policies_deny_by_default_and_admit_only_clients():
         docs = rendered(f"overlays/{overlay}")
         policies = by_kind(docs, "NetworkPolicy")
         deny = one(docs, "NetworkPolicy", "default-deny-ingress")
-        assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+        assert deny["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in deny["spec"]
+        # Every pod of ours is denied by default: servers, the nightly submitter, pipeline steps.
+        ours = [d["spec"]["template"]["metadata"]["labels"] for d in by_kind(docs, "Deployment")]
+        ours += [c["spec"]["workflowSpec"]["podMetadata"]["labels"] for c in by_kind(docs, "CronWorkflow")]
+        ours.append({"workflows.argoproj.io/workflow": "diffugts-cohort-abc12", OWN_POD_LABEL[0]: OWN_POD_LABEL[1]})
+        assert all(_selects(deny, labels) for labels in ours), overlay
         for deployment in by_kind(docs, "Deployment"):
             labels = deployment["spec"]["template"]["metadata"]["labels"]
             name = deployment["metadata"]["name"]
@@ -981,12 +986,28 @@ def test_network_policies_deny_by_default_and_admit_only_clients():
         for policy in policies:
             if policy is deny or "Ingress" not in policy["spec"]["policyTypes"]:
                 continue
-            if policy["metadata"]["name"] == "allow-kubeflow-system":
-                continue
             peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
             assert any("podSelector" in p and "namespaceSelector" not in p and
                        _selects({"spec": {"podSelector": p["podSelector"]}}, pipeline_pod)
                        for p in peers), (overlay, policy["metadata"]["name"])
+
+
+# Pods that Kubeflow and its users run in a profile namespace (labels as their controllers set
+# them): a Jupyter notebook, a KServe predictor, the KFP artifact server of the namespace.
+PROFILE_NEIGHBOURS = {
+    "notebook": {"notebook-name": "scratch", "statefulset": "scratch", "app": "scratch"},
+    "kserve": {"serving.kserve.io/inferenceservice": "model", "component": "predictor"},
+    "kfp-artifacts": {"app": "ml-pipeline-ui-artifact"},
+}
+# The label pipelines/resources.py puts on every pipeline step's pod.
+OWN_POD_LABEL = ("app.kubernetes.io/part-of", "diffugts")
+
+
+def test_kubeflow_overlay_leaves_other_pods_of_the_profile_namespace_alone():
+    docs = rendered("overlays/kubeflow")
+    for name, labels in PROFILE_NEIGHBOURS.items():
+        selecting = [p["metadata"]["name"] for p in by_kind(docs, "NetworkPolicy") if _selects(p, labels)]
+        assert not selecting, f"{name} pods are selected by {selecting}"
 
 
 # ------------------------------------------------------------------------- checkov

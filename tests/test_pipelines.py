@@ -36,6 +36,11 @@ def test_pipelines_compile_and_load_back(tmp_path):
     assert k8s["exec-attend"]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
     assert k8s["exec-attend"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert k8s["exec-ingest"]["secretAsEnv"][0]["secretName"] == "diffugts-s3"
+    # Every step's pod carries the label the kubeflow overlay's default-deny-ingress selects.
+    for path in paths:
+        doc = [d for d in yaml.safe_load_all(path.read_text()) if d and "platforms" in d][0]
+        for name, executor in doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
+            assert executor["podMetadata"]["labels"]["app.kubernetes.io/part-of"] == "diffugts", (path.name, name)
     # kfp is preinstalled in our images: no pip install at container start.
     for executor in executors.values():
         assert not any("pip install" in part for part in executor["container"]["command"])

@@ -7,13 +7,17 @@ Writes, per pipeline:
   kustomization.yaml. These are committed; tests/test_pipelines.py fails when they are stale.
 
 Images (DIFFUGTS_CPU_IMAGE / DIFFUGTS_GPU_IMAGE) and DIFFUGTS_COHORT_PARALLELISM are read at
-import time and baked into the output.
+import time and baked into the output. Each PipelineVersion is named after the release and the
+hash of its spec (``version_name``), so a spec that changes gets a new version name;
+``--version-names`` prints them (for uploads through the KFP API, docs/deployment.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
+import tempfile
 from pathlib import Path
 
 from kfp import compiler
@@ -33,8 +37,19 @@ MANIFESTS = REPO / "manifests" / "base" / "pipelines"
 MAX_MANIFEST_BYTES = 200 * 1024
 
 
-def version_name(name: str) -> str:
-    return f"{name}-{VERSION.replace('.', '-')}"
+def spec_digest(pipeline) -> str:
+    """sha256 of the pipeline's compiled IR (images, parallelism and every default included)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "pipeline.yaml")
+        compiler.Compiler().compile(pipeline, str(path))
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def version_name(name: str, digest: str) -> str:
+    """``<pipeline>-<release>-<first 10 hex digits of the spec's sha256>``: a changed spec gets a
+    new name (KFP rejects a changed spec under an existing PipelineVersion name: the spec is
+    immutable), an unchanged one keeps it, so `kubectl apply` in CI is idempotent."""
+    return f"{name}-{VERSION.replace('.', '-')}-{digest[:10]}"
 
 
 def compile_all(out: Path) -> list[Path]:
@@ -55,7 +70,8 @@ def compile_manifests(out: Path = MANIFESTS) -> list[Path]:
     for name, pipeline in PIPELINES.items():
         path = out / f"{name}.yaml"
         options = KubernetesManifestOptions(namespace=NAMESPACE, pipeline_name=name,
-                                            pipeline_version_name=version_name(name), include_pipeline_manifest=True)
+                                            pipeline_version_name=version_name(name, spec_digest(pipeline)),
+                                            include_pipeline_manifest=True)
         compiler.Compiler().compile(pipeline, str(path), kubernetes_manifest_format=True,
                                     kubernetes_manifest_options=options)
         if path.stat().st_size > MAX_MANIFEST_BYTES:
@@ -76,7 +92,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("build/pipelines"), help="where the IR YAML goes")
     ap.add_argument("--manifests", type=Path, default=MANIFESTS, help="where the Kubernetes manifests go")
+    ap.add_argument("--version-names", action="store_true",
+                    help="only print '<pipeline> <version name>' per pipeline, write nothing")
     args = ap.parse_args()
+    if args.version_names:
+        for name, pipeline in PIPELINES.items():
+            print(name, version_name(name, spec_digest(pipeline)))
+        return
     for path in compile_all(args.out) + compile_manifests(args.manifests):
         print(f"wrote {path}")
 

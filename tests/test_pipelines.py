@@ -134,3 +134,66 @@ def test_study_pipeline_fails_cleanly_on_bad_input(kfp_local, capfd):
         study_pipeline(input_uri=str(kfp_local / "empty"), model_uri=str(kfp_local / "no-model"))
     err = capfd.readouterr()
     assert "diffugts: error: " in err.out + err.err and "no files found" in err.out + err.err
+
+
+_TINY = """
+from kfp import dsl
+
+@dsl.component(base_image="python:3.11")
+def echo(text: str) -> str:
+    return text
+
+@dsl.pipeline(name="diffugts-cohort", description="version name check")
+def tiny(studies_uri: str = DEFAULT):
+    echo(text=studies_uri)
+"""
+
+
+def _tiny_pipeline(folder: Path, default: str):
+    # From a file of its own: kfp reads the component's source, and this module's
+    # `from __future__ import annotations` would hide the parameter types from it.
+    import importlib.util
+
+    name = f"tiny_{abs(hash(default))}"
+    path = folder / f"{name}.py"
+    path.write_text(_TINY.replace("DEFAULT", repr(default)))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tiny
+
+
+def _version_names(out: Path) -> list[str]:
+    docs = [d for p in sorted(out.glob("*.yaml")) if p.name != "kustomization.yaml"
+            for d in yaml.safe_load_all(p.read_text()) if d]
+    return [d["metadata"]["name"] for d in docs if d["kind"] == "PipelineVersion"]
+
+
+def test_pipeline_version_name_follows_the_spec(tmp_path, monkeypatch):
+    """KFP's PipelineVersion spec is immutable: re-applying a changed spec under the same name
+    is rejected. A changed spec gets a new name; an unchanged one keeps its name."""
+    from pipelines import compile as compile_module
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "kustomization.yaml").write_text("resources:\n  - old.yaml\n")
+    names = []
+    for default in ("s3://a/", "s3://a/", "s3://b/"):
+        monkeypatch.setattr(compile_module, "PIPELINES", {"diffugts-cohort": _tiny_pipeline(tmp_path / "src", default)})
+        compile_module.compile_manifests(tmp_path / "out")
+        names.append(_version_names(tmp_path / "out"))
+    assert names[0] == names[1] and names[1] != names[2], names
+    assert all(n[0].startswith("diffugts-cohort-") for n in names)
+    assert "  - diffugts-cohort.yaml\n" in (tmp_path / "out" / "kustomization.yaml").read_text()
+
+
+def test_committed_manifests_are_what_make_compile_writes(tmp_path):
+    """manifests/base/pipelines is committed: it must be today's `make compile` output."""
+    import shutil
+
+    from pipelines.compile import MANIFESTS, compile_manifests
+
+    shutil.copy(MANIFESTS / "kustomization.yaml", tmp_path / "kustomization.yaml")
+    for path in compile_manifests(tmp_path):
+        assert path.read_text() == (MANIFESTS / path.name).read_text(), f"{path.name} is stale: run make compile"
+    assert (tmp_path / "kustomization.yaml").read_text() == (MANIFESTS / "kustomization.yaml").read_text()

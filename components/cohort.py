@@ -1,11 +1,11 @@
-"""Kubeflow components of the cohort pipeline: list studies, mark one done, the cohort report,
-the run's record. Thin adapters over :mod:`diffugts.cohort` (see there for the layout under
+"""Kubeflow components of the cohort pipeline: list studies (in batches), segment a batch, the
+cohort report, the run's record. Thin adapters over :mod:`diffugts.cohort` (see there for the layout under
 ``results_uri``). S3 and Pushgateway settings come from the environment.
 """
 
 from kfp import dsl
 
-from components.images import CPU_IMAGE
+from components.images import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -22,9 +22,13 @@ def list_studies(
     run_id: str,
     summary: dsl.Output[dsl.Markdown],
     maps: str = "aova",
+    batch_size: int = 8,
+    max_parallel: int = 4,
 ) -> list:
     """The studies to process: every input without a ``done`` marker for this model and these
-    parameters (all of them with ``force``). Each item: key, input_uri, model_sha256, params_hash.
+    parameters (all of them with ``force``), in batches of at least ``batch_size``, dealt into at
+    most ``max_parallel`` lanes. Returns the lanes (lists of batch numbers); the batches' studies
+    are in the run's listing.json under ``results_uri``.
     """
     import sys
 
@@ -34,40 +38,49 @@ def list_studies(
     try:
         listing = plan_run(results_uri, run_id, studies_uri=studies_uri, studies_csv=studies_csv,
                            model_uri=model_uri, prompts=[str(p) for p in prompts], rules=rules, resample=resample,
-                           min_volume_ml=min_volume_ml, force=force, maps=maps)
+                           min_volume_ml=min_volume_ml, force=force, maps=maps, batch_size=batch_size,
+                           max_parallel=max_parallel)
     except DiffugtsError as err:
         print(f"diffugts: error: {err}", file=sys.stderr)
         sys.exit(2)
     with open(summary.path, "w") as f:
         f.write(f"# Studies\n\n{len(listing['pending']) + len(listing['skipped'])} listed: "
                 f"{len(listing['pending'])} to process, {len(listing['skipped'])} skipped (done before with "
-                f"model {listing['model_sha256'][:12]} and these parameters).\n")
-    return listing["pending"]
+                f"model {listing['model_sha256'][:12]} and these parameters).\n\n"
+                f"{len(listing['batches'])} batches of up to {listing['batch_size']} studies, "
+                f"{len(listing['lanes'])} at a time.\n")
+    return listing["lanes"]
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def mark_done(
-    report: dsl.Input[dsl.Dataset],
-    key: str,
-    model_sha256: str,
-    params_hash: str,
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def segment_batch(
     results_uri: str,
     run_id: str,
+    batch: int,
+    model_uri: str,
+    prompts: list,
+    rules: str,
+    resample: bool,
+    min_volume_ml: float,
+    maps: str = "aova",
 ):
-    """Publish a finished study's report to ``<results_uri>/<StudyInstanceUID>/report`` (the
-    report stage's upload layout), then write its ``done`` marker."""
+    """One batch of the run's studies in one process, the model loaded once: per study ingestion,
+    attention maps, synthesis, refinement, the report published to
+    ``<results_uri>/<StudyInstanceUID>/report`` and its ``done`` marker. A study that fails is
+    recorded with its reason and the batch goes on."""
     import sys
 
-    from diffugts.cohort import mark_done as run_mark_done
+    from diffugts.batch import run_batch
     from diffugts.errors import DiffugtsError
 
     try:
-        marker = run_mark_done(report.path, results_uri, key, model_sha256=model_sha256, params_hash=params_hash,
-                               run=run_id)
+        counts = run_batch(results_uri, run_id, batch, model_uri=model_uri, prompts=[str(p) for p in prompts],
+                           rules=rules, resample=resample, min_volume_ml=min_volume_ml, maps=maps)
     except DiffugtsError as err:
         print(f"diffugts: error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"study {marker['study_key']} done: {marker['result']}")
+    print(f"batch {batch}: {counts['done']} done, {counts['failed']} failed, "
+          f"{counts['already_done']} done before (a retry)")
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

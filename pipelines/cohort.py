@@ -1,9 +1,20 @@
-"""The cohort pipeline: every new study under a prefix (or in a CSV) through the study pipeline.
+"""The cohort pipeline: every new study under a prefix (or in a CSV), in batches on the GPU.
 
     exit handler (record_run: _runs/cohort-<run>.json + Pushgateway)
-    └─ list_studies ─> studies: ParallelFor (at most PARALLELISM at once)
-                      │     fused study pipeline ─> mark_done
-                      └─> cohort_report (runs when studies failed too)
+    └─ list_studies ─> lanes: ParallelFor (at most max_parallel lanes)
+                      │     lane: ParallelFor over its batches, one at a time
+                      │           segment_batch (GPU; per study: ingest, model stages, report, done marker)
+                      └─> cohort_report (runs when batches failed too)
+
+Why batches (diffugts.batch, benchmarks/workflow_size.py): a task per study makes an Argo
+Workflow of over 100,000 nodes for 10,000 studies, past what Kubernetes stores in one object.
+A batch task loads the model once and takes its studies one after another; a failed study is
+recorded and the batch goes on. The run has at most diffugts.batch.MAX_BATCHES batch tasks, so
+the Workflow stays small whatever the cohort's size.
+
+Why lanes: KFP takes ParallelFor's ``parallelism`` at compile time only. A lane is a loop over
+batch numbers with parallelism 1; ``list_studies`` deals the batches into ``max_parallel``
+lanes, so the number of GPU tasks at once is a pipeline parameter.
 
 Why the fan-out sits in its own graph component (``cohort_studies``): on the KFP backend an
 ``ignore_upstream_failure()`` task is compiled to an Argo exit hook on the task it depends on,
@@ -11,22 +22,15 @@ and hooks are attached to DAG tasks but not to ParallelFor tasks; behind a graph
 cohort report has a DAG task to hang on. It must depend on that task alone (a hook per
 dependency would run it once per dependency), so it reads what it needs from ``results_uri``.
 
-A failed study fails its loop iteration, so the run ends "Failed" in the KFP UI; every other
-study still runs, and the cohort report lists the failed ones with their reasons.
+Batch tasks are never cached: their effect is the results and markers they write, and the
+markers (model sha256 + parameters hash) are what skips a study done before.
 """
-
-import os
 
 from kfp import dsl
 
-from components.cohort import cohort_report, list_studies, mark_done, record_run
-from pipelines.resources import cpu_stage
-from pipelines.study_fused import study_fused_pipeline
+from components.cohort import cohort_report, list_studies, record_run, segment_batch
+from pipelines.resources import cpu_stage, gpu_stage
 
-# Studies processed at once. KFP takes ParallelFor's parallelism at compile time only (a
-# pipeline parameter cannot set it): change it here or with DIFFUGTS_COHORT_PARALLELISM when
-# running `make compile` (one study holds one GPU for its model task).
-PARALLELISM = int(os.environ.get("DIFFUGTS_COHORT_PARALLELISM", "4"))
 DEFAULT_PROMPTS = ["liver tumor", "kidney tumor", "pancreas tumor"]
 
 
@@ -37,20 +41,24 @@ def _bookkeeping(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     return task.set_caching_options(False).set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
 
 
-@dsl.pipeline(name="diffugts-cohort-studies", description="The studies of a cohort run, in parallel.")
-def cohort_studies(pending: list, model_uri: str, prompts: list, rules: str, resample: bool, min_volume_ml: float,
+@dsl.pipeline(name="diffugts-cohort-lane", description="Batches of a cohort run, one after another.")
+def cohort_lane(lane: list, model_uri: str, prompts: list, rules: str, resample: bool, min_volume_ml: float,
+                results_uri: str, maps: str):
+    with dsl.ParallelFor(lane, parallelism=1) as batch:
+        task = segment_batch(results_uri=results_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, batch=batch,
+                             model_uri=model_uri, prompts=prompts, rules=rules, resample=resample,
+                             min_volume_ml=min_volume_ml, maps=maps)
+        gpu_stage(task, "Batch of studies")
+        # A retry skips the studies the lost attempt finished (their done markers).
+        task.set_caching_options(False).set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
+
+
+@dsl.pipeline(name="diffugts-cohort-studies", description="The batches of a cohort run, in lanes.")
+def cohort_studies(lanes: list, model_uri: str, prompts: list, rules: str, resample: bool, min_volume_ml: float,
                    results_uri: str, maps: str):
-    with dsl.ParallelFor(pending, parallelism=PARALLELISM) as study:
-        # Caching stays on for the stages (deterministic given their inputs); the report is
-        # published by mark_done, which runs every time.
-        # The fused study pipeline: three pods per study instead of five (pipelines/study_fused.py).
-        segmented = study_fused_pipeline(input_uri=study.input_uri, model_uri=model_uri, prompts=prompts, rules=rules,
-                                   resample=resample, min_volume_ml=min_volume_ml, upload=False, results_uri="",
-                                   maps=maps)
-        segmented.set_display_name("Study")
-        _bookkeeping(mark_done(report=segmented.output, key=study.key, model_sha256=study.model_sha256,
-                               params_hash=study.params_hash, results_uri=results_uri,
-                               run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "Mark done")
+    with dsl.ParallelFor(lanes) as lane:
+        cohort_lane(lane=lane, model_uri=model_uri, prompts=prompts, rules=rules, resample=resample,
+                    min_volume_ml=min_volume_ml, results_uri=results_uri, maps=maps).set_display_name("Lane")
 
 
 @dsl.pipeline(
@@ -69,6 +77,8 @@ def cohort_pipeline(
     min_volume_ml: float = 0.1,
     force: bool = False,
     maps: str = "aova",
+    batch_size: int = 8,
+    max_parallel: int = 4,
 ):
     """Segment a cohort.
 
@@ -83,6 +93,8 @@ def cohort_pipeline(
         min_volume_ml: Lesions smaller than this (mL) are dropped.
         force: Process every study, also those done before with this model and these parameters.
         maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
+        batch_size: Studies per GPU task, at least (more when the cohort would need over 100 tasks).
+        max_parallel: GPU tasks at once, at most.
     """
     record = _bookkeeping(record_run(results_uri=results_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
                           "Record run")
@@ -90,8 +102,9 @@ def cohort_pipeline(
         listing = _bookkeeping(list_studies(studies_uri=studies_uri, studies_csv=studies_csv, model_uri=model_uri,
                                             results_uri=results_uri, prompts=prompts, rules=rules, resample=resample,
                                             min_volume_ml=min_volume_ml, force=force, maps=maps,
+                                            batch_size=batch_size, max_parallel=max_parallel,
                                             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "List studies")
-        studies = cohort_studies(pending=listing.outputs["Output"], model_uri=model_uri, prompts=prompts, rules=rules,
+        studies = cohort_studies(lanes=listing.outputs["Output"], model_uri=model_uri, prompts=prompts, rules=rules,
                                  resample=resample, min_volume_ml=min_volume_ml, results_uri=results_uri, maps=maps)
         studies.set_display_name("Studies")
         report = cohort_report(results_uri=results_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, rules=rules,

@@ -6,8 +6,8 @@ Writes, per pipeline:
   objects (KFP in Kubernetes-native API mode), listed under ``resources:`` of that directory's
   kustomization.yaml. These are committed; tests/test_pipelines.py fails when they are stale.
 
-Images (DIFFUGTS_CPU_IMAGE / DIFFUGTS_GPU_IMAGE) and DIFFUGTS_COHORT_PARALLELISM are read at
-import time and baked into the output. Each PipelineVersion is named after the release and the
+Images (DIFFUGTS_CPU_IMAGE / DIFFUGTS_GPU_IMAGE) are read at import time and baked into the
+output. Each PipelineVersion is named after the release and the
 hash of its spec (``version_name``), so a spec that changes gets a new version name;
 ``--version-names`` prints them (for uploads through the KFP API, docs/deployment.md).
 """

@@ -76,7 +76,7 @@ def main() -> int:
     warnings.filterwarnings("ignore", module=r"kfp\.local(\..*)?$")
     names = demo_studies(out / "demo-input")
     results = out / "results"
-    # A failed study fails the run (as on a cluster); the reports are read from results/ below.
+    # A failed study is recorded by its batch and the run goes on; the reports are read from results/ below.
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "kfp"), raise_on_error=False)
     # kfp.local indents task logs by swapping builtins.print per task; parallel loop iterations
     # restore it out of order and leave it indented: put the real one back afterwards.

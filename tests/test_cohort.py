@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -383,3 +384,54 @@ def test_submitter_client_works_with_a_read_only_home(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     home = Path(out.stdout.strip().splitlines()[-1])
     assert json.loads((home / ".config" / "kfp" / "context.json").read_text())["namespace"] == "diffugts"
+
+
+# ---------------------------------------------------------------------------- batches
+
+def test_batches_are_bounded_and_dealt_into_lanes():
+    from diffugts.batch import plan_batches
+
+    keys = [f"k{i:05d}" for i in range(10_000)]
+    plan = plan_batches(keys, batch_size=8, max_parallel=4, max_batches=100)
+    assert len(plan["batches"]) == 100 and plan["batch_size"] == 100
+    assert [k for b in plan["batches"] for k in b] == keys  # every study once, in order
+    assert len(plan["lanes"]) == 4 and sorted(b for lane in plan["lanes"] for b in lane) == list(range(100))
+    small = plan_batches(keys[:20], batch_size=8, max_parallel=4)
+    assert [len(b) for b in small["batches"]] == [8, 8, 4] and small["lanes"] == [[0], [1], [2]]
+    assert plan_batches([], 8, 4) == {"batch_size": 8, "batches": [], "lanes": []}
+    with pytest.raises(ConfigError):
+        plan_batches(keys, batch_size=0)
+
+
+@pytest.mark.slow
+def test_a_failed_study_never_sinks_its_batch(tmp_path):
+    from diffugts.batch import run_batch
+    from diffugts.phantom import CaseSpec, generate_case, write_case
+    from modelfactory import random_package
+
+    studies, results, run = tmp_path / "studies", str(tmp_path / "results"), "r1"
+    case = write_case(generate_case(CaseSpec(seed=3, index=0, shape=(16, 32, 32))), tmp_path / "cases")
+    (studies / "b-broken").mkdir(parents=True)
+    (studies / "b-broken" / "a.dcm").write_bytes(b"not dicom")
+    for name in ("a-good", "c-good"):
+        shutil.copytree(case / "dicom", studies / name)
+    model = str(random_package(tmp_path / "model").root)
+    listing = cohort.plan_run(results, run, studies_uri=str(studies), model_uri=model, **PARAMS, batch_size=3)
+    assert listing["batches"] == [[i["key"] for i in listing["pending"]]] and listing["lanes"] == [[0]]
+
+    counts = run_batch(results, run, 0, model_uri=model, prompts=PARAMS["prompts"])
+    assert counts == {"done": 2, "failed": 1, "already_done": 0}
+    markers = {Path(i["input_uri"]).name: cohort.read_marker(results, i["key"]) for i in listing["pending"]}
+    assert markers["a-good"]["status"] == markers["c-good"]["status"] == "done"
+    broken = markers["b-broken"]
+    assert (broken["status"], broken["stage"], broken["run"]) == ("failed", "ingest", run)
+    # A retried batch redoes nothing that is done.
+    assert run_batch(results, run, 0, model_uri=model, prompts=PARAMS["prompts"]) == \
+        {"done": 0, "failed": 1, "already_done": 2}
+    # The cohort report takes the batch's own record of the failure.
+    summary = cohort.collect_run(results, run, tmp_path / "out")
+    assert (summary["done"], summary["failed"]) == (2, 1)
+    (failure,) = summary["failures"]
+    assert failure["stage"] == "ingest" and failure["reason_code"] == broken["reason_code"]
+    with pytest.raises(InputError, match="no batch 5"):
+        run_batch(results, run, 5, model_uri=model, prompts=PARAMS["prompts"])

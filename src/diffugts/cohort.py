@@ -196,11 +196,26 @@ def run_uri(results_uri: str, run: str) -> str:
     return join(results_uri, RUNS, f"cohort-{run}")
 
 
+def read_listing(results_uri: str, run: str) -> dict:
+    listing = _read_json(join(run_uri(results_uri, run), "listing.json"))
+    if listing is None:
+        raise InputError(run_uri(results_uri, run), "no listing.json: the listing step did not finish")
+    return listing
+
+
+def read_marker(results_uri: str, key: str) -> dict | None:
+    return _read_json(marker_uri(results_uri, key))
+
+
 def plan_run(results_uri: str, run: str, *, studies_uri: str = "", studies_csv: str = "", model_uri: str,
              prompts, rules: str = "default", resample: bool = False, min_volume_ml: float = 0.1,
-             force: bool = False, maps: str = "aova") -> dict:
+             force: bool = False, maps: str = "aova", batch_size: int | None = None,
+             max_parallel: int | None = None) -> dict:
     """List the inputs, split them into pending and skipped (done before with this model and
-    these parameters; ``force`` runs everything), and write the run's ``listing.json``."""
+    these parameters; ``force`` runs everything), deal the pending ones into batches and lanes
+    (:func:`diffugts.batch.plan_batches`), and write the run's ``listing.json``."""
+    from diffugts.batch import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PARALLEL, plan_batches
+
     sha, phash = model_sha256(model_uri), params_hash(prompts, rules, resample, min_volume_ml, maps)
     pending, skipped = [], []
     for uri in list_inputs(studies_uri, studies_csv):
@@ -211,8 +226,10 @@ def plan_run(results_uri: str, run: str, *, studies_uri: str = "", studies_csv: 
             skipped.append({"key": key, "input_uri": uri, "result": marker["result"]})
         else:
             pending.append({"key": key, "input_uri": uri, "model_sha256": sha, "params_hash": phash})
+    plan = plan_batches([item["key"] for item in pending], batch_size or DEFAULT_BATCH_SIZE,
+                        max_parallel or DEFAULT_MAX_PARALLEL)
     listing = {"run": run, "time": _now(), "diffugts_version": __version__, "model_sha256": sha,
-               "params_hash": phash, "force": bool(force), "pending": pending, "skipped": skipped}
+               "params_hash": phash, "force": bool(force), "pending": pending, "skipped": skipped, **plan}
     _write_json(join(run_uri(results_uri, run), "listing.json"), listing)
     return listing
 
@@ -297,9 +314,7 @@ def collect_run(results_uri: str, run: str, out_dir: str | os.PathLike, *, rules
     reasons (each recorded in ``failed/<key>/failed.json`` and its marker)."""
     from diffugts.report.cohort import cohort_report
 
-    listing = _read_json(join(run_uri(results_uri, run), "listing.json"))
-    if listing is None:
-        raise InputError(run_uri(results_uri, run), "no listing.json: the listing step did not finish")
+    listing = read_listing(results_uri, run)
     out = Path(out_dir)
     sources = [s["result"] for s in listing["skipped"]]
     failed, records = [], []
@@ -308,6 +323,11 @@ def collect_run(results_uri: str, run: str, out_dir: str | os.PathLike, *, rules
         if marker.get("status") == "done" and marker.get("model_sha256") == item["model_sha256"] \
                 and marker.get("params_hash") == item["params_hash"]:
             sources.append(marker["result"])
+        elif marker.get("status") == "failed" and marker.get("run") == run and marker.get("failure"):
+            # Recorded by its batch with the real error (diffugts.batch): nothing to diagnose.
+            records.append({"input_key": item["key"], "stage": marker["stage"], "reason_code": marker["reason_code"],
+                            "reason": marker["reason"], "source": marker["failure"]})
+            sources.append(marker["failure"])
         else:
             failed.append(item)
     work = out.parent / f".{out.name}.failures"

@@ -9,6 +9,7 @@ from components.images import GPU_IMAGE
 def attend(
     study: dsl.Input[dsl.Dataset],
     model_uri: str,
+    model_sha256: str,
     prompts: list,
     attention: dsl.Output[dsl.Dataset],
     seed: int = 0,
@@ -18,6 +19,8 @@ def attend(
 
     Args:
         model_uri: Model package folder or s3:// prefix (S3 settings from the environment).
+        model_sha256: The model's fingerprint (components/fingerprint.py). Not read here: it is in
+            the task's cache key, so a model replaced under the same URI is not served from the cache.
         prompts: What to segment, free text, e.g. ["liver tumor", "pancreatic cyst"].
         seed: Seed of the denoiser-feature noise (the same seed gives the same maps).
         maps: "aova" (the package's trained head) or "training-free" (the backbone's own text

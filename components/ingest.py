@@ -8,6 +8,7 @@ from components.images import CPU_IMAGE
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def ingest(
     input_uri: str,
+    study_sha256: str,
     study: dsl.Output[dsl.Dataset],
     summary: dsl.Output[dsl.Markdown],
     rules: str = "default",
@@ -17,6 +18,8 @@ def ingest(
 
     Args:
         input_uri: DICOM folder, .zip, or s3://bucket/prefix (S3 settings from the environment).
+        study_sha256: The study's fingerprint (components/fingerprint.py). Not read here: it is in
+            the task's cache key, so a study re-exported under the same URI is not served from the cache.
         rules: "default", "permissive", or a JSON rules document.
         resample: Resample gantry-tilted / oblique series instead of rejecting them.
     """

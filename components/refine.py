@@ -11,6 +11,7 @@ def refine(
     attention: dsl.Input[dsl.Dataset],
     synthesis: dsl.Input[dsl.Dataset],
     model_uri: str,
+    model_sha256: str,
     lesions: dsl.Output[dsl.Dataset],
     min_volume_ml: float = 0.1,
 ):
@@ -18,6 +19,8 @@ def refine(
 
     Args:
         model_uri: Model package folder or s3:// prefix (S3 settings from the environment).
+        model_sha256: The model's fingerprint (components/fingerprint.py). Not read here: it is in
+            the task's cache key, so a model replaced under the same URI is not served from the cache.
         min_volume_ml: Lesions smaller than this are dropped.
     """
     import sys

@@ -14,6 +14,7 @@ from components.images import GPU_IMAGE
 def segment(
     study: dsl.Input[dsl.Dataset],
     model_uri: str,
+    model_sha256: str,
     prompts: list,
     attention: dsl.Output[dsl.Dataset],
     synthesis: dsl.Output[dsl.Dataset],
@@ -26,6 +27,8 @@ def segment(
 
     Args:
         model_uri: Model package folder or s3:// prefix (S3 settings from the environment).
+        model_sha256: The model's fingerprint (components/fingerprint.py). Not read here: it is in
+            the task's cache key, so a model replaced under the same URI is not served from the cache.
         prompts: What to segment, free text, e.g. ["liver tumor", "pancreatic cyst"].
         min_volume_ml: Lesions smaller than this are dropped.
         seed: Seed of the attention features' noise (the same seed gives the same maps).

@@ -15,6 +15,7 @@ def synthesize(
     study: dsl.Input[dsl.Dataset],
     attention: dsl.Input[dsl.Dataset],
     model_uri: str,
+    model_sha256: str,
     synthesis: dsl.Output[dsl.Dataset],
     target: int = -1,
     dilation_mm: float = 8.0,
@@ -31,6 +32,8 @@ def synthesize(
 
     Args:
         model_uri: Model package folder or s3:// prefix (S3 settings from the environment).
+        model_sha256: The model's fingerprint (components/fingerprint.py). Not read here: it is in
+            the task's cache key, so a model replaced under the same URI is not served from the cache.
         target: Attention target index to inpaint; -1 = the union of all targets' coarse masks.
         dilation_mm: Grow the coarse mask by this many mm before inpainting.
         strength: Starting noise level as a fraction of the schedule, in (0, 1].

@@ -8,6 +8,8 @@ this, so `make run` works offline.
 
 from kfp import dsl, kubernetes
 
+from components.fingerprint import fingerprint
+
 S3_SECRET = "diffugts-s3"
 # On every step's pod: the kubeflow overlay's default-deny-ingress selects our pods by it (a
 # profile namespace also holds notebooks and model servers whose ingress is not ours to cut).
@@ -41,3 +43,10 @@ def gpu_stage(task: dsl.PipelineTask, name: str, memory: str = "32G") -> dsl.Pip
     kubernetes.add_node_selector(task, label_key=GPU_NODE_LABEL[0], label_value=GPU_NODE_LABEL[1])
     kubernetes.add_toleration(task, **GPU_TOLERATION)
     return _common(task, name)
+
+
+def fingerprints(input_uri, model_uri) -> dsl.PipelineTask:
+    """The uncached step whose outputs (study_sha256, model_sha256) go into the cache keys of
+    the stages that read the study or the model (components/fingerprint.py)."""
+    task = cpu_stage(fingerprint(input_uri=input_uri, model_uri=model_uri), "Fingerprints", cpu="1", memory="2G")
+    return task.set_caching_options(False)

@@ -10,7 +10,7 @@ from components.ingest import ingest
 from components.refine import refine
 from components.report import report
 from components.synthesize import synthesize
-from pipelines.resources import cpu_stage, gpu_stage
+from pipelines.resources import cpu_stage, fingerprints, gpu_stage
 
 
 @dsl.pipeline(
@@ -42,14 +42,17 @@ def study_pipeline(
         results_uri: Base s3:// URI for results; empty = s3://$DIFFUGTS_BUCKET.
         maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
     """
-    ingest_task = cpu_stage(ingest(input_uri=input_uri, rules=rules, resample=resample), "DICOM ingestion")
-    attend_task = gpu_stage(attend(study=ingest_task.outputs["study"], model_uri=model_uri, prompts=prompts, maps=maps),
-                            "Attention maps")
+    keys = fingerprints(input_uri, model_uri)
+    study_sha, model_sha = keys.outputs["study_sha256"], keys.outputs["model_sha256"]
+    ingest_task = cpu_stage(ingest(input_uri=input_uri, study_sha256=study_sha, rules=rules, resample=resample),
+                            "DICOM ingestion")
+    attend_task = gpu_stage(attend(study=ingest_task.outputs["study"], model_uri=model_uri, model_sha256=model_sha,
+                                   prompts=prompts, maps=maps), "Attention maps")
     synth_task = gpu_stage(synthesize(study=ingest_task.outputs["study"], attention=attend_task.outputs["attention"],
-                                      model_uri=model_uri), "Pseudo-healthy synthesis")
+                                      model_uri=model_uri, model_sha256=model_sha), "Pseudo-healthy synthesis")
     refine_task = gpu_stage(refine(study=ingest_task.outputs["study"], attention=attend_task.outputs["attention"],
                                    synthesis=synth_task.outputs["synthesis"], model_uri=model_uri,
-                                   min_volume_ml=min_volume_ml), "Residual refinement")
+                                   model_sha256=model_sha, min_volume_ml=min_volume_ml), "Residual refinement")
     report_task = cpu_stage(report(study=ingest_task.outputs["study"], lesions=refine_task.outputs["lesions"],
                                    attention=attend_task.outputs["attention"],
                                    synthesis=synth_task.outputs["synthesis"], upload=upload, upload_uri=results_uri),

@@ -14,7 +14,7 @@ from kfp import dsl
 from components.ingest import ingest
 from components.report import report
 from components.segment import segment
-from pipelines.resources import cpu_stage, gpu_stage
+from pipelines.resources import cpu_stage, fingerprints, gpu_stage
 
 
 @dsl.pipeline(
@@ -46,8 +46,11 @@ def study_fused_pipeline(
         results_uri: Base s3:// URI for results; empty = s3://$DIFFUGTS_BUCKET.
         maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
     """
-    ingest_task = cpu_stage(ingest(input_uri=input_uri, rules=rules, resample=resample), "DICOM ingestion")
-    model_task = gpu_stage(segment(study=ingest_task.outputs["study"], model_uri=model_uri, prompts=prompts, maps=maps,
+    keys = fingerprints(input_uri, model_uri)
+    ingest_task = cpu_stage(ingest(input_uri=input_uri, study_sha256=keys.outputs["study_sha256"], rules=rules,
+                                   resample=resample), "DICOM ingestion")
+    model_task = gpu_stage(segment(study=ingest_task.outputs["study"], model_uri=model_uri,
+                                   model_sha256=keys.outputs["model_sha256"], prompts=prompts, maps=maps,
                                    min_volume_ml=min_volume_ml),
                            "Attention, synthesis, refinement")
     report_task = cpu_stage(report(study=ingest_task.outputs["study"], lesions=model_task.outputs["lesions"],

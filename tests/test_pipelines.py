@@ -56,15 +56,54 @@ def test_fused_study_pipeline_has_one_gpu_task_and_the_same_interface(tmp_path):
     assert set(fused.component_spec.inputs) == set(staged.component_spec.inputs)
     spec = next(d for d in yaml.safe_load_all(paths[1].read_text()) if d)
     executors = spec["deploymentSpec"]["executors"]
-    assert sorted(executors) == ["exec-ingest", "exec-report", "exec-segment"]
+    assert sorted(executors) == ["exec-fingerprint", "exec-ingest", "exec-report", "exec-segment"]
     assert executors["exec-segment"]["container"]["image"] == GPU_IMAGE
     assert executors["exec-segment"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
-    # The cohort runs each study through the fused pipeline: no staged GPU tasks in it.
-    cohort = paths[2].read_text()
-    assert "exec-segment" in cohort and "exec-attend" not in cohort
-    # The cohort takes the study pipelines' model-side choices too.
+    # The cohort runs studies in batches, one GPU task per batch: no per-study GPU task in it.
+    cohort = next(d for d in yaml.safe_load_all(paths[2].read_text()) if d)
+    gpu = [name for name, e in cohort["deploymentSpec"]["executors"].items()
+           if e["container"].get("resources", {}).get("accelerator")]
+    assert gpu == ["exec-segment-batch"]
+    assert cohort["deploymentSpec"]["executors"]["exec-segment-batch"]["container"]["image"] == GPU_IMAGE
+    # The cohort takes the study pipelines' model-side choices too, and its scale settings.
     cohort_inputs = set(components.load_component_from_file(str(paths[2])).component_spec.inputs)
-    assert {"model_uri", "prompts", "min_volume_ml", "maps"} <= cohort_inputs
+    assert {"model_uri", "prompts", "min_volume_ml", "maps", "batch_size", "max_parallel"} <= cohort_inputs
+
+
+# What a cached task's result depends on besides its input values: the content behind these URI
+# parameters. Each must come with its content fingerprint, from an uncached task.
+CONTENT_KEYS = {"input_uri": "study_sha256", "model_uri": "model_sha256"}
+
+
+def _tasks(spec: dict):
+    """(task name, task spec, component spec) of every task in the IR, nested DAGs included."""
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    for dag in dags:
+        for name, task in dag["tasks"].items():
+            yield name, task, dag, spec["components"][task["componentRef"]["name"]]
+
+
+def test_cached_tasks_key_on_the_content_of_the_study_and_the_model(tmp_path):
+    """KFP's cache key holds input values, not what a URI points to: a model replaced under the
+    same URI would be served the old model's masks. Every cached task that reads the study or
+    the model takes their fingerprints too, made by a task that is never cached."""
+    checked = 0
+    for path in compile_all(tmp_path):
+        spec = next(d for d in yaml.safe_load_all(path.read_text()) if d)
+        for name, task, dag, component in _tasks(spec):
+            if "dag" in component or not task.get("cachingOptions", {}).get("enableCache"):
+                continue
+            params = set(component.get("inputDefinitions", {}).get("parameters", {}))
+            for uri, key in CONTENT_KEYS.items():
+                if uri not in params:
+                    continue
+                checked += 1
+                assert key in params, f"{path.name}: cached task {name} reads {uri} without {key}"
+                source = task["inputs"]["parameters"][key]["taskOutputParameter"]
+                producer = dag["tasks"][source["producerTask"]]
+                assert source["outputParameterKey"] == key, (path.name, name)
+                assert not producer.get("cachingOptions", {}).get("enableCache"), (path.name, source)
+    assert checked >= 6  # staged: ingest + three model stages; fused: ingest + segment
 
 
 def test_library_never_imports_kfp():
@@ -116,7 +155,7 @@ def test_fused_study_pipeline_writes_what_the_staged_one_writes(kfp_local):
         task = pipeline(input_uri=str(case / "dicom"), model_uri=str(model.root), prompts=["liver tumor", "kidney tumor"])
         reports.append(json.loads((Path(task.outputs["Output"].path) / "report.json").read_text()))
     fused_root = Path(task.outputs["Output"].path).parents[1]
-    assert {p.name for p in fused_root.iterdir() if p.is_dir()} == {"ingest", "segment", "report"}
+    assert {p.name for p in fused_root.iterdir() if p.is_dir()} == {"fingerprint", "ingest", "segment", "report"}
     staged, fused = reports
     assert fused["status"] == "done"
     assert [(t["text"], t["score"], t["total_volume_ml"]) for t in fused["targets"]] == \
@@ -130,8 +169,10 @@ def test_study_pipeline_fails_cleanly_on_bad_input(kfp_local, capfd):
     from pipelines.study import study_pipeline
 
     (kfp_local / "empty").mkdir()
+    (kfp_local / "model").mkdir()  # enough of a package for its fingerprint: ingestion fails first
+    (kfp_local / "model" / "manifest.json").write_text("{}")
     with pytest.raises(RuntimeError, match="Inner task failed"):
-        study_pipeline(input_uri=str(kfp_local / "empty"), model_uri=str(kfp_local / "no-model"))
+        study_pipeline(input_uri=str(kfp_local / "empty"), model_uri=str(kfp_local / "model"))
     err = capfd.readouterr()
     assert "diffugts: error: " in err.out + err.err and "no files found" in err.out + err.err
 

@@ -93,8 +93,8 @@ def cohort_pipeline(
         min_volume_ml: Lesions smaller than this (mL) are dropped.
         force: Process every study, also those done before with this model and these parameters.
         maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
-        batch_size: Studies per GPU task, at least (more when the cohort would need over 100 tasks).
-        max_parallel: GPU tasks at once, at most.
+        batch_size: Studies per GPU task, at least (more when the cohort would need over 24 tasks, to bound the run's size).
+        max_parallel: GPU tasks at once, at most (1 to 16).
     """
     record = _bookkeeping(record_run(results_uri=results_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
                           "Record run")

@@ -389,18 +389,20 @@ def test_submitter_client_works_with_a_read_only_home(tmp_path):
 # ---------------------------------------------------------------------------- batches
 
 def test_batches_are_bounded_and_dealt_into_lanes():
-    from diffugts.batch import plan_batches
+    from diffugts.batch import MAX_BATCHES, MAX_PARALLEL, plan_batches
 
     keys = [f"k{i:05d}" for i in range(10_000)]
-    plan = plan_batches(keys, batch_size=8, max_parallel=4, max_batches=100)
-    assert len(plan["batches"]) == 100 and plan["batch_size"] == 100
+    plan = plan_batches(keys, batch_size=8, max_parallel=4)
+    assert len(plan["batches"]) == MAX_BATCHES == 24 and plan["batch_size"] == 417
     assert [k for b in plan["batches"] for k in b] == keys  # every study once, in order
-    assert len(plan["lanes"]) == 4 and sorted(b for lane in plan["lanes"] for b in lane) == list(range(100))
+    assert len(plan["lanes"]) == 4 and sorted(b for lane in plan["lanes"] for b in lane) == list(range(24))
     small = plan_batches(keys[:20], batch_size=8, max_parallel=4)
     assert [len(b) for b in small["batches"]] == [8, 8, 4] and small["lanes"] == [[0], [1], [2]]
     assert plan_batches([], 8, 4) == {"batch_size": 8, "batches": [], "lanes": []}
     with pytest.raises(ConfigError):
         plan_batches(keys, batch_size=0)
+    with pytest.raises(ConfigError, match="at most 16"):
+        plan_batches(keys, max_parallel=MAX_PARALLEL + 1)
 
 
 @pytest.mark.slow

@@ -238,3 +238,20 @@ def test_committed_manifests_are_what_make_compile_writes(tmp_path):
     for path in compile_manifests(tmp_path):
         assert path.read_text() == (MANIFESTS / path.name).read_text(), f"{path.name} is stale: run make compile"
     assert (tmp_path / "kustomization.yaml").read_text() == (MANIFESTS / "kustomization.yaml").read_text()
+
+
+def test_cohort_workflow_stays_small_at_10000_studies(tmp_path):
+    """benchmarks/workflow_size.py: the Argo Workflow of a 10,000-study cohort run, estimated
+    from the compiled IR, stays under 2,000 nodes and 1 MB of status (the task-per-study
+    layout it replaced: over 100,000 nodes)."""
+    out = tmp_path / "size.json"
+    run = subprocess.run([sys.executable, "benchmarks/workflow_size.py", "--studies", "100", "10000", "--json",
+                          str(out)], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {(r["studies"], r["layout"].split(":")[0].split(",")[0]): r for r in json.loads(out.read_text())}
+    assert rows[(10000, "before")]["nodes"] > 100_000
+    for key in ((100, "after"), (10000, "after")):
+        assert rows[key]["nodes"] < 2000 and rows[key]["status_bytes"] < 1_000_000, key
+    largest = [r for r in json.loads(out.read_text()) if "max_parallel" in r["layout"]][0]
+    assert largest["nodes"] < 2000 and largest["status_bytes"] < 1_000_000

@@ -26,7 +26,10 @@ from diffugts.errors import ConfigError, InputError
 
 DEFAULT_BATCH_SIZE = 8  # studies per GPU task: a few minutes of work on one GPU, one model load
 DEFAULT_MAX_PARALLEL = 4  # GPU tasks at once
-MAX_BATCHES = 100  # tasks per run at most (benchmarks/workflow_size.py: status under 1 MB)
+# Bounds of the Workflow's size whatever the cohort's (benchmarks/workflow_size.py: with both
+# at their maximum a run's Argo status stays under 1 MB, under 400 nodes).
+MAX_BATCHES = 24  # batch tasks per run at most
+MAX_PARALLEL = 16  # lanes (GPU tasks at once) at most
 
 
 def plan_batches(keys: list[str], batch_size: int = DEFAULT_BATCH_SIZE, max_parallel: int = DEFAULT_MAX_PARALLEL,
@@ -37,6 +40,9 @@ def plan_batches(keys: list[str], batch_size: int = DEFAULT_BATCH_SIZE, max_para
     if batch_size < 1 or max_parallel < 1 or max_batches < 1:
         raise ConfigError(f"batch_size, max_parallel and max_batches must be at least 1 "
                           f"(got {batch_size}, {max_parallel}, {max_batches})")
+    if max_parallel > MAX_PARALLEL:
+        raise ConfigError(f"max_parallel is at most {MAX_PARALLEL} (got {max_parallel}): each lane adds to the "
+                          "run's Argo Workflow, which must stay under the size Kubernetes stores")
     size = max(batch_size, math.ceil(len(keys) / max_batches)) if keys else batch_size
     batches = [keys[i:i + size] for i in range(0, len(keys), size)]
     lanes = [list(range(lane, len(batches), max_parallel)) for lane in range(min(max_parallel, len(batches)))]

@@ -24,7 +24,7 @@ help:
 	@echo "make bench    - run the CPU benchmarks (GPU: python benchmarks/gpu_stages.py)"
 	@echo "make demo-model - retrain the shipped demo model (about 40 min on 2 CPU cores)"
 	@echo "make demo-model-2d - retrain the shipped 2D demo model (about 22 min on 2 CPU cores)"
-	@echo "make images   - build the CPU and CUDA images (needs a Docker engine)"
+	@echo "make images   - build the CPU image and the CUDA 13 and CUDA 12 images (needs a Docker engine)"
 	@echo "make clean    - remove build outputs and local runs (keeps .venv)"
 
 venv: $(STAMP)
@@ -84,6 +84,9 @@ images:
 	  --build-arg BUILD_DATE=$$(date -u +%Y-%m-%dT%H:%M:%SZ) .
 	docker build -f images/cuda/Dockerfile -t $(IMAGE_REPO)/diffugts-cuda:$(IMAGE_VERSION) \
 	  --build-arg VERSION=$(IMAGE_VERSION) --build-arg VCS_REF=$$(git rev-parse HEAD) \
+	  --build-arg BUILD_DATE=$$(date -u +%Y-%m-%dT%H:%M:%SZ) .
+	docker build -f images/cuda/Dockerfile -t $(IMAGE_REPO)/diffugts-cuda:$(IMAGE_VERSION)-cu128 \
+	  --build-arg TORCH_CUDA=cu128 --build-arg VERSION=$(IMAGE_VERSION) --build-arg VCS_REF=$$(git rev-parse HEAD) \
 	  --build-arg BUILD_DATE=$$(date -u +%Y-%m-%dT%H:%M:%SZ) .
 
 clean:

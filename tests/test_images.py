@@ -164,9 +164,9 @@ def test_package_installed_with_constraints_and_kfp(flavour):
                      r"-c images/constraints\.txt '\.\[kfp\]'", run), run
     assert "pip check" in run
     # No editable install, no unpinned install.
-    for line in re.findall(r"pip install[^&\n]*", run):
+    for line in re.findall(r"pip install[^&;\n]*", run):
         assert " -e " not in line
-        packages = [t for t in line.split()[2:] if not t.startswith("-")]
+        packages = [t.strip("\"") for t in line.split()[2:] if not t.startswith("-")]
         for token in packages:
             assert ("==" in token or token.startswith("'.") or token.endswith(".txt")
                     or token.startswith("https://")), f"unpinned: {token} in {line}"
@@ -217,11 +217,20 @@ def test_cpu_image_takes_torch_from_the_cpu_index():
     assert "torch.version.cuda is None" in run
 
 
-def test_cuda_image_takes_torch_from_pypi():
+def test_cuda_image_takes_torch_from_pypi_unless_the_cuda12_variant_is_asked_for():
     run = runs("cuda")
-    assert "download.pytorch.org" not in run, "the default PyPI wheel is the CUDA build"
-    assert "--index-url" not in run and "--extra-index-url" not in run
-    assert "assert torch.version.cuda" in run
+    default, _, variant = run.partition('if [ "$TORCH_CUDA" != pypi ]; then')
+    # The default build: PyPI's torch wheel is the CUDA 13 build, no other index.
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for k, a in instructions("cuda") if k == "ARG" and "=" in a}
+    assert args["TORCH_CUDA"] == "pypi"
+    assert "download.pytorch.org" not in default and "--index-url" not in default
+    # The CUDA 12 variant (drivers older than R580): torch from the PyTorch index of that build,
+    # installed only when the build argument names one.
+    install, _, rest = variant.partition("; fi")
+    assert '--index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in install
+    assert '"torch==' + TORCH + '+${TORCH_CUDA}"' in install
+    assert "download.pytorch.org" not in rest and "--index-url" not in rest
+    assert "assert torch.version.cuda" in rest
     env = env_of(final_stage("cuda"))
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert "compute" in env["NVIDIA_DRIVER_CAPABILITIES"]

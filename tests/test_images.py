@@ -328,3 +328,18 @@ def test_image_names_agree_everywhere():
         assert names[flavour] in readme
         assert f"-f images/{flavour}/Dockerfile -t {names[flavour]} ." in readme
         assert f"-t {names[flavour]} ." in dockerfile(flavour).read_text()
+
+
+def test_readme_puts_each_stage_on_the_image_its_component_uses():
+    rows = {}
+    for line in (IMAGES / "README.md").read_text().splitlines():
+        for flavour, name in components_images().items():
+            if line.startswith(f"| `{name}` |"):
+                rows[flavour] = line.rsplit("|", 2)[-2]
+    stages = {"ingest": "ingestion", "attend": "attention", "synthesize": "synthesis", "refine": "refinement",
+              "report": "reporting"}
+    for module, word in stages.items():
+        text = (REPO / "components" / f"{module}.py").read_text()
+        flavour = "cuda" if "base_image=GPU_IMAGE" in text else "cpu"
+        other = "cpu" if flavour == "cuda" else "cuda"
+        assert word in rows[flavour] and word not in rows[other], (module, flavour)

@@ -196,7 +196,7 @@ def test_human_report_is_self_contained_and_free_of_identifiers(world):
     key = study_key(world["study"].series["study_instance_uid"])
     for rec in world["summary"]["lesions"]:
         assert f"<td class=\"num\">{rec['volume_ml']:.2f}</td>" in html
-    assert md.count("](images/") == 6 and f"| 1 | liver tumor | {world['summary']['lesions'][0]['volume_ml']:.2f}" in md
+    assert md.count("](images/") == 6 and f"| 1 | liver tumor | liver | {world['summary']['lesions'][0]['volume_ml']:.2f}" in md
     assert "](" not in (world["out"] / "summary.md").read_text()
     dicom = world["case"]["dicom"] or {}
     series = world["study"].series

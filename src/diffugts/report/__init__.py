@@ -168,6 +168,7 @@ def context(study, lesions, attention, model: dict) -> dict:
     """What the human report shows: no patient identifiers, no UIDs."""
     g = study.geometry
     records = sorted(lesions.records, key=lambda r: r["id"])
+    records = _located(records, lesions.targets, study) if records else records
     targets = []
     for n, t in enumerate(lesions.targets):
         prompt = t.get("prompt", {})
@@ -191,6 +192,21 @@ def context(study, lesions, attention, model: dict) -> dict:
         "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "targets": targets, "lesions": records,
     }
+
+
+def _located(records: list[dict], targets: list[dict], study) -> list[dict]:
+    """Each lesion with its site ("left kidney") and the source slice to open in PACS."""
+    from diffugts.report import location
+
+    midline = location.body_midline_x(study.volume, study.geometry, study.modality)
+    slices = location.Slices(study)
+    out = []
+    for rec in records:
+        organ = targets[rec["target"]].get("prompt", {}).get("organ") if rec.get("target") is not None else None
+        lesion_side = location.side(organ, rec["centroid_lps_mm"], midline)
+        out.append({**rec, "side": lesion_side, "site": location.site(organ, lesion_side),
+                    "source_slice": slices.label(rec)})
+    return out
 
 
 def kfp_metric_values(ctx: dict, seconds: float) -> dict:

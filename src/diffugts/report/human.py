@@ -96,14 +96,22 @@ def _lesion_rows(ctx: dict) -> list[list[str]]:
         target = ctx["targets"][rec["target"]]
         intensity = (f"{rec['mean_intensity']:.0f} {rec.get('intensity_units', '')}".strip()
                      if "mean_intensity" in rec else "n/a")
-        rows.append([str(rec["id"]), target["text"], _fmt(rec["volume_ml"], 2), _fmt(rec["longest_axial_diameter_mm"]),
-                     intensity, _fmt(rec.get("confidence"), 2),
+        rows.append([str(rec["id"]), target["text"], rec.get("site") or target.get("organ") or "-",
+                     _fmt(rec["volume_ml"], 2), _fmt(rec["longest_axial_diameter_mm"]), intensity,
+                     _fmt(rec.get("confidence"), 2), rec.get("source_slice") or "n/a",
                      ", ".join(f"{v:.0f}" for v in rec["centroid_lps_mm"])])
     return rows
 
 
-LESION_HEADER = ["lesion", "prompt", "volume (mL)", "longest axial diameter (mm)", "mean intensity",
-                 "confidence", "centroid x, y, z (LPS mm)"]
+LESION_HEADER = ["lesion", "prompt", "site", "volume (mL)", "longest axial diameter (mm)", "mean intensity",
+                 "confidence (not calibrated)", "slice in the source series", "centroid x, y, z (LPS mm)"]
+LESION_NOTES = [
+    "Site: the organ the prompt names; left / right from the lesion's position against the body's midline "
+    "(paired organs only, none named within 1 cm of the midline).",
+    "Slice: the source series' instance through the lesion's longest axial diameter, to find it in PACS.",
+    "Confidence: the model's mean probability inside the lesion. It is not calibrated: it ranks the findings "
+    "of this report, it is not the chance that a finding is real.",
+]
 TARGET_HEADER = ["#", "prompt", "organ", "anomaly score", "lesions", "total volume (mL)"]
 
 
@@ -145,7 +153,7 @@ def markdown(ctx: dict, pictures: list[Picture], image_dir: str | None = "images
     lines += ["", "## Prompts", "", *_md_table(TARGET_HEADER, _target_rows(ctx)), ""]
     lines += ["## Lesions", ""]
     if ctx["lesions"]:
-        lines += [*_md_table(LESION_HEADER, _lesion_rows(ctx)), ""]
+        lines += [*_md_table(LESION_HEADER, _lesion_rows(ctx)), "", *[f"- {n}" for n in LESION_NOTES], ""]
     else:
         lines += ["No lesion above the minimum volume was found.", ""]
     lines += [f"- {n}" for n in ctx.get("notes", [])]
@@ -193,7 +201,8 @@ def html_report(ctx: dict, pictures: list[Picture]) -> str:
         rows = _lesion_rows(ctx)
         swatches = [f'<span class="swatch" style="background:rgb{lesion_colour(r["id"] - 1)}"></span>'
                     for r in ctx["lesions"]]
-        parts.append(_html_table(LESION_HEADER, rows, numeric={2, 3, 4, 5}, first_cell_html=swatches))
+        parts.append(_html_table(LESION_HEADER, rows, numeric={3, 4, 5, 6}, first_cell_html=swatches))
+        parts.append('<p class="sect">' + "<br>".join(e(n) for n in LESION_NOTES) + "</p>")
     else:
         parts.append("<p>No lesion above the minimum volume was found.</p>")
     if ctx.get("notes"):

@@ -441,3 +441,43 @@ def test_overlapping_prompts_give_overlapping_segments(world, tmp_path):
                                                segment_numbers=[1, 2, 3], skip_overlap_checks=True)
     assert np.array_equal(pixels[..., 0].astype(bool), first) and np.array_equal(pixels[..., 2].astype(bool), first)
     assert dciodvfy_errors(tmp_path / "out" / "seg.dcm") == []
+
+
+def test_cohort_html_puts_findings_first_and_links_each_study(world, tmp_path):
+    from diffugts.report.human import DISCLAIMER
+
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    with pytest.raises(Exception):
+        make_report(world["root"] / "study", tmp_path / "nope", failed, pushgateway="")
+    empty = tmp_path / "empty"  # a study without findings
+    empty.mkdir()
+    rec = json.loads((world["out"] / "report.json").read_text())
+    (empty / "report.json").write_text(json.dumps({**rec, "lesions": [], "study": {**rec["study"], "study_key": "k0"}}))
+    (empty / "report.html").write_text("<html></html>")
+    published = tmp_path / "results" / "cohort" / "run-1"
+    cohort_report([str(empty), str(failed), str(world["out"])], tmp_path / "cohort", link_base=str(published))
+    html = (tmp_path / "cohort" / "cohort.html").read_text()
+    assert DISCLAIMER in html
+    rows = re.findall(r"<tr( class=\"\w+\")?><td>(.*?)</td><td>(\w+)</td>", html)
+    assert [(cls, status) for cls, _, status in rows] == [(' class="found"', "done"), (' class="failed"', "failed"),
+                                                          ("", "done")]
+    href = re.search(r'<td><a href="([^"]+)">' + re.escape(rec["study"]["study_key"]) + "</a></td>", html).group(1)
+    assert (published / href).resolve() == (world["out"] / "report.html").resolve()
+    assert "bad_input" in html  # the failed study's reason is on its row
+
+
+@pytest.mark.parametrize("volumes", [[9.12], [0.4, 0.5, 0.9], [0.2, 3.0, 150.0]])
+def test_volume_histogram_ticks_are_plain_numbers(volumes):
+    import matplotlib.pyplot as plt
+
+    from diffugts.report.cohort import volume_figure
+
+    fig = volume_figure(volumes)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    xs = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    ys = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    plt.close(fig)
+    assert xs and all(re.fullmatch(r"\d+(\.\d+)?", x.replace("\u2212", "-")) for x in xs), xs
+    assert ys and all(re.fullmatch(r"\d+", y) for y in ys), ys

@@ -341,7 +341,7 @@ def collect_run(results_uri: str, run: str, out_dir: str | os.PathLike, *, rules
             sources.append(records[-1]["source"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = cohort_report(sources, out)
+    summary = cohort_report(sources, out, link_base=join(results_uri, COHORT, run))  # where it is published
     summary.update(run=run, listed=len(listing["pending"]) + len(listing["skipped"]),
                    skipped=len(listing["skipped"]), processed=len(listing["pending"]),
                    failures=[{"key": r["input_key"], "stage": r["stage"], "reason_code": r["reason_code"],

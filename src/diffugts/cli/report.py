@@ -51,7 +51,7 @@ def _run(args) -> int:
 def _run_cohort(args) -> int:
     from diffugts.report import cohort_report
 
-    summary = cohort_report(args.results, args.out)
+    summary = cohort_report(args.results, args.out, link_base=str(args.out))  # links relative to cohort.html
     print(f"{summary['studies']} studies ({summary['done']} done, {summary['failed']} failed), "
           f"{summary['lesions']} lesions -> {args.out}")
     return 0

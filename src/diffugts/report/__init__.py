@@ -225,7 +225,7 @@ def kfp_metric_values(ctx: dict, seconds: float) -> dict:
     return out
 
 
-def cohort_report(sources, out_dir) -> dict:
+def cohort_report(sources, out_dir, link_base: str | None = None) -> dict:
     from diffugts.report.cohort import cohort_report as run
 
-    return run([os.fspath(s) for s in sources], out_dir)
+    return run([os.fspath(s) for s in sources], out_dir, link_base)

@@ -17,6 +17,7 @@ import html
 import io
 import json
 import os
+import posixpath
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,10 @@ def _csv(rows: list[dict], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def cohort_report(sources: list[str], out_dir: str | os.PathLike) -> dict:
+def cohort_report(sources: list[str], out_dir: str | os.PathLike, link_base: str | None = None) -> dict:
+    """cohort.csv, lesions.csv and cohort.html of these report / failure folders in ``out_dir``.
+    ``link_base``: where cohort.html is published; study keys link to each study's report
+    relative to it."""
     found = collect(sources)
     studies = [study_row(src, rec) for src, rec in found]
     lesions = [row for _, rec in found for row in lesion_rows(rec)]
@@ -148,41 +152,89 @@ def cohort_report(sources: list[str], out_dir: str | os.PathLike) -> dict:
     with atomic.staging_dir(Path(out_dir), marker="cohort.json") as stage:
         (stage / "cohort.csv").write_text(_csv(studies, STUDY_COLUMNS))
         (stage / "lesions.csv").write_text(_csv(lesions, LESION_COLUMNS))
-        (stage / "cohort.html").write_text(_html(summary, studies, lesions))
+        (stage / "cohort.html").write_text(_html(summary, studies, lesions, link_base))
         atomic.write_json(stage / "cohort.json", summary)
     return summary
+
+
+def volume_figure(volumes: list[float]):
+    """Histogram of lesion volumes with plain-number ticks: a log axis only when the volumes
+    span more than a factor of 20 (else one lesion's axis read "9.12x10^0"), whole-number
+    counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+    v = np.asarray(volumes, dtype=float)
+    fig, ax = plt.subplots(figsize=(6.5, 2.8))
+    low, high = max(float(v.min()), 1e-3), max(float(v.max()), 1e-3)
+    if high / low > 20:
+        ax.hist(v, bins=np.logspace(np.log10(low), np.log10(high * 1.01), 20), color="#3a78b5", edgecolor="white")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        pad = max(0.5 * (high - low), 0.1 * high, 0.05)
+        ax.hist(v, bins=np.linspace(max(low - pad, 0.0), high + pad, 11), color="#3a78b5", edgecolor="white")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("lesion volume (mL)")
+    ax.set_ylabel("lesions")
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig
 
 
 def _volume_histogram(lesions: list[dict]) -> str | None:
     if not lesions:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    volumes = np.array([float(r["volume_ml"]) for r in lesions])
-    fig, ax = plt.subplots(figsize=(6.5, 2.8))
-    bins = np.logspace(np.log10(max(volumes.min(), 1e-3)), np.log10(volumes.max() * 1.01 + 1e-3), 20)
-    ax.hist(volumes, bins=bins, color="#3a78b5", edgecolor="white")
-    ax.set_xscale("log")
-    ax.set_xlabel("lesion volume (mL)")
-    ax.set_ylabel("lesions")
-    ax.spines[["top", "right"]].set_visible(False)
+    fig = volume_figure([float(r["volume_ml"]) for r in lesions])
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _html(summary: dict, studies: list[dict], lesions: list[dict]) -> str:
+def _order(row: dict) -> tuple:
+    """Findings first (most lesions, then largest volume), then failures, then the rest."""
+    if row["status"] != "done":
+        return (1, 0.0, 0.0)
+    if row["lesions"]:
+        return (0, -float(row["lesions"]), -float(row["total_volume_ml"] or 0))
+    return (2, 0.0, 0.0)
+
+
+def _link(source: str, link_base: str | None) -> str | None:
+    """Where a study's own report is, relative to the published cohort report (both local or
+    both in one bucket), else None."""
+    if not link_base:
+        return None
+    target = f"{source.rstrip('/')}/report.html"
+    if source.startswith("s3://") and link_base.startswith("s3://"):
+        bucket, key = source[5:].split("/", 1)
+        base_bucket, base_key = link_base[5:].split("/", 1)
+        if bucket != base_bucket:
+            return None
+        return posixpath.relpath(f"{key.rstrip('/')}/report.html", base_key.rstrip("/"))
+    if source.startswith("s3://") or link_base.startswith("s3://"):
+        return None
+    return os.path.relpath(target, link_base)
+
+
+def _html(summary: dict, studies: list[dict], lesions: list[dict], link_base: str | None = None) -> str:
+    from diffugts.report.human import DISCLAIMER
+
     e = html.escape
     css = ("body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;"
            "padding:0 16px;color:#1d2530}table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #d6dbe1;"
            "padding:3px 7px;text-align:left}th{background:#f1f4f7}tr.failed td{background:#fdecec}"
-           "h2{font-size:18px;border-bottom:1px solid #d6dbe1}")
+           "tr.found td{background:#fff8e1}h2{font-size:18px;border-bottom:1px solid #d6dbe1}"
+           ".note{background:#fff4e5;border-left:4px solid #f0a020;padding:6px 10px;font-size:13px}")
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>DiffuGTS cohort report</title>',
              f"<style>{css}</style></head><body><h1>DiffuGTS cohort report</h1>",
+             f'<p class="note">{e(DISCLAIMER)}</p>',
              f"<p>{summary['studies']} studies: {summary['done']} done, {summary['failed']} failed; "
              f"{summary['lesions']} lesions in {summary['studies_with_lesions']} studies "
              f"({summary['total_volume_ml']:.1f} mL). Generated {e(summary['generated'])}, diffugts "
@@ -194,9 +246,16 @@ def _html(summary: dict, studies: list[dict], lesions: list[dict]) -> str:
     if hist:
         parts.append(f'<img alt="lesion volume histogram" src="data:image/png;base64,{hist}">')
     columns = [c for c in STUDY_COLUMNS if c != "source"]
-    parts += ["<h2>Studies</h2>", "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr>"]
-    for r in studies:
-        cls = ' class="failed"' if r["status"] != "done" else ""
-        parts.append(f"<tr{cls}>" + "".join(f"<td>{e(str(r[c]))}</td>" for c in columns) + "</tr>")
+    parts += ["<h2>Studies</h2>", "<p>Studies with findings first, then failed studies with the reason, then "
+              "studies without findings. The study key opens the study's own report.</p>",
+              "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr>"]
+    for r in sorted(studies, key=_order):
+        cls = ' class="failed"' if r["status"] != "done" else (' class="found"' if r["lesions"] else "")
+        cells = []
+        for c in columns:
+            text = e(str(r[c]))
+            href = _link(r["source"], link_base) if c == "study_key" and r["status"] == "done" else None
+            cells.append(f'<td><a href="{e(href)}">{text}</a></td>' if href else f"<td>{text}</td>")
+        parts.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
     parts.append("</table></body></html>")
     return "\n".join(parts) + "\n"

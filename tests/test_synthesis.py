@@ -382,3 +382,36 @@ def test_harmonisation_removes_a_generator_bias(backbone, monkeypatch):
     assert info["harmonise_offset"] < -20
     outside = ~region.dilated
     np.testing.assert_array_equal(fixed[outside], volume[outside])
+
+
+def test_voxels_beyond_the_ct_window_keep_their_values_instead_of_being_clamped(backbone, monkeypatch):
+    """Lung (-850 HU) and bone (+700 HU) inside the inpainted region, outside the model's CT
+    window (-250..350 for the demo): a generator that reproduces its (clipped) input must give
+    them back as they were, not clamped to the window's edges; soft tissue is still replaced."""
+    import diffugts.synthesis as synthesis
+    from diffugts.models import get_config
+    from diffugts.preprocess import Preprocessing
+    from diffugts.synthesis import pseudo_healthy
+
+    def identity(backbone, x, mask, spacing, *, stats, **kwargs):
+        stats.update(encode_s=0.0, denoise_s=0.0, decode_s=0.0, tiles=1, denoiser_calls=0, timesteps=[])
+        return x + 0.01  # 6 HU brighter: soft tissue visibly comes from the generator
+
+    monkeypatch.setattr(synthesis, "inpaint", identity)
+    prep = Preprocessing.from_dict(get_config("demo")["preprocessing"])
+    volume = np.full((24, 48, 48), 60.0, np.float32)
+    volume[:, :, :16] = -850.0  # lung
+    volume[:, :, 40:] = 700.0  # bone
+    coarse = np.zeros(volume.shape, bool)
+    coarse[8:16, 10:38, 4:44] = True  # spans lung, soft tissue and bone
+    g = Geometry((0, 0, 0), DEMO_SPACING, np.eye(3), volume.shape)
+    region = make_region(coarse, tuple(DEMO_SPACING[::-1]), 4.0, 2.0)
+    pseudo, info = pseudo_healthy(volume, g, "CT", region, backbone, prep, Params(harmonise=False))
+    inside = region.weight >= 1
+    np.testing.assert_array_equal(pseudo[inside & (volume < -250)], volume[inside & (volume < -250)])
+    np.testing.assert_array_equal(pseudo[inside & (volume > 350)], volume[inside & (volume > 350)])
+    soft = inside & (volume == 60.0)
+    soft[:, :, 14:18] = soft[:, :, 38:42] = False  # the resampled edges between tissues
+    assert np.allclose(pseudo[soft], 66.0, atol=0.5)
+    assert info["kept_beyond_window_voxels"] > 0
+    assert np.abs(pseudo - volume).max() < 20  # before the fix: |x - H| up to 600 HU here

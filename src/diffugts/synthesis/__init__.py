@@ -33,6 +33,7 @@ __all__ = ["MARKER", "GroundTruth", "Params", "Region", "Tiles", "fidelity", "in
 
 log = logging.getLogger(__name__)
 MARKER = "synthesis.json"
+BEYOND_BAND = 0.1  # share of the CT window next to its edges where a synthetic value counts as saturated
 NOTHING = "empty mask: nothing to inpaint, the output equals the input"
 
 
@@ -159,18 +160,28 @@ def pseudo_healthy(volume: np.ndarray, geometry, modality: str, region: Region, 
     sbox = bbox(region.dilated) or tuple(slice(0, n) for n in volume.shape)
     synthetic = space.to_study(full, box=sbox) * np.float32(hi - lo) + np.float32(lo)
     source = volume[sbox]
+    # The model's CT range is a clipped window: where the synthetic image lies near an edge of
+    # it (within BEYOND_BAND of the window) and the input lies beyond that same edge (lung,
+    # gas, bone, metal), the model saw a saturated input and its value is unknown beyond the
+    # window, so the input is kept there instead of being clamped to the window's edge (which
+    # invented |x - H| of up to ~1000 HU). A synthetic value well inside the window (healthy
+    # liver where a calcification was) still replaces the input.
+    beyond = np.zeros(source.shape, bool)
+    if modality == "CT":
+        edge = np.float32(BEYOND_BAND * (hi - lo))
+        beyond = ((synthetic <= lo + edge) & (source < lo)) | ((synthetic >= hi - edge) & (source > hi))
     # Harmonisation: the ring between the coarse mask and its dilation is regenerated too,
     # yet it is (mostly) healthy tissue in x, so x - H there measures the generator's
     # intensity bias for this tissue (a small denoiser tends to drift); the median removes
     # it without being pulled by a lesion that pokes into the ring.
     offset = 0.0
-    ring = region.dilated[sbox] & ~region.mask[sbox]
+    ring = region.dilated[sbox] & ~region.mask[sbox] & ~beyond
     if params.harmonise and ring.sum() >= 20:
         offset = float(np.median(source[ring] - synthetic[ring]))
         synthetic += np.float32(offset)
     pseudo = volume.astype(np.float32, copy=True)
     view = pseudo[sbox]
-    sel = region.weight[sbox] > 0
+    sel = (region.weight[sbox] > 0) & ~beyond
     w = region.weight[sbox][sel]
     view[sel] = w * synthetic[sel] + (1 - w) * view[sel]
     timings["paste"] = time.perf_counter() - clock
@@ -181,6 +192,7 @@ def pseudo_healthy(volume: np.ndarray, geometry, modality: str, region: Region, 
         "tiles": stats["tiles"],
         "denoiser_calls": stats["denoiser_calls"],
         "harmonise_offset": round(offset, 3),
+        "kept_beyond_window_voxels": int((beyond & (region.weight[sbox] > 0)).sum()),
         "timesteps": [round(float(t), 3) for t in stats["timesteps"]],
     }
 

@@ -131,7 +131,61 @@ def test_evaluate_runs_every_variant(model, case, tmp_path):
         assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["nsd"] <= 1.0
         assert row["split"] == "seen"
     text = markdown(result)
-    assert "### By split" in text and "full Dice / NSD / det." in text
+    assert "### By split" in text and "| full |" in text and "Lesion-free" not in text
+
+
+@pytest.fixture(scope="module")
+def fused_model(tmp_path_factory):
+    return random_package(tmp_path_factory.mktemp("fused"), fused=True)
+
+
+def test_segment_with_fused_maps_writes_each_targets_organ_and_refines_with_it(fused_model, case, tmp_path):
+    out = tmp_path / "seg"
+    assert main(["-q", "segment", str(case / "dicom"), "--out", str(out), "--model", str(fused_model.root),
+                 "--prompt", "liver tumor", "--no-report"]) == 0
+    att = json.loads((out / "attention" / "attention.json").read_text())
+    entry = att["targets"][0]
+    organ = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "attention" / entry["organ"]))) > 0
+    prob = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "attention" / entry["map"])))
+    assert organ.shape == prob.shape
+    # The fused map is zero outside the organ (up to the linear resampling at its border).
+    assert prob[~ndimage.binary_dilation(organ, iterations=2)].max(initial=0) < 1e-6
+    lesions = json.loads((out / "lesions" / "lesions.json").read_text())
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lesions" / lesions["targets"][0]["mask"]))) > 0
+    assert mask.shape == organ.shape
+
+
+def test_evaluate_with_fused_maps_adds_the_organ_zscore_baseline_and_healthy_studies(fused_model, case, tmp_path):
+    import shutil
+
+    cases = tmp_path / "cases"
+    shutil.copytree(case, cases / case.name)
+    spec = CaseSpec(seed=11, index=1, shape=(32, 64, 64), healthy=True)
+    write_case(generate_case(spec), cases, dicom=False)
+    result = evaluate(cases, str(fused_model.root), show_progress=False)
+    assert set(result["variants"]) == {"baseline", "aova", "residual", "full", "organ_zscore"}
+    assert {r["variant"] for r in result["rows"]} == set(result["variants"])
+    healthy = result["healthy"]["CT"]
+    assert set(healthy) == set(result["variants"]) and healthy["full"]["studies"] == 1
+    assert {r["organ"] for r in result["healthy_rows"]} == {"kidney", "liver", "pancreas", "spleen"}
+    for row in result["rows"] + result["healthy_rows"]:
+        assert row["false_lesions"] >= 0
+    text = markdown(result)
+    assert "### By modality and split" in text.split("### By split")[0]  # the headline grouping first
+    assert "Lesion-free studies" in text and "organ_zscore" in text
+
+
+def test_false_lesions_counts_components_that_touch_no_true_lesion():
+    from diffugts.evaluate import false_lesions
+
+    g = Geometry((0, 0, 0), (1.0, 1.0, 1.0), np.eye(3), (20, 40, 40))
+    truth = np.zeros(g.shape, bool)
+    truth[5:10, 5:10, 5:10] = True
+    pred = np.zeros(g.shape, bool)
+    pred[6:9, 6:12, 6:9] = True  # overlaps the lesion: not false
+    pred[12:18, 20:26, 20:26] = True  # 216 mm3: a false lesion
+    pred[2, 30, 30] = True  # 1 mm3: below the reported minimum volume, not counted
+    assert false_lesions(pred, truth, g) == 1
 
 
 def test_metrics_on_known_shapes():
@@ -186,6 +240,13 @@ def test_refine_probability_batches_targets_without_changing_them():
         assert one.shape == coarse[n].shape
         np.testing.assert_allclose(batched[n], one, atol=1e-5)
     assert not np.allclose(batched[0], batched[1], atol=1e-3)  # each target's own map
+    # Heads with several channels per target (coarse map, deviation, organ): (T, C, *S).
+    head3 = RefineHead(in_channels=IN_CHANNELS + 2, features=(4, 8, 8, 16, 16, 4)).eval()
+    own = rng.random((3, 3, 16, 32, 32), dtype=np.float32)
+    batched = refine_probability(head3, shared, own, roi=(16, 16, 16))
+    assert batched.shape == coarse.shape
+    np.testing.assert_allclose(batched[1], refine_probability(head3, shared, own[1:2], roi=(16, 16, 16))[0],
+                               atol=1e-5)
 
 
 def test_shared_inputs_are_the_residual_channels_of_the_method():

@@ -89,27 +89,61 @@ def prompt_tensors(method: Method, targets: list[Target]) -> tuple[torch.Tensor,
     return method.text.embed(texts).to(method.device), groups
 
 
+@dataclass
+class CoarseMaps:
+    """The coarse stage's output for every target, on the model grid."""
+
+    prob: np.ndarray  # (T, *grid) P(lesion of the target)
+    score: np.ndarray  # (T,) image-level anomaly score
+    organ: np.ndarray | None = None  # (T, *grid) bool: the target's organ with its inclusions (fused maps)
+    z: np.ndarray | None = None  # (T, *grid) organ-relative deviation (fused maps)
+
+
+def fusion_of(pkg: ModelPackage):
+    """The package's coarse-map fusion (diffugts.deviation.Fusion), or None for heads trained
+    before it existed (their map is the AOVA head's own probability)."""
+    from diffugts.deviation import Fusion
+
+    entry = pkg.network("aova").get("fusion")
+    return Fusion.from_dict(entry) if entry else None
+
+
 @torch.no_grad()
-def attention_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Anomaly probability (T, *grid) on the model grid and image-level scores (T,)."""
+def coarse_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], seed: int = 0) -> CoarseMaps:
+    """The AOVA head tiled over the volume; with the package's fusion, its region and anomaly
+    branches are fused with the organ-relative deviation (diffugts.deviation)."""
     from monai.inferers import sliding_window_inference
 
     prompts, groups = prompt_tensors(method, targets)
     xt = torch.from_numpy(x)[None, None].to(method.device)
     index = method.backbone.feature_index(method.package.network("aova")["features"])
+    fusion = fusion_of(method.package)
 
     def predictor(patch: torch.Tensor) -> torch.Tensor:
         gen = torch.Generator(device=method.device).manual_seed(seed)
         feats = method.backbone.features(patch, spacing, generator=gen)
         out = method.head([feats[i] for i in index], prompts, groups, out_shape=tuple(patch.shape[2:]))
-        return out.log_odds
+        return out.log_odds if fusion is None else torch.cat([out.region_log_odds, out.anomaly_log_odds], 1)
 
     roi = method.roi_size or tuple(x.shape)
     roi = tuple(min(r, s) for r, s in zip(roi, x.shape))
-    log_odds = sliding_window_inference(xt, roi, sw_batch_size=1, predictor=predictor, overlap=0.25, mode="gaussian")
-    a, b = method.head.score_affine
-    score = torch.sigmoid(a * top_mean(log_odds, method.head.top_fraction) + b)
-    return torch.sigmoid(log_odds)[0].float().cpu().numpy(), score[0].float().cpu().numpy()
+    maps = sliding_window_inference(xt, roi, sw_batch_size=1, predictor=predictor, overlap=0.25, mode="gaussian")
+    if fusion is None:
+        a, b = method.head.score_affine
+        score = torch.sigmoid(a * top_mean(maps, method.head.top_fraction) + b)
+        return CoarseMaps(torch.sigmoid(maps)[0].float().cpu().numpy(), score[0].float().cpu().numpy())
+    maps = maps[0].float().cpu().numpy()
+    n = len(targets)
+    fused = [fusion.maps(x, maps[t], maps[n + t], tuple(spacing)[::-1]) for t in range(n)]
+    prob = np.stack([f.prob for f in fused])
+    score = top_mean(torch.from_numpy(prob)[None], method.head.top_fraction)[0].numpy()
+    return CoarseMaps(prob, score, np.stack([f.organ for f in fused]), np.stack([f.z for f in fused]))
+
+
+def attention_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Anomaly probability (T, *grid) on the model grid and image-level scores (T,)."""
+    maps = coarse_maps(method, x, spacing, targets, seed)
+    return maps.prob, maps.score
 
 
 @torch.no_grad()
@@ -171,12 +205,15 @@ def attend(study_dir, model: str, prompts: list[str], out_dir, *, threshold: flo
     t0 = time.perf_counter()
     x, space = to_model(study.volume, study.geometry, study.modality, method.prep,
                         device=method.backbone.resample_device)
+    organs = None
     if maps == "aova":
-        probs, scores = attention_maps(method, x, tuple(method.prep.spacing_mm), targets, seed=seed)
+        coarse = coarse_maps(method, x, tuple(method.prep.spacing_mm), targets, seed=seed)
+        probs, scores, organs = coarse.prob, coarse.score, coarse.organ
     else:
         probs, scores = training_free_maps(method, x, targets, seed=seed)
     timings = {"attention_s": round(time.perf_counter() - t0, 3)}
-    return write_attention(Path(out_dir), study, space, targets, probs, scores, threshold, method, timings, maps)
+    return write_attention(Path(out_dir), study, space, targets, probs, scores, threshold, method, timings, maps,
+                           organs)
 
 
 def default_threshold(pkg: ModelPackage, maps: str = "aova") -> float:
@@ -189,12 +226,17 @@ def default_threshold(pkg: ModelPackage, maps: str = "aova") -> float:
 
 
 def write_attention(out: Path, study: Study, space: ModelSpace, targets: list[Target], probs: np.ndarray,
-                    scores: np.ndarray, threshold: float, method: Method, timings: dict, maps: str = "aova") -> dict:
+                    scores: np.ndarray, threshold: float, method: Method, timings: dict, maps: str = "aova",
+                    organs: np.ndarray | None = None) -> dict:
+    """``organs``: per target its organ with inclusions on the model grid (fused maps), written
+    beside the maps so refinement measures deviation in the same organ."""
     voxel_ml = float(np.prod(study.geometry.spacing)) / 1000.0
     entries = []
     with atomic.staging_dir(out, marker=MARKER) as stage:
         (stage / "maps").mkdir()
         (stage / "masks").mkdir()
+        if organs is not None:
+            (stage / "organs").mkdir()
         for n, (target, prob, score) in enumerate(zip(targets, probs, scores)):
             on_study = np.clip(space.to_study(prob), 0.0, 1.0).astype(np.float32)
             mask = (on_study >= threshold).astype(np.uint8)
@@ -211,6 +253,10 @@ def write_attention(out: Path, study: Study, space: ModelSpace, targets: list[Ta
                 "map": f"maps/{name}.nii.gz",
                 "mask": f"masks/{name}.nii.gz",
             })
+            if organs is not None:
+                organ = (space.to_study(organs[n].astype(np.float32), nearest=True) > 0.5).astype(np.uint8)
+                write_image(stage / "organs" / f"{name}.nii.gz", organ, study.geometry)
+                entries[-1]["organ"] = f"organs/{name}.nii.gz"
         summary = {
             "stage": "attend",
             "model": {"name": method.package.name, "sha256": method.package.sha256},

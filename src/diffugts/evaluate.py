@@ -40,8 +40,14 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("baseline", "aova", "residual", "full")
 CROSS_ATTENTION_VARIANTS = VARIANTS + ("training_free",)  # models with text cross-attention (2D family)
+ALL_VARIANTS = ("organ_zscore",) + CROSS_ATTENTION_VARIANTS  # the column order of the tables
 NSD_TOLERANCE_MM = 2.0
 RESIDUAL_THRESHOLD_HU = 40.0  # the "no head" variant; a lesion departs from its organ by >= 18 HU
+# The organ-aware baseline: |z| of the organ-relative deviation (the model's own organ map)
+# above this; 2 was the best of 2 / 3 / 4 on the development seen types with true organs.
+ZSCORE_K = 2.0
+# Lesion-free cases are prompted for every organ a lesion can lie in.
+HEALTHY_PROMPT_ORGANS = ("kidney", "liver", "pancreas", "spleen")
 
 
 @dataclass
@@ -132,10 +138,13 @@ def detection(pred: np.ndarray, lesion_map: np.ndarray, ids) -> tuple[int, int]:
 
 def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", device: str | None = None,
              variants=None, show_progress: bool = True) -> dict:
-    """``variants`` None: the four, plus ``training_free`` for a 2D diffusers package."""
-    from diffugts.attend import Method, attention_maps, default_threshold, load_head, training_free_maps
+    """``variants`` None: the four (and ``organ_zscore`` for packages with a fused coarse map),
+    plus ``training_free`` for a 2D diffusers package. Lesion-free cases are prompted for every
+    host organ and give the false-lesion rate per healthy study."""
+    from diffugts.attend import Method, coarse_maps, default_threshold, fusion_of, load_head, training_free_maps
+    from diffugts.lesions import split_instances
     from diffugts.preprocess import intensity_range, to_model
-    from diffugts.refine import RefineHead, body_mask, refined_probabilities, shared_inputs, target_region
+    from diffugts.refine import RefineHead, body_mask, own_channels, refined_probabilities, shared_inputs, target_region
     from diffugts.synthesis import Params, make_region, pseudo_healthy
     from diffugts.synthesis.masks import spacing_kji
     from diffugts.text import make_target
@@ -144,22 +153,25 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
     method = Method.load(model, device)
     refine_head = load_head(method.package, "refine", RefineHead).to(method.device)
     threshold = default_threshold(method.package, "aova")
+    fused = fusion_of(method.package) is not None
     if variants is None:
-        variants = CROSS_ATTENTION_VARIANTS if method.backbone.family == "diffusers2d" else VARIANTS
+        variants = (VARIANTS + (("organ_zscore",) if fused else ())
+                    + (("training_free",) if method.backbone.family == "diffusers2d" else ()))
     free_threshold = default_threshold(method.package, "training-free")
-    rows = []
+    rows, healthy_rows = [], []
     for case in progress(cases, desc="evaluate", unit="case", enable=show_progress):
         by_family: dict[str, list[dict]] = defaultdict(list)
         for rec in case.meta["lesions"]:
             by_family[family(rec["organ"])].append(rec)
-        if not by_family:
-            continue
-        organs = sorted(by_family)
+        organs = sorted(by_family) or list(HEALTHY_PROMPT_ORGANS)
         targets = [make_target(prompt_template.format(organ=o), organ=o) for o in organs]
         x, space = to_model(case.volume, case.geometry, case.modality, method.prep,
                             device=method.backbone.resample_device)
-        probs, scores = attention_maps(method, x, tuple(method.prep.spacing_mm), targets)
-        coarse = [np.clip(space.to_study(p), 0, 1) for p in probs]
+        maps = coarse_maps(method, x, tuple(method.prep.spacing_mm), targets)
+        coarse = [np.clip(space.to_study(p), 0, 1) for p in maps.prob]
+        # As the attention artifact stores it: each target's organ on the study grid.
+        organ_masks = ([space.to_study(o.astype(np.float32), nearest=True) > 0.5 for o in maps.organ]
+                       if maps.organ is not None else [None] * len(organs))
         union = np.any([c >= threshold for c in coarse], axis=0)
         region = make_region(union, spacing_kji(case.geometry), Params().dilation_mm, Params().feather_mm)
         if union.any():
@@ -171,62 +183,95 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
         body = body_mask(case.volume, case.modality)
         baseline = intensity_baseline(case.volume, case.geometry, case.modality) if "baseline" in variants else None
         residual_hu = RESIDUAL_THRESHOLD_HU if case.modality == "CT" else RESIDUAL_THRESHOLD_HU / 600 * (hi - lo)
-        free, free_scores = training_free_maps(method, x, targets) if "training_free" in variants else (None, None)
+        free, free_scores = (training_free_maps(method, x, targets) if "training_free" in variants
+                             else (None, None))
         owns = [target_region(c >= threshold, case.geometry, Params().dilation_mm) for c in coarse]
-        allowed = [own & body for own in owns]
+        allowed = [own & body & region.dilated for own in owns]
         full = [np.zeros(case.volume.shape, bool) for _ in organs]
         if any(a.any() for a in allowed):  # as refine(): no region, no features, no head pass
             h = space.to_model(np.clip((pseudo - lo) / (hi - lo), 0, 1) if case.modality == "CT"
                                else (pseudo - lo) / (hi - lo))
             shared = shared_inputs(method.backbone, x, h, space.to_model(region.dilated.astype(np.float32)) > 0.5)
-            probs = refined_probabilities(refine_head, shared, coarse, allowed, space)
-            full = [(p >= 0.5) & a for p, a in zip(probs, allowed)]
+            probs = refined_probabilities(refine_head, shared, coarse, allowed, space,
+                                          own=own_channels(method.package, x, space, organ_masks))
+            # As the lesion artifact reports them: components below the minimum volume dropped.
+            full = [split_instances((p >= 0.5) & a, case.geometry) > 0 for p, a in zip(probs, allowed)]
         for n, organ in enumerate(organs):
-            recs = by_family[organ]
-            ids = [r["id"] for r in recs]
-            truth = np.isin(case.lesions, ids)
-            own = owns[n]
             preds = {
                 "baseline": baseline,
                 "aova": coarse[n] >= threshold,
-                "residual": (np.abs(case.volume - pseudo) > residual_hu) & own,
+                "residual": (np.abs(case.volume - pseudo) > residual_hu) & owns[n],
                 "full": full[n],
             }
+            if "organ_zscore" in variants:
+                z = np.abs(maps.z[n]) > ZSCORE_K
+                preds["organ_zscore"] = ndimage.binary_opening(space.to_study(z.astype(np.float32)) >= 0.5)
             if free is not None:
                 preds["training_free"] = np.clip(space.to_study(free[n]), 0, 1) >= free_threshold
-            largest = max(recs, key=lambda r: r["voxels"])
+            recs = by_family.get(organ, [])
+            ids = [r["id"] for r in recs]
+            truth = np.isin(case.lesions, ids)
             for variant in variants:
                 pred = preds[variant]
+                false = false_lesions(pred, truth, case.geometry)
+                if not recs:
+                    healthy_rows.append({"case": case.case_id, "modality": case.modality, "organ": organ,
+                                         "variant": variant, "false_lesions": false})
+                    continue
                 found, total = detection(pred, case.lesions, ids)
+                largest = max(recs, key=lambda r: r["voxels"])
                 rows.append({
                     "case": case.case_id, "modality": case.modality, "organ": organ, "variant": variant,
                     "lesion_type": largest["type"], "types": sorted({r["type"] for r in recs}),
                     "split": "seen" if all(r["split"] == "seen" for r in recs) else "unseen",
                     "dice": dice(pred, truth), "nsd": nsd(pred, truth, case.geometry.spacing[::-1]),
-                    "detected": found, "lesions": total,
-                    "score": float((free_scores if variant == "training_free" else scores)[n]),
+                    "detected": found, "lesions": total, "false_lesions": false,
+                    "score": float((free_scores if variant == "training_free" else maps.score)[n]),
                 })
     return {"model": {"name": method.package.name, "sha256": method.package.sha256},
             "prompt_template": prompt_template, "cases": len(cases), "variants": list(variants), "rows": rows,
-            "summary": summarise(rows)}
+            "healthy_rows": healthy_rows, "summary": summarise(rows), "healthy": summarise_healthy(healthy_rows)}
+
+
+def false_lesions(pred: np.ndarray, truth: np.ndarray, geometry: Geometry) -> int:
+    """Predicted lesions (components of at least the reported minimum volume) that touch no
+    true lesion."""
+    from diffugts.lesions import split_instances
+
+    labels = split_instances(pred, geometry)
+    hit = set(np.unique(labels[truth & (labels > 0)]).tolist())
+    return int(sum(1 for i in range(1, int(labels.max()) + 1) if i not in hit))
+
+
+def summarise_healthy(rows: list[dict]) -> dict:
+    """False lesions per lesion-free study (every host organ prompted), per modality and variant."""
+    table: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        cell = table.setdefault(row["modality"], {}).setdefault(row["variant"], {"cases": set(), "false": 0})
+        cell["cases"].add(row["case"])
+        cell["false"] += row["false_lesions"]
+    return {m: {v: {"false_lesions_per_study": round(c["false"] / len(c["cases"]), 3), "studies": len(c["cases"])}
+                for v, c in cells.items()} for m, cells in sorted(table.items())}
 
 
 def summarise(rows: list[dict]) -> dict:
-    groups = {"split": ["split"], "modality": ["modality"], "lesion_type": ["lesion_type"], "organ": ["organ"],
-              "modality_split": ["modality", "split"]}
+    groups = {"modality_split": ["modality", "split"], "split": ["split"], "modality": ["modality"], "lesion_type": ["lesion_type"], "organ": ["organ"]}
     out = {}
     for name, keys in groups.items():
         table: dict[str, dict] = {}
         for row in rows:
             key = " / ".join(str(row[k]) for k in keys)
-            cell = table.setdefault(key, {}).setdefault(row["variant"], {"dice": [], "nsd": [], "found": 0, "total": 0})
+            cell = table.setdefault(key, {}).setdefault(row["variant"], {"dice": [], "nsd": [], "found": 0, "total": 0,
+                                                                          "false": 0})
             cell["dice"].append(row["dice"])
             cell["nsd"].append(row["nsd"])
             cell["found"] += row["detected"]
             cell["total"] += row["lesions"]
+            cell["false"] += row.get("false_lesions", 0)
         out[name] = {
             key: {v: {"dice": round(float(np.mean(c["dice"])), 4), "nsd": round(float(np.mean(c["nsd"])), 4),
-                      "detection": round(c["found"] / max(c["total"], 1), 4), "n": len(c["dice"])}
+                      "detection": round(c["found"] / max(c["total"], 1), 4), "n": len(c["dice"]),
+                      "false_lesions": round(c["false"] / len(c["dice"]), 3)}
                   for v, c in variants.items()}
             for key, variants in sorted(table.items())
         }
@@ -239,23 +284,32 @@ def table_variants(result: dict) -> list[str]:
     if result.get("variants"):
         return list(result["variants"])
     seen = {v for table in result["summary"].values() for cells in table.values() for v in cells}
-    return [v for v in CROSS_ATTENTION_VARIANTS if v in seen] + sorted(seen - set(CROSS_ATTENTION_VARIANTS))
+    return [v for v in ALL_VARIANTS if v in seen] + sorted(seen - set(ALL_VARIANTS))
 
 
 def markdown(result: dict) -> str:
     variants = table_variants(result)
     lines = [f"Model `{result['model']['name']}` (sha256 {result['model']['sha256'][:12]}), "
-             f"{result['cases']} cases, prompt template \"{result['prompt_template']}\".", ""]
+             f"{result['cases']} cases, prompt template \"{result['prompt_template']}\". Cells: Dice / NSD / "
+             "lesion detection / false lesions per case-organ (predicted lesions touching no true one).", ""]
     for name, table in result["summary"].items():
         title = {"modality_split": "modality and split", "lesion_type": "lesion type"}.get(name, name)
         lines += [f"### By {title}", "",
-                  "| group | n | " + " | ".join(f"{v} Dice / NSD / det." for v in variants) + " |",
+                  "| group | n | " + " | ".join(variants) + " |",
                   "|---|---|" + "---|" * len(variants)]
         for key, cells in table.items():
             n = next(iter(cells.values()))["n"]
-            vals = [f"{cells[v]['dice']:.3f} / {cells[v]['nsd']:.3f} / {cells[v]['detection']:.2f}"
-                    if v in cells else "-" for v in variants]
+            vals = [f"{cells[v]['dice']:.3f} / {cells[v]['nsd']:.3f} / {cells[v]['detection']:.2f} / "
+                    f"{cells[v].get('false_lesions', float('nan')):.2f}" if v in cells else "-" for v in variants]
             lines.append(f"| {key} | {n} | " + " | ".join(vals) + " |")
+        lines.append("")
+    if result.get("healthy"):
+        lines += ["### Lesion-free studies: false lesions per study (every host organ prompted)", "",
+                  "| modality | studies | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+        for modality, cells in result["healthy"].items():
+            n = next(iter(cells.values()))["studies"]
+            vals = [f"{cells[v]['false_lesions_per_study']:.2f}" if v in cells else "-" for v in variants]
+            lines.append(f"| {modality} | {n} | " + " | ".join(vals) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -24,8 +24,15 @@ from torch import nn
 from diffugts.backbones import Backbone
 from diffugts.errors import InputError
 
-# x, H, x - H, |x - H|, one feature residual per encoder level (3), the inpainted region, the coarse map
+# x, H, x - H, |x - H|, one feature residual per encoder level (3), the inpainted region, then the
+# target's own channels (TARGET_CHANNELS): its coarse map, its organ-relative deviation, its organ
 IN_CHANNELS = 9
+SHARED_CHANNELS = 8
+# A package's refine entry names the target channels its head was trained with; heads made
+# before the organ-relative deviation existed have only the coarse map.
+TARGET_CHANNELS = ("coarse", "deviation", "organ")
+LEGACY_TARGET_CHANNELS = ("coarse",)
+DEVIATION_SCALE = 4.0  # |z| / this: a lesion's deviation near unit scale
 RESIDUAL_GAIN = 10.0  # residuals are a few % of the [0, 1] range; bring them near unit scale
 DEFAULT_MIN_VOLUME_ML = 0.1
 # Voxels the head sees in one pass (windows x window size). Its activations take about 0.5 KB
@@ -76,13 +83,33 @@ def shared_inputs(backbone: Backbone, x: np.ndarray, h: np.ndarray, region: np.n
     return shared if as_tensor else shared.cpu().numpy()
 
 
+def target_inputs(channels, coarse: np.ndarray, organ: np.ndarray | None = None, x: np.ndarray | None = None,
+                  spacing_kji=None, params=None) -> np.ndarray:
+    """One target's own input channels on the model grid, (C, *S), in the order ``channels``
+    names them (a package's ``networks.refine.target_channels``)."""
+    from diffugts.deviation import DeviationParams, deviation_z
+
+    out = []
+    for name in channels:
+        if name == "coarse":
+            out.append(np.asarray(coarse, np.float32))
+        elif name == "organ":
+            out.append(np.asarray(organ, np.float32))
+        elif name == "deviation":
+            z = deviation_z(x, np.asarray(organ, bool), spacing_kji, params or DeviationParams())
+            out.append(np.abs(z).astype(np.float32) / DEVIATION_SCALE)
+        else:
+            raise ValueError(f"unknown refinement input channel {name!r}")
+    return np.stack(out)
+
+
 @torch.no_grad()
 def refine_probability(head: RefineHead, shared: np.ndarray | torch.Tensor, coarse: np.ndarray, roi=None,
                        bf16: bool = True) -> np.ndarray:
     """Refined probability on the model grid (bf16 autocast on CUDA): one target's coarse map
-    (*S) -> (*S), or several targets' (T, *S) -> (T, *S) in batched passes of at most
-    ``HEAD_BATCH_VOXELS`` (batch norm is fixed at inference, so a target's map does not
-    depend on the others in its batch)."""
+    (*S) -> (*S), or several targets' coarse maps (T, *S) or own channels (T, C, *S) -> (T, *S),
+    in batched passes of at most ``HEAD_BATCH_VOXELS`` (batch norm is fixed
+    at inference, so a target's map does not depend on the others in its batch)."""
     from monai.inferers import sliding_window_inference
 
     device = next(head.parameters()).device
@@ -90,35 +117,63 @@ def refine_probability(head: RefineHead, shared: np.ndarray | torch.Tensor, coar
     coarse = np.asarray(coarse, dtype=np.float32)
     single = coarse.ndim == shared.ndim - 1
     coarse = coarse[None] if single else coarse
+    coarse = coarse[:, None] if coarse.ndim == shared.ndim else coarse  # (T, C, *S)
     roi = tuple(min(r, s) for r, s in zip(roi or shared.shape[1:], shared.shape[1:]))
     per_pass = max(1, HEAD_BATCH_VOXELS // math.prod(roi))  # windows per head call
     per_input = max(1, HEAD_BATCH_VOXELS // math.prod(shared.shape[1:]))  # targets per input tensor
-    prob = np.empty(coarse.shape, np.float32)
+    prob = np.empty((coarse.shape[0],) + coarse.shape[2:], np.float32)
     for start in range(0, len(coarse), per_input):
-        maps = torch.from_numpy(coarse[start:start + per_input]).to(device)[:, None]
-        inp = torch.cat([shared[None].expand(len(maps), *shared.shape), maps], 1)
+        own = torch.from_numpy(coarse[start:start + per_input]).to(device)
+        inp = torch.cat([shared[None].expand(len(own), *shared.shape), own], 1)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
             logits = sliding_window_inference(inp, roi, sw_batch_size=per_pass, predictor=head, overlap=0.25,
                                               mode="gaussian")
-        prob[start:start + len(maps)] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+        prob[start:start + len(own)] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
     return prob[0] if single else prob
 
 
 def refined_probabilities(head: RefineHead, shared, coarse: list[np.ndarray], allowed: list[np.ndarray],
-                          space, roi=None) -> list[np.ndarray]:
+                          space, roi=None, own=None) -> list[np.ndarray]:
     """Per target its refined probability on the study grid, inside the bounding box of its
     ``allowed`` region (0 elsewhere: nothing outside it becomes a mask), from its ``coarse``
-    map (study grid). Only targets with a region go through the head, all in one batch."""
+    map (study grid), or from ``own(n, coarse_on_model_grid)``, the target's own channels
+    (C, *S) on the model grid. Only targets with a region go through the head, in one batch."""
     from diffugts.synthesis.masks import bbox
 
     probs = [np.zeros(a.shape, np.float32) for a in allowed]
     run = [n for n, a in enumerate(allowed) if a.any()]
     if run:
-        refined = refine_probability(head, shared, np.stack([space.to_model(coarse[n]) for n in run]), roi)
+        inputs = [space.to_model(coarse[n]) for n in run]
+        if own is not None:
+            inputs = [own(n, c) for n, c in zip(run, inputs)]
+        refined = refine_probability(head, shared, np.stack(inputs), roi)
         for n, prob in zip(run, refined):
             box = bbox(allowed[n])
             probs[n][box] = np.clip(space.to_study(prob, box=box), 0.0, 1.0)
     return probs
+
+
+def own_channels(pkg, x: np.ndarray, space, organs: list[np.ndarray | None]):
+    """For :func:`refined_probabilities`: ``own(n, coarse_model)`` giving target n's channels
+    as the package's refine head expects them, or None for heads that take the coarse map
+    alone. ``organs``: per target its organ mask on the study grid (the attention artifact's;
+    None: no organ, so no deviation either)."""
+    from diffugts.attend import fusion_of
+
+    channels = tuple((pkg.network("refine") or {}).get("target_channels", LEGACY_TARGET_CHANNELS))
+    if channels == LEGACY_TARGET_CHANNELS:
+        return None
+    fusion = fusion_of(pkg)
+    params = fusion.deviation if fusion else None
+    spacing = tuple(space.model.spacing)[::-1]
+
+    def own(n: int, coarse_model: np.ndarray) -> np.ndarray:
+        organ = organs[n]
+        organ = (space.to_model(organ.astype(np.float32), nearest=True) > 0.5 if organ is not None
+                 else np.zeros(coarse_model.shape, bool))
+        return target_inputs(channels, coarse_model, organ, x, spacing, params)
+
+    return own
 
 
 def target_region(coarse_mask: np.ndarray, geometry, dilation_mm: float) -> np.ndarray:
@@ -189,9 +244,11 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
                                 study.geometry.shape) > 0
     body = body_mask(study.volume, study.modality)
     dilation_mm = float((syn.get("parameters") or {}).get("dilation_mm", 8.0))
-    coarse, allowed = [], []
+    coarse, allowed, organs = [], [], []
     for entry in att["targets"]:
         coarse.append(read_mask_image(attention_dir / entry["map"], study.geometry.shape).astype(np.float32))
+        organs.append(read_mask_image(attention_dir / entry["organ"], study.geometry.shape) > 0
+                      if entry.get("organ") else None)
         own = target_region(coarse[-1] >= float(entry.get("threshold", 0.5)), study.geometry, dilation_mm)
         allowed.append(own & inpainted & body)
     # A target's lesions must lie in its allowed region, so a target without one needs no
@@ -211,7 +268,7 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
         region_model = space.to_model(inpainted.astype(np.float32), nearest=True) > 0.5
         shared = shared_inputs(backbone, x, h, region_model, as_tensor=True)
         roi = (pkg.manifest.get("inference") or {}).get("roi_size")
-        probs = refined_probabilities(head, shared, coarse, allowed, space, roi)
+        probs = refined_probabilities(head, shared, coarse, allowed, space, roi, own_channels(pkg, x, space, organs))
     masks = [(p >= 0.5) & a for p, a in zip(probs, allowed)]
     targets = [{"prompt": e["prompt"], "score": e["score"]} for e in att["targets"]]
     summary = write_lesion_artifact(out_dir, study, targets, masks, probs, min_volume_ml=min_volume_ml,

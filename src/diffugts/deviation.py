@@ -1,0 +1,127 @@
+"""Organ-relative deviation: how far each voxel departs from the tissue it lies in.
+
+A lesion is tissue that looks unlike the rest of its organ. That needs no lesion labels and
+holds for lesion types, organs and modalities no head was trained on, so the coarse stage
+fuses it with the learned anomaly branch (docs/method.md, "organ-relative deviation"):
+
+1. the target's organ comes from the AOVA region map, made to *hold its lesions*: a lesion
+   rarely looks like its organ, so the raw region map has holes and notches exactly where
+   the lesions are; closing, hole filling (3D, then slice by slice) and dropping small
+   fragments give the organ with its inclusions;
+2. inside it, a local mean of the intensities (a Gaussian normalised convolution restricted to
+   the organ, so fat or air next to it do not leak in) is compared with the organ's robust
+   statistics (median and MAD): the signed robust z-score of each voxel.
+
+Everything runs on the model grid in numpy/scipy; the parameters are recorded in the model
+package (``networks.aova.deviation``) so a package reproduces its own maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+
+MAD_TO_SD = 1.4826  # the MAD of a normal distribution times this is its SD
+
+
+@dataclass(frozen=True)
+class DeviationParams:
+    """Decisions, each kept a parameter (defaults chosen on development seeds, docs/method.md)."""
+
+    sigma_mm: float = 2.5  # local mean scale: averages noise, keeps small lesions
+    close_mm: float = 6.0  # closing radius that pulls notches (lesions at the organ's edge) into the organ
+    min_fraction: float = 0.15  # fragments smaller than this share of the largest are dropped
+    floor: float = 0.02  # the least robust SD, in model intensity units (a flat organ is not infinitely sure)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "DeviationParams":
+        return cls(**(d or {}))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def organ_with_inclusions(region: np.ndarray, spacing_kji, params: DeviationParams = DeviationParams()) -> np.ndarray:
+    """The organ mask from a binary region map, lesions (holes, edge notches) included."""
+    region = np.asarray(region, bool)
+    if not region.any():
+        return region
+    radius = np.maximum(np.rint(params.close_mm / np.asarray(spacing_kji, float)), 1).astype(int)
+    ball = _ellipsoid(radius)
+    pad = [(int(r), int(r)) for r in radius]
+    closed = ndimage.binary_closing(np.pad(region, pad), structure=ball)
+    closed = closed[tuple(slice(r, r + n) for r, n in zip(radius, region.shape))] | region
+    filled = ndimage.binary_fill_holes(closed)
+    for k in range(filled.shape[0]):  # a lesion open to one end of the organ is a hole in its slices
+        filled[k] = ndimage.binary_fill_holes(filled[k])
+    labels, n = ndimage.label(filled)
+    if n > 1:
+        sizes = ndimage.sum(filled, labels, range(1, n + 1))
+        keep = np.flatnonzero(sizes >= params.min_fraction * sizes.max()) + 1
+        filled = np.isin(labels, keep)
+    return filled
+
+
+def deviation_z(x: np.ndarray, organ: np.ndarray, spacing_kji,
+                params: DeviationParams = DeviationParams()) -> np.ndarray:
+    """Signed robust z-score of the organ-restricted local mean of ``x`` (0 outside the organ)."""
+    organ = np.asarray(organ, bool)
+    z = np.zeros(x.shape, np.float32)
+    if organ.sum() < 10:
+        return z
+    sigma = params.sigma_mm / np.asarray(spacing_kji, float)
+    w = ndimage.gaussian_filter(organ.astype(np.float32), sigma)
+    local = ndimage.gaussian_filter(np.where(organ, x, 0).astype(np.float32), sigma) / np.maximum(w, 1e-3)
+    values = local[organ]
+    median = float(np.median(values))
+    spread = max(float(np.median(np.abs(values - median))) * MAD_TO_SD, params.floor)
+    z[organ] = (local[organ] - median) / spread
+    return z
+
+
+def _ellipsoid(radius) -> np.ndarray:
+    grids = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
+    return sum((g / max(r, 1)) ** 2 for g, r in zip(grids, radius)) <= 1.0
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """The coarse map: the organ (region map with inclusions) times
+    ``sigmoid(anomaly_weight * anomaly log-odds + deviation_weight * |z| + bias)``.
+
+    The three numbers are fitted after the AOVA head (logistic regression on seen training
+    voxels inside their organs, :func:`diffugts.train.fusion.fit_fusion`), so the learned
+    branch and the label-free deviation each count as much as they earn.
+    """
+
+    anomaly_weight: float
+    deviation_weight: float
+    bias: float
+    deviation: DeviationParams = DeviationParams()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fusion":
+        return cls(float(d["anomaly_weight"]), float(d["deviation_weight"]), float(d["bias"]),
+                   DeviationParams.from_dict(d.get("deviation")))
+
+    def as_dict(self) -> dict:
+        return {"anomaly_weight": self.anomaly_weight, "deviation_weight": self.deviation_weight,
+                "bias": self.bias, "deviation": self.deviation.as_dict()}
+
+    def maps(self, x: np.ndarray, region_log_odds: np.ndarray, anomaly_log_odds: np.ndarray,
+             spacing_kji) -> "FusedMaps":
+        """One target's maps on the model grid."""
+        organ = organ_with_inclusions(region_log_odds > 0, spacing_kji, self.deviation)
+        z = deviation_z(x, organ, spacing_kji, self.deviation)
+        logit = self.anomaly_weight * anomaly_log_odds + self.deviation_weight * np.abs(z) + self.bias
+        prob = np.where(organ, 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30))), 0.0).astype(np.float32)
+        return FusedMaps(prob, organ, z)
+
+
+@dataclass
+class FusedMaps:
+    prob: np.ndarray  # P(lesion of the target), 0 outside its organ
+    organ: np.ndarray  # the organ with its inclusions (bool)
+    z: np.ndarray  # signed organ-relative deviation (0 outside the organ)

@@ -1,0 +1,95 @@
+"""Organ-relative deviation, the coarse-map fusion and its fit, intensity randomisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from diffugts.deviation import DeviationParams, Fusion, deviation_z, organ_with_inclusions
+from diffugts.train.data import TrainingCase
+from diffugts.train.fusion import fit_fusion
+from diffugts.train.randomise import randomise
+
+SPACING = (4.0, 2.75, 2.75)  # (k, j, i) mm, the demo model grid
+
+
+def _organ_with_lesion(rng, contrast=0.15):
+    """A 24 x 48 x 48 volume: an ellipsoidal organ (0.5) in fat (0.2) with noise, and a
+    spherical lesion of ``contrast`` inside it."""
+    k, j, i = np.indices((24, 48, 48))
+    organ = ((k - 12) / 9.0) ** 2 + ((j - 24) / 18.0) ** 2 + ((i - 24) / 18.0) ** 2 <= 1
+    lesion = ((k - 12) / 2.5) ** 2 + ((j - 22) / 4.0) ** 2 + ((i - 28) / 4.0) ** 2 <= 1
+    x = np.where(organ, 0.5, 0.2).astype(np.float32) + np.where(lesion, contrast, 0).astype(np.float32)
+    x += rng.normal(0, 0.03, x.shape).astype(np.float32)
+    return x, organ, lesion
+
+
+def test_organ_with_inclusions_fills_lesion_holes_and_edge_notches():
+    _, organ, lesion = _organ_with_lesion(np.random.default_rng(0))
+    k, j, i = np.indices(organ.shape)
+    notch = ((k - 12) / 2.0) ** 2 + ((j - 24) / 2.0) ** 2 + ((i - 41) / 2.0) ** 2 <= 1  # a small bite at the edge
+    region = organ & ~lesion & ~notch  # what a region map sees: the lesions look unlike the organ
+    region[0, 0, 0] = True  # a stray fragment far away
+    filled = organ_with_inclusions(region, SPACING, DeviationParams(close_mm=10.0))
+    assert filled[lesion].all(), "a lesion inside the organ is part of it"
+    inner = notch & ndimage.binary_erosion(organ)  # the bite, less the organ's own surface voxels
+    assert filled[inner].mean() > 0.8, "a lesion at the organ's edge narrower than the closing is pulled in"
+    assert not filled[0, 0, 0], "small fragments are dropped"
+    assert (filled & ~organ).sum() < 0.05 * organ.sum(), "closing does not grow the organ much"
+    assert not organ_with_inclusions(np.zeros((4, 4, 4), bool), SPACING).any()
+
+
+@pytest.mark.parametrize("contrast", [0.15, -0.15])
+def test_deviation_z_marks_the_lesion_of_either_sign_and_nothing_outside(contrast):
+    x, organ, lesion = _organ_with_lesion(np.random.default_rng(1), contrast)
+    z = deviation_z(x, organ, SPACING)
+    assert np.sign(np.median(z[lesion])) == np.sign(contrast)
+    assert np.median(np.abs(z[lesion])) > 4 * np.median(np.abs(z[organ & ~lesion]))
+    assert not z[~organ].any()
+    # Scale-free: the same image in other units gives the same z (MR has no fixed scale).
+    assert np.allclose(deviation_z(3 * x + 7, organ, SPACING, DeviationParams(floor=0.0)),
+                       deviation_z(x, organ, SPACING, DeviationParams(floor=0.0)), atol=1e-3)
+
+
+def test_fusion_maps_stay_in_the_organ_and_rank_the_lesion_first():
+    x, organ, lesion = _organ_with_lesion(np.random.default_rng(2))
+    region_lo = np.where(organ & ~lesion, 3.0, -3.0).astype(np.float32)
+    anomaly_lo = np.zeros(x.shape, np.float32)
+    maps = Fusion(anomaly_weight=1.0, deviation_weight=1.5, bias=-6.0).maps(x, region_lo, anomaly_lo, SPACING)
+    assert maps.organ[lesion].all()
+    assert not maps.prob[~maps.organ].any()
+    assert maps.prob[lesion].mean() > 0.5 > maps.prob[organ & ~lesion].mean()
+    again = Fusion.from_dict(Fusion(1.0, 1.5, -6.0).as_dict())
+    assert again == Fusion(1.0, 1.5, -6.0)
+
+
+def test_fit_fusion_weighs_the_informative_input_and_keeps_the_recall():
+    rng = np.random.default_rng(3)
+    n_pos, n_neg = 400, 4000
+    labels = np.r_[np.ones(n_pos), np.zeros(n_neg)].astype(np.float32)
+    z = np.r_[rng.normal(4, 1, n_pos), np.abs(rng.normal(0, 1, n_neg))]
+    anomaly = rng.normal(0, 1, n_pos + n_neg)  # uninformative
+    fusion, threshold = fit_fusion(np.stack([anomaly, z], 1).astype(np.float32), labels, DeviationParams(),
+                                   recall=0.9)
+    assert fusion.deviation_weight > 1.0 and abs(fusion.anomaly_weight) < 0.3 * fusion.deviation_weight
+    logit = fusion.anomaly_weight * anomaly + fusion.deviation_weight * z + fusion.bias
+    prob = 1 / (1 + np.exp(-logit))
+    assert (prob[:n_pos] >= threshold).mean() == pytest.approx(0.9, abs=0.02)
+
+
+def test_randomise_changes_tissue_intensities_but_keeps_labels_and_lesion_contrast():
+    x, organ, lesion = _organ_with_lesion(np.random.default_rng(4))
+    labels = organ.astype(np.uint8) + 1
+    labels[:, :2] = 0  # some air
+    case = TrainingCase("c", "CT", x, labels, lesion.astype(np.uint16), [], {1: "fat", 2: "liver"})
+    rng = np.random.default_rng(5)
+    copies = [randomise(case, rng, SPACING) for _ in range(6)]
+    organ_means = [float(np.median(c.x[organ & ~lesion])) for c in copies]
+    assert np.ptp(organ_means) > 0.2, "each copy puts the organ at another grey level"
+    for c in copies:
+        assert c.x.dtype == np.float32 and 0 <= c.x.min() and c.x.max() <= 1
+        assert (c.organs == labels).all() and (c.lesions == case.lesions).all()
+        # The lesion still departs from its organ (either sign): its deviation survives.
+        z = deviation_z(c.x, organ, SPACING)
+        assert np.median(np.abs(z[lesion])) > 2 * np.median(np.abs(z[organ & ~lesion]))

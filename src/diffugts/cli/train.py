@@ -32,6 +32,14 @@ def register(sub) -> None:
     a.add_argument("--synthetic-cases", type=int, default=0,
                    help="extra healthy cases with generic synthetic anomalies painted into seen organs "
                         "(default 0, as in the demo recipe)")
+    a.add_argument("--randomised-cases", type=int, default=20,
+                   help="copies of seen cases with random per-tissue intensities (modality-robust grounding; "
+                        "default 20, as in the demo recipe)")
+    a.add_argument("--mr-healthy-cases", type=int, default=8,
+                   help="lesion-free MR phantoms for region grounding (MR lesions stay unseen; default 8)")
+    a.add_argument("--fusion-recall", type=float, default=0.85,
+                   help="fuse the coarse map with the organ-relative deviation, its threshold keeping this share "
+                        "of the training lesion voxels (default 0.85); 0: the head's own map, no fusion")
     a.add_argument("--features", default=None,
                    help="comma-separated backbone feature maps (default: the demo recipe's, or every scale but the "
                         "finest for backbones without them)")
@@ -43,6 +51,8 @@ def register(sub) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--cases", type=int, default=40)
     r.add_argument("--steps", type=int, default=1200)
+    r.add_argument("--healthy-cases", type=int, default=12,
+                   help="lesion-free cases whose coarse candidates teach the head to answer 'nothing' (default 12)")
     r.set_defaults(func=_refine)
 
     d = t.add_parser("demo", help="the whole demo model (what `make demo-model` runs)")
@@ -51,6 +61,9 @@ def register(sub) -> None:
     d.add_argument("--config", default="demo", choices=DEMO_CONFIGS,
                    help="demo (3D, the shipped model) or demo-2d (the 2D diffusers family; docs/backbones-2d.md)")
     d.add_argument("--quick", action="store_true", help="a few minutes, for smoke tests (not the shipped model)")
+    d.add_argument("--backbone", default=None, metavar="PACKAGE",
+                   help="reuse this package's trained backbone and train the heads only (the recipe's backbone "
+                        "stage is skipped; its provenance is kept)")
     d.set_defaults(func=_demo)
 
 
@@ -68,7 +81,9 @@ def _aova(args) -> int:
 
     features = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
     pkg = train_aova_head(args.model, Path(args.out) if args.out else None, args.seed, args.cases, args.steps,
-                          args.dim, features, show_progress=not args.quiet, synthetic_cases=args.synthetic_cases)
+                          args.dim, features, show_progress=not args.quiet, synthetic_cases=args.synthetic_cases,
+                          randomised_cases=args.randomised_cases, mr_healthy_cases=args.mr_healthy_cases,
+                          fusion_recall=args.fusion_recall or None)
     dice = pkg.manifest["provenance"]["aova_training"]["held_out_seen_dice"]
     print(f"wrote {pkg.root} (held-out seen Dice of the coarse map: {dice})")
     return 0
@@ -78,7 +93,7 @@ def _refine(args) -> int:
     from diffugts.train.run import train_refine_head
 
     pkg = train_refine_head(args.model, Path(args.out) if args.out else None, args.seed, args.cases, args.steps,
-                            show_progress=not args.quiet)
+                            show_progress=not args.quiet, healthy_cases=args.healthy_cases)
     dice = pkg.manifest["provenance"]["refine_training"]["held_out_seen_dice"]
     print(f"wrote {pkg.root} (held-out seen Dice of the refined mask: {dice})")
     return 0
@@ -89,6 +104,6 @@ def _demo(args) -> int:
     from diffugts.train.run import train_demo
 
     recipe = recipe_for(args.config, args.quick, args.seed)
-    pkg = train_demo(Path(args.out), recipe, show_progress=not args.quiet)
+    pkg = train_demo(Path(args.out), recipe, show_progress=not args.quiet, backbone=args.backbone)
     print(f"wrote {pkg.root} in {pkg.manifest['provenance']['total_seconds']:.0f} s")
     return 0

@@ -82,6 +82,7 @@ class AOVATraining:
     head: AOVAHead
     history: list[dict]
     feature_names: list[str]
+    data: list[CaseFeatures] = field(default_factory=list)  # the training cases' features (fusion fit)
 
 
 def train_aova(backbone: Backbone, text: TextEncoder, cases: list[TrainingCase], *, feature_names: list[str],
@@ -132,7 +133,7 @@ def train_aova(backbone: Backbone, text: TextEncoder, cases: list[TrainingCase],
         if hasattr(bar, "set_postfix") and step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean([h['loss'] for h in history[-20:]]):.3f}")
     head.eval().requires_grad_(False)
-    return AOVATraining(head, history, feature_names)
+    return AOVATraining(head, history, feature_names, data)
 
 
 def _dice_bce(log_odds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,9 @@ AOVA_SEED = 2000
 REFINE_SEED = 3000
 SYNTHETIC_INDEX = 1000  # healthy cases for synthetic anomalies: indices from here in the AOVA seed range
 SYNTHETIC_STREAM = 77  # the anomalies' own random stream, apart from the phantoms'
+RANDOMISE_STREAM = 78  # the intensity randomisation's own stream
+HEALTHY_INDEX = 3000  # lesion-free cases for the refinement head: indices from here in its seed range
+MR_INDEX = 2000  # lesion-free MR cases for region grounding: indices from here in the AOVA seed range
 AOVA_FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
 
 
@@ -36,14 +39,22 @@ class DemoRecipe:
     vae_steps: int = 900
     denoiser_steps: int = 3000
     aova_cases: int = 40
-    aova_steps: int = 1500
+    aova_steps: int = 1200
     aova_dim: int = 32
     # Healthy cases with generic synthetic anomalies (train/anomalies.py) beside the seen
     # ones. Off: two trainings with 40 (and one with 80) were no better than none on
     # development seeds (docs/benchmarks.md#generic-synthetic-anomalies).
     aova_synthetic_cases: int = 0
+    # Modality-robust grounding (docs/method.md): copies of seen cases with random per-tissue
+    # intensities, and lesion-free MR cases (MR anatomy only: MR lesions stay unseen).
+    aova_randomised_cases: int = 20
+    aova_mr_healthy_cases: int = 8
+    # The coarse map fuses the head with the organ-relative deviation; its threshold keeps this
+    # share of the training lesion voxels (the refinement head verifies). None: the head alone.
+    fusion_recall: float | None = 0.85
     refine_cases: int = 30
     refine_steps: int = 900
+    refine_healthy_cases: int = 12  # lesion-free cases: their coarse candidates teach the head to say "nothing"
     # None: the backbone's default scales (default_features)
     features: list[str] | None = field(default_factory=lambda: list(AOVA_FEATURES))
     config: str = "demo"  # backbone configuration (models/configs.py): its family picks the backbone recipe
@@ -56,7 +67,13 @@ class DemoRecipe:
     def quick(cls, seed: int = 0) -> "DemoRecipe":
         """A few minutes instead of most of an hour: for tests and smoke runs."""
         return cls(seed=seed, backbone_cases=6, vae_steps=30, denoiser_steps=30, aova_cases=6, aova_steps=40,
-                   aova_dim=16, refine_cases=4, refine_steps=30)
+                   aova_dim=16, refine_cases=4, refine_steps=30, aova_randomised_cases=2, aova_mr_healthy_cases=1,
+                   refine_healthy_cases=1, phantom_shape=(32, 64, 64))
+
+
+# The 2D demo model keeps the heads it shipped with (no fusion, no randomisation, no
+# lesion-free refinement cases): it has not been retrained since (docs/backbones-2d.md).
+LEGACY_HEADS = dict(aova_randomised_cases=0, aova_mr_healthy_cases=0, fusion_recall=None, refine_healthy_cases=0)
 
 
 def demo_2d(seed: int = 0) -> DemoRecipe:
@@ -83,7 +100,7 @@ def demo_2d(seed: int = 0) -> DemoRecipe:
     """
     return DemoRecipe(seed=seed, config="demo-2d", features=None, backbone_cases=24, vae_steps=1000,
                       denoiser_steps=2000, aova_cases=12, aova_steps=400, aova_dim=16, refine_cases=10,
-                      refine_steps=500)
+                      refine_steps=500, **LEGACY_HEADS)
 
 
 def demo_2d_quick(seed: int = 0) -> DemoRecipe:
@@ -91,7 +108,7 @@ def demo_2d_quick(seed: int = 0) -> DemoRecipe:
     for tests and smoke runs (not a usable model)."""
     return DemoRecipe(seed=seed, config="demo-2d", features=None, backbone_cases=4, vae_steps=20, denoiser_steps=20,
                       aova_cases=3, aova_steps=20, aova_dim=8, refine_cases=2, refine_steps=10,
-                      phantom_shape=(16, 48, 48))
+                      phantom_shape=(16, 48, 48), **LEGACY_HEADS)
 
 
 def recipe_for(config: str, quick: bool = False, seed: int = 0) -> DemoRecipe:

@@ -1,30 +1,52 @@
 """Training the residual refinement head (`diffugts train refine`).
 
-For each seen training case: the trained AOVA head gives the coarse map of every organ that
-carries lesions; pseudo-healthy synthesis inpaints the coarse mask joined with the true
-lesions (dilated by a random margin, so the head also learns from regions synthesis had to
-cover); the residual channels then train a small 3D U-Net on crops around lesions.
+For each training case (seen lesion types, and lesion-free cases): the trained AOVA head and
+the package's fusion give the coarse maps of every organ that carries lesions and of
+lesion-free host organs; pseudo-healthy synthesis inpaints the coarse masks joined with the
+true lesions (dilated by a random margin, so the head also learns from regions synthesis had
+to cover); the residual channels and each target's own channels (coarse map, organ-relative
+deviation, organ) then train a small 3D U-Net on crops centred on lesions, on coarse
+candidates (most of them false in lesion-free organs) and anywhere. A head trained only on
+regions that hold a lesion learns to copy its region; this one must also say "nothing".
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from diffugts.aova import AOVAHead, dice_bce, soft_dice
 from diffugts.backbones import Backbone
+from diffugts.deviation import Fusion, FusedMaps
 from diffugts.geometry import Geometry
 from diffugts.preprocess import Preprocessing, normalise
 from diffugts.progress import progress
-from diffugts.refine import RefineHead, shared_inputs
+from diffugts.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS as SHARED, RefineHead, shared_inputs, target_inputs
 from diffugts.synthesis import Params, make_region, pseudo_healthy
 from diffugts.text import TextEncoder, make_target
 from diffugts.train.aova import case_features, organ_family
 from diffugts.train.data import TrainingCase
 
 
+HOST_FAMILIES = ("liver", "kidney", "spleen", "pancreas")  # organs a lesion can lie in (phantom.lesions)
+
+
+@dataclass
+class Example:
+    """One target of one case on the model grid: the head's inputs, the truth, and the
+    candidates (the target's coarse mask) that crops are centred on."""
+
+    inputs: np.ndarray  # (SHARED_CHANNELS + len(channels), *S)
+    truth: np.ndarray  # bool (*S); empty for a false candidate
+    candidates: np.ndarray  # bool (*S)
+
+
 def coarse_maps(head: AOVAHead, backbone: Backbone, text: TextEncoder, case: TrainingCase, features: list[str],
-                spacing, organs: list[str]) -> dict[str, np.ndarray]:
+                spacing, organs: list[str], fusion: Fusion | None = None) -> dict[str, FusedMaps | np.ndarray]:
+    """Per organ its coarse maps as inference makes them: fused maps (prob, organ, z) with the
+    package's fusion, else the AOVA probability alone."""
     cf = case_features(backbone, case, backbone.feature_index(features), spacing, 0)
     out = {}
     for fam in organs:
@@ -32,47 +54,65 @@ def coarse_maps(head: AOVAHead, backbone: Backbone, text: TextEncoder, case: Tra
         emb = text.embed(t.prompts)
         with torch.no_grad():
             res = head([f.float()[None] for f in cf.feats], emb, [t.groups(t.prompts.index)], out_shape=case.x.shape)
-        out[fam] = res.prob[0, 0].numpy()
+        out[fam] = (res.prob[0, 0].numpy() if fusion is None else
+                    fusion.maps(case.x, res.region_log_odds[0, 0].numpy(), res.anomaly_log_odds[0, 0].numpy(),
+                                tuple(spacing)[::-1]))
     return out
 
 
 def refinement_example(case: TrainingCase, backbone: Backbone, head: AOVAHead, text: TextEncoder, features,
-                       prep: Preprocessing, params: Params, rng) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(inputs (9, *S), truth (*S)) per organ with lesions, on the model grid."""
+                       prep: Preprocessing, params: Params, rng, fusion: Fusion | None = None, threshold: float = 0.5,
+                       channels=LEGACY_TARGET_CHANNELS, negatives: int = 1) -> list[Example]:
+    """The examples of one case: every organ with lesions, and ``negatives`` lesion-free host
+    organs (every host organ of a healthy case) whose coarse candidates are false ones: the
+    head must learn to answer "nothing here" as well as to delineate."""
     geometry = Geometry((0, 0, 0), prep.spacing_mm, np.eye(3), case.x.shape)
     truths: dict[str, np.ndarray] = {}
     for rec in case.records:
         fam = organ_family(rec["organ"])
         truths[fam] = truths.get(fam, np.zeros(case.x.shape, bool)) | (case.lesions == rec["id"])
-    coarse = coarse_maps(head, backbone, text, case, features, prep.spacing_mm, sorted(truths))
+    empty = [f for f in HOST_FAMILIES if f not in truths]
+    negative = empty if not truths else [str(f) for f in rng.permutation(empty)[:negatives]]
+    organs = sorted(truths) + negative
+    maps = coarse_maps(head, backbone, text, case, features, prep.spacing_mm, organs, fusion)
+    prob = {f: m if fusion is None else m.prob for f, m in maps.items()}
     union = np.zeros(case.x.shape, bool)
-    for fam in truths:
-        union |= (coarse[fam] >= 0.5) | truths[fam]
+    for fam in organs:
+        union |= (prob[fam] >= threshold) | truths.get(fam, False)
+    if not union.any():
+        return []
     region = make_region(union, np.asarray(prep.spacing_mm)[::-1], params.dilation_mm + rng.uniform(0, 6),
                          params.feather_mm)
     pseudo, _ = pseudo_healthy(case.volume, geometry, case.modality, region, backbone, prep,
                                Params(**{**params.__dict__, "seed": int(rng.integers(1 << 30))}))
     h = normalise(pseudo, case.modality, prep)
     shared = shared_inputs(backbone, case.x, h, region.dilated)
-    return [(np.concatenate([shared, coarse[fam][None].astype(np.float32)]), truths[fam]) for fam in truths]
+    examples = []
+    for fam in organs:
+        organ = maps[fam].organ if fusion is not None else None
+        own = target_inputs(channels, prob[fam], organ, case.x, tuple(prep.spacing_mm)[::-1],
+                            fusion.deviation if fusion else None)
+        examples.append(Example(np.concatenate([shared, own]), truths.get(fam, np.zeros(case.x.shape, bool)),
+                                prob[fam] >= threshold))
+    return examples
 
 
-def train_refine(examples: list[tuple[np.ndarray, np.ndarray]], steps: int, seed: int = 0, crop=(32, 64, 64),
+def train_refine(examples: list[Example], steps: int, seed: int = 0, crop=(32, 64, 64),
                  batch: int = 2, lr: float = 2e-3, features=(8, 16, 32, 64, 64, 8),
                  show_progress: bool = True) -> tuple[RefineHead, list[dict]]:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    head = RefineHead(in_channels=examples[0][0].shape[0], features=features)
+    head = RefineHead(in_channels=examples[0].inputs.shape[0], features=features)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     history = []
     head.train()
     for step in progress(range(steps), desc="train refinement", unit="step", enable=show_progress):
         xs, ys = [], []
         for _ in range(batch):
-            inp, truth = examples[rng.integers(len(examples))]
-            box = _crop(truth, crop, rng)
-            xs.append(inp[(slice(None),) + box])
-            ys.append(truth[box][None].astype(np.float32))
+            ex = examples[rng.integers(len(examples))]
+            box = _crop(ex.truth, ex.candidates, crop, rng)
+            xs.append(ex.inputs[(slice(None),) + box])
+            ys.append(ex.truth[box][None].astype(np.float32))
         x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
         logits = head(x)
         loss = dice_bce(logits, y, pos_weight=3.0)
@@ -87,10 +127,16 @@ def train_refine(examples: list[tuple[np.ndarray, np.ndarray]], steps: int, seed
     return head, history
 
 
-def _crop(truth: np.ndarray, crop, rng, positive_fraction: float = 0.8):
+def _crop(truth: np.ndarray, candidates: np.ndarray, crop, rng, lesion_fraction: float = 0.5,
+          candidate_fraction: float = 0.35):
+    """A crop centred on a lesion voxel, on a coarse candidate (true or false), or anywhere."""
     size = [min(c, s) for c, s in zip(crop, truth.shape)]
-    if truth.any() and rng.random() < positive_fraction:
+    r = rng.random()
+    if truth.any() and r < lesion_fraction:
         where = np.argwhere(truth)
+        centre = where[rng.integers(len(where))]
+    elif candidates.any() and r < lesion_fraction + candidate_fraction:
+        where = np.argwhere(candidates)
         centre = where[rng.integers(len(where))]
     else:
         centre = [rng.integers(0, s) for s in truth.shape]
@@ -98,13 +144,18 @@ def _crop(truth: np.ndarray, crop, rng, positive_fraction: float = 0.8):
                  for c, n, s in zip(centre, size, truth.shape))
 
 
-def evaluate_refine(head: RefineHead, examples) -> float:
+def evaluate_refine(head: RefineHead, examples: list[Example]) -> dict:
+    """Held-out Dice over the examples with a lesion, and false-positive voxels (mL-free count)
+    over the lesion-free ones (inside the inpainted region, as inference restricts them)."""
     from diffugts.refine import refine_probability
 
-    scores = []
-    for inp, truth in examples:
-        prob = refine_probability(head, inp[:-1], inp[-1])
-        pred = (prob >= 0.5) & (inp[7] > 0)
-        scores.append(2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1))
-    return float(np.mean(scores)) if scores else float("nan")
-
+    dice, false_voxels = [], []
+    for ex in examples:
+        prob = refine_probability(head, ex.inputs[:SHARED], ex.inputs[SHARED:][None])[0]
+        pred = (prob >= 0.5) & (ex.inputs[SHARED - 1] > 0)
+        if ex.truth.any():
+            dice.append(2 * (pred & ex.truth).sum() / max(pred.sum() + ex.truth.sum(), 1))
+        else:
+            false_voxels.append(int(pred.sum()))
+    return {"dice": float(np.mean(dice)) if dice else float("nan"),
+            "false_voxels_per_negative": float(np.mean(false_voxels)) if false_voxels else float("nan")}

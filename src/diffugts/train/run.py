@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from diffugts.backbones import build_backbone, load_backbone
+from diffugts.errors import ConfigError
 from diffugts.models.configs import get_config
 from diffugts.models.create import base_manifest
 from diffugts.models.package import ModelPackage, add_networks, open_package, write_package
@@ -67,23 +68,37 @@ def train_backbone(out: Path, config_name: str = "demo", seed: int = 0, cases: i
 
 def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 60, steps: int = 1200,
                     dim: int = 64, features: list[str] | None = None, show_progress: bool = True,
-                    phantom_shape=None, synthetic_cases: int = 0) -> ModelPackage:
+                    phantom_shape=None, synthetic_cases: int = 0, randomised_cases: int = 0,
+                    mr_healthy_cases: int = 0, fusion_recall: float | None = None) -> ModelPackage:
     """``synthetic_cases``: healthy cases with generic synthetic anomalies added to the seen
-    ones (diffugts.train.anomalies)."""
+    ones (diffugts.train.anomalies); ``randomised_cases``: copies of seen cases with random
+    per-tissue intensities (diffugts.train.randomise); ``mr_healthy_cases``: lesion-free MR
+    phantoms (MR anatomy; MR lesions stay unseen); ``fusion_recall``: fit the coarse-map
+    fusion with the organ-relative deviation (diffugts.deviation) at this voxel recall."""
+    from diffugts.deviation import DeviationParams
     from diffugts.train.anomalies import add_anomalies
     from diffugts.train.aova import evaluate_dice, train_aova
+    from diffugts.train.fusion import fit_fusion, fusion_samples
+    from diffugts.train.randomise import randomise
 
     pkg = open_package(model)
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
     backbone = load_backbone(pkg, "cpu")
     features = features or R.default_features(backbone)
     text = TextEncoder()
+    spacing_kji = tuple(prep.spacing_mm)[::-1]
     data = [phantom_case(R.AOVA_SEED + seed, i, prep, split="seen", healthy=(i % 6 == 0), shape=phantom_shape)
             for i in progress(range(cases), desc="phantoms", unit="case", enable=show_progress)]
     rng = np.random.default_rng([R.AOVA_SEED + seed, R.SYNTHETIC_STREAM])
     data += [add_anomalies(phantom_case(R.AOVA_SEED + seed, R.SYNTHETIC_INDEX + i, prep, split="seen", healthy=True,
                                         shape=phantom_shape), prep, rng)
              for i in progress(range(synthetic_cases), desc="synthetic anomalies", unit="case", enable=show_progress)]
+    rng = np.random.default_rng([R.AOVA_SEED + seed, R.RANDOMISE_STREAM])
+    seen = [c for c in data if c.records] or data
+    data += [randomise(seen[i % len(seen)], rng, spacing_kji)
+             for i in progress(range(randomised_cases), desc="randomised", unit="case", enable=show_progress)]
+    data += [phantom_case(R.AOVA_SEED + seed, R.MR_INDEX + i, prep, healthy=True, modality="MR", shape=phantom_shape)
+             for i in progress(range(mr_healthy_cases), desc="MR healthy", unit="case", enable=show_progress)]
     held_out = [phantom_case(R.AOVA_SEED + seed + 500, i, prep, split="seen", shape=phantom_shape) for i in range(4)]
     t0 = time.perf_counter()
     result = train_aova(backbone, text, data, feature_names=features, spacing=prep.spacing_mm, steps=steps,
@@ -92,13 +107,24 @@ def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, c
     rows = evaluate_dice(result.head, backbone, text, held_out, features, prep.spacing_mm)
     val = float(np.mean([r["dice"] for r in rows])) if rows else None
     entry = {"config": result.head.config, "features": features, "threshold": 0.5}
+    fusion_info = {}
+    if fusion_recall is not None:
+        # Fitted on the seen CT cases with lesions (randomised copies and MR left out: the
+        # deviation's scale is what is fitted, and those copies have no new lesions).
+        fit_on = [cf for cf in result.data[:cases + synthetic_cases] if cf.positives]
+        samples = fusion_samples(result.head, text, fit_on, spacing_kji, DeviationParams(), seed)
+        fusion, threshold = fit_fusion(*samples, DeviationParams(), recall=fusion_recall)
+        entry.update(fusion=fusion.as_dict(), threshold=round(threshold, 4))
+        fusion_info = {"fusion_cases": len(fit_on), "fusion_voxels": int(len(samples[1])),
+                       "fusion_recall": fusion_recall}
     losses = [h["loss"] for h in result.history]
     return add_networks(pkg, {"aova": (entry, result.head.state_dict())}, out=out, provenance={
         "aova_training": {"command": command_line(), "seed": seed, "cases": cases, "case_seed": R.AOVA_SEED + seed,
-                          "synthetic_cases": synthetic_cases,
+                          "synthetic_cases": synthetic_cases, "randomised_cases": randomised_cases,
+                          "mr_healthy_cases": mr_healthy_cases,
                           "synthetic_lesions": sum(r["type"] == "synthetic" for c in data for r in c.records),
                           "steps": steps, "dim": dim, "loss_first_last": _ends(losses), "seconds": round(seconds, 1),
-                          "held_out_seen_dice": None if val is None else round(val, 4)}})
+                          "held_out_seen_dice": None if val is None else round(val, 4), **fusion_info}})
 
 
 def _ends(curve: list[float], n: int = 20) -> list[float]:
@@ -106,9 +132,13 @@ def _ends(curve: list[float], n: int = 20) -> list[float]:
 
 
 def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 40, steps: int = 1200,
-                      synthesis_steps: int = 10, show_progress: bool = True, phantom_shape=None) -> ModelPackage:
-    from diffugts.attend import load_head
+                      synthesis_steps: int = 10, show_progress: bool = True, phantom_shape=None,
+                      healthy_cases: int = 0) -> ModelPackage:
+    """``healthy_cases``: lesion-free cases whose coarse candidates are all false (with a fused
+    coarse map the head also takes each target's deviation and organ channels)."""
+    from diffugts.attend import default_threshold, fusion_of, load_head
     from diffugts.aova import AOVAHead
+    from diffugts.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
     from diffugts.synthesis import Params
     from diffugts.train.refine import evaluate_refine, refinement_example, train_refine
 
@@ -117,40 +147,62 @@ def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0,
     backbone = load_backbone(pkg, "cpu")
     aova = load_head(pkg, "aova", AOVAHead)
     features = pkg.network("aova")["features"]
+    fusion = fusion_of(pkg)
+    threshold = default_threshold(pkg)
+    channels = TARGET_CHANNELS if fusion else LEGACY_TARGET_CHANNELS
     text = TextEncoder()
     params = Params(steps=synthesis_steps)
     rng = np.random.default_rng(seed)
     examples, held_out = [], []
-    indices = range(cases + 4)
-    for i in progress(indices, desc="synthesis for refinement", unit="case", enable=show_progress):
-        case = phantom_case(R.REFINE_SEED + seed, i, prep, split="seen", healthy_fraction=0.0, keep_volume=True,
-                            shape=phantom_shape)
-        made = refinement_example(case, backbone, aova, text, features, prep, params, rng)
-        (examples if i < cases else held_out).extend(made)
+    plan = ([(i, False) for i in range(cases + 4)]
+            + [(R.HEALTHY_INDEX + i, True) for i in range(healthy_cases + (2 if healthy_cases else 0))])
+    for n, (i, healthy) in enumerate(progress(plan, desc="synthesis for refinement", unit="case",
+                                              enable=show_progress)):
+        case = phantom_case(R.REFINE_SEED + seed, i, prep, split="seen", healthy=healthy, healthy_fraction=0.0,
+                            keep_volume=True, shape=phantom_shape)
+        made = refinement_example(case, backbone, aova, text, features, prep, params, rng, fusion, threshold,
+                                  channels)
+        train = (i < cases) if not healthy else (i - R.HEALTHY_INDEX < healthy_cases)
+        (examples if train else held_out).extend(made)
     t0 = time.perf_counter()
     head, history = train_refine(examples, steps, seed, show_progress=show_progress)
     seconds = time.perf_counter() - t0
     val = evaluate_refine(head, held_out)
-    return add_networks(pkg, {"refine": ({"config": head.config, "threshold": 0.5}, head.state_dict())}, out=out,
+    entry = {"config": head.config, "threshold": 0.5, "target_channels": list(channels)}
+    return add_networks(pkg, {"refine": (entry, head.state_dict())}, out=out,
                         provenance={"refine_training": {
-                            "command": command_line(), "seed": seed, "cases": cases,
+                            "command": command_line(), "seed": seed, "cases": cases, "healthy_cases": healthy_cases,
+                            "examples": len(examples), "false_candidate_examples": sum(not e.truth.any() for e in examples),
                             "case_seed": R.REFINE_SEED + seed, "steps": steps, "synthesis_steps": synthesis_steps,
                             "loss_first_last": _ends([h["loss"] for h in history]), "seconds": round(seconds, 1),
-                            "held_out_seen_dice": round(val, 4)}})
+                            "held_out_seen_dice": round(val["dice"], 4),
+                            "held_out_false_voxels_per_negative": round(val["false_voxels_per_negative"], 1)}})
 
 
-def train_demo(out: Path, recipe: R.DemoRecipe, show_progress: bool = True) -> ModelPackage:
+def train_demo(out: Path, recipe: R.DemoRecipe, show_progress: bool = True,
+               backbone: str | Path | None = None) -> ModelPackage:
     """The whole demo model of the recipe's configuration (``demo``: 3D, ``demo-2d``: the
-    diffusers family): backbone, then the AOVA head, then the refinement head."""
+    diffusers family): backbone, then the AOVA head, then the refinement head.
+    ``backbone``: a package whose trained backbone is reused (heads only; the backbone's own
+    provenance is kept, and the manifest says where it came from)."""
     clock = time.perf_counter()
     shape = recipe.phantom_shape
-    train_backbone(out, recipe.config, recipe.seed, recipe.backbone_cases, recipe.vae_steps, recipe.denoiser_steps,
-                   show_progress, phantom_shape=shape)
+    if backbone is not None:
+        source = open_package(backbone)
+        if source.manifest["backbone"].get("config") != recipe.config:
+            raise ConfigError(f"{source.root}: its backbone is not of the {recipe.config!r} configuration")
+        add_networks(source, {}, out=out, provenance={"backbone_from": {"package": source.name,
+                                                                         "sha256": source.sha256}})
+    else:
+        train_backbone(out, recipe.config, recipe.seed, recipe.backbone_cases, recipe.vae_steps,
+                       recipe.denoiser_steps, show_progress, phantom_shape=shape)
     # features None: the backbone's own default scales (R.default_features).
     train_aova_head(out, None, recipe.seed, recipe.aova_cases, recipe.aova_steps, recipe.aova_dim,
-                    recipe.features, show_progress, phantom_shape=shape, synthetic_cases=recipe.aova_synthetic_cases)
+                    recipe.features, show_progress, phantom_shape=shape, synthetic_cases=recipe.aova_synthetic_cases,
+                    randomised_cases=recipe.aova_randomised_cases, mr_healthy_cases=recipe.aova_mr_healthy_cases,
+                    fusion_recall=recipe.fusion_recall)
     pkg = train_refine_head(out, None, recipe.seed, recipe.refine_cases, recipe.refine_steps,
-                            show_progress=show_progress, phantom_shape=shape)
+                            show_progress=show_progress, phantom_shape=shape, healthy_cases=recipe.refine_healthy_cases)
     manifest_provenance = {"recipe": recipe.as_dict(), "command": command_line(),
                            "total_seconds": round(time.perf_counter() - clock, 1)}
     return add_networks(pkg, {}, provenance=manifest_provenance)

@@ -1,0 +1,46 @@
+"""Train the demo recipe's two heads (AOVA + fusion, then refinement) on an existing package's
+backbone, for one seed: what made the shipped demo model's heads and the second training draw
+that docs/benchmarks.md compares it with (two seeds run side by side, one thread each).
+
+    python benchmarks/train_heads.py SEED OUT [--backbone demo]
+
+Resumes after the AOVA stage: an OUT whose AOVA head already has its fusion goes straight to
+the refinement head. `diffugts train demo --backbone demo --seed SEED --out OUT` does the same
+in one process with the recipe's provenance entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from diffugts.train.recipe import DemoRecipe
+from diffugts.train.run import train_aova_head, train_refine_head
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("seed", type=int)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--backbone", default="demo", help="package whose backbone is reused (default: demo)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    r = DemoRecipe(seed=args.seed)
+    start = time.time()
+    manifest = args.out / "manifest.json"
+    if not manifest.exists() or "fusion" not in manifest.read_text():
+        train_aova_head(args.backbone, args.out, args.seed, r.aova_cases, r.aova_steps, r.aova_dim, r.features, True,
+                        synthetic_cases=r.aova_synthetic_cases, randomised_cases=r.aova_randomised_cases,
+                        mr_healthy_cases=r.aova_mr_healthy_cases, fusion_recall=r.fusion_recall)
+    print(f"AOVA head done after {time.time() - start:.0f} s", flush=True)
+    train_refine_head(args.out, None, args.seed, r.refine_cases, r.refine_steps, show_progress=True,
+                      healthy_cases=r.refine_healthy_cases)
+    print(f"refinement head done after {time.time() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Fitting the coarse-map fusion (diffugts.deviation.Fusion) after the AOVA head.
+
+For each training case and each promptable organ: the head's region and anomaly maps, the
+organ with inclusions and the organ-relative deviation, exactly as inference computes them.
+The voxels inside the organ are the samples (lesion or not); a three-parameter logistic
+regression weighs the learned anomaly log-odds against |z|. The coarse threshold is then
+chosen for *recall* (the share of training lesion voxels the coarse mask must keep): the
+coarse stage finds candidates, the refinement head verifies them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from diffugts.aova import AOVAHead
+from diffugts.deviation import DeviationParams, Fusion
+from diffugts.text import TextEncoder, make_target
+from diffugts.train.aova import CaseFeatures
+
+MAX_NEGATIVES = 4000  # organ voxels sampled per case and organ (lesion voxels are all kept)
+
+
+@torch.no_grad()
+def fusion_samples(head: AOVAHead, text: TextEncoder, data: list[CaseFeatures], spacing_kji,
+                   params: DeviationParams, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, 2): anomaly log-odds, |z|; labels (N,)) over the cases' organs."""
+    rng = np.random.default_rng(seed)
+    feats, labels = [], []
+    fusion = Fusion(0.0, 0.0, 0.0, params)
+    for cf in data:
+        shape = cf.case.x.shape
+        for fam in cf.organs:
+            t = make_target(f"{fam} tumor", organ=fam)
+            out = head([f.float()[None] for f in cf.feats], text.embed(t.prompts), [t.groups(t.prompts.index)],
+                       out_shape=shape)
+            region, anomaly = out.region_log_odds[0, 0].numpy(), out.anomaly_log_odds[0, 0].numpy()
+            maps = fusion.maps(cf.case.x, region, anomaly, spacing_kji)
+            lesion = cf.positives.get(fam, np.zeros(shape, bool)) & maps.organ
+            healthy = np.flatnonzero(maps.organ & ~lesion)
+            healthy = rng.choice(healthy, min(MAX_NEGATIVES, healthy.size), replace=False) if healthy.size else healthy
+            pick = np.concatenate([np.flatnonzero(lesion), healthy])
+            feats.append(np.stack([anomaly.reshape(-1)[pick], np.abs(maps.z).reshape(-1)[pick]], 1))
+            labels.append(lesion.reshape(-1)[pick])
+    return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.float32)
+
+
+def fit_fusion(features: np.ndarray, labels: np.ndarray, params: DeviationParams, recall: float = 0.85,
+               steps: int = 200) -> tuple[Fusion, float]:
+    """Logistic regression (class-balanced, LBFGS) and the threshold that keeps ``recall``
+    of the lesion voxels."""
+    x = torch.from_numpy(features).double()
+    y = torch.from_numpy(labels).double()
+    pos = float(y.sum())
+    weight = torch.where(y > 0, (len(y) - pos) / max(pos, 1.0), 1.0)
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logit = x @ w[:2] + w[2]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y, weight=weight) + 1e-4 * (w[:2] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    a, d, b = (float(v) for v in w.detach())
+    fusion = Fusion(a, d, b, params)
+    prob = torch.sigmoid(x @ w.detach()[:2] + w.detach()[2]).numpy()
+    lesion_prob = np.sort(prob[labels > 0])
+    threshold = float(lesion_prob[int((1 - recall) * len(lesion_prob))]) if len(lesion_prob) else 0.5
+    return fusion, float(np.clip(threshold, 0.05, 0.95))

@@ -1,0 +1,43 @@
+"""`diffugts train demo --quick --backbone demo`: the heads of the demo recipe on the shipped
+backbone (what retrained the shipped heads), with fusion, randomised and MR grounding cases
+and lesion-free refinement cases recorded in the package."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from diffugts.cli import main
+from diffugts.models.defaults import DEMO_MODEL
+from diffugts.models.package import open_package
+
+
+def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "pkg"
+    args = ["-q", "train", "demo", "--quick", "--backbone", "demo", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["diffugts", *args])
+    assert main(args) == 0
+    assert main(["models", "verify", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    shipped = open_package(DEMO_MODEL)
+    assert manifest["provenance"]["backbone_from"]["sha256"] == shipped.sha256
+    for name in ("vae", "unet"):  # the backbone's weights are the shipped ones, byte for byte
+        assert (out / f"{name}.safetensors").read_bytes() == (DEMO_MODEL / f"{name}.safetensors").read_bytes()
+    aova, refine = manifest["networks"]["aova"], manifest["networks"]["refine"]
+    assert {"anomaly_weight", "deviation_weight", "bias", "deviation"} <= set(aova["fusion"])
+    assert 0.05 <= aova["threshold"] <= 0.95
+    assert refine["target_channels"] == ["coarse", "deviation", "organ"]
+    assert refine["config"]["in_channels"] == 11
+    training = manifest["provenance"]
+    assert training["aova_training"]["randomised_cases"] == 2 and training["aova_training"]["mr_healthy_cases"] == 1
+    assert training["refine_training"]["healthy_cases"] == 1
+    assert training["refine_training"]["false_candidate_examples"] >= 1
+    assert "--backbone demo" in training["command"]
+
+
+def test_a_backbone_of_another_configuration_is_one_line_error(tmp_path, capsys):
+    code = main(["-q", "train", "demo", "--quick", "--config", "demo-2d", "--backbone", "demo",
+                 "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "demo-2d" in err[0]
+    assert not (tmp_path / "x").exists()

@@ -8,6 +8,7 @@ declared complete by writing their marker file (a manifest or ``series.json``) l
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -93,3 +94,13 @@ def staging_dir(final: str | os.PathLike, marker: str | None = None) -> Iterator
             os.replace(entry, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def remove_stale_partials(final: str | os.PathLike) -> None:
+    """Remove staging directories of ``final`` left by a killed run (SIGKILL skips the
+    ``finally`` of :func:`staging_dir`). Only for callers that own ``final`` exclusively:
+    a concurrent writer's staging directory would go too."""
+    final = Path(final)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)

@@ -83,6 +83,7 @@ def ingest(
     ``rejections.json`` and :class:`InputError` is raised.
     """
     out_dir = Path(out_dir)
+    atomic.remove_stale_partials(out_dir)  # staging folders of a killed run
     rejections: list[dict] = []
     try:
         loaded = load_series(input_ref, rejections=rejections, **options)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from diffugts import __version__, atomic
-from diffugts.errors import InputError
+from diffugts.errors import InputError, OutputError
 from diffugts.ingest.headers import Frame, Rejection, check_image, frames_of, read_header
 from diffugts.ingest.rules import Rules, failed_conditions, load_rules
 from diffugts.ingest.sources import list_files
@@ -83,15 +83,19 @@ def ingest(
     ``rejections.json`` and :class:`InputError` is raised.
     """
     out_dir = Path(out_dir)
-    atomic.remove_stale_partials(out_dir)  # staging folders of a killed run
+    atomic.check_output_path(out_dir)
     rejections: list[dict] = []
     try:
-        loaded = load_series(input_ref, rejections=rejections, **options)
-    except InputError:
-        _write_failure(out_dir, rejections)
-        raise
-    _log_skipped(loaded.rejections, out_dir)
-    write_study(out_dir, loaded)
+        atomic.remove_stale_partials(out_dir)  # staging folders of a killed run
+        try:
+            loaded = load_series(input_ref, rejections=rejections, **options)
+        except InputError:
+            _write_failure(out_dir, rejections)
+            raise
+        _log_skipped(loaded.rejections, out_dir)
+        write_study(out_dir, loaded)
+    except OSError as err:  # the output side: disk full, read-only, not a folder
+        raise OutputError.from_os(out_dir, err) from None
     log.info("ingested %s", loaded.stack.label())
     return IngestResult(out_dir=out_dir, series=loaded.series, rejections=loaded.rejections)
 
@@ -114,7 +118,7 @@ def load_series(
     ``rejections`` (optional) collects what was passed over, also when this raises.
     """
     ruleset = load_rules(rules)
-    policy = GeometryPolicy(spacing_tolerance, oblique_tolerance_deg, resample_grid)
+    policy = GeometryPolicy(spacing_tolerance, oblique_tolerance_deg, resample_grid, ruleset.invalid_pixel_spacing)
     max_voxels = max_voxels or default_max_voxels()
     rejections = [] if rejections is None else rejections
     with tempfile.TemporaryDirectory(prefix="diffugts-ingest-") as work:

@@ -88,6 +88,9 @@ def cohort_report(
 
     from diffugts.cohort import collect_run, run_markdown
     from diffugts.errors import DiffugtsError
+    from diffugts.logs import install
+
+    install()  # diagnosing failures re-reads DICOM: no header text or UIDs in this log
 
     try:
         result = collect_run(results_uri, run_id, cohort.path, rules=rules, resample=resample)

@@ -157,3 +157,22 @@ def test_a_study_folder_name_that_is_not_utf8_does_not_sink_the_cohort(tmp_path)
     summary = cohort.collect_run(results, "r1", tmp_path / "out")
     assert summary["failed"] == 2  # both empty, each with its own reason; the run itself completes
     assert all(f["stage"] == "ingest" for f in summary["failures"])
+
+
+def test_everything_that_reaches_kfp_markdown_is_escaped():
+    from diffugts.ingest.summary import selection_markdown
+
+    evil = "<script>alert(1)</script> | [x](javascript:alert(1)) *DOE*"
+    text = cohort.run_markdown({"run": "r1", "listed": 1, "skipped": 0, "processed": 1, "done": 0, "failed": 1,
+                                "lesions": 0, "report": "/r/cohort/r1",
+                                "failures": [{"key": "k", "stage": "ingest", "reason_code": "bad_input",
+                                              "reason": evil}]})
+    series = {"series_label": evil, "orientation": "Axial", "notes": [evil],
+              "volume": {"size_ijk": [1, 1, 1], "spacing_mm": [1, 1, 1], "units": "HU"},
+              "selection": {"candidates": [{"label": evil, "taken": False, "reasons": [evil]},
+                                           {"label": "s2", "taken": True, "selection": evil, "reasons": []}]}}
+    for doc in (text, selection_markdown(series)):
+        assert "<script>" not in doc and "[x](" not in doc and "*DOE*" not in doc
+        assert "&lt;script&gt;" in doc
+        for row in (line for line in doc.splitlines() if line.startswith("| ")):
+            assert row.count(" | ") - row.count("\\|") <= 3  # no cell split by a value

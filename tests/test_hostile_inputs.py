@@ -298,3 +298,12 @@ def test_full_disk_is_a_storage_error(tmp_path):
     write_series(folder, n=8, rows=64, cols=64)
     code, err, _ = run_ingest(tmp_path, folder, tmp_path / "out", fsize=16 << 10)
     assert_refused(code, err, tmp_path / "out", "cannot write", "File too large")
+
+
+def test_a_rule_on_free_text_does_not_echo_it(tmp_path):
+    folder = tmp_path / "in"
+    write_series(folder, n=3, description="DOE^JOHN MRN 12345678")
+    rules = {"selections": [{"name": "T2 only", "conditions": {"SeriesDescription": "(?i)t2"}}]}
+    code, err, _ = run_ingest(tmp_path, folder, tmp_path / "out", "--rules", json.dumps(rules))
+    line = assert_refused(code, err, tmp_path / "out", "SeriesDescription", "does not match")
+    assert "DOE" not in line + (tmp_path / "out" / "rejections.json").read_text()

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from diffugts import __version__, atomic
 from diffugts.errors import ConfigError, DiffugtsError, InputError
+from diffugts.markdown import md
 from diffugts.uids import checked_uid
 
 RUNS = "_runs"
@@ -407,14 +408,14 @@ def collect_run(results_uri: str, run: str, out_dir: str | os.PathLike, *, rules
 
 def run_markdown(summary: dict) -> str:
     """The KFP Markdown view of a cohort run (keys, not input paths)."""
-    lines = [f"# DiffuGTS cohort run {summary['run']}", "",
+    lines = [f"# DiffuGTS cohort run {md(summary['run'])}", "",
              f"{summary['listed']} studies listed: {summary['skipped']} skipped (done before with this model "
              f"and these parameters), {summary['processed']} processed; {summary['done']} done and "
              f"{summary['failed']} failed in the report; {summary['lesions']} lesions.", "",
-             f"Cohort report: `{summary['report']}`"]
+             f"Cohort report: {md(summary['report'])}"]
     if summary.get("failures"):
         lines += ["", "| study input key | stage | reason code | reason |", "|---|---|---|---|"]
-        lines += [f"| {r['key']} | {r['stage']} | {r['reason_code']} | {r['reason'].replace('|', '/')} |"
+        lines += [f"| {md(r['key'])} | {md(r['stage'])} | {md(r['reason_code'])} | {md(r['reason'])} |"
                   for r in summary["failures"]]
     return "\n".join(lines) + "\n"
 

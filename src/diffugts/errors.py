@@ -6,7 +6,13 @@ bug: the CLI prints its message as one line and exits with code 2, no traceback.
 
 from __future__ import annotations
 
+import errno
 import os
+
+# OSErrors that are the environment's doing (space, permissions, paths), not bugs: shown as
+# one line with exit code 2.
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                         errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENOENT, errno.ENAMETOOLONG})
 
 
 class DiffugtsError(Exception):

@@ -8,10 +8,14 @@ reports what matters as one line per file, so these records are dropped unless
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from typing import Iterator
+
+from diffugts.errors import USER_ERRNOS, DiffugtsError, OutputError
 
 
 def keep_record(record: logging.LogRecord) -> bool:
@@ -38,3 +42,32 @@ def install(level: int = logging.INFO) -> None:
         if keep_record not in logger.filters:
             logger.addFilter(keep_record)
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def masked(text: str, private: tuple[str, ...]) -> str:
+    """``text`` with each private string (an input's URI: folder names can be patient names)
+    replaced by ``<input>``."""
+    for value in sorted({p.rstrip("/") for p in private if p and p.rstrip("/")}, key=len, reverse=True):
+        text = text.replace(value, "<input>")
+    return text
+
+
+@contextlib.contextmanager
+def component_step(*private: str) -> Iterator[None]:
+    """A Kubeflow component's library call: the CLI's log filtering, and a user-facing error
+    as one line on stderr (``private`` strings masked) with exit code 2, no traceback."""
+    install()
+    try:
+        yield
+    except DiffugtsError as err:
+        print(f"diffugts: error: {masked(one_line(err), private)}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except OSError as err:
+        if err.errno not in USER_ERRNOS:
+            raise
+        print(f"diffugts: error: {masked(one_line(OutputError.from_os('', err)), private)}", file=sys.stderr)
+        sys.exit(2)

@@ -10,15 +10,10 @@ import argparse
 import importlib
 import logging
 import os
-import errno
 import sys
 
 from diffugts import __version__, atomic, logs
-from diffugts.errors import DiffugtsError, OutputError
-
-# OSErrors that are the environment's doing (space, permissions, paths), shown as one line.
-USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-               errno.EEXIST, errno.EISDIR, errno.ENOENT, errno.ENAMETOOLONG}
+from diffugts.errors import USER_ERRNOS, DiffugtsError, OutputError
 
 # Sub-command modules, in the order `diffugts --help` lists them.
 COMMANDS = ["ingest", "phantom", "models", "attend", "synthesize", "segment", "report", "train", "evaluate"]
@@ -37,8 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())
+one_line = logs.one_line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,7 +164,7 @@ def failed_conditions(conditions: dict, lookup) -> list[str]:
         elif isinstance(cond, str):
             text = "\\".join(_values(value))
             if value is None or not re.search(cond, text):
-                reasons.append(f"{key} {text or '(absent)'!r} does not match {cond!r}")
+                reasons.append(f"{key} {_shown(text)} does not match {cond!r}")
         elif isinstance(cond, list) and _is_range(cond):
             lo, hi = cond
             try:
@@ -191,6 +191,14 @@ def failed_conditions(conditions: dict, lookup) -> list[str]:
             if not equal:
                 reasons.append(f"{key} is not {cond}")
     return reasons
+
+
+def _shown(text: str) -> str:
+    """A value in a reason: code strings (Modality 'SR') as they are; free text (a Series
+    Description can carry a name or an MRN) is not echoed."""
+    if not text:
+        return "(absent)"
+    return repr(text) if re.fullmatch(r"[A-Z0-9 _\\]{1,64}", text) else "(value not shown: free text)"
 
 
 def _fmt(v) -> str:

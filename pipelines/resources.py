@@ -2,13 +2,23 @@
 
 GPU stages ask for one `nvidia.com/gpu` with a node selector and toleration (kfp-kubernetes);
 S3 credentials come from the Kubernetes secret `diffugts-s3` and the endpoint / bucket /
-Pushgateway from the ConfigMap `diffugts-config` (see manifests/). kfp.local ignores all of
-this, so `make run` works offline.
+Pushgateway from the ConfigMap `diffugts-config` (see manifests/). Every task runs non-root
+with an emptyDir scratch at /tmp and a pod label its egress NetworkPolicy selects.
+kfp.local ignores all of this, so `make run` works offline.
 """
 
 from kfp import dsl, kubernetes
 
 S3_SECRET = "diffugts-s3"
+# Every task runs as the images' user (images/*/Dockerfile), never root; current KFP adds
+# allowPrivilegeEscalation=false, drop ALL and seccomp RuntimeDefault to each task container.
+RUN_AS = 10001
+# Scratch for zip extraction and S3 mirrors (TMPDIR): an emptyDir, so the image's file
+# system is only read. Bounded: a study past this is evicted, not filling the node's disk.
+SCRATCH = ("scratch", "/tmp", "40Gi")
+# Pods of our tasks (not KFP's driver pods): the egress NetworkPolicy
+# manifests/base/networkpolicies.yaml `pipeline-task-egress` selects them.
+TASK_LABEL = ("diffugts.io/task", "true")
 CONFIG_MAP = "diffugts-config"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -16,6 +26,10 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 
 def _common(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     task.set_display_name(name)
+    # These pods parse untrusted DICOM: the same hardening as the other manifests.
+    kubernetes.set_security_context(task, run_as_user=RUN_AS, run_as_group=RUN_AS, run_as_non_root=True)
+    kubernetes.empty_dir_mount(task, volume_name=SCRATCH[0], mount_path=SCRATCH[1], size_limit=SCRATCH[2])
+    kubernetes.add_pod_label(task, label_key=TASK_LABEL[0], label_value=TASK_LABEL[1])
     kubernetes.use_secret_as_env(task, secret_name=S3_SECRET,
                                  secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                                                     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})

@@ -307,3 +307,17 @@ def test_a_rule_on_free_text_does_not_echo_it(tmp_path):
     code, err, _ = run_ingest(tmp_path, folder, tmp_path / "out", "--rules", json.dumps(rules))
     line = assert_refused(code, err, tmp_path / "out", "SeriesDescription", "does not match")
     assert "DOE" not in line + (tmp_path / "out" / "rejections.json").read_text()
+
+
+def test_a_deflated_data_set_is_bounded_before_it_inflates(tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    path = _one(tmp_path / "in", rows=2, cols=2)
+    ds = pydicom.dcmread(path)
+    ds.PixelData = bytes(120 << 20)  # 120 MiB of zeros behind a 2x2 image: about 120 KB deflated
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path)
+    assert path.stat().st_size < 1 << 20
+    # A 32 MiB volume budget + 64 MiB of header slack < 120 MiB.
+    code, err, _ = run_ingest(tmp_path, path, tmp_path / "out", env={"DIFFUGTS_MAX_VOLUME_GB": "0.03125"})
+    assert_refused(code, err, tmp_path / "out", path.name, "inflates beyond")

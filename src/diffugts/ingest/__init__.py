@@ -40,6 +40,8 @@ SCHEMA = "diffugts/study-v1"
 KIND_WORDS = {"not_dicom": "not DICOM", "truncated": "truncated", "unsupported": "unsupported SOP class",
               "invalid": "invalid", "index_file": "DICOMDIR"}
 STUDY_MARKER = "series.json"
+# What a deflated data set may inflate to beyond its float32 volume budget (its header).
+HEADER_SLACK_BYTES = 64 * 2**20
 
 
 def default_max_voxels() -> int:
@@ -161,7 +163,7 @@ def _scan(input_ref, work: Path, rejections: list[dict], max_voxels: int, show: 
         raise InputError(input_ref, "no files found")
     frames: list[Frame] = []
     for src in progress(files, desc="scan", unit="file", enable=show):
-        ds = read_header(src)
+        ds = read_header(src, max_voxels * 4 + HEADER_SLACK_BYTES)
         if isinstance(ds, Rejection):
             rejections.append(ds.as_dict())
             continue

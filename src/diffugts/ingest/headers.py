@@ -12,6 +12,7 @@ import os
 import re
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import parse_fragments
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import RE_VALID_UID, UID
+from pydicom.uid import RE_VALID_UID, UID, DeflatedExplicitVRLittleEndian
 
 from diffugts.ingest.sources import SourceFile
 
@@ -120,13 +121,39 @@ def _looks_like_dicom(path: Path) -> bool:
     return head[128:132] == b"DICM" or head[:2] in PREAMBLELESS_GROUPS
 
 
-def read_header(src: SourceFile) -> Dataset | Rejection:
-    """Parse one file's header, or say in one line why it is not a usable image."""
+def _inflates_beyond(path: Path, limit: int) -> bool:
+    """Whether a Deflated Explicit VR file's data set inflates to more than ``limit`` bytes.
+    pydicom inflates the whole data set in memory as it reads, so the bound comes first."""
+    with open(path, "rb") as f:
+        head = f.read(144)
+        if head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+            return False  # no standard file meta: not a deflated file pydicom would inflate
+        meta = pydicom.filereader.read_file_meta_info(path)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return False
+        f.seek(144 + struct.unpack("<L", head[140:144])[0])  # past the file meta group
+        inflate, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        while chunk := f.read(1 << 16):
+            total += len(inflate.decompress(chunk, limit + 1 - total))
+            while inflate.unconsumed_tail and total <= limit:
+                total += len(inflate.decompress(inflate.unconsumed_tail, limit + 1 - total))
+            if total > limit:
+                return True
+    return False
+
+
+def read_header(src: SourceFile, max_bytes: int | None = None) -> Dataset | Rejection:
+    """Parse one file's header, or say in one line why it is not a usable image.
+    ``max_bytes`` bounds what a deflated data set may inflate to."""
     try:
         if not _looks_like_dicom(src.path):
             return Rejection(src.name, "not a DICOM file", "not_dicom")
-    except OSError as err:
-        return Rejection(src.name, f"cannot read the file ({err.strerror})", "invalid")
+        if max_bytes is not None and _inflates_beyond(src.path, max_bytes):
+            return Rejection(src.name, f"deflated data set inflates beyond {max_bytes / 2**30:.3g} GiB, the memory "
+                                       "limit (DIFFUGTS_MAX_VOLUME_GB)", "invalid")
+    except (OSError, ValueError, zlib.error, InvalidDicomError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else _short(err)
+        return Rejection(src.name, f"cannot read the file ({reason})", "invalid")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

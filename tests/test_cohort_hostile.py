@@ -15,22 +15,8 @@ import pytest
 from diffugts import cohort
 from diffugts.errors import DiffugtsError, InputError
 
-PARAMS = {"prompts": ["liver tumor"], "rules": "default", "resample": False, "min_volume_ml": 0.1}
-
-
-def _model(root: Path) -> str:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "manifest.json").write_text('{"format": "diffugts-model/1"}')
-    return str(root)
-
-
-def _report(folder: Path, uid: str, key: str = "k") -> Path:
-    folder.mkdir(parents=True)
-    (folder / "report.html").write_text("<html></html>")
-    (folder / "report.json").write_text(json.dumps({
-        "status": "done", "study": {"study_key": key, "study_instance_uid": uid, "modality": "CT"},
-        "targets": [{"index": 0, "text": "liver tumor", "score": 0.5, "lesion_ids": []}], "lesions": []}))
-    return folder
+# The helpers of the cohort tests: a model package and a report folder as the stages leave them.
+from test_cohort import PARAMS, _model, _report
 
 
 def _files(root: Path) -> set[str]:
@@ -176,3 +162,14 @@ def test_everything_that_reaches_kfp_markdown_is_escaped():
         assert "&lt;script&gt;" in doc
         for row in (line for line in doc.splitlines() if line.startswith("| ")):
             assert row.count(" | ") - row.count("\\|") <= 3  # no cell split by a value
+
+
+def test_a_corrupt_marker_does_not_sink_the_listing(tmp_path):
+    results, listing = _plan(tmp_path)
+    first = listing["pending"][0]
+    Path(cohort.marker_uri(results, first["key"])).write_bytes(b"\xff{ not json")
+    again = cohort.plan_run(results, "r2", studies_uri=str(tmp_path / "studies"), model_uri=str(tmp_path / "m"),
+                            **PARAMS)
+    assert len(again["pending"]) == 2  # the study with the unreadable marker runs again
+    summary = cohort.collect_run(results, "r2", tmp_path / "out")
+    assert summary["failed"] == 2 and summary["listed"] == 2

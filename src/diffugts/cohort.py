@@ -28,6 +28,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -36,6 +37,8 @@ from diffugts import __version__, atomic
 from diffugts.errors import ConfigError, DiffugtsError, InputError
 from diffugts.markdown import md
 from diffugts.uids import checked_uid
+
+log = logging.getLogger(__name__)
 
 RUNS = "_runs"
 OWNERS = "studies"  # _runs/studies/: the input that owns each published Study Instance UID
@@ -78,8 +81,17 @@ def _read(uri: str) -> bytes | None:
 
 
 def _read_json(uri: str) -> dict | None:
+    """The object at ``uri``, or None when absent or unreadable: one corrupt marker must not
+    sink a cohort run (its study is simply not done)."""
     raw = _read(uri)
-    return None if raw is None else json.loads(raw)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:  # also UnicodeDecodeError
+        log.warning("%s: not a JSON document; taken as absent", uri)
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _write_json(uri: str, obj: dict) -> None:
@@ -415,7 +427,8 @@ def run_markdown(summary: dict) -> str:
              f"Cohort report: {md(summary['report'])}"]
     if summary.get("failures"):
         lines += ["", "| study input key | stage | reason code | reason |", "|---|---|---|---|"]
-        lines += [f"| {md(r['key'])} | {md(r['stage'])} | {md(r['reason_code'])} | {md(r['reason'])} |"
+        # Key, stage and reason code are this code's own identifiers; the reason is text.
+        lines += [f"| {r['key']} | {r['stage']} | {r['reason_code']} | {md(r['reason'])} |"
                   for r in summary["failures"]]
     return "\n".join(lines) + "\n"
 

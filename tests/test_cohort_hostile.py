@@ -173,3 +173,12 @@ def test_a_corrupt_marker_does_not_sink_the_listing(tmp_path):
     assert len(again["pending"]) == 2  # the study with the unreadable marker runs again
     summary = cohort.collect_run(results, "r2", tmp_path / "out")
     assert summary["failed"] == 2 and summary["listed"] == 2
+
+
+@pytest.mark.parametrize("uid", ["../x", "/abs", "1.2.3/../../4", "1.2.3\n"])
+def test_the_report_stage_upload_refuses_a_uid_that_is_not_a_uid(uid):
+    from diffugts.report.upload import results_prefix
+
+    with pytest.raises(InputError, match="not a valid DICOM UID"):
+        results_prefix(uid, "s3://bucket/results")
+    assert results_prefix("1.2.840.1", "s3://bucket/results") == "s3://bucket/results/1.2.840.1/report"

@@ -321,3 +321,12 @@ def test_a_deflated_data_set_is_bounded_before_it_inflates(tmp_path):
     # A 32 MiB volume budget + 64 MiB of header slack < 120 MiB.
     code, err, _ = run_ingest(tmp_path, path, tmp_path / "out", env={"DIFFUGTS_MAX_VOLUME_GB": "0.03125"})
     assert_refused(code, err, tmp_path / "out", path.name, "inflates beyond")
+
+
+def test_a_failed_write_does_not_leave_the_earlier_study_looking_complete(tmp_path):
+    folder = tmp_path / "in"
+    write_series(folder, n=8, rows=64, cols=64)
+    code, err, _ = run_ingest(tmp_path, folder, tmp_path / "out")
+    assert code == 0 and (tmp_path / "out" / "series.json").exists()
+    code, err, _ = run_ingest(tmp_path, folder, tmp_path / "out", fsize=16 << 10)
+    assert_refused(code, err, tmp_path / "out", "cannot write")

@@ -89,15 +89,17 @@ def ingest(
     rejections: list[dict] = []
     try:
         atomic.remove_stale_partials(out_dir)  # staging folders of a killed run
-        try:
-            loaded = load_series(input_ref, rejections=rejections, **options)
-        except InputError:
-            _write_failure(out_dir, rejections)
-            raise
+        loaded = load_series(input_ref, rejections=rejections, **options)
         _log_skipped(loaded.rejections, out_dir)
         write_study(out_dir, loaded)
-    except OSError as err:  # the output side: disk full, read-only, not a folder
-        raise OutputError.from_os(out_dir, err) from None
+    except BaseException as err:
+        # Whatever failed (bad input, a full disk, a bug, Ctrl-C), an earlier run's artifact
+        # in out_dir must not stay looking complete.
+        with contextlib.suppress(OSError):
+            _write_failure(out_dir, rejections)
+        if isinstance(err, OSError):  # the output side: disk full, read-only, not a folder
+            raise OutputError.from_os(out_dir, err) from None
+        raise
     log.info("ingested %s", loaded.stack.label())
     return IngestResult(out_dir=out_dir, series=loaded.series, rejections=loaded.rejections)
 

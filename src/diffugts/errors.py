@@ -12,7 +12,7 @@ import os
 # OSErrors that are the environment's doing (space, permissions, paths), not bugs: shown as
 # one line with exit code 2.
 USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-                         errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENOENT, errno.ENAMETOOLONG})
+                         errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG})
 
 
 class DiffugtsError(Exception):
@@ -43,7 +43,7 @@ class OutputError(DiffugtsError):
     def __init__(self, path: str | os.PathLike, reason: str):
         self.path = os.fsdecode(path)
         self.reason = f"cannot write ({reason})"
-        super().__init__(f"{self.path}: {self.reason}")
+        super().__init__(f"{self.path}: {self.reason}" if self.path else self.reason)
 
     @classmethod
     def from_os(cls, path: str | os.PathLike, err: OSError) -> "OutputError":

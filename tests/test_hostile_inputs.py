@@ -28,10 +28,13 @@ from dicomfactory import write_series
 
 LIMIT_AS = 3 * 2**30  # address space of the child: a runaway allocation fails fast, not the machine
 MAX_RSS_MIB = 1024  # what a case may use at peak
-RUNNER = ("import resource, sys\n"
+# Peak RSS from VmHWM: getrusage's ru_maxrss survives fork + exec, so it would report the
+# pytest process's own peak (over 1 GiB once models are loaded), not the child's.
+RUNNER = ("import re, sys\n"
           "from diffugts.cli import main\n"
           "rc = main(sys.argv[1:])\n"
-          "print(f'peak_rss_kib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n"
+          "hwm = re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)\n"
+          "print(f'peak_rss_kib={hwm}', file=sys.stderr)\n"
           "sys.exit(rc)\n")
 
 

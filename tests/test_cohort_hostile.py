@@ -9,6 +9,7 @@ import io
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -182,3 +183,67 @@ def test_the_report_stage_upload_refuses_a_uid_that_is_not_a_uid(uid):
     with pytest.raises(InputError, match="not a valid DICOM UID"):
         results_prefix(uid, "s3://bucket/results")
     assert results_prefix("1.2.840.1", "s3://bucket/results") == "s3://bucket/results/1.2.840.1/report"
+
+
+def _stub_batch_stages(monkeypatch, uids: dict[str, str]) -> None:
+    """run_batch with its ingestion, model and report stages stubbed: each input's report names
+    the Study Instance UID given for its folder."""
+    import diffugts.ingest
+    import diffugts.report
+    import diffugts.segment
+
+    class Stages:
+        def __init__(self, model_uri, device=None, **kwargs):
+            self.method = SimpleNamespace(package=SimpleNamespace(sha256=cohort.model_sha256(model_uri)))
+
+        def run(self, *args):
+            pass
+
+    def ingest(uri, out, **kwargs):
+        Path(out).mkdir(parents=True)
+        (Path(out) / "uid").write_text(uids[Path(uri).name])
+
+    def make_report(study, lesions, out, **kwargs):
+        _report(Path(out), (Path(study) / "uid").read_text(), key=Path(study).parent.name)
+
+    monkeypatch.setattr(diffugts.ingest, "ingest", ingest)
+    monkeypatch.setattr(diffugts.report, "make_report", make_report)
+    monkeypatch.setattr(diffugts.segment, "ModelStages", Stages)
+
+
+def test_a_batch_publishes_by_the_same_rules(tmp_path, monkeypatch):
+    """The cohort pipeline publishes in its batch tasks (diffugts.batch): a UID that is not a
+    UID and a second input of one study fail there as in mark_done, the batch goes on, and a
+    forced run's failed re-publish leaves the study failed, not done."""
+    from diffugts.batch import run_batch
+
+    results, listing = _plan(tmp_path, names=("s1", "s2", "s3"))
+    names = {i["key"]: Path(i["input_uri"]).name for i in listing["pending"]}
+    _stub_batch_stages(monkeypatch, {"s1": "1.2.3", "s2": "1.2.3", "s3": "../x"})
+    model = str(tmp_path / "m")
+    assert run_batch(results, "r1", 0, model_uri=model, prompts=PARAMS["prompts"]) == \
+        {"done": 1, "failed": 2, "already_done": 0}
+    summary = cohort.collect_run(results, "r1", tmp_path / "out")
+    assert (summary["done"], summary["failed"]) == (1, 2)
+    failures = {names[f["key"]]: f for f in summary["failures"]}
+    assert (failures["s2"]["stage"], failures["s2"]["reason_code"]) == ("publish", "duplicate")
+    assert (failures["s3"]["stage"], failures["s3"]["reason_code"]) == ("publish", "bad_input")
+    assert "../x" not in failures["s3"]["reason"]
+    assert not (Path(results).parent / "x").exists()
+
+    # A forced run processes s1 again (not skipped as done by the earlier run); its result
+    # cannot be written: the study is failed (publish, storage), not left done.
+    cohort.plan_run(results, "r2", studies_uri=str(tmp_path / "studies"), model_uri=model, force=True, **PARAMS)
+    publish = cohort._publish
+
+    def cut(src, dst, **kwargs):
+        if dst.rstrip("/").endswith("/report"):
+            raise OSError(28, "No space left on device")
+        return publish(src, dst, **kwargs)
+
+    monkeypatch.setattr(cohort, "_publish", cut)
+    assert run_batch(results, "r2", 0, model_uri=model, prompts=PARAMS["prompts"]) == \
+        {"done": 0, "failed": 3, "already_done": 0}
+    s1 = next(k for k, n in names.items() if n == "s1")
+    marker = cohort.read_marker(results, s1)
+    assert (marker["status"], marker["stage"], marker["reason_code"]) == ("failed", "publish", "storage")

@@ -68,17 +68,14 @@ def segment_batch(
     attention maps, synthesis, refinement, the report published to
     ``<results_uri>/<StudyInstanceUID>/report`` and its ``done`` marker. A study that fails is
     recorded with its reason and the batch goes on."""
-    import sys
-
     from diffugts.batch import run_batch
-    from diffugts.errors import DiffugtsError
+    from diffugts.logs import component_step
 
-    try:
+    # Ingestion and reporting of untrusted DICOM: no header text or UIDs in the task's log, and
+    # a user-facing error as one line, exit 2 (component_step, as the study pipelines' steps).
+    with component_step():
         counts = run_batch(results_uri, run_id, batch, model_uri=model_uri, prompts=[str(p) for p in prompts],
                            rules=rules, resample=resample, min_volume_ml=min_volume_ml, maps=maps)
-    except DiffugtsError as err:
-        print(f"diffugts: error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(f"batch {batch}: {counts['done']} done, {counts['failed']} failed, "
           f"{counts['already_done']} done before (a retry)")
 
@@ -101,6 +98,9 @@ def cohort_report(
 
     from diffugts.cohort import collect_run, run_markdown
     from diffugts.errors import DiffugtsError
+    from diffugts.logs import install
+
+    install()  # diagnosing failures re-reads DICOM: no header text or UIDs in this log
 
     try:
         result = collect_run(results_uri, run_id, cohort.path, rules=rules, resample=resample)

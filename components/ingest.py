@@ -23,17 +23,13 @@ def ingest(
         rules: "default", "permissive", or a JSON rules document.
         resample: Resample gantry-tilted / oblique series instead of rejecting them.
     """
-    import sys
-
-    from diffugts.errors import DiffugtsError
     from diffugts.ingest import ingest as run_ingest
     from diffugts.ingest.summary import selection_markdown
+    from diffugts.logs import component_step
 
-    try:
+    # No header text, UIDs or input folder names in the task's log (component_step).
+    with component_step(input_uri):
         result = run_ingest(input_uri, study.path, rules=rules, resample_grid=resample, show_progress=False)
-    except DiffugtsError as err:
-        print(f"diffugts: error: {err}", file=sys.stderr)
-        sys.exit(2)
     series = result.series
     study.metadata.update({
         "modality": series["modality"],

@@ -33,19 +33,15 @@ def report(
     """
     import json
     import shutil
-    import sys
 
-    from diffugts.errors import DiffugtsError
+    from diffugts.logs import component_step
     from diffugts.report import make_report
 
-    try:
+    with component_step():  # highdicom logs UIDs: filtered as in the CLI
         result = make_report(study.path, lesions.path, report_folder.path,
                              attention_dir=attention.path if attention is not None else None,
                              synthesis_dir=synthesis.path if synthesis is not None else None,
                              upload=upload_uri if upload else None, max_lesion_pictures=max_pictures)
-    except DiffugtsError as err:
-        print(f"diffugts: error: {err}", file=sys.stderr)
-        sys.exit(2)
     # The UI's Markdown view cannot show the folder's PNGs: summary.md has the tables only;
     # the HTML view has everything.
     shutil.copyfile(f"{report_folder.path}/summary.md", summary.path)

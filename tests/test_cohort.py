@@ -412,10 +412,11 @@ def test_a_failed_study_never_sinks_its_batch(tmp_path):
     from modelfactory import random_package
 
     studies, results, run = tmp_path / "studies", str(tmp_path / "results"), "r1"
-    case = write_case(generate_case(CaseSpec(seed=3, index=0, shape=(16, 32, 32))), tmp_path / "cases")
     (studies / "b-broken").mkdir(parents=True)
     (studies / "b-broken" / "a.dcm").write_bytes(b"not dicom")
-    for name in ("a-good", "c-good"):
+    # Two different studies: copies of one would share a Study Instance UID (a duplicate).
+    for index, name in enumerate(("a-good", "c-good")):
+        case = write_case(generate_case(CaseSpec(seed=3, index=index, shape=(16, 32, 32))), tmp_path / "cases" / name)
         shutil.copytree(case / "dicom", studies / name)
     model = str(random_package(tmp_path / "model").root)
     listing = cohort.plan_run(results, run, studies_uri=str(studies), model_uri=model, **PARAMS, batch_size=3)

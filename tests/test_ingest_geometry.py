@@ -92,7 +92,8 @@ def test_mixed_matrix_sizes_split_and_the_larger_part_wins(tmp_path):
     result = ingest(tmp_path / "in", tmp_path / "out", show_progress=False)
     assert result.series["volume"]["size_ijk"] == [10, 12, 6]
     labels = [c["label"] for c in result.series["selection"]["candidates"]]
-    assert labels == ["series 1.1 (CT, #1, 'TEST SERIES', 6 slices)", "series 1.2 (CT, #1, 'TEST SERIES', 4 slices)"]
+    # No Series Description in labels: it carries names and MRNs in the wild.
+    assert labels == ["series 1.1 (CT, #1, 6 slices)", "series 1.2 (CT, #1, 4 slices)"]
 
 
 def test_mixed_modalities_in_one_series_are_rejected(tmp_path):

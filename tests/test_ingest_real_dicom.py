@@ -89,7 +89,7 @@ def test_study_folder_picks_the_volume_and_explains_the_rest(tmp_path):
     assert sum(c["taken"] for c in candidates) == 1
     assert all(c["reasons"] for c in candidates if not c["taken"])
     # MR700 holds 7 radial slices of one series: split into one part per orientation.
-    parts = [c for c in candidates if "ANGIO" in c["label"]]
+    parts = [c for c in candidates if "#700," in c["label"]]  # labels name series by number, no description
     assert len(parts) == 7
 
 

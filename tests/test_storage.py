@@ -443,3 +443,14 @@ def test_persistent_slowdown_exhausts_retries(base, flaky):
     with pytest.raises(StoreUnavailable, match=r"failed after 3 attempts: SlowDown: Please reduce"):
         store.get_bytes(f"{base}/x")
     assert len(sleeps) == 2
+
+
+def test_a_prefix_holding_both_x_and_x_slash_y_is_one_line(base, tmp_path):
+    """S3 allows an object "x" beside objects "x/y"; a folder cannot hold both (issue #23)."""
+    store = ObjectStore()
+    store.put_bytes(f"{base}/in/x", b"a file")
+    store.put_bytes(f"{base}/in/x/y", b"under x")
+    with pytest.raises(InputError, match="both an object and a folder") as err:
+        store.download_prefix(f"{base}/in", tmp_path / "dst")
+    assert str(err.value).startswith(f"{base}/in:")
+    assert not (tmp_path / "dst").exists()

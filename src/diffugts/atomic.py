@@ -8,6 +8,8 @@ declared complete by writing their marker file (a manifest or ``series.json``) l
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import shutil
@@ -93,3 +95,36 @@ def staging_dir(final: str | os.PathLike, marker: str | None = None) -> Iterator
             os.replace(entry, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def remove_stale_partials(final: str | os.PathLike) -> None:
+    """Remove staging directories of ``final`` left by a killed run (SIGKILL skips the
+    ``finally`` of :func:`staging_dir`). Only for callers that own ``final`` exclusively:
+    a concurrent writer's staging directory would go too."""
+    final = Path(final)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def check_output_path(path: str | os.PathLike) -> None:
+    """Refuse an output path that is not valid UTF-8: SimpleITK aborts the whole process
+    (exit 134, no message) on one."""
+    from diffugts.errors import OutputError
+
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise OutputError(path, "the path is not valid UTF-8; choose another output folder") from None
+
+
+def reserve(path: str | os.PathLike, size: int) -> None:
+    """Claim ``size`` bytes for ``path`` before a library that reports a full disk badly
+    (SimpleITK: a generic RuntimeError) writes it: a full disk or quota fails here with
+    its errno."""
+    with open(path, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate
+                raise

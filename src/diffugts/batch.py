@@ -49,9 +49,11 @@ def plan_batches(keys: list[str], batch_size: int = DEFAULT_BATCH_SIZE, max_para
     return {"batch_size": size, "batches": batches, "lanes": lanes}
 
 
-def _done(marker: dict | None, item: dict) -> bool:
-    return bool(marker) and marker.get("status") == "done" and marker.get("model_sha256") == item["model_sha256"] \
-        and marker.get("params_hash") == item["params_hash"]
+def _done(marker: dict | None, item: dict, run: str) -> bool:
+    """Done by an earlier attempt of this run's batch. A ``done`` marker of an earlier run is
+    not: the study is pending because the run was forced, and is processed (and re-published)."""
+    return bool(marker) and marker.get("status") == "done" and marker.get("run") == run \
+        and marker.get("model_sha256") == item["model_sha256"] and marker.get("params_hash") == item["params_hash"]
 
 
 def run_batch(results_uri: str, run: str, batch: int, *, model_uri: str, prompts: list[str], rules: str = "default",
@@ -76,7 +78,7 @@ def run_batch(results_uri: str, run: str, batch: int, *, model_uri: str, prompts
     try:
         for key in batches[batch]:
             item = items[key]
-            if _done(cohort.read_marker(results_uri, key), item):
+            if _done(cohort.read_marker(results_uri, key), item, run):
                 counts["already_done"] += 1
                 continue
             work = work_root / key

@@ -5,32 +5,43 @@ Everything lives under ``results_uri``, a local folder or an ``s3://`` prefix:
 
     <StudyInstanceUID>/report/                   a study's report (the report stage's upload layout)
     _runs/<key>.json                             marker of one study input (see below)
+    _runs/studies/<uid-hash>.json                which input published a Study Instance UID's result
     _runs/cohort-<run>/listing.json              what run <run> found: pending and skipped inputs
     _runs/cohort-<run>/failed/<key>/failed.json  why a study of that run failed
     _runs/cohort-<run>.json                      the run's record, written by the exit handler
     cohort/<run>/                                the cohort report (cohort.csv, lesions.csv, cohort.html)
 
 ``key`` = the first 32 hex digits of sha256(input URI): object names never carry the input's
-folder names (those can hold patient names). A marker records the model's sha256 (of its
+folder names (those can hold patient names). The result folder is named by the Study
+Instance UID only once it is checked to be a valid UID (header text is never a path), and a
+second input of the same study is refused as a duplicate. A marker records the model's sha256 (of its
 ``manifest.json``), the hash of the study parameters and the status; an input whose marker says
-``done`` with the same model and parameters is skipped by the next run.
+``done`` with the same model and parameters is skipped by the next run. Re-publishing withdraws the ``done`` marker first, so a publish that fails
+half-way leaves the study ``failed`` (stage ``publish``), never ``done`` with a broken result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from diffugts import __version__, atomic
 from diffugts.errors import ConfigError, DiffugtsError, InputError
+from diffugts.markdown import md
+from diffugts.uids import checked_uid
+
+log = logging.getLogger(__name__)
 
 RUNS = "_runs"
+OWNERS = "studies"  # _runs/studies/: the input that owns each published Study Instance UID
 COHORT = "cohort"
 MODEL_MANIFEST = "manifest.json"  # diffugts.models.package.MANIFEST; its sha256 names the model
 # Diagnosing a failure re-reads the study (see diagnose); past this many, a run stops trying.
@@ -76,8 +87,17 @@ def _read(uri: str) -> bytes | None:
 
 
 def _read_json(uri: str) -> dict | None:
+    """The object at ``uri``, or None when absent or unreadable: one corrupt marker must not
+    sink a cohort run (its study is simply not done)."""
     raw = _read(uri)
-    return None if raw is None else json.loads(raw)
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:  # also UnicodeDecodeError
+        log.warning("%s: not a JSON document; taken as absent", uri)
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _write_json(uri: str, obj: dict) -> None:
@@ -104,8 +124,9 @@ def _now() -> str:
 # -- what to run -----------------------------------------------------------------------------
 
 def study_key(input_uri: str) -> str:
-    """Pseudonymous, stable name of a study input (sha256 of its URI, trailing / ignored)."""
-    return hashlib.sha256(str(input_uri).rstrip("/").encode()).hexdigest()[:32]
+    """Pseudonymous, stable name of a study input (sha256 of its URI, trailing / ignored).
+    A local folder name that is not UTF-8 hashes as its bytes (``os.fsencode``'s escape)."""
+    return hashlib.sha256(str(input_uri).rstrip("/").encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 def params_hash(prompts, rules: str, resample: bool, min_volume_ml: float, maps: str = "aova") -> str:
@@ -238,10 +259,11 @@ def plan_run(results_uri: str, run: str, *, studies_uri: str = "", studies_csv: 
 
 def publish_result(report_dir: str | os.PathLike, results_uri: str) -> str:
     """Put a report folder where the report stage's upload puts it,
-    ``<results_uri>/<StudyInstanceUID>/report``; returns that location."""
+    ``<results_uri>/<StudyInstanceUID>/report``; returns that location. The UID must be a
+    valid UID (:func:`diffugts.uids.checked_uid`): header text never names a path."""
     report_dir = Path(report_dir)
     summary = json.loads((report_dir / "report.json").read_text())
-    uid = summary["study"]["study_instance_uid"]
+    uid = checked_uid(summary["study"].get("study_instance_uid"), "report.json")
     if _is_s3(results_uri):
         from diffugts.report.upload import upload_report
 
@@ -249,17 +271,79 @@ def publish_result(report_dir: str | os.PathLike, results_uri: str) -> str:
     return _publish(report_dir, join(results_uri, uid, "report"), marker="report.json")
 
 
+class DuplicateStudy(DiffugtsError):
+    """A second study input holds a study whose result another input already published."""
+
+    metrics_reason = "duplicate"
+
+    def __init__(self, owner_key: str):
+        self.reason = (f"duplicate input: the same study (Study Instance UID) as study input {owner_key}, "
+                       "whose result stands; remove one of the two inputs")
+        super().__init__(self.reason)
+
+
+class PublishError(DiffugtsError):
+    """The result could not be written to ``results_uri`` (disk full, read-only, ...)."""
+
+    metrics_reason = "storage"
+
+    def __init__(self, err: BaseException):
+        detail = getattr(err, "strerror", None) or " ".join(str(err).split())[:200] or type(err).__name__
+        self.reason = f"cannot publish the result: {detail}"
+        super().__init__(self.reason)
+
+
+class RecordedFailure(DiffugtsError):
+    """A failure a step of this run already recorded in the study's marker."""
+
+    def __init__(self, marker: dict):
+        self.metrics_reason = marker.get("reason_code") or "internal"
+        self.reason = marker.get("reason") or "failed"
+        super().__init__(self.reason)
+
+
+def owner_uri(results_uri: str, uid: str) -> str:
+    """Where the input that published ``uid``'s result is recorded (the UID hashed)."""
+    return join(results_uri, RUNS, OWNERS, hashlib.sha256(uid.encode()).hexdigest()[:32] + ".json")
+
+
 def mark_done(report_dir: str | os.PathLike, results_uri: str, key: str, *, model_sha256: str, params_hash: str,
               run: str = "") -> dict:
     """Publish a finished study's report, then write its ``done`` marker (in that order: a
-    marker always points at a complete result)."""
+    marker always points at a complete result). A done marker from an earlier run is
+    withdrawn before the result changes; if publishing fails the marker says ``failed``
+    (stage ``publish``) and the error is raised as a :class:`DiffugtsError`."""
     summary = json.loads((Path(report_dir) / "report.json").read_text())
-    result = publish_result(report_dir, results_uri)
-    marker = {"key": key, "status": "done", "model_sha256": model_sha256, "params_hash": params_hash,
-              "result": result, "study_key": summary["study"]["study_key"], "run": run, "time": _now(),
-              "diffugts_version": __version__}
+    base = {"key": key, "model_sha256": model_sha256, "params_hash": params_hash, "run": run,
+            "diffugts_version": __version__}
+    try:
+        uid = checked_uid(summary["study"].get("study_instance_uid"), "report.json")
+        owner = _read_json(owner_uri(results_uri, uid))
+        if owner and owner.get("key") != key:
+            raise DuplicateStudy(owner["key"])
+        _write_json(marker_uri(results_uri, key), {**base, "status": "publishing", "time": _now()})
+        _write_json(owner_uri(results_uri, uid), {"key": key, "run": run, "time": _now()})
+        result = publish_result(report_dir, results_uri)
+    except Exception as exc:
+        err = exc if isinstance(exc, DiffugtsError) else PublishError(exc)
+        _mark_publish_failed(results_uri, base, err)
+        if err is exc:
+            raise
+        raise err from None
+    marker = {**base, "status": "done", "result": result, "study_key": summary["study"]["study_key"],
+              "time": _now()}
     _write_json(marker_uri(results_uri, key), marker)
     return marker
+
+
+def _mark_publish_failed(results_uri: str, base: dict, err: DiffugtsError) -> None:
+    from diffugts.metrics import reason_for
+    from diffugts.report.cohort import reason_text
+
+    with contextlib.suppress(Exception):  # the store may be the problem: the error is raised anyway
+        _write_json(marker_uri(results_uri, base["key"]),
+                    {**base, "status": "failed", "stage": "publish", "reason_code": reason_for(err),
+                     "reason": reason_text(err), "time": _now()})
 
 
 class LaterStageFailure(DiffugtsError):
@@ -316,26 +400,37 @@ def collect_run(results_uri: str, run: str, out_dir: str | os.PathLike, *, rules
 
     listing = read_listing(results_uri, run)
     out = Path(out_dir)
-    sources = [s["result"] for s in listing["skipped"]]
+    # result -> the input key that holds it: a second input on one result is a duplicate.
+    owners = {s["result"]: s["key"] for s in listing["skipped"]}
+    sources = list(owners)
     failed, records = [], []
     for item in listing["pending"]:
         marker = _read_json(marker_uri(results_uri, item["key"])) or {}
         if marker.get("status") == "done" and marker.get("model_sha256") == item["model_sha256"] \
                 and marker.get("params_hash") == item["params_hash"]:
+            if marker["result"] in owners:
+                failed.append((item, "publish", DuplicateStudy(owners[marker["result"]])))
+                continue
+            owners[marker["result"]] = item["key"]
             sources.append(marker["result"])
         elif marker.get("status") == "failed" and marker.get("run") == run and marker.get("failure"):
             # Recorded by its batch with the real error (diffugts.batch): nothing to diagnose.
             records.append({"input_key": item["key"], "stage": marker["stage"], "reason_code": marker["reason_code"],
                             "reason": marker["reason"], "source": marker["failure"]})
             sources.append(marker["failure"])
+        elif marker.get("status") == "failed" and marker.get("stage") == "publish" and marker.get("run") == run:
+            # A failed publish whose failure record could not be written (mark_done's marker).
+            failed.append((item, "publish", RecordedFailure(marker)))
         else:
-            failed.append(item)
+            failed.append((item, None, None))
     work = out.parent / f".{out.name}.failures"
+    diagnosed = 0
     try:
-        for n, item in enumerate(failed):
-            if n < MAX_DIAGNOSED:
+        for item, stage, exc in failed:
+            if exc is None and diagnosed < MAX_DIAGNOSED:
+                diagnosed += 1
                 stage, exc = diagnose(item["input_uri"], rules, resample)
-            else:
+            elif exc is None:
                 stage, exc = "pipeline", LaterStageFailure(f"not diagnosed (over {MAX_DIAGNOSED} failures in one run)")
             records.append(record_failure(results_uri, run, item, stage, exc, work))
             sources.append(records[-1]["source"])
@@ -352,14 +447,15 @@ def collect_run(results_uri: str, run: str, out_dir: str | os.PathLike, *, rules
 
 def run_markdown(summary: dict) -> str:
     """The KFP Markdown view of a cohort run (keys, not input paths)."""
-    lines = [f"# DiffuGTS cohort run {summary['run']}", "",
+    lines = [f"# DiffuGTS cohort run {md(summary['run'])}", "",
              f"{summary['listed']} studies listed: {summary['skipped']} skipped (done before with this model "
              f"and these parameters), {summary['processed']} processed; {summary['done']} done and "
              f"{summary['failed']} failed in the report; {summary['lesions']} lesions.", "",
-             f"Cohort report: `{summary['report']}`"]
+             f"Cohort report: {md(summary['report'])}"]
     if summary.get("failures"):
         lines += ["", "| study input key | stage | reason code | reason |", "|---|---|---|---|"]
-        lines += [f"| {r['key']} | {r['stage']} | {r['reason_code']} | {r['reason'].replace('|', '/')} |"
+        # Key, stage and reason code are this code's own identifiers; the reason is text.
+        lines += [f"| {r['key']} | {r['stage']} | {r['reason_code']} | {md(r['reason'])} |"
                   for r in summary["failures"]]
     return "\n".join(lines) + "\n"
 

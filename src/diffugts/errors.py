@@ -6,7 +6,13 @@ bug: the CLI prints its message as one line and exits with code 2, no traceback.
 
 from __future__ import annotations
 
+import errno
 import os
+
+# OSErrors that are the environment's doing (space, permissions, paths), not bugs: shown as
+# one line with exit code 2.
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                         errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG})
 
 
 class DiffugtsError(Exception):
@@ -26,3 +32,19 @@ class InputError(DiffugtsError):
 
 class ConfigError(DiffugtsError):
     """A bad setting: missing credentials, malformed rules, unknown option."""
+
+
+class OutputError(DiffugtsError):
+    """An output that cannot be written: disk full, read-only, not a folder, a path that is
+    not UTF-8. A storage failure (metrics reason ``storage``), not bad input."""
+
+    metrics_reason = "storage"
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = os.fsdecode(path)
+        self.reason = f"cannot write ({reason})"
+        super().__init__(f"{self.path}: {self.reason}" if self.path else self.reason)
+
+    @classmethod
+    def from_os(cls, path: str | os.PathLike, err: OSError) -> "OutputError":
+        return cls(getattr(err, "filename", None) or path, err.strerror or " ".join(str(err).split()))

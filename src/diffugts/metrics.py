@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 JOB = "diffugts"
 ENV_GATEWAY = "DIFFUGTS_PUSHGATEWAY_URL"
-REASONS = ("bad_input", "no_series", "model_error", "storage", "internal")
+REASONS = ("bad_input", "no_series", "duplicate", "model_error", "storage", "internal")
 DURATION_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
 TIMEOUT_S = 10.0
 

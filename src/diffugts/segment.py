@@ -80,6 +80,31 @@ def model_stages(study, model: str, prompts: list[str], attention, synthesis, le
     return result
 
 
+def invalidate(input_ref: str, folders: list[Path]) -> None:
+    """Remove the artifacts of an earlier run in ``folders`` (and staging folders a killed run
+    left) before anything starts: a run that fails part-way must not leave an earlier run's
+    report or lesions looking like its own. Refused when a folder overlaps the input."""
+    import os
+    import shutil
+
+    from diffugts import atomic
+    from diffugts.errors import ConfigError
+
+    if not str(input_ref).startswith("s3://"):
+        source = Path(input_ref).resolve()
+        for folder in folders:
+            target = folder.resolve()
+            if target == source or target in source.parents or source in target.parents:
+                raise ConfigError(f"{os.fspath(folder)}: the output folder overlaps the input; "
+                                  "choose an --out outside it")
+    for folder in folders:
+        atomic.remove_stale_partials(folder)
+        if folder.is_symlink() or folder.is_file():
+            folder.unlink()
+        elif folder.is_dir():
+            shutil.rmtree(folder)
+
+
 def segment(input_ref: str, out: str | Path, prompts: list[str], *, model: str | None = None,
             device: str | None = None, rules: str = "default", resample: bool = False,
             synthesis=None, min_volume_ml: float | None = None, report: bool = True,
@@ -96,6 +121,7 @@ def segment(input_ref: str, out: str | Path, prompts: list[str], *, model: str |
     model = model or default_model()
     folders = {"study": out / "study", "attention": out / "attention", "synthesis": out / "synthesis",
                "lesions": out / "lesions"}
+    invalidate(input_ref, [*folders.values(), out / "report"])
     keys = {"attend": "attention", "synthesize": "synthesis", "refine": "lesions"}
     timings: dict[str, float] = {}
     bar = progress(STAGES if report else STAGES[:-1], desc="segment", unit="stage", enable=show_progress)

@@ -11,10 +11,9 @@ import importlib
 import logging
 import os
 import sys
-import warnings
 
-from diffugts import __version__
-from diffugts.errors import DiffugtsError
+from diffugts import __version__, atomic, logs
+from diffugts.errors import USER_ERRNOS, DiffugtsError, OutputError
 
 # Sub-command modules, in the order `diffugts --help` lists them.
 COMMANDS = ["ingest", "phantom", "models", "attend", "synthesize", "segment", "report", "train", "evaluate"]
@@ -33,17 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries(record: logging.LogRecord) -> bool:
-    # pydicom below ERROR, and highdicom's INFO lines (which quote UIDs) never reach users.
-    if record.name.startswith("pydicom"):
-        return record.levelno >= logging.ERROR
-    if record.name.startswith("highdicom"):
-        return record.levelno >= logging.WARNING
-    return True
-
-
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())
+one_line = logs.one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,29 +42,38 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
-    # pydicom logs and warns about every oddity of a file (ingestion reports the ones that
-    # matter as one line each) and highdicom logs UIDs: both are dropped unless debugging.
-    if not os.environ.get("DIFFUGTS_DEBUG"):
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_quiet_libraries)
-        warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+    # pydicom's records quote header text (and a decoder's traceback), highdicom's UIDs.
+    logs.install()
     try:
+        if getattr(args, "out", None):
+            atomic.check_output_path(args.out)
         return int(args.func(args) or 0)
     except DiffugtsError as err:
         print(f"diffugts: error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        if err.errno not in USER_ERRNOS:
+            return _internal(err)
+        # The environment, not a bug: a full disk, a read-only or missing folder.
+        print(f"diffugts: error: {one_line(OutputError.from_os(getattr(args, 'out', '') or '', err))}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("diffugts: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # a bug, not bad input: still one line unless asked for more
-        if os.environ.get("DIFFUGTS_DEBUG"):
-            raise
-        print(
-            f"diffugts: internal error: {type(err).__name__}: {one_line(err)} "
-            "(set DIFFUGTS_DEBUG=1 for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        return _internal(err)
+
+
+def _internal(err: Exception) -> int:
+    if os.environ.get("DIFFUGTS_DEBUG"):
+        raise err
+    print(
+        f"diffugts: internal error: {type(err).__name__}: {one_line(err)} "
+        "(set DIFFUGTS_DEBUG=1 for the traceback)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def run() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from diffugts import __version__, atomic
-from diffugts.errors import InputError
+from diffugts.errors import InputError, OutputError
 from diffugts.ingest.headers import Frame, Rejection, check_image, frames_of, read_header
 from diffugts.ingest.rules import Rules, failed_conditions, load_rules
 from diffugts.ingest.sources import list_files
@@ -40,6 +40,8 @@ SCHEMA = "diffugts/study-v1"
 KIND_WORDS = {"not_dicom": "not DICOM", "truncated": "truncated", "unsupported": "unsupported SOP class",
               "invalid": "invalid", "index_file": "DICOMDIR"}
 STUDY_MARKER = "series.json"
+# What a deflated data set may inflate to beyond its float32 volume budget (its header).
+HEADER_SLACK_BYTES = 64 * 2**20
 
 
 def default_max_voxels() -> int:
@@ -83,14 +85,21 @@ def ingest(
     ``rejections.json`` and :class:`InputError` is raised.
     """
     out_dir = Path(out_dir)
+    atomic.check_output_path(out_dir)
     rejections: list[dict] = []
     try:
+        atomic.remove_stale_partials(out_dir)  # staging folders of a killed run
         loaded = load_series(input_ref, rejections=rejections, **options)
-    except InputError:
-        _write_failure(out_dir, rejections)
+        _log_skipped(loaded.rejections, out_dir)
+        write_study(out_dir, loaded)
+    except BaseException as err:
+        # Whatever failed (bad input, a full disk, a bug, Ctrl-C), an earlier run's artifact
+        # in out_dir must not stay looking complete.
+        with contextlib.suppress(OSError):
+            _write_failure(out_dir, rejections)
+        if isinstance(err, OSError):  # the output side: disk full, read-only, not a folder
+            raise OutputError.from_os(out_dir, err) from None
         raise
-    _log_skipped(loaded.rejections, out_dir)
-    write_study(out_dir, loaded)
     log.info("ingested %s", loaded.stack.label())
     return IngestResult(out_dir=out_dir, series=loaded.series, rejections=loaded.rejections)
 
@@ -113,7 +122,7 @@ def load_series(
     ``rejections`` (optional) collects what was passed over, also when this raises.
     """
     ruleset = load_rules(rules)
-    policy = GeometryPolicy(spacing_tolerance, oblique_tolerance_deg, resample_grid)
+    policy = GeometryPolicy(spacing_tolerance, oblique_tolerance_deg, resample_grid, ruleset.invalid_pixel_spacing)
     max_voxels = max_voxels or default_max_voxels()
     rejections = [] if rejections is None else rejections
     with tempfile.TemporaryDirectory(prefix="diffugts-ingest-") as work:
@@ -156,7 +165,7 @@ def _scan(input_ref, work: Path, rejections: list[dict], max_voxels: int, show: 
         raise InputError(input_ref, "no files found")
     frames: list[Frame] = []
     for src in progress(files, desc="scan", unit="file", enable=show):
-        ds = read_header(src)
+        ds = read_header(src, max_voxels * 4 + HEADER_SLACK_BYTES)
         if isinstance(ds, Rejection):
             rejections.append(ds.as_dict())
             continue

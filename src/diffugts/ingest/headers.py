@@ -9,15 +9,19 @@ use the declared sizes and the byte length recorded in the file.
 from __future__ import annotations
 
 import os
+import re
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import parse_fragments
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import RE_VALID_UID, UID, DeflatedExplicitVRLittleEndian
 
 from diffugts.ingest.sources import SourceFile
 
@@ -34,6 +38,18 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 DEFER_BYTES = 1024
 # No CT/MR frame is larger than this in either direction; larger is a corrupt header.
 MAX_FRAME_SIDE = 16384
+# Pixel spacings outside this range (mm) are not CT / MR geometry (and break SimpleITK).
+SPACING_RANGE_MM = (1e-3, 1e3)
+# The groups a DICOM data set without the 128-byte preamble can start with: file meta (0002)
+# or identifying (0008) elements. Anything else is not parsed at all: forced parsing of, say,
+# 64 MiB of zeros takes pydicom half a minute.
+PREAMBLELESS_GROUPS = (b"\x02\x00", b"\x08\x00", b"\x00\x08")
+
+
+def max_frames() -> int:
+    """Frames per file (``DIFFUGTS_MAX_FRAMES``, default 50000): each declared frame costs
+    a slice record before any pixel is read, so the count is bounded on its own."""
+    return int(os.environ.get("DIFFUGTS_MAX_FRAMES", "50000"))
 
 
 @dataclass
@@ -63,6 +79,7 @@ class Frame:
     split: tuple = field(default=())  # extra keys that must agree within one volume
     pixel_offset: int | None = None  # file offset of the Pixel Data value
     pixel_length: int | None = None  # its length in bytes (None: encapsulated / unknown)
+    invalid: tuple = field(default=())  # header values ignored as implausible, e.g. "Pixel Spacing"
 
 
 def _floats(value, n: int) -> np.ndarray | None:
@@ -98,8 +115,45 @@ def _group(per_frame: Dataset | None, shared: Dataset | None, keyword: str) -> D
     return None
 
 
-def read_header(src: SourceFile) -> Dataset | Rejection:
-    """Parse one file's header, or say in one line why it is not a usable image."""
+def _looks_like_dicom(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return head[128:132] == b"DICM" or head[:2] in PREAMBLELESS_GROUPS
+
+
+def _inflates_beyond(path: Path, limit: int) -> bool:
+    """Whether a Deflated Explicit VR file's data set inflates to more than ``limit`` bytes.
+    pydicom inflates the whole data set in memory as it reads, so the bound comes first."""
+    with open(path, "rb") as f:
+        head = f.read(144)
+        if head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+            return False  # no standard file meta: not a deflated file pydicom would inflate
+        meta = pydicom.filereader.read_file_meta_info(path)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return False
+        f.seek(144 + struct.unpack("<L", head[140:144])[0])  # past the file meta group
+        inflate, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        while chunk := f.read(1 << 16):
+            total += len(inflate.decompress(chunk, limit + 1 - total))
+            while inflate.unconsumed_tail and total <= limit:
+                total += len(inflate.decompress(inflate.unconsumed_tail, limit + 1 - total))
+            if total > limit:
+                return True
+    return False
+
+
+def read_header(src: SourceFile, max_bytes: int | None = None) -> Dataset | Rejection:
+    """Parse one file's header, or say in one line why it is not a usable image.
+    ``max_bytes`` bounds what a deflated data set may inflate to."""
+    try:
+        if not _looks_like_dicom(src.path):
+            return Rejection(src.name, "not a DICOM file", "not_dicom")
+        if max_bytes is not None and _inflates_beyond(src.path, max_bytes):
+            return Rejection(src.name, f"deflated data set inflates beyond {max_bytes / 2**30:.3g} GiB, the memory "
+                                       "limit (DIFFUGTS_MAX_VOLUME_GB)", "invalid")
+    except (OSError, ValueError, zlib.error, InvalidDicomError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else _short(err)
+        return Rejection(src.name, f"cannot read the file ({reason})", "invalid")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -153,6 +207,9 @@ def check_image(src: SourceFile, ds: Dataset, max_voxels: int) -> Rejection | No
         return Rejection(src.name, f"absurd declared dimensions {cols}x{rows}x{frames}", "invalid")
     if bits not in (8, 16, 32):
         return Rejection(src.name, f"unsupported Bits Allocated {bits}", "invalid")
+    if frames > max_frames():
+        return Rejection(src.name, f"{frames} frames declared, above the limit of {max_frames()} "
+                                   "(DIFFUGTS_MAX_FRAMES)", "invalid")
     if rows * cols * frames > max_voxels:
         return Rejection(
             src.name,
@@ -161,6 +218,10 @@ def check_image(src: SourceFile, ds: Dataset, max_voxels: int) -> Rejection | No
             "invalid",
         )
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is not None and (problem := _transfer_syntax_problem(ts)):
+        return Rejection(src.name, problem, "unsupported")
+    if ts is not None and UID(ts).is_encapsulated:
+        return _check_fragments(src, ds, frames, UID(ts))
     if ts is None or not UID(ts).is_compressed:
         raw = ds.get_item(0x7FE00010, keep_deferred=True)
         length = getattr(raw, "length", None)
@@ -174,6 +235,47 @@ def check_image(src: SourceFile, ds: Dataset, max_voxels: int) -> Rejection | No
                 return Rejection(
                     src.name, f"pixel data truncated: {available} of {expected} bytes present", "truncated"
                 )
+    return None
+
+
+def _transfer_syntax_problem(ts) -> str | None:
+    """Why the file's pixel data cannot be decoded, judged from its Transfer Syntax UID
+    alone; the value is header text, so a made-up one is not echoed."""
+    from pydicom.pixels import get_decoder
+
+    text = str(ts)
+    if not re.fullmatch(RE_VALID_UID, text) or not UID(text).is_transfer_syntax:
+        return "unknown transfer syntax (the Transfer Syntax UID is not one DICOM defines)"
+    try:
+        available = get_decoder(text).is_available
+    except NotImplementedError:
+        available = False
+    return None if available else f"transfer syntax {UID(text).name} cannot be decoded here"
+
+
+def _check_fragments(src: SourceFile, ds: Dataset, frames: int, ts: UID) -> Rejection | None:
+    """Encapsulated pixel data holds at least one fragment per frame (PS3.5 A.4): a frame
+    count the fragments cannot back is a corrupt or hostile header (1.7 KB declaring 1e8
+    frames once took 9.6 GB before any decoding)."""
+    raw = ds.get_item(0x7FE00010, keep_deferred=True)
+    offset = getattr(raw, "value_tell", None)
+    if offset is None:
+        return None
+    endian = "<" if ts.is_little_endian else ">"
+    try:
+        with open(src.path, "rb") as fp:
+            fp.seek(offset)
+            head = fp.read(8)
+            group, element, length = struct.unpack(f"{endian}HHL", head)
+            if (group, element) != (0xFFFE, 0xE000):
+                raise ValueError("no Basic Offset Table item")
+            fp.seek(length, os.SEEK_CUR)  # past the Basic Offset Table
+            fragments, _ = parse_fragments(fp, endianness=endian)
+    except (OSError, ValueError, struct.error):
+        return Rejection(src.name, "encapsulated pixel data is corrupt (its items cannot be read)", "truncated")
+    if fragments < frames:
+        return Rejection(src.name, f"pixel data truncated: {fragments} fragment(s) for {frames} frames declared",
+                         "truncated")
     return None
 
 
@@ -200,10 +302,12 @@ def _classic_frame(src: SourceFile, ds: Dataset) -> list[Frame]:
             ds=ds,
             frame=None,
             position=_floats(ds.get("ImagePositionPatient"), 3),
-            orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+            orientation=_orientation(ds.get("ImageOrientationPatient")),
             pixel_spacing=_spacing(ds.get("PixelSpacing")),
             slice_thickness=_float(ds.get("SliceThickness")),
             spacing_between_slices=_float(ds.get("SpacingBetweenSlices")),
+            invalid=_invalid(ds.get("PixelSpacing"), ds.get("ImageOrientationPatient"),
+                             ds.get("SpacingBetweenSlices")),
             slope=_either(_float(ds.get("RescaleSlope")), 1.0),
             intercept=_either(_float(ds.get("RescaleIntercept")), 0.0),
             # Multi-echo and dynamic series repeat positions: one volume per echo / phase.
@@ -214,9 +318,40 @@ def _classic_frame(src: SourceFile, ds: Dataset) -> list[Frame]:
 
 def _spacing(value) -> tuple[float, float] | None:
     arr = _floats(value, 2) if value is not None else None
-    if arr is None or np.any(arr <= 0):
+    if arr is None or not _plausible_spacing(arr):
         return None
     return float(arr[0]), float(arr[1])
+
+
+def _plausible_spacing(values) -> bool:
+    lo, hi = SPACING_RANGE_MM
+    return bool(np.all((np.asarray(values) >= lo) & (np.asarray(values) <= hi)))
+
+
+def _orientation(value) -> np.ndarray | None:
+    """Row and column cosines, or None when absent or degenerate (a zero-length or
+    parallel pair has no normal: it would become a NaN direction)."""
+    arr = _floats(value, 6) if value is not None else None
+    if arr is None:
+        return None
+    row, col = arr[:3], arr[3:]
+    if min(np.linalg.norm(row), np.linalg.norm(col)) < 1e-3 or np.linalg.norm(np.cross(row, col)) < 1e-3:
+        return None
+    return arr
+
+
+def _invalid(spacing, orientation, between) -> tuple:
+    """Names of the geometry attributes that are present but implausible (the stack
+    decides whether that refuses the series or is noted)."""
+    bad = []
+    if spacing is not None and _spacing(spacing) is None:
+        bad.append("Pixel Spacing")
+    if orientation is not None and _orientation(orientation) is None:
+        bad.append("Image Orientation (Patient)")
+    sbs = _float(between) if between is not None else None
+    if sbs is not None and not _plausible_spacing([sbs]):
+        bad.append("Spacing Between Slices")
+    return tuple(bad)
 
 
 def _enhanced_frames(src: SourceFile, ds: Dataset) -> list[Frame]:
@@ -240,10 +375,13 @@ def _enhanced_frames(src: SourceFile, ds: Dataset) -> list[Frame]:
                 ds=ds,
                 frame=i,
                 position=_floats(pos.get("ImagePositionPatient"), 3) if pos else None,
-                orientation=_floats(ori.get("ImageOrientationPatient"), 6) if ori else None,
+                orientation=_orientation(ori.get("ImageOrientationPatient")) if ori else None,
                 pixel_spacing=_spacing(meas.get("PixelSpacing")) if meas else None,
                 slice_thickness=_float(meas.get("SliceThickness")) if meas else None,
                 spacing_between_slices=_float(meas.get("SpacingBetweenSlices")) if meas else None,
+                invalid=_invalid(meas.get("PixelSpacing") if meas else None,
+                                 ori.get("ImageOrientationPatient") if ori else None,
+                                 meas.get("SpacingBetweenSlices") if meas else None),
                 slope=_either(_float(pvt.get("RescaleSlope")) if pvt else None, top_slope),
                 intercept=_either(_float(pvt.get("RescaleIntercept")) if pvt else None, top_intercept),
                 split=(

@@ -10,7 +10,8 @@ A rules document is JSON::
             "SliceThickness": [0.5, 5],              # two numbers: inclusive range, null = open
             "ImageOrientationPatient": "Axial",     # Axial / Coronal / Sagittal / Unknown
             "SliceCount": [3, null]}}],              # derived: slices in the candidate volume
-     "prefer": "most_instances"}
+     "prefer": "most_instances",
+     "invalid_pixel_spacing": "refuse"}              # or "assume_1mm" (noted in series.json)
 
 Selections are tried in order; the first one that matches any candidate wins, and among
 its matches ``prefer`` decides (``most_instances``: the most slices, then the larger
@@ -34,6 +35,7 @@ from diffugts.errors import ConfigError
 DERIVED = {"SliceCount", "Orientation"}
 ORIENTATIONS = {"Axial", "Coronal", "Sagittal", "Unknown"}
 PREFERENCES = {"most_instances", "first"}
+INVALID_SPACING = {"refuse", "assume_1mm"}  # what a zero / negative / absurd Pixel Spacing does
 
 DEFAULT_RULES: dict = {
     "selections": [
@@ -64,9 +66,13 @@ class Rules:
     selections: list[dict]
     prefer: str
     source: str  # where they came from, for messages
+    invalid_pixel_spacing: str = "refuse"  # or "assume_1mm": a zero / negative Pixel Spacing as 1 mm
 
     def as_dict(self) -> dict:
-        return {"selections": self.selections, "prefer": self.prefer}
+        doc = {"selections": self.selections, "prefer": self.prefer}
+        if self.invalid_pixel_spacing != "refuse":
+            doc["invalid_pixel_spacing"] = self.invalid_pixel_spacing
+        return doc
 
 
 def load_rules(spec: str | Path | dict | None) -> Rules:
@@ -102,6 +108,9 @@ def _validate(doc: Any, source: str) -> Rules:
     prefer = doc.get("prefer", "most_instances")
     if prefer not in PREFERENCES:
         bad(f'"prefer" must be one of {sorted(PREFERENCES)}')
+    invalid_spacing = doc.get("invalid_pixel_spacing", "refuse")
+    if invalid_spacing not in INVALID_SPACING:
+        bad(f'"invalid_pixel_spacing" must be one of {sorted(INVALID_SPACING)}')
     for n, sel in enumerate(doc["selections"], start=1):
         if not isinstance(sel, dict) or not isinstance(sel.get("conditions", {}), dict):
             bad(f"selection {n}: expected an object with a \"conditions\" object")
@@ -124,7 +133,7 @@ def _validate(doc: Any, source: str) -> Rules:
                     bad(f"selection {n}: {key}: a list is either [min, max] or strings")
             elif not isinstance(cond, (int, float, bool)):
                 bad(f"selection {n}: {key}: unsupported condition {cond!r}")
-    return Rules(selections=doc["selections"], prefer=prefer, source=source)
+    return Rules(selections=doc["selections"], prefer=prefer, source=source, invalid_pixel_spacing=invalid_spacing)
 
 
 def _is_range(cond: list) -> bool:
@@ -155,7 +164,7 @@ def failed_conditions(conditions: dict, lookup) -> list[str]:
         elif isinstance(cond, str):
             text = "\\".join(_values(value))
             if value is None or not re.search(cond, text):
-                reasons.append(f"{key} {text or '(absent)'!r} does not match {cond!r}")
+                reasons.append(f"{key} {_shown(text)} does not match {cond!r}")
         elif isinstance(cond, list) and _is_range(cond):
             lo, hi = cond
             try:
@@ -182,6 +191,14 @@ def failed_conditions(conditions: dict, lookup) -> list[str]:
             if not equal:
                 reasons.append(f"{key} is not {cond}")
     return reasons
+
+
+def _shown(text: str) -> str:
+    """A value in a reason: code strings (Modality 'SR') as they are; free text (a Series
+    Description can carry a name or an MRN) is not echoed."""
+    if not text:
+        return "(absent)"
+    return repr(text) if re.fullmatch(r"[A-Z0-9 _\\]{1,64}", text) else "(value not shown: free text)"
 
 
 def _fmt(v) -> str:

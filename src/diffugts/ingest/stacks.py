@@ -9,13 +9,14 @@ user can see why a series was passed over.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from diffugts.geometry import Geometry, nearest_axis_frame, obliquity_deg, orientation_label
-from diffugts.ingest.headers import Frame
+from diffugts.ingest.headers import SPACING_RANGE_MM, Frame
 
 
 @dataclass
@@ -23,6 +24,7 @@ class GeometryPolicy:
     spacing_tolerance: float = 0.05  # relative deviation of a slice step from the median
     oblique_tolerance_deg: float = 5.0  # tilted planes within this are stored exactly as is
     resample: bool = False  # resample tilted / oblique stacks instead of rejecting them
+    invalid_pixel_spacing: str = "refuse"  # or "assume_1mm" (rules: "invalid_pixel_spacing")
 
 
 @dataclass
@@ -52,16 +54,27 @@ class Stack:
         return len({f.source.path for f in self.frames})
 
     def label(self) -> str:
-        """How logs and errors refer to the stack: no UIDs, no patient data."""
-        desc = str(self.ds.get("SeriesDescription", "") or "").strip()
-        num = self.ds.get("SeriesNumber")
-        bits = [self.modality or "?"]
-        if num not in (None, ""):
+        """How logs and errors refer to the stack: no UIDs, no patient data. Header text is
+        left out (Series Description carries names and MRNs in the wild); the modality
+        and series number are checked before they are shown."""
+        num = _int_or_none(self.ds.get("SeriesNumber"))
+        bits = [_code(self.modality)]
+        if num is not None:
             bits.append(f"#{num}")
-        if desc:
-            bits.append(repr(desc))
         bits.append(f"{len(self.frames)} slice{'s' if len(self.frames) != 1 else ''}")
         return f"series {self.number} ({', '.join(bits)})"
+
+
+def _code(value: str) -> str:
+    """A Code String (CS: capitals, digits, space, underscore; 16 at most) as is, else "?"."""
+    return value if re.fullmatch(r"[A-Z0-9 _]{1,16}", value) else "?"
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def build_stacks(frames: list[Frame]) -> list[Stack]:
@@ -90,7 +103,7 @@ def build_stacks(frames: list[Frame]) -> list[Stack]:
                 stack.notes.append(f"series {n} split into {len(parts)} parts (different orientation, "
                                    "matrix size, frame of reference, echo or temporal position)")
             if len(modalities) > 1:
-                stack.problems.append(f"series mixes modalities ({', '.join(modalities)})")
+                stack.problems.append(f"series mixes modalities ({', '.join(map(_code, modalities))})")
             stacks.append(stack)
     return stacks
 
@@ -125,7 +138,9 @@ def analyse(stack: Stack, policy: GeometryPolicy) -> None:
     """Sort the stack's frames and derive its grid, recording problems and notes."""
     stack.frames = _dedupe(stack)
     frames = stack.frames
-    spacing_ij = _pixel_spacing(stack)
+    spacing_ij = _pixel_spacing(stack, policy)
+    if any("Image Orientation (Patient)" in f.invalid for f in frames):
+        stack.notes.append("degenerate Image Orientation (Patient) ignored (zero-length or parallel cosines)")
     have_pos = [f.position is not None and f.orientation is not None for f in frames]
     if not any(have_pos):
         _unknown_geometry(stack, spacing_ij)
@@ -157,6 +172,9 @@ def analyse(stack: Stack, policy: GeometryPolicy) -> None:
     if n == 1:
         # One slice: SimpleITK's convention for the third spacing.
         sz = frames[0].spacing_between_slices or 1.0
+        if "Spacing Between Slices" in frames[0].invalid:
+            stack.notes.append("implausible Spacing Between Slices ignored: 1 mm assumed")
+            sz = 1.0
         third = normal
     else:
         steps = np.diff(dist)
@@ -223,8 +241,17 @@ def _dedupe(stack: Stack) -> list[Frame]:
     return out
 
 
-def _pixel_spacing(stack: Stack) -> tuple[float, float]:
-    """(along i, along j) in mm; DICOM PixelSpacing is (between rows, between columns)."""
+def _pixel_spacing(stack: Stack, policy: GeometryPolicy) -> tuple[float, float]:
+    """(along i, along j) in mm; DICOM PixelSpacing is (between rows, between columns).
+    A present but implausible value (zero, negative, outside headers.SPACING_RANGE_MM) would
+    give wrong volumes: it refuses the stack unless the rules accept it as 1 mm."""
+    lo, hi = SPACING_RANGE_MM
+    if any("Pixel Spacing" in f.invalid for f in stack.frames):
+        if policy.invalid_pixel_spacing == "refuse":
+            stack.problems.append(f"invalid Pixel Spacing (zero, negative or outside {lo:g}-{hi:g} mm); "
+                                  'rules with "invalid_pixel_spacing": "assume_1mm" accept it')
+        else:
+            stack.notes.append("invalid Pixel Spacing: 1 mm assumed (rules)")
     spacings = {f.pixel_spacing for f in stack.frames}
     if spacings == {None}:
         stack.notes.append("no pixel spacing: 1 mm assumed")

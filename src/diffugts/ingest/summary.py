@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from diffugts.markdown import md
+
 
 def selection_markdown(series: dict) -> str:
     v = series["volume"]
@@ -10,16 +12,16 @@ def selection_markdown(series: dict) -> str:
     lines = [
         "# Ingestion",
         "",
-        f"**Taken:** {series['series_label']}: {size} voxels, {spacing} mm, "
-        f"{series['orientation']}, units {v['units']}.",
+        f"**Taken:** {md(series['series_label'])}: {size} voxels, {spacing} mm, "
+        f"{md(series['orientation'])}, units {md(v['units'])}.",
         "",
     ]
     if series.get("notes"):
-        lines += [f"- {note}" for note in series["notes"]] + [""]
+        lines += [f"- {md(note)}" for note in series["notes"]] + [""]
     lines += ["| series | taken | why |", "|---|---|---|"]
     for c in series["selection"]["candidates"]:
-        why = f"matched *{c['selection']}*" if c["taken"] else "; ".join(c["reasons"])
-        lines.append(f"| {c['label']} | {'yes' if c['taken'] else 'no'} | {why.replace('|', '/')} |")
+        why = f"matched *{md(c['selection'])}*" if c["taken"] else md("; ".join(c["reasons"]))
+        lines.append(f"| {md(c['label'])} | {'yes' if c['taken'] else 'no'} | {why} |")
     skipped = series.get("rejected_files", 0)
     if skipped:
         lines += ["", f"{skipped} file(s) skipped; see `rejections.json` in the study artifact."]

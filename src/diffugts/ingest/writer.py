@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
 PIXEL_TAG_LE = bytes.fromhex("e07f1000")
 PIXEL_TAG_BE = bytes.fromhex("7fe00010")
+NIFTI_HEADER_BYTES = 352  # NIfTI-1 header + extension flag, before the voxels
 
 
 def write_study(out_dir: Path, loaded: "LoadedSeries") -> None:
@@ -28,7 +30,12 @@ def write_study(out_dir: Path, loaded: "LoadedSeries") -> None:
         image = sitk.GetImageFromArray(loaded.volume, isVector=False)
         stack.geometry.to_sitk(image)
         # Uncompressed .nii: gzip would cost more than the whole DICOM read on large CTs.
-        sitk.WriteImage(image, str(stage / "volume.nii"), useCompression=False)
+        atomic.reserve(stage / "volume.nii", NIFTI_HEADER_BYTES + loaded.volume.nbytes)
+        try:
+            sitk.WriteImage(image, str(stage / "volume.nii"), useCompression=False)
+        except RuntimeError as err:
+            raise OSError(errno.EIO, f"SimpleITK could not write volume.nii ({' '.join(str(err).split())[-160:]})",
+                          str(out_dir / "volume.nii")) from None
         (stage / "headers").mkdir()
         for n, data in enumerate(loaded.headers):
             (stage / header_name(n)).write_bytes(data)

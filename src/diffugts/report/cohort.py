@@ -36,14 +36,14 @@ LESION_COLUMNS = ["study_key", "lesion", "prompt", "organ", "volume_ml", "longes
 def write_failure(out_dir: str | os.PathLike, stage: str, exc: BaseException, study_key: str | None = None) -> dict:
     """Record that ``stage`` failed for a study (one line, a reason code), for the cohort."""
     record = {"stage": stage, "status": "failed", "reason_code": reason_for(exc),
-              "reason": _reason_text(exc),
+              "reason": reason_text(exc),
               "study_key": study_key, "diffugts_version": __version__,
               "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     atomic.write_json(Path(out_dir) / FAILED_MARKER, record)
     return record
 
 
-def _reason_text(exc: BaseException) -> str:
+def reason_text(exc: BaseException) -> str:
     """One line; an input's path is left out (folder names can hold patient names)."""
     if not isinstance(exc, DiffugtsError):
         return type(exc).__name__

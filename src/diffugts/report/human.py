@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from diffugts.markdown import md
 from diffugts.report import pictures as pic
 from diffugts.report.seg import lesion_colour
 
@@ -148,28 +149,27 @@ SECTION_NOTES = {
 def markdown(ctx: dict, pictures: list[Picture], image_dir: str | None = "images") -> str:
     """The report as Markdown; ``image_dir=None`` leaves the pictures out (the KFP UI's
     Markdown view shows no local files: its HTML view has them)."""
-    lines = [f"# DiffuGTS report: {ctx['study_key']}", "", f"> {DISCLAIMER}", ""]
-    lines += [f"- **{k}**: {v}" for k, v in _facts(ctx)]
+    lines = [f"# DiffuGTS report: {md(ctx['study_key'])}", "", f"> {DISCLAIMER}", ""]
+    lines += [f"- **{k}**: {md(v)}" for k, v in _facts(ctx)]
     lines += ["", "## Prompts", "", *_md_table(TARGET_HEADER, _target_rows(ctx)), ""]
     lines += ["## Lesions", ""]
     if ctx["lesions"]:
         lines += [*_md_table(LESION_HEADER, _lesion_rows(ctx)), "", *[f"- {n}" for n in LESION_NOTES], ""]
     else:
         lines += ["No lesion above the minimum volume was found.", ""]
-    lines += [f"- {n}" for n in ctx.get("notes", [])]
+    lines += [f"- {md(n)}" for n in ctx.get("notes", [])]
     if image_dir is not None:
         for key, heading in SECTIONS:
             group = [p for p in pictures if p.section == key]
             if group:
                 lines += ["", f"## {heading}", "", SECTION_NOTES[key], ""]
-                lines += [f"![{p.title}]({image_dir}/{p.name})" for p in group]
+                lines += [f"![{md(p.title)}]({image_dir}/{p.name})" for p in group]
     return "\n".join(lines) + "\n"
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    esc = lambda v: v.replace("|", "\\|")  # noqa: E731
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return out + ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return out + ["| " + " | ".join(md(c) for c in row) + " |" for row in rows]
 
 
 CSS = """

@@ -6,11 +6,13 @@ import os
 from pathlib import Path
 
 from diffugts.storage import ObjectStore, join_uri, results_uri
+from diffugts.uids import checked_uid
 
 
 def results_prefix(study_uid: str, base: str | None = None) -> str:
-    """``<base>/<StudyInstanceUID>/report``; ``base`` defaults to ``s3://$DIFFUGTS_BUCKET``."""
-    return join_uri(base or results_uri(), study_uid, "report")
+    """``<base>/<StudyInstanceUID>/report``; ``base`` defaults to ``s3://$DIFFUGTS_BUCKET``.
+    The UID is header text: refused unless it is a valid UID (see :func:`checked_uid`)."""
+    return join_uri(base or results_uri(), checked_uid(study_uid, "report.json"), "report")
 
 
 def upload_report(local_dir: str | os.PathLike, study_uid: str, base: str | None = None,

@@ -195,6 +195,7 @@ class ObjectStore:
         bucket, key = parse_s3_uri(uri)
         prefix, dest = folder_prefix(key), Path(dest_dir)
         uris = [(f"s3://{bucket}/{k}", k[len(prefix):]) for k in self._keys(uri, bucket, prefix)]
+        _check_mirrorable(uri, [rel for _, rel in uris])
         jobs = [(obj, dest / local_relpath(obj, rel)) for obj, rel in uris]
         return self._parallel(lambda job: self.download_file(*job), jobs)
 
@@ -272,6 +273,18 @@ def _sha256_file(path: Path) -> tuple[int, str]:
             h.update(chunk)
             size += len(chunk)
     return size, h.hexdigest()
+
+
+def _check_mirrorable(uri: str, rels: list[str]) -> None:
+    """S3 may hold an object ``x`` beside objects ``x/y``; a folder cannot. Refuse before
+    any download instead of failing half-way with a file-system error."""
+    names = set(rels)
+    for rel in rels:
+        parts = rel.split("/")
+        for n in range(1, len(parts)):
+            if "/".join(parts[:n]) in names:
+                raise InputError(uri, f"holds both an object and a folder of objects named {'/'.join(parts[:n])!r}; "
+                                      "a local mirror cannot")
 
 
 def _local_files(local: Path) -> list[str]:

@@ -4,8 +4,8 @@ that docs/benchmarks.md compares it with (two seeds run side by side, one thread
 
     python benchmarks/train_heads.py SEED OUT [--backbone demo]
 
-Resumes after the AOVA stage: an OUT whose AOVA head already has its fusion goes straight to
-the refinement head. `diffugts train demo --backbone demo --seed SEED --out OUT` does the same
+`--resume`: an OUT whose AOVA head already has its fusion (a run stopped during the refinement
+stage) goes straight to the refinement head. `diffugts train demo --backbone demo --seed SEED --out OUT` does the same
 in one process with the recipe's provenance entry.
 """
 
@@ -27,12 +27,13 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--backbone", default="demo", help="package whose backbone is reused (default: demo)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--resume", action="store_true", help="keep OUT's fused AOVA head, train refinement only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     r = DemoRecipe(seed=args.seed)
     start = time.time()
     manifest = args.out / "manifest.json"
-    if not manifest.exists() or "fusion" not in manifest.read_text():
+    if not (args.resume and manifest.exists() and "fusion" in manifest.read_text()):
         train_aova_head(args.backbone, args.out, args.seed, r.aova_cases, r.aova_steps, r.aova_dim, r.features, True,
                         synthetic_cases=r.aova_synthetic_cases, randomised_cases=r.aova_randomised_cases,
                         mr_healthy_cases=r.aova_mr_healthy_cases, fusion_recall=r.fusion_recall)
@@ -40,6 +41,19 @@ def main() -> None:
     train_refine_head(args.out, None, args.seed, r.refine_cases, r.refine_steps, show_progress=True,
                       healthy_cases=r.refine_healthy_cases)
     print(f"refinement head done after {time.time() - start:.0f} s", flush=True)
+    record(args.out, r, args.backbone)
+
+
+def record(out: Path, recipe: DemoRecipe, backbone: str) -> None:
+    """The package's top-level provenance: the recipe its heads follow and where its backbone
+    came from (the backbone's own training record stays as it was)."""
+    from diffugts.models.package import add_networks, open_package
+    from diffugts.train.run import command_line
+
+    source = open_package(backbone, verify=False)
+    add_networks(open_package(out), {}, provenance={
+        "recipe": recipe.as_dict(), "heads_command": command_line(),
+        "backbone_from": {"package": source.name, "sha256": source.sha256}})
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def test_refine_needs_its_inputs(model, case, tmp_path, capsys):
 def test_evaluate_runs_every_variant(model, case, tmp_path):
     result = evaluate(case.parent, str(model.root), show_progress=False)
     variants = {r["variant"] for r in result["rows"]}
-    assert variants == {"baseline", "aova", "residual", "full"}
+    assert variants == {"baseline", "aova", "residual", "full", "organ_zscore"}
     organs = {r["organ"] for r in result["rows"]}
     meta = json.loads((case / "case.json").read_text())
     assert organs == {l["organ"].replace("left ", "").replace("right ", "") for l in meta["lesions"]}

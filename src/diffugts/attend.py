@@ -25,6 +25,7 @@ from diffugts import atomic
 from diffugts.aova import AOVAHead, top_mean
 from diffugts.backbones import Backbone, load_backbone
 from diffugts.backbones.maisi import load_strict
+from diffugts.deviation import Fusion
 from diffugts.device import pick_device
 from diffugts.errors import ConfigError
 from diffugts.models.package import ModelPackage, open_package
@@ -95,15 +96,14 @@ class CoarseMaps:
 
     prob: np.ndarray  # (T, *grid) P(lesion of the target)
     score: np.ndarray  # (T,) image-level anomaly score
-    organ: np.ndarray | None = None  # (T, *grid) bool: the target's organ with its inclusions (fused maps)
-    z: np.ndarray | None = None  # (T, *grid) organ-relative deviation (fused maps)
+    organ: np.ndarray | None = None  # (T, *grid) bool: the target's organ with its inclusions
+    z: np.ndarray | None = None  # (T, *grid) organ-relative deviation
+    fused: bool = True  # the map is the fusion (else the head's own map; organ and z for reference)
 
 
 def fusion_of(pkg: ModelPackage):
     """The package's coarse-map fusion (diffugts.deviation.Fusion), or None for heads trained
     before it existed (their map is the AOVA head's own probability)."""
-    from diffugts.deviation import Fusion
-
     entry = pkg.network("aova").get("fusion")
     return Fusion.from_dict(entry) if entry else None
 
@@ -123,21 +123,26 @@ def coarse_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], s
         gen = torch.Generator(device=method.device).manual_seed(seed)
         feats = method.backbone.features(patch, spacing, generator=gen)
         out = method.head([feats[i] for i in index], prompts, groups, out_shape=tuple(patch.shape[2:]))
-        return out.log_odds if fusion is None else torch.cat([out.region_log_odds, out.anomaly_log_odds], 1)
+        return torch.cat([out.log_odds, out.region_log_odds, out.anomaly_log_odds], 1)
 
     roi = method.roi_size or tuple(x.shape)
     roi = tuple(min(r, s) for r, s in zip(roi, x.shape))
     maps = sliding_window_inference(xt, roi, sw_batch_size=1, predictor=predictor, overlap=0.25, mode="gaussian")
+    n = len(targets)
+    # The organ and its deviation come with every head (the organ-aware baseline of `evaluate`
+    # needs them); only a package with a fusion makes them its coarse map.
+    fused = [(fusion or Fusion(0.0, 0.0, 0.0)).maps(x, maps[0, n + t].float().cpu().numpy(),
+                                                     maps[0, 2 * n + t].float().cpu().numpy(), tuple(spacing)[::-1])
+             for t in range(n)]
+    organ, z = np.stack([f.organ for f in fused]), np.stack([f.z for f in fused])
     if fusion is None:
         a, b = method.head.score_affine
-        score = torch.sigmoid(a * top_mean(maps, method.head.top_fraction) + b)
-        return CoarseMaps(torch.sigmoid(maps)[0].float().cpu().numpy(), score[0].float().cpu().numpy())
-    maps = maps[0].float().cpu().numpy()
-    n = len(targets)
-    fused = [fusion.maps(x, maps[t], maps[n + t], tuple(spacing)[::-1]) for t in range(n)]
+        score = torch.sigmoid(a * top_mean(maps[:, :n], method.head.top_fraction) + b)
+        return CoarseMaps(torch.sigmoid(maps[0, :n]).float().cpu().numpy(), score[0].float().cpu().numpy(), organ, z,
+                          fused=False)
     prob = np.stack([f.prob for f in fused])
     score = top_mean(torch.from_numpy(prob)[None], method.head.top_fraction)[0].numpy()
-    return CoarseMaps(prob, score, np.stack([f.organ for f in fused]), np.stack([f.z for f in fused]))
+    return CoarseMaps(prob, score, organ, z)
 
 
 def attention_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +213,8 @@ def attend(study_dir, model: str, prompts: list[str], out_dir, *, threshold: flo
     organs = None
     if maps == "aova":
         coarse = coarse_maps(method, x, tuple(method.prep.spacing_mm), targets, seed=seed)
-        probs, scores, organs = coarse.prob, coarse.score, coarse.organ
+        probs, scores = coarse.prob, coarse.score
+        organs = coarse.organ if coarse.fused else None  # written only where refinement reads it
     else:
         probs, scores = training_free_maps(method, x, targets, seed=seed)
     timings = {"attention_s": round(time.perf_counter() - t0, 3)}

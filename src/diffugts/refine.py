@@ -153,6 +153,12 @@ def refined_probabilities(head: RefineHead, shared, coarse: list[np.ndarray], al
     return probs
 
 
+def refine_threshold(pkg) -> float:
+    """The refined-probability threshold of the package's head (calibrated on held-out training
+    cases by ``train refine``; 0.5 for heads made before)."""
+    return float((pkg.network("refine") or {}).get("threshold", 0.5))
+
+
 def own_channels(pkg, x: np.ndarray, space, organs: list[np.ndarray | None]):
     """For :func:`refined_probabilities`: ``own(n, coarse_model)`` giving target n's channels
     as the package's refine head expects them, or None for heads that take the coarse map
@@ -269,7 +275,8 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
         shared = shared_inputs(backbone, x, h, region_model, as_tensor=True)
         roi = (pkg.manifest.get("inference") or {}).get("roi_size")
         probs = refined_probabilities(head, shared, coarse, allowed, space, roi, own_channels(pkg, x, space, organs))
-    masks = [(p >= 0.5) & a for p, a in zip(probs, allowed)]
+    cut = refine_threshold(pkg)
+    masks = [(p >= cut) & a for p, a in zip(probs, allowed)]
     targets = [{"prompt": e["prompt"], "score": e["score"]} for e in att["targets"]]
     summary = write_lesion_artifact(out_dir, study, targets, masks, probs, min_volume_ml=min_volume_ml,
                                     model={"name": pkg.name, "sha256": pkg.sha256})

@@ -140,7 +140,8 @@ def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0,
     from diffugts.aova import AOVAHead
     from diffugts.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
     from diffugts.synthesis import Params
-    from diffugts.train.refine import evaluate_refine, refinement_example, train_refine
+    from diffugts.train.refine import (calibrate_threshold, evaluate_refine, held_out_probabilities,
+                                       refinement_example, train_refine)
 
     pkg = open_package(model)
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
@@ -167,8 +168,11 @@ def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0,
     t0 = time.perf_counter()
     head, history = train_refine(examples, steps, seed, show_progress=show_progress)
     seconds = time.perf_counter() - t0
-    val = evaluate_refine(head, held_out)
-    entry = {"config": head.config, "threshold": 0.5, "target_channels": list(channels)}
+    # The head's threshold, chosen on the held-out training cases (never evaluation seeds).
+    probs = held_out_probabilities(head, held_out)
+    cut = calibrate_threshold(probs, held_out) if healthy_cases else 0.5
+    val = evaluate_refine(head, held_out, cut, probs)
+    entry = {"config": head.config, "threshold": cut, "target_channels": list(channels)}
     return add_networks(pkg, {"refine": (entry, head.state_dict())}, out=out,
                         provenance={"refine_training": {
                             "command": command_line(), "seed": seed, "cases": cases, "healthy_cases": healthy_cases,

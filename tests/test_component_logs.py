@@ -18,7 +18,8 @@ def test_the_ingest_component_masks_the_input_and_exits_2(tmp_path, capsys):
     (study / "a.dcm").write_bytes(b"not dicom")
     out = SimpleNamespace(path=str(tmp_path / "study"), metadata={})
     with pytest.raises(SystemExit) as exit_:
-        ingest.python_func(input_uri=str(study), study=out, summary=SimpleNamespace(path=str(tmp_path / "s.md")))
+        ingest.python_func(input_uri=str(study), study_sha256="0" * 64, study=out,
+                           summary=SimpleNamespace(path=str(tmp_path / "s.md")))
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert err.startswith("diffugts: error: <input>") and "DOE" not in err and "Traceback" not in err

@@ -69,12 +69,15 @@ def test_fitting_separates_true_from_false_components_and_never_lowers_dice():
         lesion = n % 3 == 0
         feats = rng.normal(0, 1, len(FEATURES))
         feats[1] += 3.0 if lesion else 0.0  # the head is surer across true lesions
+        feats[4] -= 2.0 if lesion else 0.0  # the false candidates deviate more (phantom kidney borders)
         voxels = int(rng.integers(20, 200))
         samples.append({"features": feats, "lesion": lesion, "voxels": voxels,
                         "hits": voxels // 2 if lesion else 0, "example": n})
     truth = sum(s["hits"] for s in samples) + 500  # some true voxels no component found
     verifier, report = fit_verifier(samples, truth)
     assert verifier.weights[1] == max(verifier.weights)
+    # Evidence may only count for a lesion: the deviation's weight is not turned against it.
+    assert min(verifier.weights[1:]) >= 0.0 and verifier.weights[4] < 0.05
     assert report["kept_false_components"] < 10 and report["kept_lesion_components"] >= 15
     assert report["dice_after"] > report["dice_before"]
     with pytest.raises(ValueError, match="both"):

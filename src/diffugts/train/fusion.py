@@ -45,28 +45,32 @@ def fusion_samples(head: AOVAHead, text: TextEncoder, data: list[CaseFeatures], 
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.float32)
 
 
-def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-4,
-                 steps: int = 200) -> tuple[np.ndarray, float]:
+def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-4, steps: int = 200,
+                 nonnegative=None) -> tuple[np.ndarray, float]:
     """Class-balanced logistic regression (LBFGS): (weights (F,), bias). Shared by the fusion
     and the lesion verifier (train/verify.py): a handful of weights fitted on all samples at
-    once, where a torch optimiser loop of a few lines is all it takes."""
+    once, where a torch optimiser loop of a few lines is all it takes. ``nonnegative``: (F,)
+    bools, weights that may only count *for* the positive class (softplus-parametrised)."""
     x = torch.from_numpy(np.asarray(features, np.float64))
     y = torch.from_numpy(np.asarray(labels, np.float64))
     pos = float(y.sum())
     weight = torch.where(y > 0, (len(y) - pos) / max(pos, 1.0), 1.0)
-    w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+    signed = torch.as_tensor(np.zeros(x.shape[1], bool) if nonnegative is None else np.asarray(nonnegative, bool))
+    v = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([v], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def weights(v):
+        return torch.where(signed, torch.nn.functional.softplus(v[:-1]), v[:-1])
 
     def closure():
         opt.zero_grad()
-        logit = x @ w[:-1] + w[-1]
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y, weight=weight) + l2 * (w[:-1] ** 2).sum()
+        w = weights(v)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + v[-1], y, weight=weight) + l2 * (w ** 2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    w = w.detach().numpy()
-    return w[:-1], float(w[-1])
+    return weights(v).detach().numpy(), float(v[-1].detach())
 
 
 def fit_fusion(features: np.ndarray, labels: np.ndarray, params: DeviationParams, recall: float = 0.85,

@@ -22,7 +22,7 @@ from diffugts.datasets.mapping import Mapping, load_mapping
 from diffugts.datasets.organs import OrganSource
 from diffugts.errors import InputError
 
-__all__ = ["Dataset", "DatasetCase", "Mapping", "OrganSource", "load_mapping", "open_dataset", "to_eval_case",
+__all__ = ["Dataset", "DatasetCase", "EvalCases", "Mapping", "OrganSource", "load_mapping", "open_dataset", "to_eval_case",
            "to_training_case"]
 
 

@@ -32,6 +32,9 @@ class Dataset:
         self.root, self.layout, self.mapping, self.organs = root, layout, mapping, organs
         self.seen_types = tuple(sorted(seen_types))
         self._entries = {e.case_id: e for e in entries}
+        if len(self._entries) != len(entries):
+            twice = next(e for e in entries if sum(f.case_id == e.case_id for f in entries) > 1)
+            raise InputError(root, f"two cases are named {twice.case_id} ({twice.image.name})")
 
     @property
     def name(self) -> str:

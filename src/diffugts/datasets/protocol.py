@@ -58,15 +58,26 @@ def load_protocol(ref: str | Path) -> Protocol:
                     tuple(doc.get("evaluate", [])), str(path), hashlib.sha256(raw).hexdigest())
 
 
-def is_held_out(dataset: str, case_id: str, fraction: float) -> bool:
+def _rank(dataset: str, case_id: str) -> float:
     digest = hashlib.sha256(f"{dataset}/{case_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+    return int.from_bytes(digest[:4], "big") / 2**32
+
+
+def is_held_out(dataset: str, case_id: str, fraction: float) -> bool:
+    return _rank(dataset, case_id) < fraction
 
 
 def split_cases(dataset, fraction: float) -> tuple[list[str], list[str]]:
-    """(training case ids, held-out case ids) of a training dataset."""
-    held = [c for c in dataset.case_ids if is_held_out(dataset.name, c, fraction)]
-    return [c for c in dataset.case_ids if c not in set(held)], held
+    """(training case ids, held-out case ids) of a training dataset. A dataset of two cases or
+    more keeps at least one of each (the lowest / highest hash), so small sets validate too."""
+    ids = dataset.case_ids
+    held = {c for c in ids if is_held_out(dataset.name, c, fraction)}
+    ranked = sorted(ids, key=lambda c: _rank(dataset.name, c))
+    if fraction > 0 and len(ids) >= 2 and not held:
+        held = {ranked[0]}
+    if len(ids) >= 2 and len(held) == len(ids):
+        held.discard(ranked[-1])
+    return [c for c in ids if c not in held], [c for c in ids if c in held]
 
 
 def open_protocol_datasets(protocol: Protocol, data_root: str | Path, role: str):

@@ -24,7 +24,12 @@ def explicit(paths, mappings, organs, seen_types) -> list[Dataset]:
                           "dataset ('-' for none)")
     mappings = mappings * len(paths) if len(mappings) == 1 else mappings
     organs = (organs * len(paths) if len(organs) == 1 else organs) or ["-"] * len(paths)
-    return [open_dataset(p, m, None if o == "-" else o, seen_types) for p, m, o in zip(paths, mappings, organs)]
+    datasets = [open_dataset(p, m, None if o == "-" else o, seen_types) for p, m, o in zip(paths, mappings, organs)]
+    names = [d.name for d in datasets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two datasets are named {max(names, key=names.count)!r} (the mapping's \"name\"): "
+                          "give each dataset its own mapping name")
+    return datasets
 
 
 def protocol_of(ref: str | None) -> Protocol:

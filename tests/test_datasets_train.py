@@ -1,0 +1,124 @@
+"""Training the heads on datasets: the cases reach training as the phantom path makes them,
+only seen lesion types, provenance in the manifest, resumable checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import datasetfactory as F
+from diffugts.cli import main
+from diffugts.datasets import open_dataset, to_training_case
+from diffugts.datasets.training import DatasetSource
+from diffugts.models.package import open_package
+from diffugts.preprocess import Preprocessing
+from diffugts.train.checkpoint import Checkpoint
+from diffugts.train.data import case_from_dir
+from diffugts.train.run import train_aova_head, train_refine_head
+from modelfactory import FEATURES, random_package
+
+AOVA = dict(cases=0, steps=4, dim=8, features=FEATURES, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    seen = F.make_cases(range(8), split="seen")[:4]
+    unseen = F.make_cases(range(8), seed=43, split="unseen", organs=("liver",))[:1]
+    assert len(seen) == 4 and unseen and all(r["split"] == "unseen" for r in unseen[0].lesions)
+    return {"root": root, "seen": seen, "unseen": unseen,
+            "msd": F.write_msd(root / "msd", seen + unseen), "mapping": F.write_mapping(root / "mapping.json"),
+            "phantoms": F.write_phantom_folder(root / "phantoms", seen),
+            "backbone": random_package(root / "models", heads=False),
+            "fused": random_package(root / "models2", fused=True)}
+
+
+def _dataset(world):
+    return open_dataset(world["msd"], world["mapping"], seen_types=F.SEEN_TYPES)
+
+
+def test_a_dataset_case_reaches_training_as_the_phantom_folder_case_does(world):
+    prep = Preprocessing.from_dict(world["backbone"].manifest["preprocessing"])
+    ds = _dataset(world)
+    for case in world["seen"]:
+        ours = to_training_case(ds.load(case.spec.case_id), prep)
+        theirs = case_from_dir(world["phantoms"] / case.spec.case_id, prep)
+        assert np.array_equal(ours.x, theirs.x)
+        assert np.array_equal(ours.lesions > 0, theirs.lesions > 0)
+        for family in ("liver", "kidney"):
+            mine = np.isin(ours.organs, [k for k, v in ours.organ_names.items() if family in v])
+            phantom = np.isin(theirs.organs, [k for k, v in theirs.organ_names.items() if family in v])
+            # A lesion is part of its host's region in both (case_features adds it for phantoms).
+            lesion = theirs.lesions > 0
+            assert np.array_equal(mine & ~lesion, phantom & ~lesion)
+        assert sorted((r["type"], r["voxels"]) for r in ours.records) == sorted(
+            (r["type"], r["voxels"]) for r in theirs.records)
+
+
+def test_aova_training_on_a_dataset_records_its_provenance_and_skips_unseen_types(world, tmp_path):
+    source = DatasetSource([_dataset(world)], held_out_fraction=0.3, show_progress=False)
+    pkg = train_aova_head(world["backbone"].root, tmp_path / "out", source=source, **AOVA)
+    record = pkg.manifest["provenance"]["aova_training"]["datasets"]
+    entry = record["datasets"][0]
+    assert entry["name"] == "phantom-set" and entry["layout"] == "msd"
+    assert entry["mapping"]["sha256"] == hashlib.sha256(world["mapping"].read_bytes()).hexdigest()
+    assert entry["seen_types"] == sorted(F.SEEN_TYPES)
+    assert entry["skipped_unseen"] == [world["unseen"][0].spec.case_id]
+    used = entry["training_cases"] + entry["held_out_cases"]
+    assert sorted(used) == sorted(c.spec.case_id for c in world["seen"])
+    assert entry["training_cases"] and entry["held_out_cases"]
+    assert pkg.manifest["provenance"]["aova_training"]["held_out_seen_dice"] is not None
+    assert "aova" in pkg.manifest["networks"]
+
+
+def _weights(pkg, name):
+    return load_file(str(pkg.root / pkg.manifest["networks"][name]["weights"]))
+
+
+def test_an_interrupted_aova_run_resumes_to_the_uninterrupted_weights(world, tmp_path):
+    source = lambda: DatasetSource([_dataset(world)], show_progress=False)  # noqa: E731
+    whole = train_aova_head(world["backbone"].root, tmp_path / "whole", source=source(), **{**AOVA, "steps": 6})
+    ck = Checkpoint(tmp_path / "resumed" / ".checkpoints" / "aova.pt", {"run": 1}, every=2)
+    train_aova_head(world["backbone"].root, tmp_path / "resumed", source=source(), checkpoint=ck, **AOVA)
+    assert ck.path.is_file() and torch.load(ck.path, weights_only=False)["step"] == 4
+    ck = Checkpoint(ck.path, {"run": 1}, every=2)
+    resumed = train_aova_head(world["backbone"].root, tmp_path / "resumed", source=source(), checkpoint=ck,
+                              **{**AOVA, "steps": 6})
+    assert ck.resumed_from == 4
+    a, b = _weights(whole, "aova"), _weights(resumed, "aova")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A checkpoint of other training is not resumed.
+    other = Checkpoint(ck.path, {"run": 2}, every=2)
+    train_aova_head(world["backbone"].root, tmp_path / "other", source=source(), checkpoint=other, **AOVA)
+    assert other.resumed_from == 0
+
+
+def test_refine_training_on_a_dataset(world, tmp_path):
+    source = DatasetSource([_dataset(world)], show_progress=False)
+    pkg = train_refine_head(world["fused"].root, tmp_path / "out", cases=0, steps=3, synthesis_steps=2,
+                            show_progress=False, source=source)
+    training = pkg.manifest["provenance"]["refine_training"]
+    assert training["examples"] > 0
+    entry = training["datasets"]["datasets"][0]
+    assert sorted(entry["training_cases"] + entry["held_out_cases"]) == sorted(c.spec.case_id for c in world["seen"])
+    assert entry["skipped_unseen"] == [world["unseen"][0].spec.case_id]
+
+
+def test_cli_train_aova_on_a_dataset_mixed_with_phantoms(world, tmp_path):
+    out = tmp_path / "pkg"
+    rc = main(["-q", "train", "aova", "--model", str(world["backbone"].root), "--out", str(out), "--cases", "1",
+               "--steps", "3", "--dim", "8", "--randomised-cases", "0", "--mr-healthy-cases", "0",
+               "--fusion-recall", "0", "--features", ",".join(FEATURES), "--dataset", str(world["msd"]),
+               "--mapping", str(world["mapping"]), "--seen", "hypodense", "--seen", "hyperenhancing",
+               "--seen", "cystic", "--checkpoint-every", "1"])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    training = manifest["provenance"]["aova_training"]
+    assert training["cases"] == 1 and training["datasets"]["datasets"][0]["name"] == "phantom-set"
+    assert not (out / ".checkpoints").exists()  # removed once the package is written
+    assert open_package(out).network("aova")

@@ -55,15 +55,12 @@ def _run(args) -> int:
 
 
 def _evaluate_datasets(args, model: str) -> dict:
-    from diffugts.datasets import EvalCases
-    from diffugts.datasets.select import evaluation_sets, explicit, protocol_of
-    from diffugts.evaluate import evaluate
+    from diffugts.datasets.run import evaluate_protocol, evaluate_sets
+    from diffugts.datasets.select import explicit, protocol_of
 
+    kw = {"prompt_template": args.prompt, "device": args.device, "show_progress": not args.quiet}
     if args.protocol:
-        sets = evaluation_sets(protocol_of(args.protocol), args.data_root)
-    else:
-        seen = args.seen or protocol_of(None).seen_types
-        sets = [("evaluate", d) for d in explicit(args.dataset, args.mapping, args.organs, seen)]
-    provenance = [{**d.provenance(), "role": role} for role, d in sets]
-    return evaluate(None, model, prompt_template=args.prompt, device=args.device, show_progress=not args.quiet,
-                    cases=EvalCases(*(d for _, d in sets)), datasets=provenance)
+        return evaluate_protocol(model, args.protocol, args.data_root, **kw)
+    seen = args.seen or protocol_of(None).seen_types
+    return evaluate_sets(model, [("evaluate", d) for d in explicit(args.dataset, args.mapping, args.organs, seen)],
+                         **kw)

@@ -111,34 +111,27 @@ def _source(args):
 
             raise ConfigError("--mapping / --organs go with --dataset")
         return None
-    from diffugts.datasets.protocol import open_protocol_datasets
+    from diffugts.datasets.run import protocol_source
     from diffugts.datasets.select import explicit, protocol_of
     from diffugts.datasets.training import DatasetSource
 
-    protocol = protocol_of(args.protocol)
-    if args.dataset:
-        datasets = explicit(args.dataset, args.mapping, args.organs, args.seen or protocol.seen_types)
-        info = None
-    else:
-        datasets = open_protocol_datasets(protocol, args.data_root, "train")
-        if args.seen:
-            datasets = [d.with_seen(args.seen) for d in datasets]
-        info = {"name": protocol.name, "path": protocol.path, "sha256": protocol.sha256}
+    if args.protocol:
+        return protocol_source(args.protocol, args.data_root, args.seen, args.held_out_fraction, not args.quiet)
+    protocol = protocol_of(None)
+    datasets = explicit(args.dataset, args.mapping, args.organs, args.seen or protocol.seen_types)
     fraction = protocol.held_out_fraction if args.held_out_fraction is None else args.held_out_fraction
-    return DatasetSource(datasets, fraction, show_progress=not args.quiet, protocol=info)
+    return DatasetSource(datasets, fraction, show_progress=not args.quiet)
 
 
 def _checkpoint(args, head: str, source, settings: dict):
     """OUT/.checkpoints/<head>.pt (the model folder when it is updated in place)."""
     if not args.checkpoint_every or (not args.out and str(args.model).startswith("s3://")):
         return None
+    from diffugts.datasets.run import training_checkpoint
     from diffugts.models.package import open_package
-    from diffugts.train.checkpoint import Checkpoint
 
     root = Path(args.out) if args.out else open_package(args.model).root
-    key = {"head": head, "model_sha256": open_package(args.model).sha256, **settings,
-           "datasets": source.key() if source else None}
-    return Checkpoint(root / ".checkpoints" / f"{head}.pt", key, args.checkpoint_every)
+    return training_checkpoint(root / ".checkpoints", head, args.model, settings, source, args.checkpoint_every)
 
 
 def _device(args) -> str | None:

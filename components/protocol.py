@@ -22,6 +22,7 @@ def train_aova_on_datasets(
     randomised_cases: int = 20,
     fusion_recall: float = 0.85,
     checkpoints: bool = True,
+    max_cases: int = 0,
 ):
     """Train the AOVA head of the package at ``model_uri`` (an imported backbone) on the split
     file's training datasets; write the package with the head to ``model``.
@@ -29,6 +30,7 @@ def train_aova_on_datasets(
     Args:
         checkpoints: Save the head every 100 steps under <data_root>/.diffugts-checkpoints/<run id>/ and resume
             from there when the task is retried.
+        max_cases: At most this many training cases per dataset (0: all).
     """
     from pathlib import Path
 
@@ -39,7 +41,7 @@ def train_aova_on_datasets(
     from diffugts.train.run import train_aova_head
 
     with component_step():
-        source = protocol_source(protocol, data_root, show_progress=False)
+        source = protocol_source(protocol, data_root, show_progress=False, max_cases=max_cases or None)
         checkpoint = (training_checkpoint(Path(data_root) / ".diffugts-checkpoints" / run_id, "aova", model_uri,
                                           {"seed": seed, "dim": dim, "randomised_cases": randomised_cases}, source)
                       if checkpoints else None)
@@ -64,6 +66,7 @@ def train_refine_on_datasets(
     synthesis_steps: int = 10,
     seed: int = 0,
     checkpoints: bool = True,
+    max_cases: int = 0,
 ):
     """Train the refinement head on the same training datasets (pseudo-healthy synthesis of every
     case on the GPU); write the finished package to ``model``."""
@@ -76,7 +79,7 @@ def train_refine_on_datasets(
     from diffugts.train.run import train_refine_head
 
     with component_step():
-        source = protocol_source(protocol, data_root, show_progress=False)
+        source = protocol_source(protocol, data_root, show_progress=False, max_cases=max_cases or None)
         checkpoint = (training_checkpoint(Path(data_root) / ".diffugts-checkpoints" / run_id, "refine", aova.path,
                                           {"seed": seed, "synthesis_steps": synthesis_steps}, source)
                       if checkpoints else None)

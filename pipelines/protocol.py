@@ -44,6 +44,7 @@ def protocol_pipeline(
     randomised_cases: int = 20,
     fusion_recall: float = 0.85,
     seed: int = 0,
+    max_cases: int = 0,
     prompt: str = "{organ} tumor",
 ) -> dsl.Dataset:
     """Train and evaluate by the split file; returns the evaluation (evaluation.json + .md).
@@ -59,15 +60,17 @@ def protocol_pipeline(
         randomised_cases: Copies of seen cases with random per-tissue intensities (modality-robust grounding).
         fusion_recall: Fuse the coarse map with the organ-relative deviation at this voxel recall (0: no fusion).
         seed: Training seed.
+        max_cases: At most this many training cases per dataset (0: all; the training loops hold every case in memory).
         prompt: Evaluation prompt template; {organ} is each lesion's host organ.
     """
     aova = _on_data(train_aova_on_datasets(model_uri=model_uri, protocol=protocol, data_root=data_root,
                                            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, steps=aova_steps, seed=seed,
-                                           randomised_cases=randomised_cases, fusion_recall=fusion_recall),
+                                           randomised_cases=randomised_cases, fusion_recall=fusion_recall,
+                                           max_cases=max_cases),
                     data_pvc, "Train AOVA head (seen types)")
     refine = _on_data(train_refine_on_datasets(aova=aova.outputs["model"], protocol=protocol, data_root=data_root,
                                                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, steps=refine_steps,
-                                               synthesis_steps=synthesis_steps, seed=seed),
+                                               synthesis_steps=synthesis_steps, seed=seed, max_cases=max_cases),
                       data_pvc, "Train refinement head (seen types)")
     evaluation = _on_data(evaluate_on_datasets(model=refine.outputs["model"], protocol=protocol, data_root=data_root,
                                                prompt=prompt), data_pvc, "Evaluate seen / unseen")

@@ -160,3 +160,15 @@ def test_the_held_out_split_depends_on_names_only(world):
     assert train and held and sorted(train + held) == d.case_ids  # two cases: one of each at least
     again = split_cases(d.subset(list(reversed(d.case_ids))), 0.2)
     assert sorted(again[0]) == sorted(train) and sorted(again[1]) == sorted(held)
+
+
+def test_a_case_cap_keeps_a_nested_hash_chosen_subset(world, tmp_path):
+    from diffugts.datasets.training import DatasetSource
+
+    cases = F.make_cases(range(10), split="seen")[:5]
+    d = open_dataset(F.write_kits(tmp_path / "kits", cases), world["mapping"], seen_types=F.SEEN_TYPES)
+    full = DatasetSource([d], 0.2, show_progress=False)
+    picked = [DatasetSource([d], 0.2, show_progress=False, max_cases=n).train[0].case_ids for n in (1, 2, 3)]
+    assert [len(p) for p in picked] == [1, 2, 3]
+    assert set(picked[0]) < set(picked[1]) < set(picked[2]) <= set(full.train[0].case_ids)
+    assert DatasetSource([d], 0.2, show_progress=False, max_cases=2).key()["max_cases"] == 2

@@ -95,6 +95,9 @@ def _dataset_args(p) -> None:
     g.add_argument("--data-root", default=".", help="where the split file's dataset paths start (default .)")
     g.add_argument("--held-out-fraction", type=float, default=None,
                    help="share of each dataset's cases held out to validate (default: the split file's, 0.2)")
+    g.add_argument("--max-cases", type=int, default=None,
+                   help="at most N training cases per dataset (the training loops keep every case in memory; "
+                        "default: all)")
     g.add_argument("--checkpoint-every", type=int, default=100,
                    help="save the head every N steps into OUT/.checkpoints/ and resume from there after an "
                         "interruption (default 100; 0: never)")
@@ -116,11 +119,12 @@ def _source(args):
     from diffugts.datasets.training import DatasetSource
 
     if args.protocol:
-        return protocol_source(args.protocol, args.data_root, args.seen, args.held_out_fraction, not args.quiet)
+        return protocol_source(args.protocol, args.data_root, args.seen, args.held_out_fraction, not args.quiet,
+                               args.max_cases)
     protocol = protocol_of(None)
     datasets = explicit(args.dataset, args.mapping, args.organs, args.seen or protocol.seen_types)
     fraction = protocol.held_out_fraction if args.held_out_fraction is None else args.held_out_fraction
-    return DatasetSource(datasets, fraction, show_progress=not args.quiet)
+    return DatasetSource(datasets, fraction, show_progress=not args.quiet, max_cases=args.max_cases)
 
 
 def _checkpoint(args, head: str, source, settings: dict):

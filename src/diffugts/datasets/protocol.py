@@ -58,13 +58,13 @@ def load_protocol(ref: str | Path) -> Protocol:
                     tuple(doc.get("evaluate", [])), str(path), hashlib.sha256(raw).hexdigest())
 
 
-def _rank(dataset: str, case_id: str) -> float:
+def rank(dataset: str, case_id: str) -> float:
     digest = hashlib.sha256(f"{dataset}/{case_id}".encode()).digest()
     return int.from_bytes(digest[:4], "big") / 2**32
 
 
 def is_held_out(dataset: str, case_id: str, fraction: float) -> bool:
-    return _rank(dataset, case_id) < fraction
+    return rank(dataset, case_id) < fraction
 
 
 def split_cases(dataset, fraction: float) -> tuple[list[str], list[str]]:
@@ -72,7 +72,7 @@ def split_cases(dataset, fraction: float) -> tuple[list[str], list[str]]:
     more keeps at least one of each (the lowest / highest hash), so small sets validate too."""
     ids = dataset.case_ids
     held = {c for c in ids if is_held_out(dataset.name, c, fraction)}
-    ranked = sorted(ids, key=lambda c: _rank(dataset.name, c))
+    ranked = sorted(ids, key=lambda c: rank(dataset.name, c))
     if fraction > 0 and len(ids) >= 2 and not held:
         held = {ranked[0]}
     if len(ids) >= 2 and len(held) == len(ids):

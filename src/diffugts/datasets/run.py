@@ -13,14 +13,14 @@ from diffugts.datasets.training import DatasetSource
 
 
 def protocol_source(protocol: str | None, data_root, seen=None, held_out_fraction: float | None = None,
-                    show_progress: bool = True) -> DatasetSource:
+                    show_progress: bool = True, max_cases: int | None = None) -> DatasetSource:
     """The training datasets of a split file (``None``: the paper protocol) under ``data_root``."""
     p = protocol_of(protocol)
     datasets = open_protocol_datasets(p, data_root, "train")
     if seen:
         datasets = [d.with_seen(seen) for d in datasets]
     fraction = p.held_out_fraction if held_out_fraction is None else held_out_fraction
-    return DatasetSource(datasets, fraction, show_progress=show_progress,
+    return DatasetSource(datasets, fraction, show_progress=show_progress, max_cases=max_cases,
                          protocol={"name": p.name, "path": p.path, "sha256": p.sha256})
 
 

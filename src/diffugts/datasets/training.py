@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from diffugts.datasets import Dataset, to_training_case
+from diffugts.datasets.protocol import rank
 from diffugts.datasets.select import training_sets
 from diffugts.errors import InputError
 from diffugts.progress import progress
@@ -20,10 +21,17 @@ from diffugts.progress import progress
 
 class DatasetSource:
     def __init__(self, datasets: list[Dataset], held_out_fraction: float = 0.2, show_progress: bool = True,
-                 protocol: dict | None = None):
+                 protocol: dict | None = None, max_cases: int | None = None):
+        """``max_cases``: at most this many training cases per dataset (the training loops hold
+        every case's features / examples in memory; see docs/datasets.md), chosen by the same
+        hash as the held-out split, so a larger cap only adds cases."""
         self.datasets = datasets
         self.held_out_fraction = held_out_fraction
+        self.max_cases = max_cases or None
         self.train, self.held = training_sets(datasets, held_out_fraction)
+        if self.max_cases:
+            self.train = [d.subset(sorted(d.case_ids, key=lambda c, n=d.name: rank(n, c))[-self.max_cases:])
+                          for d in self.train]
         self.show_progress = show_progress
         self.protocol = protocol
         self.used: dict[str, dict[str, list[str]]] = {d.name: {"training": [], "held_out": [], "skipped_unseen": []}
@@ -65,11 +73,11 @@ class DatasetSource:
         """What a checkpoint must match to be resumed: the data and its meanings."""
         return {"datasets": [{"name": d.name, "mapping_sha256": d.mapping.sha256, "cases": d.case_ids,
                               "seen_types": list(d.seen_types)} for d in self.datasets],
-                "held_out_fraction": self.held_out_fraction}
+                "held_out_fraction": self.held_out_fraction, "max_cases": self.max_cases}
 
     def provenance(self) -> dict:
         """For the package manifest: exactly which datasets, mappings, cases and seen types."""
-        out = {"held_out_fraction": self.held_out_fraction, "datasets": []}
+        out = {"held_out_fraction": self.held_out_fraction, "max_cases": self.max_cases, "datasets": []}
         if self.protocol:
             out["protocol"] = self.protocol
         for d in self.datasets:

@@ -1,10 +1,11 @@
 """Tiny datasets written from phantoms, in each real layout (MSD, nnU-Net v2, KiTS23, DICOM +
 DICOM SEG), with the mapping that says what their label values are.
 
-Label values: organs as ORGAN_VALUES; a lesion gets 20 + 4 * (its type's index) + (its host
-organ family's index), so every (type, host) pair has its own value and the mapping can name
-both. The phantom's own folder (``diffugts phantom`` layout) is written beside for the
-phantom path.
+Label values: organs keep the phantom's organ labels (ORGAN_VALUES: all 19 organs, so a
+dataset case holds every organ a phantom case does); a lesion gets 20 + 4 * (its type's
+index) + (its host organ family's index), so every (type, host) pair has its own value and
+the mapping can name both, with the phantom's own prompts. The phantom's own folder
+(``diffugts phantom`` layout) is written beside for the phantom path.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from diffugts.phantom import LESION_TYPES, CaseSpec, generate_case, write_case
+from diffugts.phantom import LESION_TYPES, ORGANS, CaseSpec, generate_case, prompts, write_case
 from diffugts.phantom.labels import ORGAN_BY_NAME
 
 SHAPE = (32, 64, 64)
-ORGAN_VALUES = {"liver": 1, "right kidney": 2, "left kidney": 3, "spleen": 4, "pancreas": 5}
+ORGAN_VALUES = {o.name: o.label for o in ORGANS}
 FAMILIES = ("liver", "kidney", "spleen", "pancreas")
+HOST = {"liver": "liver", "kidney": "right kidney", "spleen": "spleen", "pancreas": "pancreas"}
 TYPES = sorted(LESION_TYPES)
 SEEN_TYPES = ("hypodense", "hyperenhancing", "cystic")  # diffugts.phantom.split.SEEN_TYPES
 
@@ -36,7 +38,7 @@ def mapping_doc(name: str = "phantom-set", modality: str = "CT") -> dict:
     for t in TYPES:
         for f in FAMILIES:
             labels[str(20 + 4 * TYPES.index(t) + FAMILIES.index(f))] = {"lesion": t, "organ": f,
-                                                                        "prompts": [f"{f} tumor"]}
+                                                                        "prompts": prompts(t, HOST[f])}
     return {"name": name, "modality": modality, "labels": labels}
 
 

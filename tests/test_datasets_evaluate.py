@@ -14,6 +14,8 @@ from diffugts.evaluate import evaluate
 from diffugts.phantom import CaseSpec, generate_case
 from modelfactory import random_package
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):

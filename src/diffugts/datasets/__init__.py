@@ -60,7 +60,8 @@ class Dataset:
     def with_seen(self, seen_types) -> "Dataset":
         return Dataset(self.root, self.layout, list(self._entries.values()), self.mapping, self.organs, seen_types)
 
-    def load(self, case_id: str, show_progress: bool = False) -> DatasetCase:
+    def load(self, case_id: str, show_progress: bool = False, with_organs: bool = True) -> DatasetCase:
+        """``with_organs`` False: skip the organ source (evaluation scores lesions only)."""
         entry = self._entries[case_id]
         modality = self.mapping.modality
         if self.layout == "dicom-seg":
@@ -69,7 +70,7 @@ class Dataset:
                 raise InputError(entry.image, f"series modality {modality}: only CT and MR are supported")
         else:
             image, labels, label_path, names = read_nifti_pair(entry)
-        organ_masks = self.organs.organs(case_id, image) if self.organs is not None else None
+        organ_masks = self.organs.organs(case_id, image) if self.organs is not None and with_organs else None
         return build_case(self.name, case_id, image, labels, label_path,
                           lambda v: self.mapping.meaning(v, names.get(v)), modality, self.seen_types, organ_masks,
                           self.mapping.path, str(entry.image))
@@ -97,7 +98,7 @@ class EvalCases:
     def __iter__(self):
         for d in self.datasets:
             for case_id in d.case_ids:
-                yield to_eval_case(d.load(case_id))
+                yield to_eval_case(d.load(case_id, with_organs=False))
 
 
 def detect_layout(root: Path) -> str:

@@ -80,7 +80,9 @@ def build_case(dataset: str, case_id: str, image: sitk.Image, labels: np.ndarray
         if m is None:
             raise InputError(label_path, f"label value {v} is not in the mapping {mapping_path}".rstrip())
         resolved[v] = m
-    names = sorted({m.organ for m in resolved.values() if m.kind in ("organ", "lesion")} | set(organ_masks or {}))
+    # Organs numbered by label value (a dataset's own order), then the organ source's.
+    names = list(dict.fromkeys([m.organ for _, m in sorted(resolved.items()) if m.kind in ("organ", "lesion")]
+                               + sorted(organ_masks or {})))
     index = {name: n for n, name in enumerate(names, start=1)}
     organs = np.zeros(labels.shape, np.uint8)
     for name, mask in sorted((organ_masks or {}).items()):

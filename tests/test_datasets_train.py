@@ -146,3 +146,19 @@ def test_cli_train_aova_on_a_dataset_mixed_with_phantoms(world, tmp_path):
     assert training["cases"] == 1 and training["datasets"]["datasets"][0]["name"] == "phantom-set"
     assert not (out / ".checkpoints").exists()  # removed once the package is written
     assert open_package(out).network("aova")
+
+
+def test_evaluate_reads_the_seen_types_from_the_manifest(world, tmp_path):
+    from diffugts.datasets.run import trained_types
+
+    assert trained_types(world["backbone"].root) == []
+    source = DatasetSource([open_dataset(world["msd"], world["mapping"], seen_types=["hypodense"])],
+                           show_progress=False)
+    pkg = train_aova_head(world["backbone"].root, tmp_path / "out", source=source, **{**AOVA, "steps": 1})
+    assert trained_types(pkg.root) == ["hypodense"]
+
+
+def test_cli_refuses_datasets_and_a_protocol_together(world, capsys):
+    rc = main(["-q", "train", "aova", "--model", str(world["backbone"].root), "--dataset", str(world["msd"]),
+               "--mapping", str(world["mapping"]), "--protocol", "paper-protocol"])
+    assert rc == 2 and "give one or the other" in capsys.readouterr().err

@@ -29,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--organs", action="append", metavar="DIR",
                    help="TotalSegmentator outputs per --dataset ('-' for none); one for all or one each")
     p.add_argument("--seen", action="append", metavar="TYPE",
-                   help="lesion types the model was trained on (repeatable; default: the paper protocol's)")
+                   help="lesion types the model was trained on (repeatable; default: those its manifest records, "
+                        "else the paper protocol's)")
     p.add_argument("--data-root", default=".", help="where --protocol's dataset paths start (default .)")
     p.add_argument("--model", default=None, help="model package folder, s3:// prefix, or demo (default) / demo-2d")
     p.add_argument("--prompt", default="{organ} tumor",
@@ -55,12 +56,12 @@ def _run(args) -> int:
 
 
 def _evaluate_datasets(args, model: str) -> dict:
-    from diffugts.datasets.run import evaluate_protocol, evaluate_sets
+    from diffugts.datasets.run import evaluate_protocol, evaluate_sets, trained_types
     from diffugts.datasets.select import explicit, protocol_of
 
     kw = {"prompt_template": args.prompt, "device": args.device, "show_progress": not args.quiet}
     if args.protocol:
         return evaluate_protocol(model, args.protocol, args.data_root, **kw)
-    seen = args.seen or protocol_of(None).seen_types
+    seen = args.seen or trained_types(model) or protocol_of(None).seen_types
     return evaluate_sets(model, [("evaluate", d) for d in explicit(args.dataset, args.mapping, args.organs, seen)],
                          **kw)

@@ -108,6 +108,10 @@ def _dataset_args(p) -> None:
 
 def _source(args):
     """The datasets of the command line, or None (phantoms only)."""
+    if args.dataset and args.protocol:
+        from diffugts.errors import ConfigError
+
+        raise ConfigError("--dataset and --protocol: give one or the other (the split file names its datasets)")
     if not args.dataset and not args.protocol:
         if args.mapping or args.organs:
             from diffugts.errors import ConfigError

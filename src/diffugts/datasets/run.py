@@ -36,6 +36,17 @@ def training_checkpoint(folder: str | Path, head: str, model, settings: dict, so
     return Checkpoint(Path(folder) / f"{head}.pt", key, every)
 
 
+def trained_types(model) -> list[str]:
+    """The lesion types the package's heads were trained on, as its manifest records them
+    (dataset training only; [] for phantom-only packages)."""
+    from diffugts.models.package import open_package
+
+    provenance = open_package(model).manifest.get("provenance", {})
+    return sorted({t for key in ("aova_training", "refine_training")
+                   for d in (provenance.get(key, {}).get("datasets") or {}).get("datasets", [])
+                   for t in d.get("seen_types", [])})
+
+
 def evaluate_sets(model: str, sets: list[tuple[str, Dataset]], *, prompt_template: str = "{organ} tumor",
                   device: str | None = None, show_progress: bool = True) -> dict:
     """``sets``: (role, dataset) pairs; the role ("held-out", "evaluate") goes into the result."""

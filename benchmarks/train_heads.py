@@ -4,8 +4,8 @@ that docs/benchmarks.md compares it with (two seeds run side by side, one thread
 
     python benchmarks/train_heads.py SEED OUT [--backbone demo]
 
-`--resume`: an OUT whose AOVA head already has its fusion (a run stopped during the refinement
-stage) goes straight to the refinement head. `diffugts train demo --backbone demo --seed SEED --out OUT` does the same
+`--start refine` / `--start verifier`: OUT already holds the earlier stages (a run stopped
+later, or heads kept while a later stage changes): only that stage and the ones after it run. `diffugts train demo --backbone demo --seed SEED --out OUT` does the same
 in one process with the recipe's provenance entry.
 """
 
@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from diffugts.train.recipe import DemoRecipe
-from diffugts.train.run import train_aova_head, train_refine_head
+from diffugts.train.run import train_aova_head, train_lesion_verifier, train_refine_head
+
+STAGES = ("aova", "refine", "verifier")
 
 
 def main() -> None:
@@ -27,20 +29,24 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--backbone", default="demo", help="package whose backbone is reused (default: demo)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--resume", action="store_true", help="keep OUT's fused AOVA head, train refinement only")
+    parser.add_argument("--start", choices=STAGES, default="aova",
+                        help="first stage to train; OUT must hold the earlier ones (default: aova)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     r = DemoRecipe(seed=args.seed)
     start = time.time()
-    manifest = args.out / "manifest.json"
-    if not (args.resume and manifest.exists() and "fusion" in manifest.read_text()):
+    first = STAGES.index(args.start)
+    if first == 0:
         train_aova_head(args.backbone, args.out, args.seed, r.aova_cases, r.aova_steps, r.aova_dim, r.features, True,
                         synthetic_cases=r.aova_synthetic_cases, randomised_cases=r.aova_randomised_cases,
                         mr_healthy_cases=r.aova_mr_healthy_cases, fusion_recall=r.fusion_recall)
     print(f"AOVA head done after {time.time() - start:.0f} s", flush=True)
-    train_refine_head(args.out, None, args.seed, r.refine_cases, r.refine_steps, show_progress=True,
-                      healthy_cases=r.refine_healthy_cases)
+    if first <= 1:
+        train_refine_head(args.out, None, args.seed, r.refine_cases, r.refine_steps, show_progress=True,
+                          healthy_cases=r.refine_healthy_cases)
     print(f"refinement head done after {time.time() - start:.0f} s", flush=True)
+    train_lesion_verifier(args.out, None, args.seed, r.verifier_cases, r.verifier_healthy_cases)
+    print(f"lesion verifier done after {time.time() - start:.0f} s", flush=True)
     record(args.out, r, args.backbone)
 
 

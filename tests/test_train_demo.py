@@ -1,6 +1,6 @@
 """`diffugts train demo --quick --backbone demo`: the heads of the demo recipe on the shipped
 backbone (what retrained the shipped heads), with fusion, randomised and MR grounding cases
-and lesion-free refinement cases recorded in the package."""
+lesion-free refinement cases and the lesion verifier recorded in the package."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     assert training["aova_training"]["randomised_cases"] == 2 and training["aova_training"]["mr_healthy_cases"] == 1
     assert training["refine_training"]["healthy_cases"] == 1
     assert training["refine_training"]["false_candidate_examples"] >= 1
+    # The lesion verifier is fitted on cases of its own, or the package says why it has none.
+    verifying = training["verifier_training"]
+    assert verifying["cases"] == 2 and verifying["healthy_cases"] == 1
+    assert ("verifier" in refine) != ("not_fitted" in verifying)
     assert "--backbone demo" in training["command"]
 
 

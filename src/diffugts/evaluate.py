@@ -155,7 +155,7 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
     from diffugts.lesions import split_instances
     from diffugts.preprocess import intensity_range, to_model
     from diffugts.refine import (RefineHead, body_mask, own_channels, refine_threshold, refined_probabilities,
-                                 shared_inputs, target_region)
+                                 shared_inputs, target_region, verify_masks)
     from diffugts.synthesis import Params, make_region, pseudo_healthy
     from diffugts.synthesis.masks import spacing_kji
     from diffugts.text import make_target
@@ -206,7 +206,9 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
                                           own=own_channels(method.package, x, space, organ_masks))
             # As the lesion artifact reports them: components below the minimum volume dropped.
             cut = refine_threshold(method.package)
-            full = [split_instances((p >= cut) & a, case.geometry) > 0 for p, a in zip(probs, allowed)]
+            masks = verify_masks(method.package, [(p >= cut) & a for p, a in zip(probs, allowed)], probs, coarse,
+                                 organ_masks, shared, x, space)
+            full = [split_instances(m, case.geometry) > 0 for m in masks]
         for n, organ in enumerate(organs):
             preds = {
                 "baseline": baseline,

@@ -182,6 +182,37 @@ def own_channels(pkg, x: np.ndarray, space, organs: list[np.ndarray | None]):
     return own
 
 
+def verify_masks(pkg, masks: list[np.ndarray], probs: list[np.ndarray], coarse: list[np.ndarray],
+                 organs: list[np.ndarray | None], shared, x: np.ndarray, space) -> list[np.ndarray]:
+    """Each target's mask (study grid) without the lesions the package's lesion verifier
+    rejects (diffugts.verification); unchanged without a verifier. ``shared``: the head's
+    shared inputs (model grid), whose |x - H| channel is the residual evidence."""
+    from diffugts.lesions import voxel_ml
+    from diffugts.synthesis.masks import bbox
+    from diffugts.verification import Evidence, verified, verifier_of
+
+    verifier = verifier_of(pkg)
+    if verifier is None or not any(m.any() for m in masks):
+        return masks
+    own = own_channels(pkg, x, space, organs)
+    deviation = list(pkg.network("refine")["target_channels"]).index("deviation")
+    residual = np.asarray(shared[3].cpu() if isinstance(shared, torch.Tensor) else shared[3]) / RESIDUAL_GAIN
+    out = []
+    for n, mask in enumerate(masks):
+        box = bbox(mask)
+        if box is None:
+            out.append(mask)
+            continue
+        z = own(n, space.to_model(coarse[n]))[deviation] * DEVIATION_SCALE
+        organ = organs[n][box] if organs[n] is not None else np.zeros(mask[box].shape, bool)
+        evidence = Evidence(refined=probs[n][box], coarse=coarse[n][box], deviation=space.to_study(z, box=box),
+                            residual=space.to_study(residual, box=box), organ=organ)
+        kept = np.zeros_like(mask)
+        kept[box] = verified(mask[box], evidence, verifier, voxel_ml(space.study))
+        out.append(kept)
+    return out
+
+
 def target_region(coarse_mask: np.ndarray, geometry, dilation_mm: float) -> np.ndarray:
     """The target's own coarse mask grown exactly as synthesis grew it: a prompt's lesions
     must lie where its attention pointed (synthesis inpaints the union of every prompt's
@@ -277,6 +308,8 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
         probs = refined_probabilities(head, shared, coarse, allowed, space, roi, own_channels(pkg, x, space, organs))
     cut = refine_threshold(pkg)
     masks = [(p >= cut) & a for p, a in zip(probs, allowed)]
+    if any(a.any() for a in allowed):
+        masks = verify_masks(pkg, masks, probs, coarse, organs, shared, x, space)
     targets = [{"prompt": e["prompt"], "score": e["score"]} for e in att["targets"]]
     summary = write_lesion_artifact(out_dir, study, targets, masks, probs, min_volume_ml=min_volume_ml,
                                     model={"name": pkg.name, "sha256": pkg.sha256})

@@ -57,6 +57,14 @@ def register(sub) -> None:
     _dataset_args(r)
     r.set_defaults(func=_refine)
 
+    v = t.add_parser("verifier", help="the lesion verifier: keeps or drops each refined lesion (after `train refine`)")
+    v.add_argument("--model", required=True, help="package with a fused AOVA head and a refinement head")
+    v.add_argument("--out", default=None, help="write a new package here (default: update --model)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--cases", type=int, default=12, help="seen-type cases the refinement head never saw (default 12)")
+    v.add_argument("--healthy-cases", type=int, default=6, help="lesion-free cases (default 6)")
+    v.set_defaults(func=_verifier)
+
     d = t.add_parser("demo", help="the whole demo model (what `make demo-model` runs)")
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)
@@ -184,6 +192,21 @@ def _refine(args) -> int:
         checkpoint.remove()
     dice = pkg.manifest["provenance"]["refine_training"]["held_out_seen_dice"]
     print(f"wrote {pkg.root} (held-out seen Dice of the refined mask: {dice})")
+    return 0
+
+
+def _verifier(args) -> int:
+    from diffugts.train.run import train_lesion_verifier
+
+    pkg = train_lesion_verifier(args.model, Path(args.out) if args.out else None, args.seed, args.cases,
+                                args.healthy_cases, show_progress=not args.quiet)
+    r = pkg.manifest["provenance"]["verifier_training"]
+    if "not_fitted" in r:
+        print(f"wrote {pkg.root} without a lesion verifier: {r['not_fitted']}")
+        return 0
+    print(f"wrote {pkg.root} (fitting cases: {r['kept_false_components']} of {r['components'] - r['lesion_components']} "
+          f"false lesions kept, {r['kept_lesion_components']} of {r['lesion_components']} true; pooled Dice "
+          f"{r['dice_before']} -> {r['dice_after']})")
     return 0
 
 

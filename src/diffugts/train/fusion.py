@@ -45,28 +45,37 @@ def fusion_samples(head: AOVAHead, text: TextEncoder, data: list[CaseFeatures], 
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.float32)
 
 
-def fit_fusion(features: np.ndarray, labels: np.ndarray, params: DeviationParams, recall: float = 0.85,
-               steps: int = 200) -> tuple[Fusion, float]:
-    """Logistic regression (class-balanced, LBFGS) and the threshold that keeps ``recall``
-    of the lesion voxels."""
-    x = torch.from_numpy(features).double()
-    y = torch.from_numpy(labels).double()
+def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-4,
+                 steps: int = 200) -> tuple[np.ndarray, float]:
+    """Class-balanced logistic regression (LBFGS): (weights (F,), bias). Shared by the fusion
+    and the lesion verifier (train/verify.py): a handful of weights fitted on all samples at
+    once, where a torch optimiser loop of a few lines is all it takes."""
+    x = torch.from_numpy(np.asarray(features, np.float64))
+    y = torch.from_numpy(np.asarray(labels, np.float64))
     pos = float(y.sum())
     weight = torch.where(y > 0, (len(y) - pos) / max(pos, 1.0), 1.0)
-    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        logit = x @ w[:2] + w[2]
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y, weight=weight) + 1e-4 * (w[:2] ** 2).sum()
+        logit = x @ w[:-1] + w[-1]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y, weight=weight) + l2 * (w[:-1] ** 2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    a, d, b = (float(v) for v in w.detach())
-    fusion = Fusion(a, d, b, params)
-    prob = torch.sigmoid(x @ w.detach()[:2] + w.detach()[2]).numpy()
+    w = w.detach().numpy()
+    return w[:-1], float(w[-1])
+
+
+def fit_fusion(features: np.ndarray, labels: np.ndarray, params: DeviationParams, recall: float = 0.85,
+               steps: int = 200) -> tuple[Fusion, float]:
+    """Logistic regression (class-balanced, LBFGS) and the threshold that keeps ``recall``
+    of the lesion voxels."""
+    (a, d), b = fit_logistic(features, labels, steps=steps)
+    fusion = Fusion(float(a), float(d), b, params)
+    prob = 1.0 / (1.0 + np.exp(-(np.asarray(features, np.float64) @ np.array([a, d]) + b)))
     lesion_prob = np.sort(prob[labels > 0])
     threshold = float(lesion_prob[int((1 - recall) * len(lesion_prob))]) if len(lesion_prob) else 0.5
     return fusion, float(np.clip(threshold, 0.05, 0.95))

@@ -18,6 +18,8 @@ SYNTHETIC_INDEX = 1000  # healthy cases for synthetic anomalies: indices from he
 SYNTHETIC_STREAM = 77  # the anomalies' own random stream, apart from the phantoms'
 RANDOMISE_STREAM = 78  # the intensity randomisation's own stream
 HEALTHY_INDEX = 3000  # lesion-free cases for the refinement head: indices from here in its seed range
+VERIFY_INDEX = 4000  # seen-type cases for the lesion verifier: indices from here in the refinement seed range
+VERIFY_HEALTHY_INDEX = 4500  # and its lesion-free cases
 MR_INDEX = 2000  # lesion-free MR cases for region grounding: indices from here in the AOVA seed range
 AOVA_FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
 
@@ -55,6 +57,10 @@ class DemoRecipe:
     refine_cases: int = 30
     refine_steps: int = 900
     refine_healthy_cases: int = 12  # lesion-free cases: their coarse candidates teach the head to say "nothing"
+    # The lesion verifier (diffugts.verification), fitted on cases the refinement head never
+    # saw; 0 cases: no verifier. Needs the fused coarse map (its deviation is evidence).
+    verifier_cases: int = 12
+    verifier_healthy_cases: int = 6
     # None: the backbone's default scales (default_features)
     features: list[str] | None = field(default_factory=lambda: list(AOVA_FEATURES))
     config: str = "demo"  # backbone configuration (models/configs.py): its family picks the backbone recipe
@@ -68,12 +74,13 @@ class DemoRecipe:
         """A few minutes instead of most of an hour: for tests and smoke runs."""
         return cls(seed=seed, backbone_cases=6, vae_steps=30, denoiser_steps=30, aova_cases=6, aova_steps=40,
                    aova_dim=16, refine_cases=4, refine_steps=30, aova_randomised_cases=2, aova_mr_healthy_cases=1,
-                   refine_healthy_cases=1, phantom_shape=(32, 64, 64))
+                   refine_healthy_cases=1, verifier_cases=2, verifier_healthy_cases=1, phantom_shape=(32, 64, 64))
 
 
 # The 2D demo model keeps the heads it shipped with (no fusion, no randomisation, no
 # lesion-free refinement cases): it has not been retrained since (docs/backbones-2d.md).
-LEGACY_HEADS = dict(aova_randomised_cases=0, aova_mr_healthy_cases=0, fusion_recall=None, refine_healthy_cases=0)
+LEGACY_HEADS = dict(aova_randomised_cases=0, aova_mr_healthy_cases=0, fusion_recall=None, refine_healthy_cases=0,
+                    verifier_cases=0, verifier_healthy_cases=0)
 
 
 def demo_2d(seed: int = 0) -> DemoRecipe:

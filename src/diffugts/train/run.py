@@ -140,44 +140,61 @@ def _ends(curve: list[float], n: int = 20) -> list[float]:
     return [round(float(np.mean(curve[:n])), 5), round(float(np.mean(curve[-n:])), 5)] if curve else []
 
 
+class _ExampleMaker:
+    """Refinement examples of phantom cases of the refinement seed range, made as inference
+    makes its inputs (the package's AOVA head, fusion and synthesis), for the refinement head
+    and the lesion verifier."""
+
+    def __init__(self, pkg: ModelPackage, seed: int, synthesis_steps: int, phantom_shape=None,
+                 device: str | None = None):
+        from diffugts.attend import default_threshold, fusion_of, load_head
+        from diffugts.aova import AOVAHead
+        from diffugts.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
+        from diffugts.synthesis import Params
+
+        self.prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
+        self.backbone = load_backbone(pkg, device or "cpu")
+        self.aova = load_head(pkg, "aova", AOVAHead)
+        self.features = pkg.network("aova")["features"]
+        self.fusion = fusion_of(pkg)
+        self.threshold = default_threshold(pkg)
+        self.channels = TARGET_CHANNELS if self.fusion else LEGACY_TARGET_CHANNELS
+        self.text = TextEncoder()
+        self.params = Params(steps=synthesis_steps)
+        self.rng = np.random.default_rng(seed)
+        self.case_seed, self.shape = R.REFINE_SEED + seed, phantom_shape
+
+    def __call__(self, index: int, healthy: bool):
+        case = phantom_case(self.case_seed, index, self.prep, split="seen", healthy=healthy, healthy_fraction=0.0,
+                            keep_volume=True, shape=self.shape)
+        return self.examples(case)
+
+    def examples(self, case):
+        """The examples of any case on the model grid with its volume (a dataset case too)."""
+        from diffugts.train.refine import refinement_example
+
+        return refinement_example(case, self.backbone, self.aova, self.text, self.features, self.prep, self.params,
+                                  self.rng, self.fusion, self.threshold, self.channels)
+
+
 def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 40, steps: int = 1200,
                       synthesis_steps: int = 10, show_progress: bool = True, phantom_shape=None,
                       healthy_cases: int = 0, source=None, checkpoint=None, device: str | None = None) -> ModelPackage:
-    """``source``, ``checkpoint``, ``device``: as :func:`train_aova_head`. ``healthy_cases``: lesion-free cases whose coarse candidates are all false (with a fused
-    coarse map the head also takes each target's deviation and organ channels)."""
-    from diffugts.attend import default_threshold, fusion_of, load_head
-    from diffugts.aova import AOVAHead
-    from diffugts.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
-    from diffugts.synthesis import Params
-    from diffugts.train.refine import (calibrate_threshold, evaluate_refine, held_out_probabilities,
-                                       refinement_example, train_refine)
+    """``healthy_cases``: lesion-free cases whose coarse candidates are all false (with a fused
+    coarse map the head also takes each target's deviation and organ channels). ``source``,
+    ``checkpoint``, ``device``: as :func:`train_aova_head`."""
+    from diffugts.train.refine import calibrate_threshold, evaluate_refine, held_out_probabilities, train_refine
 
     pkg = open_package(model)
-    prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
-    backbone = load_backbone(pkg, device or "cpu")
-    aova = load_head(pkg, "aova", AOVAHead)
-    features = pkg.network("aova")["features"]
-    fusion = fusion_of(pkg)
-    threshold = default_threshold(pkg)
-    channels = TARGET_CHANNELS if fusion else LEGACY_TARGET_CHANNELS
-    text = TextEncoder()
-    params = Params(steps=synthesis_steps)
-    rng = np.random.default_rng(seed)
+    make = _ExampleMaker(pkg, seed, synthesis_steps, phantom_shape, device)
     examples, held_out = [], []
     plan = ([(i, False) for i in range(cases + (4 if cases or not source else 0))]
             + [(R.HEALTHY_INDEX + i, True) for i in range(healthy_cases + (2 if healthy_cases else 0))])
-    for n, (i, healthy) in enumerate(progress(plan, desc="synthesis for refinement", unit="case",
-                                              enable=show_progress)):
-        case = phantom_case(R.REFINE_SEED + seed, i, prep, split="seen", healthy=healthy, healthy_fraction=0.0,
-                            keep_volume=True, shape=phantom_shape)
-        made = refinement_example(case, backbone, aova, text, features, prep, params, rng, fusion, threshold,
-                                  channels)
+    for i, healthy in progress(plan, desc="synthesis for refinement", unit="case", enable=show_progress):
         train = (i < cases) if not healthy else (i - R.HEALTHY_INDEX < healthy_cases)
-        (examples if train else held_out).extend(made)
-    for case, train in source.refine_cases(prep) if source else ():
-        made = refinement_example(case, backbone, aova, text, features, prep, params, rng, fusion, threshold,
-                                  channels)
-        (examples if train else held_out).extend(made)
+        (examples if train else held_out).extend(make(i, healthy))
+    for case, train in source.refine_cases(make.prep) if source else ():
+        (examples if train else held_out).extend(make.examples(case))
     t0 = time.perf_counter()
     head, history = train_refine(examples, steps, seed, show_progress=show_progress, checkpoint=checkpoint)
     seconds = time.perf_counter() - t0
@@ -185,22 +202,63 @@ def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0,
     probs = held_out_probabilities(head, held_out)
     cut = calibrate_threshold(probs, held_out) if healthy_cases else 0.5
     val = evaluate_refine(head, held_out, cut, probs)
-    entry = {"config": head.config, "threshold": cut, "target_channels": list(channels)}
+    entry = {"config": head.config, "threshold": cut, "target_channels": list(make.channels)}
     return add_networks(pkg, {"refine": (entry, head.state_dict())}, out=out,
                         provenance={"refine_training": {
                             "command": command_line(), "seed": seed, "cases": cases, "healthy_cases": healthy_cases,
                             "examples": len(examples), "false_candidate_examples": sum(not e.truth.any() for e in examples),
-                            "case_seed": R.REFINE_SEED + seed, "steps": steps, "synthesis_steps": synthesis_steps,
+                            "case_seed": make.case_seed, "steps": steps, "synthesis_steps": synthesis_steps,
                             "loss_first_last": _ends([h["loss"] for h in history]), "seconds": round(seconds, 1),
                             "held_out_seen_dice": round(val["dice"], 4),
                             "held_out_false_voxels_per_negative": round(val["false_voxels_per_negative"], 1),
                             **({"datasets": source.provenance()} if source else {})}})
 
 
+def train_lesion_verifier(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 12,
+                          healthy_cases: int = 6, synthesis_steps: int = 10, show_progress: bool = True,
+                          phantom_shape=None) -> ModelPackage:
+    """The lesion verifier of a package with a fused coarse map and a refinement head, fitted
+    on ``cases`` seen-type and ``healthy_cases`` lesion-free phantoms the head never saw
+    (diffugts.train.verify); stored as ``networks.refine.verifier``."""
+    from diffugts.attend import load_head
+    from diffugts.lesions import DEFAULT_MIN_VOLUME_ML
+    from diffugts.refine import RefineHead, refine_threshold
+    from diffugts.train.refine import held_out_probabilities
+    from diffugts.train.verify import component_samples, fit_verifier
+
+    pkg = open_package(model)
+    if "deviation" not in (pkg.network("refine") or {}).get("target_channels", []):
+        raise ConfigError(f"{pkg.root}: the lesion verifier needs a refinement head that takes the organ-relative "
+                          "deviation (train the AOVA head with a fusion, then `diffugts train refine`)")
+    make = _ExampleMaker(pkg, seed, synthesis_steps, phantom_shape)
+    head, cut = load_head(pkg, "refine", RefineHead), refine_threshold(pkg)
+    plan = [(R.VERIFY_INDEX + i, False) for i in range(cases)] + [(R.VERIFY_HEALTHY_INDEX + i, True)
+                                                                  for i in range(healthy_cases)]
+    examples = [ex for i, healthy in progress(plan, desc="synthesis for verification", unit="case",
+                                              enable=show_progress) for ex in make(i, healthy)]
+    probs = held_out_probabilities(head, examples)
+    voxel_ml = float(np.prod(make.prep.spacing_mm)) / 1000
+    samples = component_samples(examples, probs, cut, voxel_ml, DEFAULT_MIN_VOLUME_ML)
+    lesion = sum(s["lesion"] for s in samples)
+    entry = {k: v for k, v in pkg.network("refine").items() if k != "verifier"}
+    if 0 < lesion < len(samples):
+        verifier, report = fit_verifier(samples, sum(int(e.truth.sum()) for e in examples))
+        entry["verifier"] = verifier.as_dict()
+    else:  # nothing to tell apart: the package keeps every refined lesion, and says why
+        report = {"components": len(samples), "lesion_components": lesion,
+                  "not_fitted": "the refined masks of the fitting cases hold no true and false lesions to tell apart"}
+        log.warning("%s: lesion verifier not fitted (%d components, %d of them lesions)", pkg.root, len(samples),
+                    lesion)
+    return add_networks(pkg, {"refine": (entry, pkg.state_dict("refine"))}, out=out, provenance={"verifier_training": {
+        "command": command_line(), "seed": seed, "cases": cases, "healthy_cases": healthy_cases,
+        "case_seed": make.case_seed, "indices": [R.VERIFY_INDEX, R.VERIFY_HEALTHY_INDEX], **report}})
+
+
 def train_demo(out: Path, recipe: R.DemoRecipe, show_progress: bool = True,
                backbone: str | Path | None = None) -> ModelPackage:
     """The whole demo model of the recipe's configuration (``demo``: 3D, ``demo-2d``: the
-    diffusers family): backbone, then the AOVA head, then the refinement head.
+    diffusers family): backbone, then the AOVA head, then the refinement head and its lesion
+    verifier.
     ``backbone``: a package whose trained backbone is reused (heads only; the backbone's own
     provenance is kept, and the manifest says where it came from)."""
     clock = time.perf_counter()
@@ -221,6 +279,9 @@ def train_demo(out: Path, recipe: R.DemoRecipe, show_progress: bool = True,
                     fusion_recall=recipe.fusion_recall)
     pkg = train_refine_head(out, None, recipe.seed, recipe.refine_cases, recipe.refine_steps,
                             show_progress=show_progress, phantom_shape=shape, healthy_cases=recipe.refine_healthy_cases)
+    if recipe.verifier_cases:
+        pkg = train_lesion_verifier(out, None, recipe.seed, recipe.verifier_cases, recipe.verifier_healthy_cases,
+                                    show_progress=show_progress, phantom_shape=shape)
     manifest_provenance = {"recipe": recipe.as_dict(), "command": command_line(),
                            "total_seconds": round(time.perf_counter() - clock, 1)}
     return add_networks(pkg, {}, provenance=manifest_provenance)

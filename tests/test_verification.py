@@ -1,0 +1,139 @@
+"""Lesion verification: component features, the verifier's decisions, its fitting, and the
+refine stage and evaluate applying it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from diffugts.cli import main
+from diffugts.models.package import add_networks
+from diffugts.phantom import CaseSpec, generate_case, write_case
+from diffugts.train.verify import fit_verifier
+from diffugts.verification import FEATURES, Evidence, LesionVerifier, candidates, verified, verifier_of
+from modelfactory import random_package
+
+
+def two_blobs():
+    """A 3x3x3 blob with strong evidence and a 2x2x2 one with weak evidence."""
+    mask = np.zeros((12, 12, 12), bool)
+    mask[1:4, 1:4, 1:4] = True
+    mask[8:10, 8:10, 8:10] = True
+    strong = np.zeros(mask.shape, np.float32)
+    strong[1:4, 1:4, 1:4] = 0.9
+    strong[2, 2, 2] = 1.0
+    strong[8:10, 8:10, 8:10] = 0.2
+    organ = np.ones(mask.shape, bool)
+    organ[8:10, 8:10, 8] = False  # half the small blob lies outside the organ
+    evidence = Evidence(refined=strong, coarse=strong / 2, deviation=strong * 4, residual=strong / 10, organ=organ)
+    return mask, evidence
+
+
+def test_candidate_features_are_per_component_volumes_and_means():
+    mask, evidence = two_blobs()
+    labels, ids, feats = candidates(mask, evidence, voxel_ml=0.01)
+    assert len(ids) == 2 and feats.shape == (2, len(FEATURES))
+    by_size = {int((labels == i).sum()): f for i, f in zip(ids, feats)}
+    big, small = by_size[27], by_size[8]
+    f = dict(zip(FEATURES, big))
+    assert f["log_volume_ml"] == pytest.approx(np.log10(0.27))
+    assert f["refined_mean"] == pytest.approx((26 * 0.9 + 1.0) / 27, rel=1e-5) and f["refined_max"] == 1.0
+    assert f["coarse_mean"] == pytest.approx(f["refined_mean"] / 2, rel=1e-5)
+    assert f["deviation_mean"] == pytest.approx(f["refined_mean"] * 4, rel=1e-5)
+    assert f["organ_fraction"] == 1.0
+    assert dict(zip(FEATURES, small))["organ_fraction"] == pytest.approx(0.5)
+    # The minimum volume leaves the small one out (0.08 mL < 0.1 mL).
+    assert len(candidates(mask, evidence, voxel_ml=0.01, min_volume_ml=0.1)[1]) == 1
+
+
+def test_verifier_drops_weak_components_and_round_trips():
+    mask, evidence = two_blobs()
+    weights = tuple(1.0 if name == "refined_mean" else 0.0 for name in FEATURES)
+    verifier = LesionVerifier(weights, 0.0, tuple([0.0] * len(FEATURES)), tuple([1.0] * len(FEATURES)),
+                              threshold=0.6)
+    kept = verified(mask, evidence, verifier, voxel_ml=0.01)
+    assert kept[1:4, 1:4, 1:4].all() and not kept[8:10, 8:10, 8:10].any()
+    assert LesionVerifier.from_dict(json.loads(json.dumps(verifier.as_dict()))) == verifier
+    assert (verified(mask, evidence, None, 0.01) == mask).all()  # no verifier: everything kept
+    with pytest.raises(ValueError, match="features"):
+        LesionVerifier.from_dict({**verifier.as_dict(), "features": ["volume"]})
+
+
+def test_fitting_separates_true_from_false_components_and_never_lowers_dice():
+    rng = np.random.default_rng(0)
+    samples = []
+    for n in range(60):
+        lesion = n % 3 == 0
+        feats = rng.normal(0, 1, len(FEATURES))
+        feats[1] += 3.0 if lesion else 0.0  # the head is surer across true lesions
+        voxels = int(rng.integers(20, 200))
+        samples.append({"features": feats, "lesion": lesion, "voxels": voxels,
+                        "hits": voxels // 2 if lesion else 0, "example": n})
+    truth = sum(s["hits"] for s in samples) + 500  # some true voxels no component found
+    verifier, report = fit_verifier(samples, truth)
+    assert verifier.weights[1] == max(verifier.weights)
+    assert report["kept_false_components"] < 10 and report["kept_lesion_components"] >= 15
+    assert report["dice_after"] > report["dice_before"]
+    with pytest.raises(ValueError, match="both"):
+        fit_verifier([s for s in samples if not s["lesion"]], truth)
+
+
+@pytest.fixture(scope="module")
+def permissive(tmp_path_factory):
+    """A fused random package whose every coarse and refined voxel counts, so its refined
+    masks are not empty, with three verifiers: none, keep-all and reject-all."""
+    pkg = random_package(tmp_path_factory.mktemp("verify"), fused=True)
+    aova = {**pkg.network("aova"), "threshold": 0.02}
+    refine = {**pkg.network("refine"), "threshold": 0.0}
+    base = add_networks(pkg, {"aova": (aova, pkg.state_dict("aova")), "refine": (refine, pkg.state_dict("refine"))},
+                        out=pkg.root.parent / "none")
+    out = {"none": base}
+    zeros, ones = tuple([0.0] * len(FEATURES)), tuple([1.0] * len(FEATURES))
+    for name, bias in (("keep", 50.0), ("reject", -50.0)):
+        entry = {**refine, "verifier": LesionVerifier(zeros, bias, zeros, ones, 0.5).as_dict()}
+        out[name] = add_networks(base, {"refine": (entry, base.state_dict("refine"))}, out=pkg.root.parent / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    spec = CaseSpec(seed=11, index=0, shape=(32, 64, 64), split="seen", healthy_fraction=0.0)
+    return write_case(generate_case(spec), tmp_path_factory.mktemp("case"))
+
+
+def lesion_mask(out) -> np.ndarray:
+    lesions = json.loads((out / "lesions" / "lesions.json").read_text())
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lesions" / lesions["targets"][0]["mask"]))) > 0
+
+
+def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
+    masks = {}
+    for name, pkg in permissive.items():
+        out = tmp_path / name
+        assert main(["-q", "segment", str(study / "dicom"), "--out", str(out), "--model", str(pkg.root),
+                     "--prompt", "liver tumor", "--no-report"]) == 0
+        masks[name] = lesion_mask(out)
+    assert verifier_of(permissive["none"]) is None and verifier_of(permissive["keep"]) is not None
+    assert masks["none"].any()  # the test means something: there is a lesion to verify
+    assert (masks["keep"] == masks["none"]).all()
+    assert not masks["reject"].any()
+
+
+def test_evaluate_scores_the_verified_mask(permissive, study):
+    from diffugts.evaluate import evaluate
+
+    full = {name: [r for r in evaluate(study.parent, str(pkg.root), variants=("full",), show_progress=False)["rows"]]
+            for name, pkg in permissive.items() if name != "none"}
+    assert any(r["detected"] or r["false_lesions"] for r in full["keep"])
+    assert all(r["detected"] == 0 and r["false_lesions"] == 0 and r["dice"] == 0.0 for r in full["reject"])
+
+
+def test_train_verifier_needs_a_head_that_takes_the_deviation(tmp_path, capsys):
+    legacy = random_package(tmp_path, fused=False)
+    code = main(["-q", "train", "verifier", "--model", str(legacy.root), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "deviation" in err[0]
+    assert not (tmp_path / "out").exists()

@@ -143,3 +143,24 @@ def test_the_cli_says_one_line_exits_2_and_writes_no_result(world, tmp_path, cap
                "--dataset", str(world["kits"]), "--mapping", "kits23", "--mapping", "kits23", "--mapping", "x"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "2 --dataset but 3 --mapping" in err
+
+
+def test_an_unreadable_seg_names_itself_without_uids(world, tmp_path):
+    root = F.write_dicom_seg(tmp_path / "dicom", world["cases"][:1])
+    seg = root / world["cases"][0].spec.case_id / "seg.dcm"
+    import pydicom
+
+    ds = pydicom.dcmread(seg)
+    del ds.SegmentSequence  # a SEG without segment descriptions
+    ds.save_as(seg)
+    d = open_dataset(root, world["mapping"])
+    message = _error(lambda: d.load(d.case_ids[0]))
+    assert message.startswith(f"{seg}: cannot read the DICOM SEG")
+    assert not __import__("re").search(r"\d+\.\d+\.\d+\.\d+", message.split(": ", 1)[1])
+
+
+def test_seg_error_messages_lose_their_uids():
+    from diffugts.datasets.dicomseg import without_uids
+
+    text = "Referenced SOP Instance UID 1.2.826.0.1.3680043.8.498.123\n not found in series 2.25.1234.5"
+    assert without_uids(text) == "Referenced SOP Instance UID <UID> not found in series <UID>"

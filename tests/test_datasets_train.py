@@ -122,10 +122,18 @@ def test_an_interrupted_aova_run_resumes_to_the_uninterrupted_weights(world, tmp
     assert other.resumed_from == 0
 
 
-def test_refine_training_on_a_dataset(world, tmp_path):
+def test_refine_training_on_a_dataset(world, tmp_path, monkeypatch):
+    import diffugts.train.refine as train_refine
+
+    calls = []
+    calibrate = train_refine.calibrate_threshold
+    monkeypatch.setattr(train_refine, "calibrate_threshold",
+                        lambda probs, held: calls.append(len(held)) or calibrate(probs, held))
     source = DatasetSource([_dataset(world)], show_progress=False)
     pkg = train_refine_head(world["fused"].root, tmp_path / "out", cases=0, steps=3, synthesis_steps=2,
                             show_progress=False, source=source)
+    # The threshold is calibrated on the held-out dataset cases (no lesion-free phantoms asked for).
+    assert len(calls) == 1 and calls[0] > 0
     training = pkg.manifest["provenance"]["refine_training"]
     assert training["examples"] > 0
     entry = training["datasets"]["datasets"][0]

@@ -1,4 +1,5 @@
-"""`diffugts evaluate`: Dice and NSD on phantom cases with exact ground truth.
+"""`diffugts evaluate`: Dice and NSD on phantom cases with exact ground truth, or on real
+datasets (diffugts.datasets: the same per-case code, rows grouped per dataset as well).
 
 For every case and every organ that carries lesions, the prompt "<organ> tumor" (or the
 user's template) is segmented by four variants of the method:

@@ -9,6 +9,7 @@ the mapping names segments by number or by segment label.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -62,11 +63,16 @@ def read_case(entry: Entry, show_progress: bool = False) -> tuple[sitk.Image, np
         seg = hd.seg.segread(seg_path)
         volume = seg.get_volume(combine_segments=True, relabel=False)
     except Exception as err:  # noqa: BLE001 - highdicom raises ValueError / AttributeError on bad SEGs
-        raise InputError(seg_path, f"cannot read the DICOM SEG ({' '.join(str(err).split())[:160]})") from None
+        raise InputError(seg_path, f"cannot read the DICOM SEG ({without_uids(str(err))[:160]})") from None
     labels_img = sitk.Resample(_to_sitk(volume), image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     labels = sitk.GetArrayFromImage(labels_img).astype(np.int32)
     names = {int(n): seg.get_segment_description(n).segment_label for n in seg.segment_numbers}
     return image, labels, seg_path, names, loaded.stack.modality
+
+
+def without_uids(text: str) -> str:
+    """One line, UIDs (highdicom's messages quote them) replaced: never in a log line."""
+    return re.sub(r"\b\d+(\.\d+){3,}\b", "<UID>", " ".join(text.split()))
 
 
 def _to_sitk(volume) -> sitk.Image:

@@ -200,7 +200,8 @@ def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0,
     seconds = time.perf_counter() - t0
     # The head's threshold, chosen on the held-out training cases (never evaluation seeds).
     probs = held_out_probabilities(head, held_out)
-    cut = calibrate_threshold(probs, held_out) if healthy_cases else 0.5
+    # Dataset cases bring lesion-free organs of their own (false candidates) to calibrate on.
+    cut = calibrate_threshold(probs, held_out) if (healthy_cases or source) and held_out else 0.5
     val = evaluate_refine(head, held_out, cut, probs)
     entry = {"config": head.config, "threshold": cut, "target_channels": list(make.channels)}
     return add_networks(pkg, {"refine": (entry, head.state_dict())}, out=out,

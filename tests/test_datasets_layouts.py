@@ -172,3 +172,11 @@ def test_a_case_cap_keeps_a_nested_hash_chosen_subset(world, tmp_path):
     assert [len(p) for p in picked] == [1, 2, 3]
     assert set(picked[0]) < set(picked[1]) < set(picked[2]) <= set(full.train[0].case_ids)
     assert DatasetSource([d], 0.2, show_progress=False, max_cases=2).key()["max_cases"] == 2
+
+
+def test_a_shipped_mapping_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+    (tmp_path / "kits23").mkdir()  # e.g. the dataset itself, beside the command
+    monkeypatch.chdir(tmp_path)
+    assert load_mapping("kits23").name == "kits23"
+    with pytest.raises(InputError, match="a folder, not a mapping file"):
+        load_mapping("kits23/")

@@ -76,7 +76,8 @@ def shipped_mappings() -> list[str]:
 def resolve(ref: str | Path) -> Path:
     """A file path, or the name of a shipped mapping."""
     path = Path(ref)
-    if path.exists() or path.suffix == ".json" or "/" in str(ref):
+    # A folder of the same name (a dataset called kits23 beside the command) is not a mapping.
+    if path.is_file() or path.suffix == ".json" or "/" in str(ref):
         return path
     shipped = shipped_dir() / f"{ref}.json"
     if shipped.exists():
@@ -90,6 +91,8 @@ def load_mapping(ref: str | Path) -> Mapping:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise InputError(path, "mapping file not found") from None
+    except IsADirectoryError:
+        raise InputError(path, "a folder, not a mapping file") from None
     try:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -164,3 +164,16 @@ def test_seg_error_messages_lose_their_uids():
 
     text = "Referenced SOP Instance UID 1.2.826.0.1.3680043.8.498.123\n not found in series 2.25.1234.5"
     assert without_uids(text) == "Referenced SOP Instance UID <UID> not found in series <UID>"
+
+
+def test_no_training_case_of_seen_types_is_an_error(world):
+    from diffugts.datasets.training import DatasetSource
+    from diffugts.models.configs import get_config
+    from diffugts.preprocess import Preprocessing
+
+    prep = Preprocessing.from_dict(get_config("demo")["preprocessing"])
+    source = DatasetSource([open_dataset(world["msd"], world["mapping"], seen_types=["no-such-type"])],
+                           show_progress=False)
+    message = _error(lambda: list(source.training_cases(prep)))
+    assert message.startswith(str(world["msd"])) and "has only seen lesion types" in message
+    assert source.provenance()["datasets"][0]["skipped_unseen"]

@@ -25,11 +25,12 @@ from kfp.compiler import KubernetesManifestOptions
 
 from components.images import VERSION
 from pipelines.cohort import cohort_pipeline
+from pipelines.protocol import protocol_pipeline
 from pipelines.study import study_pipeline
 from pipelines.study_fused import study_fused_pipeline
 
 PIPELINES = {"diffugts-study": study_pipeline, "diffugts-study-fused": study_fused_pipeline,
-             "diffugts-cohort": cohort_pipeline}
+             "diffugts-cohort": cohort_pipeline, "diffugts-protocol": protocol_pipeline}
 NAMESPACE = "diffugts"
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests" / "base" / "pipelines"

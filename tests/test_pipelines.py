@@ -19,7 +19,8 @@ from pipelines.compile import compile_all
 
 def test_pipelines_compile_and_load_back(tmp_path):
     paths = compile_all(tmp_path)
-    assert [p.name for p in paths] == ["diffugts-study.yaml", "diffugts-study-fused.yaml", "diffugts-cohort.yaml"]
+    assert [p.name for p in paths] == ["diffugts-study.yaml", "diffugts-study-fused.yaml", "diffugts-cohort.yaml",
+                                       "diffugts-protocol.yaml"]
     study = components.load_component_from_file(str(paths[0]))
     assert study.name == "diffugts-study"
     assert set(study.component_spec.inputs) == {"input_uri", "model_uri", "prompts", "rules", "resample",
@@ -255,3 +256,56 @@ def test_cohort_workflow_stays_small_at_10000_studies(tmp_path):
         assert rows[key]["nodes"] < 2000 and rows[key]["status_bytes"] < 1_000_000, key
     largest = [r for r in json.loads(out.read_text()) if "max_parallel" in r["layout"]][0]
     assert largest["nodes"] < 2000 and largest["status_bytes"] < 1_000_000
+
+
+def test_protocol_pipeline_trains_and_evaluates_on_the_data_volume(tmp_path):
+    """Three GPU tasks in a chain, the datasets' volume mounted on each, nothing cached."""
+    path = next(p for p in compile_all(tmp_path) if p.name == "diffugts-protocol.yaml")
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    spec = docs[0]
+    executors = spec["deploymentSpec"]["executors"]
+    assert sorted(executors) == ["exec-evaluate-on-datasets", "exec-train-aova-on-datasets",
+                                 "exec-train-refine-on-datasets"]
+    for executor in executors.values():
+        assert executor["container"]["image"] == GPU_IMAGE
+        assert executor["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["train-refine-on-datasets"]["dependentTasks"] == ["train-aova-on-datasets"]
+    assert tasks["evaluate-on-datasets"]["dependentTasks"] == ["train-refine-on-datasets"]
+    assert not any(t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
+    k8s = [d for d in docs if "platforms" in d][0]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in executors:
+        mount = k8s[name]["pvcMount"][0]
+        assert mount["mountPath"] == "/data"
+        assert mount["taskOutputParameter"] if "taskOutputParameter" in mount else mount["componentInputParameter"]
+    inputs = set(components.load_component_from_file(str(path)).component_spec.inputs)
+    assert {"model_uri", "protocol", "data_pvc", "data_root", "aova_steps", "refine_steps"} <= inputs
+
+
+@pytest.mark.slow
+def test_protocol_pipeline_runs_locally(kfp_local):
+    import datasetfactory as F
+    from pipelines.protocol import protocol_pipeline
+
+    data = kfp_local / "data"
+    cases = F.make_cases(range(8), split="seen")[:3]
+    F.write_msd(data / "seen", cases)
+    F.write_nnunet(data / "unseen", F.make_cases(range(4), seed=43, split="unseen", organs=("liver",))[:1])
+    F.write_mapping(data / "seen.json", name="kits23")
+    F.write_mapping(data / "unseen.json", name="msd-task07-pancreas")
+    (data / "split.json").write_text(json.dumps({
+        "seen_types": list(F.SEEN_TYPES), "held_out_fraction": 0.3,
+        "train": [{"mapping": str(data / "seen.json"), "path": "seen"}],
+        "evaluate": [{"mapping": str(data / "unseen.json"), "path": "unseen"}]}))
+    model = random_package(kfp_local / "model", heads=False)
+    task = protocol_pipeline(model_uri=str(model.root), protocol=str(data / "split.json"), data_root=str(data),
+                             aova_steps=2, refine_steps=2, synthesis_steps=2, randomised_cases=0)
+    out = Path(task.outputs["Output"].path)
+    result = json.loads((out / "evaluation.json").read_text())
+    roles = {d["name"]: d["role"] for d in result["datasets"]}
+    assert roles == {"kits23": "held-out", "msd-task07-pancreas": "evaluate"}
+    assert {(r["dataset"], r["split"]) for r in result["rows"]} == {("kits23", "seen"),
+                                                                   ("msd-task07-pancreas", "unseen")}
+    md = (out / "evaluation.md").read_text()
+    assert "| kits23 | seen |" in md and "| msd-task07-pancreas | unseen |" in md
+    assert not (data / ".diffugts-checkpoints").exists() or not any((data / ".diffugts-checkpoints").rglob("*.pt"))

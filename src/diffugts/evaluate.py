@@ -1,4 +1,5 @@
-"""`diffugts evaluate`: Dice and NSD on phantom cases with exact ground truth.
+"""`diffugts evaluate`: Dice and NSD on phantom cases with exact ground truth, or on real
+datasets (diffugts.datasets: the same per-case code, rows grouped per dataset as well).
 
 For every case and every organ that carries lesions, the prompt "<organ> tumor" (or the
 user's template) is segmented by four variants of the method:
@@ -143,10 +144,14 @@ def detection(pred: np.ndarray, lesion_map: np.ndarray, ids) -> tuple[int, int]:
 
 
 def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", device: str | None = None,
-             variants=None, show_progress: bool = True) -> dict:
+             variants=None, show_progress: bool = True, cases=None, datasets: list[dict] | None = None) -> dict:
     """``variants`` None: the four and ``organ_zscore``, plus ``training_free`` for a 2D
     diffusers package. Lesion-free cases are prompted for every
-    host organ and give the false-lesion rate per healthy study."""
+    host organ and give the false-lesion rate per healthy study.
+
+    ``cases``: instead of ``cases_dir``, a sized iterable of :class:`Case` (real datasets:
+    :meth:`diffugts.datasets.Dataset.eval_cases`, read one at a time); rows then carry each
+    case's ``dataset`` and ``datasets`` (their provenance) goes into the result."""
     from diffugts.attend import Method, coarse_maps, default_threshold, load_head, training_free_maps
     from diffugts.lesions import split_instances
     from diffugts.preprocess import intensity_range, to_model
@@ -156,7 +161,7 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
     from diffugts.synthesis.masks import spacing_kji
     from diffugts.text import make_target
 
-    cases = load_cases(cases_dir)
+    cases = load_cases(cases_dir) if cases is None else cases
     method = Method.load(model, device)
     refine_head = load_head(method.package, "refine", RefineHead).to(method.device)
     threshold = default_threshold(method.package, "aova")
@@ -223,9 +228,10 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
             for variant in variants:
                 pred = preds[variant]
                 false = false_lesions(pred, truth, case.geometry)
+                source = {"dataset": case.meta["dataset"]} if "dataset" in case.meta else {}
                 if not recs:
                     healthy_rows.append({"case": case.case_id, "modality": case.modality, "organ": organ,
-                                         "variant": variant, "false_lesions": false})
+                                         "variant": variant, "false_lesions": false, **source})
                     continue
                 found, total = detection(pred, case.lesions, ids)
                 largest = max(recs, key=lambda r: r["voxels"])
@@ -235,11 +241,16 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
                     "split": "seen" if all(r["split"] == "seen" for r in recs) else "unseen",
                     "dice": dice(pred, truth), "nsd": nsd(pred, truth, case.geometry.spacing[::-1]),
                     "detected": found, "lesions": total, "false_lesions": false,
-                    "score": float((free_scores if variant == "training_free" else maps.score)[n]),
+                    "score": float((free_scores if variant == "training_free" else maps.score)[n]), **source,
                 })
-    return {"model": {"name": method.package.name, "sha256": method.package.sha256},
-            "prompt_template": prompt_template, "cases": len(cases), "variants": list(variants), "rows": rows,
-            "healthy_rows": healthy_rows, "summary": summarise(rows), "healthy": summarise_healthy(healthy_rows)}
+    result = {"model": {"name": method.package.name, "sha256": method.package.sha256},
+              "prompt_template": prompt_template, "cases": len(cases), "variants": list(variants), "rows": rows,
+              "healthy_rows": healthy_rows, "summary": summarise(rows), "healthy": summarise_healthy(healthy_rows)}
+    if datasets is not None:
+        from diffugts.datasets.report import summarise_datasets
+
+        result.update(datasets=datasets, **summarise_datasets(rows, healthy_rows))
+    return result
 
 
 def false_lesions(pred: np.ndarray, truth: np.ndarray, geometry: Geometry) -> int:
@@ -252,19 +263,21 @@ def false_lesions(pred: np.ndarray, truth: np.ndarray, geometry: Geometry) -> in
     return int(sum(1 for i in range(1, int(labels.max()) + 1) if i not in hit))
 
 
-def summarise_healthy(rows: list[dict]) -> dict:
-    """False lesions per lesion-free study (every host organ prompted), per modality and variant."""
+def summarise_healthy(rows: list[dict], key: str = "modality") -> dict:
+    """False lesions per lesion-free study (every host organ prompted), per modality (or
+    ``key``) and variant."""
     table: dict[str, dict[str, dict]] = {}
     for row in rows:
-        cell = table.setdefault(row["modality"], {}).setdefault(row["variant"], {"cases": set(), "false": 0})
+        cell = table.setdefault(row[key], {}).setdefault(row["variant"], {"cases": set(), "false": 0})
         cell["cases"].add(row["case"])
         cell["false"] += row["false_lesions"]
     return {m: {v: {"false_lesions_per_study": round(c["false"] / len(c["cases"]), 3), "studies": len(c["cases"])}
                 for v, c in cells.items()} for m, cells in sorted(table.items())}
 
 
-def summarise(rows: list[dict]) -> dict:
-    groups = {"modality_split": ["modality", "split"], "split": ["split"], "modality": ["modality"], "lesion_type": ["lesion_type"], "organ": ["organ"]}
+def summarise(rows: list[dict], groups: dict[str, list[str]] | None = None) -> dict:
+    groups = groups or {"modality_split": ["modality", "split"], "split": ["split"], "modality": ["modality"],
+                        "lesion_type": ["lesion_type"], "organ": ["organ"]}
     out = {}
     for name, keys in groups.items():
         table: dict[str, dict] = {}
@@ -320,6 +333,10 @@ def markdown(result: dict) -> str:
             vals = [f"{cells[v]['false_lesions_per_study']:.2f}" if v in cells else "-" for v in variants]
             lines.append(f"| {modality} | {n} | " + " | ".join(vals) + " |")
         lines.append("")
+    if result.get("datasets") is not None:
+        from diffugts.datasets.report import markdown_datasets
+
+        lines += markdown_datasets(result, variants)
     return "\n".join(lines)
 
 

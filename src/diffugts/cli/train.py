@@ -8,7 +8,7 @@ DEMO_CONFIGS = ("demo", "demo-2d")  # configurations with a training recipe
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train the demo backbone or the trainable heads on the phantom world")
+    p = sub.add_parser("train", help="train the demo backbone, or the trainable heads on phantoms and real datasets")
     t = p.add_subparsers(dest="train_command", metavar="WHAT", required=True)
 
     b = t.add_parser("backbone", help="demo VAE + denoiser (healthy anatomy), 3D or 2D by --config")
@@ -43,6 +43,7 @@ def register(sub) -> None:
     a.add_argument("--features", default=None,
                    help="comma-separated backbone feature maps (default: the demo recipe's, or every scale but the "
                         "finest for backbones without them)")
+    _dataset_args(a)
     a.set_defaults(func=_aova)
 
     r = t.add_parser("refine", help="the residual refinement head, on seen lesion types only")
@@ -53,6 +54,7 @@ def register(sub) -> None:
     r.add_argument("--steps", type=int, default=1200)
     r.add_argument("--healthy-cases", type=int, default=12,
                    help="lesion-free cases whose coarse candidates teach the head to answer 'nothing' (default 12)")
+    _dataset_args(r)
     r.set_defaults(func=_refine)
 
     v = t.add_parser("verifier", help="the lesion verifier: keeps or drops each refined lesion (after `train refine`)")
@@ -84,14 +86,94 @@ def _backbone(args) -> int:
     return 0
 
 
+def _dataset_args(p) -> None:
+    g = p.add_argument_group("real datasets (docs/datasets.md); phantoms still come from --cases (0: none)")
+    g.add_argument("--dataset", action="append", metavar="PATH",
+                   help="a dataset folder: MSD / nnU-Net v2 raw, KiTS23, or DICOM series + SEG (repeatable)")
+    g.add_argument("--mapping", action="append", metavar="FILE",
+                   help="label mapping (a file or a shipped name, e.g. kits23): one for all --dataset or one each")
+    g.add_argument("--organs", action="append", metavar="DIR",
+                   help="TotalSegmentator outputs for datasets without organ labels: one for all or one each ('-': "
+                        "none)")
+    g.add_argument("--seen", action="append", metavar="TYPE",
+                   help="lesion types training may see (repeatable; default: the split file's seen_types)")
+    g.add_argument("--protocol", metavar="SPLIT",
+                   help="a split file or 'paper-protocol': train on its training datasets under --data-root "
+                        "(instead of --dataset)")
+    g.add_argument("--data-root", default=".", help="where the split file's dataset paths start (default .)")
+    g.add_argument("--held-out-fraction", type=float, default=None,
+                   help="share of each dataset's cases held out to validate (default: the split file's, 0.2)")
+    g.add_argument("--max-cases", type=int, default=None,
+                   help="at most N training cases per dataset (the training loops keep every case in memory; "
+                        "default: all)")
+    g.add_argument("--checkpoint-every", type=int, default=100,
+                   help="save the head every N steps into OUT/.checkpoints/ and resume from there after an "
+                        "interruption (default 100; 0: never)")
+    g.add_argument("--device", default=None,
+                   help="where the frozen backbone runs (features, synthesis): cpu (default), cuda, auto; the "
+                        "small heads train on the CPU")
+
+
+def _source(args):
+    """The datasets of the command line, or None (phantoms only)."""
+    if args.dataset and args.protocol:
+        from diffugts.errors import ConfigError
+
+        raise ConfigError("--dataset and --protocol: give one or the other (the split file names its datasets)")
+    if not args.dataset and not args.protocol:
+        if args.mapping or args.organs:
+            from diffugts.errors import ConfigError
+
+            raise ConfigError("--mapping / --organs go with --dataset")
+        return None
+    from diffugts.datasets.run import protocol_source
+    from diffugts.datasets.select import explicit, protocol_of
+    from diffugts.datasets.training import DatasetSource
+
+    if args.protocol:
+        return protocol_source(args.protocol, args.data_root, args.seen, args.held_out_fraction, not args.quiet,
+                               args.max_cases)
+    protocol = protocol_of(None)
+    datasets = explicit(args.dataset, args.mapping, args.organs, args.seen or protocol.seen_types)
+    fraction = protocol.held_out_fraction if args.held_out_fraction is None else args.held_out_fraction
+    return DatasetSource(datasets, fraction, show_progress=not args.quiet, max_cases=args.max_cases)
+
+
+def _checkpoint(args, head: str, source, settings: dict):
+    """OUT/.checkpoints/<head>.pt (the model folder when it is updated in place)."""
+    if not args.checkpoint_every or (not args.out and str(args.model).startswith("s3://")):
+        return None
+    from diffugts.datasets.run import training_checkpoint
+    from diffugts.models.package import open_package
+
+    root = Path(args.out) if args.out else open_package(args.model).root
+    return training_checkpoint(root / ".checkpoints", head, args.model, settings, source, args.checkpoint_every)
+
+
+def _device(args) -> str | None:
+    if args.device in (None, "cpu"):
+        return None
+    from diffugts.device import pick_device
+
+    return str(pick_device(None if args.device == "auto" else args.device))
+
+
 def _aova(args) -> int:
     from diffugts.train.run import train_aova_head
 
     features = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
+    source = _source(args)
+    checkpoint = _checkpoint(args, "aova", source, {
+        "seed": args.seed, "cases": args.cases, "dim": args.dim, "features": features,
+        "synthetic_cases": args.synthetic_cases, "randomised_cases": args.randomised_cases,
+        "mr_healthy_cases": args.mr_healthy_cases})
     pkg = train_aova_head(args.model, Path(args.out) if args.out else None, args.seed, args.cases, args.steps,
                           args.dim, features, show_progress=not args.quiet, synthetic_cases=args.synthetic_cases,
                           randomised_cases=args.randomised_cases, mr_healthy_cases=args.mr_healthy_cases,
-                          fusion_recall=args.fusion_recall or None)
+                          fusion_recall=args.fusion_recall or None, source=source, checkpoint=checkpoint,
+                          device=_device(args))
+    if checkpoint:
+        checkpoint.remove()
     dice = pkg.manifest["provenance"]["aova_training"]["held_out_seen_dice"]
     print(f"wrote {pkg.root} (held-out seen Dice of the coarse map: {dice})")
     return 0
@@ -100,8 +182,14 @@ def _aova(args) -> int:
 def _refine(args) -> int:
     from diffugts.train.run import train_refine_head
 
+    source = _source(args)
+    checkpoint = _checkpoint(args, "refine", source, {"seed": args.seed, "cases": args.cases,
+                                                      "healthy_cases": args.healthy_cases})
     pkg = train_refine_head(args.model, Path(args.out) if args.out else None, args.seed, args.cases, args.steps,
-                            show_progress=not args.quiet, healthy_cases=args.healthy_cases)
+                            show_progress=not args.quiet, healthy_cases=args.healthy_cases, source=source,
+                            checkpoint=checkpoint, device=_device(args))
+    if checkpoint:
+        checkpoint.remove()
     dice = pkg.manifest["provenance"]["refine_training"]["held_out_seen_dice"]
     print(f"wrote {pkg.root} (held-out seen Dice of the refined mask: {dice})")
     return 0

@@ -87,7 +87,9 @@ class AOVATraining:
 
 def train_aova(backbone: Backbone, text: TextEncoder, cases: list[TrainingCase], *, feature_names: list[str],
                spacing, steps: int, seed: int = 0, dim: int = 64, lr: float = 2e-3, negatives: int = 2,
-               align_weight: float = 0.2, score_weight: float = 0.2, show_progress: bool = True) -> AOVATraining:
+               align_weight: float = 0.2, score_weight: float = 0.2, show_progress: bool = True,
+               checkpoint=None) -> AOVATraining:
+    """``checkpoint``: a :class:`diffugts.train.checkpoint.Checkpoint` to save to and resume from."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     index = backbone.feature_index(feature_names)
@@ -97,7 +99,8 @@ def train_aova(backbone: Backbone, text: TextEncoder, cases: list[TrainingCase],
     head = AOVAHead([specs[i].channels for i in index], text_dim=text.dim, dim=dim)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     history: list[dict] = []
-    bar = progress(range(steps), desc="train AOVA", unit="step", enable=show_progress)
+    start = checkpoint.restore(head, opt, rng, history) if checkpoint else 0
+    bar = progress(range(start, steps), desc="train AOVA", unit="step", enable=show_progress, total=steps - start)
     for step in bar:
         cf = data[rng.integers(len(data))]
         targets, lesions, organs = _sample_targets(cf, rng, negatives)
@@ -130,6 +133,8 @@ def train_aova(backbone: Backbone, text: TextEncoder, cases: list[TrainingCase],
         history.append({"step": step, "loss": loss.item(), "region": loss_region.item(),
                         "lesion": loss_lesion.item(), "anomaly": loss_anomaly.item(),
                         "positive_dice": float(dice[has].mean().detach()) if has.any() else None})
+        if checkpoint:
+            checkpoint.step(step + 1, head, opt, rng, history, steps)
         if hasattr(bar, "set_postfix") and step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean([h['loss'] for h in history[-20:]]):.3f}")
     head.eval().requires_grad_(False)

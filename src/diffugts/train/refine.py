@@ -99,14 +99,15 @@ def refinement_example(case: TrainingCase, backbone: Backbone, head: AOVAHead, t
 
 def train_refine(examples: list[Example], steps: int, seed: int = 0, crop=(32, 64, 64),
                  batch: int = 2, lr: float = 2e-3, features=(8, 16, 32, 64, 64, 8),
-                 show_progress: bool = True) -> tuple[RefineHead, list[dict]]:
+                 show_progress: bool = True, checkpoint=None) -> tuple[RefineHead, list[dict]]:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     head = RefineHead(in_channels=examples[0].inputs.shape[0], features=features)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     history = []
     head.train()
-    for step in progress(range(steps), desc="train refinement", unit="step", enable=show_progress):
+    start = checkpoint.restore(head, opt, rng, history) if checkpoint else 0  # diffugts.train.checkpoint
+    for step in progress(range(start, steps), desc="train refinement", unit="step", enable=show_progress):
         xs, ys = [], []
         for _ in range(batch):
             ex = examples[rng.integers(len(examples))]
@@ -123,6 +124,8 @@ def train_refine(examples: list[Example], steps: int, seed: int = 0, crop=(32, 6
             has = y.flatten(2).amax(-1) > 0
             dice = float(soft_dice(logits, y)[has].mean()) if has.any() else None
         history.append({"step": step, "loss": loss.item(), "positive_dice": dice})
+        if checkpoint:
+            checkpoint.step(step + 1, head, opt, rng, history, steps)
     head.eval().requires_grad_(False)
     return head, history
 

@@ -69,8 +69,12 @@ def train_backbone(out: Path, config_name: str = "demo", seed: int = 0, cases: i
 def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 60, steps: int = 1200,
                     dim: int = 64, features: list[str] | None = None, show_progress: bool = True,
                     phantom_shape=None, synthetic_cases: int = 0, randomised_cases: int = 0,
-                    mr_healthy_cases: int = 0, fusion_recall: float | None = None) -> ModelPackage:
-    """``synthetic_cases``: healthy cases with generic synthetic anomalies added to the seen
+                    mr_healthy_cases: int = 0, fusion_recall: float | None = None, source=None,
+                    checkpoint=None, device: str | None = None) -> ModelPackage:
+    """``source``: real datasets (:class:`diffugts.datasets.training.DatasetSource`) beside the
+    ``cases`` phantoms; ``checkpoint``: resumable training (diffugts.train.checkpoint);
+    ``device``: where the frozen backbone runs (features), the head trains on the CPU.
+    ``synthetic_cases``: healthy cases with generic synthetic anomalies added to the seen
     ones (diffugts.train.anomalies); ``randomised_cases``: copies of seen cases with random
     per-tissue intensities (diffugts.train.randomise); ``mr_healthy_cases``: lesion-free MR
     phantoms (MR anatomy; MR lesions stay unseen); ``fusion_recall``: fit the coarse-map
@@ -83,12 +87,14 @@ def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, c
 
     pkg = open_package(model)
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
-    backbone = load_backbone(pkg, "cpu")
+    backbone = load_backbone(pkg, device or "cpu")
     features = features or R.default_features(backbone)
     text = TextEncoder()
     spacing_kji = tuple(prep.spacing_mm)[::-1]
     data = [phantom_case(R.AOVA_SEED + seed, i, prep, split="seen", healthy=(i % 6 == 0), shape=phantom_shape)
             for i in progress(range(cases), desc="phantoms", unit="case", enable=show_progress)]
+    data += list(source.training_cases(prep)) if source else []
+    real = len(data)  # phantoms and dataset cases: what the fusion is fitted on
     rng = np.random.default_rng([R.AOVA_SEED + seed, R.SYNTHETIC_STREAM])
     data += [add_anomalies(phantom_case(R.AOVA_SEED + seed, R.SYNTHETIC_INDEX + i, prep, split="seen", healthy=True,
                                         shape=phantom_shape), prep, rng)
@@ -99,10 +105,12 @@ def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, c
              for i in progress(range(randomised_cases), desc="randomised", unit="case", enable=show_progress)]
     data += [phantom_case(R.AOVA_SEED + seed, R.MR_INDEX + i, prep, healthy=True, modality="MR", shape=phantom_shape)
              for i in progress(range(mr_healthy_cases), desc="MR healthy", unit="case", enable=show_progress)]
-    held_out = [phantom_case(R.AOVA_SEED + seed + 500, i, prep, split="seen", shape=phantom_shape) for i in range(4)]
+    held_out = [phantom_case(R.AOVA_SEED + seed + 500, i, prep, split="seen", shape=phantom_shape)
+                for i in range(4 if cases or not source else 0)]
+    held_out += list(source.held_out_cases(prep)) if source else []
     t0 = time.perf_counter()
     result = train_aova(backbone, text, data, feature_names=features, spacing=prep.spacing_mm, steps=steps,
-                        seed=seed, dim=dim, show_progress=show_progress)
+                        seed=seed, dim=dim, show_progress=show_progress, checkpoint=checkpoint)
     seconds = time.perf_counter() - t0
     rows = evaluate_dice(result.head, backbone, text, held_out, features, prep.spacing_mm)
     val = float(np.mean([r["dice"] for r in rows])) if rows else None
@@ -111,7 +119,7 @@ def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, c
     if fusion_recall is not None:
         # Fitted on the seen CT cases with lesions (randomised copies and MR left out: the
         # deviation's scale is what is fitted, and those copies have no new lesions).
-        fit_on = [cf for cf in result.data[:cases + synthetic_cases] if cf.positives]
+        fit_on = [cf for cf in result.data[:real + synthetic_cases] if cf.positives]
         samples = fusion_samples(result.head, text, fit_on, spacing_kji, DeviationParams(), seed)
         fusion, threshold = fit_fusion(*samples, DeviationParams(), recall=fusion_recall)
         entry.update(fusion=fusion.as_dict(), threshold=round(threshold, 4))
@@ -124,7 +132,8 @@ def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, c
                           "mr_healthy_cases": mr_healthy_cases,
                           "synthetic_lesions": sum(r["type"] == "synthetic" for c in data for r in c.records),
                           "steps": steps, "dim": dim, "loss_first_last": _ends(losses), "seconds": round(seconds, 1),
-                          "held_out_seen_dice": None if val is None else round(val, 4), **fusion_info}})
+                          "held_out_seen_dice": None if val is None else round(val, 4), **fusion_info,
+                          **({"datasets": source.provenance()} if source else {})}})
 
 
 def _ends(curve: list[float], n: int = 20) -> list[float]:
@@ -136,14 +145,15 @@ class _ExampleMaker:
     makes its inputs (the package's AOVA head, fusion and synthesis), for the refinement head
     and the lesion verifier."""
 
-    def __init__(self, pkg: ModelPackage, seed: int, synthesis_steps: int, phantom_shape=None):
+    def __init__(self, pkg: ModelPackage, seed: int, synthesis_steps: int, phantom_shape=None,
+                 device: str | None = None):
         from diffugts.attend import default_threshold, fusion_of, load_head
         from diffugts.aova import AOVAHead
         from diffugts.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
         from diffugts.synthesis import Params
 
         self.prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
-        self.backbone = load_backbone(pkg, "cpu")
+        self.backbone = load_backbone(pkg, device or "cpu")
         self.aova = load_head(pkg, "aova", AOVAHead)
         self.features = pkg.network("aova")["features"]
         self.fusion = fusion_of(pkg)
@@ -155,35 +165,43 @@ class _ExampleMaker:
         self.case_seed, self.shape = R.REFINE_SEED + seed, phantom_shape
 
     def __call__(self, index: int, healthy: bool):
-        from diffugts.train.refine import refinement_example
-
         case = phantom_case(self.case_seed, index, self.prep, split="seen", healthy=healthy, healthy_fraction=0.0,
                             keep_volume=True, shape=self.shape)
+        return self.examples(case)
+
+    def examples(self, case):
+        """The examples of any case on the model grid with its volume (a dataset case too)."""
+        from diffugts.train.refine import refinement_example
+
         return refinement_example(case, self.backbone, self.aova, self.text, self.features, self.prep, self.params,
                                   self.rng, self.fusion, self.threshold, self.channels)
 
 
 def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 40, steps: int = 1200,
                       synthesis_steps: int = 10, show_progress: bool = True, phantom_shape=None,
-                      healthy_cases: int = 0) -> ModelPackage:
+                      healthy_cases: int = 0, source=None, checkpoint=None, device: str | None = None) -> ModelPackage:
     """``healthy_cases``: lesion-free cases whose coarse candidates are all false (with a fused
-    coarse map the head also takes each target's deviation and organ channels)."""
+    coarse map the head also takes each target's deviation and organ channels). ``source``,
+    ``checkpoint``, ``device``: as :func:`train_aova_head`."""
     from diffugts.train.refine import calibrate_threshold, evaluate_refine, held_out_probabilities, train_refine
 
     pkg = open_package(model)
-    make = _ExampleMaker(pkg, seed, synthesis_steps, phantom_shape)
+    make = _ExampleMaker(pkg, seed, synthesis_steps, phantom_shape, device)
     examples, held_out = [], []
-    plan = ([(i, False) for i in range(cases + 4)]
+    plan = ([(i, False) for i in range(cases + (4 if cases or not source else 0))]
             + [(R.HEALTHY_INDEX + i, True) for i in range(healthy_cases + (2 if healthy_cases else 0))])
     for i, healthy in progress(plan, desc="synthesis for refinement", unit="case", enable=show_progress):
         train = (i < cases) if not healthy else (i - R.HEALTHY_INDEX < healthy_cases)
         (examples if train else held_out).extend(make(i, healthy))
+    for case, train in source.refine_cases(make.prep) if source else ():
+        (examples if train else held_out).extend(make.examples(case))
     t0 = time.perf_counter()
-    head, history = train_refine(examples, steps, seed, show_progress=show_progress)
+    head, history = train_refine(examples, steps, seed, show_progress=show_progress, checkpoint=checkpoint)
     seconds = time.perf_counter() - t0
     # The head's threshold, chosen on the held-out training cases (never evaluation seeds).
     probs = held_out_probabilities(head, held_out)
-    cut = calibrate_threshold(probs, held_out) if healthy_cases else 0.5
+    # Dataset cases bring lesion-free organs of their own (false candidates) to calibrate on.
+    cut = calibrate_threshold(probs, held_out) if (healthy_cases or source) and held_out else 0.5
     val = evaluate_refine(head, held_out, cut, probs)
     entry = {"config": head.config, "threshold": cut, "target_channels": list(make.channels)}
     return add_networks(pkg, {"refine": (entry, head.state_dict())}, out=out,
@@ -193,7 +211,8 @@ def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0,
                             "case_seed": make.case_seed, "steps": steps, "synthesis_steps": synthesis_steps,
                             "loss_first_last": _ends([h["loss"] for h in history]), "seconds": round(seconds, 1),
                             "held_out_seen_dice": round(val["dice"], 4),
-                            "held_out_false_voxels_per_negative": round(val["false_voxels_per_negative"], 1)}})
+                            "held_out_false_voxels_per_negative": round(val["false_voxels_per_negative"], 1),
+                            **({"datasets": source.provenance()} if source else {})}})
 
 
 def train_lesion_verifier(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 12,

@@ -43,7 +43,8 @@ def train_aova_on_datasets(
     with component_step():
         source = protocol_source(protocol, data_root, show_progress=False, max_cases=max_cases or None)
         checkpoint = (training_checkpoint(Path(data_root) / ".diffugts-checkpoints" / run_id, "aova", model_uri,
-                                          {"seed": seed, "dim": dim, "randomised_cases": randomised_cases}, source)
+                                          {"seed": seed, "steps": steps, "dim": dim,
+                                           "randomised_cases": randomised_cases}, source)
                       if checkpoints else None)
         pkg = train_aova_head(model_uri, Path(model.path), seed, 0, steps, dim, None, show_progress=False,
                               randomised_cases=randomised_cases, fusion_recall=fusion_recall or None, source=source,
@@ -81,7 +82,7 @@ def train_refine_on_datasets(
     with component_step():
         source = protocol_source(protocol, data_root, show_progress=False, max_cases=max_cases or None)
         checkpoint = (training_checkpoint(Path(data_root) / ".diffugts-checkpoints" / run_id, "refine", aova.path,
-                                          {"seed": seed, "synthesis_steps": synthesis_steps}, source)
+                                          {"seed": seed, "steps": steps, "synthesis_steps": synthesis_steps}, source)
                       if checkpoints else None)
         pkg = train_refine_head(aova.path, Path(model.path), seed, 0, steps, synthesis_steps, show_progress=False,
                                 source=source, checkpoint=checkpoint,

@@ -145,9 +145,13 @@ def write_totalsegmentator(root: Path, case_id: str, case, multilabel: bool = Fa
         sitk.WriteImage(image(mask, case), str(root / case_id / f"{ts}.nii.gz"))
 
 
-def write_dicom_seg(root: Path, cases) -> Path:
+def write_dicom_seg(root: Path, cases, overlap: bool = False) -> Path:
     """<root>/<case>/: the phantom's DICOM series and a DICOM SEG (highdicom) of its labels,
-    one segment per label value present (segment number = position, labels name the value)."""
+    one segment per label value present (segment number = position, labels name the value).
+    ``overlap``: organ segments also hold the lesion voxels next to them, as real SEGs often
+    do (an organ segment with its tumour inside)."""
+    from scipy import ndimage
+
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
@@ -163,15 +167,20 @@ def write_dicom_seg(root: Path, cases) -> Path:
         labels = label_map(case)
         values = [int(v) for v in np.unique(labels) if v]
         relabelled = np.zeros(labels.shape, np.uint8)
+        channels = np.zeros(labels.shape + (len(values),), np.uint8)
+        lesion = labels >= 20  # mapping_doc: lesion values from 20
         descriptions = []
         for number, value in enumerate(values, start=1):
             relabelled[labels == value] = number
+            channels[..., number - 1] = labels == value
+            if overlap and value < 20:
+                channels[..., number - 1] |= lesion & ndimage.binary_dilation(labels == value, iterations=3)
             descriptions.append(hd.seg.SegmentDescription(
                 segment_number=number, segment_label=f"value {value}",
                 segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
                 segmented_property_type=codes.SCT.Neoplasm, algorithm_type="MANUAL"))
         seg = hd.seg.Segmentation(
-            source_images=sources, pixel_array=relabelled, segmentation_type="BINARY",
+            source_images=sources, pixel_array=channels if overlap else relabelled, segmentation_type="BINARY",
             segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=900,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="tests", manufacturer_model_name="tests",
             software_versions="0", device_serial_number="0", omit_empty_frames=True)

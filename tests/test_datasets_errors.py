@@ -147,16 +147,18 @@ def test_the_cli_says_one_line_exits_2_and_writes_no_result(world, tmp_path, cap
 
 def test_an_unreadable_seg_names_itself_without_uids(world, tmp_path):
     root = F.write_dicom_seg(tmp_path / "dicom", world["cases"][:1])
-    seg = root / world["cases"][0].spec.case_id / "seg.dcm"
+    folder = root / world["cases"][0].spec.case_id
     import pydicom
 
-    ds = pydicom.dcmread(seg)
+    ds = pydicom.dcmread(folder / "seg.dcm")
     del ds.SegmentSequence  # a SEG without segment descriptions
+    seg = folder / f"{ds.SOPInstanceUID}.dcm"  # named as PACS exports name it
+    (folder / "seg.dcm").unlink()
     ds.save_as(seg)
     d = open_dataset(root, world["mapping"])
     message = _error(lambda: d.load(d.case_ids[0]))
-    assert message.startswith(f"{seg}: cannot read the DICOM SEG")
-    assert not __import__("re").search(r"\d+\.\d+\.\d+\.\d+", message.split(": ", 1)[1])
+    assert message.startswith(f"{folder}/<UID>.dcm: cannot read the DICOM SEG")
+    assert not __import__("re").search(r"\d+\.\d+\.\d+\.\d+", message)
 
 
 def test_seg_error_messages_lose_their_uids():

@@ -73,6 +73,21 @@ def test_dicom_seg_segments_map_by_number_too(world):
     assert np.array_equal(got.lesions, ref.lesions) and _summary(got) == _summary(ref)
 
 
+def test_dicom_seg_with_overlapping_segments_reads_as_the_disjoint_one(world, tmp_path):
+    # Organ segments that hold their tumours: the smaller segment (the lesion) wins.
+    cases = world["cases"][:1]
+    F.write_dicom_seg(tmp_path / "overlap", cases, overlap=True)
+    import highdicom as hd
+
+    seg = hd.seg.segread(next((tmp_path / "overlap").glob("*/seg.dcm")))
+    with pytest.raises(RuntimeError):  # the overlap is real: highdicom refuses to combine it
+        seg.get_volume(combine_segments=True)
+    got = open_dataset(tmp_path / "overlap", world["seg_mapping"], seen_types=F.SEEN_TYPES).load(cases[0].spec.case_id)
+    ref = open_dataset(world["msd"], world["mapping"], seen_types=F.SEEN_TYPES).load(cases[0].spec.case_id)
+    assert np.array_equal(got.lesions, ref.lesions) and np.array_equal(got.organs, ref.organs)
+    assert _summary(got) == _summary(ref)
+
+
 def test_cases_are_read_lazily_and_one_bad_file_names_itself(world, tmp_path):
     F.write_msd(tmp_path / "msd", world["cases"])
     bad = tmp_path / "msd" / "imagesTr" / f"{world['cases'][1].spec.case_id}.nii.gz"

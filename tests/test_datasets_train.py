@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import datasetfactory as F
 from diffugts.cli import main
 from diffugts.datasets import open_dataset, to_training_case
+from diffugts.datasets.protocol import split_cases
 from diffugts.datasets.training import DatasetSource
 from diffugts.models.package import open_package
 from diffugts.preprocess import Preprocessing
@@ -109,7 +110,7 @@ def test_an_interrupted_aova_run_resumes_to_the_uninterrupted_weights(world, tmp
     whole = train_aova_head(world["backbone"].root, tmp_path / "whole", source=source(), **{**AOVA, "steps": 6})
     ck = Checkpoint(tmp_path / "resumed" / ".checkpoints" / "aova.pt", {"run": 1}, every=2)
     train_aova_head(world["backbone"].root, tmp_path / "resumed", source=source(), checkpoint=ck, **AOVA)
-    assert ck.path.is_file() and torch.load(ck.path, weights_only=False)["step"] == 4
+    assert ck.path.is_file() and torch.load(ck.path, weights_only=True)["step"] == 4
     ck = Checkpoint(ck.path, {"run": 1}, every=2)
     resumed = train_aova_head(world["backbone"].root, tmp_path / "resumed", source=source(), checkpoint=ck,
                               **{**AOVA, "steps": 6})
@@ -132,12 +133,19 @@ def test_refine_training_on_a_dataset(world, tmp_path, monkeypatch):
     source = DatasetSource([_dataset(world)], show_progress=False)
     pkg = train_refine_head(world["fused"].root, tmp_path / "out", cases=0, steps=3, synthesis_steps=2,
                             show_progress=False, source=source)
-    # The threshold is calibrated on the held-out dataset cases (no lesion-free phantoms asked for).
+    # The threshold is calibrated on a validation slice of the dataset's training cases (no
+    # lesion-free phantoms asked for), never on its held-out cases, which evaluation scores.
     assert len(calls) == 1 and calls[0] > 0
     training = pkg.manifest["provenance"]["refine_training"]
     assert training["examples"] > 0
     entry = training["datasets"]["datasets"][0]
-    assert sorted(entry["training_cases"] + entry["held_out_cases"]) == sorted(c.spec.case_id for c in world["seen"])
+    seen = sorted(c.spec.case_id for c in world["seen"])
+    held = [c for c in split_cases(_dataset(world), source.held_out_fraction)[1] if c in seen]
+    assert held and entry["held_out_cases"] == []  # read by evaluation only
+    assert sorted(entry["training_cases"] + held) == seen
+    assert len(training["threshold_cases"]) == 1  # "dataset/case"
+    assert training["threshold_cases"][0].startswith(f"{entry['name']}/")
+    assert training["threshold_cases"][0].split("/", 1)[1] in entry["training_cases"]
     assert entry["skipped_unseen"] == [world["unseen"][0].spec.case_id]
 
 
@@ -164,6 +172,14 @@ def test_evaluate_reads_the_seen_types_from_the_manifest(world, tmp_path):
                            show_progress=False)
     pkg = train_aova_head(world["backbone"].root, tmp_path / "out", source=source, **{**AOVA, "steps": 1})
     assert trained_types(pkg.root) == ["hypodense"]
+    # Evaluating that dataset again never scores the cases that trained the model.
+    from diffugts.datasets.run import without_trained
+
+    trained = pkg.manifest["provenance"]["aova_training"]["datasets"]["datasets"][0]["training_cases"]
+    ds = open_dataset(world["msd"], world["mapping"])
+    sets, excluded = without_trained(pkg.root, [("evaluate", ds)])
+    assert trained and excluded == {ds.name: len(trained)}
+    assert sorted(sets[0][1].case_ids) == sorted(c for c in ds.case_ids if c not in trained)
 
 
 def test_cli_refuses_datasets_and_a_protocol_together(world, capsys):

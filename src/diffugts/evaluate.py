@@ -269,7 +269,7 @@ def summarise_healthy(rows: list[dict], key: str = "modality") -> dict:
     table: dict[str, dict[str, dict]] = {}
     for row in rows:
         cell = table.setdefault(row[key], {}).setdefault(row["variant"], {"cases": set(), "false": 0})
-        cell["cases"].add(row["case"])
+        cell["cases"].add((row.get("dataset"), row["case"]))  # case ids repeat across datasets
         cell["false"] += row["false_lesions"]
     return {m: {v: {"false_lesions_per_study": round(c["false"] / len(c["cases"]), 3), "studies": len(c["cases"])}
                 for v, c in cells.items()} for m, cells in sorted(table.items())}

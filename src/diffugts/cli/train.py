@@ -147,7 +147,9 @@ def _checkpoint(args, head: str, source, settings: dict):
     from diffugts.models.package import open_package
 
     root = Path(args.out) if args.out else open_package(args.model).root
-    return training_checkpoint(root / ".checkpoints", head, args.model, settings, source, args.checkpoint_every)
+    # A run with other steps does not resume (its head would not be what the manifest says).
+    return training_checkpoint(root / ".checkpoints", head, args.model, {**settings, "steps": args.steps}, source,
+                               args.checkpoint_every)
 
 
 def _device(args) -> str | None:

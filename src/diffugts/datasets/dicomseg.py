@@ -61,10 +61,16 @@ def read_case(entry: Entry, show_progress: bool = False) -> tuple[sitk.Image, np
     loaded.stack.geometry.to_sitk(image)
     try:
         seg = hd.seg.segread(seg_path)
-        volume = seg.get_volume(combine_segments=True, relabel=False)
+        # One binary channel per segment, not highdicom's combined map: segments may overlap
+        # (an organ segment holding its tumour), which combining refuses.
+        volume = seg.get_volume(combine_segments=False)
     except Exception as err:  # noqa: BLE001 - highdicom raises ValueError / AttributeError on bad SEGs
-        raise InputError(seg_path, f"cannot read the DICOM SEG ({without_uids(str(err))[:160]})") from None
-    labels_img = sitk.Resample(_to_sitk(volume), image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        # Exports often name the file by its SOP Instance UID: the path is scrubbed too.
+        raise InputError(Path(without_uids(str(seg_path))),
+                         f"cannot read the DICOM SEG ({without_uids(str(err))[:160]})") from None
+    combined = _paint(np.asarray(volume.array), list(seg.segment_numbers))
+    labels_img = sitk.Resample(_to_sitk(combined, volume.affine), image, sitk.Transform(), sitk.sitkNearestNeighbor,
+                               0)
     labels = sitk.GetArrayFromImage(labels_img).astype(np.int32)
     names = {int(n): seg.get_segment_description(n).segment_label for n in seg.segment_numbers}
     return image, labels, seg_path, names, loaded.stack.modality
@@ -75,10 +81,20 @@ def without_uids(text: str) -> str:
     return re.sub(r"\b\d+(\.\d+){3,}\b", "<UID>", " ".join(text.split()))
 
 
-def _to_sitk(volume) -> sitk.Image:
-    """A highdicom Volume (array axes with an LPS affine) as a SimpleITK image."""
-    array = np.asarray(volume.array)
-    affine = np.asarray(volume.affine, float)
+def _paint(stack: np.ndarray, numbers: list[int]) -> np.ndarray:
+    """Segment channels (k, j, i, segments) as one map of segment numbers, the largest segment
+    painted first, so one inside another (a tumour in its organ) stays visible."""
+    stack = stack.reshape(stack.shape[:3] + (-1,))
+    out = np.zeros(stack.shape[:3], np.uint16)
+    sizes = [int(np.count_nonzero(stack[..., s])) for s in range(stack.shape[-1])]
+    for s in sorted(range(len(sizes)), key=lambda s: -sizes[s]):
+        out[stack[..., s] > 0] = numbers[s]
+    return out
+
+
+def _to_sitk(array: np.ndarray, affine) -> sitk.Image:
+    """A highdicom volume's array (axes with an LPS affine) as a SimpleITK image."""
+    affine = np.asarray(affine, float)
     # highdicom's array axes (0, 1, 2) are SimpleITK's (k, j, i): reverse the affine's columns.
     cols = affine[:3, :3][:, ::-1]
     spacing = np.linalg.norm(cols, axis=0)

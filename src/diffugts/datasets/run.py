@@ -4,12 +4,15 @@ datasets (components stay thin adapters over these)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from diffugts.datasets import Dataset, EvalCases
 from diffugts.datasets.protocol import open_protocol_datasets
 from diffugts.datasets.select import evaluation_sets, protocol_of
 from diffugts.datasets.training import DatasetSource
+
+log = logging.getLogger(__name__)
 
 
 def protocol_source(protocol: str | None, data_root, seen=None, held_out_fraction: float | None = None,
@@ -47,12 +50,44 @@ def trained_types(model) -> list[str]:
                    for t in d.get("seen_types", [])})
 
 
+def trained_cases(model) -> dict[str, set[str]]:
+    """Dataset name -> the case ids that trained the package's heads or tuned them (as its
+    manifest records them)."""
+    from diffugts.models.package import open_package
+
+    provenance = open_package(model).manifest.get("provenance", {})
+    out: dict[str, set[str]] = {}
+    for key in ("aova_training", "refine_training"):
+        for d in (provenance.get(key, {}).get("datasets") or {}).get("datasets", []):
+            out.setdefault(d["name"], set()).update(d.get("training_cases", []))
+    return out
+
+
+def without_trained(model, sets: list[tuple[str, Dataset]]) -> tuple[list[tuple[str, Dataset]], dict[str, int]]:
+    """``sets`` without the cases that trained the model, and per dataset how many were left out."""
+    trained = trained_cases(model)
+    kept, excluded = [], {}
+    for role, d in sets:
+        drop = [c for c in d.case_ids if c in trained.get(d.name, ())]
+        if drop:
+            log.warning("%s: %d cases trained this model; left out of the evaluation", d.root, len(drop))
+            excluded[d.name] = len(drop)
+            d = d.subset([c for c in d.case_ids if c not in drop])
+        if len(d):
+            kept.append((role, d))
+    return kept, excluded
+
+
 def evaluate_sets(model: str, sets: list[tuple[str, Dataset]], *, prompt_template: str = "{organ} tumor",
                   device: str | None = None, show_progress: bool = True) -> dict:
-    """``sets``: (role, dataset) pairs; the role ("held-out", "evaluate") goes into the result."""
+    """``sets``: (role, dataset) pairs; the role ("held-out", "evaluate") goes into the result.
+    Cases that trained the model (its manifest says which) are never scored: they are left
+    out, and the result says how many."""
     from diffugts.evaluate import evaluate
 
-    provenance = [{**d.provenance(), "role": role} for role, d in sets]
+    sets, excluded = without_trained(model, sets)
+    provenance = [{**d.provenance(), "role": role, "training_cases_left_out": excluded.get(d.name, 0)}
+                  for role, d in sets]
     return evaluate(None, model, prompt_template=prompt_template, device=device, show_progress=show_progress,
                     cases=EvalCases(*(d for _, d in sets)), datasets=provenance)
 

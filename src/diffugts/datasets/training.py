@@ -62,13 +62,6 @@ class DatasetSource:
     def held_out_cases(self, prep, keep_volume: bool = False, device=None) -> Iterator:
         return self._cases(self.held, "held_out", prep, keep_volume, device)
 
-    def refine_cases(self, prep, device=None) -> Iterator[tuple[object, bool]]:
-        """(case with its volume, is a training case) for the refinement head's examples."""
-        for case in self.training_cases(prep, keep_volume=True, device=device):
-            yield case, True
-        for case in self.held_out_cases(prep, keep_volume=True, device=device):
-            yield case, False
-
     def key(self) -> dict:
         """What a checkpoint must match to be resumed: the data and its meanings."""
         return {"datasets": [{"name": d.name, "mapping_sha256": d.mapping.sha256, "cases": d.case_ids,

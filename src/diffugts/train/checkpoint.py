@@ -30,7 +30,7 @@ class Checkpoint:
         """The step to start from (0 when there is nothing to resume)."""
         if not self.path.is_file():
             return 0
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state.get("key") != self.key:
             log.warning("%s: a checkpoint of other training (seed, cases or settings differ): starting afresh",
                         self.path)

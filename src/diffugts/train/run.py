@@ -193,8 +193,13 @@ def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0,
     for i, healthy in progress(plan, desc="synthesis for refinement", unit="case", enable=show_progress):
         train = (i < cases) if not healthy else (i - R.HEALTHY_INDEX < healthy_cases)
         (examples if train else held_out).extend(make(i, healthy))
-    for case, train in source.refine_cases(make.prep) if source else ():
-        (examples if train else held_out).extend(make.examples(case))
+    # Dataset cases: one training case in five (the second, seventh, ...) validates the threshold
+    # instead of training the head; the held-out cases are not used here: `evaluate --protocol`
+    # scores them as the "seen" figures, so nothing may be tuned on them.
+    threshold_cases = []
+    for n, case in enumerate(source.training_cases(make.prep, keep_volume=True) if source else ()):
+        (held_out if n % 5 == 1 else examples).extend(make.examples(case))
+        threshold_cases += [case.case_id] if n % 5 == 1 else []
     t0 = time.perf_counter()
     head, history = train_refine(examples, steps, seed, show_progress=show_progress, checkpoint=checkpoint)
     seconds = time.perf_counter() - t0
@@ -212,7 +217,8 @@ def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0,
                             "loss_first_last": _ends([h["loss"] for h in history]), "seconds": round(seconds, 1),
                             "held_out_seen_dice": round(val["dice"], 4),
                             "held_out_false_voxels_per_negative": round(val["false_voxels_per_negative"], 1),
-                            **({"datasets": source.provenance()} if source else {})}})
+                            **({"datasets": source.provenance(), "threshold_cases": threshold_cases}
+                               if source else {})}})
 
 
 def train_lesion_verifier(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 12,

@@ -186,3 +186,7 @@ def test_cli_refuses_datasets_and_a_protocol_together(world, capsys):
     rc = main(["-q", "train", "aova", "--model", str(world["backbone"].root), "--dataset", str(world["msd"]),
                "--mapping", str(world["mapping"]), "--protocol", "paper-protocol"])
     assert rc == 2 and "give one or the other" in capsys.readouterr().err
+    rc = main(["-q", "train", "refine", "--model", str(world["fused"].root), "--dataset", str(world["msd"]),
+               "--mapping", str(world["mapping"]), "--held-out-fraction", "1.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--held-out-fraction 1.5" in err[0]

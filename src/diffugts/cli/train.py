@@ -129,7 +129,10 @@ def _source(args):
     from diffugts.datasets.run import protocol_source
     from diffugts.datasets.select import explicit, protocol_of
     from diffugts.datasets.training import DatasetSource
+    from diffugts.errors import ConfigError
 
+    if args.held_out_fraction is not None and not 0 <= args.held_out_fraction < 1:
+        raise ConfigError(f"--held-out-fraction {args.held_out_fraction}: give a share in [0, 1)")
     if args.protocol:
         return protocol_source(args.protocol, args.data_root, args.seen, args.held_out_fraction, not args.quiet,
                                args.max_cases)

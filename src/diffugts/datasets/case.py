@@ -1,7 +1,8 @@
 """One case of a dataset in memory, on its own grid, shaped like a phantom case.
 
 The lesion map holds lesion *instances* (26-connected components of each lesion label, as
-:func:`diffugts.lesions.split_instances` counts lesions) and ``records`` describe them as a
+:func:`diffugts.lesions.split_instances` cuts predictions, though with no minimum volume: a
+true speck stays a lesion to detect) and ``records`` describe them as a
 phantom's ``case.json`` does (id, type, organ, split, voxels, prompts), so evaluation and
 training reuse the phantom code paths unchanged. Bridges: :func:`to_training_case` (model
 grid, like ``phantom_case``) and :func:`to_eval_case` (``diffugts.evaluate.Case``).

@@ -195,3 +195,25 @@ def test_a_shipped_mapping_name_wins_over_a_folder_of_that_name(tmp_path, monkey
     assert load_mapping("kits23").name == "kits23"
     with pytest.raises(InputError, match="a folder, not a mapping file"):
         load_mapping("kits23/")
+
+
+def test_a_relative_split_file_and_its_mappings_are_found_under_the_data_root(world, tmp_path, monkeypatch):
+    from diffugts.datasets.protocol import open_protocol_datasets
+    from diffugts.datasets.select import protocol_of
+
+    root = tmp_path / "data"
+    (root / "splits").mkdir(parents=True)
+    (root / "maps").mkdir()
+    (root / "maps" / "mine.json").write_text(world["mapping"].read_text())
+    doc = {"name": "mine", "seen_types": list(F.SEEN_TYPES), "train": [{"path": str(world["msd"]),
+                                                                      "mapping": "maps/mine.json"}]}
+    (root / "splits" / "mine.json").write_text(json.dumps(doc))
+    monkeypatch.chdir(tmp_path)  # the working directory is not the data root
+    protocol = protocol_of("splits/mine.json", root)
+    assert protocol.name == "mine" and protocol.path == str(root / "splits" / "mine.json")
+    [d] = open_protocol_datasets(protocol, root, "train")
+    assert d.case_ids == open_dataset(world["msd"], world["mapping"]).case_ids
+    (tmp_path / "paper-protocol").mkdir()  # a folder named like a shipped split file
+    assert load_protocol("paper-protocol").name == "paper-protocol"  # the name still means the shipped one
+    with pytest.raises(InputError, match="a folder, not a split file"):
+        load_protocol(tmp_path / "paper-protocol")

@@ -35,13 +35,15 @@ class Protocol:
 
 def load_protocol(ref: str | Path) -> Protocol:
     path = Path(ref)
-    if not path.exists() and path.suffix != ".json" and "/" not in str(ref):
+    if not path.is_file() and path.suffix != ".json" and "/" not in str(ref):  # a folder does not shadow a name
         path = shipped_dir() / f"{ref}.json"
     try:
         raw = path.read_bytes()
         doc = json.loads(raw)
     except FileNotFoundError:
         raise InputError(path, "split file not found") from None
+    except IsADirectoryError:
+        raise InputError(path, "a folder, not a split file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(path, f"not valid JSON ({err})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("seen_types"), list):
@@ -85,7 +87,11 @@ def open_protocol_datasets(protocol: Protocol, data_root: str | Path, role: str)
     from diffugts.datasets import open_dataset
 
     root = Path(data_root)
-    return [open_dataset(root / item["path"], item["mapping"],
+
+    def mapping(ref: str) -> str:  # a relative mapping file is looked up under the data root first
+        return str(root / ref) if not Path(ref).is_absolute() and (root / ref).is_file() else ref
+
+    return [open_dataset(root / item["path"], mapping(item["mapping"]),
                          root / item["organs"] if item.get("organs") else None, protocol.seen_types)
             for item in getattr(protocol, role)]
 

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def protocol_source(protocol: str | None, data_root, seen=None, held_out_fraction: float | None = None,
                     show_progress: bool = True, max_cases: int | None = None) -> DatasetSource:
     """The training datasets of a split file (``None``: the paper protocol) under ``data_root``."""
-    p = protocol_of(protocol)
+    p = protocol_of(protocol, data_root)
     datasets = open_protocol_datasets(p, data_root, "train")
     if seen:
         datasets = [d.with_seen(seen) for d in datasets]
@@ -94,4 +94,4 @@ def evaluate_sets(model: str, sets: list[tuple[str, Dataset]], *, prompt_templat
 
 def evaluate_protocol(model: str, protocol: str | None, data_root, **kw) -> dict:
     """The held-out cases of the training datasets and every case of the evaluation datasets."""
-    return evaluate_sets(model, evaluation_sets(protocol_of(protocol), data_root), **kw)
+    return evaluate_sets(model, evaluation_sets(protocol_of(protocol, data_root), data_root), **kw)

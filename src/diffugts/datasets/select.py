@@ -3,6 +3,8 @@ lists, or a protocol split file over a data root (``--protocol``, ``--data-root`
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from diffugts.datasets import Dataset, open_dataset
 from diffugts.datasets.protocol import Protocol, load_protocol, open_protocol_datasets, split_cases
 from diffugts.errors import ConfigError
@@ -32,8 +34,13 @@ def explicit(paths, mappings, organs, seen_types) -> list[Dataset]:
     return datasets
 
 
-def protocol_of(ref: str | None) -> Protocol:
-    return load_protocol(ref or DEFAULT_PROTOCOL)
+def protocol_of(ref: str | None, data_root=None) -> Protocol:
+    """A shipped split file by name, or a file; a relative path is looked up under
+    ``data_root`` first (where the pipeline's data volume is mounted)."""
+    ref = ref or DEFAULT_PROTOCOL
+    if data_root is not None and not Path(ref).is_absolute() and (Path(data_root) / ref).is_file():
+        ref = str(Path(data_root) / ref)
+    return load_protocol(ref)
 
 
 def training_sets(datasets: list[Dataset], fraction: float) -> tuple[list[Dataset], list[Dataset]]:

@@ -277,7 +277,8 @@ def test_protocol_pipeline_trains_and_evaluates_on_the_data_volume(tmp_path):
     for name in executors:
         mount = k8s[name]["pvcMount"][0]
         assert mount["mountPath"] == "/data"
-        assert mount["taskOutputParameter"] if "taskOutputParameter" in mount else mount["componentInputParameter"]
+        # The volume is the pipeline's data_pvc parameter, on every task.
+        assert mount["pvcNameParameter"] == {"componentInputParameter": "data_pvc"}
     inputs = set(components.load_component_from_file(str(path)).component_spec.inputs)
     assert {"model_uri", "protocol", "data_pvc", "data_root", "aova_steps", "refine_steps"} <= inputs
 

@@ -25,7 +25,7 @@ from diffugts import atomic
 from diffugts.aova import AOVAHead, top_mean
 from diffugts.backbones import Backbone, load_backbone
 from diffugts.backbones.maisi import load_strict
-from diffugts.deviation import Fusion
+from diffugts.deviation import Fusion, organ_deviation
 from diffugts.device import pick_device
 from diffugts.errors import ConfigError
 from diffugts.models.package import ModelPackage, open_package
@@ -131,15 +131,17 @@ def coarse_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], s
     n = len(targets)
     # The organ and its deviation come with every head (the organ-aware baseline of `evaluate`
     # needs them); only a package with a fusion makes them its coarse map.
-    fused = [(fusion or Fusion(0.0, 0.0, 0.0)).maps(x, maps[0, n + t].float().cpu().numpy(),
-                                                     maps[0, 2 * n + t].float().cpu().numpy(), tuple(spacing)[::-1])
-             for t in range(n)]
-    organ, z = np.stack([f.organ for f in fused]), np.stack([f.z for f in fused])
+    spacing_kji = tuple(spacing)[::-1]
     if fusion is None:
+        organ, z = (np.stack(m) for m in zip(*(organ_deviation(x, maps[0, n + t].float().cpu().numpy(), spacing_kji)
+                                                 for t in range(n))))
         a, b = method.head.score_affine
         score = torch.sigmoid(a * top_mean(maps[:, :n], method.head.top_fraction) + b)
         return CoarseMaps(torch.sigmoid(maps[0, :n]).float().cpu().numpy(), score[0].float().cpu().numpy(), organ, z,
                           fused=False)
+    fused = [fusion.maps(x, maps[0, n + t].float().cpu().numpy(), maps[0, 2 * n + t].float().cpu().numpy(),
+                         spacing_kji) for t in range(n)]
+    organ, z = np.stack([f.organ for f in fused]), np.stack([f.z for f in fused])
     prob = np.stack([f.prob for f in fused])
     score = top_mean(torch.from_numpy(prob)[None], method.head.top_fraction)[0].numpy()
     return CoarseMaps(prob, score, organ, z)

@@ -113,11 +113,18 @@ class Fusion:
     def maps(self, x: np.ndarray, region_log_odds: np.ndarray, anomaly_log_odds: np.ndarray,
              spacing_kji) -> "FusedMaps":
         """One target's maps on the model grid."""
-        organ = organ_with_inclusions(region_log_odds > 0, spacing_kji, self.deviation)
-        z = deviation_z(x, organ, spacing_kji, self.deviation)
+        organ, z = organ_deviation(x, region_log_odds, spacing_kji, self.deviation)
         logit = self.anomaly_weight * anomaly_log_odds + self.deviation_weight * np.abs(z) + self.bias
         prob = np.where(organ, 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30))), 0.0).astype(np.float32)
         return FusedMaps(prob, organ, z)
+
+
+def organ_deviation(x: np.ndarray, region_log_odds: np.ndarray, spacing_kji,
+                    params: DeviationParams = DeviationParams()) -> tuple[np.ndarray, np.ndarray]:
+    """One target's organ with its inclusions and its signed deviation z, from the head's region
+    log-odds (every head has them; the fusion adds the anomaly branch on top)."""
+    organ = organ_with_inclusions(region_log_odds > 0, spacing_kji, params)
+    return organ, deviation_z(x, organ, spacing_kji, params)
 
 
 @dataclass

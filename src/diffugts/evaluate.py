@@ -203,12 +203,12 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
             h = space.to_model(np.clip((pseudo - lo) / (hi - lo), 0, 1) if case.modality == "CT"
                                else (pseudo - lo) / (hi - lo))
             shared = shared_inputs(method.backbone, x, h, space.to_model(region.dilated.astype(np.float32)) > 0.5)
-            probs = refined_probabilities(refine_head, shared, coarse, allowed, space,
-                                          own=own_channels(method.package, x, space, organ_masks))
+            own_inputs = own_channels(method.package, x, space, organ_masks)
+            probs = refined_probabilities(refine_head, shared, coarse, allowed, space, own=own_inputs)
             # As the lesion artifact reports them: components below the minimum volume dropped.
             cut = refine_threshold(method.package)
             masks = verify_masks(method.package, [(p >= cut) & a for p, a in zip(probs, allowed)], probs, coarse,
-                                 organ_masks, shared, x, space)
+                                 organ_masks, shared, own_inputs, space)
             full = [split_instances(m, case.geometry) > 0 for m in masks]
         for n, organ in enumerate(organs):
             preds = {

@@ -29,7 +29,7 @@ from diffugts.geometry import Geometry
 
 MARKER = "lesions.json"
 DEFAULT_MIN_VOLUME_ML = 0.1
-_CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)  # how a mask is cut into lesions, everywhere
 
 
 def voxel_ml(geometry: Geometry) -> float:
@@ -42,7 +42,7 @@ def split_instances(mask: np.ndarray, geometry: Geometry, min_volume_ml: float =
     mask = np.asarray(mask).astype(bool, copy=False)
     if mask.shape != geometry.shape:
         raise ValueError(f"mask shape {mask.shape} does not match the geometry {geometry.shape}")
-    components, n = ndimage.label(mask, structure=_CONNECTIVITY_26)
+    components, n = ndimage.label(mask, structure=CONNECTIVITY_26)
     if n == 0:
         return np.zeros(mask.shape, np.uint16)
     counts = np.bincount(components.ravel(), minlength=n + 1)[1:]

@@ -163,7 +163,8 @@ def own_channels(pkg, x: np.ndarray, space, organs: list[np.ndarray | None]):
     """For :func:`refined_probabilities`: ``own(n, coarse_model)`` giving target n's channels
     as the package's refine head expects them, or None for heads that take the coarse map
     alone. ``organs``: per target its organ mask on the study grid (the attention artifact's;
-    None: no organ, so no deviation either)."""
+    None: no organ, so no deviation either). A target's channels are made once (the head and
+    the lesion verifier both read them; its coarse map does not change in between)."""
     from diffugts.attend import fusion_of
 
     channels = tuple((pkg.network("refine") or {}).get("target_channels", LEGACY_TARGET_CHANNELS))
@@ -172,21 +173,25 @@ def own_channels(pkg, x: np.ndarray, space, organs: list[np.ndarray | None]):
     fusion = fusion_of(pkg)
     params = fusion.deviation if fusion else None
     spacing = tuple(space.model.spacing)[::-1]
+    made: dict[int, np.ndarray] = {}
 
     def own(n: int, coarse_model: np.ndarray) -> np.ndarray:
-        organ = organs[n]
-        organ = (space.to_model(organ.astype(np.float32), nearest=True) > 0.5 if organ is not None
-                 else np.zeros(coarse_model.shape, bool))
-        return target_inputs(channels, coarse_model, organ, x, spacing, params)
+        if n not in made:
+            organ = organs[n]
+            organ = (space.to_model(organ.astype(np.float32), nearest=True) > 0.5 if organ is not None
+                     else np.zeros(coarse_model.shape, bool))
+            made[n] = target_inputs(channels, coarse_model, organ, x, spacing, params)
+        return made[n]
 
     return own
 
 
 def verify_masks(pkg, masks: list[np.ndarray], probs: list[np.ndarray], coarse: list[np.ndarray],
-                 organs: list[np.ndarray | None], shared, x: np.ndarray, space) -> list[np.ndarray]:
+                 organs: list[np.ndarray | None], shared, own, space) -> list[np.ndarray]:
     """Each target's mask (study grid) without the lesions the package's lesion verifier
     rejects (diffugts.verification); unchanged without a verifier. ``shared``: the head's
-    shared inputs (model grid), whose |x - H| channel is the residual evidence."""
+    shared inputs (model grid), whose |x - H| channel is the residual evidence; ``own``: the
+    :func:`own_channels` the head read, whose deviation channel is the |z| evidence."""
     from diffugts.lesions import voxel_ml
     from diffugts.synthesis.masks import bbox
     from diffugts.verification import Evidence, verified, verifier_of
@@ -194,7 +199,6 @@ def verify_masks(pkg, masks: list[np.ndarray], probs: list[np.ndarray], coarse: 
     verifier = verifier_of(pkg)
     if verifier is None or not any(m.any() for m in masks):
         return masks
-    own = own_channels(pkg, x, space, organs)
     deviation = list(pkg.network("refine")["target_channels"]).index("deviation")
     residual = np.asarray(shared[3].cpu() if isinstance(shared, torch.Tensor) else shared[3]) / RESIDUAL_GAIN
     out = []
@@ -305,11 +309,12 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
         region_model = space.to_model(inpainted.astype(np.float32), nearest=True) > 0.5
         shared = shared_inputs(backbone, x, h, region_model, as_tensor=True)
         roi = (pkg.manifest.get("inference") or {}).get("roi_size")
-        probs = refined_probabilities(head, shared, coarse, allowed, space, roi, own_channels(pkg, x, space, organs))
+        own_inputs = own_channels(pkg, x, space, organs)
+        probs = refined_probabilities(head, shared, coarse, allowed, space, roi, own_inputs)
     cut = refine_threshold(pkg)
     masks = [(p >= cut) & a for p, a in zip(probs, allowed)]
     if any(a.any() for a in allowed):
-        masks = verify_masks(pkg, masks, probs, coarse, organs, shared, x, space)
+        masks = verify_masks(pkg, masks, probs, coarse, organs, shared, own_inputs, space)
     targets = [{"prompt": e["prompt"], "score": e["score"]} for e in att["targets"]]
     summary = write_lesion_artifact(out_dir, study, targets, masks, probs, min_volume_ml=min_volume_ml,
                                     model={"name": pkg.name, "sha256": pkg.sha256})

@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+from diffugts.lesions import CONNECTIVITY_26
+
 # Component features, in the order of the verifier's weights.
 FEATURES = ("log_volume_ml", "refined_mean", "refined_max", "coarse_mean", "deviation_mean", "residual_mean",
             "organ_fraction")
-_CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)  # as diffugts.lesions.split_instances counts lesions
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def candidates(mask: np.ndarray, evidence: Evidence, voxel_ml: float,
                min_volume_ml: float = 0.0) -> tuple[np.ndarray, list[int], np.ndarray]:
     """The mask's 26-connected components: (labels, ids of those of at least ``min_volume_ml``,
     their (N, F) features in the order of FEATURES)."""
-    labels, n = ndimage.label(np.asarray(mask, bool), structure=_CONNECTIVITY_26)
+    labels, n = ndimage.label(np.asarray(mask, bool), structure=CONNECTIVITY_26)
     if n == 0:
         return labels, [], np.zeros((0, len(FEATURES)))
     index = np.arange(1, n + 1)

@@ -21,8 +21,8 @@ from diffugts.datasets.mapping import Meaning
 from diffugts.datasets.organs import same_grid
 from diffugts.errors import InputError
 from diffugts.geometry import Geometry
+from diffugts.lesions import CONNECTIVITY_26
 
-_CONNECTIVITY_26 = np.ones((3, 3, 3), bool)
 
 
 @dataclass
@@ -98,7 +98,7 @@ def build_case(dataset: str, case_id: str, image: sitk.Image, labels: np.ndarray
     for v, m in sorted(resolved.items()):
         if m.kind != "lesion":
             continue
-        components, n = ndimage.label(labels == v, structure=_CONNECTIVITY_26)
+        components, n = ndimage.label(labels == v, structure=CONNECTIVITY_26)
         for c in range(1, n + 1):
             mask = components == c
             lesion_id = len(records) + 1
@@ -113,15 +113,10 @@ def build_case(dataset: str, case_id: str, image: sitk.Image, labels: np.ndarray
 
 def to_training_case(case: DatasetCase, prep, keep_volume: bool = False, device=None):
     """The case on the model grid, as :func:`diffugts.train.data.phantom_case` makes one."""
-    from diffugts.preprocess import to_model
-    from diffugts.train.data import TrainingCase
+    from diffugts.train.data import on_model_grid
 
-    x, space = to_model(case.volume, case.geometry, case.modality, prep, device=device)
-    organs = space.to_model(case.organs.astype(np.float32), nearest=True)
-    lesions = space.to_model(case.lesions.astype(np.float32), nearest=True)
-    volume = space.to_model(case.volume) if keep_volume else None
-    return TrainingCase(f"{case.dataset}/{case.case_id}", case.modality, x, np.rint(organs).astype(np.uint8),
-                        np.rint(lesions).astype(np.uint16), case.records, dict(case.organ_names), volume)
+    return on_model_grid(f"{case.dataset}/{case.case_id}", case.modality, case.volume, case.geometry, case.organs,
+                         case.lesions, case.records, dict(case.organ_names), prep, keep_volume, device)
 
 
 def to_eval_case(case: DatasetCase):

@@ -31,6 +31,19 @@ class TrainingCase:
         return np.isin(self.lesions, list(ids))
 
 
+def on_model_grid(case_id: str, modality: str, volume: np.ndarray, geometry: Geometry, organs: np.ndarray,
+                  lesions: np.ndarray, records: list[dict], organ_names: dict[int, str], prep: Preprocessing,
+                  keep_volume: bool = False, device=None) -> TrainingCase:
+    """A case on its own grid (intensities, organ and lesion labels) as a training case on the
+    model grid: the one place phantoms, phantom folders and dataset cases get there."""
+    x, space = to_model(volume, geometry, modality, prep, device=device)
+    organs = space.to_model(organs.astype(np.float32), nearest=True)
+    lesions = space.to_model(lesions.astype(np.float32), nearest=True)
+    kept = space.to_model(volume) if keep_volume else None
+    return TrainingCase(case_id, modality, x, np.rint(organs).astype(np.uint8), np.rint(lesions).astype(np.uint16),
+                        records, organ_names, kept)
+
+
 def phantom_case(seed: int, index: int, prep: Preprocessing, split: str = "seen", healthy: bool = False,
                  modality: str = "CT", keep_volume: bool = False, healthy_fraction: float = 0.0,
                  shape: tuple[int, int, int] | None = None) -> TrainingCase:
@@ -46,13 +59,9 @@ def phantom_case(seed: int, index: int, prep: Preprocessing, split: str = "seen"
     case = generate_case(spec)
     g = case.grid
     geometry = Geometry(g.origin, g.spacing, np.eye(3), g.shape)
-    x, space = to_model(case.image, geometry, modality, prep)
-    organs = space.to_model(case.organs.astype(np.float32), nearest=True)
-    lesions = space.to_model(case.lesion_map.astype(np.float32), nearest=True)
     names = {int(o["label"]): o["name"] for o in organ_table(case)}
-    volume = space.to_model(case.image) if keep_volume else None
-    return TrainingCase(spec.case_id, modality, x, np.rint(organs).astype(np.uint8),
-                        np.rint(lesions).astype(np.uint16), case.lesions, names, volume)
+    return on_model_grid(spec.case_id, modality, case.image, geometry, case.organs, case.lesion_map, case.lesions,
+                         names, prep, keep_volume)
 
 
 def case_from_dir(path: Path, prep: Preprocessing) -> TrainingCase:
@@ -64,9 +73,7 @@ def case_from_dir(path: Path, prep: Preprocessing) -> TrainingCase:
     meta = json.loads((path / "case.json").read_text())
     image = sitk.ReadImage(str(path / "volume.nii"))
     geometry = Geometry.from_sitk(image)
-    x, space = to_model(sitk.GetArrayFromImage(image), geometry, meta["modality"], prep)
-    read = lambda name: sitk.GetArrayFromImage(sitk.ReadImage(str(path / name))).astype(np.float32)  # noqa: E731
-    organs = np.rint(space.to_model(read("organs.nii.gz"), nearest=True)).astype(np.uint8)
-    lesions = np.rint(space.to_model(read("lesions.nii.gz"), nearest=True)).astype(np.uint16)
+    read = lambda name: sitk.GetArrayFromImage(sitk.ReadImage(str(path / name)))  # noqa: E731
     names = {int(o["label"]): o["name"] for o in meta["organs"]}
-    return TrainingCase(meta["case_id"], meta["modality"], x, organs, lesions, meta["lesions"], names)
+    return on_model_grid(meta["case_id"], meta["modality"], sitk.GetArrayFromImage(image), geometry,
+                         read("organs.nii.gz"), read("lesions.nii.gz"), meta["lesions"], names, prep)

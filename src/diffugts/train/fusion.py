@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from diffugts.aova import AOVAHead
-from diffugts.deviation import DeviationParams, Fusion
+from diffugts.deviation import DeviationParams, Fusion, organ_deviation
 from diffugts.text import TextEncoder, make_target
 from diffugts.train.aova import CaseFeatures
 
@@ -27,7 +27,6 @@ def fusion_samples(head: AOVAHead, text: TextEncoder, data: list[CaseFeatures], 
     """(features (N, 2): anomaly log-odds, |z|; labels (N,)) over the cases' organs."""
     rng = np.random.default_rng(seed)
     feats, labels = [], []
-    fusion = Fusion(0.0, 0.0, 0.0, params)
     for cf in data:
         shape = cf.case.x.shape
         for fam in cf.organs:
@@ -35,12 +34,12 @@ def fusion_samples(head: AOVAHead, text: TextEncoder, data: list[CaseFeatures], 
             out = head([f.float()[None] for f in cf.feats], text.embed(t.prompts), [t.groups(t.prompts.index)],
                        out_shape=shape)
             region, anomaly = out.region_log_odds[0, 0].numpy(), out.anomaly_log_odds[0, 0].numpy()
-            maps = fusion.maps(cf.case.x, region, anomaly, spacing_kji)
-            lesion = cf.positives.get(fam, np.zeros(shape, bool)) & maps.organ
-            healthy = np.flatnonzero(maps.organ & ~lesion)
+            organ, z = organ_deviation(cf.case.x, region, spacing_kji, params)
+            lesion = cf.positives.get(fam, np.zeros(shape, bool)) & organ
+            healthy = np.flatnonzero(organ & ~lesion)
             healthy = rng.choice(healthy, min(MAX_NEGATIVES, healthy.size), replace=False) if healthy.size else healthy
             pick = np.concatenate([np.flatnonzero(lesion), healthy])
-            feats.append(np.stack([anomaly.reshape(-1)[pick], np.abs(maps.z).reshape(-1)[pick]], 1))
+            feats.append(np.stack([anomaly.reshape(-1)[pick], np.abs(z).reshape(-1)[pick]], 1))
             labels.append(lesion.reshape(-1)[pick])
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.float32)
 

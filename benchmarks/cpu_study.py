@@ -10,7 +10,7 @@ runs the same five stages (ingest, attend, synthesize, refine, report) with the 
 
 - ``in-process``: the `diffugts segment` command, a fresh process (what a user runs instead
   of the pipeline: torch and MONAI are imported once, the package read once);
-- ``warm``: :func:`diffugts.segment.segment` called in this process, imports already done;
+- ``warm``: :func:`diffugts.runners.segment.segment` called in this process, imports already done;
 - ``kfp staged``: pipelines/study.py, five task processes;
 - ``kfp fused``: pipelines/study_fused.py, three task processes (the model stages in one).
 
@@ -54,7 +54,7 @@ def in_process_cold(study: Path, out: Path, model: str) -> float:
 
 
 def in_process(study: Path, out: Path, model: str) -> tuple[float, dict]:
-    from diffugts.segment import segment
+    from diffugts.runners.segment import segment
 
     t0 = time.perf_counter()
     result = segment(str(study), out, PROMPTS, model=model, show_progress=False)

@@ -25,7 +25,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from diffugts.ingest import ingest, load_series
+from diffugts.stages.ingest import ingest, load_series
 
 
 def synthetic_ct(folder: Path, slices: int, size: int) -> list[Path]:

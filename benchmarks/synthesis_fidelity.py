@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffugts.evaluate import load_cases
-from diffugts.synthesis import Params, make_region, pseudo_healthy
-from diffugts.synthesis.fidelity import fidelity, load_phantom_truth
-from diffugts.synthesis.masks import spacing_kji
+from diffugts.runners.evaluate import load_cases
+from diffugts.stages.synthesize import Params, make_region, pseudo_healthy
+from diffugts.stages.synthesize.fidelity import fidelity, load_phantom_truth
+from diffugts.stages.synthesize.masks import spacing_kji
 
 
 def main() -> None:
@@ -37,10 +37,10 @@ def main() -> None:
     ap.add_argument("--strength", type=float, default=None, help="noise level to start from (default: the method's)")
     args = ap.parse_args()
 
-    from diffugts.backbones import load_backbone
+    from diffugts.networks.backbones import load_backbone
     from diffugts.models.defaults import default_model
     from diffugts.models.package import open_package
-    from diffugts.preprocess import Preprocessing
+    from diffugts.stages.preprocess import Preprocessing
 
     torch.set_num_threads(1)  # the demo networks are too small for a second thread to pay
     pkg = open_package(args.model or default_model())

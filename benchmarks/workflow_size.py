@@ -10,7 +10,7 @@ the status size for a cohort of N studies, from the pipelines' own compiled IR:
 
 - *before*: the cohort pipeline of commit 7d8e813, a fused study pipeline per study in one
   ParallelFor (its IR is kept in benchmarks/data/diffugts-cohort-per-study.yaml);
-- *after*: today's pipelines/cohort.py: batches of studies in lanes (diffugts.batch).
+- *after*: today's pipelines/cohort.py: batches of studies in lanes (diffugts.runners.batch).
 
 How KFP turns IR into Argo nodes (kubeflow/pipelines, backend/src/v2/compiler/argocompiler,
 dag.go and container.go; the figures are per task instance):
@@ -147,7 +147,7 @@ def before(studies: int) -> dict:
 def after(studies: int, batch_size: int, max_parallel: int) -> dict:
     from kfp import compiler
 
-    from diffugts.batch import plan_batches
+    from diffugts.runners.batch import plan_batches
     from pipelines.cohort import cohort_pipeline
 
     with _tmp() as tmp:
@@ -177,7 +177,7 @@ def _size(spec: dict, platform: dict | None, counts: dict[str, float], **extra) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from diffugts.batch import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PARALLEL, MAX_BATCHES, MAX_PARALLEL
+    from diffugts.runners.batch import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PARALLEL, MAX_BATCHES, MAX_PARALLEL
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--studies", type=int, nargs="+", default=[100, 1000, 10000])

@@ -28,7 +28,7 @@ def attend(
     """
     import sys
 
-    from diffugts.attend import attend as run_attend
+    from diffugts.stages.attend import attend as run_attend
     from diffugts.errors import DiffugtsError
 
     try:

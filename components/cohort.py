@@ -1,5 +1,5 @@
 """Kubeflow components of the cohort pipeline: list studies (in batches), segment a batch, the
-cohort report, the run's record. Thin adapters over :mod:`diffugts.cohort` (see there for the layout under
+cohort report, the run's record. Thin adapters over :mod:`diffugts.runners.cohort` (see there for the layout under
 ``results_uri``). S3 and Pushgateway settings come from the environment.
 """
 
@@ -32,7 +32,7 @@ def list_studies(
     """
     import sys
 
-    from diffugts.cohort import plan_run
+    from diffugts.runners.cohort import plan_run
     from diffugts.errors import DiffugtsError
 
     try:
@@ -68,8 +68,8 @@ def segment_batch(
     attention maps, synthesis, refinement, the report published to
     ``<results_uri>/<StudyInstanceUID>/report`` and its ``done`` marker. A study that fails is
     recorded with its reason and the batch goes on."""
-    from diffugts.batch import run_batch
-    from diffugts.logs import component_step
+    from diffugts.runners.batch import run_batch
+    from diffugts.utils.logs import component_step
 
     # Ingestion and reporting of untrusted DICOM: no header text or UIDs in the task's log, and
     # a user-facing error as one line, exit 2 (component_step, as the study pipelines' steps).
@@ -96,9 +96,9 @@ def cohort_report(
     import shutil
     import sys
 
-    from diffugts.cohort import collect_run, run_markdown
+    from diffugts.runners.cohort import collect_run, run_markdown
     from diffugts.errors import DiffugtsError
-    from diffugts.logs import install
+    from diffugts.utils.logs import install
 
     install()  # diagnosing failures re-reads DICOM: no header text or UIDs in this log
 
@@ -119,7 +119,7 @@ def cohort_report(
 def record_run(results_uri: str, run_id: str, status: dsl.PipelineTaskFinalStatus):
     """Exit handler: write ``<results_uri>/_runs/cohort-<run>.json`` (final state, counts) and
     push the cohort gauges to the Pushgateway, if one is configured."""
-    from diffugts.cohort import finish_run
+    from diffugts.runners.cohort import finish_run
 
     record = finish_run(results_uri, run_id, status.state, status.error_message or "")
     print(f"cohort run {run_id}: {record['state']}, {record['done']} done, {record['failed']} failed, "

@@ -3,7 +3,7 @@
 KFP keys its cache on a task's input values, not on what a URI points to. The study pipelines
 pass these fingerprints to every cached task that reads the study or the model, so a study
 re-exported under the same folder, or a model replaced under the same prefix, misses the cache
-instead of being served the old results (see diffugts.fingerprint).
+instead of being served the old results (see diffugts.utils.fingerprint).
 """
 
 from typing import NamedTuple
@@ -25,7 +25,7 @@ def fingerprint(input_uri: str, model_uri: str) -> NamedTuple("Fingerprints", st
     from collections import namedtuple
 
     from diffugts.errors import DiffugtsError
-    from diffugts.fingerprint import model_sha256, study_sha256
+    from diffugts.utils.fingerprint import model_sha256, study_sha256
 
     try:
         study, model = study_sha256(input_uri), model_sha256(model_uri)

@@ -23,9 +23,9 @@ def ingest(
         rules: "default", "permissive", or a JSON rules document.
         resample: Resample gantry-tilted / oblique series instead of rejecting them.
     """
-    from diffugts.ingest import ingest as run_ingest
-    from diffugts.ingest.summary import selection_markdown
-    from diffugts.logs import component_step
+    from diffugts.stages.ingest import ingest as run_ingest
+    from diffugts.stages.ingest.summary import selection_markdown
+    from diffugts.utils.logs import component_step
 
     # No header text, UIDs or input folder names in the task's log (component_step).
     with component_step(input_uri):

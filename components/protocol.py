@@ -37,7 +37,7 @@ def train_aova_on_datasets(
     import torch
 
     from diffugts.datasets.run import protocol_source, training_checkpoint
-    from diffugts.logs import component_step
+    from diffugts.utils.logs import component_step
     from diffugts.train.run import train_aova_head
 
     with component_step():
@@ -76,7 +76,7 @@ def train_refine_on_datasets(
     import torch
 
     from diffugts.datasets.run import protocol_source, training_checkpoint
-    from diffugts.logs import component_step
+    from diffugts.utils.logs import component_step
     from diffugts.train.run import train_refine_head
 
     with component_step():
@@ -109,8 +109,8 @@ def evaluate_on_datasets(
     from pathlib import Path
 
     from diffugts.datasets.run import evaluate_protocol
-    from diffugts.evaluate import markdown, write
-    from diffugts.logs import component_step
+    from diffugts.runners.evaluate import markdown, write
+    from diffugts.utils.logs import component_step
 
     with component_step():
         result = evaluate_protocol(model.path, protocol, data_root, prompt_template=prompt, show_progress=False)

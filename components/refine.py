@@ -26,7 +26,7 @@ def refine(
     import sys
 
     from diffugts.errors import DiffugtsError
-    from diffugts.refine import refine as run_refine
+    from diffugts.stages.refine import refine as run_refine
 
     try:
         summary = run_refine(study.path, attention.path, synthesis.path, model_uri, lesions.path,

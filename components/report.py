@@ -34,8 +34,8 @@ def report(
     import json
     import shutil
 
-    from diffugts.logs import component_step
-    from diffugts.report import make_report
+    from diffugts.utils.logs import component_step
+    from diffugts.stages.report import make_report
 
     with component_step():  # highdicom logs UIDs: filtered as in the CLI
         result = make_report(study.path, lesions.path, report_folder.path,

@@ -38,7 +38,7 @@ def segment(
     import sys
 
     from diffugts.errors import DiffugtsError
-    from diffugts.segment import model_stages
+    from diffugts.runners.segment import model_stages
 
     try:
         result = model_stages(study.path, model_uri, [str(p) for p in prompts], attention.path, synthesis.path,

@@ -1,8 +1,8 @@
 """Kubeflow component: pseudo-healthy synthesis (study + attention artifacts -> synthesis artifact).
 
 Runs on the GPU image; the pipeline asks for the GPU (``set_accelerator_type`` /
-``set_accelerator_limit``), this adapter only calls :func:`diffugts.synthesis.synthesize`.
-Defaults match :class:`diffugts.synthesis.Params` (tested).
+``set_accelerator_limit``), this adapter only calls :func:`diffugts.stages.synthesize.synthesize`.
+Defaults match :class:`diffugts.stages.synthesize.Params` (tested).
 """
 
 from kfp import dsl
@@ -47,8 +47,8 @@ def synthesize(
     import sys
 
     from diffugts.errors import DiffugtsError
-    from diffugts.synthesis import Params
-    from diffugts.synthesis import synthesize as run_synthesis
+    from diffugts.stages.synthesize import Params
+    from diffugts.stages.synthesize import synthesize as run_synthesis
 
     params = Params(dilation_mm=dilation_mm, strength=strength, steps=steps, jumps=jumps, seed=seed,
                     context_mm=context_mm, feather_mm=feather_mm, harmonise=harmonise)

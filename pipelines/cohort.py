@@ -6,10 +6,10 @@
                       │           segment_batch (GPU; per study: ingest, model stages, report, done marker)
                       └─> cohort_report (runs when batches failed too)
 
-Why batches (diffugts.batch, benchmarks/workflow_size.py): a task per study makes an Argo
+Why batches (diffugts.runners.batch, benchmarks/workflow_size.py): a task per study makes an Argo
 Workflow of over 100,000 nodes for 10,000 studies, past what Kubernetes stores in one object.
 A batch task loads the model once and takes its studies one after another; a failed study is
-recorded and the batch goes on. The run has at most diffugts.batch.MAX_BATCHES batch tasks, so
+recorded and the batch goes on. The run has at most diffugts.runners.batch.MAX_BATCHES batch tasks, so
 the Workflow stays small whatever the cohort's size.
 
 Why lanes: KFP takes ParallelFor's ``parallelism`` at compile time only. A lane is a loop over
@@ -109,7 +109,7 @@ def cohort_pipeline(
         studies.set_display_name("Studies")
         report = cohort_report(results_uri=results_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, rules=rules,
                                resample=resample)
-        # Diagnosing failed studies re-reads them (see diffugts.cohort.diagnose): room for one CT.
+        # Diagnosing failed studies re-reads them (see diffugts.runners.cohort.diagnose): room for one CT.
         cpu_stage(report, "Cohort report", cpu="2", memory="8G")
         report.set_caching_options(False).set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
         report.after(studies).ignore_upstream_failure()

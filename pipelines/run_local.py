@@ -67,7 +67,7 @@ def main() -> int:
 
     from kfp import local
 
-    from diffugts import cohort
+    from diffugts.runners import cohort
     from diffugts.models.defaults import default_model
     from pipelines.cohort import cohort_pipeline
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from diffugts.aova import AOVAHead
-from diffugts.backbones import build_backbone
+from diffugts.networks.aova import AOVAHead
+from diffugts.networks.backbones import build_backbone
 from diffugts.models.create import create_random
 from diffugts.models.package import ModelPackage, add_networks
-from diffugts.deviation import Fusion
-from diffugts.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, TARGET_CHANNELS, RefineHead
+from diffugts.stages.deviation import Fusion
+from diffugts.stages.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, TARGET_CHANNELS, RefineHead
 
 FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
 

@@ -7,7 +7,7 @@ import pytest
 
 from diffugts.models.configs import get_config
 from diffugts.phantom.split import SEEN_ORGANS
-from diffugts.preprocess import Preprocessing
+from diffugts.stages.preprocess import Preprocessing
 from diffugts.train.anomalies import AnomalySpec, add_anomalies
 from diffugts.train.aova import organ_family
 from diffugts.train.data import phantom_case

@@ -7,8 +7,8 @@ import pytest
 import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiGroupNorm3D
 
-from diffugts.backbones import build_backbone
-from diffugts.backbones.maisi import encoder_level_ends
+from diffugts.networks.backbones import build_backbone
+from diffugts.networks.backbones.maisi import encoder_level_ends
 from diffugts.errors import ConfigError
 from diffugts.models import get_config
 from diffugts.models.configs import CONFIGS
@@ -96,7 +96,7 @@ def test_unknown_configuration():
 def test_unoptimized_backbone_is_the_same_network(demo):
     """optimized=False (the GPU benchmark's fp32 baseline) keeps MONAI's loop GroupNorm and
     computes the same features from the same weights."""
-    from diffugts.backbones.maisi import MaisiBackbone
+    from diffugts.networks.backbones.maisi import MaisiBackbone
 
     plain = MaisiBackbone(get_config("demo"), optimized=False)
     plain.vae.load_state_dict(demo.vae.state_dict())

@@ -1,4 +1,4 @@
-"""The 2D diffusers family (diffugts.backbones.diffusers2d) with tiny random-weight models
+"""The 2D diffusers family (diffugts.networks.backbones.diffusers2d) with tiny random-weight models
 built from the ``demo-2d`` configuration and the offline MiniLM text encoder: shapes, the
 cross-attention maps, inpainting, packages, and `diffugts segment` end to end."""
 
@@ -12,14 +12,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from diffugts.backbones import build_backbone, load_backbone
-from diffugts.backbones.cross_attention import CaptureProcessor, cross_attention_maps, training_free_probability
-from diffugts.backbones.diffusers2d import Diffusers2DBackbone
+from diffugts.networks.backbones import build_backbone, load_backbone
+from diffugts.networks.backbones.cross_attention import CaptureProcessor, cross_attention_maps, training_free_probability
+from diffugts.networks.backbones.diffusers2d import Diffusers2DBackbone
 from diffugts.errors import ConfigError, InputError
 from diffugts.models import get_config, open_package
 from diffugts.models.create import create_random, verify
-from diffugts.synthesis.inpaint import inpaint
-from diffugts.text import make_target
+from diffugts.stages.synthesize.inpaint import inpaint
+from diffugts.networks.text import make_target
 
 torch.set_num_threads(1)
 
@@ -147,7 +147,7 @@ def test_cross_attention_maps(backbone):
 def test_cross_attention_maps_use_every_layer(backbone):
     """Each cross-attention layer reports once per UNet call (4 in demo-2d: one down, the
     middle, two up)."""
-    from diffugts.backbones.cross_attention import AttentionStore
+    from diffugts.networks.backbones.cross_attention import AttentionStore
 
     store = AttentionStore((8, 8))
     hidden, mask = backbone._context(["tumor"], 2)
@@ -355,9 +355,9 @@ FEATURES_2D = ["encoder1", "encoder2", "denoiser0", "denoiser1", "cross_attentio
 
 def with_random_heads(pkg, out):
     """The package plus random AOVA (cross-attention maps among its inputs) and refine heads."""
-    from diffugts.aova import AOVAHead
+    from diffugts.networks.aova import AOVAHead
     from diffugts.models.package import add_networks
-    from diffugts.refine import RefineHead
+    from diffugts.stages.refine import RefineHead
 
     specs = {s.name: s.channels for s in build_backbone(pkg.manifest["backbone"]).feature_specs()}
     torch.manual_seed(0)
@@ -394,7 +394,7 @@ def test_segment_end_to_end(package, tmp_path, capsys):
     assert np.all(diff[~region] == 0)
 
     # Pseudo-healthy synthesis on the 2D backbone from the phantom's true lesion mask.
-    from diffugts.synthesis import Params, synthesize
+    from diffugts.stages.synthesize import Params, synthesize
 
     lesion = sitk.ReadImage(str(case / "lesions.nii.gz"))
     binary = sitk.Cast(lesion > 0, sitk.sitkUInt8)

@@ -1,5 +1,5 @@
 """Cohort runs: listing (local, S3, CSV), idempotency markers, failure records, the cohort
-report and the run record (diffugts.cohort), the submitter (pipelines.submit, fake client), and
+report and the run record (diffugts.runners.cohort), the submitter (pipelines.submit, fake client), and
 the cohort pipeline end to end under kfp.local with a broken study among good ones."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from diffugts import cohort
+from diffugts.runners import cohort
 from diffugts.errors import ConfigError, InputError
 from pipelines import submit
 
@@ -66,7 +66,7 @@ def test_params_hash_follows_the_methods_defaults(monkeypatch):
     one as done (the cohort pipeline runs synthesis with the defaults)."""
     import dataclasses
 
-    import diffugts.synthesis as synthesis
+    import diffugts.stages.synthesize as synthesis
 
     base = cohort.params_hash(**PARAMS)
 
@@ -165,7 +165,7 @@ def test_model_must_be_a_package(tmp_path):
 # ---------------------------------------------------------------------------- failures, report, record
 
 def test_failed_studies_are_reported_with_their_reason(tmp_path, pushgateway_url):
-    from diffugts.report.cohort import FAILED_MARKER
+    from diffugts.stages.report.cohort import FAILED_MARKER
 
     studies, results, run = tmp_path / "studies", str(tmp_path / "results"), "r7"
     (studies / "good").mkdir(parents=True)
@@ -216,7 +216,7 @@ def _gauges(gateway: str) -> dict:
     ("SUCCEEDED", True), ("COMPLETE", True), ("CACHED", True), ("SKIPPED", True),
     ("FAILED", False), ("CANCELED", False), ("CANCELLED", False), ("RUNNING", False), ("", False)])
 def test_run_record_knows_the_states_the_backends_send(tmp_path, monkeypatch, state, succeeded):
-    from diffugts import metrics
+    from diffugts.utils import prometheus as metrics
 
     pushed = []
     monkeypatch.setattr(metrics, "push", lambda registry, job, gateway: pushed.append(registry) or True)
@@ -389,7 +389,7 @@ def test_submitter_client_works_with_a_read_only_home(tmp_path):
 # ---------------------------------------------------------------------------- batches
 
 def test_batches_are_bounded_and_dealt_into_lanes():
-    from diffugts.batch import MAX_BATCHES, MAX_PARALLEL, plan_batches
+    from diffugts.runners.batch import MAX_BATCHES, MAX_PARALLEL, plan_batches
 
     keys = [f"k{i:05d}" for i in range(10_000)]
     plan = plan_batches(keys, batch_size=8, max_parallel=4)
@@ -407,7 +407,7 @@ def test_batches_are_bounded_and_dealt_into_lanes():
 
 @pytest.mark.slow
 def test_a_failed_study_never_sinks_its_batch(tmp_path):
-    from diffugts.batch import run_batch
+    from diffugts.runners.batch import run_batch
     from diffugts.phantom import CaseSpec, generate_case, write_case
     from modelfactory import random_package
 

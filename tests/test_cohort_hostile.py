@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from diffugts import cohort
+from diffugts.runners import cohort
 from diffugts.errors import DiffugtsError, InputError
 
 # The helpers of the cohort tests: a model package and a report folder as the stages leave them.
@@ -147,7 +147,7 @@ def test_a_study_folder_name_that_is_not_utf8_does_not_sink_the_cohort(tmp_path)
 
 
 def test_everything_that_reaches_kfp_markdown_is_escaped():
-    from diffugts.ingest.summary import selection_markdown
+    from diffugts.stages.ingest.summary import selection_markdown
 
     evil = "<script>alert(1)</script> | [x](javascript:alert(1)) *DOE*"
     text = cohort.run_markdown({"run": "r1", "listed": 1, "skipped": 0, "processed": 1, "done": 0, "failed": 1,
@@ -178,7 +178,7 @@ def test_a_corrupt_marker_does_not_sink_the_listing(tmp_path):
 
 @pytest.mark.parametrize("uid", ["../x", "/abs", "1.2.3/../../4", "1.2.3\n"])
 def test_the_report_stage_upload_refuses_a_uid_that_is_not_a_uid(uid):
-    from diffugts.report.upload import results_prefix
+    from diffugts.stages.report.upload import results_prefix
 
     with pytest.raises(InputError, match="not a valid DICOM UID"):
         results_prefix(uid, "s3://bucket/results")
@@ -188,9 +188,9 @@ def test_the_report_stage_upload_refuses_a_uid_that_is_not_a_uid(uid):
 def _stub_batch_stages(monkeypatch, uids: dict[str, str]) -> None:
     """run_batch with its ingestion, model and report stages stubbed: each input's report names
     the Study Instance UID given for its folder."""
-    import diffugts.ingest
-    import diffugts.report
-    import diffugts.segment
+    import diffugts.stages.ingest
+    import diffugts.stages.report
+    import diffugts.runners.segment
 
     class Stages:
         def __init__(self, model_uri, device=None, **kwargs):
@@ -206,16 +206,16 @@ def _stub_batch_stages(monkeypatch, uids: dict[str, str]) -> None:
     def make_report(study, lesions, out, **kwargs):
         _report(Path(out), (Path(study) / "uid").read_text(), key=Path(study).parent.name)
 
-    monkeypatch.setattr(diffugts.ingest, "ingest", ingest)
-    monkeypatch.setattr(diffugts.report, "make_report", make_report)
-    monkeypatch.setattr(diffugts.segment, "ModelStages", Stages)
+    monkeypatch.setattr(diffugts.stages.ingest, "ingest", ingest)
+    monkeypatch.setattr(diffugts.stages.report, "make_report", make_report)
+    monkeypatch.setattr(diffugts.runners.segment, "ModelStages", Stages)
 
 
 def test_a_batch_publishes_by_the_same_rules(tmp_path, monkeypatch):
-    """The cohort pipeline publishes in its batch tasks (diffugts.batch): a UID that is not a
+    """The cohort pipeline publishes in its batch tasks (diffugts.runners.batch): a UID that is not a
     UID and a second input of one study fail there as in mark_done, the batch goes on, and a
     forced run's failed re-publish leaves the study failed, not done."""
-    from diffugts.batch import run_batch
+    from diffugts.runners.batch import run_batch
 
     results, listing = _plan(tmp_path, names=("s1", "s2", "s3"))
     names = {i["key"]: Path(i["input_uri"]).name for i in listing["pending"]}

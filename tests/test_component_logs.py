@@ -1,5 +1,5 @@
 """Component logs carry no input folder names, header text or UIDs (issue #23): the
-components run the library inside diffugts.logs.component_step, as the CLI does."""
+components run the library inside diffugts.utils.logs.component_step, as the CLI does."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from components.ingest import ingest
-from diffugts import logs
+from diffugts.utils import logs
 
 
 def test_the_ingest_component_masks_the_input_and_exits_2(tmp_path, capsys):
@@ -31,7 +31,7 @@ def test_library_records_that_quote_headers_are_dropped(caplog, monkeypatch):
     with caplog.at_level(logging.INFO):
         logging.getLogger("pydicom").error("Invalid value for PatientName 'DOE^JOHN'")
         logging.getLogger("highdicom.seg").info("SOP Instance UID 1.2.826.0.1.3680043.8.498.1")
-        logging.getLogger("diffugts.ingest").warning("skipped a.dcm: not a DICOM file")
+        logging.getLogger("diffugts.stages.ingest").warning("skipped a.dcm: not a DICOM file")
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "DOE" not in text and "1.2.826" not in text and "skipped a.dcm" in text
 

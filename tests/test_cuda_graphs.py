@@ -10,8 +10,8 @@ import logging
 import pytest
 import torch
 
-from diffugts.backbones import build_backbone
-from diffugts.backbones.cuda_graphs import GraphedCall
+from diffugts.networks.backbones import build_backbone
+from diffugts.networks.backbones.cuda_graphs import GraphedCall
 from diffugts.models import get_config
 
 
@@ -64,7 +64,7 @@ def test_a_new_shape_replaces_the_graph():
 def test_a_graph_that_fails_or_disagrees_leaves_that_shape_eager(capture, why, caplog):
     call = GraphedCall(capture)
     z, t = torch.rand(1, 4, 6, 8, 8), torch.tensor([2.0])
-    with caplog.at_level(logging.WARNING, logger="diffugts.backbones.cuda_graphs"):
+    with caplog.at_level(logging.WARNING, logger="diffugts.networks.backbones.cuda_graphs"):
         outs = [call(_fn, z, t) for _ in range(3)]
     for out in outs:
         torch.testing.assert_close(out, _fn(z, t))  # never the wrong replay's numbers
@@ -100,7 +100,7 @@ def test_reset_drops_the_graph():
 def test_inpainting_ends_its_denoising_even_when_a_call_fails(monkeypatch):
     """The backbone is told when one inpainting's denoiser calls are over (a graph's memory
     is freed before decoding), also when denoising raises."""
-    from diffugts.synthesis.inpaint import inpaint
+    from diffugts.stages.synthesize.inpaint import inpaint
 
     torch.manual_seed(0)
     backbone = build_backbone(get_config("demo"))

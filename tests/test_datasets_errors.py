@@ -171,7 +171,7 @@ def test_seg_error_messages_lose_their_uids():
 def test_no_training_case_of_seen_types_is_an_error(world):
     from diffugts.datasets.training import DatasetSource
     from diffugts.models.configs import get_config
-    from diffugts.preprocess import Preprocessing
+    from diffugts.stages.preprocess import Preprocessing
 
     prep = Preprocessing.from_dict(get_config("demo")["preprocessing"])
     source = DatasetSource([open_dataset(world["msd"], world["mapping"], seen_types=["no-such-type"])],

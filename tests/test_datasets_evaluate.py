@@ -10,7 +10,7 @@ import pytest
 import datasetfactory as F
 from diffugts.cli import main
 from diffugts.datasets import EvalCases, open_dataset
-from diffugts.evaluate import evaluate
+from diffugts.runners.evaluate import evaluate
 from diffugts.phantom import CaseSpec, generate_case
 from modelfactory import random_package
 

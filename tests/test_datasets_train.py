@@ -17,7 +17,7 @@ from diffugts.datasets import open_dataset, to_training_case
 from diffugts.datasets.protocol import split_cases
 from diffugts.datasets.training import DatasetSource
 from diffugts.models.package import open_package
-from diffugts.preprocess import Preprocessing
+from diffugts.stages.preprocess import Preprocessing
 from diffugts.train.checkpoint import Checkpoint
 from diffugts.train.data import case_from_dir
 from diffugts.train.run import train_aova_head, train_refine_head
@@ -67,8 +67,8 @@ def test_aova_training_on_dataset_cases_equals_training_on_the_same_phantom_case
     """Same cases, same seed: the same head, step for step. Cases whose lesions share one type
     and host (a label map without instance ids cannot say in which order a phantom placed
     lesions of different types, and the prompt draws follow that order)."""
-    from diffugts.backbones import load_backbone
-    from diffugts.text import TextEncoder
+    from diffugts.networks.backbones import load_backbone
+    from diffugts.networks.text import TextEncoder
     from diffugts.train.aova import organ_family, train_aova
 
     prep = Preprocessing.from_dict(world["backbone"].manifest["preprocessing"])

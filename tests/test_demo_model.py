@@ -13,7 +13,7 @@ import json
 import pytest
 
 from diffugts.cli import main
-from diffugts.evaluate import evaluate
+from diffugts.runners.evaluate import evaluate
 from diffugts.models.defaults import DEMO_2D_MODEL, DEMO_MODEL, default_model, resolve_model
 from diffugts.phantom import CaseSpec, generate_case, write_case
 

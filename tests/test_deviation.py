@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from diffugts.deviation import DeviationParams, Fusion, deviation_z, organ_with_inclusions
+from diffugts.stages.deviation import DeviationParams, Fusion, deviation_z, organ_with_inclusions
 from diffugts.train.data import TrainingCase
 from diffugts.train.fusion import fit_fusion
 from diffugts.train.randomise import randomise

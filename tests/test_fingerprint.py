@@ -1,4 +1,4 @@
-"""Content fingerprints of studies and models (diffugts.fingerprint): what the pipelines put
+"""Content fingerprints of studies and models (diffugts.utils.fingerprint): what the pipelines put
 into the cache keys of the tasks that read them (tests/test_pipelines.py checks the wiring)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import zipfile
 import pytest
 
 from diffugts.errors import InputError
-from diffugts.fingerprint import model_sha256, study_sha256
+from diffugts.utils.fingerprint import model_sha256, study_sha256
 
 
 def _study(folder, payload: bytes = b"slice two"):

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
 from diffugts.errors import InputError
-from diffugts.ingest import ingest
+from diffugts.stages.ingest import ingest
 from dicomfactory import write_series
 
 

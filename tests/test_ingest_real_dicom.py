@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 
 from diffugts.cli import main
 from diffugts.errors import InputError
-from diffugts.ingest import ingest
+from diffugts.stages.ingest import ingest
 
 
 def data_file(name: str) -> Path:

@@ -1,4 +1,4 @@
-"""Lesion instances and measurements against analytic shapes (diffugts.lesions)."""
+"""Lesion instances and measurements against analytic shapes (diffugts.stages.lesions)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from diffugts.geometry import Geometry
-from diffugts.lesions import axial_axis, measure, split_instances, write_lesion_artifact
-from diffugts.study import Study
+from diffugts.artifacts.geometry import Geometry
+from diffugts.stages.lesions import axial_axis, measure, split_instances, write_lesion_artifact
+from diffugts.artifacts.study import Study
 
 
 def rotation(axis: str, deg: float) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffugts.backbones import build_backbone, load_backbone
+from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.cli import main
 from diffugts.errors import ConfigError, InputError
 from diffugts.models import get_config, open_package

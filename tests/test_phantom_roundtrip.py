@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from diffugts.ingest import ingest
+from diffugts.stages.ingest import ingest
 from diffugts.phantom.case import CaseSpec, generate_case
 from diffugts.phantom.cohort import write_case
 

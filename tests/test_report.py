@@ -19,17 +19,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from scipy import ndimage
 
-from diffugts import atomic, metrics
+from diffugts.utils import atomic, prometheus as metrics
 from diffugts.cli import main
-from diffugts.ingest import ingest
-from diffugts.lesions import write_lesion_artifact
+from diffugts.stages.ingest import ingest
+from diffugts.stages.lesions import write_lesion_artifact
 from diffugts.phantom import CaseSpec, generate_case, write_case
-from diffugts.report import make_report, study_key
-from diffugts.report.cohort import cohort_report
-from diffugts.report.inputs import load_lesions
-from diffugts.report.upload import upload_report
+from diffugts.stages.report import make_report, study_key
+from diffugts.stages.report.cohort import cohort_report
+from diffugts.stages.report.inputs import load_lesions
+from diffugts.stages.report.upload import upload_report
 from diffugts.storage import MANIFEST, ObjectStore
-from diffugts.study import load_study, write_image
+from diffugts.artifacts.study import load_study, write_image
 from dicomfactory import write_series
 
 MODEL = {"name": "demo-tiny", "sha256": "c0ffee" + "0" * 58}
@@ -444,7 +444,7 @@ def test_overlapping_prompts_give_overlapping_segments(world, tmp_path):
 
 
 def test_cohort_html_puts_findings_first_and_links_each_study(world, tmp_path):
-    from diffugts.report.human import DISCLAIMER
+    from diffugts.stages.report.human import DISCLAIMER
 
     failed = tmp_path / "failed"
     failed.mkdir()
@@ -471,7 +471,7 @@ def test_cohort_html_puts_findings_first_and_links_each_study(world, tmp_path):
 def test_volume_histogram_ticks_are_plain_numbers(volumes):
     import matplotlib.pyplot as plt
 
-    from diffugts.report.cohort import volume_figure
+    from diffugts.stages.report.cohort import volume_figure
 
     fig = volume_figure(volumes)
     fig.canvas.draw()

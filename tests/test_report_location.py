@@ -1,4 +1,4 @@
-"""Lesion sites and PACS slices in the study report (diffugts.report.location): the side of a
+"""Lesion sites and PACS slices in the study report (diffugts.stages.report.location): the side of a
 paired organ against the body's midline, the source series' Instance Number, the
 uncalibrated-confidence note, checked on a phantom whose ground truth names each lesion's side."""
 
@@ -11,8 +11,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from diffugts.geometry import Geometry
-from diffugts.report import location
+from diffugts.artifacts.geometry import Geometry
+from diffugts.stages.report import location
 
 
 def test_side_of_paired_organs_only_and_not_on_the_midline():
@@ -33,11 +33,11 @@ def test_midline_follows_the_body_not_the_field_of_view():
 
 @pytest.mark.slow
 def test_report_names_the_side_and_the_slice_of_each_kidney_lesion(tmp_path):
-    from diffugts.ingest import ingest
-    from diffugts.lesions import write_lesion_artifact
+    from diffugts.stages.ingest import ingest
+    from diffugts.stages.lesions import write_lesion_artifact
     from diffugts.phantom import CaseSpec, generate_case, write_case
-    from diffugts.report import make_report
-    from diffugts.study import load_study
+    from diffugts.stages.report import make_report
+    from diffugts.artifacts.study import load_study
 
     case = generate_case(CaseSpec(seed=7, index=1, healthy_fraction=0.0, modality="CT", split="seen"))
     truth = [les["organ"] for les in case.lesions]

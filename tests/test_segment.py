@@ -11,10 +11,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from diffugts.cli import main
-from diffugts.evaluate import dice, evaluate, intensity_baseline, markdown, nsd
-from diffugts.geometry import Geometry
+from diffugts.runners.evaluate import dice, evaluate, intensity_baseline, markdown, nsd
+from diffugts.artifacts.geometry import Geometry
 from diffugts.phantom import CaseSpec, generate_case, write_case
-from diffugts.refine import body_mask
+from diffugts.stages.refine import body_mask
 from modelfactory import random_package
 
 
@@ -57,7 +57,7 @@ def test_resampling_on_the_device_gives_the_same_study(model, tmp_path, monkeypa
     every stage: same maps, same pseudo-healthy study, same refined masks."""
     import torch
 
-    from diffugts.backbones.base import Backbone
+    from diffugts.networks.backbones.base import Backbone
 
     # A study finer than the model grid (2.75 x 2.75 x 4 mm), so every stage resamples.
     spec = CaseSpec(seed=11, index=0, shape=(40, 80, 80), spacing=(2.2, 2.2, 3.2), split="seen",
@@ -67,9 +67,9 @@ def test_resampling_on_the_device_gives_the_same_study(model, tmp_path, monkeypa
             "--no-report", "--out"]
     # Threshold 0: the random head's maps cover the study, so synthesis and refinement work
     # (refinement skips targets without a region, and a random head may find none at 0.5).
-    monkeypatch.setattr("diffugts.attend.default_threshold", lambda *a, **k: 0.0)
+    monkeypatch.setattr("diffugts.stages.attend.default_threshold", lambda *a, **k: 0.0)
     assert main([*args, str(tmp_path / "host")]) == 0
-    import diffugts.preprocess as preprocess
+    import diffugts.stages.preprocess as preprocess
 
     calls = []
     monkeypatch.setattr(Backbone, "resample_device", property(lambda self: torch.device("cpu")))
@@ -96,7 +96,7 @@ def test_resample_device_is_the_optimised_cuda_path_only():
 
     import torch
 
-    from diffugts.backbones.base import Backbone
+    from diffugts.networks.backbones.base import Backbone
 
     where = Backbone.resample_device.fget
     assert where(SimpleNamespace(device=torch.device("cuda:0"), optimized=True)) == torch.device("cuda:0")
@@ -176,7 +176,7 @@ def test_evaluate_with_fused_maps_adds_the_organ_zscore_baseline_and_healthy_stu
 
 
 def test_false_lesions_counts_components_that_touch_no_true_lesion():
-    from diffugts.evaluate import false_lesions
+    from diffugts.runners.evaluate import false_lesions
 
     g = Geometry((0, 0, 0), (1.0, 1.0, 1.0), np.eye(3), (20, 40, 40))
     truth = np.zeros(g.shape, bool)
@@ -211,7 +211,7 @@ def test_intensity_baseline_finds_a_bright_blob_in_soft_tissue():
 
 
 def test_target_region_grows_a_prompts_own_mask_only():
-    from diffugts.refine import target_region
+    from diffugts.stages.refine import target_region
 
     g = Geometry((0, 0, 0), (1.0, 1.0, 2.0), np.eye(3), (20, 40, 40))
     mask = np.zeros(g.shape, bool)
@@ -226,7 +226,7 @@ def test_refine_probability_batches_targets_without_changing_them():
     """All targets in one pass give each target's map as one at a time (batch norm is fixed)."""
     import torch
 
-    from diffugts.refine import IN_CHANNELS, RefineHead, refine_probability
+    from diffugts.stages.refine import IN_CHANNELS, RefineHead, refine_probability
 
     torch.manual_seed(0)
     head = RefineHead(features=(4, 8, 8, 16, 16, 4)).eval()
@@ -255,9 +255,9 @@ def test_shared_inputs_are_the_residual_channels_of_the_method():
     import torch
     import torch.nn.functional as F
 
-    from diffugts.backbones import build_backbone
+    from diffugts.networks.backbones import build_backbone
     from diffugts.models import get_config
-    from diffugts.refine import RESIDUAL_GAIN, shared_inputs
+    from diffugts.stages.refine import RESIDUAL_GAIN, shared_inputs
 
     torch.manual_seed(0)
     backbone = build_backbone(get_config("demo"))
@@ -288,8 +288,8 @@ def test_refine_probability_bounds_the_voxels_of_a_pass_without_changing_the_map
     """A study with many findings runs its targets in several bounded passes, same maps."""
     import torch
 
-    import diffugts.refine as refine_module
-    from diffugts.refine import IN_CHANNELS, RefineHead, refine_probability
+    import diffugts.stages.refine as refine_module
+    from diffugts.stages.refine import IN_CHANNELS, RefineHead, refine_probability
 
     torch.manual_seed(0)
     head = RefineHead(features=(4, 8, 8, 16, 16, 4)).eval()
@@ -328,7 +328,7 @@ def _rewrite(path, array):
 def test_refine_skips_targets_without_a_region_and_batches_the_rest(model, case, tmp_path, monkeypatch):
     import shutil
 
-    import diffugts.refine as refine_module
+    import diffugts.stages.refine as refine_module
 
     out = tmp_path / "seg"
     targets = _artifacts(model, case, out)
@@ -368,7 +368,7 @@ def test_refine_skips_targets_without_a_region_and_batches_the_rest(model, case,
 
 
 def test_refine_of_a_study_with_no_region_loads_no_networks(model, case, tmp_path, monkeypatch):
-    import diffugts.refine as refine_module
+    import diffugts.stages.refine as refine_module
 
     out = tmp_path / "seg"
     targets = _artifacts(model, case, out)
@@ -380,7 +380,7 @@ def test_refine_of_a_study_with_no_region_loads_no_networks(model, case, tmp_pat
         raise AssertionError("no feature pass expected")
 
     monkeypatch.setattr(refine_module, "shared_inputs", boom)
-    monkeypatch.setattr("diffugts.backbones.load_backbone", boom)
+    monkeypatch.setattr("diffugts.networks.backbones.load_backbone", boom)
     summary = refine_module.refine(out / "study", out / "attention", out / "synthesis", str(model.root),
                                    tmp_path / "lesions")
     assert [t["lesion_ids"] for t in summary["targets"]] == [[], [], []]

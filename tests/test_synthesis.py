@@ -14,16 +14,16 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from diffugts import atomic
-from diffugts.backbones import Backbone, load_backbone
+from diffugts.utils import atomic
+from diffugts.networks.backbones import Backbone, load_backbone
 from diffugts.cli import main
 from diffugts.errors import InputError
-from diffugts.geometry import Geometry
+from diffugts.artifacts.geometry import Geometry
 from diffugts.models import open_package
 from diffugts.models.create import create_random
-from diffugts.study import write_image
-from diffugts.synthesis import GroundTruth, Params, Tiles, fidelity, inpaint, make_region, synthesize
-from diffugts.synthesis.inpaint import renoise
+from diffugts.artifacts.study import write_image
+from diffugts.stages.synthesize import GroundTruth, Params, Tiles, fidelity, inpaint, make_region, synthesize
+from diffugts.stages.synthesize.inpaint import renoise
 
 DEMO_SPACING = (2.75, 2.75, 4.0)
 FAST = Params(steps=3, context_mm=16.0)
@@ -177,7 +177,7 @@ def sampler_source(request, backbone):
     """The demo backbone (rectified flow), or one with MAISI v1's DDPM schedule (DDIM sampling)."""
     if request.param == "rflow":
         return backbone
-    from diffugts.backbones import build_backbone
+    from diffugts.networks.backbones import build_backbone
     from diffugts.models import get_config
 
     return build_backbone({**get_config("demo"), "scheduler": get_config("maisi-ct-v1")["scheduler"]})
@@ -272,7 +272,7 @@ def test_fidelity_on_known_values():
 
 def test_phantom_ground_truth_rebuilds_the_healthy_twin(tmp_path, package, backbone):
     from diffugts.phantom import CaseSpec, generate_case, write_case
-    from diffugts.synthesis import load_phantom_truth
+    from diffugts.stages.synthesize import load_phantom_truth
 
     case = generate_case(CaseSpec(seed=3, index=1, shape=(32, 64, 64), lesion_types=("hypodense",),
                                   organs=("liver",), healthy_fraction=0.0))
@@ -355,9 +355,9 @@ def test_defaults_agree_across_library_cli_and_component():
 def test_harmonisation_removes_a_generator_bias(backbone, monkeypatch):
     """A generator that returns the input brighter by a constant: harmonised H matches x in
     the ring around the mask (so x - H is the lesion alone); without it the bias stays."""
-    import diffugts.synthesis as synthesis
-    from diffugts.preprocess import Preprocessing
-    from diffugts.synthesis import pseudo_healthy
+    import diffugts.stages.synthesize as synthesis
+    from diffugts.stages.preprocess import Preprocessing
+    from diffugts.stages.synthesize import pseudo_healthy
 
     def biased(backbone, x, mask, spacing, *, stats, **kwargs):
         stats.update(encode_s=0.0, denoise_s=0.0, decode_s=0.0, tiles=1, denoiser_calls=0, timesteps=[])
@@ -388,10 +388,10 @@ def test_voxels_beyond_the_ct_window_keep_their_values_instead_of_being_clamped(
     """Lung (-850 HU) and bone (+700 HU) inside the inpainted region, outside the model's CT
     window (-250..350 for the demo): a generator that reproduces its (clipped) input must give
     them back as they were, not clamped to the window's edges; soft tissue is still replaced."""
-    import diffugts.synthesis as synthesis
+    import diffugts.stages.synthesize as synthesis
     from diffugts.models import get_config
-    from diffugts.preprocess import Preprocessing
-    from diffugts.synthesis import pseudo_healthy
+    from diffugts.stages.preprocess import Preprocessing
+    from diffugts.stages.synthesize import pseudo_healthy
 
     def identity(backbone, x, mask, spacing, *, stats, **kwargs):
         stats.update(encode_s=0.0, denoise_s=0.0, decode_s=0.0, tiles=1, denoiser_calls=0, timesteps=[])

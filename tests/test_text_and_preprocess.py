@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from diffugts.errors import ConfigError
-from diffugts.geometry import Geometry
-from diffugts.preprocess import Preprocessing, model_grid, normalise, to_model
-from diffugts.text import TextEncoder, make_target, organ_of
+from diffugts.artifacts.geometry import Geometry
+from diffugts.stages.preprocess import Preprocessing, model_grid, normalise, to_model
+from diffugts.networks.text import TextEncoder, make_target, organ_of
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def _oblique(angle_deg: float) -> np.ndarray:
 def test_torch_resampling_agrees_with_simpleitk(case):
     """The device path (torch) gives SimpleITK's results: linear to float precision, labels
     exactly, ITK's edge rule and fill value included (in both directions of a ModelSpace)."""
-    from diffugts.preprocess import resample_array, resample_torch
+    from diffugts.stages.preprocess import resample_array, resample_torch
 
     rng = np.random.default_rng(3)
     if case == "oblique":  # tilted study, anisotropic spacing, model grid in RAS
@@ -135,7 +135,7 @@ def test_torch_resampling_agrees_with_simpleitk(case):
 def test_to_study_of_a_box_is_that_box_of_the_whole(device):
     """Synthesis and refinement resample only the box they paste into: the same values as
     the box of a whole-grid resampling, labels included, in an oblique study."""
-    from diffugts.preprocess import ModelSpace
+    from diffugts.stages.preprocess import ModelSpace
 
     study = geometry(shape=(17, 29, 33), spacing=(0.9, 1.3, 2.5), direction=_oblique(17.0))
     space = ModelSpace(study, model_grid(study, Preprocessing((1.7, 1.7, 2.0), orientation="RAS", multiple=8)),

@@ -13,11 +13,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from diffugts.backbones import build_backbone, load_backbone
+from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.cli import main
 from diffugts.models import get_config, open_package
 from diffugts.models.create import create_random
-from diffugts.preprocess import Preprocessing
+from diffugts.stages.preprocess import Preprocessing
 from diffugts.train.data import TrainingCase, phantom_case
 
 # One thread, as test_backbone_2d: two-thread runs spin and crawl when another process holds
@@ -54,7 +54,7 @@ def case_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def study(case_dir, tmp_path_factory):
-    from diffugts.ingest import ingest
+    from diffugts.stages.ingest import ingest
 
     out = tmp_path_factory.mktemp("study") / "study"
     ingest(case_dir / "dicom", out, show_progress=False)
@@ -125,7 +125,7 @@ def test_token_grounding_makes_organ_words_attend_to_their_organs(prep):
     """The same short denoiser training with and without the grounding term: only with it
     does the cross-attention of "liver" / "spine" land on the liver / spine (measured
     contrast inside - outside: 0.36 / 0.21 with, 0.00 / 0.00 without)."""
-    from diffugts.backbones.cross_attention import cross_attention_maps
+    from diffugts.networks.backbones.cross_attention import cross_attention_maps
     from diffugts.train.backbone2d import set_scale_factor, slice_latents, slice_set, train_unet_2d
 
     cases = [phantom_case(1000, i, prep, split="seen", healthy=True, shape=SMALL) for i in range(2)]
@@ -173,13 +173,13 @@ def test_quick_2d_demo_writes_a_verifiable_package(quick_model, capsys):
 # --- training-free maps -----------------------------------------------------------------------
 
 def test_attend_training_free_feeds_synthesis(quick_model, study, tmp_path):
-    from diffugts.aova import top_mean
-    from diffugts.attend import TRAINING_FREE_TOP_FRACTION, attend
-    from diffugts.backbones.cross_attention import training_free_probability
-    from diffugts.preprocess import to_model
-    from diffugts.study import load_study
-    from diffugts.synthesis import Params, synthesize
-    from diffugts.text import make_target
+    from diffugts.networks.aova import top_mean
+    from diffugts.stages.attend import TRAINING_FREE_TOP_FRACTION, attend
+    from diffugts.networks.backbones.cross_attention import training_free_probability
+    from diffugts.stages.preprocess import to_model
+    from diffugts.artifacts.study import load_study
+    from diffugts.stages.synthesize import Params, synthesize
+    from diffugts.networks.text import make_target
 
     out = tmp_path / "free"
     assert main(["-q", "attend", str(study), "--model", str(quick_model.root), "--prompt", "liver tumor",
@@ -222,7 +222,7 @@ def test_segment_with_training_free_maps_end_to_end(quick_model, case_dir, tmp_p
 
 
 def test_training_free_needs_no_head(study, tmp_path):
-    from diffugts.attend import attend
+    from diffugts.stages.attend import attend
 
     bare = create_random(tmp_path / "bare2d", "demo-2d", seed=1)  # backbone only
     summary = attend(study, str(bare.root), ["kidney cyst"], tmp_path / "o", maps="training-free")
@@ -250,7 +250,7 @@ def test_segment_refuses_training_free_on_a_3d_package_before_any_output(case_di
 
 def test_segment_api_rejects_unknown_maps_before_ingest(case_dir, tmp_path):
     from diffugts.errors import ConfigError
-    from diffugts.segment import segment
+    from diffugts.runners.segment import segment
 
     with pytest.raises(ConfigError, match="unknown maps 'attention'"):
         segment(str(case_dir / "dicom"), tmp_path / "seg", ["liver tumor"], model="demo", maps="attention",
@@ -261,7 +261,7 @@ def test_segment_api_rejects_unknown_maps_before_ingest(case_dir, tmp_path):
 # --- evaluation -------------------------------------------------------------------------------
 
 def test_evaluate_adds_the_training_free_variant(quick_model, case_dir):
-    from diffugts.evaluate import VARIANTS, evaluate, markdown
+    from diffugts.runners.evaluate import VARIANTS, evaluate, markdown
 
     result = evaluate(case_dir.parent, str(quick_model.root), show_progress=False)
     assert result["variants"] == [*VARIANTS, "organ_zscore", "training_free"]
@@ -277,7 +277,7 @@ def test_evaluate_adds_the_training_free_variant(quick_model, case_dir):
 
 
 def test_markdown_handles_variant_sets_that_differ():
-    from diffugts.evaluate import markdown
+    from diffugts.runners.evaluate import markdown
 
     cell = {"dice": 0.5, "nsd": 0.5, "detection": 1.0, "n": 1}
     result = {"model": {"name": "m", "sha256": "0" * 64}, "cases": 2, "prompt_template": "{organ} tumor",

@@ -13,7 +13,7 @@ from diffugts.cli import main
 from diffugts.models.package import add_networks
 from diffugts.phantom import CaseSpec, generate_case, write_case
 from diffugts.train.verify import fit_verifier
-from diffugts.verification import FEATURES, Evidence, LesionVerifier, candidates, verified, verifier_of
+from diffugts.stages.verification import FEATURES, Evidence, LesionVerifier, candidates, verified, verifier_of
 from modelfactory import random_package
 
 
@@ -126,7 +126,7 @@ def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
 
 
 def test_evaluate_scores_the_verified_mask(permissive, study):
-    from diffugts.evaluate import evaluate
+    from diffugts.runners.evaluate import evaluate
 
     full = {name: [r for r in evaluate(study.parent, str(pkg.root), variants=("full",), show_progress=False)["rows"]]
             for name, pkg in permissive.items() if name != "none"}

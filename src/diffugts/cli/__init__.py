@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 
-from diffugts import __version__, atomic, logs
+from diffugts import __version__
+from diffugts.utils import atomic, logs
 from diffugts.errors import USER_ERRNOS, DiffugtsError, OutputError
 
 # Sub-command modules, in the order `diffugts --help` lists them.

@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from diffugts.attend import attend
+    from diffugts.stages.attend import attend
     from diffugts.models.defaults import default_model
 
     summary = attend(args.study, args.model or default_model(), args.prompt, args.out,

@@ -41,7 +41,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from diffugts.evaluate import evaluate, markdown, write
+    from diffugts.runners.evaluate import evaluate, markdown, write
     from diffugts.models.defaults import default_model
 
     model = args.model or default_model()

@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from diffugts.ingest import ingest
+    from diffugts.stages.ingest import ingest
 
     result = ingest(
         args.input,

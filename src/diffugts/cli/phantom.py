@@ -143,7 +143,7 @@ def _run(args) -> int:
     if not args.out:
         return 0
     from diffugts.phantom.cohort import generate_cohort
-    from diffugts.progress import progress
+    from diffugts.utils.progress import progress
 
     out = Path(args.out)
     paths = generate_cohort(specs, out, dicom=not args.no_dicom,

@@ -37,7 +37,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from diffugts.report import make_report
+    from diffugts.stages.report import make_report
 
     summary = make_report(args.study, args.lesions, args.out, attention_dir=args.attention,
                           synthesis_dir=args.synthesis, upload=args.upload, pushgateway=args.pushgateway,
@@ -49,7 +49,7 @@ def _run(args) -> int:
 
 
 def _run_cohort(args) -> int:
-    from diffugts.report import cohort_report
+    from diffugts.stages.report import cohort_report
 
     summary = cohort_report(args.results, args.out, link_base=str(args.out))  # links relative to cohort.html
     print(f"{summary['studies']} studies ({summary['done']} done, {summary['failed']} failed), "

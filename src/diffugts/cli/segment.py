@@ -39,7 +39,7 @@ def register(sub) -> None:
 
 
 def _segment(args) -> int:
-    from diffugts.segment import segment
+    from diffugts.runners.segment import segment
 
     result = segment(args.input, args.out, args.prompt, model=args.model, device=args.device, rules=args.rules,
                      resample=args.resample, min_volume_ml=args.min_volume_ml, report=not args.no_report,
@@ -52,7 +52,7 @@ def _segment(args) -> int:
 
 def _refine(args) -> int:
     from diffugts.models.defaults import default_model
-    from diffugts.refine import refine
+    from diffugts.stages.refine import refine
 
     summary = refine(args.study, args.attention, args.synthesis, args.model or default_model(), args.out,
                      min_volume_ml=args.min_volume_ml, device=args.device)

@@ -55,9 +55,9 @@ def _truth(args):
         raise ConfigError("give either --ground-truth or --lesion-mask with --organ-mask, not both")
     if not (args.lesion_mask and args.organ_mask):
         raise ConfigError("--lesion-mask and --organ-mask go together")
-    from diffugts.study import load_study
-    from diffugts.synthesis import mask_truth
-    from diffugts.synthesis.masks import read_image
+    from diffugts.artifacts.study import load_study
+    from diffugts.stages.synthesize import mask_truth
+    from diffugts.stages.synthesize.masks import read_image
 
     geometry = load_study(args.study).geometry
     return mask_truth(read_image(args.lesion_mask, geometry, "lesion mask"),
@@ -65,7 +65,7 @@ def _truth(args):
 
 
 def _run(args) -> int:
-    from diffugts.synthesis import Params, synthesize
+    from diffugts.stages.synthesize import Params, synthesize
 
     if args.target is not None and not args.attention:
         raise ConfigError("--target needs --attention")

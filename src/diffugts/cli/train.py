@@ -158,7 +158,7 @@ def _checkpoint(args, head: str, source, settings: dict):
 def _device(args) -> str | None:
     if args.device in (None, "cpu"):
         return None
-    from diffugts.device import pick_device
+    from diffugts.utils.device import pick_device
 
     return str(pick_device(None if args.device == "auto" else args.device))
 

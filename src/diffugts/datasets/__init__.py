@@ -87,7 +87,7 @@ class Dataset:
 
 
 class EvalCases:
-    """A sized, lazy sequence of :class:`diffugts.evaluate.Case` (one in memory at a time)."""
+    """A sized, lazy sequence of :class:`diffugts.runners.evaluate.Case` (one in memory at a time)."""
 
     def __init__(self, *datasets: Dataset):
         self.datasets = datasets

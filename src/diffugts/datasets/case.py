@@ -1,11 +1,11 @@
 """One case of a dataset in memory, on its own grid, shaped like a phantom case.
 
 The lesion map holds lesion *instances* (26-connected components of each lesion label, as
-:func:`diffugts.lesions.split_instances` cuts predictions, though with no minimum volume: a
+:func:`diffugts.stages.lesions.split_instances` cuts predictions, though with no minimum volume: a
 true speck stays a lesion to detect) and ``records`` describe them as a
 phantom's ``case.json`` does (id, type, organ, split, voxels, prompts), so evaluation and
 training reuse the phantom code paths unchanged. Bridges: :func:`to_training_case` (model
-grid, like ``phantom_case``) and :func:`to_eval_case` (``diffugts.evaluate.Case``).
+grid, like ``phantom_case``) and :func:`to_eval_case` (``diffugts.runners.evaluate.Case``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from scipy import ndimage
 from diffugts.datasets.mapping import Meaning
 from diffugts.datasets.organs import same_grid
 from diffugts.errors import InputError
-from diffugts.geometry import Geometry
-from diffugts.lesions import CONNECTIVITY_26
+from diffugts.artifacts.geometry import Geometry
+from diffugts.stages.lesions import CONNECTIVITY_26
 
 
 
@@ -120,8 +120,8 @@ def to_training_case(case: DatasetCase, prep, keep_volume: bool = False, device=
 
 
 def to_eval_case(case: DatasetCase):
-    """The case as :func:`diffugts.evaluate.evaluate` scores it."""
-    from diffugts.evaluate import Case
+    """The case as :func:`diffugts.runners.evaluate.evaluate` scores it."""
+    from diffugts.runners.evaluate import Case
 
     meta = {"case_id": case.case_id, "modality": case.modality, "lesions": case.records, "dataset": case.dataset}
     return Case(case.case_id, Path(case.source), meta, case.volume, case.geometry, case.lesions)

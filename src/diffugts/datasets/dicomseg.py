@@ -1,7 +1,7 @@
 """DICOM series with a DICOM SEG beside them: ``<root>/<case>/`` holds one case's image
 series (any file names) and one Segmentation object (Modality SEG) of that series.
 
-The series is read by the project's ingest (:func:`diffugts.ingest.load_series`: the same
+The series is read by the project's ingest (:func:`diffugts.stages.ingest.load_series`: the same
 selection, geometry checks and HU rescale as ``diffugts segment``), the SEG by highdicom and
 resampled (nearest) onto the series grid. The label value of a voxel is its segment number;
 the mapping names segments by number or by segment label.
@@ -49,7 +49,7 @@ def read_case(entry: Entry, show_progress: bool = False) -> tuple[sitk.Image, np
     """(image, segment numbers (k, j, i), SEG path, {segment number: label}, modality)."""
     import highdicom as hd
 
-    from diffugts.ingest import load_series
+    from diffugts.stages.ingest import load_series
 
     segs = _seg_files(entry.image)
     if len(segs) != 1:

@@ -7,7 +7,7 @@ from diffugts.datasets.protocol import paper_figures
 
 
 def summarise_datasets(rows: list[dict], healthy_rows: list[dict]) -> dict:
-    from diffugts.evaluate import summarise, summarise_healthy
+    from diffugts.runners.evaluate import summarise, summarise_healthy
 
     return {"by_dataset": summarise(rows, {"dataset_split": ["dataset", "split"],
                                            "dataset_type": ["dataset", "lesion_type"]}),

@@ -83,7 +83,7 @@ def evaluate_sets(model: str, sets: list[tuple[str, Dataset]], *, prompt_templat
     """``sets``: (role, dataset) pairs; the role ("held-out", "evaluate") goes into the result.
     Cases that trained the model (its manifest says which) are never scored: they are left
     out, and the result says how many."""
-    from diffugts.evaluate import evaluate
+    from diffugts.runners.evaluate import evaluate
 
     sets, excluded = without_trained(model, sets)
     provenance = [{**d.provenance(), "role": role, "training_cases_left_out": excluded.get(d.name, 0)}

@@ -16,7 +16,7 @@ from diffugts.datasets import Dataset, to_training_case
 from diffugts.datasets.protocol import rank
 from diffugts.datasets.select import training_sets
 from diffugts.errors import InputError
-from diffugts.progress import progress
+from diffugts.utils.progress import progress
 
 
 class DatasetSource:

@@ -5,11 +5,11 @@ official numbers of ``generation/maisi/configs/config_maisi3d-rflow.json`` and
 ``config_maisi3d-ddpm.json`` in github.com/Project-MONAI/tutorials (commits 9f6d19f and
 a056700; see docs/research/maisi.md for every source). ``demo`` is the same classes, tiny,
 for CPU: it is what `make demo-model` trains on the phantom world. ``demo-2d`` is a tiny
-model of the 2D diffusers family (:mod:`diffugts.backbones.diffusers2d`), random weights only.
+model of the 2D diffusers family (:mod:`diffugts.networks.backbones.diffusers2d`), random weights only.
 
 Two runtime flags of the official configs are not architecture: ``use_flash_attention``
 (refuses to build without CUDA) and ``norm_float16`` (breaks the VAE on CPU). They change no
-weight and are switched per device by :mod:`diffugts.backbones.maisi`.
+weight and are switched per device by :mod:`diffugts.networks.backbones.maisi`.
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from diffugts.backbones import build_backbone
+from diffugts.networks.backbones import build_backbone
 from diffugts.errors import ConfigError, InputError
 from diffugts.models.configs import get_config
 from diffugts.models.package import ModelPackage, write_package
-from diffugts.text import default_encoder_path
+from diffugts.networks.text import default_encoder_path
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ def _load(path: Path) -> dict:
 
 def verify(ref: str | os.PathLike) -> ModelPackage:
     """Checksums, then every network built and loaded strictly."""
-    from diffugts.attend import load_head
-    from diffugts.backbones import load_backbone
+    from diffugts.stages.attend import load_head
+    from diffugts.networks.backbones import load_backbone
     from diffugts.models.package import open_package
 
     pkg = open_package(ref)
@@ -146,7 +146,7 @@ def verify(ref: str | os.PathLike) -> ModelPackage:
 
 def head_classes() -> dict:
     """Trainable heads a package may carry, by network name."""
-    from diffugts.aova import AOVAHead
-    from diffugts.refine import RefineHead
+    from diffugts.networks.aova import AOVAHead
+    from diffugts.stages.refine import RefineHead
 
     return {"aova": AOVAHead, "refine": RefineHead}

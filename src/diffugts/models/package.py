@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffugts import __version__, atomic
+from diffugts import __version__
+from diffugts.utils import atomic
 from diffugts.errors import ConfigError, InputError
 
 FORMAT = "diffugts-model/1"

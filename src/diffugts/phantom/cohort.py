@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from diffugts.atomic import staging_dir, write_json
+from diffugts.utils.atomic import staging_dir, write_json
 from diffugts.phantom.case import GENERATOR_VERSION, Case, CaseSpec, generate_case, organ_table
 from diffugts.phantom.dicom import SeriesInfo, write_series
 

@@ -58,7 +58,7 @@ def write_montage(path: Path, seed: int = 0, cols: int = 4) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from diffugts.atomic import atomic_path
+    from diffugts.utils.atomic import atomic_path
 
     cases = montage_cases(seed)
     coronal = [cases[i] for i in CORONAL]

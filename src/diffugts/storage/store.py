@@ -23,7 +23,7 @@ import urllib3
 from minio import Minio
 
 from diffugts import __version__
-from diffugts.atomic import atomic_path, staging_dir
+from diffugts.utils.atomic import atomic_path, staging_dir
 from diffugts.errors import InputError
 from diffugts.storage.errors import (
     ObjectNotFound, StorageError, StoreUnavailable, brief, is_transient, translate,

@@ -26,7 +26,7 @@ from scipy import ndimage
 from diffugts.phantom.grid import smooth_noise
 from diffugts.phantom.shapes import ellipsoid, ramp, rotation
 from diffugts.phantom.split import SEEN_ORGANS
-from diffugts.preprocess import Preprocessing, intensity_range
+from diffugts.stages.preprocess import Preprocessing, intensity_range
 from diffugts.train.aova import organ_family
 from diffugts.train.data import TrainingCase
 

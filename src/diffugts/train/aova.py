@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffugts.aova import AOVAHead, region_alignment, soft_dice
-from diffugts.backbones import Backbone
-from diffugts.progress import progress
-from diffugts.text import TextEncoder, make_target
+from diffugts.networks.aova import AOVAHead, region_alignment, soft_dice
+from diffugts.networks.backbones import Backbone
+from diffugts.utils.progress import progress
+from diffugts.networks.text import TextEncoder, make_target
 from diffugts.train.data import TrainingCase
 
 log = logging.getLogger(__name__)

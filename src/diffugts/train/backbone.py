@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffugts.backbones.maisi import MaisiBackbone
-from diffugts.progress import progress
+from diffugts.networks.backbones.maisi import MaisiBackbone
+from diffugts.utils.progress import progress
 
 log = logging.getLogger(__name__)
 

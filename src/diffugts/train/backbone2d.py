@@ -16,7 +16,7 @@ model-grid volumes:
 
 Text conditioning: each training crop's caption names the organs it shows ("CT slice with
 liver, spleen, right kidney", from the organ label map), encoded by the backbone's own text
-path (:meth:`~diffugts.backbones.diffusers2d.Diffusers2DBackbone._context`: the MiniLM token
+path (:meth:`~diffugts.networks.backbones.diffusers2d.Diffusers2DBackbone._context`: the MiniLM token
 states, exactly as at inference). The denoising loss alone barely teaches the cross-attention
 where an organ is, so a token-grounding term makes the attention of an organ's words learn
 that organ's mask (:func:`train_unet_2d`). With probability :data:`UNCONDITIONAL` a caption is
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffugts.backbones.diffusers2d import Diffusers2DBackbone
-from diffugts.backbones.diffusers_samplers import scheduler_args
-from diffugts.progress import progress
+from diffugts.networks.backbones.diffusers2d import Diffusers2DBackbone
+from diffugts.networks.backbones.diffusers_samplers import scheduler_args
+from diffugts.utils.progress import progress
 from diffugts.train.backbone import Fitted, _update, cosine_lr
 from diffugts.train.data import TrainingCase
 
@@ -191,14 +191,14 @@ def train_unet_2d(backbone: Diffusers2DBackbone, latents: torch.Tensor, slices: 
     barely needs the caption, and after 450 steps the cross-attention of "liver" was the
     same inside and outside the liver (0.340 / 0.340, measured). So, for captioned samples
     at t <= GROUNDING_MAX_NOISE * T, the cross-attention mass A of each organ's words
-    (heads and layers averaged, as :func:`~diffugts.backbones.cross_attention.cross_attention_maps`
+    (heads and layers averaged, as :func:`~diffugts.networks.backbones.cross_attention.cross_attention_maps`
     reads it) learns the organ's mask M on the latent grid: (1 - sum(A M) / sum(A))^2 (the
     word attends inside its organ) + BCE(A, M) (per position). Only organ masks of healthy
     slices are used, never a lesion: the words "tumor" or "lesion" are never grounded.
     """
     from diffusers import DDPMScheduler
 
-    from diffugts.backbones.cross_attention import AttentionStore
+    from diffugts.networks.backbones.cross_attention import AttentionStore
 
     sched = DDPMScheduler.from_config(scheduler_args(backbone.config["scheduler"]))
     prediction = sched.config.prediction_type

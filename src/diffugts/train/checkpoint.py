@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffugts import atomic
+from diffugts.utils import atomic
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffugts.geometry import Geometry
-from diffugts.preprocess import Preprocessing, to_model
+from diffugts.artifacts.geometry import Geometry
+from diffugts.stages.preprocess import Preprocessing, to_model
 
 
 @dataclass

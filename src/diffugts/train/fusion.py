@@ -1,4 +1,4 @@
-"""Fitting the coarse-map fusion (diffugts.deviation.Fusion) after the AOVA head.
+"""Fitting the coarse-map fusion (diffugts.stages.deviation.Fusion) after the AOVA head.
 
 For each training case and each promptable organ: the head's region and anomaly maps, the
 organ with inclusions and the organ-relative deviation, exactly as inference computes them.
@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffugts.aova import AOVAHead
-from diffugts.deviation import DeviationParams, Fusion, organ_deviation
-from diffugts.text import TextEncoder, make_target
+from diffugts.networks.aova import AOVAHead
+from diffugts.stages.deviation import DeviationParams, Fusion, organ_deviation
+from diffugts.networks.text import TextEncoder, make_target
 from diffugts.train.aova import CaseFeatures
 
 MAX_NEGATIVES = 4000  # organ voxels sampled per case and organ (lesion voxels are all kept)

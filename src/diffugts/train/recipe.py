@@ -57,7 +57,7 @@ class DemoRecipe:
     refine_cases: int = 30
     refine_steps: int = 900
     refine_healthy_cases: int = 12  # lesion-free cases: their coarse candidates teach the head to say "nothing"
-    # The lesion verifier (diffugts.verification), fitted on cases the refinement head never
+    # The lesion verifier (diffugts.stages.verification), fitted on cases the refinement head never
     # saw; 0 cases: no verifier. Needs the fused coarse map (its deviation is evidence).
     verifier_cases: int = 12
     verifier_healthy_cases: int = 6

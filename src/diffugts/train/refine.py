@@ -17,15 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffugts.aova import AOVAHead, dice_bce, soft_dice
-from diffugts.backbones import Backbone
-from diffugts.deviation import Fusion, FusedMaps
-from diffugts.geometry import Geometry
-from diffugts.preprocess import Preprocessing, normalise
-from diffugts.progress import progress
-from diffugts.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS as SHARED, RefineHead, shared_inputs, target_inputs
-from diffugts.synthesis import Params, make_region, pseudo_healthy
-from diffugts.text import TextEncoder, make_target
+from diffugts.networks.aova import AOVAHead, dice_bce, soft_dice
+from diffugts.networks.backbones import Backbone
+from diffugts.stages.deviation import Fusion, FusedMaps
+from diffugts.artifacts.geometry import Geometry
+from diffugts.stages.preprocess import Preprocessing, normalise
+from diffugts.utils.progress import progress
+from diffugts.stages.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS as SHARED, RefineHead, shared_inputs, target_inputs
+from diffugts.stages.synthesize import Params, make_region, pseudo_healthy
+from diffugts.networks.text import TextEncoder, make_target
 from diffugts.train.aova import case_features, organ_family
 from diffugts.train.data import TrainingCase
 
@@ -150,7 +150,7 @@ def _crop(truth: np.ndarray, candidates: np.ndarray, crop, rng, lesion_fraction:
 def held_out_probabilities(head: RefineHead, examples: list[Example]) -> list[np.ndarray]:
     """The head's refined probability of each example, inside its inpainted region (0 outside,
     as inference restricts it)."""
-    from diffugts.refine import refine_probability
+    from diffugts.stages.refine import refine_probability
 
     return [refine_probability(head, ex.inputs[:SHARED], ex.inputs[SHARED:][None])[0] * (ex.inputs[SHARED - 1] > 0)
             for ex in examples]

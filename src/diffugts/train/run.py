@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffugts.backbones import build_backbone, load_backbone
+from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.errors import ConfigError
 from diffugts.models.configs import get_config
 from diffugts.models.create import base_manifest
 from diffugts.models.package import ModelPackage, add_networks, open_package, write_package
-from diffugts.preprocess import Preprocessing
-from diffugts.progress import progress
-from diffugts.text import TextEncoder
+from diffugts.stages.preprocess import Preprocessing
+from diffugts.utils.progress import progress
+from diffugts.networks.text import TextEncoder
 from diffugts.train import recipe as R
 from diffugts.train.data import phantom_case
 
@@ -78,8 +78,8 @@ def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, c
     ones (diffugts.train.anomalies); ``randomised_cases``: copies of seen cases with random
     per-tissue intensities (diffugts.train.randomise); ``mr_healthy_cases``: lesion-free MR
     phantoms (MR anatomy; MR lesions stay unseen); ``fusion_recall``: fit the coarse-map
-    fusion with the organ-relative deviation (diffugts.deviation) at this voxel recall."""
-    from diffugts.deviation import DeviationParams
+    fusion with the organ-relative deviation (diffugts.stages.deviation) at this voxel recall."""
+    from diffugts.stages.deviation import DeviationParams
     from diffugts.train.anomalies import add_anomalies
     from diffugts.train.aova import evaluate_dice, train_aova
     from diffugts.train.fusion import fit_fusion, fusion_samples
@@ -147,10 +147,10 @@ class _ExampleMaker:
 
     def __init__(self, pkg: ModelPackage, seed: int, synthesis_steps: int, phantom_shape=None,
                  device: str | None = None):
-        from diffugts.attend import default_threshold, fusion_of, load_head
-        from diffugts.aova import AOVAHead
-        from diffugts.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
-        from diffugts.synthesis import Params
+        from diffugts.stages.attend import default_threshold, fusion_of, load_head
+        from diffugts.networks.aova import AOVAHead
+        from diffugts.stages.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
+        from diffugts.stages.synthesize import Params
 
         self.prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
         self.backbone = load_backbone(pkg, device or "cpu")
@@ -227,9 +227,9 @@ def train_lesion_verifier(model: str | Path, out: Path | None = None, seed: int 
     """The lesion verifier of a package with a fused coarse map and a refinement head, fitted
     on ``cases`` seen-type and ``healthy_cases`` lesion-free phantoms the head never saw
     (diffugts.train.verify); stored as ``networks.refine.verifier``."""
-    from diffugts.attend import load_head
-    from diffugts.lesions import DEFAULT_MIN_VOLUME_ML
-    from diffugts.refine import RefineHead, refine_threshold
+    from diffugts.stages.attend import load_head
+    from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
+    from diffugts.stages.refine import RefineHead, refine_threshold
     from diffugts.train.refine import held_out_probabilities
     from diffugts.train.verify import component_samples, fit_verifier
 

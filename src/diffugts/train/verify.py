@@ -1,4 +1,4 @@
-"""Fitting the lesion verifier (diffugts.verification) after the refinement head.
+"""Fitting the lesion verifier (diffugts.stages.verification) after the refinement head.
 
 On cases the head never saw (seen lesion types and lesion-free cases, CT, the refinement seed
 range): the head's mask at its calibrated threshold, cut into components as the lesion
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffugts.refine import DEVIATION_SCALE, RESIDUAL_GAIN, SHARED_CHANNELS as SHARED, TARGET_CHANNELS
+from diffugts.stages.refine import DEVIATION_SCALE, RESIDUAL_GAIN, SHARED_CHANNELS as SHARED, TARGET_CHANNELS
 from diffugts.train.fusion import fit_logistic
 from diffugts.train.refine import Example
-from diffugts.verification import FEATURES, Evidence, LesionVerifier, candidates
+from diffugts.stages.verification import FEATURES, Evidence, LesionVerifier, candidates
 
 THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 # Features that can only count *for* a lesion. Left free, the phantom world teaches the

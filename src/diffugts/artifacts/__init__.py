@@ -1,0 +1,1 @@
+"""What the stages exchange: the study and its geometry, and each stage's artifact."""

@@ -1,0 +1,52 @@
+"""Reading the study artifact that ingestion writes (see diffugts.stages.ingest)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from diffugts.errors import InputError
+from diffugts.artifacts.geometry import Geometry
+
+STUDY_MARKER = "series.json"
+
+
+@dataclass
+class Study:
+    root: Path
+    series: dict
+    volume: np.ndarray  # float32 (k, j, i), CT in HU
+    geometry: Geometry  # exact, from series.json
+
+    @property
+    def modality(self) -> str:
+        return self.series["modality"]
+
+
+def load_study(path: str | os.PathLike) -> Study:
+    root = Path(path)
+    marker = root / STUDY_MARKER
+    if not marker.is_file():
+        raise InputError(root, f"not a study artifact (no {STUDY_MARKER}; run `diffugts ingest` first)")
+    try:
+        series = json.loads(marker.read_text())
+        geometry = Geometry.from_dict(series["volume"])
+        image = sitk.ReadImage(str(root / series["volume"]["file"]))
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise InputError(root, f"unreadable study artifact ({' '.join(str(err).split())[:120]})") from None
+    volume = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    if tuple(volume.shape) != geometry.shape:
+        raise InputError(root, f"volume shape {volume.shape} does not match series.json {geometry.shape}")
+    return Study(root, series, volume, geometry)
+
+
+def write_image(path: Path, array: np.ndarray, geometry: Geometry, compress: bool = True) -> None:
+    """A NIfTI image on ``geometry`` (SimpleITK handles LPS -> RAS)."""
+    image = sitk.GetImageFromArray(array)
+    geometry.to_sitk(image)
+    sitk.WriteImage(image, str(path), useCompression=compress)

@@ -1,0 +1,1 @@
+"""What runs the stages over studies: one study (segment), a cohort, an evaluation."""

@@ -1,0 +1,1 @@
+"""The pipeline's stages, in order: ingest -> attend -> synthesize -> refine -> report."""

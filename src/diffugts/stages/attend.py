@@ -1,0 +1,277 @@
+"""Stage 2: anomaly-aware open-vocabulary attention maps for a study.
+
+Study volume -> model grid -> frozen backbone features -> AOVA head, tiled with MONAI's
+sliding-window inferer so large volumes never hold full-resolution features at once ->
+per-prompt anomaly probability and coarse mask, mapped back onto the exact study grid.
+
+``maps="training-free"`` replaces the trained head by the backbone's own cross-attention
+maps (2D diffusers family only: :func:`~diffugts.networks.backbones.cross_attention.training_free_probabilities`,
+abnormal vs normal prompts' attention mass); the artifact has the same layout, so synthesis
+and refinement read it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffugts.utils import atomic
+from diffugts.networks.aova import AOVAHead, top_mean
+from diffugts.networks.backbones import Backbone, load_backbone
+from diffugts.networks.backbones.maisi import load_strict
+from diffugts.stages.deviation import Fusion, organ_deviation
+from diffugts.utils.device import pick_device
+from diffugts.errors import ConfigError
+from diffugts.models.package import ModelPackage, open_package
+from diffugts.stages.preprocess import ModelSpace, Preprocessing, to_model
+from diffugts.artifacts.study import Study, load_study, write_image
+from diffugts.networks.text import Target, TextEncoder, make_target
+
+log = logging.getLogger(__name__)
+MARKER = "attention.json"
+DEFAULT_THRESHOLD = 0.5  # used when the package does not set one
+MAPS = ("aova", "training-free")  # where the per-prompt map comes from (attention.json "maps")
+# Image-level score of a training-free map: the mean of its top 0.2 %, as the AOVA head's
+# default top_fraction (a head's own affine calibration does not exist without training).
+TRAINING_FREE_TOP_FRACTION = 0.002
+
+
+@dataclass
+class Method:
+    """Everything a model package brings to the attention stage, loaded once."""
+
+    package: ModelPackage
+    backbone: Backbone
+    head: AOVAHead | None  # None: loaded for training-free maps only
+    text: TextEncoder
+    prep: Preprocessing
+    device: torch.device
+
+    @classmethod
+    def load(cls, model: str, device: str | torch.device | None = None, head: bool = True) -> "Method":
+        """``head=False``: without the AOVA head (training-free maps need none)."""
+        device = pick_device(device) if not isinstance(device, torch.device) else device
+        pkg = open_package(model)
+        backbone = load_backbone(pkg, device)
+        head = load_head(pkg, "aova", AOVAHead).to(device) if head else None
+        text = TextEncoder(text_encoder_path(pkg), device=device)
+        return cls(pkg, backbone, head, text, Preprocessing.from_dict(pkg.manifest["preprocessing"]), device)
+
+    @property
+    def roi_size(self) -> tuple[int, int, int] | None:
+        roi = self.package.manifest.get("inference", {}).get("roi_size")
+        return tuple(roi) if roi else None
+
+
+def load_head(pkg: ModelPackage, name: str, cls):
+    if not pkg.has(name):
+        raise ConfigError(f"{pkg.root}: the model has no trained {name} head (train it with `diffugts train {name}`)")
+    net = cls.from_config(pkg.network(name)["config"])
+    load_strict(net, pkg.state_dict(name), f"{pkg.root}: {name}")
+    return net.eval().requires_grad_(False)
+
+
+def text_encoder_path(pkg: ModelPackage) -> Path | None:
+    entry = pkg.manifest.get("text_encoder", {})
+    return pkg.root / entry["path"] if entry.get("path") else None
+
+
+def prompt_tensors(method: Method, targets: list[Target]) -> tuple[torch.Tensor, list[tuple[list[int], ...]]]:
+    """All prompts embedded once, and per target the indices of its generic normal, organ
+    normal and abnormal prompts."""
+    texts = list(dict.fromkeys(p for t in targets for p in t.prompts))
+    groups = [t.groups(texts.index) for t in targets]
+    return method.text.embed(texts).to(method.device), groups
+
+
+@dataclass
+class CoarseMaps:
+    """The coarse stage's output for every target, on the model grid."""
+
+    prob: np.ndarray  # (T, *grid) P(lesion of the target)
+    score: np.ndarray  # (T,) image-level anomaly score
+    organ: np.ndarray | None = None  # (T, *grid) bool: the target's organ with its inclusions
+    z: np.ndarray | None = None  # (T, *grid) organ-relative deviation
+    fused: bool = True  # the map is the fusion (else the head's own map; organ and z for reference)
+
+
+def fusion_of(pkg: ModelPackage):
+    """The package's coarse-map fusion (diffugts.stages.deviation.Fusion), or None for heads trained
+    before it existed (their map is the AOVA head's own probability)."""
+    entry = pkg.network("aova").get("fusion")
+    return Fusion.from_dict(entry) if entry else None
+
+
+@torch.no_grad()
+def coarse_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], seed: int = 0) -> CoarseMaps:
+    """The AOVA head tiled over the volume; with the package's fusion, its region and anomaly
+    branches are fused with the organ-relative deviation (diffugts.stages.deviation)."""
+    from monai.inferers import sliding_window_inference
+
+    prompts, groups = prompt_tensors(method, targets)
+    xt = torch.from_numpy(x)[None, None].to(method.device)
+    index = method.backbone.feature_index(method.package.network("aova")["features"])
+    fusion = fusion_of(method.package)
+
+    def predictor(patch: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator(device=method.device).manual_seed(seed)
+        feats = method.backbone.features(patch, spacing, generator=gen)
+        out = method.head([feats[i] for i in index], prompts, groups, out_shape=tuple(patch.shape[2:]))
+        return torch.cat([out.log_odds, out.region_log_odds, out.anomaly_log_odds], 1)
+
+    roi = method.roi_size or tuple(x.shape)
+    roi = tuple(min(r, s) for r, s in zip(roi, x.shape))
+    maps = sliding_window_inference(xt, roi, sw_batch_size=1, predictor=predictor, overlap=0.25, mode="gaussian")
+    n = len(targets)
+    # The organ and its deviation come with every head (the organ-aware baseline of `evaluate`
+    # needs them); only a package with a fusion makes them its coarse map.
+    spacing_kji = tuple(spacing)[::-1]
+    if fusion is None:
+        organ, z = (np.stack(m) for m in zip(*(organ_deviation(x, maps[0, n + t].float().cpu().numpy(), spacing_kji)
+                                                 for t in range(n))))
+        a, b = method.head.score_affine
+        score = torch.sigmoid(a * top_mean(maps[:, :n], method.head.top_fraction) + b)
+        return CoarseMaps(torch.sigmoid(maps[0, :n]).float().cpu().numpy(), score[0].float().cpu().numpy(), organ, z,
+                          fused=False)
+    fused = [fusion.maps(x, maps[0, n + t].float().cpu().numpy(), maps[0, 2 * n + t].float().cpu().numpy(),
+                         spacing_kji) for t in range(n)]
+    organ, z = np.stack([f.organ for f in fused]), np.stack([f.z for f in fused])
+    prob = np.stack([f.prob for f in fused])
+    score = top_mean(torch.from_numpy(prob)[None], method.head.top_fraction)[0].numpy()
+    return CoarseMaps(prob, score, organ, z)
+
+
+def attention_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Anomaly probability (T, *grid) on the model grid and image-level scores (T,)."""
+    maps = coarse_maps(method, x, spacing, targets, seed)
+    return maps.prob, maps.score
+
+
+@torch.no_grad()
+def training_free_maps(method: Method, x: np.ndarray, targets: list[Target],
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Training-free anomaly probability (T, *grid) from the backbone's cross-attention, and
+    image-level scores (T,): the mean of each map's top :data:`TRAINING_FREE_TOP_FRACTION`.
+
+    Tiled like :func:`attention_maps` (same ROI and blending), so memory behaves alike."""
+    from monai.inferers import sliding_window_inference
+
+    from diffugts.networks.backbones.cross_attention import training_free_probabilities
+
+    check_training_free(method)
+    xt = torch.from_numpy(x)[None, None].to(method.device)
+    roi = tuple(min(r, s) for r, s in zip(method.roi_size or tuple(x.shape), x.shape))
+
+    def predictor(patch: torch.Tensor) -> torch.Tensor:
+        return training_free_probabilities(method.backbone, patch, targets, seed=seed)
+
+    prob = sliding_window_inference(xt, roi, sw_batch_size=1, predictor=predictor, overlap=0.25, mode="gaussian")
+    score = top_mean(prob, TRAINING_FREE_TOP_FRACTION)
+    return prob[0].float().cpu().numpy(), score[0].float().cpu().numpy()
+
+
+def check_maps(maps: str) -> None:
+    if maps not in MAPS:
+        raise ConfigError(f"unknown maps {maps!r} (one of: {', '.join(MAPS)})")
+
+
+def check_training_free(method: Method) -> None:
+    if method.backbone.family != "diffusers2d":
+        raise ConfigError(f"{method.package.root}: training-free maps need a backbone with text cross-attention "
+                          f"(the diffusers2d family); this model is {method.backbone.family!r}: use --maps aova")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
+
+
+def attend(study_dir, model: str, prompts: list[str], out_dir, *, threshold: float | None = None,
+           device: str | None = None, seed: int = 0, method: Method | None = None, maps: str = "aova") -> dict:
+    """Write per-prompt maps and coarse masks on the study grid, and ``attention.json`` last.
+
+    ``maps``: ``"aova"`` (the package's trained head) or ``"training-free"`` (the backbone's
+    cross-attention maps; 2D diffusers packages, no head needed)."""
+    if not prompts:
+        raise ConfigError("give at least one --prompt")
+    check_maps(maps)
+    study = load_study(study_dir)
+    method = method or Method.load(model, device, head=maps == "aova")
+    if maps == "training-free":
+        check_training_free(method)  # before any work
+    elif method.head is None:
+        raise ConfigError("the AOVA maps need the package's trained head (Method.load(..., head=True))")
+    if threshold is None:
+        threshold = default_threshold(method.package, maps)
+    targets = [make_target(p) for p in prompts]
+    t0 = time.perf_counter()
+    x, space = to_model(study.volume, study.geometry, study.modality, method.prep,
+                        device=method.backbone.resample_device)
+    organs = None
+    if maps == "aova":
+        coarse = coarse_maps(method, x, tuple(method.prep.spacing_mm), targets, seed=seed)
+        probs, scores = coarse.prob, coarse.score
+        organs = coarse.organ if coarse.fused else None  # written only where refinement reads it
+    else:
+        probs, scores = training_free_maps(method, x, targets, seed=seed)
+    timings = {"attention_s": round(time.perf_counter() - t0, 3)}
+    return write_attention(Path(out_dir), study, space, targets, probs, scores, threshold, method, timings, maps,
+                           organs)
+
+
+def default_threshold(pkg: ModelPackage, maps: str = "aova") -> float:
+    """The coarse-mask threshold: the AOVA entry's, or for training-free maps the backbone's
+    ``attention.threshold`` (both default :data:`DEFAULT_THRESHOLD`)."""
+    if maps == "aova":
+        return float(pkg.network("aova").get("threshold", DEFAULT_THRESHOLD))
+    attention = pkg.manifest["backbone"].get("attention") or {}
+    return float(attention.get("threshold", DEFAULT_THRESHOLD))
+
+
+def write_attention(out: Path, study: Study, space: ModelSpace, targets: list[Target], probs: np.ndarray,
+                    scores: np.ndarray, threshold: float, method: Method, timings: dict, maps: str = "aova",
+                    organs: np.ndarray | None = None) -> dict:
+    """``organs``: per target its organ with inclusions on the model grid (fused maps), written
+    beside the maps so refinement measures deviation in the same organ."""
+    voxel_ml = float(np.prod(study.geometry.spacing)) / 1000.0
+    entries = []
+    with atomic.staging_dir(out, marker=MARKER) as stage:
+        (stage / "maps").mkdir()
+        (stage / "masks").mkdir()
+        if organs is not None:
+            (stage / "organs").mkdir()
+        for n, (target, prob, score) in enumerate(zip(targets, probs, scores)):
+            on_study = np.clip(space.to_study(prob), 0.0, 1.0).astype(np.float32)
+            mask = (on_study >= threshold).astype(np.uint8)
+            name = f"{n:02d}-{slug(target.text)}"
+            write_image(stage / "maps" / f"{name}.nii.gz", on_study, study.geometry)
+            write_image(stage / "masks" / f"{name}.nii.gz", mask, study.geometry)
+            entries.append({
+                "index": n,
+                "prompt": target.as_dict(),
+                "score": round(float(score), 4),
+                "threshold": threshold,
+                "coarse_volume_ml": round(float(mask.sum()) * voxel_ml, 3),
+                "max_probability": round(float(on_study.max()), 4),
+                "map": f"maps/{name}.nii.gz",
+                "mask": f"masks/{name}.nii.gz",
+            })
+            if organs is not None:
+                organ = (space.to_study(organs[n].astype(np.float32), nearest=True) > 0.5).astype(np.uint8)
+                write_image(stage / "organs" / f"{name}.nii.gz", organ, study.geometry)
+                entries[-1]["organ"] = f"organs/{name}.nii.gz"
+        summary = {
+            "stage": "attend",
+            "model": {"name": method.package.name, "sha256": method.package.sha256},
+            "maps": maps,
+            "device": str(method.device),
+            "targets": entries,
+            "timings": timings,
+        }
+        atomic.write_json(stage / MARKER, summary)
+    return summary

@@ -1,0 +1,333 @@
+"""Stage 4: residual refinement.
+
+Where the pseudo-healthy image differs from the input, something abnormal was there. The
+pixel residual x - H, feature residuals |E(x) - E(H)| of the frozen encoder at each level,
+and the coarse attention map go into a small trainable 3D U-Net (MONAI's BasicUNet) that
+gives the refined probability. Post-processing keeps voxels inside the body and inside the
+region synthesis could change, drops components below a minimum volume, and splits the rest
+into lesion instances (diffugts.stages.lesions).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import nn
+
+from diffugts.networks.backbones import Backbone
+from diffugts.errors import InputError
+
+# x, H, x - H, |x - H|, one feature residual per encoder level (3), the inpainted region, then the
+# target's own channels (TARGET_CHANNELS): its coarse map, its organ-relative deviation, its organ
+IN_CHANNELS = 9
+SHARED_CHANNELS = 8
+# A package's refine entry names the target channels its head was trained with; heads made
+# before the organ-relative deviation existed have only the coarse map.
+TARGET_CHANNELS = ("coarse", "deviation", "organ")
+LEGACY_TARGET_CHANNELS = ("coarse",)
+DEVIATION_SCALE = 4.0  # |z| / this: a lesion's deviation near unit scale
+RESIDUAL_GAIN = 10.0  # residuals are a few % of the [0, 1] range; bring them near unit scale
+DEFAULT_MIN_VOLUME_ML = 0.1
+# Voxels the head sees in one pass (windows x window size). Its activations take about 0.5 KB
+# per voxel in fp32 (measured on the CPU), so a study with many findings on the 256 x 256 x 128
+# model grid runs two targets per pass instead of all at once: bounded memory, same maps.
+HEAD_BATCH_VOXELS = 2 ** 24
+
+
+class RefineHead(nn.Module):
+    def __init__(self, in_channels: int = IN_CHANNELS, features=(8, 16, 32, 64, 64, 8)):
+        super().__init__()
+        from monai.networks.nets import BasicUNet
+
+        self.config = {"in_channels": in_channels, "features": list(features)}
+        # Batch norm: at inference its statistics are fixed, so a map does not depend on the
+        # crop or tile it was computed in (instance / group norm would).
+        self.net = BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=1, features=tuple(features),
+                             norm=("batch", {}), act=("leakyrelu", {"negative_slope": 0.1}))
+
+    @classmethod
+    def from_config(cls, config: dict) -> "RefineHead":
+        return cls(**config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@torch.no_grad()
+def shared_inputs(backbone: Backbone, x: np.ndarray, h: np.ndarray, region: np.ndarray,
+                  as_tensor: bool = False) -> np.ndarray | torch.Tensor:
+    """The target-independent channels on the model grid: (8, *S) float32.
+
+    ``as_tensor`` keeps them on the backbone's device (no host round trip before the head).
+    """
+    device = next(backbone.parameters()).device
+    xt = torch.from_numpy(x)[None, None].to(device)
+    ht = torch.from_numpy(h)[None, None].to(device)
+    channels = [xt, ht, (xt - ht) * RESIDUAL_GAIN, (xt - ht).abs() * RESIDUAL_GAIN]
+    fx_levels, fh_levels = backbone.encoder_features(xt), backbone.encoder_features(ht)
+    while fx_levels:  # level by level, in place, each freed once used: no full-size temporaries
+        fx, fh = fx_levels.pop(0), fh_levels.pop(0)
+        scale = fx.std() + 1e-6
+        r = fx.sub_(fh).abs_().mean(1, keepdim=True) / scale
+        del fx, fh
+        channels.append(F.interpolate(r, size=x.shape, mode="trilinear", align_corners=False))
+    channels.append(torch.from_numpy(region.astype(np.float32))[None, None].to(device))
+    shared = torch.cat(channels, 1)[0].float()
+    return shared if as_tensor else shared.cpu().numpy()
+
+
+def target_inputs(channels, coarse: np.ndarray, organ: np.ndarray | None = None, x: np.ndarray | None = None,
+                  spacing_kji=None, params=None) -> np.ndarray:
+    """One target's own input channels on the model grid, (C, *S), in the order ``channels``
+    names them (a package's ``networks.refine.target_channels``)."""
+    from diffugts.stages.deviation import DeviationParams, deviation_z
+
+    out = []
+    for name in channels:
+        if name == "coarse":
+            out.append(np.asarray(coarse, np.float32))
+        elif name == "organ":
+            out.append(np.asarray(organ, np.float32))
+        elif name == "deviation":
+            z = deviation_z(x, np.asarray(organ, bool), spacing_kji, params or DeviationParams())
+            out.append(np.abs(z).astype(np.float32) / DEVIATION_SCALE)
+        else:
+            raise ValueError(f"unknown refinement input channel {name!r}")
+    return np.stack(out)
+
+
+@torch.no_grad()
+def refine_probability(head: RefineHead, shared: np.ndarray | torch.Tensor, coarse: np.ndarray, roi=None,
+                       bf16: bool = True) -> np.ndarray:
+    """Refined probability on the model grid (bf16 autocast on CUDA): one target's coarse map
+    (*S) -> (*S), or several targets' coarse maps (T, *S) or own channels (T, C, *S) -> (T, *S),
+    in batched passes of at most ``HEAD_BATCH_VOXELS`` (batch norm is fixed
+    at inference, so a target's map does not depend on the others in its batch)."""
+    from monai.inferers import sliding_window_inference
+
+    device = next(head.parameters()).device
+    shared = (shared if isinstance(shared, torch.Tensor) else torch.from_numpy(shared)).to(device)
+    coarse = np.asarray(coarse, dtype=np.float32)
+    single = coarse.ndim == shared.ndim - 1
+    coarse = coarse[None] if single else coarse
+    coarse = coarse[:, None] if coarse.ndim == shared.ndim else coarse  # (T, C, *S)
+    roi = tuple(min(r, s) for r, s in zip(roi or shared.shape[1:], shared.shape[1:]))
+    per_pass = max(1, HEAD_BATCH_VOXELS // math.prod(roi))  # windows per head call
+    per_input = max(1, HEAD_BATCH_VOXELS // math.prod(shared.shape[1:]))  # targets per input tensor
+    prob = np.empty((coarse.shape[0],) + coarse.shape[2:], np.float32)
+    for start in range(0, len(coarse), per_input):
+        own = torch.from_numpy(coarse[start:start + per_input]).to(device)
+        inp = torch.cat([shared[None].expand(len(own), *shared.shape), own], 1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+            logits = sliding_window_inference(inp, roi, sw_batch_size=per_pass, predictor=head, overlap=0.25,
+                                              mode="gaussian")
+        prob[start:start + len(own)] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+    return prob[0] if single else prob
+
+
+def refined_probabilities(head: RefineHead, shared, coarse: list[np.ndarray], allowed: list[np.ndarray],
+                          space, roi=None, own=None) -> list[np.ndarray]:
+    """Per target its refined probability on the study grid, inside the bounding box of its
+    ``allowed`` region (0 elsewhere: nothing outside it becomes a mask), from its ``coarse``
+    map (study grid), or from ``own(n, coarse_on_model_grid)``, the target's own channels
+    (C, *S) on the model grid. Only targets with a region go through the head, in one batch."""
+    from diffugts.stages.synthesize.masks import bbox
+
+    probs = [np.zeros(a.shape, np.float32) for a in allowed]
+    run = [n for n, a in enumerate(allowed) if a.any()]
+    if run:
+        inputs = [space.to_model(coarse[n]) for n in run]
+        if own is not None:
+            inputs = [own(n, c) for n, c in zip(run, inputs)]
+        refined = refine_probability(head, shared, np.stack(inputs), roi)
+        for n, prob in zip(run, refined):
+            box = bbox(allowed[n])
+            probs[n][box] = np.clip(space.to_study(prob, box=box), 0.0, 1.0)
+    return probs
+
+
+def refine_threshold(pkg) -> float:
+    """The refined-probability threshold of the package's head (calibrated on held-out training
+    cases by ``train refine``; 0.5 for heads made before)."""
+    return float((pkg.network("refine") or {}).get("threshold", 0.5))
+
+
+def own_channels(pkg, x: np.ndarray, space, organs: list[np.ndarray | None]):
+    """For :func:`refined_probabilities`: ``own(n, coarse_model)`` giving target n's channels
+    as the package's refine head expects them, or None for heads that take the coarse map
+    alone. ``organs``: per target its organ mask on the study grid (the attention artifact's;
+    None: no organ, so no deviation either). A target's channels are made once (the head and
+    the lesion verifier both read them; its coarse map does not change in between)."""
+    from diffugts.stages.attend import fusion_of
+
+    channels = tuple((pkg.network("refine") or {}).get("target_channels", LEGACY_TARGET_CHANNELS))
+    if channels == LEGACY_TARGET_CHANNELS:
+        return None
+    fusion = fusion_of(pkg)
+    params = fusion.deviation if fusion else None
+    spacing = tuple(space.model.spacing)[::-1]
+    made: dict[int, np.ndarray] = {}
+
+    def own(n: int, coarse_model: np.ndarray) -> np.ndarray:
+        if n not in made:
+            organ = organs[n]
+            organ = (space.to_model(organ.astype(np.float32), nearest=True) > 0.5 if organ is not None
+                     else np.zeros(coarse_model.shape, bool))
+            made[n] = target_inputs(channels, coarse_model, organ, x, spacing, params)
+        return made[n]
+
+    return own
+
+
+def verify_masks(pkg, masks: list[np.ndarray], probs: list[np.ndarray], coarse: list[np.ndarray],
+                 organs: list[np.ndarray | None], shared, own, space) -> list[np.ndarray]:
+    """Each target's mask (study grid) without the lesions the package's lesion verifier
+    rejects (diffugts.stages.verification); unchanged without a verifier. ``shared``: the head's
+    shared inputs (model grid), whose |x - H| channel is the residual evidence; ``own``: the
+    :func:`own_channels` the head read, whose deviation channel is the |z| evidence."""
+    from diffugts.stages.lesions import voxel_ml
+    from diffugts.stages.synthesize.masks import bbox
+    from diffugts.stages.verification import Evidence, verified, verifier_of
+
+    verifier = verifier_of(pkg)
+    if verifier is None or not any(m.any() for m in masks):
+        return masks
+    deviation = list(pkg.network("refine")["target_channels"]).index("deviation")
+    residual = np.asarray(shared[3].cpu() if isinstance(shared, torch.Tensor) else shared[3]) / RESIDUAL_GAIN
+    out = []
+    for n, mask in enumerate(masks):
+        box = bbox(mask)
+        if box is None:
+            out.append(mask)
+            continue
+        z = own(n, space.to_model(coarse[n]))[deviation] * DEVIATION_SCALE
+        organ = organs[n][box] if organs[n] is not None else np.zeros(mask[box].shape, bool)
+        evidence = Evidence(refined=probs[n][box], coarse=coarse[n][box], deviation=space.to_study(z, box=box),
+                            residual=space.to_study(residual, box=box), organ=organ)
+        kept = np.zeros_like(mask)
+        kept[box] = verified(mask[box], evidence, verifier, voxel_ml(space.study))
+        out.append(kept)
+    return out
+
+
+def target_region(coarse_mask: np.ndarray, geometry, dilation_mm: float) -> np.ndarray:
+    """The target's own coarse mask grown exactly as synthesis grew it: a prompt's lesions
+    must lie where its attention pointed (synthesis inpaints the union of every prompt's
+    masks, so without this one prompt's lesion would be reported under every prompt)."""
+    from diffugts.stages.synthesize.masks import make_region, spacing_kji
+
+    return make_region(coarse_mask, spacing_kji(geometry), dilation_mm, 0.0).dilated
+
+
+def body_mask(volume: np.ndarray, modality: str) -> np.ndarray:
+    """The patient's body: the largest connected component above air, holes filled."""
+    if modality == "CT":
+        body = volume > -500
+    else:
+        body = volume > np.percentile(volume, 60) * 0.2
+    labels, n = ndimage.label(body)
+    if n == 0:
+        return body
+    sizes = ndimage.sum(body, labels, range(1, n + 1))
+    body = labels == (int(np.argmax(sizes)) + 1)
+    return ndimage.binary_fill_holes(body)
+
+
+def residual_only(x: np.ndarray, h: np.ndarray, region: np.ndarray, threshold: float) -> np.ndarray:
+    """The "coarse + synthesis residual, no head" variant: |x - H| above a threshold."""
+    return (np.abs(x - h) > threshold) & region
+
+
+def read_mask_image(path: Path, shape) -> np.ndarray:
+    if not path.is_file():
+        raise InputError(path, "missing file")
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    if tuple(arr.shape) != tuple(shape):
+        raise InputError(path, f"shape {arr.shape} does not match the study {tuple(shape)}")
+    return arr
+
+
+def timer():
+    start = time.perf_counter()
+    return lambda: round(time.perf_counter() - start, 3)
+
+
+def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
+           device: str | None = None, backbone: Backbone | None = None, head: RefineHead | None = None) -> dict:
+    """Refined masks and lesion instances for every prompt of the attention artifact."""
+    from diffugts.stages.attend import load_head
+    from diffugts.networks.backbones import load_backbone
+    from diffugts.utils.device import pick_device
+    from diffugts.stages.lesions import write_lesion_artifact
+    from diffugts.models.package import open_package
+    from diffugts.stages.preprocess import Preprocessing, intensity_range, to_model
+    from diffugts.artifacts.study import load_study
+
+    elapsed = timer()
+    study = load_study(study_dir)
+    attention_dir, synthesis_dir = Path(attention_dir), Path(synthesis_dir)
+    att = _read_json(attention_dir / "attention.json", "an attention artifact (run `diffugts attend`)")
+    syn = _read_json(synthesis_dir / "synthesis.json", "a synthesis artifact (run `diffugts synthesize`)")
+    pkg = open_package(model)
+    prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
+
+    files = syn.get("files", {})
+    pseudo = read_mask_image(synthesis_dir / files.get("pseudo_healthy", "pseudo_healthy.nii.gz"),
+                             study.geometry.shape).astype(np.float32)
+    inpainted = read_mask_image(synthesis_dir / files.get("inpaint_mask", "inpaint_mask.nii.gz"),
+                                study.geometry.shape) > 0
+    body = body_mask(study.volume, study.modality)
+    dilation_mm = float((syn.get("parameters") or {}).get("dilation_mm", 8.0))
+    coarse, allowed, organs = [], [], []
+    for entry in att["targets"]:
+        coarse.append(read_mask_image(attention_dir / entry["map"], study.geometry.shape).astype(np.float32))
+        organs.append(read_mask_image(attention_dir / entry["organ"], study.geometry.shape) > 0
+                      if entry.get("organ") else None)
+        own = target_region(coarse[-1] >= float(entry.get("threshold", 0.5)), study.geometry, dilation_mm)
+        allowed.append(own & inpainted & body)
+    # A target's lesions must lie in its allowed region, so a target without one needs no
+    # head pass (its mask is empty whatever the head says), and a study where no target has
+    # one (most of a cohort) needs no features either.
+    probs = [np.zeros(study.geometry.shape, np.float32) for _ in allowed]
+    if any(a.any() for a in allowed):
+        dev = pick_device(device) if backbone is None else next(backbone.parameters()).device
+        backbone = backbone or load_backbone(pkg, dev)
+        head = (head or load_head(pkg, "refine", RefineHead)).to(dev)
+        x, space = to_model(study.volume, study.geometry, study.modality, prep, device=backbone.resample_device)
+        # H is normalised with the input's own range so x - H is a pure residual.
+        lo, hi = intensity_range(study.volume, study.modality, prep)
+        h = space.to_model(((pseudo - lo) / (hi - lo)).astype(np.float32))
+        if study.modality == "CT":
+            h = np.clip(h, 0.0, 1.0)
+        region_model = space.to_model(inpainted.astype(np.float32), nearest=True) > 0.5
+        shared = shared_inputs(backbone, x, h, region_model, as_tensor=True)
+        roi = (pkg.manifest.get("inference") or {}).get("roi_size")
+        own_inputs = own_channels(pkg, x, space, organs)
+        probs = refined_probabilities(head, shared, coarse, allowed, space, roi, own_inputs)
+    cut = refine_threshold(pkg)
+    masks = [(p >= cut) & a for p, a in zip(probs, allowed)]
+    if any(a.any() for a in allowed):
+        masks = verify_masks(pkg, masks, probs, coarse, organs, shared, own_inputs, space)
+    targets = [{"prompt": e["prompt"], "score": e["score"]} for e in att["targets"]]
+    summary = write_lesion_artifact(out_dir, study, targets, masks, probs, min_volume_ml=min_volume_ml,
+                                    model={"name": pkg.name, "sha256": pkg.sha256})
+    summary["timings"] = {"refine_s": elapsed()}
+    return summary
+
+
+def _read_json(path: Path, what: str) -> dict:
+    import json
+
+    if not path.is_file():
+        raise InputError(path.parent, f"not {what}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"unreadable ({err})") from None

@@ -1,0 +1,1 @@
+"""Small helpers every part uses: atomic writes, devices, logs, progress, UIDs, metrics."""

@@ -200,11 +200,16 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
         allowed = [own & body & region.dilated for own in owns]
         full = [np.zeros(case.volume.shape, bool) for _ in organs]
         if any(a.any() for a in allowed):  # as refine(): no region, no features, no head pass
-            h = space.to_model(np.clip((pseudo - lo) / (hi - lo), 0, 1) if case.modality == "CT"
-                               else (pseudo - lo) / (hi - lo))
-            shared = shared_inputs(method.backbone, x, h, space.to_model(region.dilated.astype(np.float32)) > 0.5)
+            # Exactly as refine() makes them: H normalised, resampled, then clipped (CT); the
+            # inpainted region by nearest neighbour; the package's tiling.
+            h = space.to_model(((pseudo - lo) / (hi - lo)).astype(np.float32))
+            if case.modality == "CT":
+                h = np.clip(h, 0.0, 1.0)
+            region_model = space.to_model(region.dilated.astype(np.float32), nearest=True) > 0.5
+            shared = shared_inputs(method.backbone, x, h, region_model, as_tensor=True)
             own_inputs = own_channels(method.package, x, space, organ_masks)
-            probs = refined_probabilities(refine_head, shared, coarse, allowed, space, own=own_inputs)
+            roi = (method.package.manifest.get("inference") or {}).get("roi_size")
+            probs = refined_probabilities(refine_head, shared, coarse, allowed, space, roi, own=own_inputs)
             # As the lesion artifact reports them: components below the minimum volume dropped.
             cut = refine_threshold(method.package)
             masks = verify_masks(method.package, [(p >= cut) & a for p, a in zip(probs, allowed)], probs, coarse,

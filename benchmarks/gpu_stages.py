@@ -49,7 +49,8 @@ from diffugts.networks.backbones.maisi import MaisiBackbone
 from diffugts.artifacts.geometry import Geometry
 from diffugts.models.configs import get_config
 from diffugts.stages.preprocess import Preprocessing, normalise, to_model
-from diffugts.stages.refine import RefineHead, refine_probability, shared_inputs
+from diffugts.stages.refine import refine_probability, shared_inputs
+from diffugts.networks.refine import RefineHead
 from diffugts.stages.synthesize import Params, make_region, pseudo_healthy
 from diffugts.networks.text import make_target
 from diffugts.train.recipe import default_features

@@ -28,6 +28,8 @@ markers (model sha256 + parameters hash) are what skips a study done before.
 
 from kfp import dsl
 
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
+
 from components.cohort import cohort_report, list_studies, record_run, segment_batch
 from pipelines.resources import cpu_stage, gpu_stage
 
@@ -74,9 +76,9 @@ def cohort_pipeline(
     prompts: list = DEFAULT_PROMPTS,
     rules: str = "default",
     resample: bool = False,
-    min_volume_ml: float = 0.1,
+    min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
     force: bool = False,
-    maps: str = "aova",
+    maps: str = MapMode.AOVA.value,
     batch_size: int = 8,
     max_parallel: int = 4,
 ):

@@ -15,6 +15,8 @@ volume instead.
 
 from kfp import dsl, kubernetes
 
+from diffugts.config import DEFAULT_SEED
+
 from components.protocol import evaluate_on_datasets, train_aova_on_datasets, train_refine_on_datasets
 from pipelines.resources import gpu_stage
 
@@ -43,7 +45,7 @@ def protocol_pipeline(
     synthesis_steps: int = 10,
     randomised_cases: int = 20,
     fusion_recall: float = 0.85,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     max_cases: int = 0,
     prompt: str = "{organ} tumor",
 ) -> dsl.Dataset:

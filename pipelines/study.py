@@ -5,6 +5,8 @@
 
 from kfp import dsl
 
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
+
 from components.attend import attend
 from components.ingest import ingest
 from components.refine import refine
@@ -24,10 +26,10 @@ def study_pipeline(
     prompts: list = ["liver tumor", "kidney tumor", "pancreas tumor"],
     rules: str = "default",
     resample: bool = False,
-    min_volume_ml: float = 0.1,
+    min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
     upload: bool = False,
     results_uri: str = "",
-    maps: str = "aova",
+    maps: str = MapMode.AOVA.value,
 ) -> dsl.Dataset:
     """Segment one study.
 

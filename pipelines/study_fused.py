@@ -11,6 +11,8 @@ for re-running one stage with other settings.
 
 from kfp import dsl
 
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
+
 from components.ingest import ingest
 from components.report import report
 from components.segment import segment
@@ -28,10 +30,10 @@ def study_fused_pipeline(
     prompts: list = ["liver tumor", "kidney tumor", "pancreas tumor"],
     rules: str = "default",
     resample: bool = False,
-    min_volume_ml: float = 0.1,
+    min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
     upload: bool = False,
     results_uri: str = "",
-    maps: str = "aova",
+    maps: str = MapMode.AOVA.value,
 ) -> dsl.Dataset:
     """Segment one study.
 

@@ -11,7 +11,7 @@ from diffugts.networks.backbones import build_backbone
 from diffugts.models.create import create_random
 from diffugts.models.package import ModelPackage, add_networks
 from diffugts.stages.deviation import Fusion
-from diffugts.stages.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, TARGET_CHANNELS, RefineHead
+from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, TARGET_CHANNELS, RefineHead
 
 FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from diffugts.stages.attend import Method, attend
+from diffugts.core import Core
+from diffugts.stages.attend import attend
 from diffugts.cli import main
 from diffugts.artifacts.geometry import Geometry
 from diffugts.stages.ingest import ingest
@@ -53,9 +54,8 @@ def test_attend_writes_maps_on_the_study_grid(model, study, tmp_path):
 
 
 def test_attend_is_deterministic(model, study, tmp_path):
-    method = Method.load(str(model.root), "cpu")
-    a = attend(study, str(model.root), ["liver tumor"], tmp_path / "a", method=method, seed=1)
-    b = attend(study, str(model.root), ["liver tumor"], tmp_path / "b", method=method, seed=1)
+    a = attend(study, str(model.root), ["liver tumor"], tmp_path / "a", seed=1)
+    b = attend(study, str(model.root), ["liver tumor"], tmp_path / "b", seed=1)
     pa = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / a["targets"][0]["map"])))
     pb = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / b["targets"][0]["map"])))
     np.testing.assert_array_equal(pa, pb)
@@ -67,7 +67,7 @@ def test_tiled_and_whole_volume_agree(model, study, tmp_path):
     from diffugts.artifacts.study import load_study
     from diffugts.networks.text import make_target
 
-    method = Method.load(str(model.root), "cpu")
+    method = Core(str(model.root), "cpu").method
     s = load_study(study)
     x, _ = to_model(s.volume, s.geometry, s.modality, method.prep)
     whole, _ = attention_maps(method, x, method.prep.spacing_mm, [make_target("liver tumor")])

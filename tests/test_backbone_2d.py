@@ -357,7 +357,7 @@ def with_random_heads(pkg, out):
     """The package plus random AOVA (cross-attention maps among its inputs) and refine heads."""
     from diffugts.networks.aova import AOVAHead
     from diffugts.models.package import add_networks
-    from diffugts.stages.refine import RefineHead
+    from diffugts.networks.refine import RefineHead
 
     specs = {s.name: s.channels for s in build_backbone(pkg.manifest["backbone"]).feature_specs()}
     torch.manual_seed(0)

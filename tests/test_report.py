@@ -29,7 +29,8 @@ from diffugts.stages.report.cohort import cohort_report
 from diffugts.stages.report.inputs import load_lesions
 from diffugts.stages.report.upload import upload_report
 from diffugts.storage import MANIFEST, ObjectStore
-from diffugts.artifacts.study import load_study, write_image
+from diffugts.artifacts.files import write_image
+from diffugts.artifacts.study import load_study
 from dicomfactory import write_series
 
 MODEL = {"name": "demo-tiny", "sha256": "c0ffee" + "0" * 58}

@@ -21,7 +21,7 @@ from diffugts.errors import InputError
 from diffugts.artifacts.geometry import Geometry
 from diffugts.models import open_package
 from diffugts.models.create import create_random
-from diffugts.artifacts.study import write_image
+from diffugts.artifacts.files import write_image
 from diffugts.stages.synthesize import GroundTruth, Params, Tiles, fidelity, inpaint, make_region, synthesize
 from diffugts.stages.synthesize.inpaint import renoise
 

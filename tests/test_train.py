@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from diffugts.stages.attend import default_threshold, fusion_of, load_head
+from diffugts.networks.loading import load_head
+from diffugts.stages.attend import default_threshold, fusion_of
 from diffugts.networks.aova import AOVAHead
 from diffugts.networks.backbones import load_backbone
 from diffugts.runners.evaluate import dice
 from diffugts.models.defaults import DEMO_MODEL
 from diffugts.models.package import open_package
 from diffugts.stages.preprocess import Preprocessing
-from diffugts.stages.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, RefineHead, refine_threshold
+from diffugts.stages.refine import refine_threshold
+from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, RefineHead
 from diffugts.stages.synthesize import Params
 from diffugts.networks.text import TextEncoder
 from diffugts.train.aova import evaluate_dice, train_aova

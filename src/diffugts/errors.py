@@ -34,6 +34,20 @@ class ConfigError(DiffugtsError):
     """A bad setting: missing credentials, malformed rules, unknown option."""
 
 
+class ParameterError(ConfigError):
+    """A bad parameter value. The message names parameters as ``{name}`` fields: the library
+    shows the parameter's own name, the CLI its flag (``diffugts.cli.FLAGS``)."""
+
+    def __init__(self, template: str, *parameters: str):
+        self.template = template
+        self.parameters = parameters
+        super().__init__(self.render())
+
+    def render(self, names: dict[str, str] | None = None) -> str:
+        names = names or {}
+        return self.template.format(**{p: names.get(p, p) for p in self.parameters})
+
+
 class OutputError(DiffugtsError):
     """An output that cannot be written: disk full, read-only, not a folder, a path that is
     not UTF-8. A storage failure (metrics reason ``storage``), not bad input."""

@@ -1,4 +1,5 @@
-"""Reading the study artifact that ingestion writes (see diffugts.stages.ingest)."""
+"""The study artifact (ingestion's output): the volume on its exact DICOM grid, header copies,
+rejections, and ``series.json`` last (written by diffugts.stages.ingest.writer)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import SimpleITK as sitk
 from diffugts.errors import InputError
 from diffugts.artifacts.geometry import Geometry
 
-STUDY_MARKER = "series.json"
+MARKER = "series.json"
+VOLUME = "volume.nii"  # uncompressed: gzip would cost more than the DICOM read on large CTs
+REJECTIONS = "rejections.json"
 
 
 @dataclass
@@ -30,9 +33,9 @@ class Study:
 
 def load_study(path: str | os.PathLike) -> Study:
     root = Path(path)
-    marker = root / STUDY_MARKER
+    marker = root / MARKER
     if not marker.is_file():
-        raise InputError(root, f"not a study artifact (no {STUDY_MARKER}; run `diffugts ingest` first)")
+        raise InputError(root, f"not a study artifact (no {MARKER}; run `diffugts ingest` first)")
     try:
         series = json.loads(marker.read_text())
         geometry = Geometry.from_dict(series["volume"])
@@ -44,9 +47,3 @@ def load_study(path: str | os.PathLike) -> Study:
         raise InputError(root, f"volume shape {volume.shape} does not match series.json {geometry.shape}")
     return Study(root, series, volume, geometry)
 
-
-def write_image(path: Path, array: np.ndarray, geometry: Geometry, compress: bool = True) -> None:
-    """A NIfTI image on ``geometry`` (SimpleITK handles LPS -> RAS)."""
-    image = sitk.GetImageFromArray(array)
-    geometry.to_sitk(image)
-    sitk.WriteImage(image, str(path), useCompression=compress)

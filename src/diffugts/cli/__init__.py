@@ -14,7 +14,7 @@ import sys
 
 from diffugts import __version__
 from diffugts.utils import atomic, logs
-from diffugts.errors import USER_ERRNOS, DiffugtsError, OutputError
+from diffugts.errors import USER_ERRNOS, DiffugtsError, OutputError, ParameterError
 
 # Sub-command modules, in the order `diffugts --help` lists them.
 COMMANDS = ["ingest", "phantom", "models", "attend", "synthesize", "segment", "report", "train", "evaluate"]
@@ -34,6 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 one_line = logs.one_line
+# Library parameters whose flag is not "--" + the name with dashes (ParameterError messages
+# name parameters; the CLI shows its flags).
+FLAGS = {"prompts": "--prompt", "datasets": "--dataset", "mappings": "--mapping", "model": "--model"}
+
+
+def flag(parameter: str) -> str:
+    return FLAGS.get(parameter, "--" + parameter.replace("_", "-"))
+
+
+def message(err: DiffugtsError) -> str:
+    """The one line shown for ``err``: a parameter error speaks of the flags."""
+    if isinstance(err, ParameterError):
+        return one_line(err.render({p: flag(p) for p in err.parameters}))
+    return one_line(err)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic.check_output_path(args.out)
         return int(args.func(args) or 0)
     except DiffugtsError as err:
-        print(f"diffugts: error: {one_line(err)}", file=sys.stderr)
+        print(f"diffugts: error: {message(err)}", file=sys.stderr)
         return err.exit_code
     except OSError as err:
         if err.errno not in USER_ERRNOS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from diffugts.config import DEFAULT_SEED, MapMode
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -16,8 +18,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=None, help="probability threshold of the coarse mask")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if present)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the denoiser-feature noise")
-    p.add_argument("--maps", choices=("aova", "training-free"), default="aova",
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the denoiser-feature noise")
+    p.add_argument("--maps", choices=[m.value for m in MapMode], default=MapMode.AOVA.value,
                    help="aova: the package's trained AOVA head (default); training-free: the backbone's own "
                         "cross-attention maps, abnormal vs normal prompts (2D diffusers packages; no head needed)")
     p.set_defaults(func=_run)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
+
 
 def register(sub) -> None:
     s = sub.add_parser(
@@ -18,9 +20,9 @@ def register(sub) -> None:
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU if present)")
     s.add_argument("--rules", default="default", help="series selection rules (see `diffugts ingest --help`)")
     s.add_argument("--resample", action="store_true", help="resample tilted / oblique series")
-    s.add_argument("--min-volume-ml", type=float, default=None, help="drop lesions smaller than this (default 0.1)")
+    s.add_argument("--min-volume-ml", type=float, default=None, help=f"drop lesions smaller than this (default {DEFAULT_MIN_VOLUME_ML})")
     s.add_argument("--no-report", action="store_true", help="stop after the lesion masks")
-    s.add_argument("--maps", choices=("aova", "training-free"), default="aova",
+    s.add_argument("--maps", choices=[m.value for m in MapMode], default=MapMode.AOVA.value,
                    help="attention maps from the trained AOVA head (default) or the backbone's own text "
                         "cross-attention (2D diffusers packages)")
     s.add_argument("--upload", nargs="?", const="", default=None,
@@ -33,7 +35,8 @@ def register(sub) -> None:
     r.add_argument("--synthesis", required=True, help="synthesis artifact (from `diffugts synthesize`)")
     r.add_argument("--model", default=None, help="model package folder, s3:// prefix, or demo (default) / demo-2d")
     r.add_argument("--out", required=True, help="output folder (lesions.json, masks, instances)")
-    r.add_argument("--min-volume-ml", type=float, default=0.1, help="drop lesions smaller than this")
+    r.add_argument("--min-volume-ml", type=float, default=DEFAULT_MIN_VOLUME_ML,
+                   help=f"drop lesions smaller than this (default {DEFAULT_MIN_VOLUME_ML})")
     r.add_argument("--device", default=None)
     r.set_defaults(func=_refine)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from diffugts.config import SynthesisParams
 from diffugts.errors import ConfigError
+
+DEFAULTS = SynthesisParams()
 
 
 def register(sub) -> None:
@@ -23,20 +26,22 @@ def register(sub) -> None:
     p.add_argument("--target", type=int, default=None,
                    help="with --attention: use only this target's mask (index in attention.json)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dilation-mm", type=float, default=8.0, help="grow the mask by this many mm (default 8)")
-    p.add_argument("--strength", type=float, default=0.8,
-                   help="starting noise level, fraction of the schedule, (0, 1] (default 0.8)")
-    p.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
+    p.add_argument("--dilation-mm", type=float, default=DEFAULTS.dilation_mm,
+                   help=f"grow the mask by this many mm (default {DEFAULTS.dilation_mm:g})")
+    p.add_argument("--strength", type=float, default=DEFAULTS.strength,
+                   help=f"starting noise level, fraction of the schedule, (0, 1] (default {DEFAULTS.strength:g})")
+    p.add_argument("--steps", type=int, default=DEFAULTS.steps, help=f"denoising steps (default {DEFAULTS.steps})")
     p.add_argument("--no-harmonise", dest="harmonise", action="store_false",
                    help="keep the generator's intensity as it is (default: shift H by the median x - H of the "
                         "regenerated ring around the mask)")
-    p.add_argument("--jumps", type=int, default=0,
-                   help="RePaint resampling jumps per step (default 0; each one costs a full step)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--context-mm", type=float, default=48.0,
-                   help="context around the mask given to the denoiser (default 48)")
-    p.add_argument("--feather-mm", type=float, default=4.0,
-                   help="paste-back ramp inside the dilated mask's border (default 4; 0 = hard edge)")
+    p.add_argument("--jumps", type=int, default=DEFAULTS.jumps,
+                   help=f"RePaint resampling jumps per step (default {DEFAULTS.jumps}; each one costs a full step)")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"noise seed (default {DEFAULTS.seed})")
+    p.add_argument("--context-mm", type=float, default=DEFAULTS.context_mm,
+                   help=f"context around the mask given to the denoiser (default {DEFAULTS.context_mm:g})")
+    p.add_argument("--feather-mm", type=float, default=DEFAULTS.feather_mm,
+                   help=f"paste-back ramp inside the dilated mask's border (default {DEFAULTS.feather_mm:g}; "
+                        "0 = hard edge)")
     p.add_argument("--tile", type=int, default=None,
                    help="tile side in model voxels for large regions (default: the package's roi_size)")
     p.add_argument("--ground-truth", metavar="CASE",
@@ -57,11 +62,11 @@ def _truth(args):
         raise ConfigError("--lesion-mask and --organ-mask go together")
     from diffugts.artifacts.study import load_study
     from diffugts.stages.synthesize import mask_truth
-    from diffugts.stages.synthesize.masks import read_image
+    from diffugts.artifacts.files import read_on_grid
 
     geometry = load_study(args.study).geometry
-    return mask_truth(read_image(args.lesion_mask, geometry, "lesion mask"),
-                      read_image(args.organ_mask, geometry, "organ mask"), source=args.lesion_mask)
+    return mask_truth(read_on_grid(args.lesion_mask, geometry, "lesion mask"),
+                      read_on_grid(args.organ_mask, geometry, "organ mask"), source=args.lesion_mask)
 
 
 def _run(args) -> int:

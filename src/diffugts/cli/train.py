@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffugts.config import AOVA_HEAD, REFINE_HEAD
+
 DEMO_CONFIGS = ("demo", "demo-2d")  # configurations with a training recipe
 
 
@@ -168,7 +170,7 @@ def _aova(args) -> int:
 
     features = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
     source = _source(args)
-    checkpoint = _checkpoint(args, "aova", source, {
+    checkpoint = _checkpoint(args, AOVA_HEAD, source, {
         "seed": args.seed, "cases": args.cases, "dim": args.dim, "features": features,
         "synthetic_cases": args.synthetic_cases, "randomised_cases": args.randomised_cases,
         "mr_healthy_cases": args.mr_healthy_cases})
@@ -188,7 +190,7 @@ def _refine(args) -> int:
     from diffugts.train.run import train_refine_head
 
     source = _source(args)
-    checkpoint = _checkpoint(args, "refine", source, {"seed": args.seed, "cases": args.cases,
+    checkpoint = _checkpoint(args, REFINE_HEAD, source, {"seed": args.seed, "cases": args.cases,
                                                       "healthy_cases": args.healthy_cases})
     pkg = train_refine_head(args.model, Path(args.out) if args.out else None, args.seed, args.cases, args.steps,
                             show_progress=not args.quiet, healthy_cases=args.healthy_cases, source=source,

@@ -128,7 +128,7 @@ def _load(path: Path) -> dict:
 
 def verify(ref: str | os.PathLike) -> ModelPackage:
     """Checksums, then every network built and loaded strictly."""
-    from diffugts.stages.attend import load_head
+    from diffugts.networks.loading import load_head
     from diffugts.networks.backbones import load_backbone
     from diffugts.models.package import open_package
 
@@ -147,6 +147,7 @@ def verify(ref: str | os.PathLike) -> ModelPackage:
 def head_classes() -> dict:
     """Trainable heads a package may carry, by network name."""
     from diffugts.networks.aova import AOVAHead
-    from diffugts.stages.refine import RefineHead
+    from diffugts.config import AOVA_HEAD, REFINE_HEAD
+    from diffugts.networks.refine import RefineHead
 
-    return {"aova": AOVAHead, "refine": RefineHead}
+    return {AOVA_HEAD: AOVAHead, REFINE_HEAD: RefineHead}

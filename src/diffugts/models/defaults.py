@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from diffugts.errors import ConfigError
+from diffugts.errors import ConfigError, ParameterError
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "data" / "models"
 DEMO_MODEL = MODELS_DIR / "demo"
@@ -23,8 +23,8 @@ def default_model() -> str:
     if env:
         return env
     if not (DEMO_MODEL / "manifest.json").is_file():
-        raise ConfigError(f"no default model: {DEMO_MODEL} is missing (run `make demo-model`, or pass --model "
-                          "/ set DIFFUGTS_MODEL)")
+        raise ParameterError(f"no default model: {DEMO_MODEL} is missing (run `make demo-model`, or give a "
+                             "{model} / set DIFFUGTS_MODEL)", "model")
     return str(DEMO_MODEL)
 
 

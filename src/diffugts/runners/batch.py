@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from diffugts.runners import cohort
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
 from diffugts.errors import ConfigError, InputError
 
 DEFAULT_BATCH_SIZE = 8  # studies per GPU task: a few minutes of work on one GPU, one model load
@@ -57,21 +58,22 @@ def _done(marker: dict | None, item: dict, run: str) -> bool:
 
 
 def run_batch(results_uri: str, run: str, batch: int, *, model_uri: str, prompts: list[str], rules: str = "default",
-              resample: bool = False, min_volume_ml: float = 0.1, maps: str = "aova", device: str | None = None,
+              resample: bool = False, min_volume_ml: float = DEFAULT_MIN_VOLUME_ML, maps: str = MapMode.AOVA,
+              device: str | None = None,
               work_dir: str | None = None) -> dict:
     """Process batch ``batch`` of run ``run`` (its studies from the run's listing.json).
     Returns the counts: done, failed, already done (a retried batch)."""
     from diffugts.stages.ingest import ingest
-    from diffugts.stages.report import make_report
-    from diffugts.runners.segment import ModelStages
+    from diffugts.core import Core
+    from diffugts.runners.segment import FOLDERS, MODEL_STAGES, StudyRun, method_params
 
     listing = cohort.read_listing(results_uri, run)
     batches = listing.get("batches") or []
     if not 0 <= batch < len(batches):
         raise InputError(cohort.run_uri(results_uri, run), f"run has {len(batches)} batches, no batch {batch}")
     items = {item["key"]: item for item in listing["pending"]}
-    runner = ModelStages(model_uri, device, min_volume_ml=min_volume_ml, maps=maps)  # once per batch
-    if runner.method.package.sha256 != listing["model_sha256"]:
+    core = Core(model_uri, device, method_params(min_volume_ml=min_volume_ml, maps=maps)).load()  # once per batch
+    if core.package.sha256 != listing["model_sha256"]:
         raise InputError(model_uri, "the model changed since the studies were listed: start a new run")
     counts = {"done": 0, "failed": 0, "already_done": 0}
     work_root = Path(tempfile.mkdtemp(prefix="batch-", dir=work_dir))
@@ -84,13 +86,14 @@ def run_batch(results_uri: str, run: str, batch: int, *, model_uri: str, prompts
             work = work_root / key
             stage = "ingest"
             try:
-                ingest(item["input_uri"], work / "study", rules=rules, resample_grid=resample, show_progress=False)
-                for stage in ("attend", "synthesize", "refine"):
-                    runner.run(stage, work / "study", prompts, work / "attention", work / "synthesis",
-                               work / "lesions")
+                folders = {key: work / name for key, name in FOLDERS.items()}
+                ingest(item["input_uri"], folders["study"], rules=rules, resample_grid=resample, show_progress=False)
+                stage = "attend"  # the study is read for the model stages
+                study = StudyRun(core, folders["study"], prompts, folders)
+                for stage in MODEL_STAGES:
+                    study.run(stage)
                 stage = "report"
-                make_report(work / "study", work / "lesions", work / "report", attention_dir=work / "attention",
-                            synthesis_dir=work / "synthesis")
+                study.report()
                 stage = "publish"
                 cohort.mark_done(work / "report", results_uri, key, model_sha256=item["model_sha256"],
                                  params_hash=item["params_hash"], run=run)

@@ -34,6 +34,7 @@ import shutil
 from pathlib import Path
 
 from diffugts import __version__
+from diffugts.config import MapMode
 from diffugts.utils import atomic
 from diffugts.errors import ConfigError, DiffugtsError, InputError
 from diffugts.utils.markdown import md
@@ -130,7 +131,7 @@ def study_key(input_uri: str) -> str:
     return hashlib.sha256(str(input_uri).rstrip("/").encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
-def params_hash(prompts, rules: str, resample: bool, min_volume_ml: float, maps: str = "aova") -> str:
+def params_hash(prompts, rules: str, resample: bool, min_volume_ml: float, maps: str = MapMode.AOVA) -> str:
     """Hash of what changes a study's results besides the model: the cohort's parameters
     (prompt order included) and the method's own defaults that the study pipeline runs with
     (the synthesis parameters), so a release that changes a default re-runs the studies done
@@ -141,7 +142,7 @@ def params_hash(prompts, rules: str, resample: bool, min_volume_ml: float, maps:
 
     doc = {"prompts": [str(p) for p in prompts], "rules": str(rules), "resample": bool(resample),
            "min_volume_ml": float(min_volume_ml), "synthesis": asdict(Params())}
-    if maps != "aova":  # only then: studies done before the option existed keep their hash
+    if maps != MapMode.AOVA:  # only then: studies done before the option existed keep their hash
         doc["maps"] = str(maps)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -231,7 +232,7 @@ def read_marker(results_uri: str, key: str) -> dict | None:
 
 def plan_run(results_uri: str, run: str, *, studies_uri: str = "", studies_csv: str = "", model_uri: str,
              prompts, rules: str = "default", resample: bool = False, min_volume_ml: float = 0.1,
-             force: bool = False, maps: str = "aova", batch_size: int | None = None,
+             force: bool = False, maps: str = MapMode.AOVA, batch_size: int | None = None,
              max_parallel: int | None = None) -> dict:
     """List the inputs, split them into pending and skipped (done before with this model and
     these parameters; ``force`` runs everything), deal the pending ones into batches and lanes

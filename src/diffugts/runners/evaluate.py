@@ -40,6 +40,7 @@ import torch
 from scipy import ndimage
 
 from diffugts.utils import atomic
+from diffugts.config import MapMode
 from diffugts.errors import InputError
 from diffugts.artifacts.geometry import Geometry
 from diffugts.utils.progress import progress
@@ -152,23 +153,23 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
     ``cases``: instead of ``cases_dir``, a sized iterable of :class:`Case` (real datasets:
     :meth:`diffugts.datasets.Dataset.eval_cases`, read one at a time); rows then carry each
     case's ``dataset`` and ``datasets`` (their provenance) goes into the result."""
-    from diffugts.stages.attend import Method, coarse_maps, default_threshold, load_head, training_free_maps
-    from diffugts.stages.lesions import split_instances
-    from diffugts.stages.preprocess import intensity_range, to_model
-    from diffugts.stages.refine import (RefineHead, body_mask, own_channels, refine_threshold, refined_probabilities,
-                                 shared_inputs, target_region, verify_masks)
-    from diffugts.stages.synthesize import Params, make_region, pseudo_healthy
-    from diffugts.stages.synthesize.masks import spacing_kji
+    from diffugts.artifacts.study import Study
+    from diffugts.config import SynthesisParams
+    from diffugts.core import Core
     from diffugts.networks.text import make_target
+    from diffugts.stages.attend import default_threshold, training_free_maps
+    from diffugts.stages.lesions import split_instances
+    from diffugts.stages.preprocess import intensity_range
+    from diffugts.stages.refine import target_region
 
     cases = load_cases(cases_dir) if cases is None else cases
-    method = Method.load(model, device)
-    refine_head = load_head(method.package, "refine", RefineHead).to(method.device)
-    threshold = default_threshold(method.package, "aova")
+    core = Core(model, device).load()
+    threshold = default_threshold(core.package, MapMode.AOVA)
     if variants is None:
-        variants = VARIANTS + ("organ_zscore",) + (("training_free",) if method.backbone.family == "diffusers2d"
+        variants = VARIANTS + ("organ_zscore",) + (("training_free",) if core.backbone.family == "diffusers2d"
                                                    else ())
-    free_threshold = default_threshold(method.package, "training-free")
+    free_threshold = default_threshold(core.package, MapMode.TRAINING_FREE)
+    dilation_mm = SynthesisParams().dilation_mm
     rows, healthy_rows = [], []
     for case in progress(cases, desc="evaluate", unit="case", enable=show_progress):
         by_family: dict[str, list[dict]] = defaultdict(list)
@@ -176,45 +177,21 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
             by_family[family(rec["organ"])].append(rec)
         organs = sorted(by_family) or list(HEALTHY_PROMPT_ORGANS)
         targets = [make_target(prompt_template.format(organ=o), organ=o) for o in organs]
-        x, space = to_model(case.volume, case.geometry, case.modality, method.prep,
-                            device=method.backbone.resample_device)
-        maps = coarse_maps(method, x, tuple(method.prep.spacing_mm), targets)
-        coarse = [np.clip(space.to_study(p), 0, 1) for p in maps.prob]
-        # As the attention artifact stores it: each target's organ on the study grid.
-        organ_masks = ([space.to_study(o.astype(np.float32), nearest=True) > 0.5 for o in maps.organ]
-                       if maps.fused else [None] * len(organs))
-        union = np.any([c >= threshold for c in coarse], axis=0)
-        region = make_region(union, spacing_kji(case.geometry), Params().dilation_mm, Params().feather_mm)
-        if union.any():
-            pseudo, _ = pseudo_healthy(case.volume, case.geometry, case.modality, region, method.backbone,
-                                       method.prep, Params())
-        else:
-            pseudo = case.volume.copy()
-        lo, hi = intensity_range(case.volume, case.modality, method.prep)
-        body = body_mask(case.volume, case.modality)
+        # The product's own stages, in memory (diffugts.core): the rows score what it outputs.
+        study = core.prepare(Study(case.root, {"modality": case.modality}, case.volume, case.geometry))
+        attention = core.attend(study, targets)
+        synthesis = core.synthesize(study, attention)
+        lesions = core.refine(study, attention, synthesis)
+        coarse, maps, pseudo = attention.maps, attention.coarse, synthesis.pseudo_healthy
+        x, space = study.model_grid
+        lo, hi = intensity_range(case.volume, case.modality, core.prep)
         baseline = intensity_baseline(case.volume, case.geometry, case.modality) if "baseline" in variants else None
         residual_hu = RESIDUAL_THRESHOLD_HU if case.modality == "CT" else RESIDUAL_THRESHOLD_HU / 600 * (hi - lo)
-        free, free_scores = (training_free_maps(method, x, targets) if "training_free" in variants
+        free, free_scores = (training_free_maps(core.method, x, targets) if "training_free" in variants
                              else (None, None))
-        owns = [target_region(c >= threshold, case.geometry, Params().dilation_mm) for c in coarse]
-        allowed = [own & body & region.dilated for own in owns]
-        full = [np.zeros(case.volume.shape, bool) for _ in organs]
-        if any(a.any() for a in allowed):  # as refine(): no region, no features, no head pass
-            # Exactly as refine() makes them: H normalised, resampled, then clipped (CT); the
-            # inpainted region by nearest neighbour; the package's tiling.
-            h = space.to_model(((pseudo - lo) / (hi - lo)).astype(np.float32))
-            if case.modality == "CT":
-                h = np.clip(h, 0.0, 1.0)
-            region_model = space.to_model(region.dilated.astype(np.float32), nearest=True) > 0.5
-            shared = shared_inputs(method.backbone, x, h, region_model, as_tensor=True)
-            own_inputs = own_channels(method.package, x, space, organ_masks)
-            roi = (method.package.manifest.get("inference") or {}).get("roi_size")
-            probs = refined_probabilities(refine_head, shared, coarse, allowed, space, roi, own=own_inputs)
-            # As the lesion artifact reports them: components below the minimum volume dropped.
-            cut = refine_threshold(method.package)
-            masks = verify_masks(method.package, [(p >= cut) & a for p, a in zip(probs, allowed)], probs, coarse,
-                                 organ_masks, shared, own_inputs, space)
-            full = [split_instances(m, case.geometry) > 0 for m in masks]
+        owns = [target_region(c >= threshold, case.geometry, dilation_mm) for c in coarse]
+        # As the lesion artifact reports them: components below the minimum volume dropped.
+        full = [split_instances(m, case.geometry) > 0 for m in lesions.masks]
         for n, organ in enumerate(organs):
             preds = {
                 "baseline": baseline,
@@ -248,7 +225,7 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
                     "detected": found, "lesions": total, "false_lesions": false,
                     "score": float((free_scores if variant == "training_free" else maps.score)[n]), **source,
                 })
-    result = {"model": {"name": method.package.name, "sha256": method.package.sha256},
+    result = {"model": {"name": core.package.name, "sha256": core.package.sha256},
               "prompt_template": prompt_template, "cases": len(cases), "variants": list(variants), "rows": rows,
               "healthy_rows": healthy_rows, "summary": summarise(rows), "healthy": summarise_healthy(healthy_rows)}
     if datasets is not None:

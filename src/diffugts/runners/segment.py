@@ -1,11 +1,14 @@
 """`diffugts segment`: every stage in one process, without Kubeflow.
 
 INPUT (DICOM folder, zip or s3:// prefix) -> OUT/study -> OUT/attention -> OUT/synthesis ->
-OUT/lesions -> OUT/report, with the networks loaded once. The folders are the same
-artifacts the pipeline's stages exchange, so any stage can be re-run on its own.
+OUT/lesions -> OUT/report. The model package is opened and its networks loaded once
+(:class:`diffugts.core.Core`); the study is read once and put on the model grid once; each
+stage's artifact is handed on in memory and written as it is made, so the folders are the same
+artifacts the pipeline's stages exchange and any stage can be re-run on its own.
 
-:func:`model_stages` is the middle of it (attend -> synthesize -> refine on one device, the
-package read once): the fused GPU task of the pipelines (components/segment.py).
+:class:`StudyRun` is one study through the stages with a loaded core: what ``segment``, the
+fused GPU task of the pipelines (:func:`model_stages`, components/segment.py) and cohort
+batches (diffugts.runners.batch) run.
 """
 
 from __future__ import annotations
@@ -14,68 +17,101 @@ import logging
 import time
 from pathlib import Path
 
+from diffugts.config import (AttentionParams, MapMode, MethodParams, RefineParams, SynthesisParams,
+                             DEFAULT_MIN_VOLUME_ML, DEFAULT_SEED)
+from diffugts.errors import ParameterError
 from diffugts.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
 MODEL_STAGES = ("attend", "synthesize", "refine")
 STAGES = ("ingest", *MODEL_STAGES, "report")
+FOLDERS = {"study": "study", "attention": "attention", "synthesis": "synthesis", "lesions": "lesions",
+           "report": "report"}
 
 
-class ModelStages:
-    """The networks of one package, loaded once, and the three stages that use them."""
+def method_params(synthesis: SynthesisParams | None = None, min_volume_ml: float | None = None,
+                  seed: int = DEFAULT_SEED, maps: str = MapMode.AOVA) -> MethodParams:
+    """The runners' keyword arguments as :class:`~diffugts.config.MethodParams` (None: default)."""
+    return MethodParams(AttentionParams(maps=MapMode.parse(maps), seed=seed), synthesis or SynthesisParams(),
+                        RefineParams(DEFAULT_MIN_VOLUME_ML if min_volume_ml is None else min_volume_ml))
 
-    def __init__(self, model: str, device: str | None = None, synthesis=None, min_volume_ml: float | None = None,
-                 seed: int = 0, maps: str = "aova"):
-        from diffugts.stages.attend import Method, check_maps, check_training_free, load_head
-        from diffugts.stages.refine import DEFAULT_MIN_VOLUME_ML, RefineHead
-        from diffugts.stages.synthesize import Params
 
-        check_maps(maps)
-        self.model = model
-        self.method = Method.load(model, device, head=maps == "aova")
-        if maps == "training-free":
-            check_training_free(self.method)  # before any stage runs
-        self.refine_head = load_head(self.method.package, "refine", RefineHead).to(self.method.device)
-        self.params = synthesis or Params()
-        self.min_volume_ml = DEFAULT_MIN_VOLUME_ML if min_volume_ml is None else min_volume_ml
-        self.seed = seed
-        self.maps = maps  # "aova" or "training-free" (diffugts.stages.attend.MAPS)
+def check_prompts(prompts) -> None:
+    if not prompts:
+        raise ParameterError("give at least one of {prompts}", "prompts")
 
-    def run(self, stage: str, study: Path, prompts: list[str], attention: Path, synthesis: Path,
-            lesions: Path) -> dict:
-        if stage == "attend":
-            from diffugts.stages.attend import attend
 
-            return attend(study, self.model, prompts, attention, method=self.method, seed=self.seed, maps=self.maps)
-        if stage == "synthesize":
-            from diffugts.stages.synthesize import synthesize
+class StudyRun:
+    """One ingested study through the model stages of a loaded :class:`~diffugts.core.Core`:
+    each stage's artifact is made in memory, handed to the next and written to its folder
+    (``folders``: study, attention, synthesis, lesions, report)."""
 
-            return synthesize(study, self.model, synthesis, attention=attention, params=self.params,
-                              backbone=self.method.backbone, show_progress=False)
-        if stage == "refine":
-            from diffugts.stages.refine import refine
+    def __init__(self, core, study_dir: Path, prompts: list[str], folders: dict[str, Path]):
+        from diffugts.artifacts.study import load_study
 
-            return refine(study, attention, synthesis, self.model, lesions, min_volume_ml=self.min_volume_ml,
-                          backbone=self.method.backbone, head=self.refine_head)
-        raise ValueError(f"not a model stage: {stage}")
+        self.core = core
+        self.prompts = prompts
+        self.folders = folders
+        self.study = load_study(study_dir)
+        self.prepared = core.prepare(self.study)
+        self.attention = self.synthesis = self.lesions = None
+
+    def run(self, stage: str) -> dict:
+        return getattr(self, stage)()
+
+    def attend(self) -> dict:
+        from diffugts.artifacts import attention
+
+        self.attention = self.core.attend(self.prepared, self.prompts)
+        return attention.write(self.folders["attention"], self.attention, self.study.geometry)
+
+    def synthesize(self) -> dict:
+        from diffugts.artifacts import synthesis
+
+        self.synthesis = self.core.synthesize(self.prepared, self.attention)
+
+        def finish(summary: dict) -> None:
+            summary["timings_s"] = {k: round(v, 3) for k, v in summary["timings_s"].items()}
+
+        return synthesis.write(self.folders["synthesis"], self.synthesis, self.study.volume, self.study.geometry,
+                               on_staged=finish)
+
+    def refine(self) -> dict:
+        from diffugts.artifacts import lesions
+
+        clock = time.perf_counter()
+        self.lesions = self.core.refine(self.prepared, self.attention, self.synthesis)
+        summary = lesions.write(self.folders["lesions"], self.lesions, self.study.geometry)
+        return dict(summary, timings={"refine_s": round(time.perf_counter() - clock, 3)})
+
+    def report(self, upload: str | None = None) -> dict:
+        from diffugts.stages.report import make_report
+
+        f = self.folders
+        loaded = {"study": self.study, "lesions": self.lesions, "attention": self.attention,
+                  "synthesis": self.synthesis}
+        return make_report(f["study"], f["lesions"], f["report"], attention_dir=f["attention"],
+                           synthesis_dir=f["synthesis"], upload=upload, loaded=loaded)
 
 
 def model_stages(study, model: str, prompts: list[str], attention, synthesis, lesions, *,
-                 device: str | None = None, params=None, min_volume_ml: float | None = None, seed: int = 0,
-                 maps: str = "aova", show_progress: bool = False) -> dict:
+                 device: str | None = None, params: SynthesisParams | None = None,
+                 min_volume_ml: float | None = None, seed: int = DEFAULT_SEED, maps: str = MapMode.AOVA,
+                 show_progress: bool = False) -> dict:
     """Attention maps, pseudo-healthy synthesis and residual refinement of one ingested study,
     written to the three artifact folders; returns each stage's summary and the timings."""
-    from diffugts.errors import ConfigError
+    from diffugts.core import Core
 
-    if not prompts:
-        raise ConfigError("give at least one --prompt")
+    check_prompts(prompts)
     clock = time.perf_counter()
-    runner = ModelStages(model, device, params, min_volume_ml, seed, maps)
+    core = Core(model, device, method_params(params, min_volume_ml, seed, maps)).load()
+    folders = {"attention": Path(attention), "synthesis": Path(synthesis), "lesions": Path(lesions)}
+    run = StudyRun(core, Path(study), prompts, folders)
     result: dict = {"timings_s": {"load": round(time.perf_counter() - clock, 3)}}
     for stage in progress(MODEL_STAGES, desc="model stages", unit="stage", enable=show_progress):
         clock = time.perf_counter()
-        result[stage] = runner.run(stage, Path(study), prompts, Path(attention), Path(synthesis), Path(lesions))
+        result[stage] = run.run(stage)
         result["timings_s"][stage] = round(time.perf_counter() - clock, 3)
     return result
 
@@ -87,8 +123,8 @@ def invalidate(input_ref: str, folders: list[Path]) -> None:
     import os
     import shutil
 
-    from diffugts.utils import atomic
     from diffugts.errors import ConfigError
+    from diffugts.utils import atomic
 
     if not str(input_ref).startswith("s3://"):
         source = Path(input_ref).resolve()
@@ -96,7 +132,7 @@ def invalidate(input_ref: str, folders: list[Path]) -> None:
             target = folder.resolve()
             if target == source or target in source.parents or source in target.parents:
                 raise ConfigError(f"{os.fspath(folder)}: the output folder overlaps the input; "
-                                  "choose an --out outside it")
+                                  "choose an output folder outside it")
     for folder in folders:
         atomic.remove_stale_partials(folder)
         if folder.is_symlink() or folder.is_file():
@@ -107,43 +143,37 @@ def invalidate(input_ref: str, folders: list[Path]) -> None:
 
 def segment(input_ref: str, out: str | Path, prompts: list[str], *, model: str | None = None,
             device: str | None = None, rules: str = "default", resample: bool = False,
-            synthesis=None, min_volume_ml: float | None = None, report: bool = True,
-            upload: str | None = None, maps: str = "aova", show_progress: bool = True) -> dict:
-    from diffugts.stages.attend import check_maps
-    from diffugts.errors import ConfigError
-    from diffugts.stages.ingest import ingest
+            synthesis: SynthesisParams | None = None, min_volume_ml: float | None = None, report: bool = True,
+            upload: str | None = None, maps: str = MapMode.AOVA, show_progress: bool = True) -> dict:
+    from diffugts.core import Core
     from diffugts.models.defaults import default_model
+    from diffugts.stages.ingest import ingest
 
-    if not prompts:
-        raise ConfigError("give at least one --prompt")
-    check_maps(maps)  # before ingest
+    check_prompts(prompts)
+    params = method_params(synthesis, min_volume_ml, maps=maps)  # checked before ingest
     out = Path(out)
     model = model or default_model()
-    folders = {"study": out / "study", "attention": out / "attention", "synthesis": out / "synthesis",
-               "lesions": out / "lesions"}
-    invalidate(input_ref, [*folders.values(), out / "report"])
+    folders = {key: out / name for key, name in FOLDERS.items()}
+    invalidate(input_ref, list(folders.values()))
     keys = {"attend": "attention", "synthesize": "synthesis", "refine": "lesions"}
     timings: dict[str, float] = {}
     bar = progress(STAGES if report else STAGES[:-1], desc="segment", unit="stage", enable=show_progress)
     clock = time.perf_counter()
     result: dict = {"out": str(out)}
+    run = None
     for stage in bar:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(stage)
         if stage == "ingest":
             # The model first: a package that cannot do what was asked fails before any output.
-            runner = ModelStages(model, device, synthesis, min_volume_ml, maps=maps)
+            core = Core(model, device, params).load()
             ingested = ingest(input_ref, folders["study"], rules=rules, resample_grid=resample, show_progress=False)
             result["series"] = ingested.series["series_label"]
+            run = StudyRun(core, folders["study"], prompts, folders)
         elif stage in MODEL_STAGES:
-            result[keys[stage]] = runner.run(stage, folders["study"], prompts, folders["attention"],
-                                             folders["synthesis"], folders["lesions"])
+            result[keys[stage]] = run.run(stage)
         elif stage == "report":
-            from diffugts.stages.report import make_report
-
-            result["report"] = make_report(folders["study"], folders["lesions"], out / "report",
-                                           attention_dir=folders["attention"], synthesis_dir=folders["synthesis"],
-                                           upload=upload)
+            result["report"] = run.report(upload)
         now = time.perf_counter()
         timings[stage] = round(now - clock, 3)
         clock = now

@@ -13,7 +13,6 @@ and refinement read it unchanged.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,22 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffugts.utils import atomic
 from diffugts.networks.aova import AOVAHead, top_mean
-from diffugts.networks.backbones import Backbone, load_backbone
-from diffugts.networks.backbones.maisi import load_strict
+from diffugts.networks.backbones import Backbone
 from diffugts.stages.deviation import Fusion, organ_deviation
-from diffugts.utils.device import pick_device
-from diffugts.errors import ConfigError
-from diffugts.models.package import ModelPackage, open_package
-from diffugts.stages.preprocess import ModelSpace, Preprocessing, to_model
-from diffugts.artifacts.study import Study, load_study, write_image
+from diffugts.errors import ConfigError, ParameterError
+from diffugts.models.package import ModelPackage
+from diffugts.stages.preprocess import ModelSpace, Preprocessing
+from diffugts.artifacts.attention import Attention
+from diffugts.artifacts.study import Study, load_study
+from diffugts.config import (AOVA_HEAD, DEFAULT_COARSE_THRESHOLD, DEFAULT_SEED, AttentionParams, MapMode,
+                             MethodParams)
 from diffugts.networks.text import Target, TextEncoder, make_target
 
 log = logging.getLogger(__name__)
-MARKER = "attention.json"
-DEFAULT_THRESHOLD = 0.5  # used when the package does not set one
-MAPS = ("aova", "training-free")  # where the per-prompt map comes from (attention.json "maps")
 # Image-level score of a training-free map: the mean of its top 0.2 %, as the AOVA head's
 # default top_fraction (a head's own affine calibration does not exist without training).
 TRAINING_FREE_TOP_FRACTION = 0.002
@@ -53,28 +49,10 @@ class Method:
     prep: Preprocessing
     device: torch.device
 
-    @classmethod
-    def load(cls, model: str, device: str | torch.device | None = None, head: bool = True) -> "Method":
-        """``head=False``: without the AOVA head (training-free maps need none)."""
-        device = pick_device(device) if not isinstance(device, torch.device) else device
-        pkg = open_package(model)
-        backbone = load_backbone(pkg, device)
-        head = load_head(pkg, "aova", AOVAHead).to(device) if head else None
-        text = TextEncoder(text_encoder_path(pkg), device=device)
-        return cls(pkg, backbone, head, text, Preprocessing.from_dict(pkg.manifest["preprocessing"]), device)
-
     @property
     def roi_size(self) -> tuple[int, int, int] | None:
         roi = self.package.manifest.get("inference", {}).get("roi_size")
         return tuple(roi) if roi else None
-
-
-def load_head(pkg: ModelPackage, name: str, cls):
-    if not pkg.has(name):
-        raise ConfigError(f"{pkg.root}: the model has no trained {name} head (train it with `diffugts train {name}`)")
-    net = cls.from_config(pkg.network(name)["config"])
-    load_strict(net, pkg.state_dict(name), f"{pkg.root}: {name}")
-    return net.eval().requires_grad_(False)
 
 
 def text_encoder_path(pkg: ModelPackage) -> Path | None:
@@ -104,7 +82,7 @@ class CoarseMaps:
 def fusion_of(pkg: ModelPackage):
     """The package's coarse-map fusion (diffugts.stages.deviation.Fusion), or None for heads trained
     before it existed (their map is the AOVA head's own probability)."""
-    entry = pkg.network("aova").get("fusion")
+    entry = pkg.network(AOVA_HEAD).get("fusion")
     return Fusion.from_dict(entry) if entry else None
 
 
@@ -116,7 +94,7 @@ def coarse_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], s
 
     prompts, groups = prompt_tensors(method, targets)
     xt = torch.from_numpy(x)[None, None].to(method.device)
-    index = method.backbone.feature_index(method.package.network("aova")["features"])
+    index = method.backbone.feature_index(method.package.network(AOVA_HEAD)["features"])
     fusion = fusion_of(method.package)
 
     def predictor(patch: torch.Tensor) -> torch.Tensor:
@@ -176,102 +154,86 @@ def training_free_maps(method: Method, x: np.ndarray, targets: list[Target],
     return prob[0].float().cpu().numpy(), score[0].float().cpu().numpy()
 
 
-def check_maps(maps: str) -> None:
-    if maps not in MAPS:
-        raise ConfigError(f"unknown maps {maps!r} (one of: {', '.join(MAPS)})")
-
-
 def check_training_free(method: Method) -> None:
     if method.backbone.family != "diffusers2d":
         raise ConfigError(f"{method.package.root}: training-free maps need a backbone with text cross-attention "
                           f"(the diffusers2d family); this model is {method.backbone.family!r}: use --maps aova")
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
+def default_threshold(pkg: ModelPackage, maps: str = MapMode.AOVA) -> float:
+    """The coarse-mask threshold: the AOVA entry's, or for training-free maps the backbone's
+    ``attention.threshold`` (both default :data:`~diffugts.config.DEFAULT_COARSE_THRESHOLD`)."""
+    if maps == MapMode.AOVA:
+        return float(pkg.network(AOVA_HEAD).get("threshold", DEFAULT_COARSE_THRESHOLD))
+    attention = pkg.manifest["backbone"].get("attention") or {}
+    return float(attention.get("threshold", DEFAULT_COARSE_THRESHOLD))
 
 
-def attend(study_dir, model: str, prompts: list[str], out_dir, *, threshold: float | None = None,
-           device: str | None = None, seed: int = 0, method: Method | None = None, maps: str = "aova") -> dict:
-    """Write per-prompt maps and coarse masks on the study grid, and ``attention.json`` last.
-
-    ``maps``: ``"aova"`` (the package's trained head) or ``"training-free"`` (the backbone's
-    cross-attention maps; 2D diffusers packages, no head needed)."""
+def attention(method: Method, study: Study, x: np.ndarray, space: ModelSpace, prompts, params: AttentionParams) -> Attention:
+    """The attention artifact in memory: per prompt (text or :class:`Target`) its coarse map
+    and mask and, for fused maps, its organ with inclusions, on the study grid. ``x`` /
+    ``space``: the study on the model grid (diffugts.core.PreparedStudy)."""
     if not prompts:
-        raise ConfigError("give at least one --prompt")
-    check_maps(maps)
-    study = load_study(study_dir)
-    method = method or Method.load(model, device, head=maps == "aova")
-    if maps == "training-free":
+        raise ParameterError("give at least one of {prompts}", "prompts")
+    maps = params.maps
+    if maps == MapMode.TRAINING_FREE:
         check_training_free(method)  # before any work
     elif method.head is None:
-        raise ConfigError("the AOVA maps need the package's trained head (Method.load(..., head=True))")
-    if threshold is None:
-        threshold = default_threshold(method.package, maps)
-    targets = [make_target(p) for p in prompts]
+        raise ConfigError("the AOVA maps need the package's trained head")
+    threshold = default_threshold(method.package, maps) if params.threshold is None else params.threshold
+    targets = [p if isinstance(p, Target) else make_target(p) for p in prompts]
     t0 = time.perf_counter()
-    x, space = to_model(study.volume, study.geometry, study.modality, method.prep,
-                        device=method.backbone.resample_device)
+    coarse = None
     organs = None
-    if maps == "aova":
-        coarse = coarse_maps(method, x, tuple(method.prep.spacing_mm), targets, seed=seed)
+    if maps == MapMode.AOVA:
+        coarse = coarse_maps(method, x, tuple(method.prep.spacing_mm), targets, seed=params.seed)
         probs, scores = coarse.prob, coarse.score
         organs = coarse.organ if coarse.fused else None  # written only where refinement reads it
     else:
-        probs, scores = training_free_maps(method, x, targets, seed=seed)
+        probs, scores = training_free_maps(method, x, targets, seed=params.seed)
     timings = {"attention_s": round(time.perf_counter() - t0, 3)}
-    return write_attention(Path(out_dir), study, space, targets, probs, scores, threshold, method, timings, maps,
-                           organs)
-
-
-def default_threshold(pkg: ModelPackage, maps: str = "aova") -> float:
-    """The coarse-mask threshold: the AOVA entry's, or for training-free maps the backbone's
-    ``attention.threshold`` (both default :data:`DEFAULT_THRESHOLD`)."""
-    if maps == "aova":
-        return float(pkg.network("aova").get("threshold", DEFAULT_THRESHOLD))
-    attention = pkg.manifest["backbone"].get("attention") or {}
-    return float(attention.get("threshold", DEFAULT_THRESHOLD))
-
-
-def write_attention(out: Path, study: Study, space: ModelSpace, targets: list[Target], probs: np.ndarray,
-                    scores: np.ndarray, threshold: float, method: Method, timings: dict, maps: str = "aova",
-                    organs: np.ndarray | None = None) -> dict:
-    """``organs``: per target its organ with inclusions on the model grid (fused maps), written
-    beside the maps so refinement measures deviation in the same organ."""
     voxel_ml = float(np.prod(study.geometry.spacing)) / 1000.0
+    out = Attention({}, coarse=coarse)
     entries = []
-    with atomic.staging_dir(out, marker=MARKER) as stage:
-        (stage / "maps").mkdir()
-        (stage / "masks").mkdir()
-        if organs is not None:
-            (stage / "organs").mkdir()
-        for n, (target, prob, score) in enumerate(zip(targets, probs, scores)):
-            on_study = np.clip(space.to_study(prob), 0.0, 1.0).astype(np.float32)
-            mask = (on_study >= threshold).astype(np.uint8)
-            name = f"{n:02d}-{slug(target.text)}"
-            write_image(stage / "maps" / f"{name}.nii.gz", on_study, study.geometry)
-            write_image(stage / "masks" / f"{name}.nii.gz", mask, study.geometry)
-            entries.append({
-                "index": n,
-                "prompt": target.as_dict(),
-                "score": round(float(score), 4),
-                "threshold": threshold,
-                "coarse_volume_ml": round(float(mask.sum()) * voxel_ml, 3),
-                "max_probability": round(float(on_study.max()), 4),
-                "map": f"maps/{name}.nii.gz",
-                "mask": f"masks/{name}.nii.gz",
-            })
-            if organs is not None:
-                organ = (space.to_study(organs[n].astype(np.float32), nearest=True) > 0.5).astype(np.uint8)
-                write_image(stage / "organs" / f"{name}.nii.gz", organ, study.geometry)
-                entries[-1]["organ"] = f"organs/{name}.nii.gz"
-        summary = {
-            "stage": "attend",
-            "model": {"name": method.package.name, "sha256": method.package.sha256},
-            "maps": maps,
-            "device": str(method.device),
-            "targets": entries,
-            "timings": timings,
-        }
-        atomic.write_json(stage / MARKER, summary)
-    return summary
+    for n, (target, prob, score) in enumerate(zip(targets, probs, scores)):
+        on_study = np.clip(space.to_study(prob), 0.0, 1.0).astype(np.float32)
+        mask = on_study >= threshold
+        out.maps.append(on_study)
+        out.masks.append(mask)
+        out.organs.append(None if organs is None else space.to_study(organs[n].astype(np.float32), nearest=True) > 0.5)
+        entries.append({
+            "index": n,
+            "prompt": target.as_dict(),
+            "score": round(float(score), 4),
+            "threshold": threshold,
+            "coarse_volume_ml": round(float(mask.sum()) * voxel_ml, 3),
+            "max_probability": round(float(on_study.max()), 4),
+        })
+    out.summary = {
+        "stage": "attend",
+        "model": {"name": method.package.name, "sha256": method.package.sha256},
+        "maps": str(maps),
+        "device": str(method.device),
+        "targets": entries,
+        "timings": timings,
+    }
+    return out
+
+
+def attend(study_dir, model: str, prompts: list[str], out_dir, *, threshold: float | None = None,
+           device: str | None = None, seed: int = DEFAULT_SEED, maps: str = MapMode.AOVA) -> dict:
+    """The attention stage on files: per-prompt maps and coarse masks on the study grid, and
+    ``attention.json`` last (diffugts.artifacts.attention); returns the summary.
+
+    ``maps``: ``"aova"`` (the package's trained head) or ``"training-free"`` (the backbone's
+    cross-attention maps; 2D diffusers packages, no head needed)."""
+    from diffugts.artifacts import attention as artifact
+    from diffugts.core import Core
+
+    if not prompts:
+        raise ParameterError("give at least one of {prompts}", "prompts")
+    params = AttentionParams(maps=MapMode.parse(maps), threshold=threshold, seed=seed)
+    study = load_study(study_dir)
+    core = Core(model, device, MethodParams(attention=params))
+    result = core.attend(core.prepare(study), prompts)
+    return artifact.write(Path(out_dir), result, study.geometry)

@@ -4,7 +4,7 @@
 tiny ones dropped, numbered by decreasing volume); ``measure`` gives per lesion what a
 radiologist reads off: volume, RECIST-style longest axial diameter, centroid in DICOM
 patient coordinates (LPS), mean intensity and the model's confidence.
-``write_lesion_artifact`` writes the lesion artifact (``lesions.json`` last) that the
+``lesion_artifact`` makes the lesion artifact (diffugts.artifacts.lesions) that the
 refinement stage produces and the reporting stage reads.
 
 "Axial" always means the patient's axial plane (perpendicular to the patient z axis), not
@@ -15,8 +15,6 @@ axis closest to patient z, and in-plane positions are taken in patient x, y.
 from __future__ import annotations
 
 import os
-import re
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -24,11 +22,9 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist, squareform
 
-from diffugts.utils import atomic
 from diffugts.artifacts.geometry import Geometry
+from diffugts.config import DEFAULT_MIN_VOLUME_ML
 
-MARKER = "lesions.json"
-DEFAULT_MIN_VOLUME_ML = 0.1
 CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)  # how a mask is cut into lesions, everywhere
 
 
@@ -152,20 +148,19 @@ def _hull_indices(xy: np.ndarray) -> np.ndarray:
         return np.arange(len(xy))
 
 
-def write_lesion_artifact(out_dir: str | os.PathLike, study, targets: Sequence[dict],
-                          labels_per_target: Sequence[np.ndarray],
-                          probability_per_target: Sequence[np.ndarray | None] | None = None,
-                          min_volume_ml: float = DEFAULT_MIN_VOLUME_ML, model: dict | None = None,
-                          stage: str = "refine") -> dict:
-    """Write the lesion artifact for ``study`` (a :class:`diffugts.artifacts.study.Study`).
+def lesion_artifact(study, targets: Sequence[dict], labels_per_target: Sequence[np.ndarray],
+                    probability_per_target: Sequence[np.ndarray | None] | None = None,
+                    min_volume_ml: float = DEFAULT_MIN_VOLUME_ML, model: dict | None = None,
+                    stage: str = "refine"):
+    """The lesion artifact for ``study`` (a :class:`diffugts.artifacts.study.Study`) in memory
+    (:class:`diffugts.artifacts.lesions.Lesions`).
 
     ``targets[n]`` is ``{"prompt": {"text", "organ", ...}, "score": float}`` (any extra keys
     are kept); ``labels_per_target[n]`` its mask on the study grid (non-zero = lesion).
-    Lesions are split per target and numbered globally (target 0's first). Files:
-    ``masks/NN-slug.nii.gz`` (uint8, per target), ``instances.nii.gz`` (uint16 ids; where
-    targets overlap, the earlier target's id wins), ``lesions.json`` last. Returns its content.
+    Lesions are split per target and numbered globally (target 0's first); in the instance
+    map, where targets overlap, the earlier target's id wins.
     """
-    from diffugts.artifacts.study import write_image
+    from diffugts.artifacts.lesions import INSTANCES, Lesions, mask_name
 
     if len(targets) != len(labels_per_target):
         raise ValueError("one mask per target expected")
@@ -173,37 +168,39 @@ def write_lesion_artifact(out_dir: str | os.PathLike, study, targets: Sequence[d
     geometry = study.geometry
     units = "HU" if study.modality == "CT" else "a.u."  # ingestion rescales CT to HU; MR has no unit
     instances = np.zeros(geometry.shape, np.uint16)
-    entries, lesions, next_id = [], [], 1
-    with atomic.staging_dir(Path(out_dir), marker=MARKER) as stage_dir:
-        (stage_dir / "masks").mkdir()
-        for n, (target, mask, prob) in enumerate(zip(targets, labels_per_target, probs)):
-            mask = np.asarray(mask) != 0
-            name = f"masks/{n:02d}-{slug(target['prompt']['text'])}.nii.gz"
-            write_image(stage_dir / name, mask.astype(np.uint8), geometry)
-            local = split_instances(mask, geometry, min_volume_ml)
-            records = measure(local, geometry, study.volume, prob, units)
-            ids = []
-            for rec in records:
-                new_id = next_id
-                next_id += 1
-                free = (local == rec["id"]) & (instances == 0)
-                instances[free] = new_id
-                ids.append(new_id)
-                lesions.append({**rec, "id": new_id, "target": n})
-            entries.append({**target, "index": n, "mask": name, "lesion_ids": ids})
-        write_image(stage_dir / "instances.nii.gz", instances, geometry)
-        summary = {
-            "stage": stage,
-            "model": dict(model or {}),
-            "targets": entries,
-            "lesions": lesions,
-            "min_volume_ml": min_volume_ml,
-            "instances": "instances.nii.gz",
-        }
-        atomic.write_json(stage_dir / MARKER, summary)
-    return summary
+    entries, lesions, masks, next_id = [], [], [], 1
+    for n, (target, mask, prob) in enumerate(zip(targets, labels_per_target, probs)):
+        mask = np.asarray(mask) != 0
+        masks.append(mask)
+        local = split_instances(mask, geometry, min_volume_ml)
+        records = measure(local, geometry, study.volume, prob, units)
+        ids = []
+        for rec in records:
+            new_id = next_id
+            next_id += 1
+            free = (local == rec["id"]) & (instances == 0)
+            instances[free] = new_id
+            ids.append(new_id)
+            lesions.append({**rec, "id": new_id, "target": n})
+        entries.append({**target, "index": n, "mask": mask_name(n, target["prompt"]["text"]), "lesion_ids": ids})
+    summary = {
+        "stage": stage,
+        "model": dict(model or {}),
+        "targets": entries,
+        "lesions": lesions,
+        "min_volume_ml": min_volume_ml,
+        "instances": INSTANCES,
+    }
+    return Lesions(summary, instances, masks)
 
 
-def slug(text: str) -> str:
-    """File-name part for a prompt (same rule as the attention stage's)."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "prompt"
+def write_lesion_artifact(out_dir: str | os.PathLike, study, targets: Sequence[dict],
+                          labels_per_target: Sequence[np.ndarray],
+                          probability_per_target: Sequence[np.ndarray | None] | None = None,
+                          min_volume_ml: float = DEFAULT_MIN_VOLUME_ML, model: dict | None = None,
+                          stage: str = "refine") -> dict:
+    """:func:`lesion_artifact` written to ``out_dir`` (``lesions.json`` last); returns its content."""
+    from diffugts.artifacts import lesions as artifact
+
+    made = lesion_artifact(study, targets, labels_per_target, probability_per_target, min_volume_ml, model, stage)
+    return artifact.write(out_dir, made, study.geometry)

@@ -12,52 +12,23 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
 from diffugts.networks.backbones import Backbone
-from diffugts.errors import InputError
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, DEFAULT_REFINE_THRESHOLD, REFINE_HEAD
+from diffugts.networks.refine import IN_CHANNELS, LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, TARGET_CHANNELS, RefineHead
 
-# x, H, x - H, |x - H|, one feature residual per encoder level (3), the inpainted region, then the
-# target's own channels (TARGET_CHANNELS): its coarse map, its organ-relative deviation, its organ
-IN_CHANNELS = 9
-SHARED_CHANNELS = 8
-# A package's refine entry names the target channels its head was trained with; heads made
-# before the organ-relative deviation existed have only the coarse map.
-TARGET_CHANNELS = ("coarse", "deviation", "organ")
-LEGACY_TARGET_CHANNELS = ("coarse",)
 DEVIATION_SCALE = 4.0  # |z| / this: a lesion's deviation near unit scale
 RESIDUAL_GAIN = 10.0  # residuals are a few % of the [0, 1] range; bring them near unit scale
-DEFAULT_MIN_VOLUME_ML = 0.1
 # Voxels the head sees in one pass (windows x window size). Its activations take about 0.5 KB
 # per voxel in fp32 (measured on the CPU), so a study with many findings on the 256 x 256 x 128
 # model grid runs two targets per pass instead of all at once: bounded memory, same maps.
 HEAD_BATCH_VOXELS = 2 ** 24
-
-
-class RefineHead(nn.Module):
-    def __init__(self, in_channels: int = IN_CHANNELS, features=(8, 16, 32, 64, 64, 8)):
-        super().__init__()
-        from monai.networks.nets import BasicUNet
-
-        self.config = {"in_channels": in_channels, "features": list(features)}
-        # Batch norm: at inference its statistics are fixed, so a map does not depend on the
-        # crop or tile it was computed in (instance / group norm would).
-        self.net = BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=1, features=tuple(features),
-                             norm=("batch", {}), act=("leakyrelu", {"negative_slope": 0.1}))
-
-    @classmethod
-    def from_config(cls, config: dict) -> "RefineHead":
-        return cls(**config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 @torch.no_grad()
@@ -156,7 +127,7 @@ def refined_probabilities(head: RefineHead, shared, coarse: list[np.ndarray], al
 def refine_threshold(pkg) -> float:
     """The refined-probability threshold of the package's head (calibrated on held-out training
     cases by ``train refine``; 0.5 for heads made before)."""
-    return float((pkg.network("refine") or {}).get("threshold", 0.5))
+    return float((pkg.network(REFINE_HEAD) or {}).get("threshold", DEFAULT_REFINE_THRESHOLD))
 
 
 def own_channels(pkg, x: np.ndarray, space, organs: list[np.ndarray | None]):
@@ -167,7 +138,7 @@ def own_channels(pkg, x: np.ndarray, space, organs: list[np.ndarray | None]):
     the lesion verifier both read them; its coarse map does not change in between)."""
     from diffugts.stages.attend import fusion_of
 
-    channels = tuple((pkg.network("refine") or {}).get("target_channels", LEGACY_TARGET_CHANNELS))
+    channels = tuple((pkg.network(REFINE_HEAD) or {}).get("target_channels", LEGACY_TARGET_CHANNELS))
     if channels == LEGACY_TARGET_CHANNELS:
         return None
     fusion = fusion_of(pkg)
@@ -199,7 +170,7 @@ def verify_masks(pkg, masks: list[np.ndarray], probs: list[np.ndarray], coarse: 
     verifier = verifier_of(pkg)
     if verifier is None or not any(m.any() for m in masks):
         return masks
-    deviation = list(pkg.network("refine")["target_channels"]).index("deviation")
+    deviation = list(pkg.network(REFINE_HEAD)["target_channels"]).index("deviation")
     residual = np.asarray(shared[3].cpu() if isinstance(shared, torch.Tensor) else shared[3]) / RESIDUAL_GAIN
     out = []
     for n, mask in enumerate(masks):
@@ -245,66 +216,35 @@ def residual_only(x: np.ndarray, h: np.ndarray, region: np.ndarray, threshold: f
     return (np.abs(x - h) > threshold) & region
 
 
-def read_mask_image(path: Path, shape) -> np.ndarray:
-    if not path.is_file():
-        raise InputError(path, "missing file")
-    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-    if tuple(arr.shape) != tuple(shape):
-        raise InputError(path, f"shape {arr.shape} does not match the study {tuple(shape)}")
-    return arr
+def refinement(core, study, attention, synthesis):
+    """The lesion artifact in memory (diffugts.artifacts.lesions.Lesions): refined masks and
+    lesion instances for every prompt of ``attention``. ``core``: a
+    :class:`diffugts.core.Core`; ``study``: its :class:`~diffugts.core.PreparedStudy`; the
+    backbone and head are used only where some target has a region to refine."""
+    from diffugts.stages.lesions import lesion_artifact
+    from diffugts.stages.preprocess import intensity_range
 
-
-def timer():
-    start = time.perf_counter()
-    return lambda: round(time.perf_counter() - start, 3)
-
-
-def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
-           device: str | None = None, backbone: Backbone | None = None, head: RefineHead | None = None) -> dict:
-    """Refined masks and lesion instances for every prompt of the attention artifact."""
-    from diffugts.stages.attend import load_head
-    from diffugts.networks.backbones import load_backbone
-    from diffugts.utils.device import pick_device
-    from diffugts.stages.lesions import write_lesion_artifact
-    from diffugts.models.package import open_package
-    from diffugts.stages.preprocess import Preprocessing, intensity_range, to_model
-    from diffugts.artifacts.study import load_study
-
-    elapsed = timer()
-    study = load_study(study_dir)
-    attention_dir, synthesis_dir = Path(attention_dir), Path(synthesis_dir)
-    att = _read_json(attention_dir / "attention.json", "an attention artifact (run `diffugts attend`)")
-    syn = _read_json(synthesis_dir / "synthesis.json", "a synthesis artifact (run `diffugts synthesize`)")
-    pkg = open_package(model)
-    prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
-
-    files = syn.get("files", {})
-    pseudo = read_mask_image(synthesis_dir / files.get("pseudo_healthy", "pseudo_healthy.nii.gz"),
-                             study.geometry.shape).astype(np.float32)
-    inpainted = read_mask_image(synthesis_dir / files.get("inpaint_mask", "inpaint_mask.nii.gz"),
-                                study.geometry.shape) > 0
-    body = body_mask(study.volume, study.modality)
-    dilation_mm = float((syn.get("parameters") or {}).get("dilation_mm", 8.0))
+    s = study.study
+    inpainted = synthesis.inpainted
+    dilation_mm = synthesis.params.dilation_mm
     coarse, allowed, organs = [], [], []
-    for entry in att["targets"]:
-        coarse.append(read_mask_image(attention_dir / entry["map"], study.geometry.shape).astype(np.float32))
-        organs.append(read_mask_image(attention_dir / entry["organ"], study.geometry.shape) > 0
-                      if entry.get("organ") else None)
-        own = target_region(coarse[-1] >= float(entry.get("threshold", 0.5)), study.geometry, dilation_mm)
-        allowed.append(own & inpainted & body)
+    for n in range(len(attention.targets)):
+        coarse.append(attention.maps[n])
+        organs.append(attention.organs[n])
+        own = target_region(coarse[-1] >= attention.threshold(n), s.geometry, dilation_mm)
+        allowed.append(own & inpainted & study.body)
     # A target's lesions must lie in its allowed region, so a target without one needs no
     # head pass (its mask is empty whatever the head says), and a study where no target has
     # one (most of a cohort) needs no features either.
-    probs = [np.zeros(study.geometry.shape, np.float32) for _ in allowed]
+    probs = [np.zeros(s.geometry.shape, np.float32) for _ in allowed]
+    pkg = core.package
     if any(a.any() for a in allowed):
-        dev = pick_device(device) if backbone is None else next(backbone.parameters()).device
-        backbone = backbone or load_backbone(pkg, dev)
-        head = (head or load_head(pkg, "refine", RefineHead)).to(dev)
-        x, space = to_model(study.volume, study.geometry, study.modality, prep, device=backbone.resample_device)
+        backbone, head = core.backbone, core.refine_head
+        x, space = study.model_grid
         # H is normalised with the input's own range so x - H is a pure residual.
-        lo, hi = intensity_range(study.volume, study.modality, prep)
-        h = space.to_model(((pseudo - lo) / (hi - lo)).astype(np.float32))
-        if study.modality == "CT":
+        lo, hi = intensity_range(s.volume, s.modality, core.prep)
+        h = space.to_model(((synthesis.pseudo_healthy - lo) / (hi - lo)).astype(np.float32))
+        if s.modality == "CT":
             h = np.clip(h, 0.0, 1.0)
         region_model = space.to_model(inpainted.astype(np.float32), nearest=True) > 0.5
         shared = shared_inputs(backbone, x, h, region_model, as_tensor=True)
@@ -315,19 +255,33 @@ def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *, min_
     masks = [(p >= cut) & a for p, a in zip(probs, allowed)]
     if any(a.any() for a in allowed):
         masks = verify_masks(pkg, masks, probs, coarse, organs, shared, own_inputs, space)
-    targets = [{"prompt": e["prompt"], "score": e["score"]} for e in att["targets"]]
-    summary = write_lesion_artifact(out_dir, study, targets, masks, probs, min_volume_ml=min_volume_ml,
-                                    model={"name": pkg.name, "sha256": pkg.sha256})
-    summary["timings"] = {"refine_s": elapsed()}
-    return summary
+    targets = [{"prompt": e["prompt"], "score": e["score"]} for e in attention.targets]
+    return lesion_artifact(s, targets, masks, probs, min_volume_ml=core.params.refine.min_volume_ml,
+                           model={"name": pkg.name, "sha256": pkg.sha256})
 
 
-def _read_json(path: Path, what: str) -> dict:
-    import json
+def timer():
+    start = time.perf_counter()
+    return lambda: round(time.perf_counter() - start, 3)
 
-    if not path.is_file():
-        raise InputError(path.parent, f"not {what}")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(path, f"unreadable ({err})") from None
+
+def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *,
+           min_volume_ml: float = DEFAULT_MIN_VOLUME_ML, device: str | None = None, backbone: Backbone | None = None,
+           head: RefineHead | None = None) -> dict:
+    """The refinement stage on files: the lesion artifact (``lesions.json`` last) for every
+    prompt of the attention artifact; returns its summary and the stage's time."""
+    from diffugts.artifacts import attention as attention_artifact
+    from diffugts.artifacts import lesions as artifact
+    from diffugts.artifacts import synthesis as synthesis_artifact
+    from diffugts.artifacts.study import load_study
+    from diffugts.config import MethodParams, RefineParams
+    from diffugts.core import Core
+
+    elapsed = timer()
+    study = load_study(study_dir)
+    attention = attention_artifact.read(attention_dir, study.geometry, masks=False)
+    synthesis = synthesis_artifact.read(synthesis_dir, study.geometry)
+    core = Core(model, device, MethodParams(refine=RefineParams(min_volume_ml)), backbone=backbone, refine_head=head)
+    lesions = core.refine(core.prepare(study), attention, synthesis)
+    summary = artifact.write(out_dir, lesions, study.geometry)
+    return dict(summary, timings={"refine_s": elapsed()})

@@ -23,7 +23,8 @@ from diffugts.stages.deviation import Fusion, FusedMaps
 from diffugts.artifacts.geometry import Geometry
 from diffugts.stages.preprocess import Preprocessing, normalise
 from diffugts.utils.progress import progress
-from diffugts.stages.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS as SHARED, RefineHead, shared_inputs, target_inputs
+from diffugts.stages.refine import shared_inputs, target_inputs
+from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS as SHARED, RefineHead
 from diffugts.stages.synthesize import Params, make_region, pseudo_healthy
 from diffugts.networks.text import TextEncoder, make_target
 from diffugts.train.aova import case_features, organ_family

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from diffugts.networks.backbones import build_backbone, load_backbone
+from diffugts.config import AOVA_HEAD, REFINE_HEAD
 from diffugts.errors import ConfigError
 from diffugts.models.configs import get_config
 from diffugts.models.create import base_manifest
@@ -126,7 +127,7 @@ def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, c
         fusion_info = {"fusion_cases": len(fit_on), "fusion_voxels": int(len(samples[1])),
                        "fusion_recall": fusion_recall}
     losses = [h["loss"] for h in result.history]
-    return add_networks(pkg, {"aova": (entry, result.head.state_dict())}, out=out, provenance={
+    return add_networks(pkg, {AOVA_HEAD: (entry, result.head.state_dict())}, out=out, provenance={
         "aova_training": {"command": command_line(), "seed": seed, "cases": cases, "case_seed": R.AOVA_SEED + seed,
                           "synthetic_cases": synthetic_cases, "randomised_cases": randomised_cases,
                           "mr_healthy_cases": mr_healthy_cases,
@@ -147,15 +148,16 @@ class _ExampleMaker:
 
     def __init__(self, pkg: ModelPackage, seed: int, synthesis_steps: int, phantom_shape=None,
                  device: str | None = None):
-        from diffugts.stages.attend import default_threshold, fusion_of, load_head
+        from diffugts.networks.loading import load_head
+        from diffugts.stages.attend import default_threshold, fusion_of
         from diffugts.networks.aova import AOVAHead
-        from diffugts.stages.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
+        from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
         from diffugts.stages.synthesize import Params
 
         self.prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
         self.backbone = load_backbone(pkg, device or "cpu")
-        self.aova = load_head(pkg, "aova", AOVAHead)
-        self.features = pkg.network("aova")["features"]
+        self.aova = load_head(pkg, AOVA_HEAD, AOVAHead)
+        self.features = pkg.network(AOVA_HEAD)["features"]
         self.fusion = fusion_of(pkg)
         self.threshold = default_threshold(pkg)
         self.channels = TARGET_CHANNELS if self.fusion else LEGACY_TARGET_CHANNELS
@@ -209,7 +211,7 @@ def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0,
     cut = calibrate_threshold(probs, held_out) if (healthy_cases or source) and held_out else 0.5
     val = evaluate_refine(head, held_out, cut, probs)
     entry = {"config": head.config, "threshold": cut, "target_channels": list(make.channels)}
-    return add_networks(pkg, {"refine": (entry, head.state_dict())}, out=out,
+    return add_networks(pkg, {REFINE_HEAD: (entry, head.state_dict())}, out=out,
                         provenance={"refine_training": {
                             "command": command_line(), "seed": seed, "cases": cases, "healthy_cases": healthy_cases,
                             "examples": len(examples), "false_candidate_examples": sum(not e.truth.any() for e in examples),
@@ -227,18 +229,19 @@ def train_lesion_verifier(model: str | Path, out: Path | None = None, seed: int 
     """The lesion verifier of a package with a fused coarse map and a refinement head, fitted
     on ``cases`` seen-type and ``healthy_cases`` lesion-free phantoms the head never saw
     (diffugts.train.verify); stored as ``networks.refine.verifier``."""
-    from diffugts.stages.attend import load_head
+    from diffugts.networks.loading import load_head
     from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
-    from diffugts.stages.refine import RefineHead, refine_threshold
+    from diffugts.stages.refine import refine_threshold
+    from diffugts.networks.refine import RefineHead
     from diffugts.train.refine import held_out_probabilities
     from diffugts.train.verify import component_samples, fit_verifier
 
     pkg = open_package(model)
-    if "deviation" not in (pkg.network("refine") or {}).get("target_channels", []):
+    if "deviation" not in (pkg.network(REFINE_HEAD) or {}).get("target_channels", []):
         raise ConfigError(f"{pkg.root}: the lesion verifier needs a refinement head that takes the organ-relative "
                           "deviation (train the AOVA head with a fusion, then `diffugts train refine`)")
     make = _ExampleMaker(pkg, seed, synthesis_steps, phantom_shape)
-    head, cut = load_head(pkg, "refine", RefineHead), refine_threshold(pkg)
+    head, cut = load_head(pkg, REFINE_HEAD, RefineHead), refine_threshold(pkg)
     plan = [(R.VERIFY_INDEX + i, False) for i in range(cases)] + [(R.VERIFY_HEALTHY_INDEX + i, True)
                                                                   for i in range(healthy_cases)]
     examples = [ex for i, healthy in progress(plan, desc="synthesis for verification", unit="case",
@@ -247,7 +250,7 @@ def train_lesion_verifier(model: str | Path, out: Path | None = None, seed: int 
     voxel_ml = float(np.prod(make.prep.spacing_mm)) / 1000
     samples = component_samples(examples, probs, cut, voxel_ml, DEFAULT_MIN_VOLUME_ML)
     lesion = sum(s["lesion"] for s in samples)
-    entry = {k: v for k, v in pkg.network("refine").items() if k != "verifier"}
+    entry = {k: v for k, v in pkg.network(REFINE_HEAD).items() if k != "verifier"}
     if 0 < lesion < len(samples):
         verifier, report = fit_verifier(samples, sum(int(e.truth.sum()) for e in examples))
         entry["verifier"] = verifier.as_dict()
@@ -256,7 +259,7 @@ def train_lesion_verifier(model: str | Path, out: Path | None = None, seed: int 
                   "not_fitted": "the refined masks of the fitting cases hold no true and false lesions to tell apart"}
         log.warning("%s: lesion verifier not fitted (%d components, %d of them lesions)", pkg.root, len(samples),
                     lesion)
-    return add_networks(pkg, {"refine": (entry, pkg.state_dict("refine"))}, out=out, provenance={"verifier_training": {
+    return add_networks(pkg, {REFINE_HEAD: (entry, pkg.state_dict(REFINE_HEAD))}, out=out, provenance={"verifier_training": {
         "command": command_line(), "seed": seed, "cases": cases, "healthy_cases": healthy_cases,
         "case_seed": make.case_seed, "indices": [R.VERIFY_INDEX, R.VERIFY_HEALTHY_INDEX], **report}})
 

@@ -98,7 +98,7 @@ class Diffusers2DBackbone(Backbone):
 
     # --- loading ----------------------------------------------------------------------------
     def load_weights(self, vae_state: dict, unet_state: dict, where: str = "model") -> None:
-        from diffugts.networks.backbones.maisi import load_strict
+        from diffugts.networks.loading import load_strict
 
         load_strict(self.vae, vae_state, f"{where}: vae")
         load_strict(self.unet, unet_state, f"{where}: unet")

@@ -28,6 +28,7 @@ from torch import nn
 
 from diffugts.networks.backbones.base import Backbone, FeatureSpec, Sampler, ScheduleSampler, grid_size
 from diffugts.networks.backbones.cuda_graphs import GraphedCall
+from diffugts.networks.loading import load_strict
 from diffugts.errors import ConfigError
 
 # Denoiser features are read at this fraction of the noise schedule: enough noise to put
@@ -241,23 +242,3 @@ class MaisiBackbone(Backbone):
         if self.device.type == "cuda" and self.optimized:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
-
-
-def load_strict(net: nn.Module, state: dict, where: str) -> None:
-    """``load_state_dict(strict=True)`` with a one-line error that names the first bad keys."""
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise ConfigError(f"{where}: weights do not match the network configuration: {'; '.join(parts)}")
-    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
-    if bad:
-        k = bad[0]
-        raise ConfigError(f"{where}: weights do not match the network configuration: {len(bad)} tensors "
-                          f"of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})")
-    net.load_state_dict(state, strict=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from diffugts import __version__
+from diffugts.artifacts import study as artifact
 from diffugts.utils import atomic
 from diffugts.errors import InputError, OutputError
 from diffugts.stages.ingest.headers import Frame, Rejection, check_image, frames_of, read_header
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 SCHEMA = "diffugts/study-v1"
 KIND_WORDS = {"not_dicom": "not DICOM", "truncated": "truncated", "unsupported": "unsupported SOP class",
               "invalid": "invalid", "index_file": "DICOMDIR"}
-STUDY_MARKER = "series.json"
 # What a deflated data set may inflate to beyond its float32 volume budget (its header).
 HEADER_SLACK_BYTES = 64 * 2**20
 
@@ -148,11 +148,11 @@ def _log_skipped(rejections: list[dict], out_dir: Path, shown: int = 5) -> None:
     for r in files[:shown]:
         log.warning("skipped %s: %s", r["file"], r["reason"])
     if len(files) > shown:
-        log.warning("skipped %d more files (see %s)", len(files) - shown, out_dir / "rejections.json")
+        log.warning("skipped %d more files (see %s)", len(files) - shown, out_dir / artifact.REJECTIONS)
     for r in series[:shown]:
         log.info("passed over %s: %s", r["series"], r["reason"])
     if len(series) > shown:
-        log.info("passed over %d more series (see %s)", len(series) - shown, out_dir / "rejections.json")
+        log.info("passed over %d more series (see %s)", len(series) - shown, out_dir / artifact.REJECTIONS)
 
 
 def _voxels(stack: Stack) -> int:
@@ -288,7 +288,7 @@ def _describe(input_ref, stack: Stack, rules: Rules, decisions: dict, rejections
         "orientation": stack.orientation if stack.geometry_known else "Unknown",
         "geometry_known": stack.geometry_known,
         "volume": {
-            "file": "volume.nii",
+            "file": artifact.VOLUME,
             "dtype": "float32",
             "units": "HU" if modality == "CT" else "stored value x rescale",
             **stack.geometry.as_dict(),
@@ -310,9 +310,9 @@ def _int_or_none(v):
 def _write_failure(out_dir: Path, rejections: list[dict]) -> None:
     """Leave only rejections.json: nothing that looks like a (stale) study artifact."""
     with contextlib.suppress(FileNotFoundError):
-        (out_dir / STUDY_MARKER).unlink()
-    for name in ("volume.nii",):
+        (out_dir / artifact.MARKER).unlink()
+    for name in (artifact.VOLUME,):
         with contextlib.suppress(FileNotFoundError):
             (out_dir / name).unlink()
     shutil.rmtree(out_dir / "headers", ignore_errors=True)
-    atomic.write_json(out_dir / "rejections.json", {"rejections": rejections})
+    atomic.write_json(out_dir / artifact.REJECTIONS, {"rejections": rejections})

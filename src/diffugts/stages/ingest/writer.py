@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import SimpleITK as sitk
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, UID
 
+from diffugts.artifacts import study as artifact
 from diffugts.utils import atomic
 from diffugts.stages.ingest.headers import Frame
 from diffugts.stages.ingest.stacks import Stack
@@ -26,22 +27,22 @@ NIFTI_HEADER_BYTES = 352  # NIfTI-1 header + extension flag, before the voxels
 
 def write_study(out_dir: Path, loaded: "LoadedSeries") -> None:
     stack = loaded.stack
-    with atomic.staging_dir(out_dir, marker="series.json") as stage:
+    with atomic.staging_dir(out_dir, marker=artifact.MARKER) as stage:
         image = sitk.GetImageFromArray(loaded.volume, isVector=False)
         stack.geometry.to_sitk(image)
         # Uncompressed .nii: gzip would cost more than the whole DICOM read on large CTs.
-        atomic.reserve(stage / "volume.nii", NIFTI_HEADER_BYTES + loaded.volume.nbytes)
+        atomic.reserve(stage / artifact.VOLUME, NIFTI_HEADER_BYTES + loaded.volume.nbytes)
         try:
-            sitk.WriteImage(image, str(stage / "volume.nii"), useCompression=False)
+            sitk.WriteImage(image, str(stage / artifact.VOLUME), useCompression=False)
         except RuntimeError as err:
-            raise OSError(errno.EIO, f"SimpleITK could not write volume.nii ({' '.join(str(err).split())[-160:]})",
-                          str(out_dir / "volume.nii")) from None
+            raise OSError(errno.EIO, f"SimpleITK could not write {artifact.VOLUME} ({' '.join(str(err).split())[-160:]})",
+                          str(out_dir / artifact.VOLUME)) from None
         (stage / "headers").mkdir()
         for n, data in enumerate(loaded.headers):
             (stage / header_name(n)).write_bytes(data)
         loaded.series["instances"] = instance_list(stack)
-        atomic.write_json(stage / "rejections.json", {"rejections": loaded.rejections})
-        atomic.write_json(stage / "series.json", loaded.series)
+        atomic.write_json(stage / artifact.REJECTIONS, {"rejections": loaded.rejections})
+        atomic.write_json(stage / artifact.MARKER, loaded.series)
 
 
 def header_name(n: int) -> str:

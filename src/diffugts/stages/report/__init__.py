@@ -1,7 +1,7 @@
 """Stage 5, reporting: DICOM SEG + SR, an optional pseudo-healthy DICOM series, the human
 report (Markdown / HTML with pictures), KFP metrics, upload and Prometheus metrics.
 
-Modules: ``inputs`` (reading the artifacts), ``codes`` (SNOMED / DCM / UCUM), ``seg``,
+Modules: ``codes`` (SNOMED / DCM / UCUM), ``seg``,
 ``sr``, ``derived`` (pseudo-healthy series), ``pictures`` + ``human`` (the human report),
 ``upload``, ``cohort``. See docs/reporting.md.
 
@@ -23,12 +23,15 @@ from pathlib import Path
 
 from diffugts import __version__
 from diffugts.utils import atomic, prometheus as metrics
-from diffugts.stages.lesions import MARKER as LESIONS_MARKER
+from diffugts.artifacts import attention as attention_artifact
+from diffugts.artifacts import lesions as lesions_artifact
+from diffugts.artifacts import report as artifact
+from diffugts.artifacts import synthesis as synthesis_artifact
 from diffugts.artifacts.study import load_study
 
 log = logging.getLogger(__name__)
 
-MARKER = "report.json"
+MARKER = artifact.MARKER
 STAGE = "report"
 
 
@@ -38,19 +41,21 @@ def study_key(study_uid: str) -> str:
 
 
 def make_report(study_dir, lesions_dir, out_dir, *, attention_dir=None, synthesis_dir=None,
-                upload: str | None = None, pushgateway: str | None = None, max_lesion_pictures: int = 12) -> dict:
+                upload: str | None = None, pushgateway: str | None = None, max_lesion_pictures: int = 12,
+                loaded: dict | None = None) -> dict:
     """Write the report folder ``out_dir``; ``upload``: None (no upload), "" (the default
     results bucket) or an ``s3://`` base. Metrics go to ``pushgateway`` (or the environment's
     gateway). A failure is recorded as a rejection there and as ``failed.json`` in
     ``out_dir`` (a stale ``report.json`` is removed, so the study does not look done), then
-    re-raised."""
+    re-raised. ``loaded``: artifacts of those folders already in memory (``study``,
+    ``lesions``, ``attention``, ``synthesis``: diffugts.artifacts objects), not read again."""
     from diffugts.stages.report.cohort import FAILED_MARKER, write_failure
 
     out = Path(out_dir)
     try:
         with metrics.timed_stage(STAGE, gateway=pushgateway) as run:
             summary = _make(Path(study_dir), Path(lesions_dir), out, attention_dir, synthesis_dir,
-                            upload, max_lesion_pictures, run)
+                            upload, max_lesion_pictures, run, loaded or {})
             run["lesions"] = len(summary["lesions"])
     except Exception as exc:
         (out / MARKER).unlink(missing_ok=True)
@@ -61,20 +66,24 @@ def make_report(study_dir, lesions_dir, out_dir, *, attention_dir=None, synthesi
 
 
 def _make(study_dir: Path, lesions_dir: Path, out: Path, attention_dir, synthesis_dir, upload, max_pictures,
-          run: dict) -> dict:
-    from diffugts.stages.report import derived, human, inputs
+          run: dict, loaded: dict) -> dict:
+    from diffugts.stages.report import derived, human
     from diffugts.stages.report import seg as seg_mod
     from diffugts.stages.report import sr as sr_mod
 
     t0 = time.perf_counter()
-    study = load_study(study_dir)
-    lesions = inputs.load_lesions(lesions_dir, study)
-    attention = inputs.load_attention(attention_dir, study) if attention_dir else None
-    synthesis = inputs.load_synthesis(synthesis_dir, study) if synthesis_dir else None
+    study = loaded.get("study") or load_study(study_dir)
+    lesions = loaded.get("lesions") or lesions_artifact.read(lesions_dir, study.geometry)
+    attention = loaded.get("attention") if attention_dir else None
+    if attention_dir and attention is None:
+        attention = attention_artifact.read(attention_dir, study.geometry, masks=False, organs=False)
+    synthesis = loaded.get("synthesis") if synthesis_dir else None
+    if synthesis_dir and synthesis is None:
+        synthesis = synthesis_artifact.read(synthesis_dir, study.geometry, inpainted=False)
     model = dict(lesions.summary.get("model") or (attention.summary.get("model") if attention else None) or {})
     run["model"] = {"name": _label_safe(model.get("name")), "sha256": _label_safe(model.get("sha256"))}
     s = study.series
-    lesions_sha = hashlib.sha256((lesions_dir / LESIONS_MARKER).read_bytes()).hexdigest()
+    lesions_sha = hashlib.sha256((lesions_dir / lesions_artifact.MARKER).read_bytes()).hexdigest()
     entropy = [s["series_instance_uid"], lesions_sha, __version__]
     ctx = context(study, lesions, attention, model)
     masks = lesions.lesion_masks(study.geometry)

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from diffugts import __version__
+from diffugts.artifacts import report as report_artifact
 from diffugts.utils import atomic
 from diffugts.errors import DiffugtsError
 from diffugts.utils.prometheus import reason_for
 
-FAILED_MARKER = "failed.json"
+FAILED_MARKER = report_artifact.FAILED_MARKER
 STUDY_COLUMNS = ["study_key", "status", "reason_code", "reason", "modality", "prompts", "lesions",
                  "total_volume_ml", "largest_lesion_ml", "longest_diameter_mm", "max_anomaly_score", "source"]
 LESION_COLUMNS = ["study_key", "lesion", "prompt", "organ", "volume_ml", "longest_axial_diameter_mm",
@@ -59,7 +60,7 @@ def collect(sources: list[str]) -> list[tuple[str, dict]]:
             found += _collect_s3(str(src))
             continue
         root = Path(src)
-        for marker in ("report.json", FAILED_MARKER):
+        for marker in (report_artifact.MARKER, FAILED_MARKER):
             if (root / marker).is_file():
                 found.append((str(root), _load(root / marker)))
                 break

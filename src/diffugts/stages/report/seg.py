@@ -135,7 +135,7 @@ def build_seg(study: Study, sources: list[pydicom.Dataset], masks: dict[int, np.
 def _pixel_array(masks: list, shape) -> tuple[np.ndarray, int]:
     """Label map (k, j, i) when lesions do not overlap, else stacked (k, j, i, n); only the
     slices holding lesions (frames outside are empty and omitted anyway). ``masks``:
-    :class:`~diffugts.stages.report.inputs.LesionMask` in segment order."""
+    :class:`~diffugts.artifacts.lesions.LesionMask` in segment order."""
     k0 = min(m.box[0].start for m in masks)
     k1 = max(m.box[0].stop for m in masks)
     labels = np.zeros((k1 - k0, *shape[1:]), np.uint16)

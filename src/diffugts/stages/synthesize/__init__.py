@@ -18,54 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from diffugts.utils import atomic
-from diffugts.utils.device import pick_device
-from diffugts.errors import ConfigError
+from diffugts.config import SynthesisParams as Params
+from diffugts.errors import ParameterError
 from diffugts.stages.preprocess import intensity_range
 from diffugts.stages.synthesize.fidelity import GroundTruth, fidelity, load_phantom_truth, mask_truth
 from diffugts.stages.synthesize.inpaint import Tiles, inpaint, renoise
 from diffugts.stages.synthesize.masks import (MaskSource, Region, bbox, latent_box, latent_footprint, make_region,
-                                      mask_from_attention, read_mask, spacing_kji)
+                                             spacing_kji)
 
-__all__ = ["MARKER", "GroundTruth", "Params", "Region", "Tiles", "fidelity", "inpaint", "load_phantom_truth",
-           "make_region", "mask_from_attention", "mask_truth", "pseudo_healthy", "read_mask", "renoise",
-           "synthesize"]
+__all__ = ["GroundTruth", "Params", "Region", "Tiles", "fidelity", "inpaint", "load_phantom_truth", "make_region",
+           "mask_truth", "pseudo_healthy", "renoise", "synthesis", "synthesize"]
 
 log = logging.getLogger(__name__)
-MARKER = "synthesis.json"
 BEYOND_BAND = 0.1  # share of the CT window next to its edges where a synthetic value counts as saturated
 NOTHING = "empty mask: nothing to inpaint, the output equals the input"
-
-
-@dataclass(frozen=True)
-class Params:
-    """The method's knobs (all recorded in synthesis.json; docs/synthesis.md says why these defaults)."""
-
-    dilation_mm: float = 8.0  # grow the coarse mask so the lesion's border is regenerated too
-    strength: float = 0.8  # noise level to start from, fraction of the schedule (1 = pure noise)
-    steps: int = 10  # denoising steps from strength * T to 0 (20 gave the same fidelity: docs/synthesis.md)
-    jumps: int = 0  # RePaint resampling: re-noise one step back and redo, this many times per step
-    seed: int = 0  # the noise draw (CPU generator: same draw on every device)
-    context_mm: float = 48.0  # tissue around the mask the denoiser sees
-    feather_mm: float = 4.0  # width of the paste-back ramp inside the dilated mask's border
-    tile: int | tuple[int, int, int] | None = None  # model voxels per tile side; None: the package's
-    tile_overlap: float = 0.5  # fraction of a tile shared with its neighbour (0.25 leaves seams)
-    harmonise: bool = True  # shift H by the median x - H of the regenerated ring around the mask
-
-    def validate(self) -> None:
-        checks = [
-            (self.dilation_mm >= 0, "dilation_mm must be >= 0"),
-            (0 < self.strength <= 1, "strength must be in (0, 1]"),
-            (self.steps >= 1, "steps must be >= 1"),
-            (self.jumps >= 0, "jumps must be >= 0"),
-            (self.context_mm >= 0, "context_mm must be >= 0"),
-            (self.feather_mm >= 0, "feather_mm must be >= 0"),
-            (0 <= self.tile_overlap < 1, "tile_overlap must be in [0, 1)"),
-            (self.tile is None or min(np.atleast_1d(self.tile)) > 0, "tile must be positive"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"synthesis: {message}")
 
 
 def synthesize(study_dir, model: str, out_dir, *, mask=None, attention=None, target: int | None = None,
@@ -78,47 +44,82 @@ def synthesize(study_dir, model: str, out_dir, *, mask=None, attention=None, tar
     ``ground_truth`` (a :class:`GroundTruth`, or a phantom case folder / case.json) adds the
     fidelity figures. ``backbone`` skips loading the package's networks (tests, benchmarks).
     """
-    from diffugts.models import open_package
-    from diffugts.stages.preprocess import Preprocessing
+    from diffugts.artifacts import attention as attention_artifact
+    from diffugts.artifacts import synthesis as artifact
+    from diffugts.artifacts.files import read_binary
     from diffugts.artifacts.study import load_study
+    from diffugts.config import MethodParams
+    from diffugts.core import Core
 
     params.validate()
     if (mask is None) == (attention is None):
-        raise ConfigError("give exactly one of --mask and --attention")
+        raise ParameterError("give exactly one of {mask} and {attention}", "mask", "attention")
     clock = time.perf_counter()
     study = load_study(study_dir)
     if mask is not None:
-        coarse, source = read_mask(mask, study.geometry), MaskSource("file", str(mask), [])
+        coarse, source = read_binary(mask, study.geometry, "mask"), MaskSource("file", str(mask), [])
     else:
-        coarse, source = mask_from_attention(attention, study.geometry, target)
-    pkg = open_package(model, verify=bool(coarse.any()))  # nothing to inpaint: no weights are read
-    prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
+        found = attention_artifact.read(attention, study.geometry, maps=False, organs=False)
+        if target is not None and not 0 <= target < len(found.targets):
+            raise ParameterError(f"{{target}} {target}: the attention artifact has targets 0..{len(found.targets) - 1}",
+                                 "target")
+        coarse, used = found.union(target)
+        source = MaskSource("attention", str(attention), used)
+    # Nothing to inpaint: no weights are read, so none are verified either.
+    core = Core(model, device, MethodParams(synthesis=params), verify=bool(coarse.any()), backbone=backbone)
     if ground_truth is not None and not isinstance(ground_truth, GroundTruth):
         ground_truth = load_phantom_truth(ground_truth, study.geometry, study.volume)
-    region = make_region(coarse, spacing_kji(study.geometry), params.dilation_mm, params.feather_mm)
+    result = core.synthesize(core.prepare(study), coarse, source=source, ground_truth=ground_truth,
+                             show_progress=show_progress)
+    result.summary["timings_s"]["load"] += time.perf_counter() - clock
+
+    def finish(summary: dict) -> None:
+        timings = summary["timings_s"]
+        timings["write"] = time.perf_counter() - write_clock
+        summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+
+    write_clock = time.perf_counter()
+    return artifact.write(Path(out_dir), result, study.volume, study.geometry, on_staged=finish)
+
+
+def synthesis(core, study, region, *, source: MaskSource | None = None, ground_truth: GroundTruth | None = None,
+              show_progress: bool = False):
+    """The synthesis artifact in memory (diffugts.artifacts.synthesis.Synthesis): ``core`` a
+    :class:`diffugts.core.Core` (its backbone is loaded only if there is something to
+    inpaint), ``study`` a :class:`diffugts.core.PreparedStudy`, ``region`` an attention
+    artifact (the union of its coarse masks) or a bool mask on the study grid."""
+    from diffugts.artifacts import synthesis as artifact
+
+    clock = time.perf_counter()
+    params = core.params.synthesis
+    if isinstance(region, np.ndarray):
+        coarse = region.astype(bool, copy=False)
+        source = source or MaskSource("array", "", [])
+    else:
+        coarse, used = region.union()
+        source = source or MaskSource("attention", str(region.root or ""), used)
+    s = study.study
+    made = make_region(coarse, spacing_kji(s.geometry), params.dilation_mm, params.feather_mm)
     timings = {"load": time.perf_counter() - clock}
     if coarse.any():
-        import torch
-
-        from diffugts.networks.backbones import load_backbone
-
-        clock = time.perf_counter()
-        device = pick_device(device) if backbone is None else next(backbone.parameters()).device
-        backbone = backbone or load_backbone(pkg, device)
-        timings["model"] = time.perf_counter() - clock
-        tile = params.tile or (pkg.manifest.get("inference") or {}).get("roi_size")
-        pseudo, inpainting = pseudo_healthy(study.volume, study.geometry, study.modality, region, backbone, prep,
-                                            params, tile=tile, show_progress=show_progress, timings=timings)
-        used = str(device)
+        backbone = core.backbone
+        tile = params.tile or (core.package.manifest.get("inference") or {}).get("roi_size")
+        pseudo, inpainting = pseudo_healthy(s.volume, s.geometry, s.modality, made, backbone, core.prep, params,
+                                            tile=tile, show_progress=show_progress, timings=timings,
+                                            prepared=study.model_grid)
+        used_device = str(core.device)
     else:
-        pseudo, used, inpainting = study.volume.astype(np.float32, copy=True), None, None
-    return _write(Path(out_dir), study, region, pseudo, pkg, params, source, used, inpainting, timings,
-                  ground_truth)
+        pseudo, used_device, inpainting = s.volume.astype(np.float32, copy=True), None, None
+    summary = _summary(s, made, core.package, params, source, used_device, inpainting, ground_truth, pseudo)
+    summary["timings_s"] = timings
+    return artifact.Synthesis(summary, pseudo, made.dilated)
 
 
 def pseudo_healthy(volume: np.ndarray, geometry, modality: str, region: Region, backbone, prep, params: Params,
-                   tile=None, show_progress: bool = False, timings: dict | None = None) -> tuple[np.ndarray, dict]:
-    """The pseudo-healthy volume on the volume's own grid, and what was done (in memory)."""
+                   tile=None, show_progress: bool = False, timings: dict | None = None,
+                   prepared=None) -> tuple[np.ndarray, dict]:
+    """The pseudo-healthy volume on the volume's own grid, and what was done (in memory).
+    ``prepared``: the volume's (x, space) on the model grid when already made."""
     import torch
 
     from diffugts.stages.preprocess import to_model
@@ -126,7 +127,7 @@ def pseudo_healthy(volume: np.ndarray, geometry, modality: str, region: Region, 
     timings = {} if timings is None else timings
     device = next(backbone.parameters()).device
     clock = time.perf_counter()
-    x, space = to_model(volume, geometry, modality, prep, device=backbone.resample_device)
+    x, space = prepared or to_model(volume, geometry, modality, prep, device=backbone.resample_device)
     stride = backbone.latent_stride
     footprint = latent_footprint(space.to_model(region.dilated.astype(np.float32)) > 0, stride)
     latent_mm = [s * stride for s in prep.spacing_mm[::-1]]
@@ -197,13 +198,11 @@ def pseudo_healthy(volume: np.ndarray, geometry, modality: str, region: Region, 
     }
 
 
-def _write(out: Path, study, region: Region, pseudo: np.ndarray, pkg, params: Params, source: MaskSource,
-           device: str | None, inpainting: dict | None, timings: dict, truth: GroundTruth | None) -> dict:
-    from diffugts.artifacts.study import write_image
+def _summary(study, region: Region, pkg, params: Params, source: MaskSource, device: str | None,
+             inpainting: dict | None, truth: GroundTruth | None, pseudo: np.ndarray) -> dict:
+    from diffugts.artifacts.synthesis import FILES
 
-    clock = time.perf_counter()
     voxel_ml = float(np.prod(study.geometry.spacing)) / 1000.0
-    difference = (study.volume.astype(np.float32) - pseudo).astype(np.float32)
     summary = {
         "stage": "synthesize",
         "model": {"name": pkg.name, "sha256": pkg.sha256,
@@ -222,18 +221,10 @@ def _write(out: Path, study, region: Region, pseudo: np.ndarray, pkg, params: Pa
                       "output = w * synthetic + (1 - w) * input with w = 1 on the coarse mask, ramping "
                       "from 0 to 1 over feather_mm inside the dilated mask's border",
         "units": "HU" if study.modality == "CT" else "input units",
-        "files": {"pseudo_healthy": "pseudo_healthy.nii.gz", "difference": "difference.nii.gz",
-                  "inpaint_mask": "inpaint_mask.nii.gz"},
+        "files": dict(FILES),
     }
     if inpainting is None:
         summary["note"] = NOTHING
     if truth is not None:
         summary["fidelity"] = fidelity(study.volume, pseudo, truth, region.dilated)
-    with atomic.staging_dir(out, marker=MARKER) as stage:
-        write_image(stage / "pseudo_healthy.nii.gz", pseudo, study.geometry)
-        write_image(stage / "difference.nii.gz", difference, study.geometry)
-        write_image(stage / "inpaint_mask.nii.gz", region.dilated.astype(np.uint8), study.geometry)
-        timings["write"] = time.perf_counter() - clock
-        summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        atomic.write_json(stage / MARKER, summary)
     return summary

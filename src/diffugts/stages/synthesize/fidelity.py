@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from diffugts.errors import InputError
 from diffugts.artifacts.geometry import Geometry
-from diffugts.stages.synthesize.masks import read_image
+from diffugts.artifacts.files import read_on_grid
 
 # A lesion whose mean is closer to the organ's than this many tissue SDs has no contrast.
 MIN_CONTRAST_SD = 0.25
@@ -52,8 +52,8 @@ def load_phantom_truth(path: str | os.PathLike, geometry: Geometry, volume: np.n
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise InputError(case_json, f"not a phantom case description ({err})") from None
     root = case_json.parent
-    lesion_map = read_image(root / files["lesions"], geometry, "lesion map").astype(np.int32)
-    organ_map = read_image(root / files["organs"], geometry, "organ map").astype(np.int32)
+    lesion_map = read_on_grid(root / files["lesions"], geometry, "lesion map").astype(np.int32)
+    organ_map = read_on_grid(root / files["organs"], geometry, "organ map").astype(np.int32)
     lesions = [{k: r[k] for k in ("id", "organ_label", "type", "organ") if k in r} for r in case.get("lesions", [])]
     truth = GroundTruth(lesion_map, organ_map, lesions, source=str(case_json))
     truth.healthy = _healthy_twin(case, lesion_map, volume, truth.notes)

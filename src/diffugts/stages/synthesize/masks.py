@@ -1,4 +1,4 @@
-"""The region to inpaint: loading the coarse mask, dilating it in mm, the paste-back weights,
+"""The region to inpaint: dilating the coarse mask in mm, the paste-back weights,
 and its footprint on the model and latent grids.
 
 Everything on the study grid is computed inside the mask's bounding box (plus the dilation),
@@ -7,86 +7,22 @@ so large volumes with small lesions stay cheap.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
-from diffugts.errors import InputError
 from diffugts.artifacts.geometry import Geometry
-
-ATTENTION_MARKER = "attention.json"
-# NIfTI stores origin / direction in float32: allow that much disagreement with series.json.
-GEOMETRY_ATOL_MM = 1e-3
 
 
 @dataclass
 class MaskSource:
     """Where the coarse mask came from (recorded in synthesis.json)."""
 
-    kind: str  # "attention" or "file"
+    kind: str  # "attention", "file" or "array" (in memory)
     path: str
     targets: list[dict]  # attention targets used: index, prompt text, mask file
-
-
-def read_image(path: str | os.PathLike, geometry: Geometry, what: str = "mask") -> np.ndarray:
-    """A 3D single-channel NIfTI that must lie exactly on the study grid, as its array (k, j, i)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, f"{what} file not found")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise InputError(path, f"unreadable {what} ({' '.join(str(err).split())[:100]})") from None
-    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
-        raise InputError(path, f"{what} must be a 3D single-channel image")
-    found = Geometry.from_sitk(image)
-    if found.shape != geometry.shape:
-        raise InputError(path, f"{what} size {list(found.shape[::-1])} (i, j, k) does not match the study "
-                               f"{list(geometry.shape[::-1])}")
-    if not found.allclose(geometry, atol=GEOMETRY_ATOL_MM):
-        raise InputError(path, f"{what} geometry (origin / spacing / direction) differs from the study grid")
-    return sitk.GetArrayFromImage(image)
-
-
-def read_mask(path: str | os.PathLike, geometry: Geometry) -> np.ndarray:
-    """A binary mask NIfTI on the study grid, as bool (k, j, i); anything else is an InputError."""
-    array = read_image(path, geometry, "mask")
-    if not ((array == 0) | (array == 1)).all():  # cheaper than np.unique on a full CT
-        values = np.unique(array)
-        shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if len(values) > 5 else "")
-        raise InputError(path, f"mask is not binary (values {shown}; expected 0 and 1)")
-    return array.astype(bool)
-
-
-def mask_from_attention(folder: str | os.PathLike, geometry: Geometry,
-                        target: int | None = None) -> tuple[np.ndarray, MaskSource]:
-    """The union of the attention artifact's coarse masks, or target ``target`` alone."""
-    folder = Path(folder)
-    marker = folder / ATTENTION_MARKER
-    if not marker.is_file():
-        raise InputError(folder, f"not an attention artifact (no {ATTENTION_MARKER}; run `diffugts attend` first)")
-    try:
-        targets = json.loads(marker.read_text())["targets"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(marker, f"unreadable attention summary ({err})") from None
-    if target is not None:
-        if not 0 <= target < len(targets):
-            raise InputError(marker, f"--target {target}: the artifact has targets 0..{len(targets) - 1}")
-        targets = [targets[target]]
-    union = np.zeros(geometry.shape, bool)
-    used = []
-    for t in targets:
-        if not isinstance(t, dict) or not t.get("mask"):
-            raise InputError(marker, f"attention target without a mask file: {str(t)[:80]}")
-        union |= read_mask(folder / t["mask"], geometry)
-        used.append({"index": t.get("index"), "prompt": (t.get("prompt") or {}).get("text"), "mask": t["mask"]})
-    return union, MaskSource("attention", str(folder), used)
 
 
 def spacing_kji(geometry: Geometry) -> tuple[float, float, float]:

@@ -13,11 +13,11 @@ size and sha256. See docs/storage.md.
 
 from diffugts.storage.errors import AccessDenied, ObjectNotFound, StorageError, StoreUnavailable
 from diffugts.storage.settings import RetryPolicy, S3Settings, default_bucket, results_uri
-from diffugts.storage.store import MANIFEST, ObjectStore, localize
+from diffugts.storage.store import MANIFEST, ObjectInfo, ObjectStore, localize
 from diffugts.storage.uri import is_s3_uri, join_uri, parse_s3_uri
 
 __all__ = [
-    "MANIFEST", "AccessDenied", "ObjectNotFound", "ObjectStore", "RetryPolicy", "S3Settings",
+    "MANIFEST", "AccessDenied", "ObjectInfo", "ObjectNotFound", "ObjectStore", "RetryPolicy", "S3Settings",
     "StorageError", "StoreUnavailable", "default_bucket", "is_s3_uri", "join_uri", "localize",
     "parse_s3_uri", "results_uri",
 ]

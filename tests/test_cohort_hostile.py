@@ -114,7 +114,7 @@ def test_a_failed_republish_is_not_left_done(tmp_path, monkeypatch):
     def cut(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cohort, "_publish", cut)
+    monkeypatch.setattr(cohort, "publish", cut)
     with pytest.raises(DiffugtsError, match="No space left"):
         cohort.mark_done(_report(tmp_path / "b", "1.2.3"), results, item["key"], run="r2", **kw)
     monkeypatch.undo()
@@ -234,14 +234,14 @@ def test_a_batch_publishes_by_the_same_rules(tmp_path, monkeypatch):
     # A forced run processes s1 again (not skipped as done by the earlier run); its result
     # cannot be written: the study is failed (publish, storage), not left done.
     cohort.plan_run(results, "r2", studies_uri=str(tmp_path / "studies"), model_uri=model, force=True, **PARAMS)
-    publish = cohort._publish
+    publish = cohort.publish
 
     def cut(src, dst, **kwargs):
         if dst.rstrip("/").endswith("/report"):
             raise OSError(28, "No space left on device")
         return publish(src, dst, **kwargs)
 
-    monkeypatch.setattr(cohort, "_publish", cut)
+    monkeypatch.setattr(cohort, "publish", cut)
     assert run_batch(results, "r2", 0, model_uri=model, prompts=PARAMS["prompts"]) == \
         {"done": 0, "failed": 3, "already_done": 0}
     s1 = next(k for k, n in names.items() if n == "s1")

@@ -4,6 +4,8 @@
 - ``settings``: endpoint and credentials from the environment only; the retry policy.
 - ``errors``: transient vs. permanent failures, and the one-line errors users see.
 - ``store``: ``ObjectStore`` (objects, prefixes, manifest-last artifacts) and ``localize``.
+- ``location``: the same few calls on a local path or an ``s3://`` URI (read bytes or JSON,
+  write JSON atomically, publish a folder marker-last, list a folder's children).
 
 Multi-file artifacts are published manifest-last: the old ``_manifest.json`` is removed,
 every file is uploaded (sha256 in its metadata), then the new manifest is written. A

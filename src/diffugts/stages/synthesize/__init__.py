@@ -22,14 +22,13 @@ from diffugts.utils import atomic
 from diffugts.utils.device import pick_device
 from diffugts.errors import ConfigError
 from diffugts.stages.preprocess import intensity_range
-from diffugts.stages.synthesize.fidelity import GroundTruth, fidelity, load_phantom_truth, mask_truth
+from diffugts.stages.synthesize.fidelity import GroundTruth, fidelity, mask_truth
 from diffugts.stages.synthesize.inpaint import Tiles, inpaint, renoise
 from diffugts.stages.synthesize.masks import (MaskSource, Region, bbox, latent_box, latent_footprint, make_region,
                                       mask_from_attention, read_mask, spacing_kji)
 
-__all__ = ["MARKER", "GroundTruth", "Params", "Region", "Tiles", "fidelity", "inpaint", "load_phantom_truth",
-           "make_region", "mask_from_attention", "mask_truth", "pseudo_healthy", "read_mask", "renoise",
-           "synthesize"]
+__all__ = ["MARKER", "GroundTruth", "Params", "Region", "Tiles", "fidelity", "inpaint", "make_region",
+           "mask_from_attention", "mask_truth", "pseudo_healthy", "read_mask", "renoise", "synthesize"]
 
 log = logging.getLogger(__name__)
 MARKER = "synthesis.json"
@@ -75,8 +74,9 @@ def synthesize(study_dir, model: str, out_dir, *, mask=None, attention=None, tar
 
     Exactly one of ``mask`` (a binary NIfTI on the study grid) and ``attention`` (an attention
     artifact folder; the union of its coarse masks, or ``target`` alone) gives the region.
-    ``ground_truth`` (a :class:`GroundTruth`, or a phantom case folder / case.json) adds the
-    fidelity figures. ``backbone`` skips loading the package's networks (tests, benchmarks).
+    ``ground_truth`` (a :class:`GroundTruth`, or a phantom case folder / case.json, read by
+    :func:`diffugts.phantom.truth.load_phantom_truth`) adds the fidelity figures. ``backbone``
+    skips loading the package's networks (tests, benchmarks).
     """
     from diffugts.models import open_package
     from diffugts.stages.preprocess import Preprocessing
@@ -94,6 +94,8 @@ def synthesize(study_dir, model: str, out_dir, *, mask=None, attention=None, tar
     pkg = open_package(model, verify=bool(coarse.any()))  # nothing to inpaint: no weights are read
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
     if ground_truth is not None and not isinstance(ground_truth, GroundTruth):
+        from diffugts.phantom.truth import load_phantom_truth  # the phantom world, only for a case folder
+
         ground_truth = load_phantom_truth(ground_truth, study.geometry, study.volume)
     region = make_region(coarse, spacing_kji(study.geometry), params.dilation_mm, params.feather_mm)
     timings = {"load": time.perf_counter() - clock}

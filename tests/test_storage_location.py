@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 
 import pytest
 
 from diffugts.errors import InputError
-from diffugts.storage.location import (
-    is_s3, join, list_children, publish, read_bytes, read_json, write_json,
-)
+from diffugts.storage.location import is_s3, join, list_children, publish, read_bytes, read_json, write_json
 
 
 @pytest.fixture(params=["local", "s3"])

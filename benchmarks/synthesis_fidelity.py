@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffugts.phantom.truth import load_phantom_truth
 from diffugts.runners.evaluate import load_cases
 from diffugts.stages.synthesize import Params, make_region, pseudo_healthy
-from diffugts.stages.synthesize.fidelity import fidelity, load_phantom_truth
+from diffugts.stages.synthesize.fidelity import fidelity
 from diffugts.stages.synthesize.masks import spacing_kji
 
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from diffugts.runners import cohort
+from diffugts.storage.location import join, read_bytes
 from diffugts.errors import ConfigError, InputError
 from pipelines import submit
 
@@ -139,15 +140,15 @@ def test_second_run_skips_done_studies_until_model_or_parameters_change(tmp_path
 
     listing = cohort.plan_run(results, "r1", studies_uri=str(studies), model_uri=model, **PARAMS)
     assert [i["input_uri"] for i in listing["pending"]] == [s1, s2] and not listing["skipped"]
-    assert json.loads(cohort._read(cohort.join(cohort.run_uri(results, "r1"), "listing.json")))["run"] == "r1"
+    assert json.loads(read_bytes(join(cohort.run_uri(results, "r1"), "listing.json")))["run"] == "r1"
     item = listing["pending"][0]
     marker = cohort.mark_done(_report(tmp_path / "report", "1.2.3"), results, item["key"],
                               model_sha256=item["model_sha256"], params_hash=item["params_hash"], run="r1")
     # The result sits where the report stage's upload puts it, and the marker points at it.
     assert marker["result"] == cohort.join(results, "1.2.3", "report")
-    assert json.loads(cohort._read(cohort.join(marker["result"], "report.json")))["study"]["study_key"] == "k"
+    assert json.loads(read_bytes(join(marker["result"], "report.json")))["study"]["study_key"] == "k"
     if where == "s3":
-        assert cohort._read(cohort.join(marker["result"], "_manifest.json"))  # published manifest-last
+        assert read_bytes(join(marker["result"], "_manifest.json"))  # published manifest-last
 
     assert _plan(results, studies, model) == ([s2], [s1])
     assert _plan(results, studies, model, force=True) == ([s1, s2], [])

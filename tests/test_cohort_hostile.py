@@ -114,7 +114,7 @@ def test_a_failed_republish_is_not_left_done(tmp_path, monkeypatch):
     def cut(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cohort, "_publish", cut)
+    monkeypatch.setattr(cohort, "publish", cut)
     with pytest.raises(DiffugtsError, match="No space left"):
         cohort.mark_done(_report(tmp_path / "b", "1.2.3"), results, item["key"], run="r2", **kw)
     monkeypatch.undo()
@@ -188,16 +188,28 @@ def test_the_report_stage_upload_refuses_a_uid_that_is_not_a_uid(uid):
 def _stub_batch_stages(monkeypatch, uids: dict[str, str]) -> None:
     """run_batch with its ingestion, model and report stages stubbed: each input's report names
     the Study Instance UID given for its folder."""
+    import diffugts.core
     import diffugts.stages.ingest
     import diffugts.stages.report
     import diffugts.runners.segment
 
-    class Stages:
-        def __init__(self, model_uri, device=None, **kwargs):
-            self.method = SimpleNamespace(package=SimpleNamespace(sha256=cohort.model_sha256(model_uri)))
+    class Core:
+        def __init__(self, model_uri, device=None, params=None):
+            self.package = SimpleNamespace(sha256=cohort.model_sha256(model_uri))
 
-        def run(self, *args):
+        def load(self):
+            return self
+
+    class StudyRun:
+        def __init__(self, core, study_dir, prompts, folders):
+            self.folders = folders
+
+        def run(self, stage):
             pass
+
+        def report(self, upload=None):
+            f = self.folders
+            return diffugts.stages.report.make_report(f["study"], f["lesions"], f["report"])
 
     def ingest(uri, out, **kwargs):
         Path(out).mkdir(parents=True)
@@ -208,7 +220,8 @@ def _stub_batch_stages(monkeypatch, uids: dict[str, str]) -> None:
 
     monkeypatch.setattr(diffugts.stages.ingest, "ingest", ingest)
     monkeypatch.setattr(diffugts.stages.report, "make_report", make_report)
-    monkeypatch.setattr(diffugts.runners.segment, "ModelStages", Stages)
+    monkeypatch.setattr(diffugts.core, "Core", Core)
+    monkeypatch.setattr(diffugts.runners.segment, "StudyRun", StudyRun)
 
 
 def test_a_batch_publishes_by_the_same_rules(tmp_path, monkeypatch):
@@ -234,14 +247,14 @@ def test_a_batch_publishes_by_the_same_rules(tmp_path, monkeypatch):
     # A forced run processes s1 again (not skipped as done by the earlier run); its result
     # cannot be written: the study is failed (publish, storage), not left done.
     cohort.plan_run(results, "r2", studies_uri=str(tmp_path / "studies"), model_uri=model, force=True, **PARAMS)
-    publish = cohort._publish
+    publish = cohort.publish
 
     def cut(src, dst, **kwargs):
         if dst.rstrip("/").endswith("/report"):
             raise OSError(28, "No space left on device")
         return publish(src, dst, **kwargs)
 
-    monkeypatch.setattr(cohort, "_publish", cut)
+    monkeypatch.setattr(cohort, "publish", cut)
     assert run_batch(results, "r2", 0, model_uri=model, prompts=PARAMS["prompts"]) == \
         {"done": 0, "failed": 3, "already_done": 0}
     s1 = next(k for k, n in names.items() if n == "s1")

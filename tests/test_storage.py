@@ -154,6 +154,25 @@ def test_bytes_round_trip_and_listing(base):
     assert store.list(f"{base}/empty") == []
 
 
+def test_list_entries_one_level_or_all_and_stat(base):
+    store = ObjectStore()
+    for key in ("a/1.bin", "a/sub/2.bin", "b.zip"):
+        store.put_bytes(f"{base}/{key}", b"12345")
+    store.put_bytes(f"{base}2/other.txt", b"not under base/")
+    _, key = parse_s3_uri(base)
+    top = sorted(store.list_entries(base), key=lambda e: e.key)
+    assert [(e.key, e.is_dir) for e in top] == [(f"{key}/a/", True), (f"{key}/b.zip", False)]
+    assert top[1].size == 5 and top[1].etag
+    assert store.list_entries(base + "/") == store.list_entries(base)
+    every = sorted(e.key for e in store.list_entries(base, recursive=True))
+    assert every == [f"{key}/a/1.bin", f"{key}/a/sub/2.bin", f"{key}/b.zip"]
+    stat = store.stat(f"{base}/b.zip")
+    assert (stat.key, stat.is_dir, stat.size, stat.etag) == (f"{key}/b.zip", False, 5, top[1].etag)
+    with pytest.raises(ObjectNotFound):
+        store.stat(f"{base}/nope.zip")
+    assert store.list_entries(f"{base}/empty") == []
+
+
 def test_ensure_bucket(s3_env):
     store = ObjectStore()
     bucket = f"dgts-{uuid.uuid4().hex[:10]}"

@@ -272,7 +272,7 @@ def test_fidelity_on_known_values():
 
 def test_phantom_ground_truth_rebuilds_the_healthy_twin(tmp_path, package, backbone):
     from diffugts.phantom import CaseSpec, generate_case, write_case
-    from diffugts.stages.synthesize import load_phantom_truth
+    from diffugts.phantom.truth import load_phantom_truth
 
     case = generate_case(CaseSpec(seed=3, index=1, shape=(32, 64, 64), lesion_types=("hypodense",),
                                   organs=("liver",), healthy_fraction=0.0))

@@ -6,7 +6,8 @@ primitives), ``labels`` (organ and tissue names), ``anatomy`` (assembly) with ``
 chest, skeleton) and ``viscera`` (abdominal organs), ``lesions`` (lesion types, placement,
 painting), ``render`` (CT / MR intensities, PSF, noise), ``split`` (seen / unseen), ``case``
 (one case in memory), ``dicom`` (series writer), ``cohort`` (case folders, cohorts),
-``montage`` (the overview picture).
+``montage`` (the overview picture), ``truth`` (a case folder's ground truth for the synthesis
+fidelity figures; not imported here, it loads the synthesis stage).
 """
 
 from diffugts.phantom.case import GENERATOR_VERSION, Case, CaseSpec, generate_case

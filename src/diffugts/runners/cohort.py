@@ -28,19 +28,18 @@ import datetime as dt
 import hashlib
 import io
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
 
 from diffugts import __version__
+from diffugts.artifacts import report as report_artifact
 from diffugts.config import MapMode
+from diffugts.storage.location import is_s3, join, list_children, publish, read_bytes, read_json, write_json
 from diffugts.utils import atomic
 from diffugts.errors import ConfigError, DiffugtsError, InputError
 from diffugts.utils.markdown import md
 from diffugts.utils.uids import checked_uid
-
-log = logging.getLogger(__name__)
 
 RUNS = "_runs"
 OWNERS = "studies"  # _runs/studies/: the input that owns each published Study Instance UID
@@ -54,69 +53,6 @@ MAX_DIAGNOSED = 25
 # newer KFP, without ML Metadata, maps SUCCEEDED/SKIPPED/CACHED to COMPLETE
 # (pipelineTaskFinalStatusState). Anything else (FAILED, CANCELED, CANCELLED, ...) is a failure.
 SUCCESS_STATES = frozenset({"SUCCEEDED", "COMPLETE", "CACHED", "SKIPPED"})
-
-
-# -- where things are: local folders and s3:// prefixes behind the same five calls ---------
-
-def _is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
-
-
-def _store():
-    from diffugts.storage import ObjectStore  # minio only when S3 is involved
-
-    return ObjectStore()
-
-
-def join(base: str, *parts: str) -> str:
-    if _is_s3(base):
-        from diffugts.storage import join_uri
-
-        return join_uri(base, *parts)
-    return str(Path(base, *parts))
-
-
-def _read(uri: str) -> bytes | None:
-    if _is_s3(uri):
-        from diffugts.storage import ObjectNotFound
-
-        try:
-            return _store().get_bytes(uri)
-        except ObjectNotFound:
-            return None
-    path = Path(uri)
-    return path.read_bytes() if path.is_file() else None
-
-
-def _read_json(uri: str) -> dict | None:
-    """The object at ``uri``, or None when absent or unreadable: one corrupt marker must not
-    sink a cohort run (its study is simply not done)."""
-    raw = _read(uri)
-    if raw is None:
-        return None
-    try:
-        doc = json.loads(raw)
-    except ValueError:  # also UnicodeDecodeError
-        log.warning("%s: not a JSON document; taken as absent", uri)
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def _write_json(uri: str, obj: dict) -> None:
-    if _is_s3(uri):
-        _store().put_bytes(uri, (json.dumps(obj, indent=2) + "\n").encode(), "application/json")
-    else:
-        atomic.write_json(uri, obj)
-
-
-def _publish(local_dir: Path, uri: str, marker: str, meta: dict | None = None) -> str:
-    """Copy a finished folder to ``uri`` (manifest last on S3, ``marker`` last locally)."""
-    if _is_s3(uri):
-        _store().publish_dir(local_dir, uri, meta=meta)
-        return uri
-    with atomic.staging_dir(uri, marker=marker) as stage:
-        shutil.copytree(local_dir, stage, dirs_exist_ok=True)
-    return str(Path(uri))
 
 
 def _now() -> str:
@@ -149,7 +85,7 @@ def params_hash(prompts, rules: str, resample: bool, min_volume_ml: float, maps:
 
 def model_sha256(model_uri: str) -> str:
     """The model's identity: sha256 of its ``manifest.json`` (as ``ModelPackage.sha256``)."""
-    raw = _read(join(model_uri, MODEL_MANIFEST))
+    raw = read_bytes(join(model_uri, MODEL_MANIFEST))
     if raw is None:
         raise InputError(model_uri, f"not a model package (no {MODEL_MANIFEST})")
     return hashlib.sha256(raw).hexdigest()
@@ -163,42 +99,22 @@ def list_inputs(studies_uri: str = "", studies_csv: str = "") -> list[str]:
         return _from_csv(studies_csv)
     if not studies_uri:
         raise ConfigError("give studies_uri (a folder or s3:// prefix of studies) or studies_csv")
-    if _is_s3(studies_uri):
-        return _list_s3(studies_uri)
-    root = Path(studies_uri)
-    if not root.is_dir():
-        raise InputError(studies_uri, "no such folder")
-    return [str(p.resolve()) for p in sorted(root.iterdir())
-            if not p.name.startswith((".", "_")) and (p.is_dir() or p.suffix.lower() == ".zip")]
-
-
-def _list_s3(prefix: str) -> list[str]:
-    from diffugts.storage.uri import folder_prefix, parse_s3_uri
-
-    bucket, key = parse_s3_uri(prefix)
-    base = folder_prefix(key)
-    store = _store()
-    # One level only (delimiter listing): a study holds hundreds of objects, the recursive
-    # ObjectStore.list would fetch them all. _call gives it the store's retries.
-    objs = store._call(prefix, lambda: list(store.client.list_objects(bucket, prefix=base, recursive=False)))
-    out = []
-    for o in objs:
-        name = o.object_name[len(base):].rstrip("/")
-        if not name or name.startswith((".", "_")):
-            continue
-        if o.is_dir or name.lower().endswith(".zip"):
-            out.append(f"s3://{bucket}/{o.object_name.rstrip('/')}")
-    return sorted(out)
+    # One level only: a study holds hundreds of objects, a recursive listing would fetch them all.
+    inputs = [c for c in list_children(studies_uri)
+              if not c.name.startswith((".", "_")) and (c.is_dir or c.name.lower().endswith(".zip"))]
+    if is_s3(studies_uri):
+        return [c.uri for c in inputs]
+    return [str(Path(c.uri).resolve()) for c in inputs]
 
 
 def _from_csv(studies_csv: str) -> list[str]:
-    raw = _read(studies_csv)
+    raw = read_bytes(studies_csv)
     if raw is None:
         raise InputError(studies_csv, "no such file")
     rows = csv.DictReader(io.StringIO(raw.decode("utf-8-sig")))
     if "input_uri" not in (rows.fieldnames or []):
         raise InputError(studies_csv, "no input_uri column")
-    here = None if _is_s3(studies_csv) else Path(studies_csv).resolve().parent
+    here = None if is_s3(studies_csv) else Path(studies_csv).resolve().parent
     out: list[str] = []
     for row in rows:
         uri = (row.get("input_uri") or "").strip()
@@ -220,14 +136,14 @@ def run_uri(results_uri: str, run: str) -> str:
 
 
 def read_listing(results_uri: str, run: str) -> dict:
-    listing = _read_json(join(run_uri(results_uri, run), "listing.json"))
+    listing = read_json(join(run_uri(results_uri, run), "listing.json"))
     if listing is None:
         raise InputError(run_uri(results_uri, run), "no listing.json: the listing step did not finish")
     return listing
 
 
 def read_marker(results_uri: str, key: str) -> dict | None:
-    return _read_json(marker_uri(results_uri, key))
+    return read_json(marker_uri(results_uri, key))
 
 
 def plan_run(results_uri: str, run: str, *, studies_uri: str = "", studies_csv: str = "", model_uri: str,
@@ -243,7 +159,7 @@ def plan_run(results_uri: str, run: str, *, studies_uri: str = "", studies_csv: 
     pending, skipped = [], []
     for uri in list_inputs(studies_uri, studies_csv):
         key = study_key(uri)
-        marker = None if force else _read_json(marker_uri(results_uri, key))
+        marker = None if force else read_json(marker_uri(results_uri, key))
         if marker and marker.get("status") == "done" and marker.get("model_sha256") == sha \
                 and marker.get("params_hash") == phash:
             skipped.append({"key": key, "input_uri": uri, "result": marker["result"]})
@@ -253,7 +169,7 @@ def plan_run(results_uri: str, run: str, *, studies_uri: str = "", studies_csv: 
                         max_parallel or DEFAULT_MAX_PARALLEL)
     listing = {"run": run, "time": _now(), "diffugts_version": __version__, "model_sha256": sha,
                "params_hash": phash, "force": bool(force), "pending": pending, "skipped": skipped, **plan}
-    _write_json(join(run_uri(results_uri, run), "listing.json"), listing)
+    write_json(join(run_uri(results_uri, run), "listing.json"), listing)
     return listing
 
 
@@ -264,13 +180,13 @@ def publish_result(report_dir: str | os.PathLike, results_uri: str) -> str:
     ``<results_uri>/<StudyInstanceUID>/report``; returns that location. The UID must be a
     valid UID (:func:`diffugts.utils.uids.checked_uid`): header text never names a path."""
     report_dir = Path(report_dir)
-    summary = json.loads((report_dir / "report.json").read_text())
-    uid = checked_uid(summary["study"].get("study_instance_uid"), "report.json")
-    if _is_s3(results_uri):
+    summary = json.loads((report_dir / report_artifact.MARKER).read_text())
+    uid = checked_uid(summary["study"].get("study_instance_uid"), report_artifact.MARKER)
+    if is_s3(results_uri):
         from diffugts.stages.report.upload import upload_report
 
         return upload_report(report_dir, uid, results_uri, meta={"lesions": len(summary.get("lesions", []))})
-    return _publish(report_dir, join(results_uri, uid, "report"), marker="report.json")
+    return publish(report_dir, join(results_uri, uid, "report"), marker=report_artifact.MARKER)
 
 
 class DuplicateStudy(DiffugtsError):
@@ -315,16 +231,16 @@ def mark_done(report_dir: str | os.PathLike, results_uri: str, key: str, *, mode
     marker always points at a complete result). A done marker from an earlier run is
     withdrawn before the result changes; if publishing fails the marker says ``failed``
     (stage ``publish``) and the error is raised as a :class:`DiffugtsError`."""
-    summary = json.loads((Path(report_dir) / "report.json").read_text())
+    summary = json.loads((Path(report_dir) / report_artifact.MARKER).read_text())
     base = {"key": key, "model_sha256": model_sha256, "params_hash": params_hash, "run": run,
             "diffugts_version": __version__}
     try:
-        uid = checked_uid(summary["study"].get("study_instance_uid"), "report.json")
-        owner = _read_json(owner_uri(results_uri, uid))
+        uid = checked_uid(summary["study"].get("study_instance_uid"), report_artifact.MARKER)
+        owner = read_json(owner_uri(results_uri, uid))
         if owner and owner.get("key") != key:
             raise DuplicateStudy(owner["key"])
-        _write_json(marker_uri(results_uri, key), {**base, "status": "publishing", "time": _now()})
-        _write_json(owner_uri(results_uri, uid), {"key": key, "run": run, "time": _now()})
+        write_json(marker_uri(results_uri, key), {**base, "status": "publishing", "time": _now()})
+        write_json(owner_uri(results_uri, uid), {"key": key, "run": run, "time": _now()})
         result = publish_result(report_dir, results_uri)
     except Exception as exc:
         err = exc if isinstance(exc, DiffugtsError) else PublishError(exc)
@@ -334,7 +250,7 @@ def mark_done(report_dir: str | os.PathLike, results_uri: str, key: str, *, mode
         raise err from None
     marker = {**base, "status": "done", "result": result, "study_key": summary["study"]["study_key"],
               "time": _now()}
-    _write_json(marker_uri(results_uri, key), marker)
+    write_json(marker_uri(results_uri, key), marker)
     return marker
 
 
@@ -343,9 +259,9 @@ def _mark_publish_failed(results_uri: str, base: dict, err: DiffugtsError) -> No
     from diffugts.stages.report.cohort import reason_text
 
     with contextlib.suppress(Exception):  # the store may be the problem: the error is raised anyway
-        _write_json(marker_uri(results_uri, base["key"]),
-                    {**base, "status": "failed", "stage": "publish", "reason_code": reason_for(err),
-                     "reason": reason_text(err), "time": _now()})
+        write_json(marker_uri(results_uri, base["key"]),
+                   {**base, "status": "failed", "stage": "publish", "reason_code": reason_for(err),
+                    "reason": reason_text(err), "time": _now()})
 
 
 class LaterStageFailure(DiffugtsError):
@@ -382,12 +298,12 @@ def record_failure(results_uri: str, run: str, item: dict, stage: str, exc: Base
     record = write_failure(local, stage, exc)
     record.update(input_key=item["key"], input_uri=item["input_uri"], run=run)
     atomic.write_json(local / FAILED_MARKER, record)
-    source = _publish(local, join(run_uri(results_uri, run), "failed", item["key"]), marker=FAILED_MARKER)
-    _write_json(marker_uri(results_uri, item["key"]),
-                {"key": item["key"], "status": "failed", "model_sha256": item.get("model_sha256"),
-                 "params_hash": item.get("params_hash"), "stage": stage, "reason_code": record["reason_code"],
-                 "reason": record["reason"], "failure": source, "run": run, "time": _now(),
-                 "diffugts_version": __version__})
+    source = publish(local, join(run_uri(results_uri, run), "failed", item["key"]), marker=FAILED_MARKER)
+    write_json(marker_uri(results_uri, item["key"]),
+               {"key": item["key"], "status": "failed", "model_sha256": item.get("model_sha256"),
+                "params_hash": item.get("params_hash"), "stage": stage, "reason_code": record["reason_code"],
+                "reason": record["reason"], "failure": source, "run": run, "time": _now(),
+                "diffugts_version": __version__})
     return {**record, "source": source}
 
 
@@ -407,7 +323,7 @@ def collect_run(results_uri: str, run: str, out_dir: str | os.PathLike, *, rules
     sources = list(owners)
     failed, records = [], []
     for item in listing["pending"]:
-        marker = _read_json(marker_uri(results_uri, item["key"])) or {}
+        marker = read_json(marker_uri(results_uri, item["key"])) or {}
         if marker.get("status") == "done" and marker.get("model_sha256") == item["model_sha256"] \
                 and marker.get("params_hash") == item["params_hash"]:
             if marker["result"] in owners:
@@ -443,7 +359,7 @@ def collect_run(results_uri: str, run: str, out_dir: str | os.PathLike, *, rules
                    skipped=len(listing["skipped"]), processed=len(listing["pending"]),
                    failures=[{"key": r["input_key"], "stage": r["stage"], "reason_code": r["reason_code"],
                               "reason": r["reason"]} for r in records])
-    summary["report"] = _publish(out, join(results_uri, COHORT, run), marker="cohort.json", meta={"run": run})
+    summary["report"] = publish(out, join(results_uri, COHORT, run), marker="cohort.json", meta={"run": run})
     return summary
 
 
@@ -471,8 +387,8 @@ def finish_run(results_uri: str, run: str, state: str, error: str = "", gateway:
     """The exit handler: write ``_runs/cohort-<run>.json`` (the pipeline's final state as the
     backend sent it, whether that is a success, and the counts) and push the run's gauges to
     the Pushgateway when one is configured."""
-    listing = _read_json(join(run_uri(results_uri, run), "listing.json"))
-    cohort = _read_json(join(results_uri, COHORT, run, "cohort.json"))
+    listing = read_json(join(run_uri(results_uri, run), "listing.json"))
+    cohort = read_json(join(results_uri, COHORT, run, "cohort.json"))
     record = {"run": run, "state": state, "succeeded": run_succeeded(state), "error": error, "time": _now(),
               "diffugts_version": __version__,
               "listed": None, "skipped": None, "processed": None, "done": None, "failed": None, "report": None}
@@ -481,7 +397,7 @@ def finish_run(results_uri: str, run: str, state: str, error: str = "", gateway:
                       processed=len(listing["pending"]))
     if cohort is not None:
         record.update(done=cohort["done"], failed=cohort["failed"], report=join(results_uri, COHORT, run))
-    _write_json(join(results_uri, RUNS, f"cohort-{run}.json"), record)
+    write_json(join(results_uri, RUNS, f"cohort-{run}.json"), record)
     _push_metrics(record, gateway)
     return record
 

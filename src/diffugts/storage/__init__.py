@@ -4,6 +4,8 @@
 - ``settings``: endpoint and credentials from the environment only; the retry policy.
 - ``errors``: transient vs. permanent failures, and the one-line errors users see.
 - ``store``: ``ObjectStore`` (objects, prefixes, manifest-last artifacts) and ``localize``.
+- ``location``: the same few calls on a local path or an ``s3://`` URI (read bytes or JSON,
+  write JSON atomically, publish a folder marker-last, list a folder's children).
 
 Multi-file artifacts are published manifest-last: the old ``_manifest.json`` is removed,
 every file is uploaded (sha256 in its metadata), then the new manifest is written. A
@@ -13,11 +15,11 @@ size and sha256. See docs/storage.md.
 
 from diffugts.storage.errors import AccessDenied, ObjectNotFound, StorageError, StoreUnavailable
 from diffugts.storage.settings import RetryPolicy, S3Settings, default_bucket, results_uri
-from diffugts.storage.store import MANIFEST, ObjectStore, localize
+from diffugts.storage.store import MANIFEST, ObjectInfo, ObjectStore, localize
 from diffugts.storage.uri import is_s3_uri, join_uri, parse_s3_uri
 
 __all__ = [
-    "MANIFEST", "AccessDenied", "ObjectNotFound", "ObjectStore", "RetryPolicy", "S3Settings",
+    "MANIFEST", "AccessDenied", "ObjectInfo", "ObjectNotFound", "ObjectStore", "RetryPolicy", "S3Settings",
     "StorageError", "StoreUnavailable", "default_bucket", "is_s3_uri", "join_uri", "localize",
     "parse_s3_uri", "results_uri",
 ]

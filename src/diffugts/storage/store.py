@@ -2,7 +2,9 @@
 and ``localize`` for stage inputs.
 
 Every S3 call goes through one retry layer (``ObjectStore._call``) that knows S3 error
-codes; urllib3's own retries are switched off so the policy lives in one place.
+codes; urllib3's own retries are switched off so the policy lives in one place. Callers
+outside this module use the public methods (``list_entries`` and ``stat`` for listings and
+object details), never ``_call``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import mimetypes
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
@@ -40,6 +43,16 @@ MANIFEST_FORMAT = "diffugts-artifact/1"
 _SHA_META = "sha256"  # stored by S3 as the x-amz-meta-sha256 header
 _CHUNK = 1 << 20
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing or a stat tells about one key."""
+
+    key: str  # the full key; a sub-prefix of a non-recursive listing ends in "/"
+    is_dir: bool  # the key ends in "/": a sub-prefix of a non-recursive listing, or a folder marker
+    size: int | None
+    etag: str | None  # the store's content checksum
 
 
 class ObjectStore:
@@ -170,6 +183,12 @@ class ObjectStore:
             raise InputError(uri, f"sha256 mismatch: object metadata says {expected}, data is {digest}")
         return size, digest
 
+    def stat(self, uri: str) -> ObjectInfo:
+        """Size and ETag of one object (``ObjectNotFound`` when there is none)."""
+        bucket, key = parse_object_uri(uri)
+        st = self._call(uri, self.client.stat_object, bucket, key)
+        return ObjectInfo(key, False, st.size, st.etag)
+
     def exists(self, uri: str) -> bool:
         bucket, key = parse_object_uri(uri)
         try:
@@ -184,6 +203,17 @@ class ObjectStore:
         """URIs of all objects under the folder ``uri_prefix``, recursively, sorted."""
         bucket, prefix = parse_s3_uri(uri_prefix)
         return [f"s3://{bucket}/{k}" for k in self._keys(uri_prefix, bucket, folder_prefix(prefix))]
+
+    def list_entries(self, uri_prefix: str, *, recursive: bool = False) -> list[ObjectInfo]:
+        """What lies under the folder ``uri_prefix``, in the store's order: with ``recursive``
+        every object at any depth, else the objects and sub-prefixes directly under it (one
+        delimiter listing: a folder of studies costs one entry per study, not one per file).
+        Folder-marker keys ending in "/" are kept; callers skip what they do not want."""
+        bucket, key = parse_s3_uri(uri_prefix)
+        prefix = folder_prefix(key)
+        objs = self._call(uri_prefix, lambda: list(self.client.list_objects(bucket, prefix=prefix,
+                                                                            recursive=recursive)))
+        return [ObjectInfo(o.object_name, o.is_dir, o.size, o.etag) for o in objs]
 
     def _keys(self, uri: str, bucket: str, prefix: str) -> list[str]:
         objs = self._call(uri, lambda: list(self.client.list_objects(bucket, prefix=prefix, recursive=True)))

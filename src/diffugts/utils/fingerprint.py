@@ -53,14 +53,14 @@ def _s3_digest(uri: str) -> str:
     from diffugts.storage import ObjectStore
     from diffugts.storage.uri import folder_prefix, parse_s3_uri
 
-    bucket, key = parse_s3_uri(uri)
+    _, key = parse_s3_uri(uri)
     store = ObjectStore()
     if key.lower().endswith(".zip"):
-        stat = store._call(uri, store.client.stat_object, bucket, key)
+        stat = store.stat(uri)
         return _digest([(key.rsplit("/", 1)[-1], stat.etag, stat.size)])
     prefix = folder_prefix(key)
-    objs = store._call(uri, lambda: list(store.client.list_objects(bucket, prefix=prefix, recursive=True)))
-    entries = [(o.object_name[len(prefix):], o.etag, o.size) for o in objs if not o.object_name.endswith("/")]
+    objs = store.list_entries(uri, recursive=True)
+    entries = [(o.key[len(prefix):], o.etag, o.size) for o in objs if not o.key.endswith("/")]
     if not entries:
         raise InputError(uri, "no objects under this prefix")
     return _digest(entries)

@@ -21,13 +21,13 @@ import numpy as np
 from diffugts.config import SynthesisParams as Params
 from diffugts.errors import ParameterError
 from diffugts.stages.preprocess import intensity_range
-from diffugts.stages.synthesize.fidelity import GroundTruth, fidelity, load_phantom_truth, mask_truth
+from diffugts.stages.synthesize.fidelity import GroundTruth, fidelity, mask_truth
 from diffugts.stages.synthesize.inpaint import Tiles, inpaint, renoise
 from diffugts.stages.synthesize.masks import (MaskSource, Region, bbox, latent_box, latent_footprint, make_region,
                                              spacing_kji)
 
-__all__ = ["GroundTruth", "Params", "Region", "Tiles", "fidelity", "inpaint", "load_phantom_truth", "make_region",
-           "mask_truth", "pseudo_healthy", "renoise", "synthesis", "synthesize"]
+__all__ = ["GroundTruth", "Params", "Region", "Tiles", "fidelity", "inpaint", "make_region", "mask_truth",
+           "pseudo_healthy", "renoise", "synthesis", "synthesize"]
 
 log = logging.getLogger(__name__)
 BEYOND_BAND = 0.1  # share of the CT window next to its edges where a synthetic value counts as saturated
@@ -41,8 +41,9 @@ def synthesize(study_dir, model: str, out_dir, *, mask=None, attention=None, tar
 
     Exactly one of ``mask`` (a binary NIfTI on the study grid) and ``attention`` (an attention
     artifact folder; the union of its coarse masks, or ``target`` alone) gives the region.
-    ``ground_truth`` (a :class:`GroundTruth`, or a phantom case folder / case.json) adds the
-    fidelity figures. ``backbone`` skips loading the package's networks (tests, benchmarks).
+    ``ground_truth`` (a :class:`GroundTruth`, or a phantom case folder / case.json, read by
+    :func:`diffugts.phantom.truth.load_phantom_truth`) adds the fidelity figures. ``backbone``
+    skips loading the package's networks (tests, benchmarks).
     """
     from diffugts.artifacts import attention as attention_artifact
     from diffugts.artifacts import synthesis as artifact
@@ -68,6 +69,8 @@ def synthesize(study_dir, model: str, out_dir, *, mask=None, attention=None, tar
     # Nothing to inpaint: no weights are read, so none are verified either.
     core = Core(model, device, MethodParams(synthesis=params), verify=bool(coarse.any()), backbone=backbone)
     if ground_truth is not None and not isinstance(ground_truth, GroundTruth):
+        from diffugts.phantom.truth import load_phantom_truth  # the phantom world, only for a case folder
+
         ground_truth = load_phantom_truth(ground_truth, study.geometry, study.volume)
     result = core.synthesize(core.prepare(study), coarse, source=source, ground_truth=ground_truth,
                              show_progress=show_progress)

@@ -1,4 +1,4 @@
-"""How healthy the pseudo-healthy image is, where the truth is known (the phantom world).
+"""How healthy the pseudo-healthy image is, where the truth is known.
 
 Per lesion, with x the input, H the pseudo-healthy image and o the mean of the host organ's
 healthy tissue in x (organ voxels outside every lesion and outside the dilated mask):
@@ -9,23 +9,20 @@ healthy tissue in x (organ voxels outside every lesion and outside the dilated m
 overshoot. It is undefined (None) for a lesion whose mean is within a quarter of the
 tissue's standard deviation of o: there is no contrast to remove. Outside the dilated mask
 the mean absolute change |H - x| is reported (0 by construction of the paste-back). With
-the phantom's healthy twin (the same patient rendered without lesions), the mean absolute
-error to it inside each lesion, before (x) and after (H) synthesis.
+a healthy twin (the same patient without lesions, which the phantom generator rebuilds), the
+mean absolute error to it inside each lesion, before (x) and after (H) synthesis.
+
+The truth comes as a :class:`GroundTruth`: from label maps (:func:`mask_truth`) or from a
+phantom case folder (:func:`diffugts.phantom.truth.load_phantom_truth`, in the phantom package:
+this stage does not depend on the phantom generator).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-
-from diffugts.errors import InputError
-from diffugts.artifacts.geometry import Geometry
-from diffugts.artifacts.files import read_on_grid
 
 # A lesion whose mean is closer to the organ's than this many tissue SDs has no contrast.
 MIN_CONTRAST_SD = 0.25
@@ -39,47 +36,6 @@ class GroundTruth:
     healthy: np.ndarray | None = None  # the healthy twin (phantoms), study grid, same units as x
     source: str = ""
     notes: list[str] = field(default_factory=list)
-
-
-def load_phantom_truth(path: str | os.PathLike, geometry: Geometry, volume: np.ndarray | None = None) -> GroundTruth:
-    """Ground truth of a phantom case folder (or its case.json): label maps, lesion table and,
-    when the generator can rebuild it and it matches ``volume``, the healthy twin."""
-    path = Path(path)
-    case_json = path / "case.json" if path.is_dir() else path
-    try:
-        case = json.loads(case_json.read_text())
-        files = case["files"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(case_json, f"not a phantom case description ({err})") from None
-    root = case_json.parent
-    lesion_map = read_on_grid(root / files["lesions"], geometry, "lesion map").astype(np.int32)
-    organ_map = read_on_grid(root / files["organs"], geometry, "organ map").astype(np.int32)
-    lesions = [{k: r[k] for k in ("id", "organ_label", "type", "organ") if k in r} for r in case.get("lesions", [])]
-    truth = GroundTruth(lesion_map, organ_map, lesions, source=str(case_json))
-    truth.healthy = _healthy_twin(case, lesion_map, volume, truth.notes)
-    return truth
-
-
-def _healthy_twin(case: dict, lesion_map: np.ndarray, volume: np.ndarray | None, notes: list[str]):
-    from diffugts.phantom import GENERATOR_VERSION, CaseSpec, generate_case
-
-    if case.get("generator_version") != GENERATOR_VERSION:
-        notes.append(f"healthy twin not rebuilt: case made by generator version {case.get('generator_version')}, "
-                     f"this is {GENERATOR_VERSION}")
-        return None
-    req, grid = case.get("request", {}), case["grid"]
-    spec = CaseSpec(seed=case["seed"], index=case["index"], modality=case["modality"],
-                    mr_contrast=case.get("mr_contrast"), lesion_types=tuple(req.get("lesion_types") or ()) or None,
-                    organs=tuple(req.get("organs") or ()) or None, split=req.get("split", "any"), healthy=True,
-                    shape=tuple(grid["shape_zyx"]), spacing=tuple(grid["spacing_xyz"]))
-    twin = generate_case(spec).image.astype(np.float32)
-    if volume is not None:
-        # The twin equals the case away from its lesions (docs/phantoms.md); check before use.
-        far = ~ndimage.binary_dilation(lesion_map > 0, iterations=5)
-        if twin.shape != volume.shape or not np.allclose(twin[far], volume[far], atol=0.5):
-            notes.append("healthy twin not used: it does not match the study away from the lesions")
-            return None
-    return twin
 
 
 def mask_truth(lesion_map: np.ndarray, organ_map: np.ndarray, source: str = "") -> GroundTruth:

@@ -26,7 +26,7 @@ from diffugts.stages.lesions import write_lesion_artifact
 from diffugts.phantom import CaseSpec, generate_case, write_case
 from diffugts.stages.report import make_report, study_key
 from diffugts.stages.report.cohort import cohort_report
-from diffugts.stages.report.inputs import load_lesions
+from diffugts.artifacts import lesions as lesions_artifact
 from diffugts.stages.report.upload import upload_report
 from diffugts.storage import MANIFEST, ObjectStore
 from diffugts.artifacts.files import write_image
@@ -80,7 +80,7 @@ def world(tmp_path_factory):
                           synthesis_dir=root / "synthesis", pushgateway="")
     return {"root": root, "study": study, "case": json.loads((case_dir / "case.json").read_text()),
             "summary": summary, "out": root / "report", "healthy": healthy,
-            "masks": load_lesions(root / "lesions", study).lesion_masks(study.geometry)}
+            "masks": lesions_artifact.read(root / "lesions", study.geometry).lesion_masks(study.geometry)}
 
 
 def test_report_folder(world):
@@ -268,7 +268,7 @@ def test_bad_input_fails_with_one_line_and_failed_json(world, tmp_path, capsys):
     code = main(["report", "--study", str(world["root"] / "study"), "--lesions", str(tmp_path / "lesions"),
                  "--out", str(out)])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "not a lesion artifact (no lesions.json)" in err
+    assert code == 2 and err.count("\n") == 1 and "not a lesion artifact (no lesions.json" in err
     failed = json.loads((out / "failed.json").read_text())
     assert failed["reason_code"] == "bad_input" and "lesions.json" in failed["reason"]
     assert str(tmp_path) not in failed["reason"]  # paths can hold patient names

@@ -45,7 +45,10 @@ class ParameterError(ConfigError):
 
     def render(self, names: dict[str, str] | None = None) -> str:
         names = names or {}
-        return self.template.format(**{p: names.get(p, p) for p in self.parameters})
+        text = self.template
+        for p in self.parameters:  # not str.format: a path in the message may hold braces
+            text = text.replace("{" + p + "}", names.get(p, p))
+        return text
 
 
 class OutputError(DiffugtsError):

@@ -156,8 +156,9 @@ def training_free_maps(method: Method, x: np.ndarray, targets: list[Target],
 
 def check_training_free(method: Method) -> None:
     if method.backbone.family != "diffusers2d":
-        raise ConfigError(f"{method.package.root}: training-free maps need a backbone with text cross-attention "
-                          f"(the diffusers2d family); this model is {method.backbone.family!r}: use --maps aova")
+        raise ParameterError(f"{method.package.root}: training-free maps need a backbone with text cross-attention "
+                             f"(the diffusers2d family); this model is {method.backbone.family!r}: use {{maps}} aova",
+                             "maps")
 
 
 def default_threshold(pkg: ModelPackage, maps: str = MapMode.AOVA) -> float:

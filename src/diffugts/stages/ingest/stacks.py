@@ -211,7 +211,7 @@ def analyse(stack: Stack, policy: GeometryPolicy) -> None:
                 stack.notes.append(f"gantry tilt of {tilt:.1f} deg: resampled to an orthogonal grid")
             else:
                 stack.problems.append(f"gantry tilt of {tilt:.1f} deg (slices are sheared); "
-                                      "use --resample to resample to an orthogonal grid")
+                                      "resample (the resample option) to an orthogonal grid")
 
     direction = np.column_stack([row, col, third])
     stack.geometry = Geometry(positions[0], (sx, sy, sz), direction, (n, frames[0].ds.Rows, frames[0].ds.Columns))
@@ -222,7 +222,7 @@ def analyse(stack: Stack, policy: GeometryPolicy) -> None:
             _plan_axis_aligned(stack)
         else:
             stack.problems.append(f"oblique orientation ({oblique:.1f} deg from the patient axes); "
-                                  "use --resample to resample to an axis-aligned grid")
+                                  "resample (the resample option) to an axis-aligned grid")
     elif stack.source_step is not None:
         _plan_deshear(stack)
 

@@ -143,3 +143,32 @@ def test_artifact_readers_check_the_marker_the_schema_and_the_grid(segmented, tm
     assert str(mask) in str(err.value)
     # Version 1 artifacts carry no schema_version field: every writer so far made them.
     assert "schema_version" not in summary and attention_artifact.SCHEMA_VERSION == 1
+
+
+def test_the_core_segments_an_image_held_in_memory(model, case):
+    """TotalSegmentator-style: an image in, per prompt a mask on its grid out, no folders."""
+    from diffugts.artifacts.study import Study
+    from diffugts.core import Core
+
+    meta = json.loads((case / "case.json").read_text())
+    image = sitk.ReadImage(str(case / meta["files"]["volume"]))
+    result = Core(str(model.root), "cpu").run(Study.from_image(image, "CT"), PROMPTS)
+    assert [t["prompt"]["text"] for t in result.lesions.targets] == PROMPTS
+    assert all(m.shape == image.GetSize()[::-1] and m.dtype == bool for m in result.lesions.masks)
+    assert result.synthesis.pseudo_healthy.shape == image.GetSize()[::-1]
+    with pytest.raises(Exception, match="modality must be CT or MR"):
+        Study.from_image(image, "PET")
+
+
+def test_segment_reuses_a_loaded_core_across_studies(model, case, tmp_path, monkeypatch):
+    import diffugts.core as core_module
+    from diffugts.runners.segment import segment
+
+    core = core_module.Core(str(model.root), "cpu").load()
+    opened = []
+    monkeypatch.setattr(core_module, "open_package", lambda *a, **k: opened.append(a))
+    for n in range(2):
+        result = segment(str(case / "dicom"), tmp_path / f"seg{n}", PROMPTS, core=core, report=False,
+                         show_progress=False)
+        assert (tmp_path / f"seg{n}" / "lesions" / "lesions.json").is_file() and "lesions" in result
+    assert opened == []  # the package was opened once, before either study

@@ -8,10 +8,11 @@ one to the next. The file-based stages (``diffugts attend`` ...), ``diffugts seg
 pipelines' tasks, cohort batches and ``evaluate`` are short wrappers around it.
 
     core = Core("demo")
-    study = core.prepare(load_study("out/study"))
+    study = core.prepare(load_study("out/study"))   # or Study.from_image(sitk.ReadImage(...), "CT")
     attention = core.attend(study, ["liver tumor"])
     synthesis = core.synthesize(study, attention)
     lesions = core.refine(study, attention, synthesis)
+    # or all three at once: core.run(study, ["liver tumor"])
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ class PreparedStudy:
         from diffugts.stages.refine import body_mask
 
         return body_mask(self.study.volume, self.study.modality)
+
+
+@dataclass
+class StudyResult:
+    attention: Attention
+    synthesis: Synthesis
+    lesions: Lesions  # per prompt its mask (``masks``), the instances and their measurements
 
 
 class Core:
@@ -156,6 +164,13 @@ class Core:
         from diffugts.stages.synthesize import synthesis
 
         return synthesis(self, study, region, source=source, ground_truth=ground_truth, show_progress=show_progress)
+
+    def run(self, study: Study | PreparedStudy, prompts) -> StudyResult:
+        """The three model stages on one study, in memory."""
+        prepared = study if isinstance(study, PreparedStudy) else self.prepare(study)
+        attention = self.attend(prepared, prompts)
+        synthesis = self.synthesize(prepared, attention)
+        return StudyResult(attention, synthesis, self.refine(prepared, attention, synthesis))
 
     def refine(self, study: PreparedStudy, attention: Attention, synthesis: Synthesis) -> Lesions:
         """Stage 4: refined masks and measured lesion instances per prompt."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from diffugts.errors import InputError
+from diffugts.errors import InputError, ParameterError
 from diffugts.artifacts.geometry import Geometry
 
 MARKER = "series.json"
@@ -29,6 +29,16 @@ class Study:
     @property
     def modality(self) -> str:
         return self.series["modality"]
+
+    @classmethod
+    def from_image(cls, image: sitk.Image, modality: str = "CT") -> "Study":
+        """A study held in memory from a SimpleITK image (CT in HU, or MR): what
+        :class:`diffugts.core.Core` takes without an ingested folder. No DICOM headers, so it
+        can be segmented but not reported as DICOM SEG / SR."""
+        if modality not in ("CT", "MR"):
+            raise ParameterError("{modality} must be CT or MR, not " + repr(modality), "modality")
+        volume = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+        return cls(Path(), {"modality": modality}, volume, Geometry.from_sitk(image))
 
 
 def load_study(path: str | os.PathLike) -> Study:

@@ -144,7 +144,10 @@ def invalidate(input_ref: str, folders: list[Path]) -> None:
 def segment(input_ref: str, out: str | Path, prompts: list[str], *, model: str | None = None,
             device: str | None = None, rules: str = "default", resample: bool = False,
             synthesis: SynthesisParams | None = None, min_volume_ml: float | None = None, report: bool = True,
-            upload: str | None = None, maps: str = MapMode.AOVA, show_progress: bool = True) -> dict:
+            upload: str | None = None, maps: str = MapMode.AOVA, show_progress: bool = True, core=None) -> dict:
+    """Every stage on one input. ``core``: a loaded :class:`~diffugts.core.Core` to reuse
+    (then ``model``, ``device``, ``synthesis``, ``min_volume_ml`` and ``maps`` are its own);
+    without it, one is made for this input."""
     from diffugts.core import Core
     from diffugts.models.defaults import default_model
     from diffugts.stages.ingest import ingest
@@ -152,7 +155,7 @@ def segment(input_ref: str, out: str | Path, prompts: list[str], *, model: str |
     check_prompts(prompts)
     params = method_params(synthesis, min_volume_ml, maps=maps)  # checked before ingest
     out = Path(out)
-    model = model or default_model()
+    model = model or (None if core else default_model())
     folders = {key: out / name for key, name in FOLDERS.items()}
     invalidate(input_ref, list(folders.values()))
     keys = {"attend": "attention", "synthesize": "synthesis", "refine": "lesions"}
@@ -166,7 +169,7 @@ def segment(input_ref: str, out: str | Path, prompts: list[str], *, model: str |
             bar.set_postfix_str(stage)
         if stage == "ingest":
             # The model first: a package that cannot do what was asked fails before any output.
-            core = Core(model, device, params).load()
+            core = core or Core(model, device, params).load()
             ingested = ingest(input_ref, folders["study"], rules=rules, resample_grid=resample, show_progress=False)
             result["series"] = ingested.series["series_label"]
             run = StudyRun(core, folders["study"], prompts, folders)

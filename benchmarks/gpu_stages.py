@@ -51,7 +51,8 @@ from diffugts.models.configs import get_config
 from diffugts.stages.preprocess import Preprocessing, normalise, to_model
 from diffugts.stages.refine import refine_probability, shared_inputs
 from diffugts.networks.refine import RefineHead
-from diffugts.stages.synthesize import Params, make_region, pseudo_healthy
+from diffugts.config import SynthesisParams
+from diffugts.stages.synthesize import make_region, pseudo_healthy
 from diffugts.networks.text import make_target
 from diffugts.train.recipe import default_features
 
@@ -148,7 +149,7 @@ def run_study(backbone, heads, prep, volume, geometry, lesion, device, roi, watc
     if backbone.graphed is not None:  # fresh counts; inpainting captures its graph anew (timed)
         backbone.graphed = GraphedCall()
     with watch.stage("synthesize"):
-        params = Params() if backbone.optimized else Params(steps=BASELINE_STEPS)
+        params = SynthesisParams() if backbone.optimized else SynthesisParams(steps=BASELINE_STEPS)
         pseudo, info = pseudo_healthy(volume, geometry, "CT", region, backbone, prep, params, tile=None, timings=parts)
     watch.rows["synthesize"]["parts"] = {k: round(v, 3) for k, v in parts.items()}
     if backbone.graphed is not None:

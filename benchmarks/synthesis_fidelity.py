@@ -22,7 +22,8 @@ import torch
 
 from diffugts.phantom.truth import load_phantom_truth
 from diffugts.runners.evaluate import load_cases
-from diffugts.stages.synthesize import Params, make_region, pseudo_healthy
+from diffugts.config import SynthesisParams
+from diffugts.stages.synthesize import make_region, pseudo_healthy
 from diffugts.stages.synthesize.fidelity import fidelity
 from diffugts.stages.synthesize.masks import spacing_kji
 
@@ -47,7 +48,7 @@ def main() -> None:
     pkg = open_package(args.model or default_model())
     backbone = load_backbone(pkg, "cpu")
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
-    params = Params(**{k: v for k, v in (("steps", args.steps), ("strength", args.strength)) if v is not None})
+    params = SynthesisParams(**{k: v for k, v in (("steps", args.steps), ("strength", args.strength)) if v is not None})
     params.validate()
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     examples: dict[str, tuple] = {}

@@ -2,7 +2,7 @@
 
 Runs on the GPU image; the pipeline asks for the GPU (``set_accelerator_type`` /
 ``set_accelerator_limit``), this adapter only calls :func:`diffugts.stages.synthesize.synthesize`.
-Defaults match :class:`diffugts.stages.synthesize.Params` (tested).
+Defaults match :class:`diffugts.config.SynthesisParams` (tested).
 """
 
 from kfp import dsl
@@ -47,10 +47,10 @@ def synthesize(
     import sys
 
     from diffugts.errors import DiffugtsError
-    from diffugts.stages.synthesize import Params
+    from diffugts.config import SynthesisParams
     from diffugts.stages.synthesize import synthesize as run_synthesis
 
-    params = Params(dilation_mm=dilation_mm, strength=strength, steps=steps, jumps=jumps, seed=seed,
+    params = SynthesisParams(dilation_mm=dilation_mm, strength=strength, steps=steps, jumps=jumps, seed=seed,
                     context_mm=context_mm, feather_mm=feather_mm, harmonise=harmonise)
     try:
         summary = run_synthesis(study.path, model_uri, synthesis.path, attention=attention.path,

@@ -394,14 +394,15 @@ def test_segment_end_to_end(package, tmp_path, capsys):
     assert np.all(diff[~region] == 0)
 
     # Pseudo-healthy synthesis on the 2D backbone from the phantom's true lesion mask.
-    from diffugts.stages.synthesize import Params, synthesize
+    from diffugts.config import SynthesisParams
+    from diffugts.stages.synthesize import synthesize
 
     lesion = sitk.ReadImage(str(case / "lesions.nii.gz"))
     binary = sitk.Cast(lesion > 0, sitk.sitkUInt8)
     binary.CopyInformation(ref)
     sitk.WriteImage(binary, str(tmp_path / "mask.nii.gz"))
     summary = synthesize(out / "study", str(model.root), tmp_path / "syn", mask=tmp_path / "mask.nii.gz",
-                         params=Params(steps=4), show_progress=False)
+                         params=SynthesisParams(steps=4), show_progress=False)
     assert not summary["nothing_to_inpaint"] and summary["inpainting"]["denoiser_calls"] == 4
     region = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "syn" / "inpaint_mask.nii.gz"))) > 0
     diff = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "syn" / "difference.nii.gz")))

@@ -67,15 +67,15 @@ def test_params_hash_follows_the_methods_defaults(monkeypatch):
     one as done (the cohort pipeline runs synthesis with the defaults)."""
     import dataclasses
 
-    import diffugts.stages.synthesize as synthesis
+    from diffugts.config import SynthesisParams
 
     base = cohort.params_hash(**PARAMS)
 
     @dataclasses.dataclass(frozen=True)
-    class Twenty(synthesis.Params):
+    class Twenty(SynthesisParams):
         steps: int = 20
 
-    monkeypatch.setattr(synthesis, "Params", Twenty)
+    monkeypatch.setattr(cohort, "SynthesisParams", Twenty)
     assert cohort.params_hash(**PARAMS) != base
 
 

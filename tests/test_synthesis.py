@@ -22,11 +22,12 @@ from diffugts.artifacts.geometry import Geometry
 from diffugts.models import open_package
 from diffugts.models.create import create_random
 from diffugts.artifacts.files import write_image
-from diffugts.stages.synthesize import GroundTruth, Params, Tiles, fidelity, inpaint, make_region, synthesize
+from diffugts.config import SynthesisParams
+from diffugts.stages.synthesize import GroundTruth, Tiles, fidelity, inpaint, make_region, synthesize
 from diffugts.stages.synthesize.inpaint import renoise
 
 DEMO_SPACING = (2.75, 2.75, 4.0)
-FAST = Params(steps=3, context_mm=16.0)
+FAST = SynthesisParams(steps=3, context_mm=16.0)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_same_seed_same_output_other_seed_differs_inside_only(tmp_path, package,
     write_image(tmp_path / "mask.nii.gz", lesion.astype(np.uint8), geometry)
     outs = []
     for n, seed in enumerate((5, 5, 6)):
-        params = Params(steps=1, jumps=1, seed=seed, context_mm=16.0)
+        params = SynthesisParams(steps=1, jumps=1, seed=seed, context_mm=16.0)
         synthesize(study, str(package.root), tmp_path / f"out{n}", mask=tmp_path / "mask.nii.gz", params=params,
                    backbone=backbone, show_progress=False)
         outs.append(read(tmp_path / f"out{n}" / "pseudo_healthy.nii.gz"))
@@ -293,7 +294,7 @@ def test_phantom_ground_truth_rebuilds_the_healthy_twin(tmp_path, package, backb
                                                                                **geometry.as_dict()}})
     write_image(tmp_path / "mask.nii.gz", (case.lesion_map > 0).astype(np.uint8), geometry)
     summary = synthesize(study, str(package.root), tmp_path / "out", mask=tmp_path / "mask.nii.gz",
-                         params=Params(steps=1, context_mm=16.0), ground_truth=folder, backbone=backbone,
+                         params=SynthesisParams(steps=1, context_mm=16.0), ground_truth=folder, backbone=backbone,
                          show_progress=False)
     fid = summary["fidelity"]
     assert [e["id"] for e in fid["lesions"]] == [1, 2] and fid["outside_mask_mae"] == 0.0
@@ -341,7 +342,7 @@ def test_defaults_agree_across_library_cli_and_component():
     from components.synthesize import synthesize as component
     from diffugts.cli import build_parser
 
-    p = Params()
+    p = SynthesisParams()
     args = build_parser().parse_args(["synthesize", "s", "--model", "m", "--mask", "x", "--out", "o"])
     for name in ("dilation_mm", "strength", "steps", "jumps", "seed", "context_mm", "feather_mm", "tile"):
         assert getattr(args, name) == getattr(p, name), name
@@ -355,7 +356,7 @@ def test_defaults_agree_across_library_cli_and_component():
 def test_harmonisation_removes_a_generator_bias(backbone, monkeypatch):
     """A generator that returns the input brighter by a constant: harmonised H matches x in
     the ring around the mask (so x - H is the lesion alone); without it the bias stays."""
-    import diffugts.stages.synthesize as synthesis
+    import diffugts.stages.synthesize.stage as synthesis
     from diffugts.stages.preprocess import Preprocessing
     from diffugts.stages.synthesize import pseudo_healthy
 
@@ -375,8 +376,8 @@ def test_harmonisation_removes_a_generator_bias(backbone, monkeypatch):
     g = Geometry((0, 0, 0), DEMO_SPACING, np.eye(3), volume.shape)
     region = make_region(lesion, tuple(DEMO_SPACING[::-1]), 8.0, 4.0)
     ring = region.dilated & ~region.mask & (region.weight >= 1)
-    plain, _ = pseudo_healthy(volume, g, "CT", region, backbone, prep, Params(harmonise=False))
-    fixed, info = pseudo_healthy(volume, g, "CT", region, backbone, prep, Params())
+    plain, _ = pseudo_healthy(volume, g, "CT", region, backbone, prep, SynthesisParams(harmonise=False))
+    fixed, info = pseudo_healthy(volume, g, "CT", region, backbone, prep, SynthesisParams())
     assert np.median(plain[ring] - volume[ring]) > 20
     assert abs(np.median(fixed[ring] - volume[ring])) < 3
     assert info["harmonise_offset"] < -20
@@ -388,7 +389,7 @@ def test_voxels_beyond_the_ct_window_keep_their_values_instead_of_being_clamped(
     """Lung (-850 HU) and bone (+700 HU) inside the inpainted region, outside the model's CT
     window (-250..350 for the demo): a generator that reproduces its (clipped) input must give
     them back as they were, not clamped to the window's edges; soft tissue is still replaced."""
-    import diffugts.stages.synthesize as synthesis
+    import diffugts.stages.synthesize.stage as synthesis
     from diffugts.models import get_config
     from diffugts.stages.preprocess import Preprocessing
     from diffugts.stages.synthesize import pseudo_healthy
@@ -406,7 +407,7 @@ def test_voxels_beyond_the_ct_window_keep_their_values_instead_of_being_clamped(
     coarse[8:16, 10:38, 4:44] = True  # spans lung, soft tissue and bone
     g = Geometry((0, 0, 0), DEMO_SPACING, np.eye(3), volume.shape)
     region = make_region(coarse, tuple(DEMO_SPACING[::-1]), 4.0, 2.0)
-    pseudo, info = pseudo_healthy(volume, g, "CT", region, backbone, prep, Params(harmonise=False))
+    pseudo, info = pseudo_healthy(volume, g, "CT", region, backbone, prep, SynthesisParams(harmonise=False))
     inside = region.weight >= 1
     np.testing.assert_array_equal(pseudo[inside & (volume < -250)], volume[inside & (volume < -250)])
     np.testing.assert_array_equal(pseudo[inside & (volume > 350)], volume[inside & (volume > 350)])

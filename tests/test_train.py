@@ -21,7 +21,7 @@ from diffugts.models.package import open_package
 from diffugts.stages.preprocess import Preprocessing
 from diffugts.stages.refine import refine_threshold
 from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, RefineHead
-from diffugts.stages.synthesize import Params
+from diffugts.config import SynthesisParams
 from diffugts.networks.text import TextEncoder
 from diffugts.train.aova import evaluate_dice, train_aova
 from diffugts.train.data import phantom_case
@@ -72,7 +72,7 @@ def test_refinement_examples_hold_false_candidates_and_the_shipped_head_beats_th
     fusion, threshold = fusion_of(pkg), default_threshold(pkg)
     channels = pkg.network("refine").get("target_channels", LEGACY_TARGET_CHANNELS)
     rng = np.random.default_rng(0)
-    params = Params(steps=5)
+    params = SynthesisParams(steps=5)
     examples, held_out = [], []
     for i, healthy in ((0, False), (1, False), (2, True), (3, False), (4, False)):
         case = phantom_case(3500, i, prep, split="seen", healthy=healthy, keep_volume=True)

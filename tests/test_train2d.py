@@ -178,7 +178,8 @@ def test_attend_training_free_feeds_synthesis(quick_model, study, tmp_path):
     from diffugts.networks.backbones.cross_attention import training_free_probability
     from diffugts.stages.preprocess import to_model
     from diffugts.artifacts.study import load_study
-    from diffugts.stages.synthesize import Params, synthesize
+    from diffugts.config import SynthesisParams
+    from diffugts.stages.synthesize import synthesize
     from diffugts.networks.text import make_target
 
     out = tmp_path / "free"
@@ -207,7 +208,7 @@ def test_attend_training_free_feeds_synthesis(quick_model, study, tmp_path):
     p_aova = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "aova" / aova["targets"][0]["map"])))
     assert np.abs(p_aova - p).max() > 1e-3
     # Synthesis takes the artifact as it takes the head's.
-    syn = synthesize(study, str(quick_model.root), tmp_path / "syn", attention=out, params=Params(steps=2),
+    syn = synthesize(study, str(quick_model.root), tmp_path / "syn", attention=out, params=SynthesisParams(steps=2),
                      show_progress=False)
     assert syn["mask"]["source"] == "attention" and syn["mask"]["coarse_voxels"] == int((p >= 0.5).sum())
 

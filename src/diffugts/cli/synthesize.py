@@ -70,11 +70,12 @@ def _truth(args):
 
 
 def _run(args) -> int:
-    from diffugts.stages.synthesize import Params, synthesize
+    from diffugts.config import SynthesisParams
+    from diffugts.stages.synthesize import synthesize
 
     if args.target is not None and not args.attention:
         raise ConfigError("--target needs --attention")
-    params = Params(dilation_mm=args.dilation_mm, strength=args.strength, steps=args.steps, jumps=args.jumps,
+    params = SynthesisParams(dilation_mm=args.dilation_mm, strength=args.strength, steps=args.steps, jumps=args.jumps,
                     harmonise=args.harmonise,
                     seed=args.seed, context_mm=args.context_mm, feather_mm=args.feather_mm, tile=args.tile)
     params.validate()

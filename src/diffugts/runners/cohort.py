@@ -34,7 +34,7 @@ from pathlib import Path
 
 from diffugts import __version__
 from diffugts.artifacts import report as report_artifact
-from diffugts.config import MapMode
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode, SynthesisParams
 from diffugts.storage.location import is_s3, join, list_children, publish, read_bytes, read_json, write_json
 from diffugts.utils import atomic
 from diffugts.errors import ConfigError, DiffugtsError, InputError
@@ -74,10 +74,8 @@ def params_hash(prompts, rules: str, resample: bool, min_volume_ml: float, maps:
     with the old one instead of mixing both in one cohort."""
     from dataclasses import asdict
 
-    from diffugts.stages.synthesize import Params  # imports torch: fine in the list step, once per run
-
     doc = {"prompts": [str(p) for p in prompts], "rules": str(rules), "resample": bool(resample),
-           "min_volume_ml": float(min_volume_ml), "synthesis": asdict(Params())}
+           "min_volume_ml": float(min_volume_ml), "synthesis": asdict(SynthesisParams())}
     if maps != MapMode.AOVA:  # only then: studies done before the option existed keep their hash
         doc["maps"] = str(maps)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
@@ -147,7 +145,7 @@ def read_marker(results_uri: str, key: str) -> dict | None:
 
 
 def plan_run(results_uri: str, run: str, *, studies_uri: str = "", studies_csv: str = "", model_uri: str,
-             prompts, rules: str = "default", resample: bool = False, min_volume_ml: float = 0.1,
+             prompts, rules: str = "default", resample: bool = False, min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
              force: bool = False, maps: str = MapMode.AOVA, batch_size: int | None = None,
              max_parallel: int | None = None) -> dict:
     """List the inputs, split them into pending and skipped (done before with this model and

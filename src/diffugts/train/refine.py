@@ -25,7 +25,8 @@ from diffugts.stages.preprocess import Preprocessing, normalise
 from diffugts.utils.progress import progress
 from diffugts.stages.refine import shared_inputs, target_inputs
 from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS as SHARED, RefineHead
-from diffugts.stages.synthesize import Params, make_region, pseudo_healthy
+from diffugts.config import SynthesisParams
+from diffugts.stages.synthesize import make_region, pseudo_healthy
 from diffugts.networks.text import TextEncoder, make_target
 from diffugts.train.aova import case_features, organ_family
 from diffugts.train.data import TrainingCase
@@ -62,7 +63,7 @@ def coarse_maps(head: AOVAHead, backbone: Backbone, text: TextEncoder, case: Tra
 
 
 def refinement_example(case: TrainingCase, backbone: Backbone, head: AOVAHead, text: TextEncoder, features,
-                       prep: Preprocessing, params: Params, rng, fusion: Fusion | None = None, threshold: float = 0.5,
+                       prep: Preprocessing, params: SynthesisParams, rng, fusion: Fusion | None = None, threshold: float = 0.5,
                        channels=LEGACY_TARGET_CHANNELS, negatives: int = 1) -> list[Example]:
     """The examples of one case: every organ with lesions, and ``negatives`` lesion-free host
     organs (every host organ of a healthy case) whose coarse candidates are false ones: the
@@ -85,7 +86,7 @@ def refinement_example(case: TrainingCase, backbone: Backbone, head: AOVAHead, t
     region = make_region(union, np.asarray(prep.spacing_mm)[::-1], params.dilation_mm + rng.uniform(0, 6),
                          params.feather_mm)
     pseudo, _ = pseudo_healthy(case.volume, geometry, case.modality, region, backbone, prep,
-                               Params(**{**params.__dict__, "seed": int(rng.integers(1 << 30))}))
+                               SynthesisParams(**{**params.__dict__, "seed": int(rng.integers(1 << 30))}))
     h = normalise(pseudo, case.modality, prep)
     shared = shared_inputs(backbone, case.x, h, region.dilated)
     examples = []

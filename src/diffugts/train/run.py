@@ -152,7 +152,7 @@ class _ExampleMaker:
         from diffugts.stages.attend import default_threshold, fusion_of
         from diffugts.networks.aova import AOVAHead
         from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
-        from diffugts.stages.synthesize import Params
+        from diffugts.config import SynthesisParams
 
         self.prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
         self.backbone = load_backbone(pkg, device or "cpu")
@@ -162,7 +162,7 @@ class _ExampleMaker:
         self.threshold = default_threshold(pkg)
         self.channels = TARGET_CHANNELS if self.fusion else LEGACY_TARGET_CHANNELS
         self.text = TextEncoder()
-        self.params = Params(steps=synthesis_steps)
+        self.params = SynthesisParams(steps=synthesis_steps)
         self.rng = np.random.default_rng(seed)
         self.case_seed, self.shape = R.REFINE_SEED + seed, phantom_shape
 

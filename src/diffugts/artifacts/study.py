@@ -3,7 +3,6 @@ rejections, and ``series.json`` last (written by diffugts.stages.ingest.writer).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from diffugts.errors import InputError, ParameterError
+from diffugts.artifacts.files import read_marker
 from diffugts.artifacts.geometry import Geometry
 
 MARKER = "series.json"
@@ -43,11 +43,8 @@ class Study:
 
 def load_study(path: str | os.PathLike) -> Study:
     root = Path(path)
-    marker = root / MARKER
-    if not marker.is_file():
-        raise InputError(root, f"not a study artifact (no {MARKER}; run `diffugts ingest` first)")
+    series = read_marker(root, MARKER, "a study", "run `diffugts ingest` first")
     try:
-        series = json.loads(marker.read_text())
         geometry = Geometry.from_dict(series["volume"])
         image = sitk.ReadImage(str(root / series["volume"]["file"]))
     except (OSError, KeyError, ValueError, RuntimeError) as err:

@@ -172,3 +172,30 @@ def test_segment_reuses_a_loaded_core_across_studies(model, case, tmp_path, monk
                          show_progress=False)
         assert (tmp_path / f"seg{n}" / "lesions" / "lesions.json").is_file() and "lesions" in result
     assert opened == []  # the package was opened once, before either study
+
+
+def test_refinement_reuses_the_attention_stages_encoding_of_the_study(model, case, monkeypatch):
+    """With one window over the whole volume, E(x) is computed once (attention) and refinement
+    encodes only the pseudo-healthy image; the refined maps are those of a fresh encoding."""
+    from diffugts.artifacts.study import Study
+    from diffugts.core import Core
+
+    monkeypatch.setattr("diffugts.stages.attend.default_threshold", lambda *a, **k: 0.0)  # a region everywhere
+    meta = json.loads((case / "case.json").read_text())
+    study = Study.from_image(sitk.ReadImage(str(case / meta["files"]["volume"])), "CT")
+    core = Core(str(model.root), "cpu")
+    calls = []
+    encode = core.backbone.encoder_features
+    monkeypatch.setattr(core.backbone, "encoder_features", lambda x: calls.append(1) or encode(x))
+    prepared = core.prepare(study)
+    attention = core.attend(prepared, PROMPTS)
+    assert attention.coarse.encoder_levels is not None
+    synthesis = core.synthesize(prepared, attention)
+    reused = core.refine(prepared, attention, synthesis)
+    assert len(calls) == 1 and attention.coarse.encoder_levels is None  # E(H) only; the levels consumed
+    fresh = core.refine(prepared, attention, synthesis)  # nothing kept now: E(x) computed again
+    assert len(calls) == 3
+    assert reused.summary == fresh.summary  # the lesions' confidences come from the refined maps
+    for a, b in zip(reused.masks, fresh.masks):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(reused.instances, fresh.instances)

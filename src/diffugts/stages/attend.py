@@ -33,6 +33,9 @@ from diffugts.config import (AOVA_HEAD, DEFAULT_COARSE_THRESHOLD, DEFAULT_SEED, 
 from diffugts.networks.text import Target, TextEncoder, make_target
 
 log = logging.getLogger(__name__)
+# Encoder levels of a whole-volume window are kept for refinement up to this size (the demo's
+# are about 40 MB; a full-size CT is tiled, so nothing is kept and refinement encodes it).
+ENCODER_CACHE_BYTES = 256 * 2**20
 # Image-level score of a training-free map: the mean of its top 0.2 %, as the AOVA head's
 # default top_fraction (a head's own affine calibration does not exist without training).
 TRAINING_FREE_TOP_FRACTION = 0.002
@@ -77,6 +80,9 @@ class CoarseMaps:
     organ: np.ndarray | None = None  # (T, *grid) bool: the target's organ with its inclusions
     z: np.ndarray | None = None  # (T, *grid) organ-relative deviation
     fused: bool = True  # the map is the fusion (else the head's own map; organ and z for reference)
+    # The backbone's encoder levels of the whole volume, when one window covered it and they
+    # are small enough to keep (ENCODER_CACHE_BYTES): refinement's E(x), not computed twice.
+    encoder_levels: list | None = None
 
 
 def fusion_of(pkg: ModelPackage):
@@ -97,9 +103,16 @@ def coarse_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], s
     index = method.backbone.feature_index(method.package.network(AOVA_HEAD)["features"])
     fusion = fusion_of(method.package)
 
+    kept: list = []
+    n_encoder = sum(1 for s in method.backbone.feature_specs() if s.name.startswith("encoder"))
+
     def predictor(patch: torch.Tensor) -> torch.Tensor:
         gen = torch.Generator(device=method.device).manual_seed(seed)
         feats = method.backbone.features(patch, spacing, generator=gen)
+        if method.backbone.features_lead_with_encoder and patch.shape == xt.shape:
+            levels = feats[:n_encoder]
+            if sum(f.numel() * f.element_size() for f in levels) <= ENCODER_CACHE_BYTES:
+                kept.extend(levels)
         out = method.head([feats[i] for i in index], prompts, groups, out_shape=tuple(patch.shape[2:]))
         return torch.cat([out.log_odds, out.region_log_odds, out.anomaly_log_odds], 1)
 
@@ -116,13 +129,13 @@ def coarse_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], s
         a, b = method.head.score_affine
         score = torch.sigmoid(a * top_mean(maps[:, :n], method.head.top_fraction) + b)
         return CoarseMaps(torch.sigmoid(maps[0, :n]).float().cpu().numpy(), score[0].float().cpu().numpy(), organ, z,
-                          fused=False)
+                          fused=False, encoder_levels=kept or None)
     fused = [fusion.maps(x, maps[0, n + t].float().cpu().numpy(), maps[0, 2 * n + t].float().cpu().numpy(),
                          spacing_kji) for t in range(n)]
     organ, z = np.stack([f.organ for f in fused]), np.stack([f.z for f in fused])
     prob = np.stack([f.prob for f in fused])
     score = top_mean(torch.from_numpy(prob)[None], method.head.top_fraction)[0].numpy()
-    return CoarseMaps(prob, score, organ, z)
+    return CoarseMaps(prob, score, organ, z, encoder_levels=kept or None)
 
 
 def attention_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

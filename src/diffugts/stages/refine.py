@@ -33,16 +33,19 @@ HEAD_BATCH_VOXELS = 2 ** 24
 
 @torch.no_grad()
 def shared_inputs(backbone: Backbone, x: np.ndarray, h: np.ndarray, region: np.ndarray,
-                  as_tensor: bool = False) -> np.ndarray | torch.Tensor:
+                  as_tensor: bool = False, x_levels: list[torch.Tensor] | None = None) -> np.ndarray | torch.Tensor:
     """The target-independent channels on the model grid: (8, *S) float32.
 
     ``as_tensor`` keeps them on the backbone's device (no host round trip before the head).
+    ``x_levels``: ``backbone.encoder_features(x)`` when already computed (consumed: changed
+    in place).
     """
     device = next(backbone.parameters()).device
     xt = torch.from_numpy(x)[None, None].to(device)
     ht = torch.from_numpy(h)[None, None].to(device)
     channels = [xt, ht, (xt - ht) * RESIDUAL_GAIN, (xt - ht).abs() * RESIDUAL_GAIN]
-    fx_levels, fh_levels = backbone.encoder_features(xt), backbone.encoder_features(ht)
+    fx_levels = list(x_levels) if x_levels is not None else backbone.encoder_features(xt)
+    fh_levels = backbone.encoder_features(ht)
     while fx_levels:  # level by level, in place, each freed once used: no full-size temporaries
         fx, fh = fx_levels.pop(0), fh_levels.pop(0)
         scale = fx.std() + 1e-6
@@ -247,7 +250,11 @@ def refinement(core, study, attention, synthesis):
         if s.modality == "CT":
             h = np.clip(h, 0.0, 1.0)
         region_model = space.to_model(inpainted.astype(np.float32), nearest=True) > 0.5
-        shared = shared_inputs(backbone, x, h, region_model, as_tensor=True)
+        coarse_maps = attention.coarse  # the attention stage's encoder levels of x, when it kept them
+        x_levels = coarse_maps.encoder_levels if coarse_maps is not None else None
+        if coarse_maps is not None:
+            coarse_maps.encoder_levels = None  # consumed here (changed in place)
+        shared = shared_inputs(backbone, x, h, region_model, as_tensor=True, x_levels=x_levels)
         roi = (pkg.manifest.get("inference") or {}).get("roi_size")
         own_inputs = own_channels(pkg, x, space, organs)
         probs = refined_probabilities(head, shared, coarse, allowed, space, roi, own_inputs)

@@ -77,6 +77,9 @@ class Backbone(nn.Module, ABC):
 
     family: str
     latent_stride: int  # image voxels per latent voxel along each axis
+    # True where features(x)'s leading encoder levels are exactly encoder_features(x) (same
+    # computation): refinement then reuses the attention stage's instead of encoding x again.
+    features_lead_with_encoder: bool = False
 
     @abstractmethod
     def feature_specs(self) -> list[FeatureSpec]:

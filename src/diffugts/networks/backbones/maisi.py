@@ -104,6 +104,7 @@ class DDIMSampler(ScheduleSampler):
 
 class MaisiBackbone(Backbone):
     family = "maisi"
+    features_lead_with_encoder = True  # both run _encode_with_levels under the same autocast
 
     def __init__(self, config: dict, scale_factor: float = 1.0, device: str | torch.device = "cpu",
                  feature_noise: float = DEFAULT_FEATURE_NOISE, optimized: bool = True, cuda_graphs: bool = True):

@@ -25,6 +25,10 @@ How each file is compared:
   substitutions below.
 - Everything else (PNG pictures, ...): byte for byte.
 
+Numbers are compared exactly. Torch's CPU thread count changes float sums in the last bits
+(``evaluate``'s anomaly ``score``: 2 threads vs 1 differ by about 1e-7), so make both sides with
+the same ``OMP_NUM_THREADS``.
+
 Substitutions (what legitimately differs between two runs of the same code): the folder
 root itself (``A``, ``B``, also in their resolved forms), ISO 8601 date-times
 (``2026-12-03T14:10:55+00:00``), kfp.local's run-folder time stamps

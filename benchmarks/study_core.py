@@ -27,7 +27,9 @@ to force one). Figures per study:
   caller (``module.function``) at the end.
 - ``diffugts segment`` wall time, **cold** (a fresh process running the CLI on one study) and
   **warm** (one process: a first study runs, then each study is timed; how a tree segments
-  its second study is :func:`warm_path`, the one place to adjust when the core's API settles);
+  its second study is :func:`warm_path`: ``segment(core=...)`` with one loaded
+  ``diffugts.core.Core`` where the tree has them, else ``segment()`` again; the one place to
+  adjust if the core's API changes);
 - the fused kfp.local study (``pipelines/study_fused.py`` through
   ``benchmarks/cpu_study.py``'s ``through_kfp_local``, the measured tree's own copy);
 - ``diffugts evaluate --cases DIR`` (``--eval-cases``; default the demo studies' phantom cases).
@@ -80,8 +82,9 @@ COUNT_LABELS = {
     "space_to_model": "arrays put on the model grid (`ModelSpace.to_model`, any array)",
     "space_to_model_interpolated": "... of which interpolated (model grid not the study grid)",
 }
-# Modules a count is not attributed to: the counted functions' own (the caller is wanted).
-_NOT_CALLERS = (".package", ".preprocess", ".study", ".geometry")
+# Modules a count is not attributed to: the counted functions' own and the artifact readers
+# (the stage that called them is wanted).
+_NOT_CALLERS = (".package", ".preprocess", ".study", ".geometry", ".files")
 
 
 # -- counting (runs inside the measured processes) ------------------------------------------
@@ -102,7 +105,8 @@ def _caller() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
-        if name.startswith(("diffugts", "components")) and not name.endswith(_NOT_CALLERS):
+        if name.startswith(("diffugts", "components")) and not name.endswith(_NOT_CALLERS) \
+                and not name.startswith("diffugts.artifacts."):
             return f"{name.rsplit('.', 1)[-1]}.{frame.f_code.co_name}"
         frame = frame.f_back
     return "?"
@@ -314,35 +318,37 @@ def warm_path(model: str, prompts: list[str]):
     """How one process segments its second and later studies: ``(description, run)`` where
     ``run(study, out)`` segments one study into ``out`` (the `diffugts segment` folders).
 
-    ADJUST HERE when the in-memory core's API is fixed. Today:
+    ADJUST HERE if the core's API changes. Today:
 
-    - a tree with a ``diffugts.core`` module: its reusable object, built once here (its cost is
-      part of the process's first study) and used for every study: the first of
-      ``CORE_ENTRIES`` the module has, called with the model, whose ``segment(input_ref, out,
-      prompts)`` segments one study;
-    - otherwise (the old tree, or a core without a known entry): the runner's ``segment()``
-      called again in the same process (imports done; the package re-read per call).
+    - a tree with ``diffugts.core.Core`` and a runner ``segment()`` that takes ``core=``: the
+      runner's own multi-study path, as runners/batch.py does it: one
+      ``Core(model, None, method_params()).load()`` (built here, so its cost is part of the
+      process's first study), then ``segment(..., core=core)`` per study;
+    - otherwise (the old tree, fe96cec): the runner's ``segment()`` called again in the same
+      process (imports done; the package re-opened and the networks re-loaded per call).
     """
-    segment = _import_first(SEGMENT_MODULES).segment
-    fallback = ("segment() again in the same process",
-                lambda study, out: segment(str(study), out, prompts, model=model, show_progress=False))
+    import inspect
+
+    runner = _import_first(SEGMENT_MODULES)
+    segment = runner.segment
+    again = ("segment() again in the same process",
+             lambda study, out: segment(str(study), out, prompts, model=model, show_progress=False))
     try:
-        core = importlib.import_module("diffugts.core")
+        core_module = importlib.import_module("diffugts.core")
     except ModuleNotFoundError as err:
-        if err.name not in ("diffugts.core",):
+        if err.name != "diffugts.core":
             raise
-        return fallback
-    CORE_ENTRIES = ("StudyCore", "Core", "Segmenter", "Session")  # noqa: N806  (adjust with the API)
-    for name in CORE_ENTRIES:
-        entry = getattr(core, name, None)
-        if callable(entry):
-            obj = entry(model)
-            if callable(getattr(obj, "segment", None)):
-                return (f"diffugts.core.{name}(model).segment(), one object for every study",
-                        lambda study, out: obj.segment(str(study), out, prompts))
-    print(f"study_core: diffugts.core has none of {', '.join(CORE_ENTRIES)} with a segment(): "
-          "timing segment() again instead; adjust warm_path() in benchmarks/study_core.py", file=sys.stderr)
-    return (f"{fallback[0]} (diffugts.core found, entry unknown: adjust warm_path())", fallback[1])
+        return again
+    Core = getattr(core_module, "Core", None)  # noqa: N806
+    if Core is None or "core" not in inspect.signature(segment).parameters:
+        print("study_core: diffugts.core found, but no Core or no segment(core=...): timing segment() again "
+              "instead; adjust warm_path() in benchmarks/study_core.py", file=sys.stderr)
+        return (f"{again[0]} (diffugts.core found, entry unknown: adjust warm_path())", again[1])
+    params = getattr(runner, "method_params", None)
+    core = Core(model, None, params()) if params else Core(model)
+    core = core.load() if hasattr(core, "load") else core
+    return ("one Core(model).load(), then segment(core=core) per study (as runners/batch.py)",
+            lambda study, out: segment(str(study), out, prompts, core=core, show_progress=False))
 
 
 def worker_info(spec: dict) -> dict:
@@ -353,6 +359,10 @@ def worker_info(spec: dict) -> dict:
     model = str(Path(spec.get("model") or default_model()).resolve())
     out = {"diffugts": str(Path(diffugts.__file__).resolve().parent), "model": model, "prompts": PROMPTS,
            "model_manifest": _sha256(Path(model) / "manifest.json")}
+    if not spec.get("make_studies"):
+        import torch
+
+        out["torch_threads"] = torch.get_num_threads()
     if spec.get("make_studies"):
         names = demo_studies(Path(spec["make_studies"]))
         out["studies"] = {Path(p).name: {"path": p, "description": d} for p, d in names.items()}
@@ -420,12 +430,14 @@ WORKERS = {"info": worker_info, "warm": worker_warm, "kfp": worker_kfp}
 # -- the parent: runs the workers and the CLIs, prints the table ----------------------------
 
 class Tree:
-    def __init__(self, path: Path, label: str, work: Path, python: str):
+    def __init__(self, path: Path, label: str, work: Path, python: str, threads: int | None = None):
         self.path, self.label, self.work, self.python = path.resolve(), label, work / label, python
-        self.hooks = work / "hooks"
+        self.hooks, self.threads = work / "hooks", threads
 
     def env(self, counts: Path | None = None) -> dict:
         env = dict(os.environ)
+        if self.threads:  # torch's CPU thread count: float sums (anomaly scores) depend on it
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
         env["PYTHONPATH"] = os.pathsep.join([str(self.hooks), str(self.path / "src"), str(self.path)])
         env[ENV_SCRIPT] = str(Path(__file__).resolve())
         env.pop(ENV_COUNTS, None)
@@ -615,7 +627,7 @@ def report(trees: list[Tree], res: dict, studies: dict, compared: list[tuple[str
         info = res[t.label]["info"]
         warm = res[t.label].get("warm", {})
         print(f"- {t.label}: {t.path} (diffugts from {info['diffugts']}); model {info['model']} "
-              f"(manifest sha256 {info['model_manifest'][:12]})"
+              f"(manifest sha256 {info['model_manifest'][:12]}); torch threads {info.get('torch_threads')}"
               + (f"; warm path: {warm['path']}" if warm else ""))
         if warm.get("unpatched_modules"):
             print(f"  WARNING: imported but not instrumented: {warm['unpatched_modules']} (adjust HOOKS)")
@@ -675,6 +687,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-warm", action="store_true", help="no warm in-process runs")
     ap.add_argument("--skip-kfp", action="store_true", help="no kfp.local fused pipeline runs")
     ap.add_argument("--skip-evaluate", action="store_true", help="no `diffugts evaluate` run")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS for every measured process (default: inherited; torch then uses one "
+                         "per core). Outputs compared with a run made elsewhere need the same count: the "
+                         "anomaly scores' float sums depend on it")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder, kept (default: a temporary one)")
     ap.add_argument("--json", type=Path, default=None, help="write every raw figure here")
     ap.add_argument("--_worker", nargs=3, metavar=("MODE", "SPEC", "RESULT"), help=argparse.SUPPRESS)
@@ -692,8 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     (work / "hooks" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     (work / "tmp").mkdir(exist_ok=True)
     os.environ["TMPDIR"] = str(work / "tmp")  # kfp.local's scratch folders stay under the work folder
-    trees = [Tree(args.baseline_tree, "baseline", work, sys.executable)] if args.baseline_tree else []
-    trees.append(Tree(args.tree, "new" if args.baseline_tree else "tree", work, sys.executable))
+    trees = [Tree(args.baseline_tree, "baseline", work, sys.executable, args.threads)] if args.baseline_tree else []
+    trees.append(Tree(args.tree, "new" if args.baseline_tree else "tree", work, sys.executable, args.threads))
     for t in trees:
         if not (t.path / "src" / "diffugts").is_dir():
             ap.error(f"{t.path}: not a diffugts source tree (no src/diffugts)")

@@ -87,3 +87,48 @@ def test_sitecustomize_counts_in_a_subprocess(tmp_path):
     assert total["callers"]["package_opens"] == {"?": 2, "fakestage.<lambda>": 1}
     assert total["callers"]["study_reads"] == {"?": 1}
     assert list(counts.glob("*.json")) and not list(counts.glob("*.tmp"))
+
+
+def test_warm_path_detects_a_core(monkeypatch, tmp_path):
+    """The warm path: one diffugts.core.Core reused through segment(core=...) when the tree
+    has both, else segment() again (the runner and the core are stand-ins here)."""
+    import types
+
+    sc = _load()
+    calls = []
+
+    class Core:
+        def __init__(self, model, device=None, params=None):
+            calls.append(("core", model, params))
+
+        def load(self):
+            return self
+
+    def segment(input_ref, out, prompts, *, model=None, show_progress=True, core=None):
+        calls.append(("segment", input_ref, out, model, core is not None))
+        return {"timings_s": {}}
+
+    runner = types.ModuleType("fake_runner")
+    runner.segment, runner.method_params = segment, lambda: "PARAMS"
+    core_module = types.ModuleType("diffugts.core")
+    core_module.Core = Core
+    monkeypatch.setitem(sys.modules, "fake_runner", runner)
+    monkeypatch.setattr(sc, "SEGMENT_MODULES", ("fake_runner",))
+    monkeypatch.setitem(sys.modules, "diffugts.core", core_module)
+    description, run = sc.warm_path("MODEL", ["liver tumor"])
+    assert description.startswith("one Core(model).load(), then segment(core=core)")
+    run(tmp_path / "s1", tmp_path / "o1")
+    run(tmp_path / "s2", tmp_path / "o2")
+    assert calls == [("core", "MODEL", "PARAMS"), ("segment", str(tmp_path / "s1"), tmp_path / "o1", None, True),
+                     ("segment", str(tmp_path / "s2"), tmp_path / "o2", None, True)]
+
+    calls.clear()
+    monkeypatch.setitem(sys.modules, "diffugts.core", None)  # a tree without a core (the old layout)
+    description, run = sc.warm_path("MODEL", ["liver tumor"])
+    assert description == "segment() again in the same process"
+    run(tmp_path / "s1", tmp_path / "o1")
+    assert calls == [("segment", str(tmp_path / "s1"), tmp_path / "o1", "MODEL", False)]
+
+    monkeypatch.setitem(sys.modules, "diffugts.core", types.ModuleType("diffugts.core"))  # no Core in it
+    description, _ = sc.warm_path("MODEL", ["liver tumor"])
+    assert description.startswith("segment() again") and "adjust warm_path()" in description

@@ -82,8 +82,9 @@ def main() -> int:
     # restore it out of order and leave it indented: put the real one back afterwards.
     real_print = builtins.print
     try:
-        cohort_pipeline(studies_uri=str(out / "demo-input" / "studies"), model_uri=model,
-                        results_uri=str(results), prompts=PROMPTS)
+        cohort_pipeline(
+            studies_uri=str(out / "demo-input" / "studies"), model_uri=model, results_uri=str(results), prompts=PROMPTS
+        )
     finally:
         builtins.print = real_print
         shutil.rmtree(scratch, ignore_errors=True)
@@ -93,8 +94,10 @@ def main() -> int:
         print("the cohort run left no record: see the log above", file=sys.stderr)
         return 1
     record = json.loads(runs[-1].read_text())
-    print(f"\nModel: {model}\nPrompts: {', '.join(PROMPTS)}\nRun {record['run']}: {record['state']}, "
-          f"{record['processed']} processed, {record['skipped']} skipped (done before)\n\nStudies:")
+    print(
+        f"\nModel: {model}\nPrompts: {', '.join(PROMPTS)}\nRun {record['run']}: {record['state']}, "
+        f"{record['processed']} processed, {record['skipped']} skipped (done before)\n\nStudies:"
+    )
     for uri, name in names.items():
         marker_path = Path(cohort.marker_uri(str(results), cohort.study_key(uri)))
         marker = json.loads(marker_path.read_text()) if marker_path.exists() else {"status": "", "reason": "not run"}
@@ -103,12 +106,15 @@ def main() -> int:
             print(f"    failed: {marker['reason']}")
             continue
         summary = json.loads((Path(marker["result"]) / "report.json").read_text())
-        found = ", ".join(f"{t['text']}: {len(t['lesion_ids'])} lesion(s), {t['total_volume_ml']:.1f} mL"
-                          for t in summary["targets"])
+        found = ", ".join(
+            f"{t['text']}: {len(t['lesion_ids'])} lesion(s), {t['total_volume_ml']:.1f} mL" for t in summary["targets"]
+        )
         print(f"    found:  {found}\n    report: {Path(marker['result']) / 'report.html'}")
     if record["report"]:
-        print(f"\nCohort report: {Path(record['report']) / 'cohort.html'}\n"
-              f"               {Path(record['report']) / 'cohort.csv'}")
+        print(
+            f"\nCohort report: {Path(record['report']) / 'cohort.html'}\n"
+            f"               {Path(record['report']) / 'cohort.csv'}"
+        )
     return 0 if cohort.run_succeeded(record["state"]) else 1
 
 

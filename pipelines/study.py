@@ -1,6 +1,6 @@
 """The study pipeline: one DICOM study in, masks, lesions, DICOM SEG/SR and a report out.
 
-    ingestion -> attention maps (GPU) -> pseudo-healthy synthesis (GPU) -> residual refinement (GPU) -> report
+ingestion -> attention maps (GPU) -> pseudo-healthy synthesis (GPU) -> residual refinement (GPU) -> report
 """
 
 from kfp import dsl
@@ -15,8 +15,7 @@ from pipelines.resources import cpu_stage, fingerprints, gpu_stage
 
 @dsl.pipeline(
     name="diffugts-study",
-    description="Zero-shot, open-vocabulary tumor segmentation of one CT/MR study "
-    "(DICOM folder, zip or s3:// prefix).",
+    description="Zero-shot, open-vocabulary tumor segmentation of one CT/MR study (DICOM folder, zip or s3:// prefix).",
 )
 def study_pipeline(
     input_uri: str,
@@ -44,17 +43,44 @@ def study_pipeline(
     """
     keys = fingerprints(input_uri, model_uri)
     study_sha, model_sha = keys.outputs["study_sha256"], keys.outputs["model_sha256"]
-    ingest_task = cpu_stage(ingest(input_uri=input_uri, study_sha256=study_sha, rules=rules, resample=resample),
-                            "DICOM ingestion")
-    attend_task = gpu_stage(attend(study=ingest_task.outputs["study"], model_uri=model_uri, model_sha256=model_sha,
-                                   prompts=prompts, maps=maps), "Attention maps")
-    synth_task = gpu_stage(synthesize(study=ingest_task.outputs["study"], attention=attend_task.outputs["attention"],
-                                      model_uri=model_uri, model_sha256=model_sha), "Pseudo-healthy synthesis")
-    refine_task = gpu_stage(refine(study=ingest_task.outputs["study"], attention=attend_task.outputs["attention"],
-                                   synthesis=synth_task.outputs["synthesis"], model_uri=model_uri,
-                                   model_sha256=model_sha, min_volume_ml=min_volume_ml), "Residual refinement")
-    report_task = cpu_stage(report(study=ingest_task.outputs["study"], lesions=refine_task.outputs["lesions"],
-                                   attention=attend_task.outputs["attention"],
-                                   synthesis=synth_task.outputs["synthesis"], upload=upload, upload_uri=results_uri),
-                            "Report")
+    ingest_task = cpu_stage(
+        ingest(input_uri=input_uri, study_sha256=study_sha, rules=rules, resample=resample), "DICOM ingestion"
+    )
+    attend_task = gpu_stage(
+        attend(
+            study=ingest_task.outputs["study"], model_uri=model_uri, model_sha256=model_sha, prompts=prompts, maps=maps
+        ),
+        "Attention maps",
+    )
+    synth_task = gpu_stage(
+        synthesize(
+            study=ingest_task.outputs["study"],
+            attention=attend_task.outputs["attention"],
+            model_uri=model_uri,
+            model_sha256=model_sha,
+        ),
+        "Pseudo-healthy synthesis",
+    )
+    refine_task = gpu_stage(
+        refine(
+            study=ingest_task.outputs["study"],
+            attention=attend_task.outputs["attention"],
+            synthesis=synth_task.outputs["synthesis"],
+            model_uri=model_uri,
+            model_sha256=model_sha,
+            min_volume_ml=min_volume_ml,
+        ),
+        "Residual refinement",
+    )
+    report_task = cpu_stage(
+        report(
+            study=ingest_task.outputs["study"],
+            lesions=refine_task.outputs["lesions"],
+            attention=attend_task.outputs["attention"],
+            synthesis=synth_task.outputs["synthesis"],
+            upload=upload,
+            upload_uri=results_uri,
+        ),
+        "Report",
+    )
     return report_task.outputs["report_folder"]

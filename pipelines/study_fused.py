@@ -47,14 +47,30 @@ def study_fused_pipeline(
         maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
     """
     keys = fingerprints(input_uri, model_uri)
-    ingest_task = cpu_stage(ingest(input_uri=input_uri, study_sha256=keys.outputs["study_sha256"], rules=rules,
-                                   resample=resample), "DICOM ingestion")
-    model_task = gpu_stage(segment(study=ingest_task.outputs["study"], model_uri=model_uri,
-                                   model_sha256=keys.outputs["model_sha256"], prompts=prompts, maps=maps,
-                                   min_volume_ml=min_volume_ml),
-                           "Attention, synthesis, refinement")
-    report_task = cpu_stage(report(study=ingest_task.outputs["study"], lesions=model_task.outputs["lesions"],
-                                   attention=model_task.outputs["attention"],
-                                   synthesis=model_task.outputs["synthesis"], upload=upload, upload_uri=results_uri),
-                            "Report")
+    ingest_task = cpu_stage(
+        ingest(input_uri=input_uri, study_sha256=keys.outputs["study_sha256"], rules=rules, resample=resample),
+        "DICOM ingestion",
+    )
+    model_task = gpu_stage(
+        segment(
+            study=ingest_task.outputs["study"],
+            model_uri=model_uri,
+            model_sha256=keys.outputs["model_sha256"],
+            prompts=prompts,
+            maps=maps,
+            min_volume_ml=min_volume_ml,
+        ),
+        "Attention, synthesis, refinement",
+    )
+    report_task = cpu_stage(
+        report(
+            study=ingest_task.outputs["study"],
+            lesions=model_task.outputs["lesions"],
+            attention=model_task.outputs["attention"],
+            synthesis=model_task.outputs["synthesis"],
+            upload=upload,
+            upload_uri=results_uri,
+        ),
+        "Report",
+    )
     return report_task.outputs["report_folder"]

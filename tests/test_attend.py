@@ -78,16 +78,19 @@ def test_tiled_and_whole_volume_agree(model, study, tmp_path):
 
 
 def test_cli_errors_are_one_line(model, tmp_path, capsys):
-    assert main(["attend", str(tmp_path), "--model", str(model.root), "--prompt", "x", "--out",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(["attend", str(tmp_path), "--model", str(model.root), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a study artifact" in err[0]
 
 
 def test_model_without_head_is_a_clear_error(study, tmp_path, capsys):
     pkg = create_random(tmp_path / "bare", "demo", seed=0)
-    assert main(["attend", str(study), "--model", str(pkg.root), "--prompt", "liver tumor", "--out",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(["attend", str(study), "--model", str(pkg.root), "--prompt", "liver tumor", "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "no trained aova head" in capsys.readouterr().err
 
 

@@ -81,8 +81,9 @@ def test_demo_2d_model_verifies_and_records_how_it_was_made(capsys):
     assert size <= 30 * 1024 * 1024
     manifest = json.loads((DEMO_2D_MODEL / "manifest.json").read_text())
     provenance = manifest["provenance"]
-    assert provenance["command"] == ("diffugts train demo --config demo-2d --out src/diffugts/data/models/demo-2d "
-                                     "--seed 0")
+    assert provenance["command"] == (
+        "diffugts train demo --config demo-2d --out src/diffugts/data/models/demo-2d --seed 0"
+    )
     assert provenance["recipe"]["config"] == "demo-2d" and provenance["recipe"]["seed"] == 0
     assert {"backbone_training", "aova_training", "refine_training"} <= set(provenance)
 
@@ -100,8 +101,22 @@ def test_segment_with_the_2d_demo_model_end_to_end(tmp_path):
     case = generate_case(spec)
     case_dir = write_case(case, tmp_path / "cases", dicom=True)
     out = tmp_path / "out"
-    assert main(["-q", "segment", str(case_dir / "dicom"), "--model", "demo-2d", "--prompt", "liver tumor",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "segment",
+                str(case_dir / "dicom"),
+                "--model",
+                "demo-2d",
+                "--prompt",
+                "liver tumor",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     lesions = json.loads((out / "lesions" / "lesions.json").read_text())
     assert lesions["model"]["name"] == "demo-2d-phantom"
     assert lesions["targets"][0]["prompt"]["organ"] == "liver"

@@ -47,8 +47,15 @@ def test_report_names_the_side_and_the_slice_of_each_kidney_lesion(tmp_path):
     study = load_study(tmp_path / "study")
     kidney = case.lesion_map > 0
     targets = [{"prompt": {"text": "kidney tumor", "organ": "kidney"}, "score": 0.8}]
-    write_lesion_artifact(tmp_path / "lesions", study, targets, [kidney], [kidney.astype(np.float32)],
-                          min_volume_ml=0.1, model={"name": "truth", "sha256": "0" * 64})
+    write_lesion_artifact(
+        tmp_path / "lesions",
+        study,
+        targets,
+        [kidney],
+        [kidney.astype(np.float32)],
+        min_volume_ml=0.1,
+        model={"name": "truth", "sha256": "0" * 64},
+    )
     summary = make_report(tmp_path / "study", tmp_path / "lesions", tmp_path / "report", pushgateway="")
 
     # Each lesion's side is the ground truth's: the phantom's lesion ids are the label values.

@@ -47,8 +47,16 @@ def test_aova_head_learns_and_finds_organs_in_held_out_cases(demo, text):
     torch.manual_seed(0)
     train = [phantom_case(2500, i, prep, split="seen") for i in range(3)]
     held_out = [phantom_case(2600, i, prep, split="seen") for i in range(2)]
-    result = train_aova(backbone, text, train, feature_names=AOVA_FEATURES, spacing=prep.spacing_mm, steps=80,
-                        dim=16, show_progress=False)
+    result = train_aova(
+        backbone,
+        text,
+        train,
+        feature_names=AOVA_FEATURES,
+        spacing=prep.spacing_mm,
+        steps=80,
+        dim=16,
+        show_progress=False,
+    )
     losses = [h["loss"] for h in result.history]
     assert _mean(losses[-15:]) < 0.8 * _mean(losses[:15])
     rows = evaluate_dice(result.head, backbone, text, held_out, AOVA_FEATURES, prep.spacing_mm)
@@ -74,8 +82,7 @@ def test_refinement_examples_hold_false_candidates_and_the_shipped_head_beats_th
     examples, held_out = [], []
     for i, healthy in ((0, False), (1, False), (2, True), (3, False), (4, False)):
         case = phantom_case(3500, i, prep, split="seen", healthy=healthy, keep_volume=True)
-        made = refinement_example(case, backbone, aova, text, features, prep, params, rng, fusion, threshold,
-                                  channels)
+        made = refinement_example(case, backbone, aova, text, features, prep, params, rng, fusion, threshold, channels)
         (examples if i < 3 else held_out).extend(made)
     assert any(not e.truth.any() for e in examples), "lesion-free targets to learn from"
     assert all(e.inputs.shape[0] == SHARED_CHANNELS + len(channels) for e in examples)
@@ -99,8 +106,12 @@ def test_backbone_training_losses_fall_and_set_the_scale_factor():
     backbone = build_backbone({**get_config("demo"), "scale_factor": 1.0})
     rng = np.random.default_rng(0)
     _, j, i = np.indices((32, 64, 64))
-    images = [(0.4 + 0.3 * (((i - 32) ** 2 + (j - 32) ** 2) < (15 + 3 * n) ** 2)
-               + 0.02 * rng.standard_normal((32, 64, 64))).astype(np.float32) for n in range(3)]
+    images = [
+        (
+            0.4 + 0.3 * (((i - 32) ** 2 + (j - 32) ** 2) < (15 + 3 * n) ** 2) + 0.02 * rng.standard_normal((32, 64, 64))
+        ).astype(np.float32)
+        for n in range(3)
+    ]
     vae = train_vae(backbone, images, 30, 0, show_progress=False)
     assert len(vae) == 30 and _mean(vae[-5:]) < 0.5 * _mean(vae[:5])
     unet = train_denoiser(backbone, images, 30, 0, show_progress=False)
@@ -121,8 +132,10 @@ def test_refinement_threshold_is_calibrated_with_lesion_free_examples_counting_a
     lesion = np.where(truth, 0.7, 0.05).astype(np.float32)  # the head is sure inside, quiet outside
     noise = np.zeros(shape, np.float32)
     noise[:, :8] = 0.4  # a lesion-free example where the head hesitates over a large area
-    examples = [Example(np.zeros((1,) + shape, np.float32), truth, truth),
-                Example(np.zeros((1,) + shape, np.float32), np.zeros(shape, bool), noise > 0)]
+    examples = [
+        Example(np.zeros((1,) + shape, np.float32), truth, truth),
+        Example(np.zeros((1,) + shape, np.float32), np.zeros(shape, bool), noise > 0),
+    ]
     cut = calibrate_threshold([lesion, noise], examples)
     assert 0.4 < cut <= 0.7
     result = evaluate_refine(None, examples, cut, [lesion, noise])

@@ -63,6 +63,7 @@ def study(case_dir, tmp_path_factory):
 
 # --- backbone training ------------------------------------------------------------------------
 
+
 def test_captions_name_the_organs_of_a_slice():
     from diffugts.train.backbone2d import caption
 
@@ -138,12 +139,23 @@ def test_token_grounding_makes_organ_words_attend_to_their_organs(prep):
         healthy = slice_set(backbone, cases, healthy_only=True)
         z = slice_latents(backbone, healthy)
         set_scale_factor(backbone, 1 / float(z.std()))
-        curves = train_unet_2d(backbone, z * backbone.scale_factor, healthy, 40, 0, batch=8, lr=5e-3, grounding=weight,
-                               unconditional=0.0, show_progress=False)
+        curves = train_unet_2d(
+            backbone,
+            z * backbone.scale_factor,
+            healthy,
+            40,
+            0,
+            batch=8,
+            lr=5e-3,
+            grounding=weight,
+            unconditional=0.0,
+            show_progress=False,
+        )
         maps = cross_attention_maps(backbone, x, ["liver", "spine"]).maps[0].numpy()
         organs = cases[0].organs
-        contrast[weight] = [float(m[organs == label[o]].mean() - m[organs != label[o]].mean())
-                            for m, o in zip(maps, ["liver", "spine"])]
+        contrast[weight] = [
+            float(m[organs == label[o]].mean() - m[organs != label[o]].mean()) for m, o in zip(maps, ["liver", "spine"])
+        ]
         if weight:
             assert _mean(curves["grounding"][-8:]) < 0.9 * _mean(curves["grounding"][:8])  # measured 0.70
         else:
@@ -172,6 +184,7 @@ def test_quick_2d_demo_writes_a_verifiable_package(quick_model, capsys):
 
 # --- training-free maps -----------------------------------------------------------------------
 
+
 def test_attend_training_free_feeds_synthesis(quick_model, study, tmp_path):
     from diffugts.networks.aova import top_mean
     from diffugts.stages.attend import TRAINING_FREE_TOP_FRACTION, attend
@@ -182,8 +195,26 @@ def test_attend_training_free_feeds_synthesis(quick_model, study, tmp_path):
     from diffugts.networks.text import make_target
 
     out = tmp_path / "free"
-    assert main(["-q", "attend", str(study), "--model", str(quick_model.root), "--prompt", "liver tumor",
-                 "--maps", "training-free", "--threshold", "0.5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "attend",
+                str(study),
+                "--model",
+                str(quick_model.root),
+                "--prompt",
+                "liver tumor",
+                "--maps",
+                "training-free",
+                "--threshold",
+                "0.5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "attention.json").read_text())
     assert summary["maps"] == "training-free"
     entry = summary["targets"][0]
@@ -207,15 +238,33 @@ def test_attend_training_free_feeds_synthesis(quick_model, study, tmp_path):
     p_aova = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "aova" / aova["targets"][0]["map"])))
     assert np.abs(p_aova - p).max() > 1e-3
     # Synthesis takes the artifact as it takes the head's.
-    syn = synthesize(study, str(quick_model.root), tmp_path / "syn", attention=out, params=Params(steps=2),
-                     show_progress=False)
+    syn = synthesize(
+        study, str(quick_model.root), tmp_path / "syn", attention=out, params=Params(steps=2), show_progress=False
+    )
     assert syn["mask"]["source"] == "attention" and syn["mask"]["coarse_voxels"] == int((p >= 0.5).sum())
 
 
 def test_segment_with_training_free_maps_end_to_end(quick_model, case_dir, tmp_path):
     out = tmp_path / "seg"
-    assert main(["-q", "segment", str(case_dir / "dicom"), "--model", str(quick_model.root), "--prompt",
-                 "liver tumor", "--maps", "training-free", "--no-report", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "segment",
+                str(case_dir / "dicom"),
+                "--model",
+                str(quick_model.root),
+                "--prompt",
+                "liver tumor",
+                "--maps",
+                "training-free",
+                "--no-report",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "attention" / "attention.json").read_text())["maps"] == "training-free"
     lesions = json.loads((out / "lesions" / "lesions.json").read_text())
     assert lesions["targets"][0]["prompt"]["text"] == "liver tumor"
@@ -232,8 +281,20 @@ def test_training_free_needs_no_head(study, tmp_path):
 
 def test_training_free_on_a_3d_package_is_a_clear_error(study, tmp_path, capsys):
     bare = create_random(tmp_path / "bare3d", "demo", seed=0)
-    code = main(["attend", str(study), "--model", str(bare.root), "--prompt", "liver tumor", "--maps",
-                 "training-free", "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "attend",
+            str(study),
+            "--model",
+            str(bare.root),
+            "--prompt",
+            "liver tumor",
+            "--maps",
+            "training-free",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cross-attention" in err[0] and "'maisi'" in err[0]
     assert not (tmp_path / "o").exists()
@@ -241,8 +302,20 @@ def test_training_free_on_a_3d_package_is_a_clear_error(study, tmp_path, capsys)
 
 def test_segment_refuses_training_free_on_a_3d_package_before_any_output(case_dir, tmp_path, capsys):
     bare = create_random(tmp_path / "bare3d", "demo", seed=0)
-    code = main(["segment", str(case_dir / "dicom"), "--model", str(bare.root), "--prompt", "liver tumor",
-                 "--maps", "training-free", "--out", str(tmp_path / "seg")])
+    code = main(
+        [
+            "segment",
+            str(case_dir / "dicom"),
+            "--model",
+            str(bare.root),
+            "--prompt",
+            "liver tumor",
+            "--maps",
+            "training-free",
+            "--out",
+            str(tmp_path / "seg"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cross-attention" in err[0]
     assert not (tmp_path / "seg").exists()
@@ -253,12 +326,19 @@ def test_segment_api_rejects_unknown_maps_before_ingest(case_dir, tmp_path):
     from diffugts.runners.segment import segment
 
     with pytest.raises(ConfigError, match="unknown maps 'attention'"):
-        segment(str(case_dir / "dicom"), tmp_path / "seg", ["liver tumor"], model="demo", maps="attention",
-                show_progress=False)
+        segment(
+            str(case_dir / "dicom"),
+            tmp_path / "seg",
+            ["liver tumor"],
+            model="demo",
+            maps="attention",
+            show_progress=False,
+        )
     assert not (tmp_path / "seg").exists()
 
 
 # --- evaluation -------------------------------------------------------------------------------
+
 
 def test_evaluate_adds_the_training_free_variant(quick_model, case_dir):
     from diffugts.runners.evaluate import VARIANTS, evaluate, markdown
@@ -280,8 +360,12 @@ def test_markdown_handles_variant_sets_that_differ():
     from diffugts.runners.evaluate import markdown
 
     cell = {"dice": 0.5, "nsd": 0.5, "detection": 1.0, "n": 1}
-    result = {"model": {"name": "m", "sha256": "0" * 64}, "cases": 2, "prompt_template": "{organ} tumor",
-              "summary": {"split": {"seen": {"aova": cell, "training_free": cell}, "unseen": {"full": cell}}}}
+    result = {
+        "model": {"name": "m", "sha256": "0" * 64},
+        "cases": 2,
+        "prompt_template": "{organ} tumor",
+        "summary": {"split": {"seen": {"aova": cell, "training_free": cell}, "unseen": {"full": cell}}},
+    }
     text = markdown(result)  # no "variants" list (an older result): taken from the cells
     header = next(line for line in text.splitlines() if line.startswith("| group"))
     assert header.index("aova") < header.index("full") < header.index("training_free")

@@ -69,8 +69,9 @@ def shipped_dir() -> Path:
 
 
 def shipped_mappings() -> list[str]:
-    return sorted(p.stem for p in shipped_dir().glob("*.json") if p.stem != "paper-protocol"
-                  and p.stem != "paper-figures")
+    return sorted(
+        p.stem for p in shipped_dir().glob("*.json") if p.stem != "paper-protocol" and p.stem != "paper-figures"
+    )
 
 
 def resolve(ref: str | Path) -> Path:

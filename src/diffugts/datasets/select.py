@@ -19,18 +19,24 @@ def explicit(paths, mappings, organs, seen_types) -> list[Dataset]:
     if not paths:
         return []
     if len(mappings) not in (1, len(paths)):
-        raise ConfigError(f"{len(paths)} --dataset but {len(mappings)} --mapping: give one mapping for all, or one "
-                          "per dataset (a file or a shipped name)")
+        raise ConfigError(
+            f"{len(paths)} --dataset but {len(mappings)} --mapping: give one mapping for all, or one "
+            "per dataset (a file or a shipped name)"
+        )
     if len(organs) not in (0, 1, len(paths)):
-        raise ConfigError(f"{len(paths)} --dataset but {len(organs)} --organs: give none, one for all, or one per "
-                          "dataset ('-' for none)")
+        raise ConfigError(
+            f"{len(paths)} --dataset but {len(organs)} --organs: give none, one for all, or one per "
+            "dataset ('-' for none)"
+        )
     mappings = mappings * len(paths) if len(mappings) == 1 else mappings
     organs = (organs * len(paths) if len(organs) == 1 else organs) or ["-"] * len(paths)
     datasets = [open_dataset(p, m, None if o == "-" else o, seen_types) for p, m, o in zip(paths, mappings, organs)]
     names = [d.name for d in datasets]
     if len(set(names)) != len(names):
-        raise ConfigError(f"two datasets are named {max(names, key=names.count)!r} (the mapping's \"name\"): "
-                          "give each dataset its own mapping name")
+        raise ConfigError(
+            f'two datasets are named {max(names, key=names.count)!r} (the mapping\'s "name"): '
+            "give each dataset its own mapping name"
+        )
     return datasets
 
 
@@ -57,5 +63,6 @@ def evaluation_sets(protocol: Protocol, data_root) -> list[tuple[str, Dataset]]:
     """(role, dataset): the held-out cases of the training datasets ("seen") and every case of
     the evaluation datasets ("unseen")."""
     _, held = training_sets(open_protocol_datasets(protocol, data_root, "train"), protocol.held_out_fraction)
-    return ([("held-out", d) for d in held if len(d)]
-            + [("evaluate", d) for d in open_protocol_datasets(protocol, data_root, "evaluate")])
+    return [("held-out", d) for d in held if len(d)] + [
+        ("evaluate", d) for d in open_protocol_datasets(protocol, data_root, "evaluate")
+    ]

@@ -23,8 +23,9 @@ def default_model() -> str:
     if env:
         return env
     if not (DEMO_MODEL / "manifest.json").is_file():
-        raise ConfigError(f"no default model: {DEMO_MODEL} is missing (run `make demo-model`, or pass --model "
-                          "/ set DIFFUGTS_MODEL)")
+        raise ConfigError(
+            f"no default model: {DEMO_MODEL} is missing (run `make demo-model`, or pass --model / set DIFFUGTS_MODEL)"
+        )
     return str(DEMO_MODEL)
 
 
@@ -35,7 +36,9 @@ def resolve_model(ref: str) -> str:
     if ref in SHIPPED and not Path(ref).exists():
         if not (SHIPPED[ref] / "manifest.json").is_file():
             # The container images leave the demo weights out (.dockerignore).
-            raise ConfigError(f"{ref}: the shipped model is not in this installation ({SHIPPED[ref]} is missing); "
-                              "give a package folder or s3:// prefix")
+            raise ConfigError(
+                f"{ref}: the shipped model is not in this installation ({SHIPPED[ref]} is missing); "
+                "give a package folder or s3:// prefix"
+            )
         return str(SHIPPED[ref])
     return ref

@@ -156,8 +156,9 @@ def _fetch(uri: str) -> Path:
     return dest
 
 
-def add_networks(pkg: ModelPackage, networks: dict[str, tuple[dict, dict]], out: Path | None = None,
-                 provenance: dict | None = None) -> ModelPackage:
+def add_networks(
+    pkg: ModelPackage, networks: dict[str, tuple[dict, dict]], out: Path | None = None, provenance: dict | None = None
+) -> ModelPackage:
     """A package with extra (or replaced) networks: name -> (manifest entry, state dict).
 
     Written into ``out`` (the other files copied) or in place; the manifest is rewritten

@@ -82,6 +82,5 @@ def build_anatomy(grid: Grid, rng: np.random.Generator) -> Anatomy:
     viscera.great_vessels(cv, L, rng)
     body.spine(cv, L, rng)
     body.ribs(cv, L, rng)
-    marks = {k: (v if isinstance(v, (bool, str)) else round(float(v), 2))
-             for k, v in vars(L).items() if np.isscalar(v)}
+    marks = {k: (v if isinstance(v, (bool, str)) else round(float(v), 2)) for k, v in vars(L).items() if np.isscalar(v)}
     return Anatomy(cv.organ, cv.tissue, marks, bool(L.oral_contrast))

@@ -28,10 +28,7 @@ class Grid:
     @property
     def origin(self) -> tuple[float, float, float]:
         """LPS position of voxel [0, 0, 0] (= ImagePositionPatient of the first slice)."""
-        return tuple(
-            float(o - (n - 1) / 2 * s)
-            for o, n, s in zip(self.offset, self.shape[::-1], self.spacing)
-        )
+        return tuple(float(o - (n - 1) / 2 * s) for o, n, s in zip(self.offset, self.shape[::-1], self.spacing))
 
     @property
     def voxel_ml(self) -> float:
@@ -97,9 +94,12 @@ def sinus_warp(rng: np.random.Generator, amplitude_mm: float, wavelength_mm=(180
         for comp in terms:
             acc = None
             for a, k, ph in comp:
-                t = (np.float32(a) * np.sin(k[0] * z + ph[0]).astype(np.float32)
-                     * np.sin(k[1] * y + ph[1]).astype(np.float32)
-                     * np.sin(k[2] * x + ph[2]).astype(np.float32))
+                t = (
+                    np.float32(a)
+                    * np.sin(k[0] * z + ph[0]).astype(np.float32)
+                    * np.sin(k[1] * y + ph[1]).astype(np.float32)
+                    * np.sin(k[2] * x + ph[2]).astype(np.float32)
+                )
                 acc = t if acc is None else acc + t
             out.append(acc)
         return out  # dz, dy, dx

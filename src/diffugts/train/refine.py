@@ -23,7 +23,13 @@ from diffugts.stages.deviation import Fusion, FusedMaps
 from diffugts.artifacts.geometry import Geometry
 from diffugts.stages.preprocess import Preprocessing, normalise
 from diffugts.utils.progress import progress
-from diffugts.stages.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS as SHARED, RefineHead, shared_inputs, target_inputs
+from diffugts.stages.refine import (
+    LEGACY_TARGET_CHANNELS,
+    SHARED_CHANNELS as SHARED,
+    RefineHead,
+    shared_inputs,
+    target_inputs,
+)
 from diffugts.stages.synthesize import Params, make_region, pseudo_healthy
 from diffugts.networks.text import TextEncoder, make_target
 from diffugts.train.aova import case_features, organ_family
@@ -43,8 +49,16 @@ class Example:
     candidates: np.ndarray  # bool (*S)
 
 
-def coarse_maps(head: AOVAHead, backbone: Backbone, text: TextEncoder, case: TrainingCase, features: list[str],
-                spacing, organs: list[str], fusion: Fusion | None = None) -> dict[str, FusedMaps | np.ndarray]:
+def coarse_maps(
+    head: AOVAHead,
+    backbone: Backbone,
+    text: TextEncoder,
+    case: TrainingCase,
+    features: list[str],
+    spacing,
+    organs: list[str],
+    fusion: Fusion | None = None,
+) -> dict[str, FusedMaps | np.ndarray]:
     """Per organ its coarse maps as inference makes them: fused maps (prob, organ, z) with the
     package's fusion, else the AOVA probability alone."""
     cf = case_features(backbone, case, backbone.feature_index(features), spacing, 0)
@@ -54,15 +68,30 @@ def coarse_maps(head: AOVAHead, backbone: Backbone, text: TextEncoder, case: Tra
         emb = text.embed(t.prompts)
         with torch.no_grad():
             res = head([f.float()[None] for f in cf.feats], emb, [t.groups(t.prompts.index)], out_shape=case.x.shape)
-        out[fam] = (res.prob[0, 0].numpy() if fusion is None else
-                    fusion.maps(case.x, res.region_log_odds[0, 0].numpy(), res.anomaly_log_odds[0, 0].numpy(),
-                                tuple(spacing)[::-1]))
+        out[fam] = (
+            res.prob[0, 0].numpy()
+            if fusion is None
+            else fusion.maps(
+                case.x, res.region_log_odds[0, 0].numpy(), res.anomaly_log_odds[0, 0].numpy(), tuple(spacing)[::-1]
+            )
+        )
     return out
 
 
-def refinement_example(case: TrainingCase, backbone: Backbone, head: AOVAHead, text: TextEncoder, features,
-                       prep: Preprocessing, params: Params, rng, fusion: Fusion | None = None, threshold: float = 0.5,
-                       channels=LEGACY_TARGET_CHANNELS, negatives: int = 1) -> list[Example]:
+def refinement_example(
+    case: TrainingCase,
+    backbone: Backbone,
+    head: AOVAHead,
+    text: TextEncoder,
+    features,
+    prep: Preprocessing,
+    params: Params,
+    rng,
+    fusion: Fusion | None = None,
+    threshold: float = 0.5,
+    channels=LEGACY_TARGET_CHANNELS,
+    negatives: int = 1,
+) -> list[Example]:
     """The examples of one case: every organ with lesions, and ``negatives`` lesion-free host
     organs (every host organ of a healthy case) whose coarse candidates are false ones: the
     head must learn to answer "nothing here" as well as to delineate."""
@@ -81,25 +110,45 @@ def refinement_example(case: TrainingCase, backbone: Backbone, head: AOVAHead, t
         union |= (prob[fam] >= threshold) | truths.get(fam, False)
     if not union.any():
         return []
-    region = make_region(union, np.asarray(prep.spacing_mm)[::-1], params.dilation_mm + rng.uniform(0, 6),
-                         params.feather_mm)
-    pseudo, _ = pseudo_healthy(case.volume, geometry, case.modality, region, backbone, prep,
-                               Params(**{**params.__dict__, "seed": int(rng.integers(1 << 30))}))
+    region = make_region(
+        union, np.asarray(prep.spacing_mm)[::-1], params.dilation_mm + rng.uniform(0, 6), params.feather_mm
+    )
+    pseudo, _ = pseudo_healthy(
+        case.volume,
+        geometry,
+        case.modality,
+        region,
+        backbone,
+        prep,
+        Params(**{**params.__dict__, "seed": int(rng.integers(1 << 30))}),
+    )
     h = normalise(pseudo, case.modality, prep)
     shared = shared_inputs(backbone, case.x, h, region.dilated)
     examples = []
     for fam in organs:
         organ = maps[fam].organ if fusion is not None else None
-        own = target_inputs(channels, prob[fam], organ, case.x, tuple(prep.spacing_mm)[::-1],
-                            fusion.deviation if fusion else None)
-        examples.append(Example(np.concatenate([shared, own]), truths.get(fam, np.zeros(case.x.shape, bool)),
-                                prob[fam] >= threshold))
+        own = target_inputs(
+            channels, prob[fam], organ, case.x, tuple(prep.spacing_mm)[::-1], fusion.deviation if fusion else None
+        )
+        examples.append(
+            Example(
+                np.concatenate([shared, own]), truths.get(fam, np.zeros(case.x.shape, bool)), prob[fam] >= threshold
+            )
+        )
     return examples
 
 
-def train_refine(examples: list[Example], steps: int, seed: int = 0, crop=(32, 64, 64),
-                 batch: int = 2, lr: float = 2e-3, features=(8, 16, 32, 64, 64, 8),
-                 show_progress: bool = True, checkpoint=None) -> tuple[RefineHead, list[dict]]:
+def train_refine(
+    examples: list[Example],
+    steps: int,
+    seed: int = 0,
+    crop=(32, 64, 64),
+    batch: int = 2,
+    lr: float = 2e-3,
+    features=(8, 16, 32, 64, 64, 8),
+    show_progress: bool = True,
+    checkpoint=None,
+) -> tuple[RefineHead, list[dict]]:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     head = RefineHead(in_channels=examples[0].inputs.shape[0], features=features)
@@ -130,8 +179,9 @@ def train_refine(examples: list[Example], steps: int, seed: int = 0, crop=(32, 6
     return head, history
 
 
-def _crop(truth: np.ndarray, candidates: np.ndarray, crop, rng, lesion_fraction: float = 0.5,
-          candidate_fraction: float = 0.35):
+def _crop(
+    truth: np.ndarray, candidates: np.ndarray, crop, rng, lesion_fraction: float = 0.5, candidate_fraction: float = 0.35
+):
     """A crop centred on a lesion voxel, on a coarse candidate (true or false), or anywhere."""
     size = [min(c, s) for c, s in zip(crop, truth.shape)]
     r = rng.random()
@@ -143,8 +193,10 @@ def _crop(truth: np.ndarray, candidates: np.ndarray, crop, rng, lesion_fraction:
         centre = where[rng.integers(len(where))]
     else:
         centre = [rng.integers(0, s) for s in truth.shape]
-    return tuple(slice(int(np.clip(c - n // 2, 0, s - n)), int(np.clip(c - n // 2, 0, s - n)) + n)
-                 for c, n, s in zip(centre, size, truth.shape))
+    return tuple(
+        slice(int(np.clip(c - n // 2, 0, s - n)), int(np.clip(c - n // 2, 0, s - n)) + n)
+        for c, n, s in zip(centre, size, truth.shape)
+    )
 
 
 def held_out_probabilities(head: RefineHead, examples: list[Example]) -> list[np.ndarray]:
@@ -152,12 +204,15 @@ def held_out_probabilities(head: RefineHead, examples: list[Example]) -> list[np
     as inference restricts it)."""
     from diffugts.stages.refine import refine_probability
 
-    return [refine_probability(head, ex.inputs[:SHARED], ex.inputs[SHARED:][None])[0] * (ex.inputs[SHARED - 1] > 0)
-            for ex in examples]
+    return [
+        refine_probability(head, ex.inputs[:SHARED], ex.inputs[SHARED:][None])[0] * (ex.inputs[SHARED - 1] > 0)
+        for ex in examples
+    ]
 
 
-def calibrate_threshold(probs: list[np.ndarray], examples: list[Example],
-                        grid=tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))) -> float:
+def calibrate_threshold(
+    probs: list[np.ndarray], examples: list[Example], grid=tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
+) -> float:
     """The threshold with the best pooled Dice over held-out examples, lesion-free ones
     included: every voxel marked where there is no lesion counts against it."""
     best, best_dice = 0.5, -1.0
@@ -171,8 +226,9 @@ def calibrate_threshold(probs: list[np.ndarray], examples: list[Example],
     return best
 
 
-def evaluate_refine(head: RefineHead, examples: list[Example], threshold: float = 0.5,
-                    probs: list[np.ndarray] | None = None) -> dict:
+def evaluate_refine(
+    head: RefineHead, examples: list[Example], threshold: float = 0.5, probs: list[np.ndarray] | None = None
+) -> dict:
     """Held-out Dice over the examples with a lesion, and false-positive voxels (mL-free count)
     over the lesion-free ones (inside the inpainted region, as inference restricts them)."""
     probs = probs if probs is not None else held_out_probabilities(head, examples)
@@ -183,5 +239,7 @@ def evaluate_refine(head: RefineHead, examples: list[Example], threshold: float 
             dice.append(2 * (pred & ex.truth).sum() / max(pred.sum() + ex.truth.sum(), 1))
         else:
             false_voxels.append(int(pred.sum()))
-    return {"dice": float(np.mean(dice)) if dice else float("nan"),
-            "false_voxels_per_negative": float(np.mean(false_voxels)) if false_voxels else float("nan")}
+    return {
+        "dice": float(np.mean(dice)) if dice else float("nan"),
+        "false_voxels_per_negative": float(np.mean(false_voxels)) if false_voxels else float("nan"),
+    }

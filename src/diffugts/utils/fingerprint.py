@@ -60,7 +60,7 @@ def _s3_digest(uri: str) -> str:
         return _digest([(key.rsplit("/", 1)[-1], stat.etag, stat.size)])
     prefix = folder_prefix(key)
     objs = store._call(uri, lambda: list(store.client.list_objects(bucket, prefix=prefix, recursive=True)))
-    entries = [(o.object_name[len(prefix):], o.etag, o.size) for o in objs if not o.object_name.endswith("/")]
+    entries = [(o.object_name[len(prefix) :], o.etag, o.size) for o in objs if not o.object_name.endswith("/")]
     if not entries:
         raise InputError(uri, "no objects under this prefix")
     return _digest(entries)

@@ -31,5 +31,6 @@ def progress(items: Iterable[T], desc: str, unit: str = "it", enable: bool = Tru
         disable = False
     else:
         disable = None  # tqdm: off when stderr is not a terminal
-    return tqdm(items, desc=desc, unit=unit, disable=disable, total=total, mininterval=0.5,
-                dynamic_ncols=True, leave=False)
+    return tqdm(
+        items, desc=desc, unit=unit, disable=disable, total=total, mininterval=0.5, dynamic_ncols=True, leave=False
+    )

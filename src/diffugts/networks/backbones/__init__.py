@@ -16,8 +16,12 @@ def build_backbone(backbone_config: dict, device: str | torch.device = "cpu") ->
     if family == "maisi":
         from diffugts.networks.backbones.maisi import MaisiBackbone
 
-        return MaisiBackbone(backbone_config, scale_factor=backbone_config.get("scale_factor", 1.0),
-                             device=device, feature_noise=backbone_config.get("feature_noise", 0.05))
+        return MaisiBackbone(
+            backbone_config,
+            scale_factor=backbone_config.get("scale_factor", 1.0),
+            device=device,
+            feature_noise=backbone_config.get("feature_noise", 0.05),
+        )
     if family == "diffusers2d":
         from diffugts.networks.backbones.diffusers2d import Diffusers2DBackbone
 

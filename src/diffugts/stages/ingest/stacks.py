@@ -97,11 +97,14 @@ def build_stacks(frames: list[Frame]) -> list[Stack]:
         parts = _split(fs)
         modalities = sorted({str(f.ds.get("Modality", "")) for f in fs})
         for p, part in enumerate(parts, start=1):
-            stack = Stack(number=str(n) if len(parts) == 1 else f"{n}.{p}", study_uid=study,
-                          series_uid=series, frames=part)
+            stack = Stack(
+                number=str(n) if len(parts) == 1 else f"{n}.{p}", study_uid=study, series_uid=series, frames=part
+            )
             if len(parts) > 1:
-                stack.notes.append(f"series {n} split into {len(parts)} parts (different orientation, "
-                                   "matrix size, frame of reference, echo or temporal position)")
+                stack.notes.append(
+                    f"series {n} split into {len(parts)} parts (different orientation, "
+                    "matrix size, frame of reference, echo or temporal position)"
+                )
             if len(modalities) > 1:
                 stack.problems.append(f"series mixes modalities ({', '.join(map(_code, modalities))})")
             stacks.append(stack)
@@ -182,8 +185,9 @@ def analyse(stack: Stack, policy: GeometryPolicy) -> None:
         typical = float(np.median(mags))
         dup = int(np.sum(mags < 1e-3 * max(typical, 1.0)))
         if dup:
-            stack.problems.append(f"{dup + 1} slices share a position along the slice normal "
-                                  "(duplicate or repeated acquisitions)")
+            stack.problems.append(
+                f"{dup + 1} slices share a position along the slice normal (duplicate or repeated acquisitions)"
+            )
             typical = float(np.median(mags[mags >= 1e-3 * max(typical, 1.0)])) if dup < len(mags) else 0.0
         if typical > 0:
             worst = int(np.argmax(np.abs(mags - typical)))
@@ -191,10 +195,10 @@ def analyse(stack: Stack, policy: GeometryPolicy) -> None:
                 if mags[worst] > 1.5 * typical:
                     stack.problems.append(
                         f"slice spacing not uniform: gap of {mags[worst]:.2f} mm between slices {worst + 1} "
-                        f"and {worst + 2} where {typical:.2f} mm is typical (missing slices?)")
+                        f"and {worst + 2} where {typical:.2f} mm is typical (missing slices?)"
+                    )
                 else:
-                    stack.problems.append(
-                        f"slice spacing not uniform: {mags.min():.2f} to {mags.max():.2f} mm")
+                    stack.problems.append(f"slice spacing not uniform: {mags.min():.2f} to {mags.max():.2f} mm")
         sz = typical if typical > 0 else 1.0
         step = (positions[-1] - positions[0]) / (n - 1)
         line = positions[0] + np.arange(n)[:, None] * step
@@ -210,8 +214,10 @@ def analyse(stack: Stack, policy: GeometryPolicy) -> None:
                 stack.source_step = step
                 stack.notes.append(f"gantry tilt of {tilt:.1f} deg: resampled to an orthogonal grid")
             else:
-                stack.problems.append(f"gantry tilt of {tilt:.1f} deg (slices are sheared); "
-                                      "use --resample to resample to an orthogonal grid")
+                stack.problems.append(
+                    f"gantry tilt of {tilt:.1f} deg (slices are sheared); "
+                    "use --resample to resample to an orthogonal grid"
+                )
 
     direction = np.column_stack([row, col, third])
     stack.geometry = Geometry(positions[0], (sx, sy, sz), direction, (n, frames[0].ds.Rows, frames[0].ds.Columns))
@@ -221,8 +227,10 @@ def analyse(stack: Stack, policy: GeometryPolicy) -> None:
             stack.notes.append(f"oblique by {oblique:.1f} deg: resampled to the nearest axis-aligned grid")
             _plan_axis_aligned(stack)
         else:
-            stack.problems.append(f"oblique orientation ({oblique:.1f} deg from the patient axes); "
-                                  "use --resample to resample to an axis-aligned grid")
+            stack.problems.append(
+                f"oblique orientation ({oblique:.1f} deg from the patient axes); "
+                "use --resample to resample to an axis-aligned grid"
+            )
     elif stack.source_step is not None:
         _plan_deshear(stack)
 
@@ -248,8 +256,10 @@ def _pixel_spacing(stack: Stack, policy: GeometryPolicy) -> tuple[float, float]:
     lo, hi = SPACING_RANGE_MM
     if any("Pixel Spacing" in f.invalid for f in stack.frames):
         if policy.invalid_pixel_spacing == "refuse":
-            stack.problems.append(f"invalid Pixel Spacing (zero, negative or outside {lo:g}-{hi:g} mm); "
-                                  'rules with "invalid_pixel_spacing": "assume_1mm" accept it')
+            stack.problems.append(
+                f"invalid Pixel Spacing (zero, negative or outside {lo:g}-{hi:g} mm); "
+                'rules with "invalid_pixel_spacing": "assume_1mm" accept it'
+            )
         else:
             stack.notes.append("invalid Pixel Spacing: 1 mm assumed (rules)")
     spacings = {f.pixel_spacing for f in stack.frames}
@@ -262,7 +272,8 @@ def _pixel_spacing(stack: Stack, policy: GeometryPolicy) -> tuple[float, float]:
     values = np.array(sorted(spacings))
     if np.ptp(values[:, 0]) > 1e-4 * values[:, 0].max() or np.ptp(values[:, 1]) > 1e-4 * values[:, 1].max():
         stack.problems.append(
-            f"inconsistent pixel spacing within the series ({values.min():.3f} to {values.max():.3f} mm)")
+            f"inconsistent pixel spacing within the series ({values.min():.3f} to {values.max():.3f} mm)"
+        )
     row_spacing, col_spacing = values[0]
     return float(col_spacing), float(row_spacing)
 
@@ -307,8 +318,10 @@ def _plan_axis_aligned(stack: Stack) -> None:
     grid = stack.geometry
     src = stack.source_geometry = _sheared_source(stack)
     frame = nearest_axis_frame(grid.direction)
-    corners = np.array([[i, j, k] for i in (0, src.shape[2] - 1) for j in (0, src.shape[1] - 1)
-                        for k in (0, src.shape[0] - 1)], dtype=np.float64)
+    corners = np.array(
+        [[i, j, k] for i in (0, src.shape[2] - 1) for j in (0, src.shape[1] - 1) for k in (0, src.shape[0] - 1)],
+        dtype=np.float64,
+    )
     along = src.world(corners) @ frame  # corner coordinates along the new axes
     lo, hi = along.min(axis=0), along.max(axis=0)
     # Each new axis keeps the spacing of the stored axis it is closest to.

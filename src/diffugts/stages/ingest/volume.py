@@ -35,8 +35,9 @@ def decode_stack(stack: Stack, show_progress: bool = True) -> np.ndarray:
                     cache = cache[None]
             pixels = cache[f.frame]
         if pixels.shape != out.shape[1:]:
-            raise InputError(f.source.name, f"pixel data shape {pixels.shape} does not match "
-                                            f"{out.shape[1]}x{out.shape[2]} declared")
+            raise InputError(
+                f.source.name, f"pixel data shape {pixels.shape} does not match {out.shape[1]}x{out.shape[2]} declared"
+            )
         if f.slope == 1.0:
             np.add(pixels, f.intercept, out=out[k], casting="unsafe")
         else:

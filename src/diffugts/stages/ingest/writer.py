@@ -34,8 +34,11 @@ def write_study(out_dir: Path, loaded: "LoadedSeries") -> None:
         try:
             sitk.WriteImage(image, str(stage / "volume.nii"), useCompression=False)
         except RuntimeError as err:
-            raise OSError(errno.EIO, f"SimpleITK could not write volume.nii ({' '.join(str(err).split())[-160:]})",
-                          str(out_dir / "volume.nii")) from None
+            raise OSError(
+                errno.EIO,
+                f"SimpleITK could not write volume.nii ({' '.join(str(err).split())[-160:]})",
+                str(out_dir / "volume.nii"),
+            ) from None
         (stage / "headers").mkdir()
         for n, data in enumerate(loaded.headers):
             (stage / header_name(n)).write_bytes(data)

@@ -25,10 +25,21 @@ from diffugts.artifacts.study import Study
 SERIES_NUMBER = 903
 # Attributes of the source that would describe the original pixels or acquisition
 # wrongly once the pixels are replaced.
-_DROP = ("SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingValue", "PixelPaddingRangeLimit",
-         "LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod",
-         "RedPaletteColorLookupTableDescriptor", "ReferencedImageSequence", "IconImageSequence",
-         "RescaleType", "ModalityLUTSequence", "VOILUTSequence")
+_DROP = (
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "LossyImageCompression",
+    "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod",
+    "RedPaletteColorLookupTableDescriptor",
+    "ReferencedImageSequence",
+    "IconImageSequence",
+    "RescaleType",
+    "ModalityLUTSequence",
+    "VOILUTSequence",
+)
 
 
 def derived_possible(study: Study) -> str | None:
@@ -41,8 +52,9 @@ def derived_possible(study: Study) -> str | None:
     return None
 
 
-def write_pseudo_healthy_series(out_dir: Path, study: Study, pseudo_healthy: np.ndarray, model: dict,
-                                entropy: list[str]) -> list[Path]:
+def write_pseudo_healthy_series(
+    out_dir: Path, study: Study, pseudo_healthy: np.ndarray, model: dict, entropy: list[str]
+) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     series_uid = uid(entropy, "pseudo-healthy-series")
     description = f"pseudo-healthy synthesis, diffugts {__version__}, model {model.get('name', 'unknown')}"
@@ -57,8 +69,7 @@ def write_pseudo_healthy_series(out_dir: Path, study: Study, pseudo_healthy: np.
     return paths
 
 
-def _derived(src: Dataset, pixels: np.ndarray, series_uid: str, sop_uid: str, description: str,
-             number: int) -> Dataset:
+def _derived(src: Dataset, pixels: np.ndarray, series_uid: str, sop_uid: str, description: str, number: int) -> Dataset:
     ds = copy.deepcopy(src)
     for name in _DROP:
         if name in ds:

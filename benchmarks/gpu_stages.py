@@ -41,18 +41,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffugts.networks.aova import AOVAHead
-from diffugts.utils.atomic import write_json
-from diffugts.stages.attend import Method, attention_maps
-from diffugts.networks.backbones.cuda_graphs import GraphedCall
-from diffugts.networks.backbones.maisi import MaisiBackbone
 from diffugts.artifacts.geometry import Geometry
 from diffugts.models.configs import get_config
+from diffugts.networks.aova import AOVAHead
+from diffugts.networks.backbones.cuda_graphs import GraphedCall
+from diffugts.networks.backbones.maisi import MaisiBackbone
+from diffugts.networks.text import make_target
+from diffugts.stages.attend import Method, attention_maps
 from diffugts.stages.preprocess import Preprocessing, normalise, to_model
 from diffugts.stages.refine import RefineHead, refine_probability, shared_inputs
 from diffugts.stages.synthesize import Params, make_region, pseudo_healthy
-from diffugts.networks.text import make_target
 from diffugts.train.recipe import default_features
+from diffugts.utils.atomic import write_json
 
 PROMPTS = ["liver tumor", "kidney tumor", "pancreas tumor", "spleen lesion"]
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -37,9 +37,9 @@ def main() -> None:
     ap.add_argument("--strength", type=float, default=None, help="noise level to start from (default: the method's)")
     args = ap.parse_args()
 
-    from diffugts.networks.backbones import load_backbone
     from diffugts.models.defaults import default_model
     from diffugts.models.package import open_package
+    from diffugts.networks.backbones import load_backbone
     from diffugts.stages.preprocess import Preprocessing
 
     torch.set_num_threads(1)  # the demo networks are too small for a second thread to pay
@@ -84,10 +84,8 @@ def main() -> None:
             "mae_h": round(float(np.mean(after)), 1) if after else None,
         }
         rows.append(row)
-        print(
-            f"{kind:16s} {split:7s} {row['n']:3d} {row['fidelity'] if row['fidelity'] is not None else '-':>9} "
-            f"{row['mae_x'] if row['mae_x'] is not None else '-':>15} {row['mae_h'] if row['mae_h'] is not None else '-':>15}"
-        )
+        shown = {k: "-" if row[k] is None else row[k] for k in ("fidelity", "mae_x", "mae_h")}
+        print(f"{kind:16s} {split:7s} {row['n']:3d} {shown['fidelity']:>9} {shown['mae_x']:>15} {shown['mae_h']:>15}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.png:

@@ -5,8 +5,9 @@ that docs/benchmarks.md compares it with (two seeds run side by side, one thread
     python benchmarks/train_heads.py SEED OUT [--backbone demo]
 
 `--start refine` / `--start verifier`: OUT already holds the earlier stages (a run stopped
-later, or heads kept while a later stage changes): only that stage and the ones after it run. `diffugts train demo --backbone demo --seed SEED --out OUT` does the same
-in one process with the recipe's provenance entry.
+later, or heads kept while a later stage changes): only that stage and the ones after it run.
+`diffugts train demo --backbone demo --seed SEED --out OUT` does the same in one process with
+the recipe's provenance entry.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def cohort_pipeline(
         maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
         batch_size: Studies per GPU task, at least (more when the cohort would need over 24 tasks, to bound the run's size).
         max_parallel: GPU tasks at once, at most (1 to 16).
-    """
+    """  # noqa: E501  (KFP makes each Args line a parameter description: one line each)
     record = _bookkeeping(record_run(results_uri=results_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "Record run")
     with dsl.ExitHandler(record, name="cohort"):
         listing = _bookkeeping(

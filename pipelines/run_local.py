@@ -67,8 +67,8 @@ def main() -> int:
 
     from kfp import local
 
-    from diffugts.runners import cohort
     from diffugts.models.defaults import default_model
+    from diffugts.runners import cohort
     from pipelines.cohort import cohort_pipeline
 
     model = str(Path(default_model()).resolve())

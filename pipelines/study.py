@@ -20,7 +20,7 @@ from pipelines.resources import cpu_stage, fingerprints, gpu_stage
 def study_pipeline(
     input_uri: str,
     model_uri: str,
-    prompts: list = ["liver tumor", "kidney tumor", "pancreas tumor"],
+    prompts: list = ["liver tumor", "kidney tumor", "pancreas tumor"],  # noqa: B006  (KFP compiles it; never mutated)
     rules: str = "default",
     resample: bool = False,
     min_volume_ml: float = 0.1,
@@ -40,7 +40,7 @@ def study_pipeline(
         upload: Publish the results (DICOM SEG/SR, report) to the results bucket under the study UID.
         results_uri: Base s3:// URI for results; empty = s3://$DIFFUGTS_BUCKET.
         maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
-    """
+    """  # noqa: E501  (KFP makes each Args line a parameter description: one line each)
     keys = fingerprints(input_uri, model_uri)
     study_sha, model_sha = keys.outputs["study_sha256"], keys.outputs["model_sha256"]
     ingest_task = cpu_stage(

@@ -176,11 +176,10 @@ def write_dicom_seg(root: Path, cases, overlap: bool = False) -> Path:
     one segment per label value present (segment number = position, labels name the value).
     ``overlap``: organ segments also hold the lesion voxels next to them, as real SEGs often
     do (an organ segment with its tumour inside)."""
-    from scipy import ndimage
-
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
+    from scipy import ndimage
 
     from diffugts.phantom.cohort import series_info
     from diffugts.phantom.dicom import write_series

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from diffugts.networks.aova import AOVAHead
-from diffugts.networks.backbones import build_backbone
 from diffugts.models.create import create_random
 from diffugts.models.package import ModelPackage, add_networks
+from diffugts.networks.aova import AOVAHead
+from diffugts.networks.backbones import build_backbone
 from diffugts.stages.deviation import Fusion
 from diffugts.stages.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, TARGET_CHANNELS, RefineHead
 

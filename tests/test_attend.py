@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from diffugts.stages.attend import Method, attend
-from diffugts.cli import main
 from diffugts.artifacts.geometry import Geometry
-from diffugts.stages.ingest import ingest
+from diffugts.cli import main
 from diffugts.models.create import create_random
 from diffugts.phantom import CaseSpec, generate_case, write_case
+from diffugts.stages.attend import Method, attend
+from diffugts.stages.ingest import ingest
 from modelfactory import random_package
 
 
@@ -62,10 +62,10 @@ def test_attend_is_deterministic(model, study, tmp_path):
 
 
 def test_tiled_and_whole_volume_agree(model, study, tmp_path):
-    from diffugts.stages.attend import attention_maps
-    from diffugts.stages.preprocess import to_model
     from diffugts.artifacts.study import load_study
     from diffugts.networks.text import make_target
+    from diffugts.stages.attend import attention_maps
+    from diffugts.stages.preprocess import to_model
 
     method = Method.load(str(model.root), "cpu")
     s = load_study(study)

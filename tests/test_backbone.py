@@ -7,11 +7,11 @@ import pytest
 import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiGroupNorm3D
 
-from diffugts.networks.backbones import build_backbone
-from diffugts.networks.backbones.maisi import encoder_level_ends
 from diffugts.errors import ConfigError
 from diffugts.models import get_config
 from diffugts.models.configs import CONFIGS
+from diffugts.networks.backbones import build_backbone
+from diffugts.networks.backbones.maisi import encoder_level_ends
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from diffugts.errors import ConfigError, InputError
+from diffugts.models import get_config, open_package
+from diffugts.models.create import create_random, verify
 from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.networks.backbones.cross_attention import (
     CaptureProcessor,
@@ -19,11 +22,8 @@ from diffugts.networks.backbones.cross_attention import (
     training_free_probability,
 )
 from diffugts.networks.backbones.diffusers2d import Diffusers2DBackbone
-from diffugts.errors import ConfigError, InputError
-from diffugts.models import get_config, open_package
-from diffugts.models.create import create_random, verify
-from diffugts.stages.synthesize.inpaint import inpaint
 from diffugts.networks.text import make_target
+from diffugts.stages.synthesize.inpaint import inpaint
 
 torch.set_num_threads(1)
 
@@ -370,8 +370,8 @@ FEATURES_2D = ["encoder1", "encoder2", "denoiser0", "denoiser1", "cross_attentio
 
 def with_random_heads(pkg, out):
     """The package plus random AOVA (cross-attention maps among its inputs) and refine heads."""
-    from diffugts.networks.aova import AOVAHead
     from diffugts.models.package import add_networks
+    from diffugts.networks.aova import AOVAHead
     from diffugts.stages.refine import RefineHead
 
     specs = {s.name: s.channels for s in build_backbone(pkg.manifest["backbone"]).feature_specs()}

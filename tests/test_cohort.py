@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from diffugts.runners import cohort
 from diffugts.errors import ConfigError, InputError
+from diffugts.runners import cohort
 from pipelines import submit
 
 PARAMS = {"prompts": ["liver tumor"], "rules": "default", "resample": False, "min_volume_ml": 0.1}
@@ -523,8 +523,8 @@ def test_batches_are_bounded_and_dealt_into_lanes():
 
 @pytest.mark.slow
 def test_a_failed_study_never_sinks_its_batch(tmp_path):
-    from diffugts.runners.batch import run_batch
     from diffugts.phantom import CaseSpec, generate_case, write_case
+    from diffugts.runners.batch import run_batch
     from modelfactory import random_package
 
     studies, results, run = tmp_path / "studies", str(tmp_path / "results"), "r1"

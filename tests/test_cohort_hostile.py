@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from diffugts.runners import cohort
 from diffugts.errors import DiffugtsError, InputError
+from diffugts.runners import cohort
 
 # The helpers of the cohort tests: a model package and a report folder as the stages leave them.
 from test_cohort import PARAMS, _model, _report
@@ -238,9 +238,9 @@ def test_the_report_stage_upload_refuses_a_uid_that_is_not_a_uid(uid):
 def _stub_batch_stages(monkeypatch, uids: dict[str, str]) -> None:
     """run_batch with its ingestion, model and report stages stubbed: each input's report names
     the Study Instance UID given for its folder."""
+    import diffugts.runners.segment
     import diffugts.stages.ingest
     import diffugts.stages.report
-    import diffugts.runners.segment
 
     class Stages:
         def __init__(self, model_uri, device=None, **kwargs):

@@ -10,9 +10,9 @@ import logging
 import pytest
 import torch
 
+from diffugts.models import get_config
 from diffugts.networks.backbones import build_backbone
 from diffugts.networks.backbones.cuda_graphs import GraphedCall
-from diffugts.models import get_config
 
 
 def _fn(z, t):

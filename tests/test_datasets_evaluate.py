@@ -10,8 +10,8 @@ import pytest
 import datasetfactory as F
 from diffugts.cli import main
 from diffugts.datasets import EvalCases, open_dataset
-from diffugts.runners.evaluate import evaluate
 from diffugts.phantom import CaseSpec, generate_case
+from diffugts.runners.evaluate import evaluate
 from modelfactory import random_package
 
 pytestmark = pytest.mark.slow

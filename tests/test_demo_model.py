@@ -1,5 +1,5 @@
-"""The shipped demo models (3D default, 2D diffusers family): intact, reproducible from its recorded command, and not worse than
-it was when it was committed (a quick regression check on a handful of phantom cases).
+"""The shipped demo models (3D default, 2D diffusers family): intact, reproducible from its recorded
+command, and not worse than it was when it was committed (a quick regression check on a handful of phantom cases).
 
 The floors sit below the figures measured when the model was committed (docs/benchmarks.md)
 so that noise does not trip them; a retrained or broken model that loses the ability to find
@@ -13,9 +13,9 @@ import json
 import pytest
 
 from diffugts.cli import main
-from diffugts.runners.evaluate import evaluate
 from diffugts.models.defaults import DEMO_2D_MODEL, DEMO_MODEL, default_model, resolve_model
 from diffugts.phantom import CaseSpec, generate_case, write_case
+from diffugts.runners.evaluate import evaluate
 
 # Measured at commit time on these cases (full method): see docs/benchmarks.md.
 FLOOR_FULL_DICE = 0.12  # measured 0.197 (4 lesion-bearing organs)

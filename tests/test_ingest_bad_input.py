@@ -16,8 +16,8 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, RTStructureSetStorage
 
-from diffugts.cli import main
 from dicomfactory import write_series
+from diffugts.cli import main
 
 
 def run_cli(capsys, *args) -> tuple[int, list[str], str]:

@@ -9,9 +9,9 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
+from dicomfactory import write_series
 from diffugts.errors import InputError
 from diffugts.stages.ingest import ingest
-from dicomfactory import write_series
 
 
 def read_volume(out):

@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from diffugts.artifacts.geometry import Geometry
-from diffugts.stages.lesions import axial_axis, measure, split_instances, write_lesion_artifact
 from diffugts.artifacts.study import Study
+from diffugts.stages.lesions import axial_axis, measure, split_instances, write_lesion_artifact
 
 
 def rotation(axis: str, deg: float) -> np.ndarray:

@@ -80,7 +80,7 @@ def _tool(name: str) -> str:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lint_python(*modules: str) -> str:
     """The interpreter of .venv-lint, checked to import ``modules``."""
     python = LINT_VENV / "bin" / "python"
@@ -124,7 +124,7 @@ def _kustomize(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rendered_cached(target: str) -> tuple:
     return tuple(_kustomize(MANIFESTS / target))
 
@@ -672,7 +672,7 @@ def test_kfp_custom_resources_match_their_schemas():
 
 
 def test_kfp_schema_rejects_a_misspelt_field():
-    label, swf = [(l, d) for l, d in _kfp_docs() if d["kind"] == "ScheduledWorkflow"][0]
+    label, swf = [(lbl, d) for lbl, d in _kfp_docs() if d["kind"] == "ScheduledWorkflow"][0]
     swf["spec"]["maxConcurency"] = 1
     swf["spec"]["maxHistory"] = 1000
     assert len(_validate_kfp([(label, swf)])) == 2
@@ -820,7 +820,7 @@ def test_every_container_is_hardened_and_bounded():
 def test_images_are_pinned():
     images = components_images()
     ours = set(images.values())
-    for target, label, spec in [(t, l, s) for t in _kustomizations() for l, s in pod_specs(rendered(t))]:
+    for label, spec in [(lbl, s) for t in _kustomizations() for lbl, s in pod_specs(rendered(t))]:
         for container in containers(spec):
             image = container["image"]
             name = image.split("@")[0]
@@ -898,7 +898,7 @@ def test_real_env_file_is_git_ignored():
     assert proc.returncode == 1, "the example must stay committed"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _render_secrets_cached() -> tuple:
     import tempfile
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.cli import main
 from diffugts.errors import ConfigError, InputError
 from diffugts.models import get_config, open_package
 from diffugts.models.create import create_random, import_maisi, verify
+from diffugts.networks.backbones import build_backbone, load_backbone
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from diffugts.phantom.labels import ORGAN_BY_NAME, ORGANS
 from diffugts.phantom.case import CaseSpec, allowed_combinations, generate_case, plan_lesions, streams
 from diffugts.phantom.cohort import series_info
 from diffugts.phantom.dicom import uids
+from diffugts.phantom.labels import ORGAN_BY_NAME, ORGANS
 from diffugts.phantom.lesions import LESION_TYPES, prompts
 from diffugts.phantom.split import SEEN, SEEN_ORGANS, SEEN_TYPES, split_of, unseen_reasons
 

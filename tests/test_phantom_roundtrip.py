@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from diffugts.stages.ingest import ingest
 from diffugts.phantom.case import CaseSpec, generate_case
 from diffugts.phantom.cohort import write_case
+from diffugts.stages.ingest import ingest
 
 
 @pytest.mark.parametrize(

@@ -164,8 +164,8 @@ def test_study_pipeline_runs_locally(kfp_local):
 @pytest.mark.slow
 def test_fused_study_pipeline_writes_what_the_staged_one_writes(kfp_local):
     from diffugts.phantom import CaseSpec, generate_case, write_case
-    from pipelines.study_fused import study_fused_pipeline
     from pipelines.study import study_pipeline
+    from pipelines.study_fused import study_fused_pipeline
 
     case = write_case(generate_case(CaseSpec(seed=3, index=0, shape=(32, 64, 64))), kfp_local / "cases")
     model = random_package(kfp_local / "model")

@@ -18,18 +18,19 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from scipy import ndimage
 
-from diffugts.utils import atomic, prometheus as metrics
+from dicomfactory import write_series
+from diffugts.artifacts.study import load_study, write_image
 from diffugts.cli import main
+from diffugts.errors import InputError
+from diffugts.phantom import CaseSpec, generate_case, write_case
 from diffugts.stages.ingest import ingest
 from diffugts.stages.lesions import write_lesion_artifact
-from diffugts.phantom import CaseSpec, generate_case, write_case
 from diffugts.stages.report import make_report, study_key
 from diffugts.stages.report.cohort import cohort_report
 from diffugts.stages.report.inputs import load_lesions
 from diffugts.stages.report.upload import upload_report
 from diffugts.storage import MANIFEST, ObjectStore
-from diffugts.artifacts.study import load_study, write_image
-from dicomfactory import write_series
+from diffugts.utils import atomic, prometheus as metrics
 
 MODEL = {"name": "demo-tiny", "sha256": "c0ffee" + "0" * 58}
 TARGETS = [
@@ -324,7 +325,7 @@ def test_bad_input_fails_with_one_line_and_failed_json(world, tmp_path, capsys):
 def test_cohort_report(world, tmp_path):
     failed = tmp_path / "failed"
     failed.mkdir()
-    with pytest.raises(Exception):
+    with pytest.raises(InputError, match="not a lesion artifact"):
         make_report(world["root"] / "study", tmp_path / "nope", failed, pushgateway="")
     summary = cohort_report([str(world["out"]), str(failed), str(tmp_path / "never-ran")], tmp_path / "cohort")
     assert (summary["studies"], summary["done"], summary["failed"], summary["lesions"]) == (3, 1, 2, 2)
@@ -431,7 +432,6 @@ def test_report_cli_uploads_and_pushes(world, s3_env, pushgateway_url, tmp_path,
 
 def test_metric_labels_and_reasons(monkeypatch):
     monkeypatch.delenv(metrics.ENV_GATEWAY, raising=False)
-    from diffugts.errors import InputError
     from diffugts.storage import StoreUnavailable
 
     with pytest.raises(ValueError):
@@ -515,7 +515,7 @@ def test_cohort_html_puts_findings_first_and_links_each_study(world, tmp_path):
 
     failed = tmp_path / "failed"
     failed.mkdir()
-    with pytest.raises(Exception):
+    with pytest.raises(InputError, match="not a lesion artifact"):
         make_report(world["root"] / "study", tmp_path / "nope", failed, pushgateway="")
     empty = tmp_path / "empty"  # a study without findings
     empty.mkdir()

@@ -33,11 +33,11 @@ def test_midline_follows_the_body_not_the_field_of_view():
 
 @pytest.mark.slow
 def test_report_names_the_side_and_the_slice_of_each_kidney_lesion(tmp_path):
+    from diffugts.artifacts.study import load_study
+    from diffugts.phantom import CaseSpec, generate_case, write_case
     from diffugts.stages.ingest import ingest
     from diffugts.stages.lesions import write_lesion_artifact
-    from diffugts.phantom import CaseSpec, generate_case, write_case
     from diffugts.stages.report import make_report
-    from diffugts.artifacts.study import load_study
 
     case = generate_case(CaseSpec(seed=7, index=1, healthy_fraction=0.0, modality="CT", split="seen"))
     truth = [les["organ"] for les in case.lesions]

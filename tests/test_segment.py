@@ -10,10 +10,10 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from diffugts.cli import main
-from diffugts.runners.evaluate import dice, evaluate, intensity_baseline, markdown, nsd
 from diffugts.artifacts.geometry import Geometry
+from diffugts.cli import main
 from diffugts.phantom import CaseSpec, generate_case, write_case
+from diffugts.runners.evaluate import dice, evaluate, intensity_baseline, markdown, nsd
 from diffugts.stages.refine import body_mask
 from modelfactory import random_package
 
@@ -180,7 +180,7 @@ def test_evaluate_runs_every_variant(model, case, tmp_path):
     assert variants == {"baseline", "aova", "residual", "full", "organ_zscore"}
     organs = {r["organ"] for r in result["rows"]}
     meta = json.loads((case / "case.json").read_text())
-    assert organs == {l["organ"].replace("left ", "").replace("right ", "") for l in meta["lesions"]}
+    assert organs == {les["organ"].replace("left ", "").replace("right ", "") for les in meta["lesions"]}
     for row in result["rows"]:
         assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["nsd"] <= 1.0
         assert row["split"] == "seen"
@@ -323,8 +323,8 @@ def test_shared_inputs_are_the_residual_channels_of_the_method():
     import torch
     import torch.nn.functional as F
 
-    from diffugts.networks.backbones import build_backbone
     from diffugts.models import get_config
+    from diffugts.networks.backbones import build_backbone
     from diffugts.stages.refine import RESIDUAL_GAIN, shared_inputs
 
     torch.manual_seed(0)

@@ -14,16 +14,16 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from diffugts.utils import atomic
-from diffugts.networks.backbones import Backbone, load_backbone
+from diffugts.artifacts.geometry import Geometry
+from diffugts.artifacts.study import write_image
 from diffugts.cli import main
 from diffugts.errors import InputError
-from diffugts.artifacts.geometry import Geometry
 from diffugts.models import open_package
 from diffugts.models.create import create_random
-from diffugts.artifacts.study import write_image
+from diffugts.networks.backbones import Backbone, load_backbone
 from diffugts.stages.synthesize import GroundTruth, Params, Tiles, fidelity, inpaint, make_region, synthesize
 from diffugts.stages.synthesize.inpaint import renoise
+from diffugts.utils import atomic
 
 DEMO_SPACING = (2.75, 2.75, 4.0)
 FAST = Params(steps=3, context_mm=16.0)
@@ -200,8 +200,8 @@ def sampler_source(request, backbone):
     """The demo backbone (rectified flow), or one with MAISI v1's DDPM schedule (DDIM sampling)."""
     if request.param == "rflow":
         return backbone
-    from diffugts.networks.backbones import build_backbone
     from diffugts.models import get_config
+    from diffugts.networks.backbones import build_backbone
 
     return build_backbone({**get_config("demo"), "scheduler": get_config("maisi-ct-v1")["scheduler"]})
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffugts.errors import ConfigError
 from diffugts.artifacts.geometry import Geometry
-from diffugts.stages.preprocess import Preprocessing, model_grid, normalise, to_model
+from diffugts.errors import ConfigError
 from diffugts.networks.text import TextEncoder, make_target, organ_of
+from diffugts.stages.preprocess import Preprocessing, model_grid, normalise, to_model
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,8 @@ def test_missing_text_encoder_folder(tmp_path):
         TextEncoder(tmp_path)
 
 
-def geometry(shape=(20, 30, 40), spacing=(1.0, 1.5, 2.0), direction=np.eye(3), origin=(5.0, -3.0, 10.0)):
-    return Geometry(origin, spacing, direction, shape)
+def geometry(shape=(20, 30, 40), spacing=(1.0, 1.5, 2.0), direction=None, origin=(5.0, -3.0, 10.0)):
+    return Geometry(origin, spacing, np.eye(3) if direction is None else direction, shape)
 
 
 def test_identity_grid_is_an_exact_copy():

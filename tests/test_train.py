@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from diffugts.stages.attend import default_threshold, fusion_of, load_head
-from diffugts.networks.aova import AOVAHead
-from diffugts.networks.backbones import load_backbone
-from diffugts.runners.evaluate import dice
 from diffugts.models.defaults import DEMO_MODEL
 from diffugts.models.package import open_package
+from diffugts.networks.aova import AOVAHead
+from diffugts.networks.backbones import load_backbone
+from diffugts.networks.text import TextEncoder
+from diffugts.runners.evaluate import dice
+from diffugts.stages.attend import default_threshold, fusion_of, load_head
 from diffugts.stages.preprocess import Preprocessing
 from diffugts.stages.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, RefineHead, refine_threshold
 from diffugts.stages.synthesize import Params
-from diffugts.networks.text import TextEncoder
 from diffugts.train.aova import evaluate_dice, train_aova
 from diffugts.train.data import phantom_case
 from diffugts.train.recipe import AOVA_FEATURES
@@ -98,8 +98,8 @@ def test_refinement_examples_hold_false_candidates_and_the_shipped_head_beats_th
 def test_backbone_training_losses_fall_and_set_the_scale_factor():
     """The demo backbone recipe's two parts on tiny discs: the VAE's reconstruction loss and
     the denoiser's rectified-flow loss both fall; the latent scale factor is 1 / std."""
-    from diffugts.networks.backbones import build_backbone
     from diffugts.models import get_config
+    from diffugts.networks.backbones import build_backbone
     from diffugts.train.backbone import latents, train_denoiser, train_vae
 
     torch.manual_seed(0)

@@ -13,10 +13,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.cli import main
 from diffugts.models import get_config, open_package
 from diffugts.models.create import create_random
+from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.stages.preprocess import Preprocessing
 from diffugts.train.data import TrainingCase, phantom_case
 
@@ -186,13 +186,13 @@ def test_quick_2d_demo_writes_a_verifiable_package(quick_model, capsys):
 
 
 def test_attend_training_free_feeds_synthesis(quick_model, study, tmp_path):
-    from diffugts.networks.aova import top_mean
-    from diffugts.stages.attend import TRAINING_FREE_TOP_FRACTION, attend
-    from diffugts.networks.backbones.cross_attention import training_free_probability
-    from diffugts.stages.preprocess import to_model
     from diffugts.artifacts.study import load_study
-    from diffugts.stages.synthesize import Params, synthesize
+    from diffugts.networks.aova import top_mean
+    from diffugts.networks.backbones.cross_attention import training_free_probability
     from diffugts.networks.text import make_target
+    from diffugts.stages.attend import TRAINING_FREE_TOP_FRACTION, attend
+    from diffugts.stages.preprocess import to_model
+    from diffugts.stages.synthesize import Params, synthesize
 
     out = tmp_path / "free"
     assert (

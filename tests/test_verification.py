@@ -12,8 +12,8 @@ import SimpleITK as sitk
 from diffugts.cli import main
 from diffugts.models.package import add_networks
 from diffugts.phantom import CaseSpec, generate_case, write_case
-from diffugts.train.verify import fit_verifier
 from diffugts.stages.verification import FEATURES, Evidence, LesionVerifier, candidates, verified, verifier_of
+from diffugts.train.verify import fit_verifier
 from modelfactory import random_package
 
 

@@ -12,8 +12,8 @@ Never imports kfp.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from diffugts.datasets import dicomseg, kits, msd
 from diffugts.datasets.case import DatasetCase, build_case, to_eval_case, to_training_case
@@ -66,7 +66,7 @@ class Dataset:
     def __iter__(self) -> Iterator[DatasetCase]:
         return (self.load(c) for c in self.case_ids)
 
-    def subset(self, case_ids) -> "Dataset":
+    def subset(self, case_ids) -> Dataset:
         missing = [c for c in case_ids if c not in self._entries]
         if missing:
             raise InputError(self.root, f"no case {missing[0]} in this dataset")
@@ -74,7 +74,7 @@ class Dataset:
             self.root, self.layout, [self._entries[c] for c in case_ids], self.mapping, self.organs, self.seen_types
         )
 
-    def with_seen(self, seen_types) -> "Dataset":
+    def with_seen(self, seen_types) -> Dataset:
         return Dataset(self.root, self.layout, list(self._entries.values()), self.mapping, self.organs, seen_types)
 
     def load(self, case_id: str, show_progress: bool = False, with_organs: bool = True) -> DatasetCase:
@@ -102,7 +102,7 @@ class Dataset:
             str(entry.image),
         )
 
-    def eval_cases(self) -> "EvalCases":
+    def eval_cases(self) -> EvalCases:
         return EvalCases(self)
 
     def provenance(self) -> dict:

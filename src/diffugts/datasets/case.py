@@ -17,10 +17,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from diffugts.artifacts.geometry import Geometry
 from diffugts.datasets.mapping import Meaning
 from diffugts.datasets.organs import same_grid
 from diffugts.errors import InputError
-from diffugts.artifacts.geometry import Geometry
 from diffugts.stages.lesions import CONNECTIVITY_26
 
 

@@ -10,7 +10,7 @@ and kept on the model grid only (what the training loops hold anyway).
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from diffugts.datasets import Dataset, to_training_case
 from diffugts.datasets.protocol import rank

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from diffugts.networks.backbones import build_backbone
 from diffugts.errors import ConfigError, InputError
 from diffugts.models.configs import get_config
 from diffugts.models.package import ModelPackage, write_package
+from diffugts.networks.backbones import build_backbone
 from diffugts.networks.text import default_encoder_path
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def base_manifest(name: str, config_name: str, config: dict, scale_factor: float
         "text_encoder": text_encoder_entry(),
         "prompts": {"default": DEFAULT_PROMPTS},
         "networks": {"vae": {}, "unet": {}},
-        "provenance": {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **provenance},
+        "provenance": {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **provenance},
     }
 
 
@@ -142,9 +142,9 @@ def _load(path: Path) -> dict:
 
 def verify(ref: str | os.PathLike) -> ModelPackage:
     """Checksums, then every network built and loaded strictly."""
-    from diffugts.stages.attend import load_head
-    from diffugts.networks.backbones import load_backbone
     from diffugts.models.package import open_package
+    from diffugts.networks.backbones import load_backbone
+    from diffugts.stages.attend import load_head
 
     pkg = open_package(ref)
     load_backbone(pkg, "cpu")

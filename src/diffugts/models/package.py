@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from diffugts import __version__
-from diffugts.utils import atomic
 from diffugts.errors import ConfigError, InputError
+from diffugts.utils import atomic
 
 FORMAT = "diffugts-model/1"
 MANIFEST = "manifest.json"
@@ -144,8 +144,7 @@ def cache_dir() -> Path:
 
 def _fetch(uri: str) -> Path:
     """Mirror a published package into the cache, unless the cached copy is current."""
-    from diffugts.storage import MANIFEST as STORE_MANIFEST
-    from diffugts.storage import ObjectStore, join_uri
+    from diffugts.storage import MANIFEST as STORE_MANIFEST, ObjectStore, join_uri
 
     store = ObjectStore()
     dest = cache_dir() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]

@@ -13,7 +13,6 @@ from diffugts.phantom.grid import smooth_noise
 from diffugts.phantom.labels import O, T
 from diffugts.phantom.shapes import ellipsoid, rotation
 
-
 # --- body outline, fat and abdominal wall -------------------------------------------------
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from diffugts.utils.atomic import staging_dir, write_json
 from diffugts.phantom.case import GENERATOR_VERSION, Case, CaseSpec, generate_case, organ_table
 from diffugts.phantom.dicom import SeriesInfo, write_series
+from diffugts.utils.atomic import staging_dir, write_json
 
 MARKER = "case.json"
 

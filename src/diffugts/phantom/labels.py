@@ -36,7 +36,8 @@ ORGANS: tuple[Organ, ...] = (
     Organ(19, "abdominal vessels", "vessel", "vascular"),
 )
 ORGAN_BY_NAME = {o.name: o for o in ORGANS}
-O = SimpleNamespace(**{o.name.replace(" ", "_"): o.label for o in ORGANS})
+# O.liver, T.skin: the phantom modules' short names for label values.
+O = SimpleNamespace(**{o.name.replace(" ", "_"): o.label for o in ORGANS})  # noqa: E741
 
 TISSUES: tuple[str, ...] = (
     "air",

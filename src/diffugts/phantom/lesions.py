@@ -16,8 +16,8 @@ import numpy as np
 from scipy import ndimage
 
 from diffugts.phantom.anatomy import Anatomy
-from diffugts.phantom.labels import ORGAN_BY_NAME, T
 from diffugts.phantom.grid import Grid, smooth_noise
+from diffugts.phantom.labels import ORGAN_BY_NAME, T
 from diffugts.phantom.render import fluid_value, host_value
 from diffugts.phantom.shapes import ellipsoid, ramp, rotation
 

@@ -13,8 +13,8 @@ import numpy as np
 from scipy import ndimage
 
 from diffugts.phantom.anatomy import Anatomy
-from diffugts.phantom.labels import TISSUES
 from diffugts.phantom.grid import Grid, smooth_noise
+from diffugts.phantom.labels import TISSUES
 
 MODALITIES = ("CT", "T1", "T2")  # CT, MR T1-weighted-like, MR T2-weighted-like
 

@@ -12,7 +12,6 @@ from diffugts.phantom.grid import smooth_noise
 from diffugts.phantom.labels import O, T
 from diffugts.phantom.shapes import bbox, ellipsoid, rotation, tube
 
-
 # --- bowel: colon frame plus small-bowel loops --------------------------------------------
 
 

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from diffugts.networks.aova import AOVAHead, region_alignment, soft_dice
 from diffugts.networks.backbones import Backbone
-from diffugts.utils.progress import progress
 from diffugts.networks.text import TextEncoder, make_target
 from diffugts.train.data import TrainingCase
+from diffugts.utils.progress import progress
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 
 from diffugts.networks.backbones.diffusers2d import Diffusers2DBackbone
 from diffugts.networks.backbones.diffusers_samplers import scheduler_args
-from diffugts.utils.progress import progress
 from diffugts.train.backbone import Fitted, _update, cosine_lr
 from diffugts.train.data import TrainingCase
+from diffugts.utils.progress import progress
 
 # A slice this close to a lesion may still show its rim or mass effect: not "healthy".
 LESION_MARGIN = 2
@@ -349,8 +349,8 @@ def fit_backbone_2d(
             "vae_slices": len(every.index),
             "denoiser_slices": len(healthy.index),
             "caption_example": healthy.caption(len(healthy.index) // 2),
-            "denoiser_data": f"healthy CT slices only (no lesion within {LESION_MARGIN} slices), latent crops captioned "
-            f"with the organs they show (token grounding on their organ masks); caption dropout "
+            "denoiser_data": f"healthy CT slices only (no lesion within {LESION_MARGIN} slices), latent crops "
+            f"captioned with the organs they show (token grounding on their organ masks); caption dropout "
             f"{UNCONDITIONAL}",
         },
         {"denoising": curves["denoise"], "grounding": curves["grounding"]},

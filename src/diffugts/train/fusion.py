@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from diffugts.networks.aova import AOVAHead
-from diffugts.stages.deviation import DeviationParams, Fusion, organ_deviation
 from diffugts.networks.text import TextEncoder, make_target
+from diffugts.stages.deviation import DeviationParams, Fusion, organ_deviation
 from diffugts.train.aova import CaseFeatures
 
 MAX_NEGATIVES = 4000  # organ voxels sampled per case and organ (lesion voxels are all kept)

@@ -70,7 +70,7 @@ class DemoRecipe:
         return asdict(self)
 
     @classmethod
-    def quick(cls, seed: int = 0) -> "DemoRecipe":
+    def quick(cls, seed: int = 0) -> DemoRecipe:
         """A few minutes instead of most of an hour: for tests and smoke runs."""
         return cls(
             seed=seed,

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffugts.artifacts.geometry import Geometry
 from diffugts.networks.aova import AOVAHead, dice_bce, soft_dice
 from diffugts.networks.backbones import Backbone
-from diffugts.stages.deviation import Fusion, FusedMaps
-from diffugts.artifacts.geometry import Geometry
+from diffugts.networks.text import TextEncoder, make_target
+from diffugts.stages.deviation import FusedMaps, Fusion
 from diffugts.stages.preprocess import Preprocessing, normalise
-from diffugts.utils.progress import progress
 from diffugts.stages.refine import (
     LEGACY_TARGET_CHANNELS,
     SHARED_CHANNELS as SHARED,
@@ -31,10 +31,9 @@ from diffugts.stages.refine import (
     target_inputs,
 )
 from diffugts.stages.synthesize import Params, make_region, pseudo_healthy
-from diffugts.networks.text import TextEncoder, make_target
 from diffugts.train.aova import case_features, organ_family
 from diffugts.train.data import TrainingCase
-
+from diffugts.utils.progress import progress
 
 HOST_FAMILIES = ("liver", "kidney", "spleen", "pancreas")  # organs a lesion can lie in (phantom.lesions)
 
@@ -210,9 +209,10 @@ def held_out_probabilities(head: RefineHead, examples: list[Example]) -> list[np
     ]
 
 
-def calibrate_threshold(
-    probs: list[np.ndarray], examples: list[Example], grid=tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
-) -> float:
+THRESHOLD_GRID = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
+
+
+def calibrate_threshold(probs: list[np.ndarray], examples: list[Example], grid=THRESHOLD_GRID) -> float:
     """The threshold with the best pooled Dice over held-out examples, lesion-free ones
     included: every voxel marked where there is no lesion counts against it."""
     best, best_dice = 0.5, -1.0

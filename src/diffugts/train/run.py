@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.errors import ConfigError
 from diffugts.models.configs import get_config
 from diffugts.models.create import base_manifest
 from diffugts.models.package import ModelPackage, add_networks, open_package, write_package
-from diffugts.stages.preprocess import Preprocessing
-from diffugts.utils.progress import progress
+from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.networks.text import TextEncoder
+from diffugts.stages.preprocess import Preprocessing
 from diffugts.train import recipe as R
 from diffugts.train.data import phantom_case
+from diffugts.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +226,8 @@ class _ExampleMaker:
     def __init__(
         self, pkg: ModelPackage, seed: int, synthesis_steps: int, phantom_shape=None, device: str | None = None
     ):
-        from diffugts.stages.attend import default_threshold, fusion_of, load_head
         from diffugts.networks.aova import AOVAHead
+        from diffugts.stages.attend import default_threshold, fusion_of, load_head
         from diffugts.stages.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
         from diffugts.stages.synthesize import Params
 

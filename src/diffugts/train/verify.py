@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from diffugts.stages.refine import DEVIATION_SCALE, RESIDUAL_GAIN, SHARED_CHANNELS as SHARED, TARGET_CHANNELS
+from diffugts.stages.verification import FEATURES, Evidence, LesionVerifier, candidates
 from diffugts.train.fusion import fit_logistic
 from diffugts.train.refine import Example
-from diffugts.stages.verification import FEATURES, Evidence, LesionVerifier, candidates
 
 THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 # Features that can only count *for* a lesion. Left free, the phantom world teaches the

@@ -7,7 +7,8 @@ Shown on a terminal; in logs (Kubeflow, CI) set ``DIFFUGTS_PROGRESS=1`` to force
 from __future__ import annotations
 
 import os
-from typing import Iterable, TypeVar
+from collections.abc import Iterable
+from typing import TypeVar
 
 from tqdm.auto import tqdm
 

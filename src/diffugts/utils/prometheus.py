@@ -28,7 +28,7 @@ import re
 import sys
 import time
 import urllib.request
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, pushadd_to_gateway
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -166,7 +166,7 @@ def build_registry(
     prev = previous or {}
     p = lambda name, **labels: prev.get((name, tuple(sorted(labels.items()))), 0.0)  # noqa: E731
 
-    buckets, cumulative = [], 0.0
+    buckets = []
     for bound in (*DURATION_BUCKETS, float("inf")):
         le = _le(bound)
         buckets.append((le, p(f"{DURATION}_bucket", le=le) + (1.0 if seconds <= bound else 0.0)))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from diffugts.networks.backbones.base import Backbone, FeatureSpec, Sampler
 from diffugts.errors import ConfigError
+from diffugts.networks.backbones.base import Backbone, FeatureSpec, Sampler
 
 __all__ = ["Backbone", "FeatureSpec", "Sampler", "load_backbone", "build_backbone"]
 

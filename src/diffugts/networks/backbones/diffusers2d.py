@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffugts.errors import ConfigError
 from diffugts.networks.backbones.base import Backbone, FeatureSpec, Sampler
 from diffugts.networks.backbones.cross_attention import (
     DEFAULT_ATTENTION_NOISE,
@@ -49,7 +50,6 @@ from diffugts.networks.backbones.cross_attention import (
     PromptTokens,
 )
 from diffugts.networks.backbones.diffusers_samplers import DDIMSampler, NativeSampler
-from diffugts.errors import ConfigError
 
 FAMILY = "diffusers2d"
 # Denoiser features are read at this fraction of the noise schedule (as the 3D family).

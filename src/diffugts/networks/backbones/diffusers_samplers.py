@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from diffugts.networks.backbones.base import ScheduleSampler, grid_size
 from diffugts.errors import ConfigError
+from diffugts.networks.backbones.base import ScheduleSampler, grid_size
 
 # Schedulers whose denoiser input is the unscaled latent and whose step only needs
 # (model output, t, z_t): the ones :class:`NativeSampler` can drive. Euler / Heun / LMS

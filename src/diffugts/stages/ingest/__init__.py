@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from diffugts import __version__
-from diffugts.utils import atomic
 from diffugts.errors import InputError, OutputError
 from diffugts.stages.ingest.headers import Frame, Rejection, check_image, frames_of, read_header
 from diffugts.stages.ingest.rules import Rules, failed_conditions, load_rules
@@ -33,6 +32,7 @@ from diffugts.stages.ingest.sources import list_files
 from diffugts.stages.ingest.stacks import GeometryPolicy, Stack, analyse, build_stacks
 from diffugts.stages.ingest.volume import decode_stack, resample
 from diffugts.stages.ingest.writer import header_copies, write_study
+from diffugts.utils import atomic
 from diffugts.utils.progress import progress
 
 log = logging.getLogger(__name__)

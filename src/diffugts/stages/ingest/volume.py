@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 from pydicom.pixels import get_decoder
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from scipy import ndimage
 
-from diffugts.errors import InputError
 from diffugts.artifacts.geometry import Geometry
+from diffugts.errors import InputError
 from diffugts.stages.ingest.headers import Frame
 from diffugts.stages.ingest.stacks import Stack
 from diffugts.utils.progress import progress

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import SimpleITK as sitk
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from diffugts.utils import atomic
 from diffugts.stages.ingest.headers import Frame
 from diffugts.stages.ingest.stacks import Stack
+from diffugts.utils import atomic
 
 if TYPE_CHECKING:
     from diffugts.stages.ingest import LoadedSeries
@@ -24,7 +24,7 @@ PIXEL_TAG_BE = bytes.fromhex("7fe00010")
 NIFTI_HEADER_BYTES = 352  # NIfTI-1 header + extension flag, before the voxels
 
 
-def write_study(out_dir: Path, loaded: "LoadedSeries") -> None:
+def write_study(out_dir: Path, loaded: LoadedSeries) -> None:
     stack = loaded.stack
     with atomic.staging_dir(out_dir, marker="series.json") as stage:
         image = sitk.GetImageFromArray(loaded.volume, isVector=False)

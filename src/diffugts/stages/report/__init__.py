@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from diffugts import __version__
-from diffugts.utils import atomic, prometheus as metrics
-from diffugts.stages.lesions import MARKER as LESIONS_MARKER
 from diffugts.artifacts.study import load_study
+from diffugts.stages.lesions import MARKER as LESIONS_MARKER
+from diffugts.utils import atomic, prometheus as metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,7 @@ def make_report(
 def _make(
     study_dir: Path, lesions_dir: Path, out: Path, attention_dir, synthesis_dir, upload, max_pictures, run: dict
 ) -> dict:
-    from diffugts.stages.report import derived, human, inputs
-    from diffugts.stages.report import seg as seg_mod
-    from diffugts.stages.report import sr as sr_mod
+    from diffugts.stages.report import derived, human, inputs, seg as seg_mod, sr as sr_mod
 
     t0 = time.perf_counter()
     study = load_study(study_dir)
@@ -234,7 +232,7 @@ def context(study, lesions, attention, model: dict) -> dict:
         },
         "model": model,
         "version": __version__,
-        "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "targets": targets,
         "lesions": records,
     }

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from diffugts import __version__
-from diffugts.utils import atomic
 from diffugts.errors import DiffugtsError
+from diffugts.utils import atomic
 from diffugts.utils.prometheus import reason_for
 
 FAILED_MARKER = "failed.json"
@@ -67,7 +67,7 @@ def write_failure(out_dir: str | os.PathLike, stage: str, exc: BaseException, st
         "reason": reason_text(exc),
         "study_key": study_key,
         "diffugts_version": __version__,
-        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     atomic.write_json(Path(out_dir) / FAILED_MARKER, record)
     return record
@@ -198,7 +198,7 @@ def cohort_report(sources: list[str], out_dir: str | os.PathLike, link_base: str
     summary = {
         "stage": "cohort-report",
         "diffugts_version": __version__,
-        "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "studies": len(studies),
         "done": len(done),
         "failed": len(studies) - len(done),

@@ -19,8 +19,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from diffugts import __version__
-from diffugts.stages.report.seg import uid
 from diffugts.artifacts.study import Study
+from diffugts.stages.report.seg import uid
 
 SERIES_NUMBER = 903
 # Attributes of the source that would describe the original pixels or acquisition

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffugts.utils.markdown import md
 from diffugts.stages.report import pictures as pic
 from diffugts.stages.report.seg import lesion_colour
+from diffugts.utils.markdown import md
 
 DISCLAIMER = "Research use only. Automatic zero-shot segmentation: not reviewed, not for diagnosis."
 

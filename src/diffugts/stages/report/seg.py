@@ -23,8 +23,8 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from diffugts import __version__
-from diffugts.stages.report import codes
 from diffugts.artifacts.study import Study
+from diffugts.stages.report import codes
 
 log = logging.getLogger(__name__)
 

@@ -82,6 +82,7 @@ def test_mr_cases_are_refused(healthy, prep):
         add_anomalies(dataclasses.replace(healthy[0], modality="MR"), prep, np.random.default_rng(0))
 
 
+@pytest.mark.slow
 def test_train_aova_with_synthetic_cases_records_them(tmp_path, capsys, monkeypatch):
     """`diffugts train aova --synthetic-cases N` trains on them and says so in the manifest."""
     import json

@@ -47,6 +47,7 @@ def regression_cases(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_demo_model_stays_above_its_floor(regression_cases):
     result = evaluate(regression_cases, str(DEMO_MODEL), show_progress=False)
     full = result["summary"]["split"]["seen"]["full"]
@@ -88,6 +89,7 @@ def test_demo_2d_model_verifies_and_records_how_it_was_made(capsys):
     assert {"backbone_training", "aova_training", "refine_training"} <= set(provenance)
 
 
+@pytest.mark.slow
 def test_demo_2d_model_stays_above_its_floor(regression_cases):
     result = evaluate(regression_cases, "demo-2d", variants=("full",), show_progress=False)
     full = result["summary"]["split"]["seen"]["full"]
@@ -96,6 +98,7 @@ def test_demo_2d_model_stays_above_its_floor(regression_cases):
     assert full["detection"] >= FLOOR_2D_FULL_DETECTION, full
 
 
+@pytest.mark.slow
 def test_segment_with_the_2d_demo_model_end_to_end(tmp_path):
     spec = CaseSpec(seed=9500, index=0, split="seen", healthy_fraction=0.0)
     case = generate_case(spec)

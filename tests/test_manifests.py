@@ -1117,6 +1117,7 @@ def checkov_report(tmp_path_factory) -> list[dict]:
     return report if isinstance(report, list) else [report]
 
 
+@pytest.mark.slow
 def test_checkov_finds_nothing(checkov_report):
     frameworks = {r["check_type"]: r for r in checkov_report}
     failures = [

@@ -226,6 +226,7 @@ def test_cli_bad_arguments_are_one_line_exit_2(argv, needle, capsys, tmp_path, m
     assert not (tmp_path / "X").exists()
 
 
+@pytest.mark.slow
 def test_montage_png(tmp_path):
     png = write_montage(tmp_path / "m.png")
     data = png.read_bytes()

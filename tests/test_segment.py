@@ -70,6 +70,7 @@ def test_segment_end_to_end(model, case, tmp_path, capsys):
         assert not (sitk.GetArrayFromImage(m).astype(bool) & ~inpainted).any()
 
 
+@pytest.mark.slow
 def test_resampling_on_the_device_gives_the_same_study(model, tmp_path, monkeypatch):
     """The GPU path's torch resampling (forced here on the CPU) against SimpleITK, through
     every stage: same maps, same pseudo-healthy study, same refined masks."""
@@ -193,6 +194,7 @@ def fused_model(tmp_path_factory):
     return random_package(tmp_path_factory.mktemp("fused"), fused=True)
 
 
+@pytest.mark.slow
 def test_segment_with_fused_maps_writes_each_targets_organ_and_refines_with_it(fused_model, case, tmp_path):
     out = tmp_path / "seg"
     assert (
@@ -224,6 +226,7 @@ def test_segment_with_fused_maps_writes_each_targets_organ_and_refines_with_it(f
     assert mask.shape == organ.shape
 
 
+@pytest.mark.slow
 def test_evaluate_with_fused_maps_adds_the_organ_zscore_baseline_and_healthy_studies(fused_model, case, tmp_path):
     import shutil
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from diffugts.cli import main
 from diffugts.models.defaults import DEMO_MODEL
 from diffugts.models.package import open_package
 
 
+@pytest.mark.slow
 def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     out = tmp_path / "pkg"
     args = ["-q", "train", "demo", "--quick", "--backbone", "demo", "--out", str(out)]

@@ -115,6 +115,7 @@ def lesion_mask(out) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lesions" / lesions["targets"][0]["mask"]))) > 0
 
 
+@pytest.mark.slow
 def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
     masks = {}
     for name, pkg in permissive.items():
@@ -143,6 +144,7 @@ def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
     assert not masks["reject"].any()
 
 
+@pytest.mark.slow
 def test_evaluate_scores_the_verified_mask(permissive, study):
     from diffugts.runners.evaluate import evaluate
 

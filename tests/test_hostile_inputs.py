@@ -26,6 +26,9 @@ from pydicom.uid import RLELossless
 
 from dicomfactory import write_series
 
+# Each case runs `diffugts ingest` in a child process (about 1 s each on 2 CPU cores, 30 s in all).
+pytestmark = pytest.mark.slow
+
 LIMIT_AS = 3 * 2**30  # address space of the child: a runaway allocation fails fast, not the machine
 MAX_RSS_MIB = 1024  # what a case may use at peak
 # Peak RSS from VmHWM: getrusage's ru_maxrss survives fork + exec, so it would report the

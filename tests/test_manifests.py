@@ -1133,6 +1133,7 @@ def test_checkov_finds_nothing(checkov_report):
         assert not r["summary"].get("parsing_errors"), r["check_type"]
 
 
+@pytest.mark.slow
 def test_checkov_exceptions_are_justified(checkov_report):
     skipped = [f for r in checkov_report for f in r.get("results", {}).get("skipped_checks", [])]
     for finding in skipped:

@@ -123,6 +123,7 @@ def test_cached_tasks_key_on_the_content_of_the_study_and_the_model(tmp_path):
     assert checked >= 6  # staged: ingest + three model stages; fused: ingest + segment
 
 
+@pytest.mark.slow
 def test_library_never_imports_kfp():
     code = (
         "import sys, pkgutil, importlib, diffugts\n"

@@ -22,11 +22,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 PROMPTS = ["liver tumor", "kidney tumor", "pancreas tumor", "spleen lesion"]
 # The demo cohort: phantom studies from a seed that training and evaluation never use.
 DEMO_SEED = 7
-DEMO_CASES = [
+DEMO_CASES: list[dict[str, Any]] = [
     {"index": 0, "modality": "CT", "split": "unseen"},  # tumor types the heads never saw
     {"index": 1, "modality": "CT", "split": "seen"},
     {"index": 2, "modality": "MR", "mr_contrast": "T2", "split": "any"},  # unseen modality

@@ -99,7 +99,8 @@ def build_case(
     # Organs numbered by label value (a dataset's own order), then the organ source's.
     names = list(
         dict.fromkeys(
-            [m.organ for _, m in sorted(resolved.items()) if m.kind in ("organ", "lesion")] + sorted(organ_masks or {})
+            [m.organ for _, m in sorted(resolved.items()) if m.kind in ("organ", "lesion") and m.organ is not None]
+            + sorted(organ_masks or {})
         )
     )
     index = {name: n for n, name in enumerate(names, start=1)}
@@ -107,7 +108,7 @@ def build_case(
     for name, mask in sorted((organ_masks or {}).items()):
         organs[mask] = index[name]
     for v, m in resolved.items():
-        if m.kind in ("organ", "lesion"):  # a lesion's voxels are part of its host organ's region
+        if m.kind in ("organ", "lesion") and m.organ is not None:  # a lesion's voxels are its host organ's too
             organs[labels == v] = index[m.organ]
     lesions = np.zeros(labels.shape, np.uint16)
     records: list[dict] = []

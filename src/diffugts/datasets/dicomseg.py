@@ -62,6 +62,7 @@ def read_case(entry: Entry, show_progress: bool = False) -> tuple[sitk.Image, np
     seg_path = segs[0]
     loaded = load_series(entry.image, show_progress=show_progress)
     image = sitk.GetImageFromArray(loaded.volume.astype(np.float32))
+    assert loaded.stack.geometry is not None  # a loaded series has its grid
     loaded.stack.geometry.to_sitk(image)
     try:
         seg = hd.seg.segread(seg_path)
@@ -88,7 +89,7 @@ def without_uids(text: str) -> str:
 def _paint(stack: np.ndarray, numbers: list[int]) -> np.ndarray:
     """Segment channels (k, j, i, segments) as one map of segment numbers, the largest segment
     painted first, so one inside another (a tumour in its organ) stays visible."""
-    stack = stack.reshape(stack.shape[:3] + (-1,))
+    stack = stack.reshape(*stack.shape[:3], -1)
     out = np.zeros(stack.shape[:3], np.uint16)
     sizes = [int(np.count_nonzero(stack[..., s])) for s in range(stack.shape[-1])]
     for s in sorted(range(len(sizes)), key=lambda s: -sizes[s]):

@@ -10,7 +10,9 @@ and kept on the model grid only (what the training loops hold anyway).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
+from typing import Any
 
 from diffugts.datasets import Dataset, to_training_case
 from diffugts.datasets.protocol import rank
@@ -37,7 +39,7 @@ class DatasetSource:
         self.train, self.held = training_sets(datasets, held_out_fraction)
         if self.max_cases:
             self.train = [
-                d.subset(sorted(d.case_ids, key=lambda c, n=d.name: rank(n, c))[-self.max_cases :]) for d in self.train
+                d.subset(sorted(d.case_ids, key=functools.partial(rank, d.name))[-self.max_cases :]) for d in self.train
             ]
         self.show_progress = show_progress
         self.protocol = protocol
@@ -92,7 +94,7 @@ class DatasetSource:
 
     def provenance(self) -> dict:
         """For the package manifest: exactly which datasets, mappings, cases and seen types."""
-        out = {"held_out_fraction": self.held_out_fraction, "max_cases": self.max_cases, "datasets": []}
+        out: dict[str, Any] = {"held_out_fraction": self.held_out_fraction, "max_cases": self.max_cases, "datasets": []}
         if self.protocol:
             out["protocol"] = self.protocol
         for d in self.datasets:

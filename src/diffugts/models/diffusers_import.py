@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from diffugts.errors import ConfigError, InputError
 from diffugts.models.create import DEFAULT_PROMPTS, text_encoder_entry
@@ -113,7 +114,7 @@ def import_diffusers(
     }
     if text_entry:
         backbone["text_encoder"] = text_entry
-    manifest = {
+    manifest: dict[str, Any] = {
         "name": name or folder.name,
         "family": "diffusers2d",
         "backbone": backbone,

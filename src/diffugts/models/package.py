@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,9 @@ def _referenced_files(manifest: dict) -> list[str]:
     return [n["weights"] for n in manifest.get("networks", {}).values() if n.get("weights")]
 
 
-def write_package(root: Path, manifest: dict, weights: dict[str, dict], extra_files: list[str] = ()) -> ModelPackage:
+def write_package(
+    root: Path, manifest: dict, weights: dict[str, dict], extra_files: Iterable[str] = ()
+) -> ModelPackage:
     """Write ``weights`` (network name -> state dict) as safetensors and the manifest last.
 
     ``manifest["networks"][name]`` gets its ``weights`` file name; every file written (and

@@ -46,7 +46,11 @@ class CaseSpec:
 
     @property
     def render_modality(self) -> str:
-        return "CT" if self.modality == "CT" else self.mr_contrast
+        if self.modality == "CT":
+            return "CT"
+        if self.mr_contrast is None:
+            raise ValueError(f"{self.case_id}: an MR phantom needs mr_contrast (T1 or T2)")
+        return self.mr_contrast
 
 
 @dataclass
@@ -93,7 +97,9 @@ def case_grid(spec: CaseSpec, rng: np.random.Generator) -> Grid:
     # where the patient lies in scanner coordinates (table height, table position); multiples
     # of 1/8 mm so DICOM decimal strings and NIfTI float32 hold them exactly
     off = np.round(np.array([rng.uniform(-15, 15), rng.uniform(-30, 10), rng.uniform(-600, -150)]) * 8) / 8
-    return Grid(tuple(spec.shape), tuple(float(s) for s in spec.spacing), tuple(off.tolist()))
+    nz, ny, nx = spec.shape
+    dx, dy, dz = (float(s) for s in spec.spacing)
+    return Grid((nz, ny, nx), (dx, dy, dz), tuple(off.tolist()))
 
 
 def generate_case(spec: CaseSpec) -> Case:

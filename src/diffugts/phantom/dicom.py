@@ -173,6 +173,7 @@ def _common(image, grid: Grid, info: SeriesInfo, u: dict) -> Dataset:
         ds.ContrastBolusAgent = "IODINATED CONTRAST (PORTAL VENOUS PHASE)"
         ds.ContrastBolusRoute = "IV"
     else:
+        assert info.contrast is not None  # an MR series has its contrast (T1 or T2)
         seq, var, tr, te, flip, etl, name = MR_SEQUENCES[info.contrast]
         ds.ScanningSequence = seq
         ds.SequenceVariant = var

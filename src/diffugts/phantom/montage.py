@@ -33,7 +33,7 @@ CORONAL = (0, 3, 10, 11)  # panels also shown as a coronal reformat
 
 
 def montage_cases(seed: int = 0) -> list[tuple[str, Case]]:
-    out = []
+    out: list[tuple[str, Case]] = []
     base = 1000  # case indices of their own, away from a cohort's first indices
     for i, (tag, mod, mr, t, organs, healthy) in enumerate(PANELS):
         spec = CaseSpec(

@@ -74,7 +74,8 @@ def case_features(backbone: Backbone, case: TrainingCase, index: list[int], spac
 def downsample(mask: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     """Fraction of each coarse voxel covered by the mask (a soft target)."""
     t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return F.adaptive_avg_pool3d(t, shape)[0, 0]
+    k, j, i = shape
+    return F.adaptive_avg_pool3d(t, (k, j, i))[0, 0]
 
 
 @dataclass

@@ -85,7 +85,7 @@ def train_vae(
     vae = backbone.vae
     vae.requires_grad_(True).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=1e-4)
-    losses = []
+    losses: list[float] = []
     bar = progress(range(steps), desc="train VAE", unit="step", enable=show_progress)
     for step in bar:
         for g in opt.param_groups:
@@ -132,7 +132,7 @@ def train_denoiser(
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
     sampler = backbone.sampler(crop)
     T = sampler.num_train_timesteps
-    losses = []
+    losses: list[float] = []
     bar = progress(range(steps), desc="train denoiser", unit="step", enable=show_progress)
     for step in bar:
         for g in opt.param_groups:

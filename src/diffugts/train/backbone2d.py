@@ -263,7 +263,7 @@ def train_unet_2d(
         noise = torch.randn_like(z0)
         z_t = sched.add_noise(z0, noise, t)
         target = noise if prediction == "epsilon" else sched.get_velocity(z0, noise, t)
-        store = AttentionStore(tuple(z0.shape[2:]))
+        store = AttentionStore((z0.shape[2], z0.shape[3]))
         with backbone._capture(store) if targets else contextlib.nullcontext():
             out = unet(z_t, t, encoder_hidden_states=hidden, encoder_attention_mask=mask).sample
         denoise = F.mse_loss(out, target)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,7 @@ def phantom_case(
     from diffugts.phantom import CaseSpec, generate_case
     from diffugts.phantom.case import organ_table
 
-    extra = {"shape": tuple(shape)} if shape else {}
+    extra: dict[str, Any] = {"shape": tuple(shape)} if shape else {}
     spec = CaseSpec(
         seed=seed,
         index=index,

@@ -8,6 +8,7 @@ evaluation uses 9000-9999 and the `make run` demo cohort seed 7.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from diffugts.errors import ConfigError
 
@@ -93,7 +94,7 @@ class DemoRecipe:
 
 # The 2D demo model keeps the heads it shipped with (no fusion, no randomisation, no
 # lesion-free refinement cases): it has not been retrained since (docs/backbones-2d.md).
-LEGACY_HEADS = dict(
+LEGACY_HEADS: dict[str, Any] = dict(
     aova_randomised_cases=0,
     aova_mr_healthy_cases=0,
     fusion_recall=None,

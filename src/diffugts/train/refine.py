@@ -103,15 +103,14 @@ def refinement_example(
     negative = empty if not truths else [str(f) for f in rng.permutation(empty)[:negatives]]
     organs = sorted(truths) + negative
     maps = coarse_maps(head, backbone, text, case, features, prep.spacing_mm, organs, fusion)
-    prob = {f: m if fusion is None else m.prob for f, m in maps.items()}
+    prob = {f: m.prob if isinstance(m, FusedMaps) else m for f, m in maps.items()}
     union = np.zeros(case.x.shape, bool)
     for fam in organs:
         union |= (prob[fam] >= threshold) | truths.get(fam, False)
     if not union.any():
         return []
-    region = make_region(
-        union, np.asarray(prep.spacing_mm)[::-1], params.dilation_mm + rng.uniform(0, 6), params.feather_mm
-    )
+    region = make_region(union, prep.spacing_mm[::-1], params.dilation_mm + rng.uniform(0, 6), params.feather_mm)
+    assert case.volume is not None  # refinement cases keep their study-grid volume
     pseudo, _ = pseudo_healthy(
         case.volume,
         geometry,
@@ -125,7 +124,8 @@ def refinement_example(
     shared = shared_inputs(backbone, case.x, h, region.dilated)
     examples = []
     for fam in organs:
-        organ = maps[fam].organ if fusion is not None else None
+        m = maps[fam]
+        organ = m.organ if isinstance(m, FusedMaps) else None
         own = target_inputs(
             channels, prob[fam], organ, case.x, tuple(prep.spacing_mm)[::-1], fusion.deviation if fusion else None
         )
@@ -152,7 +152,7 @@ def train_refine(
     torch.manual_seed(seed)
     head = RefineHead(in_channels=examples[0].inputs.shape[0], features=features)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    history = []
+    history: list[dict] = []
     head.train()
     start = checkpoint.restore(head, opt, rng, history) if checkpoint else 0  # diffugts.train.checkpoint
     for step in progress(range(start, steps), desc="train refinement", unit="step", enable=show_progress):

@@ -55,13 +55,17 @@ def train_backbone(
     data = backbone_cases(prep, cases, seed, show_progress, phantom_shape)
     backbone = build_backbone({**config, "scale_factor": 1.0})
     if config["family"] == "diffusers2d":
+        from diffugts.networks.backbones.diffusers2d import Diffusers2DBackbone
         from diffugts.train.backbone2d import fit_backbone_2d
 
+        assert isinstance(backbone, Diffusers2DBackbone)  # what build_backbone makes for the family
         fitted = fit_backbone_2d(backbone, data, vae_steps, denoiser_steps, seed, show_progress)
         config["vae"] = backbone.config["vae"]  # carries the trained latent scaling_factor
     else:
+        from diffugts.networks.backbones.maisi import MaisiBackbone
         from diffugts.train.backbone import fit_backbone_3d
 
+        assert isinstance(backbone, MaisiBackbone)
         fitted = fit_backbone_3d(backbone, data, vae_steps, denoiser_steps, seed, prep.spacing_mm, show_progress)
     training = {
         "cases": cases,
@@ -292,11 +296,18 @@ def train_refine_head(
     """``healthy_cases``: lesion-free cases whose coarse candidates are all false (with a fused
     coarse map the head also takes each target's deviation and organ channels). ``source``,
     ``checkpoint``, ``device``: as :func:`train_aova_head`."""
-    from diffugts.train.refine import calibrate_threshold, evaluate_refine, held_out_probabilities, train_refine
+    from diffugts.train.refine import (
+        Example,
+        calibrate_threshold,
+        evaluate_refine,
+        held_out_probabilities,
+        train_refine,
+    )
 
     pkg = open_package(model)
     make = _ExampleMaker(pkg, seed, synthesis_steps, phantom_shape, device)
-    examples, held_out = [], []
+    examples: list[Example] = []
+    held_out: list[Example] = []
     plan = [(i, False) for i in range(cases + (4 if cases or not source else 0))] + [
         (R.HEALTHY_INDEX + i, True) for i in range(healthy_cases + (2 if healthy_cases else 0))
     ]

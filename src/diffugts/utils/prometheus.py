@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, pushadd_to_gateway
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -170,7 +170,7 @@ def build_registry(
     for bound in (*DURATION_BUCKETS, float("inf")):
         le = _le(bound)
         buckets.append((le, p(f"{DURATION}_bucket", le=le) + (1.0 if seconds <= bound else 0.0)))
-    families = [
+    families: list[Metric] = [
         HistogramMetricFamily(
             DURATION, HELP[DURATION], buckets=buckets, sum_value=p(f"{DURATION}_sum") + float(seconds)
         )

@@ -163,6 +163,7 @@ def cross_attention_maps(
                 [backbone._attention(z_t[part], t, prompts).float() for part in backbone._chunks(sl.shape[0])]
             )  # (B*K, P, L, h, w)
             acc = per_t if acc is None else acc + per_t
+    assert acc is not None  # at least one noise level
     latent = acc / len(noised)
     n_tok = latent.shape[2]
     up = F.interpolate(latent.flatten(1, 2), size=(j, i), mode="bilinear", align_corners=False)

@@ -321,7 +321,7 @@ class Diffusers2DBackbone(Backbone):
         (L: the longest prompt; masked positions are 0)."""
         n = z_t.shape[0]
         hidden, mask = self._context(texts, n)
-        store = AttentionStore(tuple(z_t.shape[2:]))
+        store = AttentionStore((z_t.shape[2], z_t.shape[3]))
         with self._capture(store):
             self._unet(z_t.repeat(len(texts), 1, 1, 1), t, hidden, mask)
         maps = store.mean()  # (P * N, L, h, w), prompt-major as the context

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -163,6 +164,7 @@ def _log_skipped(rejections: list[dict], out_dir: Path, shown: int = 5) -> None:
 
 
 def _voxels(stack: Stack) -> int:
+    assert stack.geometry is not None  # analyse() set it
     k, j, i = stack.geometry.shape
     return k * j * i
 
@@ -201,7 +203,7 @@ def _scan(input_ref, work: Path, rejections: list[dict], max_voxels: int, show: 
 
 def _select_and_read(input_ref, stacks: list[Stack], rules: Rules, rejections: list[dict], show: bool):
     """Apply the selections in order; read the preferred candidate that decodes."""
-    decisions = {s.number: {"stack": s, "reasons": {}, "taken": False} for s in stacks}
+    decisions: dict[str, dict[str, Any]] = {s.number: {"stack": s, "reasons": {}, "taken": False} for s in stacks}
     for sel_no, sel in enumerate(rules.selections, start=1):
         name = sel.get("name") or f"selection {sel_no}"
         matches = []
@@ -228,6 +230,7 @@ def _select_and_read(input_ref, stacks: list[Stack], rules: Rules, rejections: l
                 s.problems.append(str(err))
                 continue
             if s.source_geometry is not None:
+                assert s.geometry is not None  # planned with the source geometry
                 volume = resample(volume, s.source_geometry, s.geometry)
             decisions[s.number].update(taken=True, selection=name)
             _record_passed_over(decisions, rejections)
@@ -270,6 +273,7 @@ def _why_none(decisions: dict) -> str:
 
 
 def _describe(input_ref, stack: Stack, rules: Rules, decisions: dict, rejections: list[dict]) -> dict:
+    assert stack.geometry is not None  # analyse() set it
     ds = stack.ds
     modality = stack.modality
     candidates = []

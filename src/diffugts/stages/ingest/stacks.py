@@ -154,12 +154,13 @@ def analyse(stack: Stack, policy: GeometryPolicy) -> None:
         return
 
     ori = frames[0].orientation
+    assert ori is not None  # every frame has a position and an orientation (checked above)
     row, col = ori[:3] / np.linalg.norm(ori[:3]), ori[3:] / np.linalg.norm(ori[3:])
     if abs(row @ col) > 1e-3:
         stack.problems.append("image orientation is not orthogonal")
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
-    positions = np.stack([f.position for f in frames])
+    positions = np.stack([f.position for f in frames if f.position is not None])  # all of them (above)
     dist = positions @ normal
 
     order = np.argsort(dist, kind="stable")
@@ -269,7 +270,7 @@ def _pixel_spacing(stack: Stack, policy: GeometryPolicy) -> tuple[float, float]:
     if None in spacings:
         stack.problems.append("pixel spacing missing on some slices")
         spacings.discard(None)
-    values = np.array(sorted(spacings))
+    values = np.array(sorted(s for s in spacings if s is not None))
     if np.ptp(values[:, 0]) > 1e-4 * values[:, 0].max() or np.ptp(values[:, 1]) > 1e-4 * values[:, 1].max():
         stack.problems.append(
             f"inconsistent pixel spacing within the series ({values.min():.3f} to {values.max():.3f} mm)"
@@ -297,6 +298,7 @@ def _instance_number(f: Frame) -> int:
 def _sheared_source(stack: Stack) -> Geometry:
     """The stored slices' grid, whose k axis is the (tilted) step between slices."""
     g = stack.geometry
+    assert g is not None  # analyse() set it before planning a resampling
     if stack.source_step is None:
         return g
     step = stack.source_step
@@ -308,6 +310,7 @@ def _sheared_source(stack: Stack) -> Geometry:
 def _plan_deshear(stack: Stack) -> None:
     """Tilted gantry: same in-plane grid, third axis along the slice normal."""
     g = stack.geometry
+    assert g is not None and stack.source_step is not None  # set by analyse()
     stack.source_geometry = _sheared_source(stack)
     sz = abs(float(stack.source_step @ g.direction[:, 2]))
     stack.geometry = Geometry(g.origin, (g.spacing[0], g.spacing[1], sz), g.direction, g.shape)
@@ -316,6 +319,7 @@ def _plan_deshear(stack: Stack) -> None:
 def _plan_axis_aligned(stack: Stack) -> None:
     """Oblique planes: an axis-aligned grid covering the same box, same spacings."""
     grid = stack.geometry
+    assert grid is not None  # set by analyse()
     src = stack.source_geometry = _sheared_source(stack)
     frame = nearest_axis_frame(grid.direction)
     corners = np.array(

@@ -28,6 +28,7 @@ def write_study(out_dir: Path, loaded: LoadedSeries) -> None:
     stack = loaded.stack
     with atomic.staging_dir(out_dir, marker="series.json") as stage:
         image = sitk.GetImageFromArray(loaded.volume, isVector=False)
+        assert stack.geometry is not None  # a loaded series has its grid
         stack.geometry.to_sitk(image)
         # Uncompressed .nii: gzip would cost more than the whole DICOM read on large CTs.
         atomic.reserve(stage / "volume.nii", NIFTI_HEADER_BYTES + loaded.volume.nbytes)
@@ -99,9 +100,9 @@ def _header_bytes(f: Frame) -> bytes:
             tag = src.read(4)
         if start > 0 and tag == (PIXEL_TAG_LE if ts.is_little_endian else PIXEL_TAG_BE):
             return head
-    for tag in PIXEL_TAGS:
-        if tag in ds:
-            del ds[tag]
+    for pixel_tag in PIXEL_TAGS:
+        if pixel_tag in ds:
+            del ds[pixel_tag]
     if ts.is_compressed or ts == DeflatedExplicitVRLittleEndian:
         # Compressed syntaxes encode the data set as explicit VR little endian; with the
         # pixels gone the copy is exactly that.

@@ -19,6 +19,7 @@ import json
 import os
 import posixpath
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def _collect_s3(prefix: str) -> list[tuple[str, dict]]:
 
 
 def study_row(source: str, rec: dict) -> dict:
-    row = dict.fromkeys(STUDY_COLUMNS, "")
+    row: dict[str, Any] = dict.fromkeys(STUDY_COLUMNS, "")
     row["source"] = source
     row["study_key"] = rec.get("study", {}).get("study_key") or rec.get("study_key") or ""
     if rec.get("status") != "done":
@@ -230,12 +231,14 @@ def volume_figure(volumes: list[float]):
     fig, ax = plt.subplots(figsize=(6.5, 2.8))
     low, high = max(float(v.min()), 1e-3), max(float(v.max()), 1e-3)
     if high / low > 20:
-        ax.hist(v, bins=np.logspace(np.log10(low), np.log10(high * 1.01), 20), color="#3a78b5", edgecolor="white")
+        ax.hist(
+            v, bins=np.logspace(np.log10(low), np.log10(high * 1.01), 20).tolist(), color="#3a78b5", edgecolor="white"
+        )
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
     else:
         pad = max(0.5 * (high - low), 0.1 * high, 0.05)
-        ax.hist(v, bins=np.linspace(max(low - pad, 0.0), high + pad, 11), color="#3a78b5", edgecolor="white")
+        ax.hist(v, bins=np.linspace(max(low - pad, 0.0), high + pad, 11).tolist(), color="#3a78b5", edgecolor="white")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("lesion volume (mL)")

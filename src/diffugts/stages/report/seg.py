@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
@@ -25,6 +26,9 @@ from pydicom.uid import generate_uid
 from diffugts import __version__
 from diffugts.artifacts.study import Study
 from diffugts.stages.report import codes
+
+if TYPE_CHECKING:
+    from diffugts.stages.report.inputs import LesionMask
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +87,8 @@ _TYPE2 = (
 def source_images(study: Study) -> list[pydicom.Dataset]:
     """The header copies, one per source file, in slice order (missing Type 2 patient and
     study attributes added empty, in memory)."""
-    seen, out = set(), []
+    seen: set[str] = set()
+    out: list[pydicom.Dataset] = []
     for inst in study.series["instances"]:
         if inst["header"] not in seen:
             seen.add(inst["header"])
@@ -127,7 +132,7 @@ def segment_infos(lesions: list[dict], targets: list[dict], entropy: list[str]) 
 def build_seg(
     study: Study,
     sources: list[pydicom.Dataset],
-    masks: dict[int, np.ndarray],
+    masks: dict[int, LesionMask],
     infos: list[SegmentInfo],
     targets: list[dict],
     model: dict,

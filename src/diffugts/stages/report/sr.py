@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import highdicom as hd
 import pydicom
+from pydicom.sr.codedict import codes as dicom_codes
 
 from diffugts import __version__
 from diffugts.stages.report import codes
@@ -35,7 +36,7 @@ def build_sr(
         parameters=[f"model={model.get('name', 'unknown')}", f"model_sha256={model.get('sha256', '')}"],
     )
     observer = hd.sr.ObserverContext(
-        observer_type=pydicom.sr.codedict.codes.DCM.Device,
+        observer_type=dicom_codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=uid(entropy, "device"),
             name="diffugts",

@@ -78,6 +78,7 @@ def test_rflow_sampler_schedule(demo):
     assert torch.allclose(s.step(z0 - noise, 250.0, 0.0, z_t), z0, atol=1e-6)
 
 
+@pytest.mark.slow  # the full-size networks: 200 M parameters each
 @pytest.mark.parametrize("name", ["maisi-ct", "maisi-ct-v1"])
 def test_official_configurations_build_on_cpu(name):
     backbone = build_backbone(get_config(name))

@@ -189,6 +189,7 @@ def test_fused_study_pipeline_writes_what_the_staged_one_writes(kfp_local):
     ]
 
 
+@pytest.mark.slow
 def test_study_pipeline_fails_cleanly_on_bad_input(kfp_local, capfd):
     from pipelines.study import study_pipeline
 

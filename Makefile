@@ -15,11 +15,13 @@ LINT_STAMP := $(LINT_VENV)/.diffugts-lint-installed
 IMAGE_VERSION := $(shell sed -n 's/^VERSION = "\(.*\)"/\1/p' components/images.py)
 IMAGE_REPO ?= ghcr.io/diffugts
 
-.PHONY: help venv lint-venv system-deps run test demo-model demo-heads demo-model-2d compile bench images clean
+.PHONY: help venv lint-venv system-deps run test test-fast lint demo-model demo-heads demo-model-2d compile bench images clean
 
 help:
 	@echo "make run      - run the cohort pipeline locally (kfp.local) on the embedded demo, offline"
 	@echo "make test     - run the test suite"
+	@echo "make test-fast - the tests not marked slow (under 2 min on 2 CPU cores): the edit loop; CI runs make test"
+	@echo "make lint     - ruff check, ruff format --check and mypy"
 	@echo "make compile  - write the pipeline YAML to build/pipelines/"
 	@echo "make bench    - run the CPU benchmarks (GPU: python benchmarks/gpu_stages.py)"
 	@echo "make demo-model - retrain the shipped demo model from scratch (about 2 h on 2 CPU cores)"
@@ -61,6 +63,19 @@ run: $(STAMP)
 test: $(STAMP) $(LINT_STAMP) system-deps
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# The edit loop: the tests not marked slow (training, model quality, kfp.local and other end-to-end runs).
+test-fast: $(STAMP) $(LINT_STAMP) system-deps
+	@$(PY) -m pytest -q -m "not slow"; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+# Runs all three checks and fails if any did (configuration in pyproject.toml).
+lint: $(STAMP)
+	@rc=0; \
+	echo "ruff check"; $(VENV)/bin/ruff check . || rc=1; \
+	echo "ruff format --check"; $(VENV)/bin/ruff format --check . || rc=1; \
+	echo "mypy"; $(VENV)/bin/mypy || rc=1; \
+	exit $$rc
 
 # Not part of CI: trains the shipped demo model (under 60 min on 2 CPU cores), then verifies it.
 demo-model: $(STAMP)

@@ -39,7 +39,7 @@ from pipelines.run_local import PROMPTS, demo_studies  # noqa: E402
 
 
 def peak_rss_gb(who: int) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024 ** 2  # KiB -> GiB
+    return resource.getrusage(who).ru_maxrss / 1024**2  # KiB -> GiB
 
 
 def in_process_cold(study: Path, out: Path, model: str) -> float:
@@ -123,11 +123,17 @@ def main() -> int:
             print(f"run {r}: {name:11s} {seconds:6.1f} s", flush=True)
 
     med = {name: statistics.median(values) for name, values in runs.items()}
-    print(f"\npeak RSS: this process {peak_rss_gb(resource.RUSAGE_SELF):.2f} GiB, "
-          f"largest child process {peak_rss_gb(resource.RUSAGE_CHILDREN):.2f} GiB")
+    print(
+        f"\npeak RSS: this process {peak_rss_gb(resource.RUSAGE_SELF):.2f} GiB, "
+        f"largest child process {peak_rss_gb(resource.RUSAGE_CHILDREN):.2f} GiB"
+    )
     base = med["in-process"]
     for name, value in med.items():
-        ratio = "" if name == "in-process" else f"  / in-process = {value / base:.2f} (overhead {100 * (value / base - 1):+.0f}%)"
+        ratio = (
+            ""
+            if name == "in-process"
+            else f"  / in-process = {value / base:.2f} (overhead {100 * (value / base - 1):+.0f}%)"
+        )
         print(f"median {name:11s} {value:6.1f} s{ratio}")
     print("warm in-process, per stage:")
     for key in stages[0]:

@@ -41,13 +41,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffugts.networks.aova import AOVAHead
-from diffugts.utils.atomic import write_json
-from diffugts.stages.attend import Method, attention_maps
-from diffugts.networks.backbones.cuda_graphs import GraphedCall
-from diffugts.networks.backbones.maisi import MaisiBackbone
 from diffugts.artifacts.geometry import Geometry
 from diffugts.models.configs import get_config
+from diffugts.networks.aova import AOVAHead
+from diffugts.networks.backbones.cuda_graphs import GraphedCall
+from diffugts.networks.backbones.maisi import MaisiBackbone
+from diffugts.networks.text import make_target
+from diffugts.stages.attend import Method, attention_maps
 from diffugts.stages.preprocess import Preprocessing, normalise, to_model
 from diffugts.stages.refine import refine_probability, shared_inputs
 from diffugts.networks.refine import RefineHead
@@ -55,6 +55,7 @@ from diffugts.config import SynthesisParams
 from diffugts.stages.synthesize import make_region, pseudo_healthy
 from diffugts.networks.text import make_target
 from diffugts.train.recipe import default_features
+from diffugts.utils.atomic import write_json
 
 PROMPTS = ["liver tumor", "kidney tumor", "pancreas tumor", "spleen lesion"]
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -74,7 +75,7 @@ def synthetic_ct(shape_xyz: tuple[int, int, int], spacing=(0.75, 0.75, 1.5)) -> 
     liver = ((xc - cx) / (0.25 * w)) ** 2 + ((yc - cy) / (0.2 * h)) ** 2 + (zc / (0.3 * d)) ** 2 <= 1
     vol[liver] = 60
     r = min(15.0, 0.08 * w)  # a 30 mm lesion at full size
-    lesion = (xc - cx) ** 2 + (yc - cy) ** 2 + zc ** 2 <= r ** 2
+    lesion = (xc - cx) ** 2 + (yc - cy) ** 2 + zc**2 <= r**2
     vol[lesion] = 10
     vol += rng.normal(0, 10, vol.shape).astype(np.float32)
     return vol, Geometry((0, 0, 0), spacing, np.eye(3), vol.shape), lesion
@@ -134,12 +135,15 @@ class Stopwatch:
 BASELINE_STEPS = 20  # the synthesis default before fewer steps were measured to be as good
 
 
-def run_study(backbone, heads, prep, volume, geometry, lesion, device, roi, watch: Stopwatch | None,
-              features: list[str]):
+def run_study(
+    backbone, heads, prep, volume, geometry, lesion, device, roi, watch: Stopwatch | None, features: list[str]
+):
     """The three stages, as the study pipeline runs them (same functions)."""
     watch = watch or Stopwatch(device)
     aova, refine_head = heads
-    method = Method(BenchPackage(roi, features), backbone, aova, FixedEmbeddings(aova.config["text_dim"], device), prep, device)
+    method = Method(
+        BenchPackage(roi, features), backbone, aova, FixedEmbeddings(aova.config["text_dim"], device), prep, device
+    )
     targets = [make_target(p) for p in PROMPTS]
     with watch.stage("attend"):  # includes the study -> model grid resampling, as the stage does
         x, space = to_model(volume, geometry, "CT", prep, device=backbone.resample_device)
@@ -171,8 +175,11 @@ def run_study(backbone, heads, prep, volume, geometry, lesion, device, roi, watc
             for p in probs:
                 refine_probability(refine_head, shared, p, roi=roi, bf16=False)
         t3 = time.perf_counter()
-    watch.rows["refine"]["parts"] = {"resample": round(t1 - t0, 3), "features": round(t2 - t1, 3),
-                                     "head": round(t3 - t2, 3)}
+    watch.rows["refine"]["parts"] = {
+        "resample": round(t1 - t0, 3),
+        "features": round(t2 - t1, 3),
+        "head": round(t3 - t2, 3),
+    }
     return watch.rows, info
 
 
@@ -199,7 +206,7 @@ def matmul_rate(device) -> float:
     for _ in range(10):
         a @ b
     torch.cuda.synchronize()
-    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0)
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -207,10 +214,17 @@ def main() -> None:
     ap.add_argument("--config", default="maisi-ct")
     ap.add_argument("--shapes", default="512x512x128,512x512x256", help="x*y*z voxels, comma-separated")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--roi", default=None, help="attention/refinement window on the model grid, e.g. 128x128x128 "
-                                                "(default: the whole volume in one window)")
-    ap.add_argument("--variants", default="optimized,eager,baseline",
-                    help="eager = optimized without the CUDA graph (on the CPU the two are the same)")
+    ap.add_argument(
+        "--roi",
+        default=None,
+        help="attention/refinement window on the model grid, e.g. 128x128x128 "
+        "(default: the whole volume in one window)",
+    )
+    ap.add_argument(
+        "--variants",
+        default="optimized,eager,baseline",
+        help="eager = optimized without the CUDA graph (on the CPU the two are the same)",
+    )
     ap.add_argument("--no-flops", action="store_true")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
@@ -252,14 +266,28 @@ def main() -> None:
                 total["peak_gb"] = max(r["peak_gb"] for r in rows.values())
             rows["total"] = total
             results["shapes"].setdefault("x".join(map(str, shape)), {})[variant] = rows
-            print(f"{variant:9s} {'x'.join(map(str, shape)):12s} " + "  ".join(
-                f"{k} {v['s']:.2f} s" + (f" ({v['peak_gb']:.1f} GB)" if "peak_gb" in v else "") for k, v in rows.items())
+            print(
+                f"{variant:9s} {'x'.join(map(str, shape)):12s} "
+                + "  ".join(
+                    f"{k} {v['s']:.2f} s" + (f" ({v['peak_gb']:.1f} GB)" if "peak_gb" in v else "")
+                    for k, v in rows.items()
+                )
                 + f"  [synthesis crop {info['crop_model_kji']}, {info['denoiser_calls']} denoiser calls"
-                + (f", CUDA graph {info['cuda_graph']}" if "cuda_graph" in info else "") + "]", flush=True)
+                + (f", CUDA graph {info['cuda_graph']}" if "cuda_graph" in info else "")
+                + "]",
+                flush=True,
+            )
             rows["synthesize"]["cuda_graph"] = info.get("cuda_graph")
             save(args.json, results)  # as it goes: a run cut short keeps what it measured
-            print(" " * 23 + "  ".join(f"{k}: " + ", ".join(f"{a} {b:.2f}" for a, b in v["parts"].items())
-                                       for k, v in rows.items() if "parts" in v), flush=True)
+            print(
+                " " * 23
+                + "  ".join(
+                    f"{k}: " + ", ".join(f"{a} {b:.2f}" for a, b in v["parts"].items())
+                    for k, v in rows.items()
+                    if "parts" in v
+                ),
+                flush=True,
+            )
         if backbone is not reference:
             del backbone
             if device.type == "cuda":
@@ -276,8 +304,10 @@ def main() -> None:
         if "optimized" in by and "eager" in by:
             eager, graphed = (by[v]["synthesize"]["parts"]["denoise"] for v in ("eager", "optimized"))
             by["cuda_graph_denoise_speedup"] = eager / max(graphed, 1e-6)
-            print(f"graph     {shape:12s} denoise eager {eager:.3f} s, CUDA graph {graphed:.3f} s: "
-                  f"{by['cuda_graph_denoise_speedup']:.2f}x")
+            print(
+                f"graph     {shape:12s} denoise eager {eager:.3f} s, CUDA graph {graphed:.3f} s: "
+                f"{by['cuda_graph_denoise_speedup']:.2f}x"
+            )
 
     if not args.no_flops and "optimized" in args.variants:
         shape = shapes[0]
@@ -287,7 +317,9 @@ def main() -> None:
         def stage(name):
             def fn():
                 run_study(reference, (aova, refine_head), prep, *cases[shape], device, roi, watch, features)
+
             return fn
+
         # Eager while counting: a graph's warm-up and capture would count its first call thrice.
         graphed, reference.graphed = reference.graphed, None
         total = count_flops(stage("all"))
@@ -295,8 +327,10 @@ def main() -> None:
         flops["total"] = total
         opt = results["shapes"]["x".join(map(str, shape))]["optimized"]
         seconds = opt["total"]["s"]
-        line = f"flops     {'x'.join(map(str, shape)):12s} {total / 1e12:.3f} TFLOP in {seconds:.2f} s = " \
-               f"{total / seconds / 1e12:.2f} TFLOP/s"
+        line = (
+            f"flops     {'x'.join(map(str, shape)):12s} {total / 1e12:.3f} TFLOP in {seconds:.2f} s = "
+            f"{total / seconds / 1e12:.2f} TFLOP/s"
+        )
         if device.type == "cuda":
             peak = next((v for k, v in BF16_PEAK.items() if k in card), None)
             measured = matmul_rate(device)

@@ -101,8 +101,9 @@ def main() -> int:
     print(f"{len(files)} files, {nbytes / 2**20:.0f} MiB, median of {args.repeats} alternating runs")
     for name, sec in med.items():
         print(f"  {name:9s} {sec:6.2f} s  {len(files) / sec:7.0f} slices/s  {nbytes / 2**20 / sec:6.0f} MiB/s")
-    print(f"  load   / baseline = {med['load'] / med['baseline']:.2f}  (overhead {100 * (med['load'] / med['baseline'] - 1):+.0f}%)")
-    print(f"  ingest / baseline = {med['ingest'] / med['baseline']:.2f}  (overhead {100 * (med['ingest'] / med['baseline'] - 1):+.0f}%)")
+    for name in ("load", "ingest"):
+        ratio = med[name] / med["baseline"]
+        print(f"  {name:6s} / baseline = {ratio:.2f}  (overhead {100 * (ratio - 1):+.0f}%)")
     return 0
 
 

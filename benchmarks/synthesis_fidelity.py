@@ -39,9 +39,9 @@ def main() -> None:
     ap.add_argument("--strength", type=float, default=None, help="noise level to start from (default: the method's)")
     args = ap.parse_args()
 
-    from diffugts.networks.backbones import load_backbone
     from diffugts.models.defaults import default_model
     from diffugts.models.package import open_package
+    from diffugts.networks.backbones import load_backbone
     from diffugts.stages.preprocess import Preprocessing
 
     torch.set_num_threads(1)  # the demo networks are too small for a second thread to pay
@@ -66,20 +66,28 @@ def main() -> None:
                 examples[les["type"]] = (case, pseudo, truth.lesion_map == les["id"], les["voxels"], les["organ"])
 
     rows = []
-    print(f"model {pkg.name} ({pkg.sha256[:12]}), strength {params.strength}, {params.steps} steps, "
-          f"dilation {params.dilation_mm} mm\n")
-    print(f"{'lesion type':16s} {'split':7s} {'n':>3s} {'fidelity':>9s} {'MAE to twin, x':>15s} {'MAE to twin, H':>15s}")
+    print(
+        f"model {pkg.name} ({pkg.sha256[:12]}), strength {params.strength}, {params.steps} steps, "
+        f"dilation {params.dilation_mm} mm\n"
+    )
+    print(
+        f"{'lesion type':16s} {'split':7s} {'n':>3s} {'fidelity':>9s} {'MAE to twin, x':>15s} {'MAE to twin, H':>15s}"
+    )
     for (kind, split), lesions in sorted(groups.items()):
         fids = [e["fidelity"] for e in lesions if e["fidelity"] is not None]
         before = [e["mae_to_healthy_input"] for e in lesions if e.get("mae_to_healthy_input") is not None]
         after = [e["mae_to_healthy"] for e in lesions if e.get("mae_to_healthy") is not None]
-        row = {"type": kind, "split": split, "n": len(lesions),
-               "fidelity": round(float(np.median(fids)), 3) if fids else None,
-               "mae_x": round(float(np.mean(before)), 1) if before else None,
-               "mae_h": round(float(np.mean(after)), 1) if after else None}
+        row = {
+            "type": kind,
+            "split": split,
+            "n": len(lesions),
+            "fidelity": round(float(np.median(fids)), 3) if fids else None,
+            "mae_x": round(float(np.mean(before)), 1) if before else None,
+            "mae_h": round(float(np.mean(after)), 1) if after else None,
+        }
         rows.append(row)
-        print(f"{kind:16s} {split:7s} {row['n']:3d} {row['fidelity'] if row['fidelity'] is not None else '-':>9} "
-              f"{row['mae_x'] if row['mae_x'] is not None else '-':>15} {row['mae_h'] if row['mae_h'] is not None else '-':>15}")
+        shown = {k: "-" if row[k] is None else row[k] for k in ("fidelity", "mae_x", "mae_h")}
+        print(f"{kind:16s} {split:7s} {row['n']:3d} {shown['fidelity']:>9} {shown['mae_x']:>15} {shown['mae_h']:>15}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.png:
@@ -103,8 +111,11 @@ def picture(examples: dict, out: Path) -> None:
         half = 24
         box = (slice(max(cj - half, 0), cj + half), slice(max(ci - half, 0), ci + half))
         window = (-150, 250) if case.modality == "CT" else tuple(np.percentile(case.volume, [1, 99.5]))
-        for ax, img, title in ((row[0], case.volume, f"{kind} ({organ})"), (row[1], pseudo, "pseudo-healthy H"),
-                               (row[2], case.volume - pseudo, "x - H")):
+        for ax, img, title in (
+            (row[0], case.volume, f"{kind} ({organ})"),
+            (row[1], pseudo, "pseudo-healthy H"),
+            (row[2], case.volume - pseudo, "x - H"),
+        ):
             if title == "x - H":
                 ax.imshow(img[k][box], cmap="coolwarm", vmin=-120, vmax=120)
             else:

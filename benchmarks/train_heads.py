@@ -5,8 +5,9 @@ that docs/benchmarks.md compares it with (two seeds run side by side, one thread
     python benchmarks/train_heads.py SEED OUT [--backbone demo]
 
 `--start refine` / `--start verifier`: OUT already holds the earlier stages (a run stopped
-later, or heads kept while a later stage changes): only that stage and the ones after it run. `diffugts train demo --backbone demo --seed SEED --out OUT` does the same
-in one process with the recipe's provenance entry.
+later, or heads kept while a later stage changes): only that stage and the ones after it run.
+`diffugts train demo --backbone demo --seed SEED --out OUT` does the same in one process with
+the recipe's provenance entry.
 """
 
 from __future__ import annotations
@@ -29,21 +30,43 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--backbone", default="demo", help="package whose backbone is reused (default: demo)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--start", choices=STAGES, default="aova",
-                        help="first stage to train; OUT must hold the earlier ones (default: aova)")
+    parser.add_argument(
+        "--start",
+        choices=STAGES,
+        default="aova",
+        help="first stage to train; OUT must hold the earlier ones (default: aova)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     r = DemoRecipe(seed=args.seed)
     start = time.time()
     first = STAGES.index(args.start)
     if first == 0:
-        train_aova_head(args.backbone, args.out, args.seed, r.aova_cases, r.aova_steps, r.aova_dim, r.features, True,
-                        synthetic_cases=r.aova_synthetic_cases, randomised_cases=r.aova_randomised_cases,
-                        mr_healthy_cases=r.aova_mr_healthy_cases, fusion_recall=r.fusion_recall)
+        train_aova_head(
+            args.backbone,
+            args.out,
+            args.seed,
+            r.aova_cases,
+            r.aova_steps,
+            r.aova_dim,
+            r.features,
+            True,
+            synthetic_cases=r.aova_synthetic_cases,
+            randomised_cases=r.aova_randomised_cases,
+            mr_healthy_cases=r.aova_mr_healthy_cases,
+            fusion_recall=r.fusion_recall,
+        )
     print(f"AOVA head done after {time.time() - start:.0f} s", flush=True)
     if first <= 1:
-        train_refine_head(args.out, None, args.seed, r.refine_cases, r.refine_steps, show_progress=True,
-                          healthy_cases=r.refine_healthy_cases)
+        train_refine_head(
+            args.out,
+            None,
+            args.seed,
+            r.refine_cases,
+            r.refine_steps,
+            show_progress=True,
+            healthy_cases=r.refine_healthy_cases,
+        )
     print(f"refinement head done after {time.time() - start:.0f} s", flush=True)
     train_lesion_verifier(args.out, None, args.seed, r.verifier_cases, r.verifier_healthy_cases)
     print(f"lesion verifier done after {time.time() - start:.0f} s", flush=True)
@@ -57,9 +80,15 @@ def record(out: Path, recipe: DemoRecipe, backbone: str) -> None:
     from diffugts.train.run import command_line
 
     source = open_package(backbone, verify=False)
-    add_networks(open_package(out), {}, provenance={
-        "recipe": recipe.as_dict(), "heads_command": command_line(),
-        "backbone_from": {"package": source.name, "sha256": source.sha256}})
+    add_networks(
+        open_package(out),
+        {},
+        provenance={
+            "recipe": recipe.as_dict(),
+            "heads_command": command_line(),
+            "backbone_from": {"package": source.name, "sha256": source.sha256},
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,9 @@ class Sizer:
     def __init__(self, spec: dict, platform: dict | None):
         self.spec = spec
         self.executors = spec["deploymentSpec"]["executors"]
-        self.k8s = ((platform or {}).get("platforms", {}).get("kubernetes", {})
-                    .get("deploymentSpec", {}).get("executors", {}))
+        self.k8s = (
+            (platform or {}).get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {})
+        )
         self.nodes = 0.0
         self.bytes = 0.0
 
@@ -185,24 +186,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-parallel", type=int, default=DEFAULT_MAX_PARALLEL)
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
-    print(f"Argo Workflow of one cohort run (batch_size {args.batch_size}, max_parallel {args.max_parallel}, "
-          f"at most {MAX_BATCHES} batches); goal: < {GOAL_NODES} nodes, < {GOAL_STATUS_BYTES / 1e6:.0f} MB status")
+    print(
+        f"Argo Workflow of one cohort run (batch_size {args.batch_size}, max_parallel {args.max_parallel}, "
+        f"at most {MAX_BATCHES} batches); goal: < {GOAL_NODES} nodes, < {GOAL_STATUS_BYTES / 1e6:.0f} MB status"
+    )
     print(f"{'studies':>8} | {'layout':<28} | {'GPU tasks':>9} | {'nodes':>7} | {'status':>9} | {'B/node':>6}")
     rows = []
     for n in args.studies:
-        for name, row in (("before: a task per study", before(n)),
-                          ("after: batches in lanes", after(n, args.batch_size, args.max_parallel))):
+        for name, row in (
+            ("before: a task per study", before(n)),
+            ("after: batches in lanes", after(n, args.batch_size, args.max_parallel)),
+        ):
             rows.append({"studies": n, "layout": name, **row})
-            print(f"{n:>8} | {name:<28} | {row['tasks']:>9} | {row['nodes']:>7} | "
-                  f"{row['status_bytes'] / 1e6:>7.2f} MB | {row['bytes_per_node']:>6}")
+            print(
+                f"{n:>8} | {name:<28} | {row['tasks']:>9} | {row['nodes']:>7} | "
+                f"{row['status_bytes'] / 1e6:>7.2f} MB | {row['bytes_per_node']:>6}"
+            )
     # The largest Workflow the settings allow: the most studies, every lane in use.
     n = max(args.studies)
     worst = {"studies": n, "layout": f"after, max_parallel {MAX_PARALLEL}", **after(n, args.batch_size, MAX_PARALLEL)}
     rows.append(worst)
     ok = worst["nodes"] < GOAL_NODES and worst["status_bytes"] < GOAL_STATUS_BYTES
-    print(f"largest: {n} studies, max_parallel {MAX_PARALLEL}: {worst['nodes']} nodes, "
-          f"{worst['status_bytes'] / 1e6:.2f} MB: {'within' if ok else 'OVER'} the goal "
-          f"({math.ceil(n / worst['tasks'])} studies per GPU task)")
+    print(
+        f"largest: {n} studies, max_parallel {MAX_PARALLEL}: {worst['nodes']} nodes, "
+        f"{worst['status_bytes'] / 1e6:.2f} MB: {'within' if ok else 'OVER'} the goal "
+        f"({math.ceil(n / worst['tasks'])} studies per GPU task)"
+    )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0 if ok else 1

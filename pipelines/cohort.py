@@ -44,23 +44,55 @@ def _bookkeeping(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
 
 
 @dsl.pipeline(name="diffugts-cohort-lane", description="Batches of a cohort run, one after another.")
-def cohort_lane(lane: list, model_uri: str, prompts: list, rules: str, resample: bool, min_volume_ml: float,
-                results_uri: str, maps: str):
+def cohort_lane(
+    lane: list,
+    model_uri: str,
+    prompts: list,
+    rules: str,
+    resample: bool,
+    min_volume_ml: float,
+    results_uri: str,
+    maps: str,
+):
     with dsl.ParallelFor(lane, parallelism=1) as batch:
-        task = segment_batch(results_uri=results_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, batch=batch,
-                             model_uri=model_uri, prompts=prompts, rules=rules, resample=resample,
-                             min_volume_ml=min_volume_ml, maps=maps)
+        task = segment_batch(
+            results_uri=results_uri,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            batch=batch,
+            model_uri=model_uri,
+            prompts=prompts,
+            rules=rules,
+            resample=resample,
+            min_volume_ml=min_volume_ml,
+            maps=maps,
+        )
         gpu_stage(task, "Batch of studies")
         # A retry skips the studies the lost attempt finished (their done markers).
         task.set_caching_options(False).set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)
 
 
 @dsl.pipeline(name="diffugts-cohort-studies", description="The batches of a cohort run, in lanes.")
-def cohort_studies(lanes: list, model_uri: str, prompts: list, rules: str, resample: bool, min_volume_ml: float,
-                   results_uri: str, maps: str):
+def cohort_studies(
+    lanes: list,
+    model_uri: str,
+    prompts: list,
+    rules: str,
+    resample: bool,
+    min_volume_ml: float,
+    results_uri: str,
+    maps: str,
+):
     with dsl.ParallelFor(lanes) as lane:
-        cohort_lane(lane=lane, model_uri=model_uri, prompts=prompts, rules=rules, resample=resample,
-                    min_volume_ml=min_volume_ml, results_uri=results_uri, maps=maps).set_display_name("Lane")
+        cohort_lane(
+            lane=lane,
+            model_uri=model_uri,
+            prompts=prompts,
+            rules=rules,
+            resample=resample,
+            min_volume_ml=min_volume_ml,
+            results_uri=results_uri,
+            maps=maps,
+        ).set_display_name("Lane")
 
 
 @dsl.pipeline(
@@ -97,20 +129,41 @@ def cohort_pipeline(
         maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
         batch_size: Studies per GPU task, at least (more when the cohort would need over 24 tasks, to bound the run's size).
         max_parallel: GPU tasks at once, at most (1 to 16).
-    """
-    record = _bookkeeping(record_run(results_uri=results_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER),
-                          "Record run")
+    """  # noqa: E501  (KFP makes each Args line a parameter description: one line each)
+    record = _bookkeeping(record_run(results_uri=results_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "Record run")
     with dsl.ExitHandler(record, name="cohort"):
-        listing = _bookkeeping(list_studies(studies_uri=studies_uri, studies_csv=studies_csv, model_uri=model_uri,
-                                            results_uri=results_uri, prompts=prompts, rules=rules, resample=resample,
-                                            min_volume_ml=min_volume_ml, force=force, maps=maps,
-                                            batch_size=batch_size, max_parallel=max_parallel,
-                                            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "List studies")
-        studies = cohort_studies(lanes=listing.outputs["Output"], model_uri=model_uri, prompts=prompts, rules=rules,
-                                 resample=resample, min_volume_ml=min_volume_ml, results_uri=results_uri, maps=maps)
+        listing = _bookkeeping(
+            list_studies(
+                studies_uri=studies_uri,
+                studies_csv=studies_csv,
+                model_uri=model_uri,
+                results_uri=results_uri,
+                prompts=prompts,
+                rules=rules,
+                resample=resample,
+                min_volume_ml=min_volume_ml,
+                force=force,
+                maps=maps,
+                batch_size=batch_size,
+                max_parallel=max_parallel,
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            ),
+            "List studies",
+        )
+        studies = cohort_studies(
+            lanes=listing.outputs["Output"],
+            model_uri=model_uri,
+            prompts=prompts,
+            rules=rules,
+            resample=resample,
+            min_volume_ml=min_volume_ml,
+            results_uri=results_uri,
+            maps=maps,
+        )
         studies.set_display_name("Studies")
-        report = cohort_report(results_uri=results_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, rules=rules,
-                               resample=resample)
+        report = cohort_report(
+            results_uri=results_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, rules=rules, resample=resample
+        )
         # Diagnosing failed studies re-reads them (see diffugts.runners.cohort.diagnose): room for one CT.
         cpu_stage(report, "Cohort report", cpu="2", memory="8G")
         report.set_caching_options(False).set_retry(num_retries=2, backoff_duration="60s", backoff_factor=2.0)

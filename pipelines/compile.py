@@ -29,8 +29,12 @@ from pipelines.protocol import protocol_pipeline
 from pipelines.study import study_pipeline
 from pipelines.study_fused import study_fused_pipeline
 
-PIPELINES = {"diffugts-study": study_pipeline, "diffugts-study-fused": study_fused_pipeline,
-             "diffugts-cohort": cohort_pipeline, "diffugts-protocol": protocol_pipeline}
+PIPELINES = {
+    "diffugts-study": study_pipeline,
+    "diffugts-study-fused": study_fused_pipeline,
+    "diffugts-cohort": cohort_pipeline,
+    "diffugts-protocol": protocol_pipeline,
+}
 NAMESPACE = "diffugts"
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests" / "base" / "pipelines"
@@ -70,11 +74,15 @@ def compile_manifests(out: Path = MANIFESTS) -> list[Path]:
     paths = []
     for name, pipeline in PIPELINES.items():
         path = out / f"{name}.yaml"
-        options = KubernetesManifestOptions(namespace=NAMESPACE, pipeline_name=name,
-                                            pipeline_version_name=version_name(name, spec_digest(pipeline)),
-                                            include_pipeline_manifest=True)
-        compiler.Compiler().compile(pipeline, str(path), kubernetes_manifest_format=True,
-                                    kubernetes_manifest_options=options)
+        options = KubernetesManifestOptions(
+            namespace=NAMESPACE,
+            pipeline_name=name,
+            pipeline_version_name=version_name(name, spec_digest(pipeline)),
+            include_pipeline_manifest=True,
+        )
+        compiler.Compiler().compile(
+            pipeline, str(path), kubernetes_manifest_format=True, kubernetes_manifest_options=options
+        )
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise SystemExit(f"{path}: {path.stat().st_size} bytes, too large for `kubectl apply`")
         paths.append(path)
@@ -93,8 +101,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("build/pipelines"), help="where the IR YAML goes")
     ap.add_argument("--manifests", type=Path, default=MANIFESTS, help="where the Kubernetes manifests go")
-    ap.add_argument("--version-names", action="store_true",
-                    help="only print '<pipeline> <version name>' per pipeline, write nothing")
+    ap.add_argument(
+        "--version-names",
+        action="store_true",
+        help="only print '<pipeline> <version name>' per pipeline, write nothing",
+    )
     args = ap.parse_args()
     if args.version_names:
         for name, pipeline in PIPELINES.items():

@@ -65,15 +65,38 @@ def protocol_pipeline(
         max_cases: At most this many training cases per dataset (0: all; the training loops hold every case in memory).
         prompt: Evaluation prompt template; {organ} is each lesion's host organ.
     """
-    aova = _on_data(train_aova_on_datasets(model_uri=model_uri, protocol=protocol, data_root=data_root,
-                                           run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, steps=aova_steps, seed=seed,
-                                           randomised_cases=randomised_cases, fusion_recall=fusion_recall,
-                                           max_cases=max_cases),
-                    data_pvc, "Train AOVA head (seen types)")
-    refine = _on_data(train_refine_on_datasets(aova=aova.outputs["model"], protocol=protocol, data_root=data_root,
-                                               run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, steps=refine_steps,
-                                               synthesis_steps=synthesis_steps, seed=seed, max_cases=max_cases),
-                      data_pvc, "Train refinement head (seen types)")
-    evaluation = _on_data(evaluate_on_datasets(model=refine.outputs["model"], protocol=protocol, data_root=data_root,
-                                               prompt=prompt), data_pvc, "Evaluate seen / unseen")
+    aova = _on_data(
+        train_aova_on_datasets(
+            model_uri=model_uri,
+            protocol=protocol,
+            data_root=data_root,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            steps=aova_steps,
+            seed=seed,
+            randomised_cases=randomised_cases,
+            fusion_recall=fusion_recall,
+            max_cases=max_cases,
+        ),
+        data_pvc,
+        "Train AOVA head (seen types)",
+    )
+    refine = _on_data(
+        train_refine_on_datasets(
+            aova=aova.outputs["model"],
+            protocol=protocol,
+            data_root=data_root,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            steps=refine_steps,
+            synthesis_steps=synthesis_steps,
+            seed=seed,
+            max_cases=max_cases,
+        ),
+        data_pvc,
+        "Train refinement head (seen types)",
+    )
+    evaluation = _on_data(
+        evaluate_on_datasets(model=refine.outputs["model"], protocol=protocol, data_root=data_root, prompt=prompt),
+        data_pvc,
+        "Evaluate seen / unseen",
+    )
     return evaluation.outputs["evaluation"]

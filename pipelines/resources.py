@@ -39,13 +39,20 @@ def _common(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     kubernetes.empty_dir_mount(task, volume_name=SCRATCH[0], mount_path=SCRATCH[1], size_limit=SCRATCH[2])
     for key, value in POD_LABELS.items():
         kubernetes.add_pod_label(task, label_key=key, label_value=value)
-    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET,
-                                 secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-                                                    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
-    kubernetes.use_config_map_as_env(task, config_map_name=CONFIG_MAP,
-                                     config_map_key_to_env={"DIFFUGTS_S3_ENDPOINT": "DIFFUGTS_S3_ENDPOINT",
-                                                            "DIFFUGTS_BUCKET": "DIFFUGTS_BUCKET",
-                                                            "DIFFUGTS_PUSHGATEWAY_URL": "DIFFUGTS_PUSHGATEWAY_URL"})
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=S3_SECRET,
+        secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
+    )
+    kubernetes.use_config_map_as_env(
+        task,
+        config_map_name=CONFIG_MAP,
+        config_map_key_to_env={
+            "DIFFUGTS_S3_ENDPOINT": "DIFFUGTS_S3_ENDPOINT",
+            "DIFFUGTS_BUCKET": "DIFFUGTS_BUCKET",
+            "DIFFUGTS_PUSHGATEWAY_URL": "DIFFUGTS_PUSHGATEWAY_URL",
+        },
+    )
     return task
 
 

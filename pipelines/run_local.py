@@ -22,11 +22,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 PROMPTS = ["liver tumor", "kidney tumor", "pancreas tumor", "spleen lesion"]
 # The demo cohort: phantom studies from a seed that training and evaluation never use.
 DEMO_SEED = 7
-DEMO_CASES = [
+DEMO_CASES: list[dict[str, Any]] = [
     {"index": 0, "modality": "CT", "split": "unseen"},  # tumor types the heads never saw
     {"index": 1, "modality": "CT", "split": "seen"},
     {"index": 2, "modality": "MR", "mr_contrast": "T2", "split": "any"},  # unseen modality
@@ -67,8 +68,8 @@ def main() -> int:
 
     from kfp import local
 
-    from diffugts.runners import cohort
     from diffugts.models.defaults import default_model
+    from diffugts.runners import cohort
     from pipelines.cohort import cohort_pipeline
 
     model = str(Path(default_model()).resolve())
@@ -82,8 +83,9 @@ def main() -> int:
     # restore it out of order and leave it indented: put the real one back afterwards.
     real_print = builtins.print
     try:
-        cohort_pipeline(studies_uri=str(out / "demo-input" / "studies"), model_uri=model,
-                        results_uri=str(results), prompts=PROMPTS)
+        cohort_pipeline(
+            studies_uri=str(out / "demo-input" / "studies"), model_uri=model, results_uri=str(results), prompts=PROMPTS
+        )
     finally:
         builtins.print = real_print
         shutil.rmtree(scratch, ignore_errors=True)
@@ -93,8 +95,10 @@ def main() -> int:
         print("the cohort run left no record: see the log above", file=sys.stderr)
         return 1
     record = json.loads(runs[-1].read_text())
-    print(f"\nModel: {model}\nPrompts: {', '.join(PROMPTS)}\nRun {record['run']}: {record['state']}, "
-          f"{record['processed']} processed, {record['skipped']} skipped (done before)\n\nStudies:")
+    print(
+        f"\nModel: {model}\nPrompts: {', '.join(PROMPTS)}\nRun {record['run']}: {record['state']}, "
+        f"{record['processed']} processed, {record['skipped']} skipped (done before)\n\nStudies:"
+    )
     for uri, name in names.items():
         marker_path = Path(cohort.marker_uri(str(results), cohort.study_key(uri)))
         marker = json.loads(marker_path.read_text()) if marker_path.exists() else {"status": "", "reason": "not run"}
@@ -103,12 +107,15 @@ def main() -> int:
             print(f"    failed: {marker['reason']}")
             continue
         summary = json.loads((Path(marker["result"]) / "report.json").read_text())
-        found = ", ".join(f"{t['text']}: {len(t['lesion_ids'])} lesion(s), {t['total_volume_ml']:.1f} mL"
-                          for t in summary["targets"])
+        found = ", ".join(
+            f"{t['text']}: {len(t['lesion_ids'])} lesion(s), {t['total_volume_ml']:.1f} mL" for t in summary["targets"]
+        )
         print(f"    found:  {found}\n    report: {Path(marker['result']) / 'report.html'}")
     if record["report"]:
-        print(f"\nCohort report: {Path(record['report']) / 'cohort.html'}\n"
-              f"               {Path(record['report']) / 'cohort.csv'}")
+        print(
+            f"\nCohort report: {Path(record['report']) / 'cohort.html'}\n"
+            f"               {Path(record['report']) / 'cohort.csv'}"
+        )
     return 0 if cohort.run_succeeded(record["state"]) else 1
 
 

@@ -27,7 +27,7 @@ from pipelines.resources import cpu_stage, fingerprints, gpu_stage
 def study_fused_pipeline(
     input_uri: str,
     model_uri: str,
-    prompts: list = ["liver tumor", "kidney tumor", "pancreas tumor"],
+    prompts: list = ["liver tumor", "kidney tumor", "pancreas tumor"],  # noqa: B006  (KFP compiles it; never mutated)
     rules: str = "default",
     resample: bool = False,
     min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
@@ -47,16 +47,32 @@ def study_fused_pipeline(
         upload: Publish the results (DICOM SEG/SR, report) to the results bucket under the study UID.
         results_uri: Base s3:// URI for results; empty = s3://$DIFFUGTS_BUCKET.
         maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
-    """
+    """  # noqa: E501  (KFP makes each Args line a parameter description: one line each)
     keys = fingerprints(input_uri, model_uri)
-    ingest_task = cpu_stage(ingest(input_uri=input_uri, study_sha256=keys.outputs["study_sha256"], rules=rules,
-                                   resample=resample), "DICOM ingestion")
-    model_task = gpu_stage(segment(study=ingest_task.outputs["study"], model_uri=model_uri,
-                                   model_sha256=keys.outputs["model_sha256"], prompts=prompts, maps=maps,
-                                   min_volume_ml=min_volume_ml),
-                           "Attention, synthesis, refinement")
-    report_task = cpu_stage(report(study=ingest_task.outputs["study"], lesions=model_task.outputs["lesions"],
-                                   attention=model_task.outputs["attention"],
-                                   synthesis=model_task.outputs["synthesis"], upload=upload, upload_uri=results_uri),
-                            "Report")
+    ingest_task = cpu_stage(
+        ingest(input_uri=input_uri, study_sha256=keys.outputs["study_sha256"], rules=rules, resample=resample),
+        "DICOM ingestion",
+    )
+    model_task = gpu_stage(
+        segment(
+            study=ingest_task.outputs["study"],
+            model_uri=model_uri,
+            model_sha256=keys.outputs["model_sha256"],
+            prompts=prompts,
+            maps=maps,
+            min_volume_ml=min_volume_ml,
+        ),
+        "Attention, synthesis, refinement",
+    )
+    report_task = cpu_stage(
+        report(
+            study=ingest_task.outputs["study"],
+            lesions=model_task.outputs["lesions"],
+            attention=model_task.outputs["attention"],
+            synthesis=model_task.outputs["synthesis"],
+            upload=upload,
+            upload_uri=results_uri,
+        ),
+        "Report",
+    )
     return report_task.outputs["report_folder"]

@@ -37,10 +37,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m pipelines.submit", description=__doc__.splitlines()[0])
     ap.add_argument("--pipeline", required=True, help="pipeline name, e.g. diffugts-cohort")
     ap.add_argument("--experiment", required=True, help="experiment name (created when missing)")
-    ap.add_argument("--namespace", default=None, help="the profile namespace (multi-user KFP; ignored by single-user KFP)")
+    ap.add_argument(
+        "--namespace", default=None, help="the profile namespace (multi-user KFP; ignored by single-user KFP)"
+    )
     ap.add_argument("--service-account", default=None, help="service account the run's pods use")
     ap.add_argument("--run-name", default=None, help="run name (default: <pipeline>-<version>)")
-    ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a pipeline parameter; repeatable")
+    ap.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="a pipeline parameter; repeatable"
+    )
     args = ap.parse_args(argv)
     try:
         args.params = parse_params(args.param)
@@ -122,8 +126,10 @@ def declared_parameters(version) -> dict[str, str]:
     """{name: parameterType} of the version's pipeline spec ({} when it cannot be read)."""
     spec = version.pipeline_spec or {}
     spec = spec.get("pipeline_spec", spec)  # a spec with a platform spec comes wrapped
-    return {name: p.get("parameterType", "STRING")
-            for name, p in spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {}).items()}
+    return {
+        name: p.get("parameterType", "STRING")
+        for name, p in spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {}).items()
+    }
 
 
 def convert(params: dict[str, str], declared: dict[str, str]) -> dict:
@@ -154,9 +160,14 @@ def submit(client, args: argparse.Namespace):
     version = newest_version(client, pipeline_id, args.pipeline)
     params = convert(args.params, declared_parameters(version))
     experiment = client.create_experiment(args.experiment, namespace=namespace)  # gets it when it exists
-    return client.run_pipeline(experiment.experiment_id, args.run_name or version.display_name, params=params,
-                               pipeline_id=pipeline_id, version_id=version.pipeline_version_id,
-                               service_account=args.service_account)
+    return client.run_pipeline(
+        experiment.experiment_id,
+        args.run_name or version.display_name,
+        params=params,
+        pipeline_id=pipeline_id,
+        version_id=version.pipeline_version_id,
+        service_account=args.service_account,
+    )
 
 
 def _one_line(exc: BaseException) -> str:

@@ -37,8 +37,11 @@ def mapping_doc(name: str = "phantom-set", modality: str = "CT") -> dict:
     labels = {str(v): {"organ": o} for o, v in ORGAN_VALUES.items()}
     for t in TYPES:
         for f in FAMILIES:
-            labels[str(20 + 4 * TYPES.index(t) + FAMILIES.index(f))] = {"lesion": t, "organ": f,
-                                                                        "prompts": prompts(t, HOST[f])}
+            labels[str(20 + 4 * TYPES.index(t) + FAMILIES.index(f))] = {
+                "lesion": t,
+                "organ": f,
+                "prompts": prompts(t, HOST[f]),
+            }
     return {"name": name, "modality": modality, "labels": labels}
 
 
@@ -94,8 +97,9 @@ def write_msd(root: Path, cases, name: str = "phantom-set") -> Path:
         sitk.WriteImage(image(case.image.astype(np.float32), case), str(root / "imagesTr" / f"{cid}.nii.gz"))
         sitk.WriteImage(image(label_map(case), case), str(root / "labelsTr" / f"{cid}.nii.gz"))
         training.append({"image": f"./imagesTr/{cid}.nii.gz", "label": f"./labelsTr/{cid}.nii.gz"})
-    (root / "dataset.json").write_text(json.dumps({"name": name, "modality": {"0": "CT"},
-                                                   "numTraining": len(cases), "training": training}))
+    (root / "dataset.json").write_text(
+        json.dumps({"name": name, "modality": {"0": "CT"}, "numTraining": len(cases), "training": training})
+    )
     return root
 
 
@@ -106,8 +110,16 @@ def write_nnunet(root: Path, cases) -> Path:
         cid = case.spec.case_id
         sitk.WriteImage(image(case.image.astype(np.float32), case), str(root / "imagesTr" / f"{cid}_0000.nii.gz"))
         sitk.WriteImage(image(label_map(case), case), str(root / "labelsTr" / f"{cid}.nii.gz"))
-    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0},
-                                                   "numTraining": len(cases), "file_ending": ".nii.gz"}))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "CT"},
+                "labels": {"background": 0},
+                "numTraining": len(cases),
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
     return root
 
 
@@ -128,10 +140,24 @@ def write_phantom_folder(root: Path, cases) -> Path:
 
 def write_totalsegmentator(root: Path, case_id: str, case, multilabel: bool = False) -> None:
     """A fake TotalSegmentator output from the phantom's organ labels."""
-    names = {"liver": "liver", "right kidney": "kidney_right", "left kidney": "kidney_left", "spleen": "spleen",
-             "pancreas": "pancreas", "right lung": "lung_upper_lobe_right", "left lung": "lung_upper_lobe_left"}
-    v2 = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5, "pancreas": 7, "lung_upper_lobe_left": 10,
-          "lung_upper_lobe_right": 12}
+    names = {
+        "liver": "liver",
+        "right kidney": "kidney_right",
+        "left kidney": "kidney_left",
+        "spleen": "spleen",
+        "pancreas": "pancreas",
+        "right lung": "lung_upper_lobe_right",
+        "left lung": "lung_upper_lobe_left",
+    }
+    v2 = {
+        "spleen": 1,
+        "kidney_right": 2,
+        "kidney_left": 3,
+        "liver": 5,
+        "pancreas": 7,
+        "lung_upper_lobe_left": 10,
+        "lung_upper_lobe_right": 12,
+    }
     if multilabel:
         labels = np.zeros(case.organs.shape, np.uint8)
         for organ, ts in names.items():
@@ -150,11 +176,10 @@ def write_dicom_seg(root: Path, cases, overlap: bool = False) -> Path:
     one segment per label value present (segment number = position, labels name the value).
     ``overlap``: organ segments also hold the lesion voxels next to them, as real SEGs often
     do (an organ segment with its tumour inside)."""
-    from scipy import ndimage
-
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
+    from scipy import ndimage
 
     from diffugts.phantom.cohort import series_info
     from diffugts.phantom.dicom import write_series
@@ -175,15 +200,30 @@ def write_dicom_seg(root: Path, cases, overlap: bool = False) -> Path:
             channels[..., number - 1] = labels == value
             if overlap and value < 20:
                 channels[..., number - 1] |= lesion & ndimage.binary_dilation(labels == value, iterations=3)
-            descriptions.append(hd.seg.SegmentDescription(
-                segment_number=number, segment_label=f"value {value}",
-                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-                segmented_property_type=codes.SCT.Neoplasm, algorithm_type="MANUAL"))
+            descriptions.append(
+                hd.seg.SegmentDescription(
+                    segment_number=number,
+                    segment_label=f"value {value}",
+                    segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                    segmented_property_type=codes.SCT.Neoplasm,
+                    algorithm_type="MANUAL",
+                )
+            )
         seg = hd.seg.Segmentation(
-            source_images=sources, pixel_array=channels if overlap else relabelled, segmentation_type="BINARY",
-            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=900,
-            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="tests", manufacturer_model_name="tests",
-            software_versions="0", device_serial_number="0", omit_empty_frames=True)
+            source_images=sources,
+            pixel_array=channels if overlap else relabelled,
+            segmentation_type="BINARY",
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=900,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="tests",
+            manufacturer_model_name="tests",
+            software_versions="0",
+            device_serial_number="0",
+            omit_empty_frames=True,
+        )
         seg.save_as(folder / "seg.dcm")
     return root
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from diffugts.networks.aova import AOVAHead
-from diffugts.networks.backbones import build_backbone
 from diffugts.models.create import create_random
 from diffugts.models.package import ModelPackage, add_networks
+from diffugts.networks.aova import AOVAHead
+from diffugts.networks.backbones import build_backbone
 from diffugts.stages.deviation import Fusion
 from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, TARGET_CHANNELS, RefineHead
 
@@ -34,5 +34,8 @@ def random_package(root: Path, heads: bool = True, seed: int = 0, fused: bool = 
         # Weights that make the random head's organ map matter: |z| counts, the bias is low.
         aova_entry["fusion"] = Fusion(0.5, 1.0, -2.0).as_dict()
         refine_entry["target_channels"] = list(channels)
-    return add_networks(pkg, {"aova": (aova_entry, aova.state_dict()), "refine": (refine_entry, refine.state_dict())},
-                        out=root / ("fused" if fused else "full"))
+    return add_networks(
+        pkg,
+        {"aova": (aova_entry, aova.state_dict()), "refine": (refine_entry, refine.state_dict())},
+        out=root / ("fused" if fused else "full"),
+    )

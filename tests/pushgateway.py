@@ -17,8 +17,8 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -54,10 +54,18 @@ def pushgateway(binary: str, log: Path) -> Iterator[str]:
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
-                                     f"--persistence.file={log.parent / 'pushgateway.data'}"],
-                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(
+                [
+                    binary,
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--log.level=warn",
+                    f"--persistence.file={log.parent / 'pushgateway.data'}",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
         deadline = time.monotonic() + START_TIMEOUT_S
         while proc.poll() is None and time.monotonic() < deadline and not _ready(url):
             time.sleep(0.05)

@@ -31,9 +31,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import urllib3
@@ -44,10 +44,14 @@ BUCKET = "diffugts-test"
 START_TIMEOUT_S = 60.0
 # (weed flag, name it uses in /tmp/seaweedfs-<name>-grpc-<port>.sock or None)
 _PORT_FLAGS = [
-    ("-master.port", None), ("-master.port.grpc", "master"),
-    ("-volume.port", None), ("-volume.port.grpc", "volume"),
-    ("-filer.port", None), ("-filer.port.grpc", "filer"),
-    ("-s3.port", None), ("-s3.port.grpc", "s3"),
+    ("-master.port", None),
+    ("-master.port.grpc", "master"),
+    ("-volume.port", None),
+    ("-volume.port.grpc", "volume"),
+    ("-filer.port", None),
+    ("-filer.port.grpc", "filer"),
+    ("-s3.port", None),
+    ("-s3.port.grpc", "s3"),
 ]
 
 
@@ -83,8 +87,7 @@ def find_weed() -> str | None:
 
 def _client(port: int, key: str, secret: str, timeout: float) -> Minio:
     http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=timeout, read=timeout), retries=False)
-    return Minio(f"127.0.0.1:{port}", access_key=key, secret_key=secret, secure=False,
-                 region=REGION, http_client=http)
+    return Minio(f"127.0.0.1:{port}", access_key=key, secret_key=secret, secure=False, region=REGION, http_client=http)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -109,32 +112,65 @@ class _Weed:
         self.reader = ("DGTSREAD" + secrets.token_hex(6).upper(), secrets.token_urlsafe(30))
         root.mkdir(parents=True)
         config = root / "s3.json"
-        config.write_text(json.dumps({"identities": [
-            {"name": "admin", "credentials": [{"accessKey": self.admin[0], "secretKey": self.admin[1]}],
-             "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
-            {"name": "reader", "credentials": [{"accessKey": self.reader[0], "secretKey": self.reader[1]}],
-             "actions": ["Read", "List"]},
-        ]}))
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "admin",
+                            "credentials": [{"accessKey": self.admin[0], "secretKey": self.admin[1]}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        },
+                        {
+                            "name": "reader",
+                            "credentials": [{"accessKey": self.reader[0], "secretKey": self.reader[1]}],
+                            "actions": ["Read", "List"],
+                        },
+                    ]
+                }
+            )
+        )
         config.chmod(0o600)
         (root / "data").mkdir()
         (root / "tmp").mkdir()
         ports = _free_ports(len(_PORT_FLAGS))
         self.ports = dict(zip((f for f, _ in _PORT_FLAGS), ports))
-        self.sockets = [Path(f"/tmp/seaweedfs-{name}-grpc-{self.ports[flag]}.sock")
-                        for flag, name in _PORT_FLAGS if name]
-        cmd = [weed, "-logtostderr=true", "server",
-               "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root / 'data'}",
-               "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=100",
-               "-filer", f"-filer.localSocket={root / 'filer.sock'}",
-               "-s3", f"-s3.config={config}", f"-s3.localSocket={root / 's3.sock'}",
-               "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
-               *(f"{flag}={port}" for flag, port in self.ports.items())]
+        self.sockets = [
+            Path(f"/tmp/seaweedfs-{name}-grpc-{self.ports[flag]}.sock") for flag, name in _PORT_FLAGS if name
+        ]
+        cmd = [
+            weed,
+            "-logtostderr=true",
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={root / 'data'}",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=100",
+            "-filer",
+            f"-filer.localSocket={root / 'filer.sock'}",
+            "-s3",
+            f"-s3.config={config}",
+            f"-s3.localSocket={root / 's3.sock'}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-s3.autoCreateBucket=false",
+            *(f"{flag}={port}" for flag, port in self.ports.items()),
+        ]
         self.log = root / "weed.log"
         env = {**os.environ, "TMPDIR": str(root / "tmp")}
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=root,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
 
     @property
     def s3_port(self) -> int:
@@ -199,9 +235,14 @@ def seaweedfs(root: Path) -> Iterator[S3Server]:
                 raise
             continue
         try:
-            yield S3Server(endpoint=f"http://127.0.0.1:{server.s3_port}", port=server.s3_port,
-                           access_key=server.admin[0], secret_key=server.admin[1],
-                           reader_key=server.reader[0], reader_secret=server.reader[1])
+            yield S3Server(
+                endpoint=f"http://127.0.0.1:{server.s3_port}",
+                port=server.s3_port,
+                access_key=server.admin[0],
+                secret_key=server.admin[1],
+                reader_key=server.reader[0],
+                reader_secret=server.reader[1],
+            )
         finally:
             server.stop()
         return
@@ -221,8 +262,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 @pytest.fixture
 def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     """The server's settings in the environment (and nothing else S3-related)."""
-    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                "DIFFUGTS_S3_ATTEMPTS", "DIFFUGTS_S3_BACKOFF_S"):
+    for var in (
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_SESSION_TOKEN",
+        "AWS_DEFAULT_REGION",
+        "DIFFUGTS_S3_ATTEMPTS",
+        "DIFFUGTS_S3_BACKOFF_S",
+    ):
         monkeypatch.delenv(var, raising=False)
     for var, value in s3_server.env().items():
         monkeypatch.setenv(var, value)

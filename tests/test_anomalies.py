@@ -82,6 +82,7 @@ def test_mr_cases_are_refused(healthy, prep):
         add_anomalies(dataclasses.replace(healthy[0], modality="MR"), prep, np.random.default_rng(0))
 
 
+@pytest.mark.slow
 def test_train_aova_with_synthetic_cases_records_them(tmp_path, capsys, monkeypatch):
     """`diffugts train aova --synthetic-cases N` trains on them and says so in the manifest."""
     import json
@@ -90,9 +91,29 @@ def test_train_aova_with_synthetic_cases_records_them(tmp_path, capsys, monkeypa
     from diffugts.cli import main
 
     out = tmp_path / "pkg"
-    args = ["-q", "train", "aova", "--model", "demo", "--out", str(out), "--cases", "1", "--steps", "2",
-            "--dim", "8", "--synthetic-cases", "1", "--randomised-cases", "0", "--mr-healthy-cases", "0",
-            "--fusion-recall", "0"]
+    args = [
+        "-q",
+        "train",
+        "aova",
+        "--model",
+        "demo",
+        "--out",
+        str(out),
+        "--cases",
+        "1",
+        "--steps",
+        "2",
+        "--dim",
+        "8",
+        "--synthetic-cases",
+        "1",
+        "--randomised-cases",
+        "0",
+        "--mr-healthy-cases",
+        "0",
+        "--fusion-recall",
+        "0",
+    ]
     monkeypatch.setattr(sys, "argv", ["diffugts", *args])  # the manifest records the command line
     rc = main(args)
     assert rc == 0

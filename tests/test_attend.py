@@ -12,9 +12,11 @@ from diffugts.core import Core
 from diffugts.stages.attend import attend
 from diffugts.cli import main
 from diffugts.artifacts.geometry import Geometry
-from diffugts.stages.ingest import ingest
+from diffugts.cli import main
 from diffugts.models.create import create_random
 from diffugts.phantom import CaseSpec, generate_case, write_case
+from diffugts.stages.attend import Method, attend
+from diffugts.stages.ingest import ingest
 from modelfactory import random_package
 
 
@@ -62,10 +64,10 @@ def test_attend_is_deterministic(model, study, tmp_path):
 
 
 def test_tiled_and_whole_volume_agree(model, study, tmp_path):
-    from diffugts.stages.attend import attention_maps
-    from diffugts.stages.preprocess import to_model
     from diffugts.artifacts.study import load_study
     from diffugts.networks.text import make_target
+    from diffugts.stages.attend import attention_maps
+    from diffugts.stages.preprocess import to_model
 
     method = Core(str(model.root), "cpu").method
     s = load_study(study)
@@ -78,16 +80,19 @@ def test_tiled_and_whole_volume_agree(model, study, tmp_path):
 
 
 def test_cli_errors_are_one_line(model, tmp_path, capsys):
-    assert main(["attend", str(tmp_path), "--model", str(model.root), "--prompt", "x", "--out",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(["attend", str(tmp_path), "--model", str(model.root), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a study artifact" in err[0]
 
 
 def test_model_without_head_is_a_clear_error(study, tmp_path, capsys):
     pkg = create_random(tmp_path / "bare", "demo", seed=0)
-    assert main(["attend", str(study), "--model", str(pkg.root), "--prompt", "liver tumor", "--out",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(["attend", str(study), "--model", str(pkg.root), "--prompt", "liver tumor", "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "no trained aova head" in capsys.readouterr().err
 
 

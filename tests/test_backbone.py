@@ -7,11 +7,11 @@ import pytest
 import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiGroupNorm3D
 
-from diffugts.networks.backbones import build_backbone
-from diffugts.networks.backbones.maisi import encoder_level_ends
 from diffugts.errors import ConfigError
 from diffugts.models import get_config
 from diffugts.models.configs import CONFIGS
+from diffugts.networks.backbones import build_backbone
+from diffugts.networks.backbones.maisi import encoder_level_ends
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,7 @@ def test_rflow_sampler_schedule(demo):
     assert torch.allclose(s.step(z0 - noise, 250.0, 0.0, z_t), z0, atol=1e-6)
 
 
+@pytest.mark.slow  # the full-size networks: 200 M parameters each
 @pytest.mark.parametrize("name", ["maisi-ct", "maisi-ct-v1"])
 def test_official_configurations_build_on_cpu(name):
     backbone = build_backbone(get_config(name))

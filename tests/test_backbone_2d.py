@@ -12,14 +12,18 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from diffugts.networks.backbones import build_backbone, load_backbone
-from diffugts.networks.backbones.cross_attention import CaptureProcessor, cross_attention_maps, training_free_probability
-from diffugts.networks.backbones.diffusers2d import Diffusers2DBackbone
 from diffugts.errors import ConfigError, InputError
 from diffugts.models import get_config, open_package
 from diffugts.models.create import create_random, verify
-from diffugts.stages.synthesize.inpaint import inpaint
+from diffugts.networks.backbones import build_backbone, load_backbone
+from diffugts.networks.backbones.cross_attention import (
+    CaptureProcessor,
+    cross_attention_maps,
+    training_free_probability,
+)
+from diffugts.networks.backbones.diffusers2d import Diffusers2DBackbone
 from diffugts.networks.text import make_target
+from diffugts.stages.synthesize.inpaint import inpaint
 
 torch.set_num_threads(1)
 
@@ -29,8 +33,9 @@ K, J, I = 8, 32, 32  # noqa: E741 (the kji axes) -- a small volume: 8 slices of 
 def volume(seed: int = 0) -> torch.Tensor:
     """A smooth blob on a gradient, on [0, 1]: structure for the networks to see."""
     g = torch.Generator().manual_seed(seed)
-    k, j, i = torch.meshgrid(torch.linspace(-1, 1, K), torch.linspace(-1, 1, J), torch.linspace(-1, 1, I),
-                             indexing="ij")
+    k, j, i = torch.meshgrid(
+        torch.linspace(-1, 1, K), torch.linspace(-1, 1, J), torch.linspace(-1, 1, I), indexing="ij"
+    )
     blob = torch.exp(-((j - 0.2) ** 2 + (i + 0.1) ** 2 + (k * 0.5) ** 2) / 0.1)
     x = 0.3 + 0.2 * i + 0.4 * blob + 0.02 * torch.rand((K, J, I), generator=g)
     return x.clamp(0, 1)[None, None]
@@ -49,12 +54,12 @@ def package(tmp_path_factory):
 
 # --- features -------------------------------------------------------------------------------
 
+
 def test_features_match_their_specs(backbone):
     x = volume()
     feats = backbone.features(x, (2.75, 2.75, 4.0))
     specs = backbone.feature_specs()
-    assert [s.name for s in specs] == ["encoder0", "encoder1", "encoder2", "denoiser0", "denoiser1",
-                                       "cross_attention"]
+    assert [s.name for s in specs] == ["encoder0", "encoder1", "encoder2", "denoiser0", "denoiser1", "cross_attention"]
     assert len(feats) == len(specs)
     for spec, f in zip(specs, feats, strict=True):
         # Stacked back to 3D: every slice kept along K, the in-plane stride as documented.
@@ -117,6 +122,7 @@ def test_context_slices_feed_neighbours(tmp_path):
 
 # --- cross-attention ------------------------------------------------------------------------
 
+
 def test_cross_attention_maps(backbone):
     x = volume()
     prompts = ["liver tumor", "normal kidney tissue"]
@@ -167,14 +173,14 @@ def test_training_free_probability(backbone):
 
 # --- inpainting -----------------------------------------------------------------------------
 
+
 def test_inpainting_changes_only_the_masked_slab(backbone):
     x = volume(4)
     s = backbone.latent_stride
     mask = torch.zeros(1, 1, K // s, J // s, I // s)
     mask[..., 1, 2:6, 2:6] = 1  # slices 4..7, the middle of the plane
     stats = {}
-    out = inpaint(backbone, x, mask, None, strength=0.8, steps=4, jumps=1, seed=0, show_progress=False,
-                  stats=stats)
+    out = inpaint(backbone, x, mask, None, strength=0.8, steps=4, jumps=1, seed=0, show_progress=False, stats=stats)
     assert tuple(out.shape) == tuple(x.shape)
     assert stats["denoiser_calls"] == 8
     recon = backbone.decode(backbone.encode(x))
@@ -210,6 +216,7 @@ def test_native_scheduler(backbone):
 
 
 # --- packages -------------------------------------------------------------------------------
+
 
 def test_package_round_trip(package, backbone):
     pkg = verify(package.root)  # checksums, then every network loaded strictly
@@ -289,8 +296,16 @@ def diffusers_folder(tmp_path_factory):
     AutoencoderKL(**cfg["vae"]).save_pretrained(root / "vae")
     DDPMScheduler.from_config(cfg["scheduler"]["args"]).save_pretrained(root / "scheduler")
     BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(root / "tokenizer")
-    BertModel(BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(root / "text_encoder")
+    BertModel(
+        BertConfig(
+            vocab_size=len(VOCAB),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+        )
+    ).save_pretrained(root / "text_encoder")
     return root
 
 
@@ -355,7 +370,6 @@ FEATURES_2D = ["encoder1", "encoder2", "denoiser0", "denoiser1", "cross_attentio
 
 def with_random_heads(pkg, out):
     """The package plus random AOVA (cross-attention maps among its inputs) and refine heads."""
-    from diffugts.networks.aova import AOVAHead
     from diffugts.models.package import add_networks
     from diffugts.networks.refine import RefineHead
 
@@ -363,12 +377,17 @@ def with_random_heads(pkg, out):
     torch.manual_seed(0)
     aova = AOVAHead([specs[n] for n in FEATURES_2D], text_dim=384, dim=16)
     refine = RefineHead(features=(4, 8, 8, 16, 16, 4))
-    return add_networks(pkg, {
-        "aova": ({"config": aova.config, "features": FEATURES_2D, "threshold": 0.5}, aova.state_dict()),
-        "refine": ({"config": refine.config, "threshold": 0.5}, refine.state_dict()),
-    }, out=out)
+    return add_networks(
+        pkg,
+        {
+            "aova": ({"config": aova.config, "features": FEATURES_2D, "threshold": 0.5}, aova.state_dict()),
+            "refine": ({"config": refine.config, "threshold": 0.5}, refine.state_dict()),
+        },
+        out=out,
+    )
 
 
+@pytest.mark.slow
 def test_segment_end_to_end(package, tmp_path, capsys):
     from diffugts.cli import main
     from diffugts.phantom import CaseSpec, generate_case, write_case
@@ -377,12 +396,17 @@ def test_segment_end_to_end(package, tmp_path, capsys):
     spec = CaseSpec(seed=11, index=0, shape=(16, 48, 48), split="seen", healthy_fraction=0.0)
     case = write_case(generate_case(spec), tmp_path / "case")
     out = tmp_path / "seg"
-    code = main(["-q", "segment", str(case / "dicom"), "--out", str(out), "--model", str(model.root),
-                 "--prompt", "liver tumor"])
+    code = main(
+        ["-q", "segment", str(case / "dicom"), "--out", str(out), "--model", str(model.root), "--prompt", "liver tumor"]
+    )
     assert code == 0
     assert "'liver tumor':" in capsys.readouterr().out
-    for marker in ("attention/attention.json", "synthesis/synthesis.json", "lesions/lesions.json",
-                   "report/report.json"):
+    for marker in (
+        "attention/attention.json",
+        "synthesis/synthesis.json",
+        "lesions/lesions.json",
+        "report/report.json",
+    ):
         assert (out / marker).is_file(), marker
     ref = sitk.ReadImage(str(out / "study" / "volume.nii"))
     lesions = json.loads((out / "lesions" / "lesions.json").read_text())

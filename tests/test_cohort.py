@@ -18,6 +18,7 @@ import pytest
 from diffugts.runners import cohort
 from diffugts.storage.location import join, read_bytes
 from diffugts.errors import ConfigError, InputError
+from diffugts.runners import cohort
 from pipelines import submit
 
 PARAMS = {"prompts": ["liver tumor"], "rules": "default", "resample": False, "min_volume_ml": 0.1}
@@ -33,13 +34,21 @@ def _report(folder: Path, uid: str, key: str = "k") -> Path:
     """A report folder as the report stage leaves it (report.json is what the cohort reads)."""
     folder.mkdir(parents=True)
     (folder / "report.html").write_text("<html></html>")
-    (folder / "report.json").write_text(json.dumps({
-        "status": "done", "study": {"study_key": key, "study_instance_uid": uid, "modality": "CT"},
-        "targets": [{"index": 0, "text": "liver tumor", "score": 0.5, "lesion_ids": []}], "lesions": []}))
+    (folder / "report.json").write_text(
+        json.dumps(
+            {
+                "status": "done",
+                "study": {"study_key": key, "study_instance_uid": uid, "modality": "CT"},
+                "targets": [{"index": 0, "text": "liver tumor", "score": 0.5, "lesion_ids": []}],
+                "lesions": [],
+            }
+        )
+    )
     return folder
 
 
 # ---------------------------------------------------------------------------- keys, listing
+
 
 def test_study_key_is_stable_and_names_nothing():
     key = cohort.study_key("s3://b/studies/DOE^JOHN/")
@@ -50,8 +59,12 @@ def test_study_key_is_stable_and_names_nothing():
 def test_params_hash_follows_every_parameter():
     base = cohort.params_hash(**PARAMS)
     assert base == cohort.params_hash(**{**PARAMS, "min_volume_ml": 0.1})
-    for change in ({"prompts": ["liver tumor", "kidney tumor"]}, {"rules": "permissive"}, {"resample": True},
-                   {"min_volume_ml": 0.5}):
+    for change in (
+        {"prompts": ["liver tumor", "kidney tumor"]},
+        {"rules": "permissive"},
+        {"resample": True},
+        {"min_volume_ml": 0.5},
+    ):
         assert cohort.params_hash(**{**PARAMS, **change}) != base, change
     two = {**PARAMS, "prompts": ["a", "b"]}
     assert cohort.params_hash(**two) != cohort.params_hash(**{**two, "prompts": ["b", "a"]})
@@ -96,7 +109,10 @@ def test_list_from_csv(tmp_path):
     csv_path = tmp_path / "lists" / "cohort.csv"
     csv_path.write_text("input_uri,site\nrel/study1,A\n/abs/study2,B\n,C\nrel/study1,A\ns3://b/x/,D\n")
     assert cohort.list_inputs("ignored", str(csv_path)) == [
-        str(tmp_path / "lists" / "rel" / "study1"), "/abs/study2", "s3://b/x/"]
+        str(tmp_path / "lists" / "rel" / "study1"),
+        "/abs/study2",
+        "s3://b/x/",
+    ]
     csv_path.write_text("path\n/a\n")
     with pytest.raises(InputError, match="no input_uri column"):
         cohort.list_inputs("", str(csv_path))
@@ -106,11 +122,17 @@ def test_list_s3_prefix_and_csv(s3_env):
     from diffugts.storage import ObjectStore
 
     store, base = ObjectStore(), f"s3://{s3_env.bucket}/list-test"
-    for key in ("studies/a/1.dcm", "studies/a/sub/2.dcm", "studies/b/1.dcm", "studies/c.zip",
-                "studies/_runs/x.json", "studies/readme.txt", "studies-other/d/1.dcm"):
+    for key in (
+        "studies/a/1.dcm",
+        "studies/a/sub/2.dcm",
+        "studies/b/1.dcm",
+        "studies/c.zip",
+        "studies/_runs/x.json",
+        "studies/readme.txt",
+        "studies-other/d/1.dcm",
+    ):
         store.put_bytes(f"{base}/{key}", b"x")
-    assert cohort.list_inputs(f"{base}/studies/") == [f"{base}/studies/a", f"{base}/studies/b",
-                                                      f"{base}/studies/c.zip"]
+    assert cohort.list_inputs(f"{base}/studies/") == [f"{base}/studies/a", f"{base}/studies/b", f"{base}/studies/c.zip"]
     assert cohort.list_inputs(f"{base}/studies") == cohort.list_inputs(f"{base}/studies/")
     store.put_bytes(f"{base}/cohort.csv", b"input_uri\ns3://b/one\ns3://b/two\n")
     assert cohort.list_inputs("", f"{base}/cohort.csv") == ["s3://b/one", "s3://b/two"]
@@ -119,6 +141,7 @@ def test_list_s3_prefix_and_csv(s3_env):
 
 
 # ---------------------------------------------------------------------------- idempotency
+
 
 def _plan(results: str, studies: Path, model: str, run: str = "r1", **kw):
     listing = cohort.plan_run(results, run, studies_uri=str(studies), model_uri=model, **{**PARAMS, **kw})
@@ -142,8 +165,14 @@ def test_second_run_skips_done_studies_until_model_or_parameters_change(tmp_path
     assert [i["input_uri"] for i in listing["pending"]] == [s1, s2] and not listing["skipped"]
     assert json.loads(read_bytes(join(cohort.run_uri(results, "r1"), "listing.json")))["run"] == "r1"
     item = listing["pending"][0]
-    marker = cohort.mark_done(_report(tmp_path / "report", "1.2.3"), results, item["key"],
-                              model_sha256=item["model_sha256"], params_hash=item["params_hash"], run="r1")
+    marker = cohort.mark_done(
+        _report(tmp_path / "report", "1.2.3"),
+        results,
+        item["key"],
+        model_sha256=item["model_sha256"],
+        params_hash=item["params_hash"],
+        run="r1",
+    )
     # The result sits where the report stage's upload puts it, and the marker points at it.
     assert marker["result"] == cohort.join(results, "1.2.3", "report")
     assert json.loads(read_bytes(join(marker["result"], "report.json")))["study"]["study_key"] == "k"
@@ -165,6 +194,7 @@ def test_model_must_be_a_package(tmp_path):
 
 # ---------------------------------------------------------------------------- failures, report, record
 
+
 def test_failed_studies_are_reported_with_their_reason(tmp_path, pushgateway_url):
     from diffugts.stages.report.cohort import FAILED_MARKER
 
@@ -175,8 +205,14 @@ def test_failed_studies_are_reported_with_their_reason(tmp_path, pushgateway_url
     (studies / "broken" / "b.dcm").write_bytes(b"not dicom either")
     listing = cohort.plan_run(results, run, studies_uri=str(studies), model_uri=_model(tmp_path / "m"), **PARAMS)
     good = next(i for i in listing["pending"] if i["input_uri"].endswith("good"))
-    cohort.mark_done(_report(tmp_path / "report", "1.2.3"), results, good["key"],
-                     model_sha256=good["model_sha256"], params_hash=good["params_hash"], run=run)
+    cohort.mark_done(
+        _report(tmp_path / "report", "1.2.3"),
+        results,
+        good["key"],
+        model_sha256=good["model_sha256"],
+        params_hash=good["params_hash"],
+        run=run,
+    )
 
     summary = cohort.collect_run(results, run, tmp_path / "out")
     assert (summary["listed"], summary["processed"], summary["done"], summary["failed"]) == (2, 2, 1, 1)
@@ -192,8 +228,12 @@ def test_failed_studies_are_reported_with_their_reason(tmp_path, pushgateway_url
     assert (Path(results) / "cohort" / run / "cohort.html").exists()
     assert "| ingest | no_series |" in cohort.run_markdown(summary)
     # A failed study is not done: the next run tries it again.
-    assert [i["key"] for i in cohort.plan_run(results, "r8", studies_uri=str(studies),
-                                              model_uri=str(tmp_path / "m"), **PARAMS)["pending"]] == [failure["key"]]
+    assert [
+        i["key"]
+        for i in cohort.plan_run(results, "r8", studies_uri=str(studies), model_uri=str(tmp_path / "m"), **PARAMS)[
+            "pending"
+        ]
+    ] == [failure["key"]]
 
     record = cohort.finish_run(results, run, "FAILED", "Task exit-handler-1 failed.", gateway=pushgateway_url)
     assert record == json.loads((Path(results) / "_runs" / f"cohort-{run}.json").read_text())
@@ -207,15 +247,30 @@ def _gauges(gateway: str) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"{gateway}/metrics", timeout=10).read().decode()
-    return {(s.name, s.labels.get("outcome")): s.value for f in text_string_to_metric_families(text)
-            for s in f.samples if s.name.startswith("diffugts_cohort") and s.labels.get("stage") == "cohort"}
+    return {
+        (s.name, s.labels.get("outcome")): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name.startswith("diffugts_cohort") and s.labels.get("stage") == "cohort"
+    }
 
 
 # The states an exit handler receives: kfp.local / Vertex "SUCCEEDED"; the KFP backend the
 # ML Metadata state ("COMPLETE", "CACHED"), newer KFP "COMPLETE" for SUCCEEDED/SKIPPED/CACHED.
-@pytest.mark.parametrize("state, succeeded", [
-    ("SUCCEEDED", True), ("COMPLETE", True), ("CACHED", True), ("SKIPPED", True),
-    ("FAILED", False), ("CANCELED", False), ("CANCELLED", False), ("RUNNING", False), ("", False)])
+@pytest.mark.parametrize(
+    "state, succeeded",
+    [
+        ("SUCCEEDED", True),
+        ("COMPLETE", True),
+        ("CACHED", True),
+        ("SKIPPED", True),
+        ("FAILED", False),
+        ("CANCELED", False),
+        ("CANCELLED", False),
+        ("RUNNING", False),
+        ("", False),
+    ],
+)
 def test_run_record_knows_the_states_the_backends_send(tmp_path, monkeypatch, state, succeeded):
     from diffugts.utils import prometheus as metrics
 
@@ -225,8 +280,14 @@ def test_run_record_knows_the_states_the_backends_send(tmp_path, monkeypatch, st
     (studies / "good").mkdir(parents=True)
     listing = cohort.plan_run(results, run, studies_uri=str(studies), model_uri=_model(tmp_path / "m"), **PARAMS)
     (item,) = listing["pending"]
-    cohort.mark_done(_report(tmp_path / "report", "1.2.3"), results, item["key"],
-                     model_sha256=item["model_sha256"], params_hash=item["params_hash"], run=run)
+    cohort.mark_done(
+        _report(tmp_path / "report", "1.2.3"),
+        results,
+        item["key"],
+        model_sha256=item["model_sha256"],
+        params_hash=item["params_hash"],
+        run=run,
+    )
     cohort.collect_run(results, run, tmp_path / "out")
     record = cohort.finish_run(results, run, state, gateway="")
     assert (record["state"], record["succeeded"]) == (state, succeeded)
@@ -253,14 +314,26 @@ def test_a_study_that_ingests_is_blamed_on_a_later_stage(tmp_path):
 
 # ---------------------------------------------------------------------------- submitter
 
+
 class FakeClient:
     """The kfp.Client calls pipelines.submit makes, recorded; no network."""
 
     def __init__(self, multi_user=True, pipelines=("diffugts-cohort",)):
         self.calls, self.multi_user, self.pipelines = [], multi_user, pipelines
-        self.spec = {"pipeline_spec": {"root": {"inputDefinitions": {"parameters": {
-            "studies_uri": {"parameterType": "STRING"}, "prompts": {"parameterType": "LIST"},
-            "resample": {"parameterType": "BOOLEAN"}, "min_volume_ml": {"parameterType": "NUMBER_DOUBLE"}}}}}}
+        self.spec = {
+            "pipeline_spec": {
+                "root": {
+                    "inputDefinitions": {
+                        "parameters": {
+                            "studies_uri": {"parameterType": "STRING"},
+                            "prompts": {"parameterType": "LIST"},
+                            "resample": {"parameterType": "BOOLEAN"},
+                            "min_volume_ml": {"parameterType": "NUMBER_DOUBLE"},
+                        }
+                    }
+                }
+            }
+        }
 
     def get_kfp_healthz(self):
         return SimpleNamespace(multi_user=self.multi_user)
@@ -276,8 +349,9 @@ class FakeClient:
         return SimpleNamespace(pipeline_versions=[SimpleNamespace(pipeline_version_id="v2")])
 
     def get_pipeline_version(self, pipeline_id, version_id):
-        return SimpleNamespace(pipeline_version_id=version_id, display_name="diffugts-cohort-0-1-0",
-                               pipeline_spec=self.spec)
+        return SimpleNamespace(
+            pipeline_version_id=version_id, display_name="diffugts-cohort-0-1-0", pipeline_spec=self.spec
+        )
 
     def create_experiment(self, name, namespace=None):
         self.calls.append(("create_experiment", name, namespace))
@@ -288,8 +362,18 @@ class FakeClient:
         return SimpleNamespace(run_id="run-1")
 
 
-ARGV = ["--pipeline", "diffugts-cohort", "--experiment", "nightly", "--namespace", "diffugts",
-        "--service-account", "diffugts-pipeline", "--run-name", "n1"]
+ARGV = [
+    "--pipeline",
+    "diffugts-cohort",
+    "--experiment",
+    "nightly",
+    "--namespace",
+    "diffugts",
+    "--service-account",
+    "diffugts-pipeline",
+    "--run-name",
+    "n1",
+]
 
 
 def test_submit_parses_repeated_params():
@@ -303,17 +387,34 @@ def test_submit_parses_repeated_params():
 
 def test_submit_runs_the_newest_version_with_typed_params(capsys):
     client = FakeClient()
-    argv = ARGV + ["--param", "studies_uri=s3://b/in/", "--param", 'prompts=["liver tumor"]',
-                   "--param", "resample=False", "--param", "min_volume_ml=0.5"]
+    argv = ARGV + [
+        "--param",
+        "studies_uri=s3://b/in/",
+        "--param",
+        'prompts=["liver tumor"]',
+        "--param",
+        "resample=False",
+        "--param",
+        "min_volume_ml=0.5",
+    ]
     assert submit.main(argv, client=client) == 0
     assert "submitted run run-1" in capsys.readouterr().out
     assert ("list_pipeline_versions", "p1", "created_at desc") in client.calls
     assert ("create_experiment", "nightly", "diffugts") in client.calls
-    (_, experiment, name, kw), = [c for c in client.calls if c[0] == "run_pipeline"]
-    assert (experiment, name, kw["pipeline_id"], kw["version_id"], kw["service_account"]) == \
-        ("e1", "n1", "p1", "v2", "diffugts-pipeline")
-    assert kw["params"] == {"studies_uri": "s3://b/in/", "prompts": ["liver tumor"], "resample": False,
-                            "min_volume_ml": 0.5}
+    ((_, experiment, name, kw),) = [c for c in client.calls if c[0] == "run_pipeline"]
+    assert (experiment, name, kw["pipeline_id"], kw["version_id"], kw["service_account"]) == (
+        "e1",
+        "n1",
+        "p1",
+        "v2",
+        "diffugts-pipeline",
+    )
+    assert kw["params"] == {
+        "studies_uri": "s3://b/in/",
+        "prompts": ["liver tumor"],
+        "resample": False,
+        "min_volume_ml": 0.5,
+    }
 
 
 def test_submit_single_user_kfp_sends_no_namespace():
@@ -323,11 +424,14 @@ def test_submit_single_user_kfp_sends_no_namespace():
     assert all(c[1] is None for c in client.calls if c[0] == "list_pipelines")
 
 
-@pytest.mark.parametrize("argv, client, message", [
-    (ARGV, FakeClient(pipelines=()), "no pipeline named 'diffugts-cohort'"),
-    (ARGV + ["--param", "studies=s3://x"], FakeClient(), "the pipeline has no parameter 'studies'"),
-    (ARGV + ["--param", "resample=maybe"], FakeClient(), "'maybe' is not a valid BOOLEAN"),
-])
+@pytest.mark.parametrize(
+    "argv, client, message",
+    [
+        (ARGV, FakeClient(pipelines=()), "no pipeline named 'diffugts-cohort'"),
+        (ARGV + ["--param", "studies=s3://x"], FakeClient(), "the pipeline has no parameter 'studies'"),
+        (ARGV + ["--param", "resample=maybe"], FakeClient(), "'maybe' is not a valid BOOLEAN"),
+    ],
+)
 def test_submit_fails_with_one_line(argv, client, message, capsys):
     assert submit.main(argv, client=client) == 1
     err = capsys.readouterr().err
@@ -371,15 +475,27 @@ def test_submitter_client_works_with_a_read_only_home(tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     (tmp_path / "rootfs").write_text("a file, not a folder")
-    code = ("from pipelines.submit import make_client\n"
-            "client = make_client()\n"
-            "client.set_user_namespace('diffugts')  # what kfp.Client does in a pod of multi-user KFP\n"
-            "import os; print(os.environ['HOME'])\n")
-    env = {**os.environ, "HOME": str(tmp_path / "rootfs" / "home"),
-           "KF_PIPELINES_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "KF_PIPELINES_SA_TOKEN_PATH": ""}
+    code = (
+        "from pipelines.submit import make_client\n"
+        "client = make_client()\n"
+        "client.set_user_namespace('diffugts')  # what kfp.Client does in a pod of multi-user KFP\n"
+        "import os; print(os.environ['HOME'])\n"
+    )
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path / "rootfs" / "home"),
+        "KF_PIPELINES_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+        "KF_PIPELINES_SA_TOKEN_PATH": "",
+    }
     try:
-        out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
-                             env=env, cwd=Path(__file__).resolve().parents[1], timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", code],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+            timeout=120,
+        )
     finally:
         server.shutdown()
     assert out.returncode == 0, out.stderr[-2000:]
@@ -388,6 +504,7 @@ def test_submitter_client_works_with_a_read_only_home(tmp_path):
 
 
 # ---------------------------------------------------------------------------- batches
+
 
 def test_batches_are_bounded_and_dealt_into_lanes():
     from diffugts.runners.batch import MAX_BATCHES, MAX_PARALLEL, plan_batches
@@ -408,8 +525,8 @@ def test_batches_are_bounded_and_dealt_into_lanes():
 
 @pytest.mark.slow
 def test_a_failed_study_never_sinks_its_batch(tmp_path):
-    from diffugts.runners.batch import run_batch
     from diffugts.phantom import CaseSpec, generate_case, write_case
+    from diffugts.runners.batch import run_batch
     from modelfactory import random_package
 
     studies, results, run = tmp_path / "studies", str(tmp_path / "results"), "r1"
@@ -430,8 +547,11 @@ def test_a_failed_study_never_sinks_its_batch(tmp_path):
     broken = markers["b-broken"]
     assert (broken["status"], broken["stage"], broken["run"]) == ("failed", "ingest", run)
     # A retried batch redoes nothing that is done.
-    assert run_batch(results, run, 0, model_uri=model, prompts=PARAMS["prompts"]) == \
-        {"done": 0, "failed": 1, "already_done": 2}
+    assert run_batch(results, run, 0, model_uri=model, prompts=PARAMS["prompts"]) == {
+        "done": 0,
+        "failed": 1,
+        "already_done": 2,
+    }
     # The cohort report takes the batch's own record of the failure.
     summary = cohort.collect_run(results, run, tmp_path / "out")
     assert (summary["done"], summary["failed"]) == (2, 1)

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from diffugts.runners import cohort
 from diffugts.errors import DiffugtsError, InputError
+from diffugts.runners import cohort
 
 # The helpers of the cohort tests: a model package and a report folder as the stages leave them.
 from test_cohort import PARAMS, _model, _report
@@ -29,13 +29,13 @@ def _plan(tmp_path: Path, names=("s1", "s2"), run="r1", **kw):
     for name in names:
         (studies / name).mkdir(parents=True, exist_ok=True)
     results = str(tmp_path / "results")
-    listing = cohort.plan_run(results, run, studies_uri=str(studies), model_uri=_model(tmp_path / "m"),
-                              **{**PARAMS, **kw})
+    listing = cohort.plan_run(
+        results, run, studies_uri=str(studies), model_uri=_model(tmp_path / "m"), **{**PARAMS, **kw}
+    )
     return results, listing
 
 
-@pytest.mark.parametrize("uid", ["ABSOLUTE", "../../../x", "1.2/../../x", "1.2.3\n", "", "1." + "2" * 70,
-                                 "DOE^JOHN"])
+@pytest.mark.parametrize("uid", ["ABSOLUTE", "../../../x", "1.2/../../x", "1.2.3\n", "", "1." + "2" * 70, "DOE^JOHN"])
 def test_a_study_uid_that_is_not_a_uid_never_becomes_a_path(tmp_path, uid):
     results, listing = _plan(tmp_path, names=("s1",))
     item = listing["pending"][0]
@@ -43,8 +43,14 @@ def test_a_study_uid_that_is_not_a_uid_never_becomes_a_path(tmp_path, uid):
         uid = str(tmp_path / "outside")
     before = _files(tmp_path)
     with pytest.raises(InputError, match="not a valid DICOM UID") as err:
-        cohort.mark_done(_report(tmp_path / "report", uid), results, item["key"],
-                         model_sha256=item["model_sha256"], params_hash=item["params_hash"], run="r1")
+        cohort.mark_done(
+            _report(tmp_path / "report", uid),
+            results,
+            item["key"],
+            model_sha256=item["model_sha256"],
+            params_hash=item["params_hash"],
+            run="r1",
+        )
     if uid.strip():
         assert uid.strip() not in str(err.value)  # header text is not echoed
     new = _files(tmp_path) - before
@@ -64,11 +70,23 @@ def test_a_study_uid_that_is_not_a_uid_never_becomes_a_path(tmp_path, uid):
 def test_two_inputs_of_one_study_are_reported_as_a_duplicate(tmp_path):
     results, listing = _plan(tmp_path)
     first, second = listing["pending"]
-    cohort.mark_done(_report(tmp_path / "r1", "1.2.3", key="a"), results, first["key"],
-                     model_sha256=first["model_sha256"], params_hash=first["params_hash"], run="r1")
+    cohort.mark_done(
+        _report(tmp_path / "r1", "1.2.3", key="a"),
+        results,
+        first["key"],
+        model_sha256=first["model_sha256"],
+        params_hash=first["params_hash"],
+        run="r1",
+    )
     with pytest.raises(DiffugtsError, match="duplicate"):
-        cohort.mark_done(_report(tmp_path / "r2", "1.2.3", key="b"), results, second["key"],
-                         model_sha256=second["model_sha256"], params_hash=second["params_hash"], run="r1")
+        cohort.mark_done(
+            _report(tmp_path / "r2", "1.2.3", key="b"),
+            results,
+            second["key"],
+            model_sha256=second["model_sha256"],
+            params_hash=second["params_hash"],
+            run="r1",
+        )
     # The first input's result is untouched.
     published = json.loads((Path(results) / "1.2.3" / "report" / "report.json").read_text())
     assert published["study"]["study_key"] == "a"
@@ -81,8 +99,14 @@ def test_two_inputs_of_one_study_are_reported_as_a_duplicate(tmp_path):
     rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "cohort.csv").read_text())))
     assert sorted(r["status"] for r in rows) == ["done", "failed"]
     # A forced rerun of the first input may re-publish its own result.
-    cohort.mark_done(_report(tmp_path / "r3", "1.2.3", key="a2"), results, first["key"],
-                     model_sha256=first["model_sha256"], params_hash=first["params_hash"], run="r2")
+    cohort.mark_done(
+        _report(tmp_path / "r3", "1.2.3", key="a2"),
+        results,
+        first["key"],
+        model_sha256=first["model_sha256"],
+        params_hash=first["params_hash"],
+        run="r2",
+    )
 
 
 def test_two_done_markers_on_one_result_count_once(tmp_path):
@@ -91,8 +115,14 @@ def test_two_done_markers_on_one_result_count_once(tmp_path):
     results, listing = _plan(tmp_path)
     first, second = listing["pending"]
     for n, item in enumerate((first, second)):
-        cohort.mark_done(_report(tmp_path / f"r{n}", "1.2.3"), results, item["key"],
-                         model_sha256=item["model_sha256"], params_hash=item["params_hash"], run="r1")
+        cohort.mark_done(
+            _report(tmp_path / f"r{n}", "1.2.3"),
+            results,
+            item["key"],
+            model_sha256=item["model_sha256"],
+            params_hash=item["params_hash"],
+            run="r1",
+        )
         if n == 0:  # forget the owner record, as a concurrent writer would not have seen it yet
             for p in (Path(results) / "_runs" / "studies").iterdir():
                 p.unlink()
@@ -107,8 +137,9 @@ def test_a_failed_republish_is_not_left_done(tmp_path, monkeypatch):
     kw = {"model_sha256": item["model_sha256"], "params_hash": item["params_hash"]}
     cohort.mark_done(_report(tmp_path / "a", "1.2.3"), results, item["key"], run="r1", **kw)
     # A forced rerun fails while re-publishing (storage cut).
-    forced = cohort.plan_run(results, "r2", studies_uri=str(tmp_path / "studies"), model_uri=str(tmp_path / "m"),
-                             force=True, **PARAMS)
+    forced = cohort.plan_run(
+        results, "r2", studies_uri=str(tmp_path / "studies"), model_uri=str(tmp_path / "m"), force=True, **PARAMS
+    )
     assert forced["pending"]
 
     def cut(*args, **kwargs):
@@ -121,8 +152,9 @@ def test_a_failed_republish_is_not_left_done(tmp_path, monkeypatch):
     marker = json.loads(Path(cohort.marker_uri(results, item["key"])).read_text())
     assert marker["status"] == "failed" and marker["reason_code"] == "storage"
     # The next run processes it again instead of skipping it.
-    again = cohort.plan_run(results, "r3", studies_uri=str(tmp_path / "studies"), model_uri=str(tmp_path / "m"),
-                            **PARAMS)
+    again = cohort.plan_run(
+        results, "r3", studies_uri=str(tmp_path / "studies"), model_uri=str(tmp_path / "m"), **PARAMS
+    )
     assert [i["key"] for i in again["pending"]] == [item["key"]] and not again["skipped"]
     summary = cohort.collect_run(results, "r2", tmp_path / "out")
     assert summary["failures"][0]["stage"] == "publish" and summary["failures"][0]["reason_code"] == "storage"
@@ -150,14 +182,31 @@ def test_everything_that_reaches_kfp_markdown_is_escaped():
     from diffugts.stages.ingest.summary import selection_markdown
 
     evil = "<script>alert(1)</script> | [x](javascript:alert(1)) *DOE*"
-    text = cohort.run_markdown({"run": "r1", "listed": 1, "skipped": 0, "processed": 1, "done": 0, "failed": 1,
-                                "lesions": 0, "report": "/r/cohort/r1",
-                                "failures": [{"key": "k", "stage": "ingest", "reason_code": "bad_input",
-                                              "reason": evil}]})
-    series = {"series_label": evil, "orientation": "Axial", "notes": [evil],
-              "volume": {"size_ijk": [1, 1, 1], "spacing_mm": [1, 1, 1], "units": "HU"},
-              "selection": {"candidates": [{"label": evil, "taken": False, "reasons": [evil]},
-                                           {"label": "s2", "taken": True, "selection": evil, "reasons": []}]}}
+    text = cohort.run_markdown(
+        {
+            "run": "r1",
+            "listed": 1,
+            "skipped": 0,
+            "processed": 1,
+            "done": 0,
+            "failed": 1,
+            "lesions": 0,
+            "report": "/r/cohort/r1",
+            "failures": [{"key": "k", "stage": "ingest", "reason_code": "bad_input", "reason": evil}],
+        }
+    )
+    series = {
+        "series_label": evil,
+        "orientation": "Axial",
+        "notes": [evil],
+        "volume": {"size_ijk": [1, 1, 1], "spacing_mm": [1, 1, 1], "units": "HU"},
+        "selection": {
+            "candidates": [
+                {"label": evil, "taken": False, "reasons": [evil]},
+                {"label": "s2", "taken": True, "selection": evil, "reasons": []},
+            ]
+        },
+    }
     for doc in (text, selection_markdown(series)):
         assert "<script>" not in doc and "[x](" not in doc and "*DOE*" not in doc
         assert "&lt;script&gt;" in doc
@@ -169,8 +218,9 @@ def test_a_corrupt_marker_does_not_sink_the_listing(tmp_path):
     results, listing = _plan(tmp_path)
     first = listing["pending"][0]
     Path(cohort.marker_uri(results, first["key"])).write_bytes(b"\xff{ not json")
-    again = cohort.plan_run(results, "r2", studies_uri=str(tmp_path / "studies"), model_uri=str(tmp_path / "m"),
-                            **PARAMS)
+    again = cohort.plan_run(
+        results, "r2", studies_uri=str(tmp_path / "studies"), model_uri=str(tmp_path / "m"), **PARAMS
+    )
     assert len(again["pending"]) == 2  # the study with the unreadable marker runs again
     summary = cohort.collect_run(results, "r2", tmp_path / "out")
     assert summary["failed"] == 2 and summary["listed"] == 2
@@ -191,7 +241,6 @@ def _stub_batch_stages(monkeypatch, uids: dict[str, str]) -> None:
     import diffugts.core
     import diffugts.stages.ingest
     import diffugts.stages.report
-    import diffugts.runners.segment
 
     class Core:
         def __init__(self, model_uri, device=None, params=None):
@@ -234,8 +283,11 @@ def test_a_batch_publishes_by_the_same_rules(tmp_path, monkeypatch):
     names = {i["key"]: Path(i["input_uri"]).name for i in listing["pending"]}
     _stub_batch_stages(monkeypatch, {"s1": "1.2.3", "s2": "1.2.3", "s3": "../x"})
     model = str(tmp_path / "m")
-    assert run_batch(results, "r1", 0, model_uri=model, prompts=PARAMS["prompts"]) == \
-        {"done": 1, "failed": 2, "already_done": 0}
+    assert run_batch(results, "r1", 0, model_uri=model, prompts=PARAMS["prompts"]) == {
+        "done": 1,
+        "failed": 2,
+        "already_done": 0,
+    }
     summary = cohort.collect_run(results, "r1", tmp_path / "out")
     assert (summary["done"], summary["failed"]) == (1, 2)
     failures = {names[f["key"]]: f for f in summary["failures"]}

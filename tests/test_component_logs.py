@@ -18,8 +18,9 @@ def test_the_ingest_component_masks_the_input_and_exits_2(tmp_path, capsys):
     (study / "a.dcm").write_bytes(b"not dicom")
     out = SimpleNamespace(path=str(tmp_path / "study"), metadata={})
     with pytest.raises(SystemExit) as exit_:
-        ingest.python_func(input_uri=str(study), study_sha256="0" * 64, study=out,
-                           summary=SimpleNamespace(path=str(tmp_path / "s.md")))
+        ingest.python_func(
+            input_uri=str(study), study_sha256="0" * 64, study=out, summary=SimpleNamespace(path=str(tmp_path / "s.md"))
+        )
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert err.startswith("diffugts: error: <input>") and "DOE" not in err and "Traceback" not in err
@@ -37,5 +38,7 @@ def test_library_records_that_quote_headers_are_dropped(caplog, monkeypatch):
 
 
 def test_masked_replaces_longest_first():
-    assert logs.masked("s3://b/studies/x/: no files; s3://b/studies/x", ("s3://b/studies/x/",)) == \
-        "<input>/: no files; <input>"
+    assert (
+        logs.masked("s3://b/studies/x/: no files; s3://b/studies/x", ("s3://b/studies/x/",))
+        == "<input>/: no files; <input>"
+    )

@@ -10,9 +10,9 @@ import logging
 import pytest
 import torch
 
+from diffugts.models import get_config
 from diffugts.networks.backbones import build_backbone
 from diffugts.networks.backbones.cuda_graphs import GraphedCall
-from diffugts.models import get_config
 
 
 def _fn(z, t):
@@ -34,6 +34,7 @@ class FakeCapture:
             self.replays += 1
             out = fn(*(t.clone() for t in new))
             return out + 1 if self.wrong else out
+
         return replay
 
 
@@ -60,7 +61,9 @@ def test_a_new_shape_replaces_the_graph():
     assert call.stats["replayed"] == 2
 
 
-@pytest.mark.parametrize("capture, why", [(FakeCapture(wrong=True), "disagrees"), (FakeCapture(fail=True), "capture failed")])
+@pytest.mark.parametrize(
+    "capture, why", [(FakeCapture(wrong=True), "disagrees"), (FakeCapture(fail=True), "capture failed")]
+)
 def test_a_graph_that_fails_or_disagrees_leaves_that_shape_eager(capture, why, caplog):
     call = GraphedCall(capture)
     z, t = torch.rand(1, 4, 6, 8, 8), torch.tensor([2.0])
@@ -114,6 +117,7 @@ def test_inpainting_ends_its_denoising_even_when_a_call_fails(monkeypatch):
 
     def broken(*a):
         raise RuntimeError("out of memory")
+
     monkeypatch.setattr(backbone, "denoise", broken)
     with pytest.raises(RuntimeError):
         inpaint(backbone, x, mask, (2.75, 2.75, 4.0), **args)

@@ -22,9 +22,14 @@ from modelfactory import random_package
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("errors")
     cases = F.make_cases(range(3))[:2]
-    return {"root": root, "cases": cases, "mapping": F.write_mapping(root / "mapping.json"),
-            "msd": F.write_msd(root / "msd", cases), "nnunet": F.write_nnunet(root / "nnunet", cases),
-            "kits": F.write_kits(root / "kits", cases)}
+    return {
+        "root": root,
+        "cases": cases,
+        "mapping": F.write_mapping(root / "mapping.json"),
+        "msd": F.write_msd(root / "msd", cases),
+        "nnunet": F.write_nnunet(root / "nnunet", cases),
+        "kits": F.write_kits(root / "kits", cases),
+    }
 
 
 def _copy(world, name, tmp_path):
@@ -96,15 +101,18 @@ def test_image_and_label_grids_that_disagree(world, tmp_path):
     assert "grids disagree" in _error(lambda: open_dataset(root, world["mapping"]).load("case_00000"))
 
 
-@pytest.mark.parametrize("doc, reason", [
-    ("{not json", "not valid JSON"),
-    ({"name": "x"}, 'needs a "labels" object'),
-    ({"labels": {"1": {"lesion": "tumor"}}}, 'needs "organ"'),
-    ({"labels": {"1": "organ"}}, "expected"),
-    ({"modality": "PET", "labels": {"1": {"organ": "liver"}}}, '"modality" must be one of'),
-    ({"labels": {"0": {"organ": "liver"}}}, "label 0 is the background"),
-    ({"labels": {"1": {"organ": "liver", "colour": "red"}}}, "unknown field(s) colour"),
-])
+@pytest.mark.parametrize(
+    "doc, reason",
+    [
+        ("{not json", "not valid JSON"),
+        ({"name": "x"}, 'needs a "labels" object'),
+        ({"labels": {"1": {"lesion": "tumor"}}}, 'needs "organ"'),
+        ({"labels": {"1": "organ"}}, "expected"),
+        ({"modality": "PET", "labels": {"1": {"organ": "liver"}}}, '"modality" must be one of'),
+        ({"labels": {"0": {"organ": "liver"}}}, "label 0 is the background"),
+        ({"labels": {"1": {"organ": "liver", "colour": "red"}}}, "unknown field(s) colour"),
+    ],
+)
 def test_bad_mapping_files(tmp_path, doc, reason):
     path = tmp_path / "m.json"
     path.write_text(doc if isinstance(doc, str) else json.dumps(doc))
@@ -128,19 +136,63 @@ def test_the_cli_says_one_line_exits_2_and_writes_no_result(world, tmp_path, cap
     mapping = tmp_path / "short.json"
     mapping.write_text(json.dumps(doc))
     out = tmp_path / "out"
-    rc = main(["-q", "evaluate", "--dataset", str(world["msd"]), "--mapping", str(mapping), "--model",
-               str(model.root), "--out", str(out)])
+    rc = main(
+        [
+            "-q",
+            "evaluate",
+            "--dataset",
+            str(world["msd"]),
+            "--mapping",
+            str(mapping),
+            "--model",
+            str(model.root),
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("diffugts: error: ") and "\n" not in err and "Traceback" not in err
     assert "is not in the mapping" in err
     assert not (out / "evaluation.json").exists() and not (out / "evaluation.md").exists()
-    rc = main(["-q", "train", "aova", "--model", str(model.root), "--out", str(tmp_path / "pkg"), "--cases", "0",
-               "--dataset", str(tmp_path / "nowhere"), "--mapping", "kits23"])
+    rc = main(
+        [
+            "-q",
+            "train",
+            "aova",
+            "--model",
+            str(model.root),
+            "--out",
+            str(tmp_path / "pkg"),
+            "--cases",
+            "0",
+            "--dataset",
+            str(tmp_path / "nowhere"),
+            "--mapping",
+            "kits23",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err == f"diffugts: error: {tmp_path / 'nowhere'}: dataset: not a folder"
     assert not (tmp_path / "pkg" / "manifest.json").exists()
-    rc = main(["-q", "train", "refine", "--model", str(model.root), "--dataset", str(world["msd"]),
-               "--dataset", str(world["kits"]), "--mapping", "kits23", "--mapping", "kits23", "--mapping", "x"])
+    rc = main(
+        [
+            "-q",
+            "train",
+            "refine",
+            "--model",
+            str(model.root),
+            "--dataset",
+            str(world["msd"]),
+            "--dataset",
+            str(world["kits"]),
+            "--mapping",
+            "kits23",
+            "--mapping",
+            "kits23",
+            "--mapping",
+            "x",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "2 --dataset but 3 --mapping" in err
 
@@ -174,8 +226,9 @@ def test_no_training_case_of_seen_types_is_an_error(world):
     from diffugts.stages.preprocess import Preprocessing
 
     prep = Preprocessing.from_dict(get_config("demo")["preprocessing"])
-    source = DatasetSource([open_dataset(world["msd"], world["mapping"], seen_types=["no-such-type"])],
-                           show_progress=False)
+    source = DatasetSource(
+        [open_dataset(world["msd"], world["mapping"], seen_types=["no-such-type"])], show_progress=False
+    )
     message = _error(lambda: list(source.training_cases(prep)))
     assert message.startswith(str(world["msd"])) and "has only seen lesion types" in message
     assert source.provenance()["datasets"][0]["skipped_unseen"]

@@ -10,8 +10,8 @@ import pytest
 import datasetfactory as F
 from diffugts.cli import main
 from diffugts.datasets import EvalCases, open_dataset
-from diffugts.runners.evaluate import evaluate
 from diffugts.phantom import CaseSpec, generate_case
+from diffugts.runners.evaluate import evaluate
 from modelfactory import random_package
 
 pytestmark = pytest.mark.slow
@@ -23,9 +23,14 @@ def world(tmp_path_factory):
     cases = F.make_cases(range(3), split="any")[:2]
     cases.append(generate_case(CaseSpec(seed=41, index=90, shape=F.SHAPE, healthy=True)))
     model = random_package(root / "model", fused=True)
-    return {"root": root, "cases": cases, "model": str(model.root),
-            "phantoms": F.write_phantom_folder(root / "phantoms", cases),
-            "msd": F.write_msd(root / "msd", cases), "mapping": F.write_mapping(root / "mapping.json", name="kits23")}
+    return {
+        "root": root,
+        "cases": cases,
+        "model": str(model.root),
+        "phantoms": F.write_phantom_folder(root / "phantoms", cases),
+        "msd": F.write_msd(root / "msd", cases),
+        "mapping": F.write_mapping(root / "mapping.json", name="kits23"),
+    }
 
 
 def _key(row):
@@ -58,9 +63,26 @@ def test_dataset_rows_equal_the_phantom_rows_on_the_same_cases(world):
 
 def test_cli_evaluate_dataset_writes_json_and_markdown_with_the_paper_figures(world, capsys):
     out = world["root"] / "out"
-    rc = main(["-q", "evaluate", "--dataset", str(world["msd"]), "--mapping", str(world["mapping"]),
-               "--seen", "hypodense", "--seen", "cystic", "--seen", "hyperenhancing",
-               "--model", world["model"], "--out", str(out)])
+    rc = main(
+        [
+            "-q",
+            "evaluate",
+            "--dataset",
+            str(world["msd"]),
+            "--mapping",
+            str(world["mapping"]),
+            "--seen",
+            "hypodense",
+            "--seen",
+            "cystic",
+            "--seen",
+            "hyperenhancing",
+            "--model",
+            world["model"],
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads((out / "evaluation.json").read_text())
     assert result["datasets"][0]["name"] == "kits23"

@@ -22,10 +22,16 @@ def world(tmp_path_factory):
     cases = F.make_cases(range(4), split="any")[:2]
     seg_mapping = root / "seg-mapping.json"
     seg_mapping.write_text(json.dumps(F.seg_mapping_doc()))
-    return {"root": root, "cases": cases, "mapping": F.write_mapping(root / "mapping.json"),
-            "seg_mapping": seg_mapping, "msd": F.write_msd(root / "msd", cases),
-            "nnunet": F.write_nnunet(root / "nnunet", cases), "kits": F.write_kits(root / "kits", cases),
-            "dicom": F.write_dicom_seg(root / "dicom", cases)}
+    return {
+        "root": root,
+        "cases": cases,
+        "mapping": F.write_mapping(root / "mapping.json"),
+        "seg_mapping": seg_mapping,
+        "msd": F.write_msd(root / "msd", cases),
+        "nnunet": F.write_nnunet(root / "nnunet", cases),
+        "kits": F.write_kits(root / "kits", cases),
+        "dicom": F.write_dicom_seg(root / "dicom", cases),
+    }
 
 
 def _summary(case):
@@ -35,9 +41,11 @@ def _summary(case):
 def test_each_layout_gives_the_same_cases(world):
     ref = open_dataset(world["msd"], world["mapping"], seen_types=F.SEEN_TYPES)
     assert ref.layout == "msd" and len(ref) == 2
-    others = {"nnunet": open_dataset(world["nnunet"], world["mapping"], seen_types=F.SEEN_TYPES),
-              "kits": open_dataset(world["kits"], world["mapping"], seen_types=F.SEEN_TYPES),
-              "dicom-seg": open_dataset(world["dicom"], world["seg_mapping"], seen_types=F.SEEN_TYPES)}
+    others = {
+        "nnunet": open_dataset(world["nnunet"], world["mapping"], seen_types=F.SEEN_TYPES),
+        "kits": open_dataset(world["kits"], world["mapping"], seen_types=F.SEEN_TYPES),
+        "dicom-seg": open_dataset(world["dicom"], world["seg_mapping"], seen_types=F.SEEN_TYPES),
+    }
     assert {k: d.layout for k, d in others.items()} == {k: k for k in others}
     assert others["kits"].case_ids == ["case_00000", "case_00001"]
     for phantom, msd_id, n in zip(world["cases"], ref.case_ids, range(2)):
@@ -45,12 +53,21 @@ def test_each_layout_gives_the_same_cases(world):
         assert msd_id == phantom.spec.case_id
         # The phantom's own truth: its lesions, their types and splits, its organs.
         assert np.array_equal(a.lesions > 0, phantom.lesion_map > 0)
-        assert _summary(a)[1] == sorted((r["type"], F.ORGAN_BY_NAME[r["organ"]].family
-                                         if r["organ"].endswith("kidney") else r["organ"], r["split"], r["voxels"])
-                                        for r in phantom.lesions)
+        assert _summary(a)[1] == sorted(
+            (
+                r["type"],
+                F.ORGAN_BY_NAME[r["organ"]].family if r["organ"].endswith("kidney") else r["organ"],
+                r["split"],
+                r["voxels"],
+            )
+            for r in phantom.lesions
+        )
         liver = [k for k, v in a.organ_names.items() if v == "liver"][0]
-        assert np.array_equal(a.organs == liver, (phantom.organs == ORGAN_BY_NAME["liver"].label)
-                              | np.isin(a.lesions, [r["id"] for r in a.records if r["organ"] == "liver"]))
+        assert np.array_equal(
+            a.organs == liver,
+            (phantom.organs == ORGAN_BY_NAME["liver"].label)
+            | np.isin(a.lesions, [r["id"] for r in a.records if r["organ"] == "liver"]),
+        )
         for name, d in others.items():
             b = d.load(d.case_ids[n])
             assert np.array_equal(a.volume, b.volume), name
@@ -104,8 +121,11 @@ def test_totalsegmentator_organs_fill_a_tumour_only_dataset(world, tmp_path, mul
     """MSD lung / colon / hepatic vessel label only the tumour: the organs come from
     TotalSegmentator's per-organ files or its multilabel file."""
     case = world["cases"][0]
-    doc = {"name": "tumour-only", "modality": "CT",
-           "labels": {k: v for k, v in F.mapping_doc()["labels"].items() if "lesion" in v}}
+    doc = {
+        "name": "tumour-only",
+        "modality": "CT",
+        "labels": {k: v for k, v in F.mapping_doc()["labels"].items() if "lesion" in v},
+    }
     doc["labels"].update({str(v): "ignore" for v in F.ORGAN_VALUES.values()})
     mapping = tmp_path / "tumour-only.json"
     mapping.write_text(json.dumps(doc))
@@ -136,25 +156,42 @@ def test_lesions_are_connected_components_of_their_label(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / "case_00000" / "segmentation.nii.gz"))
     case = open_dataset(tmp_path, "kits23", seen_types=["kidney-tumor"]).load("case_00000")
     assert [(r["type"], r["voxels"], r["split"]) for r in case.records] == [
-        ("kidney-tumor", 18, "seen"), ("kidney-tumor", 32, "seen"), ("kidney-cyst", 8, "unseen")]
+        ("kidney-tumor", 18, "seen"),
+        ("kidney-tumor", 32, "seen"),
+        ("kidney-cyst", 8, "unseen"),
+    ]
     assert sorted(np.unique(case.lesions).tolist()) == [0, 1, 2, 3]
     assert case.records[2]["prompts"] == ["kidney cyst", "renal cyst"]
 
 
 def test_shipped_mappings_say_the_public_label_meanings():
-    assert shipped_mappings() == ["kits23", "msd-task03-liver", "msd-task06-lung", "msd-task07-pancreas",
-                                  "msd-task08-hepaticvessel", "msd-task09-spleen", "msd-task10-colon"]
-    meaning = {name: {k: (m.kind, m.organ, m.lesion) for k, m in load_mapping(name).labels.items()}
-               for name in shipped_mappings()}
+    assert shipped_mappings() == [
+        "kits23",
+        "msd-task03-liver",
+        "msd-task06-lung",
+        "msd-task07-pancreas",
+        "msd-task08-hepaticvessel",
+        "msd-task09-spleen",
+        "msd-task10-colon",
+    ]
+    meaning = {
+        name: {k: (m.kind, m.organ, m.lesion) for k, m in load_mapping(name).labels.items()}
+        for name in shipped_mappings()
+    }
     assert meaning["msd-task03-liver"] == {"1": ("organ", "liver", None), "2": ("lesion", "liver", "liver-tumor")}
     assert meaning["msd-task07-pancreas"]["2"] == ("lesion", "pancreas", "pancreas-tumor")
-    assert meaning["msd-task08-hepaticvessel"] == {"1": ("ignore", None, None),
-                                                   "2": ("lesion", "liver", "hepatic-vessel-tumor")}
+    assert meaning["msd-task08-hepaticvessel"] == {
+        "1": ("ignore", None, None),
+        "2": ("lesion", "liver", "hepatic-vessel-tumor"),
+    }
     assert meaning["msd-task10-colon"] == {"1": ("lesion", "colon", "colon-cancer")}
     assert meaning["msd-task06-lung"] == {"1": ("lesion", "lung", "lung-cancer")}
     assert meaning["msd-task09-spleen"] == {"1": ("organ", "spleen", None)}
-    assert meaning["kits23"] == {"1": ("organ", "kidney", None), "2": ("lesion", "kidney", "kidney-tumor"),
-                                 "3": ("lesion", "kidney", "kidney-cyst")}
+    assert meaning["kits23"] == {
+        "1": ("organ", "kidney", None),
+        "2": ("lesion", "kidney", "kidney-tumor"),
+        "3": ("lesion", "kidney", "kidney-cyst"),
+    }
     assert all(load_mapping(n).name == n for n in shipped_mappings())
 
 
@@ -205,8 +242,11 @@ def test_a_relative_split_file_and_its_mappings_are_found_under_the_data_root(wo
     (root / "splits").mkdir(parents=True)
     (root / "maps").mkdir()
     (root / "maps" / "mine.json").write_text(world["mapping"].read_text())
-    doc = {"name": "mine", "seen_types": list(F.SEEN_TYPES), "train": [{"path": str(world["msd"]),
-                                                                      "mapping": "maps/mine.json"}]}
+    doc = {
+        "name": "mine",
+        "seen_types": list(F.SEEN_TYPES),
+        "train": [{"path": str(world["msd"]), "mapping": "maps/mine.json"}],
+    }
     (root / "splits" / "mine.json").write_text(json.dumps(doc))
     monkeypatch.chdir(tmp_path)  # the working directory is not the data root
     protocol = protocol_of("splits/mine.json", root)

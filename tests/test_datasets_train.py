@@ -34,11 +34,16 @@ def world(tmp_path_factory):
     seen = F.make_cases(range(8), split="seen")[:4]
     unseen = F.make_cases(range(8), seed=43, split="unseen", organs=("liver",))[:1]
     assert len(seen) == 4 and unseen and all(r["split"] == "unseen" for r in unseen[0].lesions)
-    return {"root": root, "seen": seen, "unseen": unseen,
-            "msd": F.write_msd(root / "msd", seen + unseen), "mapping": F.write_mapping(root / "mapping.json"),
-            "phantoms": F.write_phantom_folder(root / "phantoms", seen),
-            "backbone": random_package(root / "models", heads=False),
-            "fused": random_package(root / "models2", fused=True)}
+    return {
+        "root": root,
+        "seen": seen,
+        "unseen": unseen,
+        "msd": F.write_msd(root / "msd", seen + unseen),
+        "mapping": F.write_mapping(root / "mapping.json"),
+        "phantoms": F.write_phantom_folder(root / "phantoms", seen),
+        "backbone": random_package(root / "models", heads=False),
+        "fused": random_package(root / "models2", fused=True),
+    }
 
 
 def _dataset(world):
@@ -60,7 +65,8 @@ def test_a_dataset_case_reaches_training_as_the_phantom_folder_case_does(world):
             lesion = theirs.lesions > 0
             assert np.array_equal(mine & ~lesion, phantom & ~lesion)
         assert sorted((r["type"], r["voxels"]) for r in ours.records) == sorted(
-            (r["type"], r["voxels"]) for r in theirs.records)
+            (r["type"], r["voxels"]) for r in theirs.records
+        )
 
 
 def test_aova_training_on_dataset_cases_equals_training_on_the_same_phantom_cases(world):
@@ -78,8 +84,12 @@ def test_aova_training_on_dataset_cases_equals_training_on_the_same_phantom_case
     ours = [to_training_case(ds.load(c.spec.case_id), prep) for c in single]
     theirs = [case_from_dir(world["phantoms"] / c.spec.case_id, prep) for c in single]
     backbone, text = load_backbone(world["backbone"], "cpu"), TextEncoder()
-    runs = [train_aova(backbone, text, data, feature_names=FEATURES, spacing=prep.spacing_mm, steps=5, dim=8,
-                       show_progress=False) for data in (ours, theirs)]
+    runs = [
+        train_aova(
+            backbone, text, data, feature_names=FEATURES, spacing=prep.spacing_mm, steps=5, dim=8, show_progress=False
+        )
+        for data in (ours, theirs)
+    ]
     assert [h["loss"] for h in runs[0].history] == [h["loss"] for h in runs[1].history]
     a, b = runs[0].head.state_dict(), runs[1].head.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -112,8 +122,9 @@ def test_an_interrupted_aova_run_resumes_to_the_uninterrupted_weights(world, tmp
     train_aova_head(world["backbone"].root, tmp_path / "resumed", source=source(), checkpoint=ck, **AOVA)
     assert ck.path.is_file() and torch.load(ck.path, weights_only=True)["step"] == 4
     ck = Checkpoint(ck.path, {"run": 1}, every=2)
-    resumed = train_aova_head(world["backbone"].root, tmp_path / "resumed", source=source(), checkpoint=ck,
-                              **{**AOVA, "steps": 6})
+    resumed = train_aova_head(
+        world["backbone"].root, tmp_path / "resumed", source=source(), checkpoint=ck, **{**AOVA, "steps": 6}
+    )
     assert ck.resumed_from == 4
     a, b = _weights(whole, "aova"), _weights(resumed, "aova")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -128,11 +139,13 @@ def test_refine_training_on_a_dataset(world, tmp_path, monkeypatch):
 
     calls = []
     calibrate = train_refine.calibrate_threshold
-    monkeypatch.setattr(train_refine, "calibrate_threshold",
-                        lambda probs, held: calls.append(len(held)) or calibrate(probs, held))
+    monkeypatch.setattr(
+        train_refine, "calibrate_threshold", lambda probs, held: calls.append(len(held)) or calibrate(probs, held)
+    )
     source = DatasetSource([_dataset(world)], show_progress=False)
-    pkg = train_refine_head(world["fused"].root, tmp_path / "out", cases=0, steps=3, synthesis_steps=2,
-                            show_progress=False, source=source)
+    pkg = train_refine_head(
+        world["fused"].root, tmp_path / "out", cases=0, steps=3, synthesis_steps=2, show_progress=False, source=source
+    )
     # The threshold is calibrated on a validation slice of the dataset's training cases (no
     # lesion-free phantoms asked for), never on its held-out cases, which evaluation scores.
     assert len(calls) == 1 and calls[0] > 0
@@ -151,11 +164,43 @@ def test_refine_training_on_a_dataset(world, tmp_path, monkeypatch):
 
 def test_cli_train_aova_on_a_dataset_mixed_with_phantoms(world, tmp_path):
     out = tmp_path / "pkg"
-    rc = main(["-q", "train", "aova", "--model", str(world["backbone"].root), "--out", str(out), "--cases", "1",
-               "--steps", "3", "--dim", "8", "--randomised-cases", "0", "--mr-healthy-cases", "0",
-               "--fusion-recall", "0", "--features", ",".join(FEATURES), "--dataset", str(world["msd"]),
-               "--mapping", str(world["mapping"]), "--seen", "hypodense", "--seen", "hyperenhancing",
-               "--seen", "cystic", "--checkpoint-every", "1"])
+    rc = main(
+        [
+            "-q",
+            "train",
+            "aova",
+            "--model",
+            str(world["backbone"].root),
+            "--out",
+            str(out),
+            "--cases",
+            "1",
+            "--steps",
+            "3",
+            "--dim",
+            "8",
+            "--randomised-cases",
+            "0",
+            "--mr-healthy-cases",
+            "0",
+            "--fusion-recall",
+            "0",
+            "--features",
+            ",".join(FEATURES),
+            "--dataset",
+            str(world["msd"]),
+            "--mapping",
+            str(world["mapping"]),
+            "--seen",
+            "hypodense",
+            "--seen",
+            "hyperenhancing",
+            "--seen",
+            "cystic",
+            "--checkpoint-every",
+            "1",
+        ]
+    )
     assert rc == 0
     manifest = json.loads((out / "manifest.json").read_text())
     training = manifest["provenance"]["aova_training"]
@@ -168,8 +213,9 @@ def test_evaluate_reads_the_seen_types_from_the_manifest(world, tmp_path):
     from diffugts.datasets.run import trained_types
 
     assert trained_types(world["backbone"].root) == []
-    source = DatasetSource([open_dataset(world["msd"], world["mapping"], seen_types=["hypodense"])],
-                           show_progress=False)
+    source = DatasetSource(
+        [open_dataset(world["msd"], world["mapping"], seen_types=["hypodense"])], show_progress=False
+    )
     pkg = train_aova_head(world["backbone"].root, tmp_path / "out", source=source, **{**AOVA, "steps": 1})
     assert trained_types(pkg.root) == ["hypodense"]
     # Evaluating that dataset again never scores the cases that trained the model.
@@ -183,10 +229,36 @@ def test_evaluate_reads_the_seen_types_from_the_manifest(world, tmp_path):
 
 
 def test_cli_refuses_datasets_and_a_protocol_together(world, capsys):
-    rc = main(["-q", "train", "aova", "--model", str(world["backbone"].root), "--dataset", str(world["msd"]),
-               "--mapping", str(world["mapping"]), "--protocol", "paper-protocol"])
+    rc = main(
+        [
+            "-q",
+            "train",
+            "aova",
+            "--model",
+            str(world["backbone"].root),
+            "--dataset",
+            str(world["msd"]),
+            "--mapping",
+            str(world["mapping"]),
+            "--protocol",
+            "paper-protocol",
+        ]
+    )
     assert rc == 2 and "give one or the other" in capsys.readouterr().err
-    rc = main(["-q", "train", "refine", "--model", str(world["fused"].root), "--dataset", str(world["msd"]),
-               "--mapping", str(world["mapping"]), "--held-out-fraction", "1.5"])
+    rc = main(
+        [
+            "-q",
+            "train",
+            "refine",
+            "--model",
+            str(world["fused"].root),
+            "--dataset",
+            str(world["msd"]),
+            "--mapping",
+            str(world["mapping"]),
+            "--held-out-fraction",
+            "1.5",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--held-out-fraction 1.5" in err[0]

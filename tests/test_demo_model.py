@@ -1,5 +1,5 @@
-"""The shipped demo models (3D default, 2D diffusers family): intact, reproducible from its recorded command, and not worse than
-it was when it was committed (a quick regression check on a handful of phantom cases).
+"""The shipped demo models (3D default, 2D diffusers family): intact, reproducible from its recorded
+command, and not worse than it was when it was committed (a quick regression check on a handful of phantom cases).
 
 The floors sit below the figures measured when the model was committed (docs/benchmarks.md)
 so that noise does not trip them; a retrained or broken model that loses the ability to find
@@ -13,9 +13,9 @@ import json
 import pytest
 
 from diffugts.cli import main
-from diffugts.runners.evaluate import evaluate
 from diffugts.models.defaults import DEMO_2D_MODEL, DEMO_MODEL, default_model, resolve_model
 from diffugts.phantom import CaseSpec, generate_case, write_case
+from diffugts.runners.evaluate import evaluate
 
 # Measured at commit time on these cases (full method): see docs/benchmarks.md.
 FLOOR_FULL_DICE = 0.12  # measured 0.197 (4 lesion-bearing organs)
@@ -47,6 +47,7 @@ def regression_cases(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_demo_model_stays_above_its_floor(regression_cases):
     result = evaluate(regression_cases, str(DEMO_MODEL), show_progress=False)
     full = result["summary"]["split"]["seen"]["full"]
@@ -81,12 +82,14 @@ def test_demo_2d_model_verifies_and_records_how_it_was_made(capsys):
     assert size <= 30 * 1024 * 1024
     manifest = json.loads((DEMO_2D_MODEL / "manifest.json").read_text())
     provenance = manifest["provenance"]
-    assert provenance["command"] == ("diffugts train demo --config demo-2d --out src/diffugts/data/models/demo-2d "
-                                     "--seed 0")
+    assert provenance["command"] == (
+        "diffugts train demo --config demo-2d --out src/diffugts/data/models/demo-2d --seed 0"
+    )
     assert provenance["recipe"]["config"] == "demo-2d" and provenance["recipe"]["seed"] == 0
     assert {"backbone_training", "aova_training", "refine_training"} <= set(provenance)
 
 
+@pytest.mark.slow
 def test_demo_2d_model_stays_above_its_floor(regression_cases):
     result = evaluate(regression_cases, "demo-2d", variants=("full",), show_progress=False)
     full = result["summary"]["split"]["seen"]["full"]
@@ -95,13 +98,28 @@ def test_demo_2d_model_stays_above_its_floor(regression_cases):
     assert full["detection"] >= FLOOR_2D_FULL_DETECTION, full
 
 
+@pytest.mark.slow
 def test_segment_with_the_2d_demo_model_end_to_end(tmp_path):
     spec = CaseSpec(seed=9500, index=0, split="seen", healthy_fraction=0.0)
     case = generate_case(spec)
     case_dir = write_case(case, tmp_path / "cases", dicom=True)
     out = tmp_path / "out"
-    assert main(["-q", "segment", str(case_dir / "dicom"), "--model", "demo-2d", "--prompt", "liver tumor",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "segment",
+                str(case_dir / "dicom"),
+                "--model",
+                "demo-2d",
+                "--prompt",
+                "liver tumor",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     lesions = json.loads((out / "lesions" / "lesions.json").read_text())
     assert lesions["model"]["name"] == "demo-2d-phantom"
     assert lesions["targets"][0]["prompt"]["organ"] == "liver"

@@ -48,8 +48,11 @@ def test_deviation_z_marks_the_lesion_of_either_sign_and_nothing_outside(contras
     assert np.median(np.abs(z[lesion])) > 4 * np.median(np.abs(z[organ & ~lesion]))
     assert not z[~organ].any()
     # Scale-free: the same image in other units gives the same z (MR has no fixed scale).
-    assert np.allclose(deviation_z(3 * x + 7, organ, SPACING, DeviationParams(floor=0.0)),
-                       deviation_z(x, organ, SPACING, DeviationParams(floor=0.0)), atol=1e-3)
+    assert np.allclose(
+        deviation_z(3 * x + 7, organ, SPACING, DeviationParams(floor=0.0)),
+        deviation_z(x, organ, SPACING, DeviationParams(floor=0.0)),
+        atol=1e-3,
+    )
 
 
 def test_fusion_maps_stay_in_the_organ_and_rank_the_lesion_first():
@@ -70,8 +73,7 @@ def test_fit_fusion_weighs_the_informative_input_and_keeps_the_recall():
     labels = np.r_[np.ones(n_pos), np.zeros(n_neg)].astype(np.float32)
     z = np.r_[rng.normal(4, 1, n_pos), np.abs(rng.normal(0, 1, n_neg))]
     anomaly = rng.normal(0, 1, n_pos + n_neg)  # uninformative
-    fusion, threshold = fit_fusion(np.stack([anomaly, z], 1).astype(np.float32), labels, DeviationParams(),
-                                   recall=0.9)
+    fusion, threshold = fit_fusion(np.stack([anomaly, z], 1).astype(np.float32), labels, DeviationParams(), recall=0.9)
     assert fusion.deviation_weight > 1.0 and abs(fusion.anomaly_weight) < 0.3 * fusion.deviation_weight
     logit = fusion.anomaly_weight * anomaly + fusion.deviation_weight * z + fusion.bias
     prob = 1 / (1 + np.exp(-logit))

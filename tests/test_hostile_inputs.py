@@ -26,16 +26,21 @@ from pydicom.uid import RLELossless
 
 from dicomfactory import write_series
 
+# Each case runs `diffugts ingest` in a child process (about 1 s each on 2 CPU cores, 30 s in all).
+pytestmark = pytest.mark.slow
+
 LIMIT_AS = 3 * 2**30  # address space of the child: a runaway allocation fails fast, not the machine
 MAX_RSS_MIB = 1024  # what a case may use at peak
 # Peak RSS from VmHWM: getrusage's ru_maxrss survives fork + exec, so it would report the
 # pytest process's own peak (over 1 GiB once models are loaded), not the child's.
-RUNNER = ("import re, sys\n"
-          "from diffugts.cli import main\n"
-          "rc = main(sys.argv[1:])\n"
-          "hwm = re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)\n"
-          "print(f'peak_rss_kib={hwm}', file=sys.stderr)\n"
-          "sys.exit(rc)\n")
+RUNNER = (
+    "import re, sys\n"
+    "from diffugts.cli import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "hwm = re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)\n"
+    "print(f'peak_rss_kib={hwm}', file=sys.stderr)\n"
+    "sys.exit(rc)\n"
+)
 
 
 def _limits(fsize: int | None):
@@ -43,6 +48,7 @@ def _limits(fsize: int | None):
         resource.setrlimit(resource.RLIMIT_AS, (LIMIT_AS, LIMIT_AS))
         if fsize is not None:  # a full disk, as far as the child can tell (EFBIG on write)
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
     return apply
 
 
@@ -50,20 +56,31 @@ def _tree(root: Path) -> set[str]:
     return {str(p) for p in root.rglob("*")}
 
 
-def run_ingest(tmp_path: Path, src, out, *extra, env: dict | None = None, fsize: int | None = None,
-               timeout: float = 60) -> tuple[int, list[str], float]:
+def run_ingest(
+    tmp_path: Path, src, out, *extra, env: dict | None = None, fsize: int | None = None, timeout: float = 60
+) -> tuple[int, list[str], float]:
     """(exit code, stderr lines without the RSS line, seconds); checks RSS and stray writes."""
     scratch, cwd = tmp_path / "child-tmp", tmp_path / "child-cwd"
     scratch.mkdir(exist_ok=True)
     cwd.mkdir(exist_ok=True)
     before = _tree(tmp_path)
-    child_env = {**os.environ, "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                 **(env or {})}
+    child_env = {
+        **os.environ,
+        "TMPDIR": str(scratch),
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        **(env or {}),
+    }
     child_env.pop("DIFFUGTS_DEBUG", None)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", RUNNER, "-q", "ingest", os.fsencode(src), "--out", os.fsencode(out),
-                           *extra], capture_output=True, env=child_env, cwd=cwd, timeout=timeout,
-                          preexec_fn=_limits(fsize))
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, "-q", "ingest", os.fsencode(src), "--out", os.fsencode(out), *extra],
+        capture_output=True,
+        env=child_env,
+        cwd=cwd,
+        timeout=timeout,
+        preexec_fn=_limits(fsize),
+    )
     elapsed = time.monotonic() - start
     err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
     rss = [int(line.split("=")[1]) for line in err if line.startswith("peak_rss_kib=")]
@@ -89,6 +106,7 @@ def assert_refused(code: int, err: list[str], out: Path | None, *fragments: str)
 
 
 # -- crafted DICOM ---------------------------------------------------------------------------
+
 
 def _one(folder: Path, **kw) -> Path:
     (path,) = write_series(folder, n=1, **kw)
@@ -206,6 +224,7 @@ def test_header_text_stays_out_of_reasons(tmp_path):
 
 # -- zips and plain files ----------------------------------------------------------------------
 
+
 def _zip_of_zeros(path: Path, mib: int) -> None:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("a.dcm", "w", force_zip64=True) as f:
         chunk = bytes(1 << 20)
@@ -266,13 +285,14 @@ def test_unreadable_zips_are_one_line(tmp_path, kind):
     else:
         data = bytearray(archive.read_bytes())
         start = data.find(b"PK\x03\x04") + 30 + len(paths[0].name)
-        data[start:start + 64] = os.urandom(64)
+        data[start : start + 64] = os.urandom(64)
         archive.write_bytes(bytes(data))
     code, err, _ = run_ingest(tmp_path, archive, tmp_path / "out")
     assert_refused(code, err, tmp_path / "out", "study.zip")
 
 
 # -- where the output goes -------------------------------------------------------------------
+
 
 def test_output_path_that_is_not_utf8(tmp_path):
     folder = tmp_path / "in"

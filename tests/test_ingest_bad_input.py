@@ -16,8 +16,8 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless, RTStructureSetStorage
 
-from diffugts.cli import main
 from dicomfactory import write_series
+from diffugts.cli import main
 
 
 def run_cli(capsys, *args) -> tuple[int, list[str], str]:
@@ -166,19 +166,26 @@ def test_console_script_prints_no_traceback(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "x.dcm").write_bytes(b"DICM" * 10)
     exe = Path(sys.executable).parent / "diffugts"
-    proc = subprocess.run([str(exe), "ingest", str(tmp_path / "in"), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, env={**os.environ, "DIFFUGTS_DEBUG": ""})
+    proc = subprocess.run(
+        [str(exe), "ingest", str(tmp_path / "in"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DIFFUGTS_DEBUG": ""},
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("diffugts: error: ")
 
 
-@pytest.mark.parametrize("rules, message", [
-    ('{"selections": []}', "non-empty \"selections\""),
-    ('{"selections": [{"conditions": {"Modaltiy": "CT"}}]}', "unknown attribute 'Modaltiy'"),
-    ('{"selections": [{"conditions": {"Modality": "(CT"}}]}', "bad regular expression"),
-    ("not json", "not a JSON rules file"),
-])
+@pytest.mark.parametrize(
+    "rules, message",
+    [
+        ('{"selections": []}', 'non-empty "selections"'),
+        ('{"selections": [{"conditions": {"Modaltiy": "CT"}}]}', "unknown attribute 'Modaltiy'"),
+        ('{"selections": [{"conditions": {"Modality": "(CT"}}]}', "bad regular expression"),
+        ("not json", "not a JSON rules file"),
+    ],
+)
 def test_bad_rules_file(tmp_path, capsys, rules, message):
     write_series(tmp_path / "in")
     (tmp_path / "rules.json").write_text(rules)

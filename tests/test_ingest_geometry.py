@@ -9,9 +9,9 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
+from dicomfactory import write_series
 from diffugts.errors import InputError
 from diffugts.stages.ingest import ingest
-from dicomfactory import write_series
 
 
 def read_volume(out):
@@ -133,8 +133,16 @@ def test_gantry_tilt_rejected_or_resampled(tmp_path):
     # 20 degree tilt: each slice shifts 2 * tan(20 deg) mm along y.
     shift = 2.0 * np.tan(np.radians(20))
     positions = [(0.0, k * shift, 2.0 * k) for k in range(9)]
-    write_series(tmp_path / "in", n=9, rows=16, cols=16, pixel_spacing=(1, 1), positions=positions,
-                 pixels=bright_point(), intercept=0)
+    write_series(
+        tmp_path / "in",
+        n=9,
+        rows=16,
+        cols=16,
+        pixel_spacing=(1, 1),
+        positions=positions,
+        pixels=bright_point(),
+        intercept=0,
+    )
     with pytest.raises(InputError, match=r"gantry tilt of 20.0 deg"):
         ingest(tmp_path / "in", tmp_path / "out", show_progress=False)
 
@@ -152,8 +160,17 @@ def test_gantry_tilt_rejected_or_resampled(tmp_path):
 def test_oblique_rejected_or_resampled_to_axis_aligned(tmp_path):
     a = np.radians(25)
     ori = (np.cos(a), np.sin(a), 0, -np.sin(a), np.cos(a), 0)  # axial plane rotated 25 deg
-    write_series(tmp_path / "in", n=9, rows=16, cols=16, pixel_spacing=(1, 1), orientation=ori,
-                 origin=(0, 0, 0), pixels=bright_point(), intercept=0)
+    write_series(
+        tmp_path / "in",
+        n=9,
+        rows=16,
+        cols=16,
+        pixel_spacing=(1, 1),
+        orientation=ori,
+        origin=(0, 0, 0),
+        pixels=bright_point(),
+        intercept=0,
+    )
     with pytest.raises(InputError, match=r"oblique orientation \(25.0 deg"):
         ingest(tmp_path / "in", tmp_path / "out", show_progress=False)
 

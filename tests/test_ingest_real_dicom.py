@@ -93,8 +93,16 @@ def test_study_folder_picks_the_volume_and_explains_the_rest(tmp_path):
     assert len(parts) == 7
 
 
-@pytest.mark.parametrize("name", ["emri_small.dcm", "emri_small_jpeg_ls_lossless.dcm", "emri_small_RLE.dcm",
-                                  "emri_small_jpeg_2k_lossless.dcm", "emri_small_big_endian.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "emri_small.dcm",
+        "emri_small_jpeg_ls_lossless.dcm",
+        "emri_small_RLE.dcm",
+        "emri_small_jpeg_2k_lossless.dcm",
+        "emri_small_big_endian.dcm",
+    ],
+)
 def test_enhanced_multiframe_mr(tmp_path, name):
     source = data_file(name)
     # No plane position / orientation in these files: default rules pass them over ...
@@ -126,8 +134,17 @@ def test_single_slice_needs_permissive_rules(tmp_path, name):
     assert_same_as_sitk(tmp_path / "study", source)
 
 
-@pytest.mark.parametrize("name", ["MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm",
-                                  "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_expb.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_expb.dcm",
+    ],
+)
 def test_transfer_syntaxes_decode_to_the_same_volume(tmp_path, name):
     ingest(data_file("MR_small.dcm"), tmp_path / "plain", rules="permissive", show_progress=False)
     ingest(data_file(name), tmp_path / "other", rules="permissive", show_progress=False)

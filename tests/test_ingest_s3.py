@@ -6,9 +6,9 @@ import json
 import uuid
 import zipfile
 
+from dicomfactory import write_series
 from diffugts.cli import main
 from diffugts.storage import ObjectStore
-from dicomfactory import write_series
 
 
 def test_ingest_from_s3_prefix_and_zip(s3_env, tmp_path, capsys):

@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from diffugts.artifacts.geometry import Geometry
-from diffugts.stages.lesions import axial_axis, measure, split_instances, write_lesion_artifact
 from diffugts.artifacts.study import Study
+from diffugts.stages.lesions import axial_axis, measure, split_instances, write_lesion_artifact
 
 
 def rotation(axis: str, deg: float) -> np.ndarray:
@@ -162,11 +162,14 @@ def test_write_lesion_artifact(tmp_path: Path):
     liver[8:10, 30:33, 30:33] = True  # 18
     kidney = np.zeros(g.shape, bool)
     kidney[2:5, 10:14, 10:14] = True  # overlaps the first liver lesion
-    targets = [{"prompt": {"text": "liver tumor", "organ": "liver"}, "score": 0.9},
-               {"prompt": {"text": "Kidney cyst!", "organ": "kidney"}, "score": 0.4}]
+    targets = [
+        {"prompt": {"text": "liver tumor", "organ": "liver"}, "score": 0.9},
+        {"prompt": {"text": "Kidney cyst!", "organ": "kidney"}, "score": 0.4},
+    ]
     out = tmp_path / "lesions"
-    summary = write_lesion_artifact(out, study, targets, [liver, kidney], min_volume_ml=0.05,
-                                    model={"name": "demo", "sha256": "0" * 64})
+    summary = write_lesion_artifact(
+        out, study, targets, [liver, kidney], min_volume_ml=0.05, model={"name": "demo", "sha256": "0" * 64}
+    )
     on_disk = json.loads((out / "lesions.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert on_disk["stage"] == "refine" and on_disk["min_volume_ml"] == 0.05

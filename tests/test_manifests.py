@@ -80,15 +80,13 @@ def _tool(name: str) -> str:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lint_python(*modules: str) -> str:
     """The interpreter of .venv-lint, checked to import ``modules``."""
     python = LINT_VENV / "bin" / "python"
     if not python.is_file():
         _missing(f".venv-lint ({', '.join(modules)})")
-    probe = subprocess.run(
-        [str(python), "-c", "import " + ", ".join(modules)], capture_output=True, text=True
-    )
+    probe = subprocess.run([str(python), "-c", "import " + ", ".join(modules)], capture_output=True, text=True)
     if probe.returncode != 0:
         _missing(f"{', '.join(modules)} in .venv-lint")
     return str(python)
@@ -113,9 +111,7 @@ def _run_in_lint_venv(modules: tuple[str, ...], code: str, payload) -> dict:
 
 def _kustomizations() -> list[str]:
     """Every kustomization under manifests/ (relative dirs), except manifests/secrets."""
-    dirs = sorted(
-        str(p.parent.relative_to(MANIFESTS)) for p in MANIFESTS.rglob("kustomization.yaml")
-    )
+    dirs = sorted(str(p.parent.relative_to(MANIFESTS)) for p in MANIFESTS.rglob("kustomization.yaml"))
     return [d for d in dirs if d != "secrets"]
 
 
@@ -123,14 +119,12 @@ def _kustomize(path: Path) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         _missing("kubectl (for `kubectl kustomize`)")
-    proc = subprocess.run(
-        [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rendered_cached(target: str) -> tuple:
     return tuple(_kustomize(MANIFESTS / target))
 
@@ -185,8 +179,7 @@ def _argo_pod_specs(label: str, wf_spec: dict) -> list[tuple[str, dict]]:
         container = dict(template.get("container") or template.get("script"))
         container.setdefault("name", "main")
         spec = {
-            "serviceAccountName": template.get("serviceAccountName")
-            or wf_spec.get("serviceAccountName"),
+            "serviceAccountName": template.get("serviceAccountName") or wf_spec.get("serviceAccountName"),
             "securityContext": template.get("securityContext") or wf_spec.get("securityContext"),
             "containers": [container],
             "initContainers": template.get("initContainers", []),
@@ -235,10 +228,22 @@ def components_images() -> dict[str, str]:
 
 def test_every_kustomization_renders_into_the_namespace():
     targets = _kustomizations()
-    assert {"base", "overlays/standalone", "overlays/kubeflow", "base/pipelines",
-            "base/pipelines/schedule-argo", "base/pipelines/schedule-kfp"} <= set(targets)
-    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding",
-                      "CustomResourceDefinition", "PriorityClass", "StorageClass"}
+    assert {
+        "base",
+        "overlays/standalone",
+        "overlays/kubeflow",
+        "base/pipelines",
+        "base/pipelines/schedule-argo",
+        "base/pipelines/schedule-kfp",
+    } <= set(targets)
+    cluster_scoped = {
+        "Namespace",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "PriorityClass",
+        "StorageClass",
+    }
     for target in targets:
         docs = rendered(target)
         if target != "base/pipelines":  # filled by `make compile`
@@ -246,8 +251,7 @@ def test_every_kustomization_renders_into_the_namespace():
         for doc in docs:
             assert {"apiVersion", "kind", "metadata"} <= doc.keys(), (target, doc)
             if doc["kind"] not in cluster_scoped:
-                assert doc["metadata"].get("namespace") == NAMESPACE, (target, doc["kind"],
-                                                                        doc["metadata"]["name"])
+                assert doc["metadata"].get("namespace") == NAMESPACE, (target, doc["kind"], doc["metadata"]["name"])
             labels = doc["metadata"].get("labels", {})
             assert labels.get("app.kubernetes.io/part-of") == "diffugts", (target, doc["kind"])
 
@@ -272,8 +276,9 @@ def test_object_store_endpoint_per_overlay():
     standalone = rendered("overlays/standalone")
     config = one(standalone, "ConfigMap", "diffugts-config")["data"]
     # The endpoint names the MinIO Service of this overlay and its S3 port.
-    match = re.fullmatch(r"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)",
-                         config["DIFFUGTS_S3_ENDPOINT"])
+    match = re.fullmatch(
+        r"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", config["DIFFUGTS_S3_ENDPOINT"]
+    )
     assert match, config["DIFFUGTS_S3_ENDPOINT"]
     service = one(standalone, "Service", match.group(1))
     assert match.group(2) == service["metadata"]["namespace"]
@@ -288,8 +293,9 @@ def test_object_store_endpoint_per_overlay():
     for overlay in overlays():
         data = one(rendered(f"overlays/{overlay}"), "ConfigMap", "diffugts-config")["data"]
         assert set(data) == {"DIFFUGTS_S3_ENDPOINT", "DIFFUGTS_BUCKET", "DIFFUGTS_PUSHGATEWAY_URL"}
-        push = re.fullmatch(r"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)",
-                            data["DIFFUGTS_PUSHGATEWAY_URL"])
+        push = re.fullmatch(
+            r"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", data["DIFFUGTS_PUSHGATEWAY_URL"]
+        )
         assert push, data["DIFFUGTS_PUSHGATEWAY_URL"]
         service = one(rendered(f"overlays/{overlay}"), "Service", push.group(1))
         assert push.group(2) == NAMESPACE and int(push.group(3)) == service["spec"]["ports"][0]["port"]
@@ -312,11 +318,9 @@ def test_services_select_pods_and_ports_exist():
         templates = [d["spec"]["template"] for d in by_kind(docs, "Deployment")]
         for service in by_kind(docs, "Service"):
             selector = service["spec"]["selector"]
-            matching = [t for t in templates
-                        if selector.items() <= t["metadata"]["labels"].items()]
+            matching = [t for t in templates if selector.items() <= t["metadata"]["labels"].items()]
             assert len(matching) == 1, (overlay, service["metadata"]["name"])
-            port_names = {p.get("name") for c in matching[0]["spec"]["containers"]
-                          for p in c.get("ports", [])}
+            port_names = {p.get("name") for c in matching[0]["spec"]["containers"] for p in c.get("ports", [])}
             for port in service["spec"]["ports"]:
                 assert port["targetPort"] in port_names, (overlay, port)
         for deployment in by_kind(docs, "Deployment"):
@@ -434,14 +438,12 @@ def _diff(expected, actual, path=""):
                 out += _diff(expected[key], actual[key], f"{path}/{key}")
         return out
     if isinstance(expected, list) and isinstance(actual, list) and len(expected) == len(actual):
-        return [d for i, (e, a) in enumerate(zip(expected, actual))
-                for d in _diff(e, a, f"{path}[{i}]")]
+        return [d for i, (e, a) in enumerate(zip(expected, actual)) for d in _diff(e, a, f"{path}[{i}]")]
     return [] if expected == actual else [f"{path}: {expected!r} -> {actual!r}"]
 
 
 def _cronworkflows() -> list[tuple[str, dict]]:
-    return [(f"{target}: {d['metadata']['name']}", d) for target, d in all_rendered()
-            if d["kind"] == "CronWorkflow"]
+    return [(f"{target}: {d['metadata']['name']}", d) for target, d in all_rendered() if d["kind"] == "CronWorkflow"]
 
 
 def test_argo_cronworkflow_validates_with_hera():
@@ -484,31 +486,29 @@ def test_cronworkflow_schedule_and_submission():
         assert container["command"] == ["python", "-m", "pipelines.submit"]
         args = container["args"]
         assert args[args.index("--pipeline") + 1] == "diffugts-cohort"
-        assert args[args.index("--service-account") + 1] == \
-            "{{workflow.parameters.service_account}}"
+        assert args[args.index("--service-account") + 1] == "{{workflow.parameters.service_account}}"
         defaults = {p["name"]: p["value"] for p in wf["arguments"]["parameters"]}
         assert defaults["service_account"] == "diffugts-pipeline"
         passed = [args[i + 1] for i, a in enumerate(args) if a == "--param"]
-        assert sorted(p.split("=", 1)[0] for p in passed) == ["model_uri", "results_uri",
-                                                             "studies_uri"]
+        assert sorted(p.split("=", 1)[0] for p in passed) == ["model_uri", "results_uri", "studies_uri"]
         for p in passed:
             name = p.split("=", 1)[0]
             assert p == f"{name}={{{{workflow.parameters.{name}}}}}"
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert "/var/run/secrets/kubeflow/pipelines" in mounts  # KFP API token
         env = {e["name"]: e for e in container["env"]}
-        assert env["KF_PIPELINES_SA_TOKEN_PATH"]["value"].startswith(
-            "/var/run/secrets/kubeflow/pipelines/")
+        assert env["KF_PIPELINES_SA_TOKEN_PATH"]["value"].startswith("/var/run/secrets/kubeflow/pipelines/")
         (token,) = [v for v in wf["volumes"] if v["name"] == "kfp-token"]
-        assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == \
-            "pipelines.kubeflow.org"
+        assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "pipelines.kubeflow.org"
         # kfp.Client writes $HOME/.config/kfp/context.json: HOME must be on a writable volume,
         # the root filesystem is read-only.
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         home = env["HOME"]["value"]
-        writable = {m["mountPath"] for m in container["volumeMounts"]
-                    if not m.get("readOnly") and any(v["name"] == m["name"] and "emptyDir" in v
-                                                     for v in wf["volumes"])}
+        writable = {
+            m["mountPath"]
+            for m in container["volumeMounts"]
+            if not m.get("readOnly") and any(v["name"] == m["name"] and "emptyDir" in v for v in wf["volumes"])
+        }
         assert any(home == w or home.startswith(w.rstrip("/") + "/") for w in writable), (label, home)
 
 
@@ -523,9 +523,13 @@ _TIME = {"type": "string", "format": "date-time"}
 _METADATA = {
     "type": "object",
     "required": ["name"],
-    "properties": {"name": {"type": "string",
-                            "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
-                            "maxLength": 253}},
+    "properties": {
+        "name": {
+            "type": "string",
+            "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+            "maxLength": 253,
+        }
+    },
 }
 KFP_SCHEMAS = {
     "ScheduledWorkflow": {
@@ -551,14 +555,16 @@ KFP_SCHEMAS = {
                             "cronSchedule": {
                                 "type": "object",
                                 "additionalProperties": False,
-                                "properties": {"startTime": _TIME, "endTime": _TIME,
-                                               "cron": {"type": "string"}},
+                                "properties": {"startTime": _TIME, "endTime": _TIME, "cron": {"type": "string"}},
                             },
                             "periodicSchedule": {
                                 "type": "object",
                                 "additionalProperties": False,
-                                "properties": {"startTime": _TIME, "endTime": _TIME,
-                                               "intervalSecond": {"type": "integer"}},
+                                "properties": {
+                                    "startTime": _TIME,
+                                    "endTime": _TIME,
+                                    "intervalSecond": {"type": "integer"},
+                                },
                             },
                         },
                     },
@@ -572,8 +578,7 @@ KFP_SCHEMAS = {
                                     "type": "object",
                                     "additionalProperties": False,
                                     "required": ["name", "value"],
-                                    "properties": {"name": {"type": "string"},
-                                                   "value": {"type": "string"}},
+                                    "properties": {"name": {"type": "string"}, "value": {"type": "string"}},
                                 },
                             },
                             "spec": {},
@@ -600,8 +605,7 @@ KFP_SCHEMAS = {
             "spec": {
                 "type": "object",
                 "additionalProperties": False,
-                "properties": {"description": {"type": "string"},
-                               "displayName": {"type": "string"}},
+                "properties": {"description": {"type": "string"}, "displayName": {"type": "string"}},
             },
         },
     },
@@ -649,13 +653,15 @@ print(json.dumps(errors))
 
 
 def _validate_kfp(docs: list[tuple[str, dict]]) -> list[str]:
-    return _run_in_lint_venv(("jsonschema",), _JSONSCHEMA,
-                             {"docs": docs, "schemas": KFP_SCHEMAS})
+    return _run_in_lint_venv(("jsonschema",), _JSONSCHEMA, {"docs": docs, "schemas": KFP_SCHEMAS})
 
 
 def _kfp_docs() -> list[tuple[str, dict]]:
-    return [(f"{target}: {d['kind']}/{d['metadata']['name']}", d) for target, d in all_rendered()
-            if d["kind"] in KFP_SCHEMAS]
+    return [
+        (f"{target}: {d['kind']}/{d['metadata']['name']}", d)
+        for target, d in all_rendered()
+        if d["kind"] in KFP_SCHEMAS
+    ]
 
 
 def test_kfp_custom_resources_match_their_schemas():
@@ -666,7 +672,7 @@ def test_kfp_custom_resources_match_their_schemas():
 
 
 def test_kfp_schema_rejects_a_misspelt_field():
-    label, swf = [(l, d) for l, d in _kfp_docs() if d["kind"] == "ScheduledWorkflow"][0]
+    label, swf = [(lbl, d) for lbl, d in _kfp_docs() if d["kind"] == "ScheduledWorkflow"][0]
     swf["spec"]["maxConcurency"] = 1
     swf["spec"]["maxHistory"] = 1000
     assert len(_validate_kfp([(label, swf)])) == 2
@@ -677,7 +683,8 @@ def test_kfp_schema_accepts_what_the_sdk_compiles(tmp_path):
     Kubernetes-manifest output (the format `make compile` writes to manifests/base/pipelines)."""
     pytest.importorskip("kfp")
     source = tmp_path / "tiny_pipeline.py"
-    source.write_text(textwrap.dedent("""
+    source.write_text(
+        textwrap.dedent("""
         from kfp import compiler, dsl
         from kfp.compiler import KubernetesManifestOptions
 
@@ -696,7 +703,8 @@ def test_kfp_schema_accepts_what_the_sdk_compiles(tmp_path):
                 kubernetes_manifest_options=KubernetesManifestOptions(
                     pipeline_name="diffugts-cohort", pipeline_version_name="diffugts-cohort-0-1-0",
                     namespace="diffugts", include_pipeline_manifest=True))
-    """))
+    """)
+    )
     out = tmp_path / "cohort.yaml"
     subprocess.run([sys.executable, str(source), str(out)], check=True, timeout=120)
     docs = [d for d in yaml.safe_load_all(out.read_text()) if d]
@@ -722,8 +730,7 @@ def test_compiled_pipelines_are_consistent():
 
 
 def test_scheduledworkflow_is_safe_to_apply():
-    swf = one(rendered("base/pipelines/schedule-kfp"), "ScheduledWorkflow",
-              "diffugts-cohort-nightly")
+    swf = one(rendered("base/pipelines/schedule-kfp"), "ScheduledWorkflow", "diffugts-cohort-nightly")
     spec = swf["spec"]
     # Enabled only with the ID of an uploaded pipeline: otherwise the controller has nothing
     # to start and would report an error every night. (No version ID: the newest version.)
@@ -781,8 +788,7 @@ def test_at_most_one_active_nightly_schedule():
 
 
 def test_every_container_is_hardened_and_bounded():
-    specs = [(target, label, spec) for target in _kustomizations()
-             for label, spec in pod_specs(rendered(target))]
+    specs = [(target, label, spec) for target in _kustomizations() for label, spec in pod_specs(rendered(target))]
     assert len(specs) >= 4
     for target, label, spec in specs:
         where = f"{target}: {label}"
@@ -800,7 +806,7 @@ def test_every_container_is_hardened_and_bounded():
             assert sc.get("readOnlyRootFilesystem") is True, cname
             assert sc.get("capabilities", {}).get("drop") == ["ALL"], cname
             assert not sc.get("capabilities", {}).get("add"), cname
-            seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {})
+            seccomp = sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}
             assert seccomp.get("type") == "RuntimeDefault", cname
             resources = container.get("resources", {})
             for kind in ("requests", "limits"):
@@ -814,8 +820,7 @@ def test_every_container_is_hardened_and_bounded():
 def test_images_are_pinned():
     images = components_images()
     ours = set(images.values())
-    for target, label, spec in [(t, l, s) for t in _kustomizations()
-                                for l, s in pod_specs(rendered(t))]:
+    for label, spec in [(lbl, s) for t in _kustomizations() for lbl, s in pod_specs(rendered(t))]:
         for container in containers(spec):
             image = container["image"]
             name = image.split("@")[0]
@@ -834,8 +839,11 @@ def test_no_secret_values_in_rendered_manifests():
         for label, spec in pod_specs([doc]):
             for container in containers(spec):
                 for env in container.get("env", []):
-                    if re.search(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY)", env["name"]) and \
-                            not env["name"].endswith("_FILE") and not env["name"].endswith("_PATH"):
+                    if (
+                        re.search(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY)", env["name"])
+                        and not env["name"].endswith("_FILE")
+                        and not env["name"].endswith("_PATH")
+                    ):
                         assert "value" not in env, f"{target}: {label}: {env['name']} inline"
 
 
@@ -846,7 +854,9 @@ def _git_visible_files(folder: Path) -> list[Path]:
         return [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".env")]
     out = subprocess.run(
         [git, "ls-files", "--cached", "--others", "--exclude-standard", "-z", str(folder)],
-        cwd=REPO, capture_output=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        check=True,
     ).stdout.decode()
     return [REPO / p for p in out.split("\0") if p and (REPO / p).is_file()]
 
@@ -859,8 +869,9 @@ def test_no_credentials_in_git():
     assert files
     for path in files:
         rel = path.relative_to(REPO)
-        assert not (path.name.endswith(".env") and not path.name.endswith(".example")), \
+        assert not (path.name.endswith(".env") and not path.name.endswith(".example")), (
             f"{rel}: env files with credentials must stay git-ignored"
+        )
         if path.suffix not in (".yaml", ".yml"):
             continue
         for doc in yaml.safe_load_all(path.read_text()):
@@ -883,12 +894,11 @@ def test_real_env_file_is_git_ignored():
     for name in ("s3.env", "prod.env"):
         proc = subprocess.run([git, "check-ignore", "-q", f"manifests/secrets/{name}"], cwd=REPO)
         assert proc.returncode == 0, f"manifests/secrets/{name} would be committed"
-    proc = subprocess.run([git, "check-ignore", "-q", "manifests/secrets/s3.env.example"],
-                          cwd=REPO)
+    proc = subprocess.run([git, "check-ignore", "-q", "manifests/secrets/s3.env.example"], cwd=REPO)
     assert proc.returncode == 1, "the example must stay committed"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _render_secrets_cached() -> tuple:
     import tempfile
 
@@ -923,13 +933,13 @@ def test_rbac_is_least_privilege():
                 where = f"{target}: Role/{role['metadata']['name']}: {rule}"
                 assert "*" not in rule["verbs"] and "*" not in rule["resources"], where
                 assert "*" not in rule.get("apiGroups", []), where
-                assert not {"escalate", "bind", "impersonate", "delete", "deletecollection",
-                            "update"} & set(rule["verbs"]), where
+                assert not {"escalate", "bind", "impersonate", "delete", "deletecollection", "update"} & set(
+                    rule["verbs"]
+                ), where
                 if "secrets" in rule["resources"] or "configmaps" in rule["resources"]:
                     assert rule.get("resourceNames"), f"{where}: name the objects"
                     assert rule["verbs"] == ["get"], where
-                assert not {"pods/exec", "pods/attach", "serviceaccounts/token"} & \
-                    set(rule["resources"]), where
+                assert not {"pods/exec", "pods/attach", "serviceaccounts/token"} & set(rule["resources"]), where
     # Service accounts that never call the API do not get a token.
     for overlay in overlays():
         for sa in by_kind(rendered(f"overlays/{overlay}"), "ServiceAccount"):
@@ -971,8 +981,7 @@ def test_network_policies_deny_by_default_and_admit_only_clients():
             name = deployment["metadata"]["name"]
             own = [p for p in policies if p is not deny and _selects(p, labels)]
             assert own, f"{overlay}: {name} has no ingress rule of its own"
-            ports = {c["containerPort"] for c in
-                     deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+            ports = {c["containerPort"] for c in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
             for policy in own:
                 # Servers open no connections: egress denied.
                 assert "Egress" in policy["spec"]["policyTypes"], (overlay, name)
@@ -987,9 +996,12 @@ def test_network_policies_deny_by_default_and_admit_only_clients():
             if policy is deny or "Ingress" not in policy["spec"]["policyTypes"]:
                 continue
             peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
-            assert any("podSelector" in p and "namespaceSelector" not in p and
-                       _selects({"spec": {"podSelector": p["podSelector"]}}, pipeline_pod)
-                       for p in peers), (overlay, policy["metadata"]["name"])
+            assert any(
+                "podSelector" in p
+                and "namespaceSelector" not in p
+                and _selects({"spec": {"podSelector": p["podSelector"]}}, pipeline_pod)
+                for p in peers
+            ), (overlay, policy["metadata"]["name"])
 
 
 # Pods that Kubeflow and its users run in a profile namespace (labels as their controllers set
@@ -1018,27 +1030,29 @@ def _derived_argo_objects(target: str, cron: dict) -> list[dict]:
     CronWorkflows): the Workflow, and the Pod of each container template. The CronWorkflow's
     checkov.io/skip annotations carry over, so its exceptions stay written on it."""
     meta = cron["metadata"]
-    annotations = {k: v for k, v in meta.get("annotations", {}).items()
-                   if k.startswith("checkov.io/")}
+    annotations = {k: v for k, v in meta.get("annotations", {}).items() if k.startswith("checkov.io/")}
     workflow = {
         "apiVersion": "argoproj.io/v1alpha1",
         "kind": "Workflow",
-        "metadata": {"name": meta["name"], "namespace": meta["namespace"],
-                     "annotations": annotations},
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "annotations": annotations},
         "spec": cron["spec"]["workflowSpec"],
     }
     pods = []
     for label, spec in _argo_pod_specs(meta["name"], cron["spec"]["workflowSpec"]):
         name = re.sub(r"[^a-z0-9-]", "-", label.lower()).strip("-")
-        pods.append({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": name, "namespace": meta["namespace"],
-                         "annotations": annotations,
-                         "labels": cron["spec"]["workflowSpec"].get("podMetadata", {})
-                         .get("labels", {})},
-            "spec": spec,
-        })
+        pods.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": name,
+                    "namespace": meta["namespace"],
+                    "annotations": annotations,
+                    "labels": cron["spec"]["workflowSpec"].get("podMetadata", {}).get("labels", {}),
+                },
+                "spec": spec,
+            }
+        )
     return [workflow] + pods
 
 
@@ -1058,12 +1072,15 @@ def checkov_report(tmp_path_factory) -> list[dict]:
         # The compiled pipelines map the Secret's key *name* AWS_SECRET_ACCESS_KEY to the env
         # var of that name; the secrets scanner takes the name for a base64 secret. kustomize
         # drops comments, so the exception is written here, on exactly those lines.
-        text = re.sub(r"^(\s*secretKey: AWS_SECRET_ACCESS_KEY)$",
-                      r"\1  # checkov:skip=CKV_SECRET_6: a Secret key name that the pipeline maps to an env var, "
-                      r"not a credential value", text, flags=re.M)
+        text = re.sub(
+            r"^(\s*secretKey: AWS_SECRET_ACCESS_KEY)$",
+            r"\1  # checkov:skip=CKV_SECRET_6: a Secret key name that the pipeline maps to an env var, "
+            r"not a credential value",
+            text,
+            flags=re.M,
+        )
         (root / f"{stem}.yaml").write_text(text)
-        derived = [obj for cron in by_kind(docs, "CronWorkflow")
-                   for obj in _derived_argo_objects(target, cron)]
+        derived = [obj for cron in by_kind(docs, "CronWorkflow") for obj in _derived_argo_objects(target, cron)]
         for i, obj in enumerate(derived):
             (root / f"{stem}.derived-{i}.yaml").write_text(yaml.safe_dump(obj, sort_keys=False))
     for flavour in ("cpu", "cuda"):
@@ -1075,12 +1092,24 @@ def checkov_report(tmp_path_factory) -> list[dict]:
         if path.is_file() and not path.name.endswith(".env"):
             shutil.copy(path, secrets)
     proc = subprocess.run(
-        [checkov, "--directory", str(root),
-         "--framework", "kubernetes", "argo_workflows", "dockerfile", "secrets",
-         "--skip-download",  # offline: no guideline / policy download
-         "--enable-secret-scan-all-files",  # also s3.env.example and the guide
-         "--output", "json", "--compact"],  # not --quiet: it drops skipped checks
-        capture_output=True, text=True, timeout=300,
+        [
+            checkov,
+            "--directory",
+            str(root),
+            "--framework",
+            "kubernetes",
+            "argo_workflows",
+            "dockerfile",
+            "secrets",
+            "--skip-download",  # offline: no guideline / policy download
+            "--enable-secret-scan-all-files",  # also s3.env.example and the guide
+            "--output",
+            "json",
+            "--compact",
+        ],  # not --quiet: it drops skipped checks
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_NO_UPDATE": "1"},
     )
     assert proc.returncode in (0, 1), f"checkov crashed ({proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -1088,11 +1117,13 @@ def checkov_report(tmp_path_factory) -> list[dict]:
     return report if isinstance(report, list) else [report]
 
 
+@pytest.mark.slow
 def test_checkov_finds_nothing(checkov_report):
     frameworks = {r["check_type"]: r for r in checkov_report}
     failures = [
         f"{r['check_type']}: {f['check_id']} {f['check_name']} :: {f['resource']} ({f['file_path']})"
-        for r in checkov_report for f in r.get("results", {}).get("failed_checks", [])
+        for r in checkov_report
+        for f in r.get("results", {}).get("failed_checks", [])
     ]
     assert not failures, "\n".join(failures)
     assert frameworks["kubernetes"]["summary"]["passed"] > 100
@@ -1102,6 +1133,7 @@ def test_checkov_finds_nothing(checkov_report):
         assert not r["summary"].get("parsing_errors"), r["check_type"]
 
 
+@pytest.mark.slow
 def test_checkov_exceptions_are_justified(checkov_report):
     skipped = [f for r in checkov_report for f in r.get("results", {}).get("skipped_checks", [])]
     for finding in skipped:

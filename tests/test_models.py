@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.cli import main
 from diffugts.errors import ConfigError, InputError
 from diffugts.models import get_config, open_package
 from diffugts.models.create import create_random, import_maisi, verify
+from diffugts.networks.backbones import build_backbone, load_backbone
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,15 @@ def test_import_maisi_official_layout(tmp_path, capsys):
     bundle = tmp_path / "bundle"
     (bundle / "models").mkdir(parents=True)
     torch.save(official.vae.state_dict(), bundle / "models" / "autoencoder_epoch273.pt")
-    torch.save({"unet_state_dict": official.unet.state_dict(), "scale_factor": torch.tensor(1.2345),
-                "epoch": 10, "num_train_timesteps": 1000}, bundle / "models" / "diff_unet_3d_rflow.pt")
+    torch.save(
+        {
+            "unet_state_dict": official.unet.state_dict(),
+            "scale_factor": torch.tensor(1.2345),
+            "epoch": 10,
+            "num_train_timesteps": 1000,
+        },
+        bundle / "models" / "diff_unet_3d_rflow.pt",
+    )
     del official
     assert main(["models", "import-maisi", str(bundle), "--out", str(tmp_path / "pkg")]) == 0
     assert "maisi-ct, scale factor 1.2345" in capsys.readouterr().out

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from diffugts.phantom.labels import ORGAN_BY_NAME, ORGANS
-from diffugts.phantom.case import CaseSpec, allowed_combinations, generate_case, plan_lesions, \
-    streams
+from diffugts.phantom.case import CaseSpec, allowed_combinations, generate_case, plan_lesions, streams
 from diffugts.phantom.cohort import series_info
 from diffugts.phantom.dicom import uids
+from diffugts.phantom.labels import ORGAN_BY_NAME, ORGANS
 from diffugts.phantom.lesions import LESION_TYPES, prompts
 from diffugts.phantom.split import SEEN, SEEN_ORGANS, SEEN_TYPES, split_of, unseen_reasons
 
@@ -44,8 +43,7 @@ def lesion_cases():
     out = []
     for i, t in enumerate(LESION_TYPES):
         organs = LESION_TYPES[t].organs
-        spec = CaseSpec(seed=21, index=i, lesion_types=(t,),
-                        organs=(organs[i % len(organs)],), healthy_fraction=0.0)
+        spec = CaseSpec(seed=21, index=i, lesion_types=(t,), organs=(organs[i % len(organs)],), healthy_fraction=0.0)
         out.append(generate_case(spec))
     return out
 
@@ -84,13 +82,26 @@ def test_grid_defaults_and_types(healthy_ct):
     assert c.image.min() >= -1024 and c.image.max() <= 3071
 
 
-@pytest.mark.parametrize("organ,lo,hi", [
-    ("subcutaneous fat", -125, -75), ("muscle", 35, 75), ("liver", 50, 115),
-    ("spleen", 75, 145), ("right kidney", 95, 190), ("left kidney", 95, 190),
-    ("pancreas", 60, 120), ("aorta", 130, 220), ("inferior vena cava", 100, 190),
-    ("right lung", -900, -780), ("left lung", -900, -780), ("spine", 200, 1000),
-    ("ribs", 200, 800), ("gallbladder", -10, 40), ("heart", 90, 220),
-])
+@pytest.mark.parametrize(
+    "organ,lo,hi",
+    [
+        ("subcutaneous fat", -125, -75),
+        ("muscle", 35, 75),
+        ("liver", 50, 115),
+        ("spleen", 75, 145),
+        ("right kidney", 95, 190),
+        ("left kidney", 95, 190),
+        ("pancreas", 60, 120),
+        ("aorta", 130, 220),
+        ("inferior vena cava", 100, 190),
+        ("right lung", -900, -780),
+        ("left lung", -900, -780),
+        ("spine", 200, 1000),
+        ("ribs", 200, 800),
+        ("gallbladder", -10, 40),
+        ("heart", 90, 220),
+    ],
+)
 def test_ct_tissue_values(healthy_ct, organ, lo, hi):
     for c in healthy_ct:
         m = c.organs == L[organ]
@@ -130,16 +141,33 @@ def test_anatomy_positions(seed):
 
 
 def test_organ_volumes_plausible(healthy_ct):
-    ranges = {"liver": (700, 2600), "spleen": (60, 500), "right kidney": (70, 260),
-              "left kidney": (70, 260), "pancreas": (30, 160), "heart": (0, 900)}
+    ranges = {
+        "liver": (700, 2600),
+        "spleen": (60, 500),
+        "right kidney": (70, 260),
+        "left kidney": (70, 260),
+        "pancreas": (30, 160),
+        "heart": (0, 900),
+    }
     for c in healthy_ct:
         for organ, (lo, hi) in ranges.items():
             ml = (c.organs == L[organ]).sum() * c.grid.voxel_ml
             assert lo <= ml <= hi, (organ, ml)
         present = set(np.unique(c.organs))
-        for organ in ("liver", "spleen", "right kidney", "left kidney", "pancreas", "aorta",
-                      "spine", "bowel", "right lung", "left lung", "muscle",
-                      "subcutaneous fat"):
+        for organ in (
+            "liver",
+            "spleen",
+            "right kidney",
+            "left kidney",
+            "pancreas",
+            "aorta",
+            "spine",
+            "bowel",
+            "right lung",
+            "left lung",
+            "muscle",
+            "subcutaneous fat",
+        ):
             assert L[organ] in present, organ
 
 
@@ -195,8 +223,7 @@ def test_sizes_vary_and_multifocal_has_several(lesion_cases):
 
 
 def test_healthy_cases_and_their_healthy_twin():
-    spec = CaseSpec(seed=9, index=1, lesion_types=("hypodense",), organs=("liver",),
-                    healthy_fraction=0.0)
+    spec = CaseSpec(seed=9, index=1, lesion_types=("hypodense",), organs=("liver",), healthy_fraction=0.0)
     sick = generate_case(spec)
     well = generate_case(replace(spec, healthy=True))
     assert sick.lesions and not well.lesions
@@ -208,14 +235,20 @@ def test_healthy_cases_and_their_healthy_twin():
 
 
 def test_healthy_fraction_gives_some_healthy_cases():
-    n_healthy = sum(not generate_case(CaseSpec(seed=2, index=i, healthy_fraction=0.5)).lesions
-                    for i in range(8))
+    n_healthy = sum(not generate_case(CaseSpec(seed=2, index=i, healthy_fraction=0.5)).lesions for i in range(8))
     assert 1 <= n_healthy <= 7
 
 
 def test_mr_contrasts_differ_as_designed():
-    base = CaseSpec(seed=13, index=0, modality="MR", mr_contrast="T1",
-                    lesion_types=("cystic",), organs=("liver",), healthy_fraction=0.0)
+    base = CaseSpec(
+        seed=13,
+        index=0,
+        modality="MR",
+        mr_contrast="T1",
+        lesion_types=("cystic",),
+        organs=("liver",),
+        healthy_fraction=0.0,
+    )
     t1, t2 = generate_case(base), generate_case(replace(base, mr_contrast="T2"))
     ct = generate_case(replace(base, modality="CT", mr_contrast=None))
     assert np.array_equal(t1.organs, t2.organs) and np.array_equal(t1.organs, ct.organs)

@@ -68,8 +68,10 @@ def test_dicom_tags(written, modality):
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     z = sorted(float(d.ImagePositionPatient[2]) for d in dss)
     assert np.allclose(np.diff(z), 4.0)
-    assert np.allclose([float(v) for v in min(dss, key=lambda d: float(
-        d.ImagePositionPatient[2])).ImagePositionPatient], desc["grid"]["origin_lps"])
+    assert np.allclose(
+        [float(v) for v in min(dss, key=lambda d: float(d.ImagePositionPatient[2])).ImagePositionPatient],
+        desc["grid"]["origin_lps"],
+    )
     top = max(dss, key=lambda d: float(d.ImagePositionPatient[2]))
     assert top.InstanceNumber == 1  # numbered head to feet, like a scanner
     if modality == "CT":
@@ -89,8 +91,7 @@ def test_series_geometry_and_voxels_equal_nifti(written, modality):
     assert np.allclose(series.GetOrigin(), nii.GetOrigin(), atol=1e-4)
     assert np.allclose(series.GetSpacing(), nii.GetSpacing(), atol=1e-5)
     assert np.allclose(series.GetDirection(), nii.GetDirection(), atol=1e-6)
-    assert np.array_equal(sitk.GetArrayFromImage(series).astype(np.float32),
-                          sitk.GetArrayFromImage(nii))
+    assert np.array_equal(sitk.GetArrayFromImage(series).astype(np.float32), sitk.GetArrayFromImage(nii))
     for name, pid in (("organs.nii.gz", sitk.sitkUInt8), ("lesions.nii.gz", sitk.sitkUInt16)):
         lab = sitk.ReadImage(str(case / name))
         assert lab.GetPixelID() == pid
@@ -102,8 +103,7 @@ def test_pydicom_pixels_are_hu(written):
     files, dss = _series(written["CT"])
     nii = sitk.GetArrayFromImage(sitk.ReadImage(str(written["CT"] / "volume.nii")))
     dss.sort(key=lambda d: float(d.ImagePositionPatient[2]))
-    vol = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept)
-                    for d in dss])
+    vol = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in dss])
     assert np.array_equal(vol.astype(np.float32), nii)
 
 
@@ -162,8 +162,7 @@ def test_dciodvfy_finds_no_errors(written, modality):
 
 def test_cli_writes_cases(tmp_path, capsys):
     out = tmp_path / "cohort"
-    rc = main(["-q", "phantom", "--n", "2", "--seed", "5", "--out", str(out),
-               "--modality", "mr", "--no-dicom"])
+    rc = main(["-q", "phantom", "--n", "2", "--seed", "5", "--out", str(out), "--modality", "mr", "--no-dicom"])
     assert rc == 0
     cases = sorted(p for p in out.iterdir() if (p / MARKER).exists())
     assert [p.name for p in cases] == ["phantom_5_0000", "phantom_5_0001"]
@@ -174,30 +173,51 @@ def test_cli_writes_cases(tmp_path, capsys):
 
 def test_cli_lesion_filters_and_healthy(tmp_path):
     out = tmp_path / "c"
-    assert main(["-q", "phantom", "--n", "3", "--seed", "8", "--out", str(out), "--no-dicom",
-                 "--lesions", "cystic", "--organs", "left_kidney", "--healthy-fraction",
-                 "0"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "phantom",
+                "--n",
+                "3",
+                "--seed",
+                "8",
+                "--out",
+                str(out),
+                "--no-dicom",
+                "--lesions",
+                "cystic",
+                "--organs",
+                "left_kidney",
+                "--healthy-fraction",
+                "0",
+            ]
+        )
+        == 0
+    )
     for p in out.iterdir():
         desc = json.loads((p / MARKER).read_text())
         assert desc["lesions"]
         assert {(r["type"], r["organ"]) for r in desc["lesions"]} == {("cystic", "left kidney")}
-    assert main(["-q", "phantom", "--n", "1", "--seed", "8", "--out", str(out / "h"),
-                 "--no-dicom", "--healthy"]) == 0
+    assert main(["-q", "phantom", "--n", "1", "--seed", "8", "--out", str(out / "h"), "--no-dicom", "--healthy"]) == 0
     desc = json.loads(next((out / "h").iterdir()).joinpath(MARKER).read_text())
     assert desc["healthy"] and desc["lesions"] == []
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--n", "abc", "--out", "X"], "--n"),
-    (["--n", "0", "--out", "X"], "--n"),
-    (["--modality", "pet", "--out", "X"], "--modality"),
-    (["--lesions", "hypodense,bogus", "--out", "X"], "bogus"),
-    (["--organs", "brain", "--out", "X"], "brain"),
-    (["--split", "seen", "--modality", "mr", "--out", "X"], "MR"),
-    (["--shape", "12x12", "--out", "X"], "--shape"),
-    (["--seed", "-1", "--out", "X"], "--seed"),
-    ([], "--out"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--n", "abc", "--out", "X"], "--n"),
+        (["--n", "0", "--out", "X"], "--n"),
+        (["--modality", "pet", "--out", "X"], "--modality"),
+        (["--lesions", "hypodense,bogus", "--out", "X"], "bogus"),
+        (["--organs", "brain", "--out", "X"], "brain"),
+        (["--split", "seen", "--modality", "mr", "--out", "X"], "MR"),
+        (["--shape", "12x12", "--out", "X"], "--shape"),
+        (["--seed", "-1", "--out", "X"], "--seed"),
+        ([], "--out"),
+    ],
+)
 def test_cli_bad_arguments_are_one_line_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["phantom", *argv]) == 2
@@ -206,6 +226,7 @@ def test_cli_bad_arguments_are_one_line_exit_2(argv, needle, capsys, tmp_path, m
     assert not (tmp_path / "X").exists()
 
 
+@pytest.mark.slow
 def test_montage_png(tmp_path):
     png = write_montage(tmp_path / "m.png")
     data = png.read_bytes()

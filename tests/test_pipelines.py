@@ -19,12 +19,25 @@ from pipelines.compile import compile_all
 
 def test_pipelines_compile_and_load_back(tmp_path):
     paths = compile_all(tmp_path)
-    assert [p.name for p in paths] == ["diffugts-study.yaml", "diffugts-study-fused.yaml", "diffugts-cohort.yaml",
-                                       "diffugts-protocol.yaml"]
+    assert [p.name for p in paths] == [
+        "diffugts-study.yaml",
+        "diffugts-study-fused.yaml",
+        "diffugts-cohort.yaml",
+        "diffugts-protocol.yaml",
+    ]
     study = components.load_component_from_file(str(paths[0]))
     assert study.name == "diffugts-study"
-    assert set(study.component_spec.inputs) == {"input_uri", "model_uri", "prompts", "rules", "resample",
-                                                "min_volume_ml", "upload", "results_uri", "maps"}
+    assert set(study.component_spec.inputs) == {
+        "input_uri",
+        "model_uri",
+        "prompts",
+        "rules",
+        "resample",
+        "min_volume_ml",
+        "upload",
+        "results_uri",
+        "maps",
+    }
     docs = [d for d in yaml.safe_load_all(paths[0].read_text()) if d]
     spec = docs[0]
     executors = spec["deploymentSpec"]["executors"]
@@ -62,8 +75,11 @@ def test_fused_study_pipeline_has_one_gpu_task_and_the_same_interface(tmp_path):
     assert executors["exec-segment"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
     # The cohort runs studies in batches, one GPU task per batch: no per-study GPU task in it.
     cohort = next(d for d in yaml.safe_load_all(paths[2].read_text()) if d)
-    gpu = [name for name, e in cohort["deploymentSpec"]["executors"].items()
-           if e["container"].get("resources", {}).get("accelerator")]
+    gpu = [
+        name
+        for name, e in cohort["deploymentSpec"]["executors"].items()
+        if e["container"].get("resources", {}).get("accelerator")
+    ]
     assert gpu == ["exec-segment-batch"]
     assert cohort["deploymentSpec"]["executors"]["exec-segment-batch"]["container"]["image"] == GPU_IMAGE
     # The cohort takes the study pipelines' model-side choices too, and its scale settings.
@@ -107,12 +123,15 @@ def test_cached_tasks_key_on_the_content_of_the_study_and_the_model(tmp_path):
     assert checked >= 6  # staged: ingest + three model stages; fused: ingest + segment
 
 
+@pytest.mark.slow
 def test_library_never_imports_kfp():
-    code = ("import sys, pkgutil, importlib, diffugts\n"
-            "for m in pkgutil.walk_packages(diffugts.__path__, 'diffugts.'):\n"
-            "    if not m.name.endswith('__main__'):\n"
-            "        importlib.import_module(m.name)\n"
-            "print('kfp' in sys.modules)")
+    code = (
+        "import sys, pkgutil, importlib, diffugts\n"
+        "for m in pkgutil.walk_packages(diffugts.__path__, 'diffugts.'):\n"
+        "    if not m.name.endswith('__main__'):\n"
+        "        importlib.import_module(m.name)\n"
+        "print('kfp' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -146,26 +165,31 @@ def test_study_pipeline_runs_locally(kfp_local):
 @pytest.mark.slow
 def test_fused_study_pipeline_writes_what_the_staged_one_writes(kfp_local):
     from diffugts.phantom import CaseSpec, generate_case, write_case
-    from pipelines.study_fused import study_fused_pipeline
     from pipelines.study import study_pipeline
+    from pipelines.study_fused import study_fused_pipeline
 
     case = write_case(generate_case(CaseSpec(seed=3, index=0, shape=(32, 64, 64))), kfp_local / "cases")
     model = random_package(kfp_local / "model")
     reports = []
     for pipeline in (study_pipeline, study_fused_pipeline):
-        task = pipeline(input_uri=str(case / "dicom"), model_uri=str(model.root), prompts=["liver tumor", "kidney tumor"])
+        task = pipeline(
+            input_uri=str(case / "dicom"), model_uri=str(model.root), prompts=["liver tumor", "kidney tumor"]
+        )
         reports.append(json.loads((Path(task.outputs["Output"].path) / "report.json").read_text()))
     fused_root = Path(task.outputs["Output"].path).parents[1]
     assert {p.name for p in fused_root.iterdir() if p.is_dir()} == {"fingerprint", "ingest", "segment", "report"}
     staged, fused = reports
     assert fused["status"] == "done"
-    assert [(t["text"], t["score"], t["total_volume_ml"]) for t in fused["targets"]] == \
-        [(t["text"], t["score"], t["total_volume_ml"]) for t in staged["targets"]]
+    assert [(t["text"], t["score"], t["total_volume_ml"]) for t in fused["targets"]] == [
+        (t["text"], t["score"], t["total_volume_ml"]) for t in staged["targets"]
+    ]
     # Same model, same seeds: the same lesions, whichever way the stages ran.
-    assert [(x["target"], x["volume_ml"]) for x in fused["lesions"]] == \
-        [(x["target"], x["volume_ml"]) for x in staged["lesions"]]
+    assert [(x["target"], x["volume_ml"]) for x in fused["lesions"]] == [
+        (x["target"], x["volume_ml"]) for x in staged["lesions"]
+    ]
 
 
+@pytest.mark.slow
 def test_study_pipeline_fails_cleanly_on_bad_input(kfp_local, capfd):
     from pipelines.study import study_pipeline
 
@@ -206,8 +230,13 @@ def _tiny_pipeline(folder: Path, default: str):
 
 
 def _version_names(out: Path) -> list[str]:
-    docs = [d for p in sorted(out.glob("*.yaml")) if p.name != "kustomization.yaml"
-            for d in yaml.safe_load_all(p.read_text()) if d]
+    docs = [
+        d
+        for p in sorted(out.glob("*.yaml"))
+        if p.name != "kustomization.yaml"
+        for d in yaml.safe_load_all(p.read_text())
+        if d
+    ]
     return [d["metadata"]["name"] for d in docs if d["kind"] == "PipelineVersion"]
 
 
@@ -246,9 +275,13 @@ def test_cohort_workflow_stays_small_at_10000_studies(tmp_path):
     from the compiled IR, stays under 2,000 nodes and 1 MB of status (the task-per-study
     layout it replaced: over 100,000 nodes)."""
     out = tmp_path / "size.json"
-    run = subprocess.run([sys.executable, "benchmarks/workflow_size.py", "--studies", "100", "10000", "--json",
-                          str(out)], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "benchmarks/workflow_size.py", "--studies", "100", "10000", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     rows = {(r["studies"], r["layout"].split(":")[0].split(",")[0]): r for r in json.loads(out.read_text())}
     assert rows[(10000, "before")]["nodes"] > 100_000
@@ -264,8 +297,11 @@ def test_protocol_pipeline_trains_and_evaluates_on_the_data_volume(tmp_path):
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     spec = docs[0]
     executors = spec["deploymentSpec"]["executors"]
-    assert sorted(executors) == ["exec-evaluate-on-datasets", "exec-train-aova-on-datasets",
-                                 "exec-train-refine-on-datasets"]
+    assert sorted(executors) == [
+        "exec-evaluate-on-datasets",
+        "exec-train-aova-on-datasets",
+        "exec-train-refine-on-datasets",
+    ]
     for executor in executors.values():
         assert executor["container"]["image"] == GPU_IMAGE
         assert executor["container"]["resources"]["accelerator"]["resourceCount"] == "1"
@@ -294,19 +330,34 @@ def test_protocol_pipeline_runs_locally(kfp_local):
     F.write_nnunet(data / "unseen", F.make_cases(range(4), seed=43, split="unseen", organs=("liver",))[:1])
     F.write_mapping(data / "seen.json", name="kits23")
     F.write_mapping(data / "unseen.json", name="msd-task07-pancreas")
-    (data / "split.json").write_text(json.dumps({
-        "seen_types": list(F.SEEN_TYPES), "held_out_fraction": 0.3,
-        "train": [{"mapping": str(data / "seen.json"), "path": "seen"}],
-        "evaluate": [{"mapping": str(data / "unseen.json"), "path": "unseen"}]}))
+    (data / "split.json").write_text(
+        json.dumps(
+            {
+                "seen_types": list(F.SEEN_TYPES),
+                "held_out_fraction": 0.3,
+                "train": [{"mapping": str(data / "seen.json"), "path": "seen"}],
+                "evaluate": [{"mapping": str(data / "unseen.json"), "path": "unseen"}],
+            }
+        )
+    )
     model = random_package(kfp_local / "model", heads=False)
-    task = protocol_pipeline(model_uri=str(model.root), protocol=str(data / "split.json"), data_root=str(data),
-                             aova_steps=2, refine_steps=2, synthesis_steps=2, randomised_cases=0)
+    task = protocol_pipeline(
+        model_uri=str(model.root),
+        protocol=str(data / "split.json"),
+        data_root=str(data),
+        aova_steps=2,
+        refine_steps=2,
+        synthesis_steps=2,
+        randomised_cases=0,
+    )
     out = Path(task.outputs["Output"].path)
     result = json.loads((out / "evaluation.json").read_text())
     roles = {d["name"]: d["role"] for d in result["datasets"]}
     assert roles == {"kits23": "held-out", "msd-task07-pancreas": "evaluate"}
-    assert {(r["dataset"], r["split"]) for r in result["rows"]} == {("kits23", "seen"),
-                                                                   ("msd-task07-pancreas", "unseen")}
+    assert {(r["dataset"], r["split"]) for r in result["rows"]} == {
+        ("kits23", "seen"),
+        ("msd-task07-pancreas", "unseen"),
+    }
     md = (out / "evaluation.md").read_text()
     assert "| kits23 | seen |" in md and "| msd-task07-pancreas | unseen |" in md
     assert not (data / ".diffugts-checkpoints").exists() or not any((data / ".diffugts-checkpoints").rglob("*.pt"))

@@ -65,8 +65,13 @@ def test_every_committed_pipeline_version_is_hardened():
 
 
 def _rendered(overlay: str) -> list[dict]:
-    text = subprocess.run(["kubectl", "kustomize", str(MANIFESTS / "overlays" / overlay)], check=True,
-                          capture_output=True, text=True, timeout=120).stdout
+    text = subprocess.run(
+        ["kubectl", "kustomize", str(MANIFESTS / "overlays" / overlay)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     return [d for d in yaml.safe_load_all(text) if d]
 
 

@@ -1,7 +1,6 @@
 """Reporting stage: DICOM SEG / SR read back and validated, human and cohort reports, derived
 series, upload to a real S3 server, metrics pushed to a real Pushgateway, the component."""
 
-
 import json
 import os
 import re
@@ -19,11 +18,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from scipy import ndimage
 
-from diffugts.utils import atomic, prometheus as metrics
+from dicomfactory import write_series
+from diffugts.artifacts.study import load_study, write_image
 from diffugts.cli import main
+from diffugts.errors import InputError
+from diffugts.phantom import CaseSpec, generate_case, write_case
 from diffugts.stages.ingest import ingest
 from diffugts.stages.lesions import write_lesion_artifact
-from diffugts.phantom import CaseSpec, generate_case, write_case
 from diffugts.stages.report import make_report, study_key
 from diffugts.stages.report.cohort import cohort_report
 from diffugts.artifacts import lesions as lesions_artifact
@@ -34,8 +35,10 @@ from diffugts.artifacts.study import load_study
 from dicomfactory import write_series
 
 MODEL = {"name": "demo-tiny", "sha256": "c0ffee" + "0" * 58}
-TARGETS = [{"prompt": {"text": "liver tumor", "organ": "liver"}, "score": 0.91},
-           {"prompt": {"text": "kidney cyst", "organ": "kidney"}, "score": 0.12}]
+TARGETS = [
+    {"prompt": {"text": "liver tumor", "organ": "liver"}, "score": 0.91},
+    {"prompt": {"text": "kidney cyst", "organ": "kidney"}, "score": 0.12},
+]
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
@@ -63,8 +66,9 @@ def world(tmp_path_factory):
     liver = case.lesion_map > 0
     prob = np.clip(ndimage.gaussian_filter(liver.astype(np.float32), 1.5) * 1.3, 0, 1).astype(np.float32)
     nothing = np.zeros_like(liver)
-    write_lesion_artifact(root / "lesions", study, TARGETS, [liver, nothing], [prob, None], min_volume_ml=0.1,
-                          model=MODEL)
+    write_lesion_artifact(
+        root / "lesions", study, TARGETS, [liver, nothing], [prob, None], min_volume_ml=0.1, model=MODEL
+    )
     with atomic.staging_dir(root / "attention", marker="attention.json") as stage:
         (stage / "maps").mkdir()
         entries = []
@@ -89,8 +93,13 @@ def test_report_folder(world):
     for name in ("seg.dcm", "sr.dcm", "report.md", "summary.md", "report.html", "metrics.json"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "images").iterdir()) == [
-        "attention_00.png", "attention_01.png", "lesion_01.png", "lesion_02.png",
-        "synthesis_lesion_01.png", "synthesis_lesion_02.png"]
+        "attention_00.png",
+        "attention_01.png",
+        "lesion_01.png",
+        "lesion_02.png",
+        "synthesis_lesion_01.png",
+        "synthesis_lesion_02.png",
+    ]
     assert [les["segment_number"] for les in summary["lesions"]] == [1, 2]
     kfp = json.loads((out / "metrics.json").read_text())
     assert kfp["lesions"] == 2 and kfp["lesions_01_kidney_cyst"] == 0 and kfp["score_00_liver_tumor"] == 0.91
@@ -106,8 +115,9 @@ def test_seg_reads_back_with_the_same_mask_and_geometry(world):
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == study.series["series_instance_uid"]
     assert seg.SegmentationType == "BINARY"
     # every voxel, every lesion, indexed by the source instances
-    pixels = seg.get_pixels_by_source_instance([i["sop_instance_uid"] for i in instances], segment_numbers=[1, 2],
-                                               assert_missing_frames_are_empty=True)
+    pixels = seg.get_pixels_by_source_instance(
+        [i["sop_instance_uid"] for i in instances], segment_numbers=[1, 2], assert_missing_frames_are_empty=True
+    )
     assert pixels.shape == (*study.geometry.shape, 2)
     for n, lesion_id in enumerate([1, 2]):
         assert np.array_equal(pixels[..., n].astype(bool), masks[lesion_id].full(study.geometry.shape))
@@ -118,8 +128,10 @@ def test_seg_reads_back_with_the_same_mask_and_geometry(world):
         np.testing.assert_allclose(frame.PlanePositionSequence[0].ImagePositionPatient, position[src], atol=1e-4)
     shared = seg.SharedFunctionalGroupsSequence[0]
     np.testing.assert_allclose(shared.PixelMeasuresSequence[0].PixelSpacing, study.geometry.spacing[[1, 0]])
-    np.testing.assert_allclose(shared.PlaneOrientationSequence[0].ImageOrientationPatient,
-                               np.concatenate([study.geometry.direction[:, 0], study.geometry.direction[:, 1]]))
+    np.testing.assert_allclose(
+        shared.PlaneOrientationSequence[0].ImageOrientationPatient,
+        np.concatenate([study.geometry.direction[:, 0], study.geometry.direction[:, 1]]),
+    )
     # the whole-volume view agrees with the study grid in patient coordinates
     volume = seg.get_volume(segment_numbers=[1])
     corner = volume.affine @ np.array([0, 0, 0, 1.0])
@@ -163,8 +175,12 @@ def test_sr_holds_the_measurements_and_references(world):
     (absent,) = [g for g in sr.content.get_image_measurement_groups() if "kidney cyst" in g.tracking_identifier]
     evaluation = absent.get_qualitative_evaluations()[0]
     assert evaluation.value.value == "121054"  # Absent
-    evidence = {item.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
-                for series in s.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in s.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
     assert seg.SOPInstanceUID in evidence
 
 
@@ -196,13 +212,22 @@ def test_human_report_is_self_contained_and_free_of_identifiers(world):
     assert "<table>" in html and "liver tumor" in html and "kidney cyst" in html
     key = study_key(world["study"].series["study_instance_uid"])
     for rec in world["summary"]["lesions"]:
-        assert f"<td class=\"num\">{rec['volume_ml']:.2f}</td>" in html
-    assert md.count("](images/") == 6 and f"| 1 | liver tumor | liver | {world['summary']['lesions'][0]['volume_ml']:.2f}" in md
+        assert f'<td class="num">{rec["volume_ml"]:.2f}</td>' in html
+    assert (
+        md.count("](images/") == 6
+        and f"| 1 | liver tumor | liver | {world['summary']['lesions'][0]['volume_ml']:.2f}" in md
+    )
     assert "](" not in (world["out"] / "summary.md").read_text()
     dicom = world["case"]["dicom"] or {}
     series = world["study"].series
-    secrets_ = [series["study_instance_uid"], series["series_instance_uid"], series["frame_of_reference_uid"],
-                "PHANTOM^", "PH-1-0003", *[str(v) for k, v in dicom.items() if "patient" in k.lower()]]
+    secrets_ = [
+        series["study_instance_uid"],
+        series["series_instance_uid"],
+        series["frame_of_reference_uid"],
+        "PHANTOM^",
+        "PH-1-0003",
+        *[str(v) for k, v in dicom.items() if "patient" in k.lower()],
+    ]
     for text in (html, md):
         assert key in text
         for secret in secrets_:
@@ -213,8 +238,17 @@ def test_no_lesions_resampled_grid_and_mr(tmp_path):
     # an oblique series resampled at ingestion: SEG frames on the study grid, not the source slices
     a = np.radians(25)
     ori = (np.cos(a), np.sin(a), 0, -np.sin(a), np.cos(a), 0)
-    write_series(tmp_path / "ct", n=10, rows=24, cols=24, pixel_spacing=(1, 1), orientation=ori, origin=(0, 0, 0),
-                 pixels=np.full((10, 24, 24), 1064, np.int16), tweak=lambda k, ds: setattr(ds, "PatientSex", "O"))
+    write_series(
+        tmp_path / "ct",
+        n=10,
+        rows=24,
+        cols=24,
+        pixel_spacing=(1, 1),
+        orientation=ori,
+        origin=(0, 0, 0),
+        pixels=np.full((10, 24, 24), 1064, np.int16),
+        tweak=lambda k, ds: setattr(ds, "PatientSex", "O"),
+    )
     ingest(tmp_path / "ct", tmp_path / "study", resample_grid=True, show_progress=False)
     study = load_study(tmp_path / "study")
     mask = np.zeros(study.geometry.shape, bool)
@@ -226,7 +260,7 @@ def test_no_lesions_resampled_grid_and_mr(tmp_path):
     seg = hd.seg.segread(tmp_path / "out" / "seg.dcm")
     vol = seg.get_volume()
     assert int(vol.array.sum()) == int(mask.sum())
-    for index in np.argwhere(vol.array)[:: 17]:  # SEG voxels map into the mask in patient space
+    for index in np.argwhere(vol.array)[::17]:  # SEG voxels map into the mask in patient space
         lps = vol.affine @ np.array([*index[:3], 1.0])
         ijk = np.linalg.solve(study.geometry.affine, lps)[:3]
         np.testing.assert_allclose(ijk, np.round(ijk), atol=1e-3)
@@ -250,8 +284,9 @@ def test_no_lesions_resampled_grid_and_mr(tmp_path):
     mr = load_study(tmp_path / "mrstudy")
     m = np.zeros(mr.geometry.shape, bool)
     m[2:5, 5:10, 5:10] = True
-    write_lesion_artifact(tmp_path / "mrles", mr, [{"prompt": {"text": "brain tumor", "organ": "brain"}}], [m],
-                          min_volume_ml=0.01)
+    write_lesion_artifact(
+        tmp_path / "mrles", mr, [{"prompt": {"text": "brain tumor", "organ": "brain"}}], [m], min_volume_ml=0.01
+    )
     make_report(tmp_path / "mrstudy", tmp_path / "mrles", tmp_path / "mrout", pushgateway="")
     group = hd.sr.srread(tmp_path / "mrout" / "sr.dcm").content.get_volumetric_roi_measurement_groups()[0]
     got = {m.name.meaning: (m.value, m.unit.value) for m in group.get_measurements()}
@@ -265,8 +300,9 @@ def test_bad_input_fails_with_one_line_and_failed_json(world, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.json").write_text("{}")  # a stale result must not survive a failure
-    code = main(["report", "--study", str(world["root"] / "study"), "--lesions", str(tmp_path / "lesions"),
-                 "--out", str(out)])
+    code = main(
+        ["report", "--study", str(world["root"] / "study"), "--lesions", str(tmp_path / "lesions"), "--out", str(out)]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "not a lesion artifact (no lesions.json" in err
     failed = json.loads((out / "failed.json").read_text())
@@ -278,7 +314,7 @@ def test_bad_input_fails_with_one_line_and_failed_json(world, tmp_path, capsys):
 def test_cohort_report(world, tmp_path):
     failed = tmp_path / "failed"
     failed.mkdir()
-    with pytest.raises(Exception):
+    with pytest.raises(InputError, match="not a lesion artifact"):
         make_report(world["root"] / "study", tmp_path / "nope", failed, pushgateway="")
     summary = cohort_report([str(world["out"]), str(failed), str(tmp_path / "never-ran")], tmp_path / "cohort")
     assert (summary["studies"], summary["done"], summary["failed"], summary["lesions"]) == (3, 1, 2, 2)
@@ -328,8 +364,9 @@ def _value(samples, name: str, **labels) -> float:
 
 def test_metrics_pushed_to_a_real_pushgateway(pushgateway_url):
     job = "diffugts-test-unit"
-    assert metrics.record_stage("attend", 42.0, lesions=None, gpu_peak=3 * 2**30, model=MODEL,
-                                gateway=pushgateway_url, job=job)
+    assert metrics.record_stage(
+        "attend", 42.0, lesions=None, gpu_peak=3 * 2**30, model=MODEL, gateway=pushgateway_url, job=job
+    )
     assert metrics.record_stage("attend", 0.7, gateway=pushgateway_url, job=job, rejected="model_error")
     assert metrics.record_stage("attend", 12.0, gateway=pushgateway_url, job=job, model=MODEL)
     s = _samples(pushgateway_url, job)
@@ -353,8 +390,22 @@ def test_metrics_pushed_to_a_real_pushgateway(pushgateway_url):
 
 def test_report_cli_uploads_and_pushes(world, s3_env, pushgateway_url, tmp_path, capsys):
     out = tmp_path / "report"
-    code = main(["report", "--study", str(world["root"] / "study"), "--lesions", str(world["root"] / "lesions"),
-                 "--out", str(out), "--upload", "--pushgateway", pushgateway_url, "--max-pictures", "1"])
+    code = main(
+        [
+            "report",
+            "--study",
+            str(world["root"] / "study"),
+            "--lesions",
+            str(world["root"] / "lesions"),
+            "--out",
+            str(out),
+            "--upload",
+            "--pushgateway",
+            pushgateway_url,
+            "--max-pictures",
+            "1",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     uid = world["study"].series["study_instance_uid"]
     assert f"2 lesions reported -> {out}, published to s3://{s3_env.bucket}/{uid}/report" in capsys.readouterr().out
@@ -370,7 +421,6 @@ def test_report_cli_uploads_and_pushes(world, s3_env, pushgateway_url, tmp_path,
 
 def test_metric_labels_and_reasons(monkeypatch):
     monkeypatch.delenv(metrics.ENV_GATEWAY, raising=False)
-    from diffugts.errors import InputError
     from diffugts.storage import StoreUnavailable
 
     with pytest.raises(ValueError):
@@ -394,6 +444,7 @@ def test_metric_labels_and_reasons(monkeypatch):
     assert metrics.record_stage("report", 1.0, gateway="http://127.0.0.1:9") is False
 
 
+@pytest.mark.slow
 def test_component_runs_locally(world, tmp_path, monkeypatch):
     pytest.importorskip("kfp")
     import warnings
@@ -417,8 +468,9 @@ def test_component_runs_locally(world, tmp_path, monkeypatch):
         return task.outputs["html"]
 
     root = world["root"]
-    task = only_report(study_uri=str(root / "study"), lesions_uri=str(root / "lesions"),
-                       attention_uri=str(root / "attention"))
+    task = only_report(
+        study_uri=str(root / "study"), lesions_uri=str(root / "lesions"), attention_uri=str(root / "attention")
+    )
     html = Path(task.outputs["Output"].path).read_text()
     assert html.count('src="data:image/png;base64,') == 3  # one lesion, two attention maps
     folder = Path(task.outputs["Output"].path).parent.parent
@@ -431,15 +483,19 @@ def test_overlapping_prompts_give_overlapping_segments(world, tmp_path):
     study = world["study"]
     both = world["masks"][1].full(study.geometry.shape) | world["masks"][2].full(study.geometry.shape)
     first = world["masks"][1].full(study.geometry.shape)
-    prompts = [{"prompt": {"text": "liver tumor", "organ": "liver"}},
-               {"prompt": {"text": "hepatocellular carcinoma", "organ": "liver"}}]
+    prompts = [
+        {"prompt": {"text": "liver tumor", "organ": "liver"}},
+        {"prompt": {"text": "hepatocellular carcinoma", "organ": "liver"}},
+    ]
     write_lesion_artifact(tmp_path / "lesions", study, prompts, [both, first], min_volume_ml=0.1)
-    summary = make_report(world["root"] / "study", tmp_path / "lesions", tmp_path / "out", pushgateway="",
-                          max_lesion_pictures=0)
+    summary = make_report(
+        world["root"] / "study", tmp_path / "lesions", tmp_path / "out", pushgateway="", max_lesion_pictures=0
+    )
     assert [(les["id"], les["target"]) for les in summary["lesions"]] == [(1, 0), (2, 0), (3, 1)]
     seg = hd.seg.segread(tmp_path / "out" / "seg.dcm")
-    pixels = seg.get_pixels_by_source_instance([i["sop_instance_uid"] for i in study.series["instances"]],
-                                               segment_numbers=[1, 2, 3], skip_overlap_checks=True)
+    pixels = seg.get_pixels_by_source_instance(
+        [i["sop_instance_uid"] for i in study.series["instances"]], segment_numbers=[1, 2, 3], skip_overlap_checks=True
+    )
     assert np.array_equal(pixels[..., 0].astype(bool), first) and np.array_equal(pixels[..., 2].astype(bool), first)
     assert dciodvfy_errors(tmp_path / "out" / "seg.dcm") == []
 
@@ -449,7 +505,7 @@ def test_cohort_html_puts_findings_first_and_links_each_study(world, tmp_path):
 
     failed = tmp_path / "failed"
     failed.mkdir()
-    with pytest.raises(Exception):
+    with pytest.raises(InputError, match="not a lesion artifact"):
         make_report(world["root"] / "study", tmp_path / "nope", failed, pushgateway="")
     empty = tmp_path / "empty"  # a study without findings
     empty.mkdir()
@@ -461,8 +517,11 @@ def test_cohort_html_puts_findings_first_and_links_each_study(world, tmp_path):
     html = (tmp_path / "cohort" / "cohort.html").read_text()
     assert DISCLAIMER in html
     rows = re.findall(r"<tr( class=\"\w+\")?><td>(.*?)</td><td>(\w+)</td>", html)
-    assert [(cls, status) for cls, _, status in rows] == [(' class="found"', "done"), (' class="failed"', "failed"),
-                                                          ("", "done")]
+    assert [(cls, status) for cls, _, status in rows] == [
+        (' class="found"', "done"),
+        (' class="failed"', "failed"),
+        ("", "done"),
+    ]
     href = re.search(r'<td><a href="([^"]+)">' + re.escape(rec["study"]["study_key"]) + "</a></td>", html).group(1)
     assert (published / href).resolve() == (world["out"] / "report.html").resolve()
     assert "bad_input" in html  # the failed study's reason is on its row

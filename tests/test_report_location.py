@@ -33,11 +33,11 @@ def test_midline_follows_the_body_not_the_field_of_view():
 
 @pytest.mark.slow
 def test_report_names_the_side_and_the_slice_of_each_kidney_lesion(tmp_path):
+    from diffugts.artifacts.study import load_study
+    from diffugts.phantom import CaseSpec, generate_case, write_case
     from diffugts.stages.ingest import ingest
     from diffugts.stages.lesions import write_lesion_artifact
-    from diffugts.phantom import CaseSpec, generate_case, write_case
     from diffugts.stages.report import make_report
-    from diffugts.artifacts.study import load_study
 
     case = generate_case(CaseSpec(seed=7, index=1, healthy_fraction=0.0, modality="CT", split="seen"))
     truth = [les["organ"] for les in case.lesions]
@@ -47,8 +47,15 @@ def test_report_names_the_side_and_the_slice_of_each_kidney_lesion(tmp_path):
     study = load_study(tmp_path / "study")
     kidney = case.lesion_map > 0
     targets = [{"prompt": {"text": "kidney tumor", "organ": "kidney"}, "score": 0.8}]
-    write_lesion_artifact(tmp_path / "lesions", study, targets, [kidney], [kidney.astype(np.float32)],
-                          min_volume_ml=0.1, model={"name": "truth", "sha256": "0" * 64})
+    write_lesion_artifact(
+        tmp_path / "lesions",
+        study,
+        targets,
+        [kidney],
+        [kidney.astype(np.float32)],
+        min_volume_ml=0.1,
+        model={"name": "truth", "sha256": "0" * 64},
+    )
     summary = make_report(tmp_path / "study", tmp_path / "lesions", tmp_path / "report", pushgateway="")
 
     # Each lesion's side is the ground truth's: the phantom's lesion ids are the label values.

@@ -10,10 +10,10 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from diffugts.cli import main
-from diffugts.runners.evaluate import dice, evaluate, intensity_baseline, markdown, nsd
 from diffugts.artifacts.geometry import Geometry
+from diffugts.cli import main
 from diffugts.phantom import CaseSpec, generate_case, write_case
+from diffugts.runners.evaluate import dice, evaluate, intensity_baseline, markdown, nsd
 from diffugts.stages.refine import body_mask
 from modelfactory import random_package
 
@@ -31,13 +31,31 @@ def case(tmp_path_factory):
 
 def test_segment_end_to_end(model, case, tmp_path, capsys):
     out = tmp_path / "seg"
-    code = main(["-q", "segment", str(case / "dicom"), "--out", str(out), "--model", str(model.root),
-                 "--prompt", "liver tumor", "--prompt", "kidney cyst"])
+    code = main(
+        [
+            "-q",
+            "segment",
+            str(case / "dicom"),
+            "--out",
+            str(out),
+            "--model",
+            str(model.root),
+            "--prompt",
+            "liver tumor",
+            "--prompt",
+            "kidney cyst",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "'liver tumor':" in printed and "'kidney cyst':" in printed and "report.html" in printed
-    for marker in ("study/series.json", "attention/attention.json", "synthesis/synthesis.json",
-                   "lesions/lesions.json", "report/report.json"):
+    for marker in (
+        "study/series.json",
+        "attention/attention.json",
+        "synthesis/synthesis.json",
+        "lesions/lesions.json",
+        "report/report.json",
+    ):
         assert (out / marker).is_file(), marker
     lesions = json.loads((out / "lesions" / "lesions.json").read_text())
     assert [t["prompt"]["text"] for t in lesions["targets"]] == ["liver tumor", "kidney cyst"]
@@ -52,6 +70,7 @@ def test_segment_end_to_end(model, case, tmp_path, capsys):
         assert not (sitk.GetArrayFromImage(m).astype(bool) & ~inpainted).any()
 
 
+@pytest.mark.slow
 def test_resampling_on_the_device_gives_the_same_study(model, tmp_path, monkeypatch):
     """The GPU path's torch resampling (forced here on the CPU) against SimpleITK, through
     every stage: same maps, same pseudo-healthy study, same refined masks."""
@@ -60,11 +79,19 @@ def test_resampling_on_the_device_gives_the_same_study(model, tmp_path, monkeypa
     from diffugts.networks.backbones.base import Backbone
 
     # A study finer than the model grid (2.75 x 2.75 x 4 mm), so every stage resamples.
-    spec = CaseSpec(seed=11, index=0, shape=(40, 80, 80), spacing=(2.2, 2.2, 3.2), split="seen",
-                    healthy_fraction=0.0)
+    spec = CaseSpec(seed=11, index=0, shape=(40, 80, 80), spacing=(2.2, 2.2, 3.2), split="seen", healthy_fraction=0.0)
     case = write_case(generate_case(spec), tmp_path / "case")
-    args = ["-q", "segment", str(case / "dicom"), "--model", str(model.root), "--prompt", "liver tumor",
-            "--no-report", "--out"]
+    args = [
+        "-q",
+        "segment",
+        str(case / "dicom"),
+        "--model",
+        str(model.root),
+        "--prompt",
+        "liver tumor",
+        "--no-report",
+        "--out",
+    ]
     # Threshold 0: the random head's maps cover the study, so synthesis and refinement work
     # (refinement skips targets without a region, and a random head may find none at 0.5).
     monkeypatch.setattr("diffugts.stages.attend.default_threshold", lambda *a, **k: 0.0)
@@ -73,8 +100,9 @@ def test_resampling_on_the_device_gives_the_same_study(model, tmp_path, monkeypa
 
     calls = []
     monkeypatch.setattr(Backbone, "resample_device", property(lambda self: torch.device("cpu")))
-    monkeypatch.setattr(preprocess, "resample_torch",
-                        lambda *a, _real=preprocess.resample_torch, **k: calls.append(1) or _real(*a, **k))
+    monkeypatch.setattr(
+        preprocess, "resample_torch", lambda *a, _real=preprocess.resample_torch, **k: calls.append(1) or _real(*a, **k)
+    )
     assert main([*args, str(tmp_path / "device")]) == 0
     assert len(calls) >= 6  # attend, synthesis (study, region, paste-back), refine (x, H, region, maps)
 
@@ -82,12 +110,17 @@ def test_resampling_on_the_device_gives_the_same_study(model, tmp_path, monkeypa
         return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / run / path)))
 
     att = json.loads((tmp_path / "host" / "attention" / "attention.json").read_text())["targets"][0]
-    np.testing.assert_allclose(read("device", f"attention/{att['map']}"), read("host", f"attention/{att['map']}"),
-                               atol=1e-3)
-    np.testing.assert_allclose(read("device", "synthesis/pseudo_healthy.nii.gz"),
-                               read("host", "synthesis/pseudo_healthy.nii.gz"), atol=0.5)  # HU
-    host, dev = (read(r, "lesions/" + json.loads((tmp_path / r / "lesions" / "lesions.json").read_text())
-                      ["targets"][0]["mask"]) > 0 for r in ("host", "device"))
+    np.testing.assert_allclose(
+        read("device", f"attention/{att['map']}"), read("host", f"attention/{att['map']}"), atol=1e-3
+    )
+    np.testing.assert_allclose(
+        read("device", "synthesis/pseudo_healthy.nii.gz"), read("host", "synthesis/pseudo_healthy.nii.gz"), atol=0.5
+    )  # HU
+    host, dev = (
+        read(r, "lesions/" + json.loads((tmp_path / r / "lesions" / "lesions.json").read_text())["targets"][0]["mask"])
+        > 0
+        for r in ("host", "device")
+    )
     assert (host != dev).mean() < 1e-3
 
 
@@ -106,16 +139,38 @@ def test_resample_device_is_the_optimised_cuda_path_only():
 
 def test_segment_bad_input_is_one_line(model, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code = main(["segment", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--model", str(model.root),
-                 "--prompt", "liver tumor"])
+    code = main(
+        [
+            "segment",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            str(model.root),
+            "--prompt",
+            "liver tumor",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no files found" in err[0]
 
 
 def test_refine_needs_its_inputs(model, case, tmp_path, capsys):
     assert main(["-q", "ingest", str(case / "dicom"), "--out", str(tmp_path / "study")]) == 0
-    code = main(["refine", str(tmp_path / "study"), "--attention", str(tmp_path / "nope"), "--synthesis",
-                 str(tmp_path / "nope"), "--model", str(model.root), "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "refine",
+            str(tmp_path / "study"),
+            "--attention",
+            str(tmp_path / "nope"),
+            "--synthesis",
+            str(tmp_path / "nope"),
+            "--model",
+            str(model.root),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "not an attention artifact" in err[0]
 
@@ -126,7 +181,7 @@ def test_evaluate_runs_every_variant(model, case, tmp_path):
     assert variants == {"baseline", "aova", "residual", "full", "organ_zscore"}
     organs = {r["organ"] for r in result["rows"]}
     meta = json.loads((case / "case.json").read_text())
-    assert organs == {l["organ"].replace("left ", "").replace("right ", "") for l in meta["lesions"]}
+    assert organs == {les["organ"].replace("left ", "").replace("right ", "") for les in meta["lesions"]}
     for row in result["rows"]:
         assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["nsd"] <= 1.0
         assert row["split"] == "seen"
@@ -139,10 +194,26 @@ def fused_model(tmp_path_factory):
     return random_package(tmp_path_factory.mktemp("fused"), fused=True)
 
 
+@pytest.mark.slow
 def test_segment_with_fused_maps_writes_each_targets_organ_and_refines_with_it(fused_model, case, tmp_path):
     out = tmp_path / "seg"
-    assert main(["-q", "segment", str(case / "dicom"), "--out", str(out), "--model", str(fused_model.root),
-                 "--prompt", "liver tumor", "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "segment",
+                str(case / "dicom"),
+                "--out",
+                str(out),
+                "--model",
+                str(fused_model.root),
+                "--prompt",
+                "liver tumor",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     att = json.loads((out / "attention" / "attention.json").read_text())
     entry = att["targets"][0]
     organ = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "attention" / entry["organ"]))) > 0
@@ -155,6 +226,7 @@ def test_segment_with_fused_maps_writes_each_targets_organ_and_refines_with_it(f
     assert mask.shape == organ.shape
 
 
+@pytest.mark.slow
 def test_evaluate_with_fused_maps_adds_the_organ_zscore_baseline_and_healthy_studies(fused_model, case, tmp_path):
     import shutil
 
@@ -246,8 +318,7 @@ def test_refine_probability_batches_targets_without_changing_them():
     own = rng.random((3, 3, 16, 32, 32), dtype=np.float32)
     batched = refine_probability(head3, shared, own, roi=(16, 16, 16))
     assert batched.shape == coarse.shape
-    np.testing.assert_allclose(batched[1], refine_probability(head3, shared, own[1:2], roi=(16, 16, 16))[0],
-                               atol=1e-5)
+    np.testing.assert_allclose(batched[1], refine_probability(head3, shared, own[1:2], roi=(16, 16, 16))[0], atol=1e-5)
 
 
 def test_shared_inputs_are_the_residual_channels_of_the_method():
@@ -256,8 +327,8 @@ def test_shared_inputs_are_the_residual_channels_of_the_method():
     import torch
     import torch.nn.functional as F
 
-    from diffugts.networks.backbones import build_backbone
     from diffugts.models import get_config
+    from diffugts.networks.backbones import build_backbone
     from diffugts.stages.refine import RESIDUAL_GAIN, shared_inputs
 
     torch.manual_seed(0)
@@ -340,16 +411,19 @@ def test_refine_skips_targets_without_a_region_and_batches_the_rest(model, case,
     # "inpainted" both boxes (the refined masks must stay inside them).
     k, j, i = (s // 2 for s in shape)
     boxes = [np.zeros(shape, bool) for _ in range(3)]
-    boxes[0][k - 3:k + 3, j - 6:j, i - 6:i] = True
-    boxes[2][k - 3:k + 3, j:j + 6, i:i + 6] = True
+    boxes[0][k - 3 : k + 3, j - 6 : j, i - 6 : i] = True
+    boxes[2][k - 3 : k + 3, j : j + 6, i : i + 6] = True
     for n, t in enumerate(targets):
         _rewrite(att / t["map"], boxes[n].astype(np.float32) * 0.9)
     grown = [ndimage.binary_dilation(b, iterations=2) for b in boxes]
     _rewrite(syn / "inpaint_mask.nii.gz", np.logical_or.reduce(grown).astype(np.uint8))
     calls = []
     real = refine_module.refine_probability
-    monkeypatch.setattr(refine_module, "refine_probability",
-                        lambda head, shared, coarse, roi=None: calls.append(np.shape(coarse)) or real(head, shared, coarse, roi))
+    monkeypatch.setattr(
+        refine_module,
+        "refine_probability",
+        lambda head, shared, coarse, roi=None: calls.append(np.shape(coarse)) or real(head, shared, coarse, roi),
+    )
     summary = refine_module.refine(out / "study", att, syn, str(model.root), tmp_path / "three")
     assert [c[0] for c in calls] == [2]  # targets 0 and 2 in one pass, target 1 not at all
     assert summary["targets"][1]["lesion_ids"] == []
@@ -383,7 +457,8 @@ def test_refine_of_a_study_with_no_region_loads_no_networks(model, case, tmp_pat
 
     monkeypatch.setattr(refine_module, "shared_inputs", boom)
     monkeypatch.setattr("diffugts.networks.backbones.load_backbone", boom)
-    summary = refine_module.refine(out / "study", out / "attention", out / "synthesis", str(model.root),
-                                   tmp_path / "lesions")
+    summary = refine_module.refine(
+        out / "study", out / "attention", out / "synthesis", str(model.root), tmp_path / "lesions"
+    )
     assert [t["lesion_ids"] for t in summary["targets"]] == [[], [], []]
     assert (tmp_path / "lesions" / "lesions.json").is_file()

@@ -13,8 +13,13 @@ import pytest
 from diffugts.cli import main
 from modelfactory import random_package
 
-MARKERS = ("study/series.json", "attention/attention.json", "synthesis/synthesis.json", "lesions/lesions.json",
-           "report/report.json")
+MARKERS = (
+    "study/series.json",
+    "attention/attention.json",
+    "synthesis/synthesis.json",
+    "lesions/lesions.json",
+    "report/report.json",
+)
 
 
 @pytest.fixture(scope="module")

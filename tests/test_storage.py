@@ -59,6 +59,7 @@ def make_tree(root: Path, files: dict[str, bytes]) -> Path:
 
 # --- URIs and settings (no server) -----------------------------------------------------
 
+
 def test_parse_s3_uri():
     assert parse_s3_uri("s3://bucket/key/prefix") == ("bucket", "key/prefix")
     assert parse_s3_uri("s3://bucket") == ("bucket", "")
@@ -67,23 +68,30 @@ def test_parse_s3_uri():
     assert join_uri("s3://bkt/a/", "b", "/c/d") == "s3://bkt/a/b/c/d"
 
 
-@pytest.mark.parametrize("uri, reason", [
-    ("/local/path", "expected s3://bucket"),
-    ("S3://bucket/k", "expected s3://bucket"),
-    ("s3:///key", "no bucket name"),
-    ("s3://Bad_Bucket/key", "invalid bucket name 'Bad_Bucket'"),
-    ("s3://ab/key", "invalid bucket name 'ab'"),
-    ("s3://bucket/a\nb", "control character"),
-    ("s3://bucket/study/../../etc", "'..' path segment"),
-])
+@pytest.mark.parametrize(
+    "uri, reason",
+    [
+        ("/local/path", "expected s3://bucket"),
+        ("S3://bucket/k", "expected s3://bucket"),
+        ("s3:///key", "no bucket name"),
+        ("s3://Bad_Bucket/key", "invalid bucket name 'Bad_Bucket'"),
+        ("s3://ab/key", "invalid bucket name 'ab'"),
+        ("s3://bucket/a\nb", "control character"),
+        ("s3://bucket/study/../../etc", "'..' path segment"),
+    ],
+)
 def test_parse_s3_uri_rejects_malformed(uri, reason):
     with pytest.raises(InputError, match="malformed S3 URI") as err:
         parse_s3_uri(uri)
     assert reason in str(err.value) and "\n" not in str(err.value)
 
 
-ENV = {"DIFFUGTS_S3_ENDPOINT": "http://127.0.0.1:9000", "AWS_ACCESS_KEY_ID": "AKID",
-       "AWS_SECRET_ACCESS_KEY": "s3cr3t-value", "AWS_SESSION_TOKEN": "tok-value"}
+ENV = {
+    "DIFFUGTS_S3_ENDPOINT": "http://127.0.0.1:9000",
+    "AWS_ACCESS_KEY_ID": "AKID",
+    "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+    "AWS_SESSION_TOKEN": "tok-value",
+}
 
 
 def test_settings_from_env():
@@ -91,8 +99,13 @@ def test_settings_from_env():
     assert (s.endpoint, s.secure, s.region, s.session_token) == ("127.0.0.1:9000", False, None, "tok-value")
     assert "s3cr3t-value" not in repr(s) and "tok-value" not in repr(s)
     # Without a scheme TLS is on; the AWS fallbacks are read in order.
-    env = {**ENV, "DIFFUGTS_S3_ENDPOINT": "", "AWS_ENDPOINT_URL_S3": "minio.kubeflow:9000",
-           "AWS_ENDPOINT_URL": "http://other:1", "AWS_DEFAULT_REGION": "eu-west-1"}
+    env = {
+        **ENV,
+        "DIFFUGTS_S3_ENDPOINT": "",
+        "AWS_ENDPOINT_URL_S3": "minio.kubeflow:9000",
+        "AWS_ENDPOINT_URL": "http://other:1",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }
     s = S3Settings.from_env(env)
     assert (s.endpoint, s.secure, s.region) == ("minio.kubeflow:9000", True, "eu-west-1")
     assert S3Settings.from_env({**env, "AWS_ENDPOINT_URL_S3": "", "AWS_REGION": "x"}).url == "http://other:1"
@@ -139,6 +152,7 @@ def test_retry_delays_grow_exponentially_with_bounded_jitter():
 
 
 # --- round trips -----------------------------------------------------------------------
+
 
 def test_bytes_round_trip_and_listing(base):
     store = ObjectStore()
@@ -228,8 +242,11 @@ def test_object_metadata_mismatch_is_detected(base, s3_env, tmp_path):
 
 # --- artifacts --------------------------------------------------------------------------
 
-ARTIFACT = {"volume.nii.gz": b"\x1f\x8b" + b"v" * 5000, "series.json": b'{"uid": "1.2.3"}',
-            "headers/0001.dcm": b"DICM" * 50}
+ARTIFACT = {
+    "volume.nii.gz": b"\x1f\x8b" + b"v" * 5000,
+    "series.json": b'{"uid": "1.2.3"}',
+    "headers/0001.dcm": b"DICM" * 50,
+}
 
 
 def test_publish_and_fetch_artifact(base, tmp_path):
@@ -277,10 +294,13 @@ def test_prefix_without_manifest_is_refused(base, tmp_path):
     assert not (tmp_path / "dst").exists()
 
 
-@pytest.mark.parametrize("tamper, reason", [
-    (b"\x1f\x8b" + b"X" * 5000, "sha256 mismatch"),  # same size, other bytes
-    (b"truncated", "size mismatch"),
-])
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        (b"\x1f\x8b" + b"X" * 5000, "sha256 mismatch"),  # same size, other bytes
+        (b"truncated", "size mismatch"),
+    ],
+)
 def test_corruption_after_publish_is_detected(base, tmp_path, tamper, reason):
     store = ObjectStore()
     store.publish_dir(make_tree(tmp_path / "src", ARTIFACT), base)
@@ -303,6 +323,7 @@ def test_object_listed_in_manifest_but_missing(base, s3_env, tmp_path):
 
 
 # --- localize ----------------------------------------------------------------------------
+
 
 def test_localize(base, tmp_path):
     store = ObjectStore()
@@ -329,14 +350,16 @@ def test_localize(base, tmp_path):
 
 # --- errors and retries ------------------------------------------------------------------
 
+
 def test_wrong_credentials_fail_fast_with_one_line(base, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
     store, sleeps = fast_store()
     with pytest.raises(AccessDenied) as err:
         store.get_bytes(f"{base}/x")
     message = str(err.value)
-    assert message == (f"{base}/x: access denied (SignatureDoesNotMatch; "
-                       "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+    assert message == (
+        f"{base}/x: access denied (SignatureDoesNotMatch; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    )
     assert isinstance(err.value, DiffugtsError) and sleeps == []  # not retried
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "NOSUCHKEYID")
@@ -363,7 +386,7 @@ def test_server_down_is_retried_with_backoff_then_fails(s3_env, monkeypatch, cap
     message = str(err.value)
     assert message.startswith("s3://diffugts-test/k: object store at http://127.0.0.1:")
     assert "failed after 4 attempts: Connection refused" in message and "\n" not in message
-    assert len(sleeps) == 3 and all(0.01 * 2 ** i / 2 <= d <= 0.01 * 2 ** i for i, d in enumerate(sleeps))
+    assert len(sleeps) == 3 and all(0.01 * 2**i / 2 <= d <= 0.01 * 2**i for i, d in enumerate(sleeps))
     assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 3
     assert s3_env.secret_key not in caplog.text
     assert time.monotonic() - started < 5
@@ -373,8 +396,10 @@ class FlakyProxy:
     """A TCP proxy in front of the real server whose first connections fail as scripted:
     "drop" reads the request and hangs up, "slowdown" answers 503 SlowDown."""
 
-    SLOWDOWN = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code>"
-                b"<Message>Please reduce your request rate.</Message><RequestId>flaky</RequestId></Error>")
+    SLOWDOWN = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+        b"<Message>Please reduce your request rate.</Message><RequestId>flaky</RequestId></Error>"
+    )
 
     def __init__(self, target_port: int, script: list[str]):
         self.target, self.script = target_port, list(script)
@@ -404,13 +429,17 @@ class FlakyProxy:
         while b"\r\n\r\n" not in head:
             head += conn.recv(65536)
         header, _, body = head.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in header.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
+        length = next(
+            (int(line.split(b":")[1]) for line in header.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+            0,
+        )
         while len(body) < length:
             body += conn.recv(65536)
         if action == "slowdown":
-            conn.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self.SLOWDOWN) + self.SLOWDOWN)
+            conn.sendall(
+                b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self.SLOWDOWN) + self.SLOWDOWN
+            )
         conn.close()
 
     @staticmethod

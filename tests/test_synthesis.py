@@ -14,17 +14,17 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from diffugts.utils import atomic
-from diffugts.networks.backbones import Backbone, load_backbone
+from diffugts.artifacts.geometry import Geometry
+from diffugts.artifacts.study import write_image
 from diffugts.cli import main
 from diffugts.errors import InputError
-from diffugts.artifacts.geometry import Geometry
 from diffugts.models import open_package
 from diffugts.models.create import create_random
 from diffugts.artifacts.files import write_image
 from diffugts.config import SynthesisParams
 from diffugts.stages.synthesize import GroundTruth, Tiles, fidelity, inpaint, make_region, synthesize
 from diffugts.stages.synthesize.inpaint import renoise
+from diffugts.utils import atomic
 
 DEMO_SPACING = (2.75, 2.75, 4.0)
 FAST = SynthesisParams(steps=3, context_mm=16.0)
@@ -47,14 +47,15 @@ def make_study(root, shape=(32, 64, 64), spacing=DEMO_SPACING, lesion_hu=-20.0):
     zc, yc, xc = (np.asarray(shape) - 1) / 2
     mm = [(k - zc) * spacing[2], (j - yc) * spacing[1], (i - xc) * spacing[0]]
     body = (mm[1] / (shape[1] * spacing[1] * 0.45)) ** 2 + (mm[2] / (shape[2] * spacing[0] * 0.45)) ** 2 < 1
-    lesion = (mm[0] ** 2 + mm[1] ** 2 + mm[2] ** 2) < 9.0 ** 2
+    lesion = (mm[0] ** 2 + mm[1] ** 2 + mm[2] ** 2) < 9.0**2
     volume = np.where(body, 40.0, -1000.0) + rng.normal(0, 10, shape)
     volume[lesion] = lesion_hu
     geometry = Geometry((-80.0, -90.0, -300.0), spacing, np.eye(3), shape)
     with atomic.staging_dir(root, marker="series.json") as stage:
         write_image(stage / "volume.nii", volume.astype(np.float32), geometry, compress=False)
-        atomic.write_json(stage / "series.json", {"modality": "CT", "volume": {"file": "volume.nii",
-                                                                               **geometry.as_dict()}})
+        atomic.write_json(
+            stage / "series.json", {"modality": "CT", "volume": {"file": "volume.nii", **geometry.as_dict()}}
+        )
     return root, lesion, geometry, volume.astype(np.float32)
 
 
@@ -66,8 +67,15 @@ def test_outside_the_dilated_mask_the_output_is_the_input(tmp_path, package, bac
     # A study grid unlike the model grid (resampled both ways), lesion off-centre.
     study, lesion, geometry, volume = make_study(tmp_path / "study", shape=(30, 50, 54), spacing=(2.0, 2.2, 3.0))
     write_image(tmp_path / "mask.nii.gz", lesion.astype(np.uint8), geometry)
-    summary = synthesize(study, str(package.root), tmp_path / "out", mask=tmp_path / "mask.nii.gz",
-                         params=FAST, backbone=backbone, show_progress=False)
+    summary = synthesize(
+        study,
+        str(package.root),
+        tmp_path / "out",
+        mask=tmp_path / "mask.nii.gz",
+        params=FAST,
+        backbone=backbone,
+        show_progress=False,
+    )
     out = read(tmp_path / "out" / "pseudo_healthy.nii.gz")
     dilated = read(tmp_path / "out" / "inpaint_mask.nii.gz").astype(bool)
     difference = read(tmp_path / "out" / "difference.nii.gz")
@@ -79,6 +87,7 @@ def test_outside_the_dilated_mask_the_output_is_the_input(tmp_path, package, bac
     # The dilation is 8 mm, Euclidean, with the study's anisotropic spacing.
     assert dilated[lesion].all() and summary["mask"]["dilated_voxels"] == dilated.sum() > 2 * lesion.sum()
     from scipy import ndimage
+
     dist = ndimage.distance_transform_edt(~lesion, sampling=(3.0, 2.2, 2.0))
     assert np.array_equal(dilated, dist <= 8.0)
     saved = json.loads((tmp_path / "out" / "synthesis.json").read_text())
@@ -156,8 +165,15 @@ def test_tiled_and_untiled_agree(backbone):
     assert (tiled - whole).abs().mean() < 0.002 * change  # measured: 0.0002
     assert (tiled - whole).abs().max() < 0.05 * change  # measured: 0.011; without overlap: 0.95
     # The real (random) demo backbone runs tiled too: shapes and alignment line up.
-    out = inpaint(backbone, x[..., :32, :32], mask[..., :8, :8], DEMO_SPACING, tile=(8, 4, 8), stats=stats,
-                  **{**args, "steps": 2, "jumps": 0})
+    out = inpaint(
+        backbone,
+        x[..., :32, :32],
+        mask[..., :8, :8],
+        DEMO_SPACING,
+        tile=(8, 4, 8),
+        stats=stats,
+        **{**args, "steps": 2, "jumps": 0},
+    )
     assert out.shape == (1, 1, 32, 32, 32) and torch.isfinite(out).all() and stats["tiles"] == 3
 
 
@@ -178,8 +194,8 @@ def sampler_source(request, backbone):
     """The demo backbone (rectified flow), or one with MAISI v1's DDPM schedule (DDIM sampling)."""
     if request.param == "rflow":
         return backbone
-    from diffugts.networks.backbones import build_backbone
     from diffugts.models import get_config
+    from diffugts.networks.backbones import build_backbone
 
     return build_backbone({**get_config("demo"), "scheduler": get_config("maisi-ct-v1")["scheduler"]})
 
@@ -209,8 +225,9 @@ def test_known_latent_is_kept_exactly_with_either_scheduler(sampler_source):
 def test_empty_mask_means_nothing_to_inpaint(tmp_path, package):
     study, lesion, geometry, volume = make_study(tmp_path / "study")
     write_image(tmp_path / "empty.nii.gz", np.zeros(volume.shape, np.uint8), geometry)
-    summary = synthesize(study, str(package.root), tmp_path / "out", mask=tmp_path / "empty.nii.gz",
-                         show_progress=False)
+    summary = synthesize(
+        study, str(package.root), tmp_path / "out", mask=tmp_path / "empty.nii.gz", show_progress=False
+    )
     assert summary["nothing_to_inpaint"] is True and "nothing to inpaint" in summary["note"]
     assert np.array_equal(read(tmp_path / "out" / "pseudo_healthy.nii.gz"), volume)
     assert not read(tmp_path / "out" / "difference.nii.gz").any()
@@ -222,17 +239,24 @@ def test_bad_masks_are_one_input_error(tmp_path, package, case):
     study, lesion, geometry, volume = make_study(tmp_path / "study")
     path = tmp_path / "mask.nii.gz"
     if case == "shape":
-        write_image(path, np.zeros((32, 64, 60), np.uint8), Geometry(geometry.origin, geometry.spacing,
-                                                                     np.eye(3), (32, 64, 60)))
+        write_image(
+            path, np.zeros((32, 64, 60), np.uint8), Geometry(geometry.origin, geometry.spacing, np.eye(3), (32, 64, 60))
+        )
     elif case == "values":
         write_image(path, (lesion * 2).astype(np.uint8), geometry)
     elif case == "geometry":
-        write_image(path, lesion.astype(np.uint8), Geometry(geometry.origin + 5, geometry.spacing, np.eye(3),
-                                                            geometry.shape))
+        write_image(
+            path, lesion.astype(np.uint8), Geometry(geometry.origin + 5, geometry.spacing, np.eye(3), geometry.shape)
+        )
     elif case == "garbage":
         path.write_bytes(b"not a nifti")
-    expected = {"shape": "does not match the study", "values": "not binary", "geometry": "differs from the study",
-                "garbage": "unreadable mask", "missing": "not found"}[case]
+    expected = {
+        "shape": "does not match the study",
+        "values": "not binary",
+        "geometry": "differs from the study",
+        "garbage": "unreadable mask",
+        "missing": "not found",
+    }[case]
     with pytest.raises(InputError, match=expected) as err:
         synthesize(study, str(package.root), tmp_path / "out", mask=path, show_progress=False)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
@@ -275,8 +299,11 @@ def test_phantom_ground_truth_rebuilds_the_healthy_twin(tmp_path, package, backb
     from diffugts.phantom import CaseSpec, generate_case, write_case
     from diffugts.phantom.truth import load_phantom_truth
 
-    case = generate_case(CaseSpec(seed=3, index=1, shape=(32, 64, 64), lesion_types=("hypodense",),
-                                  organs=("liver",), healthy_fraction=0.0))
+    case = generate_case(
+        CaseSpec(
+            seed=3, index=1, shape=(32, 64, 64), lesion_types=("hypodense",), organs=("liver",), healthy_fraction=0.0
+        )
+    )
     folder = write_case(case, tmp_path, dicom=False)
     geometry = Geometry(case.grid.origin, case.grid.spacing, np.eye(3), case.image.shape)
     truth = load_phantom_truth(folder, geometry, case.image)
@@ -290,8 +317,9 @@ def test_phantom_ground_truth_rebuilds_the_healthy_twin(tmp_path, package, backb
     study = tmp_path / "study"
     with atomic.staging_dir(study, marker="series.json") as stage:
         write_image(stage / "volume.nii", case.image, geometry, compress=False)
-        atomic.write_json(stage / "series.json", {"modality": "CT", "volume": {"file": "volume.nii",
-                                                                               **geometry.as_dict()}})
+        atomic.write_json(
+            stage / "series.json", {"modality": "CT", "volume": {"file": "volume.nii", **geometry.as_dict()}}
+        )
     write_image(tmp_path / "mask.nii.gz", (case.lesion_map > 0).astype(np.uint8), geometry)
     summary = synthesize(study, str(package.root), tmp_path / "out", mask=tmp_path / "mask.nii.gz",
                          params=SynthesisParams(steps=1, context_mm=16.0), ground_truth=folder, backbone=backbone,
@@ -307,17 +335,56 @@ def test_cli_from_an_attention_artifact(tmp_path, package, capsys):
     (att / "masks").mkdir(parents=True)
     write_image(att / "masks" / "00-a.nii.gz", lesion.astype(np.uint8), geometry)
     write_image(att / "masks" / "01-b.nii.gz", np.zeros(volume.shape, np.uint8), geometry)
-    atomic.write_json(att / "attention.json", {"targets": [
-        {"index": 0, "prompt": {"text": "liver tumor"}, "mask": "masks/00-a.nii.gz"},
-        {"index": 1, "prompt": {"text": "kidney tumor"}, "mask": "masks/01-b.nii.gz"}]})
-    rc = main(["-q", "synthesize", str(study), "--model", str(package.root), "--attention", str(att),
-               "--target", "1", "--out", str(tmp_path / "empty")])
+    atomic.write_json(
+        att / "attention.json",
+        {
+            "targets": [
+                {"index": 0, "prompt": {"text": "liver tumor"}, "mask": "masks/00-a.nii.gz"},
+                {"index": 1, "prompt": {"text": "kidney tumor"}, "mask": "masks/01-b.nii.gz"},
+            ]
+        },
+    )
+    rc = main(
+        [
+            "-q",
+            "synthesize",
+            str(study),
+            "--model",
+            str(package.root),
+            "--attention",
+            str(att),
+            "--target",
+            "1",
+            "--out",
+            str(tmp_path / "empty"),
+        ]
+    )
     assert rc == 0 and "nothing to inpaint" in capsys.readouterr().out
     write_image(tmp_path / "lesion.nii.gz", lesion.astype(np.uint8), geometry)
     write_image(tmp_path / "organ.nii.gz", (volume > -500).astype(np.uint8) * 4, geometry)
-    rc = main(["-q", "synthesize", str(study), "--model", str(package.root), "--attention", str(att),
-               "--out", str(tmp_path / "out"), "--steps", "2", "--context-mm", "16", "--device", "cpu",
-               "--lesion-mask", str(tmp_path / "lesion.nii.gz"), "--organ-mask", str(tmp_path / "organ.nii.gz")])
+    rc = main(
+        [
+            "-q",
+            "synthesize",
+            str(study),
+            "--model",
+            str(package.root),
+            "--attention",
+            str(att),
+            "--out",
+            str(tmp_path / "out"),
+            "--steps",
+            "2",
+            "--context-mm",
+            "16",
+            "--device",
+            "cpu",
+            "--lesion-mask",
+            str(tmp_path / "lesion.nii.gz"),
+            "--organ-mask",
+            str(tmp_path / "organ.nii.gz"),
+        ]
+    )
     assert rc == 0 and "inpainted" in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "synthesis.json").read_text())
     assert [t["prompt"] for t in saved["mask"]["targets"]] == ["liver tumor", "kidney tumor"]
@@ -329,10 +396,21 @@ def test_cli_from_an_attention_artifact(tmp_path, package, capsys):
 
 def test_cli_bad_mask_exits_2_with_one_line(tmp_path, package, capsys):
     study, lesion, geometry, volume = make_study(tmp_path / "study")
-    write_image(tmp_path / "mask.nii.gz", np.zeros((8, 8, 8), np.uint8), Geometry((0, 0, 0), (1, 1, 1),
-                                                                                 np.eye(3), (8, 8, 8)))
-    rc = main(["synthesize", str(study), "--model", str(package.root), "--mask", str(tmp_path / "mask.nii.gz"),
-               "--out", str(tmp_path / "out")])
+    write_image(
+        tmp_path / "mask.nii.gz", np.zeros((8, 8, 8), np.uint8), Geometry((0, 0, 0), (1, 1, 1), np.eye(3), (8, 8, 8))
+    )
+    rc = main(
+        [
+            "synthesize",
+            str(study),
+            "--model",
+            str(package.root),
+            "--mask",
+            str(tmp_path / "mask.nii.gz"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert err[0].startswith("diffugts: error: ") and "does not match the study" in err[0]

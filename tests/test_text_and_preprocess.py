@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffugts.errors import ConfigError
 from diffugts.artifacts.geometry import Geometry
-from diffugts.stages.preprocess import Preprocessing, model_grid, normalise, to_model
+from diffugts.errors import ConfigError
 from diffugts.networks.text import TextEncoder, make_target, organ_of
+from diffugts.stages.preprocess import Preprocessing, model_grid, normalise, to_model
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,8 @@ def test_missing_text_encoder_folder(tmp_path):
         TextEncoder(tmp_path)
 
 
-def geometry(shape=(20, 30, 40), spacing=(1.0, 1.5, 2.0), direction=np.eye(3), origin=(5.0, -3.0, 10.0)):
-    return Geometry(origin, spacing, direction, shape)
+def geometry(shape=(20, 30, 40), spacing=(1.0, 1.5, 2.0), direction=None, origin=(5.0, -3.0, 10.0)):
+    return Geometry(origin, spacing, np.eye(3) if direction is None else direction, shape)
 
 
 def test_identity_grid_is_an_exact_copy():
@@ -82,7 +82,7 @@ def test_model_grid_covers_the_study_padded_to_the_multiple():
 def test_round_trip_through_a_coarser_grid_keeps_a_blob():
     g = geometry(shape=(40, 64, 64), spacing=(1.0, 1.0, 1.0))
     kk, jj, ii = np.mgrid[:40, :64, :64]
-    blob = (((kk - 20) ** 2 + (jj - 30) ** 2 + (ii - 34) ** 2) < 10 ** 2).astype(np.float32)
+    blob = (((kk - 20) ** 2 + (jj - 30) ** 2 + (ii - 34) ** 2) < 10**2).astype(np.float32)
     prep = Preprocessing((2.0, 2.0, 2.0), orientation="RAS", multiple=16)
     space = to_model(blob * 1000, g, "CT", prep)[1]
     back = space.to_study(space.to_model(blob)) > 0.5
@@ -138,8 +138,7 @@ def test_to_study_of_a_box_is_that_box_of_the_whole(device):
     from diffugts.stages.preprocess import ModelSpace
 
     study = geometry(shape=(17, 29, 33), spacing=(0.9, 1.3, 2.5), direction=_oblique(17.0))
-    space = ModelSpace(study, model_grid(study, Preprocessing((1.7, 1.7, 2.0), orientation="RAS", multiple=8)),
-                       device)
+    space = ModelSpace(study, model_grid(study, Preprocessing((1.7, 1.7, 2.0), orientation="RAS", multiple=8)), device)
     rng = np.random.default_rng(5)
     values = rng.random(space.model.shape).astype(np.float32)
     labels = rng.integers(0, 3, space.model.shape).astype(np.float32)
@@ -148,5 +147,6 @@ def test_to_study_of_a_box_is_that_box_of_the_whole(device):
     np.testing.assert_allclose(sub.world([0, 0, 0]), study.world([7, 0, 3]))
     assert sub.shape == (8, 20, 26)
     np.testing.assert_allclose(space.to_study(values, box=box), space.to_study(values)[box], atol=1e-5)
-    np.testing.assert_array_equal(space.to_study(labels, nearest=True, box=box),
-                                  space.to_study(labels, nearest=True)[box])
+    np.testing.assert_array_equal(
+        space.to_study(labels, nearest=True, box=box), space.to_study(labels, nearest=True)[box]
+    )

@@ -18,6 +18,11 @@ from diffugts.networks.backbones import load_backbone
 from diffugts.runners.evaluate import dice
 from diffugts.models.defaults import DEMO_MODEL
 from diffugts.models.package import open_package
+from diffugts.networks.aova import AOVAHead
+from diffugts.networks.backbones import load_backbone
+from diffugts.networks.text import TextEncoder
+from diffugts.runners.evaluate import dice
+from diffugts.stages.attend import default_threshold, fusion_of, load_head
 from diffugts.stages.preprocess import Preprocessing
 from diffugts.stages.refine import refine_threshold
 from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, RefineHead
@@ -44,13 +49,22 @@ def _mean(values):
     return float(np.mean(values))
 
 
+@pytest.mark.slow
 def test_aova_head_learns_and_finds_organs_in_held_out_cases(demo, text):
     _, backbone, prep = demo
     torch.manual_seed(0)
     train = [phantom_case(2500, i, prep, split="seen") for i in range(3)]
     held_out = [phantom_case(2600, i, prep, split="seen") for i in range(2)]
-    result = train_aova(backbone, text, train, feature_names=AOVA_FEATURES, spacing=prep.spacing_mm, steps=80,
-                        dim=16, show_progress=False)
+    result = train_aova(
+        backbone,
+        text,
+        train,
+        feature_names=AOVA_FEATURES,
+        spacing=prep.spacing_mm,
+        steps=80,
+        dim=16,
+        show_progress=False,
+    )
     losses = [h["loss"] for h in result.history]
     assert _mean(losses[-15:]) < 0.8 * _mean(losses[:15])
     rows = evaluate_dice(result.head, backbone, text, held_out, AOVA_FEATURES, prep.spacing_mm)
@@ -60,6 +74,7 @@ def test_aova_head_learns_and_finds_organs_in_held_out_cases(demo, text):
     assert _mean([r["region_dice"] for r in rows]) > 0.15
 
 
+@pytest.mark.slow
 def test_refinement_examples_hold_false_candidates_and_the_shipped_head_beats_the_coarse_map(demo, text):
     """Examples hold organs with lesions and false candidates (a lesion-free case, and a
     lesion-free organ of each case), built the way the package's own layout asks (fused maps
@@ -76,8 +91,7 @@ def test_refinement_examples_hold_false_candidates_and_the_shipped_head_beats_th
     examples, held_out = [], []
     for i, healthy in ((0, False), (1, False), (2, True), (3, False), (4, False)):
         case = phantom_case(3500, i, prep, split="seen", healthy=healthy, keep_volume=True)
-        made = refinement_example(case, backbone, aova, text, features, prep, params, rng, fusion, threshold,
-                                  channels)
+        made = refinement_example(case, backbone, aova, text, features, prep, params, rng, fusion, threshold, channels)
         (examples if i < 3 else held_out).extend(made)
     assert any(not e.truth.any() for e in examples), "lesion-free targets to learn from"
     assert all(e.inputs.shape[0] == SHARED_CHANNELS + len(channels) for e in examples)
@@ -90,19 +104,24 @@ def test_refinement_examples_hold_false_candidates_and_the_shipped_head_beats_th
     assert refined["dice"] > coarse + 0.05, (refined, coarse)
 
 
+@pytest.mark.slow
 def test_backbone_training_losses_fall_and_set_the_scale_factor():
     """The demo backbone recipe's two parts on tiny discs: the VAE's reconstruction loss and
     the denoiser's rectified-flow loss both fall; the latent scale factor is 1 / std."""
-    from diffugts.networks.backbones import build_backbone
     from diffugts.models import get_config
+    from diffugts.networks.backbones import build_backbone
     from diffugts.train.backbone import latents, train_denoiser, train_vae
 
     torch.manual_seed(0)
     backbone = build_backbone({**get_config("demo"), "scale_factor": 1.0})
     rng = np.random.default_rng(0)
     _, j, i = np.indices((32, 64, 64))
-    images = [(0.4 + 0.3 * (((i - 32) ** 2 + (j - 32) ** 2) < (15 + 3 * n) ** 2)
-               + 0.02 * rng.standard_normal((32, 64, 64))).astype(np.float32) for n in range(3)]
+    images = [
+        (
+            0.4 + 0.3 * (((i - 32) ** 2 + (j - 32) ** 2) < (15 + 3 * n) ** 2) + 0.02 * rng.standard_normal((32, 64, 64))
+        ).astype(np.float32)
+        for n in range(3)
+    ]
     vae = train_vae(backbone, images, 30, 0, show_progress=False)
     assert len(vae) == 30 and _mean(vae[-5:]) < 0.5 * _mean(vae[:5])
     unet = train_denoiser(backbone, images, 30, 0, show_progress=False)
@@ -123,8 +142,10 @@ def test_refinement_threshold_is_calibrated_with_lesion_free_examples_counting_a
     lesion = np.where(truth, 0.7, 0.05).astype(np.float32)  # the head is sure inside, quiet outside
     noise = np.zeros(shape, np.float32)
     noise[:, :8] = 0.4  # a lesion-free example where the head hesitates over a large area
-    examples = [Example(np.zeros((1,) + shape, np.float32), truth, truth),
-                Example(np.zeros((1,) + shape, np.float32), np.zeros(shape, bool), noise > 0)]
+    examples = [
+        Example(np.zeros((1,) + shape, np.float32), truth, truth),
+        Example(np.zeros((1,) + shape, np.float32), np.zeros(shape, bool), noise > 0),
+    ]
     cut = calibrate_threshold([lesion, noise], examples)
     assert 0.4 < cut <= 0.7
     result = evaluate_refine(None, examples, cut, [lesion, noise])

@@ -13,10 +13,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.cli import main
 from diffugts.models import get_config, open_package
 from diffugts.models.create import create_random
+from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.stages.preprocess import Preprocessing
 from diffugts.train.data import TrainingCase, phantom_case
 
@@ -63,6 +63,7 @@ def study(case_dir, tmp_path_factory):
 
 # --- backbone training ------------------------------------------------------------------------
 
+
 def test_captions_name_the_organs_of_a_slice():
     from diffugts.train.backbone2d import caption
 
@@ -84,6 +85,7 @@ def test_healthy_slices_keep_clear_of_lesions():
     assert healthy_slices(case, margin=2).tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14, 15]
 
 
+@pytest.mark.slow
 def test_2d_backbone_training_losses_fall_and_set_the_scale_factor(prep):
     """VAE (L1 + KL on slice crops) and captioned DDPM denoiser on a healthy and a lesion
     phantom: both losses fall well below their start, the scale factor is 1 / std of the
@@ -121,6 +123,7 @@ def test_word_tokens_find_organ_names_in_a_caption():
         WordTokens(backbone)(text, ["spleen"])
 
 
+@pytest.mark.slow
 def test_token_grounding_makes_organ_words_attend_to_their_organs(prep):
     """The same short denoiser training with and without the grounding term: only with it
     does the cross-attention of "liver" / "spine" land on the liver / spine (measured
@@ -138,12 +141,23 @@ def test_token_grounding_makes_organ_words_attend_to_their_organs(prep):
         healthy = slice_set(backbone, cases, healthy_only=True)
         z = slice_latents(backbone, healthy)
         set_scale_factor(backbone, 1 / float(z.std()))
-        curves = train_unet_2d(backbone, z * backbone.scale_factor, healthy, 40, 0, batch=8, lr=5e-3, grounding=weight,
-                               unconditional=0.0, show_progress=False)
+        curves = train_unet_2d(
+            backbone,
+            z * backbone.scale_factor,
+            healthy,
+            40,
+            0,
+            batch=8,
+            lr=5e-3,
+            grounding=weight,
+            unconditional=0.0,
+            show_progress=False,
+        )
         maps = cross_attention_maps(backbone, x, ["liver", "spine"]).maps[0].numpy()
         organs = cases[0].organs
-        contrast[weight] = [float(m[organs == label[o]].mean() - m[organs != label[o]].mean())
-                            for m, o in zip(maps, ["liver", "spine"])]
+        contrast[weight] = [
+            float(m[organs == label[o]].mean() - m[organs != label[o]].mean()) for m, o in zip(maps, ["liver", "spine"])
+        ]
         if weight:
             assert _mean(curves["grounding"][-8:]) < 0.9 * _mean(curves["grounding"][:8])  # measured 0.70
         else:
@@ -151,6 +165,7 @@ def test_token_grounding_makes_organ_words_attend_to_their_organs(prep):
     assert min(contrast[1.0]) > 0.1 and max(abs(c) for c in contrast[0.0]) < 0.05, contrast
 
 
+@pytest.mark.slow
 def test_quick_2d_demo_writes_a_verifiable_package(quick_model, capsys):
     assert main(["models", "verify", str(quick_model.root)]) == 0
     assert "OK" in capsys.readouterr().out
@@ -172,19 +187,38 @@ def test_quick_2d_demo_writes_a_verifiable_package(quick_model, capsys):
 
 # --- training-free maps -----------------------------------------------------------------------
 
+
+@pytest.mark.slow
 def test_attend_training_free_feeds_synthesis(quick_model, study, tmp_path):
-    from diffugts.networks.aova import top_mean
-    from diffugts.stages.attend import TRAINING_FREE_TOP_FRACTION, attend
-    from diffugts.networks.backbones.cross_attention import training_free_probability
-    from diffugts.stages.preprocess import to_model
     from diffugts.artifacts.study import load_study
     from diffugts.config import SynthesisParams
     from diffugts.stages.synthesize import synthesize
     from diffugts.networks.text import make_target
+    from diffugts.stages.attend import TRAINING_FREE_TOP_FRACTION, attend
+    from diffugts.stages.preprocess import to_model
+    from diffugts.stages.synthesize import Params, synthesize
 
     out = tmp_path / "free"
-    assert main(["-q", "attend", str(study), "--model", str(quick_model.root), "--prompt", "liver tumor",
-                 "--maps", "training-free", "--threshold", "0.5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "attend",
+                str(study),
+                "--model",
+                str(quick_model.root),
+                "--prompt",
+                "liver tumor",
+                "--maps",
+                "training-free",
+                "--threshold",
+                "0.5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "attention.json").read_text())
     assert summary["maps"] == "training-free"
     entry = summary["targets"][0]
@@ -213,10 +247,28 @@ def test_attend_training_free_feeds_synthesis(quick_model, study, tmp_path):
     assert syn["mask"]["source"] == "attention" and syn["mask"]["coarse_voxels"] == int((p >= 0.5).sum())
 
 
+@pytest.mark.slow
 def test_segment_with_training_free_maps_end_to_end(quick_model, case_dir, tmp_path):
     out = tmp_path / "seg"
-    assert main(["-q", "segment", str(case_dir / "dicom"), "--model", str(quick_model.root), "--prompt",
-                 "liver tumor", "--maps", "training-free", "--no-report", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "segment",
+                str(case_dir / "dicom"),
+                "--model",
+                str(quick_model.root),
+                "--prompt",
+                "liver tumor",
+                "--maps",
+                "training-free",
+                "--no-report",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "attention" / "attention.json").read_text())["maps"] == "training-free"
     lesions = json.loads((out / "lesions" / "lesions.json").read_text())
     assert lesions["targets"][0]["prompt"]["text"] == "liver tumor"
@@ -233,8 +285,20 @@ def test_training_free_needs_no_head(study, tmp_path):
 
 def test_training_free_on_a_3d_package_is_a_clear_error(study, tmp_path, capsys):
     bare = create_random(tmp_path / "bare3d", "demo", seed=0)
-    code = main(["attend", str(study), "--model", str(bare.root), "--prompt", "liver tumor", "--maps",
-                 "training-free", "--out", str(tmp_path / "o")])
+    code = main(
+        [
+            "attend",
+            str(study),
+            "--model",
+            str(bare.root),
+            "--prompt",
+            "liver tumor",
+            "--maps",
+            "training-free",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cross-attention" in err[0] and "'maisi'" in err[0]
     assert not (tmp_path / "o").exists()
@@ -242,8 +306,20 @@ def test_training_free_on_a_3d_package_is_a_clear_error(study, tmp_path, capsys)
 
 def test_segment_refuses_training_free_on_a_3d_package_before_any_output(case_dir, tmp_path, capsys):
     bare = create_random(tmp_path / "bare3d", "demo", seed=0)
-    code = main(["segment", str(case_dir / "dicom"), "--model", str(bare.root), "--prompt", "liver tumor",
-                 "--maps", "training-free", "--out", str(tmp_path / "seg")])
+    code = main(
+        [
+            "segment",
+            str(case_dir / "dicom"),
+            "--model",
+            str(bare.root),
+            "--prompt",
+            "liver tumor",
+            "--maps",
+            "training-free",
+            "--out",
+            str(tmp_path / "seg"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cross-attention" in err[0]
     assert not (tmp_path / "seg").exists()
@@ -254,13 +330,21 @@ def test_segment_api_rejects_unknown_maps_before_ingest(case_dir, tmp_path):
     from diffugts.runners.segment import segment
 
     with pytest.raises(ConfigError, match="unknown maps 'attention'"):
-        segment(str(case_dir / "dicom"), tmp_path / "seg", ["liver tumor"], model="demo", maps="attention",
-                show_progress=False)
+        segment(
+            str(case_dir / "dicom"),
+            tmp_path / "seg",
+            ["liver tumor"],
+            model="demo",
+            maps="attention",
+            show_progress=False,
+        )
     assert not (tmp_path / "seg").exists()
 
 
 # --- evaluation -------------------------------------------------------------------------------
 
+
+@pytest.mark.slow
 def test_evaluate_adds_the_training_free_variant(quick_model, case_dir):
     from diffugts.runners.evaluate import VARIANTS, evaluate, markdown
 
@@ -281,8 +365,12 @@ def test_markdown_handles_variant_sets_that_differ():
     from diffugts.runners.evaluate import markdown
 
     cell = {"dice": 0.5, "nsd": 0.5, "detection": 1.0, "n": 1}
-    result = {"model": {"name": "m", "sha256": "0" * 64}, "cases": 2, "prompt_template": "{organ} tumor",
-              "summary": {"split": {"seen": {"aova": cell, "training_free": cell}, "unseen": {"full": cell}}}}
+    result = {
+        "model": {"name": "m", "sha256": "0" * 64},
+        "cases": 2,
+        "prompt_template": "{organ} tumor",
+        "summary": {"split": {"seen": {"aova": cell, "training_free": cell}, "unseen": {"full": cell}}},
+    }
     text = markdown(result)  # no "variants" list (an older result): taken from the cells
     header = next(line for line in text.splitlines() if line.startswith("| group"))
     assert header.index("aova") < header.index("full") < header.index("training_free")

@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from diffugts.cli import main
 from diffugts.models.defaults import DEMO_MODEL
 from diffugts.models.package import open_package
 
 
+@pytest.mark.slow
 def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     out = tmp_path / "pkg"
     args = ["-q", "train", "demo", "--quick", "--backbone", "demo", "--out", str(out)]
@@ -40,8 +43,9 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
 
 
 def test_a_backbone_of_another_configuration_is_one_line_error(tmp_path, capsys):
-    code = main(["-q", "train", "demo", "--quick", "--config", "demo-2d", "--backbone", "demo",
-                 "--out", str(tmp_path / "x")])
+    code = main(
+        ["-q", "train", "demo", "--quick", "--config", "demo-2d", "--backbone", "demo", "--out", str(tmp_path / "x")]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "demo-2d" in err[0]
     assert not (tmp_path / "x").exists()

@@ -12,8 +12,8 @@ import SimpleITK as sitk
 from diffugts.cli import main
 from diffugts.models.package import add_networks
 from diffugts.phantom import CaseSpec, generate_case, write_case
-from diffugts.train.verify import fit_verifier
 from diffugts.stages.verification import FEATURES, Evidence, LesionVerifier, candidates, verified, verifier_of
+from diffugts.train.verify import fit_verifier
 from modelfactory import random_package
 
 
@@ -52,8 +52,7 @@ def test_candidate_features_are_per_component_volumes_and_means():
 def test_verifier_drops_weak_components_and_round_trips():
     mask, evidence = two_blobs()
     weights = tuple(1.0 if name == "refined_mean" else 0.0 for name in FEATURES)
-    verifier = LesionVerifier(weights, 0.0, tuple([0.0] * len(FEATURES)), tuple([1.0] * len(FEATURES)),
-                              threshold=0.6)
+    verifier = LesionVerifier(weights, 0.0, tuple([0.0] * len(FEATURES)), tuple([1.0] * len(FEATURES)), threshold=0.6)
     kept = verified(mask, evidence, verifier, voxel_ml=0.01)
     assert kept[1:4, 1:4, 1:4].all() and not kept[8:10, 8:10, 8:10].any()
     assert LesionVerifier.from_dict(json.loads(json.dumps(verifier.as_dict()))) == verifier
@@ -71,8 +70,9 @@ def test_fitting_separates_true_from_false_components_and_never_lowers_dice():
         feats[1] += 3.0 if lesion else 0.0  # the head is surer across true lesions
         feats[4] -= 2.0 if lesion else 0.0  # the false candidates deviate more (phantom kidney borders)
         voxels = int(rng.integers(20, 200))
-        samples.append({"features": feats, "lesion": lesion, "voxels": voxels,
-                        "hits": voxels // 2 if lesion else 0, "example": n})
+        samples.append(
+            {"features": feats, "lesion": lesion, "voxels": voxels, "hits": voxels // 2 if lesion else 0, "example": n}
+        )
     truth = sum(s["hits"] for s in samples) + 500  # some true voxels no component found
     verifier, report = fit_verifier(samples, truth)
     assert verifier.weights[1] == max(verifier.weights)
@@ -91,8 +91,11 @@ def permissive(tmp_path_factory):
     pkg = random_package(tmp_path_factory.mktemp("verify"), fused=True)
     aova = {**pkg.network("aova"), "threshold": 0.02}
     refine = {**pkg.network("refine"), "threshold": 0.0}
-    base = add_networks(pkg, {"aova": (aova, pkg.state_dict("aova")), "refine": (refine, pkg.state_dict("refine"))},
-                        out=pkg.root.parent / "none")
+    base = add_networks(
+        pkg,
+        {"aova": (aova, pkg.state_dict("aova")), "refine": (refine, pkg.state_dict("refine"))},
+        out=pkg.root.parent / "none",
+    )
     out = {"none": base}
     zeros, ones = tuple([0.0] * len(FEATURES)), tuple([1.0] * len(FEATURES))
     for name, bias in (("keep", 50.0), ("reject", -50.0)):
@@ -112,12 +115,28 @@ def lesion_mask(out) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lesions" / lesions["targets"][0]["mask"]))) > 0
 
 
+@pytest.mark.slow
 def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
     masks = {}
     for name, pkg in permissive.items():
         out = tmp_path / name
-        assert main(["-q", "segment", str(study / "dicom"), "--out", str(out), "--model", str(pkg.root),
-                     "--prompt", "liver tumor", "--no-report"]) == 0
+        assert (
+            main(
+                [
+                    "-q",
+                    "segment",
+                    str(study / "dicom"),
+                    "--out",
+                    str(out),
+                    "--model",
+                    str(pkg.root),
+                    "--prompt",
+                    "liver tumor",
+                    "--no-report",
+                ]
+            )
+            == 0
+        )
         masks[name] = lesion_mask(out)
     assert verifier_of(permissive["none"]) is None and verifier_of(permissive["keep"]) is not None
     assert masks["none"].any()  # the test means something: there is a lesion to verify
@@ -125,11 +144,15 @@ def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
     assert not masks["reject"].any()
 
 
+@pytest.mark.slow
 def test_evaluate_scores_the_verified_mask(permissive, study):
     from diffugts.runners.evaluate import evaluate
 
-    full = {name: [r for r in evaluate(study.parent, str(pkg.root), variants=("full",), show_progress=False)["rows"]]
-            for name, pkg in permissive.items() if name != "none"}
+    full = {
+        name: [r for r in evaluate(study.parent, str(pkg.root), variants=("full",), show_progress=False)["rows"]]
+        for name, pkg in permissive.items()
+        if name != "none"
+    }
     assert any(r["detected"] or r["false_lesions"] for r in full["keep"])
     assert all(r["detected"] == 0 and r["false_lesions"] == 0 and r["dice"] == 0.0 for r in full["reject"])
 

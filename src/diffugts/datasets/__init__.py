@@ -12,8 +12,8 @@ Never imports kfp.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from diffugts.datasets import dicomseg, kits, msd
 from diffugts.datasets.case import DatasetCase, build_case, to_eval_case, to_training_case
@@ -22,13 +22,29 @@ from diffugts.datasets.mapping import Mapping, load_mapping
 from diffugts.datasets.organs import OrganSource
 from diffugts.errors import InputError
 
-__all__ = ["Dataset", "DatasetCase", "EvalCases", "Mapping", "OrganSource", "load_mapping", "open_dataset", "to_eval_case",
-           "to_training_case"]
+__all__ = [
+    "Dataset",
+    "DatasetCase",
+    "EvalCases",
+    "Mapping",
+    "OrganSource",
+    "load_mapping",
+    "open_dataset",
+    "to_eval_case",
+    "to_training_case",
+]
 
 
 class Dataset:
-    def __init__(self, root: Path, layout: str, entries: list[Entry], mapping: Mapping,
-                 organs: OrganSource | None = None, seen_types=()):
+    def __init__(
+        self,
+        root: Path,
+        layout: str,
+        entries: list[Entry],
+        mapping: Mapping,
+        organs: OrganSource | None = None,
+        seen_types=(),
+    ):
         self.root, self.layout, self.mapping, self.organs = root, layout, mapping, organs
         self.seen_types = tuple(sorted(seen_types))
         self._entries = {e.case_id: e for e in entries}
@@ -50,14 +66,15 @@ class Dataset:
     def __iter__(self) -> Iterator[DatasetCase]:
         return (self.load(c) for c in self.case_ids)
 
-    def subset(self, case_ids) -> "Dataset":
+    def subset(self, case_ids) -> Dataset:
         missing = [c for c in case_ids if c not in self._entries]
         if missing:
             raise InputError(self.root, f"no case {missing[0]} in this dataset")
-        return Dataset(self.root, self.layout, [self._entries[c] for c in case_ids], self.mapping, self.organs,
-                       self.seen_types)
+        return Dataset(
+            self.root, self.layout, [self._entries[c] for c in case_ids], self.mapping, self.organs, self.seen_types
+        )
 
-    def with_seen(self, seen_types) -> "Dataset":
+    def with_seen(self, seen_types) -> Dataset:
         return Dataset(self.root, self.layout, list(self._entries.values()), self.mapping, self.organs, seen_types)
 
     def load(self, case_id: str, show_progress: bool = False, with_organs: bool = True) -> DatasetCase:
@@ -71,19 +88,34 @@ class Dataset:
         else:
             image, labels, label_path, names = read_nifti_pair(entry)
         organ_masks = self.organs.organs(case_id, image) if self.organs is not None and with_organs else None
-        return build_case(self.name, case_id, image, labels, label_path,
-                          lambda v: self.mapping.meaning(v, names.get(v)), modality, self.seen_types, organ_masks,
-                          self.mapping.path, str(entry.image))
+        return build_case(
+            self.name,
+            case_id,
+            image,
+            labels,
+            label_path,
+            lambda v: self.mapping.meaning(v, names.get(v)),
+            modality,
+            self.seen_types,
+            organ_masks,
+            self.mapping.path,
+            str(entry.image),
+        )
 
-    def eval_cases(self) -> "EvalCases":
+    def eval_cases(self) -> EvalCases:
         return EvalCases(self)
 
     def provenance(self) -> dict:
         """What a manifest or a result records: which data, which meanings, which cases."""
-        return {"name": self.name, "layout": self.layout, "root": str(self.root),
-                "mapping": {"path": self.mapping.path, "sha256": self.mapping.sha256},
-                "organs": str(self.organs.root) if self.organs is not None else None,
-                "seen_types": list(self.seen_types), "cases": self.case_ids}
+        return {
+            "name": self.name,
+            "layout": self.layout,
+            "root": str(self.root),
+            "mapping": {"path": self.mapping.path, "sha256": self.mapping.sha256},
+            "organs": str(self.organs.root) if self.organs is not None else None,
+            "seen_types": list(self.seen_types),
+            "cases": self.case_ids,
+        }
 
 
 class EvalCases:
@@ -110,12 +142,16 @@ def detect_layout(root: Path) -> str:
         return "kits"
     if dicomseg.is_dicom_seg(root):
         return "dicom-seg"
-    raise InputError(root, "not a dataset in a known layout (MSD / nnU-Net dataset.json + imagesTr/labelsTr, "
-                           "KiTS case_*/imaging.nii.gz, or case folders of DICOM series + DICOM SEG)")
+    raise InputError(
+        root,
+        "not a dataset in a known layout (MSD / nnU-Net dataset.json + imagesTr/labelsTr, "
+        "KiTS case_*/imaging.nii.gz, or case folders of DICOM series + DICOM SEG)",
+    )
 
 
-def open_dataset(path: str | Path, mapping: str | Path | Mapping, organs: str | Path | None = None,
-                 seen_types=()) -> Dataset:
+def open_dataset(
+    path: str | Path, mapping: str | Path | Mapping, organs: str | Path | None = None, seen_types=()
+) -> Dataset:
     root = Path(path)
     mapping = mapping if isinstance(mapping, Mapping) else load_mapping(mapping)
     layout = detect_layout(root)

@@ -17,12 +17,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from diffugts.artifacts.geometry import Geometry
 from diffugts.datasets.mapping import Meaning
 from diffugts.datasets.organs import same_grid
 from diffugts.errors import InputError
-from diffugts.artifacts.geometry import Geometry
 from diffugts.stages.lesions import CONNECTIVITY_26
-
 
 
 @dataclass
@@ -49,27 +48,43 @@ def read_image(path: Path) -> sitk.Image:
     except RuntimeError as err:
         raise InputError(path, f"cannot read ({' '.join(str(err).split())[:160]})") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(path, f"expected a single-channel 3D image, got {image.GetDimension()}D with "
-                               f"{image.GetNumberOfComponentsPerPixel()} component(s) (multi-channel tasks are "
-                               "not supported)")
+        raise InputError(
+            path,
+            f"expected a single-channel 3D image, got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} component(s) (multi-channel tasks are "
+            "not supported)",
+        )
     return image
 
 
 def check_grids(image: sitk.Image, label: sitk.Image, label_path: Path) -> None:
     if not same_grid(image, label):
-        raise InputError(label_path, "image and label grids disagree (size "
-                                     f"{image.GetSize()} vs {label.GetSize()}, spacing "
-                                     f"{_r(image.GetSpacing())} vs {_r(label.GetSpacing())}, origin "
-                                     f"{_r(image.GetOrigin())} vs {_r(label.GetOrigin())})")
+        raise InputError(
+            label_path,
+            "image and label grids disagree (size "
+            f"{image.GetSize()} vs {label.GetSize()}, spacing "
+            f"{_r(image.GetSpacing())} vs {_r(label.GetSpacing())}, origin "
+            f"{_r(image.GetOrigin())} vs {_r(label.GetOrigin())})",
+        )
 
 
 def _r(values) -> tuple:
     return tuple(round(float(v), 3) for v in values)
 
 
-def build_case(dataset: str, case_id: str, image: sitk.Image, labels: np.ndarray, label_path: Path, meanings,
-               modality: str, seen_types, organ_masks: dict[str, np.ndarray] | None = None,
-               mapping_path: str = "", source: str = "") -> DatasetCase:
+def build_case(
+    dataset: str,
+    case_id: str,
+    image: sitk.Image,
+    labels: np.ndarray,
+    label_path: Path,
+    meanings,
+    modality: str,
+    seen_types,
+    organ_masks: dict[str, np.ndarray] | None = None,
+    mapping_path: str = "",
+    source: str = "",
+) -> DatasetCase:
     """``meanings(value) -> Meaning | None`` for every non-zero value in ``labels``; ``seen_types``
     decides each lesion's split; ``organ_masks`` (TotalSegmentator) fill organs the labels lack."""
     volume = sitk.GetArrayFromImage(image).astype(np.float32)
@@ -82,14 +97,18 @@ def build_case(dataset: str, case_id: str, image: sitk.Image, labels: np.ndarray
             raise InputError(label_path, f"label value {v} is not in the mapping {mapping_path}".rstrip())
         resolved[v] = m
     # Organs numbered by label value (a dataset's own order), then the organ source's.
-    names = list(dict.fromkeys([m.organ for _, m in sorted(resolved.items()) if m.kind in ("organ", "lesion")]
-                               + sorted(organ_masks or {})))
+    names = list(
+        dict.fromkeys(
+            [m.organ for _, m in sorted(resolved.items()) if m.kind in ("organ", "lesion") and m.organ is not None]
+            + sorted(organ_masks or {})
+        )
+    )
     index = {name: n for n, name in enumerate(names, start=1)}
     organs = np.zeros(labels.shape, np.uint8)
     for name, mask in sorted((organ_masks or {}).items()):
         organs[mask] = index[name]
     for v, m in resolved.items():
-        if m.kind in ("organ", "lesion"):  # a lesion's voxels are part of its host organ's region
+        if m.kind in ("organ", "lesion") and m.organ is not None:  # a lesion's voxels are its host organ's too
             organs[labels == v] = index[m.organ]
     lesions = np.zeros(labels.shape, np.uint16)
     records: list[dict] = []
@@ -104,19 +123,40 @@ def build_case(dataset: str, case_id: str, image: sitk.Image, labels: np.ndarray
             lesion_id = len(records) + 1
             lesions[mask] = lesion_id
             voxels = int(mask.sum())
-            records.append({"id": lesion_id, "type": m.lesion, "organ": m.organ, "label": v,
-                            "split": "seen" if m.lesion in seen else "unseen", "voxels": voxels,
-                            "volume_ml": round(voxels * voxel_ml, 3), "prompts": list(m.prompts)})
-    return DatasetCase(dataset, case_id, modality, volume, geometry, organs, {i: n for n, i in index.items()},
-                       lesions, records, source)
+            records.append(
+                {
+                    "id": lesion_id,
+                    "type": m.lesion,
+                    "organ": m.organ,
+                    "label": v,
+                    "split": "seen" if m.lesion in seen else "unseen",
+                    "voxels": voxels,
+                    "volume_ml": round(voxels * voxel_ml, 3),
+                    "prompts": list(m.prompts),
+                }
+            )
+    return DatasetCase(
+        dataset, case_id, modality, volume, geometry, organs, {i: n for n, i in index.items()}, lesions, records, source
+    )
 
 
 def to_training_case(case: DatasetCase, prep, keep_volume: bool = False, device=None):
     """The case on the model grid, as :func:`diffugts.train.data.phantom_case` makes one."""
     from diffugts.train.data import on_model_grid
 
-    return on_model_grid(f"{case.dataset}/{case.case_id}", case.modality, case.volume, case.geometry, case.organs,
-                         case.lesions, case.records, dict(case.organ_names), prep, keep_volume, device)
+    return on_model_grid(
+        f"{case.dataset}/{case.case_id}",
+        case.modality,
+        case.volume,
+        case.geometry,
+        case.organs,
+        case.lesions,
+        case.records,
+        dict(case.organ_names),
+        prep,
+        keep_volume,
+        device,
+    )
 
 
 def to_eval_case(case: DatasetCase):

@@ -53,11 +53,16 @@ def read_case(entry: Entry, show_progress: bool = False) -> tuple[sitk.Image, np
 
     segs = _seg_files(entry.image)
     if len(segs) != 1:
-        raise InputError(entry.image, "missing label file (no DICOM SEG beside the series)" if not segs
-                         else f"{len(segs)} DICOM SEG objects; one per case folder")
+        raise InputError(
+            entry.image,
+            "missing label file (no DICOM SEG beside the series)"
+            if not segs
+            else f"{len(segs)} DICOM SEG objects; one per case folder",
+        )
     seg_path = segs[0]
     loaded = load_series(entry.image, show_progress=show_progress)
     image = sitk.GetImageFromArray(loaded.volume.astype(np.float32))
+    assert loaded.stack.geometry is not None  # a loaded series has its grid
     loaded.stack.geometry.to_sitk(image)
     try:
         seg = hd.seg.segread(seg_path)
@@ -66,11 +71,11 @@ def read_case(entry: Entry, show_progress: bool = False) -> tuple[sitk.Image, np
         volume = seg.get_volume(combine_segments=False)
     except Exception as err:  # noqa: BLE001 - highdicom raises ValueError / AttributeError on bad SEGs
         # Exports often name the file by its SOP Instance UID: the path is scrubbed too.
-        raise InputError(Path(without_uids(str(seg_path))),
-                         f"cannot read the DICOM SEG ({without_uids(str(err))[:160]})") from None
+        raise InputError(
+            Path(without_uids(str(seg_path))), f"cannot read the DICOM SEG ({without_uids(str(err))[:160]})"
+        ) from None
     combined = _paint(np.asarray(volume.array), list(seg.segment_numbers))
-    labels_img = sitk.Resample(_to_sitk(combined, volume.affine), image, sitk.Transform(), sitk.sitkNearestNeighbor,
-                               0)
+    labels_img = sitk.Resample(_to_sitk(combined, volume.affine), image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     labels = sitk.GetArrayFromImage(labels_img).astype(np.int32)
     names = {int(n): seg.get_segment_description(n).segment_label for n in seg.segment_numbers}
     return image, labels, seg_path, names, loaded.stack.modality
@@ -84,7 +89,7 @@ def without_uids(text: str) -> str:
 def _paint(stack: np.ndarray, numbers: list[int]) -> np.ndarray:
     """Segment channels (k, j, i, segments) as one map of segment numbers, the largest segment
     painted first, so one inside another (a tumour in its organ) stays visible."""
-    stack = stack.reshape(stack.shape[:3] + (-1,))
+    stack = stack.reshape(*stack.shape[:3], -1)
     out = np.zeros(stack.shape[:3], np.uint16)
     sizes = [int(np.count_nonzero(stack[..., s])) for s in range(stack.shape[-1])]
     for s in sorted(range(len(sizes)), key=lambda s: -sizes[s]):

@@ -51,7 +51,7 @@ class Mapping:
         return {int(k): m for k, m in self.labels.items() if k.isdigit()}
 
     def lesion_types(self) -> list[str]:
-        return sorted({m.lesion for m in self.labels.values() if m.kind == "lesion"})
+        return sorted({m.lesion for m in self.labels.values() if m.kind == "lesion" and m.lesion is not None})
 
     def meaning(self, value: int, label: str | None = None) -> Meaning | None:
         """By value first, then (DICOM SEG) by segment label, case-insensitive."""
@@ -69,8 +69,9 @@ def shipped_dir() -> Path:
 
 
 def shipped_mappings() -> list[str]:
-    return sorted(p.stem for p in shipped_dir().glob("*.json") if p.stem != "paper-protocol"
-                  and p.stem != "paper-figures")
+    return sorted(
+        p.stem for p in shipped_dir().glob("*.json") if p.stem != "paper-protocol" and p.stem != "paper-figures"
+    )
 
 
 def resolve(ref: str | Path) -> Path:

@@ -49,8 +49,10 @@ def _msd(root: Path, meta_path: Path, training: list) -> list[Entry]:
         if not image.is_file():
             raise InputError(meta_path, f"names {item['image']}, which does not exist")
         if label is None or not label.is_file():
-            raise InputError(meta_path, f"names {item.get('label')!s} (the label of {item['image']}), which does "
-                                        "not exist: missing label file")
+            raise InputError(
+                meta_path,
+                f"names {item.get('label')!s} (the label of {item['image']}), which does not exist: missing label file",
+            )
         entries.append(Entry(_stem(image.name), image, label))
     if not entries:
         raise InputError(meta_path, 'the "training" list is empty')

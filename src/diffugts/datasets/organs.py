@@ -23,18 +23,44 @@ from diffugts.errors import InputError
 
 # TotalSegmentator file / class name -> prompt organ (diffugts.phantom.labels names, + lung, colon).
 TS_ORGANS = {
-    "liver": "liver", "spleen": "spleen", "pancreas": "pancreas", "kidney_left": "left kidney",
-    "kidney_right": "right kidney", "kidney_cyst_left": "left kidney", "kidney_cyst_right": "right kidney",
-    "stomach": "stomach", "gallbladder": "gallbladder", "aorta": "aorta", "colon": "colon",
-    "lung_upper_lobe_left": "lung", "lung_lower_lobe_left": "lung", "lung_upper_lobe_right": "lung",
-    "lung_middle_lobe_right": "lung", "lung_lower_lobe_right": "lung",
-    "lung_left": "lung", "lung_right": "lung",  # total_mr's per-organ files
+    "liver": "liver",
+    "spleen": "spleen",
+    "pancreas": "pancreas",
+    "kidney_left": "left kidney",
+    "kidney_right": "right kidney",
+    "kidney_cyst_left": "left kidney",
+    "kidney_cyst_right": "right kidney",
+    "stomach": "stomach",
+    "gallbladder": "gallbladder",
+    "aorta": "aorta",
+    "colon": "colon",
+    "lung_upper_lobe_left": "lung",
+    "lung_lower_lobe_left": "lung",
+    "lung_upper_lobe_right": "lung",
+    "lung_middle_lobe_right": "lung",
+    "lung_lower_lobe_right": "lung",
+    "lung_left": "lung",
+    "lung_right": "lung",  # total_mr's per-organ files
 }
 # TotalSegmentator v2 ``total`` task: class number -> name, for the organs above.
-TS_V2_CLASSES = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver", 6: "stomach",
-                 7: "pancreas", 10: "lung_upper_lobe_left", 11: "lung_lower_lobe_left", 12: "lung_upper_lobe_right",
-                 13: "lung_middle_lobe_right", 14: "lung_lower_lobe_right", 20: "colon", 23: "kidney_cyst_left",
-                 24: "kidney_cyst_right", 52: "aorta"}
+TS_V2_CLASSES = {
+    1: "spleen",
+    2: "kidney_right",
+    3: "kidney_left",
+    4: "gallbladder",
+    5: "liver",
+    6: "stomach",
+    7: "pancreas",
+    10: "lung_upper_lobe_left",
+    11: "lung_lower_lobe_left",
+    12: "lung_upper_lobe_right",
+    13: "lung_middle_lobe_right",
+    14: "lung_lower_lobe_right",
+    20: "colon",
+    23: "kidney_cyst_left",
+    24: "kidney_cyst_right",
+    52: "aorta",
+}
 
 
 class OrganSource:
@@ -60,8 +86,9 @@ class OrganSource:
                     mask = _on_grid(_read(path), reference, path) > 0
                     out[organ] = out.get(organ, np.zeros(mask.shape, bool)) | mask
             if not out:
-                raise InputError(folder, "no TotalSegmentator organ file of a prompt organ "
-                                         f"({', '.join(sorted(set(TS_ORGANS)))})")
+                raise InputError(
+                    folder, f"no TotalSegmentator organ file of a prompt organ ({', '.join(sorted(set(TS_ORGANS)))})"
+                )
         elif multi.is_file():
             labels = _on_grid(_read(multi), reference, multi)
             for value, name in TS_V2_CLASSES.items():
@@ -70,8 +97,10 @@ class OrganSource:
                     organ = TS_ORGANS[name]
                     out[organ] = out.get(organ, np.zeros(mask.shape, bool)) | mask
         else:
-            raise InputError(folder, f"no TotalSegmentator output for case {case_id} "
-                                     f"(a folder {case_id}/ or a file {case_id}.nii.gz)")
+            raise InputError(
+                folder,
+                f"no TotalSegmentator output for case {case_id} (a folder {case_id}/ or a file {case_id}.nii.gz)",
+            )
         return out
 
 
@@ -91,6 +120,9 @@ def _on_grid(image: sitk.Image, reference: sitk.Image, path: Path) -> np.ndarray
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> bool:
-    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=max(tol, 1e-2))
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=max(tol, 1e-2))
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol)
+    )

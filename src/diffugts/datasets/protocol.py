@@ -53,11 +53,19 @@ def load_protocol(ref: str | Path) -> Protocol:
         raise InputError(path, '"held_out_fraction" must be a number in [0, 1)')
     for role in ("train", "evaluate"):
         items = doc.get(role, [])
-        if not isinstance(items, list) or not all(isinstance(i, dict) and "mapping" in i and "path" in i
-                                                  for i in items):
+        if not isinstance(items, list) or not all(
+            isinstance(i, dict) and "mapping" in i and "path" in i for i in items
+        ):
             raise InputError(path, f'"{role}" must be a list of {{"mapping": ..., "path": ...}}')
-    return Protocol(doc.get("name", path.stem), tuple(doc["seen_types"]), float(fraction), tuple(doc.get("train", [])),
-                    tuple(doc.get("evaluate", [])), str(path), hashlib.sha256(raw).hexdigest())
+    return Protocol(
+        doc.get("name", path.stem),
+        tuple(doc["seen_types"]),
+        float(fraction),
+        tuple(doc.get("train", [])),
+        tuple(doc.get("evaluate", [])),
+        str(path),
+        hashlib.sha256(raw).hexdigest(),
+    )
 
 
 def rank(dataset: str, case_id: str) -> float:
@@ -91,9 +99,15 @@ def open_protocol_datasets(protocol: Protocol, data_root: str | Path, role: str)
     def mapping(ref: str) -> str:  # a relative mapping file is looked up under the data root first
         return str(root / ref) if not Path(ref).is_absolute() and (root / ref).is_file() else ref
 
-    return [open_dataset(root / item["path"], mapping(item["mapping"]),
-                         root / item["organs"] if item.get("organs") else None, protocol.seen_types)
-            for item in getattr(protocol, role)]
+    return [
+        open_dataset(
+            root / item["path"],
+            mapping(item["mapping"]),
+            root / item["organs"] if item.get("organs") else None,
+            protocol.seen_types,
+        )
+        for item in getattr(protocol, role)
+    ]
 
 
 def paper_figures() -> dict[str, float]:

@@ -15,27 +15,43 @@ from diffugts.datasets.training import DatasetSource
 log = logging.getLogger(__name__)
 
 
-def protocol_source(protocol: str | None, data_root, seen=None, held_out_fraction: float | None = None,
-                    show_progress: bool = True, max_cases: int | None = None) -> DatasetSource:
+def protocol_source(
+    protocol: str | None,
+    data_root,
+    seen=None,
+    held_out_fraction: float | None = None,
+    show_progress: bool = True,
+    max_cases: int | None = None,
+) -> DatasetSource:
     """The training datasets of a split file (``None``: the paper protocol) under ``data_root``."""
     p = protocol_of(protocol, data_root)
     datasets = open_protocol_datasets(p, data_root, "train")
     if seen:
         datasets = [d.with_seen(seen) for d in datasets]
     fraction = p.held_out_fraction if held_out_fraction is None else held_out_fraction
-    return DatasetSource(datasets, fraction, show_progress=show_progress, max_cases=max_cases,
-                         protocol={"name": p.name, "path": p.path, "sha256": p.sha256})
+    return DatasetSource(
+        datasets,
+        fraction,
+        show_progress=show_progress,
+        max_cases=max_cases,
+        protocol={"name": p.name, "path": p.path, "sha256": p.sha256},
+    )
 
 
-def training_checkpoint(folder: str | Path, head: str, model, settings: dict, source: DatasetSource | None,
-                        every: int = 100):
+def training_checkpoint(
+    folder: str | Path, head: str, model, settings: dict, source: DatasetSource | None, every: int = 100
+):
     """``folder/<head>.pt``, keyed on the model, the settings and the data (another run's
     checkpoint is not resumed)."""
     from diffugts.models.package import open_package
     from diffugts.train.checkpoint import Checkpoint
 
-    key = {"head": head, "model_sha256": open_package(model).sha256, **settings,
-           "datasets": source.key() if source else None}
+    key = {
+        "head": head,
+        "model_sha256": open_package(model).sha256,
+        **settings,
+        "datasets": source.key() if source else None,
+    }
     return Checkpoint(Path(folder) / f"{head}.pt", key, every)
 
 
@@ -45,9 +61,14 @@ def trained_types(model) -> list[str]:
     from diffugts.models.package import open_package
 
     provenance = open_package(model).manifest.get("provenance", {})
-    return sorted({t for key in ("aova_training", "refine_training")
-                   for d in (provenance.get(key, {}).get("datasets") or {}).get("datasets", [])
-                   for t in d.get("seen_types", [])})
+    return sorted(
+        {
+            t
+            for key in ("aova_training", "refine_training")
+            for d in (provenance.get(key, {}).get("datasets") or {}).get("datasets", [])
+            for t in d.get("seen_types", [])
+        }
+    )
 
 
 def trained_cases(model) -> dict[str, set[str]]:
@@ -78,18 +99,32 @@ def without_trained(model, sets: list[tuple[str, Dataset]]) -> tuple[list[tuple[
     return kept, excluded
 
 
-def evaluate_sets(model: str, sets: list[tuple[str, Dataset]], *, prompt_template: str = "{organ} tumor",
-                  device: str | None = None, show_progress: bool = True) -> dict:
+def evaluate_sets(
+    model: str,
+    sets: list[tuple[str, Dataset]],
+    *,
+    prompt_template: str = "{organ} tumor",
+    device: str | None = None,
+    show_progress: bool = True,
+) -> dict:
     """``sets``: (role, dataset) pairs; the role ("held-out", "evaluate") goes into the result.
     Cases that trained the model (its manifest says which) are never scored: they are left
     out, and the result says how many."""
     from diffugts.runners.evaluate import evaluate
 
     sets, excluded = without_trained(model, sets)
-    provenance = [{**d.provenance(), "role": role, "training_cases_left_out": excluded.get(d.name, 0)}
-                  for role, d in sets]
-    return evaluate(None, model, prompt_template=prompt_template, device=device, show_progress=show_progress,
-                    cases=EvalCases(*(d for _, d in sets)), datasets=provenance)
+    provenance = [
+        {**d.provenance(), "role": role, "training_cases_left_out": excluded.get(d.name, 0)} for role, d in sets
+    ]
+    return evaluate(
+        None,
+        model,
+        prompt_template=prompt_template,
+        device=device,
+        show_progress=show_progress,
+        cases=EvalCases(*(d for _, d in sets)),
+        datasets=provenance,
+    )
 
 
 def evaluate_protocol(model: str, protocol: str | None, data_root, **kw) -> dict:

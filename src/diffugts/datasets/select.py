@@ -29,8 +29,10 @@ def explicit(paths, mappings, organs, seen_types) -> list[Dataset]:
     datasets = [open_dataset(p, m, None if o == "-" else o, seen_types) for p, m, o in zip(paths, mappings, organs)]
     names = [d.name for d in datasets]
     if len(set(names)) != len(names):
-        raise ConfigError(f"two datasets are named {max(names, key=names.count)!r} (the mapping's \"name\"): "
-                          "give each dataset its own mapping name")
+        raise ConfigError(
+            f'two datasets are named {max(names, key=names.count)!r} (the mapping\'s "name"): '
+            "give each dataset its own mapping name"
+        )
     return datasets
 
 
@@ -57,5 +59,6 @@ def evaluation_sets(protocol: Protocol, data_root) -> list[tuple[str, Dataset]]:
     """(role, dataset): the held-out cases of the training datasets ("seen") and every case of
     the evaluation datasets ("unseen")."""
     _, held = training_sets(open_protocol_datasets(protocol, data_root, "train"), protocol.held_out_fraction)
-    return ([("held-out", d) for d in held if len(d)]
-            + [("evaluate", d) for d in open_protocol_datasets(protocol, data_root, "evaluate")])
+    return [("held-out", d) for d in held if len(d)] + [
+        ("evaluate", d) for d in open_protocol_datasets(protocol, data_root, "evaluate")
+    ]

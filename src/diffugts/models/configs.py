@@ -67,13 +67,22 @@ CONFIGS: dict[str, dict] = {
         "unet": _MAISI_UNET_V2,
         "scheduler": {
             "class": "RFlowScheduler",
-            "args": {"num_train_timesteps": 1000, "use_discrete_timesteps": False,
-                     "use_timestep_transform": True, "sample_method": "uniform"},
+            "args": {
+                "num_train_timesteps": 1000,
+                "use_discrete_timesteps": False,
+                "use_timestep_transform": True,
+                "sample_method": "uniform",
+            },
         },
         # CT class label of MAISI v2; spacing is fed as mm x 100 (official scripts).
         "conditioning": {"spacing": True, "class_label": 1, "body_region": None},
-        "preprocessing": {"spacing_mm": [1.5, 1.5, 1.5], "orientation": "RAS", "ct_window": [-1000, 1000],
-                          "mr_percentiles": [0.0, 99.5], "multiple": 32},
+        "preprocessing": {
+            "spacing_mm": [1.5, 1.5, 1.5],
+            "orientation": "RAS",
+            "ct_window": [-1000, 1000],
+            "mr_percentiles": [0.0, 99.5],
+            "multiple": 32,
+        },
     },
     "maisi-ct-v1": {
         "family": "maisi",
@@ -81,13 +90,23 @@ CONFIGS: dict[str, dict] = {
         "unet": _MAISI_UNET_V1,
         "scheduler": {
             "class": "DDPMScheduler",
-            "args": {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015,
-                     "beta_end": 0.0195, "clip_sample": False},
+            "args": {
+                "num_train_timesteps": 1000,
+                "schedule": "scaled_linear_beta",
+                "beta_start": 0.0015,
+                "beta_end": 0.0195,
+                "clip_sample": False,
+            },
         },
         # Abdomen top and bottom region (one-hot x 100, order head/neck, chest, abdomen, lower body).
         "conditioning": {"spacing": True, "class_label": None, "body_region": [[0, 0, 1, 0], [0, 0, 1, 0]]},
-        "preprocessing": {"spacing_mm": [1.5, 1.5, 1.5], "orientation": "RAS", "ct_window": [-1000, 1000],
-                          "mr_percentiles": [0.0, 99.5], "multiple": 32},
+        "preprocessing": {
+            "spacing_mm": [1.5, 1.5, 1.5],
+            "orientation": "RAS",
+            "ct_window": [-1000, 1000],
+            "mr_percentiles": [0.0, 99.5],
+            "multiple": 32,
+        },
     },
     "demo": {
         "family": "maisi",
@@ -113,15 +132,24 @@ CONFIGS: dict[str, dict] = {
         },
         "scheduler": {
             "class": "RFlowScheduler",
-            "args": {"num_train_timesteps": 1000, "use_discrete_timesteps": False,
-                     "use_timestep_transform": False, "sample_method": "uniform"},
+            "args": {
+                "num_train_timesteps": 1000,
+                "use_discrete_timesteps": False,
+                "use_timestep_transform": False,
+                "sample_method": "uniform",
+            },
         },
         "conditioning": {"spacing": True, "class_label": None, "body_region": None},
         # The phantom world's grid: no resampling for demo studies.
         # A soft-tissue window: lesions differ from their organ by 20-100 HU, which the
         # full [-1000, 1000] range squeezes below what a small VAE keeps.
-        "preprocessing": {"spacing_mm": [2.75, 2.75, 4.0], "orientation": "LPS", "ct_window": [-250, 350],
-                          "mr_percentiles": [0.0, 99.5], "multiple": 16},
+        "preprocessing": {
+            "spacing_mm": [2.75, 2.75, 4.0],
+            "orientation": "LPS",
+            "ct_window": [-250, 350],
+            "mr_percentiles": [0.0, 99.5],
+            "multiple": 16,
+        },
     },
     # The 2D family (diffusers UNet2DConditionModel + AutoencoderKL, docs/backbones-2d.md), tiny,
     # for CPU tests: the configs are the classes' own keyword arguments (a diffusers folder's
@@ -129,35 +157,59 @@ CONFIGS: dict[str, dict] = {
     "demo-2d": {
         "family": "diffusers2d",
         "vae": {
-            "in_channels": 1, "out_channels": 1, "latent_channels": 4,
-            "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
-            "block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+            "in_channels": 1,
+            "out_channels": 1,
+            "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D"] * 3,
+            "up_block_types": ["UpDecoderBlock2D"] * 3,
+            "block_out_channels": [16, 32, 32],
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
             "scaling_factor": 1.0,
         },
         "unet": {
-            "sample_size": 16, "in_channels": 4, "out_channels": 4,
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
             "mid_block_type": "UNetMidBlock2DCrossAttn",
-            "block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
-            "attention_head_dim": 8, "cross_attention_dim": 384,
+            "block_out_channels": [32, 64],
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "attention_head_dim": 8,
+            "cross_attention_dim": 384,
         },
         # The Stable Diffusion training schedule (DDPM, scaled-linear betas); inpainting uses
         # DDIM over it ("sampler": "ddim") or this scheduler itself ("sampler": "native").
         "scheduler": {
             "class": "DDPMScheduler",
-            "args": {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                     "beta_end": 0.012, "prediction_type": "epsilon", "clip_sample": False,
-                     "set_alpha_to_one": False, "steps_offset": 1},
+            "args": {
+                "num_train_timesteps": 1000,
+                "beta_schedule": "scaled_linear",
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+                "prediction_type": "epsilon",
+                "clip_sample": False,
+                "set_alpha_to_one": False,
+                "steps_offset": 1,
+            },
         },
         "sampler": "ddim",
         "conditioning": {"prompt": ""},
         "context_slices": 0,
         "slice_batch": 16,
-        "attention": {"noise": [0.1, 0.3, 0.5],
-                      "probes": ["tumor", "lesion", "abnormal tissue", "normal tissue", "organ", "background"]},
-        "preprocessing": {"spacing_mm": [2.75, 2.75, 4.0], "orientation": "LPS", "ct_window": [-250, 350],
-                          "mr_percentiles": [0.0, 99.5], "multiple": 16},
+        "attention": {
+            "noise": [0.1, 0.3, 0.5],
+            "probes": ["tumor", "lesion", "abnormal tissue", "normal tissue", "organ", "background"],
+        },
+        "preprocessing": {
+            "spacing_mm": [2.75, 2.75, 4.0],
+            "orientation": "LPS",
+            "ct_window": [-250, 350],
+            "mr_percentiles": [0.0, 99.5],
+            "multiple": 16,
+        },
     },
 }
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from diffugts.networks.backbones import build_backbone
 from diffugts.errors import ConfigError, InputError
 from diffugts.models.configs import get_config
 from diffugts.models.package import ModelPackage, write_package
+from diffugts.networks.backbones import build_backbone
 from diffugts.networks.text import default_encoder_path
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,11 @@ DEFAULT_PROMPTS = ["liver tumor", "kidney tumor", "pancreas tumor", "spleen lesi
 VAE_FILES = ("models/autoencoder_v1.pt", "models/autoencoder_epoch273.pt")
 UNET_FILES = {
     "maisi-ct": ("models/diff_unet_3d_rflow-ct.pt", "models/diff_unet_3d_rflow.pt"),
-    "maisi-ct-v1": ("models/diff_unet_3d_ddpm-ct.pt", "models/diff_unet_3d_ddpm.pt",
-                    "models/input_unet3d_data-all_steps1000size512ddpm_random_current_inputx_v1.pt"),
+    "maisi-ct-v1": (
+        "models/diff_unet_3d_ddpm-ct.pt",
+        "models/diff_unet_3d_ddpm.pt",
+        "models/input_unet3d_data-all_steps1000size512ddpm_random_current_inputx_v1.pt",
+    ),
 }
 
 
@@ -51,15 +54,18 @@ def base_manifest(name: str, config_name: str, config: dict, scale_factor: float
             "scale_factor": float(scale_factor),
             "feature_noise": 0.05,
             # Family-specific settings (the 2D family's sampler, slices, text encoder...).
-            **{k: v for k, v in config.items() if k not in ("family", "vae", "unet", "scheduler", "conditioning",
-                                                              "preprocessing")},
+            **{
+                k: v
+                for k, v in config.items()
+                if k not in ("family", "vae", "unet", "scheduler", "conditioning", "preprocessing")
+            },
         },
         "preprocessing": config["preprocessing"],
         "inference": {"roi_size": None if config_name.startswith("demo") else [128, 128, 128]},
         "text_encoder": text_encoder_entry(),
         "prompts": {"default": DEFAULT_PROMPTS},
         "networks": {"vae": {}, "unet": {}},
-        "provenance": {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **provenance},
+        "provenance": {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **provenance},
     }
 
 
@@ -68,13 +74,15 @@ def create_random(out: Path, config_name: str = "demo", seed: int = 0, name: str
     config = get_config(config_name)
     torch.manual_seed(seed)
     backbone = build_backbone({**config, "scale_factor": 1.0})
-    manifest = base_manifest(name or f"{config_name}-random-{seed}", config_name, config, 1.0,
-                             {"kind": "random weights", "seed": seed})
+    manifest = base_manifest(
+        name or f"{config_name}-random-{seed}", config_name, config, 1.0, {"kind": "random weights", "seed": seed}
+    )
     return write_package(out, manifest, {"vae": backbone.vae.state_dict(), "unet": backbone.unet.state_dict()})
 
 
-def import_maisi(bundle: Path, out: Path, config_name: str | None = None, vae_file: str | None = None,
-                 unet_file: str | None = None) -> ModelPackage:
+def import_maisi(
+    bundle: Path, out: Path, config_name: str | None = None, vae_file: str | None = None, unet_file: str | None = None
+) -> ModelPackage:
     """Convert the official MAISI checkpoints (torch.load with weights_only=True) to a package.
 
     The configuration (v2 rflow ``maisi-ct`` or v1 ddpm ``maisi-ct-v1``) is recognised from
@@ -103,8 +111,13 @@ def import_maisi(bundle: Path, out: Path, config_name: str | None = None, vae_fi
     scale = float(scale.item() if hasattr(scale, "item") else scale)
     backbone = build_backbone({**config, "scale_factor": scale})
     backbone.load_weights(vae_state, unet_state, where=str(bundle))  # strict: wrong layout is an error
-    manifest = base_manifest(f"{config_name}-official", config_name, config, scale, {
-        "kind": "imported", "bundle": str(bundle), "vae_checkpoint": vae_path.name, "unet_checkpoint": unet_path.name})
+    manifest = base_manifest(
+        f"{config_name}-official",
+        config_name,
+        config,
+        scale,
+        {"kind": "imported", "bundle": str(bundle), "vae_checkpoint": vae_path.name, "unet_checkpoint": unet_path.name},
+    )
     return write_package(out, manifest, {"vae": vae_state, "unet": unet_state})
 
 
@@ -119,8 +132,9 @@ def _load(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle / zip errors of many kinds
-        raise InputError(path, f"cannot load checkpoint with weights_only=True ({' '.join(str(err).split())[:120]})") \
-            from None
+        raise InputError(
+            path, f"cannot load checkpoint with weights_only=True ({' '.join(str(err).split())[:120]})"
+        ) from None
     if not isinstance(obj, dict):
         raise InputError(path, f"expected a state dict, found {type(obj).__name__}")
     return obj
@@ -131,6 +145,8 @@ def verify(ref: str | os.PathLike) -> ModelPackage:
     from diffugts.networks.loading import load_head
     from diffugts.networks.backbones import load_backbone
     from diffugts.models.package import open_package
+    from diffugts.networks.backbones import load_backbone
+    from diffugts.stages.attend import load_head
 
     pkg = open_package(ref)
     load_backbone(pkg, "cpu")

@@ -35,7 +35,9 @@ def resolve_model(ref: str) -> str:
     if ref in SHIPPED and not Path(ref).exists():
         if not (SHIPPED[ref] / "manifest.json").is_file():
             # The container images leave the demo weights out (.dockerignore).
-            raise ConfigError(f"{ref}: the shipped model is not in this installation ({SHIPPED[ref]} is missing); "
-                              "give a package folder or s3:// prefix")
+            raise ConfigError(
+                f"{ref}: the shipped model is not in this installation ({SHIPPED[ref]} is missing); "
+                "give a package folder or s3:// prefix"
+            )
         return str(SHIPPED[ref])
     return ref

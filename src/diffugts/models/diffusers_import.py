@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from diffugts.errors import ConfigError, InputError
 from diffugts.models.create import DEFAULT_PROMPTS, text_encoder_entry
@@ -35,8 +36,16 @@ def _config(model) -> dict:
     return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
 
 
-def import_diffusers(folder, out, *, spacing_mm=(1.0, 1.0, 2.5), sampler: str = "ddim", prompt: str = "",
-                     context_slices: int = 0, name: str | None = None) -> ModelPackage:
+def import_diffusers(
+    folder,
+    out,
+    *,
+    spacing_mm=(1.0, 1.0, 2.5),
+    sampler: str = "ddim",
+    prompt: str = "",
+    context_slices: int = 0,
+    name: str | None = None,
+) -> ModelPackage:
     """Convert a diffusers model folder to a package (``spacing_mm`` is x, y, z)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -58,8 +67,10 @@ def import_diffusers(folder, out, *, spacing_mm=(1.0, 1.0, 2.5), sampler: str = 
     sched = json.loads(sched_file.read_text())
     latent_stride = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_stride = 2 ** (len(unet.config.block_out_channels) - 1)
-    slice_px = int(unet.config.sample_size if isinstance(unet.config.sample_size, int)
-                   else unet.config.sample_size[0]) * latent_stride
+    slice_px = (
+        int(unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0])
+        * latent_stride
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     extra: list[str] = []
@@ -77,8 +88,11 @@ def import_diffusers(folder, out, *, spacing_mm=(1.0, 1.0, 2.5), sampler: str = 
             # Stable Diffusion's convention: always 77 tokens, padding attended.
             text_entry.update(pad="max_length", max_length=77)
     elif unet.config.cross_attention_dim != 384:
-        raise InputError(folder, f"no text_encoder/ and the UNet's cross_attention_dim is "
-                                 f"{unet.config.cross_attention_dim} (the offline MiniLM gives 384)")
+        raise InputError(
+            folder,
+            f"no text_encoder/ and the UNet's cross_attention_dim is "
+            f"{unet.config.cross_attention_dim} (the offline MiniLM gives 384)",
+        )
     if context_slices and vae.config.in_channels != 2 * context_slices + 1:
         raise ConfigError(f"context_slices={context_slices} needs a VAE with {2 * context_slices + 1} input channels")
 
@@ -87,8 +101,10 @@ def import_diffusers(folder, out, *, spacing_mm=(1.0, 1.0, 2.5), sampler: str = 
         "family": "diffusers2d",
         "vae": _config(vae),
         "unet": _config(unet),
-        "scheduler": {"class": sched.get("_class_name", "DDPMScheduler"),
-                      "args": {k: v for k, v in sched.items() if not k.startswith("_")}},
+        "scheduler": {
+            "class": sched.get("_class_name", "DDPMScheduler"),
+            "args": {k: v for k, v in sched.items() if not k.startswith("_")},
+        },
         "sampler": sampler,
         "conditioning": {"prompt": prompt},
         "context_slices": int(context_slices),
@@ -98,18 +114,24 @@ def import_diffusers(folder, out, *, spacing_mm=(1.0, 1.0, 2.5), sampler: str = 
     }
     if text_entry:
         backbone["text_encoder"] = text_entry
-    manifest = {
+    manifest: dict[str, Any] = {
         "name": name or folder.name,
         "family": "diffusers2d",
         "backbone": backbone,
-        "preprocessing": {**DEFAULT_PREPROCESSING, "spacing_mm": [float(s) for s in spacing_mm],
-                          "multiple": latent_stride * unet_stride},
+        "preprocessing": {
+            **DEFAULT_PREPROCESSING,
+            "spacing_mm": [float(s) for s in spacing_mm],
+            "multiple": latent_stride * unet_stride,
+        },
         # Attention tiles: whole slices at the model's native size, a few slabs deep.
         "inference": {"roi_size": [4 * latent_stride, slice_px, slice_px]},
         "text_encoder": text_encoder_entry(),  # the AOVA head's prompt encoder (MiniLM)
         "prompts": {"default": DEFAULT_PROMPTS},
         "networks": {"vae": {}, "unet": {}},
-        "provenance": {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                       "kind": "imported", "diffusers_folder": str(folder)},
+        "provenance": {
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "kind": "imported",
+            "diffusers_folder": str(folder),
+        },
     }
     return write_package(out, manifest, {"vae": vae.state_dict(), "unet": unet.state_dict()}, extra_files=extra)

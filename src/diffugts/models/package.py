@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from diffugts import __version__
-from diffugts.utils import atomic
 from diffugts.errors import ConfigError, InputError
+from diffugts.utils import atomic
 
 FORMAT = "diffugts-model/1"
 MANIFEST = "manifest.json"
@@ -110,7 +111,9 @@ def _referenced_files(manifest: dict) -> list[str]:
     return [n["weights"] for n in manifest.get("networks", {}).values() if n.get("weights")]
 
 
-def write_package(root: Path, manifest: dict, weights: dict[str, dict], extra_files: list[str] = ()) -> ModelPackage:
+def write_package(
+    root: Path, manifest: dict, weights: dict[str, dict], extra_files: Iterable[str] = ()
+) -> ModelPackage:
     """Write ``weights`` (network name -> state dict) as safetensors and the manifest last.
 
     ``manifest["networks"][name]`` gets its ``weights`` file name; every file written (and
@@ -144,8 +147,7 @@ def cache_dir() -> Path:
 
 def _fetch(uri: str) -> Path:
     """Mirror a published package into the cache, unless the cached copy is current."""
-    from diffugts.storage import MANIFEST as STORE_MANIFEST
-    from diffugts.storage import ObjectStore, join_uri
+    from diffugts.storage import MANIFEST as STORE_MANIFEST, ObjectStore, join_uri
 
     store = ObjectStore()
     dest = cache_dir() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -156,8 +158,9 @@ def _fetch(uri: str) -> Path:
     return dest
 
 
-def add_networks(pkg: ModelPackage, networks: dict[str, tuple[dict, dict]], out: Path | None = None,
-                 provenance: dict | None = None) -> ModelPackage:
+def add_networks(
+    pkg: ModelPackage, networks: dict[str, tuple[dict, dict]], out: Path | None = None, provenance: dict | None = None
+) -> ModelPackage:
     """A package with extra (or replaced) networks: name -> (manifest entry, state dict).
 
     Written into ``out`` (the other files copied) or in place; the manifest is rewritten

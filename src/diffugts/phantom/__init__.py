@@ -17,6 +17,16 @@ from diffugts.phantom.lesions import LESION_TYPES, prompts
 from diffugts.phantom.split import SEEN, split_of, unseen_reasons
 
 __all__ = [
-    "GENERATOR_VERSION", "LESION_TYPES", "ORGANS", "SEEN", "Case", "CaseSpec", "generate_case",
-    "generate_cohort", "prompts", "split_of", "unseen_reasons", "write_case",
+    "GENERATOR_VERSION",
+    "LESION_TYPES",
+    "ORGANS",
+    "SEEN",
+    "Case",
+    "CaseSpec",
+    "generate_case",
+    "generate_cohort",
+    "prompts",
+    "split_of",
+    "unseen_reasons",
+    "write_case",
 ]

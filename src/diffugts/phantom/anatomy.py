@@ -82,6 +82,10 @@ def build_anatomy(grid: Grid, rng: np.random.Generator) -> Anatomy:
     viscera.great_vessels(cv, L, rng)
     body.spine(cv, L, rng)
     body.ribs(cv, L, rng)
-    marks = {k: (v if isinstance(v, (bool, str)) else round(float(v), 2))
-             for k, v in vars(L).items() if np.isscalar(v)}
+    # The landmarks are real numbers, bools and strings (np.isscalar's stub also admits complex and bytes).
+    marks = {
+        k: (v if isinstance(v, (bool, str)) else round(float(v), 2))  # type: ignore[arg-type]
+        for k, v in vars(L).items()
+        if np.isscalar(v)
+    }
     return Anatomy(cv.organ, cv.tissue, marks, bool(L.oral_contrast))

@@ -13,8 +13,8 @@ from diffugts.phantom.grid import smooth_noise
 from diffugts.phantom.labels import O, T
 from diffugts.phantom.shapes import ellipsoid, rotation
 
-
 # --- body outline, fat and abdominal wall -------------------------------------------------
+
 
 def body_wall(cv, L, rng):
     u = rng.uniform
@@ -35,7 +35,7 @@ def body_wall(cv, L, rng):
     rho = np.hypot(dx, dy)
     depth = rho * (1 / np.maximum(r, 1e-3) - 1)  # mm from the skin, along the ray from the centre
     cos_t = dy / np.maximum(rho, 1e-3)  # +1 posterior, -1 anterior
-    sin2 = 1 - cos_t ** 2
+    sin2 = 1 - cos_t**2
     fat_t = np.float32(L.fat) * (1 - 0.3 * cos_t + 0.15 * sin2)
     linea = 1 - 0.6 * np.exp(-((dx / 9) ** 2)) * (cos_t < -0.7)  # thin linea alba
     wall_t = np.float32(L.wall) * (1 + 0.4 * sin2) * linea
@@ -60,6 +60,7 @@ def diaphragm(cv, L, rng):
             dy = Y - np.float32(L.yc)
             hy = np.where(dy > 0, np.float32(55), np.float32(30))  # deep posterior recesses
             return z0 - 40 * ((X - x0) / 85) ** 2 - hy * (dy / 90) ** 2
+
         return np.maximum(dome(L.zR, L.xc - 55), dome(L.zL, L.xc + 55))
 
     cv.zd = zd
@@ -96,6 +97,7 @@ def back_muscles(cv, L, rng):
 
 # --- chest: lungs and heart above the diaphragm -------------------------------------------
 
+
 def chest(cv, L, rng):
     u = rng.uniform
     box = cv.box((-200, -200, min(L.zL, L.zR) - 115), (200, 200, 400))
@@ -120,6 +122,7 @@ def chest(cv, L, rng):
 
 # --- bones ---------------------------------------------------------------------------------
 
+
 def spine(cv, L, rng):
     box = cv.box((L.xc - 50, L.y_sp - L.ryv - 5, -400), (L.xc + 50, L.y_canal + 45, 400))
     Z, Y, X = cv.at(box)
@@ -137,8 +140,9 @@ def spine(cv, L, rng):
     # transverse processes taper laterally
     trans = (np.abs(y - yc + 3) < 4.0 - np.abs(x) / 16) & (np.abs(x) < 32) & (s > 0.4) & (s < 0.65)
     bone = body | arch | spinous | trans
-    tis = np.where(disc & body, T.disc, np.where(~body, T.bone, np.where(
-        qb < 1 - 1.5 / L.ryv, T.trabecular_bone, T.cortical_bone)))
+    tis = np.where(
+        disc & body, T.disc, np.where(~body, T.bone, np.where(qb < 1 - 1.5 / L.ryv, T.trabecular_bone, T.cortical_bone))
+    )
     cv.paint(box, bone & (cv.depth[box] > 3), O.spine, tis)
     cv.paint(box, canal & (cv.depth[box] > 3), O.spine, T.csf)
 

@@ -46,7 +46,11 @@ class CaseSpec:
 
     @property
     def render_modality(self) -> str:
-        return "CT" if self.modality == "CT" else self.mr_contrast
+        if self.modality == "CT":
+            return "CT"
+        if self.mr_contrast is None:
+            raise ValueError(f"{self.case_id}: an MR phantom needs mr_contrast (T1 or T2)")
+        return self.mr_contrast
 
 
 @dataclass
@@ -92,9 +96,10 @@ def plan_lesions(spec: CaseSpec, rng: np.random.Generator) -> list[tuple[str, st
 def case_grid(spec: CaseSpec, rng: np.random.Generator) -> Grid:
     # where the patient lies in scanner coordinates (table height, table position); multiples
     # of 1/8 mm so DICOM decimal strings and NIfTI float32 hold them exactly
-    off = np.round(np.array([rng.uniform(-15, 15), rng.uniform(-30, 10),
-                             rng.uniform(-600, -150)]) * 8) / 8
-    return Grid(tuple(spec.shape), tuple(float(s) for s in spec.spacing), tuple(off.tolist()))
+    off = np.round(np.array([rng.uniform(-15, 15), rng.uniform(-30, 10), rng.uniform(-600, -150)]) * 8) / 8
+    nz, ny, nx = spec.shape
+    dx, dy, dz = (float(s) for s in spec.spacing)
+    return Grid((nz, ny, nx), (dx, dy, dz), tuple(off.tolist()))
 
 
 def generate_case(spec: CaseSpec) -> Case:
@@ -138,6 +143,12 @@ def _record(les: Lesion, spec: CaseSpec, grid: Grid) -> dict:
 
 def organ_table(case: Case) -> list[dict]:
     counts = np.bincount(case.organs.ravel(), minlength=len(ORGANS) + 1)
-    return [{"label": o.label, "name": o.name, "volume_ml": round(counts[o.label]
-                                                                 * case.grid.voxel_ml, 1),
-             "normal_prompt": f"normal {o.family} tissue"} for o in ORGANS]
+    return [
+        {
+            "label": o.label,
+            "name": o.name,
+            "volume_ml": round(counts[o.label] * case.grid.voxel_ml, 1),
+            "normal_prompt": f"normal {o.family} tissue",
+        }
+        for o in ORGANS
+    ]

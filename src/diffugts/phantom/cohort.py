@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from diffugts.utils.atomic import staging_dir, write_json
 from diffugts.phantom.case import GENERATOR_VERSION, Case, CaseSpec, generate_case, organ_table
 from diffugts.phantom.dicom import SeriesInfo, write_series
+from diffugts.utils.atomic import staging_dir, write_json
 
 MARKER = "case.json"
 
@@ -31,14 +31,23 @@ def series_info(case: Case) -> SeriesInfo:
     s = case.spec
     rng = np.random.default_rng([s.seed, s.index, 0xD1C])  # cosmetic patient details only
     date = dt.date(2020, 1, 1) + dt.timedelta(days=int(rng.integers(0, 5 * 365)))
-    desc = ("ABD PV 4MM PHANTOM" if s.modality == "CT"
-            else f"AX {s.mr_contrast} PHANTOM")
+    desc = "ABD PV 4MM PHANTOM" if s.modality == "CT" else f"AX {s.mr_contrast} PHANTOM"
     return SeriesInfo(
         modality=s.modality,
         contrast=s.mr_contrast,
-        uid_key=(GENERATOR_VERSION, s.seed, s.index, s.modality, s.mr_contrast or "",
-                 int(s.healthy), ",".join(s.lesion_types or ()), ",".join(s.organs or ()),
-                 s.split, s.shape, s.spacing),
+        uid_key=(
+            GENERATOR_VERSION,
+            s.seed,
+            s.index,
+            s.modality,
+            s.mr_contrast or "",
+            int(s.healthy),
+            ",".join(s.lesion_types or ()),
+            ",".join(s.organs or ()),
+            s.split,
+            s.shape,
+            s.spacing,
+        ),
         patient_name=f"PHANTOM^{s.seed}-{s.index:04d}",
         patient_id=f"PH-{s.seed}-{s.index:04d}",
         patient_sex=case.anatomy.get("sex", "O"),
@@ -73,14 +82,21 @@ def describe(case: Case, dicom_info: dict | None = None) -> dict:
         "units": "HU" if s.modality == "CT" else "arbitrary",
         "healthy": not case.lesions,
         "split": _case_split(case),
-        "request": {"lesion_types": list(s.lesion_types or []), "organs": list(s.organs or []),
-                    "split": s.split, "healthy": s.healthy},
-        "grid": {"shape_zyx": list(g.shape), "spacing_xyz": list(g.spacing),
-                 "origin_lps": list(g.origin), "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1],
-                 "coordinates": "DICOM LPS; origin = first slice (lowest z) position",
-                 "body_frame_offset_lps": list(g.offset)},
-        "files": {"dicom": "dicom", "volume": "volume.nii", "organs": "organs.nii.gz",
-                  "lesions": "lesions.nii.gz"},
+        "request": {
+            "lesion_types": list(s.lesion_types or []),
+            "organs": list(s.organs or []),
+            "split": s.split,
+            "healthy": s.healthy,
+        },
+        "grid": {
+            "shape_zyx": list(g.shape),
+            "spacing_xyz": list(g.spacing),
+            "origin_lps": list(g.origin),
+            "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1],
+            "coordinates": "DICOM LPS; origin = first slice (lowest z) position",
+            "body_frame_offset_lps": list(g.offset),
+        },
+        "files": {"dicom": "dicom", "volume": "volume.nii", "organs": "organs.nii.gz", "lesions": "lesions.nii.gz"},
         "dicom": dicom_info,
         "organs": organ_table(case),
         "lesions": case.lesions,

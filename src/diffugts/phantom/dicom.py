@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
@@ -53,8 +53,10 @@ class SeriesInfo:
 
 def uids(info: SeriesInfo) -> dict[str, str]:
     key = [str(k) for k in info.uid_key]
-    return {name: generate_uid(entropy_srcs=["diffugts-phantom", name, *key])
-            for name in ("study", "series", "frame_of_reference")}
+    return {
+        name: generate_uid(entropy_srcs=["diffugts-phantom", name, *key])
+        for name in ("study", "series", "frame_of_reference")
+    }
 
 
 def write_series(folder: Path, image: np.ndarray, grid: Grid, info: SeriesInfo) -> dict:
@@ -71,8 +73,7 @@ def write_series(folder: Path, image: np.ndarray, grid: Grid, info: SeriesInfo) 
     sop_uids = []
     for k in range(nz):
         inst = nz - k  # instance 1 = most superior slice
-        sop = generate_uid(entropy_srcs=["diffugts-phantom", "sop", *map(str, info.uid_key),
-                                         str(k)])
+        sop = generate_uid(entropy_srcs=["diffugts-phantom", "sop", *map(str, info.uid_key), str(k)])
         pos = origin + np.array([0.0, 0.0, k * grid.spacing[2]])
         ds.file_meta.MediaStorageSOPInstanceUID = sop
         ds.SOPInstanceUID = sop
@@ -172,6 +173,7 @@ def _common(image, grid: Grid, info: SeriesInfo, u: dict) -> Dataset:
         ds.ContrastBolusAgent = "IODINATED CONTRAST (PORTAL VENOUS PHASE)"
         ds.ContrastBolusRoute = "IV"
     else:
+        assert info.contrast is not None  # an MR series has its contrast (T1 or T2)
         seq, var, tr, te, flip, etl, name = MR_SEQUENCES[info.contrast]
         ds.ScanningSequence = seq
         ds.SequenceVariant = var
@@ -186,7 +188,7 @@ def _common(image, grid: Grid, info: SeriesInfo, u: dict) -> Dataset:
         ds.ImagingFrequency = "63.87"
         ds.ImagedNucleus = "1H"
         vals = image[image > 0]
-        lo, hi = (np.percentile(vals, [1, 99]) if vals.size else (0, 1))
+        lo, hi = np.percentile(vals, [1, 99]) if vals.size else (0, 1)
         ds.WindowCenter = _ds(round(float(lo + hi) / 2))
         ds.WindowWidth = _ds(max(round(float(hi - lo)), 1))
     return ds

@@ -28,10 +28,8 @@ class Grid:
     @property
     def origin(self) -> tuple[float, float, float]:
         """LPS position of voxel [0, 0, 0] (= ImagePositionPatient of the first slice)."""
-        return tuple(
-            float(o - (n - 1) / 2 * s)
-            for o, n, s in zip(self.offset, self.shape[::-1], self.spacing)
-        )
+        x, y, z = (float(o - (n - 1) / 2 * s) for o, n, s in zip(self.offset, self.shape[::-1], self.spacing))
+        return x, y, z
 
     @property
     def voxel_ml(self) -> float:
@@ -41,10 +39,11 @@ class Grid:
         """1-D body-frame coordinates (z, y, x) in mm, float32."""
         nz, ny, nx = self.shape
         dx, dy, dz = self.spacing
-        return tuple(
+        z, y, x = (
             ((np.arange(n, dtype=np.float32) - (n - 1) / 2) * s).astype(np.float32)
             for n, s in ((nz, dz), (ny, dy), (nx, dx))
         )
+        return z, y, x
 
     def box(self, lo_mm, hi_mm) -> tuple[slice, slice, slice]:
         """Index box (z, y, x slices) covering the body-frame mm range [lo, hi] (x, y, z)."""
@@ -54,7 +53,8 @@ class Grid:
             a = int(np.floor(lo / s + (n - 1) / 2))
             b = int(np.ceil(hi / s + (n - 1) / 2)) + 1
             out.append(slice(max(a, 0), min(max(b, 0), n)))
-        return tuple(out[::-1])
+        x, y, z = out  # built along x, y, z
+        return z, y, x
 
     def to_patient(self, kji) -> np.ndarray:
         """Voxel index (k, j, i), possibly fractional, -> LPS (x, y, z) mm."""
@@ -86,7 +86,8 @@ def sinus_warp(rng: np.random.Generator, amplitude_mm: float, wavelength_mm=(180
     for _ in range(3):  # output component
         comp = []
         for _ in range(2):  # two terms per component
-            w = rng.uniform(*wavelength_mm, size=3)
+            lo, hi = wavelength_mm
+            w = rng.uniform(lo, hi, size=3)
             ph = rng.uniform(0, 2 * np.pi, size=3)
             a = rng.normal(0, amplitude_mm / 2)
             comp.append((a, 2 * np.pi / w, ph))
@@ -97,9 +98,12 @@ def sinus_warp(rng: np.random.Generator, amplitude_mm: float, wavelength_mm=(180
         for comp in terms:
             acc = None
             for a, k, ph in comp:
-                t = (np.float32(a) * np.sin(k[0] * z + ph[0]).astype(np.float32)
-                     * np.sin(k[1] * y + ph[1]).astype(np.float32)
-                     * np.sin(k[2] * x + ph[2]).astype(np.float32))
+                t = (
+                    np.float32(a)
+                    * np.sin(k[0] * z + ph[0]).astype(np.float32)
+                    * np.sin(k[1] * y + ph[1]).astype(np.float32)
+                    * np.sin(k[2] * x + ph[2]).astype(np.float32)
+                )
                 acc = t if acc is None else acc + t
             out.append(acc)
         return out  # dz, dy, dx

@@ -36,13 +36,38 @@ ORGANS: tuple[Organ, ...] = (
     Organ(19, "abdominal vessels", "vessel", "vascular"),
 )
 ORGAN_BY_NAME = {o.name: o for o in ORGANS}
-O = SimpleNamespace(**{o.name.replace(" ", "_"): o.label for o in ORGANS})
+# O.liver, T.skin: the phantom modules' short names for label values.
+O = SimpleNamespace(**{o.name.replace(" ", "_"): o.label for o in ORGANS})  # noqa: E741
 
 TISSUES: tuple[str, ...] = (
-    "air", "skin", "subcutaneous_fat", "visceral_fat", "muscle", "liver", "portal_vessel",
-    "spleen", "kidney_cortex", "kidney_medulla", "renal_sinus", "pancreas", "artery", "vein",
-    "trabecular_bone", "cortical_bone", "disc", "csf", "bowel_wall", "bowel_fluid", "gas",
-    "stool", "oral_contrast", "lung", "lung_vessel", "blood_pool", "myocardium", "bile",
+    "air",
+    "skin",
+    "subcutaneous_fat",
+    "visceral_fat",
+    "muscle",
+    "liver",
+    "portal_vessel",
+    "spleen",
+    "kidney_cortex",
+    "kidney_medulla",
+    "renal_sinus",
+    "pancreas",
+    "artery",
+    "vein",
+    "trabecular_bone",
+    "cortical_bone",
+    "disc",
+    "csf",
+    "bowel_wall",
+    "bowel_fluid",
+    "gas",
+    "stool",
+    "oral_contrast",
+    "lung",
+    "lung_vessel",
+    "blood_pool",
+    "myocardium",
+    "bile",
     "bone",
 )
 T = SimpleNamespace(**{name: i for i, name in enumerate(TISSUES)})

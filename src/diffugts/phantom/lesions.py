@@ -16,8 +16,8 @@ import numpy as np
 from scipy import ndimage
 
 from diffugts.phantom.anatomy import Anatomy
-from diffugts.phantom.labels import ORGAN_BY_NAME, T
 from diffugts.phantom.grid import Grid, smooth_noise
+from diffugts.phantom.labels import ORGAN_BY_NAME, T
 from diffugts.phantom.render import fluid_value, host_value
 from diffugts.phantom.shapes import ellipsoid, ramp, rotation
 
@@ -37,29 +37,73 @@ class LesionType:
     specific: dict = field(default_factory=dict)  # organ family -> extra prompt
 
 
-LESION_TYPES: dict[str, LesionType] = {t.key: t for t in (
-    LesionType("hypodense", "well-defined round hypodense lesion (metastasis-like)",
-               (12, 45), 2.0, 0.08, 12,
-               ("{organ} tumor", "{adj} metastasis", "hypodense {organ} lesion"),
-               specific={"pancreas": "pancreatic adenocarcinoma"}),
-    LesionType("hyperenhancing", "lobulated hyperenhancing solid tumour with mosaic texture "
-               "and optional capsule (HCC-like)", (15, 60), 1.0, 0.15, 10,
-               ("{organ} tumor", "hyperenhancing {organ} lesion"),
-               specific={"liver": "hepatocellular carcinoma", "kidney": "renal cell carcinoma",
-                         "pancreas": "pancreatic neuroendocrine tumor",
-                         "spleen": "splenic hemangioma"}),
-    LesionType("cystic", "water-density cyst with a sharp wall", (8, 50), 0.5, 0.03, 15,
-               ("{organ} cyst", "cystic {organ} lesion", "simple {adj} cyst")),
-    LesionType("rim_necrotic", "rim-enhancing tumour with a necrotic core", (25, 70), 1.5,
-               0.12, 10, ("{organ} tumor", "necrotic {organ} tumor",
-                          "rim-enhancing {organ} lesion")),
-    LesionType("infiltrative", "ill-defined infiltrative tumour with irregular margins",
-               (25, 65), 4.0, 0.4, 5, ("{organ} tumor", "infiltrative {organ} tumor",
-                                       "ill-defined {organ} lesion")),
-    LesionType("multifocal", "multiple small hypodense nodules", (8, 16), 1.0, 0.05, 4,
-               ("{organ} tumor", "multiple {organ} lesions", "{adj} metastases"),
-               organs=("liver", "right kidney", "left kidney", "spleen")),
-)}
+LESION_TYPES: dict[str, LesionType] = {
+    t.key: t
+    for t in (
+        LesionType(
+            "hypodense",
+            "well-defined round hypodense lesion (metastasis-like)",
+            (12, 45),
+            2.0,
+            0.08,
+            12,
+            ("{organ} tumor", "{adj} metastasis", "hypodense {organ} lesion"),
+            specific={"pancreas": "pancreatic adenocarcinoma"},
+        ),
+        LesionType(
+            "hyperenhancing",
+            "lobulated hyperenhancing solid tumour with mosaic texture and optional capsule (HCC-like)",
+            (15, 60),
+            1.0,
+            0.15,
+            10,
+            ("{organ} tumor", "hyperenhancing {organ} lesion"),
+            specific={
+                "liver": "hepatocellular carcinoma",
+                "kidney": "renal cell carcinoma",
+                "pancreas": "pancreatic neuroendocrine tumor",
+                "spleen": "splenic hemangioma",
+            },
+        ),
+        LesionType(
+            "cystic",
+            "water-density cyst with a sharp wall",
+            (8, 50),
+            0.5,
+            0.03,
+            15,
+            ("{organ} cyst", "cystic {organ} lesion", "simple {adj} cyst"),
+        ),
+        LesionType(
+            "rim_necrotic",
+            "rim-enhancing tumour with a necrotic core",
+            (25, 70),
+            1.5,
+            0.12,
+            10,
+            ("{organ} tumor", "necrotic {organ} tumor", "rim-enhancing {organ} lesion"),
+        ),
+        LesionType(
+            "infiltrative",
+            "ill-defined infiltrative tumour with irregular margins",
+            (25, 65),
+            4.0,
+            0.4,
+            5,
+            ("{organ} tumor", "infiltrative {organ} tumor", "ill-defined {organ} lesion"),
+        ),
+        LesionType(
+            "multifocal",
+            "multiple small hypodense nodules",
+            (8, 16),
+            1.0,
+            0.05,
+            4,
+            ("{organ} tumor", "multiple {organ} lesions", "{adj} metastases"),
+            organs=("liver", "right kidney", "left kidney", "spleen"),
+        ),
+    )
+}
 MULTIFOCAL_COUNT = (3, 8)
 # renal parenchyma enhances strongly in portal venous phase, so lesions there stand out more
 CONTRAST_GAIN = {"kidney": 1.5}
@@ -95,8 +139,7 @@ def place_lesions(anat: Anatomy, grid: Grid, plan, rng: np.random.Generator) -> 
     out: list[Lesion] = []
     for group, (tkey, organ) in enumerate(plan, start=1):
         t = LESION_TYPES[tkey]
-        n = int(rng.integers(MULTIFOCAL_COUNT[0], MULTIFOCAL_COUNT[1] + 1)) \
-            if tkey == "multifocal" else 1
+        n = int(rng.integers(MULTIFOCAL_COUNT[0], MULTIFOCAL_COUNT[1] + 1)) if tkey == "multifocal" else 1
         for _ in range(n):
             if organ not in edts:
                 edts[organ] = _organ_edt(anat, grid, organ)
@@ -136,12 +179,9 @@ def _place_one(t, organ, grid, edt, taken, rng, lid, group):
         c = np.array(np.unravel_index(cand[rng.integers(len(cand))], omask.shape))
         c = c + np.array([s.start for s in obox])
         half = np.ceil((r * 1.5 + t.margin_mm * 2) / sp).astype(int) + 1
-        box = tuple(slice(max(ci - h, 0), min(ci + h + 1, n))
-                    for ci, h, n in zip(c, half, grid.shape))
-        Z, Y, X = np.meshgrid(*[(np.arange(s.start, s.stop) - ci) * d
-                                for s, ci, d in zip(box, c, sp)], indexing="ij")
-        q = ellipsoid(Z.astype(np.float32), Y.astype(np.float32), X.astype(np.float32),
-                      (0, 0, 0), radii, rot)
+        box = tuple(slice(max(ci - h, 0), min(ci + h + 1, n)) for ci, h, n in zip(c, half, grid.shape))
+        Z, Y, X = np.meshgrid(*[(np.arange(s.start, s.stop) - ci) * d for s, ci, d in zip(box, c, sp)], indexing="ij")
+        q = ellipsoid(Z.astype(np.float32), Y.astype(np.float32), X.astype(np.float32), (0, 0, 0), radii, rot)
         if t.lobulation:
             pert = smooth_noise(rng, q.shape, t.lobe_mm / sp)
             q = q / np.maximum(1 + np.float32(t.lobulation) * pert, 0.3)
@@ -174,28 +214,52 @@ def _look(key, r, rng):
     u = rng.uniform
     if key in ("hypodense", "multifocal"):
         d = u(40, 65) if key == "hypodense" else u(35, 60)
-        return [dict(q=1.0, ct=("host", -d), t1=("host", u(0.55, 0.7)),
-                     t2=("host", u(1.5, 1.9)), tex=(6, 0.05), edge=0)]
+        return [
+            dict(q=1.0, ct=("host", -d), t1=("host", u(0.55, 0.7)), t2=("host", u(1.5, 1.9)), tex=(6, 0.05), edge=0)
+        ]
     if key == "hyperenhancing":
-        body = dict(q=1.0, ct=("host", u(40, 70)), t1=("host", u(0.75, 0.9)),
-                    t2=("host", u(1.3, 1.6)), tex=(14, 0.1), edge=0)
+        body = dict(
+            q=1.0, ct=("host", u(40, 70)), t1=("host", u(0.75, 0.9)), t2=("host", u(1.3, 1.6)), tex=(14, 0.1), edge=0
+        )
         if rng.random() < 0.5:  # hypodense capsule, ~2 mm
-            cap = dict(q=1.0, ct=("host", -u(10, 25)), t1=("host", 0.7), t2=("host", 1.1),
-                       tex=(4, 0.03), edge=0)
+            cap = dict(q=1.0, ct=("host", -u(10, 25)), t1=("host", 0.7), t2=("host", 1.1), tex=(4, 0.03), edge=0)
             return [cap, dict(body, q=1 - 2.0 / r, edge=1.0)]
         return [body]
     if key == "cystic":
-        return [dict(q=1.0, ct=("abs", u(0, 15)), t1=("fluid", u(0.9, 1.1)),
-                     t2=("fluid", u(0.9, 1.0)), tex=(1.5, 0.01), edge=0)]
+        return [
+            dict(
+                q=1.0,
+                ct=("abs", u(0, 15)),
+                t1=("fluid", u(0.9, 1.1)),
+                t2=("fluid", u(0.9, 1.0)),
+                tex=(1.5, 0.01),
+                edge=0,
+            )
+        ]
     if key == "rim_necrotic":
-        rim = dict(q=1.0, ct=("host", u(20, 45)), t1=("host", u(0.8, 0.95)),
-                   t2=("host", u(1.3, 1.6)), tex=(10, 0.08), edge=0)
-        core = dict(q=u(0.5, 0.7), ct=("abs", u(10, 30)), t1=("fluid", u(1.2, 1.6)),
-                    t2=("fluid", u(0.7, 0.9)), tex=(6, 0.05), edge=2.5)
+        rim = dict(
+            q=1.0, ct=("host", u(20, 45)), t1=("host", u(0.8, 0.95)), t2=("host", u(1.3, 1.6)), tex=(10, 0.08), edge=0
+        )
+        core = dict(
+            q=u(0.5, 0.7),
+            ct=("abs", u(10, 30)),
+            t1=("fluid", u(1.2, 1.6)),
+            t2=("fluid", u(0.7, 0.9)),
+            tex=(6, 0.05),
+            edge=2.5,
+        )
         return [rim, core]
     if key == "infiltrative":
-        return [dict(q=1.0, ct=("host", -u(25, 45)), t1=("host", u(0.75, 0.85)),
-                     t2=("host", u(1.25, 1.45)), tex=(10, 0.08), edge=0)]
+        return [
+            dict(
+                q=1.0,
+                ct=("host", -u(25, 45)),
+                t1=("host", u(0.75, 0.85)),
+                t2=("host", u(1.25, 1.45)),
+                tex=(10, 0.08),
+                edge=0,
+            )
+        ]
     raise KeyError(key)
 
 
@@ -206,8 +270,7 @@ def _value(spec, modality, host, fluid, gain=1.0):
     return host + gain * v if modality == "CT" else host * (1 + gain * (v - 1))
 
 
-def paint_lesions(img: np.ndarray, lesions: list[Lesion], modality: str, values,
-                  anat: Anatomy) -> None:
+def paint_lesions(img: np.ndarray, lesions: list[Lesion], modality: str, values, anat: Anatomy) -> None:
     """Blend lesions into ``img`` (in place), before PSF and noise."""
     fluid = fluid_value(values)
     col = {"CT": "ct", "T1": "t1", "T2": "t2"}[modality]

@@ -33,12 +33,19 @@ CORONAL = (0, 3, 10, 11)  # panels also shown as a coronal reformat
 
 
 def montage_cases(seed: int = 0) -> list[tuple[str, Case]]:
-    out = []
+    out: list[tuple[str, Case]] = []
     base = 1000  # case indices of their own, away from a cohort's first indices
     for i, (tag, mod, mr, t, organs, healthy) in enumerate(PANELS):
-        spec = CaseSpec(seed=seed, index=base + i, modality=mod, mr_contrast=mr,
-                        lesion_types=(t,) if t else None, organs=organs, healthy=healthy,
-                        healthy_fraction=0.0)
+        spec = CaseSpec(
+            seed=seed,
+            index=base + i,
+            modality=mod,
+            mr_contrast=mr,
+            lesion_types=(t,) if t else None,
+            organs=organs,
+            healthy=healthy,
+            healthy_fraction=0.0,
+        )
         if mr == "T2" and PANELS[i - 1][2] == "T1":  # same patient as the T1 panel before
             out.append((tag, generate_case(replace(spec, index=out[-1][1].spec.index))))
             continue
@@ -66,17 +73,33 @@ def write_montage(path: Path, seed: int = 0, cols: int = 4) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.4 * rows), facecolor="black")
     for ax, (tag, case) in zip(axes.ravel(), cases):
         k = _slice(case)
-        _panel(ax, case, case.image[k], case.lesion_map[k], 1.0, f"{tag}: {_what(case)}",
-               f"seed {case.spec.seed} case {case.spec.index}  axial z={k}")
+        _panel(
+            ax,
+            case,
+            case.image[k],
+            case.lesion_map[k],
+            1.0,
+            f"{tag}: {_what(case)}",
+            f"seed {case.spec.seed} case {case.spec.index}  axial z={k}",
+        )
     for ax, (tag, case) in zip(axes[-1], coronal):
         j = _row(case)
         aspect = case.grid.spacing[2] / case.grid.spacing[0]
-        _panel(ax, case, case.image[::-1, j, :], case.lesion_map[::-1, j, :], aspect,
-               f"{tag} coronal: {_what(case)}",
-               f"seed {case.spec.seed} case {case.spec.index}  coronal y={j}")
-    fig.suptitle("diffugts phantom world: lesions outlined in yellow; radiological view "
-                 "(R = patient right, anterior up; coronal: head up)", color="white",
-                 fontsize=12)
+        _panel(
+            ax,
+            case,
+            case.image[::-1, j, :],
+            case.lesion_map[::-1, j, :],
+            aspect,
+            f"{tag} coronal: {_what(case)}",
+            f"seed {case.spec.seed} case {case.spec.index}  coronal y={j}",
+        )
+    fig.suptitle(
+        "diffugts phantom world: lesions outlined in yellow; radiological view "
+        "(R = patient right, anterior up; coronal: head up)",
+        color="white",
+        fontsize=12,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.975))
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -102,8 +125,14 @@ def _panel(ax, case, img, lesions, aspect, title, note):
         ax.contour(lesions > 0, [0.5], colors=["#ffd400"], linewidths=0.9)
     ax.set_title(title, color="white", fontsize=9.5)
     h, w = img.shape
-    ax.text(0.02 * w, 0.98 * h, note, color="#c8c8c8", fontsize=7,
-            bbox=dict(facecolor="black", alpha=0.6, pad=1, linewidth=0))
+    ax.text(
+        0.02 * w,
+        0.98 * h,
+        note,
+        color="#c8c8c8",
+        fontsize=7,
+        bbox=dict(facecolor="black", alpha=0.6, pad=1, linewidth=0),
+    )
     ax.text(0.02 * w, 0.06 * h, "R", color="white", fontsize=9)
     ax.text(0.94 * w, 0.06 * h, "L", color="white", fontsize=9)
     ax.axis("off")

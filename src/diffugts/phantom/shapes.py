@@ -25,9 +25,11 @@ def local(Z, Y, X, center, rot=None):
     if rot is None:
         return dx, dy, dz
     r = np.asarray(rot, dtype=np.float32)
-    return (r[0, 0] * dx + r[0, 1] * dy + r[0, 2] * dz,
-            r[1, 0] * dx + r[1, 1] * dy + r[1, 2] * dz,
-            r[2, 0] * dx + r[2, 1] * dy + r[2, 2] * dz)
+    return (
+        r[0, 0] * dx + r[0, 1] * dy + r[0, 2] * dz,
+        r[1, 0] * dx + r[1, 1] * dy + r[1, 2] * dz,
+        r[2, 0] * dx + r[2, 1] * dy + r[2, 2] * dz,
+    )
 
 
 def ellipsoid(Z, Y, X, center, radii, rot=None, power: float = 2.0):
@@ -35,8 +37,7 @@ def ellipsoid(Z, Y, X, center, radii, rot=None, power: float = 2.0):
     u, v, w = local(Z, Y, X, center, rot)
     if power == 2.0:
         return np.sqrt((u / radii[0]) ** 2 + (v / radii[1]) ** 2 + (w / radii[2]) ** 2)
-    s = (np.abs(u / radii[0]) ** power + np.abs(v / radii[1]) ** power
-         + np.abs(w / radii[2]) ** power)
+    s = np.abs(u / radii[0]) ** power + np.abs(v / radii[1]) ** power + np.abs(w / radii[2]) ** power
     return s ** (1.0 / power)
 
 

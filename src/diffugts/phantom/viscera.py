@@ -12,8 +12,8 @@ from diffugts.phantom.grid import smooth_noise
 from diffugts.phantom.labels import O, T
 from diffugts.phantom.shapes import bbox, ellipsoid, rotation, tube
 
-
 # --- bowel: colon frame plus small-bowel loops --------------------------------------------
+
 
 def bowel(cv, L, rng):
     u = rng.uniform
@@ -21,9 +21,15 @@ def bowel(cv, L, rng):
     zt = L.zR - 125
     xr, xl = L.xc - L.a * 0.62, L.xc + L.a * 0.62
     yf = L.yc - L.b_ant * 0.55
-    colon = [(xr + u(-8, 8), L.y_sp - 25, -400), (xr, L.y_sp - 30, zt - 5),
-             (xr + 25, yf, zt + 5), (L.xc, yf - 5, zt - u(0, 30)),
-             (xl - 20, yf + 10, zt + 30), (xl, L.y_sp - 5, zt + 15), (xl + 5, L.y_sp - 15, -400)]
+    colon = [
+        (xr + u(-8, 8), L.y_sp - 25, -400),
+        (xr, L.y_sp - 30, zt - 5),
+        (xr + 25, yf, zt + 5),
+        (L.xc, yf - 5, zt - u(0, 30)),
+        (xl - 20, yf + 10, zt + 30),
+        (xl, L.y_sp - 5, zt + 15),
+        (xl + 5, L.y_sp - 15, -400),
+    ]
     rc = u(17, 24)
     lo, hi = bbox(colon, rc, 0)
     box = cv.box(lo, hi)
@@ -53,10 +59,13 @@ def bowel(cv, L, rng):
 def stomach(cv, L, rng):
     u = rng.uniform
     s = u(0.75, 1.15)  # distension
-    pts = [(L.xc + 48, L.yc - 5, L.zL - 30), (L.xc + 45, L.yc - 15, L.zL - 60),
-           (L.xc + 30, L.yc - L.b_ant * 0.5, L.zL - 92), (L.xc - 8, L.yc - L.b_ant * 0.55,
-                                                          L.zL - 100),
-           (L.xc - 30, L.yc - 35, L.zL - 95)]
+    pts = [
+        (L.xc + 48, L.yc - 5, L.zL - 30),
+        (L.xc + 45, L.yc - 15, L.zL - 60),
+        (L.xc + 30, L.yc - L.b_ant * 0.5, L.zL - 92),
+        (L.xc - 8, L.yc - L.b_ant * 0.55, L.zL - 100),
+        (L.xc - 30, L.yc - 35, L.zL - 95),
+    ]
     rad = np.array([36, 30, 24, 18, 10]) * s
     lo, hi = bbox(pts, rad, 0)
     box = cv.box(lo, hi)
@@ -71,6 +80,7 @@ def stomach(cv, L, rng):
 
 # --- solid organs ------------------------------------------------------------------------
 
+
 def liver(cv, L, rng):
     u = rng.uniform
     c = (L.xc - L.a_cav * 0.45 + u(-6, 6), L.yc - 5 + u(-8, 8), L.zR - 68 + u(-6, 6))
@@ -81,13 +91,11 @@ def liver(cv, L, rng):
     q = ellipsoid(Z, Y, X, c, r)
     # left-lobe edge: curved in the axial plane, retreating to the right further down
     dy = Y - L.yc
-    left = (L.xc + u(38, 55) - 0.45 * (dy + 70) - 0.004 * dy ** 2
-            - 0.9 * np.maximum(L.zR - 65 - Z, 0))
+    left = L.xc + u(38, 55) - 0.45 * (dy + 70) - 0.004 * dy**2 - 0.9 * np.maximum(L.zR - 65 - Z, 0)
     inf = Z > L.zR - u(165, 185) + 0.4 * (X - L.xc + 100)  # edge rises medially
     # below the bare area the liver lies in front of the right kidney, not behind it
     lateral = 0.006 * np.maximum(L.xc - 40 - X, 0) ** 2  # laterally it wraps further back
-    back = Y < np.maximum(L.y_sp + 60 - 0.9 * np.maximum(L.zR - 70 - Z, 0),
-                          L.y_sp - 20) + lateral
+    back = Y < np.maximum(L.y_sp + 60 - 0.9 * np.maximum(L.zR - 70 - Z, 0), L.y_sp - 20) + lateral
     m = (q < 1) & (X < left) & inf & back & (Z < cv.zd(X, Y) - 1) & (cv.cav[box] > 0)
     m = cv.paint(box, m, O.liver, T.liver)
     # hepatic / portal vessels: intersections of two level sets give tube-like curves
@@ -105,8 +113,7 @@ def liver(cv, L, rng):
         box = cv.box(lo, hi)
         Z, Y, X = cv.at(box)
         q = ellipsoid(Z, Y, X, g, gr, rotation(pitch=u(-30, -15), yaw=u(-20, 20)))
-        m = cv.paint(box, (q < 1) & (cv.cav[box] > 1), O.gallbladder, T.bowel_wall,
-                     over=[O.body, O.liver, O.bowel])
+        m = cv.paint(box, (q < 1) & (cv.cav[box] > 1), O.gallbladder, T.bowel_wall, over=[O.body, O.liver, O.bowel])
         cv.paint(box, m & (q < 1 - 2.2 / min(gr)), None, T.bile)
 
 
@@ -134,7 +141,7 @@ def pancreas(cv, L, rng):
     zp = L.zL - u(95, 110)
     L.z_pancreas = zp
     xs = np.linspace(-40, 82, 9)
-    ys = L.y_sp - u(52, 58) + u(0.006, 0.008) * xs ** 2
+    ys = L.y_sp - u(52, 58) + u(0.006, 0.008) * xs**2
     zs = zp + u(0.08, 0.18) * xs
     rs = u(10, 12) + 8 / (1 + np.exp((xs + 18) / 7))  # thick head, thin body/tail
     pts = np.stack([L.xc + xs, ys, zs], 1)
@@ -146,18 +153,17 @@ def pancreas(cv, L, rng):
     q = tube(Z / flat, Y, X, pts / np.array([1, 1, flat]), rs)
     unc = ellipsoid(Z, Y, X, (L.xc - 30, L.y_sp - 45, zp - 18), (17, 15, 24))  # uncinate
     q = np.minimum(q, unc)
-    cv.paint(box, (q < 1) & (cv.cav[box] > 1), O.pancreas, T.pancreas,
-             over=[O.body, O.bowel, O.stomach, O.liver])
+    cv.paint(box, (q < 1) & (cv.cav[box] > 1), O.pancreas, T.pancreas, over=[O.body, O.bowel, O.stomach, O.liver])
     # splenic vein along its back, portal confluence, SMV/SMA below
-    L.portal = [(L.xc - 5, L.y_sp - 50, zp - 2), (L.xc - 32, L.yc - 18, zp + 28),
-                (L.xc - 70, L.yc - 5, zp + 45)]
-    veins = [pts[3:] + np.array([0, 11, 0]), L.portal,
-             [(L.xc - 6, L.y_sp - 58, zp - 130), (L.xc - 5, L.y_sp - 50, zp - 2)]]
+    L.portal = [(L.xc - 5, L.y_sp - 50, zp - 2), (L.xc - 32, L.yc - 18, zp + 28), (L.xc - 70, L.yc - 5, zp + 45)]
+    veins = [
+        pts[3:] + np.array([0, 11, 0]),
+        L.portal,
+        [(L.xc - 6, L.y_sp - 58, zp - 130), (L.xc - 5, L.y_sp - 50, zp - 2)],
+    ]
     for line, rad in zip(veins, (4.5, 7.0, 5.5)):
-        _vessel(cv, line, rad, O.abdominal_vessels, T.vein,
-                over=[O.body, O.bowel, O.pancreas, O.stomach])
-    sma = [(L.xc + 2, L.y_sp - 38, zp + 12), (L.xc + 2, L.y_sp - 55, zp - 10),
-           (L.xc + 1, L.y_sp - 60, zp - 130)]
+        _vessel(cv, line, rad, O.abdominal_vessels, T.vein, over=[O.body, O.bowel, O.pancreas, O.stomach])
+    sma = [(L.xc + 2, L.y_sp - 38, zp + 12), (L.xc + 2, L.y_sp - 55, zp - 10), (L.xc + 1, L.y_sp - 60, zp - 130)]
     _vessel(cv, sma, 3.5, O.abdominal_vessels, T.artery, over=[O.body, O.bowel, O.pancreas])
 
 
@@ -185,16 +191,11 @@ def kidneys(cv, L, rng):
         Z, Y, X = cv.at(box)
         q = ellipsoid(Z, Y, X, c, r, rot)
         med = rot[0] * -side  # local x axis turned towards the hilum (medial-anterior)
-        hil = ellipsoid(Z, Y, X, np.asarray(c) + med * r[0] * 1.05, (r[0] * 0.5, r[1] * 0.55,
-                                                                      r[2] * 0.4), rot)
+        hil = ellipsoid(Z, Y, X, np.asarray(c) + med * r[0] * 1.05, (r[0] * 0.5, r[1] * 0.55, r[2] * 0.4), rot)
         kid = (q < 1) & (hil > 1) & (cv.cav[box] > -2)
-        sinus = ellipsoid(Z, Y, X, np.asarray(c) + med * r[0] * 0.45, (r[0] * 0.45,
-                                                                       r[1] * 0.45, r[2] * 0.6),
-                          rot) < 1
-        tis = np.where(q > 0.74, T.kidney_cortex, np.where(sinus, T.renal_sinus,
-                                                             T.kidney_medulla))
-        cv.paint(box, kid, label, tis, over=[O.body, O.bowel, O.liver, O.spleen, O.muscle,
-                                             O.stomach])
+        sinus = ellipsoid(Z, Y, X, np.asarray(c) + med * r[0] * 0.45, (r[0] * 0.45, r[1] * 0.45, r[2] * 0.6), rot) < 1
+        tis = np.where(q > 0.74, T.kidney_cortex, np.where(sinus, T.renal_sinus, T.kidney_medulla))
+        cv.paint(box, kid, label, tis, over=[O.body, O.bowel, O.liver, O.spleen, O.muscle, O.stomach])
         hilum = np.asarray(c) + med * r[0] * 1.1
         ivc_x = L.xc - 22
         if side < 0:

@@ -45,14 +45,18 @@ class AnomalySpec:
     lobulation: tuple[float, float] = (0.0, 0.35)
 
 
-def add_anomalies(case: TrainingCase, prep: Preprocessing, rng: np.random.Generator,
-                  spec: AnomalySpec = AnomalySpec()) -> TrainingCase:
+def add_anomalies(
+    case: TrainingCase, prep: Preprocessing, rng: np.random.Generator, spec: AnomalySpec = AnomalySpec()
+) -> TrainingCase:
     """A copy of ``case`` (on ``prep``'s model grid) with generic anomalies painted into its
     seen organs (CT only)."""
     if case.modality != "CT":
         raise ValueError("synthetic anomalies are painted in CT training cases only")
-    hosts = [(label, name) for label, name in case.organ_names.items()
-             if name in SEEN_ORGANS and (case.organs == label).any()]
+    hosts = [
+        (label, name)
+        for label, name in case.organ_names.items()
+        if name in SEEN_ORGANS and (case.organs == label).any()
+    ]
     x, lesions, records = case.x.copy(), case.lesions.copy(), list(case.records)
     if not hosts:
         return replace(case, x=x, lesions=lesions, records=records)
@@ -71,8 +75,16 @@ def add_anomalies(case: TrainingCase, prep: Preprocessing, rng: np.random.Genera
         x += weight * ((shift + texture) / (hi - lo)).astype(np.float32)
         lesions[mask] = next_id
         fam = organ_family(name)
-        records.append({"id": next_id, "type": "synthetic", "organ": name, "split": "seen",
-                        "prompts": [p.format(organ=fam) for p in PROMPTS], "voxels": int(mask.sum())})
+        records.append(
+            {
+                "id": next_id,
+                "type": "synthetic",
+                "organ": name,
+                "split": "seen",
+                "prompts": [p.format(organ=fam) for p in PROMPTS],
+                "voxels": int(mask.sum()),
+            }
+        )
         next_id += 1
     return replace(case, x=np.clip(x, 0.0, 1.0), lesions=lesions, records=records)
 
@@ -87,8 +99,14 @@ def _blob(organ: np.ndarray, sp: np.ndarray, rng, spec: AnomalySpec):
         return None, None
     c = np.array(np.unravel_index(cand[int(rng.integers(len(cand)))], organ.shape))
     Z, Y, X = np.meshgrid(*[(np.arange(n) - ci) * d for n, ci, d in zip(organ.shape, c, sp)], indexing="ij")
-    q = ellipsoid(Z.astype(np.float32), Y.astype(np.float32), X.astype(np.float32), (0, 0, 0),
-                  r * rng.uniform(0.7, 1.3, 3), rotation(*rng.uniform(0, 180, 3)))
+    q = ellipsoid(
+        Z.astype(np.float32),
+        Y.astype(np.float32),
+        X.astype(np.float32),
+        (0, 0, 0),
+        r * rng.uniform(0.7, 1.3, 3),
+        rotation(*rng.uniform(0, 180, 3)),
+    )
     lob = rng.uniform(*spec.lobulation)
     if lob > 0:
         q = q / np.maximum(1 + np.float32(lob) * smooth_noise(rng, q.shape, rng.uniform(4, 12) / sp), 0.3)

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from diffugts.networks.aova import AOVAHead, region_alignment, soft_dice
 from diffugts.networks.backbones import Backbone
-from diffugts.utils.progress import progress
 from diffugts.networks.text import TextEncoder, make_target
 from diffugts.train.data import TrainingCase
+from diffugts.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ PROMPTABLE = ("liver", "kidney", "spleen", "pancreas", "stomach", "gallbladder",
 
 
 def organ_family(organ: str) -> str:
-    """"left kidney" -> "kidney": prompts name the organ, not the side."""
+    """ "left kidney" -> "kidney": prompts name the organ, not the side."""
     return organ.replace("left ", "").replace("right ", "")
 
 
@@ -74,7 +74,8 @@ def case_features(backbone: Backbone, case: TrainingCase, index: list[int], spac
 def downsample(mask: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     """Fraction of each coarse voxel covered by the mask (a soft target)."""
     t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return F.adaptive_avg_pool3d(t, shape)[0, 0]
+    k, j, i = shape
+    return F.adaptive_avg_pool3d(t, (k, j, i))[0, 0]
 
 
 @dataclass
@@ -85,17 +86,32 @@ class AOVATraining:
     data: list[CaseFeatures] = field(default_factory=list)  # the training cases' features (fusion fit)
 
 
-def train_aova(backbone: Backbone, text: TextEncoder, cases: list[TrainingCase], *, feature_names: list[str],
-               spacing, steps: int, seed: int = 0, dim: int = 64, lr: float = 2e-3, negatives: int = 2,
-               align_weight: float = 0.2, score_weight: float = 0.2, show_progress: bool = True,
-               checkpoint=None) -> AOVATraining:
+def train_aova(
+    backbone: Backbone,
+    text: TextEncoder,
+    cases: list[TrainingCase],
+    *,
+    feature_names: list[str],
+    spacing,
+    steps: int,
+    seed: int = 0,
+    dim: int = 64,
+    lr: float = 2e-3,
+    negatives: int = 2,
+    align_weight: float = 0.2,
+    score_weight: float = 0.2,
+    show_progress: bool = True,
+    checkpoint=None,
+) -> AOVATraining:
     """``checkpoint``: a :class:`diffugts.train.checkpoint.Checkpoint` to save to and resume from."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     index = backbone.feature_index(feature_names)
     specs = backbone.feature_specs()
-    data = [case_features(backbone, c, index, spacing, seed)
-            for c in progress(cases, desc="features", unit="case", enable=show_progress)]
+    data = [
+        case_features(backbone, c, index, spacing, seed)
+        for c in progress(cases, desc="features", unit="case", enable=show_progress)
+    ]
     head = AOVAHead([specs[i].channels for i in index], text_dim=text.dim, dim=dim)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     history: list[dict] = []
@@ -107,8 +123,7 @@ def train_aova(backbone: Backbone, text: TextEncoder, cases: list[TrainingCase],
         texts = list(dict.fromkeys(p for t in targets for p in t.prompts))
         emb = text.embed(texts)
         shape = head.work_shape([f.shape[1:] for f in cf.feats])
-        out = head([f.float()[None] for f in cf.feats], emb, [t.groups(texts.index) for t in targets],
-                   out_shape=shape)
+        out = head([f.float()[None] for f in cf.feats], emb, [t.groups(texts.index) for t in targets], out_shape=shape)
         les = torch.stack([downsample(m, shape) for m in lesions])[None]
         org = torch.stack([downsample(m, shape) for m in organs])[None]
         loss_region = _dice_bce(out.region_log_odds, org)
@@ -120,9 +135,12 @@ def train_aova(backbone: Backbone, text: TextEncoder, cases: list[TrainingCase],
             loss_lesion = loss_lesion + (1 - dice[has]).mean()
         # Within the organ, the anomaly contrast itself, so it learns even while the region is poor.
         inside = (org > 0.5).float()
-        loss_anomaly = (F.binary_cross_entropy_with_logits(out.anomaly_log_odds, les, reduction="none",
-                                                           pos_weight=torch.tensor(3.0)) * inside).sum() \
-            / inside.sum().clamp(min=1)
+        loss_anomaly = (
+            F.binary_cross_entropy_with_logits(
+                out.anomaly_log_odds, les, reduction="none", pos_weight=torch.tensor(3.0)
+            )
+            * inside
+        ).sum() / inside.sum().clamp(min=1)
         loss_score = F.binary_cross_entropy(out.score.clamp(1e-6, 1 - 1e-6), has.float())
         regions = [(0, torch.from_numpy(m), texts.index(t.text)) for t, m in zip(targets, lesions) if m.any()]
         loss_align = region_alignment(out.queries, head, emb, regions)
@@ -130,9 +148,16 @@ def train_aova(backbone: Backbone, text: TextEncoder, cases: list[TrainingCase],
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append({"step": step, "loss": loss.item(), "region": loss_region.item(),
-                        "lesion": loss_lesion.item(), "anomaly": loss_anomaly.item(),
-                        "positive_dice": float(dice[has].mean().detach()) if has.any() else None})
+        history.append(
+            {
+                "step": step,
+                "loss": loss.item(),
+                "region": loss_region.item(),
+                "lesion": loss_lesion.item(),
+                "anomaly": loss_anomaly.item(),
+                "positive_dice": float(dice[has].mean().detach()) if has.any() else None,
+            }
+        )
         if checkpoint:
             checkpoint.step(step + 1, head, opt, rng, history, steps)
         if hasattr(bar, "set_postfix") and step % 10 == 0:
@@ -162,8 +187,16 @@ def _sample_targets(cf: CaseFeatures, rng, negatives: int):
 
 
 @torch.no_grad()
-def evaluate_dice(head: AOVAHead, backbone: Backbone, text: TextEncoder, cases: list[TrainingCase],
-                  feature_names: list[str], spacing, threshold: float = 0.5, seed: int = 0) -> list[dict]:
+def evaluate_dice(
+    head: AOVAHead,
+    backbone: Backbone,
+    text: TextEncoder,
+    cases: list[TrainingCase],
+    feature_names: list[str],
+    spacing,
+    threshold: float = 0.5,
+    seed: int = 0,
+) -> list[dict]:
     """Dice of the coarse mask (and of the region map vs the organ) per (case, organ with lesions)."""
     index = backbone.feature_index(feature_names)
     rows = []
@@ -176,8 +209,15 @@ def evaluate_dice(head: AOVAHead, backbone: Backbone, text: TextEncoder, cases: 
             pred = out.prob[0, 0].numpy() >= threshold
             region = out.region_log_odds[0, 0].numpy() >= 0
             organ = cf.organs[fam]
-            rows.append({"case": case.case_id, "organ": fam, "dice": _dice(pred, mask), "score": float(out.score[0, 0]),
-                         "region_dice": _dice(region, organ)})
+            rows.append(
+                {
+                    "case": case.case_id,
+                    "organ": fam,
+                    "dice": _dice(pred, mask),
+                    "score": float(out.score[0, 0]),
+                    "region_dice": _dice(region, organ),
+                }
+            )
     return rows
 
 

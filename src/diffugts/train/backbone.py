@@ -36,19 +36,23 @@ class Fitted:
     curves: dict[str, list[float]] = field(default_factory=dict)  # parts of the denoiser's loss
 
 
-def fit_backbone_3d(backbone: MaisiBackbone, cases, vae_steps: int, denoiser_steps: int, seed: int, spacing,
-                    show_progress: bool = True) -> Fitted:
+def fit_backbone_3d(
+    backbone: MaisiBackbone, cases, vae_steps: int, denoiser_steps: int, seed: int, spacing, show_progress: bool = True
+) -> Fitted:
     """The VAE on every case, then the denoiser on the healthy ones."""
     t0 = time.perf_counter()
     vae_curve = train_vae(backbone, [c.x for c in cases], vae_steps, seed, show_progress=show_progress)
     t1 = time.perf_counter()
     healthy = [c.x for c in cases if not c.records]
     unet_curve = train_denoiser(backbone, healthy, denoiser_steps, seed, spacing=spacing, show_progress=show_progress)
-    return Fitted(vae_curve, unet_curve, t1 - t0, time.perf_counter() - t1,
-                  {"denoiser_data": "healthy CT phantoms only"})
+    return Fitted(
+        vae_curve, unet_curve, t1 - t0, time.perf_counter() - t1, {"denoiser_data": "healthy CT phantoms only"}
+    )
 
 
-def random_crops(arrays: list[np.ndarray], crop: tuple[int, int, int], batch: int, rng: np.random.Generator) -> np.ndarray:
+def random_crops(
+    arrays: list[np.ndarray], crop: tuple[int, int, int], batch: int, rng: np.random.Generator
+) -> np.ndarray:
     out = np.empty((batch, 1, *crop), dtype=np.float32)
     for b in range(batch):
         a = arrays[rng.integers(len(arrays))]
@@ -64,16 +68,24 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 50) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_vae(backbone: MaisiBackbone, images: list[np.ndarray], steps: int, seed: int,
-              crop=(32, 48, 48), batch: int = 4, lr: float = 1e-3, kl_weight: float = 1e-6,
-              show_progress: bool = True) -> list[float]:
+def train_vae(
+    backbone: MaisiBackbone,
+    images: list[np.ndarray],
+    steps: int,
+    seed: int,
+    crop=(32, 48, 48),
+    batch: int = 4,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-6,
+    show_progress: bool = True,
+) -> list[float]:
     """L1 reconstruction + a small KL term on random crops; returns the loss curve."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     vae = backbone.vae
     vae.requires_grad_(True).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=1e-4)
-    losses = []
+    losses: list[float] = []
     bar = progress(range(steps), desc="train VAE", unit="step", enable=show_progress)
     for step in bar:
         for g in opt.param_groups:
@@ -97,9 +109,17 @@ def latents(backbone: MaisiBackbone, images: list[np.ndarray]) -> list[torch.Ten
         backbone.scale_factor = saved
 
 
-def train_denoiser(backbone: MaisiBackbone, healthy: list[np.ndarray], steps: int, seed: int,
-                   crop=(8, 16, 16), batch: int = 8, lr: float = 5e-4, spacing=(1.0, 1.0, 1.0),
-                   show_progress: bool = True) -> list[float]:
+def train_denoiser(
+    backbone: MaisiBackbone,
+    healthy: list[np.ndarray],
+    steps: int,
+    seed: int,
+    crop=(8, 16, 16),
+    batch: int = 8,
+    lr: float = 5e-4,
+    spacing=(1.0, 1.0, 1.0),
+    show_progress: bool = True,
+) -> list[float]:
     """Rectified flow on latents of healthy volumes; sets the backbone's scale factor
     (1 / std of the latents, as MAISI computes it)."""
     zs = latents(backbone, healthy)
@@ -112,7 +132,7 @@ def train_denoiser(backbone: MaisiBackbone, healthy: list[np.ndarray], steps: in
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
     sampler = backbone.sampler(crop)
     T = sampler.num_train_timesteps
-    losses = []
+    losses: list[float] = []
     bar = progress(range(steps), desc="train denoiser", unit="step", enable=show_progress)
     for step in bar:
         for g in opt.param_groups:
@@ -120,7 +140,7 @@ def train_denoiser(backbone: MaisiBackbone, healthy: list[np.ndarray], steps: in
         z0 = torch.from_numpy(_latent_crops(arrays, crop, batch, rng)).to(backbone.device)
         noise = torch.randn_like(z0)
         t = torch.rand(batch, device=z0.device) * T
-        z_t = torch.stack([sampler.add_noise(z0[b:b + 1], noise[b:b + 1], float(t[b]))[0] for b in range(batch)])
+        z_t = torch.stack([sampler.add_noise(z0[b : b + 1], noise[b : b + 1], float(t[b]))[0] for b in range(batch)])
         v = _denoise_batch(backbone, z_t, t, spacing)
         loss = F.mse_loss(v, z0 - noise)  # velocity target of rectified flow
         _update(opt, loss, unet, losses, bar, step)

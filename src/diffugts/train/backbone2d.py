@@ -37,9 +37,9 @@ import torch.nn.functional as F
 
 from diffugts.networks.backbones.diffusers2d import Diffusers2DBackbone
 from diffugts.networks.backbones.diffusers_samplers import scheduler_args
-from diffugts.utils.progress import progress
 from diffugts.train.backbone import Fitted, _update, cosine_lr
 from diffugts.train.data import TrainingCase
+from diffugts.utils.progress import progress
 
 # A slice this close to a lesion may still show its rim or mass effect: not "healthy".
 LESION_MARGIN = 2
@@ -59,13 +59,15 @@ def caption_organs(organs: np.ndarray, names: dict[int, str]) -> list[tuple[int,
     """(label, name) of the organs a label map shows, in label order (a fixed order keeps
     captions of neighbouring slices alike)."""
     labels, counts = np.unique(organs, return_counts=True)
-    return [(int(lab), names[int(lab)]) for lab, n in zip(labels, counts)
-            if lab and int(lab) in names and n >= ORGAN_MIN_FRACTION * organs.size
-            and names[int(lab)] not in CAPTION_SKIP]
+    return [
+        (int(lab), names[int(lab)])
+        for lab, n in zip(labels, counts)
+        if lab and int(lab) in names and n >= ORGAN_MIN_FRACTION * organs.size and names[int(lab)] not in CAPTION_SKIP
+    ]
 
 
 def caption(organs: np.ndarray, names: dict[int, str], modality: str = "CT") -> str:
-    """"CT slice with liver, spleen, right kidney": the organs of one slice's label map."""
+    """ "CT slice with liver, spleen, right kidney": the organs of one slice's label map."""
     present = [name for _, name in caption_organs(organs, names)]
     return f"{modality} slice with {', '.join(present)}" if present else f"{modality} slice"
 
@@ -76,7 +78,7 @@ def healthy_slices(case: TrainingCase, margin: int = LESION_MARGIN) -> np.ndarra
     touched = np.flatnonzero(case.lesions.reshape(k, -1).any(1))
     near = np.zeros(k, bool)
     for s in touched:
-        near[max(s - margin, 0): s + margin + 1] = True
+        near[max(s - margin, 0) : s + margin + 1] = True
     return np.flatnonzero(~near)
 
 
@@ -99,18 +101,22 @@ class SliceSet:
         """The caption of the box and, per organ it names, the organ's mask in the box."""
         case, k = self.index[n]
         organs = self.organs[case][k][box]
-        return (caption(organs, self.names[case], self.modality[case]),
-                [(name, organs == label) for label, name in caption_organs(organs, self.names[case])])
+        return (
+            caption(organs, self.names[case], self.modality[case]),
+            [(name, organs == label) for label, name in caption_organs(organs, self.names[case])],
+        )
 
 
 def slice_set(backbone: Diffusers2DBackbone, cases: list[TrainingCase], healthy_only: bool) -> SliceSet:
     # The backbone's own slicing (range, context slices / repeated channels): training sees
     # exactly the inputs inference will.
     inputs = [backbone._slices(torch.from_numpy(c.x)[None, None]).contiguous() for c in cases]
-    index = [(n, int(k)) for n, c in enumerate(cases)
-             for k in (healthy_slices(c) if healthy_only else range(c.x.shape[0]))]
-    return SliceSet(inputs, [c.organs for c in cases], [c.organ_names for c in cases], [c.modality for c in cases],
-                    index)
+    index = [
+        (n, int(k)) for n, c in enumerate(cases) for k in (healthy_slices(c) if healthy_only else range(c.x.shape[0]))
+    ]
+    return SliceSet(
+        inputs, [c.organs for c in cases], [c.organ_names for c in cases], [c.modality for c in cases], index
+    )
 
 
 def _crops(slices: SliceSet, crop: int, batch: int, rng: np.random.Generator) -> torch.Tensor:
@@ -120,12 +126,21 @@ def _crops(slices: SliceSet, crop: int, batch: int, rng: np.random.Generator) ->
         img = slices.inputs[n][k]
         cj, ci = min(crop, img.shape[1]), min(crop, img.shape[2])
         j0, i0 = rng.integers(0, img.shape[1] - cj + 1), rng.integers(0, img.shape[2] - ci + 1)
-        out.append(img[:, j0:j0 + cj, i0:i0 + ci])
+        out.append(img[:, j0 : j0 + cj, i0 : i0 + ci])
     return torch.stack(out)
 
 
-def train_vae_2d(backbone: Diffusers2DBackbone, slices: SliceSet, steps: int, seed: int, crop: int = 64,
-                 batch: int = 8, lr: float = 1e-3, kl_weight: float = 1e-6, show_progress: bool = True) -> list[float]:
+def train_vae_2d(
+    backbone: Diffusers2DBackbone,
+    slices: SliceSet,
+    steps: int,
+    seed: int,
+    crop: int = 64,
+    batch: int = 8,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-6,
+    show_progress: bool = True,
+) -> list[float]:
     """L1 reconstruction of random slice crops + a small KL term; returns the loss curve."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -173,9 +188,19 @@ def set_scale_factor(backbone: Diffusers2DBackbone, scale: float) -> None:
     backbone.config["vae"] = {**backbone.config["vae"], "scaling_factor": float(scale)}
 
 
-def train_unet_2d(backbone: Diffusers2DBackbone, latents: torch.Tensor, slices: SliceSet, steps: int, seed: int,
-                  crop: int | None = 16, batch: int = 16, lr: float = 5e-4, unconditional: float = UNCONDITIONAL,
-                  grounding: float = GROUNDING_WEIGHT, show_progress: bool = True) -> dict[str, list[float]]:
+def train_unet_2d(
+    backbone: Diffusers2DBackbone,
+    latents: torch.Tensor,
+    slices: SliceSet,
+    steps: int,
+    seed: int,
+    crop: int | None = 16,
+    batch: int = 16,
+    lr: float = 5e-4,
+    unconditional: float = UNCONDITIONAL,
+    grounding: float = GROUNDING_WEIGHT,
+    show_progress: bool = True,
+) -> dict[str, list[float]]:
     """The DDPM objective of the configuration's scheduler on scaled latents (N, C, h, w) of
     the set's slices, plus token grounding; returns the loss curves (``loss``: the total,
     ``denoise``, ``grounding``).
@@ -226,7 +251,7 @@ def train_unet_2d(backbone: Diffusers2DBackbone, latents: torch.Tensor, slices: 
             h, w = latents.shape[2:]
             ch, cw = min(crop or h, h), min(crop or w, w)
             j0, i0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-            zs.append(latents[n, :, j0:j0 + ch, i0:i0 + cw])
+            zs.append(latents[n, :, j0 : j0 + ch, i0 : i0 + cw])
             text, masks = slices.grounding(int(n), (slice(j0 * s, (j0 + ch) * s), slice(i0 * s, (i0 + cw) * s)))
             if rng.random() < unconditional:
                 text, masks = empty, []
@@ -238,7 +263,7 @@ def train_unet_2d(backbone: Diffusers2DBackbone, latents: torch.Tensor, slices: 
         noise = torch.randn_like(z0)
         z_t = sched.add_noise(z0, noise, t)
         target = noise if prediction == "epsilon" else sched.get_velocity(z0, noise, t)
-        store = AttentionStore(tuple(z0.shape[2:]))
+        store = AttentionStore((z0.shape[2], z0.shape[3]))
         with backbone._capture(store) if targets else contextlib.nullcontext():
             out = unet(z_t, t, encoder_hidden_states=hidden, encoder_attention_mask=mask).sample
         denoise = F.mse_loss(out, target)
@@ -277,15 +302,16 @@ class WordTokens:
     def ids(self, text: str, special: bool) -> list[int]:
         key = f"{int(special)}{text}"
         if key not in self.cache:
-            self.cache[key] = self.tokenizer(text, add_special_tokens=special, truncation=True,
-                                             max_length=512)["input_ids"]
+            self.cache[key] = self.tokenizer(text, add_special_tokens=special, truncation=True, max_length=512)[
+                "input_ids"
+            ]
         return self.cache[key]
 
     def __call__(self, text: str, words: list[str]) -> list[list[int]]:
         seq, out, start = self.ids(text, True), [], 0
         for word in words:
             piece = self.ids(word, False)
-            at = next((i for i in range(start, len(seq) - len(piece) + 1) if seq[i:i + len(piece)] == piece), None)
+            at = next((i for i in range(start, len(seq) - len(piece) + 1) if seq[i : i + len(piece)] == piece), None)
             if at is None:
                 raise ValueError(f"{word!r} not found in the tokens of {text!r}")
             out.append(list(range(at, at + len(piece))))
@@ -293,8 +319,14 @@ class WordTokens:
         return out
 
 
-def fit_backbone_2d(backbone: Diffusers2DBackbone, cases: list[TrainingCase], vae_steps: int, denoiser_steps: int,
-                    seed: int, show_progress: bool = True) -> Fitted:
+def fit_backbone_2d(
+    backbone: Diffusers2DBackbone,
+    cases: list[TrainingCase],
+    vae_steps: int,
+    denoiser_steps: int,
+    seed: int,
+    show_progress: bool = True,
+) -> Fitted:
     """VAE on every slice, scale factor, then the captioned denoiser on healthy slices."""
     t0 = time.perf_counter()
     every = slice_set(backbone, cases, healthy_only=False)
@@ -303,13 +335,23 @@ def fit_backbone_2d(backbone: Diffusers2DBackbone, cases: list[TrainingCase], va
     healthy = slice_set(backbone, cases, healthy_only=True)
     z = slice_latents(backbone, healthy)
     set_scale_factor(backbone, 1.0 / float(z.std()))
-    curves = train_unet_2d(backbone, z * backbone.scale_factor, healthy, denoiser_steps, seed,
-                           show_progress=show_progress)
+    curves = train_unet_2d(
+        backbone, z * backbone.scale_factor, healthy, denoiser_steps, seed, show_progress=show_progress
+    )
     t2 = time.perf_counter()
-    return Fitted(vae_curve, curves["loss"], t1 - t0, t2 - t1, {
-        "grounding_weight": GROUNDING_WEIGHT,
-        "vae_slices": len(every.index), "denoiser_slices": len(healthy.index),
-        "caption_example": healthy.caption(len(healthy.index) // 2),
-        "denoiser_data": f"healthy CT slices only (no lesion within {LESION_MARGIN} slices), latent crops captioned "
-                         f"with the organs they show (token grounding on their organ masks); caption dropout "
-                         f"{UNCONDITIONAL}"}, {"denoising": curves["denoise"], "grounding": curves["grounding"]})
+    return Fitted(
+        vae_curve,
+        curves["loss"],
+        t1 - t0,
+        t2 - t1,
+        {
+            "grounding_weight": GROUNDING_WEIGHT,
+            "vae_slices": len(every.index),
+            "denoiser_slices": len(healthy.index),
+            "caption_example": healthy.caption(len(healthy.index) // 2),
+            "denoiser_data": f"healthy CT slices only (no lesion within {LESION_MARGIN} slices), latent crops "
+            f"captioned with the organs they show (token grounding on their organ masks); caption dropout "
+            f"{UNCONDITIONAL}",
+        },
+        {"denoising": curves["denoise"], "grounding": curves["grounding"]},
+    )

@@ -25,15 +25,17 @@ class Checkpoint:
         self.path, self.key, self.every = Path(path), dict(key), max(1, int(every))
         self.resumed_from = 0
 
-    def restore(self, head: torch.nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator,
-                history: list) -> int:
+    def restore(
+        self, head: torch.nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator, history: list
+    ) -> int:
         """The step to start from (0 when there is nothing to resume)."""
         if not self.path.is_file():
             return 0
         state = torch.load(self.path, map_location="cpu", weights_only=True)
         if state.get("key") != self.key:
-            log.warning("%s: a checkpoint of other training (seed, cases or settings differ): starting afresh",
-                        self.path)
+            log.warning(
+                "%s: a checkpoint of other training (seed, cases or settings differ): starting afresh", self.path
+            )
             return 0
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
@@ -49,8 +51,18 @@ class Checkpoint:
         if done % self.every and done != total:
             return
         buf = io.BytesIO()
-        torch.save({"key": self.key, "step": done, "head": head.state_dict(), "opt": opt.state_dict(),
-                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "history": history}, buf)
+        torch.save(
+            {
+                "key": self.key,
+                "step": done,
+                "head": head.state_dict(),
+                "opt": opt.state_dict(),
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "history": history,
+            },
+            buf,
+        )
         atomic.write_bytes(self.path, buf.getvalue())
 
     def remove(self) -> None:

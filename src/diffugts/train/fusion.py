@@ -14,16 +14,17 @@ import numpy as np
 import torch
 
 from diffugts.networks.aova import AOVAHead
-from diffugts.stages.deviation import DeviationParams, Fusion, organ_deviation
 from diffugts.networks.text import TextEncoder, make_target
+from diffugts.stages.deviation import DeviationParams, Fusion, organ_deviation
 from diffugts.train.aova import CaseFeatures
 
 MAX_NEGATIVES = 4000  # organ voxels sampled per case and organ (lesion voxels are all kept)
 
 
 @torch.no_grad()
-def fusion_samples(head: AOVAHead, text: TextEncoder, data: list[CaseFeatures], spacing_kji,
-                   params: DeviationParams, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def fusion_samples(
+    head: AOVAHead, text: TextEncoder, data: list[CaseFeatures], spacing_kji, params: DeviationParams, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, 2): anomaly log-odds, |z|; labels (N,)) over the cases' organs."""
     rng = np.random.default_rng(seed)
     feats, labels = [], []
@@ -31,8 +32,9 @@ def fusion_samples(head: AOVAHead, text: TextEncoder, data: list[CaseFeatures], 
         shape = cf.case.x.shape
         for fam in cf.organs:
             t = make_target(f"{fam} tumor", organ=fam)
-            out = head([f.float()[None] for f in cf.feats], text.embed(t.prompts), [t.groups(t.prompts.index)],
-                       out_shape=shape)
+            out = head(
+                [f.float()[None] for f in cf.feats], text.embed(t.prompts), [t.groups(t.prompts.index)], out_shape=shape
+            )
             region, anomaly = out.region_log_odds[0, 0].numpy(), out.anomaly_log_odds[0, 0].numpy()
             organ, z = organ_deviation(cf.case.x, region, spacing_kji, params)
             lesion = cf.positives.get(fam, np.zeros(shape, bool)) & organ
@@ -44,8 +46,9 @@ def fusion_samples(head: AOVAHead, text: TextEncoder, data: list[CaseFeatures], 
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.float32)
 
 
-def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-4, steps: int = 200,
-                 nonnegative=None) -> tuple[np.ndarray, float]:
+def fit_logistic(
+    features: np.ndarray, labels: np.ndarray, l2: float = 1e-4, steps: int = 200, nonnegative=None
+) -> tuple[np.ndarray, float]:
     """Class-balanced logistic regression (LBFGS): (weights (F,), bias). Shared by the fusion
     and the lesion verifier (train/verify.py): a handful of weights fitted on all samples at
     once, where a torch optimiser loop of a few lines is all it takes. ``nonnegative``: (F,)
@@ -64,7 +67,7 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-4, ste
     def closure():
         opt.zero_grad()
         w = weights(v)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + v[-1], y, weight=weight) + l2 * (w ** 2).sum()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + v[-1], y, weight=weight) + l2 * (w**2).sum()
         loss.backward()
         return loss
 
@@ -72,8 +75,9 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1e-4, ste
     return weights(v).detach().numpy(), float(v[-1].detach())
 
 
-def fit_fusion(features: np.ndarray, labels: np.ndarray, params: DeviationParams, recall: float = 0.85,
-               steps: int = 200) -> tuple[Fusion, float]:
+def fit_fusion(
+    features: np.ndarray, labels: np.ndarray, params: DeviationParams, recall: float = 0.85, steps: int = 200
+) -> tuple[Fusion, float]:
     """Logistic regression (class-balanced, LBFGS) and the threshold that keeps ``recall``
     of the lesion voxels."""
     (a, d), b = fit_logistic(features, labels, steps=steps)

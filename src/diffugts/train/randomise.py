@@ -34,8 +34,9 @@ class RandomiseSpec:
     psf_vox: float = 0.6  # blur of the new tissue means (partial volume at label borders)
 
 
-def randomise(case: TrainingCase, rng: np.random.Generator, spacing_kji,
-              spec: RandomiseSpec = RandomiseSpec()) -> TrainingCase:
+def randomise(
+    case: TrainingCase, rng: np.random.Generator, spacing_kji, spec: RandomiseSpec = RandomiseSpec()
+) -> TrainingCase:
     """A copy of ``case`` whose intensities follow random per-tissue look-up tables."""
     labels = case.organs.astype(np.int64)
     count = int(labels.max()) + 1
@@ -53,5 +54,4 @@ def randomise(case: TrainingCase, rng: np.random.Generator, spacing_kji,
     y = np.clip(base + gain * residual, 0.0, 1.0) ** np.float32(np.exp(rng.uniform(-spec.gamma_log, spec.gamma_log)))
     field = smooth_noise(rng, y.shape, spec.bias_sigma_mm / np.asarray(spacing_kji, float))
     y = y * (1.0 + spec.bias * np.clip(field, -2.5, 2.5) / 2.5)
-    return replace(case, case_id=f"{case.case_id}-randomised", x=np.clip(y, 0.0, 1.0).astype(np.float32),
-                   volume=None)
+    return replace(case, case_id=f"{case.case_id}-randomised", x=np.clip(y, 0.0, 1.0).astype(np.float32), volume=None)

@@ -8,6 +8,7 @@ evaluation uses 9000-9999 and the `make run` demo cohort seed 7.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from diffugts.errors import ConfigError
 
@@ -70,17 +71,37 @@ class DemoRecipe:
         return asdict(self)
 
     @classmethod
-    def quick(cls, seed: int = 0) -> "DemoRecipe":
+    def quick(cls, seed: int = 0) -> DemoRecipe:
         """A few minutes instead of most of an hour: for tests and smoke runs."""
-        return cls(seed=seed, backbone_cases=6, vae_steps=30, denoiser_steps=30, aova_cases=6, aova_steps=40,
-                   aova_dim=16, refine_cases=4, refine_steps=30, aova_randomised_cases=2, aova_mr_healthy_cases=1,
-                   refine_healthy_cases=1, verifier_cases=2, verifier_healthy_cases=1, phantom_shape=(32, 64, 64))
+        return cls(
+            seed=seed,
+            backbone_cases=6,
+            vae_steps=30,
+            denoiser_steps=30,
+            aova_cases=6,
+            aova_steps=40,
+            aova_dim=16,
+            refine_cases=4,
+            refine_steps=30,
+            aova_randomised_cases=2,
+            aova_mr_healthy_cases=1,
+            refine_healthy_cases=1,
+            verifier_cases=2,
+            verifier_healthy_cases=1,
+            phantom_shape=(32, 64, 64),
+        )
 
 
 # The 2D demo model keeps the heads it shipped with (no fusion, no randomisation, no
 # lesion-free refinement cases): it has not been retrained since (docs/backbones-2d.md).
-LEGACY_HEADS = dict(aova_randomised_cases=0, aova_mr_healthy_cases=0, fusion_recall=None, refine_healthy_cases=0,
-                    verifier_cases=0, verifier_healthy_cases=0)
+LEGACY_HEADS: dict[str, Any] = dict(
+    aova_randomised_cases=0,
+    aova_mr_healthy_cases=0,
+    fusion_recall=None,
+    refine_healthy_cases=0,
+    verifier_cases=0,
+    verifier_healthy_cases=0,
+)
 
 
 def demo_2d(seed: int = 0) -> DemoRecipe:
@@ -105,17 +126,40 @@ def demo_2d(seed: int = 0) -> DemoRecipe:
     The same steps take 1.6-1.9 times longer on one thread, and far longer when another
     process competes for the two cores (two-thread runs then spin: run it alone).
     """
-    return DemoRecipe(seed=seed, config="demo-2d", features=None, backbone_cases=24, vae_steps=1000,
-                      denoiser_steps=2000, aova_cases=12, aova_steps=400, aova_dim=16, refine_cases=10,
-                      refine_steps=500, **LEGACY_HEADS)
+    return DemoRecipe(
+        seed=seed,
+        config="demo-2d",
+        features=None,
+        backbone_cases=24,
+        vae_steps=1000,
+        denoiser_steps=2000,
+        aova_cases=12,
+        aova_steps=400,
+        aova_dim=16,
+        refine_cases=10,
+        refine_steps=500,
+        **LEGACY_HEADS,
+    )
 
 
 def demo_2d_quick(seed: int = 0) -> DemoRecipe:
     """The 2D recipe on small phantoms (16 x 48 x 48) and a few steps: well under a minute,
     for tests and smoke runs (not a usable model)."""
-    return DemoRecipe(seed=seed, config="demo-2d", features=None, backbone_cases=4, vae_steps=20, denoiser_steps=20,
-                      aova_cases=3, aova_steps=20, aova_dim=8, refine_cases=2, refine_steps=10,
-                      phantom_shape=(16, 48, 48), **LEGACY_HEADS)
+    return DemoRecipe(
+        seed=seed,
+        config="demo-2d",
+        features=None,
+        backbone_cases=4,
+        vae_steps=20,
+        denoiser_steps=20,
+        aova_cases=3,
+        aova_steps=20,
+        aova_dim=8,
+        refine_cases=2,
+        refine_steps=10,
+        phantom_shape=(16, 48, 48),
+        **LEGACY_HEADS,
+    )
 
 
 def recipe_for(config: str, quick: bool = False, seed: int = 0) -> DemoRecipe:

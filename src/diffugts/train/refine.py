@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffugts.artifacts.geometry import Geometry
 from diffugts.networks.aova import AOVAHead, dice_bce, soft_dice
 from diffugts.networks.backbones import Backbone
 from diffugts.stages.deviation import Fusion, FusedMaps
@@ -28,9 +29,19 @@ from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS as 
 from diffugts.config import SynthesisParams
 from diffugts.stages.synthesize import make_region, pseudo_healthy
 from diffugts.networks.text import TextEncoder, make_target
+from diffugts.stages.deviation import FusedMaps, Fusion
+from diffugts.stages.preprocess import Preprocessing, normalise
+from diffugts.stages.refine import (
+    LEGACY_TARGET_CHANNELS,
+    SHARED_CHANNELS as SHARED,
+    RefineHead,
+    shared_inputs,
+    target_inputs,
+)
+from diffugts.stages.synthesize import Params, make_region, pseudo_healthy
 from diffugts.train.aova import case_features, organ_family
 from diffugts.train.data import TrainingCase
-
+from diffugts.utils.progress import progress
 
 HOST_FAMILIES = ("liver", "kidney", "spleen", "pancreas")  # organs a lesion can lie in (phantom.lesions)
 
@@ -45,8 +56,16 @@ class Example:
     candidates: np.ndarray  # bool (*S)
 
 
-def coarse_maps(head: AOVAHead, backbone: Backbone, text: TextEncoder, case: TrainingCase, features: list[str],
-                spacing, organs: list[str], fusion: Fusion | None = None) -> dict[str, FusedMaps | np.ndarray]:
+def coarse_maps(
+    head: AOVAHead,
+    backbone: Backbone,
+    text: TextEncoder,
+    case: TrainingCase,
+    features: list[str],
+    spacing,
+    organs: list[str],
+    fusion: Fusion | None = None,
+) -> dict[str, FusedMaps | np.ndarray]:
     """Per organ its coarse maps as inference makes them: fused maps (prob, organ, z) with the
     package's fusion, else the AOVA probability alone."""
     cf = case_features(backbone, case, backbone.feature_index(features), spacing, 0)
@@ -56,9 +75,13 @@ def coarse_maps(head: AOVAHead, backbone: Backbone, text: TextEncoder, case: Tra
         emb = text.embed(t.prompts)
         with torch.no_grad():
             res = head([f.float()[None] for f in cf.feats], emb, [t.groups(t.prompts.index)], out_shape=case.x.shape)
-        out[fam] = (res.prob[0, 0].numpy() if fusion is None else
-                    fusion.maps(case.x, res.region_log_odds[0, 0].numpy(), res.anomaly_log_odds[0, 0].numpy(),
-                                tuple(spacing)[::-1]))
+        out[fam] = (
+            res.prob[0, 0].numpy()
+            if fusion is None
+            else fusion.maps(
+                case.x, res.region_log_odds[0, 0].numpy(), res.anomaly_log_odds[0, 0].numpy(), tuple(spacing)[::-1]
+            )
+        )
     return out
 
 
@@ -77,7 +100,7 @@ def refinement_example(case: TrainingCase, backbone: Backbone, head: AOVAHead, t
     negative = empty if not truths else [str(f) for f in rng.permutation(empty)[:negatives]]
     organs = sorted(truths) + negative
     maps = coarse_maps(head, backbone, text, case, features, prep.spacing_mm, organs, fusion)
-    prob = {f: m if fusion is None else m.prob for f, m in maps.items()}
+    prob = {f: m.prob if isinstance(m, FusedMaps) else m for f, m in maps.items()}
     union = np.zeros(case.x.shape, bool)
     for fam in organs:
         union |= (prob[fam] >= threshold) | truths.get(fam, False)
@@ -91,22 +114,35 @@ def refinement_example(case: TrainingCase, backbone: Backbone, head: AOVAHead, t
     shared = shared_inputs(backbone, case.x, h, region.dilated)
     examples = []
     for fam in organs:
-        organ = maps[fam].organ if fusion is not None else None
-        own = target_inputs(channels, prob[fam], organ, case.x, tuple(prep.spacing_mm)[::-1],
-                            fusion.deviation if fusion else None)
-        examples.append(Example(np.concatenate([shared, own]), truths.get(fam, np.zeros(case.x.shape, bool)),
-                                prob[fam] >= threshold))
+        m = maps[fam]
+        organ = m.organ if isinstance(m, FusedMaps) else None
+        own = target_inputs(
+            channels, prob[fam], organ, case.x, tuple(prep.spacing_mm)[::-1], fusion.deviation if fusion else None
+        )
+        examples.append(
+            Example(
+                np.concatenate([shared, own]), truths.get(fam, np.zeros(case.x.shape, bool)), prob[fam] >= threshold
+            )
+        )
     return examples
 
 
-def train_refine(examples: list[Example], steps: int, seed: int = 0, crop=(32, 64, 64),
-                 batch: int = 2, lr: float = 2e-3, features=(8, 16, 32, 64, 64, 8),
-                 show_progress: bool = True, checkpoint=None) -> tuple[RefineHead, list[dict]]:
+def train_refine(
+    examples: list[Example],
+    steps: int,
+    seed: int = 0,
+    crop=(32, 64, 64),
+    batch: int = 2,
+    lr: float = 2e-3,
+    features=(8, 16, 32, 64, 64, 8),
+    show_progress: bool = True,
+    checkpoint=None,
+) -> tuple[RefineHead, list[dict]]:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     head = RefineHead(in_channels=examples[0].inputs.shape[0], features=features)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    history = []
+    history: list[dict] = []
     head.train()
     start = checkpoint.restore(head, opt, rng, history) if checkpoint else 0  # diffugts.train.checkpoint
     for step in progress(range(start, steps), desc="train refinement", unit="step", enable=show_progress):
@@ -132,8 +168,9 @@ def train_refine(examples: list[Example], steps: int, seed: int = 0, crop=(32, 6
     return head, history
 
 
-def _crop(truth: np.ndarray, candidates: np.ndarray, crop, rng, lesion_fraction: float = 0.5,
-          candidate_fraction: float = 0.35):
+def _crop(
+    truth: np.ndarray, candidates: np.ndarray, crop, rng, lesion_fraction: float = 0.5, candidate_fraction: float = 0.35
+):
     """A crop centred on a lesion voxel, on a coarse candidate (true or false), or anywhere."""
     size = [min(c, s) for c, s in zip(crop, truth.shape)]
     r = rng.random()
@@ -145,8 +182,10 @@ def _crop(truth: np.ndarray, candidates: np.ndarray, crop, rng, lesion_fraction:
         centre = where[rng.integers(len(where))]
     else:
         centre = [rng.integers(0, s) for s in truth.shape]
-    return tuple(slice(int(np.clip(c - n // 2, 0, s - n)), int(np.clip(c - n // 2, 0, s - n)) + n)
-                 for c, n, s in zip(centre, size, truth.shape))
+    return tuple(
+        slice(int(np.clip(c - n // 2, 0, s - n)), int(np.clip(c - n // 2, 0, s - n)) + n)
+        for c, n, s in zip(centre, size, truth.shape)
+    )
 
 
 def held_out_probabilities(head: RefineHead, examples: list[Example]) -> list[np.ndarray]:
@@ -154,12 +193,16 @@ def held_out_probabilities(head: RefineHead, examples: list[Example]) -> list[np
     as inference restricts it)."""
     from diffugts.stages.refine import refine_probability
 
-    return [refine_probability(head, ex.inputs[:SHARED], ex.inputs[SHARED:][None])[0] * (ex.inputs[SHARED - 1] > 0)
-            for ex in examples]
+    return [
+        refine_probability(head, ex.inputs[:SHARED], ex.inputs[SHARED:][None])[0] * (ex.inputs[SHARED - 1] > 0)
+        for ex in examples
+    ]
 
 
-def calibrate_threshold(probs: list[np.ndarray], examples: list[Example],
-                        grid=tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))) -> float:
+THRESHOLD_GRID = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
+
+
+def calibrate_threshold(probs: list[np.ndarray], examples: list[Example], grid=THRESHOLD_GRID) -> float:
     """The threshold with the best pooled Dice over held-out examples, lesion-free ones
     included: every voxel marked where there is no lesion counts against it."""
     best, best_dice = 0.5, -1.0
@@ -173,8 +216,9 @@ def calibrate_threshold(probs: list[np.ndarray], examples: list[Example],
     return best
 
 
-def evaluate_refine(head: RefineHead, examples: list[Example], threshold: float = 0.5,
-                    probs: list[np.ndarray] | None = None) -> dict:
+def evaluate_refine(
+    head: RefineHead, examples: list[Example], threshold: float = 0.5, probs: list[np.ndarray] | None = None
+) -> dict:
     """Held-out Dice over the examples with a lesion, and false-positive voxels (mL-free count)
     over the lesion-free ones (inside the inpainted region, as inference restricts them)."""
     probs = probs if probs is not None else held_out_probabilities(head, examples)
@@ -185,5 +229,7 @@ def evaluate_refine(head: RefineHead, examples: list[Example], threshold: float 
             dice.append(2 * (pred & ex.truth).sum() / max(pred.sum() + ex.truth.sum(), 1))
         else:
             false_voxels.append(int(pred.sum()))
-    return {"dice": float(np.mean(dice)) if dice else float("nan"),
-            "false_voxels_per_negative": float(np.mean(false_voxels)) if false_voxels else float("nan")}
+    return {
+        "dice": float(np.mean(dice)) if dice else float("nan"),
+        "false_voxels_per_negative": float(np.mean(false_voxels)) if false_voxels else float("nan"),
+    }

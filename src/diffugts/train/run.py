@@ -17,11 +17,12 @@ from diffugts.errors import ConfigError
 from diffugts.models.configs import get_config
 from diffugts.models.create import base_manifest
 from diffugts.models.package import ModelPackage, add_networks, open_package, write_package
-from diffugts.stages.preprocess import Preprocessing
-from diffugts.utils.progress import progress
+from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.networks.text import TextEncoder
+from diffugts.stages.preprocess import Preprocessing
 from diffugts.train import recipe as R
 from diffugts.train.data import phantom_case
+from diffugts.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,22 @@ def command_line() -> str:
 
 def backbone_cases(prep: Preprocessing, n: int, seed: int, show: bool, shape=None):
     """Half healthy, half seen-lesion CT cases of the backbone's seed range."""
-    return [phantom_case(R.BACKBONE_SEED + seed, i, prep, split="seen", healthy=(i % 2 == 0), shape=shape)
-            for i in progress(range(n), desc="phantoms", unit="case", enable=show)]
+    return [
+        phantom_case(R.BACKBONE_SEED + seed, i, prep, split="seen", healthy=(i % 2 == 0), shape=shape)
+        for i in progress(range(n), desc="phantoms", unit="case", enable=show)
+    ]
 
 
-def train_backbone(out: Path, config_name: str = "demo", seed: int = 0, cases: int = 48, vae_steps: int = 1500,
-                   denoiser_steps: int = 1500, show_progress: bool = True, phantom_shape=None) -> ModelPackage:
+def train_backbone(
+    out: Path,
+    config_name: str = "demo",
+    seed: int = 0,
+    cases: int = 48,
+    vae_steps: int = 1500,
+    denoiser_steps: int = 1500,
+    show_progress: bool = True,
+    phantom_shape=None,
+) -> ModelPackage:
     """Train a demo-size backbone of the configuration's family (3D MAISI-like, or the 2D
     diffusers family: :mod:`diffugts.train.backbone2d`) on phantoms and write its package."""
     torch.manual_seed(seed)
@@ -46,32 +57,60 @@ def train_backbone(out: Path, config_name: str = "demo", seed: int = 0, cases: i
     data = backbone_cases(prep, cases, seed, show_progress, phantom_shape)
     backbone = build_backbone({**config, "scale_factor": 1.0})
     if config["family"] == "diffusers2d":
+        from diffugts.networks.backbones.diffusers2d import Diffusers2DBackbone
         from diffugts.train.backbone2d import fit_backbone_2d
 
+        assert isinstance(backbone, Diffusers2DBackbone)  # what build_backbone makes for the family
         fitted = fit_backbone_2d(backbone, data, vae_steps, denoiser_steps, seed, show_progress)
         config["vae"] = backbone.config["vae"]  # carries the trained latent scaling_factor
     else:
+        from diffugts.networks.backbones.maisi import MaisiBackbone
         from diffugts.train.backbone import fit_backbone_3d
 
+        assert isinstance(backbone, MaisiBackbone)
         fitted = fit_backbone_3d(backbone, data, vae_steps, denoiser_steps, seed, prep.spacing_mm, show_progress)
     training = {
-        "cases": cases, "case_seed": R.BACKBONE_SEED + seed, "vae_steps": vae_steps,
-        "denoiser_steps": denoiser_steps, "vae_loss_first_last": _ends(fitted.vae_curve),
-        "denoiser_loss_first_last": _ends(fitted.unet_curve), "vae_seconds": round(fitted.vae_seconds, 1),
+        "cases": cases,
+        "case_seed": R.BACKBONE_SEED + seed,
+        "vae_steps": vae_steps,
+        "denoiser_steps": denoiser_steps,
+        "vae_loss_first_last": _ends(fitted.vae_curve),
+        "denoiser_loss_first_last": _ends(fitted.unet_curve),
+        "vae_seconds": round(fitted.vae_seconds, 1),
         "denoiser_seconds": round(fitted.denoiser_seconds, 1),
-        **{f"{name}_loss_first_last": _ends(curve) for name, curve in fitted.curves.items()}, **fitted.details}
+        **{f"{name}_loss_first_last": _ends(curve) for name, curve in fitted.curves.items()},
+        **fitted.details,
+    }
     if phantom_shape:
         training["phantom_shape"] = list(phantom_shape)
-    manifest = base_manifest(f"{config_name}-phantom", config_name, config, backbone.scale_factor, {
-        "kind": "trained", "command": command_line(), "seed": seed, "backbone_training": training})
+    manifest = base_manifest(
+        f"{config_name}-phantom",
+        config_name,
+        config,
+        backbone.scale_factor,
+        {"kind": "trained", "command": command_line(), "seed": seed, "backbone_training": training},
+    )
     return write_package(out, manifest, {"vae": backbone.vae.state_dict(), "unet": backbone.unet.state_dict()})
 
 
-def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 60, steps: int = 1200,
-                    dim: int = 64, features: list[str] | None = None, show_progress: bool = True,
-                    phantom_shape=None, synthetic_cases: int = 0, randomised_cases: int = 0,
-                    mr_healthy_cases: int = 0, fusion_recall: float | None = None, source=None,
-                    checkpoint=None, device: str | None = None) -> ModelPackage:
+def train_aova_head(
+    model: str | Path,
+    out: Path | None = None,
+    seed: int = 0,
+    cases: int = 60,
+    steps: int = 1200,
+    dim: int = 64,
+    features: list[str] | None = None,
+    show_progress: bool = True,
+    phantom_shape=None,
+    synthetic_cases: int = 0,
+    randomised_cases: int = 0,
+    mr_healthy_cases: int = 0,
+    fusion_recall: float | None = None,
+    source=None,
+    checkpoint=None,
+    device: str | None = None,
+) -> ModelPackage:
     """``source``: real datasets (:class:`diffugts.datasets.training.DatasetSource`) beside the
     ``cases`` phantoms; ``checkpoint``: resumable training (diffugts.train.checkpoint);
     ``device``: where the frozen backbone runs (features), the head trains on the CPU.
@@ -92,26 +131,51 @@ def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, c
     features = features or R.default_features(backbone)
     text = TextEncoder()
     spacing_kji = tuple(prep.spacing_mm)[::-1]
-    data = [phantom_case(R.AOVA_SEED + seed, i, prep, split="seen", healthy=(i % 6 == 0), shape=phantom_shape)
-            for i in progress(range(cases), desc="phantoms", unit="case", enable=show_progress)]
+    data = [
+        phantom_case(R.AOVA_SEED + seed, i, prep, split="seen", healthy=(i % 6 == 0), shape=phantom_shape)
+        for i in progress(range(cases), desc="phantoms", unit="case", enable=show_progress)
+    ]
     data += list(source.training_cases(prep)) if source else []
     real = len(data)  # phantoms and dataset cases: what the fusion is fitted on
     rng = np.random.default_rng([R.AOVA_SEED + seed, R.SYNTHETIC_STREAM])
-    data += [add_anomalies(phantom_case(R.AOVA_SEED + seed, R.SYNTHETIC_INDEX + i, prep, split="seen", healthy=True,
-                                        shape=phantom_shape), prep, rng)
-             for i in progress(range(synthetic_cases), desc="synthetic anomalies", unit="case", enable=show_progress)]
+    data += [
+        add_anomalies(
+            phantom_case(
+                R.AOVA_SEED + seed, R.SYNTHETIC_INDEX + i, prep, split="seen", healthy=True, shape=phantom_shape
+            ),
+            prep,
+            rng,
+        )
+        for i in progress(range(synthetic_cases), desc="synthetic anomalies", unit="case", enable=show_progress)
+    ]
     rng = np.random.default_rng([R.AOVA_SEED + seed, R.RANDOMISE_STREAM])
     seen = [c for c in data if c.records] or data
-    data += [randomise(seen[i % len(seen)], rng, spacing_kji)
-             for i in progress(range(randomised_cases), desc="randomised", unit="case", enable=show_progress)]
-    data += [phantom_case(R.AOVA_SEED + seed, R.MR_INDEX + i, prep, healthy=True, modality="MR", shape=phantom_shape)
-             for i in progress(range(mr_healthy_cases), desc="MR healthy", unit="case", enable=show_progress)]
-    held_out = [phantom_case(R.AOVA_SEED + seed + 500, i, prep, split="seen", shape=phantom_shape)
-                for i in range(4 if cases or not source else 0)]
+    data += [
+        randomise(seen[i % len(seen)], rng, spacing_kji)
+        for i in progress(range(randomised_cases), desc="randomised", unit="case", enable=show_progress)
+    ]
+    data += [
+        phantom_case(R.AOVA_SEED + seed, R.MR_INDEX + i, prep, healthy=True, modality="MR", shape=phantom_shape)
+        for i in progress(range(mr_healthy_cases), desc="MR healthy", unit="case", enable=show_progress)
+    ]
+    held_out = [
+        phantom_case(R.AOVA_SEED + seed + 500, i, prep, split="seen", shape=phantom_shape)
+        for i in range(4 if cases or not source else 0)
+    ]
     held_out += list(source.held_out_cases(prep)) if source else []
     t0 = time.perf_counter()
-    result = train_aova(backbone, text, data, feature_names=features, spacing=prep.spacing_mm, steps=steps,
-                        seed=seed, dim=dim, show_progress=show_progress, checkpoint=checkpoint)
+    result = train_aova(
+        backbone,
+        text,
+        data,
+        feature_names=features,
+        spacing=prep.spacing_mm,
+        steps=steps,
+        seed=seed,
+        dim=dim,
+        show_progress=show_progress,
+        checkpoint=checkpoint,
+    )
     seconds = time.perf_counter() - t0
     rows = evaluate_dice(result.head, backbone, text, held_out, features, prep.spacing_mm)
     val = float(np.mean([r["dice"] for r in rows])) if rows else None
@@ -120,12 +184,15 @@ def train_aova_head(model: str | Path, out: Path | None = None, seed: int = 0, c
     if fusion_recall is not None:
         # Fitted on the seen CT cases with lesions (randomised copies and MR left out: the
         # deviation's scale is what is fitted, and those copies have no new lesions).
-        fit_on = [cf for cf in result.data[:real + synthetic_cases] if cf.positives]
+        fit_on = [cf for cf in result.data[: real + synthetic_cases] if cf.positives]
         samples = fusion_samples(result.head, text, fit_on, spacing_kji, DeviationParams(), seed)
         fusion, threshold = fit_fusion(*samples, DeviationParams(), recall=fusion_recall)
         entry.update(fusion=fusion.as_dict(), threshold=round(threshold, 4))
-        fusion_info = {"fusion_cases": len(fit_on), "fusion_voxels": int(len(samples[1])),
-                       "fusion_recall": fusion_recall}
+        fusion_info = {
+            "fusion_cases": len(fit_on),
+            "fusion_voxels": int(len(samples[1])),
+            "fusion_recall": fusion_recall,
+        }
     losses = [h["loss"] for h in result.history]
     return add_networks(pkg, {AOVA_HEAD: (entry, result.head.state_dict())}, out=out, provenance={
         "aova_training": {"command": command_line(), "seed": seed, "cases": cases, "case_seed": R.AOVA_SEED + seed,
@@ -167,31 +234,69 @@ class _ExampleMaker:
         self.case_seed, self.shape = R.REFINE_SEED + seed, phantom_shape
 
     def __call__(self, index: int, healthy: bool):
-        case = phantom_case(self.case_seed, index, self.prep, split="seen", healthy=healthy, healthy_fraction=0.0,
-                            keep_volume=True, shape=self.shape)
+        case = phantom_case(
+            self.case_seed,
+            index,
+            self.prep,
+            split="seen",
+            healthy=healthy,
+            healthy_fraction=0.0,
+            keep_volume=True,
+            shape=self.shape,
+        )
         return self.examples(case)
 
     def examples(self, case):
         """The examples of any case on the model grid with its volume (a dataset case too)."""
         from diffugts.train.refine import refinement_example
 
-        return refinement_example(case, self.backbone, self.aova, self.text, self.features, self.prep, self.params,
-                                  self.rng, self.fusion, self.threshold, self.channels)
+        return refinement_example(
+            case,
+            self.backbone,
+            self.aova,
+            self.text,
+            self.features,
+            self.prep,
+            self.params,
+            self.rng,
+            self.fusion,
+            self.threshold,
+            self.channels,
+        )
 
 
-def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 40, steps: int = 1200,
-                      synthesis_steps: int = 10, show_progress: bool = True, phantom_shape=None,
-                      healthy_cases: int = 0, source=None, checkpoint=None, device: str | None = None) -> ModelPackage:
+def train_refine_head(
+    model: str | Path,
+    out: Path | None = None,
+    seed: int = 0,
+    cases: int = 40,
+    steps: int = 1200,
+    synthesis_steps: int = 10,
+    show_progress: bool = True,
+    phantom_shape=None,
+    healthy_cases: int = 0,
+    source=None,
+    checkpoint=None,
+    device: str | None = None,
+) -> ModelPackage:
     """``healthy_cases``: lesion-free cases whose coarse candidates are all false (with a fused
     coarse map the head also takes each target's deviation and organ channels). ``source``,
     ``checkpoint``, ``device``: as :func:`train_aova_head`."""
-    from diffugts.train.refine import calibrate_threshold, evaluate_refine, held_out_probabilities, train_refine
+    from diffugts.train.refine import (
+        Example,
+        calibrate_threshold,
+        evaluate_refine,
+        held_out_probabilities,
+        train_refine,
+    )
 
     pkg = open_package(model)
     make = _ExampleMaker(pkg, seed, synthesis_steps, phantom_shape, device)
-    examples, held_out = [], []
-    plan = ([(i, False) for i in range(cases + (4 if cases or not source else 0))]
-            + [(R.HEALTHY_INDEX + i, True) for i in range(healthy_cases + (2 if healthy_cases else 0))])
+    examples: list[Example] = []
+    held_out: list[Example] = []
+    plan = [(i, False) for i in range(cases + (4 if cases or not source else 0))] + [
+        (R.HEALTHY_INDEX + i, True) for i in range(healthy_cases + (2 if healthy_cases else 0))
+    ]
     for i, healthy in progress(plan, desc="synthesis for refinement", unit="case", enable=show_progress):
         train = (i < cases) if not healthy else (i - R.HEALTHY_INDEX < healthy_cases)
         (examples if train else held_out).extend(make(i, healthy))
@@ -223,9 +328,16 @@ def train_refine_head(model: str | Path, out: Path | None = None, seed: int = 0,
                                if source else {})}})
 
 
-def train_lesion_verifier(model: str | Path, out: Path | None = None, seed: int = 0, cases: int = 12,
-                          healthy_cases: int = 6, synthesis_steps: int = 10, show_progress: bool = True,
-                          phantom_shape=None) -> ModelPackage:
+def train_lesion_verifier(
+    model: str | Path,
+    out: Path | None = None,
+    seed: int = 0,
+    cases: int = 12,
+    healthy_cases: int = 6,
+    synthesis_steps: int = 10,
+    show_progress: bool = True,
+    phantom_shape=None,
+) -> ModelPackage:
     """The lesion verifier of a package with a fused coarse map and a refinement head, fitted
     on ``cases`` seen-type and ``healthy_cases`` lesion-free phantoms the head never saw
     (diffugts.train.verify); stored as ``networks.refine.verifier``."""
@@ -264,8 +376,9 @@ def train_lesion_verifier(model: str | Path, out: Path | None = None, seed: int 
         "case_seed": make.case_seed, "indices": [R.VERIFY_INDEX, R.VERIFY_HEALTHY_INDEX], **report}})
 
 
-def train_demo(out: Path, recipe: R.DemoRecipe, show_progress: bool = True,
-               backbone: str | Path | None = None) -> ModelPackage:
+def train_demo(
+    out: Path, recipe: R.DemoRecipe, show_progress: bool = True, backbone: str | Path | None = None
+) -> ModelPackage:
     """The whole demo model of the recipe's configuration (``demo``: 3D, ``demo-2d``: the
     diffusers family): backbone, then the AOVA head, then the refinement head and its lesion
     verifier.
@@ -277,21 +390,59 @@ def train_demo(out: Path, recipe: R.DemoRecipe, show_progress: bool = True,
         source = open_package(backbone)
         if source.manifest["backbone"].get("config") != recipe.config:
             raise ConfigError(f"{source.root}: its backbone is not of the {recipe.config!r} configuration")
-        add_networks(source, {}, out=out, provenance={"backbone_from": {"package": source.name,
-                                                                         "sha256": source.sha256}})
+        add_networks(
+            source, {}, out=out, provenance={"backbone_from": {"package": source.name, "sha256": source.sha256}}
+        )
     else:
-        train_backbone(out, recipe.config, recipe.seed, recipe.backbone_cases, recipe.vae_steps,
-                       recipe.denoiser_steps, show_progress, phantom_shape=shape)
+        train_backbone(
+            out,
+            recipe.config,
+            recipe.seed,
+            recipe.backbone_cases,
+            recipe.vae_steps,
+            recipe.denoiser_steps,
+            show_progress,
+            phantom_shape=shape,
+        )
     # features None: the backbone's own default scales (R.default_features).
-    train_aova_head(out, None, recipe.seed, recipe.aova_cases, recipe.aova_steps, recipe.aova_dim,
-                    recipe.features, show_progress, phantom_shape=shape, synthetic_cases=recipe.aova_synthetic_cases,
-                    randomised_cases=recipe.aova_randomised_cases, mr_healthy_cases=recipe.aova_mr_healthy_cases,
-                    fusion_recall=recipe.fusion_recall)
-    pkg = train_refine_head(out, None, recipe.seed, recipe.refine_cases, recipe.refine_steps,
-                            show_progress=show_progress, phantom_shape=shape, healthy_cases=recipe.refine_healthy_cases)
+    train_aova_head(
+        out,
+        None,
+        recipe.seed,
+        recipe.aova_cases,
+        recipe.aova_steps,
+        recipe.aova_dim,
+        recipe.features,
+        show_progress,
+        phantom_shape=shape,
+        synthetic_cases=recipe.aova_synthetic_cases,
+        randomised_cases=recipe.aova_randomised_cases,
+        mr_healthy_cases=recipe.aova_mr_healthy_cases,
+        fusion_recall=recipe.fusion_recall,
+    )
+    pkg = train_refine_head(
+        out,
+        None,
+        recipe.seed,
+        recipe.refine_cases,
+        recipe.refine_steps,
+        show_progress=show_progress,
+        phantom_shape=shape,
+        healthy_cases=recipe.refine_healthy_cases,
+    )
     if recipe.verifier_cases:
-        pkg = train_lesion_verifier(out, None, recipe.seed, recipe.verifier_cases, recipe.verifier_healthy_cases,
-                                    show_progress=show_progress, phantom_shape=shape)
-    manifest_provenance = {"recipe": recipe.as_dict(), "command": command_line(),
-                           "total_seconds": round(time.perf_counter() - clock, 1)}
+        pkg = train_lesion_verifier(
+            out,
+            None,
+            recipe.seed,
+            recipe.verifier_cases,
+            recipe.verifier_healthy_cases,
+            show_progress=show_progress,
+            phantom_shape=shape,
+        )
+    manifest_provenance = {
+        "recipe": recipe.as_dict(),
+        "command": command_line(),
+        "total_seconds": round(time.perf_counter() - clock, 1),
+    }
     return add_networks(pkg, {}, provenance=manifest_provenance)

@@ -18,7 +18,6 @@ from diffugts.stages.refine import DEVIATION_SCALE, RESIDUAL_GAIN
 from diffugts.networks.refine import SHARED_CHANNELS as SHARED, TARGET_CHANNELS
 from diffugts.train.fusion import fit_logistic
 from diffugts.train.refine import Example
-from diffugts.stages.verification import FEATURES, Evidence, LesionVerifier, candidates
 
 THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 # Features that can only count *for* a lesion. Left free, the phantom world teaches the
@@ -31,13 +30,18 @@ EVIDENCE = ("refined_mean", "refined_max", "coarse_mean", "deviation_mean", "res
 def example_evidence(example: Example, refined: np.ndarray) -> Evidence:
     """An example's evidence maps on the model grid, from its input channels."""
     own = example.inputs[SHARED:]
-    return Evidence(refined=refined, coarse=own[TARGET_CHANNELS.index("coarse")],
-                    deviation=own[TARGET_CHANNELS.index("deviation")] * DEVIATION_SCALE,
-                    residual=example.inputs[3] / RESIDUAL_GAIN, organ=own[TARGET_CHANNELS.index("organ")])
+    return Evidence(
+        refined=refined,
+        coarse=own[TARGET_CHANNELS.index("coarse")],
+        deviation=own[TARGET_CHANNELS.index("deviation")] * DEVIATION_SCALE,
+        residual=example.inputs[3] / RESIDUAL_GAIN,
+        organ=own[TARGET_CHANNELS.index("organ")],
+    )
 
 
-def component_samples(examples: list[Example], probs: list[np.ndarray], cut: float, voxel_ml: float,
-                      min_volume_ml: float) -> list[dict]:
+def component_samples(
+    examples: list[Example], probs: list[np.ndarray], cut: float, voxel_ml: float, min_volume_ml: float
+) -> list[dict]:
     """Per component of each example's mask: features, whether it is a lesion, its voxels and
     the true voxels it covers (for the threshold), and its example's index."""
     out = []
@@ -59,8 +63,9 @@ def fit_verifier(samples: list[dict], truth_voxels: int) -> tuple[LesionVerifier
         raise ValueError("the lesion verifier needs both true and false components to fit")
     mean, scale = x.mean(0), x.std(0) + 1e-6
     weights, bias = fit_logistic((x - mean) / scale, y, l2=1e-2, nonnegative=[f in EVIDENCE for f in FEATURES])
-    verifier = LesionVerifier(tuple(float(w) for w in weights), bias, tuple(float(v) for v in mean),
-                              tuple(float(v) for v in scale), 0.0)
+    verifier = LesionVerifier(
+        tuple(float(w) for w in weights), bias, tuple(float(v) for v in mean), tuple(float(v) for v in scale), 0.0
+    )
     scores = verifier.scores(x)
     voxels = np.array([s["voxels"] for s in samples])
     hits = np.array([s["hits"] for s in samples])
@@ -71,8 +76,12 @@ def fit_verifier(samples: list[dict], truth_voxels: int) -> tuple[LesionVerifier
 
     best = max(THRESHOLDS, key=lambda t: (dice(t), -t))  # ties: the lower threshold (keep more)
     keep = scores >= best
-    report = {"components": len(samples), "lesion_components": int(y.sum()),
-              "kept_lesion_components": int((keep & (y > 0)).sum()),
-              "kept_false_components": int((keep & (y == 0)).sum()),
-              "dice_before": round(dice(0.0), 4), "dice_after": round(dice(best), 4)}
+    report = {
+        "components": len(samples),
+        "lesion_components": int(y.sum()),
+        "kept_lesion_components": int((keep & (y > 0)).sum()),
+        "kept_false_components": int((keep & (y == 0)).sum()),
+        "dice_before": round(dice(0.0), 4),
+        "dice_after": round(dice(best), 4),
+    }
     return LesionVerifier(verifier.weights, verifier.bias, verifier.mean, verifier.scale, float(best)), report

@@ -24,7 +24,7 @@ from diffugts.errors import InputError
 _CHUNK = 1 << 20
 
 
-def _digest(entries: list[tuple[str, str, int]]) -> str:
+def _digest(entries: list[tuple[str, str | None, int | None]]) -> str:
     return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()
 
 

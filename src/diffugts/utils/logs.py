@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 from diffugts.errors import USER_ERRNOS, DiffugtsError, OutputError
 

@@ -7,7 +7,8 @@ Shown on a terminal; in logs (Kubeflow, CI) set ``DIFFUGTS_PROGRESS=1`` to force
 from __future__ import annotations
 
 import os
-from typing import Iterable, TypeVar
+from collections.abc import Iterable
+from typing import TypeVar
 
 from tqdm.auto import tqdm
 
@@ -31,5 +32,6 @@ def progress(items: Iterable[T], desc: str, unit: str = "it", enable: bool = Tru
         disable = False
     else:
         disable = None  # tqdm: off when stderr is not a terminal
-    return tqdm(items, desc=desc, unit=unit, disable=disable, total=total, mininterval=0.5,
-                dynamic_ncols=True, leave=False)
+    return tqdm(
+        items, desc=desc, unit=unit, disable=disable, total=total, mininterval=0.5, dynamic_ncols=True, leave=False
+    )

@@ -28,10 +28,10 @@ import re
 import sys
 import time
 import urllib.request
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, pushadd_to_gateway
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -137,15 +137,28 @@ def previous_values(gateway: str, job: str, stage: str) -> dict[tuple, float]:
             continue
         for s in family.samples:
             if s.labels.get("job") == job and s.labels.get("stage") == stage:
-                labels = tuple(sorted((k, _le(float(v)) if k == "le" else v) for k, v in s.labels.items()
-                                      if k not in ("job", "stage", "instance")))
+                labels = tuple(
+                    sorted(
+                        (k, _le(float(v)) if k == "le" else v)
+                        for k, v in s.labels.items()
+                        if k not in ("job", "stage", "instance")
+                    )
+                )
                 out[(s.name, labels)] = float(s.value)
     return out
 
 
-def build_registry(stage: str, seconds: float, *, rejected: str | None = None, lesions: int | None = None,
-                   gpu_peak: int | None = None, model: dict | None = None,
-                   previous: dict[tuple, float] | None = None, now: float | None = None) -> CollectorRegistry:
+def build_registry(
+    stage: str,
+    seconds: float,
+    *,
+    rejected: str | None = None,
+    lesions: int | None = None,
+    gpu_peak: int | None = None,
+    model: dict | None = None,
+    previous: dict[tuple, float] | None = None,
+    now: float | None = None,
+) -> CollectorRegistry:
     """A fresh registry with this run's values added to ``previous`` (see module docstring)."""
     check_label("stage", stage)
     if rejected is not None:
@@ -153,20 +166,28 @@ def build_registry(stage: str, seconds: float, *, rejected: str | None = None, l
     prev = previous or {}
     p = lambda name, **labels: prev.get((name, tuple(sorted(labels.items()))), 0.0)  # noqa: E731
 
-    buckets, cumulative = [], 0.0
+    buckets = []
     for bound in (*DURATION_BUCKETS, float("inf")):
         le = _le(bound)
         buckets.append((le, p(f"{DURATION}_bucket", le=le) + (1.0 if seconds <= bound else 0.0)))
-    families = [HistogramMetricFamily(DURATION, HELP[DURATION], buckets=buckets,
-                                      sum_value=p(f"{DURATION}_sum") + float(seconds))]
+    families: list[Metric] = [
+        HistogramMetricFamily(
+            DURATION, HELP[DURATION], buckets=buckets, sum_value=p(f"{DURATION}_sum") + float(seconds)
+        )
+    ]
     processed = CounterMetricFamily(PROCESSED, HELP[PROCESSED], value=p(f"{PROCESSED}_total") + (rejected is None))
     rejected_family = CounterMetricFamily(REJECTED, HELP[REJECTED], labels=["reason"])
     for reason in REASONS:  # every reason exported, so rate() sees the first rejection
         rejected_family.add_metric([reason], p(f"{REJECTED}_total", reason=reason) + (reason == rejected))
     found = CounterMetricFamily(LESIONS, HELP[LESIONS], value=p(f"{LESIONS}_total") + int(lesions or 0))
-    families += [processed, rejected_family, found,
-                 GaugeMetricFamily(GPU_PEAK, HELP[GPU_PEAK], value=float(gpu_peak if gpu_peak is not None
-                                                                         else gpu_peak_bytes()))]
+    families += [
+        processed,
+        rejected_family,
+        found,
+        GaugeMetricFamily(
+            GPU_PEAK, HELP[GPU_PEAK], value=float(gpu_peak if gpu_peak is not None else gpu_peak_bytes())
+        ),
+    ]
     if rejected is None:
         families.append(GaugeMetricFamily(LAST_SUCCESS, HELP[LAST_SUCCESS], value=now or time.time()))
     if model is None and any(name == BUILD_INFO for name, _ in prev):
@@ -174,8 +195,14 @@ def build_registry(stage: str, seconds: float, *, rejected: str | None = None, l
         return _registry(families)
     model = model or {}
     info = GaugeMetricFamily(BUILD_INFO, HELP[BUILD_INFO], labels=["version", "model", "model_sha256"])
-    info.add_metric([check_label("version", __version__), check_label("model", model.get("name", "none")),
-                     check_label("model_sha256", model.get("sha256", "none"))], 1.0)
+    info.add_metric(
+        [
+            check_label("version", __version__),
+            check_label("model", model.get("name", "none")),
+            check_label("model_sha256", model.get("sha256", "none")),
+        ],
+        1.0,
+    )
     families.append(info)
     return _registry(families)
 
@@ -198,17 +225,27 @@ def push(registry: CollectorRegistry, stage: str, gateway: str | None = None, jo
         log.debug("no Pushgateway configured (%s): metrics not pushed", ENV_GATEWAY)
         return False
     try:
-        pushadd_to_gateway(url, job=job, registry=registry, grouping_key={"stage": check_label("stage", stage)},
-                           timeout=TIMEOUT_S)
+        pushadd_to_gateway(
+            url, job=job, registry=registry, grouping_key={"stage": check_label("stage", stage)}, timeout=TIMEOUT_S
+        )
     except OSError as err:  # URLError, connection refused, timeouts
         log.warning("metrics not pushed to %s: %s", url, " ".join(str(err).split())[:160])
         return False
     return True
 
 
-def record_stage(stage: str, seconds: float, *, rejected: str | None = None, lesions: int | None = None,
-                 gpu_peak: int | None = None, model: dict | None = None, gateway: str | None = None,
-                 job: str = JOB, accumulate: bool = True) -> bool:
+def record_stage(
+    stage: str,
+    seconds: float,
+    *,
+    rejected: str | None = None,
+    lesions: int | None = None,
+    gpu_peak: int | None = None,
+    model: dict | None = None,
+    gateway: str | None = None,
+    job: str = JOB,
+    accumulate: bool = True,
+) -> bool:
     """Push one stage run (``rejected``: its reason, None when it succeeded). Returns whether
     metrics were pushed; a no-op without a gateway."""
     url = gateway_url(gateway)
@@ -222,14 +259,14 @@ def record_stage(stage: str, seconds: float, *, rejected: str | None = None, les
         except OSError as err:
             log.warning("metrics not pushed to %s: %s", url, " ".join(str(err).split())[:160])
             return False
-    registry = build_registry(stage, seconds, rejected=rejected, lesions=lesions, gpu_peak=gpu_peak,
-                              model=model, previous=previous)
+    registry = build_registry(
+        stage, seconds, rejected=rejected, lesions=lesions, gpu_peak=gpu_peak, model=model, previous=previous
+    )
     return push(registry, stage, url, job)
 
 
 @contextlib.contextmanager
-def timed_stage(stage: str, *, model: dict | None = None, gateway: str | None = None,
-                job: str = JOB) -> Iterator[dict]:
+def timed_stage(stage: str, *, model: dict | None = None, gateway: str | None = None, job: str = JOB) -> Iterator[dict]:
     """Time a stage and push its metrics when it ends; the body may set ``run["lesions"]``
     and ``run["model"]``. An exception is recorded as a rejection (``reason_for``) and
     re-raised."""
@@ -239,7 +276,8 @@ def timed_stage(stage: str, *, model: dict | None = None, gateway: str | None = 
         yield run
     except BaseException as exc:
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            record_stage(stage, time.perf_counter() - t0, rejected=reason_for(exc), model=run["model"],
-                         gateway=gateway, job=job)
+            record_stage(
+                stage, time.perf_counter() - t0, rejected=reason_for(exc), model=run["model"], gateway=gateway, job=job
+            )
         raise
     record_stage(stage, time.perf_counter() - t0, lesions=run["lesions"], model=run["model"], gateway=gateway, job=job)

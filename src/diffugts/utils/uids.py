@@ -22,6 +22,7 @@ def checked_uid(uid: object, source: str, what: str = "Study Instance UID") -> s
     """
     text = uid if isinstance(uid, str) else ""
     if len(text) > 64 or not re.fullmatch(RE_VALID_UID, text):
-        raise InputError(source, f"{what} is not a valid DICOM UID (digits and dots, at most 64 characters); "
-                                 "it cannot name a result")
+        raise InputError(
+            source, f"{what} is not a valid DICOM UID (digits and dots, at most 64 characters); it cannot name a result"
+        )
     return text

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from diffugts.networks.backbones.base import Backbone, FeatureSpec, Sampler
 from diffugts.errors import ConfigError
+from diffugts.networks.backbones.base import Backbone, FeatureSpec, Sampler
 
 __all__ = ["Backbone", "FeatureSpec", "Sampler", "load_backbone", "build_backbone"]
 
@@ -16,8 +16,12 @@ def build_backbone(backbone_config: dict, device: str | torch.device = "cpu") ->
     if family == "maisi":
         from diffugts.networks.backbones.maisi import MaisiBackbone
 
-        return MaisiBackbone(backbone_config, scale_factor=backbone_config.get("scale_factor", 1.0),
-                             device=device, feature_noise=backbone_config.get("feature_noise", 0.05))
+        return MaisiBackbone(
+            backbone_config,
+            scale_factor=backbone_config.get("scale_factor", 1.0),
+            device=device,
+            feature_noise=backbone_config.get("feature_noise", 0.05),
+        )
     if family == "diffusers2d":
         from diffugts.networks.backbones.diffusers2d import Diffusers2DBackbone
 

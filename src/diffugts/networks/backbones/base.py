@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ class ScheduleSampler(Sampler):
     have ``set_timesteps``, ``timesteps``, ``add_noise`` and a ``step`` whose first item is the
     previous sample). Subclasses build ``self.s`` and set ``num_train_timesteps``."""
 
-    s: object
+    s: Any  # the scheduler: MONAI's or diffusers', used through the methods above
 
     def timesteps(self, strength: float, steps: int) -> list[float]:
         self.s.set_timesteps(grid_size(self.num_train_timesteps, strength, steps))
@@ -77,6 +78,11 @@ class Backbone(nn.Module, ABC):
 
     family: str
     latent_stride: int  # image voxels per latent voxel along each axis
+    # Set by every family's constructor (declared for the code that uses any backbone).
+    config: dict  # the package's ``backbone`` section
+    scale_factor: float  # latent scaling for the denoiser
+    vae: Any  # the family's own modules (MONAI's or diffusers'), used through their own API
+    unet: Any
     # True where features(x)'s leading encoder levels are exactly encoder_features(x) (same
     # computation): refinement then reuses the attention stage's instead of encoding x again.
     features_lead_with_encoder: bool = False
@@ -129,6 +135,10 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def denoise(self, z_t: torch.Tensor, t: float, spacing) -> torch.Tensor:
         """The denoiser's output at timestep ``t`` (what :meth:`Sampler.step` consumes)."""
+
+    def load_weights(self, vae_state: dict, unet_state: dict, where: str = "model") -> None:
+        """Load the VAE and denoiser weights strictly (``where`` names the source in errors)."""
+        raise NotImplementedError
 
     def end_denoising(self) -> None:
         """One inpainting's denoiser calls are done: drop what was kept for them (a CUDA graph)."""

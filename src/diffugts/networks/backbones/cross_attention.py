@@ -70,8 +70,9 @@ class CaptureProcessor:
     def __init__(self, store: AttentionStore):
         self.store = store
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -128,11 +129,15 @@ class CrossAttentionMaps:
     token_maps: list[torch.Tensor] | None
 
 
-
 @torch.no_grad()
-def cross_attention_maps(backbone: Diffusers2DBackbone, x: torch.Tensor, prompts: list[str],
-                         noise: tuple[float, ...] | None = None, seed: int = 0,
-                         return_tokens: bool = False) -> CrossAttentionMaps:
+def cross_attention_maps(
+    backbone: Diffusers2DBackbone,
+    x: torch.Tensor,
+    prompts: list[str],
+    noise: tuple[float, ...] | None = None,
+    seed: int = 0,
+    return_tokens: bool = False,
+) -> CrossAttentionMaps:
     """Per prompt, its cross-attention maps over the volume ``x`` (B, 1, K, J, I).
 
     Aggregation (a decision, docs/backbones-2d.md): the softmax over tokens of every
@@ -154,9 +159,11 @@ def cross_attention_maps(backbone: Diffusers2DBackbone, x: torch.Tensor, prompts
         _, noised = backbone._noised(sl, noise, gen)
         acc = None
         for t, z_t in noised:
-            per_t = torch.cat([backbone._attention(z_t[part], t, prompts).float()
-                               for part in backbone._chunks(sl.shape[0])])  # (B*K, P, L, h, w)
+            per_t = torch.cat(
+                [backbone._attention(z_t[part], t, prompts).float() for part in backbone._chunks(sl.shape[0])]
+            )  # (B*K, P, L, h, w)
             acc = per_t if acc is None else acc + per_t
+    assert acc is not None  # at least one noise level
     latent = acc / len(noised)
     n_tok = latent.shape[2]
     up = F.interpolate(latent.flatten(1, 2), size=(j, i), mode="bilinear", align_corners=False)
@@ -168,8 +175,9 @@ def cross_attention_maps(backbone: Diffusers2DBackbone, x: torch.Tensor, prompts
 
 
 @torch.no_grad()
-def training_free_probability(backbone: Diffusers2DBackbone, x: torch.Tensor, target, noise=None,
-                              seed: int = 0) -> torch.Tensor:
+def training_free_probability(
+    backbone: Diffusers2DBackbone, x: torch.Tensor, target, noise=None, seed: int = 0
+) -> torch.Tensor:
     """A training-free anomaly map (B, K, J, I) in [0, 1] for a :class:`~diffugts.networks.text.Target`.
 
     The attention mass of the target's abnormal prompts (mean over them) against that of its
@@ -181,8 +189,9 @@ def training_free_probability(backbone: Diffusers2DBackbone, x: torch.Tensor, ta
 
 
 @torch.no_grad()
-def training_free_probabilities(backbone: Diffusers2DBackbone, x: torch.Tensor, targets: list, noise=None,
-                                seed: int = 0) -> torch.Tensor:
+def training_free_probabilities(
+    backbone: Diffusers2DBackbone, x: torch.Tensor, targets: list, noise=None, seed: int = 0
+) -> torch.Tensor:
     """:func:`training_free_probability` of several targets (B, T, K, J, I): prompts that
     targets share (the generic normal ones) go through the UNet once."""
     prompts = list(dict.fromkeys(p for t in targets for p in t.normal + t.abnormal))

@@ -41,11 +41,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffugts.networks.backbones.base import Backbone, FeatureSpec, Sampler
-from diffugts.networks.backbones.cross_attention import (DEFAULT_ATTENTION_NOISE, AttentionStore, CaptureProcessor,
-                                                PromptTokens)
-from diffugts.networks.backbones.diffusers_samplers import DDIMSampler, NativeSampler
 from diffugts.errors import ConfigError
+from diffugts.networks.backbones.base import Backbone, FeatureSpec, Sampler
+from diffugts.networks.backbones.cross_attention import (
+    DEFAULT_ATTENTION_NOISE,
+    AttentionStore,
+    CaptureProcessor,
+    PromptTokens,
+)
+from diffugts.networks.backbones.diffusers_samplers import DDIMSampler, NativeSampler
 
 FAMILY = "diffusers2d"
 # Denoiser features are read at this fraction of the noise schedule (as the 3D family).
@@ -56,6 +60,7 @@ DEFAULT_PROBES = ("tumor", "lesion", "abnormal tissue", "normal tissue", "organ"
 
 
 # --- the backbone ---------------------------------------------------------------------------
+
 
 class Diffusers2DBackbone(Backbone):
     family = FAMILY
@@ -69,8 +74,7 @@ class Diffusers2DBackbone(Backbone):
         # from_config, as from_pretrained does: a folder's config.json may carry keys of other
         # diffusers versions, which it ignores instead of failing.
         self.vae = AutoencoderKL.from_config({k: v for k, v in config["vae"].items() if not k.startswith("_")})
-        self.unet = UNet2DConditionModel.from_config({k: v for k, v in config["unet"].items()
-                                                      if not k.startswith("_")})
+        self.unet = UNet2DConditionModel.from_config({k: v for k, v in config["unet"].items() if not k.startswith("_")})
         self.scale_factor = float(self.vae.config.scaling_factor)
         self.shift_factor = float(self.vae.config.shift_factor or 0.0)
         self.feature_noise = float(config.get("feature_noise", DEFAULT_FEATURE_NOISE))
@@ -78,8 +82,10 @@ class Diffusers2DBackbone(Backbone):
         self.context = int(config.get("context_slices", 0))
         self.in_channels = int(self.vae.config.in_channels)
         if self.context and self.in_channels != 2 * self.context + 1:
-            raise ConfigError(f"context_slices={self.context} needs a VAE with {2 * self.context + 1} input "
-                              f"channels, this one has {self.in_channels}")
+            raise ConfigError(
+                f"context_slices={self.context} needs a VAE with {2 * self.context + 1} input "
+                f"channels, this one has {self.in_channels}"
+            )
         self.latent_channels = int(self.vae.config.latent_channels)
         self.latent_stride = 2 ** (len(self.vae.config.block_out_channels) - 1)
         levels = len(self.unet.config.block_out_channels)
@@ -122,8 +128,9 @@ class Diffusers2DBackbone(Backbone):
             self._text = (tokenizer, model.to(self.device).eval(), entry)
             dim = int(model.config.hidden_size)
             if dim != self.unet.config.cross_attention_dim:
-                raise ConfigError(f"text encoder width {dim} != the UNet's cross_attention_dim "
-                                  f"{self.unet.config.cross_attention_dim}")
+                raise ConfigError(
+                    f"text encoder width {dim} != the UNet's cross_attention_dim {self.unet.config.cross_attention_dim}"
+                )
         return self._text
 
     @torch.no_grad()
@@ -138,9 +145,14 @@ class Diffusers2DBackbone(Backbone):
             tokenizer, model, entry = self._text_encoder()
             pad_full = entry.get("pad", "longest") == "max_length"
             max_length = int(entry.get("max_length", getattr(tokenizer, "model_max_length", 77) or 77))
-            batch = tokenizer([text], padding="max_length" if pad_full else False, truncation=True,
-                              max_length=min(max_length, 512), return_tensors="pt",
-                              return_special_tokens_mask=True)
+            batch = tokenizer(
+                [text],
+                padding="max_length" if pad_full else False,
+                truncation=True,
+                max_length=min(max_length, 512),
+                return_tensors="pt",
+                return_special_tokens_mask=True,
+            )
             ids = batch["input_ids"][0]
             special = batch["special_tokens_mask"][0].bool()
             valid = batch["attention_mask"][0].bool()
@@ -149,8 +161,9 @@ class Diffusers2DBackbone(Backbone):
                 kwargs["token_type_ids"] = batch["token_type_ids"].to(self.device)
             hidden = model(input_ids=batch["input_ids"].to(self.device), **kwargs).last_hidden_state[0].float()
             attend = torch.ones_like(valid) if pad_full else valid
-            self._prompt_cache[text] = PromptTokens(text, tokenizer.convert_ids_to_tokens(ids.tolist()), hidden,
-                                                    attend, valid & ~special)
+            self._prompt_cache[text] = PromptTokens(
+                text, tokenizer.convert_ids_to_tokens(ids.tolist()), hidden, attend, valid & ~special
+            )
         return self._prompt_cache[text]
 
     def _context(self, texts: list[str], repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,8 +184,9 @@ class Diffusers2DBackbone(Backbone):
         b, _, k, j, i = x.shape
         v = x[:, 0] * 2 - 1  # (B, K, J, I)
         if self.context:
-            idx = torch.arange(k, device=x.device)[:, None] + torch.arange(-self.context, self.context + 1,
-                                                                            device=x.device)
+            idx = torch.arange(k, device=x.device)[:, None] + torch.arange(
+                -self.context, self.context + 1, device=x.device
+            )
             v = v[:, idx.clamp(0, k - 1)]  # (B, K, 2n + 1, J, I): neighbours as channels
         else:
             v = v[:, :, None].expand(b, k, self.in_channels, j, i)
@@ -205,8 +219,10 @@ class Diffusers2DBackbone(Backbone):
         each encoder level's last residual block (before its downsampler) is appended too."""
         hooks = []
         if levels is not None:
-            hooks = [blk.resnets[-1].register_forward_hook(lambda m, a, out: levels.append(out))
-                     for blk in self.vae.encoder.down_blocks]
+            hooks = [
+                blk.resnets[-1].register_forward_hook(lambda m, a, out: levels.append(out))
+                for blk in self.vae.encoder.down_blocks
+            ]
         try:
             mu = self.vae.encode(sl).latent_dist.mean
         finally:
@@ -226,8 +242,9 @@ class Diffusers2DBackbone(Backbone):
                 levels: list[torch.Tensor] = []
                 self._encode_slices(sl[part], levels)
                 per_level.append(levels)
-        return [self._volume(torch.cat([c[n] for c in per_level]).float(), x.shape[0])
-                for n in range(len(per_level[0]))]
+        return [
+            self._volume(torch.cat([c[n] for c in per_level]).float(), x.shape[0]) for n in range(len(per_level[0]))
+        ]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self._check_depth(x)
@@ -241,7 +258,7 @@ class Diffusers2DBackbone(Backbone):
         with self._autocast():
             img = torch.cat([self.vae.decode(zs[p]).sample for p in self._chunks(zs.shape[0])]).float()
         if self.context and img.shape[1] == 2 * self.context + 1:
-            img = img[:, self.context: self.context + 1]  # the centre slice of a 2.5D output
+            img = img[:, self.context : self.context + 1]  # the centre slice of a 2.5D output
         else:
             img = img.mean(1, keepdim=True)  # grey from RGB (or the one channel)
         img = (img + 1) / 2
@@ -274,7 +291,7 @@ class Diffusers2DBackbone(Backbone):
 
     # --- features ---------------------------------------------------------------------------
     def feature_specs(self) -> list[FeatureSpec]:
-        enc = [FeatureSpec(f"encoder{i}", c, 2 ** i) for i, c in enumerate(self.vae.config.block_out_channels)]
+        enc = [FeatureSpec(f"encoder{i}", c, 2**i) for i, c in enumerate(self.vae.config.block_out_channels)]
         chans = list(reversed(self.unet.config.block_out_channels))
         dec = [FeatureSpec(f"denoiser{i}", chans[i], self._up_strides[i] * self.latent_stride) for i in self._up_used]
         cross = [FeatureSpec("cross_attention", len(self.probes), self.latent_stride)] if self.probes else []
@@ -304,7 +321,7 @@ class Diffusers2DBackbone(Backbone):
         (L: the longest prompt; masked positions are 0)."""
         n = z_t.shape[0]
         hidden, mask = self._context(texts, n)
-        store = AttentionStore(tuple(z_t.shape[2:]))
+        store = AttentionStore((z_t.shape[2], z_t.shape[3]))
         with self._capture(store):
             self._unet(z_t.repeat(len(texts), 1, 1, 1), t, hidden, mask)
         maps = store.mean()  # (P * N, L, h, w), prompt-major as the context
@@ -318,8 +335,10 @@ class Diffusers2DBackbone(Backbone):
             ups_all, cross_all = [], []
             for part in self._chunks(sl.shape[0]):
                 ups: list[torch.Tensor] = []
-                hooks = [self.unet.up_blocks[i].register_forward_hook(lambda m, a, out, ups=ups: ups.append(out))
-                         for i in self._up_used]
+                hooks = [
+                    self.unet.up_blocks[i].register_forward_hook(lambda m, a, out, ups=ups: ups.append(out))
+                    for i in self._up_used
+                ]
                 try:
                     hidden, mask = self._condition(part.stop - part.start)
                     self._unet(z_t[part], t, hidden, mask)
@@ -346,8 +365,9 @@ class Diffusers2DBackbone(Backbone):
         UNet calls; the previous processors come back afterwards."""
         before = dict(self.unet.attn_processors)
         capture = CaptureProcessor(store)
-        self.unet.set_attn_processor({name: capture if name.endswith("attn2.processor") else proc
-                                      for name, proc in before.items()})
+        self.unet.set_attn_processor(
+            {name: capture if name.endswith("attn2.processor") else proc for name, proc in before.items()}
+        )
         try:
             yield store
         finally:

@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
-from diffugts.networks.backbones.base import ScheduleSampler, grid_size
 from diffugts.errors import ConfigError
+from diffugts.networks.backbones.base import ScheduleSampler, grid_size
 
 # Schedulers whose denoiser input is the unscaled latent and whose step only needs
 # (model output, t, z_t): the ones :class:`NativeSampler` can drive. Euler / Heun / LMS
 # scale the model input by sigma, which :meth:`Backbone.denoise` does not know about.
-NATIVE_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-                     "UniPCMultistepScheduler", "DEISMultistepScheduler")
-
-
+NATIVE_SCHEDULERS = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "PNDMScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+)
 
 
 def scheduler_args(sched: dict) -> dict:
@@ -43,8 +47,10 @@ class NativeSampler(DDIMSampler):
 
         name = sched.get("class", "")
         if name not in NATIVE_SCHEDULERS:
-            raise ConfigError(f"scheduler {name!r} is not supported for inpainting (supported: "
-                              f"{', '.join(NATIVE_SCHEDULERS)}); use the backbone's 'sampler': 'ddim'")
+            raise ConfigError(
+                f"scheduler {name!r} is not supported for inpainting (supported: "
+                f"{', '.join(NATIVE_SCHEDULERS)}); use the backbone's 'sampler': 'ddim'"
+            )
         args = scheduler_args(sched)
         if "clip_sample" in args:
             args["clip_sample"] = False
@@ -63,7 +69,9 @@ class NativeSampler(DDIMSampler):
 
     def step(self, model_out, t, t_next, z_t):
         if not self._expect or abs(self._expect[0] - float(t)) > 1e-3:
-            raise ConfigError(f"{type(self.s).__name__} steps through its timesteps once, in order; RePaint "
-                              "jumps need the backbone's 'sampler': 'ddim'")
+            raise ConfigError(
+                f"{type(self.s).__name__} steps through its timesteps once, in order; RePaint "
+                "jumps need the backbone's 'sampler': 'ddim'"
+            )
         self._expect.pop(0)
         return self.s.step(model_out, int(t), z_t).prev_sample

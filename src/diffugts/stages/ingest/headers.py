@@ -149,8 +149,12 @@ def read_header(src: SourceFile, max_bytes: int | None = None) -> Dataset | Reje
         if not _looks_like_dicom(src.path):
             return Rejection(src.name, "not a DICOM file", "not_dicom")
         if max_bytes is not None and _inflates_beyond(src.path, max_bytes):
-            return Rejection(src.name, f"deflated data set inflates beyond {max_bytes / 2**30:.3g} GiB, the memory "
-                                       "limit (DIFFUGTS_MAX_VOLUME_GB)", "invalid")
+            return Rejection(
+                src.name,
+                f"deflated data set inflates beyond {max_bytes / 2**30:.3g} GiB, the memory "
+                "limit (DIFFUGTS_MAX_VOLUME_GB)",
+                "invalid",
+            )
     except (OSError, ValueError, zlib.error, InvalidDicomError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else _short(err)
         return Rejection(src.name, f"cannot read the file ({reason})", "invalid")
@@ -208,8 +212,9 @@ def check_image(src: SourceFile, ds: Dataset, max_voxels: int) -> Rejection | No
     if bits not in (8, 16, 32):
         return Rejection(src.name, f"unsupported Bits Allocated {bits}", "invalid")
     if frames > max_frames():
-        return Rejection(src.name, f"{frames} frames declared, above the limit of {max_frames()} "
-                                   "(DIFFUGTS_MAX_FRAMES)", "invalid")
+        return Rejection(
+            src.name, f"{frames} frames declared, above the limit of {max_frames()} (DIFFUGTS_MAX_FRAMES)", "invalid"
+        )
     if rows * cols * frames > max_voxels:
         return Rejection(
             src.name,
@@ -274,8 +279,9 @@ def _check_fragments(src: SourceFile, ds: Dataset, frames: int, ts: UID) -> Reje
     except (OSError, ValueError, struct.error):
         return Rejection(src.name, "encapsulated pixel data is corrupt (its items cannot be read)", "truncated")
     if fragments < frames:
-        return Rejection(src.name, f"pixel data truncated: {fragments} fragment(s) for {frames} frames declared",
-                         "truncated")
+        return Rejection(
+            src.name, f"pixel data truncated: {fragments} fragment(s) for {frames} frames declared", "truncated"
+        )
     return None
 
 
@@ -306,8 +312,7 @@ def _classic_frame(src: SourceFile, ds: Dataset) -> list[Frame]:
             pixel_spacing=_spacing(ds.get("PixelSpacing")),
             slice_thickness=_float(ds.get("SliceThickness")),
             spacing_between_slices=_float(ds.get("SpacingBetweenSlices")),
-            invalid=_invalid(ds.get("PixelSpacing"), ds.get("ImageOrientationPatient"),
-                             ds.get("SpacingBetweenSlices")),
+            invalid=_invalid(ds.get("PixelSpacing"), ds.get("ImageOrientationPatient"), ds.get("SpacingBetweenSlices")),
             slope=_either(_float(ds.get("RescaleSlope")), 1.0),
             intercept=_either(_float(ds.get("RescaleIntercept")), 0.0),
             # Multi-echo and dynamic series repeat positions: one volume per echo / phase.
@@ -379,9 +384,11 @@ def _enhanced_frames(src: SourceFile, ds: Dataset) -> list[Frame]:
                 pixel_spacing=_spacing(meas.get("PixelSpacing")) if meas else None,
                 slice_thickness=_float(meas.get("SliceThickness")) if meas else None,
                 spacing_between_slices=_float(meas.get("SpacingBetweenSlices")) if meas else None,
-                invalid=_invalid(meas.get("PixelSpacing") if meas else None,
-                                 ori.get("ImageOrientationPatient") if ori else None,
-                                 meas.get("SpacingBetweenSlices") if meas else None),
+                invalid=_invalid(
+                    meas.get("PixelSpacing") if meas else None,
+                    ori.get("ImageOrientationPatient") if ori else None,
+                    meas.get("SpacingBetweenSlices") if meas else None,
+                ),
                 slope=_either(_float(pvt.get("RescaleSlope")) if pvt else None, top_slope),
                 intercept=_either(_float(pvt.get("RescaleIntercept")) if pvt else None, top_intercept),
                 split=(

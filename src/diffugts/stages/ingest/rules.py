@@ -113,7 +113,7 @@ def _validate(doc: Any, source: str) -> Rules:
         bad(f'"invalid_pixel_spacing" must be one of {sorted(INVALID_SPACING)}')
     for n, sel in enumerate(doc["selections"], start=1):
         if not isinstance(sel, dict) or not isinstance(sel.get("conditions", {}), dict):
-            bad(f"selection {n}: expected an object with a \"conditions\" object")
+            bad(f'selection {n}: expected an object with a "conditions" object')
         for key, cond in sel.get("conditions", {}).items():
             if key not in DERIVED and key not in keyword_dict:
                 bad(f"selection {n}: unknown attribute {key!r} (DICOM keyword or {sorted(DERIVED)})")
@@ -137,8 +137,11 @@ def _validate(doc: Any, source: str) -> Rules:
 
 
 def _is_range(cond: list) -> bool:
-    return len(cond) == 2 and all(c is None or (isinstance(c, (int, float)) and not isinstance(c, bool))
-                                  for c in cond) and any(c is not None for c in cond)
+    return (
+        len(cond) == 2
+        and all(c is None or (isinstance(c, (int, float)) and not isinstance(c, bool)) for c in cond)
+        and any(c is not None for c in cond)
+    )
 
 
 def _values(value) -> list[str]:

@@ -92,12 +92,17 @@ def _check_expansion(archive: Path, members: list[zipfile.ZipInfo]) -> None:
     limit, ratio = max_zip_bytes(), max_zip_ratio()
     total = sum(m.file_size for m in members)
     if total > limit:
-        raise InputError(archive, f"zip expands to {total / 2**30:.3g} GiB, above the {limit / 2**30:g} GiB "
-                                  "limit (DIFFUGTS_MAX_ZIP_GB)")
+        raise InputError(
+            archive,
+            f"zip expands to {total / 2**30:.3g} GiB, above the {limit / 2**30:g} GiB limit (DIFFUGTS_MAX_ZIP_GB)",
+        )
     for m in members:
         if ratio > 0 and m.file_size > ZIP_RATIO_FLOOR and m.file_size > ratio * max(m.compress_size, 1):
-            raise InputError(archive, f"a member's compression ratio is {m.file_size / max(m.compress_size, 1):.0f}:1, "
-                                      f"above the {ratio:g}:1 limit (DIFFUGTS_MAX_ZIP_RATIO): a zip bomb?")
+            raise InputError(
+                archive,
+                f"a member's compression ratio is {m.file_size / max(m.compress_size, 1):.0f}:1, "
+                f"above the {ratio:g}:1 limit (DIFFUGTS_MAX_ZIP_RATIO): a zip bomb?",
+            )
 
 
 def _one_line(err: BaseException) -> str:

@@ -97,11 +97,14 @@ def build_stacks(frames: list[Frame]) -> list[Stack]:
         parts = _split(fs)
         modalities = sorted({str(f.ds.get("Modality", "")) for f in fs})
         for p, part in enumerate(parts, start=1):
-            stack = Stack(number=str(n) if len(parts) == 1 else f"{n}.{p}", study_uid=study,
-                          series_uid=series, frames=part)
+            stack = Stack(
+                number=str(n) if len(parts) == 1 else f"{n}.{p}", study_uid=study, series_uid=series, frames=part
+            )
             if len(parts) > 1:
-                stack.notes.append(f"series {n} split into {len(parts)} parts (different orientation, "
-                                   "matrix size, frame of reference, echo or temporal position)")
+                stack.notes.append(
+                    f"series {n} split into {len(parts)} parts (different orientation, "
+                    "matrix size, frame of reference, echo or temporal position)"
+                )
             if len(modalities) > 1:
                 stack.problems.append(f"series mixes modalities ({', '.join(map(_code, modalities))})")
             stacks.append(stack)
@@ -151,12 +154,13 @@ def analyse(stack: Stack, policy: GeometryPolicy) -> None:
         return
 
     ori = frames[0].orientation
+    assert ori is not None  # every frame has a position and an orientation (checked above)
     row, col = ori[:3] / np.linalg.norm(ori[:3]), ori[3:] / np.linalg.norm(ori[3:])
     if abs(row @ col) > 1e-3:
         stack.problems.append("image orientation is not orthogonal")
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
-    positions = np.stack([f.position for f in frames])
+    positions = np.stack([f.position for f in frames if f.position is not None])  # all of them (above)
     dist = positions @ normal
 
     order = np.argsort(dist, kind="stable")
@@ -182,8 +186,9 @@ def analyse(stack: Stack, policy: GeometryPolicy) -> None:
         typical = float(np.median(mags))
         dup = int(np.sum(mags < 1e-3 * max(typical, 1.0)))
         if dup:
-            stack.problems.append(f"{dup + 1} slices share a position along the slice normal "
-                                  "(duplicate or repeated acquisitions)")
+            stack.problems.append(
+                f"{dup + 1} slices share a position along the slice normal (duplicate or repeated acquisitions)"
+            )
             typical = float(np.median(mags[mags >= 1e-3 * max(typical, 1.0)])) if dup < len(mags) else 0.0
         if typical > 0:
             worst = int(np.argmax(np.abs(mags - typical)))
@@ -191,10 +196,10 @@ def analyse(stack: Stack, policy: GeometryPolicy) -> None:
                 if mags[worst] > 1.5 * typical:
                     stack.problems.append(
                         f"slice spacing not uniform: gap of {mags[worst]:.2f} mm between slices {worst + 1} "
-                        f"and {worst + 2} where {typical:.2f} mm is typical (missing slices?)")
+                        f"and {worst + 2} where {typical:.2f} mm is typical (missing slices?)"
+                    )
                 else:
-                    stack.problems.append(
-                        f"slice spacing not uniform: {mags.min():.2f} to {mags.max():.2f} mm")
+                    stack.problems.append(f"slice spacing not uniform: {mags.min():.2f} to {mags.max():.2f} mm")
         sz = typical if typical > 0 else 1.0
         step = (positions[-1] - positions[0]) / (n - 1)
         line = positions[0] + np.arange(n)[:, None] * step
@@ -248,8 +253,10 @@ def _pixel_spacing(stack: Stack, policy: GeometryPolicy) -> tuple[float, float]:
     lo, hi = SPACING_RANGE_MM
     if any("Pixel Spacing" in f.invalid for f in stack.frames):
         if policy.invalid_pixel_spacing == "refuse":
-            stack.problems.append(f"invalid Pixel Spacing (zero, negative or outside {lo:g}-{hi:g} mm); "
-                                  'rules with "invalid_pixel_spacing": "assume_1mm" accept it')
+            stack.problems.append(
+                f"invalid Pixel Spacing (zero, negative or outside {lo:g}-{hi:g} mm); "
+                'rules with "invalid_pixel_spacing": "assume_1mm" accept it'
+            )
         else:
             stack.notes.append("invalid Pixel Spacing: 1 mm assumed (rules)")
     spacings = {f.pixel_spacing for f in stack.frames}
@@ -259,10 +266,11 @@ def _pixel_spacing(stack: Stack, policy: GeometryPolicy) -> tuple[float, float]:
     if None in spacings:
         stack.problems.append("pixel spacing missing on some slices")
         spacings.discard(None)
-    values = np.array(sorted(spacings))
+    values = np.array(sorted(s for s in spacings if s is not None))
     if np.ptp(values[:, 0]) > 1e-4 * values[:, 0].max() or np.ptp(values[:, 1]) > 1e-4 * values[:, 1].max():
         stack.problems.append(
-            f"inconsistent pixel spacing within the series ({values.min():.3f} to {values.max():.3f} mm)")
+            f"inconsistent pixel spacing within the series ({values.min():.3f} to {values.max():.3f} mm)"
+        )
     row_spacing, col_spacing = values[0]
     return float(col_spacing), float(row_spacing)
 
@@ -286,6 +294,7 @@ def _instance_number(f: Frame) -> int:
 def _sheared_source(stack: Stack) -> Geometry:
     """The stored slices' grid, whose k axis is the (tilted) step between slices."""
     g = stack.geometry
+    assert g is not None  # analyse() set it before planning a resampling
     if stack.source_step is None:
         return g
     step = stack.source_step
@@ -297,6 +306,7 @@ def _sheared_source(stack: Stack) -> Geometry:
 def _plan_deshear(stack: Stack) -> None:
     """Tilted gantry: same in-plane grid, third axis along the slice normal."""
     g = stack.geometry
+    assert g is not None and stack.source_step is not None  # set by analyse()
     stack.source_geometry = _sheared_source(stack)
     sz = abs(float(stack.source_step @ g.direction[:, 2]))
     stack.geometry = Geometry(g.origin, (g.spacing[0], g.spacing[1], sz), g.direction, g.shape)
@@ -305,10 +315,13 @@ def _plan_deshear(stack: Stack) -> None:
 def _plan_axis_aligned(stack: Stack) -> None:
     """Oblique planes: an axis-aligned grid covering the same box, same spacings."""
     grid = stack.geometry
+    assert grid is not None  # set by analyse()
     src = stack.source_geometry = _sheared_source(stack)
     frame = nearest_axis_frame(grid.direction)
-    corners = np.array([[i, j, k] for i in (0, src.shape[2] - 1) for j in (0, src.shape[1] - 1)
-                        for k in (0, src.shape[0] - 1)], dtype=np.float64)
+    corners = np.array(
+        [[i, j, k] for i in (0, src.shape[2] - 1) for j in (0, src.shape[1] - 1) for k in (0, src.shape[0] - 1)],
+        dtype=np.float64,
+    )
     along = src.world(corners) @ frame  # corner coordinates along the new axes
     lo, hi = along.min(axis=0), along.max(axis=0)
     # Each new axis keeps the spacing of the stored axis it is closest to.

@@ -8,13 +8,15 @@ copying into a preallocated array, which keeps peak memory near the output size.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from pydicom.pixels import get_decoder
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from scipy import ndimage
 
-from diffugts.errors import InputError
 from diffugts.artifacts.geometry import Geometry
+from diffugts.errors import InputError
 from diffugts.stages.ingest.headers import Frame
 from diffugts.stages.ingest.stacks import Stack
 from diffugts.utils.progress import progress
@@ -29,14 +31,15 @@ def decode_stack(stack: Stack, show_progress: bool = True) -> np.ndarray:
         if f.frame is None:
             pixels = _decode(f)
         else:
-            if cache_key is not f.ds:  # multi-frame files: decode all frames once
+            if cache is None or cache_key is not f.ds:  # multi-frame files: decode all frames once
                 cache_key, cache = f.ds, _decode(f)
                 if cache.ndim == 2:
                     cache = cache[None]
             pixels = cache[f.frame]
         if pixels.shape != out.shape[1:]:
-            raise InputError(f.source.name, f"pixel data shape {pixels.shape} does not match "
-                                            f"{out.shape[1]}x{out.shape[2]} declared")
+            raise InputError(
+                f.source.name, f"pixel data shape {pixels.shape} does not match {out.shape[1]}x{out.shape[2]} declared"
+            )
         if f.slope == 1.0:
             np.add(pixels, f.intercept, out=out[k], casting="unsafe")
         else:
@@ -50,8 +53,9 @@ def _decode(f: Frame) -> np.ndarray:
     photometric / VOI transforms are display concerns."""
     ts = UID(getattr(getattr(f.ds, "file_meta", None), "TransferSyntaxUID", None) or ExplicitVRLittleEndian)
     try:
-        if not ts.is_compressed and ts != DeflatedExplicitVRLittleEndian and f.pixel_length is not None:
-            return _decode_native(f, ts)
+        native = not ts.is_compressed and ts != DeflatedExplicitVRLittleEndian
+        if native and f.pixel_offset is not None and f.pixel_length is not None:
+            return _decode_native(f, ts, f.pixel_offset, f.pixel_length)
         return f.ds.pixel_array
     except InputError:
         raise
@@ -60,16 +64,16 @@ def _decode(f: Frame) -> np.ndarray:
         raise InputError(f.source.name, f"cannot decode pixel data ({ts.name}): {msg}") from None
 
 
-def _decode_native(f: Frame, ts: UID) -> np.ndarray:
+def _decode_native(f: Frame, ts: UID, offset: int, length: int) -> np.ndarray:
     """Uncompressed data: read the bytes at the offset the header scan recorded and let
     pydicom's native decoder interpret them. ~6x faster than ``ds.pixel_array`` on a
     deferred element, which re-opens and re-parses the file."""
     with open(f.source.path, "rb") as fp:
-        fp.seek(f.pixel_offset)
-        buf = fp.read(f.pixel_length)
+        fp.seek(offset)
+        buf = fp.read(length)
     ds = f.ds
-    arr, _ = get_decoder(ts).as_array(
-        buf,
+    # A plain dict: pydicom's stub types each keyword argument as a whole DecodeOptions.
+    options: dict[str, Any] = dict(
         rows=int(ds.Rows),
         columns=int(ds.Columns),
         number_of_frames=int(ds.get("NumberOfFrames") or 1),
@@ -80,6 +84,7 @@ def _decode_native(f: Frame, ts: UID) -> np.ndarray:
         photometric_interpretation=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
         pixel_keyword="PixelData",
     )
+    arr, _ = get_decoder(ts).as_array(buf, **options)
     return arr
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import SimpleITK as sitk
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from diffugts.artifacts import study as artifact
 from diffugts.utils import atomic
 from diffugts.stages.ingest.headers import Frame
 from diffugts.stages.ingest.stacks import Stack
+from diffugts.utils import atomic
 
 if TYPE_CHECKING:
     from diffugts.stages.ingest import LoadedSeries
@@ -25,10 +26,11 @@ PIXEL_TAG_BE = bytes.fromhex("7fe00010")
 NIFTI_HEADER_BYTES = 352  # NIfTI-1 header + extension flag, before the voxels
 
 
-def write_study(out_dir: Path, loaded: "LoadedSeries") -> None:
+def write_study(out_dir: Path, loaded: LoadedSeries) -> None:
     stack = loaded.stack
     with atomic.staging_dir(out_dir, marker=artifact.MARKER) as stage:
         image = sitk.GetImageFromArray(loaded.volume, isVector=False)
+        assert stack.geometry is not None  # a loaded series has its grid
         stack.geometry.to_sitk(image)
         # Uncompressed .nii: gzip would cost more than the whole DICOM read on large CTs.
         atomic.reserve(stage / artifact.VOLUME, NIFTI_HEADER_BYTES + loaded.volume.nbytes)
@@ -97,9 +99,9 @@ def _header_bytes(f: Frame) -> bytes:
             tag = src.read(4)
         if start > 0 and tag == (PIXEL_TAG_LE if ts.is_little_endian else PIXEL_TAG_BE):
             return head
-    for tag in PIXEL_TAGS:
-        if tag in ds:
-            del ds[tag]
+    for pixel_tag in PIXEL_TAGS:
+        if pixel_tag in ds:
+            del ds[pixel_tag]
     if ts.is_compressed or ts == DeflatedExplicitVRLittleEndian:
         # Compressed syntaxes encode the data set as explicit VR little endian; with the
         # pixels gone the copy is exactly that.

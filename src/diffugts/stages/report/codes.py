@@ -68,5 +68,16 @@ def finding_code(prompt_text: str) -> CodedConcept:
     return NEOPLASM
 
 
-_TUMOUR_WORDS = ("tumor", "tumour", "cancer", "carcinoma", "neoplasm", "metasta", "malignan", "glioma",
-                 "lymphoma", "sarcoma", "adenoma")
+_TUMOUR_WORDS = (
+    "tumor",
+    "tumour",
+    "cancer",
+    "carcinoma",
+    "neoplasm",
+    "metasta",
+    "malignan",
+    "glioma",
+    "lymphoma",
+    "sarcoma",
+    "adenoma",
+)

@@ -19,6 +19,7 @@ import json
 import os
 import posixpath
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from diffugts import __version__
 from diffugts.artifacts import report as report_artifact
 from diffugts.utils import atomic
 from diffugts.errors import DiffugtsError
+from diffugts.utils import atomic
 from diffugts.utils.prometheus import reason_for
 
 FAILED_MARKER = report_artifact.FAILED_MARKER
@@ -37,10 +39,15 @@ LESION_COLUMNS = ["study_key", "lesion", "prompt", "organ", "volume_ml", "longes
 
 def write_failure(out_dir: str | os.PathLike, stage: str, exc: BaseException, study_key: str | None = None) -> dict:
     """Record that ``stage`` failed for a study (one line, a reason code), for the cohort."""
-    record = {"stage": stage, "status": "failed", "reason_code": reason_for(exc),
-              "reason": reason_text(exc),
-              "study_key": study_key, "diffugts_version": __version__,
-              "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    record = {
+        "stage": stage,
+        "status": "failed",
+        "reason_code": reason_for(exc),
+        "reason": reason_text(exc),
+        "study_key": study_key,
+        "diffugts_version": __version__,
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
     atomic.write_json(Path(out_dir) / FAILED_MARKER, record)
     return record
 
@@ -65,8 +72,16 @@ def collect(sources: list[str]) -> list[tuple[str, dict]]:
                 found.append((str(root), _load(root / marker)))
                 break
         else:
-            found.append((str(root), {"status": "failed", "reason_code": "internal",
-                                      "reason": "no report.json: the study did not reach the end of the pipeline"}))
+            found.append(
+                (
+                    str(root),
+                    {
+                        "status": "failed",
+                        "reason_code": "internal",
+                        "reason": "no report.json: the study did not reach the end of the pipeline",
+                    },
+                )
+            )
     return found
 
 
@@ -89,7 +104,7 @@ def _collect_s3(prefix: str) -> list[tuple[str, dict]]:
 
 
 def study_row(source: str, rec: dict) -> dict:
-    row = dict.fromkeys(STUDY_COLUMNS, "")
+    row: dict[str, Any] = dict.fromkeys(STUDY_COLUMNS, "")
     row["source"] = source
     row["study_key"] = rec.get("study", {}).get("study_key") or rec.get("study_key") or ""
     if rec.get("status") != "done":
@@ -98,11 +113,16 @@ def study_row(source: str, rec: dict) -> dict:
     lesions = rec.get("lesions", [])
     volumes = [les["volume_ml"] for les in lesions]
     scores = [t["score"] for t in rec.get("targets", []) if t.get("score") is not None]
-    row.update(status="done", modality=rec["study"].get("modality", ""),
-               prompts="; ".join(t["text"] for t in rec.get("targets", [])), lesions=len(lesions),
-               total_volume_ml=round(sum(volumes), 3), largest_lesion_ml=max(volumes, default=0.0),
-               longest_diameter_mm=max((les["longest_axial_diameter_mm"] for les in lesions), default=0.0),
-               max_anomaly_score=max(scores) if scores else "")
+    row.update(
+        status="done",
+        modality=rec["study"].get("modality", ""),
+        prompts="; ".join(t["text"] for t in rec.get("targets", [])),
+        lesions=len(lesions),
+        total_volume_ml=round(sum(volumes), 3),
+        largest_lesion_ml=max(volumes, default=0.0),
+        longest_diameter_mm=max((les["longest_axial_diameter_mm"] for les in lesions), default=0.0),
+        max_anomaly_score=max(scores) if scores else "",
+    )
     return row
 
 
@@ -115,11 +135,22 @@ def lesion_rows(rec: dict) -> list[dict]:
     for les in rec.get("lesions", []):
         t = targets[les["target"]] if les.get("target") is not None and les["target"] < len(targets) else {}
         x, y, z = les["centroid_lps_mm"]
-        rows.append({"study_key": key, "lesion": les["id"], "prompt": t.get("text", ""), "organ": t.get("organ") or "",
-                     "volume_ml": les["volume_ml"], "longest_axial_diameter_mm": les["longest_axial_diameter_mm"],
-                     "mean_intensity": les.get("mean_intensity", ""), "intensity_units": les.get("intensity_units", ""),
-                     "confidence": les.get("confidence", ""), "centroid_x_mm": x, "centroid_y_mm": y,
-                     "centroid_z_mm": z})
+        rows.append(
+            {
+                "study_key": key,
+                "lesion": les["id"],
+                "prompt": t.get("text", ""),
+                "organ": t.get("organ") or "",
+                "volume_ml": les["volume_ml"],
+                "longest_axial_diameter_mm": les["longest_axial_diameter_mm"],
+                "mean_intensity": les.get("mean_intensity", ""),
+                "intensity_units": les.get("intensity_units", ""),
+                "confidence": les.get("confidence", ""),
+                "centroid_x_mm": x,
+                "centroid_y_mm": y,
+                "centroid_z_mm": z,
+            }
+        )
     return rows
 
 
@@ -144,10 +175,15 @@ def cohort_report(sources: list[str], out_dir: str | os.PathLike, link_base: str
         if r["status"] != "done":
             reasons[r["reason_code"]] = reasons.get(r["reason_code"], 0) + 1
     summary = {
-        "stage": "cohort-report", "diffugts_version": __version__,
-        "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "studies": len(studies), "done": len(done), "failed": len(studies) - len(done), "failure_reasons": reasons,
-        "lesions": len(lesions), "studies_with_lesions": sum(1 for r in done if r["lesions"]),
+        "stage": "cohort-report",
+        "diffugts_version": __version__,
+        "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "studies": len(studies),
+        "done": len(done),
+        "failed": len(studies) - len(done),
+        "failure_reasons": reasons,
+        "lesions": len(lesions),
+        "studies_with_lesions": sum(1 for r in done if r["lesions"]),
         "total_volume_ml": round(sum(float(r["volume_ml"]) for r in lesions), 3),
         "files": {"studies": "cohort.csv", "lesions": "lesions.csv", "html": "cohort.html"},
     }
@@ -173,12 +209,14 @@ def volume_figure(volumes: list[float]):
     fig, ax = plt.subplots(figsize=(6.5, 2.8))
     low, high = max(float(v.min()), 1e-3), max(float(v.max()), 1e-3)
     if high / low > 20:
-        ax.hist(v, bins=np.logspace(np.log10(low), np.log10(high * 1.01), 20), color="#3a78b5", edgecolor="white")
+        ax.hist(
+            v, bins=np.logspace(np.log10(low), np.log10(high * 1.01), 20).tolist(), color="#3a78b5", edgecolor="white"
+        )
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
     else:
         pad = max(0.5 * (high - low), 0.1 * high, 0.05)
-        ax.hist(v, bins=np.linspace(max(low - pad, 0.0), high + pad, 11), color="#3a78b5", edgecolor="white")
+        ax.hist(v, bins=np.linspace(max(low - pad, 0.0), high + pad, 11).tolist(), color="#3a78b5", edgecolor="white")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("lesion volume (mL)")
@@ -229,28 +267,37 @@ def _html(summary: dict, studies: list[dict], lesions: list[dict], link_base: st
     from diffugts.stages.report.human import DISCLAIMER
 
     e = html.escape
-    css = ("body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;"
-           "padding:0 16px;color:#1d2530}table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #d6dbe1;"
-           "padding:3px 7px;text-align:left}th{background:#f1f4f7}tr.failed td{background:#fdecec}"
-           "tr.found td{background:#fff8e1}h2{font-size:18px;border-bottom:1px solid #d6dbe1}"
-           ".note{background:#fff4e5;border-left:4px solid #f0a020;padding:6px 10px;font-size:13px}")
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>DiffuGTS cohort report</title>',
-             f"<style>{css}</style></head><body><h1>DiffuGTS cohort report</h1>",
-             f'<p class="note">{e(DISCLAIMER)}</p>',
-             f"<p>{summary['studies']} studies: {summary['done']} done, {summary['failed']} failed; "
-             f"{summary['lesions']} lesions in {summary['studies_with_lesions']} studies "
-             f"({summary['total_volume_ml']:.1f} mL). Generated {e(summary['generated'])}, diffugts "
-             f"{e(summary['diffugts_version'])}.</p>"]
+    css = (
+        "body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;"
+        "padding:0 16px;color:#1d2530}table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #d6dbe1;"
+        "padding:3px 7px;text-align:left}th{background:#f1f4f7}tr.failed td{background:#fdecec}"
+        "tr.found td{background:#fff8e1}h2{font-size:18px;border-bottom:1px solid #d6dbe1}"
+        ".note{background:#fff4e5;border-left:4px solid #f0a020;padding:6px 10px;font-size:13px}"
+    )
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>DiffuGTS cohort report</title>',
+        f"<style>{css}</style></head><body><h1>DiffuGTS cohort report</h1>",
+        f'<p class="note">{e(DISCLAIMER)}</p>',
+        f"<p>{summary['studies']} studies: {summary['done']} done, {summary['failed']} failed; "
+        f"{summary['lesions']} lesions in {summary['studies_with_lesions']} studies "
+        f"({summary['total_volume_ml']:.1f} mL). Generated {e(summary['generated'])}, diffugts "
+        f"{e(summary['diffugts_version'])}.</p>",
+    ]
     if summary["failure_reasons"]:
-        parts.append("<p>Failures: " + ", ".join(f"{e(k)}: {v}" for k, v in sorted(summary["failure_reasons"].items()))
-                     + "</p>")
+        parts.append(
+            "<p>Failures: " + ", ".join(f"{e(k)}: {v}" for k, v in sorted(summary["failure_reasons"].items())) + "</p>"
+        )
     hist = _volume_histogram(lesions)
     if hist:
         parts.append(f'<img alt="lesion volume histogram" src="data:image/png;base64,{hist}">')
     columns = [c for c in STUDY_COLUMNS if c != "source"]
-    parts += ["<h2>Studies</h2>", "<p>Studies with findings first, then failed studies with the reason, then "
-              "studies without findings. The study key opens the study's own report.</p>",
-              "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr>"]
+    parts += [
+        "<h2>Studies</h2>",
+        "<p>Studies with findings first, then failed studies with the reason, then "
+        "studies without findings. The study key opens the study's own report.</p>",
+        "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in columns) + "</tr>",
+    ]
     for r in sorted(studies, key=_order):
         cls = ' class="failed"' if r["status"] != "done" else (' class="found"' if r["lesions"] else "")
         cells = []

@@ -16,19 +16,30 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from diffugts import __version__
-from diffugts.stages.report.seg import uid
 from diffugts.artifacts.study import Study
+from diffugts.stages.report.seg import uid
 
 SERIES_NUMBER = 903
 # Attributes of the source that would describe the original pixels or acquisition
 # wrongly once the pixels are replaced.
-_DROP = ("SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingValue", "PixelPaddingRangeLimit",
-         "LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod",
-         "RedPaletteColorLookupTableDescriptor", "ReferencedImageSequence", "IconImageSequence",
-         "RescaleType", "ModalityLUTSequence", "VOILUTSequence")
+_DROP = (
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "LossyImageCompression",
+    "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod",
+    "RedPaletteColorLookupTableDescriptor",
+    "ReferencedImageSequence",
+    "IconImageSequence",
+    "RescaleType",
+    "ModalityLUTSequence",
+    "VOILUTSequence",
+)
 
 
 def derived_possible(study: Study) -> str | None:
@@ -41,8 +52,9 @@ def derived_possible(study: Study) -> str | None:
     return None
 
 
-def write_pseudo_healthy_series(out_dir: Path, study: Study, pseudo_healthy: np.ndarray, model: dict,
-                                entropy: list[str]) -> list[Path]:
+def write_pseudo_healthy_series(
+    out_dir: Path, study: Study, pseudo_healthy: np.ndarray, model: dict, entropy: list[str]
+) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     series_uid = uid(entropy, "pseudo-healthy-series")
     description = f"pseudo-healthy synthesis, diffugts {__version__}, model {model.get('name', 'unknown')}"
@@ -57,8 +69,7 @@ def write_pseudo_healthy_series(out_dir: Path, study: Study, pseudo_healthy: np.
     return paths
 
 
-def _derived(src: Dataset, pixels: np.ndarray, series_uid: str, sop_uid: str, description: str,
-             number: int) -> Dataset:
+def _derived(src: Dataset, pixels: np.ndarray, series_uid: str, sop_uid: str, description: str, number: int) -> Dataset:
     ds = copy.deepcopy(src)
     for name in _DROP:
         if name in ds:
@@ -85,7 +96,7 @@ def _derived(src: Dataset, pixels: np.ndarray, series_uid: str, sop_uid: str, de
     ds["PixelData"].VR = "OW"
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
     return ds

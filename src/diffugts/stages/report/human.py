@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffugts.utils.markdown import md
 from diffugts.stages.report import pictures as pic
 from diffugts.stages.report.seg import lesion_colour
+from diffugts.utils.markdown import md
 
 DISCLAIMER = "Research use only. Automatic zero-shot segmentation: not reviewed, not for diagnosis."
 
@@ -29,8 +29,9 @@ class Picture:
     png: bytes
 
 
-def make_pictures(ctx: dict, volume, geometry, masks: dict, attention=None, synthesis=None,
-                  max_lesions: int = 12) -> list[Picture]:
+def make_pictures(
+    ctx: dict, volume, geometry, masks: dict, attention=None, synthesis=None, max_lesions: int = 12
+) -> list[Picture]:
     """Pictures for the lesions (largest first, at most ``max_lesions``), each prompt's
     attention map, and original vs pseudo-healthy for each pictured lesion."""
     orient = pic.Orientation(geometry)
@@ -52,17 +53,37 @@ def make_pictures(ctx: dict, volume, geometry, masks: dict, attention=None, synt
         grey = window(target.get("organ"))
         lesion = orient(masks[rec["id"]].full(volume.shape))
         ends = rec.get("diameter_endpoints_lps_mm")
-        diameter = ({"z": ends[0][2], "ends": [e[:2] for e in ends], "mm": rec["longest_axial_diameter_mm"]}
-                    if ends else None)
-        title = (f"Lesion {rec['id']} ({target['text']}): {rec['volume_ml']:.1f} mL, "
-                 f"{rec['longest_axial_diameter_mm']:.0f} mm")
-        out.append(Picture(f"lesion_{rec['id']:02d}.png", "lesions", title,
-                           pic.lesion_figure(vol, lesion, title, grey, lesion_colour(rec["id"] - 1), diameter)))
+        diameter = (
+            {"z": ends[0][2], "ends": [e[:2] for e in ends], "mm": rec["longest_axial_diameter_mm"]} if ends else None
+        )
+        title = (
+            f"Lesion {rec['id']} ({target['text']}): {rec['volume_ml']:.1f} mL, "
+            f"{rec['longest_axial_diameter_mm']:.0f} mm"
+        )
+        out.append(
+            Picture(
+                f"lesion_{rec['id']:02d}.png",
+                "lesions",
+                title,
+                pic.lesion_figure(vol, lesion, title, grey, lesion_colour(rec["id"] - 1), diameter),
+            )
+        )
         if healthy is not None:
-            out.append(Picture(f"synthesis_lesion_{rec['id']:02d}.png", "synthesis", f"Lesion {rec['id']}",
-                               pic.synthesis_figure(vol, healthy, lesion, f"Lesion {rec['id']}: original vs "
-                                                    "pseudo-healthy", grey,
-                                                    "HU" if ctx["modality"] == "CT" else "intensity")))
+            out.append(
+                Picture(
+                    f"synthesis_lesion_{rec['id']:02d}.png",
+                    "synthesis",
+                    f"Lesion {rec['id']}",
+                    pic.synthesis_figure(
+                        vol,
+                        healthy,
+                        lesion,
+                        f"Lesion {rec['id']}: original vs pseudo-healthy",
+                        grey,
+                        "HU" if ctx["modality"] == "CT" else "intensity",
+                    ),
+                )
+            )
     if attention is not None:
         for target in targets:
             found = attention.for_prompt(target["text"], target["index"])
@@ -72,9 +93,14 @@ def make_pictures(ctx: dict, volume, geometry, masks: dict, attention=None, synt
             ids = target["lesion_ids"]
             outline = orient(union(masks, ids, volume.shape)) if ids else None
             title = f"Attention: \u201c{target['text']}\u201d (anomaly score {_fmt(target.get('score'), 2)})"
-            out.append(Picture(f"attention_{target['index']:02d}.png", "attention", title,
-                               pic.attention_figure(vol, orient(prob), outline, title,
-                                                    window(target.get("organ")))))
+            out.append(
+                Picture(
+                    f"attention_{target['index']:02d}.png",
+                    "attention",
+                    title,
+                    pic.attention_figure(vol, orient(prob), outline, title, window(target.get("organ"))),
+                )
+            )
     return out
 
 
@@ -95,17 +121,38 @@ def _lesion_rows(ctx: dict) -> list[list[str]]:
     rows = []
     for rec in ctx["lesions"]:
         target = ctx["targets"][rec["target"]]
-        intensity = (f"{rec['mean_intensity']:.0f} {rec.get('intensity_units', '')}".strip()
-                     if "mean_intensity" in rec else "n/a")
-        rows.append([str(rec["id"]), target["text"], rec.get("site") or target.get("organ") or "-",
-                     _fmt(rec["volume_ml"], 2), _fmt(rec["longest_axial_diameter_mm"]), intensity,
-                     _fmt(rec.get("confidence"), 2), rec.get("source_slice") or "n/a",
-                     ", ".join(f"{v:.0f}" for v in rec["centroid_lps_mm"])])
+        intensity = (
+            f"{rec['mean_intensity']:.0f} {rec.get('intensity_units', '')}".strip()
+            if "mean_intensity" in rec
+            else "n/a"
+        )
+        rows.append(
+            [
+                str(rec["id"]),
+                target["text"],
+                rec.get("site") or target.get("organ") or "-",
+                _fmt(rec["volume_ml"], 2),
+                _fmt(rec["longest_axial_diameter_mm"]),
+                intensity,
+                _fmt(rec.get("confidence"), 2),
+                rec.get("source_slice") or "n/a",
+                ", ".join(f"{v:.0f}" for v in rec["centroid_lps_mm"]),
+            ]
+        )
     return rows
 
 
-LESION_HEADER = ["lesion", "prompt", "site", "volume (mL)", "longest axial diameter (mm)", "mean intensity",
-                 "confidence (not calibrated)", "slice in the source series", "centroid x, y, z (LPS mm)"]
+LESION_HEADER = [
+    "lesion",
+    "prompt",
+    "site",
+    "volume (mL)",
+    "longest axial diameter (mm)",
+    "mean intensity",
+    "confidence (not calibrated)",
+    "slice in the source series",
+    "centroid x, y, z (LPS mm)",
+]
 LESION_NOTES = [
     "Site: the organ the prompt names; left / right from the lesion's position against the body's midline "
     "(paired organs only, none named within 1 cm of the midline).",
@@ -117,8 +164,17 @@ TARGET_HEADER = ["#", "prompt", "organ", "anomaly score", "lesions", "total volu
 
 
 def _target_rows(ctx: dict) -> list[list[str]]:
-    return [[str(t["index"]), t["text"], t.get("organ") or "-", _fmt(t.get("score"), 3), str(len(t["lesion_ids"])),
-             _fmt(t["total_volume_ml"], 2)] for t in ctx["targets"]]
+    return [
+        [
+            str(t["index"]),
+            t["text"],
+            t.get("organ") or "-",
+            _fmt(t.get("score"), 3),
+            str(len(t["lesion_ids"])),
+            _fmt(t["total_volume_ml"], 2),
+        ]
+        for t in ctx["targets"]
+    ]
 
 
 def _facts(ctx: dict) -> list[tuple[str, str]]:
@@ -134,15 +190,18 @@ def _facts(ctx: dict) -> list[tuple[str, str]]:
     ]
 
 
-SECTIONS = [("lesions", "Lesion pictures"), ("attention", "Attention maps"),
-            ("synthesis", "Original vs pseudo-healthy")]
+SECTIONS = [
+    ("lesions", "Lesion pictures"),
+    ("attention", "Attention maps"),
+    ("synthesis", "Original vs pseudo-healthy"),
+]
 SECTION_NOTES = {
     "lesions": "Axial slice of each lesion's longest diameter; left: whole slice, right: zoom with the outline "
-               "and the diameter (dashed). Patient's right on the left of the picture.",
+    "and the diameter (dashed). Patient's right on the left of the picture.",
     "attention": "Anomaly probability of each prompt as a heat overlay (transparent below ~0.1), through its "
-                 "peak; cyan outlines: the lesions found for the prompt.",
+    "peak; cyan outlines: the lesions found for the prompt.",
     "synthesis": "The frozen diffusion model's pseudo-healthy reconstruction: what the tissue would look like "
-                 "without the lesion; the difference drives the refinement.",
+    "without the lesion; the difference drives the refinement.",
 }
 
 
@@ -191,16 +250,22 @@ p.sect{font-size:13px;color:#5a6470}
 def html_report(ctx: dict, pictures: list[Picture]) -> str:
     """Self-contained HTML: inline CSS, pictures as data: URIs, no external references."""
     e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>DiffuGTS report {e(ctx['study_key'])}</title><style>{CSS}</style></head><body>",
-             f"<h1>DiffuGTS report: {e(ctx['study_key'])}</h1>", f'<p class="note">{e(DISCLAIMER)}</p>', "<dl>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>DiffuGTS report {e(ctx['study_key'])}</title><style>{CSS}</style></head><body>",
+        f"<h1>DiffuGTS report: {e(ctx['study_key'])}</h1>",
+        f'<p class="note">{e(DISCLAIMER)}</p>',
+        "<dl>",
+    ]
     parts += [f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in _facts(ctx)]
     parts += ["</dl>", "<h2>Prompts</h2>", _html_table(TARGET_HEADER, _target_rows(ctx), numeric={0, 3, 4, 5})]
     parts.append("<h2>Lesions</h2>")
     if ctx["lesions"]:
         rows = _lesion_rows(ctx)
-        swatches = [f'<span class="swatch" style="background:rgb{lesion_colour(r["id"] - 1)}"></span>'
-                    for r in ctx["lesions"]]
+        swatches = [
+            f'<span class="swatch" style="background:rgb{lesion_colour(r["id"] - 1)}"></span>' for r in ctx["lesions"]
+        ]
         parts.append(_html_table(LESION_HEADER, rows, numeric={3, 4, 5, 6}, first_cell_html=swatches))
         parts.append('<p class="sect">' + "<br>".join(e(n) for n in LESION_NOTES) + "</p>")
     else:
@@ -214,8 +279,10 @@ def html_report(ctx: dict, pictures: list[Picture]) -> str:
         parts += [f"<h2>{e(heading)}</h2>", f'<p class="sect">{e(SECTION_NOTES[key])}</p>']
         for p in group:
             data = base64.b64encode(p.png).decode("ascii")
-            parts.append(f'<figure><img alt="{e(p.title)}" src="data:image/png;base64,{data}">'
-                         f"<figcaption>{e(p.title)}</figcaption></figure>")
+            parts.append(
+                f'<figure><img alt="{e(p.title)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{e(p.title)}</figcaption></figure>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

@@ -30,7 +30,7 @@ def body_midline_x(volume: np.ndarray, geometry, modality: str) -> float:
 
 
 def side(organ: str | None, centroid_lps_mm, midline_x: float) -> str | None:
-    """"left" / "right" for a paired organ away from the midline, else None."""
+    """ "left" / "right" for a paired organ away from the midline, else None."""
     if organ not in PAIRED:
         return None
     offset = float(centroid_lps_mm[0]) - midline_x
@@ -54,7 +54,7 @@ class Slices:
         self.instances = study.series.get("instances") or []
 
     def label(self, lesion: dict) -> str:
-        """"instance 42" (or "instance 3, frame 42"), or "n/a" when no instance is that slice."""
+        """ "instance 42" (or "instance 3, frame 42"), or "n/a" when no instance is that slice."""
         k = lesion.get("diameter_slice", lesion.get("largest_slice"))
         if lesion.get("axial_axis") != "k" or k is None or not 0 <= k < len(self.instances):
             return "n/a"

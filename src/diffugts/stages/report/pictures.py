@@ -27,7 +27,8 @@ DPI = 110
 CT_WINDOWS = {"lung": (-600, 1500), "bone": (400, 1800), "brain": (40, 80)}
 SOFT_TISSUE = (40, 400)
 HEAT = LinearSegmentedColormap.from_list(
-    "heat", [(0.0, (1, 1, 0, 0)), (0.15, (1, 0.85, 0, 0.35)), (0.5, (1, 0.45, 0, 0.65)), (1.0, (0.85, 0, 0, 0.85))])
+    "heat", [(0.0, (1, 1, 0, 0)), (0.15, (1, 0.85, 0, 0.35)), (0.5, (1, 0.45, 0, 0.65)), (1.0, (0.85, 0, 0, 0.85))]
+)
 
 _HALO = [patheffects.withStroke(linewidth=2.5, foreground="black")]  # text readable on any grey
 
@@ -101,8 +102,7 @@ def png_bytes(fig) -> bytes:
 
 
 def _grey(ax, img: View, k: int, window, crop=None):
-    ax.imshow(img.data[k], cmap="gray", vmin=window[0], vmax=window[1], extent=img.extent(),
-              interpolation="bilinear")
+    ax.imshow(img.data[k], cmap="gray", vmin=window[0], vmax=window[1], extent=img.extent(), interpolation="bilinear")
     _style(ax, crop)
 
 
@@ -115,8 +115,18 @@ def _style(ax, crop=None):
         ax.set_ylim(y1, y0)
     # orientation letters: radiological convention
     for x, letter, ha in ((0.01, "R", "left"), (0.99, "L", "right")):
-        ax.text(x, 0.5, letter, transform=ax.transAxes, color="w", fontsize=9, va="center", ha=ha, weight="bold",
-                path_effects=_HALO)
+        ax.text(
+            x,
+            0.5,
+            letter,
+            transform=ax.transAxes,
+            color="w",
+            fontsize=9,
+            va="center",
+            ha=ha,
+            weight="bold",
+            path_effects=_HALO,
+        )
 
 
 def _outline(ax, img: View, mask2d: np.ndarray, colour, width=1.6):
@@ -131,8 +141,16 @@ def _scale_bar(ax, crop, length_mm: float = 20.0):
     (x0, x1), (y0, y1) = crop
     xa, ya = x0 + 0.05 * (x1 - x0), y1 - 0.06 * (y1 - y0)
     ax.plot([xa, xa + length_mm], [ya, ya], color="w", lw=2.5, solid_capstyle="butt")
-    ax.text(xa + length_mm / 2, ya - 0.02 * (y1 - y0), f"{length_mm:.0f} mm", color="w", fontsize=8,
-            ha="center", va="bottom", path_effects=_HALO)
+    ax.text(
+        xa + length_mm / 2,
+        ya - 0.02 * (y1 - y0),
+        f"{length_mm:.0f} mm",
+        color="w",
+        fontsize=8,
+        ha="center",
+        va="bottom",
+        path_effects=_HALO,
+    )
 
 
 def body_crop(img: View, k: int, window, margin_mm: float = 10.0):
@@ -178,8 +196,15 @@ def lesion_figure(vol: View, lesion: View, title: str, window, colour, diameter=
     if diameter is not None and abs(diameter["z"] - vol.z_mm(k)) < vol.spacing[2] / 2:
         (xa, ya), (xb, yb) = diameter["ends"]
         a1.plot([xa, xb], [ya, yb], color="#00e5ff", lw=1.4, ls="--")
-        a1.text((xa + xb) / 2, (ya + yb) / 2, f" {diameter['mm']:.0f} mm", color="#00e5ff", fontsize=9, weight="bold",
-                path_effects=_HALO)
+        a1.text(
+            (xa + xb) / 2,
+            (ya + yb) / 2,
+            f" {diameter['mm']:.0f} mm",
+            color="#00e5ff",
+            fontsize=9,
+            weight="bold",
+            path_effects=_HALO,
+        )
     _scale_bar(a1, crop)
     a1.set_title("zoom: outline, longest axial diameter", fontsize=9)
     fig.suptitle(title, fontsize=11)
@@ -199,10 +224,24 @@ def attention_figure(vol: View, prob: View, lesion_mask: View | None, title: str
     if lesion_mask is not None:
         _outline(a0, vol, lesion_mask.data[k] > 0, "#00e5ff", width=1.0)
     a0.set_title(f"axial through the peak, z = {vol.z_mm(k):.1f} mm", fontsize=9)
-    a1.imshow(vol.data[:, j, :], cmap="gray", vmin=window[0], vmax=window[1], extent=vol.coronal_extent(),
-              origin="lower", interpolation="bilinear")
-    a1.imshow(prob.data[:, j, :], cmap=HEAT, vmin=0, vmax=1, extent=vol.coronal_extent(), origin="lower",
-              interpolation="bilinear")
+    a1.imshow(
+        vol.data[:, j, :],
+        cmap="gray",
+        vmin=window[0],
+        vmax=window[1],
+        extent=vol.coronal_extent(),
+        origin="lower",
+        interpolation="bilinear",
+    )
+    a1.imshow(
+        prob.data[:, j, :],
+        cmap=HEAT,
+        vmin=0,
+        vmax=1,
+        extent=vol.coronal_extent(),
+        origin="lower",
+        interpolation="bilinear",
+    )
     a1.axhline(vol.z_mm(k), color="w", lw=0.6, ls=":")
     _style(a1)
     a1.set_title(f"coronal through the peak, y = {vol.origin[1] + j * vol.spacing[1]:.1f} mm", fontsize=9)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
@@ -23,8 +24,11 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from diffugts import __version__
-from diffugts.stages.report import codes
 from diffugts.artifacts.study import Study
+from diffugts.stages.report import codes
+
+if TYPE_CHECKING:
+    from diffugts.stages.report.inputs import LesionMask
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +36,17 @@ SEG_SERIES_NUMBER = 901
 MANUFACTURER = "diffugts"
 # Display colours (CIELab via RGB), cycled over lesions: saturated, so outlines stand out
 # on grey-scale images in the report and in viewers.
-_PALETTE = [(230, 41, 41), (255, 150, 0), (60, 200, 60), (230, 60, 230), (250, 220, 0), (70, 160, 255),
-            (255, 110, 160), (150, 230, 90), (180, 120, 255)]
+_PALETTE = [
+    (230, 41, 41),
+    (255, 150, 0),
+    (60, 200, 60),
+    (230, 60, 230),
+    (250, 220, 0),
+    (70, 160, 255),
+    (255, 110, 160),
+    (150, 230, 90),
+    (180, 120, 255),
+]
 
 
 def lesion_colour(n: int) -> tuple[int, int, int]:
@@ -58,14 +71,24 @@ def uid(entropy: list[str], role: str) -> str:
 
 # Type 2 patient / study attributes highdicom copies from the source (present, maybe empty);
 # some scanners and anonymisers leave them out altogether.
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-          "ReferringPhysicianName", "AccessionNumber", "StudyID")
+_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "AccessionNumber",
+    "StudyID",
+)
 
 
 def source_images(study: Study) -> list[pydicom.Dataset]:
     """The header copies, one per source file, in slice order (missing Type 2 patient and
     study attributes added empty, in memory)."""
-    seen, out = set(), []
+    seen: set[str] = set()
+    out: list[pydicom.Dataset] = []
     for inst in study.series["instances"]:
         if inst["header"] not in seen:
             seen.add(inst["header"])
@@ -84,23 +107,37 @@ def hd_volume(array: np.ndarray, study: Study, k0: int = 0, channels: dict | Non
     affine = np.eye(4)
     affine[:3, :3] = m[:, ::-1]  # highdicom: array axes (k, j, i) -> columns
     affine[:3, 3] = g.world([0, 0, k0])
-    return hd.Volume(array, affine, "PATIENT", frame_of_reference_uid=study.series["frame_of_reference_uid"],
-                     channels=channels)
+    return hd.Volume(
+        array, affine, "PATIENT", frame_of_reference_uid=study.series["frame_of_reference_uid"], channels=channels
+    )
 
 
 def segment_infos(lesions: list[dict], targets: list[dict], entropy: list[str]) -> list[SegmentInfo]:
     out = []
     for n, rec in enumerate(sorted(lesions, key=lambda r: r["id"]), start=1):
         text = targets[rec["target"]]["prompt"]["text"]
-        out.append(SegmentInfo(
-            lesion_id=rec["id"], segment_number=n, label=f"lesion {rec['id']}: {text}"[:64],
-            tracking_id=f"lesion {rec['id']}", tracking_uid=uid(entropy, f"tracking-{rec['id']}"),
-            target_index=rec["target"]))
+        out.append(
+            SegmentInfo(
+                lesion_id=rec["id"],
+                segment_number=n,
+                label=f"lesion {rec['id']}: {text}"[:64],
+                tracking_id=f"lesion {rec['id']}",
+                tracking_uid=uid(entropy, f"tracking-{rec['id']}"),
+                target_index=rec["target"],
+            )
+        )
     return out
 
 
-def build_seg(study: Study, sources: list[pydicom.Dataset], masks: dict[int, np.ndarray],
-              infos: list[SegmentInfo], targets: list[dict], model: dict, entropy: list[str]) -> hd.seg.Segmentation:
+def build_seg(
+    study: Study,
+    sources: list[pydicom.Dataset],
+    masks: dict[int, LesionMask],
+    infos: list[SegmentInfo],
+    targets: list[dict],
+    model: dict,
+    entropy: list[str],
+) -> hd.seg.Segmentation:
     """The Segmentation dataset; ``masks`` maps lesion id -> its LesionMask."""
     algo_params = {"model": str(model.get("name", "unknown")), "model_sha256": str(model.get("sha256", ""))}
     descriptions = []
@@ -108,28 +145,46 @@ def build_seg(study: Study, sources: list[pydicom.Dataset], masks: dict[int, np.
         prompt = targets[info.target_index]["prompt"]
         site = codes.site_code(prompt.get("organ"))
         algo = hd.AlgorithmIdentificationSequence(
-            name="diffugts", family=codes.ALGORITHM_FAMILY, version=__version__,
-            parameters={**algo_params, "prompt": prompt["text"][:64]})
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=info.segment_number, segment_label=info.label,
-            segmented_property_category=codes.MORPHOLOGICALLY_ABNORMAL,
-            segmented_property_type=codes.finding_code(prompt["text"]),
-            algorithm_type="AUTOMATIC", algorithm_identification=algo,
-            tracking_id=info.tracking_id, tracking_uid=info.tracking_uid,
-            anatomic_regions=[site] if site is not None else None,
-            display_color=hd.color.CIELabColor.from_rgb(*lesion_colour(info.segment_number - 1))))
+            name="diffugts",
+            family=codes.ALGORITHM_FAMILY,
+            version=__version__,
+            parameters={**algo_params, "prompt": prompt["text"][:64]},
+        )
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=info.segment_number,
+                segment_label=info.label,
+                segmented_property_category=codes.MORPHOLOGICALLY_ABNORMAL,
+                segmented_property_type=codes.finding_code(prompt["text"]),
+                algorithm_type="AUTOMATIC",
+                algorithm_identification=algo,
+                tracking_id=info.tracking_id,
+                tracking_uid=info.tracking_uid,
+                anatomic_regions=[site] if site is not None else None,
+                display_color=hd.color.CIELabColor.from_rgb(*lesion_colour(info.segment_number - 1)),
+            )
+        )
     array, k0 = _pixel_array([masks[i.lesion_id] for i in infos], study.geometry.shape)
     channels = {"SegmentNumber": [i.segment_number for i in infos]} if array.ndim == 4 else None
     volume = hd_volume(array, study, k0, channels)
     return hd.seg.Segmentation(
-        source_images=sources, pixel_array=volume, segmentation_type="BINARY",
+        source_images=sources,
+        pixel_array=volume,
+        segmentation_type="BINARY",
         segment_descriptions=descriptions,
-        series_instance_uid=uid(entropy, "seg-series"), series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=uid(entropy, "seg-instance"), instance_number=1,
-        manufacturer=MANUFACTURER, manufacturer_model_name="diffugts",
-        software_versions=__version__, device_serial_number=str(model.get("sha256", "0"))[:16] or "0",
-        content_label="LESIONS", content_description="DiffuGTS zero-shot tumour segmentation",
-        series_description="diffugts lesions", omit_empty_frames=True)
+        series_instance_uid=uid(entropy, "seg-series"),
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=uid(entropy, "seg-instance"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name="diffugts",
+        software_versions=__version__,
+        device_serial_number=str(model.get("sha256", "0"))[:16] or "0",
+        content_label="LESIONS",
+        content_description="DiffuGTS zero-shot tumour segmentation",
+        series_description="diffugts lesions",
+        omit_empty_frames=True,
+    )
 
 
 def _pixel_array(masks: list, shape) -> tuple[np.ndarray, int]:

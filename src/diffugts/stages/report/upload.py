@@ -16,8 +16,13 @@ def results_prefix(study_uid: str, base: str | None = None) -> str:
     return join_uri(base or results_uri(), checked_uid(study_uid, MARKER), "report")
 
 
-def upload_report(local_dir: str | os.PathLike, study_uid: str, base: str | None = None,
-                  store: ObjectStore | None = None, meta: dict | None = None) -> str:
+def upload_report(
+    local_dir: str | os.PathLike,
+    study_uid: str,
+    base: str | None = None,
+    store: ObjectStore | None = None,
+    meta: dict | None = None,
+) -> str:
     """Publish ``local_dir`` (files, then ``_manifest.json``); returns the prefix URI."""
     uri = results_prefix(study_uid, base)
     (store or ObjectStore()).publish_dir(Path(local_dir), uri, meta={"stage": "report", **(meta or {})})

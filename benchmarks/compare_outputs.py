@@ -122,6 +122,7 @@ def _read_json(path: Path):
 
 # -- per file type ---------------------------------------------------------------------------
 
+
 def _is_nifti(path: Path) -> bool:
     return path.name.endswith((".nii", ".nii.gz"))
 
@@ -139,7 +140,7 @@ def _is_text(path: Path) -> bool:
     import codecs
 
     try:
-        raw = path.read_bytes()[:1 << 16]
+        raw = path.read_bytes()[: 1 << 16]
         codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)  # a cut character is fine
     except (OSError, UnicodeDecodeError):
         return False
@@ -170,15 +171,17 @@ def compare_nifti(a: Path, b: Path) -> list[str]:
 def is_timing_key(key: str, parent: str) -> bool:
     """``timings`` / ``timings_s`` anywhere, ``*_s`` inside them, ``*_seconds`` anywhere
     (``report_seconds`` of a report's metrics.json)."""
-    return key in ("timings", "timings_s") or ("timing" in parent and key.endswith("_s")) \
-        or key.endswith("_seconds")
+    return key in ("timings", "timings_s") or ("timing" in parent and key.endswith("_s")) or key.endswith("_seconds")
 
 
 def normalise_json(doc, norm: Normaliser, parent: str = ""):
     """``doc`` without its timing fields, every string (keys included) substituted."""
     if isinstance(doc, dict):
-        return {norm.text(str(k)): normalise_json(v, norm, str(k)) for k, v in doc.items()
-                if not is_timing_key(str(k), parent)}
+        return {
+            norm.text(str(k)): normalise_json(v, norm, str(k))
+            for k, v in doc.items()
+            if not is_timing_key(str(k), parent)
+        }
     if isinstance(doc, list):
         return [normalise_json(v, norm, parent) for v in doc]
     if isinstance(doc, str):
@@ -207,8 +210,11 @@ def json_differences(a, b, where: str = "") -> list[str]:
             if len(out) >= MAX_DETAILS:
                 break
         return out
-    same = a == b and type(a) is type(b) or (isinstance(a, float) and isinstance(b, float)
-                                             and math.isnan(a) and math.isnan(b))
+    same = (
+        a == b
+        and type(a) is type(b)
+        or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+    )
     return [] if same else [f"{where or '/'}: {_short(a)} != {_short(b)}"]
 
 
@@ -320,6 +326,7 @@ def compare_files(a: Path, b: Path, na: Normaliser, nb: Normaliser, kind: str | 
 
 
 # -- folders ---------------------------------------------------------------------------------
+
 
 def _files(root: Path, norm: Normaliser) -> dict[str, Path]:
     out: dict[str, Path] = {}

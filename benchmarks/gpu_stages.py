@@ -42,18 +42,17 @@ import numpy as np
 import torch
 
 from diffugts.artifacts.geometry import Geometry
+from diffugts.config import SynthesisParams
 from diffugts.models.configs import get_config
 from diffugts.networks.aova import AOVAHead
 from diffugts.networks.backbones.cuda_graphs import GraphedCall
 from diffugts.networks.backbones.maisi import MaisiBackbone
+from diffugts.networks.refine import RefineHead
 from diffugts.networks.text import make_target
 from diffugts.stages.attend import Method, attention_maps
 from diffugts.stages.preprocess import Preprocessing, normalise, to_model
 from diffugts.stages.refine import refine_probability, shared_inputs
-from diffugts.networks.refine import RefineHead
-from diffugts.config import SynthesisParams
 from diffugts.stages.synthesize import make_region, pseudo_healthy
-from diffugts.networks.text import make_target
 from diffugts.train.recipe import default_features
 from diffugts.utils.atomic import write_json
 

@@ -62,8 +62,11 @@ ENV_COUNTS = "DIFFUGTS_BENCH_COUNTS"  # folder where each instrumented process w
 ENV_SCRIPT = "DIFFUGTS_BENCH_SCRIPT"  # this file, loaded by the subprocesses' sitecustomize
 
 # What is counted, and where it lives in each layout (the old one, then the new one).
-PACKAGE_HOOKS = {"open_package": "package_opens", "verify_files": "package_verifications",
-                 "sha256_file": "files_hashed"}
+PACKAGE_HOOKS = {
+    "open_package": "package_opens",
+    "verify_files": "package_verifications",
+    "sha256_file": "files_hashed",
+}
 PREPROCESS_HOOKS = {"to_model": "to_model", "ModelSpace.to_model": "space_to_model"}
 HOOKS = {
     "diffugts.models.package": PACKAGE_HOOKS,
@@ -71,8 +74,15 @@ HOOKS = {
     "diffugts.stages.preprocess": PREPROCESS_HOOKS,  # fe96cec and after
 }
 SEGMENT_MODULES = ("diffugts.runners.segment", "diffugts.segment")
-COUNTS = ("package_opens", "package_verifications", "files_hashed", "study_reads", "to_model", "space_to_model",
-          "space_to_model_interpolated")
+COUNTS = (
+    "package_opens",
+    "package_verifications",
+    "files_hashed",
+    "study_reads",
+    "to_model",
+    "space_to_model",
+    "space_to_model_interpolated",
+)
 COUNT_LABELS = {
     "package_opens": "model package opens",
     "package_verifications": "package checksum passes",
@@ -97,16 +107,22 @@ def reset_counts() -> None:
 
 
 def counts() -> dict:
-    return {"counts": dict(_STATE["counts"]), "callers": json.loads(json.dumps(_STATE["callers"])),
-            "patched": list(_STATE["patched"])}
+    return {
+        "counts": dict(_STATE["counts"]),
+        "callers": json.loads(json.dumps(_STATE["callers"])),
+        "patched": list(_STATE["patched"]),
+    }
 
 
 def _caller() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
-        if name.startswith(("diffugts", "components")) and not name.endswith(_NOT_CALLERS) \
-                and not name.startswith("diffugts.artifacts."):
+        if (
+            name.startswith(("diffugts", "components"))
+            and not name.endswith(_NOT_CALLERS)
+            and not name.startswith("diffugts.artifacts.")
+        ):
             return f"{name.rsplit('.', 1)[-1]}.{frame.f_code.co_name}"
         frame = frame.f_back
     return "?"
@@ -151,6 +167,7 @@ def _counting(fn, what: str):
 def _hash_counting(fn):
     """sha256_file: a package file checksummed by ``verify_files``, or another hash (the
     manifest's, as the package's identity)."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _count("files_hashed" if sys._getframe(1).f_code.co_name == "verify_files" else "other_sha256")
@@ -163,6 +180,7 @@ def _hash_counting(fn):
 def _space_counting(fn):
     """ModelSpace.to_model: an array on the study grid put on the model grid; interpolated
     unless the two grids are the same (then it is a copy)."""
+
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         _count("space_to_model")
@@ -217,8 +235,13 @@ def _patch_module(name: str, module) -> None:
         original = getattr(target, attr_name, None)
         if original is None or getattr(original, "__wrapped_by_bench__", False):
             continue
-        wrapper = (_hash_counting(original) if attr == "sha256_file" else
-                   _space_counting(original) if attr == "ModelSpace.to_model" else _counting(original, what))
+        wrapper = (
+            _hash_counting(original)
+            if attr == "sha256_file"
+            else _space_counting(original)
+            if attr == "ModelSpace.to_model"
+            else _counting(original, what)
+        )
         setattr(target, attr_name, wrapper)
         if not owner:
             _rebind(original, wrapper)
@@ -295,13 +318,17 @@ def read_counts(folder: Path) -> dict:
             for caller, n in by.items():
                 mine[caller] = mine.get(caller, 0) + n
         argv = doc.get("argv", [])
-        name = argv[argv.index("--function_to_execute") + 1] if "--function_to_execute" in argv else \
-            " ".join(a for a in argv[1:3] if not a.startswith("/"))
+        name = (
+            argv[argv.index("--function_to_execute") + 1]
+            if "--function_to_execute" in argv
+            else " ".join(a for a in argv[1:3] if not a.startswith("/"))
+        )
         total["processes"].append({"process": name, "counts": doc["counts"]})
     return total
 
 
 # -- inside a worker (a subprocess with the measured tree on its path) ----------------------
+
 
 def _import_first(names):
     for name in names:
@@ -331,8 +358,10 @@ def warm_path(model: str, prompts: list[str]):
 
     runner = _import_first(SEGMENT_MODULES)
     segment = runner.segment
-    again = ("segment() again in the same process",
-             lambda study, out: segment(str(study), out, prompts, model=model, show_progress=False))
+    again = (
+        "segment() again in the same process",
+        lambda study, out: segment(str(study), out, prompts, model=model, show_progress=False),
+    )
     try:
         core_module = importlib.import_module("diffugts.core")
     except ModuleNotFoundError as err:
@@ -341,14 +370,19 @@ def warm_path(model: str, prompts: list[str]):
         return again
     Core = getattr(core_module, "Core", None)  # noqa: N806
     if Core is None or "core" not in inspect.signature(segment).parameters:
-        print("study_core: diffugts.core found, but no Core or no segment(core=...): timing segment() again "
-              "instead; adjust warm_path() in benchmarks/study_core.py", file=sys.stderr)
+        print(
+            "study_core: diffugts.core found, but no Core or no segment(core=...): timing segment() again "
+            "instead; adjust warm_path() in benchmarks/study_core.py",
+            file=sys.stderr,
+        )
         return (f"{again[0]} (diffugts.core found, entry unknown: adjust warm_path())", again[1])
     params = getattr(runner, "method_params", None)
     core = Core(model, None, params()) if params else Core(model)
     core = core.load() if hasattr(core, "load") else core
-    return ("one Core(model).load(), then segment(core=core) per study (as runners/batch.py)",
-            lambda study, out: segment(str(study), out, prompts, core=core, show_progress=False))
+    return (
+        "one Core(model).load(), then segment(core=core) per study (as runners/batch.py)",
+        lambda study, out: segment(str(study), out, prompts, core=core, show_progress=False),
+    )
 
 
 def worker_info(spec: dict) -> dict:
@@ -357,8 +391,12 @@ def worker_info(spec: dict) -> dict:
     from pipelines.run_local import PROMPTS, demo_studies
 
     model = str(Path(spec.get("model") or default_model()).resolve())
-    out = {"diffugts": str(Path(diffugts.__file__).resolve().parent), "model": model, "prompts": PROMPTS,
-           "model_manifest": _sha256(Path(model) / "manifest.json")}
+    out = {
+        "diffugts": str(Path(diffugts.__file__).resolve().parent),
+        "model": model,
+        "prompts": PROMPTS,
+        "model_manifest": _sha256(Path(model) / "manifest.json"),
+    }
     if not spec.get("make_studies"):
         import torch
 
@@ -390,10 +428,16 @@ def worker_warm(spec: dict) -> dict:
         result = run(study, outs / Path(study).name)
         stages = result.get("timings_s") if isinstance(result, dict) else None
         results[Path(study).name] = {"seconds": time.perf_counter() - clock, "stages_s": stages, **counts()}
-    missing = [name for name in HOOKS if name in sys.modules and not any(
-        p.startswith(name + ".") for p in _STATE["patched"])]
-    return {"warm_path": description, "first_s": first, "studies": results, "patched": _STATE["patched"],
-            "unpatched_modules": missing}
+    missing = [
+        name for name in HOOKS if name in sys.modules and not any(p.startswith(name + ".") for p in _STATE["patched"])
+    ]
+    return {
+        "warm_path": description,
+        "first_s": first,
+        "studies": results,
+        "patched": _STATE["patched"],
+        "unpatched_modules": missing,
+    }
 
 
 def worker_kfp(spec: dict) -> dict:
@@ -429,6 +473,7 @@ WORKERS = {"info": worker_info, "warm": worker_warm, "kfp": worker_kfp}
 
 # -- the parent: runs the workers and the CLIs, prints the table ----------------------------
 
+
 class Tree:
     def __init__(self, path: Path, label: str, work: Path, python: str, threads: int | None = None):
         self.path, self.label, self.work, self.python = path.resolve(), label, work / label, python
@@ -452,8 +497,13 @@ class Tree:
         spec_path, result_path = folder / f"{name}.spec.json", folder / f"{name}.result.json"
         spec_path.write_text(json.dumps({**spec, "tree": str(self.path)}))
         with open(folder / f"{name}.log", "w") as log:
-            proc = subprocess.run([self.python, str(Path(__file__).resolve()), "--_worker", mode, str(spec_path),
-                                   str(result_path)], env=self.env(), cwd=self.work, stdout=log, stderr=log)
+            proc = subprocess.run(
+                [self.python, str(Path(__file__).resolve()), "--_worker", mode, str(spec_path), str(result_path)],
+                env=self.env(),
+                cwd=self.work,
+                stdout=log,
+                stderr=log,
+            )
         if proc.returncode != 0:
             raise RuntimeError(f"{self.label}: worker {name} failed (rc {proc.returncode}); see {folder / name}.log")
         return json.loads(result_path.read_text())
@@ -463,12 +513,19 @@ class Tree:
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         with open(self.work / "logs" / f"{name}.log", "w") as log:
             clock = time.perf_counter()
-            proc = subprocess.run([self.python, "-m", "diffugts", "-q", *args], env=self.env(counts),
-                                  cwd=self.work, stdout=log, stderr=log)
+            proc = subprocess.run(
+                [self.python, "-m", "diffugts", "-q", *args],
+                env=self.env(counts),
+                cwd=self.work,
+                stdout=log,
+                stderr=log,
+            )
             seconds = time.perf_counter() - clock
         if proc.returncode != 0:
-            raise RuntimeError(f"{self.label}: `diffugts {' '.join(args[:2])}` failed (rc {proc.returncode}); "
-                               f"see {self.work / 'logs' / name}.log")
+            raise RuntimeError(
+                f"{self.label}: `diffugts {' '.join(args[:2])}` failed (rc {proc.returncode}); "
+                f"see {self.work / 'logs' / name}.log"
+            )
         return seconds
 
 
@@ -485,41 +542,77 @@ def measure(trees: list[Tree], args, studies: dict, eval_cases: Path) -> dict:
             if not args.skip_cold:
                 for s, st in studies.items():
                     counts_dir = t.work / "counts" / f"cold-{s}-{r}"
-                    seconds = t.cli(["segment", st["path"], "--out", str(t.work / "cold" / f"{s}-{r}"),
-                                     "--model", info["model"], *prompt_args], f"cold-{s}-{r}", counts_dir)
+                    seconds = t.cli(
+                        [
+                            "segment",
+                            st["path"],
+                            "--out",
+                            str(t.work / "cold" / f"{s}-{r}"),
+                            "--model",
+                            info["model"],
+                            *prompt_args,
+                        ],
+                        f"cold-{s}-{r}",
+                        counts_dir,
+                    )
                     entry = mine["studies"][s].setdefault("cold", {"seconds": [], "counts": []})
                     entry["seconds"].append(seconds)
                     entry["counts"].append(read_counts(counts_dir))
                     _progress(t, f"cold {s} run {r}: {seconds:.1f} s")
             if not args.skip_warm:
-                warm = t.worker("warm", {"studies": paths, "out": str(t.work / "warm" / str(r)),
-                                         "model": info["model"], "prompts": info["prompts"]}, f"warm-{r}")
-                mine.setdefault("warm", {"first_s": [], "path": warm["warm_path"],
-                                         "unpatched_modules": warm["unpatched_modules"]})
+                warm = t.worker(
+                    "warm",
+                    {
+                        "studies": paths,
+                        "out": str(t.work / "warm" / str(r)),
+                        "model": info["model"],
+                        "prompts": info["prompts"],
+                    },
+                    f"warm-{r}",
+                )
+                mine.setdefault(
+                    "warm", {"first_s": [], "path": warm["warm_path"], "unpatched_modules": warm["unpatched_modules"]}
+                )
                 mine["warm"]["first_s"].append(warm["first_s"])
                 for s, st in warm["studies"].items():
                     entry = mine["studies"][s].setdefault("warm", {"seconds": [], "counts": [], "stages_s": []})
                     entry["seconds"].append(st["seconds"])
                     entry["stages_s"].append(st["stages_s"])
                     entry["counts"].append({"counts": st["counts"], "callers": st["callers"]})
-                _progress(t, f"warm run {r}: first {warm['first_s']:.1f} s, then " + ", ".join(
-                    f"{s} {st['seconds']:.1f} s" for s, st in warm["studies"].items()))
+                _progress(
+                    t,
+                    f"warm run {r}: first {warm['first_s']:.1f} s, then "
+                    + ", ".join(f"{s} {st['seconds']:.1f} s" for s, st in warm["studies"].items()),
+                )
             if not args.skip_kfp:
-                kfp = t.worker("kfp", {"studies": paths, "out": str(t.work / "kfp" / str(r)),
-                                       "counts": str(t.work / "counts" / f"kfp-{r}"), "model": info["model"]},
-                               f"kfp-{r}")
+                kfp = t.worker(
+                    "kfp",
+                    {
+                        "studies": paths,
+                        "out": str(t.work / "kfp" / str(r)),
+                        "counts": str(t.work / "counts" / f"kfp-{r}"),
+                        "model": info["model"],
+                    },
+                    f"kfp-{r}",
+                )
                 for s, st in kfp["studies"].items():
                     entry = mine["studies"][s].setdefault("kfp", {"seconds": [], "counts": [], "roots": []})
                     entry["seconds"].append(st["seconds"])
                     entry["counts"].append(read_counts(t.work / "counts" / f"kfp-{r}" / s))
                     entry["roots"].append(st["pipeline_root"])
-                _progress(t, f"kfp fused run {r}: " + ", ".join(f"{s} {st['seconds']:.1f} s"
-                                                                  for s, st in kfp["studies"].items()))
+                _progress(
+                    t,
+                    f"kfp fused run {r}: "
+                    + ", ".join(f"{s} {st['seconds']:.1f} s" for s, st in kfp["studies"].items()),
+                )
             if not args.skip_evaluate:
                 counts_dir = t.work / "counts" / f"evaluate-{r}"
                 out = t.work / "evaluate" / str(r)
-                seconds = t.cli(["evaluate", "--cases", str(eval_cases), "--out", str(out), "--model", info["model"]],
-                                f"evaluate-{r}", counts_dir)
+                seconds = t.cli(
+                    ["evaluate", "--cases", str(eval_cases), "--out", str(out), "--model", info["model"]],
+                    f"evaluate-{r}",
+                    counts_dir,
+                )
                 entry = mine["evaluate"]
                 entry.setdefault("seconds", []).append(seconds)
                 entry.setdefault("counts", []).append(read_counts(counts_dir))
@@ -545,8 +638,13 @@ def compare_trees(trees: list[Tree], res: dict, studies: dict, args) -> list[tup
         if not args.skip_warm:
             pairs.append((f"`segment` warm, {s}", a.work / "warm" / "0" / s, b.work / "warm" / "0" / s))
         if not args.skip_kfp:
-            pairs.append((f"kfp fused, {s}", Path(res[a.label]["studies"][s]["kfp"]["roots"][0]),
-                          Path(res[b.label]["studies"][s]["kfp"]["roots"][0])))
+            pairs.append(
+                (
+                    f"kfp fused, {s}",
+                    Path(res[a.label]["studies"][s]["kfp"]["roots"][0]),
+                    Path(res[b.label]["studies"][s]["kfp"]["roots"][0]),
+                )
+            )
     if not args.skip_evaluate:
         pairs.append(("`evaluate`", a.work / "evaluate" / "0", b.work / "evaluate" / "0"))
     out = []
@@ -582,8 +680,11 @@ def _ratio(a, b) -> str:
     return f"{b / a:.2f}"
 
 
-MODES = {"cold": "cold `diffugts segment`", "warm": "warm `segment` (same process, after a first study)",
-         "kfp": "kfp.local fused study (all tasks)"}
+MODES = {
+    "cold": "cold `diffugts segment`",
+    "warm": "warm `segment` (same process, after a first study)",
+    "kfp": "kfp.local fused study (all tasks)",
+}
 
 
 def rows(res: dict, label: str, studies: dict) -> list[tuple[str, object]]:
@@ -606,11 +707,16 @@ def rows(res: dict, label: str, studies: dict) -> list[tuple[str, object]]:
         for s in studies:
             out.append((f"{where}: wall time, {s} (s)", _median(mine["studies"][s][mode]["seconds"])))
         if len(studies) > 1:
-            out.append((f"{where}: wall time, all {len(studies)} studies (s)",
-                        sum(_median(mine["studies"][s][mode]["seconds"]) for s in studies)))
+            out.append(
+                (
+                    f"{where}: wall time, all {len(studies)} studies (s)",
+                    sum(_median(mine["studies"][s][mode]["seconds"]) for s in studies),
+                )
+            )
     if "warm" in mine:
-        out.append(("warm process: its first study, imports and model load included (s)",
-                    _median(mine["warm"]["first_s"])))
+        out.append(
+            ("warm process: its first study, imports and model load included (s)", _median(mine["warm"]["first_s"]))
+        )
     if mine["evaluate"]:
         out.append(("`diffugts evaluate --cases` (s)", _median(mine["evaluate"]["seconds"])))
         first = mine["evaluate"]["counts"][0]["counts"]
@@ -626,16 +732,20 @@ def report(trees: list[Tree], res: dict, studies: dict, compared: list[tuple[str
     for t in trees:
         info = res[t.label]["info"]
         warm = res[t.label].get("warm", {})
-        print(f"- {t.label}: {t.path} (diffugts from {info['diffugts']}); model {info['model']} "
-              f"(manifest sha256 {info['model_manifest'][:12]}); torch threads {info.get('torch_threads')}"
-              + (f"; warm path: {warm['path']}" if warm else ""))
+        print(
+            f"- {t.label}: {t.path} (diffugts from {info['diffugts']}); model {info['model']} "
+            f"(manifest sha256 {info['model_manifest'][:12]}); torch threads {info.get('torch_threads')}"
+            + (f"; warm path: {warm['path']}" if warm else "")
+        )
         if warm.get("unpatched_modules"):
             print(f"  WARNING: imported but not instrumented: {warm['unpatched_modules']} (adjust HOOKS)")
     if len(trees) == 2 and res[labels[0]]["info"]["model_manifest"] != res[labels[1]]["info"]["model_manifest"]:
         print("  WARNING: the two trees use different models (give --model)")
-    print(f"\nstudies: {', '.join(studies)} (counts: one number per study, in this order); "
-          f"repeats: {args.repeat} (times are medians); load average at the end: "
-          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs\n")
+    print(
+        f"\nstudies: {', '.join(studies)} (counts: one number per study, in this order); "
+        f"repeats: {args.repeat} (times are medians); load average at the end: "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs\n"
+    )
     if len(trees) == 1:
         print("| figure | value |\n|---|---|")
         for name, value in table[0]:
@@ -654,8 +764,10 @@ def report(trees: list[Tree], res: dict, studies: dict, compared: list[tuple[str
         for s in studies:
             stages = [x for x in res[t.label]["studies"][s].get("warm", {}).get("stages_s", []) if x]
             if stages:
-                print(f"- {t.label}, warm {s}, stage times (s, median): " + ", ".join(
-                    f"{k} {statistics.median(x[k] for x in stages if k in x):.1f}" for k in stages[0]))
+                print(
+                    f"- {t.label}, warm {s}, stage times (s, median): "
+                    + ", ".join(f"{k} {statistics.median(x[k] for x in stages if k in x):.1f}" for k in stages[0])
+                )
     print("\nCounts by caller (first study, first repeat):")
     first = next(iter(studies))
     for t in trees:
@@ -664,8 +776,11 @@ def report(trees: list[Tree], res: dict, studies: dict, compared: list[tuple[str
             if mode not in st:
                 continue
             callers = st[mode]["counts"][0]["callers"]
-            text = "; ".join(f"{what}: " + ", ".join(f"{c} {n}" for c, n in sorted(callers[what].items()))
-                             for what in [*COUNTS, *sorted(set(callers) - set(COUNTS))] if what in callers)
+            text = "; ".join(
+                f"{what}: " + ", ".join(f"{c} {n}" for c, n in sorted(callers[what].items()))
+                for what in [*COUNTS, *sorted(set(callers) - set(COUNTS))]
+                if what in callers
+            )
             print(f"- {t.label}, {mode}: {text or 'nothing counted'}")
             if mode == "kfp":
                 for proc in st[mode]["counts"][0]["processes"]:
@@ -676,21 +791,33 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tree", type=Path, default=HERE.parent, help="source tree to measure (default: this one)")
     ap.add_argument("--baseline-tree", type=Path, default=None, help="measure this tree too, as the baseline")
-    ap.add_argument("--study", action="append", default=None, metavar="CASE",
-                    help="demo study to run (phantom_7_0000, phantom_7_0001, phantom_7_0002; repeatable; "
-                         "default: all three)")
+    ap.add_argument(
+        "--study",
+        action="append",
+        default=None,
+        metavar="CASE",
+        help="demo study to run (phantom_7_0000, phantom_7_0001, phantom_7_0002; repeatable; default: all three)",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs of each measurement (median shown)")
-    ap.add_argument("--eval-cases", type=Path, default=None,
-                    help="case folder for `diffugts evaluate --cases` (default: the demo studies' phantom cases)")
+    ap.add_argument(
+        "--eval-cases",
+        type=Path,
+        default=None,
+        help="case folder for `diffugts evaluate --cases` (default: the demo studies' phantom cases)",
+    )
     ap.add_argument("--model", default=None, help="model package for both trees (default: each tree's default)")
     ap.add_argument("--skip-cold", action="store_true", help="no cold `diffugts segment` runs")
     ap.add_argument("--skip-warm", action="store_true", help="no warm in-process runs")
     ap.add_argument("--skip-kfp", action="store_true", help="no kfp.local fused pipeline runs")
     ap.add_argument("--skip-evaluate", action="store_true", help="no `diffugts evaluate` run")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="OMP_NUM_THREADS for every measured process (default: inherited; torch then uses one "
-                         "per core). Outputs compared with a run made elsewhere need the same count: the "
-                         "anomaly scores' float sums depend on it")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS for every measured process (default: inherited; torch then uses one "
+        "per core). Outputs compared with a run made elsewhere need the same count: the "
+        "anomaly scores' float sums depend on it",
+    )
     ap.add_argument("--work", type=Path, default=None, help="scratch folder, kept (default: a temporary one)")
     ap.add_argument("--json", type=Path, default=None, help="write every raw figure here")
     ap.add_argument("--_worker", nargs=3, metavar=("MODE", "SPEC", "RESULT"), help=argparse.SUPPRESS)
@@ -728,8 +855,9 @@ def main(argv: list[str] | None = None) -> int:
     compared = compare_trees(trees, res, studies, args) if len(trees) == 2 else []
     report(trees, res, studies, compared, args)
     if args.json:
-        args.json.write_text(json.dumps({"work": str(work), "studies": studies, "results": res,
-                                         "compared": compared}, indent=1))
+        args.json.write_text(
+            json.dumps({"work": str(work), "studies": studies, "results": res, "compared": compared}, indent=1)
+        )
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffugts.config import SynthesisParams
 from diffugts.phantom.truth import load_phantom_truth
 from diffugts.runners.evaluate import load_cases
-from diffugts.config import SynthesisParams
 from diffugts.stages.synthesize import make_region, pseudo_healthy
 from diffugts.stages.synthesize.fidelity import fidelity
 from diffugts.stages.synthesize.masks import spacing_kji

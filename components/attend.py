@@ -28,18 +28,19 @@ def attend(
     """
     import sys
 
-    from diffugts.stages.attend import attend as run_attend
     from diffugts.errors import DiffugtsError
+    from diffugts.stages.attend import attend as run_attend
 
     try:
-        summary = run_attend(study.path, model_uri, [str(p) for p in prompts], attention.path, seed=seed,
-                              maps=maps)
+        summary = run_attend(study.path, model_uri, [str(p) for p in prompts], attention.path, seed=seed, maps=maps)
     except DiffugtsError as err:
         print(f"diffugts: error: {err}", file=sys.stderr)
         sys.exit(2)
-    attention.metadata.update({
-        "model": summary["model"]["name"],
-        "maps": summary["maps"],
-        "device": summary["device"],
-        "scores": {t["prompt"]["text"]: t["score"] for t in summary["targets"]},
-    })
+    attention.metadata.update(
+        {
+            "model": summary["model"]["name"],
+            "maps": summary["maps"],
+            "device": summary["device"],
+            "scores": {t["prompt"]["text"]: t["score"] for t in summary["targets"]},
+        }
+    )

@@ -32,23 +32,36 @@ def list_studies(
     """
     import sys
 
-    from diffugts.runners.cohort import plan_run
     from diffugts.errors import DiffugtsError
+    from diffugts.runners.cohort import plan_run
 
     try:
-        listing = plan_run(results_uri, run_id, studies_uri=studies_uri, studies_csv=studies_csv,
-                           model_uri=model_uri, prompts=[str(p) for p in prompts], rules=rules, resample=resample,
-                           min_volume_ml=min_volume_ml, force=force, maps=maps, batch_size=batch_size,
-                           max_parallel=max_parallel)
+        listing = plan_run(
+            results_uri,
+            run_id,
+            studies_uri=studies_uri,
+            studies_csv=studies_csv,
+            model_uri=model_uri,
+            prompts=[str(p) for p in prompts],
+            rules=rules,
+            resample=resample,
+            min_volume_ml=min_volume_ml,
+            force=force,
+            maps=maps,
+            batch_size=batch_size,
+            max_parallel=max_parallel,
+        )
     except DiffugtsError as err:
         print(f"diffugts: error: {err}", file=sys.stderr)
         sys.exit(2)
     with open(summary.path, "w") as f:
-        f.write(f"# Studies\n\n{len(listing['pending']) + len(listing['skipped'])} listed: "
-                f"{len(listing['pending'])} to process, {len(listing['skipped'])} skipped (done before with "
-                f"model {listing['model_sha256'][:12]} and these parameters).\n\n"
-                f"{len(listing['batches'])} batches of up to {listing['batch_size']} studies, "
-                f"{len(listing['lanes'])} at a time.\n")
+        f.write(
+            f"# Studies\n\n{len(listing['pending']) + len(listing['skipped'])} listed: "
+            f"{len(listing['pending'])} to process, {len(listing['skipped'])} skipped (done before with "
+            f"model {listing['model_sha256'][:12]} and these parameters).\n\n"
+            f"{len(listing['batches'])} batches of up to {listing['batch_size']} studies, "
+            f"{len(listing['lanes'])} at a time.\n"
+        )
     return listing["lanes"]
 
 
@@ -74,10 +87,21 @@ def segment_batch(
     # Ingestion and reporting of untrusted DICOM: no header text or UIDs in the task's log, and
     # a user-facing error as one line, exit 2 (component_step, as the study pipelines' steps).
     with component_step():
-        counts = run_batch(results_uri, run_id, batch, model_uri=model_uri, prompts=[str(p) for p in prompts],
-                           rules=rules, resample=resample, min_volume_ml=min_volume_ml, maps=maps)
-    print(f"batch {batch}: {counts['done']} done, {counts['failed']} failed, "
-          f"{counts['already_done']} done before (a retry)")
+        counts = run_batch(
+            results_uri,
+            run_id,
+            batch,
+            model_uri=model_uri,
+            prompts=[str(p) for p in prompts],
+            rules=rules,
+            resample=resample,
+            min_volume_ml=min_volume_ml,
+            maps=maps,
+        )
+    print(
+        f"batch {batch}: {counts['done']} done, {counts['failed']} failed, "
+        f"{counts['already_done']} done before (a retry)"
+    )
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -96,8 +120,8 @@ def cohort_report(
     import shutil
     import sys
 
-    from diffugts.runners.cohort import collect_run, run_markdown
     from diffugts.errors import DiffugtsError
+    from diffugts.runners.cohort import collect_run, run_markdown
     from diffugts.utils.logs import install
 
     install()  # diagnosing failures re-reads DICOM: no header text or UIDs in this log
@@ -122,5 +146,7 @@ def record_run(results_uri: str, run_id: str, status: dsl.PipelineTaskFinalStatu
     from diffugts.runners.cohort import finish_run
 
     record = finish_run(results_uri, run_id, status.state, status.error_message or "")
-    print(f"cohort run {run_id}: {record['state']}, {record['done']} done, {record['failed']} failed, "
-          f"{record['skipped']} skipped")
+    print(
+        f"cohort run {run_id}: {record['state']}, {record['done']} done, {record['failed']} failed, "
+        f"{record['skipped']} skipped"
+    )

@@ -14,7 +14,9 @@ from components.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def fingerprint(input_uri: str, model_uri: str) -> NamedTuple("Fingerprints", study_sha256=str, model_sha256=str):
+def fingerprint(  # kfp reads the outputs from this NamedTuple form, which type checkers do not accept
+    input_uri: str, model_uri: str
+) -> NamedTuple("Fingerprints", study_sha256=str, model_sha256=str):  # type: ignore[valid-type]
     """sha256 fingerprints of the study input's files and of the model package's manifest.
 
     Args:
@@ -32,4 +34,4 @@ def fingerprint(input_uri: str, model_uri: str) -> NamedTuple("Fingerprints", st
     except DiffugtsError as err:
         print(f"diffugts: error: {err}", file=sys.stderr)
         sys.exit(2)
-    return namedtuple("Fingerprints", ["study_sha256", "model_sha256"])(study, model)
+    return namedtuple("Fingerprints", ["study_sha256", "model_sha256"])(study, model)  # type: ignore[call-arg]

@@ -31,11 +31,13 @@ def ingest(
     with component_step(input_uri):
         result = run_ingest(input_uri, study.path, rules=rules, resample_grid=resample, show_progress=False)
     series = result.series
-    study.metadata.update({
-        "modality": series["modality"],
-        "series": series["series_label"],
-        "size_ijk": series["volume"]["size_ijk"],
-        "spacing_mm": series["volume"]["spacing_mm"],
-    })
+    study.metadata.update(
+        {
+            "modality": series["modality"],
+            "series": series["series_label"],
+            "size_ijk": series["volume"]["size_ijk"],
+            "spacing_mm": series["volume"]["spacing_mm"],
+        }
+    )
     with open(summary.path, "w") as f:
         f.write(selection_markdown(series))

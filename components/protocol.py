@@ -37,23 +37,47 @@ def train_aova_on_datasets(
     import torch
 
     from diffugts.datasets.run import protocol_source, training_checkpoint
-    from diffugts.utils.logs import component_step
     from diffugts.train.run import train_aova_head
+    from diffugts.utils.logs import component_step
 
     with component_step():
         source = protocol_source(protocol, data_root, show_progress=False, max_cases=max_cases or None)
-        checkpoint = (training_checkpoint(Path(data_root) / ".diffugts-checkpoints" / run_id, "aova", model_uri,
-                                          {"seed": seed, "steps": steps, "dim": dim,
-                                           "randomised_cases": randomised_cases}, source)
-                      if checkpoints else None)
-        pkg = train_aova_head(model_uri, Path(model.path), seed, 0, steps, dim, None, show_progress=False,
-                              randomised_cases=randomised_cases, fusion_recall=fusion_recall or None, source=source,
-                              checkpoint=checkpoint, device="cuda" if torch.cuda.is_available() else None)
+        checkpoint = (
+            training_checkpoint(
+                Path(data_root) / ".diffugts-checkpoints" / run_id,
+                "aova",
+                model_uri,
+                {"seed": seed, "steps": steps, "dim": dim, "randomised_cases": randomised_cases},
+                source,
+            )
+            if checkpoints
+            else None
+        )
+        pkg = train_aova_head(
+            model_uri,
+            Path(model.path),
+            seed,
+            0,
+            steps,
+            dim,
+            None,
+            show_progress=False,
+            randomised_cases=randomised_cases,
+            fusion_recall=fusion_recall or None,
+            source=source,
+            checkpoint=checkpoint,
+            device="cuda" if torch.cuda.is_available() else None,
+        )
         if checkpoint:
             checkpoint.remove()
     training = pkg.manifest["provenance"]["aova_training"]
-    model.metadata.update({"sha256": pkg.sha256, "held_out_seen_dice": training["held_out_seen_dice"],
-                           "datasets": [d["name"] for d in training["datasets"]["datasets"]]})
+    model.metadata.update(
+        {
+            "sha256": pkg.sha256,
+            "held_out_seen_dice": training["held_out_seen_dice"],
+            "datasets": [d["name"] for d in training["datasets"]["datasets"]],
+        }
+    )
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
@@ -76,17 +100,34 @@ def train_refine_on_datasets(
     import torch
 
     from diffugts.datasets.run import protocol_source, training_checkpoint
-    from diffugts.utils.logs import component_step
     from diffugts.train.run import train_refine_head
+    from diffugts.utils.logs import component_step
 
     with component_step():
         source = protocol_source(protocol, data_root, show_progress=False, max_cases=max_cases or None)
-        checkpoint = (training_checkpoint(Path(data_root) / ".diffugts-checkpoints" / run_id, "refine", aova.path,
-                                          {"seed": seed, "steps": steps, "synthesis_steps": synthesis_steps}, source)
-                      if checkpoints else None)
-        pkg = train_refine_head(aova.path, Path(model.path), seed, 0, steps, synthesis_steps, show_progress=False,
-                                source=source, checkpoint=checkpoint,
-                                device="cuda" if torch.cuda.is_available() else None)
+        checkpoint = (
+            training_checkpoint(
+                Path(data_root) / ".diffugts-checkpoints" / run_id,
+                "refine",
+                aova.path,
+                {"seed": seed, "steps": steps, "synthesis_steps": synthesis_steps},
+                source,
+            )
+            if checkpoints
+            else None
+        )
+        pkg = train_refine_head(
+            aova.path,
+            Path(model.path),
+            seed,
+            0,
+            steps,
+            synthesis_steps,
+            show_progress=False,
+            source=source,
+            checkpoint=checkpoint,
+            device="cuda" if torch.cuda.is_available() else None,
+        )
         if checkpoint:
             checkpoint.remove()
     training = pkg.manifest["provenance"]["refine_training"]

@@ -29,12 +29,15 @@ def refine(
     from diffugts.stages.refine import refine as run_refine
 
     try:
-        summary = run_refine(study.path, attention.path, synthesis.path, model_uri, lesions.path,
-                             min_volume_ml=min_volume_ml)
+        summary = run_refine(
+            study.path, attention.path, synthesis.path, model_uri, lesions.path, min_volume_ml=min_volume_ml
+        )
     except DiffugtsError as err:
         print(f"diffugts: error: {err}", file=sys.stderr)
         sys.exit(2)
-    lesions.metadata.update({
-        "lesions": len(summary["lesions"]),
-        "volume_ml": round(sum(l["volume_ml"] for l in summary["lesions"]), 3),
-    })
+    lesions.metadata.update(
+        {
+            "lesions": len(summary["lesions"]),
+            "volume_ml": round(sum(les["volume_ml"] for les in summary["lesions"]), 3),
+        }
+    )

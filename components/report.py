@@ -34,14 +34,19 @@ def report(
     import json
     import shutil
 
-    from diffugts.utils.logs import component_step
     from diffugts.stages.report import make_report
+    from diffugts.utils.logs import component_step
 
     with component_step():  # highdicom logs UIDs: filtered as in the CLI
-        result = make_report(study.path, lesions.path, report_folder.path,
-                             attention_dir=attention.path if attention is not None else None,
-                             synthesis_dir=synthesis.path if synthesis is not None else None,
-                             upload=upload_uri if upload else None, max_lesion_pictures=max_pictures)
+        result = make_report(
+            study.path,
+            lesions.path,
+            report_folder.path,
+            attention_dir=attention.path if attention is not None else None,
+            synthesis_dir=synthesis.path if synthesis is not None else None,
+            upload=upload_uri if upload else None,
+            max_lesion_pictures=max_pictures,
+        )
     # The UI's Markdown view cannot show the folder's PNGs: summary.md has the tables only;
     # the HTML view has everything.
     shutil.copyfile(f"{report_folder.path}/summary.md", summary.path)
@@ -49,5 +54,10 @@ def report(
     with open(f"{report_folder.path}/metrics.json") as f:
         for name, value in json.load(f).items():
             metrics.log_metric(name, value)
-    report_folder.metadata.update({"lesions": len(result["lesions"]), "modality": result["study"]["modality"],
-                            "uploaded_to": (result.get("upload") or {}).get("uri", "")})
+    report_folder.metadata.update(
+        {
+            "lesions": len(result["lesions"]),
+            "modality": result["study"]["modality"],
+            "uploaded_to": (result.get("upload") or {}).get("uri", ""),
+        }
+    )

@@ -41,15 +41,38 @@ def segment(
     from diffugts.runners.segment import model_stages
 
     try:
-        result = model_stages(study.path, model_uri, [str(p) for p in prompts], attention.path, synthesis.path,
-                              lesions.path, min_volume_ml=min_volume_ml, seed=seed, maps=maps)
+        result = model_stages(
+            study.path,
+            model_uri,
+            [str(p) for p in prompts],
+            attention.path,
+            synthesis.path,
+            lesions.path,
+            min_volume_ml=min_volume_ml,
+            seed=seed,
+            maps=maps,
+        )
     except DiffugtsError as err:
         print(f"diffugts: error: {err}", file=sys.stderr)
         sys.exit(2)
     found = result["refine"]["lesions"]
-    attention.metadata.update({"model": result["attend"]["model"]["name"], "device": result["attend"]["device"],
-                               "scores": {t["prompt"]["text"]: t["score"] for t in result["attend"]["targets"]}})
-    synthesis.metadata.update({"nothing_to_inpaint": result["synthesize"]["nothing_to_inpaint"],
-                               "inpainted_ml": result["synthesize"]["mask"]["dilated_ml"]})
-    lesions.metadata.update({"lesions": len(found), "volume_ml": round(sum(x["volume_ml"] for x in found), 3),
-                             "timings_s": result["timings_s"]})
+    attention.metadata.update(
+        {
+            "model": result["attend"]["model"]["name"],
+            "device": result["attend"]["device"],
+            "scores": {t["prompt"]["text"]: t["score"] for t in result["attend"]["targets"]},
+        }
+    )
+    synthesis.metadata.update(
+        {
+            "nothing_to_inpaint": result["synthesize"]["nothing_to_inpaint"],
+            "inpainted_ml": result["synthesize"]["mask"]["dilated_ml"],
+        }
+    )
+    lesions.metadata.update(
+        {
+            "lesions": len(found),
+            "volume_ml": round(sum(x["volume_ml"] for x in found), 3),
+            "timings_s": result["timings_s"],
+        }
+    )

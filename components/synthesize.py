@@ -46,21 +46,38 @@ def synthesize(
     """
     import sys
 
-    from diffugts.errors import DiffugtsError
     from diffugts.config import SynthesisParams
+    from diffugts.errors import DiffugtsError
     from diffugts.stages.synthesize import synthesize as run_synthesis
 
-    params = SynthesisParams(dilation_mm=dilation_mm, strength=strength, steps=steps, jumps=jumps, seed=seed,
-                    context_mm=context_mm, feather_mm=feather_mm, harmonise=harmonise)
+    params = SynthesisParams(
+        dilation_mm=dilation_mm,
+        strength=strength,
+        steps=steps,
+        jumps=jumps,
+        seed=seed,
+        context_mm=context_mm,
+        feather_mm=feather_mm,
+        harmonise=harmonise,
+    )
     try:
-        summary = run_synthesis(study.path, model_uri, synthesis.path, attention=attention.path,
-                                target=None if target < 0 else target, params=params, show_progress=False)
+        summary = run_synthesis(
+            study.path,
+            model_uri,
+            synthesis.path,
+            attention=attention.path,
+            target=None if target < 0 else target,
+            params=params,
+            show_progress=False,
+        )
     except DiffugtsError as err:
         print(f"diffugts: error: {err}", file=sys.stderr)
         sys.exit(2)
-    synthesis.metadata.update({
-        "nothing_to_inpaint": summary["nothing_to_inpaint"],
-        "inpainted_ml": summary["mask"]["dilated_ml"],
-        "model": summary["model"]["name"],
-        "device": summary["device"] or "none",
-    })
+    synthesis.metadata.update(
+        {
+            "nothing_to_inpaint": summary["nothing_to_inpaint"],
+            "inpainted_ml": summary["mask"]["dilated_ml"],
+            "model": summary["model"]["name"],
+            "device": summary["device"] or "none",
+        }
+    )

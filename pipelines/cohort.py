@@ -28,9 +28,8 @@ markers (model sha256 + parameters hash) are what skips a study done before.
 
 from kfp import dsl
 
-from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
-
 from components.cohort import cohort_report, list_studies, record_run, segment_batch
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
 from pipelines.resources import cpu_stage, gpu_stage
 
 DEFAULT_PROMPTS = ["liver tumor", "kidney tumor", "pancreas tumor"]

@@ -15,9 +15,8 @@ volume instead.
 
 from kfp import dsl, kubernetes
 
-from diffugts.config import DEFAULT_SEED
-
 from components.protocol import evaluate_on_datasets, train_aova_on_datasets, train_refine_on_datasets
+from diffugts.config import DEFAULT_SEED
 from pipelines.resources import gpu_stage
 
 DATA_MOUNT = "/data"

@@ -5,13 +5,12 @@ ingestion -> attention maps (GPU) -> pseudo-healthy synthesis (GPU) -> residual 
 
 from kfp import dsl
 
-from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
-
 from components.attend import attend
 from components.ingest import ingest
 from components.refine import refine
 from components.report import report
 from components.synthesize import synthesize
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
 from pipelines.resources import cpu_stage, fingerprints, gpu_stage
 
 

@@ -11,11 +11,10 @@ for re-running one stage with other settings.
 
 from kfp import dsl
 
-from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
-
 from components.ingest import ingest
 from components.report import report
 from components.segment import segment
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
 from pipelines.resources import cpu_stage, fingerprints, gpu_stage
 
 

@@ -10,8 +10,8 @@ from diffugts.models.create import create_random
 from diffugts.models.package import ModelPackage, add_networks
 from diffugts.networks.aova import AOVAHead
 from diffugts.networks.backbones import build_backbone
-from diffugts.stages.deviation import Fusion
 from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, TARGET_CHANNELS, RefineHead
+from diffugts.stages.deviation import Fusion
 
 FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
 

@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from diffugts.core import Core
-from diffugts.stages.attend import attend
-from diffugts.cli import main
 from diffugts.artifacts.geometry import Geometry
 from diffugts.cli import main
+from diffugts.core import Core
 from diffugts.models.create import create_random
 from diffugts.phantom import CaseSpec, generate_case, write_case
-from diffugts.stages.attend import Method, attend
+from diffugts.stages.attend import attend
 from diffugts.stages.ingest import ingest
 from modelfactory import random_package
 

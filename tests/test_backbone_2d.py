@@ -371,6 +371,7 @@ FEATURES_2D = ["encoder1", "encoder2", "denoiser0", "denoiser1", "cross_attentio
 def with_random_heads(pkg, out):
     """The package plus random AOVA (cross-attention maps among its inputs) and refine heads."""
     from diffugts.models.package import add_networks
+    from diffugts.networks.aova import AOVAHead
     from diffugts.networks.refine import RefineHead
 
     specs = {s.name: s.channels for s in build_backbone(pkg.manifest["backbone"]).feature_specs()}
@@ -387,7 +388,6 @@ def with_random_heads(pkg, out):
     )
 
 
-@pytest.mark.slow
 def test_segment_end_to_end(package, tmp_path, capsys):
     from diffugts.cli import main
     from diffugts.phantom import CaseSpec, generate_case, write_case
@@ -425,8 +425,14 @@ def test_segment_end_to_end(package, tmp_path, capsys):
     binary = sitk.Cast(lesion > 0, sitk.sitkUInt8)
     binary.CopyInformation(ref)
     sitk.WriteImage(binary, str(tmp_path / "mask.nii.gz"))
-    summary = synthesize(out / "study", str(model.root), tmp_path / "syn", mask=tmp_path / "mask.nii.gz",
-                         params=SynthesisParams(steps=4), show_progress=False)
+    summary = synthesize(
+        out / "study",
+        str(model.root),
+        tmp_path / "syn",
+        mask=tmp_path / "mask.nii.gz",
+        params=SynthesisParams(steps=4),
+        show_progress=False,
+    )
     assert not summary["nothing_to_inpaint"] and summary["inpainting"]["denoiser_calls"] == 4
     region = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "syn" / "inpaint_mask.nii.gz"))) > 0
     diff = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "syn" / "difference.nii.gz")))

@@ -15,10 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from diffugts.runners import cohort
-from diffugts.storage.location import join, read_bytes
 from diffugts.errors import ConfigError, InputError
 from diffugts.runners import cohort
+from diffugts.storage.location import join, read_bytes
 from pipelines import submit
 
 PARAMS = {"prompts": ["liver tumor"], "rules": "default", "resample": False, "min_volume_ml": 0.1}

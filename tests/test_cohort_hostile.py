@@ -239,6 +239,7 @@ def _stub_batch_stages(monkeypatch, uids: dict[str, str]) -> None:
     """run_batch with its ingestion, model and report stages stubbed: each input's report names
     the Study Instance UID given for its folder."""
     import diffugts.core
+    import diffugts.runners.segment
     import diffugts.stages.ingest
     import diffugts.stages.report
 
@@ -307,8 +308,11 @@ def test_a_batch_publishes_by_the_same_rules(tmp_path, monkeypatch):
         return publish(src, dst, **kwargs)
 
     monkeypatch.setattr(cohort, "publish", cut)
-    assert run_batch(results, "r2", 0, model_uri=model, prompts=PARAMS["prompts"]) == \
-        {"done": 0, "failed": 3, "already_done": 0}
+    assert run_batch(results, "r2", 0, model_uri=model, prompts=PARAMS["prompts"]) == {
+        "done": 0,
+        "failed": 3,
+        "already_done": 0,
+    }
     s1 = next(k for k, n in names.items() if n == "s1")
     marker = cohort.read_marker(results, s1)
     assert (marker["status"], marker["stage"], marker["reason_code"]) == ("failed", "publish", "storage")

@@ -60,24 +60,29 @@ def make_run(root: Path, run: str = "11111111", uid: str = "1.2.3.4.20260101") -
     stamp = "2026-12-03T14:10:55+00:00" if run == "11111111" else "2026-12-04T09:00:01.25Z"
     _nifti(study / "lesions.nii.gz", np.arange(24, dtype=np.float32).reshape(2, 3, 4))
     _dicom(study / "seg.dcm", np.eye(4) * 7, uid)
-    (study / "report.json").write_text(json.dumps({
-        "generated": stamp,
-        "lesions": [{"id": 1, "volume_ml": 9.1052}],
-        "timings_s": {"total": float(len(str(root)))},
-        "out": str(root / "results" / "1.2.826.1"),
-    }))
+    (study / "report.json").write_text(
+        json.dumps(
+            {
+                "generated": stamp,
+                "lesions": [{"id": 1, "volume_ml": 9.1052}],
+                "timings_s": {"total": float(len(str(root)))},
+                "out": str(root / "results" / "1.2.826.1"),
+            }
+        )
+    )
     (study / "metrics.json").write_text(json.dumps({"lesions": 1, "report_seconds": len(str(root)) / 10}))
     (study / "report.md").write_text(f"# Report\n- **Generated**: {stamp}\n- 1 lesion\n")
     (study / "picture.png").write_bytes(b"\x89PNG fake")
     runs = root / "results" / "_runs"
     key = hashlib.sha256(str(root).encode()).hexdigest()[:32]  # depends on the root, as sha256(input_uri)
     (runs / f"cohort-{run}").mkdir(parents=True)
-    (runs / f"cohort-{run}.json").write_text(json.dumps({"run": run, "time": "2026-12-03T14:11:06+00:00",
-                                                         "report": str(root / "results" / "cohort" / run)}))
-    (runs / f"cohort-{run}" / "listing.json").write_text(json.dumps(
-        {"run": run, "pending": [{"key": key, "input_uri": str(root / "demo-input" / "studies" / "s1")}]}))
-    (runs / f"{key}.json").write_text(json.dumps({"key": key, "run": run, "status": "done",
-                                                  "result": str(study)}))
+    (runs / f"cohort-{run}.json").write_text(
+        json.dumps({"run": run, "time": "2026-12-03T14:11:06+00:00", "report": str(root / "results" / "cohort" / run)})
+    )
+    (runs / f"cohort-{run}" / "listing.json").write_text(
+        json.dumps({"run": run, "pending": [{"key": key, "input_uri": str(root / "demo-input" / "studies" / "s1")}]})
+    )
+    (runs / f"{key}.json").write_text(json.dumps({"key": key, "run": run, "status": "done", "result": str(study)}))
     (root / "results" / "cohort" / run).mkdir(parents=True)
     (root / "results" / "cohort" / run / "cohort.csv").write_text(f"key,source\nabc,{study}\n")
     return root
@@ -113,8 +118,11 @@ def test_changed_voxel_fails(pair, capsys):
 
 def test_changed_geometry_fails(pair):
     a, b = pair
-    _nifti(b / "results" / "1.2.826.1" / "report" / "lesions.nii.gz",
-           np.arange(24, dtype=np.float32).reshape(2, 3, 4), spacing=(1.0, 1.0, 2.5))
+    _nifti(
+        b / "results" / "1.2.826.1" / "report" / "lesions.nii.gz",
+        np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        spacing=(1.0, 1.0, 2.5),
+    )
     _, lines = co.compare(a, b)
     assert len(lines) == 1 and "spacing (1.0, 1.0, 2.0) != (1.0, 1.0, 2.5)" in lines[0]
 
@@ -131,8 +139,13 @@ def test_changed_json_value_fails(pair):
 
 def test_timing_fields_are_dropped_but_nothing_else():
     norm = co.Normaliser(Path("/nowhere"))
-    doc = {"timings_s": {"a": 1}, "timings": {"b": 2}, "stage_timing": {"x_s": 3, "n": 4}, "report_seconds": 5,
-           "when_s": 6}
+    doc = {
+        "timings_s": {"a": 1},
+        "timings": {"b": 2},
+        "stage_timing": {"x_s": 3, "n": 4},
+        "report_seconds": 5,
+        "when_s": 6,
+    }
     assert co.normalise_json(doc, norm) == {"stage_timing": {"n": 4}, "when_s": 6}
 
 
@@ -168,10 +181,13 @@ def test_changed_bytes_and_text_fail(pair):
     a, b = pair
     (b / "results" / "1.2.826.1" / "report" / "picture.png").write_bytes(b"\x89PNG fakf")
     (b / "results" / "1.2.826.1" / "report" / "report.md").write_text(
-        "# Report\n- **Generated**: 2026-12-03T14:18:55+00:00\n- 2 lesions\n")
+        "# Report\n- **Generated**: 2026-12-03T14:18:55+00:00\n- 2 lesions\n"
+    )
     _, lines = co.compare(a, b)
-    assert lines == ["DIFF  results/1.2.826.1/report/picture.png: bytes differ (first at offset 8)",
-                     "DIFF  results/1.2.826.1/report/report.md: line 3: '- 1 lesion' != '- 2 lesions'"]
+    assert lines == [
+        "DIFF  results/1.2.826.1/report/picture.png: bytes differ (first at offset 8)",
+        "DIFF  results/1.2.826.1/report/report.md: line 3: '- 1 lesion' != '- 2 lesions'",
+    ]
 
 
 def test_a_path_outside_the_root_is_a_difference(pair):

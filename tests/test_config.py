@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from diffugts.config import (DEFAULT_MIN_VOLUME_ML, DEFAULT_SEED, AttentionParams, MapMode, MethodParams,
-                             SynthesisParams)
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, DEFAULT_SEED, AttentionParams, MapMode, MethodParams, SynthesisParams
 from diffugts.errors import ParameterError
 
 
@@ -33,8 +32,25 @@ def test_parameter_errors_name_parameters_in_the_library_and_flags_in_the_cli(ca
         SynthesisParams(strength=2.0).validate()
     assert str(err.value) == "synthesis: strength must be in (0, 1]"
     assert message(err.value) == "synthesis: --strength must be in (0, 1]"
-    assert main(["segment", "x", "--out", "o", "--prompt", "p", "--maps", "aova", "--min-volume-ml", "0.1",
-                 "--model", "/nonexistent"]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                "x",
+                "--out",
+                "o",
+                "--prompt",
+                "p",
+                "--maps",
+                "aova",
+                "--min-volume-ml",
+                "0.1",
+                "--model",
+                "/nonexistent",
+            ]
+        )
+        == 2
+    )
     err_line = capsys.readouterr().err.strip().splitlines()
     assert len(err_line) == 1 and err_line[0].startswith("diffugts: error: ")
 
@@ -56,14 +72,17 @@ def test_library_cli_components_and_pipelines_share_the_defaults():
     assert seg.maps == att.maps == MapMode.AOVA and att.seed == DEFAULT_SEED
     assert ref.min_volume_ml == DEFAULT_MIN_VOLUME_ML
     # kfp components run from their own source, so their defaults are literals: they must agree.
-    for component, names in ((attend, {"seed": DEFAULT_SEED, "maps": MapMode.AOVA}),
-                             (refine, {"min_volume_ml": DEFAULT_MIN_VOLUME_ML}),
-                             (segment, {"min_volume_ml": DEFAULT_MIN_VOLUME_ML, "seed": DEFAULT_SEED,
-                                        "maps": MapMode.AOVA})):
+    for component, names in (
+        (attend, {"seed": DEFAULT_SEED, "maps": MapMode.AOVA}),
+        (refine, {"min_volume_ml": DEFAULT_MIN_VOLUME_ML}),
+        (segment, {"min_volume_ml": DEFAULT_MIN_VOLUME_ML, "seed": DEFAULT_SEED, "maps": MapMode.AOVA}),
+    ):
         inputs = component.component_spec.inputs
         for name, value in names.items():
             assert inputs[name].default == value, (component.name, name)
     assert study_pipeline.component_spec.inputs["min_volume_ml"].default == DEFAULT_MIN_VOLUME_ML
     hashed = inspect.signature(params_hash).parameters["maps"].default
     assert hashed == MapMode.AOVA
-    assert MethodParams().synthesis == SynthesisParams() and MethodParams().refine.min_volume_ml == DEFAULT_MIN_VOLUME_ML
+    assert (
+        MethodParams().synthesis == SynthesisParams() and MethodParams().refine.min_volume_ml == DEFAULT_MIN_VOLUME_ML
+    )

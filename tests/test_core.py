@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from diffugts.artifacts import attention as attention_artifact
-from diffugts.artifacts import lesions as lesions_artifact
-from diffugts.artifacts import synthesis as synthesis_artifact
+from diffugts.artifacts import (
+    attention as attention_artifact,
+    lesions as lesions_artifact,
+    synthesis as synthesis_artifact,
+)
 from diffugts.artifacts.study import load_study
 from diffugts.cli import main
 from diffugts.errors import InputError
@@ -55,6 +57,7 @@ def test_segment_opens_the_package_reads_and_resamples_the_study_once(model, cas
         def wrapper(*args, **kwargs):
             counts[name] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(core_module, "open_package", counted("open", core_module.open_package))
@@ -93,18 +96,32 @@ def test_the_file_stages_give_what_the_core_gives_in_memory(model, segmented):
     np.testing.assert_array_equal(written_les.instances, lesions.instances)
     assert written_les.summary == json.loads(json.dumps(lesions.summary))
     # The file-based refinement stage, reading those artifacts back, agrees too.
-    assert main(["-q", "refine", str(segmented / "study"), "--attention", str(segmented / "attention"),
-                 "--synthesis", str(segmented / "synthesis"), "--model", str(model.root),
-                 "--out", str(segmented / "lesions-again")]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "refine",
+                str(segmented / "study"),
+                "--attention",
+                str(segmented / "attention"),
+                "--synthesis",
+                str(segmented / "synthesis"),
+                "--model",
+                str(model.root),
+                "--out",
+                str(segmented / "lesions-again"),
+            ]
+        )
+        == 0
+    )
     again = lesions_artifact.read(segmented / "lesions-again", study.geometry)
     np.testing.assert_array_equal(again.instances, lesions.instances)
     assert again.summary == written_les.summary
 
 
 def test_synthesis_of_an_empty_region_reads_no_weights(model, segmented, monkeypatch):
-    from diffugts.core import Core
-
     import diffugts.models.package as package_module
+    from diffugts.core import Core
 
     monkeypatch.setattr(package_module, "verify_files", lambda pkg: pytest.fail("checksummed"))
     core = Core(str(model.root), "cpu", verify=False)
@@ -168,8 +185,9 @@ def test_segment_reuses_a_loaded_core_across_studies(model, case, tmp_path, monk
     opened = []
     monkeypatch.setattr(core_module, "open_package", lambda *a, **k: opened.append(a))
     for n in range(2):
-        result = segment(str(case / "dicom"), tmp_path / f"seg{n}", PROMPTS, core=core, report=False,
-                         show_progress=False)
+        result = segment(
+            str(case / "dicom"), tmp_path / f"seg{n}", PROMPTS, core=core, report=False, show_progress=False
+        )
         assert (tmp_path / f"seg{n}" / "lesions" / "lesions.json").is_file() and "lesions" in result
     assert opened == []  # the package was opened once, before either study
 

@@ -19,7 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from scipy import ndimage
 
 from dicomfactory import write_series
-from diffugts.artifacts.study import load_study, write_image
+from diffugts.artifacts import lesions as lesions_artifact
+from diffugts.artifacts.files import write_image
+from diffugts.artifacts.study import load_study
 from diffugts.cli import main
 from diffugts.errors import InputError
 from diffugts.phantom import CaseSpec, generate_case, write_case
@@ -27,12 +29,9 @@ from diffugts.stages.ingest import ingest
 from diffugts.stages.lesions import write_lesion_artifact
 from diffugts.stages.report import make_report, study_key
 from diffugts.stages.report.cohort import cohort_report
-from diffugts.artifacts import lesions as lesions_artifact
 from diffugts.stages.report.upload import upload_report
 from diffugts.storage import MANIFEST, ObjectStore
-from diffugts.artifacts.files import write_image
-from diffugts.artifacts.study import load_study
-from dicomfactory import write_series
+from diffugts.utils import atomic, prometheus as metrics
 
 MODEL = {"name": "demo-tiny", "sha256": "c0ffee" + "0" * 58}
 TARGETS = [
@@ -78,13 +77,26 @@ def world(tmp_path_factory):
         atomic.write_json(stage / "attention.json", {"stage": "attend", "model": MODEL, "targets": entries})
     with atomic.staging_dir(root / "synthesis", marker="synthesis.json") as stage:
         write_image(stage / "pseudo_healthy.nii.gz", healthy, study.geometry)
-        atomic.write_json(stage / "synthesis.json", {"stage": "synthesize",
-                                                      "files": {"pseudo_healthy": "pseudo_healthy.nii.gz"}})
-    summary = make_report(root / "study", root / "lesions", root / "report", attention_dir=root / "attention",
-                          synthesis_dir=root / "synthesis", pushgateway="")
-    return {"root": root, "study": study, "case": json.loads((case_dir / "case.json").read_text()),
-            "summary": summary, "out": root / "report", "healthy": healthy,
-            "masks": lesions_artifact.read(root / "lesions", study.geometry).lesion_masks(study.geometry)}
+        atomic.write_json(
+            stage / "synthesis.json", {"stage": "synthesize", "files": {"pseudo_healthy": "pseudo_healthy.nii.gz"}}
+        )
+    summary = make_report(
+        root / "study",
+        root / "lesions",
+        root / "report",
+        attention_dir=root / "attention",
+        synthesis_dir=root / "synthesis",
+        pushgateway="",
+    )
+    return {
+        "root": root,
+        "study": study,
+        "case": json.loads((case_dir / "case.json").read_text()),
+        "summary": summary,
+        "out": root / "report",
+        "healthy": healthy,
+        "masks": lesions_artifact.read(root / "lesions", study.geometry).lesion_masks(study.geometry),
+    }
 
 
 def test_report_folder(world):
@@ -421,6 +433,7 @@ def test_report_cli_uploads_and_pushes(world, s3_env, pushgateway_url, tmp_path,
 
 def test_metric_labels_and_reasons(monkeypatch):
     monkeypatch.delenv(metrics.ENV_GATEWAY, raising=False)
+    from diffugts.errors import InputError
     from diffugts.storage import StoreUnavailable
 
     with pytest.raises(ValueError):
@@ -444,7 +457,6 @@ def test_metric_labels_and_reasons(monkeypatch):
     assert metrics.record_stage("report", 1.0, gateway="http://127.0.0.1:9") is False
 
 
-@pytest.mark.slow
 def test_component_runs_locally(world, tmp_path, monkeypatch):
     pytest.importorskip("kfp")
     import warnings

@@ -298,8 +298,8 @@ def test_refine_probability_batches_targets_without_changing_them():
     """All targets in one pass give each target's map as one at a time (batch norm is fixed)."""
     import torch
 
-    from diffugts.stages.refine import refine_probability
     from diffugts.networks.refine import IN_CHANNELS, RefineHead
+    from diffugts.stages.refine import refine_probability
 
     torch.manual_seed(0)
     head = RefineHead(features=(4, 8, 8, 16, 16, 4)).eval()
@@ -361,8 +361,8 @@ def test_refine_probability_bounds_the_voxels_of_a_pass_without_changing_the_map
     import torch
 
     import diffugts.stages.refine as refine_module
-    from diffugts.stages.refine import refine_probability
     from diffugts.networks.refine import IN_CHANNELS, RefineHead
+    from diffugts.stages.refine import refine_probability
 
     torch.manual_seed(0)
     head = RefineHead(features=(4, 8, 8, 16, 16, 4)).eval()

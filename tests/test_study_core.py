@@ -67,22 +67,33 @@ def test_sitecustomize_counts_in_a_subprocess(tmp_path):
     hooks.mkdir()
     counts.mkdir()
     (hooks / "sitecustomize.py").write_text(sc.SITECUSTOMIZE)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), str(REPO / "src"), str(REPO)]),
-           sc.ENV_SCRIPT: str(SCRIPT), sc.ENV_COUNTS: str(counts)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hooks), str(REPO / "src"), str(REPO)]),
+        sc.ENV_SCRIPT: str(SCRIPT),
+        sc.ENV_COUNTS: str(counts),
+    }
     plain = {**env, sc.ENV_COUNTS: ""}
     run = [sys.executable, "-c", CODE, str(study)]
     counted = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
     uncounted = subprocess.run(run, env=plain, capture_output=True, text=True, check=True)
     assert counted.stdout == uncounted.stdout  # the wrappers change no result
     out = json.loads(counted.stdout)
-    assert out["x"] == pytest.approx(16 ** 3 * (100 + 1000) / 2000)  # the default CT window, [-1000, 1000]
+    assert out["x"] == pytest.approx(16**3 * (100 + 1000) / 2000)  # the default CT window, [-1000, 1000]
     assert out["shape"] == [16, 16, 16]
 
     total = sc.read_counts(counts)
     assert len(total["processes"]) == 1
-    assert total["counts"] == {"package_opens": 3, "package_verifications": 1, "files_hashed": out["files"],
-                               "other_sha256": 1, "study_reads": 1, "to_model": 2, "space_to_model": 3,
-                               "space_to_model_interpolated": 1}
+    assert total["counts"] == {
+        "package_opens": 3,
+        "package_verifications": 1,
+        "files_hashed": out["files"],
+        "other_sha256": 1,
+        "study_reads": 1,
+        "to_model": 2,
+        "space_to_model": 3,
+        "space_to_model_interpolated": 1,
+    }
     # a count is put on the diffugts function that called the counted one ("?": the script)
     assert total["callers"]["package_opens"] == {"?": 2, "fakestage.<lambda>": 1}
     assert total["callers"]["study_reads"] == {"?": 1}
@@ -119,8 +130,11 @@ def test_warm_path_detects_a_core(monkeypatch, tmp_path):
     assert description.startswith("one Core(model).load(), then segment(core=core)")
     run(tmp_path / "s1", tmp_path / "o1")
     run(tmp_path / "s2", tmp_path / "o2")
-    assert calls == [("core", "MODEL", "PARAMS"), ("segment", str(tmp_path / "s1"), tmp_path / "o1", None, True),
-                     ("segment", str(tmp_path / "s2"), tmp_path / "o2", None, True)]
+    assert calls == [
+        ("core", "MODEL", "PARAMS"),
+        ("segment", str(tmp_path / "s1"), tmp_path / "o1", None, True),
+        ("segment", str(tmp_path / "s2"), tmp_path / "o2", None, True),
+    ]
 
     calls.clear()
     monkeypatch.setitem(sys.modules, "diffugts.core", None)  # a tree without a core (the old layout)

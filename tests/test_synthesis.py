@@ -14,14 +14,14 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from diffugts.artifacts.files import write_image
 from diffugts.artifacts.geometry import Geometry
-from diffugts.artifacts.study import write_image
 from diffugts.cli import main
+from diffugts.config import SynthesisParams
 from diffugts.errors import InputError
 from diffugts.models import open_package
 from diffugts.models.create import create_random
-from diffugts.artifacts.files import write_image
-from diffugts.config import SynthesisParams
+from diffugts.networks.backbones import Backbone, load_backbone
 from diffugts.stages.synthesize import GroundTruth, Tiles, fidelity, inpaint, make_region, synthesize
 from diffugts.stages.synthesize.inpaint import renoise
 from diffugts.utils import atomic
@@ -114,8 +114,15 @@ def test_same_seed_same_output_other_seed_differs_inside_only(tmp_path, package,
     outs = []
     for n, seed in enumerate((5, 5, 6)):
         params = SynthesisParams(steps=1, jumps=1, seed=seed, context_mm=16.0)
-        synthesize(study, str(package.root), tmp_path / f"out{n}", mask=tmp_path / "mask.nii.gz", params=params,
-                   backbone=backbone, show_progress=False)
+        synthesize(
+            study,
+            str(package.root),
+            tmp_path / f"out{n}",
+            mask=tmp_path / "mask.nii.gz",
+            params=params,
+            backbone=backbone,
+            show_progress=False,
+        )
         outs.append(read(tmp_path / f"out{n}" / "pseudo_healthy.nii.gz"))
     dilated = read(tmp_path / "out0" / "inpaint_mask.nii.gz").astype(bool)
     assert np.array_equal(outs[0], outs[1])
@@ -321,9 +328,16 @@ def test_phantom_ground_truth_rebuilds_the_healthy_twin(tmp_path, package, backb
             stage / "series.json", {"modality": "CT", "volume": {"file": "volume.nii", **geometry.as_dict()}}
         )
     write_image(tmp_path / "mask.nii.gz", (case.lesion_map > 0).astype(np.uint8), geometry)
-    summary = synthesize(study, str(package.root), tmp_path / "out", mask=tmp_path / "mask.nii.gz",
-                         params=SynthesisParams(steps=1, context_mm=16.0), ground_truth=folder, backbone=backbone,
-                         show_progress=False)
+    summary = synthesize(
+        study,
+        str(package.root),
+        tmp_path / "out",
+        mask=tmp_path / "mask.nii.gz",
+        params=SynthesisParams(steps=1, context_mm=16.0),
+        ground_truth=folder,
+        backbone=backbone,
+        show_progress=False,
+    )
     fid = summary["fidelity"]
     assert [e["id"] for e in fid["lesions"]] == [1, 2] and fid["outside_mask_mae"] == 0.0
     assert all(e["covered_fraction"] == 1.0 for e in fid["lesions"]) and fid["mae_to_healthy"] > 0

@@ -11,23 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from diffugts.networks.loading import load_head
-from diffugts.stages.attend import default_threshold, fusion_of
-from diffugts.networks.aova import AOVAHead
-from diffugts.networks.backbones import load_backbone
-from diffugts.runners.evaluate import dice
+from diffugts.config import SynthesisParams
 from diffugts.models.defaults import DEMO_MODEL
 from diffugts.models.package import open_package
 from diffugts.networks.aova import AOVAHead
 from diffugts.networks.backbones import load_backbone
+from diffugts.networks.loading import load_head
+from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, RefineHead
 from diffugts.networks.text import TextEncoder
 from diffugts.runners.evaluate import dice
-from diffugts.stages.attend import default_threshold, fusion_of, load_head
+from diffugts.stages.attend import default_threshold, fusion_of
 from diffugts.stages.preprocess import Preprocessing
 from diffugts.stages.refine import refine_threshold
-from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, RefineHead
-from diffugts.config import SynthesisParams
-from diffugts.networks.text import TextEncoder
 from diffugts.train.aova import evaluate_dice, train_aova
 from diffugts.train.data import phantom_case
 from diffugts.train.recipe import AOVA_FEATURES
@@ -49,7 +44,6 @@ def _mean(values):
     return float(np.mean(values))
 
 
-@pytest.mark.slow
 def test_aova_head_learns_and_finds_organs_in_held_out_cases(demo, text):
     _, backbone, prep = demo
     torch.manual_seed(0)
@@ -74,7 +68,6 @@ def test_aova_head_learns_and_finds_organs_in_held_out_cases(demo, text):
     assert _mean([r["region_dice"] for r in rows]) > 0.15
 
 
-@pytest.mark.slow
 def test_refinement_examples_hold_false_candidates_and_the_shipped_head_beats_the_coarse_map(demo, text):
     """Examples hold organs with lesions and false candidates (a lesion-free case, and a
     lesion-free organ of each case), built the way the package's own layout asks (fused maps
@@ -104,7 +97,6 @@ def test_refinement_examples_hold_false_candidates_and_the_shipped_head_beats_th
     assert refined["dice"] > coarse + 0.05, (refined, coarse)
 
 
-@pytest.mark.slow
 def test_backbone_training_losses_fall_and_set_the_scale_factor():
     """The demo backbone recipe's two parts on tiny discs: the VAE's reconstruction loss and
     the denoiser's rectified-flow loss both fall; the latent scale factor is 1 / std."""

@@ -77,8 +77,17 @@ class Core:
     e.g. synthesis of an empty mask). ``backbone`` / ``refine_head``: already loaded networks
     to use instead of the package's (tests, benchmarks, training)."""
 
-    def __init__(self, model: str, device=None, params: MethodParams = MethodParams(), *, verify: bool = True,
-                 backbone=None, refine_head=None):
+    def __init__(
+        self,
+        model: str,
+        device=None,
+        params: MethodParams | None = None,
+        *,
+        verify: bool = True,
+        backbone=None,
+        refine_head=None,
+    ):
+        params = params or MethodParams()
         params.synthesis.validate()
         self.params = params
         self.package = open_package(model, verify=verify)
@@ -140,10 +149,10 @@ class Core:
         asked fails before any study is touched."""
         from diffugts.stages.attend import check_training_free
 
-        self.method
+        method = self.method
         if self.params.attention.maps == MapMode.TRAINING_FREE:
-            check_training_free(self.method)
-        self.refine_head
+            check_training_free(method)
+        _ = self.refine_head
         return self
 
     # --- the stages ---------------------------------------------------------------------------
@@ -157,8 +166,15 @@ class Core:
 
         return attention(self.method, study.study, study.x, study.space, prompts, self.params.attention)
 
-    def synthesize(self, study: PreparedStudy, region: Attention | np.ndarray, *, source=None, ground_truth=None,
-                   show_progress: bool = False) -> Synthesis:
+    def synthesize(
+        self,
+        study: PreparedStudy,
+        region: Attention | np.ndarray,
+        *,
+        source=None,
+        ground_truth=None,
+        show_progress: bool = False,
+    ) -> Synthesis:
         """Stage 3: the pseudo-healthy study, inpainting ``region`` (an attention's union of
         coarse masks, or a mask on the study grid)."""
         from diffugts.stages.synthesize import synthesis

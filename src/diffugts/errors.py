@@ -11,8 +11,20 @@ import os
 
 # OSErrors that are the environment's doing (space, permissions, paths), not bugs: shown as
 # one line with exit code 2.
-USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-                         errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG})
+USER_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EFBIG,
+        errno.EROFS,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.EEXIST,
+        errno.EISDIR,
+        errno.ENAMETOOLONG,
+    }
+)
 
 
 class DiffugtsError(Exception):
@@ -63,5 +75,5 @@ class OutputError(DiffugtsError):
         super().__init__(f"{self.path}: {self.reason}" if self.path else self.reason)
 
     @classmethod
-    def from_os(cls, path: str | os.PathLike, err: OSError) -> "OutputError":
+    def from_os(cls, path: str | os.PathLike, err: OSError) -> OutputError:
         return cls(getattr(err, "filename", None) or path, err.strerror or " ".join(str(err).split()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from diffugts.artifacts.files import check_schema, read_binary, read_marker, rea
 from diffugts.artifacts.geometry import Geometry
 from diffugts.errors import InputError
 from diffugts.utils import atomic
+
+if TYPE_CHECKING:
+    from diffugts.stages.attend import CoarseMaps
 
 MARKER = "attention.json"
 # Version 1 is the layout above; it is written without the field (every artifact made before
@@ -33,13 +37,14 @@ class Attention:
     ``targets`` entries) the map, the mask and the organ (None where none was written)."""
 
     summary: dict
+    # None where a reader was asked not to read them (read(..., maps=False / masks=False)).
     maps: list[np.ndarray] = field(default_factory=list)  # float32 on the study grid
     masks: list[np.ndarray] = field(default_factory=list)  # bool
     organs: list[np.ndarray | None] = field(default_factory=list)  # bool, fused maps only
     root: Path | None = None
     # In memory only, never written: the coarse stage's maps on the model grid
     # (diffugts.stages.attend.CoarseMaps; evaluate's organ-aware baseline reads their deviation).
-    coarse: object | None = None
+    coarse: CoarseMaps | None = None
 
     @property
     def targets(self) -> list[dict]:
@@ -93,16 +98,18 @@ def write(out: str | os.PathLike, attention: Attention, geometry: Geometry) -> d
             write_image(stage / map_name, attention.maps[n], geometry)
             write_image(stage / mask_name, attention.masks[n].astype(np.uint8), geometry)
             entry["map"], entry["mask"] = map_name, mask_name
-            if attention.organs[n] is not None:
-                write_image(stage / organ_name, attention.organs[n].astype(np.uint8), geometry)
+            organ = attention.organs[n]
+            if organ is not None:
+                write_image(stage / organ_name, organ.astype(np.uint8), geometry)
                 entry["organ"] = organ_name
         atomic.write_json(stage / MARKER, summary)
     attention.root = out
     return summary
 
 
-def read(folder: str | os.PathLike, geometry: Geometry, *, maps: bool = True, masks: bool = True,
-         organs: bool = True) -> Attention:
+def read(
+    folder: str | os.PathLike, geometry: Geometry, *, maps: bool = True, masks: bool = True, organs: bool = True
+) -> Attention:
     """The artifact at ``folder``, its images checked against the study grid; ``maps`` /
     ``masks`` / ``organs`` False: not read (their lists hold None)."""
     root = Path(folder)
@@ -116,8 +123,9 @@ def read(folder: str | os.PathLike, geometry: Geometry, *, maps: bool = True, ma
         if not isinstance(t, dict) or not all(t.get(key) for key in needed):
             raise InputError(root / MARKER, f"attention target without a {' or '.join(needed)}: {str(t)[:80]}")
     out = Attention(summary, root=root)
+    unread: Any = None  # a part the caller did not ask for
     for t in targets:
-        out.maps.append(read_on_grid(root / t["map"], geometry, "map", np.float32) if maps else None)
-        out.masks.append(read_binary(root / t["mask"], geometry, "mask") if masks else None)
+        out.maps.append(read_on_grid(root / t["map"], geometry, "map", np.float32) if maps else unread)
+        out.masks.append(read_binary(root / t["mask"], geometry, "mask") if masks else unread)
         out.organs.append(read_binary(root / t["organ"], geometry, "organ") if organs and t.get("organ") else None)
     return out

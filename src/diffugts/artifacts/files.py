@@ -46,8 +46,10 @@ def read_on_grid(path: str | os.PathLike, geometry: Geometry, what: str = "image
         raise InputError(path, f"{what} must be a 3D single-channel image")
     found = Geometry.from_sitk(image)
     if found.shape != geometry.shape:
-        raise InputError(path, f"{what} size {list(found.shape[::-1])} (i, j, k) does not match the study "
-                               f"{list(geometry.shape[::-1])}")
+        raise InputError(
+            path,
+            f"{what} size {list(found.shape[::-1])} (i, j, k) does not match the study {list(geometry.shape[::-1])}",
+        )
     if not found.allclose(geometry, atol=GEOMETRY_ATOL_MM):
         raise InputError(path, f"{what} geometry (origin / spacing / direction) differs from the study grid")
     array = sitk.GetArrayFromImage(image)

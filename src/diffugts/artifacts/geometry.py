@@ -7,23 +7,27 @@ position of voxel (i, j, k) is ``origin + direction @ (spacing * (i, j, k))``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Geometry:
     origin: np.ndarray  # (3,) world position of voxel (0, 0, 0)
     spacing: np.ndarray  # (3,) mm along i, j, k
     direction: np.ndarray  # (3, 3) columns: unit vectors of i, j, k
     shape: tuple[int, int, int]  # (nk, nj, ni), the numpy array shape
 
-    def __post_init__(self):
-        object.__setattr__(self, "origin", np.asarray(self.origin, dtype=np.float64).reshape(3))
-        object.__setattr__(self, "spacing", np.asarray(self.spacing, dtype=np.float64).reshape(3))
-        object.__setattr__(self, "direction", np.asarray(self.direction, dtype=np.float64).reshape(3, 3))
-        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
+    def __init__(self, origin: ArrayLike, spacing: ArrayLike, direction: ArrayLike, shape: Sequence[int]):
+        # Any sequence in, float64 arrays and an int tuple kept (frozen: set once, here).
+        object.__setattr__(self, "origin", np.asarray(origin, dtype=np.float64).reshape(3))
+        object.__setattr__(self, "spacing", np.asarray(spacing, dtype=np.float64).reshape(3))
+        object.__setattr__(self, "direction", np.asarray(direction, dtype=np.float64).reshape(3, 3))
+        k, j, i = (int(n) for n in shape)
+        object.__setattr__(self, "shape", (k, j, i))
 
     @property
     def matrix(self) -> np.ndarray:
@@ -49,7 +53,7 @@ class Geometry:
         image.SetDirection(tuple(self.direction.reshape(-1)))
 
     @classmethod
-    def from_sitk(cls, image) -> "Geometry":
+    def from_sitk(cls, image) -> Geometry:
         size = image.GetSize()
         return cls(
             origin=image.GetOrigin(),
@@ -68,16 +72,16 @@ class Geometry:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Geometry":
+    def from_dict(cls, d: dict) -> Geometry:
         return cls(d["origin_lps_mm"], d["spacing_mm"], d["direction"], d["shape_kji"])
 
-    def crop(self, box) -> "Geometry":
+    def crop(self, box) -> Geometry:
         """The sub-grid of the (k, j, i) slices ``box`` (with start and stop): same spacing and
         direction, origin at the box's first voxel."""
         start = [s.start for s in box][::-1]  # (i, j, k)
         return Geometry(self.world(start), self.spacing, self.direction, tuple(s.stop - s.start for s in box))
 
-    def allclose(self, other: "Geometry", atol: float = 1e-4) -> bool:
+    def allclose(self, other: Geometry, atol: float = 1e-4) -> bool:
         return (
             self.shape == other.shape
             and np.allclose(self.origin, other.origin, atol=atol)
@@ -101,7 +105,8 @@ def nearest_axis_frame(direction: np.ndarray) -> np.ndarray:
     """The signed permutation matrix closest to ``direction`` (columns matched to axes)."""
     from itertools import permutations
 
-    best, best_score = None, -np.inf
+    best: tuple[int, ...] = (0, 1, 2)
+    best_score = -np.inf
     for perm in permutations(range(3)):
         score = sum(abs(direction[perm[c], c]) for c in range(3))
         if score > best_score:

@@ -92,8 +92,7 @@ class Lesions:
             if len(counts) == len(ids) and all(by_id[g]["voxels"] == c for g, c in zip(ids, counts)):
                 out.update(crops(local, {n: g for n, g in enumerate(ids, start=1)}))
             else:
-                log.warning("lesions of target %s do not match its mask; using instances.nii.gz",
-                            target.get("index"))
+                log.warning("lesions of target %s do not match its mask; using instances.nii.gz", target.get("index"))
                 out.update(crops(self.instances, {g: g for g in ids}))
         return out
 

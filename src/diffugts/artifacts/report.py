@@ -14,8 +14,16 @@ from diffugts.artifacts.files import check_schema, read_marker
 MARKER = "report.json"
 FAILED_MARKER = "failed.json"
 SCHEMA_VERSION = 1  # written without the field, as attention's (diffugts.artifacts.attention)
-FILES = {"markdown": "report.md", "summary": "summary.md", "html": "report.html", "metrics": "metrics.json",
-         "seg": "seg.dcm", "sr": "sr.dcm", "pseudo_healthy_series": "pseudo_healthy/", "images": "images/"}
+FILES = {
+    "markdown": "report.md",
+    "summary": "summary.md",
+    "html": "report.html",
+    "metrics": "metrics.json",
+    "seg": "seg.dcm",
+    "sr": "sr.dcm",
+    "pseudo_healthy_series": "pseudo_healthy/",
+    "images": "images/",
+}
 
 
 def read(folder: str | os.PathLike) -> dict:

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from diffugts.errors import InputError, ParameterError
 from diffugts.artifacts.files import read_marker
 from diffugts.artifacts.geometry import Geometry
+from diffugts.errors import InputError, ParameterError
 
 MARKER = "series.json"
 VOLUME = "volume.nii"  # uncompressed: gzip would cost more than the DICOM read on large CTs
@@ -31,7 +31,7 @@ class Study:
         return self.series["modality"]
 
     @classmethod
-    def from_image(cls, image: sitk.Image, modality: str = "CT") -> "Study":
+    def from_image(cls, image: sitk.Image, modality: str = "CT") -> Study:
         """A study held in memory from a SimpleITK image (CT in HU, or MR): what
         :class:`diffugts.core.Core` takes without an ingested folder. No DICOM headers, so it
         can be segmented but not reported as DICOM SEG / SR."""
@@ -53,4 +53,3 @@ def load_study(path: str | os.PathLike) -> Study:
     if tuple(volume.shape) != geometry.shape:
         raise InputError(root, f"volume shape {volume.shape} does not match series.json {geometry.shape}")
     return Study(root, series, volume, geometry)
-

@@ -19,8 +19,11 @@ from diffugts.utils import atomic
 MARKER = "synthesis.json"
 SCHEMA_VERSION = 1  # written without the field, as attention's (diffugts.artifacts.attention)
 HINT = "run `diffugts synthesize` first"
-FILES = {"pseudo_healthy": "pseudo_healthy.nii.gz", "difference": "difference.nii.gz",
-         "inpaint_mask": "inpaint_mask.nii.gz"}
+FILES = {
+    "pseudo_healthy": "pseudo_healthy.nii.gz",
+    "difference": "difference.nii.gz",
+    "inpaint_mask": "inpaint_mask.nii.gz",
+}
 
 
 @dataclass
@@ -40,8 +43,7 @@ class Synthesis:
         return SynthesisParams(**{k: v for k, v in recorded.items() if k in known})
 
 
-def write(out: str | os.PathLike, synthesis: Synthesis, volume: np.ndarray, geometry: Geometry,
-          on_staged=None) -> dict:
+def write(out: str | os.PathLike, synthesis: Synthesis, volume: np.ndarray, geometry: Geometry, on_staged=None) -> dict:
     """Write the artifact (``volume``: the input study, for the difference image), marker
     last. ``on_staged(summary)`` runs after the images are written and before the marker
     (the stage records its write time there)."""
@@ -52,6 +54,8 @@ def write(out: str | os.PathLike, synthesis: Synthesis, volume: np.ndarray, geom
     with atomic.staging_dir(out, marker=MARKER) as stage:
         write_image(stage / FILES["pseudo_healthy"], synthesis.pseudo_healthy, geometry)
         write_image(stage / FILES["difference"], difference, geometry)
+        if synthesis.inpainted is None:
+            raise ValueError("a synthesis without its inpainted region cannot be written")
         write_image(stage / FILES["inpaint_mask"], synthesis.inpainted.astype(np.uint8), geometry)
         if on_staged is not None:
             on_staged(summary)

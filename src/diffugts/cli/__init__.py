@@ -13,8 +13,8 @@ import os
 import sys
 
 from diffugts import __version__
-from diffugts.utils import atomic, logs
 from diffugts.errors import USER_ERRNOS, DiffugtsError, OutputError, ParameterError
+from diffugts.utils import atomic, logs
 
 # Sub-command modules, in the order `diffugts --help` lists them.
 COMMANDS = ["ingest", "phantom", "models", "attend", "synthesize", "segment", "report", "train", "evaluate"]
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno not in USER_ERRNOS:
             return _internal(err)
         # The environment, not a bug: a full disk, a read-only or missing folder.
-        print(f"diffugts: error: {one_line(OutputError.from_os(getattr(args, 'out', '') or '', err))}",
-              file=sys.stderr)
+        print(f"diffugts: error: {one_line(OutputError.from_os(getattr(args, 'out', '') or '', err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("diffugts: interrupted", file=sys.stderr)
@@ -84,8 +83,7 @@ def _internal(err: Exception) -> int:
     if os.environ.get("DIFFUGTS_DEBUG"):
         raise err
     print(
-        f"diffugts: internal error: {type(err).__name__}: {one_line(err)} "
-        "(set DIFFUGTS_DEBUG=1 for the traceback)",
+        f"diffugts: internal error: {type(err).__name__}: {one_line(err)} (set DIFFUGTS_DEBUG=1 for the traceback)",
         file=sys.stderr,
     )
     return 1

@@ -13,16 +13,26 @@ def register(sub) -> None:
     )
     p.add_argument("input", help="DICOM folder, DICOM file, .zip file, or s3://bucket/prefix")
     p.add_argument("--out", required=True, help="output directory (the study artifact)")
-    p.add_argument("--rules", default="default",
-                   help="selection rules: 'default', 'permissive' (single slices, any orientation), "
-                        "or a JSON file (see docs/ingestion.md)")
-    p.add_argument("--resample", action="store_true",
-                   help="resample gantry-tilted or oblique series to an orthogonal / axis-aligned "
-                        "grid instead of rejecting them")
-    p.add_argument("--spacing-tolerance", type=float, default=0.05,
-                   help="allowed relative deviation of slice steps from the median (default 0.05)")
-    p.add_argument("--oblique-tolerance", type=float, default=5.0,
-                   help="degrees of obliquity stored exactly as is (default 5)")
+    p.add_argument(
+        "--rules",
+        default="default",
+        help="selection rules: 'default', 'permissive' (single slices, any orientation), "
+        "or a JSON file (see docs/ingestion.md)",
+    )
+    p.add_argument(
+        "--resample",
+        action="store_true",
+        help="resample gantry-tilted or oblique series to an orthogonal / axis-aligned grid instead of rejecting them",
+    )
+    p.add_argument(
+        "--spacing-tolerance",
+        type=float,
+        default=0.05,
+        help="allowed relative deviation of slice steps from the median (default 0.05)",
+    )
+    p.add_argument(
+        "--oblique-tolerance", type=float, default=5.0, help="degrees of obliquity stored exactly as is (default 5)"
+    )
     p.set_defaults(func=_run)
 
 

@@ -16,8 +16,12 @@ def register(sub) -> None:
     i = msub.add_parser("import-maisi", help="convert the official MAISI bundle checkpoints to a package")
     i.add_argument("bundle", help="MAISI bundle folder (holding models/*.pt)")
     i.add_argument("--out", required=True, help="package folder to write")
-    i.add_argument("--config", choices=["maisi-ct", "maisi-ct-v1"], default=None,
-                   help="network configuration (default: recognised from the checkpoint)")
+    i.add_argument(
+        "--config",
+        choices=["maisi-ct", "maisi-ct-v1"],
+        default=None,
+        help="network configuration (default: recognised from the checkpoint)",
+    )
     i.add_argument("--vae", help="VAE checkpoint, relative to the bundle (default: official names)")
     i.add_argument("--unet", help="diffusion UNet checkpoint, relative to the bundle")
     i.set_defaults(func=_import)
@@ -25,13 +29,27 @@ def register(sub) -> None:
     d = msub.add_parser("import-diffusers", help="convert a diffusers text-to-image model folder (2D family)")
     d.add_argument("folder", help="diffusers folder (unet/, vae/, scheduler/, text_encoder/, tokenizer/)")
     d.add_argument("--out", required=True, help="package folder to write")
-    d.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 2.5), metavar=("X", "Y", "Z"),
-                   help="model grid spacing in mm (in-plane: the model's training pixel size)")
-    d.add_argument("--sampler", choices=["ddim", "native"], default="ddim",
-                   help="inpainting with DDIM over the model's betas, or with its own scheduler")
+    d.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=(1.0, 1.0, 2.5),
+        metavar=("X", "Y", "Z"),
+        help="model grid spacing in mm (in-plane: the model's training pixel size)",
+    )
+    d.add_argument(
+        "--sampler",
+        choices=["ddim", "native"],
+        default="ddim",
+        help="inpainting with DDIM over the model's betas, or with its own scheduler",
+    )
     d.add_argument("--prompt", default="", help="conditioning text of the denoiser (default: empty)")
-    d.add_argument("--context-slices", type=int, default=0,
-                   help="neighbouring slices on each side as VAE input channels (needs 2n+1 channels)")
+    d.add_argument(
+        "--context-slices",
+        type=int,
+        default=0,
+        help="neighbouring slices on each side as VAE input channels (needs 2n+1 channels)",
+    )
     d.set_defaults(func=_import_diffusers)
 
     c = msub.add_parser("create", help="a package with random backbone weights (benchmarks, tests)")
@@ -54,8 +72,10 @@ def _import(args) -> int:
     from diffugts.models.create import import_maisi
 
     pkg = import_maisi(Path(args.bundle), Path(args.out), args.config, args.vae, args.unet)
-    print(f"wrote {pkg.root} ({pkg.manifest['backbone']['config']}, "
-          f"scale factor {pkg.manifest['backbone']['scale_factor']:.6g})")
+    print(
+        f"wrote {pkg.root} ({pkg.manifest['backbone']['config']}, "
+        f"scale factor {pkg.manifest['backbone']['scale_factor']:.6g})"
+    )
     return 0
 
 
@@ -70,8 +90,16 @@ def _create(args) -> int:
 def _import_diffusers(args) -> int:
     from diffugts.models.diffusers_import import import_diffusers
 
-    pkg = import_diffusers(Path(args.folder), Path(args.out), spacing_mm=args.spacing, sampler=args.sampler,
-                           prompt=args.prompt, context_slices=args.context_slices)
-    print(f"wrote {pkg.root} (diffusers2d, {pkg.manifest['backbone']['scheduler']['class']}, "
-          f"{len(pkg.manifest['files'])} files)")
+    pkg = import_diffusers(
+        Path(args.folder),
+        Path(args.out),
+        spacing_mm=args.spacing,
+        sampler=args.sampler,
+        prompt=args.prompt,
+        context_slices=args.context_slices,
+    )
+    print(
+        f"wrote {pkg.root} (diffusers2d, {pkg.manifest['backbone']['scheduler']['class']}, "
+        f"{len(pkg.manifest['files'])} files)"
+    )
     return 0

@@ -23,24 +23,25 @@ def register(sub) -> None:
     p.add_argument("--seed", default="0", help="cohort seed, a non-negative integer")
     p.add_argument("--out", help="output folder (one sub-folder per case)")
     p.add_argument("--modality", default="ct", help="ct or mr (default ct)")
-    p.add_argument("--mr-contrast", default="alternate",
-                   help="t1, t2 or alternate (default: even case index T1, odd T2)")
-    p.add_argument("--lesions", default=None,
-                   help="comma-separated lesion types to draw from (default: all)")
-    p.add_argument("--organs", default=None,
-                   help="comma-separated host organs, e.g. 'liver,left_kidney' (default: all)")
-    p.add_argument("--split", default="any",
-                   help="draw only 'seen' or 'unseen' combinations, or 'any' (default)")
+    p.add_argument(
+        "--mr-contrast", default="alternate", help="t1, t2 or alternate (default: even case index T1, odd T2)"
+    )
+    p.add_argument("--lesions", default=None, help="comma-separated lesion types to draw from (default: all)")
+    p.add_argument(
+        "--organs", default=None, help="comma-separated host organs, e.g. 'liver,left_kidney' (default: all)"
+    )
+    p.add_argument("--split", default="any", help="draw only 'seen' or 'unseen' combinations, or 'any' (default)")
     p.add_argument("--healthy", action="store_true", help="no lesions at all")
-    p.add_argument("--healthy-fraction", default="0.15",
-                   help="share of lesion-free cases when not --healthy (default 0.15)")
+    p.add_argument(
+        "--healthy-fraction", default="0.15", help="share of lesion-free cases when not --healthy (default 0.15)"
+    )
     p.add_argument("--start-index", default="0", help="index of the first case (default 0)")
     p.add_argument("--shape", default=None, help="grid size as NXxNYxNZ (default 128x128x64)")
-    p.add_argument("--spacing", default=None,
-                   help="voxel size in mm as DX,DY,DZ (default 2.75,2.75,4)")
+    p.add_argument("--spacing", default=None, help="voxel size in mm as DX,DY,DZ (default 2.75,2.75,4)")
     p.add_argument("--no-dicom", action="store_true", help="write NIfTI + JSON only")
-    p.add_argument("--montage", default=None, metavar="PNG",
-                   help="also write the overview montage (CT and MR, every lesion type)")
+    p.add_argument(
+        "--montage", default=None, metavar="PNG", help="also write the overview montage (CT and MR, every lesion type)"
+    )
     p.set_defaults(func=_run)
 
 
@@ -69,8 +70,9 @@ def _list(name, text, options):
     norm = {o.replace("_", " "): o for o in options}
     bad = [t for t in items if t not in norm]
     if bad or not items:
-        raise ConfigError(f"--{name}: unknown {', '.join(map(repr, bad)) or 'empty list'}; "
-                          f"choose from {', '.join(options)}")
+        raise ConfigError(
+            f"--{name}: unknown {', '.join(map(repr, bad)) or 'empty list'}; choose from {', '.join(options)}"
+        )
     return tuple(dict.fromkeys(norm[t] for t in items))
 
 
@@ -80,14 +82,15 @@ def _triple(name, text, cast, sep):
     except ValueError:
         v = ()
     if len(v) != 3 or any(x <= 0 for x in v):
-        raise ConfigError(f"--{name}: expected three positive numbers like "
-                          f"{'128x128x64' if sep == 'x' else '2.75,2.75,4'}, got {text!r}")
+        raise ConfigError(
+            f"--{name}: expected three positive numbers like "
+            f"{'128x128x64' if sep == 'x' else '2.75,2.75,4'}, got {text!r}"
+        )
     return v
 
 
 def build_specs(args):
-    from diffugts.phantom.case import DEFAULT_SHAPE, DEFAULT_SPACING, CaseSpec, \
-        allowed_combinations
+    from diffugts.phantom.case import DEFAULT_SHAPE, DEFAULT_SPACING, CaseSpec, allowed_combinations
     from diffugts.phantom.lesions import HOST_ORGANS, LESION_TYPES
 
     n = _int("n", args.n, 1, 100_000)
@@ -103,14 +106,12 @@ def build_specs(args):
     except ValueError:
         frac = -1.0
     if not 0.0 <= frac <= 1.0:
-        raise ConfigError(f"--healthy-fraction: expected a number in 0..1, "
-                          f"got {args.healthy_fraction!r}")
+        raise ConfigError(f"--healthy-fraction: expected a number in 0..1, got {args.healthy_fraction!r}")
     shape = DEFAULT_SHAPE
     if args.shape:
         nx, ny, nz = _triple("shape", args.shape, int, "x")
         if min(nx, ny, nz) < 16 or nx * ny * nz > 512 * 512 * 512:
-            raise ConfigError(f"--shape: {args.shape} must be at least 16 and at most 512 "
-                              "voxels per side")
+            raise ConfigError(f"--shape: {args.shape} must be at least 16 and at most 512 voxels per side")
         shape = (nz, ny, nx)
     spacing = _triple("spacing", args.spacing, float, ",") if args.spacing else DEFAULT_SPACING
     specs = []
@@ -118,14 +119,26 @@ def build_specs(args):
         mr = None
         if modality == "MR":
             mr = {"t1": "T1", "t2": "T2"}.get(contrast) or ("T1" if i % 2 == 0 else "T2")
-        specs.append(CaseSpec(seed=seed, index=i, modality=modality, mr_contrast=mr,
-                              lesion_types=types, organs=organs, split=split,
-                              healthy=args.healthy, healthy_fraction=frac, shape=shape,
-                              spacing=spacing))
+        specs.append(
+            CaseSpec(
+                seed=seed,
+                index=i,
+                modality=modality,
+                mr_contrast=mr,
+                lesion_types=types,
+                organs=organs,
+                split=split,
+                healthy=args.healthy,
+                healthy_fraction=frac,
+                shape=shape,
+                spacing=spacing,
+            )
+        )
     if not args.healthy and frac < 1.0 and not allowed_combinations(specs[0]):
         hint = " (MR is unseen entirely)" if modality == "MR" and split == "seen" else ""
-        raise ConfigError("no lesion type / organ combination matches --lesions, --organs and "
-                          f"--split{hint}; see docs/phantoms.md")
+        raise ConfigError(
+            f"no lesion type / organ combination matches --lesions, --organs and --split{hint}; see docs/phantoms.md"
+        )
     return specs
 
 
@@ -146,8 +159,8 @@ def _run(args) -> int:
     from diffugts.utils.progress import progress
 
     out = Path(args.out)
-    paths = generate_cohort(specs, out, dicom=not args.no_dicom,
-                            progress=lambda it: progress(it, "phantom", "case",
-                                                         enable=not args.quiet))
+    paths = generate_cohort(
+        specs, out, dicom=not args.no_dicom, progress=lambda it: progress(it, "phantom", "case", enable=not args.quiet)
+    )
     print(f"wrote {len(paths)} phantom case(s) to {out}")
     return 0

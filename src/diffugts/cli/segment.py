@@ -16,17 +16,33 @@ def register(sub) -> None:
     s.add_argument("input", help="DICOM folder, .zip, or s3://bucket/prefix")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--prompt", action="append", required=True, help="what to segment, e.g. 'liver tumor' (repeatable)")
-    s.add_argument("--model", default=None, help="model package folder, s3:// prefix, or a shipped model: demo (default), demo-2d")
+    s.add_argument(
+        "--model", default=None, help="model package folder, s3:// prefix, or a shipped model: demo (default), demo-2d"
+    )
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU if present)")
     s.add_argument("--rules", default="default", help="series selection rules (see `diffugts ingest --help`)")
     s.add_argument("--resample", action="store_true", help="resample tilted / oblique series")
-    s.add_argument("--min-volume-ml", type=float, default=None, help=f"drop lesions smaller than this (default {DEFAULT_MIN_VOLUME_ML})")
+    s.add_argument(
+        "--min-volume-ml",
+        type=float,
+        default=None,
+        help=f"drop lesions smaller than this (default {DEFAULT_MIN_VOLUME_ML})",
+    )
     s.add_argument("--no-report", action="store_true", help="stop after the lesion masks")
-    s.add_argument("--maps", choices=[m.value for m in MapMode], default=MapMode.AOVA.value,
-                   help="attention maps from the trained AOVA head (default) or the backbone's own text "
-                        "cross-attention (2D diffusers packages)")
-    s.add_argument("--upload", nargs="?", const="", default=None,
-                   help="upload the report to s3:// (default base: s3://$DIFFUGTS_BUCKET)")
+    s.add_argument(
+        "--maps",
+        choices=[m.value for m in MapMode],
+        default=MapMode.AOVA.value,
+        help="attention maps from the trained AOVA head (default) or the backbone's own text "
+        "cross-attention (2D diffusers packages)",
+    )
+    s.add_argument(
+        "--upload",
+        nargs="?",
+        const="",
+        default=None,
+        help="upload the report to s3:// (default base: s3://$DIFFUGTS_BUCKET)",
+    )
     s.set_defaults(func=_segment)
 
     r = sub.add_parser("refine", help="residual refinement: refined masks and lesion instances")
@@ -35,8 +51,12 @@ def register(sub) -> None:
     r.add_argument("--synthesis", required=True, help="synthesis artifact (from `diffugts synthesize`)")
     r.add_argument("--model", default=None, help="model package folder, s3:// prefix, or demo (default) / demo-2d")
     r.add_argument("--out", required=True, help="output folder (lesions.json, masks, instances)")
-    r.add_argument("--min-volume-ml", type=float, default=DEFAULT_MIN_VOLUME_ML,
-                   help=f"drop lesions smaller than this (default {DEFAULT_MIN_VOLUME_ML})")
+    r.add_argument(
+        "--min-volume-ml",
+        type=float,
+        default=DEFAULT_MIN_VOLUME_ML,
+        help=f"drop lesions smaller than this (default {DEFAULT_MIN_VOLUME_ML})",
+    )
     r.add_argument("--device", default=None)
     r.set_defaults(func=_refine)
 
@@ -44,9 +64,20 @@ def register(sub) -> None:
 def _segment(args) -> int:
     from diffugts.runners.segment import segment
 
-    result = segment(args.input, args.out, args.prompt, model=args.model, device=args.device, rules=args.rules,
-                     resample=args.resample, min_volume_ml=args.min_volume_ml, report=not args.no_report,
-                     upload=args.upload, maps=args.maps, show_progress=not args.quiet)
+    result = segment(
+        args.input,
+        args.out,
+        args.prompt,
+        model=args.model,
+        device=args.device,
+        rules=args.rules,
+        resample=args.resample,
+        min_volume_ml=args.min_volume_ml,
+        report=not args.no_report,
+        upload=args.upload,
+        maps=args.maps,
+        show_progress=not args.quiet,
+    )
     _print_lesions(result["lesions"])
     if "report" in result:
         print(f"report: {args.out}/report/report.html")
@@ -57,19 +88,26 @@ def _refine(args) -> int:
     from diffugts.models.defaults import default_model
     from diffugts.stages.refine import refine
 
-    summary = refine(args.study, args.attention, args.synthesis, args.model or default_model(), args.out,
-                     min_volume_ml=args.min_volume_ml, device=args.device)
+    summary = refine(
+        args.study,
+        args.attention,
+        args.synthesis,
+        args.model or default_model(),
+        args.out,
+        min_volume_ml=args.min_volume_ml,
+        device=args.device,
+    )
     _print_lesions(summary)
     return 0
 
 
 def _print_lesions(summary: dict) -> None:
-    by_target = {}
+    by_target: dict[int, list[dict]] = {}
     for lesion in summary["lesions"]:
         by_target.setdefault(lesion["target"], []).append(lesion)
     for t in summary["targets"]:
         found = by_target.get(t["index"], [])
-        total = sum(l["volume_ml"] for l in found)
+        total = sum(les["volume_ml"] for les in found)
         print(f"{t['prompt']['text']!r}: {len(found)} lesion(s), {total:.1f} mL")
-        for l in found:
-            print(f"  lesion {l['id']}: {l['volume_ml']:.1f} mL, {l['longest_axial_diameter_mm']:.0f} mm")
+        for les in found:
+            print(f"  lesion {les['id']}: {les['volume_ml']:.1f} mL, {les['longest_axial_diameter_mm']:.0f} mm")

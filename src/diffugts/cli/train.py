@@ -15,9 +15,13 @@ def register(sub) -> None:
 
     b = t.add_parser("backbone", help="demo VAE + denoiser (healthy anatomy), 3D or 2D by --config")
     b.add_argument("--out", required=True, help="package folder to write")
-    b.add_argument("--config", default="demo", choices=DEMO_CONFIGS,
-                   help="backbone configuration: demo (3D MAISI-like, rectified flow) or demo-2d (diffusers 2D, "
-                        "captioned slices, DDPM)")
+    b.add_argument(
+        "--config",
+        default="demo",
+        choices=DEMO_CONFIGS,
+        help="backbone configuration: demo (3D MAISI-like, rectified flow) or demo-2d (diffusers 2D, "
+        "captioned slices, DDPM)",
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--cases", type=int, default=48)
     b.add_argument("--vae-steps", type=int, default=1500)
@@ -31,20 +35,39 @@ def register(sub) -> None:
     a.add_argument("--cases", type=int, default=60)
     a.add_argument("--steps", type=int, default=1200)
     a.add_argument("--dim", type=int, default=64)
-    a.add_argument("--synthetic-cases", type=int, default=0,
-                   help="extra healthy cases with generic synthetic anomalies painted into seen organs "
-                        "(default 0, as in the demo recipe)")
-    a.add_argument("--randomised-cases", type=int, default=20,
-                   help="copies of seen cases with random per-tissue intensities (modality-robust grounding; "
-                        "default 20, as in the demo recipe)")
-    a.add_argument("--mr-healthy-cases", type=int, default=8,
-                   help="lesion-free MR phantoms for region grounding (MR lesions stay unseen; default 8)")
-    a.add_argument("--fusion-recall", type=float, default=0.85,
-                   help="fuse the coarse map with the organ-relative deviation, its threshold keeping this share "
-                        "of the training lesion voxels (default 0.85); 0: the head's own map, no fusion")
-    a.add_argument("--features", default=None,
-                   help="comma-separated backbone feature maps (default: the demo recipe's, or every scale but the "
-                        "finest for backbones without them)")
+    a.add_argument(
+        "--synthetic-cases",
+        type=int,
+        default=0,
+        help="extra healthy cases with generic synthetic anomalies painted into seen organs "
+        "(default 0, as in the demo recipe)",
+    )
+    a.add_argument(
+        "--randomised-cases",
+        type=int,
+        default=20,
+        help="copies of seen cases with random per-tissue intensities (modality-robust grounding; "
+        "default 20, as in the demo recipe)",
+    )
+    a.add_argument(
+        "--mr-healthy-cases",
+        type=int,
+        default=8,
+        help="lesion-free MR phantoms for region grounding (MR lesions stay unseen; default 8)",
+    )
+    a.add_argument(
+        "--fusion-recall",
+        type=float,
+        default=0.85,
+        help="fuse the coarse map with the organ-relative deviation, its threshold keeping this share "
+        "of the training lesion voxels (default 0.85); 0: the head's own map, no fusion",
+    )
+    a.add_argument(
+        "--features",
+        default=None,
+        help="comma-separated backbone feature maps (default: the demo recipe's, or every scale but the "
+        "finest for backbones without them)",
+    )
     _dataset_args(a)
     a.set_defaults(func=_aova)
 
@@ -54,8 +77,12 @@ def register(sub) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--cases", type=int, default=40)
     r.add_argument("--steps", type=int, default=1200)
-    r.add_argument("--healthy-cases", type=int, default=12,
-                   help="lesion-free cases whose coarse candidates teach the head to answer 'nothing' (default 12)")
+    r.add_argument(
+        "--healthy-cases",
+        type=int,
+        default=12,
+        help="lesion-free cases whose coarse candidates teach the head to answer 'nothing' (default 12)",
+    )
     _dataset_args(r)
     r.set_defaults(func=_refine)
 
@@ -70,50 +97,91 @@ def register(sub) -> None:
     d = t.add_parser("demo", help="the whole demo model (what `make demo-model` runs)")
     d.add_argument("--out", required=True)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--config", default="demo", choices=DEMO_CONFIGS,
-                   help="demo (3D, the shipped model) or demo-2d (the 2D diffusers family; docs/backbones-2d.md)")
+    d.add_argument(
+        "--config",
+        default="demo",
+        choices=DEMO_CONFIGS,
+        help="demo (3D, the shipped model) or demo-2d (the 2D diffusers family; docs/backbones-2d.md)",
+    )
     d.add_argument("--quick", action="store_true", help="a few minutes, for smoke tests (not the shipped model)")
-    d.add_argument("--backbone", default=None, metavar="PACKAGE",
-                   help="reuse this package's trained backbone and train the heads only (the recipe's backbone "
-                        "stage is skipped; its provenance is kept)")
+    d.add_argument(
+        "--backbone",
+        default=None,
+        metavar="PACKAGE",
+        help="reuse this package's trained backbone and train the heads only (the recipe's backbone "
+        "stage is skipped; its provenance is kept)",
+    )
     d.set_defaults(func=_demo)
 
 
 def _backbone(args) -> int:
     from diffugts.train.run import train_backbone
 
-    pkg = train_backbone(Path(args.out), args.config, args.seed, args.cases, args.vae_steps, args.denoiser_steps,
-                         not args.quiet)
+    pkg = train_backbone(
+        Path(args.out), args.config, args.seed, args.cases, args.vae_steps, args.denoiser_steps, not args.quiet
+    )
     print(f"wrote {pkg.root}")
     return 0
 
 
 def _dataset_args(p) -> None:
     g = p.add_argument_group("real datasets (docs/datasets.md); phantoms still come from --cases (0: none)")
-    g.add_argument("--dataset", action="append", metavar="PATH",
-                   help="a dataset folder: MSD / nnU-Net v2 raw, KiTS23, or DICOM series + SEG (repeatable)")
-    g.add_argument("--mapping", action="append", metavar="FILE",
-                   help="label mapping (a file or a shipped name, e.g. kits23): one for all --dataset or one each")
-    g.add_argument("--organs", action="append", metavar="DIR",
-                   help="TotalSegmentator outputs for datasets without organ labels: one for all or one each ('-': "
-                        "none)")
-    g.add_argument("--seen", action="append", metavar="TYPE",
-                   help="lesion types training may see (repeatable; default: the split file's seen_types)")
-    g.add_argument("--protocol", metavar="SPLIT",
-                   help="a split file or 'paper-protocol': train on its training datasets under --data-root "
-                        "(instead of --dataset)")
+    g.add_argument(
+        "--dataset",
+        action="append",
+        metavar="PATH",
+        help="a dataset folder: MSD / nnU-Net v2 raw, KiTS23, or DICOM series + SEG (repeatable)",
+    )
+    g.add_argument(
+        "--mapping",
+        action="append",
+        metavar="FILE",
+        help="label mapping (a file or a shipped name, e.g. kits23): one for all --dataset or one each",
+    )
+    g.add_argument(
+        "--organs",
+        action="append",
+        metavar="DIR",
+        help="TotalSegmentator outputs for datasets without organ labels: one for all or one each ('-': none)",
+    )
+    g.add_argument(
+        "--seen",
+        action="append",
+        metavar="TYPE",
+        help="lesion types training may see (repeatable; default: the split file's seen_types)",
+    )
+    g.add_argument(
+        "--protocol",
+        metavar="SPLIT",
+        help="a split file or 'paper-protocol': train on its training datasets under --data-root "
+        "(instead of --dataset)",
+    )
     g.add_argument("--data-root", default=".", help="where the split file's dataset paths start (default .)")
-    g.add_argument("--held-out-fraction", type=float, default=None,
-                   help="share of each dataset's cases held out to validate (default: the split file's, 0.2)")
-    g.add_argument("--max-cases", type=int, default=None,
-                   help="at most N training cases per dataset (the training loops keep every case in memory; "
-                        "default: all)")
-    g.add_argument("--checkpoint-every", type=int, default=100,
-                   help="save the head every N steps into OUT/.checkpoints/ and resume from there after an "
-                        "interruption (default 100; 0: never)")
-    g.add_argument("--device", default=None,
-                   help="where the frozen backbone runs (features, synthesis): cpu (default), cuda, auto; the "
-                        "small heads train on the CPU")
+    g.add_argument(
+        "--held-out-fraction",
+        type=float,
+        default=None,
+        help="share of each dataset's cases held out to validate (default: the split file's, 0.2)",
+    )
+    g.add_argument(
+        "--max-cases",
+        type=int,
+        default=None,
+        help="at most N training cases per dataset (the training loops keep every case in memory; default: all)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="save the head every N steps into OUT/.checkpoints/ and resume from there after an "
+        "interruption (default 100; 0: never)",
+    )
+    g.add_argument(
+        "--device",
+        default=None,
+        help="where the frozen backbone runs (features, synthesis): cpu (default), cuda, auto; the "
+        "small heads train on the CPU",
+    )
 
 
 def _source(args):
@@ -136,8 +204,9 @@ def _source(args):
     if args.held_out_fraction is not None and not 0 <= args.held_out_fraction < 1:
         raise ConfigError(f"--held-out-fraction {args.held_out_fraction}: give a share in [0, 1)")
     if args.protocol:
-        return protocol_source(args.protocol, args.data_root, args.seen, args.held_out_fraction, not args.quiet,
-                               args.max_cases)
+        return protocol_source(
+            args.protocol, args.data_root, args.seen, args.held_out_fraction, not args.quiet, args.max_cases
+        )
     protocol = protocol_of(None)
     datasets = explicit(args.dataset, args.mapping, args.organs, args.seen or protocol.seen_types)
     fraction = protocol.held_out_fraction if args.held_out_fraction is None else args.held_out_fraction
@@ -153,8 +222,9 @@ def _checkpoint(args, head: str, source, settings: dict):
 
     root = Path(args.out) if args.out else open_package(args.model).root
     # A run with other steps does not resume (its head would not be what the manifest says).
-    return training_checkpoint(root / ".checkpoints", head, args.model, {**settings, "steps": args.steps}, source,
-                               args.checkpoint_every)
+    return training_checkpoint(
+        root / ".checkpoints", head, args.model, {**settings, "steps": args.steps}, source, args.checkpoint_every
+    )
 
 
 def _device(args) -> str | None:
@@ -170,15 +240,37 @@ def _aova(args) -> int:
 
     features = [f.strip() for f in args.features.split(",") if f.strip()] if args.features else None
     source = _source(args)
-    checkpoint = _checkpoint(args, AOVA_HEAD, source, {
-        "seed": args.seed, "cases": args.cases, "dim": args.dim, "features": features,
-        "synthetic_cases": args.synthetic_cases, "randomised_cases": args.randomised_cases,
-        "mr_healthy_cases": args.mr_healthy_cases})
-    pkg = train_aova_head(args.model, Path(args.out) if args.out else None, args.seed, args.cases, args.steps,
-                          args.dim, features, show_progress=not args.quiet, synthetic_cases=args.synthetic_cases,
-                          randomised_cases=args.randomised_cases, mr_healthy_cases=args.mr_healthy_cases,
-                          fusion_recall=args.fusion_recall or None, source=source, checkpoint=checkpoint,
-                          device=_device(args))
+    checkpoint = _checkpoint(
+        args,
+        AOVA_HEAD,
+        source,
+        {
+            "seed": args.seed,
+            "cases": args.cases,
+            "dim": args.dim,
+            "features": features,
+            "synthetic_cases": args.synthetic_cases,
+            "randomised_cases": args.randomised_cases,
+            "mr_healthy_cases": args.mr_healthy_cases,
+        },
+    )
+    pkg = train_aova_head(
+        args.model,
+        Path(args.out) if args.out else None,
+        args.seed,
+        args.cases,
+        args.steps,
+        args.dim,
+        features,
+        show_progress=not args.quiet,
+        synthetic_cases=args.synthetic_cases,
+        randomised_cases=args.randomised_cases,
+        mr_healthy_cases=args.mr_healthy_cases,
+        fusion_recall=args.fusion_recall or None,
+        source=source,
+        checkpoint=checkpoint,
+        device=_device(args),
+    )
     if checkpoint:
         checkpoint.remove()
     dice = pkg.manifest["provenance"]["aova_training"]["held_out_seen_dice"]
@@ -190,11 +282,21 @@ def _refine(args) -> int:
     from diffugts.train.run import train_refine_head
 
     source = _source(args)
-    checkpoint = _checkpoint(args, REFINE_HEAD, source, {"seed": args.seed, "cases": args.cases,
-                                                      "healthy_cases": args.healthy_cases})
-    pkg = train_refine_head(args.model, Path(args.out) if args.out else None, args.seed, args.cases, args.steps,
-                            show_progress=not args.quiet, healthy_cases=args.healthy_cases, source=source,
-                            checkpoint=checkpoint, device=_device(args))
+    checkpoint = _checkpoint(
+        args, REFINE_HEAD, source, {"seed": args.seed, "cases": args.cases, "healthy_cases": args.healthy_cases}
+    )
+    pkg = train_refine_head(
+        args.model,
+        Path(args.out) if args.out else None,
+        args.seed,
+        args.cases,
+        args.steps,
+        show_progress=not args.quiet,
+        healthy_cases=args.healthy_cases,
+        source=source,
+        checkpoint=checkpoint,
+        device=_device(args),
+    )
     if checkpoint:
         checkpoint.remove()
     dice = pkg.manifest["provenance"]["refine_training"]["held_out_seen_dice"]
@@ -205,15 +307,23 @@ def _refine(args) -> int:
 def _verifier(args) -> int:
     from diffugts.train.run import train_lesion_verifier
 
-    pkg = train_lesion_verifier(args.model, Path(args.out) if args.out else None, args.seed, args.cases,
-                                args.healthy_cases, show_progress=not args.quiet)
+    pkg = train_lesion_verifier(
+        args.model,
+        Path(args.out) if args.out else None,
+        args.seed,
+        args.cases,
+        args.healthy_cases,
+        show_progress=not args.quiet,
+    )
     r = pkg.manifest["provenance"]["verifier_training"]
     if "not_fitted" in r:
         print(f"wrote {pkg.root} without a lesion verifier: {r['not_fitted']}")
         return 0
-    print(f"wrote {pkg.root} (fitting cases: {r['kept_false_components']} of {r['components'] - r['lesion_components']} "
-          f"false lesions kept, {r['kept_lesion_components']} of {r['lesion_components']} true; pooled Dice "
-          f"{r['dice_before']} -> {r['dice_after']})")
+    print(
+        f"wrote {pkg.root} (fitting cases: {r['kept_false_components']} of {r['components'] - r['lesion_components']} "
+        f"false lesions kept, {r['kept_lesion_components']} of {r['lesion_components']} true; pooled Dice "
+        f"{r['dice_before']} -> {r['dice_after']})"
+    )
     return 0
 
 

@@ -19,11 +19,19 @@ def explicit(paths, mappings, organs, seen_types) -> list[Dataset]:
     if not paths:
         return []
     if len(mappings) not in (1, len(paths)):
-        raise ParameterError(f"{len(paths)} {{datasets}} but {len(mappings)} {{mappings}}: give one mapping for all, "
-                             "or one per dataset (a file or a shipped name)", "datasets", "mappings")
+        raise ParameterError(
+            f"{len(paths)} {{datasets}} but {len(mappings)} {{mappings}}: give one mapping for all, "
+            "or one per dataset (a file or a shipped name)",
+            "datasets",
+            "mappings",
+        )
     if len(organs) not in (0, 1, len(paths)):
-        raise ParameterError(f"{len(paths)} {{datasets}} but {len(organs)} {{organs}}: give none, one for all, or "
-                             "one per dataset ('-' for none)", "datasets", "organs")
+        raise ParameterError(
+            f"{len(paths)} {{datasets}} but {len(organs)} {{organs}}: give none, one for all, or "
+            "one per dataset ('-' for none)",
+            "datasets",
+            "organs",
+        )
     mappings = mappings * len(paths) if len(mappings) == 1 else mappings
     organs = (organs * len(paths) if len(organs) == 1 else organs) or ["-"] * len(paths)
     datasets = [open_dataset(p, m, None if o == "-" else o, seen_types) for p, m, o in zip(paths, mappings, organs)]

@@ -142,11 +142,9 @@ def _load(path: Path) -> dict:
 
 def verify(ref: str | os.PathLike) -> ModelPackage:
     """Checksums, then every network built and loaded strictly."""
-    from diffugts.networks.loading import load_head
-    from diffugts.networks.backbones import load_backbone
     from diffugts.models.package import open_package
     from diffugts.networks.backbones import load_backbone
-    from diffugts.stages.attend import load_head
+    from diffugts.networks.loading import load_head
 
     pkg = open_package(ref)
     load_backbone(pkg, "cpu")
@@ -162,8 +160,8 @@ def verify(ref: str | os.PathLike) -> ModelPackage:
 
 def head_classes() -> dict:
     """Trainable heads a package may carry, by network name."""
-    from diffugts.networks.aova import AOVAHead
     from diffugts.config import AOVA_HEAD, REFINE_HEAD
+    from diffugts.networks.aova import AOVAHead
     from diffugts.networks.refine import RefineHead
 
     return {AOVA_HEAD: AOVAHead, REFINE_HEAD: RefineHead}

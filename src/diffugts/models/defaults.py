@@ -23,8 +23,11 @@ def default_model() -> str:
     if env:
         return env
     if not (DEMO_MODEL / "manifest.json").is_file():
-        raise ParameterError(f"no default model: {DEMO_MODEL} is missing (run `make demo-model`, or give a "
-                             "{model} / set DIFFUGTS_MODEL)", "model")
+        raise ParameterError(
+            f"no default model: {DEMO_MODEL} is missing (run `make demo-model`, or give a "
+            "{model} / set DIFFUGTS_MODEL)",
+            "model",
+        )
     return str(DEMO_MODEL)
 
 

@@ -23,10 +23,12 @@ BCE on the image-level score.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 
 @dataclass
 class AOVAOutput:
@@ -55,11 +57,22 @@ class ChannelNorm(nn.Module):
 
 
 class AOVAHead(nn.Module):
-    def __init__(self, feature_channels: list[int], text_dim: int = 384, dim: int = 64, top_fraction: float = 0.002,
-                 pool_finest: bool = False):
+    def __init__(
+        self,
+        feature_channels: list[int],
+        text_dim: int = 384,
+        dim: int = 64,
+        top_fraction: float = 0.002,
+        pool_finest: bool = False,
+    ):
         super().__init__()
-        self.config = {"feature_channels": list(feature_channels), "text_dim": text_dim, "dim": dim,
-                       "top_fraction": top_fraction, "pool_finest": pool_finest}
+        self.config = {
+            "feature_channels": list(feature_channels),
+            "text_dim": text_dim,
+            "dim": dim,
+            "top_fraction": top_fraction,
+            "pool_finest": pool_finest,
+        }
         self.pool_finest = pool_finest
         self.dim = dim
         self.top_fraction = top_fraction
@@ -94,7 +107,7 @@ class AOVAHead(nn.Module):
         self.score_affine = nn.Parameter(torch.tensor([1.0, 0.0]))
 
     @classmethod
-    def from_config(cls, config: dict) -> "AOVAHead":
+    def from_config(cls, config: dict) -> AOVAHead:
         return cls(**config)
 
     def work_shape(self, shapes) -> tuple[int, ...]:
@@ -104,8 +117,13 @@ class AOVAHead(nn.Module):
         ordered = sorted({tuple(s) for s in shapes}, key=lambda s: -torch.Size(s).numel())
         return ordered[1] if len(ordered) > 1 and self.pool_finest else ordered[0]
 
-    def forward(self, features: list[torch.Tensor], prompts: torch.Tensor, groups: list[tuple[list[int], ...]],
-                out_shape: tuple[int, ...] | None = None) -> AOVAOutput:
+    def forward(
+        self,
+        features: list[torch.Tensor],
+        prompts: torch.Tensor,
+        groups: list[tuple[list[int], ...]],
+        out_shape: tuple[int, ...] | None = None,
+    ) -> AOVAOutput:
         """features: per scale (B, C_s, *S_s); prompts: (P, text_dim) embeddings;
         groups: per target (generic normal, organ normal, abnormal) prompt indices."""
         work = self.work_shape([f.shape[2:] for f in features])
@@ -114,27 +132,30 @@ class AOVAHead(nn.Module):
             a = adapter(feat)
             if tuple(a.shape[2:]) != work:
                 bigger = torch.Size(a.shape[2:]).numel() > torch.Size(work).numel()
-                a = F.adaptive_avg_pool3d(a, work) if bigger else F.interpolate(a, size=work, mode="trilinear",
-                                                                                  align_corners=False)
+                a = (
+                    F.adaptive_avg_pool3d(a, cast(tuple[int, int, int], work))
+                    if bigger
+                    else F.interpolate(a, size=work, mode="trilinear", align_corners=False)
+                )
             adapted.append(a)
         q = self.fuse(torch.cat(adapted, 1))  # (B, d, *S): the voxel queries
         k = self.text_proj(prompts)  # (P, d): the prompt keys
-        logits = torch.einsum("bd...,pd->bp...", q, k) / self.dim ** 0.5  # (B, P, *S)
+        logits = torch.einsum("bd...,pd->bp...", q, k) / self.dim**0.5  # (B, P, *S)
         regions, anomalies = [], []
         for generic, organ, abnormal in groups:
             # Where the target's tissue is: its organ's normal and abnormal prompts against
             # generic normal tissue, one softmax over the prompts (kept in log space).
             lp = torch.log_softmax(logits[:, generic + organ + abnormal], dim=1)
-            region = lp[:, len(generic):].logsumexp(1) - lp[:, : len(generic)].logsumexp(1)
+            region = lp[:, len(generic) :].logsumexp(1) - lp[:, : len(generic)].logsumexp(1)
             weight = torch.sigmoid(region).unsqueeze(1)  # (B, 1, *S)
             dims = tuple(range(2, q.ndim))
             prototype = (q * weight).sum(dims, keepdim=True) / weight.sum(dims, keepdim=True).clamp(min=1e-3)
             qa = self.deviation(torch.cat([q, q - prototype], 1))
             # Within that tissue: abnormal against the organ's normal prompts.
             normal = organ or generic
-            la = torch.einsum("bd...,pd->bp...", qa, k[normal + abnormal]) / self.dim ** 0.5
+            la = torch.einsum("bd...,pd->bp...", qa, k[normal + abnormal]) / self.dim**0.5
             lpa = torch.log_softmax(la, dim=1)
-            anomalies.append(lpa[:, len(normal):].logsumexp(1) - lpa[:, : len(normal)].logsumexp(1))
+            anomalies.append(lpa[:, len(normal) :].logsumexp(1) - lpa[:, : len(normal)].logsumexp(1))
             regions.append(region)
         region_lo = torch.stack(regions, 1)  # (B, T, *S)
         anomaly_lo = torch.stack(anomalies, 1)
@@ -144,8 +165,14 @@ class AOVAHead(nn.Module):
         log_p = F.logsigmoid(region_lo) + F.logsigmoid(anomaly_lo)
         log_odds = log_p - torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))
         score = torch.sigmoid(self.score_affine[0] * top_mean(log_odds, self.top_fraction) + self.score_affine[1])
-        return AOVAOutput(prob=log_p.exp(), log_odds=log_odds, region_log_odds=region_lo, anomaly_log_odds=anomaly_lo,
-                          score=score, queries=[q])
+        return AOVAOutput(
+            prob=log_p.exp(),
+            log_odds=log_odds,
+            region_log_odds=region_lo,
+            anomaly_log_odds=anomaly_lo,
+            score=score,
+            queries=[q],
+        )
 
 
 def top_mean(x: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -176,8 +203,13 @@ def dice_bce(log_odds: torch.Tensor, target: torch.Tensor, pos_weight: float = 1
     return dice_loss + bce
 
 
-def region_alignment(queries: list[torch.Tensor], head: AOVAHead, prompts: torch.Tensor,
-                     regions: list[tuple[int, torch.Tensor, int]], temperature: float = 0.1) -> torch.Tensor:
+def region_alignment(
+    queries: list[torch.Tensor],
+    head: AOVAHead,
+    prompts: torch.Tensor,
+    regions: list[tuple[int, torch.Tensor, int]],
+    temperature: float = 0.1,
+) -> torch.Tensor:
     """InfoNCE between pooled region features and prompt embeddings.
 
     regions: (batch index, mask on the input grid (*S), index of the matching prompt); all
@@ -192,7 +224,7 @@ def region_alignment(queries: list[torch.Tensor], head: AOVAHead, prompts: torch
         for b, mask, label in regions:
             m = mask[None, None].float()
             if tuple(m.shape[2:]) != tuple(q.shape[2:]):
-                m = F.adaptive_avg_pool3d(m, q.shape[2:])
+                m = F.adaptive_avg_pool3d(m, cast(tuple[int, int, int], tuple(q.shape[2:])))
             if m.sum() < 1e-3:
                 continue
             pooled.append((q[b] * m[0]).flatten(1).sum(1) / m.sum())

@@ -22,8 +22,10 @@ def load_strict(net: nn.Module, state: dict, where: str) -> None:
     bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if bad:
         k = bad[0]
-        raise ConfigError(f"{where}: weights do not match the network configuration: {len(bad)} tensors "
-                          f"of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})")
+        raise ConfigError(
+            f"{where}: weights do not match the network configuration: {len(bad)} tensors "
+            f"of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)})"
+        )
     net.load_state_dict(state, strict=True)
 
 

@@ -24,11 +24,17 @@ class RefineHead(nn.Module):
         self.config = {"in_channels": in_channels, "features": list(features)}
         # Batch norm: at inference its statistics are fixed, so a map does not depend on the
         # crop or tile it was computed in (instance / group norm would).
-        self.net = BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=1, features=tuple(features),
-                             norm=("batch", {}), act=("leakyrelu", {"negative_slope": 0.1}))
+        self.net = BasicUNet(
+            spatial_dims=3,
+            in_channels=in_channels,
+            out_channels=1,
+            features=tuple(features),
+            norm=("batch", {}),
+            act=("leakyrelu", {"negative_slope": 0.1}),
+        )
 
     @classmethod
-    def from_config(cls, config: dict) -> "RefineHead":
+    def from_config(cls, config: dict) -> RefineHead:
         return cls(**config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

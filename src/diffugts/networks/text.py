@@ -76,12 +76,18 @@ class Target:
         return pos[o:n], pos[:o], pos[n:]
 
     def as_dict(self) -> dict:
-        return {"text": self.text, "organ": self.organ, "normal": self.normal, "abnormal": self.abnormal,
-                "organ_normal": self.organ_normal}
+        return {
+            "text": self.text,
+            "organ": self.organ,
+            "normal": self.normal,
+            "abnormal": self.abnormal,
+            "organ_normal": self.organ_normal,
+        }
 
 
-def make_target(text: str, organ: str | None = None, normal: list[str] | None = None,
-                abnormal: list[str] | None = None) -> Target:
+def make_target(
+    text: str, organ: str | None = None, normal: list[str] | None = None, abnormal: list[str] | None = None
+) -> Target:
     """Expand a free-text target into normal and abnormal prompts (explicit lists win)."""
     text = " ".join(str(text).split())
     if not text:
@@ -95,8 +101,9 @@ def make_target(text: str, organ: str | None = None, normal: list[str] | None = 
     if abnormal is None:
         abnormal = [text] + ([t.format(organ=organ) for t in ABNORMAL_TEMPLATES] if organ else list(GENERIC_ABNORMAL))
     abnormal = list(dict.fromkeys(abnormal))  # keep order, drop duplicates
-    return Target(text=text, organ=organ, normal=list(dict.fromkeys(normal)), abnormal=abnormal,
-                  organ_normal=organ_normal)
+    return Target(
+        text=text, organ=organ, normal=list(dict.fromkeys(normal)), abnormal=abnormal, organ_normal=organ_normal
+    )
 
 
 def default_encoder_path() -> Path:

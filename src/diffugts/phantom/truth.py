@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from diffugts.artifacts.files import read_on_grid
 from diffugts.artifacts.geometry import Geometry
 from diffugts.errors import InputError
 from diffugts.phantom.case import GENERATOR_VERSION, CaseSpec, generate_case
 from diffugts.stages.synthesize.fidelity import GroundTruth
-from diffugts.artifacts.files import read_on_grid
 
 
 def load_phantom_truth(path: str | os.PathLike, geometry: Geometry, volume: np.ndarray | None = None) -> GroundTruth:
@@ -43,14 +43,24 @@ def load_phantom_truth(path: str | os.PathLike, geometry: Geometry, volume: np.n
 
 def _healthy_twin(case: dict, lesion_map: np.ndarray, volume: np.ndarray | None, notes: list[str]):
     if case.get("generator_version") != GENERATOR_VERSION:
-        notes.append(f"healthy twin not rebuilt: case made by generator version {case.get('generator_version')}, "
-                     f"this is {GENERATOR_VERSION}")
+        notes.append(
+            f"healthy twin not rebuilt: case made by generator version {case.get('generator_version')}, "
+            f"this is {GENERATOR_VERSION}"
+        )
         return None
     req, grid = case.get("request", {}), case["grid"]
-    spec = CaseSpec(seed=case["seed"], index=case["index"], modality=case["modality"],
-                    mr_contrast=case.get("mr_contrast"), lesion_types=tuple(req.get("lesion_types") or ()) or None,
-                    organs=tuple(req.get("organs") or ()) or None, split=req.get("split", "any"), healthy=True,
-                    shape=tuple(grid["shape_zyx"]), spacing=tuple(grid["spacing_xyz"]))
+    spec = CaseSpec(
+        seed=case["seed"],
+        index=case["index"],
+        modality=case["modality"],
+        mr_contrast=case.get("mr_contrast"),
+        lesion_types=tuple(req.get("lesion_types") or ()) or None,
+        organs=tuple(req.get("organs") or ()) or None,
+        split=req.get("split", "any"),
+        healthy=True,
+        shape=tuple(grid["shape_zyx"]),
+        spacing=tuple(grid["spacing_xyz"]),
+    )
     twin = generate_case(spec).image.astype(np.float32)
     if volume is not None:
         # The twin equals the case away from its lesions (docs/phantoms.md); check before use.

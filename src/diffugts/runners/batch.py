@@ -21,9 +21,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from diffugts.runners import cohort
 from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
 from diffugts.errors import ConfigError, InputError
+from diffugts.runners import cohort
 
 DEFAULT_BATCH_SIZE = 8  # studies per GPU task: a few minutes of work on one GPU, one model load
 DEFAULT_MAX_PARALLEL = 4  # GPU tasks at once
@@ -33,19 +33,27 @@ MAX_BATCHES = 24  # batch tasks per run at most
 MAX_PARALLEL = 16  # lanes (GPU tasks at once) at most
 
 
-def plan_batches(keys: list[str], batch_size: int = DEFAULT_BATCH_SIZE, max_parallel: int = DEFAULT_MAX_PARALLEL,
-                 max_batches: int = MAX_BATCHES) -> dict:
+def plan_batches(
+    keys: list[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_parallel: int = DEFAULT_MAX_PARALLEL,
+    max_batches: int = MAX_BATCHES,
+) -> dict:
     """Split ``keys`` into batches of at least ``batch_size`` (more when there would be over
     ``max_batches``), dealt round-robin into at most ``max_parallel`` lanes (lists of batch
     numbers, run one after another)."""
     if batch_size < 1 or max_parallel < 1 or max_batches < 1:
-        raise ConfigError(f"batch_size, max_parallel and max_batches must be at least 1 "
-                          f"(got {batch_size}, {max_parallel}, {max_batches})")
+        raise ConfigError(
+            f"batch_size, max_parallel and max_batches must be at least 1 "
+            f"(got {batch_size}, {max_parallel}, {max_batches})"
+        )
     if max_parallel > MAX_PARALLEL:
-        raise ConfigError(f"max_parallel is at most {MAX_PARALLEL} (got {max_parallel}): each lane adds to the "
-                          "run's Argo Workflow, which must stay under the size Kubernetes stores")
+        raise ConfigError(
+            f"max_parallel is at most {MAX_PARALLEL} (got {max_parallel}): each lane adds to the "
+            "run's Argo Workflow, which must stay under the size Kubernetes stores"
+        )
     size = max(batch_size, math.ceil(len(keys) / max_batches)) if keys else batch_size
-    batches = [keys[i:i + size] for i in range(0, len(keys), size)]
+    batches = [keys[i : i + size] for i in range(0, len(keys), size)]
     lanes = [list(range(lane, len(batches), max_parallel)) for lane in range(min(max_parallel, len(batches)))]
     return {"batch_size": size, "batches": batches, "lanes": lanes}
 
@@ -53,19 +61,35 @@ def plan_batches(keys: list[str], batch_size: int = DEFAULT_BATCH_SIZE, max_para
 def _done(marker: dict | None, item: dict, run: str) -> bool:
     """Done by an earlier attempt of this run's batch. A ``done`` marker of an earlier run is
     not: the study is pending because the run was forced, and is processed (and re-published)."""
-    return bool(marker) and marker.get("status") == "done" and marker.get("run") == run \
-        and marker.get("model_sha256") == item["model_sha256"] and marker.get("params_hash") == item["params_hash"]
+    return (
+        marker is not None
+        and bool(marker)
+        and marker.get("status") == "done"
+        and marker.get("run") == run
+        and marker.get("model_sha256") == item["model_sha256"]
+        and marker.get("params_hash") == item["params_hash"]
+    )
 
 
-def run_batch(results_uri: str, run: str, batch: int, *, model_uri: str, prompts: list[str], rules: str = "default",
-              resample: bool = False, min_volume_ml: float = DEFAULT_MIN_VOLUME_ML, maps: str = MapMode.AOVA,
-              device: str | None = None,
-              work_dir: str | None = None) -> dict:
+def run_batch(
+    results_uri: str,
+    run: str,
+    batch: int,
+    *,
+    model_uri: str,
+    prompts: list[str],
+    rules: str = "default",
+    resample: bool = False,
+    min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
+    maps: str = MapMode.AOVA,
+    device: str | None = None,
+    work_dir: str | None = None,
+) -> dict:
     """Process batch ``batch`` of run ``run`` (its studies from the run's listing.json).
     Returns the counts: done, failed, already done (a retried batch)."""
-    from diffugts.stages.ingest import ingest
     from diffugts.core import Core
     from diffugts.runners.segment import FOLDERS, MODEL_STAGES, StudyRun, method_params
+    from diffugts.stages.ingest import ingest
 
     listing = cohort.read_listing(results_uri, run)
     batches = listing.get("batches") or []
@@ -95,8 +119,14 @@ def run_batch(results_uri: str, run: str, batch: int, *, model_uri: str, prompts
                 stage = "report"
                 study.report()
                 stage = "publish"
-                cohort.mark_done(work / "report", results_uri, key, model_sha256=item["model_sha256"],
-                                 params_hash=item["params_hash"], run=run)
+                cohort.mark_done(
+                    work / "report",
+                    results_uri,
+                    key,
+                    model_sha256=item["model_sha256"],
+                    params_hash=item["params_hash"],
+                    run=run,
+                )
                 counts["done"] += 1
             except Exception as exc:  # one study's failure, whatever it is, is that study's
                 cohort.record_failure(results_uri, run, item, stage, exc, work_root / "failures")

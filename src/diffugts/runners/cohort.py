@@ -14,10 +14,11 @@ Everything lives under ``results_uri``, a local folder or an ``s3://`` prefix:
 ``key`` = the first 32 hex digits of sha256(input URI): object names never carry the input's
 folder names (those can hold patient names). The result folder is named by the Study
 Instance UID only once it is checked to be a valid UID (header text is never a path), and a
-second input of the same study is refused as a duplicate. A marker records the model's sha256 (of its
-``manifest.json``), the hash of the study parameters and the status; an input whose marker says
-``done`` with the same model and parameters is skipped by the next run. Re-publishing withdraws the ``done`` marker first, so a publish that fails
-half-way leaves the study ``failed`` (stage ``publish``), never ``done`` with a broken result.
+second input of the same study is refused as a duplicate. A marker records the model's sha256
+(of its ``manifest.json``), the hash of the study parameters and the status; an input whose
+marker says ``done`` with the same model and parameters is skipped by the next run.
+Re-publishing withdraws the ``done`` marker first, so a publish that fails half-way leaves the
+study ``failed`` (stage ``publish``), never ``done`` with a broken result.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from pathlib import Path
 from diffugts import __version__
 from diffugts.artifacts import report as report_artifact
 from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode, SynthesisParams
+from diffugts.errors import ConfigError, DiffugtsError, InputError
 from diffugts.storage.location import is_s3, join, list_children, publish, read_bytes, read_json, write_json
 from diffugts.utils import atomic
-from diffugts.errors import ConfigError, DiffugtsError, InputError
 from diffugts.utils.markdown import md
 from diffugts.utils.uids import checked_uid
 
@@ -56,10 +57,11 @@ SUCCESS_STATES = frozenset({"SUCCEEDED", "COMPLETE", "CACHED", "SKIPPED"})
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 # -- what to run -----------------------------------------------------------------------------
+
 
 def study_key(input_uri: str) -> str:
     """Pseudonymous, stable name of a study input (sha256 of its URI, trailing / ignored).
@@ -74,8 +76,13 @@ def params_hash(prompts, rules: str, resample: bool, min_volume_ml: float, maps:
     with the old one instead of mixing both in one cohort."""
     from dataclasses import asdict
 
-    doc = {"prompts": [str(p) for p in prompts], "rules": str(rules), "resample": bool(resample),
-           "min_volume_ml": float(min_volume_ml), "synthesis": asdict(SynthesisParams())}
+    doc = {
+        "prompts": [str(p) for p in prompts],
+        "rules": str(rules),
+        "resample": bool(resample),
+        "min_volume_ml": float(min_volume_ml),
+        "synthesis": asdict(SynthesisParams()),
+    }
     if maps != MapMode.AOVA:  # only then: studies done before the option existed keep their hash
         doc["maps"] = str(maps)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
@@ -98,8 +105,11 @@ def list_inputs(studies_uri: str = "", studies_csv: str = "") -> list[str]:
     if not studies_uri:
         raise ConfigError("give studies_uri (a folder or s3:// prefix of studies) or studies_csv")
     # One level only: a study holds hundreds of objects, a recursive listing would fetch them all.
-    inputs = [c for c in list_children(studies_uri)
-              if not c.name.startswith((".", "_")) and (c.is_dir or c.name.lower().endswith(".zip"))]
+    inputs = [
+        c
+        for c in list_children(studies_uri)
+        if not c.name.startswith((".", "_")) and (c.is_dir or c.name.lower().endswith(".zip"))
+    ]
     if is_s3(studies_uri):
         return [c.uri for c in inputs]
     return [str(Path(c.uri).resolve()) for c in inputs]
@@ -144,10 +154,22 @@ def read_marker(results_uri: str, key: str) -> dict | None:
     return read_json(marker_uri(results_uri, key))
 
 
-def plan_run(results_uri: str, run: str, *, studies_uri: str = "", studies_csv: str = "", model_uri: str,
-             prompts, rules: str = "default", resample: bool = False, min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
-             force: bool = False, maps: str = MapMode.AOVA, batch_size: int | None = None,
-             max_parallel: int | None = None) -> dict:
+def plan_run(
+    results_uri: str,
+    run: str,
+    *,
+    studies_uri: str = "",
+    studies_csv: str = "",
+    model_uri: str,
+    prompts,
+    rules: str = "default",
+    resample: bool = False,
+    min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
+    force: bool = False,
+    maps: str = MapMode.AOVA,
+    batch_size: int | None = None,
+    max_parallel: int | None = None,
+) -> dict:
     """List the inputs, split them into pending and skipped (done before with this model and
     these parameters; ``force`` runs everything), deal the pending ones into batches and lanes
     (:func:`diffugts.runners.batch.plan_batches`), and write the run's ``listing.json``."""
@@ -158,20 +180,35 @@ def plan_run(results_uri: str, run: str, *, studies_uri: str = "", studies_csv: 
     for uri in list_inputs(studies_uri, studies_csv):
         key = study_key(uri)
         marker = None if force else read_json(marker_uri(results_uri, key))
-        if marker and marker.get("status") == "done" and marker.get("model_sha256") == sha \
-                and marker.get("params_hash") == phash:
+        if (
+            marker
+            and marker.get("status") == "done"
+            and marker.get("model_sha256") == sha
+            and marker.get("params_hash") == phash
+        ):
             skipped.append({"key": key, "input_uri": uri, "result": marker["result"]})
         else:
             pending.append({"key": key, "input_uri": uri, "model_sha256": sha, "params_hash": phash})
-    plan = plan_batches([item["key"] for item in pending], batch_size or DEFAULT_BATCH_SIZE,
-                        max_parallel or DEFAULT_MAX_PARALLEL)
-    listing = {"run": run, "time": _now(), "diffugts_version": __version__, "model_sha256": sha,
-               "params_hash": phash, "force": bool(force), "pending": pending, "skipped": skipped, **plan}
+    plan = plan_batches(
+        [item["key"] for item in pending], batch_size or DEFAULT_BATCH_SIZE, max_parallel or DEFAULT_MAX_PARALLEL
+    )
+    listing = {
+        "run": run,
+        "time": _now(),
+        "diffugts_version": __version__,
+        "model_sha256": sha,
+        "params_hash": phash,
+        "force": bool(force),
+        "pending": pending,
+        "skipped": skipped,
+        **plan,
+    }
     write_json(join(run_uri(results_uri, run), "listing.json"), listing)
     return listing
 
 
 # -- one study's outcome -----------------------------------------------------------------------
+
 
 def publish_result(report_dir: str | os.PathLike, results_uri: str) -> str:
     """Put a report folder where the report stage's upload puts it,
@@ -193,8 +230,10 @@ class DuplicateStudy(DiffugtsError):
     metrics_reason = "duplicate"
 
     def __init__(self, owner_key: str):
-        self.reason = (f"duplicate input: the same study (Study Instance UID) as study input {owner_key}, "
-                       "whose result stands; remove one of the two inputs")
+        self.reason = (
+            f"duplicate input: the same study (Study Instance UID) as study input {owner_key}, "
+            "whose result stands; remove one of the two inputs"
+        )
         super().__init__(self.reason)
 
 
@@ -223,15 +262,21 @@ def owner_uri(results_uri: str, uid: str) -> str:
     return join(results_uri, RUNS, OWNERS, hashlib.sha256(uid.encode()).hexdigest()[:32] + ".json")
 
 
-def mark_done(report_dir: str | os.PathLike, results_uri: str, key: str, *, model_sha256: str, params_hash: str,
-              run: str = "") -> dict:
+def mark_done(
+    report_dir: str | os.PathLike, results_uri: str, key: str, *, model_sha256: str, params_hash: str, run: str = ""
+) -> dict:
     """Publish a finished study's report, then write its ``done`` marker (in that order: a
     marker always points at a complete result). A done marker from an earlier run is
     withdrawn before the result changes; if publishing fails the marker says ``failed``
     (stage ``publish``) and the error is raised as a :class:`DiffugtsError`."""
     summary = json.loads((Path(report_dir) / report_artifact.MARKER).read_text())
-    base = {"key": key, "model_sha256": model_sha256, "params_hash": params_hash, "run": run,
-            "diffugts_version": __version__}
+    base = {
+        "key": key,
+        "model_sha256": model_sha256,
+        "params_hash": params_hash,
+        "run": run,
+        "diffugts_version": __version__,
+    }
     try:
         uid = checked_uid(summary["study"].get("study_instance_uid"), report_artifact.MARKER)
         owner = read_json(owner_uri(results_uri, uid))
@@ -246,28 +291,37 @@ def mark_done(report_dir: str | os.PathLike, results_uri: str, key: str, *, mode
         if err is exc:
             raise
         raise err from None
-    marker = {**base, "status": "done", "result": result, "study_key": summary["study"]["study_key"],
-              "time": _now()}
+    marker = {**base, "status": "done", "result": result, "study_key": summary["study"]["study_key"], "time": _now()}
     write_json(marker_uri(results_uri, key), marker)
     return marker
 
 
 def _mark_publish_failed(results_uri: str, base: dict, err: DiffugtsError) -> None:
-    from diffugts.utils.prometheus import reason_for
     from diffugts.stages.report.cohort import reason_text
+    from diffugts.utils.prometheus import reason_for
 
     with contextlib.suppress(Exception):  # the store may be the problem: the error is raised anyway
-        write_json(marker_uri(results_uri, base["key"]),
-                   {**base, "status": "failed", "stage": "publish", "reason_code": reason_for(err),
-                    "reason": reason_text(err), "time": _now()})
+        write_json(
+            marker_uri(results_uri, base["key"]),
+            {
+                **base,
+                "status": "failed",
+                "stage": "publish",
+                "reason_code": reason_for(err),
+                "reason": reason_text(err),
+                "time": _now(),
+            },
+        )
 
 
 class LaterStageFailure(DiffugtsError):
     """Ingestion works on the study: one of the later stages failed."""
 
     metrics_reason = "internal"
-    DEFAULT = ("ingestion succeeds on a re-check, so a later stage (attention maps, synthesis, refinement "
-               "or report) failed: see that task's log in this run")
+    DEFAULT = (
+        "ingestion succeeds on a re-check, so a later stage (attention maps, synthesis, refinement "
+        "or report) failed: see that task's log in this run"
+    )
 
     def __init__(self, reason: str = DEFAULT):
         self.reason = reason
@@ -297,18 +351,31 @@ def record_failure(results_uri: str, run: str, item: dict, stage: str, exc: Base
     record.update(input_key=item["key"], input_uri=item["input_uri"], run=run)
     atomic.write_json(local / FAILED_MARKER, record)
     source = publish(local, join(run_uri(results_uri, run), "failed", item["key"]), marker=FAILED_MARKER)
-    write_json(marker_uri(results_uri, item["key"]),
-               {"key": item["key"], "status": "failed", "model_sha256": item.get("model_sha256"),
-                "params_hash": item.get("params_hash"), "stage": stage, "reason_code": record["reason_code"],
-                "reason": record["reason"], "failure": source, "run": run, "time": _now(),
-                "diffugts_version": __version__})
+    write_json(
+        marker_uri(results_uri, item["key"]),
+        {
+            "key": item["key"],
+            "status": "failed",
+            "model_sha256": item.get("model_sha256"),
+            "params_hash": item.get("params_hash"),
+            "stage": stage,
+            "reason_code": record["reason_code"],
+            "reason": record["reason"],
+            "failure": source,
+            "run": run,
+            "time": _now(),
+            "diffugts_version": __version__,
+        },
+    )
     return {**record, "source": source}
 
 
 # -- the run's results ----------------------------------------------------------------------
 
-def collect_run(results_uri: str, run: str, out_dir: str | os.PathLike, *, rules: str = "default",
-                resample: bool = False) -> dict:
+
+def collect_run(
+    results_uri: str, run: str, out_dir: str | os.PathLike, *, rules: str = "default", resample: bool = False
+) -> dict:
     """The cohort report of run ``run`` into ``out_dir`` (then copied to ``cohort/<run>``):
     studies done in this run, studies skipped as done before, and failed studies with their
     reasons (each recorded in ``failed/<key>/failed.json`` and its marker)."""
@@ -319,11 +386,15 @@ def collect_run(results_uri: str, run: str, out_dir: str | os.PathLike, *, rules
     # result -> the input key that holds it: a second input on one result is a duplicate.
     owners = {s["result"]: s["key"] for s in listing["skipped"]}
     sources = list(owners)
-    failed, records = [], []
+    failed: list[tuple[dict, str | None, DiffugtsError | None]] = []
+    records: list[dict] = []
     for item in listing["pending"]:
         marker = read_json(marker_uri(results_uri, item["key"])) or {}
-        if marker.get("status") == "done" and marker.get("model_sha256") == item["model_sha256"] \
-                and marker.get("params_hash") == item["params_hash"]:
+        if (
+            marker.get("status") == "done"
+            and marker.get("model_sha256") == item["model_sha256"]
+            and marker.get("params_hash") == item["params_hash"]
+        ):
             if marker["result"] in owners:
                 failed.append((item, "publish", DuplicateStudy(owners[marker["result"]])))
                 continue
@@ -331,8 +402,15 @@ def collect_run(results_uri: str, run: str, out_dir: str | os.PathLike, *, rules
             sources.append(marker["result"])
         elif marker.get("status") == "failed" and marker.get("run") == run and marker.get("failure"):
             # Recorded by its batch with the real error (diffugts.runners.batch): nothing to diagnose.
-            records.append({"input_key": item["key"], "stage": marker["stage"], "reason_code": marker["reason_code"],
-                            "reason": marker["reason"], "source": marker["failure"]})
+            records.append(
+                {
+                    "input_key": item["key"],
+                    "stage": marker["stage"],
+                    "reason_code": marker["reason_code"],
+                    "reason": marker["reason"],
+                    "source": marker["failure"],
+                }
+            )
             sources.append(marker["failure"])
         elif marker.get("status") == "failed" and marker.get("stage") == "publish" and marker.get("run") == run:
             # A failed publish whose failure record could not be written (mark_done's marker).
@@ -342,37 +420,52 @@ def collect_run(results_uri: str, run: str, out_dir: str | os.PathLike, *, rules
     work = out.parent / f".{out.name}.failures"
     diagnosed = 0
     try:
-        for item, stage, exc in failed:
-            if exc is None and diagnosed < MAX_DIAGNOSED:
+        for item, known_stage, known in failed:
+            stage: str
+            exc: BaseException
+            if known_stage is not None and known is not None:
+                stage, exc = known_stage, known
+            elif diagnosed < MAX_DIAGNOSED:
                 diagnosed += 1
                 stage, exc = diagnose(item["input_uri"], rules, resample)
-            elif exc is None:
+            else:
                 stage, exc = "pipeline", LaterStageFailure(f"not diagnosed (over {MAX_DIAGNOSED} failures in one run)")
             records.append(record_failure(results_uri, run, item, stage, exc, work))
             sources.append(records[-1]["source"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = cohort_report(sources, out, link_base=join(results_uri, COHORT, run))  # where it is published
-    summary.update(run=run, listed=len(listing["pending"]) + len(listing["skipped"]),
-                   skipped=len(listing["skipped"]), processed=len(listing["pending"]),
-                   failures=[{"key": r["input_key"], "stage": r["stage"], "reason_code": r["reason_code"],
-                              "reason": r["reason"]} for r in records])
+    summary.update(
+        run=run,
+        listed=len(listing["pending"]) + len(listing["skipped"]),
+        skipped=len(listing["skipped"]),
+        processed=len(listing["pending"]),
+        failures=[
+            {"key": r["input_key"], "stage": r["stage"], "reason_code": r["reason_code"], "reason": r["reason"]}
+            for r in records
+        ],
+    )
     summary["report"] = publish(out, join(results_uri, COHORT, run), marker="cohort.json", meta={"run": run})
     return summary
 
 
 def run_markdown(summary: dict) -> str:
     """The KFP Markdown view of a cohort run (keys, not input paths)."""
-    lines = [f"# DiffuGTS cohort run {md(summary['run'])}", "",
-             f"{summary['listed']} studies listed: {summary['skipped']} skipped (done before with this model "
-             f"and these parameters), {summary['processed']} processed; {summary['done']} done and "
-             f"{summary['failed']} failed in the report; {summary['lesions']} lesions.", "",
-             f"Cohort report: {md(summary['report'])}"]
+    lines = [
+        f"# DiffuGTS cohort run {md(summary['run'])}",
+        "",
+        f"{summary['listed']} studies listed: {summary['skipped']} skipped (done before with this model "
+        f"and these parameters), {summary['processed']} processed; {summary['done']} done and "
+        f"{summary['failed']} failed in the report; {summary['lesions']} lesions.",
+        "",
+        f"Cohort report: {md(summary['report'])}",
+    ]
     if summary.get("failures"):
         lines += ["", "| study input key | stage | reason code | reason |", "|---|---|---|---|"]
         # Key, stage and reason code are this code's own identifiers; the reason is text.
-        lines += [f"| {r['key']} | {r['stage']} | {r['reason_code']} | {md(r['reason'])} |"
-                  for r in summary["failures"]]
+        lines += [
+            f"| {r['key']} | {r['stage']} | {r['reason_code']} | {md(r['reason'])} |" for r in summary["failures"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -387,12 +480,26 @@ def finish_run(results_uri: str, run: str, state: str, error: str = "", gateway:
     the Pushgateway when one is configured."""
     listing = read_json(join(run_uri(results_uri, run), "listing.json"))
     cohort = read_json(join(results_uri, COHORT, run, "cohort.json"))
-    record = {"run": run, "state": state, "succeeded": run_succeeded(state), "error": error, "time": _now(),
-              "diffugts_version": __version__,
-              "listed": None, "skipped": None, "processed": None, "done": None, "failed": None, "report": None}
+    record = {
+        "run": run,
+        "state": state,
+        "succeeded": run_succeeded(state),
+        "error": error,
+        "time": _now(),
+        "diffugts_version": __version__,
+        "listed": None,
+        "skipped": None,
+        "processed": None,
+        "done": None,
+        "failed": None,
+        "report": None,
+    }
     if listing is not None:
-        record.update(listed=len(listing["pending"]) + len(listing["skipped"]), skipped=len(listing["skipped"]),
-                      processed=len(listing["pending"]))
+        record.update(
+            listed=len(listing["pending"]) + len(listing["skipped"]),
+            skipped=len(listing["skipped"]),
+            processed=len(listing["pending"]),
+        )
     if cohort is not None:
         record.update(done=cohort["done"], failed=cohort["failed"], report=join(results_uri, COHORT, run))
     write_json(join(results_uri, RUNS, f"cohort-{run}.json"), record)
@@ -406,17 +513,25 @@ def _push_metrics(record: dict, gateway: str | None) -> bool:
 
     from diffugts.utils import prometheus as metrics
 
-    studies = GaugeMetricFamily("diffugts_cohort_studies", "Studies of the last cohort run, by outcome.",
-                                labels=["outcome"])
+    studies = GaugeMetricFamily(
+        "diffugts_cohort_studies", "Studies of the last cohort run, by outcome.", labels=["outcome"]
+    )
     for outcome in ("done", "failed", "skipped"):
         studies.add_metric([outcome], float(record.get(outcome) or 0))
     ok = record["succeeded"] and not record.get("failed") and record.get("done") is not None
-    families = [studies,
-                GaugeMetricFamily("diffugts_cohort_last_run_succeeded",
-                                  "1 if the last cohort run finished with every study done, else 0.", value=float(ok)),
-                GaugeMetricFamily("diffugts_cohort_last_run_timestamp_seconds",
-                                  "Unix time the last cohort run ended.",
-                                  value=dt.datetime.now(dt.timezone.utc).timestamp())]
+    families = [
+        studies,
+        GaugeMetricFamily(
+            "diffugts_cohort_last_run_succeeded",
+            "1 if the last cohort run finished with every study done, else 0.",
+            value=float(ok),
+        ),
+        GaugeMetricFamily(
+            "diffugts_cohort_last_run_timestamp_seconds",
+            "Unix time the last cohort run ended.",
+            value=dt.datetime.now(dt.UTC).timestamp(),
+        ),
+    ]
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_Fixed(families))
     return metrics.push(registry, "cohort", gateway)

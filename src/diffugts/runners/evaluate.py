@@ -39,10 +39,10 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from diffugts.utils import atomic
+from diffugts.artifacts.geometry import Geometry
 from diffugts.config import MapMode
 from diffugts.errors import InputError
-from diffugts.artifacts.geometry import Geometry
+from diffugts.utils import atomic
 from diffugts.utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,16 @@ def load_cases(root: str | Path) -> list[Case]:
         meta = json.loads((d / "case.json").read_text())
         image = sitk.ReadImage(str(d / meta["files"]["volume"]))
         lesions = sitk.GetArrayFromImage(sitk.ReadImage(str(d / meta["files"]["lesions"])))
-        cases.append(Case(meta["case_id"], d, meta, sitk.GetArrayFromImage(image).astype(np.float32),
-                          Geometry.from_sitk(image), lesions))
+        cases.append(
+            Case(
+                meta["case_id"],
+                d,
+                meta,
+                sitk.GetArrayFromImage(image).astype(np.float32),
+                Geometry.from_sitk(image),
+                lesions,
+            )
+        )
     return cases
 
 
@@ -133,8 +141,9 @@ def nsd(pred: np.ndarray, truth: np.ndarray, spacing_kji, tolerance_mm: float = 
         return 0.0
     p = torch.from_numpy(np.stack([~pred, pred]))[None].float()
     t = torch.from_numpy(np.stack([~truth, truth]))[None].float()
-    value = compute_surface_dice(p, t, class_thresholds=[tolerance_mm], include_background=False,
-                                 spacing=tuple(float(s) for s in spacing_kji))
+    value = compute_surface_dice(
+        p, t, class_thresholds=[tolerance_mm], include_background=False, spacing=tuple(float(s) for s in spacing_kji)
+    )
     return float(value[0, 0])
 
 
@@ -144,8 +153,17 @@ def detection(pred: np.ndarray, lesion_map: np.ndarray, ids) -> tuple[int, int]:
     return found, len(ids)
 
 
-def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", device: str | None = None,
-             variants=None, show_progress: bool = True, cases=None, datasets: list[dict] | None = None) -> dict:
+def evaluate(
+    cases_dir,
+    model: str,
+    *,
+    prompt_template: str = "{organ} tumor",
+    device: str | None = None,
+    variants=None,
+    show_progress: bool = True,
+    cases=None,
+    datasets: list[dict] | None = None,
+) -> dict:
     """``variants`` None: the four and ``organ_zscore``, plus ``training_free`` for a 2D
     diffusers package. Lesion-free cases are prompted for every
     host organ and give the false-lesion rate per healthy study.
@@ -166,8 +184,7 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
     core = Core(model, device).load()
     threshold = default_threshold(core.package, MapMode.AOVA)
     if variants is None:
-        variants = VARIANTS + ("organ_zscore",) + (("training_free",) if core.backbone.family == "diffusers2d"
-                                                   else ())
+        variants = VARIANTS + ("organ_zscore",) + (("training_free",) if core.backbone.family == "diffusers2d" else ())
     free_threshold = default_threshold(core.package, MapMode.TRAINING_FREE)
     dilation_mm = SynthesisParams().dilation_mm
     rows, healthy_rows = [], []
@@ -183,12 +200,14 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
         synthesis = core.synthesize(study, attention)
         lesions = core.refine(study, attention, synthesis)
         coarse, maps, pseudo = attention.maps, attention.coarse, synthesis.pseudo_healthy
+        assert maps is not None and maps.z is not None  # AOVA maps carry their organ deviation
         x, space = study.model_grid
         lo, hi = intensity_range(case.volume, case.modality, core.prep)
         baseline = intensity_baseline(case.volume, case.geometry, case.modality) if "baseline" in variants else None
         residual_hu = RESIDUAL_THRESHOLD_HU if case.modality == "CT" else RESIDUAL_THRESHOLD_HU / 600 * (hi - lo)
-        free, free_scores = (training_free_maps(core.method, x, targets) if "training_free" in variants
-                             else (None, None))
+        free: np.ndarray | None
+        free_scores: np.ndarray | None
+        free, free_scores = training_free_maps(core.method, x, targets) if "training_free" in variants else (None, None)
         owns = [target_region(c >= threshold, case.geometry, dilation_mm) for c in coarse]
         # As the lesion artifact reports them: components below the minimum volume dropped.
         full = [split_instances(m, case.geometry) > 0 for m in lesions.masks]
@@ -212,22 +231,49 @@ def evaluate(cases_dir, model: str, *, prompt_template: str = "{organ} tumor", d
                 false = false_lesions(pred, truth, case.geometry)
                 source = {"dataset": case.meta["dataset"]} if "dataset" in case.meta else {}
                 if not recs:
-                    healthy_rows.append({"case": case.case_id, "modality": case.modality, "organ": organ,
-                                         "variant": variant, "false_lesions": false, **source})
+                    healthy_rows.append(
+                        {
+                            "case": case.case_id,
+                            "modality": case.modality,
+                            "organ": organ,
+                            "variant": variant,
+                            "false_lesions": false,
+                            **source,
+                        }
+                    )
                     continue
                 found, total = detection(pred, case.lesions, ids)
                 largest = max(recs, key=lambda r: r["voxels"])
-                rows.append({
-                    "case": case.case_id, "modality": case.modality, "organ": organ, "variant": variant,
-                    "lesion_type": largest["type"], "types": sorted({r["type"] for r in recs}),
-                    "split": "seen" if all(r["split"] == "seen" for r in recs) else "unseen",
-                    "dice": dice(pred, truth), "nsd": nsd(pred, truth, case.geometry.spacing[::-1]),
-                    "detected": found, "lesions": total, "false_lesions": false,
-                    "score": float((free_scores if variant == "training_free" else maps.score)[n]), **source,
-                })
-    result = {"model": {"name": core.package.name, "sha256": core.package.sha256},
-              "prompt_template": prompt_template, "cases": len(cases), "variants": list(variants), "rows": rows,
-              "healthy_rows": healthy_rows, "summary": summarise(rows), "healthy": summarise_healthy(healthy_rows)}
+                rows.append(
+                    {
+                        "case": case.case_id,
+                        "modality": case.modality,
+                        "organ": organ,
+                        "variant": variant,
+                        "lesion_type": largest["type"],
+                        "types": sorted({r["type"] for r in recs}),
+                        "split": "seen" if all(r["split"] == "seen" for r in recs) else "unseen",
+                        "dice": dice(pred, truth),
+                        "nsd": nsd(pred, truth, case.geometry.spacing[::-1]),
+                        "detected": found,
+                        "lesions": total,
+                        "false_lesions": false,
+                        "score": float(
+                            (free_scores if variant == "training_free" and free_scores is not None else maps.score)[n]
+                        ),
+                        **source,
+                    }
+                )
+    result = {
+        "model": {"name": core.package.name, "sha256": core.package.sha256},
+        "prompt_template": prompt_template,
+        "cases": len(cases),
+        "variants": list(variants),
+        "rows": rows,
+        "healthy_rows": healthy_rows,
+        "summary": summarise(rows),
+        "healthy": summarise_healthy(healthy_rows),
+    }
     if datasets is not None:
         from diffugts.datasets.report import summarise_datasets
 
@@ -253,30 +299,47 @@ def summarise_healthy(rows: list[dict], key: str = "modality") -> dict:
         cell = table.setdefault(row[key], {}).setdefault(row["variant"], {"cases": set(), "false": 0})
         cell["cases"].add((row.get("dataset"), row["case"]))  # case ids repeat across datasets
         cell["false"] += row["false_lesions"]
-    return {m: {v: {"false_lesions_per_study": round(c["false"] / len(c["cases"]), 3), "studies": len(c["cases"])}
-                for v, c in cells.items()} for m, cells in sorted(table.items())}
+    return {
+        m: {
+            v: {"false_lesions_per_study": round(c["false"] / len(c["cases"]), 3), "studies": len(c["cases"])}
+            for v, c in cells.items()
+        }
+        for m, cells in sorted(table.items())
+    }
 
 
 def summarise(rows: list[dict], groups: dict[str, list[str]] | None = None) -> dict:
-    groups = groups or {"modality_split": ["modality", "split"], "split": ["split"], "modality": ["modality"],
-                        "lesion_type": ["lesion_type"], "organ": ["organ"]}
+    groups = groups or {
+        "modality_split": ["modality", "split"],
+        "split": ["split"],
+        "modality": ["modality"],
+        "lesion_type": ["lesion_type"],
+        "organ": ["organ"],
+    }
     out = {}
     for name, keys in groups.items():
         table: dict[str, dict] = {}
         for row in rows:
             key = " / ".join(str(row[k]) for k in keys)
-            cell = table.setdefault(key, {}).setdefault(row["variant"], {"dice": [], "nsd": [], "found": 0, "total": 0,
-                                                                          "false": 0})
+            cell = table.setdefault(key, {}).setdefault(
+                row["variant"], {"dice": [], "nsd": [], "found": 0, "total": 0, "false": 0}
+            )
             cell["dice"].append(row["dice"])
             cell["nsd"].append(row["nsd"])
             cell["found"] += row["detected"]
             cell["total"] += row["lesions"]
             cell["false"] += row.get("false_lesions", 0)
         out[name] = {
-            key: {v: {"dice": round(float(np.mean(c["dice"])), 4), "nsd": round(float(np.mean(c["nsd"])), 4),
-                      "detection": round(c["found"] / max(c["total"], 1), 4), "n": len(c["dice"]),
-                      "false_lesions": round(c["false"] / len(c["dice"]), 3)}
-                  for v, c in variants.items()}
+            key: {
+                v: {
+                    "dice": round(float(np.mean(c["dice"])), 4),
+                    "nsd": round(float(np.mean(c["nsd"])), 4),
+                    "detection": round(c["found"] / max(c["total"], 1), 4),
+                    "n": len(c["dice"]),
+                    "false_lesions": round(c["false"] / len(c["dice"]), 3),
+                }
+                for v, c in variants.items()
+            }
             for key, variants in sorted(table.items())
         }
     return out
@@ -293,23 +356,38 @@ def table_variants(result: dict) -> list[str]:
 
 def markdown(result: dict) -> str:
     variants = table_variants(result)
-    lines = [f"Model `{result['model']['name']}` (sha256 {result['model']['sha256'][:12]}), "
-             f"{result['cases']} cases, prompt template \"{result['prompt_template']}\". Cells: Dice / NSD / "
-             "lesion detection / false lesions per case-organ (predicted lesions touching no true one).", ""]
+    lines = [
+        f"Model `{result['model']['name']}` (sha256 {result['model']['sha256'][:12]}), "
+        f'{result["cases"]} cases, prompt template "{result["prompt_template"]}". Cells: Dice / NSD / '
+        "lesion detection / false lesions per case-organ (predicted lesions touching no true one).",
+        "",
+    ]
     for name, table in result["summary"].items():
         title = {"modality_split": "modality and split", "lesion_type": "lesion type"}.get(name, name)
-        lines += [f"### By {title}", "",
-                  "| group | n | " + " | ".join(variants) + " |",
-                  "|---|---|" + "---|" * len(variants)]
+        lines += [
+            f"### By {title}",
+            "",
+            "| group | n | " + " | ".join(variants) + " |",
+            "|---|---|" + "---|" * len(variants),
+        ]
         for key, cells in table.items():
             n = next(iter(cells.values()))["n"]
-            vals = [f"{cells[v]['dice']:.3f} / {cells[v]['nsd']:.3f} / {cells[v]['detection']:.2f} / "
-                    f"{cells[v].get('false_lesions', float('nan')):.2f}" if v in cells else "-" for v in variants]
+            vals = [
+                f"{cells[v]['dice']:.3f} / {cells[v]['nsd']:.3f} / {cells[v]['detection']:.2f} / "
+                f"{cells[v].get('false_lesions', float('nan')):.2f}"
+                if v in cells
+                else "-"
+                for v in variants
+            ]
             lines.append(f"| {key} | {n} | " + " | ".join(vals) + " |")
         lines.append("")
     if result.get("healthy"):
-        lines += ["### Lesion-free studies: false lesions per study (every host organ prompted)", "",
-                  "| modality | studies | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+        lines += [
+            "### Lesion-free studies: false lesions per study (every host organ prompted)",
+            "",
+            "| modality | studies | " + " | ".join(variants) + " |",
+            "|---|---|" + "---|" * len(variants),
+        ]
         for modality, cells in result["healthy"].items():
             n = next(iter(cells.values()))["studies"]
             vals = [f"{cells[v]['false_lesions_per_study']:.2f}" if v in cells else "-" for v in variants]

@@ -16,25 +16,50 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from diffugts.config import (AttentionParams, MapMode, MethodParams, RefineParams, SynthesisParams,
-                             DEFAULT_MIN_VOLUME_ML, DEFAULT_SEED)
+from diffugts.config import (
+    DEFAULT_MIN_VOLUME_ML,
+    DEFAULT_SEED,
+    AttentionParams,
+    MapMode,
+    MethodParams,
+    RefineParams,
+    SynthesisParams,
+)
 from diffugts.errors import ParameterError
 from diffugts.utils.progress import progress
+
+if TYPE_CHECKING:
+    from diffugts.artifacts.attention import Attention
+    from diffugts.artifacts.lesions import Lesions
+    from diffugts.artifacts.synthesis import Synthesis
 
 log = logging.getLogger(__name__)
 
 MODEL_STAGES = ("attend", "synthesize", "refine")
 STAGES = ("ingest", *MODEL_STAGES, "report")
-FOLDERS = {"study": "study", "attention": "attention", "synthesis": "synthesis", "lesions": "lesions",
-           "report": "report"}
+FOLDERS = {
+    "study": "study",
+    "attention": "attention",
+    "synthesis": "synthesis",
+    "lesions": "lesions",
+    "report": "report",
+}
 
 
-def method_params(synthesis: SynthesisParams | None = None, min_volume_ml: float | None = None,
-                  seed: int = DEFAULT_SEED, maps: str = MapMode.AOVA) -> MethodParams:
+def method_params(
+    synthesis: SynthesisParams | None = None,
+    min_volume_ml: float | None = None,
+    seed: int = DEFAULT_SEED,
+    maps: str = MapMode.AOVA,
+) -> MethodParams:
     """The runners' keyword arguments as :class:`~diffugts.config.MethodParams` (None: default)."""
-    return MethodParams(AttentionParams(maps=MapMode.parse(maps), seed=seed), synthesis or SynthesisParams(),
-                        RefineParams(DEFAULT_MIN_VOLUME_ML if min_volume_ml is None else min_volume_ml))
+    return MethodParams(
+        AttentionParams(maps=MapMode.parse(maps), seed=seed),
+        synthesis or SynthesisParams(),
+        RefineParams(DEFAULT_MIN_VOLUME_ML if min_volume_ml is None else min_volume_ml),
+    )
 
 
 def check_prompts(prompts) -> None:
@@ -55,7 +80,9 @@ class StudyRun:
         self.folders = folders
         self.study = load_study(study_dir)
         self.prepared = core.prepare(self.study)
-        self.attention = self.synthesis = self.lesions = None
+        self.attention: Attention | None = None
+        self.synthesis: Synthesis | None = None
+        self.lesions: Lesions | None = None
 
     def run(self, stage: str) -> dict:
         return getattr(self, stage)()
@@ -63,42 +90,67 @@ class StudyRun:
     def attend(self) -> dict:
         from diffugts.artifacts import attention
 
-        self.attention = self.core.attend(self.prepared, self.prompts)
-        return attention.write(self.folders["attention"], self.attention, self.study.geometry)
+        made = self.attention = self.core.attend(self.prepared, self.prompts)
+        return attention.write(self.folders["attention"], made, self.study.geometry)
 
     def synthesize(self) -> dict:
         from diffugts.artifacts import synthesis
 
-        self.synthesis = self.core.synthesize(self.prepared, self.attention)
+        assert self.attention is not None  # attend came first
+        made = self.synthesis = self.core.synthesize(self.prepared, self.attention)
 
         def finish(summary: dict) -> None:
             summary["timings_s"] = {k: round(v, 3) for k, v in summary["timings_s"].items()}
 
-        return synthesis.write(self.folders["synthesis"], self.synthesis, self.study.volume, self.study.geometry,
-                               on_staged=finish)
+        return synthesis.write(
+            self.folders["synthesis"], made, self.study.volume, self.study.geometry, on_staged=finish
+        )
 
     def refine(self) -> dict:
         from diffugts.artifacts import lesions
 
         clock = time.perf_counter()
-        self.lesions = self.core.refine(self.prepared, self.attention, self.synthesis)
-        summary = lesions.write(self.folders["lesions"], self.lesions, self.study.geometry)
+        assert self.attention is not None and self.synthesis is not None  # attend and synthesize came first
+        made = self.lesions = self.core.refine(self.prepared, self.attention, self.synthesis)
+        summary = lesions.write(self.folders["lesions"], made, self.study.geometry)
         return dict(summary, timings={"refine_s": round(time.perf_counter() - clock, 3)})
 
     def report(self, upload: str | None = None) -> dict:
         from diffugts.stages.report import make_report
 
         f = self.folders
-        loaded = {"study": self.study, "lesions": self.lesions, "attention": self.attention,
-                  "synthesis": self.synthesis}
-        return make_report(f["study"], f["lesions"], f["report"], attention_dir=f["attention"],
-                           synthesis_dir=f["synthesis"], upload=upload, loaded=loaded)
+        loaded = {
+            "study": self.study,
+            "lesions": self.lesions,
+            "attention": self.attention,
+            "synthesis": self.synthesis,
+        }
+        return make_report(
+            f["study"],
+            f["lesions"],
+            f["report"],
+            attention_dir=f["attention"],
+            synthesis_dir=f["synthesis"],
+            upload=upload,
+            loaded=loaded,
+        )
 
 
-def model_stages(study, model: str, prompts: list[str], attention, synthesis, lesions, *,
-                 device: str | None = None, params: SynthesisParams | None = None,
-                 min_volume_ml: float | None = None, seed: int = DEFAULT_SEED, maps: str = MapMode.AOVA,
-                 show_progress: bool = False) -> dict:
+def model_stages(
+    study,
+    model: str,
+    prompts: list[str],
+    attention,
+    synthesis,
+    lesions,
+    *,
+    device: str | None = None,
+    params: SynthesisParams | None = None,
+    min_volume_ml: float | None = None,
+    seed: int = DEFAULT_SEED,
+    maps: str = MapMode.AOVA,
+    show_progress: bool = False,
+) -> dict:
     """Attention maps, pseudo-healthy synthesis and residual refinement of one ingested study,
     written to the three artifact folders; returns each stage's summary and the timings."""
     from diffugts.core import Core
@@ -131,8 +183,9 @@ def invalidate(input_ref: str, folders: list[Path]) -> None:
         for folder in folders:
             target = folder.resolve()
             if target == source or target in source.parents or source in target.parents:
-                raise ConfigError(f"{os.fspath(folder)}: the output folder overlaps the input; "
-                                  "choose an output folder outside it")
+                raise ConfigError(
+                    f"{os.fspath(folder)}: the output folder overlaps the input; choose an output folder outside it"
+                )
     for folder in folders:
         atomic.remove_stale_partials(folder)
         if folder.is_symlink() or folder.is_file():
@@ -141,10 +194,23 @@ def invalidate(input_ref: str, folders: list[Path]) -> None:
             shutil.rmtree(folder)
 
 
-def segment(input_ref: str, out: str | Path, prompts: list[str], *, model: str | None = None,
-            device: str | None = None, rules: str = "default", resample: bool = False,
-            synthesis: SynthesisParams | None = None, min_volume_ml: float | None = None, report: bool = True,
-            upload: str | None = None, maps: str = MapMode.AOVA, show_progress: bool = True, core=None) -> dict:
+def segment(
+    input_ref: str,
+    out: str | Path,
+    prompts: list[str],
+    *,
+    model: str | None = None,
+    device: str | None = None,
+    rules: str = "default",
+    resample: bool = False,
+    synthesis: SynthesisParams | None = None,
+    min_volume_ml: float | None = None,
+    report: bool = True,
+    upload: str | None = None,
+    maps: str = MapMode.AOVA,
+    show_progress: bool = True,
+    core=None,
+) -> dict:
     """Every stage on one input. ``core``: a loaded :class:`~diffugts.core.Core` to reuse
     (then ``model``, ``device``, ``synthesis``, ``min_volume_ml`` and ``maps`` are its own);
     without it, one is made for this input."""
@@ -169,13 +235,15 @@ def segment(input_ref: str, out: str | Path, prompts: list[str], *, model: str |
             bar.set_postfix_str(stage)
         if stage == "ingest":
             # The model first: a package that cannot do what was asked fails before any output.
-            core = core or Core(model, device, params).load()
+            core = core or Core(model or default_model(), device, params).load()
             ingested = ingest(input_ref, folders["study"], rules=rules, resample_grid=resample, show_progress=False)
             result["series"] = ingested.series["series_label"]
             run = StudyRun(core, folders["study"], prompts, folders)
         elif stage in MODEL_STAGES:
+            assert run is not None  # ingest comes first
             result[keys[stage]] = run.run(stage)
         elif stage == "report":
+            assert run is not None
             result["report"] = run.report(upload)
         now = time.perf_counter()
         timings[stage] = round(now - clock, 3)

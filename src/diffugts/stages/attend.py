@@ -16,21 +16,21 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 
-from diffugts.networks.aova import AOVAHead, top_mean
-from diffugts.networks.backbones import Backbone
-from diffugts.stages.deviation import Fusion, organ_deviation
-from diffugts.errors import ConfigError, ParameterError
-from diffugts.models.package import ModelPackage
-from diffugts.stages.preprocess import ModelSpace, Preprocessing
 from diffugts.artifacts.attention import Attention
 from diffugts.artifacts.study import Study, load_study
-from diffugts.config import (AOVA_HEAD, DEFAULT_COARSE_THRESHOLD, DEFAULT_SEED, AttentionParams, MapMode,
-                             MethodParams)
+from diffugts.config import AOVA_HEAD, DEFAULT_COARSE_THRESHOLD, DEFAULT_SEED, AttentionParams, MapMode, MethodParams
+from diffugts.errors import ConfigError, ParameterError
+from diffugts.models.package import ModelPackage
+from diffugts.networks.aova import AOVAHead, top_mean
+from diffugts.networks.backbones import Backbone
 from diffugts.networks.text import Target, TextEncoder, make_target
+from diffugts.stages.deviation import Fusion, organ_deviation
+from diffugts.stages.preprocess import ModelSpace, Preprocessing
 
 log = logging.getLogger(__name__)
 # Encoder levels of a whole-volume window are kept for refinement up to this size (the demo's
@@ -63,7 +63,9 @@ def text_encoder_path(pkg: ModelPackage) -> Path | None:
     return pkg.root / entry["path"] if entry.get("path") else None
 
 
-def prompt_tensors(method: Method, targets: list[Target]) -> tuple[torch.Tensor, list[tuple[list[int], ...]]]:
+def prompt_tensors(
+    method: Method, targets: list[Target]
+) -> tuple[torch.Tensor, list[tuple[list[int], list[int], list[int]]]]:
     """All prompts embedded once, and per target the indices of its generic normal, organ
     normal and abnormal prompts."""
     texts = list(dict.fromkeys(p for t in targets for p in t.prompts))
@@ -103,6 +105,9 @@ def coarse_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], s
     index = method.backbone.feature_index(method.package.network(AOVA_HEAD)["features"])
     fusion = fusion_of(method.package)
 
+    head = method.head
+    if head is None:
+        raise ConfigError("the AOVA maps need the package's trained head")
     kept: list = []
     n_encoder = sum(1 for s in method.backbone.feature_specs() if s.name.startswith("encoder"))
 
@@ -113,40 +118,56 @@ def coarse_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], s
             levels = feats[:n_encoder]
             if sum(f.numel() * f.element_size() for f in levels) <= ENCODER_CACHE_BYTES:
                 kept.extend(levels)
-        out = method.head([feats[i] for i in index], prompts, groups, out_shape=tuple(patch.shape[2:]))
+        out = head([feats[i] for i in index], prompts, groups, out_shape=tuple(patch.shape[2:]))
         return torch.cat([out.log_odds, out.region_log_odds, out.anomaly_log_odds], 1)
 
     roi = method.roi_size or tuple(x.shape)
     roi = tuple(min(r, s) for r, s in zip(roi, x.shape))
-    maps = sliding_window_inference(xt, roi, sw_batch_size=1, predictor=predictor, overlap=0.25, mode="gaussian")
+    maps = cast(
+        torch.Tensor,
+        sliding_window_inference(xt, roi, sw_batch_size=1, predictor=predictor, overlap=0.25, mode="gaussian"),
+    )
     n = len(targets)
     # The organ and its deviation come with every head (the organ-aware baseline of `evaluate`
     # needs them); only a package with a fusion makes them its coarse map.
     spacing_kji = tuple(spacing)[::-1]
     if fusion is None:
-        organ, z = (np.stack(m) for m in zip(*(organ_deviation(x, maps[0, n + t].float().cpu().numpy(), spacing_kji)
-                                                 for t in range(n))))
-        a, b = method.head.score_affine
-        score = torch.sigmoid(a * top_mean(maps[:, :n], method.head.top_fraction) + b)
-        return CoarseMaps(torch.sigmoid(maps[0, :n]).float().cpu().numpy(), score[0].float().cpu().numpy(), organ, z,
-                          fused=False, encoder_levels=kept or None)
-    fused = [fusion.maps(x, maps[0, n + t].float().cpu().numpy(), maps[0, 2 * n + t].float().cpu().numpy(),
-                         spacing_kji) for t in range(n)]
+        organ, z = (
+            np.stack(m)
+            for m in zip(*(organ_deviation(x, maps[0, n + t].float().cpu().numpy(), spacing_kji) for t in range(n)))
+        )
+        a, b = head.score_affine
+        score = torch.sigmoid(a * top_mean(maps[:, :n], head.top_fraction) + b)
+        return CoarseMaps(
+            torch.sigmoid(maps[0, :n]).float().cpu().numpy(),
+            score[0].float().cpu().numpy(),
+            organ,
+            z,
+            fused=False,
+            encoder_levels=kept or None,
+        )
+    fused = [
+        fusion.maps(x, maps[0, n + t].float().cpu().numpy(), maps[0, 2 * n + t].float().cpu().numpy(), spacing_kji)
+        for t in range(n)
+    ]
     organ, z = np.stack([f.organ for f in fused]), np.stack([f.z for f in fused])
     prob = np.stack([f.prob for f in fused])
-    score = top_mean(torch.from_numpy(prob)[None], method.head.top_fraction)[0].numpy()
-    return CoarseMaps(prob, score, organ, z, encoder_levels=kept or None)
+    fused_score = top_mean(torch.from_numpy(prob)[None], head.top_fraction)[0].numpy()
+    return CoarseMaps(prob, fused_score, organ, z, encoder_levels=kept or None)
 
 
-def attention_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def attention_maps(
+    method: Method, x: np.ndarray, spacing, targets: list[Target], seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Anomaly probability (T, *grid) on the model grid and image-level scores (T,)."""
     maps = coarse_maps(method, x, spacing, targets, seed)
     return maps.prob, maps.score
 
 
 @torch.no_grad()
-def training_free_maps(method: Method, x: np.ndarray, targets: list[Target],
-                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def training_free_maps(
+    method: Method, x: np.ndarray, targets: list[Target], seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Training-free anomaly probability (T, *grid) from the backbone's cross-attention, and
     image-level scores (T,): the mean of each map's top :data:`TRAINING_FREE_TOP_FRACTION`.
 
@@ -160,18 +181,23 @@ def training_free_maps(method: Method, x: np.ndarray, targets: list[Target],
     roi = tuple(min(r, s) for r, s in zip(method.roi_size or tuple(x.shape), x.shape))
 
     def predictor(patch: torch.Tensor) -> torch.Tensor:
-        return training_free_probabilities(method.backbone, patch, targets, seed=seed)
+        return training_free_probabilities(method.backbone, patch, targets, seed=seed)  # type: ignore[arg-type]
 
-    prob = sliding_window_inference(xt, roi, sw_batch_size=1, predictor=predictor, overlap=0.25, mode="gaussian")
+    prob = cast(
+        torch.Tensor,
+        sliding_window_inference(xt, roi, sw_batch_size=1, predictor=predictor, overlap=0.25, mode="gaussian"),
+    )
     score = top_mean(prob, TRAINING_FREE_TOP_FRACTION)
     return prob[0].float().cpu().numpy(), score[0].float().cpu().numpy()
 
 
 def check_training_free(method: Method) -> None:
     if method.backbone.family != "diffusers2d":
-        raise ParameterError(f"{method.package.root}: training-free maps need a backbone with text cross-attention "
-                             f"(the diffusers2d family); this model is {method.backbone.family!r}: use {{maps}} aova",
-                             "maps")
+        raise ParameterError(
+            f"{method.package.root}: training-free maps need a backbone with text cross-attention "
+            f"(the diffusers2d family); this model is {method.backbone.family!r}: use {{maps}} aova",
+            "maps",
+        )
 
 
 def default_threshold(pkg: ModelPackage, maps: str = MapMode.AOVA) -> float:
@@ -183,7 +209,9 @@ def default_threshold(pkg: ModelPackage, maps: str = MapMode.AOVA) -> float:
     return float(attention.get("threshold", DEFAULT_COARSE_THRESHOLD))
 
 
-def attention(method: Method, study: Study, x: np.ndarray, space: ModelSpace, prompts, params: AttentionParams) -> Attention:
+def attention(
+    method: Method, study: Study, x: np.ndarray, space: ModelSpace, prompts, params: AttentionParams
+) -> Attention:
     """The attention artifact in memory: per prompt (text or :class:`Target`) its coarse map
     and mask and, for fused maps, its organ with inclusions, on the study grid. ``x`` /
     ``space``: the study on the model grid (diffugts.core.PreparedStudy)."""
@@ -215,14 +243,16 @@ def attention(method: Method, study: Study, x: np.ndarray, space: ModelSpace, pr
         out.maps.append(on_study)
         out.masks.append(mask)
         out.organs.append(None if organs is None else space.to_study(organs[n].astype(np.float32), nearest=True) > 0.5)
-        entries.append({
-            "index": n,
-            "prompt": target.as_dict(),
-            "score": round(float(score), 4),
-            "threshold": threshold,
-            "coarse_volume_ml": round(float(mask.sum()) * voxel_ml, 3),
-            "max_probability": round(float(on_study.max()), 4),
-        })
+        entries.append(
+            {
+                "index": n,
+                "prompt": target.as_dict(),
+                "score": round(float(score), 4),
+                "threshold": threshold,
+                "coarse_volume_ml": round(float(mask.sum()) * voxel_ml, 3),
+                "max_probability": round(float(on_study.max()), 4),
+            }
+        )
     out.summary = {
         "stage": "attend",
         "model": {"name": method.package.name, "sha256": method.package.sha256},
@@ -234,8 +264,17 @@ def attention(method: Method, study: Study, x: np.ndarray, space: ModelSpace, pr
     return out
 
 
-def attend(study_dir, model: str, prompts: list[str], out_dir, *, threshold: float | None = None,
-           device: str | None = None, seed: int = DEFAULT_SEED, maps: str = MapMode.AOVA) -> dict:
+def attend(
+    study_dir,
+    model: str,
+    prompts: list[str],
+    out_dir,
+    *,
+    threshold: float | None = None,
+    device: str | None = None,
+    seed: int = DEFAULT_SEED,
+    maps: str = MapMode.AOVA,
+) -> dict:
     """The attention stage on files: per-prompt maps and coarse masks on the study grid, and
     ``attention.json`` last (diffugts.artifacts.attention); returns the summary.
 

@@ -36,7 +36,7 @@ class DeviationParams:
     floor: float = 0.02  # the least robust SD, in model intensity units (a flat organ is not infinitely sure)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "DeviationParams":
+    def from_dict(cls, d: dict | None) -> DeviationParams:
         return cls(**(d or {}))
 
     def as_dict(self) -> dict:
@@ -64,8 +64,9 @@ def organ_with_inclusions(region: np.ndarray, spacing_kji, params: DeviationPara
     return filled
 
 
-def deviation_z(x: np.ndarray, organ: np.ndarray, spacing_kji,
-                params: DeviationParams = DeviationParams()) -> np.ndarray:
+def deviation_z(
+    x: np.ndarray, organ: np.ndarray, spacing_kji, params: DeviationParams = DeviationParams()
+) -> np.ndarray:
     """Signed robust z-score of the organ-restricted local mean of ``x`` (0 outside the organ)."""
     organ = np.asarray(organ, bool)
     z = np.zeros(x.shape, np.float32)
@@ -102,16 +103,23 @@ class Fusion:
     deviation: DeviationParams = DeviationParams()
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Fusion":
-        return cls(float(d["anomaly_weight"]), float(d["deviation_weight"]), float(d["bias"]),
-                   DeviationParams.from_dict(d.get("deviation")))
+    def from_dict(cls, d: dict) -> Fusion:
+        return cls(
+            float(d["anomaly_weight"]),
+            float(d["deviation_weight"]),
+            float(d["bias"]),
+            DeviationParams.from_dict(d.get("deviation")),
+        )
 
     def as_dict(self) -> dict:
-        return {"anomaly_weight": self.anomaly_weight, "deviation_weight": self.deviation_weight,
-                "bias": self.bias, "deviation": self.deviation.as_dict()}
+        return {
+            "anomaly_weight": self.anomaly_weight,
+            "deviation_weight": self.deviation_weight,
+            "bias": self.bias,
+            "deviation": self.deviation.as_dict(),
+        }
 
-    def maps(self, x: np.ndarray, region_log_odds: np.ndarray, anomaly_log_odds: np.ndarray,
-             spacing_kji) -> "FusedMaps":
+    def maps(self, x: np.ndarray, region_log_odds: np.ndarray, anomaly_log_odds: np.ndarray, spacing_kji) -> FusedMaps:
         """One target's maps on the model grid."""
         organ, z = organ_deviation(x, region_log_odds, spacing_kji, self.deviation)
         logit = self.anomaly_weight * anomaly_log_odds + self.deviation_weight * np.abs(z) + self.bias
@@ -119,8 +127,9 @@ class Fusion:
         return FusedMaps(prob, organ, z)
 
 
-def organ_deviation(x: np.ndarray, region_log_odds: np.ndarray, spacing_kji,
-                    params: DeviationParams = DeviationParams()) -> tuple[np.ndarray, np.ndarray]:
+def organ_deviation(
+    x: np.ndarray, region_log_odds: np.ndarray, spacing_kji, params: DeviationParams = DeviationParams()
+) -> tuple[np.ndarray, np.ndarray]:
     """One target's organ with its inclusions and its signed deviation z, from the head's region
     log-odds (every head has them; the fusion adds the anomaly branch on top)."""
     organ = organ_with_inclusions(region_log_odds > 0, spacing_kji, params)

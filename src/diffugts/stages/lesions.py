@@ -15,7 +15,7 @@ axis closest to patient z, and in-plane positions are taken in patient x, y.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -58,8 +58,13 @@ def axial_axis(geometry: Geometry) -> int:
     return 2 - ijk
 
 
-def measure(labels: np.ndarray, geometry: Geometry, volume: np.ndarray | None = None,
-            probability: np.ndarray | None = None, intensity_units: str = "HU") -> list[dict]:
+def measure(
+    labels: np.ndarray,
+    geometry: Geometry,
+    volume: np.ndarray | None = None,
+    probability: np.ndarray | None = None,
+    intensity_units: str = "HU",
+) -> list[dict]:
     """One record per lesion id present in ``labels``, in id order (see module docstring)."""
     labels = np.asarray(labels)
     if labels.shape != geometry.shape:
@@ -148,10 +153,15 @@ def _hull_indices(xy: np.ndarray) -> np.ndarray:
         return np.arange(len(xy))
 
 
-def lesion_artifact(study, targets: Sequence[dict], labels_per_target: Sequence[np.ndarray],
-                    probability_per_target: Sequence[np.ndarray | None] | None = None,
-                    min_volume_ml: float = DEFAULT_MIN_VOLUME_ML, model: dict | None = None,
-                    stage: str = "refine"):
+def lesion_artifact(
+    study,
+    targets: Sequence[dict],
+    labels_per_target: Sequence[np.ndarray],
+    probability_per_target: Sequence[np.ndarray | None] | None = None,
+    min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
+    model: dict | None = None,
+    stage: str = "refine",
+):
     """The lesion artifact for ``study`` (a :class:`diffugts.artifacts.study.Study`) in memory
     (:class:`diffugts.artifacts.lesions.Lesions`).
 
@@ -194,11 +204,16 @@ def lesion_artifact(study, targets: Sequence[dict], labels_per_target: Sequence[
     return Lesions(summary, instances, masks)
 
 
-def write_lesion_artifact(out_dir: str | os.PathLike, study, targets: Sequence[dict],
-                          labels_per_target: Sequence[np.ndarray],
-                          probability_per_target: Sequence[np.ndarray | None] | None = None,
-                          min_volume_ml: float = DEFAULT_MIN_VOLUME_ML, model: dict | None = None,
-                          stage: str = "refine") -> dict:
+def write_lesion_artifact(
+    out_dir: str | os.PathLike,
+    study,
+    targets: Sequence[dict],
+    labels_per_target: Sequence[np.ndarray],
+    probability_per_target: Sequence[np.ndarray | None] | None = None,
+    min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
+    model: dict | None = None,
+    stage: str = "refine",
+) -> dict:
     """:func:`lesion_artifact` written to ``out_dir`` (``lesions.json`` last); returns its content."""
     from diffugts.artifacts import lesions as artifact
 

@@ -35,9 +35,14 @@ class Preprocessing:
     multiple: int = 16
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(tuple(d["spacing_mm"]), d.get("orientation", "LPS"), tuple(d.get("ct_window", (-1000, 1000))),
-                   tuple(d.get("mr_percentiles", (0.0, 99.5))), int(d.get("multiple", 16)))
+    def from_dict(cls, d: dict) -> Preprocessing:
+        return cls(
+            tuple(d["spacing_mm"]),
+            d.get("orientation", "LPS"),
+            tuple(d.get("ct_window", (-1000, 1000))),
+            tuple(d.get("mr_percentiles", (0.0, 99.5))),
+            int(d.get("multiple", 16)),
+        )
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,9 @@ def normalise(volume: np.ndarray, modality: str, prep: Preprocessing) -> np.ndar
     return (np.clip(out, 0.0, 1.0) if modality == "CT" else out).astype(np.float32)
 
 
-def to_model(volume: np.ndarray, geometry: Geometry, modality: str, prep: Preprocessing,
-             device=None) -> tuple[np.ndarray, ModelSpace]:
+def to_model(
+    volume: np.ndarray, geometry: Geometry, modality: str, prep: Preprocessing, device=None
+) -> tuple[np.ndarray, ModelSpace]:
     """Normalised volume on the model grid, and the space to map results back (resampling on
     ``device`` when given, see :func:`resample_array`)."""
     space = ModelSpace(geometry, model_grid(geometry, prep), device)
@@ -98,8 +104,9 @@ def to_model(volume: np.ndarray, geometry: Geometry, modality: str, prep: Prepro
     return space.to_model(x, fill=fill).astype(np.float32), space
 
 
-def resample_array(array: np.ndarray, src: Geometry, dst: Geometry, fill: float = 0.0,
-                   nearest: bool = False, device=None) -> np.ndarray:
+def resample_array(
+    array: np.ndarray, src: Geometry, dst: Geometry, fill: float = 0.0, nearest: bool = False, device=None
+) -> np.ndarray:
     """``array`` on the ``src`` grid resampled onto ``dst`` (float32): trilinear, or nearest
     for labels; ``fill`` outside. ``device``: with torch there (:func:`resample_torch`)."""
     if src.allclose(dst, atol=1e-6):
@@ -122,8 +129,15 @@ def resample_array(array: np.ndarray, src: Geometry, dst: Geometry, fill: float 
     return sitk.GetArrayFromImage(out)
 
 
-def resample_torch(array: np.ndarray, src: Geometry, dst: Geometry, fill: float = 0.0, nearest: bool = False,
-                   device="cpu", slab: int = 32) -> np.ndarray:
+def resample_torch(
+    array: np.ndarray,
+    src: Geometry,
+    dst: Geometry,
+    fill: float = 0.0,
+    nearest: bool = False,
+    device="cpu",
+    slab: int = 32,
+) -> np.ndarray:
     """:func:`resample_array` with torch on ``device``, in slabs of ``slab`` output slices.
 
     Not MONAI's ``SpatialResample``: its zero / border padding differs from ITK's at the
@@ -144,8 +158,11 @@ def resample_torch(array: np.ndarray, src: Geometry, dst: Geometry, fill: float 
     b = torch.as_tensor(shift, dtype=torch.float64, device=dev)
     n = torch.as_tensor(sizes, dtype=torch.float64, device=dev)
     nk, nj, ni = dst.shape
-    jj, ii = torch.meshgrid(torch.arange(nj, dtype=torch.float64, device=dev),
-                            torch.arange(ni, dtype=torch.float64, device=dev), indexing="ij")
+    jj, ii = torch.meshgrid(
+        torch.arange(nj, dtype=torch.float64, device=dev),
+        torch.arange(ni, dtype=torch.float64, device=dev),
+        indexing="ij",
+    )
     out = torch.empty((nk, nj, ni), dtype=torch.float32, device=dev)
     for k0 in range(0, nk, slab):
         kk = torch.arange(k0, min(k0 + slab, nk), dtype=torch.float64, device=dev)
@@ -160,7 +177,8 @@ def resample_torch(array: np.ndarray, src: Geometry, dst: Geometry, fill: float 
             # align_corners=True: -1 / +1 are the centres of the first / last voxel; "border"
             # repeats the edge voxels, as ITK's linear interpolator does within half a voxel.
             grid = torch.where(n > 1, 2 * pos / (n - 1).clamp_min(1) - 1, torch.zeros_like(pos))
-            part = F.grid_sample(vol[None, None], grid[None].float(), mode="bilinear", padding_mode="border",
-                                 align_corners=True)[0, 0]
-        out[k0:k0 + part.shape[0]] = torch.where(inside, part, torch.full_like(part, float(fill)))
+            part = F.grid_sample(
+                vol[None, None], grid[None].float(), mode="bilinear", padding_mode="border", align_corners=True
+            )[0, 0]
+        out[k0 : k0 + part.shape[0]] = torch.where(inside, part, torch.full_like(part, float(fill)))
     return out.cpu().numpy()

@@ -12,28 +12,34 @@ from __future__ import annotations
 
 import math
 import time
+from typing import cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from torch import nn
 
-from diffugts.networks.backbones import Backbone
 from diffugts.config import DEFAULT_MIN_VOLUME_ML, DEFAULT_REFINE_THRESHOLD, REFINE_HEAD
-from diffugts.networks.refine import IN_CHANNELS, LEGACY_TARGET_CHANNELS, SHARED_CHANNELS, TARGET_CHANNELS, RefineHead
+from diffugts.networks.backbones import Backbone
+from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, RefineHead
 
 DEVIATION_SCALE = 4.0  # |z| / this: a lesion's deviation near unit scale
 RESIDUAL_GAIN = 10.0  # residuals are a few % of the [0, 1] range; bring them near unit scale
 # Voxels the head sees in one pass (windows x window size). Its activations take about 0.5 KB
 # per voxel in fp32 (measured on the CPU), so a study with many findings on the 256 x 256 x 128
 # model grid runs two targets per pass instead of all at once: bounded memory, same maps.
-HEAD_BATCH_VOXELS = 2 ** 24
+HEAD_BATCH_VOXELS = 2**24
 
 
 @torch.no_grad()
-def shared_inputs(backbone: Backbone, x: np.ndarray, h: np.ndarray, region: np.ndarray,
-                  as_tensor: bool = False, x_levels: list[torch.Tensor] | None = None) -> np.ndarray | torch.Tensor:
+def shared_inputs(
+    backbone: Backbone,
+    x: np.ndarray,
+    h: np.ndarray,
+    region: np.ndarray,
+    as_tensor: bool = False,
+    x_levels: list[torch.Tensor] | None = None,
+) -> np.ndarray | torch.Tensor:
     """The target-independent channels on the model grid: (8, *S) float32.
 
     ``as_tensor`` keeps them on the backbone's device (no host round trip before the head).
@@ -57,8 +63,14 @@ def shared_inputs(backbone: Backbone, x: np.ndarray, h: np.ndarray, region: np.n
     return shared if as_tensor else shared.cpu().numpy()
 
 
-def target_inputs(channels, coarse: np.ndarray, organ: np.ndarray | None = None, x: np.ndarray | None = None,
-                  spacing_kji=None, params=None) -> np.ndarray:
+def target_inputs(
+    channels,
+    coarse: np.ndarray,
+    organ: np.ndarray | None = None,
+    x: np.ndarray | None = None,
+    spacing_kji=None,
+    params=None,
+) -> np.ndarray:
     """One target's own input channels on the model grid, (C, *S), in the order ``channels``
     names them (a package's ``networks.refine.target_channels``)."""
     from diffugts.stages.deviation import DeviationParams, deviation_z
@@ -70,6 +82,8 @@ def target_inputs(channels, coarse: np.ndarray, organ: np.ndarray | None = None,
         elif name == "organ":
             out.append(np.asarray(organ, np.float32))
         elif name == "deviation":
+            if x is None:
+                raise ValueError("the deviation channel needs the volume x")
             z = deviation_z(x, np.asarray(organ, bool), spacing_kji, params or DeviationParams())
             out.append(np.abs(z).astype(np.float32) / DEVIATION_SCALE)
         else:
@@ -78,8 +92,9 @@ def target_inputs(channels, coarse: np.ndarray, organ: np.ndarray | None = None,
 
 
 @torch.no_grad()
-def refine_probability(head: RefineHead, shared: np.ndarray | torch.Tensor, coarse: np.ndarray, roi=None,
-                       bf16: bool = True) -> np.ndarray:
+def refine_probability(
+    head: RefineHead, shared: np.ndarray | torch.Tensor, coarse: np.ndarray, roi=None, bf16: bool = True
+) -> np.ndarray:
     """Refined probability on the model grid (bf16 autocast on CUDA): one target's coarse map
     (*S) -> (*S), or several targets' coarse maps (T, *S) or own channels (T, C, *S) -> (T, *S),
     in batched passes of at most ``HEAD_BATCH_VOXELS`` (batch norm is fixed
@@ -97,17 +112,22 @@ def refine_probability(head: RefineHead, shared: np.ndarray | torch.Tensor, coar
     per_input = max(1, HEAD_BATCH_VOXELS // math.prod(shared.shape[1:]))  # targets per input tensor
     prob = np.empty((coarse.shape[0],) + coarse.shape[2:], np.float32)
     for start in range(0, len(coarse), per_input):
-        own = torch.from_numpy(coarse[start:start + per_input]).to(device)
+        own = torch.from_numpy(coarse[start : start + per_input]).to(device)
         inp = torch.cat([shared[None].expand(len(own), *shared.shape), own], 1)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
-            logits = sliding_window_inference(inp, roi, sw_batch_size=per_pass, predictor=head, overlap=0.25,
-                                              mode="gaussian")
-        prob[start:start + len(own)] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+            logits = cast(
+                torch.Tensor,
+                sliding_window_inference(
+                    inp, roi, sw_batch_size=per_pass, predictor=head, overlap=0.25, mode="gaussian"
+                ),
+            )
+        prob[start : start + len(own)] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
     return prob[0] if single else prob
 
 
-def refined_probabilities(head: RefineHead, shared, coarse: list[np.ndarray], allowed: list[np.ndarray],
-                          space, roi=None, own=None) -> list[np.ndarray]:
+def refined_probabilities(
+    head: RefineHead, shared, coarse: list[np.ndarray], allowed: list[np.ndarray], space, roi=None, own=None
+) -> list[np.ndarray]:
     """Per target its refined probability on the study grid, inside the bounding box of its
     ``allowed`` region (0 elsewhere: nothing outside it becomes a mask), from its ``coarse``
     map (study grid), or from ``own(n, coarse_on_model_grid)``, the target's own channels
@@ -152,16 +172,27 @@ def own_channels(pkg, x: np.ndarray, space, organs: list[np.ndarray | None]):
     def own(n: int, coarse_model: np.ndarray) -> np.ndarray:
         if n not in made:
             organ = organs[n]
-            organ = (space.to_model(organ.astype(np.float32), nearest=True) > 0.5 if organ is not None
-                     else np.zeros(coarse_model.shape, bool))
+            organ = (
+                space.to_model(organ.astype(np.float32), nearest=True) > 0.5
+                if organ is not None
+                else np.zeros(coarse_model.shape, bool)
+            )
             made[n] = target_inputs(channels, coarse_model, organ, x, spacing, params)
         return made[n]
 
     return own
 
 
-def verify_masks(pkg, masks: list[np.ndarray], probs: list[np.ndarray], coarse: list[np.ndarray],
-                 organs: list[np.ndarray | None], shared, own, space) -> list[np.ndarray]:
+def verify_masks(
+    pkg,
+    masks: list[np.ndarray],
+    probs: list[np.ndarray],
+    coarse: list[np.ndarray],
+    organs: list[np.ndarray | None],
+    shared,
+    own,
+    space,
+) -> list[np.ndarray]:
     """Each target's mask (study grid) without the lesions the package's lesion verifier
     rejects (diffugts.stages.verification); unchanged without a verifier. ``shared``: the head's
     shared inputs (model grid), whose |x - H| channel is the residual evidence; ``own``: the
@@ -182,9 +213,15 @@ def verify_masks(pkg, masks: list[np.ndarray], probs: list[np.ndarray], coarse: 
             out.append(mask)
             continue
         z = own(n, space.to_model(coarse[n]))[deviation] * DEVIATION_SCALE
-        organ = organs[n][box] if organs[n] is not None else np.zeros(mask[box].shape, bool)
-        evidence = Evidence(refined=probs[n][box], coarse=coarse[n][box], deviation=space.to_study(z, box=box),
-                            residual=space.to_study(residual, box=box), organ=organ)
+        organ_n = organs[n]
+        organ = organ_n[box] if organ_n is not None else np.zeros(mask[box].shape, bool)
+        evidence = Evidence(
+            refined=probs[n][box],
+            coarse=coarse[n][box],
+            deviation=space.to_study(z, box=box),
+            residual=space.to_study(residual, box=box),
+            organ=organ,
+        )
         kept = np.zeros_like(mask)
         kept[box] = verified(mask[box], evidence, verifier, voxel_ml(space.study))
         out.append(kept)
@@ -263,8 +300,14 @@ def refinement(core, study, attention, synthesis):
     if any(a.any() for a in allowed):
         masks = verify_masks(pkg, masks, probs, coarse, organs, shared, own_inputs, space)
     targets = [{"prompt": e["prompt"], "score": e["score"]} for e in attention.targets]
-    return lesion_artifact(s, targets, masks, probs, min_volume_ml=core.params.refine.min_volume_ml,
-                           model={"name": pkg.name, "sha256": pkg.sha256})
+    return lesion_artifact(
+        s,
+        targets,
+        masks,
+        probs,
+        min_volume_ml=core.params.refine.min_volume_ml,
+        model={"name": pkg.name, "sha256": pkg.sha256},
+    )
 
 
 def timer():
@@ -272,14 +315,21 @@ def timer():
     return lambda: round(time.perf_counter() - start, 3)
 
 
-def refine(study_dir, attention_dir, synthesis_dir, model: str, out_dir, *,
-           min_volume_ml: float = DEFAULT_MIN_VOLUME_ML, device: str | None = None, backbone: Backbone | None = None,
-           head: RefineHead | None = None) -> dict:
+def refine(
+    study_dir,
+    attention_dir,
+    synthesis_dir,
+    model: str,
+    out_dir,
+    *,
+    min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
+    device: str | None = None,
+    backbone: Backbone | None = None,
+    head: RefineHead | None = None,
+) -> dict:
     """The refinement stage on files: the lesion artifact (``lesions.json`` last) for every
     prompt of the attention artifact; returns its summary and the stage's time."""
-    from diffugts.artifacts import attention as attention_artifact
-    from diffugts.artifacts import lesions as artifact
-    from diffugts.artifacts import synthesis as synthesis_artifact
+    from diffugts.artifacts import attention as attention_artifact, lesions as artifact, synthesis as synthesis_artifact
     from diffugts.artifacts.study import load_study
     from diffugts.config import MethodParams, RefineParams
     from diffugts.core import Core

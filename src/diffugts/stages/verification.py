@@ -17,6 +17,7 @@ The evidence maps of one target, on one grid:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -24,8 +25,15 @@ from scipy import ndimage
 from diffugts.stages.lesions import CONNECTIVITY_26
 
 # Component features, in the order of the verifier's weights.
-FEATURES = ("log_volume_ml", "refined_mean", "refined_max", "coarse_mean", "deviation_mean", "residual_mean",
-            "organ_fraction")
+FEATURES = (
+    "log_volume_ml",
+    "refined_mean",
+    "refined_max",
+    "coarse_mean",
+    "deviation_mean",
+    "residual_mean",
+    "organ_fraction",
+)
 
 
 @dataclass(frozen=True)
@@ -52,11 +60,12 @@ class LesionVerifier:
     features: tuple[str, ...] = FEATURES
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LesionVerifier":
+    def from_dict(cls, d: dict) -> LesionVerifier:
         d = dict(d)
         if tuple(d.get("features", FEATURES)) != FEATURES:
             raise ValueError(f"unknown lesion verifier features {d.get('features')!r}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**fields)
 
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -73,8 +82,9 @@ def verifier_of(pkg) -> LesionVerifier | None:
     return LesionVerifier.from_dict(entry) if entry else None
 
 
-def candidates(mask: np.ndarray, evidence: Evidence, voxel_ml: float,
-               min_volume_ml: float = 0.0) -> tuple[np.ndarray, list[int], np.ndarray]:
+def candidates(
+    mask: np.ndarray, evidence: Evidence, voxel_ml: float, min_volume_ml: float = 0.0
+) -> tuple[np.ndarray, list[int], np.ndarray]:
     """The mask's 26-connected components: (labels, ids of those of at least ``min_volume_ml``,
     their (N, F) features in the order of FEATURES)."""
     labels, n = ndimage.label(np.asarray(mask, bool), structure=CONNECTIVITY_26)
@@ -90,10 +100,18 @@ def candidates(mask: np.ndarray, evidence: Evidence, voxel_ml: float,
         return ndimage.mean(np.asarray(a, np.float32), labels, ids)
 
     count = np.asarray([count[i - 1] for i in ids])
-    feats = np.stack([np.log10(count * voxel_ml), mean(evidence.refined),
-                      ndimage.maximum(np.asarray(evidence.refined, np.float32), labels, ids),
-                      mean(evidence.coarse), mean(evidence.deviation), mean(evidence.residual),
-                      mean(evidence.organ)], 1)
+    feats = np.stack(
+        [
+            np.log10(count * voxel_ml),
+            mean(evidence.refined),
+            ndimage.maximum(np.asarray(evidence.refined, np.float32), labels, ids),
+            mean(evidence.coarse),
+            mean(evidence.deviation),
+            mean(evidence.residual),
+            mean(evidence.organ),
+        ],
+        1,
+    )
     return labels, ids, feats
 
 

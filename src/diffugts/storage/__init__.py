@@ -19,7 +19,19 @@ from diffugts.storage.store import MANIFEST, ObjectInfo, ObjectStore, localize
 from diffugts.storage.uri import is_s3_uri, join_uri, parse_s3_uri
 
 __all__ = [
-    "MANIFEST", "AccessDenied", "ObjectInfo", "ObjectNotFound", "ObjectStore", "RetryPolicy", "S3Settings",
-    "StorageError", "StoreUnavailable", "default_bucket", "is_s3_uri", "join_uri", "localize",
-    "parse_s3_uri", "results_uri",
+    "MANIFEST",
+    "AccessDenied",
+    "ObjectInfo",
+    "ObjectNotFound",
+    "ObjectStore",
+    "RetryPolicy",
+    "S3Settings",
+    "StorageError",
+    "StoreUnavailable",
+    "default_bucket",
+    "is_s3_uri",
+    "join_uri",
+    "localize",
+    "parse_s3_uri",
+    "results_uri",
 ]

@@ -3,7 +3,7 @@ rest become."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import urllib3
 from minio.error import InvalidResponseError, S3Error, ServerError
@@ -11,15 +11,32 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 from diffugts.errors import DiffugtsError
 from diffugts.storage.uri import parse_s3_uri
 
-TRANSIENT_CODES = frozenset({
-    "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "OperationAborted",
-    "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
-    "XMinioServerNotInitialized",
-})
-AUTH_CODES = frozenset({
-    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-    "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "InvalidSecurity",
-})
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "XMinioServerNotInitialized",
+    }
+)
+AUTH_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "AllAccessDisabled",
+        "InvalidSecurity",
+    }
+)
 
 
 class StorageError(DiffugtsError):

@@ -21,9 +21,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from diffugts.errors import InputError
 from diffugts.utils import atomic
@@ -127,7 +128,7 @@ def list_children(uri: str) -> list[Child]:
         base = folder_prefix(key)
         children = []
         for entry in _store().list_entries(uri):
-            name = entry.key[len(base):].rstrip("/")
+            name = entry.key[len(base) :].rstrip("/")
             if name:  # not the folder marker of the prefix itself
                 children.append(Child(name, f"s3://{bucket}/{entry.key.rstrip('/')}", entry.is_dir))
         return sorted(children, key=lambda c: c.name)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from diffugts.errors import ConfigError
@@ -48,7 +49,8 @@ class S3Settings:
         if var is None or value is None:
             raise ConfigError(
                 "DIFFUGTS_S3_ENDPOINT is not set (the object store endpoint, e.g. "
-                "http://minio-service.kubeflow:9000; AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL also work)")
+                "http://minio-service.kubeflow:9000; AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL also work)"
+            )
         endpoint, secure = _parse_endpoint(var, value)
         return cls(
             endpoint=endpoint,
@@ -97,8 +99,10 @@ class RetryPolicy:
     def from_env(cls, env: Mapping[str, str] | None = None) -> RetryPolicy:
         env = os.environ if env is None else env
         kwargs: dict[str, Any] = {}
-        for var, key, kind in (("DIFFUGTS_S3_ATTEMPTS", "attempts", int),
-                               ("DIFFUGTS_S3_BACKOFF_S", "base_delay", float)):
+        for var, key, kind in (
+            ("DIFFUGTS_S3_ATTEMPTS", "attempts", int),
+            ("DIFFUGTS_S3_BACKOFF_S", "base_delay", float),
+        ):
             if env.get(var, "").strip():
                 try:
                     kwargs[key] = kind(env[var])
@@ -112,5 +116,5 @@ class RetryPolicy:
     def delay(self, retry: int) -> float:
         """Wait before retry number ``retry`` (0-based): exponential, with "equal jitter"
         (half fixed, half random) so clients spread out but still back off."""
-        step = min(self.max_delay, self.base_delay * 2 ** retry)
+        step = min(self.max_delay, self.base_delay * 2**retry)
         return step / 2 + random.uniform(0, step / 2)

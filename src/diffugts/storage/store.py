@@ -9,6 +9,7 @@ object details), never ``_call``.
 
 from __future__ import annotations
 
+import builtins
 import datetime as _dt
 import hashlib
 import io
@@ -16,25 +17,36 @@ import json
 import logging
 import mimetypes
 import os
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import certifi
 import urllib3
 from minio import Minio
 
 from diffugts import __version__
-from diffugts.utils.atomic import atomic_path, staging_dir
 from diffugts.errors import InputError
 from diffugts.storage.errors import (
-    ObjectNotFound, StorageError, StoreUnavailable, brief, is_transient, translate,
+    ObjectNotFound,
+    StorageError,
+    StoreUnavailable,
+    brief,
+    is_transient,
+    translate,
 )
 from diffugts.storage.settings import RetryPolicy, S3Settings
 from diffugts.storage.uri import (
-    folder_prefix, is_s3_uri, join_uri, local_relpath, parse_object_uri, parse_s3_uri,
+    folder_prefix,
+    is_s3_uri,
+    join_uri,
+    local_relpath,
+    parse_object_uri,
+    parse_s3_uri,
 )
+from diffugts.utils.atomic import atomic_path, staging_dir
 
 log = logging.getLogger("diffugts.storage")
 
@@ -58,8 +70,14 @@ class ObjectInfo:
 class ObjectStore:
     """S3 operations on ``s3://`` URIs with retries, integrity checks and atomic local writes."""
 
-    def __init__(self, settings: S3Settings | None = None, *, retry: RetryPolicy | None = None,
-                 timeout: float = 60.0, workers: int = 8):
+    def __init__(
+        self,
+        settings: S3Settings | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: float = 60.0,
+        workers: int = 8,
+    ):
         self.settings = settings or S3Settings.from_env()
         self.retry = retry or RetryPolicy.from_env()
         self.workers = max(1, workers)
@@ -71,9 +89,15 @@ class ObjectStore:
             cert_reqs="CERT_REQUIRED",
             ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
         )
-        self.client = Minio(s.endpoint, access_key=s.access_key, secret_key=s.secret_key,
-                            session_token=s.session_token, secure=s.secure, region=s.region,
-                            http_client=http)
+        self.client = Minio(
+            s.endpoint,
+            access_key=s.access_key,
+            secret_key=s.secret_key,
+            session_token=s.session_token,
+            secure=s.secure,
+            region=s.region,
+            http_client=http,
+        )
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.settings.url})"
@@ -92,8 +116,10 @@ class ObjectStore:
                     raise err from exc
                 if attempt == n:
                     raise StoreUnavailable(
-                        uri, f"object store at {self.settings.url} failed after {n} attempt"
-                        f"{'s' if n > 1 else ''}: {brief(exc)}") from exc
+                        uri,
+                        f"object store at {self.settings.url} failed after {n} attempt"
+                        f"{'s' if n > 1 else ''}: {brief(exc)}",
+                    ) from exc
                 delay = self.retry.delay(attempt - 1)
                 log.warning("%s: %s; retry %d of %d in %.2f s", uri, brief(exc), attempt, n - 1, delay)
                 self.retry.sleep(delay)
@@ -135,22 +161,28 @@ class ObjectStore:
             raise InputError(path, "not a file")
         size, digest = _sha256_file(path)
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        self._call(uri, self.client.fput_object, bucket, key, str(path),
-                   content_type=ctype, metadata={_SHA_META: digest})
+        self._call(
+            uri, self.client.fput_object, bucket, key, str(path), content_type=ctype, metadata={_SHA_META: digest}
+        )
         return size, digest
 
     def put_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         bucket, key = parse_object_uri(uri)
-        meta = {_SHA_META: hashlib.sha256(data).hexdigest()}
+        meta: dict[str, str | list[str] | tuple[str]] = {_SHA_META: hashlib.sha256(data).hexdigest()}
         # A fresh stream per attempt: a retry must resend from the start.
-        self._call(uri, lambda: self.client.put_object(
-            bucket, key, io.BytesIO(data), len(data), content_type=content_type, metadata=meta))
+        self._call(
+            uri,
+            lambda: self.client.put_object(
+                bucket, key, io.BytesIO(data), len(data), content_type=content_type, metadata=meta
+            ),
+        )
 
     def get_bytes(self, uri: str) -> bytes:
         def attempt() -> bytes:
             buf = bytearray()
             self._get(uri, buf.extend)
             return bytes(buf)
+
         return self._call(uri, attempt)
 
     def download_file(self, uri: str, path: str | os.PathLike) -> Path:
@@ -162,6 +194,7 @@ class ObjectStore:
         def attempt() -> tuple[int, str]:
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 return self._get(uri, f.write)
+
         return self._call(uri, attempt)
 
     def _get(self, uri: str, write: Callable[[bytes], Any]) -> tuple[int, str]:
@@ -199,37 +232,38 @@ class ObjectStore:
 
     # -- prefixes
 
-    def list(self, uri_prefix: str) -> list[str]:
+    def list(self, uri_prefix: str) -> builtins.list[str]:
         """URIs of all objects under the folder ``uri_prefix``, recursively, sorted."""
         bucket, prefix = parse_s3_uri(uri_prefix)
         return [f"s3://{bucket}/{k}" for k in self._keys(uri_prefix, bucket, folder_prefix(prefix))]
 
-    def list_entries(self, uri_prefix: str, *, recursive: bool = False) -> list[ObjectInfo]:
+    def list_entries(self, uri_prefix: str, *, recursive: bool = False) -> builtins.list[ObjectInfo]:
         """What lies under the folder ``uri_prefix``, in the store's order: with ``recursive``
         every object at any depth, else the objects and sub-prefixes directly under it (one
         delimiter listing: a folder of studies costs one entry per study, not one per file).
         Folder-marker keys ending in "/" are kept; callers skip what they do not want."""
         bucket, key = parse_s3_uri(uri_prefix)
         prefix = folder_prefix(key)
-        objs = self._call(uri_prefix, lambda: list(self.client.list_objects(bucket, prefix=prefix,
-                                                                            recursive=recursive)))
+        objs = self._call(
+            uri_prefix, lambda: list(self.client.list_objects(bucket, prefix=prefix, recursive=recursive))
+        )
         return [ObjectInfo(o.object_name, o.is_dir, o.size, o.etag) for o in objs]
 
-    def _keys(self, uri: str, bucket: str, prefix: str) -> list[str]:
+    def _keys(self, uri: str, bucket: str, prefix: str) -> builtins.list[str]:
         objs = self._call(uri, lambda: list(self.client.list_objects(bucket, prefix=prefix, recursive=True)))
         # Keys ending in "/" are folder markers some tools write; they hold no data.
         return sorted(o.object_name for o in objs if not o.object_name.endswith("/"))
 
-    def download_prefix(self, uri: str, dest_dir: str | os.PathLike) -> list[Path]:
+    def download_prefix(self, uri: str, dest_dir: str | os.PathLike) -> builtins.list[Path]:
         """Mirror every object under the folder ``uri`` into ``dest_dir``; returns the paths."""
         bucket, key = parse_s3_uri(uri)
         prefix, dest = folder_prefix(key), Path(dest_dir)
-        uris = [(f"s3://{bucket}/{k}", k[len(prefix):]) for k in self._keys(uri, bucket, prefix)]
+        uris = [(f"s3://{bucket}/{k}", k[len(prefix) :]) for k in self._keys(uri, bucket, prefix)]
         _check_mirrorable(uri, [rel for _, rel in uris])
         jobs = [(obj, dest / local_relpath(obj, rel)) for obj, rel in uris]
         return self._parallel(lambda job: self.download_file(*job), jobs)
 
-    def upload_dir(self, local_dir: str | os.PathLike, uri: str) -> list[str]:
+    def upload_dir(self, local_dir: str | os.PathLike, uri: str) -> builtins.list[str]:
         """Upload every file under ``local_dir`` to the folder ``uri``; returns the URIs."""
         local = Path(local_dir)
         files = _local_files(local)
@@ -238,8 +272,9 @@ class ObjectStore:
 
     # -- artifacts (manifest written last)
 
-    def publish_dir(self, local_dir: str | os.PathLike, uri: str,
-                    meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def publish_dir(
+        self, local_dir: str | os.PathLike, uri: str, meta: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Publish ``local_dir`` as a complete artifact at ``uri``; returns the manifest."""
         local = Path(local_dir)
         files = _local_files(local)
@@ -254,10 +289,9 @@ class ObjectStore:
         results = self._parallel(lambda rel: self._upload(local / rel, join_uri(uri, rel)), files)
         manifest = {
             "format": MANIFEST_FORMAT,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "diffugts_version": __version__,
-            "files": [{"path": rel, "size": size, "sha256": digest}
-                      for rel, (size, digest) in zip(files, results)],
+            "files": [{"path": rel, "size": size, "sha256": digest} for rel, (size, digest) in zip(files, results)],
             "meta": dict(meta or {}),
         }
         self.put_bytes(manifest_uri, (json.dumps(manifest, indent=2) + "\n").encode(), "application/json")
@@ -266,7 +300,7 @@ class ObjectStore:
     def artifact_complete(self, uri: str) -> bool:
         return self.exists(join_uri(uri, MANIFEST))
 
-    def fetch_artifact(self, uri: str, dest_dir: str | os.PathLike) -> list[Path]:
+    def fetch_artifact(self, uri: str, dest_dir: str | os.PathLike) -> builtins.list[Path]:
         """Download a published artifact, verifying each file's size and sha256 against the
         manifest. ``dest_dir`` gets its own ``_manifest.json`` last, as the local marker."""
         manifest_uri = join_uri(uri, MANIFEST)
@@ -279,6 +313,7 @@ class ObjectStore:
         entries = _parse_manifest(manifest_uri, raw)
         dest = Path(dest_dir)
         with staging_dir(dest, marker=MANIFEST) as stage:
+
             def fetch(entry: dict[str, Any]) -> None:
                 obj = join_uri(uri, entry["path"])
                 try:
@@ -289,12 +324,14 @@ class ObjectStore:
                     raise InputError(obj, f"size mismatch: manifest says {entry['size']} bytes, got {size}")
                 if digest != entry["sha256"]:
                     raise InputError(obj, f"sha256 mismatch: manifest says {entry['sha256']}, got {digest}")
+
             self._parallel(fetch, entries)
             (stage / MANIFEST).write_bytes(raw)
         return [dest / local_relpath(uri, e["path"]) for e in entries]
 
 
 # --- helpers --------------------------------------------------------------------------
+
 
 def _sha256_file(path: Path) -> tuple[int, str]:
     h, size = hashlib.sha256(), 0
@@ -313,8 +350,11 @@ def _check_mirrorable(uri: str, rels: list[str]) -> None:
         parts = rel.split("/")
         for n in range(1, len(parts)):
             if "/".join(parts[:n]) in names:
-                raise InputError(uri, f"holds both an object and a folder of objects named {'/'.join(parts[:n])!r}; "
-                                      "a local mirror cannot")
+                raise InputError(
+                    uri,
+                    f"holds both an object and a folder of objects named {'/'.join(parts[:n])!r}; "
+                    "a local mirror cannot",
+                )
 
 
 def _local_files(local: Path) -> list[str]:
@@ -328,16 +368,15 @@ def _parse_manifest(uri: str, raw: bytes) -> list[dict[str, Any]]:
         manifest = json.loads(raw)
         entries = manifest["files"]
         if manifest.get("format") != MANIFEST_FORMAT or not all(
-                isinstance(e["path"], str) and isinstance(e["size"], int) and isinstance(e["sha256"], str)
-                for e in entries):
+            isinstance(e["path"], str) and isinstance(e["size"], int) and isinstance(e["sha256"], str) for e in entries
+        ):
             raise ValueError
     except (ValueError, KeyError, TypeError):
         raise InputError(uri, f"malformed manifest (expected format {MANIFEST_FORMAT})") from None
     return entries
 
 
-def localize(uri_or_path: str | os.PathLike, workdir: str | os.PathLike,
-             store: ObjectStore | None = None) -> Path:
+def localize(uri_or_path: str | os.PathLike, workdir: str | os.PathLike, store: ObjectStore | None = None) -> Path:
     """A local path for an input: local paths come back as they are; ``s3://`` URIs are
     downloaded under ``workdir/<bucket>/<key>`` (one object, e.g. a .zip, or a whole
     prefix such as a DICOM study; a published artifact is fetched and verified)."""

@@ -21,7 +21,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     """``"s3://bucket/key/prefix"`` -> ``("bucket", "key/prefix")``; the key may be empty."""
     if not is_s3_uri(uri):
         raise InputError(str(uri), "malformed S3 URI: expected s3://bucket[/key]")
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
         raise InputError(uri, "malformed S3 URI: no bucket name")
     try:

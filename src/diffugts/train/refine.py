@@ -18,27 +18,15 @@ import numpy as np
 import torch
 
 from diffugts.artifacts.geometry import Geometry
+from diffugts.config import SynthesisParams
 from diffugts.networks.aova import AOVAHead, dice_bce, soft_dice
 from diffugts.networks.backbones import Backbone
-from diffugts.stages.deviation import Fusion, FusedMaps
-from diffugts.artifacts.geometry import Geometry
-from diffugts.stages.preprocess import Preprocessing, normalise
-from diffugts.utils.progress import progress
-from diffugts.stages.refine import shared_inputs, target_inputs
 from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS as SHARED, RefineHead
-from diffugts.config import SynthesisParams
-from diffugts.stages.synthesize import make_region, pseudo_healthy
 from diffugts.networks.text import TextEncoder, make_target
 from diffugts.stages.deviation import FusedMaps, Fusion
 from diffugts.stages.preprocess import Preprocessing, normalise
-from diffugts.stages.refine import (
-    LEGACY_TARGET_CHANNELS,
-    SHARED_CHANNELS as SHARED,
-    RefineHead,
-    shared_inputs,
-    target_inputs,
-)
-from diffugts.stages.synthesize import Params, make_region, pseudo_healthy
+from diffugts.stages.refine import shared_inputs, target_inputs
+from diffugts.stages.synthesize import make_region, pseudo_healthy
 from diffugts.train.aova import case_features, organ_family
 from diffugts.train.data import TrainingCase
 from diffugts.utils.progress import progress
@@ -85,9 +73,20 @@ def coarse_maps(
     return out
 
 
-def refinement_example(case: TrainingCase, backbone: Backbone, head: AOVAHead, text: TextEncoder, features,
-                       prep: Preprocessing, params: SynthesisParams, rng, fusion: Fusion | None = None, threshold: float = 0.5,
-                       channels=LEGACY_TARGET_CHANNELS, negatives: int = 1) -> list[Example]:
+def refinement_example(
+    case: TrainingCase,
+    backbone: Backbone,
+    head: AOVAHead,
+    text: TextEncoder,
+    features,
+    prep: Preprocessing,
+    params: SynthesisParams,
+    rng,
+    fusion: Fusion | None = None,
+    threshold: float = 0.5,
+    channels=LEGACY_TARGET_CHANNELS,
+    negatives: int = 1,
+) -> list[Example]:
     """The examples of one case: every organ with lesions, and ``negatives`` lesion-free host
     organs (every host organ of a healthy case) whose coarse candidates are false ones: the
     head must learn to answer "nothing here" as well as to delineate."""
@@ -106,10 +105,17 @@ def refinement_example(case: TrainingCase, backbone: Backbone, head: AOVAHead, t
         union |= (prob[fam] >= threshold) | truths.get(fam, False)
     if not union.any():
         return []
-    region = make_region(union, np.asarray(prep.spacing_mm)[::-1], params.dilation_mm + rng.uniform(0, 6),
-                         params.feather_mm)
-    pseudo, _ = pseudo_healthy(case.volume, geometry, case.modality, region, backbone, prep,
-                               SynthesisParams(**{**params.__dict__, "seed": int(rng.integers(1 << 30))}))
+    region = make_region(union, prep.spacing_mm[::-1], params.dilation_mm + rng.uniform(0, 6), params.feather_mm)
+    assert case.volume is not None  # refinement cases keep their study-grid volume
+    pseudo, _ = pseudo_healthy(
+        case.volume,
+        geometry,
+        case.modality,
+        region,
+        backbone,
+        prep,
+        SynthesisParams(**{**params.__dict__, "seed": int(rng.integers(1 << 30))}),
+    )
     h = normalise(pseudo, case.modality, prep)
     shared = shared_inputs(backbone, case.x, h, region.dilated)
     examples = []

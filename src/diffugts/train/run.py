@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.config import AOVA_HEAD, REFINE_HEAD
 from diffugts.errors import ConfigError
 from diffugts.models.configs import get_config
@@ -194,14 +193,30 @@ def train_aova_head(
             "fusion_recall": fusion_recall,
         }
     losses = [h["loss"] for h in result.history]
-    return add_networks(pkg, {AOVA_HEAD: (entry, result.head.state_dict())}, out=out, provenance={
-        "aova_training": {"command": command_line(), "seed": seed, "cases": cases, "case_seed": R.AOVA_SEED + seed,
-                          "synthetic_cases": synthetic_cases, "randomised_cases": randomised_cases,
-                          "mr_healthy_cases": mr_healthy_cases,
-                          "synthetic_lesions": sum(r["type"] == "synthetic" for c in data for r in c.records),
-                          "steps": steps, "dim": dim, "loss_first_last": _ends(losses), "seconds": round(seconds, 1),
-                          "held_out_seen_dice": None if val is None else round(val, 4), **fusion_info,
-                          **({"datasets": source.provenance()} if source else {})}})
+    return add_networks(
+        pkg,
+        {AOVA_HEAD: (entry, result.head.state_dict())},
+        out=out,
+        provenance={
+            "aova_training": {
+                "command": command_line(),
+                "seed": seed,
+                "cases": cases,
+                "case_seed": R.AOVA_SEED + seed,
+                "synthetic_cases": synthetic_cases,
+                "randomised_cases": randomised_cases,
+                "mr_healthy_cases": mr_healthy_cases,
+                "synthetic_lesions": sum(r["type"] == "synthetic" for c in data for r in c.records),
+                "steps": steps,
+                "dim": dim,
+                "loss_first_last": _ends(losses),
+                "seconds": round(seconds, 1),
+                "held_out_seen_dice": None if val is None else round(val, 4),
+                **fusion_info,
+                **({"datasets": source.provenance()} if source else {}),
+            }
+        },
+    )
 
 
 def _ends(curve: list[float], n: int = 20) -> list[float]:
@@ -213,13 +228,14 @@ class _ExampleMaker:
     makes its inputs (the package's AOVA head, fusion and synthesis), for the refinement head
     and the lesion verifier."""
 
-    def __init__(self, pkg: ModelPackage, seed: int, synthesis_steps: int, phantom_shape=None,
-                 device: str | None = None):
-        from diffugts.networks.loading import load_head
-        from diffugts.stages.attend import default_threshold, fusion_of
-        from diffugts.networks.aova import AOVAHead
-        from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
+    def __init__(
+        self, pkg: ModelPackage, seed: int, synthesis_steps: int, phantom_shape=None, device: str | None = None
+    ):
         from diffugts.config import SynthesisParams
+        from diffugts.networks.aova import AOVAHead
+        from diffugts.networks.loading import load_head
+        from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
+        from diffugts.stages.attend import default_threshold, fusion_of
 
         self.prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
         self.backbone = load_backbone(pkg, device or "cpu")
@@ -316,16 +332,29 @@ def train_refine_head(
     cut = calibrate_threshold(probs, held_out) if (healthy_cases or source) and held_out else 0.5
     val = evaluate_refine(head, held_out, cut, probs)
     entry = {"config": head.config, "threshold": cut, "target_channels": list(make.channels)}
-    return add_networks(pkg, {REFINE_HEAD: (entry, head.state_dict())}, out=out,
-                        provenance={"refine_training": {
-                            "command": command_line(), "seed": seed, "cases": cases, "healthy_cases": healthy_cases,
-                            "examples": len(examples), "false_candidate_examples": sum(not e.truth.any() for e in examples),
-                            "case_seed": make.case_seed, "steps": steps, "synthesis_steps": synthesis_steps,
-                            "loss_first_last": _ends([h["loss"] for h in history]), "seconds": round(seconds, 1),
-                            "held_out_seen_dice": round(val["dice"], 4),
-                            "held_out_false_voxels_per_negative": round(val["false_voxels_per_negative"], 1),
-                            **({"datasets": source.provenance(), "threshold_cases": threshold_cases}
-                               if source else {})}})
+    return add_networks(
+        pkg,
+        {REFINE_HEAD: (entry, head.state_dict())},
+        out=out,
+        provenance={
+            "refine_training": {
+                "command": command_line(),
+                "seed": seed,
+                "cases": cases,
+                "healthy_cases": healthy_cases,
+                "examples": len(examples),
+                "false_candidate_examples": sum(not e.truth.any() for e in examples),
+                "case_seed": make.case_seed,
+                "steps": steps,
+                "synthesis_steps": synthesis_steps,
+                "loss_first_last": _ends([h["loss"] for h in history]),
+                "seconds": round(seconds, 1),
+                "held_out_seen_dice": round(val["dice"], 4),
+                "held_out_false_voxels_per_negative": round(val["false_voxels_per_negative"], 1),
+                **({"datasets": source.provenance(), "threshold_cases": threshold_cases} if source else {}),
+            }
+        },
+    )
 
 
 def train_lesion_verifier(
@@ -342,22 +371,28 @@ def train_lesion_verifier(
     on ``cases`` seen-type and ``healthy_cases`` lesion-free phantoms the head never saw
     (diffugts.train.verify); stored as ``networks.refine.verifier``."""
     from diffugts.networks.loading import load_head
+    from diffugts.networks.refine import RefineHead
     from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
     from diffugts.stages.refine import refine_threshold
-    from diffugts.networks.refine import RefineHead
     from diffugts.train.refine import held_out_probabilities
     from diffugts.train.verify import component_samples, fit_verifier
 
     pkg = open_package(model)
     if "deviation" not in (pkg.network(REFINE_HEAD) or {}).get("target_channels", []):
-        raise ConfigError(f"{pkg.root}: the lesion verifier needs a refinement head that takes the organ-relative "
-                          "deviation (train the AOVA head with a fusion, then `diffugts train refine`)")
+        raise ConfigError(
+            f"{pkg.root}: the lesion verifier needs a refinement head that takes the organ-relative "
+            "deviation (train the AOVA head with a fusion, then `diffugts train refine`)"
+        )
     make = _ExampleMaker(pkg, seed, synthesis_steps, phantom_shape)
     head, cut = load_head(pkg, REFINE_HEAD, RefineHead), refine_threshold(pkg)
-    plan = [(R.VERIFY_INDEX + i, False) for i in range(cases)] + [(R.VERIFY_HEALTHY_INDEX + i, True)
-                                                                  for i in range(healthy_cases)]
-    examples = [ex for i, healthy in progress(plan, desc="synthesis for verification", unit="case",
-                                              enable=show_progress) for ex in make(i, healthy)]
+    plan = [(R.VERIFY_INDEX + i, False) for i in range(cases)] + [
+        (R.VERIFY_HEALTHY_INDEX + i, True) for i in range(healthy_cases)
+    ]
+    examples = [
+        ex
+        for i, healthy in progress(plan, desc="synthesis for verification", unit="case", enable=show_progress)
+        for ex in make(i, healthy)
+    ]
     probs = held_out_probabilities(head, examples)
     voxel_ml = float(np.prod(make.prep.spacing_mm)) / 1000
     samples = component_samples(examples, probs, cut, voxel_ml, DEFAULT_MIN_VOLUME_ML)
@@ -367,13 +402,30 @@ def train_lesion_verifier(
         verifier, report = fit_verifier(samples, sum(int(e.truth.sum()) for e in examples))
         entry["verifier"] = verifier.as_dict()
     else:  # nothing to tell apart: the package keeps every refined lesion, and says why
-        report = {"components": len(samples), "lesion_components": lesion,
-                  "not_fitted": "the refined masks of the fitting cases hold no true and false lesions to tell apart"}
-        log.warning("%s: lesion verifier not fitted (%d components, %d of them lesions)", pkg.root, len(samples),
-                    lesion)
-    return add_networks(pkg, {REFINE_HEAD: (entry, pkg.state_dict(REFINE_HEAD))}, out=out, provenance={"verifier_training": {
-        "command": command_line(), "seed": seed, "cases": cases, "healthy_cases": healthy_cases,
-        "case_seed": make.case_seed, "indices": [R.VERIFY_INDEX, R.VERIFY_HEALTHY_INDEX], **report}})
+        report = {
+            "components": len(samples),
+            "lesion_components": lesion,
+            "not_fitted": "the refined masks of the fitting cases hold no true and false lesions to tell apart",
+        }
+        log.warning(
+            "%s: lesion verifier not fitted (%d components, %d of them lesions)", pkg.root, len(samples), lesion
+        )
+    return add_networks(
+        pkg,
+        {REFINE_HEAD: (entry, pkg.state_dict(REFINE_HEAD))},
+        out=out,
+        provenance={
+            "verifier_training": {
+                "command": command_line(),
+                "seed": seed,
+                "cases": cases,
+                "healthy_cases": healthy_cases,
+                "case_seed": make.case_seed,
+                "indices": [R.VERIFY_INDEX, R.VERIFY_HEALTHY_INDEX],
+                **report,
+            }
+        },
+    )
 
 
 def train_demo(

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffugts.stages.refine import DEVIATION_SCALE, RESIDUAL_GAIN
 from diffugts.networks.refine import SHARED_CHANNELS as SHARED, TARGET_CHANNELS
+from diffugts.stages.refine import DEVIATION_SCALE, RESIDUAL_GAIN
+from diffugts.stages.verification import FEATURES, Evidence, LesionVerifier, candidates
 from diffugts.train.fusion import fit_logistic
 from diffugts.train.refine import Example
 

@@ -60,7 +60,7 @@ def _s3_digest(uri: str) -> str:
         return _digest([(key.rsplit("/", 1)[-1], stat.etag, stat.size)])
     prefix = folder_prefix(key)
     objs = store.list_entries(uri, recursive=True)
-    entries = [(o.key[len(prefix):], o.etag, o.size) for o in objs if not o.key.endswith("/")]
+    entries = [(o.key[len(prefix) :], o.etag, o.size) for o in objs if not o.key.endswith("/")]
     if not entries:
         raise InputError(uri, "no objects under this prefix")
     return _digest(entries)

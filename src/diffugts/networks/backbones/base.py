@@ -78,14 +78,14 @@ class Backbone(nn.Module, ABC):
 
     family: str
     latent_stride: int  # image voxels per latent voxel along each axis
+    # True where features(x)'s leading encoder levels are exactly encoder_features(x) (same
+    # computation): refinement then reuses the attention stage's instead of encoding x again.
+    features_lead_with_encoder: bool = False
     # Set by every family's constructor (declared for the code that uses any backbone).
     config: dict  # the package's ``backbone`` section
     scale_factor: float  # latent scaling for the denoiser
     vae: Any  # the family's own modules (MONAI's or diffusers'), used through their own API
     unet: Any
-    # True where features(x)'s leading encoder levels are exactly encoder_features(x) (same
-    # computation): refinement then reuses the attention stage's instead of encoding x again.
-    features_lead_with_encoder: bool = False
 
     @abstractmethod
     def feature_specs(self) -> list[FeatureSpec]:

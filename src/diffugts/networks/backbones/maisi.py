@@ -26,10 +26,10 @@ from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import Diff
 from monai.networks.schedulers import DDIMScheduler, RFlowScheduler
 from torch import nn
 
+from diffugts.errors import ConfigError
 from diffugts.networks.backbones.base import Backbone, FeatureSpec, Sampler, ScheduleSampler, grid_size
 from diffugts.networks.backbones.cuda_graphs import GraphedCall
 from diffugts.networks.loading import load_strict
-from diffugts.errors import ConfigError
 
 # Denoiser features are read at this fraction of the noise schedule: enough noise to put
 # the denoiser to work, little enough to keep the image's content (DESIGN.md: small t).
@@ -44,7 +44,7 @@ def build_vae(config: dict, device: torch.device, optimized: bool = True) -> Aut
     vae = AutoencoderKlMaisi(**cfg)
     for m in vae.modules() if optimized else ():
         if isinstance(m, MaisiGroupNorm3D):
-            m.forward = types.MethodType(nn.GroupNorm.forward, m)
+            m.forward = types.MethodType(nn.GroupNorm.forward, m)  # type: ignore[method-assign]  # on purpose
     return vae
 
 
@@ -79,8 +79,9 @@ class RFlowSampler(Sampler):
 
     def timesteps(self, strength: float, steps: int) -> list[float]:
         t0 = strength * self.num_train_timesteps
-        self.s.set_timesteps(grid_size(self.num_train_timesteps, strength, steps),
-                             input_img_size_numel=self.latent_numel)
+        self.s.set_timesteps(
+            grid_size(self.num_train_timesteps, strength, steps), input_img_size_numel=self.latent_numel
+        )
         later = [float(t) for t in self.s.timesteps if float(t) < t0 - 1e-3]
         return [t0] + later[: steps - 1]
 
@@ -106,8 +107,15 @@ class MaisiBackbone(Backbone):
     family = "maisi"
     features_lead_with_encoder = True  # both run _encode_with_levels under the same autocast
 
-    def __init__(self, config: dict, scale_factor: float = 1.0, device: str | torch.device = "cpu",
-                 feature_noise: float = DEFAULT_FEATURE_NOISE, optimized: bool = True, cuda_graphs: bool = True):
+    def __init__(
+        self,
+        config: dict,
+        scale_factor: float = 1.0,
+        device: str | torch.device = "cpu",
+        feature_noise: float = DEFAULT_FEATURE_NOISE,
+        optimized: bool = True,
+        cuda_graphs: bool = True,
+    ):
         super().__init__()
         self.device = torch.device(device)
         self.config = config
@@ -143,15 +151,17 @@ class MaisiBackbone(Backbone):
 
     # --- features ---------------------------------------------------------------------------
     def feature_specs(self) -> list[FeatureSpec]:
-        enc = [FeatureSpec(f"encoder{i}", c, 2 ** i) for i, c in enumerate(self.config["vae"]["num_channels"])]
+        enc = [FeatureSpec(f"encoder{i}", c, 2**i) for i, c in enumerate(self.config["vae"]["num_channels"])]
         chans = list(reversed(self.config["unet"]["num_channels"]))
         dec = [FeatureSpec(f"denoiser{i}", chans[i], self._up_strides[i] * self.latent_stride) for i in self._up_used]
         return enc + dec
 
     def _encode_with_levels(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         levels = []
-        hooks = [self.vae.encoder.blocks[i].register_forward_hook(lambda m, a, out: levels.append(out))
-                 for i in self._enc_ends]
+        hooks = [
+            self.vae.encoder.blocks[i].register_forward_hook(lambda m, a, out: levels.append(out))
+            for i in self._enc_ends
+        ]
         try:
             h = self.vae.encoder(x)
         finally:
@@ -175,8 +185,9 @@ class MaisiBackbone(Backbone):
             noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             z_t = sampler.add_noise(z, noise, t)
             ups = []
-            hooks = [self.unet.up_blocks[i].register_forward_hook(lambda m, a, out: ups.append(out))
-                     for i in self._up_used]
+            hooks = [
+                self.unet.up_blocks[i].register_forward_hook(lambda m, a, out: ups.append(out)) for i in self._up_used
+            ]
             try:
                 self._denoise(z_t, t, spacing, self._unet_call)  # eager: a graph replay runs no hooks
             finally:

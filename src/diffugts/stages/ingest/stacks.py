@@ -215,8 +215,10 @@ def analyse(stack: Stack, policy: GeometryPolicy) -> None:
                 stack.source_step = step
                 stack.notes.append(f"gantry tilt of {tilt:.1f} deg: resampled to an orthogonal grid")
             else:
-                stack.problems.append(f"gantry tilt of {tilt:.1f} deg (slices are sheared); "
-                                      "resample (the resample option) to an orthogonal grid")
+                stack.problems.append(
+                    f"gantry tilt of {tilt:.1f} deg (slices are sheared); "
+                    "resample (the resample option) to an orthogonal grid"
+                )
 
     direction = np.column_stack([row, col, third])
     stack.geometry = Geometry(positions[0], (sx, sy, sz), direction, (n, frames[0].ds.Rows, frames[0].ds.Columns))
@@ -226,8 +228,10 @@ def analyse(stack: Stack, policy: GeometryPolicy) -> None:
             stack.notes.append(f"oblique by {oblique:.1f} deg: resampled to the nearest axis-aligned grid")
             _plan_axis_aligned(stack)
         else:
-            stack.problems.append(f"oblique orientation ({oblique:.1f} deg from the patient axes); "
-                                  "resample (the resample option) to an axis-aligned grid")
+            stack.problems.append(
+                f"oblique orientation ({oblique:.1f} deg from the patient axes); "
+                "resample (the resample option) to an axis-aligned grid"
+            )
     elif stack.source_step is not None:
         _plan_deshear(stack)
 

@@ -21,12 +21,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from diffugts import __version__
 from diffugts.artifacts import study as artifact
-from diffugts.utils import atomic
 from diffugts.errors import InputError, OutputError
 from diffugts.stages.ingest.headers import Frame, Rejection, check_image, frames_of, read_header
 from diffugts.stages.ingest.rules import Rules, failed_conditions, load_rules
@@ -34,13 +34,19 @@ from diffugts.stages.ingest.sources import list_files
 from diffugts.stages.ingest.stacks import GeometryPolicy, Stack, analyse, build_stacks
 from diffugts.stages.ingest.volume import decode_stack, resample
 from diffugts.stages.ingest.writer import header_copies, write_study
+from diffugts.utils import atomic
 from diffugts.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "diffugts/study-v1"
-KIND_WORDS = {"not_dicom": "not DICOM", "truncated": "truncated", "unsupported": "unsupported SOP class",
-              "invalid": "invalid", "index_file": "DICOMDIR"}
+KIND_WORDS = {
+    "not_dicom": "not DICOM",
+    "truncated": "truncated",
+    "unsupported": "unsupported SOP class",
+    "invalid": "invalid",
+    "index_file": "DICOMDIR",
+}
 # What a deflated data set may inflate to beyond its float32 volume budget (its header).
 HEADER_SLACK_BYTES = 64 * 2**20
 
@@ -132,8 +138,10 @@ def load_series(
         for stack in stacks:
             analyse(stack, policy)
             if stack.geometry is not None and _voxels(stack) > max_voxels:
-                stack.problems.append(f"volume of {_voxels(stack) * 4 / 2**30:.1f} GiB exceeds the memory "
-                                      f"limit ({max_voxels * 4 / 2**30:.1f} GiB; DIFFUGTS_MAX_VOLUME_GB)")
+                stack.problems.append(
+                    f"volume of {_voxels(stack) * 4 / 2**30:.1f} GiB exceeds the memory "
+                    f"limit ({max_voxels * 4 / 2**30:.1f} GiB; DIFFUGTS_MAX_VOLUME_GB)"
+                )
         chosen, volume, decisions = _select_and_read(input_ref, stacks, ruleset, rejections, show_progress)
         series = _describe(input_ref, chosen, ruleset, decisions, rejections)
         # Read while zip / S3 sources still exist in the temporary folder.
@@ -156,6 +164,7 @@ def _log_skipped(rejections: list[dict], out_dir: Path, shown: int = 5) -> None:
 
 
 def _voxels(stack: Stack) -> int:
+    assert stack.geometry is not None  # analyse() set it
     k, j, i = stack.geometry.shape
     return k * j * i
 
@@ -185,14 +194,16 @@ def _scan(input_ref, work: Path, rejections: list[dict], max_voxels: int, show: 
             counts[r["kind"]] = counts.get(r["kind"], 0) + 1
         tally = ", ".join(f"{n} {KIND_WORDS.get(k, k)}" for k, n in sorted(counts.items()))
         first = rejections[0]
-        raise InputError(input_ref, f"no usable CT or MR images among {len(files)} files ({tally}); "
-                                    f"e.g. {first['file']}: {first['reason']}")
+        raise InputError(
+            input_ref,
+            f"no usable CT or MR images among {len(files)} files ({tally}); e.g. {first['file']}: {first['reason']}",
+        )
     return frames
 
 
 def _select_and_read(input_ref, stacks: list[Stack], rules: Rules, rejections: list[dict], show: bool):
     """Apply the selections in order; read the preferred candidate that decodes."""
-    decisions = {s.number: {"stack": s, "reasons": {}, "taken": False} for s in stacks}
+    decisions: dict[str, dict[str, Any]] = {s.number: {"stack": s, "reasons": {}, "taken": False} for s in stacks}
     for sel_no, sel in enumerate(rules.selections, start=1):
         name = sel.get("name") or f"selection {sel_no}"
         matches = []
@@ -205,8 +216,11 @@ def _select_and_read(input_ref, stacks: list[Stack], rules: Rules, rejections: l
             continue
         studies = {s.study_uid for s in matches}
         if len(studies) > 1:
-            raise InputError(input_ref, f"candidate series come from {len(studies)} different studies; "
-                                        "ingest one study at a time or narrow the rules (StudyInstanceUID)")
+            raise InputError(
+                input_ref,
+                f"candidate series come from {len(studies)} different studies; "
+                "ingest one study at a time or narrow the rules (StudyInstanceUID)",
+            )
         if rules.prefer == "most_instances":
             matches.sort(key=lambda s: (-len(s.frames), -int(s.ds.Rows) * int(s.ds.Columns)))
         for s in matches:
@@ -216,6 +230,7 @@ def _select_and_read(input_ref, stacks: list[Stack], rules: Rules, rejections: l
                 s.problems.append(str(err))
                 continue
             if s.source_geometry is not None:
+                assert s.geometry is not None  # planned with the source geometry
                 volume = resample(volume, s.source_geometry, s.geometry)
             decisions[s.number].update(taken=True, selection=name)
             _record_passed_over(decisions, rejections)
@@ -247,8 +262,7 @@ def _main_reasons(d: dict) -> list[str]:
 def _record_passed_over(decisions: dict, rejections: list[dict]) -> None:
     for d in decisions.values():
         if not d["taken"]:
-            rejections.append({"series": d["stack"].label(), "kind": "series",
-                               "reason": "; ".join(_main_reasons(d))})
+            rejections.append({"series": d["stack"].label(), "kind": "series", "reason": "; ".join(_main_reasons(d))})
 
 
 def _why_none(decisions: dict) -> str:
@@ -259,20 +273,23 @@ def _why_none(decisions: dict) -> str:
 
 
 def _describe(input_ref, stack: Stack, rules: Rules, decisions: dict, rejections: list[dict]) -> dict:
+    assert stack.geometry is not None  # analyse() set it
     ds = stack.ds
     modality = stack.modality
     candidates = []
     for d in decisions.values():
         s = d["stack"]
-        candidates.append({
-            "series": s.number,
-            "label": s.label(),
-            "series_instance_uid": s.series_uid,
-            "taken": d["taken"],
-            "selection": d.get("selection"),
-            "reasons": [] if d["taken"] else _main_reasons(d),
-            "notes": s.notes,
-        })
+        candidates.append(
+            {
+                "series": s.number,
+                "label": s.label(),
+                "series_instance_uid": s.series_uid,
+                "taken": d["taken"],
+                "selection": d.get("selection"),
+                "reasons": [] if d["taken"] else _main_reasons(d),
+                "notes": s.notes,
+            }
+        )
     return {
         "schema": SCHEMA,
         "diffugts_version": __version__,

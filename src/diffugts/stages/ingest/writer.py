@@ -11,7 +11,6 @@ import SimpleITK as sitk
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from diffugts.artifacts import study as artifact
-from diffugts.utils import atomic
 from diffugts.stages.ingest.headers import Frame
 from diffugts.stages.ingest.stacks import Stack
 from diffugts.utils import atomic
@@ -37,8 +36,11 @@ def write_study(out_dir: Path, loaded: LoadedSeries) -> None:
         try:
             sitk.WriteImage(image, str(stage / artifact.VOLUME), useCompression=False)
         except RuntimeError as err:
-            raise OSError(errno.EIO, f"SimpleITK could not write {artifact.VOLUME} ({' '.join(str(err).split())[-160:]})",
-                          str(out_dir / artifact.VOLUME)) from None
+            raise OSError(
+                errno.EIO,
+                f"SimpleITK could not write {artifact.VOLUME} ({' '.join(str(err).split())[-160:]})",
+                str(out_dir / artifact.VOLUME),
+            ) from None
         (stage / "headers").mkdir()
         for n, data in enumerate(loaded.headers):
             (stage / header_name(n)).write_bytes(data)

@@ -25,16 +25,39 @@ import numpy as np
 
 from diffugts import __version__
 from diffugts.artifacts import report as report_artifact
-from diffugts.utils import atomic
 from diffugts.errors import DiffugtsError
 from diffugts.utils import atomic
 from diffugts.utils.prometheus import reason_for
 
 FAILED_MARKER = report_artifact.FAILED_MARKER
-STUDY_COLUMNS = ["study_key", "status", "reason_code", "reason", "modality", "prompts", "lesions",
-                 "total_volume_ml", "largest_lesion_ml", "longest_diameter_mm", "max_anomaly_score", "source"]
-LESION_COLUMNS = ["study_key", "lesion", "prompt", "organ", "volume_ml", "longest_axial_diameter_mm",
-                  "mean_intensity", "intensity_units", "confidence", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]
+STUDY_COLUMNS = [
+    "study_key",
+    "status",
+    "reason_code",
+    "reason",
+    "modality",
+    "prompts",
+    "lesions",
+    "total_volume_ml",
+    "largest_lesion_ml",
+    "longest_diameter_mm",
+    "max_anomaly_score",
+    "source",
+]
+LESION_COLUMNS = [
+    "study_key",
+    "lesion",
+    "prompt",
+    "organ",
+    "volume_ml",
+    "longest_axial_diameter_mm",
+    "mean_intensity",
+    "intensity_units",
+    "confidence",
+    "centroid_x_mm",
+    "centroid_y_mm",
+    "centroid_z_mm",
+]
 
 
 def write_failure(out_dir: str | os.PathLike, stage: str, exc: BaseException, study_key: str | None = None) -> dict:

@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 
 from diffugts import __version__
-from diffugts.utils import atomic, prometheus as metrics
-from diffugts.artifacts import attention as attention_artifact
-from diffugts.artifacts import lesions as lesions_artifact
-from diffugts.artifacts import report as artifact
-from diffugts.artifacts import synthesis as synthesis_artifact
+from diffugts.artifacts import (
+    attention as attention_artifact,
+    lesions as lesions_artifact,
+    report as artifact,
+    synthesis as synthesis_artifact,
+)
 from diffugts.artifacts.study import load_study
+from diffugts.utils import atomic, prometheus as metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,18 @@ def study_key(study_uid: str) -> str:
     return hashlib.sha256(study_uid.encode()).hexdigest()[:16]
 
 
-def make_report(study_dir, lesions_dir, out_dir, *, attention_dir=None, synthesis_dir=None,
-                upload: str | None = None, pushgateway: str | None = None, max_lesion_pictures: int = 12,
-                loaded: dict | None = None) -> dict:
+def make_report(
+    study_dir,
+    lesions_dir,
+    out_dir,
+    *,
+    attention_dir=None,
+    synthesis_dir=None,
+    upload: str | None = None,
+    pushgateway: str | None = None,
+    max_lesion_pictures: int = 12,
+    loaded: dict | None = None,
+) -> dict:
     """Write the report folder ``out_dir``; ``upload``: None (no upload), "" (the default
     results bucket) or an ``s3://`` base. Metrics go to ``pushgateway`` (or the environment's
     gateway). A failure is recorded as a rejection there and as ``failed.json`` in
@@ -49,8 +60,17 @@ def make_report(study_dir, lesions_dir, out_dir, *, attention_dir=None, synthesi
     out = Path(out_dir)
     try:
         with metrics.timed_stage(STAGE, gateway=pushgateway) as run:
-            summary = _make(Path(study_dir), Path(lesions_dir), out, attention_dir, synthesis_dir,
-                            upload, max_lesion_pictures, run, loaded or {})
+            summary = _make(
+                Path(study_dir),
+                Path(lesions_dir),
+                out,
+                attention_dir,
+                synthesis_dir,
+                upload,
+                max_lesion_pictures,
+                run,
+                loaded or {},
+            )
             run["lesions"] = len(summary["lesions"])
     except Exception as exc:
         (out / MARKER).unlink(missing_ok=True)
@@ -60,11 +80,18 @@ def make_report(study_dir, lesions_dir, out_dir, *, attention_dir=None, synthesi
     return summary
 
 
-def _make(study_dir: Path, lesions_dir: Path, out: Path, attention_dir, synthesis_dir, upload, max_pictures,
-          run: dict, loaded: dict) -> dict:
-    from diffugts.stages.report import derived, human
-    from diffugts.stages.report import seg as seg_mod
-    from diffugts.stages.report import sr as sr_mod
+def _make(
+    study_dir: Path,
+    lesions_dir: Path,
+    out: Path,
+    attention_dir,
+    synthesis_dir,
+    upload,
+    max_pictures,
+    run: dict,
+    loaded: dict,
+) -> dict:
+    from diffugts.stages.report import derived, human, seg as seg_mod, sr as sr_mod
 
     t0 = time.perf_counter()
     study = loaded.get("study") or load_study(study_dir)
@@ -111,9 +138,14 @@ def _make(study_dir: Path, lesions_dir: Path, out: Path, attention_dir, synthesi
     ctx["notes"] = notes
 
     with atomic.staging_dir(out, marker=MARKER) as stage:
-        files: dict = {"markdown": "report.md", "summary": "summary.md", "html": "report.html",
-                       "metrics": "metrics.json", "seg": None,
-                       "pseudo_healthy_series": None}
+        files: dict = {
+            "markdown": "report.md",
+            "summary": "summary.md",
+            "html": "report.html",
+            "metrics": "metrics.json",
+            "seg": None,
+            "pseudo_healthy_series": None,
+        }
         if seg is not None:
             seg.save_as(stage / "seg.dcm")
             files["seg"] = "seg.dcm"
@@ -121,11 +153,14 @@ def _make(study_dir: Path, lesions_dir: Path, out: Path, attention_dir, synthesi
         files["sr"] = "sr.dcm"
         dicom = {"seg": _ids(seg, segments=len(infos)), "sr": _ids(sr), "pseudo_healthy": None}
         if synthesis is not None and not why_not_derived:
-            paths = derived.write_pseudo_healthy_series(stage / "pseudo_healthy", study, synthesis.pseudo_healthy,
-                                                        model, entropy)
+            paths = derived.write_pseudo_healthy_series(
+                stage / "pseudo_healthy", study, synthesis.pseudo_healthy, model, entropy
+            )
             files["pseudo_healthy_series"] = "pseudo_healthy/"
-            dicom["pseudo_healthy"] = {"series_instance_uid": seg_mod.uid(entropy, "pseudo-healthy-series"),
-                                       "instances": len(paths)}
+            dicom["pseudo_healthy"] = {
+                "series_instance_uid": seg_mod.uid(entropy, "pseudo-healthy-series"),
+                "instances": len(paths),
+            }
         (stage / "images").mkdir()
         for p in pictures:
             (stage / "images" / p.name).write_bytes(p.png)
@@ -136,17 +171,30 @@ def _make(study_dir: Path, lesions_dir: Path, out: Path, attention_dir, synthesi
         kfp_metrics = kfp_metric_values(ctx, time.perf_counter() - t0)
         atomic.write_json(stage / "metrics.json", kfp_metrics)
         summary = {
-            "stage": STAGE, "status": "done", "diffugts_version": __version__, "generated": ctx["generated"],
-            "study": {"study_key": ctx["study_key"], "study_instance_uid": s["study_instance_uid"],
-                      "series_instance_uid": s["series_instance_uid"],
-                      "frame_of_reference_uid": s["frame_of_reference_uid"], "modality": study.modality},
+            "stage": STAGE,
+            "status": "done",
+            "diffugts_version": __version__,
+            "generated": ctx["generated"],
+            "study": {
+                "study_key": ctx["study_key"],
+                "study_instance_uid": s["study_instance_uid"],
+                "series_instance_uid": s["series_instance_uid"],
+                "frame_of_reference_uid": s["frame_of_reference_uid"],
+                "modality": study.modality,
+            },
             "model": model,
             "targets": ctx["targets"],
             "lesions": [{**rec, "segment_number": seg_of.get(rec["id"])} for rec in ctx["lesions"]],
-            "files": files, "dicom": dicom, "notes": notes,
+            "files": files,
+            "dicom": dicom,
+            "notes": notes,
             "upload": {"uri": upload_uri} if upload_uri else None,
-            "timings_s": {"load": round(t_load - t0, 3), "dicom": round(t_dicom - t_load, 3),
-                          "pictures": round(t_pictures - t_dicom, 3), "total": round(time.perf_counter() - t0, 3)},
+            "timings_s": {
+                "load": round(t_load - t0, 3),
+                "dicom": round(t_dicom - t_load, 3),
+                "pictures": round(t_pictures - t_dicom, 3),
+                "total": round(time.perf_counter() - t0, 3),
+            },
         }
         atomic.write_json(stage / MARKER, summary)
     if upload_uri:
@@ -183,19 +231,32 @@ def context(study, lesions, attention, model: dict) -> dict:
             found = attention.for_prompt(prompt.get("text", ""), index)
             score = found[0].get("score") if found else None
         ids = list(t.get("lesion_ids", []))
-        targets.append({"index": index, "text": prompt.get("text", f"target {index}"), "organ": prompt.get("organ"),
-                        "score": score, "lesion_ids": ids,
-                        "total_volume_ml": round(sum(r["volume_ml"] for r in records if r["id"] in ids), 3)})
+        targets.append(
+            {
+                "index": index,
+                "text": prompt.get("text", f"target {index}"),
+                "organ": prompt.get("organ"),
+                "score": score,
+                "lesion_ids": ids,
+                "total_volume_ml": round(sum(r["volume_ml"] for r in records if r["id"] in ids), 3),
+            }
+        )
     size = "x".join(str(v) for v in g.shape[::-1])
     spacing = "x".join(f"{v:.2f}" for v in g.spacing)
     return {
         "study_key": study_key(study.series["study_instance_uid"]),
         "modality": study.modality,
-        "study": {"modality": study.modality, "orientation": study.series.get("orientation", "unknown"),
-                  "size": size, "spacing": spacing},
-        "model": model, "version": __version__,
-        "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "targets": targets, "lesions": records,
+        "study": {
+            "modality": study.modality,
+            "orientation": study.series.get("orientation", "unknown"),
+            "size": size,
+            "spacing": spacing,
+        },
+        "model": model,
+        "version": __version__,
+        "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "targets": targets,
+        "lesions": records,
     }
 
 
@@ -209,19 +270,22 @@ def _located(records: list[dict], targets: list[dict], study) -> list[dict]:
     for rec in records:
         organ = targets[rec["target"]].get("prompt", {}).get("organ") if rec.get("target") is not None else None
         lesion_side = location.side(organ, rec["centroid_lps_mm"], midline)
-        out.append({**rec, "side": lesion_side, "site": location.site(organ, lesion_side),
-                    "source_slice": slices.label(rec)})
+        out.append(
+            {**rec, "side": lesion_side, "site": location.site(organ, lesion_side), "source_slice": slices.label(rec)}
+        )
     return out
 
 
 def kfp_metric_values(ctx: dict, seconds: float) -> dict:
     """Flat name -> number, for ``dsl.Metrics.log_metric`` in the component."""
     lesions = ctx["lesions"]
-    out = {"lesions": len(lesions),
-           "total_volume_ml": round(sum(r["volume_ml"] for r in lesions), 3),
-           "largest_lesion_ml": max((r["volume_ml"] for r in lesions), default=0.0),
-           "longest_diameter_mm": max((r["longest_axial_diameter_mm"] for r in lesions), default=0.0),
-           "report_seconds": round(seconds, 3)}
+    out = {
+        "lesions": len(lesions),
+        "total_volume_ml": round(sum(r["volume_ml"] for r in lesions), 3),
+        "largest_lesion_ml": max((r["volume_ml"] for r in lesions), default=0.0),
+        "longest_diameter_mm": max((r["longest_axial_diameter_mm"] for r in lesions), default=0.0),
+        "report_seconds": round(seconds, 3),
+    }
     for t in ctx["targets"]:
         name = re.sub(r"[^a-z0-9]+", "_", t["text"].lower()).strip("_")[:40]
         out[f"lesions_{t['index']:02d}_{name}"] = len(t["lesion_ids"])

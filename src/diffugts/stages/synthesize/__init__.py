@@ -8,5 +8,16 @@ from diffugts.stages.synthesize.inpaint import Tiles, inpaint, renoise
 from diffugts.stages.synthesize.masks import Region, make_region
 from diffugts.stages.synthesize.stage import pseudo_healthy, synthesis, synthesize
 
-__all__ = ["GroundTruth", "Region", "Tiles", "fidelity", "inpaint", "make_region", "mask_truth", "pseudo_healthy",
-           "renoise", "synthesis", "synthesize"]
+__all__ = [
+    "GroundTruth",
+    "Region",
+    "Tiles",
+    "fidelity",
+    "inpaint",
+    "make_region",
+    "mask_truth",
+    "pseudo_healthy",
+    "renoise",
+    "synthesis",
+    "synthesize",
+]

@@ -79,9 +79,16 @@ def fidelity(x: np.ndarray, h: np.ndarray, truth: GroundTruth, dilated: np.ndarr
             mo, sd = x[tissue].mean(), x[tissue].std()
             if abs(mx - mo) > MIN_CONTRAST_SD * sd:
                 frac = (mx - mh) / (mx - mo)
-        entry = {**les, "voxels": int(sel.sum()), "covered_fraction": _r(dilated[sel].mean()),
-                 "mean_input": _r(mx, 2), "mean_pseudo_healthy": _r(mh, 2), "healthy_organ_mean": _r(mo, 2),
-                 "healthy_organ_sd": _r(sd, 2), "fidelity": _r(frac)}
+        entry = {
+            **les,
+            "voxels": int(sel.sum()),
+            "covered_fraction": _r(dilated[sel].mean()),
+            "mean_input": _r(mx, 2),
+            "mean_pseudo_healthy": _r(mh, 2),
+            "healthy_organ_mean": _r(mo, 2),
+            "healthy_organ_sd": _r(sd, 2),
+            "fidelity": _r(frac),
+        }
         if truth.healthy is not None:
             twin = truth.healthy[sel].astype(np.float64)
             entry["mae_to_healthy_input"] = _r(np.abs(x[sel] - twin).mean(), 3)

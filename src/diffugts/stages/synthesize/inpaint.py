@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from types import EllipsisType
 
 import torch
 from monai.data.utils import compute_importance_map
@@ -35,11 +36,11 @@ from diffugts.utils.progress import progress
 class Tiles:
     """Overlapping windows over a latent grid (latent voxels); one window = no tiling."""
 
-    windows: list[tuple[slice, slice, slice]]
-    size: tuple[int, int, int]
+    windows: list[tuple[slice, ...]]  # one slice per latent axis
+    size: tuple[int, ...]
 
     @classmethod
-    def plan(cls, shape, tile, overlap: float) -> "Tiles":
+    def plan(cls, shape, tile, overlap: float) -> Tiles:
         size = tuple(min(t, n) for t, n in zip(tile, shape)) if tile else tuple(shape)
         starts = []
         for n, t in zip(shape, size):
@@ -58,19 +59,25 @@ class Tiles:
         an output whose grid is the latent grid times ``scale_out``."""
         if not self.tiled:
             return fn(inp)
-        weight_map = compute_importance_map(tuple(t * scale_out for t in self.size), mode="gaussian",
-                                            device=inp.device)[None, None]
-        out = norm = None
+        weight_map = compute_importance_map(
+            tuple(t * scale_out for t in self.size), mode="gaussian", device=inp.device
+        )[None, None]
+        out: torch.Tensor | None = None
+        norm: torch.Tensor | None = None
         for win in self.windows:
-            src = (..., *(slice(s.start * scale_in, s.stop * scale_in) for s in win))
-            dst = (..., *(slice(s.start * scale_out, s.stop * scale_out) for s in win))
+            src: tuple[EllipsisType | slice, ...] = (..., *(slice(s.start * scale_in, s.stop * scale_in) for s in win))
+            dst: tuple[EllipsisType | slice, ...] = (
+                ...,
+                *(slice(s.start * scale_out, s.stop * scale_out) for s in win),
+            )
             piece = fn(inp[src])
-            if out is None:
+            if out is None or norm is None:
                 shape = (*piece.shape[:2], *(n // scale_in * scale_out for n in inp.shape[2:]))
                 out = torch.zeros(shape, device=piece.device, dtype=piece.dtype)
                 norm = torch.zeros((1, 1, *shape[2:]), device=piece.device, dtype=piece.dtype)
             out[dst] += piece * weight_map
             norm[dst] += weight_map
+        assert out is not None and norm is not None  # one window at least
         return out / norm
 
 
@@ -87,7 +94,7 @@ def renoise(sampler, z: torch.Tensor, t_from: float, t_to: float, generator: tor
     a_from, b_from = _path_coefficients(sampler, t_from, z)
     a_to, b_to = _path_coefficients(sampler, t_to, z)
     ratio = a_to / a_from
-    sigma = max(b_to ** 2 - (ratio * b_from) ** 2, 0.0) ** 0.5
+    sigma = max(b_to**2 - (ratio * b_from) ** 2, 0.0) ** 0.5
     eps = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
     return ratio * z + sigma * eps
 
@@ -100,9 +107,21 @@ def _now(t: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def inpaint(backbone: Backbone, x: torch.Tensor, mask: torch.Tensor, spacing, *, strength: float, steps: int,
-            jumps: int, seed: int, tile: tuple[int, int, int] | None = None, overlap: float = 0.5,
-            show_progress: bool = True, stats: dict | None = None) -> torch.Tensor:
+def inpaint(
+    backbone: Backbone,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    spacing,
+    *,
+    strength: float,
+    steps: int,
+    jumps: int,
+    seed: int,
+    tile: tuple[int, int, int] | None = None,
+    overlap: float = 0.5,
+    show_progress: bool = True,
+    stats: dict | None = None,
+) -> torch.Tensor:
     """Regenerate ``x`` (1, 1, K, J, I) where the latent ``mask`` (1, 1, K/s, J/s, I/s) is set.
 
     ``tile`` is the tile size in latent voxels (None: the whole crop at once). Noise comes from
@@ -132,7 +151,7 @@ def inpaint(backbone: Backbone, x: torch.Tensor, mask: torch.Tensor, spacing, *,
             t = ts[n]
             t_next = ts[n + 1] if n + 1 < len(ts) else 0.0
             for r in range(jumps + 1):
-                out = tiles.apply(lambda zt: backbone.denoise(zt, t, spacing), z)
+                out = tiles.apply(lambda zt, t=t: backbone.denoise(zt, t, spacing), z)
                 z_next = m * sampler.step(out, t, t_next, z) + (1 - m) * known(t_next)
                 if r < jumps:
                     z = m * renoise(sampler, z_next, t_next, t, generator) + (1 - m) * known(t)
@@ -143,7 +162,12 @@ def inpaint(backbone: Backbone, x: torch.Tensor, mask: torch.Tensor, spacing, *,
     t_denoised = _now(z)
     image = tiles.apply(backbone.decode, z, scale_out=stride)
     if stats is not None:
-        stats.update(encode_s=t_encoded - clock, denoise_s=t_denoised - t_encoded,
-                     decode_s=_now(image) - t_denoised, tiles=len(tiles.windows),
-                     denoiser_calls=len(ts) * (jumps + 1) * len(tiles.windows), timesteps=ts)
+        stats.update(
+            encode_s=t_encoded - clock,
+            denoise_s=t_denoised - t_encoded,
+            decode_s=_now(image) - t_denoised,
+            tiles=len(tiles.windows),
+            denoiser_calls=len(ts) * (jumps + 1) * len(tiles.windows),
+            timesteps=ts,
+        )
     return image

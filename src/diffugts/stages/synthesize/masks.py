@@ -26,7 +26,8 @@ class MaskSource:
 
 
 def spacing_kji(geometry: Geometry) -> tuple[float, float, float]:
-    return tuple(float(s) for s in geometry.spacing[::-1])
+    k, j, i = (float(s) for s in geometry.spacing[::-1])
+    return k, j, i
 
 
 def bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -50,8 +51,7 @@ class Region:
     weight: np.ndarray  # float32 in [0, 1], zero outside ``dilated``, one on ``mask``
 
 
-def make_region(mask: np.ndarray, spacing: tuple[float, float, float], dilation_mm: float,
-                feather_mm: float) -> Region:
+def make_region(mask: np.ndarray, spacing: tuple[float, float, float], dilation_mm: float, feather_mm: float) -> Region:
     """Dilate by ``dilation_mm`` (Euclidean, anisotropic spacing) and build the paste weights.
 
     Weight = distance to the nearest voxel outside the dilated mask / ``feather_mm``, clipped
@@ -82,13 +82,16 @@ def latent_footprint(model_mask: np.ndarray, stride: int) -> np.ndarray:
     """Latent voxels that touch any masked model voxel (max-pool by ``stride``)."""
     k, j, i = (n // stride for n in model_mask.shape)
     blocks = model_mask[: k * stride, : j * stride, : i * stride].reshape(k, stride, j, stride, i, stride)
-    return blocks.any(axis=(1, 3, 5))
+    return np.asarray(blocks.any(axis=(1, 3, 5)))
 
 
 def latent_box(footprint: np.ndarray, margin: tuple[int, int, int], multiple: int) -> tuple[slice, ...]:
     """The footprint's bounding box plus ``margin`` latent voxels, each side a multiple of
     ``multiple`` (what the denoiser's downsampling needs), kept inside the latent grid."""
-    box = grow(bbox(footprint), margin, footprint.shape)
+    tight = bbox(footprint)
+    if tight is None:
+        raise ValueError("latent_box of an empty footprint")
+    box = grow(tight, margin, footprint.shape)
     out = []
     for s, n in zip(box, footprint.shape):
         size = min(-(-(s.stop - s.start) // multiple) * multiple, n)

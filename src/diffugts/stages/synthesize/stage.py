@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +21,37 @@ import numpy as np
 from diffugts.config import SynthesisParams
 from diffugts.errors import ParameterError
 from diffugts.stages.preprocess import intensity_range
-from diffugts.stages.synthesize.fidelity import GroundTruth, fidelity, mask_truth
-from diffugts.stages.synthesize.inpaint import Tiles, inpaint, renoise
-from diffugts.stages.synthesize.masks import (MaskSource, Region, bbox, latent_box, latent_footprint, make_region,
-                                             spacing_kji)
+from diffugts.stages.synthesize.fidelity import GroundTruth, fidelity
+from diffugts.stages.synthesize.inpaint import inpaint
+from diffugts.stages.synthesize.masks import (
+    MaskSource,
+    Region,
+    bbox,
+    latent_box,
+    latent_footprint,
+    make_region,
+    spacing_kji,
+)
 
 log = logging.getLogger(__name__)
 BEYOND_BAND = 0.1  # share of the CT window next to its edges where a synthetic value counts as saturated
 NOTHING = "empty mask: nothing to inpaint, the output equals the input"
 
 
-def synthesize(study_dir, model: str, out_dir, *, mask=None, attention=None, target: int | None = None,
-               params: SynthesisParams = SynthesisParams(), ground_truth=None, device: str | None = None,
-               show_progress: bool = True, backbone=None) -> dict:
+def synthesize(
+    study_dir,
+    model: str,
+    out_dir,
+    *,
+    mask=None,
+    attention=None,
+    target: int | None = None,
+    params: SynthesisParams | None = None,
+    ground_truth=None,
+    device: str | None = None,
+    show_progress: bool = True,
+    backbone=None,
+) -> dict:
     """Write the pseudo-healthy study to ``out_dir`` (``synthesis.json`` last); return the summary.
 
     Exactly one of ``mask`` (a binary NIfTI on the study grid) and ``attention`` (an attention
@@ -42,13 +60,13 @@ def synthesize(study_dir, model: str, out_dir, *, mask=None, attention=None, tar
     :func:`diffugts.phantom.truth.load_phantom_truth`) adds the fidelity figures. ``backbone``
     skips loading the package's networks (tests, benchmarks).
     """
-    from diffugts.artifacts import attention as attention_artifact
-    from diffugts.artifacts import synthesis as artifact
+    from diffugts.artifacts import attention as attention_artifact, synthesis as artifact
     from diffugts.artifacts.files import read_binary
     from diffugts.artifacts.study import load_study
     from diffugts.config import MethodParams
     from diffugts.core import Core
 
+    params = params or SynthesisParams()
     params.validate()
     if (mask is None) == (attention is None):
         raise ParameterError("give exactly one of {mask} and {attention}", "mask", "attention")
@@ -59,8 +77,9 @@ def synthesize(study_dir, model: str, out_dir, *, mask=None, attention=None, tar
     else:
         found = attention_artifact.read(attention, study.geometry, maps=False, organs=False)
         if target is not None and not 0 <= target < len(found.targets):
-            raise ParameterError(f"{{target}} {target}: the attention artifact has targets 0..{len(found.targets) - 1}",
-                                 "target")
+            raise ParameterError(
+                f"{{target}} {target}: the attention artifact has targets 0..{len(found.targets) - 1}", "target"
+            )
         coarse, used = found.union(target)
         source = MaskSource("attention", str(attention), used)
     # Nothing to inpaint: no weights are read, so none are verified either.
@@ -69,8 +88,9 @@ def synthesize(study_dir, model: str, out_dir, *, mask=None, attention=None, tar
         from diffugts.phantom.truth import load_phantom_truth  # the phantom world, only for a case folder
 
         ground_truth = load_phantom_truth(ground_truth, study.geometry, study.volume)
-    result = core.synthesize(core.prepare(study), coarse, source=source, ground_truth=ground_truth,
-                             show_progress=show_progress)
+    result = core.synthesize(
+        core.prepare(study), coarse, source=source, ground_truth=ground_truth, show_progress=show_progress
+    )
     result.summary["timings_s"]["load"] += time.perf_counter() - clock
 
     def finish(summary: dict) -> None:
@@ -82,8 +102,15 @@ def synthesize(study_dir, model: str, out_dir, *, mask=None, attention=None, tar
     return artifact.write(Path(out_dir), result, study.volume, study.geometry, on_staged=finish)
 
 
-def synthesis(core, study, region, *, source: MaskSource | None = None, ground_truth: GroundTruth | None = None,
-              show_progress: bool = False):
+def synthesis(
+    core,
+    study,
+    region,
+    *,
+    source: MaskSource | None = None,
+    ground_truth: GroundTruth | None = None,
+    show_progress: bool = False,
+):
     """The synthesis artifact in memory (diffugts.artifacts.synthesis.Synthesis): ``core`` a
     :class:`diffugts.core.Core` (its backbone is loaded only if there is something to
     inpaint), ``study`` a :class:`diffugts.core.PreparedStudy`, ``region`` an attention
@@ -104,9 +131,19 @@ def synthesis(core, study, region, *, source: MaskSource | None = None, ground_t
     if coarse.any():
         backbone = core.backbone
         tile = params.tile or (core.package.manifest.get("inference") or {}).get("roi_size")
-        pseudo, inpainting = pseudo_healthy(s.volume, s.geometry, s.modality, made, backbone, core.prep, params,
-                                            tile=tile, show_progress=show_progress, timings=timings,
-                                            prepared=study.model_grid)
+        pseudo, inpainting = pseudo_healthy(
+            s.volume,
+            s.geometry,
+            s.modality,
+            made,
+            backbone,
+            core.prep,
+            params,
+            tile=tile,
+            show_progress=show_progress,
+            timings=timings,
+            prepared=study.model_grid,
+        )
         used_device = str(core.device)
     else:
         pseudo, used_device, inpainting = s.volume.astype(np.float32, copy=True), None, None
@@ -115,9 +152,19 @@ def synthesis(core, study, region, *, source: MaskSource | None = None, ground_t
     return artifact.Synthesis(summary, pseudo, made.dilated)
 
 
-def pseudo_healthy(volume: np.ndarray, geometry, modality: str, region: Region, backbone, prep, params: SynthesisParams,
-                   tile=None, show_progress: bool = False, timings: dict | None = None,
-                   prepared=None) -> tuple[np.ndarray, dict]:
+def pseudo_healthy(
+    volume: np.ndarray,
+    geometry,
+    modality: str,
+    region: Region,
+    backbone,
+    prep,
+    params: SynthesisParams,
+    tile=None,
+    show_progress: bool = False,
+    timings: dict | None = None,
+    prepared=None,
+) -> tuple[np.ndarray, dict]:
     """The pseudo-healthy volume on the volume's own grid, and what was done (in memory).
     ``prepared``: the volume's (x, space) on the model grid when already made."""
     import torch
@@ -131,31 +178,44 @@ def pseudo_healthy(volume: np.ndarray, geometry, modality: str, region: Region, 
     stride = backbone.latent_stride
     footprint = latent_footprint(space.to_model(region.dilated.astype(np.float32)) > 0, stride)
     latent_mm = [s * stride for s in prep.spacing_mm[::-1]]
-    margin = tuple(int(math.ceil(params.context_mm / mm)) for mm in latent_mm)
+    mk, mj, mi = (int(math.ceil(params.context_mm / mm)) for mm in latent_mm)
+    margin = (mk, mj, mi)
     multiple = max(prep.multiple // stride, 1)  # the model grid is padded to this many latent voxels
     lbox = latent_box(footprint, margin, multiple)
     ibox = tuple(slice(s.start * stride, s.stop * stride) for s in lbox)
     tile_latent = None
     if tile:
-        tile_latent = tuple(max(multiple, int(t) // stride // multiple * multiple)
-                            for t in np.broadcast_to(np.asarray(tile), (3,)))
+        tile_latent = tuple(
+            max(multiple, int(t) // stride // multiple * multiple) for t in np.broadcast_to(np.asarray(tile), (3,))
+        )
     timings["preprocess"] = time.perf_counter() - clock
 
     stats: dict = {}
     xt = torch.from_numpy(np.ascontiguousarray(x[ibox]))[None, None].to(device)
     mt = torch.from_numpy(np.ascontiguousarray(footprint[lbox]))[None, None].to(device)
-    out = inpaint(backbone, xt, mt, tuple(prep.spacing_mm), strength=params.strength, steps=params.steps,
-                  jumps=params.jumps, seed=params.seed, tile=tile_latent, overlap=params.tile_overlap,
-                  show_progress=show_progress, stats=stats)
-    out = out[0, 0].float().cpu().numpy()
+    out = inpaint(
+        backbone,
+        xt,
+        mt,
+        tuple(prep.spacing_mm),
+        strength=params.strength,
+        steps=params.steps,
+        jumps=params.jumps,
+        seed=params.seed,
+        tile=tile_latent,
+        overlap=params.tile_overlap,
+        show_progress=show_progress,
+        stats=stats,
+    )
+    inpainted = out[0, 0].float().cpu().numpy()
     if modality == "CT":
-        out = np.clip(out, 0.0, 1.0)  # the model's CT range is the clipped window
+        inpainted = np.clip(inpainted, 0.0, 1.0)  # the model's CT range is the clipped window
     for key in ("encode_s", "denoise_s", "decode_s"):
         timings[key.removesuffix("_s")] = stats[key]
 
     clock = time.perf_counter()
     full = x.copy()
-    full[ibox] = out
+    full[ibox] = inpainted
     lo, hi = intensity_range(volume, modality, prep)
     # Only the dilated mask's box of the study grid is pasted into: resample just that.
     sbox = bbox(region.dilated) or tuple(slice(0, n) for n in volume.shape)
@@ -198,28 +258,39 @@ def pseudo_healthy(volume: np.ndarray, geometry, modality: str, region: Region, 
     }
 
 
-def _summary(study, region: Region, pkg, params: SynthesisParams, source: MaskSource, device: str | None,
-             inpainting: dict | None, truth: GroundTruth | None, pseudo: np.ndarray) -> dict:
+def _summary(
+    study,
+    region: Region,
+    pkg,
+    params: SynthesisParams,
+    source: MaskSource,
+    device: str | None,
+    inpainting: dict | None,
+    truth: GroundTruth | None,
+    pseudo: np.ndarray,
+) -> dict:
     from diffugts.artifacts.synthesis import FILES
 
     voxel_ml = float(np.prod(study.geometry.spacing)) / 1000.0
     summary = {
         "stage": "synthesize",
-        "model": {"name": pkg.name, "sha256": pkg.sha256,
-                  "scheduler": pkg.manifest["backbone"]["scheduler"]["class"]},
+        "model": {"name": pkg.name, "sha256": pkg.sha256, "scheduler": pkg.manifest["backbone"]["scheduler"]["class"]},
         "device": device,
         "nothing_to_inpaint": inpainting is None,
         "parameters": asdict(params),
         "mask": {
-            "source": source.kind, "path": source.path, "targets": source.targets,
-            "coarse_voxels": int(region.mask.sum()), "coarse_ml": round(float(region.mask.sum()) * voxel_ml, 3),
+            "source": source.kind,
+            "path": source.path,
+            "targets": source.targets,
+            "coarse_voxels": int(region.mask.sum()),
+            "coarse_ml": round(float(region.mask.sum()) * voxel_ml, 3),
             "dilated_voxels": int(region.dilated.sum()),
             "dilated_ml": round(float(region.dilated.sum()) * voxel_ml, 3),
         },
         "inpainting": inpainting,
         "paste_back": "outside inpaint_mask.nii.gz the output equals the input bit for bit; inside, "
-                      "output = w * synthetic + (1 - w) * input with w = 1 on the coarse mask, ramping "
-                      "from 0 to 1 over feather_mm inside the dilated mask's border",
+        "output = w * synthetic + (1 - w) * input with w = 1 on the coarse mask, ramping "
+        "from 0 to 1 over feather_mm inside the dilated mask's border",
         "units": "HU" if study.modality == "CT" else "input units",
         "files": dict(FILES),
     }

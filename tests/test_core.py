@@ -45,6 +45,7 @@ def segmented(model, case, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # whole studies through every stage
 def test_segment_opens_the_package_reads_and_resamples_the_study_once(model, case, tmp_path, monkeypatch):
     import diffugts.artifacts.study as study_module
     import diffugts.core as core_module
@@ -72,6 +73,7 @@ def test_segment_opens_the_package_reads_and_resamples_the_study_once(model, cas
     assert counts == {"open": 1, "verify": 1, "read": 1, "to_model": 1}
 
 
+@pytest.mark.slow  # whole studies through every stage
 def test_the_file_stages_give_what_the_core_gives_in_memory(model, segmented):
     """`diffugts segment` (in memory, artifacts written as made) against the core run again
     from the written study: every map, mask, image and record the same."""
@@ -119,6 +121,7 @@ def test_the_file_stages_give_what_the_core_gives_in_memory(model, segmented):
     assert again.summary == written_les.summary
 
 
+@pytest.mark.slow  # whole studies through every stage
 def test_synthesis_of_an_empty_region_reads_no_weights(model, segmented, monkeypatch):
     import diffugts.models.package as package_module
     from diffugts.core import Core
@@ -131,6 +134,7 @@ def test_synthesis_of_an_empty_region_reads_no_weights(model, segmented, monkeyp
     np.testing.assert_array_equal(result.pseudo_healthy, study.volume)
 
 
+@pytest.mark.slow  # whole studies through every stage
 def test_artifact_readers_check_the_marker_the_schema_and_the_grid(segmented, tmp_path):
     import shutil
 
@@ -177,6 +181,7 @@ def test_the_core_segments_an_image_held_in_memory(model, case):
         Study.from_image(image, "PET")
 
 
+@pytest.mark.slow  # whole studies through every stage
 def test_segment_reuses_a_loaded_core_across_studies(model, case, tmp_path, monkeypatch):
     import diffugts.core as core_module
     from diffugts.runners.segment import segment
@@ -192,6 +197,7 @@ def test_segment_reuses_a_loaded_core_across_studies(model, case, tmp_path, monk
     assert opened == []  # the package was opened once, before either study
 
 
+@pytest.mark.slow  # whole studies through every stage
 def test_refinement_reuses_the_attention_stages_encoding_of_the_study(model, case, monkeypatch):
     """With one window over the whole volume, E(x) is computed once (attention) and refinement
     encodes only the pseudo-healthy image; the refined maps are those of a fresh encoding."""

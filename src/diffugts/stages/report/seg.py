@@ -28,7 +28,7 @@ from diffugts.artifacts.study import Study
 from diffugts.stages.report import codes
 
 if TYPE_CHECKING:
-    from diffugts.stages.report.inputs import LesionMask
+    from diffugts.artifacts.lesions import LesionMask
 
 log = logging.getLogger(__name__)
 

@@ -388,6 +388,7 @@ def with_random_heads(pkg, out):
     )
 
 
+@pytest.mark.slow
 def test_segment_end_to_end(package, tmp_path, capsys):
     from diffugts.cli import main
     from diffugts.phantom import CaseSpec, generate_case, write_case

@@ -457,6 +457,7 @@ def test_metric_labels_and_reasons(monkeypatch):
     assert metrics.record_stage("report", 1.0, gateway="http://127.0.0.1:9") is False
 
 
+@pytest.mark.slow
 def test_component_runs_locally(world, tmp_path, monkeypatch):
     pytest.importorskip("kfp")
     import warnings

@@ -44,6 +44,7 @@ def _mean(values):
     return float(np.mean(values))
 
 
+@pytest.mark.slow
 def test_aova_head_learns_and_finds_organs_in_held_out_cases(demo, text):
     _, backbone, prep = demo
     torch.manual_seed(0)
@@ -68,6 +69,7 @@ def test_aova_head_learns_and_finds_organs_in_held_out_cases(demo, text):
     assert _mean([r["region_dice"] for r in rows]) > 0.15
 
 
+@pytest.mark.slow
 def test_refinement_examples_hold_false_candidates_and_the_shipped_head_beats_the_coarse_map(demo, text):
     """Examples hold organs with lesions and false candidates (a lesion-free case, and a
     lesion-free organ of each case), built the way the package's own layout asks (fused maps
@@ -97,6 +99,7 @@ def test_refinement_examples_hold_false_candidates_and_the_shipped_head_beats_th
     assert refined["dice"] > coarse + 0.05, (refined, coarse)
 
 
+@pytest.mark.slow
 def test_backbone_training_losses_fall_and_set_the_scale_factor():
     """The demo backbone recipe's two parts on tiny discs: the VAE's reconstruction loss and
     the denoiser's rectified-flow loss both fall; the latent scale factor is 1 / std."""

@@ -85,6 +85,7 @@ def test_healthy_slices_keep_clear_of_lesions():
     assert healthy_slices(case, margin=2).tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14, 15]
 
 
+@pytest.mark.slow
 def test_2d_backbone_training_losses_fall_and_set_the_scale_factor(prep):
     """VAE (L1 + KL on slice crops) and captioned DDPM denoiser on a healthy and a lesion
     phantom: both losses fall well below their start, the scale factor is 1 / std of the
@@ -122,6 +123,7 @@ def test_word_tokens_find_organ_names_in_a_caption():
         WordTokens(backbone)(text, ["spleen"])
 
 
+@pytest.mark.slow
 def test_token_grounding_makes_organ_words_attend_to_their_organs(prep):
     """The same short denoiser training with and without the grounding term: only with it
     does the cross-attention of "liver" / "spine" land on the liver / spine (measured
@@ -163,6 +165,7 @@ def test_token_grounding_makes_organ_words_attend_to_their_organs(prep):
     assert min(contrast[1.0]) > 0.1 and max(abs(c) for c in contrast[0.0]) < 0.05, contrast
 
 
+@pytest.mark.slow
 def test_quick_2d_demo_writes_a_verifiable_package(quick_model, capsys):
     assert main(["models", "verify", str(quick_model.root)]) == 0
     assert "OK" in capsys.readouterr().out
@@ -185,6 +188,7 @@ def test_quick_2d_demo_writes_a_verifiable_package(quick_model, capsys):
 # --- training-free maps -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_attend_training_free_feeds_synthesis(quick_model, study, tmp_path):
     from diffugts.artifacts.study import load_study
     from diffugts.config import SynthesisParams
@@ -250,6 +254,7 @@ def test_attend_training_free_feeds_synthesis(quick_model, study, tmp_path):
     assert syn["mask"]["source"] == "attention" and syn["mask"]["coarse_voxels"] == int((p >= 0.5).sum())
 
 
+@pytest.mark.slow
 def test_segment_with_training_free_maps_end_to_end(quick_model, case_dir, tmp_path):
     out = tmp_path / "seg"
     assert (
@@ -346,6 +351,7 @@ def test_segment_api_rejects_unknown_maps_before_ingest(case_dir, tmp_path):
 # --- evaluation -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_adds_the_training_free_variant(quick_model, case_dir):
     from diffugts.runners.evaluate import VARIANTS, evaluate, markdown
 

@@ -204,18 +204,9 @@ def lesion_artifact(
     return Lesions(summary, instances, masks)
 
 
-def write_lesion_artifact(
-    out_dir: str | os.PathLike,
-    study,
-    targets: Sequence[dict],
-    labels_per_target: Sequence[np.ndarray],
-    probability_per_target: Sequence[np.ndarray | None] | None = None,
-    min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
-    model: dict | None = None,
-    stage: str = "refine",
-) -> dict:
-    """:func:`lesion_artifact` written to ``out_dir`` (``lesions.json`` last); returns its content."""
+def write_lesion_artifact(out_dir: str | os.PathLike, study, *args, **kwargs) -> dict:
+    """:func:`lesion_artifact` (same arguments after ``out_dir``) written to ``out_dir``
+    (``lesions.json`` last); returns its content."""
     from diffugts.artifacts import lesions as artifact
 
-    made = lesion_artifact(study, targets, labels_per_target, probability_per_target, min_volume_ml, model, stage)
-    return artifact.write(out_dir, made, study.geometry)
+    return artifact.write(out_dir, lesion_artifact(study, *args, **kwargs), study.geometry)

@@ -27,7 +27,7 @@ from diffugts.config import (
     RefineParams,
     SynthesisParams,
 )
-from diffugts.errors import ParameterError
+from diffugts.stages.attend import check_prompts
 from diffugts.utils.progress import progress
 
 if TYPE_CHECKING:
@@ -62,11 +62,6 @@ def method_params(
     )
 
 
-def check_prompts(prompts) -> None:
-    if not prompts:
-        raise ParameterError("give at least one of {prompts}", "prompts")
-
-
 class StudyRun:
     """One ingested study through the model stages of a loaded :class:`~diffugts.core.Core`:
     each stage's artifact is made in memory, handed to the next and written to its folder
@@ -98,13 +93,7 @@ class StudyRun:
 
         assert self.attention is not None  # attend came first
         made = self.synthesis = self.core.synthesize(self.prepared, self.attention)
-
-        def finish(summary: dict) -> None:
-            summary["timings_s"] = {k: round(v, 3) for k, v in summary["timings_s"].items()}
-
-        return synthesis.write(
-            self.folders["synthesis"], made, self.study.volume, self.study.geometry, on_staged=finish
-        )
+        return synthesis.write(self.folders["synthesis"], made, self.study.volume, self.study.geometry)
 
     def refine(self) -> dict:
         from diffugts.artifacts import lesions

@@ -191,6 +191,12 @@ def training_free_maps(
     return prob[0].float().cpu().numpy(), score[0].float().cpu().numpy()
 
 
+def check_prompts(prompts) -> None:
+    """A run needs at least one prompt (checked before any study is read)."""
+    if not prompts:
+        raise ParameterError("give at least one of {prompts}", "prompts")
+
+
 def check_training_free(method: Method) -> None:
     if method.backbone.family != "diffusers2d":
         raise ParameterError(
@@ -215,8 +221,7 @@ def attention(
     """The attention artifact in memory: per prompt (text or :class:`Target`) its coarse map
     and mask and, for fused maps, its organ with inclusions, on the study grid. ``x`` /
     ``space``: the study on the model grid (diffugts.core.PreparedStudy)."""
-    if not prompts:
-        raise ParameterError("give at least one of {prompts}", "prompts")
+    check_prompts(prompts)
     maps = params.maps
     if maps == MapMode.TRAINING_FREE:
         check_training_free(method)  # before any work
@@ -283,8 +288,7 @@ def attend(
     from diffugts.artifacts import attention as artifact
     from diffugts.core import Core
 
-    if not prompts:
-        raise ParameterError("give at least one of {prompts}", "prompts")
+    check_prompts(prompts)
     params = AttentionParams(maps=MapMode.parse(maps), threshold=threshold, seed=seed)
     study = load_study(study_dir)
     core = Core(model, device, MethodParams(attention=params))

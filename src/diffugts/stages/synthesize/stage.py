@@ -93,13 +93,7 @@ def synthesize(
     )
     result.summary["timings_s"]["load"] += time.perf_counter() - clock
 
-    def finish(summary: dict) -> None:
-        timings = summary["timings_s"]
-        timings["write"] = time.perf_counter() - write_clock
-        summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-
-    write_clock = time.perf_counter()
-    return artifact.write(Path(out_dir), result, study.volume, study.geometry, on_staged=finish)
+    return artifact.write(Path(out_dir), result, study.volume, study.geometry)
 
 
 def synthesis(

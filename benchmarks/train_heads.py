@@ -1,10 +1,10 @@
-"""Train the demo recipe's two heads (AOVA + fusion, then refinement) on an existing package's
+"""Train the demo recipe's heads (organ grounding, AOVA + fusion, refinement, lesion verifier) on an existing package's
 backbone, for one seed: what made the shipped demo model's heads and the second training draw
 that docs/benchmarks.md compares it with (two seeds run side by side, one thread each).
 
     python benchmarks/train_heads.py SEED OUT [--backbone demo]
 
-`--start refine` / `--start verifier`: OUT already holds the earlier stages (a run stopped
+`--start aova` / `--start refine` / `--start verifier`: OUT already holds the earlier stages (a run stopped
 later, or heads kept while a later stage changes): only that stage and the ones after it run.
 `diffugts train demo --backbone demo --seed SEED --out OUT` does the same in one process with
 the recipe's provenance entry.
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from diffugts.train.recipe import DemoRecipe
-from diffugts.train.run import train_aova_head, train_lesion_verifier, train_refine_head
+from diffugts.train.run import train_aova_head, train_lesion_verifier, train_organ_net, train_refine_head
 
-STAGES = ("aova", "refine", "verifier")
+STAGES = ("organs", "aova", "refine", "verifier")
 
 
 def main() -> None:
@@ -33,17 +33,28 @@ def main() -> None:
     parser.add_argument(
         "--start",
         choices=STAGES,
-        default="aova",
-        help="first stage to train; OUT must hold the earlier ones (default: aova)",
+        default="organs",
+        help="first stage to train; OUT must hold the earlier ones (default: organs)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     r = DemoRecipe(seed=args.seed)
     start = time.time()
     first = STAGES.index(args.start)
-    if first == 0:
-        train_aova_head(
+    if first == 0 and r.organ_steps:
+        train_organ_net(
             args.backbone,
+            args.out,
+            args.seed,
+            r.aova_cases,
+            r.organ_steps,
+            r.organ_mr_healthy_cases,
+            refit_fusion=False,
+        )
+    print(f"organ grounding done after {time.time() - start:.0f} s", flush=True)
+    if first <= 1:
+        train_aova_head(
+            args.out if first == 0 and r.organ_steps else args.backbone,
             args.out,
             args.seed,
             r.aova_cases,
@@ -57,7 +68,7 @@ def main() -> None:
             fusion_recall=r.fusion_recall,
         )
     print(f"AOVA head done after {time.time() - start:.0f} s", flush=True)
-    if first <= 1:
+    if first <= 2:
         train_refine_head(
             args.out,
             None,

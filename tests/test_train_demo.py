@@ -1,6 +1,7 @@
 """`diffugts train demo --quick --backbone demo`: the heads of the demo recipe on the shipped
 backbone (what retrained the shipped heads), with fusion, randomised and MR grounding cases
-lesion-free refinement cases and the lesion verifier recorded in the package."""
+lesion-free refinement cases, the organ grounding network and the lesion verifier recorded in the
+package."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     for name in ("vae", "unet"):  # the backbone's weights are the shipped ones, byte for byte
         assert (out / f"{name}.safetensors").read_bytes() == (DEMO_MODEL / f"{name}.safetensors").read_bytes()
     aova, refine = manifest["networks"]["aova"], manifest["networks"]["refine"]
+    organs = manifest["networks"]["organs"]  # organ grounding, trained first
+    assert organs["config"]["organs"][:4] == ["liver", "kidney", "spleen", "pancreas"]
+    assert manifest["provenance"]["organ_training"]["steps"] == 6
+    assert set(manifest["provenance"]["organ_training"]["held_out_dice"]) <= set(organs["config"]["organs"])
     assert {"anomaly_weight", "deviation_weight", "bias", "deviation"} <= set(aova["fusion"])
     assert 0.05 <= aova["threshold"] <= 0.95
     assert refine["target_channels"] == ["coarse", "deviation", "organ"]
@@ -40,6 +45,18 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     assert verifying["cases"] == 2 and verifying["healthy_cases"] == 1
     assert ("verifier" in refine) != ("not_fitted" in verifying)
     assert "--backbone demo" in training["command"]
+
+    # `train organs` on a package whose head has a fusion refits it on the new organs.
+    again = tmp_path / "regrounded"
+    args = ["-q", "train", "organs", "--model", str(out), "--out", str(again), "--cases", "2", "--steps", "2"]
+    assert main([*args, "--mr-healthy-cases", "1"]) == 0
+    assert main(["models", "verify", str(again)]) == 0
+    regrounded = json.loads((again / "manifest.json").read_text())
+    refit = regrounded["provenance"]["organ_training"]["refitted_fusion"]
+    assert refit["fusion_cases"] == 1 and refit["fusion_voxels"] > 0  # case 0 is lesion-free, case 1 not
+    assert regrounded["networks"]["aova"]["weights"] == aova["weights"]
+    assert (again / "aova.safetensors").read_bytes() == (out / "aova.safetensors").read_bytes()  # the head kept
+    assert "wrote" in capsys.readouterr().out
 
 
 def test_a_backbone_of_another_configuration_is_one_line_error(tmp_path, capsys):

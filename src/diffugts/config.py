@@ -32,6 +32,7 @@ class MapMode(StrEnum):
 # A model package's networks (manifest ``networks.<name>``, weights ``<name>.safetensors``).
 AOVA_HEAD = "aova"
 REFINE_HEAD = "refine"
+ORGAN_NET = "organs"  # organ grounding (networks.organs); optional in a package
 
 DEFAULT_COARSE_THRESHOLD = 0.5  # the coarse mask's threshold where the package sets none
 DEFAULT_REFINE_THRESHOLD = 0.5  # the refined mask's, for heads trained before calibration

@@ -26,7 +26,7 @@ from diffugts.artifacts.attention import Attention
 from diffugts.artifacts.lesions import Lesions
 from diffugts.artifacts.study import Study
 from diffugts.artifacts.synthesis import Synthesis
-from diffugts.config import AOVA_HEAD, REFINE_HEAD, MapMode, MethodParams
+from diffugts.config import AOVA_HEAD, ORGAN_NET, REFINE_HEAD, MapMode, MethodParams
 from diffugts.models.package import open_package
 from diffugts.stages.preprocess import Preprocessing
 
@@ -130,6 +130,16 @@ class Core:
         return load_head(self.package, REFINE_HEAD, RefineHead).to(self.device)
 
     @cached_property
+    def organ_net(self):
+        """The package's organ grounding network (diffugts.networks.organs), None if it has none."""
+        from diffugts.networks.loading import load_head
+        from diffugts.networks.organs import OrganNet
+
+        if not self.package.has(ORGAN_NET):
+            return None
+        return load_head(self.package, ORGAN_NET, OrganNet).to(self.device)
+
+    @cached_property
     def text(self):
         from diffugts.networks.text import TextEncoder
         from diffugts.stages.attend import text_encoder_path
@@ -142,7 +152,7 @@ class Core:
         from diffugts.stages.attend import Method
 
         head = self.aova_head if self.params.attention.maps == MapMode.AOVA else None
-        return Method(self.package, self.backbone, head, self.text, self.prep, self.device)
+        return Method(self.package, self.backbone, head, self.text, self.prep, self.device, self.organ_net)
 
     def load(self) -> Core:
         """Load every network the three stages need now, so a package that cannot do what was

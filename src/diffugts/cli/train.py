@@ -71,6 +71,18 @@ def register(sub) -> None:
     _dataset_args(a)
     a.set_defaults(func=_aova)
 
+    o = t.add_parser(
+        "organs", help="the organ grounding network (before `train aova`; refits an existing head's fusion)"
+    )
+    o.add_argument("--model", required=True, help="package with a backbone")
+    o.add_argument("--out", default=None, help="write a new package here (default: update --model)")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--cases", type=int, default=40, help="CT phantoms of seen types and lesion-free ones (default 40)")
+    o.add_argument("--steps", type=int, default=1000)
+    o.add_argument("--mr-healthy-cases", type=int, default=16, help="lesion-free MR phantoms (MR anatomy; default 16)")
+    _dataset_args(o)
+    o.set_defaults(func=_organs)
+
     r = t.add_parser("refine", help="the residual refinement head, on seen lesion types only")
     r.add_argument("--model", required=True, help="package with a backbone and an AOVA head")
     r.add_argument("--out", default=None, help="write a new package here (default: update --model)")
@@ -275,6 +287,25 @@ def _aova(args) -> int:
         checkpoint.remove()
     dice = pkg.manifest["provenance"]["aova_training"]["held_out_seen_dice"]
     print(f"wrote {pkg.root} (held-out seen Dice of the coarse map: {dice})")
+    return 0
+
+
+def _organs(args) -> int:
+    from diffugts.train.run import train_organ_net
+
+    pkg = train_organ_net(
+        args.model,
+        Path(args.out) if args.out else None,
+        args.seed,
+        args.cases,
+        args.steps,
+        args.mr_healthy_cases,
+        show_progress=not args.quiet,
+        source=_source(args),
+        device=_device(args),
+    )
+    dice = pkg.manifest["provenance"]["organ_training"]["held_out_dice"]
+    print(f"wrote {pkg.root} (held-out organ Dice: {', '.join(f'{k} {v}' for k, v in dice.items())})")
     return 0
 
 

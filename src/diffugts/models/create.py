@@ -160,8 +160,9 @@ def verify(ref: str | os.PathLike) -> ModelPackage:
 
 def head_classes() -> dict:
     """Trainable heads a package may carry, by network name."""
-    from diffugts.config import AOVA_HEAD, REFINE_HEAD
+    from diffugts.config import AOVA_HEAD, ORGAN_NET, REFINE_HEAD
     from diffugts.networks.aova import AOVAHead
+    from diffugts.networks.organs import OrganNet
     from diffugts.networks.refine import RefineHead
 
-    return {AOVA_HEAD: AOVAHead, REFINE_HEAD: RefineHead}
+    return {AOVA_HEAD: AOVAHead, REFINE_HEAD: RefineHead, ORGAN_NET: OrganNet}

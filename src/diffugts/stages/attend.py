@@ -28,6 +28,7 @@ from diffugts.errors import ConfigError, ParameterError
 from diffugts.models.package import ModelPackage
 from diffugts.networks.aova import AOVAHead, top_mean
 from diffugts.networks.backbones import Backbone
+from diffugts.networks.organs import OrganNet, grounded_region, organ_maps
 from diffugts.networks.text import Target, TextEncoder, make_target
 from diffugts.stages.deviation import Fusion, organ_deviation
 from diffugts.stages.preprocess import ModelSpace, Preprocessing
@@ -51,6 +52,7 @@ class Method:
     text: TextEncoder
     prep: Preprocessing
     device: torch.device
+    organs: OrganNet | None = None  # the package's organ grounding network, if it has one
 
     @property
     def roi_size(self) -> tuple[int, int, int] | None:
@@ -131,11 +133,13 @@ def coarse_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], s
     # The organ and its deviation come with every head (the organ-aware baseline of `evaluate`
     # needs them); only a package with a fusion makes them its coarse map.
     spacing_kji = tuple(spacing)[::-1]
+    grounding = organ_maps(method.organs, xt)
+
+    def region(t: int) -> np.ndarray:
+        return grounded_region(targets[t].organ, maps[0, n + t].float().cpu().numpy(), grounding)
+
     if fusion is None:
-        organ, z = (
-            np.stack(m)
-            for m in zip(*(organ_deviation(x, maps[0, n + t].float().cpu().numpy(), spacing_kji) for t in range(n)))
-        )
+        organ, z = (np.stack(m) for m in zip(*(organ_deviation(x, region(t), spacing_kji) for t in range(n))))
         a, b = head.score_affine
         score = torch.sigmoid(a * top_mean(maps[:, :n], head.top_fraction) + b)
         return CoarseMaps(
@@ -146,10 +150,7 @@ def coarse_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], s
             fused=False,
             encoder_levels=kept or None,
         )
-    fused = [
-        fusion.maps(x, maps[0, n + t].float().cpu().numpy(), maps[0, 2 * n + t].float().cpu().numpy(), spacing_kji)
-        for t in range(n)
-    ]
+    fused = [fusion.maps(x, region(t), maps[0, 2 * n + t].float().cpu().numpy(), spacing_kji) for t in range(n)]
     organ, z = np.stack([f.organ for f in fused]), np.stack([f.z for f in fused])
     prob = np.stack([f.prob for f in fused])
     fused_score = top_mean(torch.from_numpy(prob)[None], head.top_fraction)[0].numpy()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from diffugts.networks.aova import AOVAHead
+from diffugts.networks.organs import OrganNet, grounded_region, organ_maps
 from diffugts.networks.text import TextEncoder, make_target
 from diffugts.stages.deviation import DeviationParams, Fusion, organ_deviation
 from diffugts.train.aova import CaseFeatures
@@ -23,20 +24,28 @@ MAX_NEGATIVES = 4000  # organ voxels sampled per case and organ (lesion voxels a
 
 @torch.no_grad()
 def fusion_samples(
-    head: AOVAHead, text: TextEncoder, data: list[CaseFeatures], spacing_kji, params: DeviationParams, seed: int = 0
+    head: AOVAHead,
+    text: TextEncoder,
+    data: list[CaseFeatures],
+    spacing_kji,
+    params: DeviationParams,
+    seed: int = 0,
+    organ_net: OrganNet | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, 2): anomaly log-odds, |z|; labels (N,)) over the cases' organs."""
+    """(features (N, 2): anomaly log-odds, |z|; labels (N,)) over the cases' organs; the organ
+    from ``organ_net`` where it knows it (as inference does), else the head's region map."""
     rng = np.random.default_rng(seed)
     feats, labels = [], []
     for cf in data:
         shape = cf.case.x.shape
+        grounding = organ_maps(organ_net, cf.case.x)
         for fam in cf.organs:
             t = make_target(f"{fam} tumor", organ=fam)
             out = head(
                 [f.float()[None] for f in cf.feats], text.embed(t.prompts), [t.groups(t.prompts.index)], out_shape=shape
             )
             region, anomaly = out.region_log_odds[0, 0].numpy(), out.anomaly_log_odds[0, 0].numpy()
-            organ, z = organ_deviation(cf.case.x, region, spacing_kji, params)
+            organ, z = organ_deviation(cf.case.x, grounded_region(fam, region, grounding), spacing_kji, params)
             lesion = cf.positives.get(fam, np.zeros(shape, bool)) & organ
             healthy = np.flatnonzero(organ & ~lesion)
             healthy = rng.choice(healthy, min(MAX_NEGATIVES, healthy.size), replace=False) if healthy.size else healthy

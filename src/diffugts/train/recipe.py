@@ -52,6 +52,10 @@ class DemoRecipe:
     # intensities, and lesion-free MR cases (MR anatomy only: MR lesions stay unseen).
     aova_randomised_cases: int = 20
     aova_mr_healthy_cases: int = 8
+    # Organ grounding (networks/organs.py): a U-Net on the AOVA head's cases (seen types and
+    # lesion-free) and lesion-free MR phantoms, trained first so the fusion is fitted on its organs.
+    organ_steps: int = 1000
+    organ_mr_healthy_cases: int = 16
     # The coarse map fuses the head with the organ-relative deviation; its threshold keeps this
     # share of the training lesion voxels (the refinement head verifies). None: the head alone.
     fusion_recall: float | None = 0.85
@@ -88,6 +92,8 @@ class DemoRecipe:
             refine_healthy_cases=1,
             verifier_cases=2,
             verifier_healthy_cases=1,
+            organ_steps=6,
+            organ_mr_healthy_cases=1,
             phantom_shape=(32, 64, 64),
         )
 
@@ -95,6 +101,7 @@ class DemoRecipe:
 # The 2D demo model keeps the heads it shipped with (no fusion, no randomisation, no
 # lesion-free refinement cases): it has not been retrained since (docs/backbones-2d.md).
 LEGACY_HEADS: dict[str, Any] = dict(
+    organ_steps=0,
     aova_randomised_cases=0,
     aova_mr_healthy_cases=0,
     fusion_recall=None,

@@ -21,6 +21,7 @@ from diffugts.artifacts.geometry import Geometry
 from diffugts.config import SynthesisParams
 from diffugts.networks.aova import AOVAHead, dice_bce, soft_dice
 from diffugts.networks.backbones import Backbone
+from diffugts.networks.organs import OrganNet, grounded_region, organ_maps
 from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS as SHARED, RefineHead
 from diffugts.networks.text import TextEncoder, make_target
 from diffugts.stages.deviation import FusedMaps, Fusion
@@ -53,10 +54,12 @@ def coarse_maps(
     spacing,
     organs: list[str],
     fusion: Fusion | None = None,
+    organ_net: OrganNet | None = None,
 ) -> dict[str, FusedMaps | np.ndarray]:
     """Per organ its coarse maps as inference makes them: fused maps (prob, organ, z) with the
     package's fusion, else the AOVA probability alone."""
     cf = case_features(backbone, case, backbone.feature_index(features), spacing, 0)
+    grounding = organ_maps(organ_net, case.x)
     out = {}
     for fam in organs:
         t = make_target(f"{fam} tumor", organ=fam)
@@ -67,7 +70,10 @@ def coarse_maps(
             res.prob[0, 0].numpy()
             if fusion is None
             else fusion.maps(
-                case.x, res.region_log_odds[0, 0].numpy(), res.anomaly_log_odds[0, 0].numpy(), tuple(spacing)[::-1]
+                case.x,
+                grounded_region(fam, res.region_log_odds[0, 0].numpy(), grounding),
+                res.anomaly_log_odds[0, 0].numpy(),
+                tuple(spacing)[::-1],
             )
         )
     return out
@@ -86,6 +92,7 @@ def refinement_example(
     threshold: float = 0.5,
     channels=LEGACY_TARGET_CHANNELS,
     negatives: int = 1,
+    organ_net: OrganNet | None = None,
 ) -> list[Example]:
     """The examples of one case: every organ with lesions, and ``negatives`` lesion-free host
     organs (every host organ of a healthy case) whose coarse candidates are false ones: the
@@ -98,7 +105,7 @@ def refinement_example(
     empty = [f for f in HOST_FAMILIES if f not in truths]
     negative = empty if not truths else [str(f) for f in rng.permutation(empty)[:negatives]]
     organs = sorted(truths) + negative
-    maps = coarse_maps(head, backbone, text, case, features, prep.spacing_mm, organs, fusion)
+    maps = coarse_maps(head, backbone, text, case, features, prep.spacing_mm, organs, fusion, organ_net)
     prob = {f: m.prob if isinstance(m, FusedMaps) else m for f, m in maps.items()}
     union = np.zeros(case.x.shape, bool)
     for fam in organs:

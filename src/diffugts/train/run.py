@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffugts.config import AOVA_HEAD, REFINE_HEAD
+from diffugts.config import AOVA_HEAD, ORGAN_NET, REFINE_HEAD
 from diffugts.errors import ConfigError
 from diffugts.models.configs import get_config
 from diffugts.models.create import base_manifest
@@ -118,10 +118,8 @@ def train_aova_head(
     per-tissue intensities (diffugts.train.randomise); ``mr_healthy_cases``: lesion-free MR
     phantoms (MR anatomy; MR lesions stay unseen); ``fusion_recall``: fit the coarse-map
     fusion with the organ-relative deviation (diffugts.stages.deviation) at this voxel recall."""
-    from diffugts.stages.deviation import DeviationParams
     from diffugts.train.anomalies import add_anomalies
     from diffugts.train.aova import evaluate_dice, train_aova
-    from diffugts.train.fusion import fit_fusion, fusion_samples
     from diffugts.train.randomise import randomise
 
     pkg = open_package(model)
@@ -130,6 +128,7 @@ def train_aova_head(
     features = features or R.default_features(backbone)
     text = TextEncoder()
     spacing_kji = tuple(prep.spacing_mm)[::-1]
+    organ_net = _organ_net(pkg)
     data = [
         phantom_case(R.AOVA_SEED + seed, i, prep, split="seen", healthy=(i % 6 == 0), shape=phantom_shape)
         for i in progress(range(cases), desc="phantoms", unit="case", enable=show_progress)
@@ -184,14 +183,7 @@ def train_aova_head(
         # Fitted on the seen CT cases with lesions (randomised copies and MR left out: the
         # deviation's scale is what is fitted, and those copies have no new lesions).
         fit_on = [cf for cf in result.data[: real + synthetic_cases] if cf.positives]
-        samples = fusion_samples(result.head, text, fit_on, spacing_kji, DeviationParams(), seed)
-        fusion, threshold = fit_fusion(*samples, DeviationParams(), recall=fusion_recall)
-        entry.update(fusion=fusion.as_dict(), threshold=round(threshold, 4))
-        fusion_info = {
-            "fusion_cases": len(fit_on),
-            "fusion_voxels": int(len(samples[1])),
-            "fusion_recall": fusion_recall,
-        }
+        fusion_info = _fit_fusion(entry, result.head, text, fit_on, spacing_kji, seed, fusion_recall, organ_net)
     losses = [h["loss"] for h in result.history]
     return add_networks(
         pkg,
@@ -219,6 +211,110 @@ def train_aova_head(
     )
 
 
+def _organ_net(pkg: ModelPackage):
+    from diffugts.networks.loading import load_head
+    from diffugts.networks.organs import OrganNet
+
+    return load_head(pkg, ORGAN_NET, OrganNet) if pkg.has(ORGAN_NET) else None
+
+
+def _fit_fusion(entry: dict, head, text, fit_on, spacing_kji, seed: int, recall: float, organ_net) -> dict:
+    """Fit the coarse-map fusion on ``fit_on`` (CaseFeatures of seen cases with lesions), with
+    the organs inference will use; put it and its threshold into the AOVA ``entry``."""
+    from diffugts.stages.deviation import DeviationParams
+    from diffugts.train.fusion import fit_fusion, fusion_samples
+
+    samples = fusion_samples(head, text, fit_on, spacing_kji, DeviationParams(), seed, organ_net)
+    fusion, threshold = fit_fusion(*samples, DeviationParams(), recall=recall)
+    entry.update(fusion=fusion.as_dict(), threshold=round(threshold, 4))
+    return {"fusion_cases": len(fit_on), "fusion_voxels": int(len(samples[1])), "fusion_recall": recall}
+
+
+def train_organ_net(
+    model: str | Path,
+    out: Path | None = None,
+    seed: int = 0,
+    cases: int = 40,
+    steps: int = 1000,
+    mr_healthy_cases: int = 16,
+    show_progress: bool = True,
+    phantom_shape=None,
+    source=None,
+    refit_fusion: bool = True,
+    device: str | None = None,
+) -> ModelPackage:
+    """Organ grounding (diffugts.networks.organs) on the AOVA seed range's cases (seen lesion
+    types and lesion-free cases, as the AOVA head; ``source``: dataset cases beside them) and
+    ``mr_healthy_cases`` lesion-free MR phantoms. With ``refit_fusion``, a package whose AOVA
+    head already has a fusion gets it refitted on the new organs (its refinement head, if any,
+    was trained on the old ones: retrain it for a consistent package). ``device``: where the
+    network trains (a GPU for full-size volumes)."""
+    from diffugts.networks.aova import AOVAHead
+    from diffugts.networks.loading import load_head
+    from diffugts.train.aova import case_features
+    from diffugts.train.organs import organ_dice, train_organs
+
+    pkg = open_package(model)
+    prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
+    spacing_kji = tuple(prep.spacing_mm)[::-1]
+    data = [
+        phantom_case(R.AOVA_SEED + seed, i, prep, split="seen", healthy=(i % 6 == 0), shape=phantom_shape)
+        for i in progress(range(cases), desc="phantoms", unit="case", enable=show_progress)
+    ]
+    data += list(source.training_cases(prep)) if source else []
+    real = len(data)
+    data += [
+        phantom_case(R.AOVA_SEED + seed, R.MR_INDEX + i, prep, healthy=True, modality="MR", shape=phantom_shape)
+        for i in progress(range(mr_healthy_cases), desc="MR healthy", unit="case", enable=show_progress)
+    ]
+    t0 = time.perf_counter()
+    net, losses = train_organs(
+        data, spacing_kji, steps=steps, seed=seed, show_progress=show_progress, device=device or "cpu"
+    )
+    seconds = time.perf_counter() - t0
+    held_out = [  # the AOVA head's held-out range, and MR
+        phantom_case(R.AOVA_SEED + seed + 500, i, prep, split="seen", shape=phantom_shape, modality=modality)
+        for i, modality in enumerate(("CT", "CT", "MR", "MR") if cases else ())
+    ]
+    held_out += list(source.held_out_cases(prep)) if source else []
+    held_out_dice = organ_dice(net.cpu(), held_out, spacing_kji)
+    networks = {ORGAN_NET: ({"config": net.config}, net.state_dict())}
+    aova = pkg.network(AOVA_HEAD) if pkg.has(AOVA_HEAD) else None
+    fusion_info = {}
+    if refit_fusion and aova and aova.get("fusion"):
+        backbone = load_backbone(pkg, "cpu")
+        head = load_head(pkg, AOVA_HEAD, AOVAHead)
+        index = backbone.feature_index(aova["features"])
+        fit_on = [case_features(backbone, c, index, prep.spacing_mm, seed) for c in data[:real] if c.records]
+        entry = dict(aova)
+        # The recall the head's own fusion was fitted at (the recipe's where unrecorded).
+        recall = pkg.manifest.get("provenance", {}).get("aova_training", {}).get("fusion_recall")
+        recall = recall or R.DemoRecipe().fusion_recall or 0.85
+        fusion_info = _fit_fusion(entry, head, TextEncoder(), fit_on, spacing_kji, seed, recall, net)
+        networks[AOVA_HEAD] = (entry, pkg.state_dict(AOVA_HEAD))
+    return add_networks(
+        pkg,
+        networks,
+        out=out,
+        provenance={
+            "organ_training": {
+                "command": command_line(),
+                "seed": seed,
+                "cases": cases,
+                "case_seed": R.AOVA_SEED + seed,
+                "mr_healthy_cases": mr_healthy_cases,
+                "steps": steps,
+                "organs": net.organs,
+                "loss_first_last": _ends(losses),
+                "seconds": round(seconds, 1),
+                "held_out_dice": held_out_dice,
+                **({"refitted_fusion": fusion_info} if fusion_info else {}),
+                **({"datasets": source.provenance()} if source else {}),
+            }
+        },
+    )
+
+
 def _ends(curve: list[float], n: int = 20) -> list[float]:
     return [round(float(np.mean(curve[:n])), 5), round(float(np.mean(curve[-n:])), 5)] if curve else []
 
@@ -234,6 +330,7 @@ class _ExampleMaker:
         from diffugts.config import SynthesisParams
         from diffugts.networks.aova import AOVAHead
         from diffugts.networks.loading import load_head
+        from diffugts.networks.organs import OrganNet
         from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
         from diffugts.stages.attend import default_threshold, fusion_of
 
@@ -242,6 +339,7 @@ class _ExampleMaker:
         self.aova = load_head(pkg, AOVA_HEAD, AOVAHead)
         self.features = pkg.network(AOVA_HEAD)["features"]
         self.fusion = fusion_of(pkg)
+        self.organ_net = load_head(pkg, ORGAN_NET, OrganNet) if pkg.has(ORGAN_NET) else None
         self.threshold = default_threshold(pkg)
         self.channels = TARGET_CHANNELS if self.fusion else LEGACY_TARGET_CHANNELS
         self.text = TextEncoder()
@@ -278,6 +376,7 @@ class _ExampleMaker:
             self.fusion,
             self.threshold,
             self.channels,
+            organ_net=self.organ_net,
         )
 
 
@@ -455,6 +554,18 @@ def train_demo(
             recipe.denoiser_steps,
             show_progress,
             phantom_shape=shape,
+        )
+    if recipe.organ_steps:
+        train_organ_net(
+            out,
+            None,
+            recipe.seed,
+            recipe.aova_cases,
+            recipe.organ_steps,
+            recipe.organ_mr_healthy_cases,
+            show_progress,
+            phantom_shape=shape,
+            refit_fusion=False,  # the AOVA head and its fusion are trained next
         )
     # features None: the backbone's own default scales (R.default_features).
     train_aova_head(

@@ -1,0 +1,90 @@
+"""Organ grounding: a small 3D U-Net (MONAI's BasicUNet) that labels the named organs a
+target's region map needs, from the image alone.
+
+Why a network beside the AOVA head (a departure from the paper's text, docs/method.md
+"Organ grounding"): the AOVA region branch reads each voxel's frozen backbone features
+through 1x1 adapters, so it sees little context. On the development seeds it confused the
+spleen with the kidneys and barely found the pancreas (region Dice 0.13 / 0.00 in CT), and
+every later step (the organ-relative deviation, the fusion, refinement) works inside that
+region. Organs are told apart by where they lie and by their shape, which a U-Net over the
+whole volume sees. Trained SynthSeg-style on random per-tissue intensities
+(diffugts.train.randomise), so the same weights ground organs in CT and MR. Each organ's
+label includes the lesions it holds: a region that excludes its lesions hides them.
+
+The labels are organ *families* ("kidney" for both kidneys), the names prompts use; a
+target whose organ is not among them keeps the AOVA head's own region map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class OrganNet(nn.Module):
+    """Per-voxel organ logits (background first) at ``downsample`` of the model grid in-plane,
+    resized back to the input grid."""
+
+    def __init__(self, organs: list[str], features=(8, 16, 24, 32, 48, 8), downsample: int = 2):
+        super().__init__()
+        from monai.networks.nets import BasicUNet
+
+        self.config = {"organs": list(organs), "features": list(features), "downsample": downsample}
+        self.organs = list(organs)
+        self.downsample = downsample
+        # Instance norm: one whole volume per pass, so no batch statistics to freeze, and a
+        # scale-free input (CT and MR intensities differ in level and spread).
+        self.net = BasicUNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=len(organs) + 1,
+            features=tuple(features),
+            norm=("instance", {"affine": True}),
+            act=("leakyrelu", {"negative_slope": 0.1}),
+        )
+
+    @classmethod
+    def from_config(cls, config: dict) -> OrganNet:
+        return cls(**config)
+
+    def work_shape(self, shape) -> tuple[int, int, int]:
+        """The grid the U-Net runs on: in-plane halved (``downsample``), every axis a multiple
+        of 16 (its four poolings)."""
+        k, j, i = shape
+        d = self.downsample
+        return tuple(max(16, int(round(n / 16)) * 16) for n in (k, j // d, i // d))  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 1, k, j, i) on the model grid in [0, 1] -> logits (B, 1 + organs, k, j, i)."""
+        shape = tuple(x.shape[2:])
+        small = F.interpolate(x, size=self.work_shape(shape), mode="trilinear", align_corners=False)
+        logits = self.net(small)
+        return F.interpolate(logits, size=shape, mode="trilinear", align_corners=False)
+
+    @torch.no_grad()
+    def log_odds(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per organ its log-odds against everything else, (B, *S) each."""
+        lp = torch.log_softmax(self.forward(x).float(), dim=1)
+        out = {}
+        for n, organ in enumerate(self.organs, start=1):
+            rest = torch.cat([lp[:, :n], lp[:, n + 1 :]], 1).logsumexp(1)
+            out[organ] = lp[:, n] - rest
+        return out
+
+
+def organ_maps(net: OrganNet | None, x) -> dict:
+    """Per organ its log-odds on the model grid (numpy), from one pass over the whole volume
+    ``x`` (a numpy array or a (1, 1, *S) tensor); empty without a network."""
+    if net is None:
+        return {}
+    device = next(net.parameters()).device
+    xt = torch.as_tensor(x, dtype=torch.float32, device=device)
+    xt = xt.reshape((1, 1) + tuple(xt.shape[-3:]))
+    return {organ: lo[0].float().cpu().numpy() for organ, lo in net.log_odds(xt).items()}
+
+
+def grounded_region(organ: str | None, head_region, grounding: dict):
+    """The region log-odds a target's organ comes from: the organ network's where it knows
+    the organ, else the AOVA head's own region map."""
+    return grounding[organ] if organ in grounding else head_region

@@ -1,0 +1,96 @@
+"""Organ grounding (diffugts.networks.organs): the network, its labels, its training, and the
+coarse stage taking a target's organ from it where it knows the organ."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffugts.networks.organs import OrganNet, grounded_region, organ_maps
+from diffugts.train.organs import ORGANS, organ_dice, organ_labels, train_organs
+
+SPACING_KJI = (4.0, 2.75, 2.75)
+
+
+@pytest.fixture(scope="module")
+def case():
+    from diffugts.models.defaults import DEMO_MODEL
+    from diffugts.models.package import open_package
+    from diffugts.stages.preprocess import Preprocessing
+    from diffugts.train.data import phantom_case
+
+    prep = Preprocessing.from_dict(open_package(DEMO_MODEL).manifest["preprocessing"])
+    return phantom_case(2000, 1, prep, split="seen", shape=(32, 64, 64))
+
+
+def test_the_network_gives_one_map_per_organ_on_the_input_grid():
+    net = OrganNet(["liver", "kidney"]).eval()
+    assert net.work_shape((64, 128, 128)) == (64, 64, 64)
+    assert net.work_shape((40, 100, 90)) == (32, 48, 48)  # the nearest multiple of 16 per axis
+    maps = organ_maps(net, np.random.default_rng(0).random((40, 100, 90), dtype=np.float32))
+    assert list(maps) == ["liver", "kidney"]
+    assert all(m.shape == (40, 100, 90) and m.dtype == np.float32 for m in maps.values())
+    assert organ_maps(None, np.zeros((8, 8, 8), np.float32)) == {}
+
+
+def test_labels_are_organ_families_that_hold_their_lesions(case):
+    labels = organ_labels(case, ORGANS)
+    kidney = ORGANS.index("kidney") + 1
+    names = {n: label for label, n in case.organ_names.items()}
+    both = (case.organs == names["left kidney"]) | (case.organs == names["right kidney"])
+    assert both.any() and (labels[both] == kidney).all()  # both kidneys are one family
+    assert case.records, "the fixture case carries a lesion"
+    for rec in case.records:
+        host = ORGANS.index(rec["organ"].replace("left ", "").replace("right ", "")) + 1
+        assert (labels[case.lesions == rec["id"]] == host).all()  # the lesion belongs to its organ
+    assert (labels[case.organs == names["muscle"]] == 0).all()
+
+
+def test_training_lowers_the_loss_and_learns_the_liver(case):
+    torch.manual_seed(0)
+    net, losses = train_organs([case], SPACING_KJI, steps=40, seed=0, randomise_p=0.0, show_progress=False)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    dice = organ_dice(net, [case], SPACING_KJI)
+    assert dice["liver"] > 0.5, dice
+
+
+def test_a_target_takes_its_organ_from_the_network_where_it_knows_the_organ():
+    head, net = np.zeros((4, 4, 4), np.float32), np.ones((4, 4, 4), np.float32)
+    grounding = {"liver": net}
+    assert grounded_region("liver", head, grounding) is net
+    assert grounded_region("colon", head, grounding) is head  # an organ it does not know
+    assert grounded_region(None, head, grounding) is head
+
+
+class UpperHalfLiver(OrganNet):
+    """A stand-in network that calls the upper half of every volume liver."""
+
+    def __init__(self):
+        super().__init__(["liver"])
+
+    def forward(self, x):
+        lo = torch.full((x.shape[0], 2) + tuple(x.shape[2:]), -5.0)
+        lo[:, 1, : x.shape[2] // 2] = 5.0
+        return lo
+
+
+def test_the_coarse_stage_uses_the_packages_organ_network(case):
+    import SimpleITK as sitk
+
+    from diffugts.artifacts.study import Study
+    from diffugts.core import Core
+    from diffugts.models.defaults import DEMO_MODEL
+
+    image = sitk.GetImageFromArray((case.x * 600.0 - 250.0).astype(np.float32))
+    image.SetSpacing((2.75, 2.75, 4.0))  # the demo model grid: no resampling
+    prompts = ["liver tumor", "pancreas tumor"]
+    plain = Core(str(DEMO_MODEL))
+    grounded = Core(str(DEMO_MODEL), backbone=plain.backbone)
+    grounded.organ_net = UpperHalfLiver()
+    (liver, pancreas), (_, own) = (
+        core.attend(core.prepare(Study.from_image(image, "CT")), prompts).coarse.organ for core in (grounded, plain)
+    )
+    half = liver.shape[0] // 2
+    assert liver[:half].all() and not liver[half:].any()  # the network's liver
+    np.testing.assert_array_equal(pancreas, own)  # an organ it does not know: the head's region

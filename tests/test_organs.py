@@ -94,3 +94,11 @@ def test_the_coarse_stage_uses_the_packages_organ_network(case):
     half = liver.shape[0] // 2
     assert liver[:half].all() and not liver[half:].any()  # the network's liver
     np.testing.assert_array_equal(pancreas, own)  # an organ it does not know: the head's region
+
+
+def test_train_organs_offers_no_checkpoint_flag_it_would_ignore(capsys):
+    from diffugts.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "organs", "--model", "demo", "--checkpoint-every", "5"])
+    assert exit_.value.code == 2 and "--checkpoint-every" in capsys.readouterr().err

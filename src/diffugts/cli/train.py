@@ -80,7 +80,7 @@ def register(sub) -> None:
     o.add_argument("--cases", type=int, default=40, help="CT phantoms of seen types and lesion-free ones (default 40)")
     o.add_argument("--steps", type=int, default=1000)
     o.add_argument("--mr-healthy-cases", type=int, default=16, help="lesion-free MR phantoms (MR anatomy; default 16)")
-    _dataset_args(o)
+    _dataset_args(o, checkpoints=False)  # one short run: no resumable checkpoints (yet)
     o.set_defaults(func=_organs)
 
     r = t.add_parser("refine", help="the residual refinement head, on seen lesion types only")
@@ -136,7 +136,7 @@ def _backbone(args) -> int:
     return 0
 
 
-def _dataset_args(p) -> None:
+def _dataset_args(p, checkpoints: bool = True) -> None:
     g = p.add_argument_group("real datasets (docs/datasets.md); phantoms still come from --cases (0: none)")
     g.add_argument(
         "--dataset",
@@ -181,13 +181,14 @@ def _dataset_args(p) -> None:
         default=None,
         help="at most N training cases per dataset (the training loops keep every case in memory; default: all)",
     )
-    g.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=100,
-        help="save the head every N steps into OUT/.checkpoints/ and resume from there after an "
-        "interruption (default 100; 0: never)",
-    )
+    if checkpoints:
+        g.add_argument(
+            "--checkpoint-every",
+            type=int,
+            default=100,
+            help="save the head every N steps into OUT/.checkpoints/ and resume from there after an "
+            "interruption (default 100; 0: never)",
+        )
     g.add_argument(
         "--device",
         default=None,

@@ -26,7 +26,7 @@ from diffugts.artifacts.attention import Attention
 from diffugts.artifacts.lesions import Lesions
 from diffugts.artifacts.study import Study
 from diffugts.artifacts.synthesis import Synthesis
-from diffugts.config import AOVA_HEAD, ORGAN_NET, REFINE_HEAD, MapMode, MethodParams
+from diffugts.config import AOVA_HEAD, REFINE_HEAD, MapMode, MethodParams
 from diffugts.models.package import open_package
 from diffugts.stages.preprocess import Preprocessing
 
@@ -132,12 +132,10 @@ class Core:
     @cached_property
     def organ_net(self):
         """The package's organ grounding network (diffugts.networks.organs), None if it has none."""
-        from diffugts.networks.loading import load_head
-        from diffugts.networks.organs import OrganNet
+        from diffugts.networks.organs import load_organ_net
 
-        if not self.package.has(ORGAN_NET):
-            return None
-        return load_head(self.package, ORGAN_NET, OrganNet).to(self.device)
+        net = load_organ_net(self.package)
+        return net.to(self.device) if net is not None else None
 
     @cached_property
     def text(self):

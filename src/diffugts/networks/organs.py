@@ -73,6 +73,14 @@ class OrganNet(nn.Module):
         return out
 
 
+def load_organ_net(pkg) -> OrganNet | None:
+    """The package's organ grounding network (frozen), None for a package without one."""
+    from diffugts.config import ORGAN_NET
+    from diffugts.networks.loading import load_head
+
+    return load_head(pkg, ORGAN_NET, OrganNet) if pkg.has(ORGAN_NET) else None
+
+
 def organ_maps(net: OrganNet | None, x) -> dict:
     """Per organ its log-odds on the model grid (numpy), from one pass over the whole volume
     ``x`` (a numpy array or a (1, 1, *S) tensor); empty without a network."""

@@ -17,6 +17,7 @@ from diffugts.models.configs import get_config
 from diffugts.models.create import base_manifest
 from diffugts.models.package import ModelPackage, add_networks, open_package, write_package
 from diffugts.networks.backbones import build_backbone, load_backbone
+from diffugts.networks.organs import load_organ_net
 from diffugts.networks.text import TextEncoder
 from diffugts.stages.preprocess import Preprocessing
 from diffugts.train import recipe as R
@@ -128,12 +129,8 @@ def train_aova_head(
     features = features or R.default_features(backbone)
     text = TextEncoder()
     spacing_kji = tuple(prep.spacing_mm)[::-1]
-    organ_net = _organ_net(pkg)
-    data = [
-        phantom_case(R.AOVA_SEED + seed, i, prep, split="seen", healthy=(i % 6 == 0), shape=phantom_shape)
-        for i in progress(range(cases), desc="phantoms", unit="case", enable=show_progress)
-    ]
-    data += list(source.training_cases(prep)) if source else []
+    organ_net = load_organ_net(pkg)
+    data = _seen_range_cases(prep, seed, cases, phantom_shape, show_progress, source)
     real = len(data)  # phantoms and dataset cases: what the fusion is fitted on
     rng = np.random.default_rng([R.AOVA_SEED + seed, R.SYNTHETIC_STREAM])
     data += [
@@ -152,10 +149,7 @@ def train_aova_head(
         randomise(seen[i % len(seen)], rng, spacing_kji)
         for i in progress(range(randomised_cases), desc="randomised", unit="case", enable=show_progress)
     ]
-    data += [
-        phantom_case(R.AOVA_SEED + seed, R.MR_INDEX + i, prep, healthy=True, modality="MR", shape=phantom_shape)
-        for i in progress(range(mr_healthy_cases), desc="MR healthy", unit="case", enable=show_progress)
-    ]
+    data += _mr_healthy_cases(prep, seed, mr_healthy_cases, phantom_shape, show_progress)
     held_out = [
         phantom_case(R.AOVA_SEED + seed + 500, i, prep, split="seen", shape=phantom_shape)
         for i in range(4 if cases or not source else 0)
@@ -211,11 +205,22 @@ def train_aova_head(
     )
 
 
-def _organ_net(pkg: ModelPackage):
-    from diffugts.networks.loading import load_head
-    from diffugts.networks.organs import OrganNet
+def _seen_range_cases(prep: Preprocessing, seed: int, cases: int, shape, show_progress: bool, source=None) -> list:
+    """The AOVA seed range's CT cases (seen lesion types, one in six lesion-free) and the
+    dataset cases beside them: what the AOVA head and the organ network train on."""
+    data = [
+        phantom_case(R.AOVA_SEED + seed, i, prep, split="seen", healthy=(i % 6 == 0), shape=shape)
+        for i in progress(range(cases), desc="phantoms", unit="case", enable=show_progress)
+    ]
+    return data + (list(source.training_cases(prep)) if source else [])
 
-    return load_head(pkg, ORGAN_NET, OrganNet) if pkg.has(ORGAN_NET) else None
+
+def _mr_healthy_cases(prep: Preprocessing, seed: int, n: int, shape, show_progress: bool) -> list:
+    """Lesion-free MR phantoms of the AOVA seed range (MR anatomy; MR lesions stay unseen)."""
+    return [
+        phantom_case(R.AOVA_SEED + seed, R.MR_INDEX + i, prep, healthy=True, modality="MR", shape=shape)
+        for i in progress(range(n), desc="MR healthy", unit="case", enable=show_progress)
+    ]
 
 
 def _fit_fusion(entry: dict, head, text, fit_on, spacing_kji, seed: int, recall: float, organ_net) -> dict:
@@ -257,16 +262,9 @@ def train_organ_net(
     pkg = open_package(model)
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
     spacing_kji = tuple(prep.spacing_mm)[::-1]
-    data = [
-        phantom_case(R.AOVA_SEED + seed, i, prep, split="seen", healthy=(i % 6 == 0), shape=phantom_shape)
-        for i in progress(range(cases), desc="phantoms", unit="case", enable=show_progress)
-    ]
-    data += list(source.training_cases(prep)) if source else []
+    data = _seen_range_cases(prep, seed, cases, phantom_shape, show_progress, source)
     real = len(data)
-    data += [
-        phantom_case(R.AOVA_SEED + seed, R.MR_INDEX + i, prep, healthy=True, modality="MR", shape=phantom_shape)
-        for i in progress(range(mr_healthy_cases), desc="MR healthy", unit="case", enable=show_progress)
-    ]
+    data += _mr_healthy_cases(prep, seed, mr_healthy_cases, phantom_shape, show_progress)
     t0 = time.perf_counter()
     net, losses = train_organs(
         data, spacing_kji, steps=steps, seed=seed, show_progress=show_progress, device=device or "cpu"
@@ -330,7 +328,6 @@ class _ExampleMaker:
         from diffugts.config import SynthesisParams
         from diffugts.networks.aova import AOVAHead
         from diffugts.networks.loading import load_head
-        from diffugts.networks.organs import OrganNet
         from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, TARGET_CHANNELS
         from diffugts.stages.attend import default_threshold, fusion_of
 
@@ -339,7 +336,7 @@ class _ExampleMaker:
         self.aova = load_head(pkg, AOVA_HEAD, AOVAHead)
         self.features = pkg.network(AOVA_HEAD)["features"]
         self.fusion = fusion_of(pkg)
-        self.organ_net = load_head(pkg, ORGAN_NET, OrganNet) if pkg.has(ORGAN_NET) else None
+        self.organ_net = load_organ_net(pkg)
         self.threshold = default_threshold(pkg)
         self.channels = TARGET_CHANNELS if self.fusion else LEGACY_TARGET_CHANNELS
         self.text = TextEncoder()

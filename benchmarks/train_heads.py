@@ -1,11 +1,12 @@
-"""Train the demo recipe's heads (organ grounding, AOVA + fusion, refinement, lesion verifier) on an existing package's
-backbone, for one seed: what made the shipped demo model's heads and the second training draw
-that docs/benchmarks.md compares it with (two seeds run side by side, one thread each).
+"""Train the demo recipe's heads (organ grounding, AOVA + fusion, refinement, lesion verifier)
+on an existing package's backbone, for one seed: what made the shipped demo model's heads and
+the second training draw that docs/benchmarks.md compares it with (two seeds run side by side,
+one thread each).
 
     python benchmarks/train_heads.py SEED OUT [--backbone demo]
 
-`--start aova` / `--start refine` / `--start verifier`: OUT already holds the earlier stages (a run stopped
-later, or heads kept while a later stage changes): only that stage and the ones after it run.
+`--start aova|refine|verifier`: OUT already holds the earlier stages (a run stopped later, or
+heads kept while a later stage changes): only that stage and the ones after it run.
 `diffugts train demo --backbone demo --seed SEED --out OUT` does the same in one process with
 the recipe's provenance entry.
 """

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from diffugts.stages.deviation import DeviationParams, Fusion, deviation_z, organ_with_inclusions
+from diffugts.stages.deviation import DeviationParams, Fusion, deviation_z, organ_interior, organ_with_inclusions
 from diffugts.train.data import TrainingCase
 from diffugts.train.fusion import fit_fusion
 from diffugts.train.randomise import randomise
@@ -65,6 +65,41 @@ def test_fusion_maps_stay_in_the_organ_and_rank_the_lesion_first():
     assert maps.prob[lesion].mean() > 0.5 > maps.prob[organ & ~lesion].mean()
     again = Fusion.from_dict(Fusion(1.0, 1.5, -6.0).as_dict())
     assert again == Fusion(1.0, 1.5, -6.0)
+
+
+def test_organ_interior_leaves_out_the_border_but_not_the_volume_edge_or_a_thin_organ():
+    _, organ, _ = _organ_with_lesion(np.random.default_rng(6))
+    assert (organ_interior(organ, SPACING) == organ).all(), "margin 0 (old packages): the whole organ"
+    inner = organ_interior(organ, SPACING, DeviationParams(margin_mm=5.0))
+    assert inner.any() and not (inner & ~organ).any()
+    depth = ndimage.distance_transform_edt(np.pad(organ, 1), sampling=SPACING)[1:-1, 1:-1, 1:-1]
+    assert depth[inner].min() >= 4.0 and depth[organ & ~inner].max() <= 8.5
+    cut = organ.copy()
+    cut[:12] = False  # the organ runs off the volume at slice 12... as if the scan began there
+    half = organ_interior(cut[12:], SPACING, DeviationParams(margin_mm=5.0))
+    assert half[0].sum() > 0.5 * inner[12].sum(), "the volume's edge is not the organ's surface"
+    thin = np.zeros_like(organ)
+    thin[12, 20:24, 20:24] = True  # one slice thick: no interior, so the organ keeps its voxels
+    assert (organ_interior(thin, SPACING, DeviationParams(margin_mm=5.0)) == thin).all()
+
+
+def test_a_border_margin_ignores_the_tissue_a_too_large_organ_map_takes_in():
+    """An organ map one ring too large takes in fat, which deviates like a lesion; with the
+    margin only the lesion deviates, in the deviation and in the fused map."""
+    x, organ, lesion = _organ_with_lesion(np.random.default_rng(7))
+    grown = ndimage.binary_dilation(organ, iterations=1)
+    fat = grown & ~organ
+    plain, margin = DeviationParams(), DeviationParams(margin_mm=5.0)
+    assert np.abs(deviation_z(x, grown, SPACING, plain)[fat]).max() > 4, "without it the fat ring stands out"
+    z = deviation_z(x, grown, SPACING, margin)
+    assert not z[fat].any() and np.median(np.abs(z[lesion])) > 4
+    assert np.abs(z[organ & ~lesion & ~ndimage.binary_dilation(lesion, iterations=2)]).max() < 3
+    region_lo = np.where(grown & ~lesion, 3.0, -3.0).astype(np.float32)
+    maps = Fusion(0.0, 1.5, -6.0, margin).maps(x, region_lo, np.zeros(x.shape, np.float32), SPACING)
+    assert not maps.prob[fat].any() and maps.organ[fat].all(), "the organ keeps its border; the map does not"
+    assert maps.prob[lesion].mean() > 0.5
+    assert Fusion.from_dict(Fusion(0.0, 1.5, -6.0, margin).as_dict()).deviation.margin_mm == 5.0
+    assert Fusion.from_dict({"anomaly_weight": 0, "deviation_weight": 1, "bias": 0}).deviation.margin_mm == 0.0
 
 
 def test_fit_fusion_weighs_the_informative_input_and_keeps_the_recall():

@@ -10,7 +10,10 @@ fuses it with the learned anomaly branch (docs/method.md, "organ-relative deviat
    fragments give the organ with its inclusions;
 2. inside it, a local mean of the intensities (a Gaussian normalised convolution restricted to
    the organ, so fat or air next to it do not leak in) is compared with the organ's robust
-   statistics (median and MAD): the signed robust z-score of each voxel.
+   statistics (median and MAD): the signed robust z-score of each voxel;
+3. optionally only in the organ's *interior* (``margin_mm`` in from its surface): an organ
+   map from a network is wrong mostly at its border, where fat, air or the next organ then
+   look like a lesion; the border is left unscored (z = 0 there).
 
 Everything runs on the model grid in numpy/scipy; the parameters are recorded in the model
 package (``networks.aova.deviation``) so a package reproduces its own maps.
@@ -34,6 +37,9 @@ class DeviationParams:
     close_mm: float = 6.0  # closing radius that pulls notches (lesions at the organ's edge) into the organ
     min_fraction: float = 0.15  # fragments smaller than this share of the largest are dropped
     floor: float = 0.02  # the least robust SD, in model intensity units (a flat organ is not infinitely sure)
+    # Unscored border of the organ (mm). 0, the default, is how packages fitted before the
+    # margin existed were made, so they reproduce their own maps; recipes set it explicitly.
+    margin_mm: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict | None) -> DeviationParams:
@@ -64,11 +70,26 @@ def organ_with_inclusions(region: np.ndarray, spacing_kji, params: DeviationPara
     return filled
 
 
+def organ_interior(organ: np.ndarray, spacing_kji, params: DeviationParams = DeviationParams()) -> np.ndarray:
+    """The voxels of ``organ`` at least ``params.margin_mm`` in from its surface (all of it for
+    margin 0). An organ too thin to have an interior keeps its voxels rather than vanish."""
+    organ = np.asarray(organ, bool)
+    if params.margin_mm <= 0 or not organ.any():
+        return organ
+    radius = np.maximum(np.rint(params.margin_mm / np.asarray(spacing_kji, float)), 1).astype(int)
+    # Pad with the organ itself (not background): the volume's edge is not the organ's surface.
+    pad = [(int(r), int(r)) for r in radius]
+    inner = ndimage.binary_erosion(np.pad(organ, pad, mode="edge"), structure=_ellipsoid(radius))
+    inner = inner[tuple(slice(r, r + n) for r, n in zip(radius, organ.shape))]
+    return inner if inner.sum() >= 10 else organ
+
+
 def deviation_z(
     x: np.ndarray, organ: np.ndarray, spacing_kji, params: DeviationParams = DeviationParams()
 ) -> np.ndarray:
-    """Signed robust z-score of the organ-restricted local mean of ``x`` (0 outside the organ)."""
-    organ = np.asarray(organ, bool)
+    """Signed robust z-score of the organ-restricted local mean of ``x`` (0 outside the organ's
+    interior, :func:`organ_interior`)."""
+    organ = organ_interior(organ, spacing_kji, params)
     z = np.zeros(x.shape, np.float32)
     if organ.sum() < 10:
         return z
@@ -123,7 +144,8 @@ class Fusion:
         """One target's maps on the model grid."""
         organ, z = organ_deviation(x, region_log_odds, spacing_kji, self.deviation)
         logit = self.anomaly_weight * anomaly_log_odds + self.deviation_weight * np.abs(z) + self.bias
-        prob = np.where(organ, 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30))), 0.0).astype(np.float32)
+        scored = organ_interior(organ, spacing_kji, self.deviation)  # the whole organ for margin 0
+        prob = np.where(scored, 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30))), 0.0).astype(np.float32)
         return FusedMaps(prob, organ, z)
 
 
@@ -138,6 +160,6 @@ def organ_deviation(
 
 @dataclass
 class FusedMaps:
-    prob: np.ndarray  # P(lesion of the target), 0 outside its organ
+    prob: np.ndarray  # P(lesion of the target), 0 outside its organ's scored interior
     organ: np.ndarray  # the organ with its inclusions (bool)
     z: np.ndarray  # signed organ-relative deviation (0 outside the organ)

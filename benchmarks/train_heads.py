@@ -67,6 +67,7 @@ def main() -> None:
             randomised_cases=r.aova_randomised_cases,
             mr_healthy_cases=r.aova_mr_healthy_cases,
             fusion_recall=r.fusion_recall,
+            fusion_margin_mm=r.fusion_margin_mm,
         )
     print(f"AOVA head done after {time.time() - start:.0f} s", flush=True)
     if first <= 2:
@@ -80,7 +81,15 @@ def main() -> None:
             healthy_cases=r.refine_healthy_cases,
         )
     print(f"refinement head done after {time.time() - start:.0f} s", flush=True)
-    train_lesion_verifier(args.out, None, args.seed, r.verifier_cases, r.verifier_healthy_cases)
+    train_lesion_verifier(
+        args.out,
+        None,
+        args.seed,
+        r.verifier_cases,
+        r.verifier_healthy_cases,
+        candidate_source=r.verifier_candidates,
+        deviation_k=r.verifier_deviation_k,
+    )
     print(f"lesion verifier done after {time.time() - start:.0f} s", flush=True)
     record(args.out, r, args.backbone)
 

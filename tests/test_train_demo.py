@@ -33,6 +33,7 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     assert manifest["provenance"]["organ_training"]["steps"] == 6
     assert set(manifest["provenance"]["organ_training"]["held_out_dice"]) <= set(organs["config"]["organs"])
     assert {"anomaly_weight", "deviation_weight", "bias", "deviation"} <= set(aova["fusion"])
+    assert aova["fusion"]["deviation"]["margin_mm"] == 5.0  # the recipe's unscored organ border
     assert 0.05 <= aova["threshold"] <= 0.95
     assert refine["target_channels"] == ["coarse", "deviation", "organ"]
     assert refine["config"]["in_channels"] == 11
@@ -54,6 +55,7 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     regrounded = json.loads((again / "manifest.json").read_text())
     refit = regrounded["provenance"]["organ_training"]["refitted_fusion"]
     assert refit["fusion_cases"] == 1 and refit["fusion_voxels"] > 0  # case 0 is lesion-free, case 1 not
+    assert refit["fusion_margin_mm"] == 5.0  # the refit keeps the package's own border margin
     assert regrounded["networks"]["aova"]["weights"] == aova["weights"]
     assert (again / "aova.safetensors").read_bytes() == (out / "aova.safetensors").read_bytes()  # the head kept
     assert "wrote" in capsys.readouterr().out

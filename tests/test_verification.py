@@ -12,7 +12,15 @@ import SimpleITK as sitk
 from diffugts.cli import main
 from diffugts.models.package import add_networks
 from diffugts.phantom import CaseSpec, generate_case, write_case
-from diffugts.stages.verification import FEATURES, Evidence, LesionVerifier, candidates, verified, verifier_of
+from diffugts.stages.verification import (
+    FEATURES,
+    Evidence,
+    LesionVerifier,
+    candidates,
+    deviation_candidates,
+    verified,
+    verifier_of,
+)
 from diffugts.train.verify import fit_verifier
 from modelfactory import random_package
 
@@ -61,6 +69,25 @@ def test_verifier_drops_weak_components_and_round_trips():
         LesionVerifier.from_dict({**verifier.as_dict(), "features": ["volume"]})
 
 
+def test_deviation_candidates_are_opened_blobs_of_either_sign():
+    z = np.zeros((16, 16, 16), np.float32)
+    z[2:6, 2:6, 2:6] = 3.0  # a bright lesion
+    z[9:13, 9:13, 9:13] = -2.5  # a dark one
+    z[14, 2, 2] = 9.0  # a single noisy voxel
+    z[4, 6:9, 4] = 3.0  # a one-voxel bridge toward nothing
+    cand = deviation_candidates(z, 2.0)
+    assert cand[3:5, 3:5, 3:5].all() and cand[10:12, 10:12, 10:12].all()
+    assert not cand[14, 2, 2] and not cand[4, 7:9, 4].any()
+    assert not deviation_candidates(z, 3.5).any()
+    zeros, ones = tuple([0.0] * len(FEATURES)), tuple([1.0] * len(FEATURES))
+    v = LesionVerifier(zeros, 0.0, zeros, ones, 0.5, candidate_source="deviation", deviation_k=2.5)
+    assert LesionVerifier.from_dict(json.loads(json.dumps(v.as_dict()))) == v
+    old = {k: x for k, x in v.as_dict().items() if k not in ("candidate_source", "deviation_k")}
+    assert LesionVerifier.from_dict(old).candidate_source == "refined"  # verifiers fitted before the choice
+    with pytest.raises(ValueError, match="candidate source"):
+        LesionVerifier.from_dict({**v.as_dict(), "candidate_source": "attention"})
+
+
 def test_fitting_separates_true_from_false_components_and_never_lowers_dice():
     rng = np.random.default_rng(0)
     samples = []
@@ -87,7 +114,8 @@ def test_fitting_separates_true_from_false_components_and_never_lowers_dice():
 @pytest.fixture(scope="module")
 def permissive(tmp_path_factory):
     """A fused random package whose every coarse and refined voxel counts, so its refined
-    masks are not empty, with three verifiers: none, keep-all and reject-all."""
+    masks are not empty, with four verifiers: none, keep-all, reject-all and keep-all of the
+    deviation's candidates."""
     pkg = random_package(tmp_path_factory.mktemp("verify"), fused=True)
     aova = {**pkg.network("aova"), "threshold": 0.02}
     refine = {**pkg.network("refine"), "threshold": 0.0}
@@ -98,8 +126,13 @@ def permissive(tmp_path_factory):
     )
     out = {"none": base}
     zeros, ones = tuple([0.0] * len(FEATURES)), tuple([1.0] * len(FEATURES))
-    for name, bias in (("keep", 50.0), ("reject", -50.0)):
-        entry = {**refine, "verifier": LesionVerifier(zeros, bias, zeros, ones, 0.5).as_dict()}
+    for name, bias, source in (
+        ("keep", 50.0, "refined"),
+        ("reject", -50.0, "refined"),
+        ("deviation", 50.0, "deviation"),
+    ):
+        verifier = LesionVerifier(zeros, bias, zeros, ones, 0.5, candidate_source=source)
+        entry = {**refine, "verifier": verifier.as_dict()}
         out[name] = add_networks(base, {"refine": (entry, base.state_dict("refine"))}, out=pkg.root.parent / name)
     return out
 
@@ -142,6 +175,17 @@ def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
     assert masks["none"].any()  # the test means something: there is a lesion to verify
     assert (masks["keep"] == masks["none"]).all()
     assert not masks["reject"].any()
+    # Deviation candidates: the lesions are the deviation's blobs in the target's organ, not
+    # the refined mask (which this package's head spreads over its whole region).
+    organ = attention_organ(tmp_path / "deviation")
+    assert masks["deviation"].any() and not (masks["deviation"] & ~organ).any()
+    assert masks["deviation"].sum() < 0.5 * masks["none"].sum()
+
+
+def attention_organ(out) -> np.ndarray:
+    organs = sorted((out / "attention" / "organs").glob("*.nii.gz"))
+    assert len(organs) == 1
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(organs[0]))) > 0
 
 
 @pytest.mark.slow
@@ -151,7 +195,7 @@ def test_evaluate_scores_the_verified_mask(permissive, study):
     full = {
         name: [r for r in evaluate(study.parent, str(pkg.root), variants=("full",), show_progress=False)["rows"]]
         for name, pkg in permissive.items()
-        if name != "none"
+        if name not in ("none", "deviation")
     }
     assert any(r["detected"] or r["false_lesions"] for r in full["keep"])
     assert all(r["detected"] == 0 and r["false_lesions"] == 0 and r["dice"] == 0.0 for r in full["reject"])

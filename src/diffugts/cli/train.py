@@ -10,6 +10,8 @@ DEMO_CONFIGS = ("demo", "demo-2d")  # configurations with a training recipe
 
 
 def register(sub) -> None:
+    from diffugts.train.recipe import DemoRecipe  # light: dataclasses only
+
     p = sub.add_parser("train", help="train the demo backbone, or the trainable heads on phantoms and real datasets")
     t = p.add_subparsers(dest="train_command", metavar="WHAT", required=True)
 
@@ -63,6 +65,13 @@ def register(sub) -> None:
         "of the training lesion voxels (default 0.85); 0: the head's own map, no fusion",
     )
     a.add_argument(
+        "--fusion-margin-mm",
+        type=float,
+        default=DemoRecipe.fusion_margin_mm,
+        help="the organ's border (mm) the fusion leaves unscored, where organ maps err "
+        f"(default {DemoRecipe.fusion_margin_mm:g})",
+    )
+    a.add_argument(
         "--features",
         default=None,
         help="comma-separated backbone feature maps (default: the demo recipe's, or every scale but the "
@@ -98,12 +107,22 @@ def register(sub) -> None:
     _dataset_args(r)
     r.set_defaults(func=_refine)
 
-    v = t.add_parser("verifier", help="the lesion verifier: keeps or drops each refined lesion (after `train refine`)")
+    v = t.add_parser(
+        "verifier", help="the lesion verifier: keeps or drops each candidate lesion (after `train refine`)"
+    )
     v.add_argument("--model", required=True, help="package with a fused AOVA head and a refinement head")
     v.add_argument("--out", default=None, help="write a new package here (default: update --model)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--cases", type=int, default=12, help="seen-type cases the refinement head never saw (default 12)")
     v.add_argument("--healthy-cases", type=int, default=6, help="lesion-free cases (default 6)")
+    v.add_argument(
+        "--candidates",
+        choices=("deviation", "refined"),
+        default=DemoRecipe.verifier_candidates,
+        help="what it verifies: components of the organ-relative deviation |z| > --deviation-k, or of the "
+        f"refinement head's mask (default {DemoRecipe.verifier_candidates})",
+    )
+    v.add_argument("--deviation-k", type=float, default=DemoRecipe.verifier_deviation_k, help="(default %(default)s)")
     v.set_defaults(func=_verifier)
 
     d = t.add_parser("demo", help="the whole demo model (what `make demo-model` runs)")
@@ -280,6 +299,7 @@ def _aova(args) -> int:
         randomised_cases=args.randomised_cases,
         mr_healthy_cases=args.mr_healthy_cases,
         fusion_recall=args.fusion_recall or None,
+        fusion_margin_mm=args.fusion_margin_mm,
         source=source,
         checkpoint=checkpoint,
         device=_device(args),
@@ -346,6 +366,8 @@ def _verifier(args) -> int:
         args.cases,
         args.healthy_cases,
         show_progress=not args.quiet,
+        candidate_source=args.candidates,
+        deviation_k=args.deviation_k,
     )
     r = pkg.manifest["provenance"]["verifier_training"]
     if "not_fitted" in r:

@@ -194,7 +194,8 @@ def verify_masks(
     space,
 ) -> list[np.ndarray]:
     """Each target's mask (study grid) without the lesions the package's lesion verifier
-    rejects (diffugts.stages.verification); unchanged without a verifier. ``shared``: the head's
+    rejects (diffugts.stages.verification); unchanged without a verifier. A verifier whose
+    candidates are the deviation's components replaces the masks by its verified candidates. ``shared``: the head's
     shared inputs (model grid), whose |x - H| channel is the residual evidence; ``own``: the
     :func:`own_channels` the head read, whose deviation channel is the |z| evidence."""
     from diffugts.stages.lesions import voxel_ml
@@ -202,10 +203,14 @@ def verify_masks(
     from diffugts.stages.verification import Evidence, verified, verifier_of
 
     verifier = verifier_of(pkg)
-    if verifier is None or not any(m.any() for m in masks):
+    if verifier is None:
         return masks
     deviation = list(pkg.network(REFINE_HEAD)["target_channels"]).index("deviation")
     residual = np.asarray(shared[3].cpu() if isinstance(shared, torch.Tensor) else shared[3]) / RESIDUAL_GAIN
+    if verifier.candidate_source != "refined":
+        return _verified_candidates(verifier, probs, coarse, organs, residual, own, deviation, space)
+    if not any(m.any() for m in masks):
+        return masks
     out = []
     for n, mask in enumerate(masks):
         box = bbox(mask)
@@ -225,6 +230,31 @@ def verify_masks(
         kept = np.zeros_like(mask)
         kept[box] = verified(mask[box], evidence, verifier, voxel_ml(space.study))
         out.append(kept)
+    return out
+
+
+def _verified_candidates(verifier, probs, coarse, organs, residual, own, deviation: int, space) -> list[np.ndarray]:
+    """Each target's verified lesions (study grid) when its candidates are not the head's mask
+    (the verifier's ``candidate_source``): cut and scored on the model grid, where the
+    verifier was fitted, every map there; the kept lesions mapped back to the study grid."""
+    from diffugts.stages.lesions import voxel_ml
+    from diffugts.stages.verification import Evidence, deviation_candidates, verified
+
+    out = []
+    for n, prob in enumerate(probs):
+        coarse_model = space.to_model(coarse[n])
+        z = own(n, coarse_model)[deviation] * DEVIATION_SCALE
+        organ_n = organs[n]
+        organ = (
+            space.to_model(organ_n.astype(np.float32), nearest=True) > 0.5
+            if organ_n is not None
+            else np.zeros(z.shape, bool)
+        )
+        evidence = Evidence(
+            refined=space.to_model(prob), coarse=coarse_model, deviation=z, residual=residual, organ=organ
+        )
+        kept = verified(deviation_candidates(z, verifier.deviation_k), evidence, verifier, voxel_ml(space.model))
+        out.append(space.to_study(kept.astype(np.float32)) >= 0.5)
     return out
 
 

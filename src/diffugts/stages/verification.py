@@ -1,11 +1,17 @@
 """Lesion verification: the last step of residual refinement, one decision per candidate lesion.
 
-The refinement head decides voxel by voxel. Whether a connected component of its mask is a
-lesion at all is a question about the whole component: how large it is, how sure the head is
-across it, how far it departs from its organ and from the pseudo-healthy image. A verifier with
-one weight per such piece of evidence (a logistic regression, fitted on held-out training cases
-by ``diffugts train verifier``) keeps or drops each component; a package without one keeps
-every component, as before (docs/method.md, "lesion verification").
+The refinement head decides voxel by voxel. Whether a candidate lesion is a lesion at all is a
+question about the whole candidate: how large it is, how sure the head is across it, how far it
+departs from its organ and from the pseudo-healthy image. A verifier with one weight per such
+piece of evidence (a logistic regression, fitted on held-out training cases by ``diffugts train
+verifier``) keeps or drops each candidate; a package without one keeps every component of the
+head's mask, as before (docs/method.md, "lesion verification").
+
+The candidates (the verifier's ``candidate_source``) are the connected components of either
+- ``refined``: the head's mask at its threshold (verifiers fitted before 2026-12-04), or
+- ``deviation``: the organ-relative deviation |z| > ``deviation_k``, opened. The deviation
+  finds lesions of types no head was trained on; the head's map then counts as evidence
+  about each candidate instead of deciding which voxels are candidates at all.
 
 The evidence maps of one target, on one grid:
 - ``refined``: the head's probability; ``coarse``: the fused coarse map;
@@ -34,6 +40,7 @@ FEATURES = (
     "residual_mean",
     "organ_fraction",
 )
+CANDIDATE_SOURCES = ("refined", "deviation")
 
 
 @dataclass(frozen=True)
@@ -58,12 +65,16 @@ class LesionVerifier:
     scale: tuple[float, ...]
     threshold: float
     features: tuple[str, ...] = FEATURES
+    candidate_source: str = "refined"  # the default: how verifiers fitted before the choice decided
+    deviation_k: float = 2.0  # the |z| of a "deviation" candidate
 
     @classmethod
     def from_dict(cls, d: dict) -> LesionVerifier:
         d = dict(d)
         if tuple(d.get("features", FEATURES)) != FEATURES:
             raise ValueError(f"unknown lesion verifier features {d.get('features')!r}")
+        if d.get("candidate_source", "refined") not in CANDIDATE_SOURCES:
+            raise ValueError(f"unknown lesion verifier candidate source {d.get('candidate_source')!r}")
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**fields)
 
@@ -80,6 +91,12 @@ def verifier_of(pkg) -> LesionVerifier | None:
     """The package's lesion verifier (``networks.refine.verifier``), or None."""
     entry = (pkg.network("refine") or {}).get("verifier")
     return LesionVerifier.from_dict(entry) if entry else None
+
+
+def deviation_candidates(deviation: np.ndarray, k: float) -> np.ndarray:
+    """Candidate lesion voxels from the organ-relative deviation: |z| > ``k``, opened so that
+    single voxels and one-voxel bridges of noise do not make or merge candidates."""
+    return ndimage.binary_opening(np.abs(np.asarray(deviation)) > k)
 
 
 def candidates(

@@ -59,6 +59,9 @@ class DemoRecipe:
     # The coarse map fuses the head with the organ-relative deviation; its threshold keeps this
     # share of the training lesion voxels (the refinement head verifies). None: the head alone.
     fusion_recall: float | None = 0.85
+    # The organ's border the fusion leaves unscored: organ maps err at their edge, where the
+    # next tissue then deviates like a lesion (docs/method.md, "organ-relative deviation").
+    fusion_margin_mm: float = 5.0
     refine_cases: int = 30
     refine_steps: int = 900
     refine_healthy_cases: int = 12  # lesion-free cases: their coarse candidates teach the head to say "nothing"
@@ -66,6 +69,10 @@ class DemoRecipe:
     # saw; 0 cases: no verifier. Needs the fused coarse map (its deviation is evidence).
     verifier_cases: int = 12
     verifier_healthy_cases: int = 6
+    # Its candidates: components of the deviation |z| > k (found whatever the lesion type), the
+    # head's map then evidence about each (docs/method.md, "lesion verification"); or "refined".
+    verifier_candidates: str = "deviation"
+    verifier_deviation_k: float = 2.0
     # None: the backbone's default scales (default_features)
     features: list[str] | None = field(default_factory=lambda: list(AOVA_FEATURES))
     config: str = "demo"  # backbone configuration (models/configs.py): its family picks the backbone recipe

@@ -19,6 +19,7 @@ from diffugts.models.package import ModelPackage, add_networks, open_package, wr
 from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.networks.organs import load_organ_net
 from diffugts.networks.text import TextEncoder
+from diffugts.stages.deviation import DeviationParams
 from diffugts.stages.preprocess import Preprocessing
 from diffugts.train import recipe as R
 from diffugts.train.data import phantom_case
@@ -107,6 +108,7 @@ def train_aova_head(
     randomised_cases: int = 0,
     mr_healthy_cases: int = 0,
     fusion_recall: float | None = None,
+    fusion_margin_mm: float = 0.0,
     source=None,
     checkpoint=None,
     device: str | None = None,
@@ -118,7 +120,8 @@ def train_aova_head(
     ones (diffugts.train.anomalies); ``randomised_cases``: copies of seen cases with random
     per-tissue intensities (diffugts.train.randomise); ``mr_healthy_cases``: lesion-free MR
     phantoms (MR anatomy; MR lesions stay unseen); ``fusion_recall``: fit the coarse-map
-    fusion with the organ-relative deviation (diffugts.stages.deviation) at this voxel recall."""
+    fusion with the organ-relative deviation (diffugts.stages.deviation) at this voxel recall,
+    the organ's border of ``fusion_margin_mm`` left unscored."""
     from diffugts.train.anomalies import add_anomalies
     from diffugts.train.aova import evaluate_dice, train_aova
     from diffugts.train.randomise import randomise
@@ -177,7 +180,10 @@ def train_aova_head(
         # Fitted on the seen CT cases with lesions (randomised copies and MR left out: the
         # deviation's scale is what is fitted, and those copies have no new lesions).
         fit_on = [cf for cf in result.data[: real + synthetic_cases] if cf.positives]
-        fusion_info = _fit_fusion(entry, result.head, text, fit_on, spacing_kji, seed, fusion_recall, organ_net)
+        deviation = DeviationParams(margin_mm=fusion_margin_mm)
+        fusion_info = _fit_fusion(
+            entry, result.head, text, fit_on, spacing_kji, seed, fusion_recall, organ_net, deviation
+        )
     losses = [h["loss"] for h in result.history]
     return add_networks(
         pkg,
@@ -223,16 +229,23 @@ def _mr_healthy_cases(prep: Preprocessing, seed: int, n: int, shape, show_progre
     ]
 
 
-def _fit_fusion(entry: dict, head, text, fit_on, spacing_kji, seed: int, recall: float, organ_net) -> dict:
+def _fit_fusion(
+    entry: dict, head, text, fit_on, spacing_kji, seed: int, recall: float, organ_net, deviation: DeviationParams
+) -> dict:
     """Fit the coarse-map fusion on ``fit_on`` (CaseFeatures of seen cases with lesions), with
-    the organs inference will use; put it and its threshold into the AOVA ``entry``."""
-    from diffugts.stages.deviation import DeviationParams
+    the organs inference will use and the ``deviation`` parameters it records; put it and its
+    threshold into the AOVA ``entry``."""
     from diffugts.train.fusion import fit_fusion, fusion_samples
 
-    samples = fusion_samples(head, text, fit_on, spacing_kji, DeviationParams(), seed, organ_net)
-    fusion, threshold = fit_fusion(*samples, DeviationParams(), recall=recall)
+    samples = fusion_samples(head, text, fit_on, spacing_kji, deviation, seed, organ_net)
+    fusion, threshold = fit_fusion(*samples, deviation, recall=recall)
     entry.update(fusion=fusion.as_dict(), threshold=round(threshold, 4))
-    return {"fusion_cases": len(fit_on), "fusion_voxels": int(len(samples[1])), "fusion_recall": recall}
+    return {
+        "fusion_cases": len(fit_on),
+        "fusion_voxels": int(len(samples[1])),
+        "fusion_recall": recall,
+        "fusion_margin_mm": deviation.margin_mm,
+    }
 
 
 def train_organ_net(
@@ -288,7 +301,8 @@ def train_organ_net(
         # The recall the head's own fusion was fitted at (the recipe's where unrecorded).
         recall = pkg.manifest.get("provenance", {}).get("aova_training", {}).get("fusion_recall")
         recall = recall or R.DemoRecipe().fusion_recall or 0.85
-        fusion_info = _fit_fusion(entry, head, TextEncoder(), fit_on, spacing_kji, seed, recall, net)
+        deviation = DeviationParams.from_dict(aova["fusion"].get("deviation"))  # its own border margin
+        fusion_info = _fit_fusion(entry, head, TextEncoder(), fit_on, spacing_kji, seed, recall, net, deviation)
         networks[AOVA_HEAD] = (entry, pkg.state_dict(AOVA_HEAD))
     return add_networks(
         pkg,
@@ -462,10 +476,13 @@ def train_lesion_verifier(
     synthesis_steps: int = 10,
     show_progress: bool = True,
     phantom_shape=None,
+    candidate_source: str = "deviation",
+    deviation_k: float = 2.0,
 ) -> ModelPackage:
     """The lesion verifier of a package with a fused coarse map and a refinement head, fitted
     on ``cases`` seen-type and ``healthy_cases`` lesion-free phantoms the head never saw
-    (diffugts.train.verify); stored as ``networks.refine.verifier``."""
+    (diffugts.train.verify); stored as ``networks.refine.verifier``. ``candidate_source``:
+    "deviation" (components of |z| > ``deviation_k``) or "refined" (of the head's mask)."""
     from diffugts.networks.loading import load_head
     from diffugts.networks.refine import RefineHead
     from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
@@ -491,17 +508,19 @@ def train_lesion_verifier(
     ]
     probs = held_out_probabilities(head, examples)
     voxel_ml = float(np.prod(make.prep.spacing_mm)) / 1000
-    samples = component_samples(examples, probs, cut, voxel_ml, DEFAULT_MIN_VOLUME_ML)
+    samples = component_samples(examples, probs, cut, voxel_ml, DEFAULT_MIN_VOLUME_ML, candidate_source, deviation_k)
     lesion = sum(s["lesion"] for s in samples)
     entry = {k: v for k, v in pkg.network(REFINE_HEAD).items() if k != "verifier"}
     if 0 < lesion < len(samples):
-        verifier, report = fit_verifier(samples, sum(int(e.truth.sum()) for e in examples))
+        truth = sum(int(e.truth.sum()) for e in examples)
+        verifier, report = fit_verifier(samples, truth, candidate_source, deviation_k)
         entry["verifier"] = verifier.as_dict()
     else:  # nothing to tell apart: the package keeps every refined lesion, and says why
         report = {
             "components": len(samples),
             "lesion_components": lesion,
-            "not_fitted": "the refined masks of the fitting cases hold no true and false lesions to tell apart",
+            "not_fitted": f"the {candidate_source} candidates of the fitting cases hold no true and false lesions "
+            "to tell apart",
         }
         log.warning(
             "%s: lesion verifier not fitted (%d components, %d of them lesions)", pkg.root, len(samples), lesion
@@ -518,6 +537,8 @@ def train_lesion_verifier(
                 "healthy_cases": healthy_cases,
                 "case_seed": make.case_seed,
                 "indices": [R.VERIFY_INDEX, R.VERIFY_HEALTHY_INDEX],
+                "candidate_source": candidate_source,
+                **({"deviation_k": deviation_k} if candidate_source == "deviation" else {}),
                 **report,
             }
         },
@@ -579,6 +600,7 @@ def train_demo(
         randomised_cases=recipe.aova_randomised_cases,
         mr_healthy_cases=recipe.aova_mr_healthy_cases,
         fusion_recall=recipe.fusion_recall,
+        fusion_margin_mm=recipe.fusion_margin_mm,
     )
     pkg = train_refine_head(
         out,
@@ -599,6 +621,8 @@ def train_demo(
             recipe.verifier_healthy_cases,
             show_progress=show_progress,
             phantom_shape=shape,
+            candidate_source=recipe.verifier_candidates,
+            deviation_k=recipe.verifier_deviation_k,
         )
     manifest_provenance = {
         "recipe": recipe.as_dict(),

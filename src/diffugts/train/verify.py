@@ -1,22 +1,25 @@
 """Fitting the lesion verifier (diffugts.stages.verification) after the refinement head.
 
 On cases the head never saw (seen lesion types and lesion-free cases, CT, the refinement seed
-range): the head's mask at its calibrated threshold, cut into components as the lesion
-artifact counts lesions; each component is a sample (lesion: it touches a true lesion). A
+range): the candidates, components of the head's mask at its calibrated threshold or of the
+organ-relative deviation (the verifier's candidate source), cut as the lesion artifact counts
+lesions; each candidate is a sample (lesion: it touches a true lesion). A
 class-balanced logistic regression over the component features (every piece of lesion evidence
 with a non-negative weight; only the volume is free), then the score threshold with
 the best pooled Dice over those cases, every voxel of a dropped true component lost and every
-kept false one counted (threshold 0 keeps everything, so the verifier cannot do worse on the
-cases it was chosen on than the head alone).
+kept false one counted (threshold 0 keeps every candidate, so the verifier cannot do worse on
+the cases it was chosen on than its candidates unverified).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
 from diffugts.networks.refine import SHARED_CHANNELS as SHARED, TARGET_CHANNELS
 from diffugts.stages.refine import DEVIATION_SCALE, RESIDUAL_GAIN
-from diffugts.stages.verification import FEATURES, Evidence, LesionVerifier, candidates
+from diffugts.stages.verification import FEATURES, Evidence, LesionVerifier, candidates, deviation_candidates
 from diffugts.train.fusion import fit_logistic
 from diffugts.train.refine import Example
 
@@ -41,13 +44,22 @@ def example_evidence(example: Example, refined: np.ndarray) -> Evidence:
 
 
 def component_samples(
-    examples: list[Example], probs: list[np.ndarray], cut: float, voxel_ml: float, min_volume_ml: float
+    examples: list[Example],
+    probs: list[np.ndarray],
+    cut: float,
+    voxel_ml: float,
+    min_volume_ml: float,
+    source: str = "refined",
+    deviation_k: float = 2.0,
 ) -> list[dict]:
-    """Per component of each example's mask: features, whether it is a lesion, its voxels and
+    """Per candidate of each example (a component of the head's mask at ``cut``, or of the
+    deviation for ``source`` "deviation"): features, whether it is a lesion, its voxels and
     the true voxels it covers (for the threshold), and its example's index."""
     out = []
     for n, (ex, prob) in enumerate(zip(examples, probs)):
-        labels, ids, feats = candidates(prob >= cut, example_evidence(ex, prob), voxel_ml, min_volume_ml)
+        evidence = example_evidence(ex, prob)
+        mask = deviation_candidates(evidence.deviation, deviation_k) if source == "deviation" else prob >= cut
+        labels, ids, feats = candidates(mask, evidence, voxel_ml, min_volume_ml)
         for i, f in zip(ids, feats):
             m = labels == i
             hit = int((m & ex.truth).sum())
@@ -55,9 +67,12 @@ def component_samples(
     return out
 
 
-def fit_verifier(samples: list[dict], truth_voxels: int) -> tuple[LesionVerifier, dict]:
+def fit_verifier(
+    samples: list[dict], truth_voxels: int, source: str = "refined", deviation_k: float = 2.0
+) -> tuple[LesionVerifier, dict]:
     """The verifier and what it did on its fitting cases (components kept, Dice before/after).
-    ``truth_voxels``: every true lesion voxel of those cases (found or not)."""
+    ``truth_voxels``: every true lesion voxel of those cases (found or not); ``source`` and
+    ``deviation_k``: where the samples' candidates came from (:func:`component_samples`)."""
     x = np.stack([s["features"] for s in samples])
     y = np.array([s["lesion"] for s in samples], np.float64)
     if y.min() == y.max():
@@ -65,7 +80,13 @@ def fit_verifier(samples: list[dict], truth_voxels: int) -> tuple[LesionVerifier
     mean, scale = x.mean(0), x.std(0) + 1e-6
     weights, bias = fit_logistic((x - mean) / scale, y, l2=1e-2, nonnegative=[f in EVIDENCE for f in FEATURES])
     verifier = LesionVerifier(
-        tuple(float(w) for w in weights), bias, tuple(float(v) for v in mean), tuple(float(v) for v in scale), 0.0
+        tuple(float(w) for w in weights),
+        bias,
+        tuple(float(v) for v in mean),
+        tuple(float(v) for v in scale),
+        0.0,
+        candidate_source=source,
+        deviation_k=deviation_k,
     )
     scores = verifier.scores(x)
     voxels = np.array([s["voxels"] for s in samples])
@@ -85,4 +106,4 @@ def fit_verifier(samples: list[dict], truth_voxels: int) -> tuple[LesionVerifier
         "dice_before": round(dice(0.0), 4),
         "dice_after": round(dice(best), 4),
     }
-    return LesionVerifier(verifier.weights, verifier.bias, verifier.mean, verifier.scale, float(best)), report
+    return dataclasses.replace(verifier, threshold=float(best)), report

@@ -88,6 +88,32 @@ def test_deviation_candidates_are_opened_blobs_of_either_sign():
         LesionVerifier.from_dict({**v.as_dict(), "candidate_source": "attention"})
 
 
+def test_deviation_candidates_are_the_fitting_samples_when_asked():
+    """``train verifier --candidates deviation`` samples the deviation's blobs, whatever the
+    head's mask (here empty) holds."""
+    from diffugts.networks.refine import SHARED_CHANNELS, TARGET_CHANNELS
+    from diffugts.stages.refine import DEVIATION_SCALE
+    from diffugts.train.refine import Example
+    from diffugts.train.verify import component_samples
+
+    shape = (16, 16, 16)
+    inputs = np.zeros((SHARED_CHANNELS + len(TARGET_CHANNELS), *shape), np.float32)
+    z = np.zeros(shape, np.float32)
+    z[2:6, 2:6, 2:6] = 3.0  # the lesion
+    z[9:13, 9:13, 9:13] = -2.5  # anatomy that deviates
+    inputs[SHARED_CHANNELS + TARGET_CHANNELS.index("deviation")] = z / DEVIATION_SCALE
+    truth = np.zeros(shape, bool)
+    truth[2:6, 2:6, 2:6] = True
+    example = Example(inputs, truth, truth)
+    none = np.zeros(shape, np.float32)
+    assert component_samples([example], [none], 0.5, 0.01, 0.0) == []  # the head's mask: nothing
+    samples = component_samples([example], [none], 0.5, 0.01, 0.0, source="deviation", deviation_k=2.0)
+    blob = int(deviation_candidates(z, 2.0)[:8].sum())  # one blob as the opening leaves it
+    assert sorted((s["lesion"], s["voxels"], s["hits"]) for s in samples) == [(False, blob, 0), (True, blob, blob)]
+    verifier, _ = fit_verifier(samples * 3, 64 * 3, "deviation", 2.0)
+    assert verifier.candidate_source == "deviation" and verifier.deviation_k == 2.0
+
+
 def test_fitting_separates_true_from_false_components_and_never_lowers_dice():
     rng = np.random.default_rng(0)
     samples = []

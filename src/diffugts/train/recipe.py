@@ -69,9 +69,10 @@ class DemoRecipe:
     # saw; 0 cases: no verifier. Needs the fused coarse map (its deviation is evidence).
     verifier_cases: int = 12
     verifier_healthy_cases: int = 6
-    # Its candidates: components of the deviation |z| > k (found whatever the lesion type), the
-    # head's map then evidence about each (docs/method.md, "lesion verification"); or "refined".
-    verifier_candidates: str = "deviation"
+    # Its candidates: components of the head's mask ("refined"), or of the deviation |z| > k
+    # ("deviation"; the head's map then evidence about each). "refined": the deviation's
+    # candidates measured no better on two draws (docs/method.md, "lesion verification").
+    verifier_candidates: str = "refined"
     verifier_deviation_k: float = 2.0
     # None: the backbone's default scales (default_features)
     features: list[str] | None = field(default_factory=lambda: list(AOVA_FEATURES))

@@ -476,7 +476,7 @@ def train_lesion_verifier(
     synthesis_steps: int = 10,
     show_progress: bool = True,
     phantom_shape=None,
-    candidate_source: str = "deviation",
+    candidate_source: str = "refined",
     deviation_k: float = 2.0,
 ) -> ModelPackage:
     """The lesion verifier of a package with a fused coarse map and a refinement head, fitted

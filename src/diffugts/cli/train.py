@@ -10,6 +10,7 @@ DEMO_CONFIGS = ("demo", "demo-2d")  # configurations with a training recipe
 
 
 def register(sub) -> None:
+    from diffugts.stages.verification import CANDIDATE_SOURCES
     from diffugts.train.recipe import DemoRecipe  # light: dataclasses only
 
     p = sub.add_parser("train", help="train the demo backbone, or the trainable heads on phantoms and real datasets")
@@ -117,7 +118,7 @@ def register(sub) -> None:
     v.add_argument("--healthy-cases", type=int, default=6, help="lesion-free cases (default 6)")
     v.add_argument(
         "--candidates",
-        choices=("deviation", "refined"),
+        choices=CANDIDATE_SOURCES,
         default=DemoRecipe.verifier_candidates,
         help="what it verifies: components of the organ-relative deviation |z| > --deviation-k, or of the "
         f"refinement head's mask (default {DemoRecipe.verifier_candidates})",

@@ -139,7 +139,8 @@ def coarse_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], s
         return grounded_region(targets[t].organ, maps[0, n + t].float().cpu().numpy(), grounding)
 
     if fusion is None:
-        organ, z = (np.stack(m) for m in zip(*(organ_deviation(x, region(t), spacing_kji) for t in range(n))))
+        devs = [organ_deviation(x, region(t), spacing_kji) for t in range(n)]
+        organ, z = np.stack([d[0] for d in devs]), np.stack([d[2] for d in devs])
         a, b = head.score_affine
         score = torch.sigmoid(a * top_mean(maps[:, :n], head.top_fraction) + b)
         return CoarseMaps(

@@ -89,17 +89,21 @@ def deviation_z(
 ) -> np.ndarray:
     """Signed robust z-score of the organ-restricted local mean of ``x`` (0 outside the organ's
     interior, :func:`organ_interior`)."""
-    organ = organ_interior(organ, spacing_kji, params)
+    return _robust_z(x, organ_interior(organ, spacing_kji, params), spacing_kji, params)
+
+
+def _robust_z(x: np.ndarray, scored: np.ndarray, spacing_kji, params: DeviationParams) -> np.ndarray:
+    """:func:`deviation_z` inside the already-made interior ``scored``."""
     z = np.zeros(x.shape, np.float32)
-    if organ.sum() < 10:
+    if scored.sum() < 10:
         return z
     sigma = params.sigma_mm / np.asarray(spacing_kji, float)
-    w = ndimage.gaussian_filter(organ.astype(np.float32), sigma)
-    local = ndimage.gaussian_filter(np.where(organ, x, 0).astype(np.float32), sigma) / np.maximum(w, 1e-3)
-    values = local[organ]
+    w = ndimage.gaussian_filter(scored.astype(np.float32), sigma)
+    local = ndimage.gaussian_filter(np.where(scored, x, 0).astype(np.float32), sigma) / np.maximum(w, 1e-3)
+    values = local[scored]
     median = float(np.median(values))
     spread = max(float(np.median(np.abs(values - median))) * MAD_TO_SD, params.floor)
-    z[organ] = (local[organ] - median) / spread
+    z[scored] = (local[scored] - median) / spread
     return z
 
 
@@ -142,20 +146,21 @@ class Fusion:
 
     def maps(self, x: np.ndarray, region_log_odds: np.ndarray, anomaly_log_odds: np.ndarray, spacing_kji) -> FusedMaps:
         """One target's maps on the model grid."""
-        organ, z = organ_deviation(x, region_log_odds, spacing_kji, self.deviation)
+        organ, scored, z = organ_deviation(x, region_log_odds, spacing_kji, self.deviation)
         logit = self.anomaly_weight * anomaly_log_odds + self.deviation_weight * np.abs(z) + self.bias
-        scored = organ_interior(organ, spacing_kji, self.deviation)  # the whole organ for margin 0
         prob = np.where(scored, 1.0 / (1.0 + np.exp(-np.clip(logit, -30, 30))), 0.0).astype(np.float32)
         return FusedMaps(prob, organ, z)
 
 
 def organ_deviation(
     x: np.ndarray, region_log_odds: np.ndarray, spacing_kji, params: DeviationParams = DeviationParams()
-) -> tuple[np.ndarray, np.ndarray]:
-    """One target's organ with its inclusions and its signed deviation z, from the head's region
-    log-odds (every head has them; the fusion adds the anomaly branch on top)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One target's organ with its inclusions, its scored interior (:func:`organ_interior`, the
+    whole organ for margin 0) and its signed deviation z, from the head's region log-odds
+    (every head has them; the fusion adds the anomaly branch on top)."""
     organ = organ_with_inclusions(region_log_odds > 0, spacing_kji, params)
-    return organ, deviation_z(x, organ, spacing_kji, params)
+    scored = organ_interior(organ, spacing_kji, params)
+    return organ, scored, _robust_z(x, scored, spacing_kji, params)
 
 
 @dataclass

@@ -195,9 +195,10 @@ def verify_masks(
 ) -> list[np.ndarray]:
     """Each target's mask (study grid) without the lesions the package's lesion verifier
     rejects (diffugts.stages.verification); unchanged without a verifier. A verifier whose
-    candidates are the deviation's components replaces the masks by its verified candidates. ``shared``: the head's
-    shared inputs (model grid), whose |x - H| channel is the residual evidence; ``own``: the
-    :func:`own_channels` the head read, whose deviation channel is the |z| evidence."""
+    candidates are the deviation's components replaces the masks by its verified candidates.
+    ``shared``: the head's shared inputs (model grid), whose |x - H| channel is the residual
+    evidence; ``own``: the :func:`own_channels` the head read, whose deviation channel is the
+    |z| evidence."""
     from diffugts.stages.lesions import voxel_ml
     from diffugts.stages.synthesize.masks import bbox
     from diffugts.stages.verification import Evidence, verified, verifier_of

@@ -2,10 +2,10 @@
 
 For each training case and each promptable organ: the head's region and anomaly maps, the
 organ with inclusions and the organ-relative deviation, exactly as inference computes them.
-The voxels inside the organ's scored interior are the samples (lesion or not); a three-parameter logistic
-regression weighs the learned anomaly log-odds against |z|. The coarse threshold is then
-chosen for *recall* (the share of training lesion voxels the coarse mask must keep): the
-coarse stage finds candidates, the refinement head verifies them.
+The voxels of the organ's scored interior (where inference scores) are the samples (lesion or
+not); a three-parameter logistic regression weighs the learned anomaly log-odds against |z|.
+The coarse threshold is then chosen for *recall* (the share of training lesion voxels the
+coarse mask must keep): the coarse stage finds candidates, the refinement head verifies them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from diffugts.networks.aova import AOVAHead
 from diffugts.networks.organs import OrganNet, grounded_region, organ_maps
 from diffugts.networks.text import TextEncoder, make_target
-from diffugts.stages.deviation import DeviationParams, Fusion, organ_deviation, organ_interior
+from diffugts.stages.deviation import DeviationParams, Fusion, organ_deviation
 from diffugts.train.aova import CaseFeatures
 
 MAX_NEGATIVES = 4000  # organ voxels sampled per case and organ (lesion voxels are all kept)
@@ -45,8 +45,7 @@ def fusion_samples(
                 [f.float()[None] for f in cf.feats], text.embed(t.prompts), [t.groups(t.prompts.index)], out_shape=shape
             )
             region, anomaly = out.region_log_odds[0, 0].numpy(), out.anomaly_log_odds[0, 0].numpy()
-            organ, z = organ_deviation(cf.case.x, grounded_region(fam, region, grounding), spacing_kji, params)
-            scored = organ_interior(organ, spacing_kji, params)  # where inference scores
+            _, scored, z = organ_deviation(cf.case.x, grounded_region(fam, region, grounding), spacing_kji, params)
             lesion = cf.positives.get(fam, np.zeros(shape, bool)) & scored
             healthy = np.flatnonzero(scored & ~lesion)
             healthy = rng.choice(healthy, min(MAX_NEGATIVES, healthy.size), replace=False) if healthy.size else healthy

@@ -1,11 +1,12 @@
-"""Train the demo recipe's heads (organ grounding, AOVA + fusion, refinement, lesion verifier)
+"""Train the demo recipe's heads (organ grounding, AOVA + fusion, normative model, refinement,
+lesion verifier)
 on an existing package's backbone, for one seed: what made the shipped demo model's heads and
 the second training draw that docs/benchmarks.md compares it with (two seeds run side by side,
 one thread each).
 
     python benchmarks/train_heads.py SEED OUT [--backbone demo]
 
-`--start aova|refine|verifier`: OUT already holds the earlier stages (a run stopped later, or
+`--start aova|normative|refine|verifier`: OUT already holds the earlier stages (a run stopped later, or
 heads kept while a later stage changes): only that stage and the ones after it run.
 `diffugts train demo --backbone demo --seed SEED --out OUT` does the same in one process with
 the recipe's provenance entry.
@@ -20,9 +21,15 @@ from pathlib import Path
 import torch
 
 from diffugts.train.recipe import DemoRecipe
-from diffugts.train.run import train_aova_head, train_lesion_verifier, train_organ_net, train_refine_head
+from diffugts.train.run import (
+    train_aova_head,
+    train_lesion_verifier,
+    train_normative,
+    train_organ_net,
+    train_refine_head,
+)
 
-STAGES = ("organs", "aova", "refine", "verifier")
+STAGES = ("organs", "aova", "normative", "refine", "verifier")
 
 
 def main() -> None:
@@ -70,7 +77,10 @@ def main() -> None:
             fusion_margin_mm=r.fusion_margin_mm,
         )
     print(f"AOVA head done after {time.time() - start:.0f} s", flush=True)
-    if first <= 2:
+    if first <= 2 and r.organ_steps and (r.normative_cases or r.normative_mr_cases):
+        train_normative(args.out, None, args.seed, r.normative_cases, r.normative_mr_cases)
+    print(f"normative model done after {time.time() - start:.0f} s", flush=True)
+    if first <= 3:
         train_refine_head(
             args.out,
             None,

@@ -13,6 +13,7 @@ import pytest
 from diffugts.cli import main
 from diffugts.models.defaults import DEMO_MODEL
 from diffugts.models.package import open_package
+from diffugts.stages.normative import FEATURES as NORMATIVE_FEATURES
 
 
 @pytest.mark.slow
@@ -46,6 +47,19 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     assert verifying["cases"] == 2 and verifying["healthy_cases"] == 1
     assert ("verifier" in refine) != ("not_fitted" in verifying)
     assert "--backbone demo" in training["command"]
+    # The normative model: fitted after the AOVA head, on lesion-free CT and MR phantoms.
+    normative = manifest["networks"]["normative"]
+    assert normative["features"] == list(NORMATIVE_FEATURES) and normative["params"]["margin_mm"] == 5.0
+    assert training["normative_training"]["cases"] == 1 and training["normative_training"]["mr_cases"] == 1
+    assert set(normative["keys"]) <= set(training["normative_training"]["samples"])  # enough samples only
+
+    # The verifier can take the normative model's candidates instead of the head's mask.
+    norm = tmp_path / "normative"
+    args = ["-q", "train", "verifier", "--model", str(out), "--out", str(norm), "--candidates", "normative"]
+    assert main([*args, "--cases", "1", "--healthy-cases", "1"]) == 0
+    assert main(["models", "verify", str(norm)]) == 0
+    verifying = json.loads((norm / "manifest.json").read_text())["provenance"]["verifier_training"]
+    assert verifying["candidate_source"] == "normative"
 
     # `train organs` on a package whose head has a fusion refits it on the new organs.
     again = tmp_path / "regrounded"

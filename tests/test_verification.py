@@ -12,6 +12,7 @@ import SimpleITK as sitk
 from diffugts.cli import main
 from diffugts.models.package import add_networks
 from diffugts.phantom import CaseSpec, generate_case, write_case
+from diffugts.stages.normative import FEATURES as NORMATIVE_FEATURES, Mixture, NormativeModel, NormativeParams
 from diffugts.stages.verification import (
     FEATURES,
     Evidence,
@@ -137,11 +138,36 @@ def test_fitting_separates_true_from_false_components_and_never_lowers_dice():
         fit_verifier([s for s in samples if not s["lesion"]], truth)
 
 
+def test_a_verifier_of_normative_candidates_weighs_label_free_evidence_only():
+    """The head's and the coarse map's confidence (learnt on seen types) separate these samples
+    perfectly, the volume only partly: a normative verifier still weighs only the volume and
+    the other label-free evidence."""
+    from diffugts.train.verify import LABEL_FREE
+
+    rng = np.random.default_rng(1)
+    samples = []
+    for n in range(60):
+        lesion = n % 3 == 0
+        feats = rng.normal(0, 1, len(FEATURES))
+        for f in ("refined_mean", "refined_max", "coarse_mean"):
+            feats[FEATURES.index(f)] += 4.0 if lesion else 0.0
+        feats[0] += 1.0 if lesion else 0.0  # larger, on average
+        samples.append({"features": feats, "lesion": lesion, "voxels": 50, "hits": 25 if lesion else 0, "example": n})
+    truth = sum(s["hits"] for s in samples)
+    normative, _ = fit_verifier(samples, truth, "normative")
+    assert normative.candidate_source == "normative"
+    weights = dict(zip(FEATURES, normative.weights))
+    assert all(w == 0.0 for f, w in weights.items() if f not in LABEL_FREE)
+    assert weights["log_volume_ml"] > 0.1
+    refined, _ = fit_verifier(samples, truth, "refined")
+    assert dict(zip(FEATURES, refined.weights))["coarse_mean"] > 0.1  # the head's own candidates: all evidence
+
+
 @pytest.fixture(scope="module")
 def permissive(tmp_path_factory):
     """A fused random package whose every coarse and refined voxel counts, so its refined
-    masks are not empty, with four verifiers: none, keep-all, reject-all and keep-all of the
-    deviation's candidates."""
+    masks are not empty, with its verifiers: none, keep-all, reject-all, keep-all of the
+    deviation's candidates and of two normative models' (one knows the liver, one the spleen)."""
     pkg = random_package(tmp_path_factory.mktemp("verify"), fused=True)
     aova = {**pkg.network("aova"), "threshold": 0.02}
     refine = {**pkg.network("refine"), "threshold": 0.0}
@@ -156,10 +182,19 @@ def permissive(tmp_path_factory):
         ("keep", 50.0, "refined"),
         ("reject", -50.0, "refined"),
         ("deviation", 50.0, "deviation"),
+        ("normative", 50.0, "normative"),
+        ("normative-spleen", 50.0, "normative"),
+        ("normative-missing", 50.0, "normative"),  # a verifier without its normative model
     ):
         verifier = LesionVerifier(zeros, bias, zeros, ones, 0.5, candidate_source=source)
-        entry = {**refine, "verifier": verifier.as_dict()}
-        out[name] = add_networks(base, {"refine": (entry, base.state_dict("refine"))}, out=pkg.root.parent / name)
+        networks = {"refine": ({**refine, "verifier": verifier.as_dict()}, base.state_dict("refine"))}
+        if source == "normative" and name != "normative-missing":  # every voxel unlike healthy tissue
+            organ = "spleen" if name.endswith("spleen") else "liver"
+            n = len(NORMATIVE_FEATURES)
+            mix = Mixture(np.ones(1), np.zeros((1, n)), np.eye(n)[None] * 1e-3, 0.0, 0.0)
+            model = NormativeModel(NormativeParams(), {f"{organ}/CT": mix})
+            networks["normative"] = (model.entry(), model.state_dict())
+        out[name] = add_networks(base, networks, out=pkg.root.parent / name)
     return out
 
 
@@ -178,6 +213,8 @@ def lesion_mask(out) -> np.ndarray:
 def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
     masks = {}
     for name, pkg in permissive.items():
+        if name == "normative-missing":
+            continue
         out = tmp_path / name
         assert (
             main(
@@ -206,6 +243,22 @@ def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
     organ = attention_organ(tmp_path / "deviation")
     assert masks["deviation"].any() and not (masks["deviation"] & ~organ).any()
     assert masks["deviation"].sum() < 0.5 * masks["none"].sum()
+    # Normative candidates: inside the organ (this model finds all of it unlike healthy
+    # tissue; the random head's organ is the whole volume); none from a model that does not
+    # know the liver, though the head's own mask is not empty.
+    organ = attention_organ(tmp_path / "normative")
+    assert masks["normative"].any() and not (masks["normative"] & ~organ).any()
+    assert not masks["normative-spleen"].any()
+
+
+@pytest.mark.slow
+def test_a_normative_verifier_without_its_model_is_a_one_line_error(permissive, study, tmp_path, capsys):
+    pkg = permissive["normative-missing"]
+    args = ["-q", "segment", str(study / "dicom"), "--out", str(tmp_path / "out"), "--model", str(pkg.root)]
+    assert main([*args, "--prompt", "liver tumor", "--no-report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no normative model" in err[0] and str(pkg.root) in err[0]
+    assert not (tmp_path / "out" / "lesions" / "lesions.json").exists()
 
 
 def attention_organ(out) -> np.ndarray:
@@ -221,7 +274,7 @@ def test_evaluate_scores_the_verified_mask(permissive, study):
     full = {
         name: [r for r in evaluate(study.parent, str(pkg.root), variants=("full",), show_progress=False)["rows"]]
         for name, pkg in permissive.items()
-        if name not in ("none", "deviation")
+        if name in ("keep", "reject")
     }
     assert any(r["detected"] or r["false_lesions"] for r in full["keep"])
     assert all(r["detected"] == 0 and r["false_lesions"] == 0 and r["dice"] == 0.0 for r in full["reject"])

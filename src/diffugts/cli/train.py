@@ -93,6 +93,16 @@ def register(sub) -> None:
     _dataset_args(o, checkpoints=False)  # one short run: no resumable checkpoints (yet)
     o.set_defaults(func=_organs)
 
+    m = t.add_parser(
+        "normative", help="the normative model: healthy appearance per organ, from lesion-free phantoms (after organs)"
+    )
+    m.add_argument("--model", required=True, help="package with an organ network")
+    m.add_argument("--out", default=None, help="write a new package here (default: update --model)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--cases", type=int, default=DemoRecipe.normative_cases, help="lesion-free CT phantoms")
+    m.add_argument("--mr-cases", type=int, default=DemoRecipe.normative_mr_cases, help="lesion-free MR phantoms")
+    m.set_defaults(func=_normative)
+
     r = t.add_parser("refine", help="the residual refinement head, on seen lesion types only")
     r.add_argument("--model", required=True, help="package with a backbone and an AOVA head")
     r.add_argument("--out", default=None, help="write a new package here (default: update --model)")
@@ -120,8 +130,8 @@ def register(sub) -> None:
         "--candidates",
         choices=CANDIDATE_SOURCES,
         default=DemoRecipe.verifier_candidates,
-        help="what it verifies: components of the organ-relative deviation |z| > --deviation-k, or of the "
-        f"refinement head's mask (default {DemoRecipe.verifier_candidates})",
+        help="what it verifies: components of the refinement head's mask, of the organ-relative deviation "
+        f"|z| > --deviation-k, or the normative model's candidates (default {DemoRecipe.verifier_candidates})",
     )
     v.add_argument("--deviation-k", type=float, default=DemoRecipe.verifier_deviation_k, help="(default %(default)s)")
     v.set_defaults(func=_verifier)
@@ -328,6 +338,17 @@ def _organs(args) -> int:
     )
     dice = pkg.manifest["provenance"]["organ_training"]["held_out_dice"]
     print(f"wrote {pkg.root} (held-out organ Dice: {', '.join(f'{k} {v}' for k, v in dice.items())})")
+    return 0
+
+
+def _normative(args) -> int:
+    from diffugts.train.run import train_normative
+
+    pkg = train_normative(
+        args.model, Path(args.out) if args.out else None, args.seed, args.cases, args.mr_cases, not args.quiet
+    )
+    known = pkg.manifest["networks"]["normative"]["keys"]
+    print(f"wrote {pkg.root} (normative model of {', '.join(known) or 'no organ'})")
     return 0
 
 

@@ -192,13 +192,15 @@ def verify_masks(
     shared,
     own,
     space,
+    normative: list[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """Each target's mask (study grid) without the lesions the package's lesion verifier
     rejects (diffugts.stages.verification); unchanged without a verifier. A verifier whose
-    candidates are the deviation's components replaces the masks by its verified candidates.
+    candidates are the deviation's or the normative model's components replaces the masks by
+    its verified candidates (``normative``: per target those on the model grid).
     ``shared``: the head's shared inputs (model grid), whose |x - H| channel is the residual
-    evidence; ``own``: the :func:`own_channels` the head read, whose deviation channel is the
-    |z| evidence."""
+    evidence (None: the head did not run, nothing was inpainted, no residual); ``own``: the
+    :func:`own_channels` the head read, whose deviation channel is the |z| evidence."""
     from diffugts.stages.lesions import voxel_ml
     from diffugts.stages.synthesize.masks import bbox
     from diffugts.stages.verification import Evidence, verified, verifier_of
@@ -207,9 +209,12 @@ def verify_masks(
     if verifier is None:
         return masks
     deviation = list(pkg.network(REFINE_HEAD)["target_channels"]).index("deviation")
-    residual = np.asarray(shared[3].cpu() if isinstance(shared, torch.Tensor) else shared[3]) / RESIDUAL_GAIN
+    if shared is None:
+        residual = np.zeros(space.model.shape, np.float32)
+    else:
+        residual = np.asarray(shared[3].cpu() if isinstance(shared, torch.Tensor) else shared[3]) / RESIDUAL_GAIN
     if verifier.candidate_source != "refined":
-        return _verified_candidates(verifier, probs, coarse, organs, residual, own, deviation, space)
+        return _verified_candidates(verifier, probs, coarse, organs, residual, own, deviation, space, normative)
     if not any(m.any() for m in masks):
         return masks
     out = []
@@ -234,7 +239,9 @@ def verify_masks(
     return out
 
 
-def _verified_candidates(verifier, probs, coarse, organs, residual, own, deviation: int, space) -> list[np.ndarray]:
+def _verified_candidates(
+    verifier, probs, coarse, organs, residual, own, deviation: int, space, normative=None
+) -> list[np.ndarray]:
     """Each target's verified lesions (study grid) when its candidates are not the head's mask
     (the verifier's ``candidate_source``): cut and scored on the model grid, where the
     verifier was fitted, every map there; the kept lesions mapped back to the study grid."""
@@ -254,8 +261,42 @@ def _verified_candidates(verifier, probs, coarse, organs, residual, own, deviati
         evidence = Evidence(
             refined=space.to_model(prob), coarse=coarse_model, deviation=z, residual=residual, organ=organ
         )
-        kept = verified(deviation_candidates(z, verifier.deviation_k), evidence, verifier, voxel_ml(space.model))
+        if verifier.candidate_source == "normative":
+            found = normative[n] if normative is not None else np.zeros(z.shape, bool)
+        else:
+            found = deviation_candidates(z, verifier.deviation_k)
+        kept = verified(found, evidence, verifier, voxel_ml(space.model))
         out.append(space.to_study(kept.astype(np.float32)) >= 0.5)
+    return out
+
+
+def normative_candidates(pkg, study, attention) -> list[np.ndarray] | None:
+    """Per target the normative model's candidate lesions on the model grid, inside the
+    attention artifact's organ (diffugts.stages.normative); None unless the package's lesion
+    verifier takes its candidates from there. ``study``: a
+    :class:`diffugts.core.PreparedStudy`."""
+    from diffugts.errors import ConfigError
+    from diffugts.stages.normative import normative_of
+    from diffugts.stages.verification import verifier_of
+
+    verifier = verifier_of(pkg)
+    if verifier is None or verifier.candidate_source != "normative":
+        return None
+    model = normative_of(pkg)
+    if model is None:
+        raise ConfigError(f"{pkg.root}: its lesion verifier takes normative candidates but it has no normative model")
+    x, space = study.model_grid
+    modality = study.study.modality
+    spacing = tuple(space.model.spacing)[::-1]
+    out = []
+    for n, target in enumerate(attention.targets):
+        organ = attention.organs[n] if n < len(attention.organs) else None
+        name = (target.get("prompt") or {}).get("organ")
+        if organ is None or name is None or not model.knows(name, modality):
+            out.append(np.zeros(x.shape, bool))
+            continue
+        organ_model = space.to_model(organ.astype(np.float32), nearest=True) > 0.5
+        out.append(model.candidates(x, organ_model, name, modality, spacing))
     return out
 
 
@@ -309,6 +350,8 @@ def refinement(core, study, attention, synthesis):
     # one (most of a cohort) needs no features either.
     probs = [np.zeros(s.geometry.shape, np.float32) for _ in allowed]
     pkg = core.package
+    normative = normative_candidates(pkg, study, attention)
+    shared = own_inputs = None
     if any(a.any() for a in allowed):
         backbone, head = core.backbone, core.refine_head
         x, space = study.model_grid
@@ -328,8 +371,11 @@ def refinement(core, study, attention, synthesis):
         probs = refined_probabilities(head, shared, coarse, allowed, space, roi, own_inputs)
     cut = refine_threshold(pkg)
     masks = [(p >= cut) & a for p, a in zip(probs, allowed)]
-    if any(a.any() for a in allowed):
-        masks = verify_masks(pkg, masks, probs, coarse, organs, shared, own_inputs, space)
+    if any(a.any() for a in allowed) or any(c.any() for c in normative or ()):
+        x, space = study.model_grid
+        if own_inputs is None:  # no coarse region, normative candidates: the verifier still reads |z|
+            own_inputs = own_channels(pkg, x, space, organs)
+        masks = verify_masks(pkg, masks, probs, coarse, organs, shared, own_inputs, space, normative)
     targets = [{"prompt": e["prompt"], "score": e["score"]} for e in attention.targets]
     return lesion_artifact(
         s,

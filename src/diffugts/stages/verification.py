@@ -11,7 +11,9 @@ The candidates (the verifier's ``candidate_source``) are the connected component
 - ``refined``: the head's mask at its threshold (verifiers fitted before 2026-12-04), or
 - ``deviation``: the organ-relative deviation |z| > ``deviation_k``, opened. The deviation
   finds lesions of types no head was trained on; the head's map then counts as evidence
-  about each candidate instead of deciding which voxels are candidates at all.
+  about each candidate instead of deciding which voxels are candidates at all;
+- ``normative``: the normative model's candidates (diffugts.stages.normative): tissue unlike
+  the healthy tissue of its organ, which the organ's own vessels and sinus are not.
 
 The evidence maps of one target, on one grid:
 - ``refined``: the head's probability; ``coarse``: the fused coarse map;
@@ -40,7 +42,7 @@ FEATURES = (
     "residual_mean",
     "organ_fraction",
 )
-CANDIDATE_SOURCES = ("refined", "deviation")
+CANDIDATE_SOURCES = ("refined", "deviation", "normative")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ HEALTHY_INDEX = 3000  # lesion-free cases for the refinement head: indices from 
 VERIFY_INDEX = 4000  # seen-type cases for the lesion verifier: indices from here in the refinement seed range
 VERIFY_HEALTHY_INDEX = 4500  # and its lesion-free cases
 MR_INDEX = 2000  # lesion-free MR cases for region grounding: indices from here in the AOVA seed range
+NORMATIVE_INDEX = 5000  # lesion-free cases for the normative model: indices from here in the AOVA seed range
+NORMATIVE_MR_OFFSET = 500  # its MR cases: from NORMATIVE_INDEX + this (other anatomy than its CT cases)
 AOVA_FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
 
 
@@ -62,6 +64,10 @@ class DemoRecipe:
     # The organ's border the fusion leaves unscored: organ maps err at their edge, where the
     # next tissue then deviates like a lesion (docs/method.md, "organ-relative deviation").
     fusion_margin_mm: float = 5.0
+    # The normative model (stages/normative.py): healthy appearance per organ and modality, from
+    # lesion-free CT and MR phantoms (0 cases: none).
+    normative_cases: int = 12
+    normative_mr_cases: int = 12
     refine_cases: int = 30
     refine_steps: int = 900
     refine_healthy_cases: int = 12  # lesion-free cases: their coarse candidates teach the head to say "nothing"
@@ -102,6 +108,8 @@ class DemoRecipe:
             verifier_healthy_cases=1,
             organ_steps=6,
             organ_mr_healthy_cases=1,
+            normative_cases=1,
+            normative_mr_cases=1,
             phantom_shape=(32, 64, 64),
         )
 
@@ -116,6 +124,8 @@ LEGACY_HEADS: dict[str, Any] = dict(
     refine_healthy_cases=0,
     verifier_cases=0,
     verifier_healthy_cases=0,
+    normative_cases=0,
+    normative_mr_cases=0,
 )
 
 

@@ -25,6 +25,7 @@ from diffugts.networks.organs import OrganNet, grounded_region, organ_maps
 from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS as SHARED, RefineHead
 from diffugts.networks.text import TextEncoder, make_target
 from diffugts.stages.deviation import FusedMaps, Fusion
+from diffugts.stages.normative import NormativeModel
 from diffugts.stages.preprocess import Preprocessing, normalise
 from diffugts.stages.refine import shared_inputs, target_inputs
 from diffugts.stages.synthesize import make_region, pseudo_healthy
@@ -43,6 +44,7 @@ class Example:
     inputs: np.ndarray  # (SHARED_CHANNELS + len(channels), *S)
     truth: np.ndarray  # bool (*S); empty for a false candidate
     candidates: np.ndarray  # bool (*S)
+    normative: np.ndarray | None = None  # bool (*S): the normative model's candidates, if asked for
 
 
 def coarse_maps(
@@ -93,10 +95,13 @@ def refinement_example(
     channels=LEGACY_TARGET_CHANNELS,
     negatives: int = 1,
     organ_net: OrganNet | None = None,
+    normative: NormativeModel | None = None,
 ) -> list[Example]:
     """The examples of one case: every organ with lesions, and ``negatives`` lesion-free host
     organs (every host organ of a healthy case) whose coarse candidates are false ones: the
-    head must learn to answer "nothing here" as well as to delineate."""
+    head must learn to answer "nothing here" as well as to delineate. With a ``normative``
+    model each example carries its candidates, and a case whose coarse masks are empty is kept
+    when it has some (as inference, nothing is inpainted there: H = x)."""
     geometry = Geometry((0, 0, 0), prep.spacing_mm, np.eye(3), case.x.shape)
     truths: dict[str, np.ndarray] = {}
     for rec in case.records:
@@ -107,34 +112,44 @@ def refinement_example(
     organs = sorted(truths) + negative
     maps = coarse_maps(head, backbone, text, case, features, prep.spacing_mm, organs, fusion, organ_net)
     prob = {f: m.prob if isinstance(m, FusedMaps) else m for f, m in maps.items()}
+    spacing_kji = tuple(prep.spacing_mm)[::-1]
+    found = {}
+    for fam in organs:
+        m = maps[fam]
+        if normative is not None and isinstance(m, FusedMaps):
+            found[fam] = normative.candidates(case.x, m.organ, fam, case.modality, spacing_kji)
     union = np.zeros(case.x.shape, bool)
     for fam in organs:
         union |= (prob[fam] >= threshold) | truths.get(fam, False)
-    if not union.any():
+    if not union.any() and not any(f.any() for f in found.values()):
         return []
-    region = make_region(union, prep.spacing_mm[::-1], params.dilation_mm + rng.uniform(0, 6), params.feather_mm)
     assert case.volume is not None  # refinement cases keep their study-grid volume
-    pseudo, _ = pseudo_healthy(
-        case.volume,
-        geometry,
-        case.modality,
-        region,
-        backbone,
-        prep,
-        SynthesisParams(**{**params.__dict__, "seed": int(rng.integers(1 << 30))}),
-    )
-    h = normalise(pseudo, case.modality, prep)
-    shared = shared_inputs(backbone, case.x, h, region.dilated)
+    if union.any():
+        region = make_region(union, prep.spacing_mm[::-1], params.dilation_mm + rng.uniform(0, 6), params.feather_mm)
+        pseudo, _ = pseudo_healthy(
+            case.volume,
+            geometry,
+            case.modality,
+            region,
+            backbone,
+            prep,
+            SynthesisParams(**{**params.__dict__, "seed": int(rng.integers(1 << 30))}),
+        )
+        h, inpainted = normalise(pseudo, case.modality, prep), region.dilated
+    else:
+        h, inpainted = case.x, union
+    shared = shared_inputs(backbone, case.x, h, inpainted)
     examples = []
     for fam in organs:
         m = maps[fam]
         organ = m.organ if isinstance(m, FusedMaps) else None
-        own = target_inputs(
-            channels, prob[fam], organ, case.x, tuple(prep.spacing_mm)[::-1], fusion.deviation if fusion else None
-        )
+        own = target_inputs(channels, prob[fam], organ, case.x, spacing_kji, fusion.deviation if fusion else None)
         examples.append(
             Example(
-                np.concatenate([shared, own]), truths.get(fam, np.zeros(case.x.shape, bool)), prob[fam] >= threshold
+                np.concatenate([shared, own]),
+                truths.get(fam, np.zeros(case.x.shape, bool)),
+                prob[fam] >= threshold,
+                found.get(fam),
             )
         )
     return examples

@@ -20,6 +20,7 @@ from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.networks.organs import load_organ_net
 from diffugts.networks.text import TextEncoder
 from diffugts.stages.deviation import DeviationParams
+from diffugts.stages.normative import NORMATIVE, NormativeParams, normative_of
 from diffugts.stages.preprocess import Preprocessing
 from diffugts.train import recipe as R
 from diffugts.train.data import phantom_case
@@ -327,6 +328,59 @@ def train_organ_net(
     )
 
 
+def train_normative(
+    model: str | Path,
+    out: Path | None = None,
+    seed: int = 0,
+    cases: int = 12,
+    mr_cases: int = 12,
+    show_progress: bool = True,
+    phantom_shape=None,
+    params: NormativeParams | None = None,
+) -> ModelPackage:
+    """The normative model (diffugts.stages.normative) of a package with an organ network, fitted
+    on ``cases`` lesion-free CT and ``mr_cases`` lesion-free MR phantoms of the AOVA seed range:
+    healthy anatomy only, no lesion of any type (diffugts.train.normative)."""
+    from diffugts.stages.attend import fusion_of
+    from diffugts.train.normative import fit_normative, normative_samples
+
+    params = params or NormativeParams()
+    pkg = open_package(model)
+    net = load_organ_net(pkg)
+    if net is None:
+        raise ConfigError(f"{pkg.root}: the normative model needs an organ network (`diffugts train organs`)")
+    prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
+    fusion = fusion_of(pkg) if pkg.has(AOVA_HEAD) else None
+    plan = [("CT", R.NORMATIVE_INDEX + i) for i in range(cases)]
+    plan += [("MR", R.NORMATIVE_INDEX + R.NORMATIVE_MR_OFFSET + i) for i in range(mr_cases)]
+    t0 = time.perf_counter()
+    data = [
+        phantom_case(R.AOVA_SEED + seed, i, prep, healthy=True, modality=modality, shape=phantom_shape)
+        for modality, i in progress(plan, desc="healthy phantoms", unit="case", enable=show_progress)
+    ]
+    samples = normative_samples(
+        data, net, tuple(prep.spacing_mm)[::-1], params, fusion.deviation if fusion else DeviationParams()
+    )
+    normative = fit_normative(samples, params, seed)
+    return add_networks(
+        pkg,
+        {NORMATIVE: (normative.entry(), normative.state_dict())},
+        out=out,
+        provenance={
+            "normative_training": {
+                "command": command_line(),
+                "seed": seed,
+                "cases": cases,
+                "mr_cases": mr_cases,
+                "case_seed": R.AOVA_SEED + seed,
+                "indices": [R.NORMATIVE_INDEX, R.NORMATIVE_INDEX + R.NORMATIVE_MR_OFFSET],
+                "samples": {k: len(v) for k, v in sorted(samples.items())},
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        },
+    )
+
+
 def _ends(curve: list[float], n: int = 20) -> list[float]:
     return [round(float(np.mean(curve[:n])), 5), round(float(np.mean(curve[-n:])), 5)] if curve else []
 
@@ -337,7 +391,13 @@ class _ExampleMaker:
     and the lesion verifier."""
 
     def __init__(
-        self, pkg: ModelPackage, seed: int, synthesis_steps: int, phantom_shape=None, device: str | None = None
+        self,
+        pkg: ModelPackage,
+        seed: int,
+        synthesis_steps: int,
+        phantom_shape=None,
+        device: str | None = None,
+        normative=None,
     ):
         from diffugts.config import SynthesisParams
         from diffugts.networks.aova import AOVAHead
@@ -357,6 +417,7 @@ class _ExampleMaker:
         self.params = SynthesisParams(steps=synthesis_steps)
         self.rng = np.random.default_rng(seed)
         self.case_seed, self.shape = R.REFINE_SEED + seed, phantom_shape
+        self.normative = normative  # the examples carry its candidates (for the lesion verifier)
 
     def __call__(self, index: int, healthy: bool):
         case = phantom_case(
@@ -388,6 +449,7 @@ class _ExampleMaker:
             self.threshold,
             self.channels,
             organ_net=self.organ_net,
+            normative=self.normative,
         )
 
 
@@ -482,7 +544,8 @@ def train_lesion_verifier(
     """The lesion verifier of a package with a fused coarse map and a refinement head, fitted
     on ``cases`` seen-type and ``healthy_cases`` lesion-free phantoms the head never saw
     (diffugts.train.verify); stored as ``networks.refine.verifier``. ``candidate_source``:
-    "deviation" (components of |z| > ``deviation_k``) or "refined" (of the head's mask)."""
+    "refined" (components of the head's mask), "deviation" (of |z| > ``deviation_k``) or
+    "normative" (the package's normative model's candidates)."""
     from diffugts.networks.loading import load_head
     from diffugts.networks.refine import RefineHead
     from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
@@ -496,7 +559,12 @@ def train_lesion_verifier(
             f"{pkg.root}: the lesion verifier needs a refinement head that takes the organ-relative "
             "deviation (train the AOVA head with a fusion, then `diffugts train refine`)"
         )
-    make = _ExampleMaker(pkg, seed, synthesis_steps, phantom_shape)
+    normative = None
+    if candidate_source == "normative":
+        normative = normative_of(pkg)
+        if normative is None:
+            raise ConfigError(f"{pkg.root}: normative candidates need a normative model (`diffugts train normative`)")
+    make = _ExampleMaker(pkg, seed, synthesis_steps, phantom_shape, normative=normative)
     head, cut = load_head(pkg, REFINE_HEAD, RefineHead), refine_threshold(pkg)
     plan = [(R.VERIFY_INDEX + i, False) for i in range(cases)] + [
         (R.VERIFY_HEALTHY_INDEX + i, True) for i in range(healthy_cases)
@@ -549,8 +617,8 @@ def train_demo(
     out: Path, recipe: R.DemoRecipe, show_progress: bool = True, backbone: str | Path | None = None
 ) -> ModelPackage:
     """The whole demo model of the recipe's configuration (``demo``: 3D, ``demo-2d``: the
-    diffusers family): backbone, then the AOVA head, then the refinement head and its lesion
-    verifier.
+    diffusers family): backbone, organ network, AOVA head, normative model, then the
+    refinement head and its lesion verifier.
     ``backbone``: a package whose trained backbone is reused (heads only; the backbone's own
     provenance is kept, and the manifest says where it came from)."""
     clock = time.perf_counter()
@@ -602,6 +670,16 @@ def train_demo(
         fusion_recall=recipe.fusion_recall,
         fusion_margin_mm=recipe.fusion_margin_mm,
     )
+    if recipe.organ_steps and (recipe.normative_cases or recipe.normative_mr_cases):
+        train_normative(
+            out,
+            None,
+            recipe.seed,
+            recipe.normative_cases,
+            recipe.normative_mr_cases,
+            show_progress,
+            phantom_shape=shape,
+        )
     pkg = train_refine_head(
         out,
         None,

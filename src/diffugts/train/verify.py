@@ -2,7 +2,7 @@
 
 On cases the head never saw (seen lesion types and lesion-free cases, CT, the refinement seed
 range): the candidates, components of the head's mask at its calibrated threshold or of the
-organ-relative deviation (the verifier's candidate source), cut as the lesion artifact counts
+organ-relative deviation or the normative model (the verifier's candidate source), cut as the lesion artifact counts
 lesions; each candidate is a sample (lesion: it touches a true lesion). A
 class-balanced logistic regression over the component features (every piece of lesion evidence
 with a non-negative weight; only the volume is free), then the score threshold with
@@ -29,6 +29,11 @@ THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 # than the seen lesions' mean), and the verifier then drops the plainest lesions of other
 # organs: on the development seeds it removed every liver lesion a draw had found.
 EVIDENCE = ("refined_mean", "refined_max", "coarse_mean", "deviation_mean", "residual_mean", "organ_fraction")
+# The features a verifier of normative candidates weighs: none that lesion labels shaped. The
+# head's and the coarse map's confidence were learnt on the seen types, and the residual |x - H|
+# exists only where the coarse stage had synthesis inpaint; fitted on seen-type cases, the
+# verifier leans on them and drops the other lesions (docs/method.md, "lesion verification").
+LABEL_FREE = ("log_volume_ml", "deviation_mean", "organ_fraction")
 
 
 def example_evidence(example: Example, refined: np.ndarray) -> Evidence:
@@ -52,13 +57,19 @@ def component_samples(
     source: str = "refined",
     deviation_k: float = 2.0,
 ) -> list[dict]:
-    """Per candidate of each example (a component of the head's mask at ``cut``, or of the
-    deviation for ``source`` "deviation"): features, whether it is a lesion, its voxels and
+    """Per candidate of each example (a component of the head's mask at ``cut``, of the
+    deviation for ``source`` "deviation", of the example's normative candidates for
+    "normative"): features, whether it is a lesion, its voxels and
     the true voxels it covers (for the threshold), and its example's index."""
     out = []
     for n, (ex, prob) in enumerate(zip(examples, probs)):
         evidence = example_evidence(ex, prob)
-        mask = deviation_candidates(evidence.deviation, deviation_k) if source == "deviation" else prob >= cut
+        if source == "normative":
+            mask = ex.normative if ex.normative is not None else np.zeros(prob.shape, bool)
+        elif source == "deviation":
+            mask = deviation_candidates(evidence.deviation, deviation_k)
+        else:
+            mask = prob >= cut
         labels, ids, feats = candidates(mask, evidence, voxel_ml, min_volume_ml)
         for i, f in zip(ids, feats):
             m = labels == i
@@ -78,7 +89,12 @@ def fit_verifier(
     if y.min() == y.max():
         raise ValueError("the lesion verifier needs both true and false components to fit")
     mean, scale = x.mean(0), x.std(0) + 1e-6
-    weights, bias = fit_logistic((x - mean) / scale, y, l2=1e-2, nonnegative=[f in EVIDENCE for f in FEATURES])
+    used = np.array([source != "normative" or f in LABEL_FREE for f in FEATURES])
+    fitted, bias = fit_logistic(
+        ((x - mean) / scale)[:, used], y, l2=1e-2, nonnegative=[f in EVIDENCE for f, u in zip(FEATURES, used) if u]
+    )
+    weights = np.zeros(len(FEATURES))
+    weights[used] = fitted  # the features left out weigh nothing
     verifier = LesionVerifier(
         tuple(float(w) for w in weights),
         bias,

@@ -1,0 +1,216 @@
+"""Normative appearance: how unlike the *healthy* tissue of its organ each voxel looks.
+
+The organ-relative deviation (diffugts.stages.deviation) asks whether a voxel is unlike its
+organ's median. Healthy organs hold tissue that is: vessels in the liver, the renal sinus and
+medulla in the kidney. So |z| flags normal anatomy as often as lesions; on development seeds,
+with true organs, leaving those inner structures out took false components per lesion-free
+study from 15-24 to 1-2 (docs/method.md, "normative appearance").
+
+A normative model learns what healthy tissue of each organ looks like from lesion-free cases
+only. No lesion label is used, so it favours no lesion type. Per organ and modality (CT, MR)
+it is a Gaussian mixture over local appearance features (:data:`FEATURES`):
+- organ-relative intensity: local means at three scales as robust z-scores (median, MAD);
+- local shape: scale-normalised Hessian eigenvalues at two scales (tubes, sheets and blobs,
+  bright or dark: a vessel is a tube, most lesions are not);
+- depth below the organ's surface (the sinus lies deep in the kidney, the cortex at its rim).
+
+A voxel's score is its negative log-likelihood under its organ's mixture. The candidates are
+hysteresis components: voxels above the ``high_quantile`` of healthy voxels' scores, opened,
+grown through voxels above the ``low_quantile``. Like the deviation, scoring runs only in the
+organ's interior (``margin_mm`` in from its surface), on the model grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from diffugts.stages.deviation import MAD_TO_SD, DeviationParams, organ_interior
+
+NORMATIVE = "normative"  # the package's network entry
+FEATURES = (
+    "mean_1.2mm",
+    "mean_2.5mm",
+    "mean_7mm",
+    "hessian_2.75mm_1",
+    "hessian_2.75mm_2",
+    "hessian_2.75mm_3",
+    "hessian_5.5mm_1",
+    "hessian_5.5mm_2",
+    "hessian_5.5mm_3",
+    "depth",
+)
+MEAN_SCALES_MM = (1.2, 2.5, 7.0)
+HESSIAN_SCALES_MM = (2.75, 5.5)
+
+
+@dataclass(frozen=True)
+class NormativeParams:
+    """Decisions, each a parameter (defaults chosen on development seeds, docs/method.md)."""
+
+    margin_mm: float = 5.0  # unscored organ border, as the fusion's (organ maps err at their edge)
+    depth_cap_mm: float = 30.0  # deeper than this is "deep"
+    floor: float = 0.02  # the least robust SD (model intensity units)
+    components: int = 12  # mixture components per organ and modality
+    low_quantile: float = 0.95  # hysteresis: grow through voxels less likely than this share of healthy ones
+    high_quantile: float = 0.995  # ... from seeds less likely than this share
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> NormativeParams:
+        return cls(**(d or {}))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def modality_group(modality: str) -> str:
+    return "CT" if modality.upper() == "CT" else "MR"
+
+
+def key(organ: str, modality: str) -> str:
+    return f"{organ}/{modality_group(modality)}"
+
+
+def appearance_features(
+    x: np.ndarray, organ: np.ndarray, spacing_kji, params: NormativeParams = NormativeParams()
+) -> tuple[np.ndarray, np.ndarray]:
+    """(the organ's scored interior (bool), its voxels' (N, len(FEATURES)) features)."""
+    organ = np.asarray(organ, bool)
+    spacing = np.asarray(spacing_kji, float)
+    scored = organ_interior(organ, spacing, DeviationParams(margin_mm=params.margin_mm))
+    if scored.sum() < 10:
+        return np.zeros(organ.shape, bool), np.zeros((0, len(FEATURES)), np.float32)
+    x = np.asarray(x, np.float32)
+    weight = organ.astype(np.float32)
+    inside = np.where(organ, x, 0).astype(np.float32)
+
+    def local_mean(sigma_mm: float) -> np.ndarray:
+        # normalised convolution inside the organ: fat or air next to it do not leak in
+        s = sigma_mm / spacing
+        return ndimage.gaussian_filter(inside, s) / np.maximum(ndimage.gaussian_filter(weight, s), 1e-3)
+
+    means = [local_mean(s) for s in MEAN_SCALES_MM]
+    values = means[1][scored]
+    median = float(np.median(values))
+    spread = max(float(np.median(np.abs(values - median))) * MAD_TO_SD, params.floor)
+    columns = [(m[scored] - median) / spread for m in means]
+    # Outside the organ the image is its median, so the organ's own border is not a "sheet".
+    flat = np.where(organ, x, median).astype(np.float32)
+    for sigma_mm in HESSIAN_SCALES_MM:
+        hessian = np.empty((int(scored.sum()), 3, 3), np.float32)
+        for a in range(3):
+            for b in range(a, 3):
+                order = [0, 0, 0]
+                order[a] += 1
+                order[b] += 1
+                d = ndimage.gaussian_filter(flat, sigma_mm / spacing, order=order)[scored]
+                hessian[:, a, b] = hessian[:, b, a] = d / (spacing[a] * spacing[b]) * sigma_mm**2 / spread
+        columns += list(np.linalg.eigvalsh(hessian).T)  # ascending
+    depth = ndimage.distance_transform_edt(organ, sampling=spacing)[scored]
+    columns.append(np.minimum(depth, params.depth_cap_mm) / 10.0)
+    return scored, np.stack(columns, 1).astype(np.float32)
+
+
+@dataclass
+class Mixture:
+    """One organ and modality's healthy appearance: a full-covariance Gaussian mixture, and the
+    scores (negative log-likelihood) of the healthy voxels' ``low``/``high`` quantiles."""
+
+    weights: np.ndarray  # (K,)
+    means: np.ndarray  # (K, F)
+    scale_tril: np.ndarray  # (K, F, F) Cholesky factors of the covariances
+    low: float
+    high: float
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """(N, F) -> (N,) negative log-likelihood."""
+        if len(features) == 0:
+            return np.zeros(0, np.float32)
+        with torch.no_grad():
+            dist = torch.distributions.MixtureSameFamily(
+                torch.distributions.Categorical(probs=torch.as_tensor(self.weights, dtype=torch.float64)),
+                torch.distributions.MultivariateNormal(
+                    torch.as_tensor(self.means, dtype=torch.float64),
+                    scale_tril=torch.as_tensor(self.scale_tril, dtype=torch.float64),
+                ),
+            )
+            return (-dist.log_prob(torch.as_tensor(features, dtype=torch.float64))).float().numpy()
+
+
+@dataclass
+class NormativeModel:
+    """Every organ and modality's :class:`Mixture` (keys ``organ/CT``, ``organ/MR``)."""
+
+    params: NormativeParams
+    mixtures: dict[str, Mixture] = field(default_factory=dict)
+
+    def knows(self, organ: str | None, modality: str) -> bool:
+        return organ is not None and key(organ, modality) in self.mixtures
+
+    def score_map(self, x: np.ndarray, organ_mask: np.ndarray, organ: str, modality: str, spacing_kji) -> np.ndarray:
+        """The score of every voxel of the organ's interior (-inf elsewhere: a log-likelihood
+        may be positive, so 0 would not mean "unscored")."""
+        scored, feats = appearance_features(x, organ_mask, spacing_kji, self.params)
+        out = np.full(np.shape(x), -np.inf, np.float32)
+        out[scored] = self.mixtures[key(organ, modality)].score(feats)
+        return out
+
+    def candidates(self, x: np.ndarray, organ_mask: np.ndarray, organ: str, modality: str, spacing_kji) -> np.ndarray:
+        """Candidate lesion voxels: hysteresis components of the score (none for an organ or
+        modality the model has no mixture for)."""
+        if not self.knows(organ, modality) or not np.any(organ_mask):
+            return np.zeros(np.shape(x), bool)
+        mix = self.mixtures[key(organ, modality)]
+        return hysteresis(self.score_map(x, organ_mask, organ, modality, spacing_kji), mix.low, mix.high)
+
+    def entry(self) -> dict:
+        """The manifest entry (the arrays go to :meth:`state_dict`)."""
+        return {
+            "params": self.params.as_dict(),
+            "features": list(FEATURES),
+            "keys": sorted(self.mixtures),
+            "thresholds": {k: [m.low, m.high] for k, m in sorted(self.mixtures.items())},
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, m in self.mixtures.items():
+            out[f"{k}.weights"] = torch.as_tensor(m.weights, dtype=torch.float32)
+            out[f"{k}.means"] = torch.as_tensor(m.means, dtype=torch.float32)
+            out[f"{k}.scale_tril"] = torch.as_tensor(m.scale_tril, dtype=torch.float32)
+        return out
+
+    @classmethod
+    def load(cls, entry: dict, state: dict) -> NormativeModel:
+        if tuple(entry.get("features", ())) != FEATURES:
+            raise ValueError(f"unknown normative features {entry.get('features')!r}")
+        mixtures = {
+            k: Mixture(
+                state[f"{k}.weights"].double().numpy(),
+                state[f"{k}.means"].double().numpy(),
+                state[f"{k}.scale_tril"].double().numpy(),
+                *map(float, entry["thresholds"][k]),
+            )
+            for k in entry["keys"]
+        }
+        return cls(NormativeParams.from_dict(entry.get("params")), mixtures)
+
+
+def normative_of(pkg) -> NormativeModel | None:
+    """The package's normative model, or None (packages made before it)."""
+    if not pkg.has(NORMATIVE):
+        return None
+    return NormativeModel.load(pkg.network(NORMATIVE), pkg.state_dict(NORMATIVE))
+
+
+def hysteresis(score: np.ndarray, low: float, high: float) -> np.ndarray:
+    """The components of ``score > low`` that hold a voxel of ``score > high`` opened (a single
+    unlikely voxel is noise, not a seed). scikit-image has this filter; it is not a dependency."""
+    grown, n = ndimage.label(score > low, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return grown > 0
+    seeds = np.unique(grown[ndimage.binary_opening(score > high)])
+    return np.isin(grown, seeds[seeds > 0])

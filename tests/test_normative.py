@@ -1,0 +1,122 @@
+"""The normative model: appearance features, a mixture fitted on healthy organs that hold
+vessels, candidates by hysteresis, storage in a package, and its fitting samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffugts.stages.normative import (
+    FEATURES,
+    Mixture,
+    NormativeModel,
+    NormativeParams,
+    appearance_features,
+    hysteresis,
+    key,
+    normative_of,
+)
+from diffugts.train.normative import fit_normative
+
+SPACING = (4.0, 2.75, 2.75)
+SHAPE = (24, 48, 48)
+
+
+def organ_with(rng, vessel: bool = True, lesion: bool = False):
+    """An ellipsoidal organ (0.5, textured) crossed by a bright tube (a vessel, 0.7) and, if
+    asked, holding a dark ball (a lesion, 0.3)."""
+    k, j, i = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    organ = ((k - 12) / 10.0) ** 2 + ((j - 24) / 20.0) ** 2 + ((i - 24) / 20.0) ** 2 <= 1.0
+    x = np.where(organ, 0.5, 0.1) + rng.normal(0, 0.01, SHAPE)
+    if vessel:
+        j0 = int(rng.integers(22, 30))
+        x[((k - 12) ** 2 * 2.0 + (j - j0) ** 2 <= 2.0) & organ] = 0.7  # along i, about 2 voxels wide
+    ball = ((k - 13) * 4.0) ** 2 + ((j - 11) * 2.75) ** 2 + ((i - 32) * 2.75) ** 2 <= 7.0**2
+    if lesion:
+        x[ball & organ] = 0.3
+    return x.astype(np.float32), organ, ball & organ
+
+
+@pytest.fixture(scope="module")
+def model():
+    rng = np.random.default_rng(0)
+    feats = [appearance_features(*organ_with(rng)[:2], SPACING)[1] for _ in range(6)]
+    return fit_normative({"liver/CT": np.concatenate(feats)}, NormativeParams(components=4))
+
+
+def test_features_are_scored_in_the_organs_interior_only():
+    x, organ, _ = organ_with(np.random.default_rng(1))
+    scored, feats = appearance_features(x, organ, SPACING, NormativeParams(margin_mm=5.0))
+    assert feats.shape == (int(scored.sum()), len(FEATURES))
+    assert scored.sum() < organ.sum() and not (scored & ~organ).any()
+    depth = feats[:, FEATURES.index("depth")]
+    assert depth.min() >= 0.4  # about 5 mm in from the surface (in cm; the erosion is voxel-discrete)
+    assert np.abs(feats[:, FEATURES.index("mean_2.5mm")]).mean() < 3.0  # organ-relative, near 0
+
+
+def test_the_organs_own_vessel_is_normal_and_a_lesion_is_not(model):
+    """What |z| could not tell apart: both the vessel and the lesion deviate from the organ's
+    median; only the lesion is unlike the healthy organs the model was fitted on."""
+    x, organ, lesion = organ_with(np.random.default_rng(7), lesion=True)
+    found = model.candidates(x, organ, "liver", "CT", SPACING)
+    vessel = (x > 0.65) & organ
+    assert (found & lesion).sum() >= 0.3 * lesion.sum()
+    assert (found & vessel).sum() <= 0.05 * vessel.sum()
+    healthy, organ2, _ = organ_with(np.random.default_rng(8))
+    assert model.candidates(healthy, organ2, "liver", "CT", SPACING).sum() <= 0.01 * organ2.sum()
+
+
+def test_unknown_organ_or_modality_gives_no_candidates(model):
+    x, organ, _ = organ_with(np.random.default_rng(2), lesion=True)
+    assert model.knows("liver", "CT") and model.knows("liver", "ct")
+    assert not model.knows("liver", "MR") and not model.knows(None, "CT")
+    assert not model.candidates(x, organ, "liver", "MR", SPACING).any()
+    assert not model.candidates(x, organ, "spleen", "CT", SPACING).any()
+    assert key("kidney", "T2") == "kidney/MR"
+
+
+def test_hysteresis_grows_from_opened_seeds_only():
+    score = np.zeros((12, 12, 12), np.float32)
+    score[1:5, 1:5, 1:5] = 2.0  # grown region ...
+    score[2:5, 2:5, 2:5] = 5.0  # ... with a seed that survives the opening
+    score[8:11, 8:11, 8:11] = 2.0  # grown region whose only "seed" is one voxel
+    score[9, 9, 9] = 5.0
+    found = hysteresis(score, 1.0, 4.0)
+    assert found[1:5, 1:5, 1:5].all() and not found[8:11, 8:11, 8:11].any()
+    assert not hysteresis(np.zeros((4, 4, 4)), 1.0, 4.0).any()
+
+
+def test_fit_skips_organs_with_too_few_samples_and_sets_quantiles(model):
+    rng = np.random.default_rng(3)
+    fitted = fit_normative(
+        {"liver/CT": rng.normal(size=(4000, len(FEATURES))), "spleen/CT": rng.normal(size=(10, len(FEATURES)))},
+        NormativeParams(components=2),
+    )
+    assert list(fitted.mixtures) == ["liver/CT"]
+    mix = fitted.mixtures["liver/CT"]
+    assert mix.low < mix.high
+    held = mix.score(rng.normal(size=(4000, len(FEATURES))))
+    assert 0.9 < (held <= mix.low).mean() < 0.99 and 0.98 < (held <= mix.high).mean() <= 1.0
+
+
+def test_round_trip_through_a_package(model, tmp_path):
+    from diffugts.models.package import add_networks, open_package
+    from modelfactory import random_package
+
+    pkg = random_package(tmp_path, fused=True)
+    assert normative_of(pkg) is None
+    out = add_networks(pkg, {"normative": (model.entry(), model.state_dict())}, out=tmp_path / "with")
+    loaded = normative_of(open_package(out.root))
+    assert loaded is not None and loaded.params == model.params
+    feats = np.random.default_rng(4).normal(size=(50, len(FEATURES)))
+    a, b = model.mixtures["liver/CT"], loaded.mixtures["liver/CT"]
+    assert np.allclose(a.score(feats), b.score(feats), rtol=1e-4, atol=1e-3)
+    assert (a.low, a.high) == (b.low, b.high)
+    with pytest.raises(ValueError, match="features"):
+        NormativeModel.load({**model.entry(), "features": ["x"]}, model.state_dict())
+
+
+def test_mixture_score_is_the_negative_log_likelihood():
+    mix = Mixture(np.array([1.0]), np.zeros((1, 2)), np.eye(2)[None], 0.0, 1.0)
+    assert mix.score(np.zeros((1, 2)))[0] == pytest.approx(np.log(2 * np.pi), rel=1e-5)
+    assert mix.score(np.zeros((0, 2))).shape == (0,)

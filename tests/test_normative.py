@@ -114,9 +114,30 @@ def test_round_trip_through_a_package(model, tmp_path):
     assert (a.low, a.high) == (b.low, b.high)
     with pytest.raises(ValueError, match="features"):
         NormativeModel.load({**model.entry(), "features": ["x"]}, model.state_dict())
+    # `models verify` loads it; a manifest naming a mixture the weights lack does not pass.
+    from diffugts.errors import ConfigError
+    from diffugts.models.create import verify
+
+    verify(out.root)
+    broken = {**model.entry(), "keys": ["liver/CT", "kidney/CT"], "thresholds": {"kidney/CT": [0, 1]}}
+    bad = add_networks(pkg, {"normative": (broken, model.state_dict())}, out=tmp_path / "bad")
+    with pytest.raises(ConfigError, match="normative model does not load"):
+        verify(bad.root)
 
 
 def test_mixture_score_is_the_negative_log_likelihood():
     mix = Mixture(np.array([1.0]), np.zeros((1, 2)), np.eye(2)[None], 0.0, 1.0)
     assert mix.score(np.zeros((1, 2)))[0] == pytest.approx(np.log(2 * np.pi), rel=1e-5)
     assert mix.score(np.zeros((0, 2))).shape == (0,)
+
+
+def test_the_recipe_refuses_normative_candidates_without_a_normative_model():
+    from diffugts.errors import ConfigError
+    from diffugts.train.recipe import DemoRecipe
+
+    assert DemoRecipe().verifier_candidates == "normative" and DemoRecipe().normative_cases > 0
+    with pytest.raises(ConfigError, match="normative"):
+        DemoRecipe(organ_steps=0)
+    with pytest.raises(ConfigError, match="normative"):
+        DemoRecipe(normative_cases=0, normative_mr_cases=0)
+    assert DemoRecipe(organ_steps=0, verifier_candidates="refined").organ_steps == 0

@@ -53,13 +53,18 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     assert training["normative_training"]["cases"] == 1 and training["normative_training"]["mr_cases"] == 1
     assert set(normative["keys"]) <= set(training["normative_training"]["samples"])  # enough samples only
 
-    # The verifier can take the normative model's candidates instead of the head's mask.
+    assert verifying["candidate_source"] == "normative"  # the recipe's verifier takes its candidates
+    if "verifier" in refine:
+        assert refine["verifier"]["candidate_source"] == "normative"
+
+    # `train normative` refits it alone.
     norm = tmp_path / "normative"
-    args = ["-q", "train", "verifier", "--model", str(out), "--out", str(norm), "--candidates", "normative"]
-    assert main([*args, "--cases", "1", "--healthy-cases", "1"]) == 0
+    args = ["-q", "train", "normative", "--model", str(out), "--out", str(norm), "--cases", "1", "--mr-cases", "2"]
+    assert main(args) == 0
     assert main(["models", "verify", str(norm)]) == 0
-    verifying = json.loads((norm / "manifest.json").read_text())["provenance"]["verifier_training"]
-    assert verifying["candidate_source"] == "normative"
+    refitted = json.loads((norm / "manifest.json").read_text())
+    assert refitted["provenance"]["normative_training"]["mr_cases"] == 2
+    assert refitted["networks"]["aova"] == manifest["networks"]["aova"]  # nothing else changed
 
     # `train organs` on a package whose head has a fusion refits it on the new organs.
     again = tmp_path / "regrounded"

@@ -138,31 +138,6 @@ def test_fitting_separates_true_from_false_components_and_never_lowers_dice():
         fit_verifier([s for s in samples if not s["lesion"]], truth)
 
 
-def test_a_verifier_of_normative_candidates_weighs_label_free_evidence_only():
-    """The head's and the coarse map's confidence (learnt on seen types) separate these samples
-    perfectly, the volume only partly: a normative verifier still weighs only the volume and
-    the other label-free evidence."""
-    from diffugts.train.verify import LABEL_FREE
-
-    rng = np.random.default_rng(1)
-    samples = []
-    for n in range(60):
-        lesion = n % 3 == 0
-        feats = rng.normal(0, 1, len(FEATURES))
-        for f in ("refined_mean", "refined_max", "coarse_mean"):
-            feats[FEATURES.index(f)] += 4.0 if lesion else 0.0
-        feats[0] += 1.0 if lesion else 0.0  # larger, on average
-        samples.append({"features": feats, "lesion": lesion, "voxels": 50, "hits": 25 if lesion else 0, "example": n})
-    truth = sum(s["hits"] for s in samples)
-    normative, _ = fit_verifier(samples, truth, "normative")
-    assert normative.candidate_source == "normative"
-    weights = dict(zip(FEATURES, normative.weights))
-    assert all(w == 0.0 for f, w in weights.items() if f not in LABEL_FREE)
-    assert weights["log_volume_ml"] > 0.1
-    refined, _ = fit_verifier(samples, truth, "refined")
-    assert dict(zip(FEATURES, refined.weights))["coarse_mean"] > 0.1  # the head's own candidates: all evidence
-
-
 @pytest.fixture(scope="module")
 def permissive(tmp_path_factory):
     """A fused random package whose every coarse and refined voxel counts, so its refined

@@ -145,11 +145,18 @@ def verify(ref: str | os.PathLike) -> ModelPackage:
     from diffugts.models.package import open_package
     from diffugts.networks.backbones import load_backbone
     from diffugts.networks.loading import load_head
+    from diffugts.stages.normative import NORMATIVE, normative_of
 
     pkg = open_package(ref)
     load_backbone(pkg, "cpu")
     for name in pkg.manifest.get("networks", {}):
         if name in ("vae", "unet"):
+            continue
+        if name == NORMATIVE:  # not a network: mixtures, checked by loading them
+            try:
+                normative_of(pkg)
+            except (KeyError, ValueError) as err:
+                raise ConfigError(f"{pkg.root}: normative model does not load ({err})") from None
             continue
         cls = head_classes().get(name)
         if cls is None:

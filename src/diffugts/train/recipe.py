@@ -75,15 +75,21 @@ class DemoRecipe:
     # saw; 0 cases: no verifier. Needs the fused coarse map (its deviation is evidence).
     verifier_cases: int = 12
     verifier_healthy_cases: int = 6
-    # Its candidates: components of the head's mask ("refined"), or of the deviation |z| > k
-    # ("deviation"; the head's map then evidence about each). "refined": the deviation's
-    # candidates measured no better on two draws (docs/method.md, "lesion verification").
-    verifier_candidates: str = "refined"
+    # Its candidates: components of the head's mask ("refined"), of the deviation |z| > k
+    # ("deviation"), or the normative model's ("normative"; the head's map then evidence about
+    # each). "normative": better than "refined" in every group and on lesion-free studies, two
+    # draws (docs/benchmarks.md, "Normative appearance"); "deviation" was no better.
+    verifier_candidates: str = "normative"
     verifier_deviation_k: float = 2.0
     # None: the backbone's default scales (default_features)
     features: list[str] | None = field(default_factory=lambda: list(AOVA_FEATURES))
     config: str = "demo"  # backbone configuration (models/configs.py): its family picks the backbone recipe
     phantom_shape: tuple[int, int, int] | None = None  # None: full-size phantoms; smaller for quick runs
+
+    def __post_init__(self):
+        normative = self.organ_steps and (self.normative_cases or self.normative_mr_cases)
+        if self.verifier_cases and self.verifier_candidates == "normative" and not normative:
+            raise ConfigError("a verifier of normative candidates needs the organ network and the normative model")
 
     def as_dict(self) -> dict:
         return asdict(self)

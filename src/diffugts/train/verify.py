@@ -29,11 +29,6 @@ THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 # than the seen lesions' mean), and the verifier then drops the plainest lesions of other
 # organs: on the development seeds it removed every liver lesion a draw had found.
 EVIDENCE = ("refined_mean", "refined_max", "coarse_mean", "deviation_mean", "residual_mean", "organ_fraction")
-# The features a verifier of normative candidates weighs: none that lesion labels shaped. The
-# head's and the coarse map's confidence were learnt on the seen types, and the residual |x - H|
-# exists only where the coarse stage had synthesis inpaint; fitted on seen-type cases, the
-# verifier leans on them and drops the other lesions (docs/method.md, "lesion verification").
-LABEL_FREE = ("log_volume_ml", "deviation_mean", "organ_fraction")
 
 
 def example_evidence(example: Example, refined: np.ndarray) -> Evidence:
@@ -89,12 +84,7 @@ def fit_verifier(
     if y.min() == y.max():
         raise ValueError("the lesion verifier needs both true and false components to fit")
     mean, scale = x.mean(0), x.std(0) + 1e-6
-    used = np.array([source != "normative" or f in LABEL_FREE for f in FEATURES])
-    fitted, bias = fit_logistic(
-        ((x - mean) / scale)[:, used], y, l2=1e-2, nonnegative=[f in EVIDENCE for f, u in zip(FEATURES, used) if u]
-    )
-    weights = np.zeros(len(FEATURES))
-    weights[used] = fitted  # the features left out weigh nothing
+    weights, bias = fit_logistic((x - mean) / scale, y, l2=1e-2, nonnegative=[f in EVIDENCE for f in FEATURES])
     verifier = LesionVerifier(
         tuple(float(w) for w in weights),
         bias,

@@ -97,14 +97,24 @@ def _robust_z(x: np.ndarray, scored: np.ndarray, spacing_kji, params: DeviationP
     z = np.zeros(x.shape, np.float32)
     if scored.sum() < 10:
         return z
-    sigma = params.sigma_mm / np.asarray(spacing_kji, float)
-    w = ndimage.gaussian_filter(scored.astype(np.float32), sigma)
-    local = ndimage.gaussian_filter(np.where(scored, x, 0).astype(np.float32), sigma) / np.maximum(w, 1e-3)
-    values = local[scored]
-    median = float(np.median(values))
-    spread = max(float(np.median(np.abs(values - median))) * MAD_TO_SD, params.floor)
+    local = local_mean(x, scored, params.sigma_mm, spacing_kji)
+    median, spread = robust_centre(local[scored], params.floor)
     z[scored] = (local[scored] - median) / spread
     return z
+
+
+def local_mean(x: np.ndarray, mask: np.ndarray, sigma_mm: float, spacing_kji) -> np.ndarray:
+    """A Gaussian local mean of ``x`` over ``mask`` only (a normalised convolution: fat or air
+    next to the organ do not leak in)."""
+    sigma = sigma_mm / np.asarray(spacing_kji, float)
+    w = ndimage.gaussian_filter(mask.astype(np.float32), sigma)
+    return ndimage.gaussian_filter(np.where(mask, x, 0).astype(np.float32), sigma) / np.maximum(w, 1e-3)
+
+
+def robust_centre(values: np.ndarray, floor: float) -> tuple[float, float]:
+    """(median, MAD as a normal SD, at least ``floor``) of ``values``."""
+    median = float(np.median(values))
+    return median, max(float(np.median(np.abs(values - median))) * MAD_TO_SD, floor)
 
 
 def _ellipsoid(radius) -> np.ndarray:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from diffugts.stages.deviation import MAD_TO_SD, DeviationParams, organ_interior
+from diffugts.stages.deviation import DeviationParams, local_mean, organ_interior, robust_centre
 
 NORMATIVE = "normative"  # the package's network entry
 FEATURES = (
@@ -84,18 +84,8 @@ def appearance_features(
     if scored.sum() < 10:
         return np.zeros(organ.shape, bool), np.zeros((0, len(FEATURES)), np.float32)
     x = np.asarray(x, np.float32)
-    weight = organ.astype(np.float32)
-    inside = np.where(organ, x, 0).astype(np.float32)
-
-    def local_mean(sigma_mm: float) -> np.ndarray:
-        # normalised convolution inside the organ: fat or air next to it do not leak in
-        s = sigma_mm / spacing
-        return ndimage.gaussian_filter(inside, s) / np.maximum(ndimage.gaussian_filter(weight, s), 1e-3)
-
-    means = [local_mean(s) for s in MEAN_SCALES_MM]
-    values = means[1][scored]
-    median = float(np.median(values))
-    spread = max(float(np.median(np.abs(values - median))) * MAD_TO_SD, params.floor)
+    means = [local_mean(x, organ, s, spacing) for s in MEAN_SCALES_MM]
+    median, spread = robust_centre(means[1][scored], params.floor)
     columns = [(m[scored] - median) / spread for m in means]
     # Outside the organ the image is its median, so the organ's own border is not a "sheet".
     flat = np.where(organ, x, median).astype(np.float32)

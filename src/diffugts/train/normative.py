@@ -18,8 +18,8 @@ import numpy as np
 from diffugts.networks.organs import OrganNet, organ_maps
 from diffugts.stages.deviation import DeviationParams, organ_with_inclusions
 from diffugts.stages.normative import Mixture, NormativeModel, NormativeParams, appearance_features, key
-from diffugts.train.aova import organ_family
 from diffugts.train.data import TrainingCase
+from diffugts.train.organs import organ_labels
 
 MAX_SAMPLES = 60000  # voxels per organ and modality for the fit (as many again set the quantiles)
 
@@ -36,16 +36,12 @@ def normative_samples(
     deviation = deviation or DeviationParams()
     found: dict[str, list[np.ndarray]] = defaultdict(list)
     for case in cases:
-        truth: dict[str, np.ndarray] = {}
-        for label, name in case.organ_names.items():
-            fam = organ_family(name)
-            truth[fam] = truth.get(fam, np.zeros(case.x.shape, bool)) | (case.organs == label)
-        for fam, log_odds in organ_maps(organ_net, case.x).items():
-            if fam not in truth:
-                continue
+        maps = organ_maps(organ_net, case.x)
+        truth = organ_labels(case, list(maps))  # 1 + the index of each voxel's organ in maps
+        for n, (fam, log_odds) in enumerate(maps.items()):
             organ = organ_with_inclusions(log_odds > 0, spacing_kji, deviation)
             scored, feats = appearance_features(case.x, organ, spacing_kji, params)
-            healthy = truth[fam][scored] & (case.lesions[scored] == 0)
+            healthy = (truth[scored] == n + 1) & (case.lesions[scored] == 0)
             if healthy.any():
                 found[key(fam, case.modality)].append(feats[healthy])
     return {k: np.concatenate(v) for k, v in found.items()}

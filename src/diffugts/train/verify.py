@@ -1,9 +1,10 @@
 """Fitting the lesion verifier (diffugts.stages.verification) after the refinement head.
 
 On cases the head never saw (seen lesion types and lesion-free cases, CT, the refinement seed
-range): the candidates, components of the head's mask at its calibrated threshold or of the
-organ-relative deviation or the normative model (the verifier's candidate source), cut as the lesion artifact counts
-lesions; each candidate is a sample (lesion: it touches a true lesion). A
+range): the candidates, components of the head's mask at its calibrated threshold, of the
+organ-relative deviation or of the normative model (the verifier's candidate source), cut as
+the lesion artifact counts lesions; each candidate is a sample (lesion: it touches a true
+lesion). A
 class-balanced logistic regression over the component features (every piece of lesion evidence
 with a non-negative weight; only the volume is free), then the score threshold with
 the best pooled Dice over those cases, every voxel of a dropped true component lost and every

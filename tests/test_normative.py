@@ -54,6 +54,30 @@ def test_features_are_scored_in_the_organs_interior_only():
     assert np.abs(feats[:, FEATURES.index("mean_2.5mm")]).mean() < 3.0  # organ-relative, near 0
 
 
+def test_features_on_the_organs_box_equal_the_whole_volumes(monkeypatch):
+    """Cropping to the organ (stages.deviation.organ_box) changes no number: the same organ
+    inside a larger volume of noisy fat gives bit-identical features either way."""
+    from diffugts.stages import deviation, normative
+
+    rng = np.random.default_rng(3)
+    x, organ, _ = organ_with(rng, lesion=True)
+    pad = ((5, 12), (40, 0), (3, 33))  # touches the volume's j edge
+    big = np.pad(x, pad, constant_values=0.1) + rng.normal(0, 0.01, np.add(x.shape, np.sum(pad, 1))).astype(np.float32)
+    big[tuple(slice(a, a + n) for (a, _), n in zip(pad, x.shape))] = x
+    mask = np.pad(organ, pad)
+    params = NormativeParams(margin_mm=5.0)
+    scored, feats = appearance_features(big, mask, SPACING, params)
+    assert np.array_equal(
+        scored[tuple(slice(a, a + n) for (a, _), n in zip(pad, x.shape))],
+        appearance_features(x, organ, SPACING, params)[0],
+    )
+    whole = lambda m, spacing, reach: tuple(slice(0, n) for n in m.shape)  # noqa: E731
+    monkeypatch.setattr(normative, "organ_box", whole)
+    monkeypatch.setattr(deviation, "organ_box", whole)
+    scored_whole, feats_whole = appearance_features(big, mask, SPACING, params)
+    assert np.array_equal(scored, scored_whole) and np.array_equal(feats, feats_whole)
+
+
 def test_the_organs_own_vessel_is_normal_and_a_lesion_is_not(model):
     """What |z| could not tell apart: both the vessel and the lesion deviate from the organ's
     median; only the lesion is unlike the healthy organs the model was fitted on."""

@@ -27,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 MAD_TO_SD = 1.4826  # the MAD of a normal distribution times this is its SD
+GAUSS_TRUNCATE = 4.0  # scipy's gaussian_filter default: its kernels reach this many sigmas
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,13 @@ def organ_with_inclusions(region: np.ndarray, spacing_kji, params: DeviationPara
     if not region.any():
         return region
     radius = np.maximum(np.rint(params.close_mm / np.asarray(spacing_kji, float)), 1).astype(int)
+    box = organ_box(region, spacing_kji, params.close_mm)
+    out = np.zeros(region.shape, bool)
+    out[box] = _with_inclusions(region[box], radius, params)
+    return out
+
+
+def _with_inclusions(region: np.ndarray, radius: np.ndarray, params: DeviationParams) -> np.ndarray:
     ball = _ellipsoid(radius)
     pad = [(int(r), int(r)) for r in radius]
     closed = ndimage.binary_closing(np.pad(region, pad), structure=ball)
@@ -77,11 +85,17 @@ def organ_interior(organ: np.ndarray, spacing_kji, params: DeviationParams = Dev
     if params.margin_mm <= 0 or not organ.any():
         return organ
     radius = np.maximum(np.rint(params.margin_mm / np.asarray(spacing_kji, float)), 1).astype(int)
+    box = organ_box(organ, spacing_kji, params.margin_mm)
+    inner = np.zeros(organ.shape, bool)
+    inner[box] = _eroded(organ[box], radius)
+    return inner if inner.sum() >= 10 else organ
+
+
+def _eroded(organ: np.ndarray, radius: np.ndarray) -> np.ndarray:
     # Pad with the organ itself (not background): the volume's edge is not the organ's surface.
     pad = [(int(r), int(r)) for r in radius]
     inner = ndimage.binary_erosion(np.pad(organ, pad, mode="edge"), structure=_ellipsoid(radius))
-    inner = inner[tuple(slice(r, r + n) for r, n in zip(radius, organ.shape))]
-    return inner if inner.sum() >= 10 else organ
+    return inner[tuple(slice(r, r + n) for r, n in zip(radius, organ.shape))]
 
 
 def deviation_z(
@@ -97,10 +111,25 @@ def _robust_z(x: np.ndarray, scored: np.ndarray, spacing_kji, params: DeviationP
     z = np.zeros(x.shape, np.float32)
     if scored.sum() < 10:
         return z
-    local = local_mean(x, scored, params.sigma_mm, spacing_kji)
-    median, spread = robust_centre(local[scored], params.floor)
-    z[scored] = (local[scored] - median) / spread
+    box = organ_box(scored, spacing_kji, GAUSS_TRUNCATE * params.sigma_mm)
+    local = local_mean(x[box], scored[box], params.sigma_mm, spacing_kji)[scored[box]]
+    median, spread = robust_centre(local, params.floor)
+    z[scored] = (local - median) / spread
     return z
+
+
+def organ_box(mask: np.ndarray, spacing_kji, reach_mm: float) -> tuple[slice, ...]:
+    """The bounding box of ``mask`` grown by ``reach_mm`` (at least one voxel) on every side,
+    within the volume. Why: the organ-restricted filters of this module and of the normative
+    features reach no further than that from the organ, so running them on the box gives the
+    same numbers, bit for bit, as on the whole volume, at a fraction of the cost (a kidney
+    fills ~1 % of an abdominal CT)."""
+    spacing = np.asarray(spacing_kji, float)
+    pad = np.ceil(reach_mm / spacing).astype(int) + 1
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape)
+    spans = [np.flatnonzero(np.any(mask, axis=tuple(b for b in range(mask.ndim) if b != a))) for a in range(mask.ndim)]
+    return tuple(slice(max(int(s[0]) - p, 0), min(int(s[-1]) + p + 1, n)) for s, p, n in zip(spans, pad, mask.shape))
 
 
 def local_mean(x: np.ndarray, mask: np.ndarray, sigma_mm: float, spacing_kji) -> np.ndarray:

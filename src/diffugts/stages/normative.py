@@ -28,7 +28,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from diffugts.stages.deviation import DeviationParams, local_mean, organ_interior, robust_centre
+from diffugts.stages.deviation import (
+    GAUSS_TRUNCATE,
+    DeviationParams,
+    local_mean,
+    organ_box,
+    organ_interior,
+    robust_centre,
+)
 
 NORMATIVE = "normative"  # the package's network entry
 FEATURES = (
@@ -77,8 +84,21 @@ def key(organ: str, modality: str) -> str:
 def appearance_features(
     x: np.ndarray, organ: np.ndarray, spacing_kji, params: NormativeParams = NormativeParams()
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(the organ's scored interior (bool), its voxels' (N, len(FEATURES)) features)."""
+    """(the organ's scored interior (bool), its voxels' (N, len(FEATURES)) features). Computed
+    on the organ's box (:func:`organ_box`: every filter here reaches no further), so the cost
+    follows the organ's size, not the volume's."""
     organ = np.asarray(organ, bool)
+    reach = max(GAUSS_TRUNCATE * max(MEAN_SCALES_MM + HESSIAN_SCALES_MM), params.margin_mm)
+    box = organ_box(organ, spacing_kji, reach)
+    scored = np.zeros(organ.shape, bool)
+    scored[box], feats = _appearance_features(np.asarray(x)[box], organ[box], spacing_kji, params)
+    return scored, feats
+
+
+def _appearance_features(
+    x: np.ndarray, organ: np.ndarray, spacing_kji, params: NormativeParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`appearance_features` on the volume it is given."""
     spacing = np.asarray(spacing_kji, float)
     scored = organ_interior(organ, spacing, DeviationParams(margin_mm=params.margin_mm))
     if scored.sum() < 10:

@@ -255,6 +255,26 @@ def test_evaluate_scores_the_verified_mask(permissive, study):
     assert all(r["detected"] == 0 and r["false_lesions"] == 0 and r["dice"] == 0.0 for r in full["reject"])
 
 
+@pytest.mark.slow
+def test_evaluate_adds_the_normative_candidates_as_a_variant(permissive, study):
+    """A package with a normative model gets the ``normative`` row: its candidates in the
+    target's organ, unverified. This model finds the whole liver interior unlike healthy tissue,
+    so it touches both liver lesions; one that knows only the spleen finds nothing there."""
+    from diffugts.runners.evaluate import evaluate
+
+    assert "normative" not in evaluate(study.parent, str(permissive["none"].root), show_progress=False)["variants"]
+    rows = {}
+    for name in ("normative", "normative-spleen"):
+        result = evaluate(study.parent, str(permissive[name].root), show_progress=False)
+        assert result["variants"][-1] == "normative"
+        rows[name] = {r["organ"]: r for r in result["rows"] if r["variant"] == "normative"}
+    assert set(rows["normative"]) == {"liver", "kidney"}
+    liver = rows["normative"]["liver"]
+    assert liver["detected"] == liver["lesions"] == 2 and liver["dice"] > 0
+    assert rows["normative"]["kidney"]["dice"] == 0.0 and rows["normative"]["kidney"]["false_lesions"] == 0
+    assert all(r["dice"] == 0.0 and r["detected"] == 0 for r in rows["normative-spleen"].values())
+
+
 def test_train_verifier_needs_a_head_that_takes_the_deviation(tmp_path, capsys):
     legacy = random_package(tmp_path, fused=False)
     code = main(["-q", "train", "verifier", "--model", str(legacy.root), "--out", str(tmp_path / "out")])

@@ -9,7 +9,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "evaluate",
         help="Dice / NSD per lesion type, organ, modality, seen vs unseen, for four method variants "
-        "(five for 2D diffusers packages: + training_free)",
+        "and the organ-aware z baseline (+ normative for packages with a normative model, + training_free for "
+        "2D diffusers packages)",
         description="Evaluate a model on phantom cases (folders written by `diffugts phantom`) or on real datasets "
         "(MSD / nnU-Net / KiTS23 / DICOM + SEG with a label mapping, docs/datasets.md): the "
         "intensity baseline, the coarse attention mask, coarse + synthesis residual without the head, and "

@@ -14,6 +14,9 @@ user's template) is segmented by four variants of the method:
 - ``organ_zscore``: the organ-aware baseline, |z| of the
   organ-relative deviation above ``ZSCORE_K`` in the organ the model's own region map found
   (diffugts.stages.deviation); no learned weight beyond the region map;
+- ``normative`` (packages with a normative model): every candidate of the normative model
+  in the same organ, unverified: the label-free part of the method alone, what the lesion
+  verifier then keeps or drops (diffugts.stages.normative);
 - ``training_free`` (2D diffusers packages only, beside the four): the backbone's own
   cross-attention map (``diffugts attend --maps training-free``) at the package's
   training-free threshold; no trained weight beyond the backbone.
@@ -48,7 +51,7 @@ from diffugts.utils.progress import progress
 log = logging.getLogger(__name__)
 
 VARIANTS = ("baseline", "aova", "residual", "full")
-ALL_VARIANTS = VARIANTS + ("organ_zscore", "training_free")  # the column order of the tables
+ALL_VARIANTS = VARIANTS + ("organ_zscore", "normative", "training_free")  # the column order of the tables
 NSD_TOLERANCE_MM = 2.0
 RESIDUAL_THRESHOLD_HU = 40.0  # the "no head" variant; a lesion departs from its organ by >= 18 HU
 # The organ-aware baseline: |z| of the organ-relative deviation (the model's own organ map)
@@ -164,8 +167,8 @@ def evaluate(
     cases=None,
     datasets: list[dict] | None = None,
 ) -> dict:
-    """``variants`` None: the four and ``organ_zscore``, plus ``training_free`` for a 2D
-    diffusers package. Lesion-free cases are prompted for every
+    """``variants`` None: the four and ``organ_zscore``, plus ``normative`` for a package with
+    a normative model and ``training_free`` for a 2D diffusers package. Lesion-free cases are prompted for every
     host organ and give the false-lesion rate per healthy study.
 
     ``cases``: instead of ``cases_dir``, a sized iterable of :class:`Case` (real datasets:
@@ -177,14 +180,21 @@ def evaluate(
     from diffugts.networks.text import make_target
     from diffugts.stages.attend import default_threshold, training_free_maps
     from diffugts.stages.lesions import split_instances
+    from diffugts.stages.normative import normative_of
     from diffugts.stages.preprocess import intensity_range
-    from diffugts.stages.refine import target_region
+    from diffugts.stages.refine import organ_candidates, target_region
 
     cases = load_cases(cases_dir) if cases is None else cases
     core = Core(model, device).load()
     threshold = default_threshold(core.package, MapMode.AOVA)
+    normative = normative_of(core.package)
     if variants is None:
-        variants = VARIANTS + ("organ_zscore",) + (("training_free",) if core.backbone.family == "diffusers2d" else ())
+        variants = (
+            VARIANTS
+            + ("organ_zscore",)
+            + (("normative",) if normative else ())
+            + (("training_free",) if core.backbone.family == "diffusers2d" else ())
+        )
     free_threshold = default_threshold(core.package, MapMode.TRAINING_FREE)
     dilation_mm = SynthesisParams().dilation_mm
     rows, healthy_rows = [], []
@@ -200,7 +210,7 @@ def evaluate(
         synthesis = core.synthesize(study, attention)
         lesions = core.refine(study, attention, synthesis)
         coarse, maps, pseudo = attention.maps, attention.coarse, synthesis.pseudo_healthy
-        assert maps is not None and maps.z is not None  # AOVA maps carry their organ deviation
+        assert maps is not None and maps.z is not None and maps.organ is not None  # AOVA maps carry their organ
         x, space = study.model_grid
         lo, hi = intensity_range(case.volume, case.modality, core.prep)
         baseline = intensity_baseline(case.volume, case.geometry, case.modality) if "baseline" in variants else None
@@ -221,6 +231,10 @@ def evaluate(
             if "organ_zscore" in variants:
                 z = np.abs(maps.z[n]) > ZSCORE_K
                 preds["organ_zscore"] = ndimage.binary_opening(space.to_study(z.astype(np.float32)) >= 0.5)
+            if normative is not None and "normative" in variants:
+                spacing_kji = tuple(space.model.spacing)[::-1]
+                found_here = organ_candidates(normative, x, [maps.organ[n]], [organ], case.modality, spacing_kji)[0]
+                preds["normative"] = space.to_study(found_here.astype(np.float32)) >= 0.5
             if free is not None:
                 preds["training_free"] = np.clip(space.to_study(free[n]), 0, 1) >= free_threshold
             recs = by_family.get(organ, [])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffugts.networks.organs import OrganNet, grounded_region, organ_maps
-from diffugts.train.organs import ORGANS, organ_dice, organ_labels, train_organs
+from diffugts.train.organs import ORGANS, class_weights, organ_dice, organ_labels, train_organs
 
 SPACING_KJI = (4.0, 2.75, 2.75)
 
@@ -45,6 +45,16 @@ def test_labels_are_organ_families_that_hold_their_lesions(case):
         host = ORGANS.index(rec["organ"].replace("left ", "").replace("right ", "")) + 1
         assert (labels[case.lesions == rec["id"]] == host).all()  # the lesion belongs to its organ
     assert (labels[case.organs == names["muscle"]] == 0).all()
+
+
+def test_class_weights_favour_small_organs_over_background():
+    labels = np.zeros((10, 10, 10), np.int64)
+    labels[:4] = 1  # a large organ: 40 %
+    labels[4, :2] = 2  # a small one: 2 %
+    w = class_weights([labels, labels], 4).numpy()  # class 3 appears nowhere
+    assert w[0] < w[1] < w[2], "the rarer the class, the more its voxels weigh"
+    assert np.isclose(w[1] / w[2], np.sqrt(0.02 / 0.40), rtol=1e-5)  # the square root of the frequency ratio
+    assert w[3] == w.max() == w[2], "an absent class weighs as much as the rarest present one"
 
 
 def test_training_lowers_the_loss_and_learns_the_liver(case):

@@ -3,7 +3,10 @@
 Every step takes one whole case, as seen or (with probability ``randomise_p``) with random
 per-tissue intensities (diffugts.train.randomise), so the network learns organs by place and
 shape rather than grey level; lesion-free MR phantoms give it MR anatomy. Each organ's label
-holds the lesions inside it. Loss: Dice + cross-entropy (MONAI's DiceCELoss).
+holds the lesions inside it. Loss: Dice (MONAI's DiceLoss, organs only) + cross-entropy
+weighted per class by the square root of median-frequency balancing (``class_weights``): the
+unweighted loss let one training draw of two lose the pancreas (0.2 % of the voxels, its
+voxels given to background and stomach; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -35,6 +38,19 @@ def organ_labels(case: TrainingCase, organs: list[str]) -> np.ndarray:
     return out
 
 
+def class_weights(labels: list[np.ndarray], classes: int) -> torch.Tensor:
+    """Cross-entropy weight per class (background first): sqrt(median frequency / frequency)
+    over the training labels, so background weighs ~0.1 and the smallest organs 1.5-2.5; a
+    class absent from every label gets the largest weight present."""
+    counts = sum(np.bincount(lab.ravel(), minlength=classes)[:classes] for lab in labels)
+    freq = np.asarray(counts, np.float64) / max(float(np.sum(counts)), 1.0)
+    present = freq > 0
+    w = np.ones(classes)
+    w[present] = np.sqrt(np.median(freq[present]) / freq[present])
+    w[~present] = w[present].max() if present.any() else 1.0
+    return torch.tensor(w, dtype=torch.float32)
+
+
 def train_organs(
     cases: list[TrainingCase],
     spacing_kji,
@@ -47,16 +63,18 @@ def train_organs(
     show_progress: bool = True,
     device: str | torch.device = "cpu",
 ) -> tuple[OrganNet, list[float]]:
-    from monai.losses import DiceCELoss
+    from monai.losses import DiceLoss
 
     organs = organs or ORGANS
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    labels = [torch.from_numpy(organ_labels(c, organs))[None, None] for c in cases]
+    label_arrays = [organ_labels(c, organs) for c in cases]
+    labels = [torch.from_numpy(lab)[None, None] for lab in label_arrays]
+    ce = torch.nn.CrossEntropyLoss(weight=class_weights(label_arrays, len(organs) + 1).to(device))
+    dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False)
     net = OrganNet(organs).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     history: list[float] = []
     net.train()
     for _ in progress(range(steps), desc="train organs", unit="step", enable=show_progress):
@@ -65,7 +83,8 @@ def train_organs(
         if rng.random() < randomise_p:
             case = randomise(case, rng, spacing_kji)
         x = torch.from_numpy(case.x)[None, None].to(device)
-        loss = loss_fn(net(x), labels[n].to(device))
+        logits, y = net(x), labels[n].to(device)
+        loss = dice(logits, y) + ce(logits, y[:, 0])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

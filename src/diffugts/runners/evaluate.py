@@ -168,8 +168,8 @@ def evaluate(
     datasets: list[dict] | None = None,
 ) -> dict:
     """``variants`` None: the four and ``organ_zscore``, plus ``normative`` for a package with
-    a normative model and ``training_free`` for a 2D diffusers package. Lesion-free cases are prompted for every
-    host organ and give the false-lesion rate per healthy study.
+    a normative model and ``training_free`` for a 2D diffusers package. Lesion-free cases are
+    prompted for every host organ and give the false-lesion rate per healthy study.
 
     ``cases``: instead of ``cases_dir``, a sized iterable of :class:`Case` (real datasets:
     :meth:`diffugts.datasets.Dataset.eval_cases`, read one at a time); rows then carry each
@@ -182,7 +182,7 @@ def evaluate(
     from diffugts.stages.lesions import split_instances
     from diffugts.stages.normative import normative_of
     from diffugts.stages.preprocess import intensity_range
-    from diffugts.stages.refine import organ_candidates, target_region
+    from diffugts.stages.refine import target_region
 
     cases = load_cases(cases_dir) if cases is None else cases
     core = Core(model, device).load()
@@ -232,8 +232,8 @@ def evaluate(
                 z = np.abs(maps.z[n]) > ZSCORE_K
                 preds["organ_zscore"] = ndimage.binary_opening(space.to_study(z.astype(np.float32)) >= 0.5)
             if normative is not None and "normative" in variants:
-                spacing_kji = tuple(space.model.spacing)[::-1]
-                found_here = organ_candidates(normative, x, [maps.organ[n]], [organ], case.modality, spacing_kji)[0]
+                spacing_kji = tuple(space.model.spacing)[::-1]  # none where the model has no mixture
+                found_here = normative.candidates(x, maps.organ[n], organ, case.modality, spacing_kji)
                 preds["normative"] = space.to_study(found_here.astype(np.float32)) >= 0.5
             if free is not None:
                 preds["training_free"] = np.clip(space.to_study(free[n]), 0, 1) >= free_threshold

@@ -286,21 +286,18 @@ def normative_candidates(pkg, study, attention) -> list[np.ndarray] | None:
     if model is None:
         raise ConfigError(f"{pkg.root}: its lesion verifier takes normative candidates but it has no normative model")
     x, space = study.model_grid
-    organs = [
-        None if organ is None else space.to_model(organ.astype(np.float32), nearest=True) > 0.5
-        for organ in (attention.organs[n] if n < len(attention.organs) else None for n in range(len(attention.targets)))
-    ]
-    names = [(target.get("prompt") or {}).get("organ") for target in attention.targets]
-    return organ_candidates(model, x, organs, names, study.study.modality, tuple(space.model.spacing)[::-1])
-
-
-def organ_candidates(model, x: np.ndarray, organs, names, modality: str, spacing_kji) -> list[np.ndarray]:
-    """Per target the candidate lesions of the normative ``model`` inside its organ (a model-grid
-    mask, or None), on the model grid; none where the model has no mixture for the organ."""
-    return [
-        np.zeros(x.shape, bool) if organ is None else model.candidates(x, organ, name, modality, spacing_kji)
-        for organ, name in zip(organs, names)
-    ]
+    modality = study.study.modality
+    spacing = tuple(space.model.spacing)[::-1]
+    out = []
+    for n, target in enumerate(attention.targets):
+        organ = attention.organs[n] if n < len(attention.organs) else None
+        name = (target.get("prompt") or {}).get("organ")
+        if organ is None or name is None or not model.knows(name, modality):
+            out.append(np.zeros(x.shape, bool))
+            continue
+        organ_model = space.to_model(organ.astype(np.float32), nearest=True) > 0.5
+        out.append(model.candidates(x, organ_model, name, modality, spacing))
+    return out
 
 
 def target_region(coarse_mask: np.ndarray, geometry, dilation_mm: float) -> np.ndarray:

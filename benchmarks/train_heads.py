@@ -62,7 +62,8 @@ def main() -> None:
     print(f"organ grounding done after {time.time() - start:.0f} s", flush=True)
     if first <= 1:
         train_aova_head(
-            args.out if first == 0 and r.organ_steps else args.backbone,
+            # OUT holds the organ network when it was trained here or by an earlier run (--start)
+            args.out if r.organ_steps else args.backbone,
             args.out,
             args.seed,
             r.aova_cases,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from diffugts.stages.normative import NormativeParams
 from diffugts.train.recipe import DemoRecipe
 from diffugts.train.run import (
     train_aova_head,
@@ -79,7 +80,14 @@ def main() -> None:
         )
     print(f"AOVA head done after {time.time() - start:.0f} s", flush=True)
     if first <= 2 and r.organ_steps and (r.normative_cases or r.normative_mr_cases):
-        train_normative(args.out, None, args.seed, r.normative_cases, r.normative_mr_cases)
+        train_normative(
+            args.out,
+            None,
+            args.seed,
+            r.normative_cases,
+            r.normative_mr_cases,
+            params=NormativeParams(seed_log_odds=r.normative_seed_log_odds),
+        )
     print(f"normative model done after {time.time() - start:.0f} s", flush=True)
     if first <= 3:
         train_refine_head(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from diffugts.stages.normative import (
     FEATURES,
@@ -108,6 +109,41 @@ def test_hysteresis_grows_from_opened_seeds_only():
     found = hysteresis(score, 1.0, 4.0)
     assert found[1:5, 1:5, 1:5].all() and not found[8:11, 8:11, 8:11].any()
     assert not hysteresis(np.zeros((4, 4, 4)), 1.0, 4.0).any()
+
+
+def test_hysteresis_seeds_only_where_allowed():
+    score = np.zeros((12, 12, 12), np.float32)
+    score[1:5, 1:5, 1:5] = 2.0
+    score[2:5, 2:5, 2:5] = 5.0
+    where = np.ones(score.shape, bool)
+    assert hysteresis(score, 1.0, 4.0, where)[1:5, 1:5, 1:5].all()
+    where[2:5, 2:5, 3:5] = False  # what is left of the seed does not survive the opening
+    assert not hysteresis(score, 1.0, 4.0, where).any()
+
+
+def test_confident_seeds_drop_candidates_where_the_organ_network_is_unsure(model):
+    """With ``seed_log_odds`` a candidate grows only from seeds where the organ network's
+    log-odds exceed it; without the log-odds (or the parameter) every interior voxel may
+    seed, as before."""
+    import dataclasses
+
+    x, organ, lesion = organ_with(np.random.default_rng(7), lesion=True)
+    sure = dataclasses.replace(model, params=dataclasses.replace(model.params, seed_log_odds=4.0))
+    plain = model.candidates(x, organ, "liver", "CT", SPACING)
+    assert (plain & lesion).any()
+    confident = np.where(organ, 8.0, -8.0).astype(np.float32)
+    assert np.array_equal(sure.candidates(x, organ, "liver", "CT", SPACING, confident), plain)
+    assert np.array_equal(sure.candidates(x, organ, "liver", "CT", SPACING), plain)
+    assert not sure.candidates(x, organ, "liver", "CT", SPACING, np.full(x.shape, 1.0, np.float32)).any()
+    score = model.score_map(x, organ, "liver", "CT", SPACING)
+    seeds = ndimage.binary_opening(score > model.mixtures["liver/CT"].high)
+    assert seeds[:, :, 24:].any() and not seeds[:, :, :24].any()  # every seed on the lesion's side
+    lesion_side, other_side = confident.copy(), confident.copy()
+    lesion_side[:, :, :24] = 1.0  # sure of the organ on the lesion's side only
+    other_side[:, :, 24:] = 1.0
+    assert np.array_equal(sure.candidates(x, organ, "liver", "CT", SPACING, lesion_side), plain)
+    assert not sure.candidates(x, organ, "liver", "CT", SPACING, other_side).any()
+    assert np.array_equal(model.candidates(x, organ, "liver", "CT", SPACING, other_side), plain)
 
 
 def test_fit_skips_organs_with_too_few_samples_and_sets_quantiles(model):

@@ -14,6 +14,7 @@ from diffugts.cli import main
 from diffugts.models.defaults import DEMO_MODEL
 from diffugts.models.package import open_package
 from diffugts.stages.normative import FEATURES as NORMATIVE_FEATURES
+from diffugts.train.recipe import DemoRecipe
 
 
 @pytest.mark.slow
@@ -50,6 +51,7 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     # The normative model: fitted after the AOVA head, on lesion-free CT and MR phantoms.
     normative = manifest["networks"]["normative"]
     assert normative["features"] == list(NORMATIVE_FEATURES) and normative["params"]["margin_mm"] == 5.0
+    assert normative["params"]["seed_log_odds"] == DemoRecipe().normative_seed_log_odds  # the recipe's seeds
     assert training["normative_training"]["cases"] == 1 and training["normative_training"]["mr_cases"] == 1
     assert set(normative["keys"]) <= set(training["normative_training"]["samples"])  # enough samples only
 
@@ -60,10 +62,11 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     # `train normative` refits it alone.
     norm = tmp_path / "normative"
     args = ["-q", "train", "normative", "--model", str(out), "--out", str(norm), "--cases", "1", "--mr-cases", "2"]
-    assert main(args) == 0
+    assert main([*args, "--seed-log-odds", "3.5"]) == 0
     assert main(["models", "verify", str(norm)]) == 0
     refitted = json.loads((norm / "manifest.json").read_text())
     assert refitted["provenance"]["normative_training"]["mr_cases"] == 2
+    assert refitted["networks"]["normative"]["params"]["seed_log_odds"] == 3.5
     assert refitted["networks"]["aova"] == manifest["networks"]["aova"]  # nothing else changed
 
     # `train organs` on a package whose head has a fusion refits it on the new organs.

@@ -160,6 +160,8 @@ def permissive(tmp_path_factory):
         ("normative", 50.0, "normative"),
         ("normative-spleen", 50.0, "normative"),
         ("normative-missing", 50.0, "normative"),  # a verifier without its normative model
+        ("normative-sure", 50.0, "normative"),  # seeds where the organ network's log-odds exceed 1
+        ("normative-unsure", 50.0, "normative"),  # ... exceed 4
     ):
         verifier = LesionVerifier(zeros, bias, zeros, ones, 0.5, candidate_source=source)
         networks = {"refine": ({**refine, "verifier": verifier.as_dict()}, base.state_dict("refine"))}
@@ -167,10 +169,26 @@ def permissive(tmp_path_factory):
             organ = "spleen" if name.endswith("spleen") else "liver"
             n = len(NORMATIVE_FEATURES)
             mix = Mixture(np.ones(1), np.zeros((1, n)), np.eye(n)[None] * 1e-3, 0.0, 0.0)
-            model = NormativeModel(NormativeParams(), {f"{organ}/CT": mix})
+            seed_log_odds = {"normative-sure": 1.0, "normative-unsure": 4.0}.get(name)
+            model = NormativeModel(NormativeParams(seed_log_odds=seed_log_odds), {f"{organ}/CT": mix})
             networks["normative"] = (model.entry(), model.state_dict())
+            if seed_log_odds is not None:
+                networks["organs"] = liver_everywhere()
         out[name] = add_networks(base, networks, out=pkg.root.parent / name)
     return out
+
+
+def liver_everywhere():
+    """An organ network entry that knows only the liver and gives it log-odds 2 everywhere."""
+    import torch
+
+    from diffugts.networks.organs import OrganNet
+
+    net = OrganNet(["liver"])
+    with torch.no_grad():
+        net.net.final_conv.weight.zero_()
+        net.net.final_conv.bias.copy_(torch.tensor([0.0, 2.0]))
+    return {"config": net.config}, net.state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +291,20 @@ def test_evaluate_adds_the_normative_candidates_as_a_variant(permissive, study):
     assert liver["detected"] == liver["lesions"] == 2 and liver["dice"] > 0
     assert rows["normative"]["kidney"]["dice"] == 0.0 and rows["normative"]["kidney"]["false_lesions"] == 0
     assert all(r["dice"] == 0.0 and r["detected"] == 0 for r in rows["normative-spleen"].values())
+
+
+@pytest.mark.slow
+def test_confident_seeds_read_the_organ_networks_log_odds(permissive, study):
+    """The organ network is sure of the liver at log-odds 2 everywhere: a normative model that
+    seeds only above 4 finds nothing, in the full method (its verified candidates) and in the
+    normative row; one that seeds above 1 finds both liver lesions in both."""
+    from diffugts.runners.evaluate import evaluate
+
+    for name, found in (("normative-sure", 2), ("normative-unsure", 0)):
+        result = evaluate(study.parent, str(permissive[name].root), variants=("full", "normative"), show_progress=False)
+        liver = {r["variant"]: r for r in result["rows"] if r["organ"] == "liver"}
+        assert liver["normative"]["lesions"] == 2
+        assert liver["normative"]["detected"] == found and liver["full"]["detected"] == found, name
 
 
 def test_train_verifier_needs_a_head_that_takes_the_deviation(tmp_path, capsys):

@@ -101,6 +101,13 @@ def register(sub) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--cases", type=int, default=DemoRecipe.normative_cases, help="lesion-free CT phantoms")
     m.add_argument("--mr-cases", type=int, default=DemoRecipe.normative_mr_cases, help="lesion-free MR phantoms")
+    m.add_argument(
+        "--seed-log-odds",
+        type=_optional_float,
+        default=DemoRecipe.normative_seed_log_odds,
+        help="candidates grow only from seeds where the organ network's log-odds exceed this; "
+        "'none': from anywhere in the organ (default %(default)s)",
+    )
     m.set_defaults(func=_normative)
 
     r = t.add_parser("refine", help="the residual refinement head, on seen lesion types only")
@@ -341,11 +348,22 @@ def _organs(args) -> int:
     return 0
 
 
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
 def _normative(args) -> int:
+    from diffugts.stages.normative import NormativeParams
     from diffugts.train.run import train_normative
 
     pkg = train_normative(
-        args.model, Path(args.out) if args.out else None, args.seed, args.cases, args.mr_cases, not args.quiet
+        args.model,
+        Path(args.out) if args.out else None,
+        args.seed,
+        args.cases,
+        args.mr_cases,
+        not args.quiet,
+        params=NormativeParams(seed_log_odds=args.seed_log_odds),
     )
     known = pkg.manifest["networks"]["normative"]["keys"]
     print(f"wrote {pkg.root} (normative model of {', '.join(known) or 'no organ'})")

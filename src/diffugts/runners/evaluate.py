@@ -177,6 +177,7 @@ def evaluate(
     from diffugts.artifacts.study import Study
     from diffugts.config import SynthesisParams
     from diffugts.core import Core
+    from diffugts.networks.organs import organ_maps
     from diffugts.networks.text import make_target
     from diffugts.stages.attend import default_threshold, training_free_maps
     from diffugts.stages.lesions import split_instances
@@ -219,6 +220,8 @@ def evaluate(
         free_scores: np.ndarray | None
         free, free_scores = training_free_maps(core.method, x, targets) if "training_free" in variants else (None, None)
         owns = [target_region(c >= threshold, case.geometry, dilation_mm) for c in coarse]
+        confident = normative is not None and normative.params.seed_log_odds is not None
+        grounding = organ_maps(core.organ_net, x) if "normative" in variants and confident else {}
         # As the lesion artifact reports them: components below the minimum volume dropped.
         full = [split_instances(m, case.geometry) > 0 for m in lesions.masks]
         for n, organ in enumerate(organs):
@@ -233,7 +236,9 @@ def evaluate(
                 preds["organ_zscore"] = ndimage.binary_opening(space.to_study(z.astype(np.float32)) >= 0.5)
             if normative is not None and "normative" in variants:
                 spacing_kji = tuple(space.model.spacing)[::-1]  # none where the model has no mixture
-                found_here = normative.candidates(x, maps.organ[n], organ, case.modality, spacing_kji)
+                found_here = normative.candidates(
+                    x, maps.organ[n], organ, case.modality, spacing_kji, grounding.get(organ)
+                )
                 preds["normative"] = space.to_study(found_here.astype(np.float32)) >= 0.5
             if free is not None:
                 preds["training_free"] = np.clip(space.to_study(free[n]), 0, 1) >= free_threshold

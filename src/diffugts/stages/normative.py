@@ -64,6 +64,10 @@ class NormativeParams:
     components: int = 12  # mixture components per organ and modality
     low_quantile: float = 0.95  # hysteresis: grow through voxels less likely than this share of healthy ones
     high_quantile: float = 0.995  # ... from seeds less likely than this share
+    # Seeds only where the organ network is this sure of the organ (log-odds; None: anywhere in
+    # the scored interior). Its organ maps err at their border, and the next tissue, scored
+    # under the organ's mixture, looks unlikely (docs/method.md, "normative appearance").
+    seed_log_odds: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict | None) -> NormativeParams:
@@ -168,13 +172,26 @@ class NormativeModel:
         out[scored] = self.mixtures[key(organ, modality)].score(feats)
         return out
 
-    def candidates(self, x: np.ndarray, organ_mask: np.ndarray, organ: str, modality: str, spacing_kji) -> np.ndarray:
+    def candidates(
+        self,
+        x: np.ndarray,
+        organ_mask: np.ndarray,
+        organ: str,
+        modality: str,
+        spacing_kji,
+        organ_log_odds: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Candidate lesion voxels: hysteresis components of the score (none for an organ or
-        modality the model has no mixture for)."""
+        modality the model has no mixture for). ``organ_log_odds``: the organ network's for
+        this organ (:func:`diffugts.networks.organs.organ_maps`), where ``seed_log_odds`` asks
+        for confident seeds; without them every interior voxel may seed."""
         if not self.knows(organ, modality) or not np.any(organ_mask):
             return np.zeros(np.shape(x), bool)
         mix = self.mixtures[key(organ, modality)]
-        return hysteresis(self.score_map(x, organ_mask, organ, modality, spacing_kji), mix.low, mix.high)
+        where = None
+        if self.params.seed_log_odds is not None and organ_log_odds is not None:
+            where = np.asarray(organ_log_odds) > self.params.seed_log_odds
+        return hysteresis(self.score_map(x, organ_mask, organ, modality, spacing_kji), mix.low, mix.high, where)
 
     def entry(self) -> dict:
         """The manifest entry (the arrays go to :meth:`state_dict`)."""
@@ -216,11 +233,13 @@ def normative_of(pkg) -> NormativeModel | None:
     return NormativeModel.load(pkg.network(NORMATIVE), pkg.state_dict(NORMATIVE))
 
 
-def hysteresis(score: np.ndarray, low: float, high: float) -> np.ndarray:
+def hysteresis(score: np.ndarray, low: float, high: float, where: np.ndarray | None = None) -> np.ndarray:
     """The components of ``score > low`` that hold a voxel of ``score > high`` opened (a single
-    unlikely voxel is noise, not a seed). scikit-image has this filter; it is not a dependency."""
+    unlikely voxel is noise, not a seed); ``where``: seeds only there (before the opening).
+    scikit-image has this filter; it is not a dependency."""
     grown, n = ndimage.label(score > low, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return grown > 0
-    seeds = np.unique(grown[ndimage.binary_opening(score > high)])
+    high_voxels = score > high if where is None else (score > high) & where
+    seeds = np.unique(grown[ndimage.binary_opening(high_voxels)])
     return np.isin(grown, seeds[seeds > 0])

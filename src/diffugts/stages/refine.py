@@ -276,6 +276,7 @@ def normative_candidates(pkg, study, attention) -> list[np.ndarray] | None:
     verifier takes its candidates from there. ``study``: a
     :class:`diffugts.core.PreparedStudy`."""
     from diffugts.errors import ConfigError
+    from diffugts.networks.organs import load_organ_net, organ_maps
     from diffugts.stages.normative import normative_of
     from diffugts.stages.verification import verifier_of
 
@@ -288,6 +289,10 @@ def normative_candidates(pkg, study, attention) -> list[np.ndarray] | None:
     x, space = study.model_grid
     modality = study.study.modality
     spacing = tuple(space.model.spacing)[::-1]
+    # Confident seeds need the organ network's log-odds. The attention artifact carries the
+    # organ as a mask; the same frozen network on the same volume gives them again (one pass)
+    # rather than a float map per target in every artifact.
+    grounding = organ_maps(load_organ_net(pkg), x) if model.params.seed_log_odds is not None else {}
     out = []
     for n, target in enumerate(attention.targets):
         organ = attention.organs[n] if n < len(attention.organs) else None
@@ -296,7 +301,7 @@ def normative_candidates(pkg, study, attention) -> list[np.ndarray] | None:
             out.append(np.zeros(x.shape, bool))
             continue
         organ_model = space.to_model(organ.astype(np.float32), nearest=True) > 0.5
-        out.append(model.candidates(x, organ_model, name, modality, spacing))
+        out.append(model.candidates(x, organ_model, name, modality, spacing, grounding.get(name)))
     return out
 
 

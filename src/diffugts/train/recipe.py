@@ -68,6 +68,9 @@ class DemoRecipe:
     # lesion-free CT and MR phantoms (0 cases: none).
     normative_cases: int = 12
     normative_mr_cases: int = 12
+    # Its candidates grow only from seeds where the organ network's log-odds exceed this (None:
+    # from anywhere in the organ's interior; NormativeParams.seed_log_odds).
+    normative_seed_log_odds: float | None = None
     refine_cases: int = 30
     refine_steps: int = 900
     refine_healthy_cases: int = 12  # lesion-free cases: their coarse candidates teach the head to say "nothing"

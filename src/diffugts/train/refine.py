@@ -114,10 +114,12 @@ def refinement_example(
     prob = {f: m.prob if isinstance(m, FusedMaps) else m for f, m in maps.items()}
     spacing_kji = tuple(prep.spacing_mm)[::-1]
     found = {}
+    confident = normative is not None and normative.params.seed_log_odds is not None
+    grounding = organ_maps(organ_net, case.x) if confident else {}
     for fam in organs:
         m = maps[fam]
         if normative is not None and isinstance(m, FusedMaps):
-            found[fam] = normative.candidates(case.x, m.organ, fam, case.modality, spacing_kji)
+            found[fam] = normative.candidates(case.x, m.organ, fam, case.modality, spacing_kji, grounding.get(fam))
     union = np.zeros(case.x.shape, bool)
     for fam in organs:
         union |= (prob[fam] >= threshold) | truths.get(fam, False)

@@ -144,6 +144,13 @@ def test_confident_seeds_drop_candidates_where_the_organ_network_is_unsure(model
     assert np.array_equal(sure.candidates(x, organ, "liver", "CT", SPACING, lesion_side), plain)
     assert not sure.candidates(x, organ, "liver", "CT", SPACING, other_side).any()
     assert np.array_equal(model.candidates(x, organ, "liver", "CT", SPACING, other_side), plain)
+    # The log-odds come from the organ network only where the seeds need them.
+    from diffugts.networks.organs import OrganNet
+
+    net = OrganNet(["liver"])
+    assert model.seed_maps(net, x) == {} and sure.seed_maps(None, x) == {}
+    maps = sure.seed_maps(net, x)
+    assert list(maps) == ["liver"] and maps["liver"].shape == x.shape
 
 
 def test_fit_skips_organs_with_too_few_samples_and_sets_quantiles(model):

@@ -177,7 +177,6 @@ def evaluate(
     from diffugts.artifacts.study import Study
     from diffugts.config import SynthesisParams
     from diffugts.core import Core
-    from diffugts.networks.organs import organ_maps
     from diffugts.networks.text import make_target
     from diffugts.stages.attend import default_threshold, training_free_maps
     from diffugts.stages.lesions import split_instances
@@ -220,8 +219,7 @@ def evaluate(
         free_scores: np.ndarray | None
         free, free_scores = training_free_maps(core.method, x, targets) if "training_free" in variants else (None, None)
         owns = [target_region(c >= threshold, case.geometry, dilation_mm) for c in coarse]
-        confident = normative is not None and normative.params.seed_log_odds is not None
-        grounding = organ_maps(core.organ_net, x) if "normative" in variants and confident else {}
+        grounding = normative.seed_maps(core.organ_net, x) if normative is not None and "normative" in variants else {}
         # As the lesion artifact reports them: components below the minimum volume dropped.
         full = [split_instances(m, case.geometry) > 0 for m in lesions.masks]
         for n, organ in enumerate(organs):

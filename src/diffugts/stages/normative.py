@@ -172,6 +172,15 @@ class NormativeModel:
         out[scored] = self.mixtures[key(organ, modality)].score(feats)
         return out
 
+    def seed_maps(self, organ_net, x) -> dict:
+        """Per organ the organ network's log-odds on ``x`` where :meth:`candidates` needs them
+        (confident seeds: ``seed_log_odds``); empty otherwise, and without a network."""
+        if self.params.seed_log_odds is None:
+            return {}
+        from diffugts.networks.organs import organ_maps
+
+        return organ_maps(organ_net, x)
+
     def candidates(
         self,
         x: np.ndarray,

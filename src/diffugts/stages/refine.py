@@ -276,7 +276,7 @@ def normative_candidates(pkg, study, attention) -> list[np.ndarray] | None:
     verifier takes its candidates from there. ``study``: a
     :class:`diffugts.core.PreparedStudy`."""
     from diffugts.errors import ConfigError
-    from diffugts.networks.organs import load_organ_net, organ_maps
+    from diffugts.networks.organs import load_organ_net
     from diffugts.stages.normative import normative_of
     from diffugts.stages.verification import verifier_of
 
@@ -292,7 +292,7 @@ def normative_candidates(pkg, study, attention) -> list[np.ndarray] | None:
     # Confident seeds need the organ network's log-odds. The attention artifact carries the
     # organ as a mask; the same frozen network on the same volume gives them again (one pass)
     # rather than a float map per target in every artifact.
-    grounding = organ_maps(load_organ_net(pkg), x) if model.params.seed_log_odds is not None else {}
+    grounding = model.seed_maps(load_organ_net(pkg), x)
     out = []
     for n, target in enumerate(attention.targets):
         organ = attention.organs[n] if n < len(attention.organs) else None

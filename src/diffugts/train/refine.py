@@ -114,8 +114,7 @@ def refinement_example(
     prob = {f: m.prob if isinstance(m, FusedMaps) else m for f, m in maps.items()}
     spacing_kji = tuple(prep.spacing_mm)[::-1]
     found = {}
-    confident = normative is not None and normative.params.seed_log_odds is not None
-    grounding = organ_maps(organ_net, case.x) if confident else {}
+    grounding = normative.seed_maps(organ_net, case.x) if normative is not None else {}
     for fam in organs:
         m = maps[fam]
         if normative is not None and isinstance(m, FusedMaps):

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from diffugts.stages.normative import NormativeParams
 from diffugts.train.recipe import DemoRecipe
 from diffugts.train.run import (
     train_aova_head,
@@ -86,7 +85,7 @@ def main() -> None:
             args.seed,
             r.normative_cases,
             r.normative_mr_cases,
-            params=NormativeParams(seed_log_odds=r.normative_seed_log_odds),
+            params=r.normative_params(),
         )
     print(f"normative model done after {time.time() - start:.0f} s", flush=True)
     if first <= 3:

@@ -111,6 +111,20 @@ def test_hysteresis_grows_from_opened_seeds_only():
     assert not hysteresis(np.zeros((4, 4, 4)), 1.0, 4.0).any()
 
 
+def test_hysteresis_opened_in_slices_seeds_thin_lesions():
+    """A lesion on two slices (8 mm at 4 mm slices) has no voxel whose 3D cross is whole, so
+    the 3D opening drops its seed; the opening within each slice keeps it. A lone voxel seeds
+    neither way."""
+    score = np.zeros((12, 12, 12), np.float32)
+    score[4:6, 2:7, 2:7] = 5.0
+    score[9, 9, 9] = 5.0
+    assert not hysteresis(score, 1.0, 4.0).any()
+    found = hysteresis(score, 1.0, 4.0, in_slices=True)
+    assert found[4:6, 2:7, 2:7].all() and found.sum() == 50
+    with pytest.raises(ValueError, match="seed_opening"):
+        NormativeParams(seed_opening="2d")
+
+
 def test_hysteresis_seeds_only_where_allowed():
     score = np.zeros((12, 12, 12), np.float32)
     score[1:5, 1:5, 1:5] = 2.0

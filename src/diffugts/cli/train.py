@@ -108,6 +108,13 @@ def register(sub) -> None:
         help="candidates grow only from seeds where the organ network's log-odds exceed this; "
         "'none': from anywhere in the organ (default %(default)s)",
     )
+    m.add_argument(
+        "--seed-opening",
+        choices=("volume", "slice"),
+        default=DemoRecipe.normative_seed_opening,
+        help="open the seeds with a cross in 3D, or within each slice, so that lesions on one or two "
+        "slices seed (default %(default)s)",
+    )
     m.set_defaults(func=_normative)
 
     r = t.add_parser("refine", help="the residual refinement head, on seen lesion types only")
@@ -363,7 +370,7 @@ def _normative(args) -> int:
         args.cases,
         args.mr_cases,
         not args.quiet,
-        params=NormativeParams(seed_log_odds=args.seed_log_odds),
+        params=NormativeParams(seed_log_odds=args.seed_log_odds, seed_opening=args.seed_opening),
     )
     known = pkg.manifest["networks"]["normative"]["keys"]
     print(f"wrote {pkg.root} (normative model of {', '.join(known) or 'no organ'})")

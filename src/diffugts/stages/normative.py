@@ -50,6 +50,7 @@ FEATURES = (
     "hessian_5.5mm_3",
     "depth",
 )
+SEED_OPENINGS = ("volume", "slice")
 MEAN_SCALES_MM = (1.2, 2.5, 7.0)
 HESSIAN_SCALES_MM = (2.75, 5.5)
 
@@ -68,6 +69,14 @@ class NormativeParams:
     # the scored interior). Its organ maps err at their border, and the next tissue, scored
     # under the organ's mixture, looks unlikely (docs/method.md, "normative appearance").
     seed_log_odds: float | None = None
+    # The opening that turns lone unlikely voxels away as seeds: a cross in 3D ("volume") needs
+    # three slices, so no lesion thinner than that (12 mm at 4 mm slices) seeds; "slice": a
+    # cross within each slice, so small lesions on one or two slices do.
+    seed_opening: str = "volume"
+
+    def __post_init__(self):
+        if self.seed_opening not in SEED_OPENINGS:
+            raise ValueError(f"seed_opening must be one of {', '.join(SEED_OPENINGS)}, not {self.seed_opening!r}")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> NormativeParams:
@@ -200,7 +209,8 @@ class NormativeModel:
         where = None
         if self.params.seed_log_odds is not None and organ_log_odds is not None:
             where = np.asarray(organ_log_odds) > self.params.seed_log_odds
-        return hysteresis(self.score_map(x, organ_mask, organ, modality, spacing_kji), mix.low, mix.high, where)
+        score = self.score_map(x, organ_mask, organ, modality, spacing_kji)
+        return hysteresis(score, mix.low, mix.high, where, in_slices=self.params.seed_opening == "slice")
 
     def entry(self) -> dict:
         """The manifest entry (the arrays go to :meth:`state_dict`)."""
@@ -242,13 +252,19 @@ def normative_of(pkg) -> NormativeModel | None:
     return NormativeModel.load(pkg.network(NORMATIVE), pkg.state_dict(NORMATIVE))
 
 
-def hysteresis(score: np.ndarray, low: float, high: float, where: np.ndarray | None = None) -> np.ndarray:
+def hysteresis(
+    score: np.ndarray, low: float, high: float, where: np.ndarray | None = None, in_slices: bool = False
+) -> np.ndarray:
     """The components of ``score > low`` that hold a voxel of ``score > high`` opened (a single
-    unlikely voxel is noise, not a seed); ``where``: seeds only there (before the opening).
-    scikit-image has this filter; it is not a dependency."""
+    unlikely voxel is noise, not a seed; ``in_slices``: opened by a cross within each slice,
+    else in 3D); ``where``: seeds only there (before the opening). scikit-image has this
+    filter; it is not a dependency."""
     grown, n = ndimage.label(score > low, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return grown > 0
     high_voxels = score > high if where is None else (score > high) & where
-    seeds = np.unique(grown[ndimage.binary_opening(high_voxels)])
+    cross = ndimage.generate_binary_structure(3, 1)
+    if in_slices:
+        cross[0] = cross[2] = False
+    seeds = np.unique(grown[ndimage.binary_opening(high_voxels, structure=cross)])
     return np.isin(grown, seeds[seeds > 0])

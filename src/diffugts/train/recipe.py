@@ -71,6 +71,7 @@ class DemoRecipe:
     # Its candidates grow only from seeds where the organ network's log-odds exceed this (None:
     # from anywhere in the organ's interior; NormativeParams.seed_log_odds).
     normative_seed_log_odds: float | None = None
+    normative_seed_opening: str = "volume"  # NormativeParams.seed_opening
     refine_cases: int = 30
     refine_steps: int = 900
     refine_healthy_cases: int = 12  # lesion-free cases: their coarse candidates teach the head to say "nothing"
@@ -96,6 +97,12 @@ class DemoRecipe:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def normative_params(self):
+        """The normative model's parameters this recipe sets (the rest: NormativeParams')."""
+        from diffugts.stages.normative import NormativeParams
+
+        return NormativeParams(seed_log_odds=self.normative_seed_log_odds, seed_opening=self.normative_seed_opening)
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoRecipe:

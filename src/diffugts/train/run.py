@@ -679,7 +679,7 @@ def train_demo(
             recipe.normative_mr_cases,
             show_progress,
             phantom_shape=shape,
-            params=NormativeParams(seed_log_odds=recipe.normative_seed_log_odds),
+            params=recipe.normative_params(),
         )
     pkg = train_refine_head(
         out,

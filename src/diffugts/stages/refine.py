@@ -270,16 +270,17 @@ def _verified_candidates(
     return out
 
 
-def normative_candidates(pkg, study, attention) -> list[np.ndarray] | None:
+def normative_candidates(core, study, attention) -> list[np.ndarray] | None:
     """Per target the normative model's candidate lesions on the model grid, inside the
     attention artifact's organ (diffugts.stages.normative); None unless the package's lesion
-    verifier takes its candidates from there. ``study``: a
-    :class:`diffugts.core.PreparedStudy`."""
+    verifier takes its candidates from there. ``core``: a :class:`diffugts.core.Core` (its
+    package, and its loaded organ network for confident seeds); ``study``: its
+    :class:`~diffugts.core.PreparedStudy`."""
     from diffugts.errors import ConfigError
-    from diffugts.networks.organs import load_organ_net
     from diffugts.stages.normative import normative_of
     from diffugts.stages.verification import verifier_of
 
+    pkg = core.package
     verifier = verifier_of(pkg)
     if verifier is None or verifier.candidate_source != "normative":
         return None
@@ -292,7 +293,7 @@ def normative_candidates(pkg, study, attention) -> list[np.ndarray] | None:
     # Confident seeds need the organ network's log-odds. The attention artifact carries the
     # organ as a mask; the same frozen network on the same volume gives them again (one pass)
     # rather than a float map per target in every artifact.
-    grounding = model.seed_maps(load_organ_net(pkg), x)
+    grounding = model.seed_maps(core.organ_net, x)
     out = []
     for n, target in enumerate(attention.targets):
         organ = attention.organs[n] if n < len(attention.organs) else None
@@ -355,7 +356,7 @@ def refinement(core, study, attention, synthesis):
     # one (most of a cohort) needs no features either.
     probs = [np.zeros(s.geometry.shape, np.float32) for _ in allowed]
     pkg = core.package
-    normative = normative_candidates(pkg, study, attention)
+    normative = normative_candidates(core, study, attention)
     shared = own_inputs = None
     if any(a.any() for a in allowed):
         backbone, head = core.backbone, core.refine_head

@@ -56,12 +56,13 @@ def coarse_maps(
     spacing,
     organs: list[str],
     fusion: Fusion | None = None,
-    organ_net: OrganNet | None = None,
+    grounding: dict | None = None,
 ) -> dict[str, FusedMaps | np.ndarray]:
     """Per organ its coarse maps as inference makes them: fused maps (prob, organ, z) with the
-    package's fusion, else the AOVA probability alone."""
+    package's fusion, else the AOVA probability alone. ``grounding``: the organ network's
+    log-odds per organ (:func:`organ_maps`; None: the head's own region maps)."""
     cf = case_features(backbone, case, backbone.feature_index(features), spacing, 0)
-    grounding = organ_maps(organ_net, case.x)
+    grounding = grounding or {}
     out = {}
     for fam in organs:
         t = make_target(f"{fam} tumor", organ=fam)
@@ -110,11 +111,11 @@ def refinement_example(
     empty = [f for f in HOST_FAMILIES if f not in truths]
     negative = empty if not truths else [str(f) for f in rng.permutation(empty)[:negatives]]
     organs = sorted(truths) + negative
-    maps = coarse_maps(head, backbone, text, case, features, prep.spacing_mm, organs, fusion, organ_net)
+    grounding = organ_maps(organ_net, case.x)  # the coarse maps' organs, and the seeds' confidence
+    maps = coarse_maps(head, backbone, text, case, features, prep.spacing_mm, organs, fusion, grounding)
     prob = {f: m.prob if isinstance(m, FusedMaps) else m for f, m in maps.items()}
     spacing_kji = tuple(prep.spacing_mm)[::-1]
     found = {}
-    grounding = normative.seed_maps(organ_net, case.x) if normative is not None else {}
     for fam in organs:
         m = maps[fam]
         if normative is not None and isinstance(m, FusedMaps):

@@ -65,6 +65,21 @@ def test_training_lowers_the_loss_and_learns_the_liver(case):
     assert dice["liver"] > 0.5, dice
 
 
+def test_training_stops_at_its_time_limit_and_takes_the_networks_config(case):
+    net, losses = train_organs(
+        [case],
+        SPACING_KJI,
+        steps=50,
+        max_seconds=0.0,
+        net_config={"features": (4, 4, 8, 8, 8, 4), "downsample": 1},
+        show_progress=False,
+    )
+    assert losses == [], "no step starts after the time limit"
+    assert net.config["features"] == [4, 4, 8, 8, 8, 4] and net.downsample == 1
+    _, losses = train_organs([case], SPACING_KJI, steps=3, max_seconds=600.0, show_progress=False)
+    assert len(losses) == 3, "a limit not reached changes nothing"
+
+
 def test_a_target_takes_its_organ_from_the_network_where_it_knows_the_organ():
     head, net = np.zeros((4, 4, 4), np.float32), np.ones((4, 4, 4), np.float32)
     grounding = {"liver": net}

@@ -11,6 +11,8 @@ voxels given to background and stomach; docs/benchmarks.md).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -62,7 +64,13 @@ def train_organs(
     organs: list[str] | None = None,
     show_progress: bool = True,
     device: str | torch.device = "cpu",
+    max_seconds: float | None = None,
+    net_config: dict | None = None,
 ) -> tuple[OrganNet, list[float]]:
+    """``max_seconds``: stop after that much wall time even if fewer than ``steps`` ran (the
+    learning-rate schedule is then cut short; ``len(history)`` says how many ran), for
+    time-boxed runs on a lent GPU. ``net_config``: OrganNet arguments other than the organs
+    (``features``, ``downsample``)."""
     from monai.losses import DiceLoss
 
     organs = organs or ORGANS
@@ -72,12 +80,15 @@ def train_organs(
     labels = [torch.from_numpy(lab)[None, None] for lab in label_arrays]
     ce = torch.nn.CrossEntropyLoss(weight=class_weights(label_arrays, len(organs) + 1).to(device))
     dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False)
-    net = OrganNet(organs).to(device)
+    net = OrganNet(organs, **(net_config or {})).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     history: list[float] = []
     net.train()
+    end = time.monotonic() + max_seconds if max_seconds is not None else float("inf")
     for _ in progress(range(steps), desc="train organs", unit="step", enable=show_progress):
+        if time.monotonic() >= end:
+            break
         n = int(rng.integers(len(cases)))
         case = cases[n]
         if rng.random() < randomise_p:

@@ -28,12 +28,12 @@ import torch
 
 from diffugts.models.defaults import DEMO_MODEL
 from diffugts.models.package import open_package
-from diffugts.networks.organs import OrganNet
+from diffugts.networks.organs import OrganNet, organ_maps
 from diffugts.stages.deviation import organ_with_inclusions
 from diffugts.stages.preprocess import Preprocessing
 from diffugts.train.aova import organ_family
 from diffugts.train.data import phantom_case
-from diffugts.train.organs import organ_labels, train_organs
+from diffugts.train.organs import organ_dice, train_organs
 from diffugts.train.run import _mr_healthy_cases, _seen_range_cases
 from diffugts.utils.atomic import atomic_path
 
@@ -52,30 +52,21 @@ def dev16(prep: Preprocessing, n: int = 4) -> dict[str, list]:
     return sets
 
 
-@torch.no_grad()
-def measure(net: OrganNet, sets: dict[str, list], spacing_kji, device) -> dict:
-    net = net.to(device).eval()
+def measure(net: OrganNet, sets: dict[str, list], spacing_kji) -> dict:
+    """Per set the library's organ Dice, and over its lesions the lesion organ's median log-odds
+    inside each lesion and the share of the lesion inside that organ (with inclusions)."""
     out = {}
     for name, cases in sets.items():
-        dice: dict[str, list[float]] = {}
         log_odds, inside = [], []
         for case in cases:
-            truth = organ_labels(case, net.organs)
-            x = torch.from_numpy(case.x)[None, None].to(device)
-            lo = {k: v[0].float().cpu().numpy() for k, v in net.log_odds(x).items()}
-            maps = {k: organ_with_inclusions(v > 0, spacing_kji) for k, v in lo.items()}
-            for n, organ in enumerate(net.organs, start=1):
-                t = truth == n
-                if t.any():
-                    p = maps[organ]
-                    dice.setdefault(organ, []).append(float(2 * (p & t).sum() / (p.sum() + t.sum())))
+            lo = organ_maps(net, case.x)
             for rec in case.records:
                 m, organ = case.lesions == rec["id"], organ_family(rec["organ"])
                 if organ in lo and m.any():
                     log_odds.append(float(np.median(lo[organ][m])))
-                    inside.append(float(maps[organ][m].mean()))
+                    inside.append(float(organ_with_inclusions(lo[organ] > 0, spacing_kji)[m].mean()))
         out[name] = {
-            "dice": {k: round(float(np.mean(v)), 3) for k, v in dice.items()},
+            "dice": organ_dice(net, cases, spacing_kji),
             "lesion_log_odds": round(float(np.median(log_odds)), 2) if log_odds else None,
             "lesion_inside": round(float(np.mean(inside)), 3) if inside else None,
         }
@@ -105,7 +96,7 @@ def main() -> None:
         data, spacing_kji, steps=a.steps, seed=a.seed, device=a.device, max_seconds=a.max_seconds, net_config=config
     )
     seconds = time.perf_counter() - t0
-    metrics = measure(net, dev16(prep), spacing_kji, a.device)
+    metrics = measure(net.to(a.device), dev16(prep), spacing_kji)
     for name, m in metrics.items():
         organs = " ".join(f"{o} {m['dice'].get(o, float('nan')):.2f}" for o in ORGANS_SHOWN)
         extra = ""

@@ -70,6 +70,30 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     assert refitted["networks"]["normative"]["params"]["seed_opening"] == "slice"
     assert refitted["networks"]["aova"] == manifest["networks"]["aova"]  # nothing else changed
 
+    # `train verifier` refits it alone, on the features asked for and lesion-free MR cases too.
+    verified = tmp_path / "verified"
+    args = ["-q", "train", "verifier", "--model", str(out), "--out", str(verified), "--cases", "1"]
+    args += [
+        "--healthy-cases",
+        "1",
+        "--mr-healthy-cases",
+        "1",
+        "--features",
+        "depth_mm,elongation",
+        "--min-recall",
+        "0.9",
+    ]
+    assert main(args) == 0
+    assert main(["models", "verify", str(verified)]) == 0
+    refitted = json.loads((verified / "manifest.json").read_text())
+    report = refitted["provenance"]["verifier_training"]
+    assert report["features"] == ["depth_mm", "elongation"] and report["mr_healthy_cases"] == 1
+    if "verifier" in refitted["networks"]["refine"]:
+        assert refitted["networks"]["refine"]["verifier"]["features"] == ["depth_mm", "elongation"]
+        assert report["min_recall"] == 0.9 and report["kept_lesion_components"] >= 0.9 * report["lesion_components"]
+    else:
+        assert "not_fitted" in report
+
     # `train organs` on a package whose head has a fusion refits it on the new organs.
     again = tmp_path / "regrounded"
     args = ["-q", "train", "organs", "--model", str(out), "--out", str(again), "--cases", "2", "--steps", "2"]

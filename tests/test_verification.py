@@ -15,6 +15,7 @@ from diffugts.phantom import CaseSpec, generate_case, write_case
 from diffugts.stages.normative import FEATURES as NORMATIVE_FEATURES, Mixture, NormativeModel, NormativeParams
 from diffugts.stages.verification import (
     FEATURES,
+    GEOMETRY,
     Evidence,
     LesionVerifier,
     candidates,
@@ -56,6 +57,32 @@ def test_candidate_features_are_per_component_volumes_and_means():
     assert dict(zip(FEATURES, small))["organ_fraction"] == pytest.approx(0.5)
     # The minimum volume leaves the small one out (0.08 mL < 0.1 mL).
     assert len(candidates(mask, evidence, voxel_ml=0.01, min_volume_ml=0.1)[1]) == 1
+
+
+def test_geometric_features_tell_a_deep_ball_from_a_sliver_at_the_organs_border():
+    """Depth below the organ's surface and elongation, in mm on an anisotropic grid."""
+    spacing = (4.0, 1.0, 1.0)  # (k, j, i): thick slices, as the model grid's
+    organ = np.zeros((12, 48, 48), bool)
+    organ[1:11, 2:46, 2:46] = True
+    mask = np.zeros(organ.shape, bool)
+    mask[4:7, 18:30, 18:30] = True  # 12 x 12 x 12 mm, in the organ's middle
+    mask[5, 3, 10:40] = True  # a one-voxel sliver along the organ's border
+    zeros = np.zeros(organ.shape, np.float32)
+    evidence = Evidence(zeros, zeros, zeros, zeros, organ, spacing_mm=spacing)
+    labels, ids, feats = candidates(mask, evidence, 0.004, features=GEOMETRY)
+    assert feats.shape == (2, 2)
+    ball, sliver = sorted(feats.tolist(), key=lambda f: -f[0])
+    assert 12.0 <= ball[0] <= 20.0 and sliver[0] == pytest.approx(2.0)  # depth (mm): to the nearest surface
+    assert ball[1] > 0.85 and sliver[1] < 0.1  # elongation: near 1 for the (mm-)cube, near 0 for the line
+    with pytest.raises(ValueError, match="spacing_mm"):
+        candidates(mask, Evidence(zeros, zeros, zeros, zeros, organ), 0.004, features=("depth_mm",))
+    # A verifier of the geometry alone: drops the sliver, keeps the ball.
+    v = LesionVerifier((1.0, 1.0), 0.0, (8.0, 0.5), (1.0, 0.1), 0.5, features=GEOMETRY)
+    kept = verified(mask, evidence, v, 0.004)
+    assert kept[4:7, 18:30, 18:30].all() and not kept[5, 3].any()
+    assert LesionVerifier.from_dict(json.loads(json.dumps(v.as_dict()))) == v
+    with pytest.raises(ValueError, match="weights"):
+        LesionVerifier.from_dict({**v.as_dict(), "features": list(FEATURES)})
 
 
 def test_verifier_drops_weak_components_and_round_trips():
@@ -136,6 +163,19 @@ def test_fitting_separates_true_from_false_components_and_never_lowers_dice():
     assert report["dice_after"] > report["dice_before"]
     with pytest.raises(ValueError, match="both"):
         fit_verifier([s for s in samples if not s["lesion"]], truth)
+    # A least recall: the threshold keeps every true candidate (the best-Dice one dropped 4 of 20).
+    keep_all, kept = fit_verifier(samples, truth, min_recall=1.0)
+    assert kept["kept_lesion_components"] == kept["lesion_components"] == 20 and kept["min_recall"] == 1.0
+    assert keep_all.threshold < verifier.threshold and kept["kept_false_components"] > report["kept_false_components"]
+    # A chosen feature set: the verifier records it, and depth and compactness count only for a lesion.
+    names = ("log_volume_ml", "residual_mean") + GEOMETRY
+    chosen = [
+        {**s, "features": np.asarray([s["features"][0], s["features"][1], -s["features"][1], s["features"][2]])}
+        for s in samples
+    ]
+    verifier, _ = fit_verifier(chosen, truth, features=names)
+    assert verifier.features == names and len(verifier.weights) == 4
+    assert verifier.weights[1] > 0.5 and verifier.weights[2] == pytest.approx(0.0, abs=0.05)  # deeper = lesion only
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +192,6 @@ def permissive(tmp_path_factory):
         out=pkg.root.parent / "none",
     )
     out = {"none": base}
-    zeros, ones = tuple([0.0] * len(FEATURES)), tuple([1.0] * len(FEATURES))
     for name, bias, source in (
         ("keep", 50.0, "refined"),
         ("reject", -50.0, "refined"),
@@ -162,8 +201,14 @@ def permissive(tmp_path_factory):
         ("normative-missing", 50.0, "normative"),  # a verifier without its normative model
         ("normative-sure", 50.0, "normative"),  # seeds where the organ network's log-odds exceed 1
         ("normative-unsure", 50.0, "normative"),  # ... exceed 4
+        ("keep-geometric", 50.0, "refined"),  # the geometric features computed on the study grid
+        ("normative-geometric", 50.0, "normative"),  # ... on the model grid
     ):
-        verifier = LesionVerifier(zeros, bias, zeros, ones, 0.5, candidate_source=source)
+        features = FEATURES + GEOMETRY if name.endswith("geometric") else FEATURES
+        n = len(features)
+        verifier = LesionVerifier(
+            (0.0,) * n, bias, (0.0,) * n, (1.0,) * n, 0.5, features=features, candidate_source=source
+        )
         networks = {"refine": ({**refine, "verifier": verifier.as_dict()}, base.state_dict("refine"))}
         if source == "normative" and name != "normative-missing":  # every voxel unlike healthy tissue
             organ = "spleen" if name.endswith("spleen") else "liver"
@@ -230,6 +275,7 @@ def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
     assert verifier_of(permissive["none"]) is None and verifier_of(permissive["keep"]) is not None
     assert masks["none"].any()  # the test means something: there is a lesion to verify
     assert (masks["keep"] == masks["none"]).all()
+    assert (masks["keep-geometric"] == masks["none"]).all()  # every feature computed, nothing dropped
     assert not masks["reject"].any()
     # Deviation candidates: the lesions are the deviation's blobs in the target's organ, not
     # the refined mask (which this package's head spreads over its whole region).
@@ -242,6 +288,7 @@ def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
     organ = attention_organ(tmp_path / "normative")
     assert masks["normative"].any() and not (masks["normative"] & ~organ).any()
     assert not masks["normative-spleen"].any()
+    assert (masks["normative-geometric"] == masks["normative"]).all()
 
 
 @pytest.mark.slow

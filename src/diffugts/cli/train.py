@@ -10,7 +10,7 @@ DEMO_CONFIGS = ("demo", "demo-2d")  # configurations with a training recipe
 
 
 def register(sub) -> None:
-    from diffugts.stages.verification import CANDIDATE_SOURCES
+    from diffugts.stages.verification import CANDIDATE_SOURCES, FEATURES, KNOWN_FEATURES
     from diffugts.train.recipe import DemoRecipe  # light: dataclasses only
 
     p = sub.add_parser("train", help="train the demo backbone, or the trainable heads on phantoms and real datasets")
@@ -148,6 +148,26 @@ def register(sub) -> None:
         f"|z| > --deviation-k, or the normative model's candidates (default {DemoRecipe.verifier_candidates})",
     )
     v.add_argument("--deviation-k", type=float, default=DemoRecipe.verifier_deviation_k, help="(default %(default)s)")
+    v.add_argument(
+        "--mr-healthy-cases",
+        type=int,
+        default=DemoRecipe.verifier_mr_healthy_cases,
+        help="lesion-free MR cases: false candidates only (default %(default)s)",
+    )
+    v.add_argument(
+        "--min-recall",
+        type=float,
+        default=DemoRecipe.verifier_min_recall,
+        help="its threshold keeps at least this share of the fitting cases' true candidates "
+        "(default: %(default)s, the best-Dice threshold)",
+    )
+    v.add_argument(
+        "--features",
+        type=_verifier_features,
+        default=DemoRecipe.verifier_features,
+        help="comma-separated component features to weigh, of: "
+        f"{', '.join(KNOWN_FEATURES)} (default: {', '.join(DemoRecipe.verifier_features or FEATURES)})",
+    )
     v.set_defaults(func=_verifier)
 
     d = t.add_parser("demo", help="the whole demo model (what `make demo-model` runs)")
@@ -403,6 +423,21 @@ def _refine(args) -> int:
     return 0
 
 
+def _verifier_features(text: str) -> tuple[str, ...]:
+    import argparse
+
+    from diffugts.stages.verification import KNOWN_FEATURES
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in KNOWN_FEATURES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give distinct features of {', '.join(KNOWN_FEATURES)}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    return names
+
+
 def _verifier(args) -> int:
     from diffugts.train.run import train_lesion_verifier
 
@@ -415,6 +450,9 @@ def _verifier(args) -> int:
         show_progress=not args.quiet,
         candidate_source=args.candidates,
         deviation_k=args.deviation_k,
+        features=args.features,
+        mr_healthy_cases=args.mr_healthy_cases,
+        min_recall=args.min_recall,
     )
     r = pkg.manifest["provenance"]["verifier_training"]
     if "not_fitted" in r:

@@ -203,7 +203,7 @@ def verify_masks(
     :func:`own_channels` the head read, whose deviation channel is the |z| evidence."""
     from diffugts.stages.lesions import voxel_ml
     from diffugts.stages.synthesize.masks import bbox
-    from diffugts.stages.verification import Evidence, verified, verifier_of
+    from diffugts.stages.verification import GEOMETRY, Evidence, verified, verifier_of
 
     verifier = verifier_of(pkg)
     if verifier is None:
@@ -218,11 +218,14 @@ def verify_masks(
     if not any(m.any() for m in masks):
         return masks
     out = []
+    geometric = bool(set(verifier.features) & set(GEOMETRY))
     for n, mask in enumerate(masks):
         box = bbox(mask)
         if box is None:
             out.append(mask)
             continue
+        if geometric:  # a candidate's depth is measured to its organ's surface, not a crop's edge
+            box = tuple(slice(0, d) for d in mask.shape)
         z = own(n, space.to_model(coarse[n]))[deviation] * DEVIATION_SCALE
         organ_n = organs[n]
         organ = organ_n[box] if organ_n is not None else np.zeros(mask[box].shape, bool)
@@ -232,6 +235,7 @@ def verify_masks(
             deviation=space.to_study(z, box=box),
             residual=space.to_study(residual, box=box),
             organ=organ,
+            spacing_mm=tuple(space.study.spacing)[::-1],
         )
         kept = np.zeros_like(mask)
         kept[box] = verified(mask[box], evidence, verifier, voxel_ml(space.study))
@@ -259,7 +263,12 @@ def _verified_candidates(
             else np.zeros(z.shape, bool)
         )
         evidence = Evidence(
-            refined=space.to_model(prob), coarse=coarse_model, deviation=z, residual=residual, organ=organ
+            refined=space.to_model(prob),
+            coarse=coarse_model,
+            deviation=z,
+            residual=residual,
+            organ=organ,
+            spacing_mm=tuple(space.model.spacing)[::-1],
         )
         if verifier.candidate_source == "normative":
             found = normative[n] if normative is not None else np.zeros(z.shape, bool)

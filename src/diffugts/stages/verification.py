@@ -19,7 +19,16 @@ The evidence maps of one target, on one grid:
 - ``refined``: the head's probability; ``coarse``: the fused coarse map;
 - ``deviation``: |z| of the organ-relative deviation (diffugts.stages.deviation);
 - ``residual``: |x - H| in model intensity units (the input against its pseudo-healthy image);
-- ``organ``: the target's organ (with inclusions).
+- ``organ``: the target's organ (with inclusions);
+- ``spacing_mm``: the grid's voxel spacing (k, j, i), for the geometric features.
+
+Two features are geometry, not intensity (verifiers fitted since 2026-12-05 may use them):
+- ``depth_mm``: the candidate's mean depth below its organ's surface. False candidates sit
+  where the organ map errs, at its border (the next organ, fat or air scored as this organ);
+- ``elongation``: sqrt(smallest / largest eigenvalue) of the candidate's voxel positions in mm
+  (1: a ball, near 0: a tube or a sheet); vessels and border slivers are long, masses are not.
+Neither is learnt from a lesion type's look, which is why they carry over to unseen types and
+to MR, where the coarse map's evidence does not (docs/method.md, "lesion verification").
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ FEATURES = (
     "residual_mean",
     "organ_fraction",
 )
+GEOMETRY = ("depth_mm", "elongation")
+KNOWN_FEATURES = FEATURES + GEOMETRY
 CANDIDATE_SOURCES = ("refined", "deviation", "normative")
 
 
@@ -54,6 +65,7 @@ class Evidence:
     deviation: np.ndarray
     residual: np.ndarray
     organ: np.ndarray
+    spacing_mm: tuple[float, float, float] | None = None  # (k, j, i); the geometric features need it
 
 
 @dataclass(frozen=True)
@@ -73,8 +85,13 @@ class LesionVerifier:
     @classmethod
     def from_dict(cls, d: dict) -> LesionVerifier:
         d = dict(d)
-        if tuple(d.get("features", FEATURES)) != FEATURES:
+        features = tuple(d.get("features", FEATURES))
+        if not features or set(features) - set(KNOWN_FEATURES) or len(set(features)) != len(features):
             raise ValueError(f"unknown lesion verifier features {d.get('features')!r}")
+        if len(d.get("weights", ())) != len(features):
+            raise ValueError(
+                f"the lesion verifier has {len(d.get('weights', ()))} weights for {len(features)} features"
+            )
         if d.get("candidate_source", "refined") not in CANDIDATE_SOURCES:
             raise ValueError(f"unknown lesion verifier candidate source {d.get('candidate_source')!r}")
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
@@ -102,36 +119,64 @@ def deviation_candidates(deviation: np.ndarray, k: float) -> np.ndarray:
 
 
 def candidates(
-    mask: np.ndarray, evidence: Evidence, voxel_ml: float, min_volume_ml: float = 0.0
+    mask: np.ndarray,
+    evidence: Evidence,
+    voxel_ml: float,
+    min_volume_ml: float = 0.0,
+    features: tuple[str, ...] = FEATURES,
 ) -> tuple[np.ndarray, list[int], np.ndarray]:
     """The mask's 26-connected components: (labels, ids of those of at least ``min_volume_ml``,
-    their (N, F) features in the order of FEATURES)."""
+    their (N, F) ``features``, in that order)."""
     labels, n = ndimage.label(np.asarray(mask, bool), structure=CONNECTIVITY_26)
     if n == 0:
-        return labels, [], np.zeros((0, len(FEATURES)))
+        return labels, [], np.zeros((0, len(features)))
     index = np.arange(1, n + 1)
     count = ndimage.sum_labels(np.ones(labels.shape, np.float32), labels, index)
     ids = [int(i) for i, c in zip(index, count) if c * voxel_ml >= min_volume_ml]
     if not ids:
-        return labels, [], np.zeros((0, len(FEATURES)))
+        return labels, [], np.zeros((0, len(features)))
+    count = np.asarray([count[i - 1] for i in ids])
 
     def mean(a):
         return ndimage.mean(np.asarray(a, np.float32), labels, ids)
 
-    count = np.asarray([count[i - 1] for i in ids])
-    feats = np.stack(
-        [
-            np.log10(count * voxel_ml),
-            mean(evidence.refined),
-            ndimage.maximum(np.asarray(evidence.refined, np.float32), labels, ids),
-            mean(evidence.coarse),
-            mean(evidence.deviation),
-            mean(evidence.residual),
-            mean(evidence.organ),
-        ],
-        1,
-    )
-    return labels, ids, feats
+    def depth():
+        if evidence.spacing_mm is None:
+            raise ValueError("the depth feature needs the evidence's spacing_mm")
+        organ = np.asarray(evidence.organ) > 0.5
+        return (
+            mean(ndimage.distance_transform_edt(organ, sampling=evidence.spacing_mm))
+            if organ.any()
+            else np.zeros(len(ids))
+        )
+
+    compute = {
+        "log_volume_ml": lambda: np.log10(count * voxel_ml),
+        "refined_mean": lambda: mean(evidence.refined),
+        "refined_max": lambda: ndimage.maximum(np.asarray(evidence.refined, np.float32), labels, ids),
+        "coarse_mean": lambda: mean(evidence.coarse),
+        "deviation_mean": lambda: mean(evidence.deviation),
+        "residual_mean": lambda: mean(evidence.residual),
+        "organ_fraction": lambda: mean(evidence.organ),
+        "depth_mm": depth,
+        "elongation": lambda: _elongation(labels, ids, evidence.spacing_mm),
+    }
+    return labels, ids, np.stack([np.asarray(compute[f](), np.float64) for f in features], 1)
+
+
+def _elongation(labels: np.ndarray, ids: list[int], spacing_mm) -> np.ndarray:
+    """Per component sqrt(smallest / largest eigenvalue) of its voxel positions' covariance in
+    mm: 1 for a ball, towards 0 for a tube or a sheet (under 4 voxels: 1, too few to tell)."""
+    if spacing_mm is None:
+        raise ValueError("the elongation feature needs the evidence's spacing_mm")
+    out, boxes = np.ones(len(ids)), ndimage.find_objects(labels)
+    for n, i in enumerate(ids):
+        box = boxes[i - 1]
+        points = np.argwhere(labels[box] == i) * np.asarray(spacing_mm, np.float64)
+        if len(points) >= 4:
+            ev = np.linalg.eigvalsh(np.cov(points.T))
+            out[n] = np.sqrt(max(ev[0], 1e-3) / max(ev[-1], 1e-3))
+    return out
 
 
 def verified(mask: np.ndarray, evidence: Evidence, verifier: LesionVerifier | None, voxel_ml: float) -> np.ndarray:
@@ -139,6 +184,6 @@ def verified(mask: np.ndarray, evidence: Evidence, verifier: LesionVerifier | No
     mask = np.asarray(mask, bool)
     if verifier is None or not mask.any():
         return mask
-    labels, ids, feats = candidates(mask, evidence, voxel_ml)
+    labels, ids, feats = candidates(mask, evidence, voxel_ml, features=verifier.features)
     keep = [i for i, s in zip(ids, verifier.scores(feats)) if s >= verifier.threshold]
     return np.isin(labels, keep) & mask

@@ -420,7 +420,11 @@ class _ExampleMaker:
         self.normative = normative  # the examples carry its candidates (for the lesion verifier)
 
     def __call__(self, index: int, healthy: bool):
-        case = phantom_case(
+        return self.examples(self.case(index, healthy))
+
+    def case(self, index: int, healthy: bool, modality: str = "CT"):
+        """A seen-type (or lesion-free) phantom of the refinement seed range."""
+        return phantom_case(
             self.case_seed,
             index,
             self.prep,
@@ -429,8 +433,8 @@ class _ExampleMaker:
             healthy_fraction=0.0,
             keep_volume=True,
             shape=self.shape,
+            modality=modality,
         )
-        return self.examples(case)
 
     def examples(self, case):
         """The examples of any case on the model grid with its volume (a dataset case too)."""
@@ -540,16 +544,24 @@ def train_lesion_verifier(
     phantom_shape=None,
     candidate_source: str = "refined",
     deviation_k: float = 2.0,
+    features: tuple[str, ...] | None = None,
+    mr_healthy_cases: int = 0,
+    min_recall: float | None = None,
 ) -> ModelPackage:
     """The lesion verifier of a package with a fused coarse map and a refinement head, fitted
-    on ``cases`` seen-type and ``healthy_cases`` lesion-free phantoms the head never saw
-    (diffugts.train.verify); stored as ``networks.refine.verifier``. ``candidate_source``:
-    "refined" (components of the head's mask), "deviation" (of |z| > ``deviation_k``) or
-    "normative" (the package's normative model's candidates)."""
+    on ``cases`` seen-type and ``healthy_cases`` lesion-free phantoms the head never saw, and
+    ``mr_healthy_cases`` lesion-free MR phantoms (false candidates only: no lesion type, seen
+    or unseen, and no MR lesion shapes it) (diffugts.train.verify); stored as
+    ``networks.refine.verifier``. ``candidate_source``: "refined" (components of the head's
+    mask), "deviation" (of |z| > ``deviation_k``) or "normative" (the package's normative
+    model's candidates); ``features``: the component features it weighs (None: the original
+    seven, diffugts.stages.verification.FEATURES); ``min_recall``: the least share of the
+    fitting cases' true candidates its threshold keeps (diffugts.train.verify.fit_verifier)."""
     from diffugts.networks.loading import load_head
     from diffugts.networks.refine import RefineHead
     from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
     from diffugts.stages.refine import refine_threshold
+    from diffugts.stages.verification import FEATURES
     from diffugts.train.refine import held_out_probabilities
     from diffugts.train.verify import component_samples, fit_verifier
 
@@ -566,22 +578,35 @@ def train_lesion_verifier(
             raise ConfigError(f"{pkg.root}: normative candidates need a normative model (`diffugts train normative`)")
     make = _ExampleMaker(pkg, seed, synthesis_steps, phantom_shape, normative=normative)
     head, cut = load_head(pkg, REFINE_HEAD, RefineHead), refine_threshold(pkg)
-    plan = [(R.VERIFY_INDEX + i, False) for i in range(cases)] + [
-        (R.VERIFY_HEALTHY_INDEX + i, True) for i in range(healthy_cases)
-    ]
+    features = tuple(features or FEATURES)
+    plan = (
+        [(R.VERIFY_INDEX + i, False, "CT") for i in range(cases)]
+        + [(R.VERIFY_HEALTHY_INDEX + i, True, "CT") for i in range(healthy_cases)]
+        + [(R.VERIFY_HEALTHY_INDEX + i, True, "MR") for i in range(mr_healthy_cases)]
+    )
     examples = [
         ex
-        for i, healthy in progress(plan, desc="synthesis for verification", unit="case", enable=show_progress)
-        for ex in make(i, healthy)
+        for i, healthy, modality in progress(plan, desc="synthesis for verification", unit="case", enable=show_progress)
+        for ex in (make(i, healthy) if modality == "CT" else make.examples(make.case(i, healthy, modality)))
     ]
     probs = held_out_probabilities(head, examples)
     voxel_ml = float(np.prod(make.prep.spacing_mm)) / 1000
-    samples = component_samples(examples, probs, cut, voxel_ml, DEFAULT_MIN_VOLUME_ML, candidate_source, deviation_k)
+    samples = component_samples(
+        examples,
+        probs,
+        cut,
+        voxel_ml,
+        DEFAULT_MIN_VOLUME_ML,
+        candidate_source,
+        deviation_k,
+        features,
+        tuple(make.prep.spacing_mm)[::-1],
+    )
     lesion = sum(s["lesion"] for s in samples)
     entry = {k: v for k, v in pkg.network(REFINE_HEAD).items() if k != "verifier"}
     if 0 < lesion < len(samples):
         truth = sum(int(e.truth.sum()) for e in examples)
-        verifier, report = fit_verifier(samples, truth, candidate_source, deviation_k)
+        verifier, report = fit_verifier(samples, truth, candidate_source, deviation_k, features, min_recall)
         entry["verifier"] = verifier.as_dict()
     else:  # nothing to tell apart: the package keeps every refined lesion, and says why
         report = {
@@ -603,9 +628,11 @@ def train_lesion_verifier(
                 "seed": seed,
                 "cases": cases,
                 "healthy_cases": healthy_cases,
+                "mr_healthy_cases": mr_healthy_cases,
                 "case_seed": make.case_seed,
                 "indices": [R.VERIFY_INDEX, R.VERIFY_HEALTHY_INDEX],
                 "candidate_source": candidate_source,
+                "features": list(features),
                 **({"deviation_k": deviation_k} if candidate_source == "deviation" else {}),
                 **report,
             }
@@ -702,6 +729,9 @@ def train_demo(
             phantom_shape=shape,
             candidate_source=recipe.verifier_candidates,
             deviation_k=recipe.verifier_deviation_k,
+            features=tuple(recipe.verifier_features) if recipe.verifier_features else None,
+            mr_healthy_cases=recipe.verifier_mr_healthy_cases,
+            min_recall=recipe.verifier_min_recall,
         )
     manifest_provenance = {
         "recipe": recipe.as_dict(),

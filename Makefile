@@ -24,8 +24,8 @@ help:
 	@echo "make lint     - ruff check, ruff format --check and mypy"
 	@echo "make compile  - write the pipeline YAML to build/pipelines/"
 	@echo "make bench    - run the CPU benchmarks (GPU: python benchmarks/gpu_stages.py)"
-	@echo "make demo-model - retrain the shipped demo model from scratch (about 2.5 h on 2 CPU cores)"
-	@echo "make demo-heads - retrain only its heads on the committed backbone (about 2 h: organ grounding 35 min, AOVA 40-65, refinement 45, verifier 10)"
+	@echo "make demo-model - retrain the shipped demo model from scratch (about 3 h on 2 CPU cores)"
+	@echo "make demo-heads - retrain only its heads on the committed backbone (about 2.5 h: organ grounding 50 min, AOVA 40-65, refinement 45, verifier 20)"
 	@echo "make demo-model-2d - retrain the shipped 2D demo model (about 22 min on 2 CPU cores)"
 	@echo "make images   - build the CPU image and the CUDA 13 and CUDA 12 images (needs a Docker engine)"
 	@echo "make clean    - remove build outputs and local runs (keeps .venv)"
@@ -77,12 +77,12 @@ lint: $(STAMP)
 	echo "mypy"; $(VENV)/bin/mypy || rc=1; \
 	exit $$rc
 
-# Not part of CI: trains the shipped demo model (about 2.5 h on 2 CPU cores), then verifies it.
+# Not part of CI: trains the shipped demo model (about 3 h on 2 CPU cores), then verifies it.
 demo-model: $(STAMP)
 	$(PY) -m diffugts train demo --out src/diffugts/data/models/demo --seed 0
 	$(VENV)/bin/diffugts models verify src/diffugts/data/models/demo
 
-# Not part of CI: retrains the demo model's heads and organ network on its committed backbone (about 2 h on
+# Not part of CI: retrains the demo model's heads and organ network on its committed backbone (about 2.5 h on
 # 2 CPU cores, one thread: what made the shipped heads), then verifies the package.
 demo-heads: $(STAMP)
 	$(PY) benchmarks/train_heads.py 0 src/diffugts/data/models/demo --backbone src/diffugts/data/models/demo

@@ -292,6 +292,37 @@ def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
 
 
 @pytest.mark.slow
+def test_geometric_verifiers_measure_in_the_grid_they_run_on(permissive, study, tmp_path, monkeypatch):
+    """Normative candidates are verified on the model grid, the head's mask on the study grid:
+    each with that grid's spacing (k, j, i), so depths and shapes are in mm (this study's grid
+    has the model grid's spacing; its slices are thicker than its pixels)."""
+    import diffugts.stages.verification as verification
+
+    seen = []
+    original = verification.candidates
+
+    def spy(mask, evidence, *args, **kwargs):
+        seen.append(evidence.spacing_mm)
+        return original(mask, evidence, *args, **kwargs)
+
+    monkeypatch.setattr(verification, "candidates", spy)
+    spacings = {}
+    for name in ("normative-geometric", "keep-geometric"):
+        seen.clear()
+        args = ["-q", "segment", str(study / "dicom"), "--out", str(tmp_path / name), "--no-report"]
+        assert main([*args, "--model", str(permissive[name].root), "--prompt", "liver tumor"]) == 0
+        assert seen, name  # the verifier ran
+        spacings[name] = set(seen)
+    model_kji = tuple(float(v) for v in permissive["normative-geometric"].manifest["preprocessing"]["spacing_mm"])[::-1]
+    study_kji = tuple(float(v) for v in generate_case(CaseSpec(seed=11, index=0, shape=(32, 64, 64))).grid.spacing)[
+        ::-1
+    ]
+    assert spacings["normative-geometric"] == {model_kji}
+    assert spacings["keep-geometric"] == {study_kji}
+    assert study_kji[0] != study_kji[1]  # anisotropic: (k, j, i) and not (x, y, z)
+
+
+@pytest.mark.slow
 def test_a_normative_verifier_without_its_model_is_a_one_line_error(permissive, study, tmp_path, capsys):
     pkg = permissive["normative-missing"]
     args = ["-q", "segment", str(study / "dicom"), "--out", str(tmp_path / "out"), "--model", str(pkg.root)]
@@ -360,3 +391,29 @@ def test_train_verifier_needs_a_head_that_takes_the_deviation(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "deviation" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("--min-recall", "1.5", "(0, 1]"), ("--min-recall", "most", "(0, 1]"), ("--features", "depth_mm,size", "size")],
+)
+def test_train_verifier_options_are_checked_before_anything_runs(tmp_path, capsys, option, value, message):
+    args = ["train", "verifier", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "out"), option, value]
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_verifier_takes_none_for_the_best_dice_threshold():
+    import argparse
+
+    from diffugts.cli import train as train_cli
+    from diffugts.train.recipe import DemoRecipe
+
+    parser = argparse.ArgumentParser()
+    train_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["train", "verifier", "--model", "m", "--min-recall", "none"])
+    assert args.min_recall is None and args.features == DemoRecipe.verifier_features
+    assert args.cases == DemoRecipe.verifier_cases and args.healthy_cases == DemoRecipe.verifier_healthy_cases
+    assert parser.parse_args(["train", "verifier", "--model", "m"]).min_recall == DemoRecipe.verifier_min_recall

@@ -88,7 +88,7 @@ def register(sub) -> None:
     o.add_argument("--out", default=None, help="write a new package here (default: update --model)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--cases", type=int, default=40, help="CT phantoms of seen types and lesion-free ones (default 40)")
-    o.add_argument("--steps", type=int, default=1000)
+    o.add_argument("--steps", type=int, default=DemoRecipe.organ_steps, help="(default %(default)s)")
     o.add_argument("--mr-healthy-cases", type=int, default=16, help="lesion-free MR phantoms (MR anatomy; default 16)")
     _dataset_args(o, checkpoints=False)  # one short run: no resumable checkpoints (yet)
     o.set_defaults(func=_organs)
@@ -138,8 +138,12 @@ def register(sub) -> None:
     v.add_argument("--model", required=True, help="package with a fused AOVA head and a refinement head")
     v.add_argument("--out", default=None, help="write a new package here (default: update --model)")
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--cases", type=int, default=12, help="seen-type cases the refinement head never saw (default 12)")
-    v.add_argument("--healthy-cases", type=int, default=6, help="lesion-free cases (default 6)")
+    for flag, default, what in (
+        ("--cases", DemoRecipe.verifier_cases, "seen-type cases the refinement head never saw"),
+        ("--healthy-cases", DemoRecipe.verifier_healthy_cases, "lesion-free cases"),
+        ("--mr-healthy-cases", DemoRecipe.verifier_mr_healthy_cases, "lesion-free MR cases: false candidates only"),
+    ):
+        v.add_argument(flag, type=int, default=default, help=f"{what} (default %(default)s)")
     v.add_argument(
         "--candidates",
         choices=CANDIDATE_SOURCES,
@@ -149,17 +153,11 @@ def register(sub) -> None:
     )
     v.add_argument("--deviation-k", type=float, default=DemoRecipe.verifier_deviation_k, help="(default %(default)s)")
     v.add_argument(
-        "--mr-healthy-cases",
-        type=int,
-        default=DemoRecipe.verifier_mr_healthy_cases,
-        help="lesion-free MR cases: false candidates only (default %(default)s)",
-    )
-    v.add_argument(
         "--min-recall",
-        type=float,
+        type=_min_recall,
         default=DemoRecipe.verifier_min_recall,
-        help="its threshold keeps at least this share of the fitting cases' true candidates "
-        "(default: %(default)s, the best-Dice threshold)",
+        help="its threshold keeps at least this share (0-1] of the fitting cases' true candidates; "
+        "'none': the best-Dice threshold (default %(default)s)",
     )
     v.add_argument(
         "--features",
@@ -421,6 +419,20 @@ def _refine(args) -> int:
     dice = pkg.manifest["provenance"]["refine_training"]["held_out_seen_dice"]
     print(f"wrote {pkg.root} (held-out seen Dice of the refined mask: {dice})")
     return 0
+
+
+def _min_recall(text: str) -> float | None:
+    import argparse
+
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a share in (0, 1], or none")
+    return value
 
 
 def _verifier_features(text: str) -> tuple[str, ...]:

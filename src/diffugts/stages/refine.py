@@ -202,7 +202,7 @@ def verify_masks(
     evidence (None: the head did not run, nothing was inpainted, no residual); ``own``: the
     :func:`own_channels` the head read, whose deviation channel is the |z| evidence."""
     from diffugts.stages.lesions import voxel_ml
-    from diffugts.stages.synthesize.masks import bbox
+    from diffugts.stages.synthesize.masks import bbox, grow
     from diffugts.stages.verification import GEOMETRY, Evidence, verified, verifier_of
 
     verifier = verifier_of(pkg)
@@ -224,8 +224,8 @@ def verify_masks(
         if box is None:
             out.append(mask)
             continue
-        if geometric:  # a candidate's depth is measured to its organ's surface, not a crop's edge
-            box = tuple(slice(0, d) for d in mask.shape)
+        if geometric and organs[n] is not None:  # depth is measured to the organ's surface, not a crop's edge
+            box = grow(bbox(mask | organs[n]) or box, (1, 1, 1), mask.shape)
         z = own(n, space.to_model(coarse[n]))[deviation] * DEVIATION_SCALE
         organ_n = organs[n]
         organ = organ_n[box] if organ_n is not None else np.zeros(mask[box].shape, bool)

@@ -22,7 +22,7 @@ The evidence maps of one target, on one grid:
 - ``organ``: the target's organ (with inclusions);
 - ``spacing_mm``: the grid's voxel spacing (k, j, i), for the geometric features.
 
-Two features are geometry, not intensity (verifiers fitted since 2026-12-05 may use them):
+Two features are geometry, not intensity (verifiers fitted since 2026-12-04 may use them):
 - ``depth_mm``: the candidate's mean depth below its organ's surface. False candidates sit
   where the organ map errs, at its border (the next organ, fat or air scored as this organ);
 - ``elongation``: sqrt(smallest / largest eigenvalue) of the candidate's voxel positions in mm

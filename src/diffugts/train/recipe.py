@@ -24,6 +24,7 @@ VERIFY_HEALTHY_INDEX = 4500  # and its lesion-free cases
 MR_INDEX = 2000  # lesion-free MR cases for region grounding: indices from here in the AOVA seed range
 NORMATIVE_INDEX = 5000  # lesion-free cases for the normative model: indices from here in the AOVA seed range
 NORMATIVE_MR_OFFSET = 500  # its MR cases: from NORMATIVE_INDEX + this (other anatomy than its CT cases)
+VERIFY_MR_OFFSET = 250  # the verifier's lesion-free MR cases: from VERIFY_HEALTHY_INDEX + this (other anatomy)
 AOVA_FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
 
 

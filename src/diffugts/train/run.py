@@ -582,7 +582,7 @@ def train_lesion_verifier(
     plan = (
         [(R.VERIFY_INDEX + i, False, "CT") for i in range(cases)]
         + [(R.VERIFY_HEALTHY_INDEX + i, True, "CT") for i in range(healthy_cases)]
-        + [(R.VERIFY_HEALTHY_INDEX + i, True, "MR") for i in range(mr_healthy_cases)]
+        + [(R.VERIFY_HEALTHY_INDEX + R.VERIFY_MR_OFFSET + i, True, "MR") for i in range(mr_healthy_cases)]
     )
     examples = [
         ex
@@ -630,7 +630,7 @@ def train_lesion_verifier(
                 "healthy_cases": healthy_cases,
                 "mr_healthy_cases": mr_healthy_cases,
                 "case_seed": make.case_seed,
-                "indices": [R.VERIFY_INDEX, R.VERIFY_HEALTHY_INDEX],
+                "indices": [R.VERIFY_INDEX, R.VERIFY_HEALTHY_INDEX, R.VERIFY_HEALTHY_INDEX + R.VERIFY_MR_OFFSET],
                 "candidate_source": candidate_source,
                 "features": list(features),
                 **({"deviation_k": deviation_k} if candidate_source == "deviation" else {}),

@@ -104,6 +104,8 @@ def fit_verifier(
     ``deviation_k``: where the samples' candidates came from, ``features`` what they hold
     (:func:`component_samples`). ``min_recall``: only thresholds that keep at least this share
     of the true candidates (None: any threshold)."""
+    if min_recall is not None and not 0.0 < min_recall <= 1.0:
+        raise ValueError(f"min_recall must lie in (0, 1], not {min_recall}")
     x = np.stack([s["features"] for s in samples])
     y = np.array([s["lesion"] for s in samples], np.float64)
     if y.min() == y.max():

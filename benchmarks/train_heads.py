@@ -99,18 +99,7 @@ def main() -> None:
             healthy_cases=r.refine_healthy_cases,
         )
     print(f"refinement head done after {time.time() - start:.0f} s", flush=True)
-    train_lesion_verifier(
-        args.out,
-        None,
-        args.seed,
-        r.verifier_cases,
-        r.verifier_healthy_cases,
-        candidate_source=r.verifier_candidates,
-        deviation_k=r.verifier_deviation_k,
-        features=tuple(r.verifier_features) if r.verifier_features else None,
-        mr_healthy_cases=r.verifier_mr_healthy_cases,
-        min_recall=r.verifier_min_recall,
-    )
+    train_lesion_verifier(args.out, None, args.seed, **r.verifier_options())
     print(f"lesion verifier done after {time.time() - start:.0f} s", flush=True)
     record(args.out, r, args.backbone)
 

@@ -438,16 +438,12 @@ def _min_recall(text: str) -> float | None:
 def _verifier_features(text: str) -> tuple[str, ...]:
     import argparse
 
-    from diffugts.stages.verification import KNOWN_FEATURES
+    from diffugts.stages.verification import checked_features
 
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in KNOWN_FEATURES]
-    if unknown or not names or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give distinct features of {', '.join(KNOWN_FEATURES)}"
-            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
-        )
-    return names
+    try:
+        return checked_features(n.strip() for n in text.split(",") if n.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _verifier(args) -> int:

@@ -56,6 +56,18 @@ KNOWN_FEATURES = FEATURES + GEOMETRY
 CANDIDATE_SOURCES = ("refined", "deviation", "normative")
 
 
+def checked_features(names) -> tuple[str, ...]:
+    """``names`` as a tuple, or ValueError unless they are distinct KNOWN_FEATURES."""
+    names = tuple(names)
+    unknown = [n for n in names if n not in KNOWN_FEATURES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"unknown lesion verifier features {list(names)!r}: give distinct features of {', '.join(KNOWN_FEATURES)}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    return names
+
+
 @dataclass(frozen=True)
 class Evidence:
     """One target's evidence maps on one grid (see the module docstring)."""
@@ -85,9 +97,7 @@ class LesionVerifier:
     @classmethod
     def from_dict(cls, d: dict) -> LesionVerifier:
         d = dict(d)
-        features = tuple(d.get("features", FEATURES))
-        if not features or set(features) - set(KNOWN_FEATURES) or len(set(features)) != len(features):
-            raise ValueError(f"unknown lesion verifier features {d.get('features')!r}")
+        features = checked_features(d.get("features", FEATURES))
         if len(d.get("weights", ())) != len(features):
             raise ValueError(
                 f"the lesion verifier has {len(d.get('weights', ()))} weights for {len(features)} features"

@@ -112,6 +112,18 @@ class DemoRecipe:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def verifier_options(self) -> dict:
+        """The keyword arguments of ``train_lesion_verifier`` this recipe sets."""
+        return {
+            "cases": self.verifier_cases,
+            "healthy_cases": self.verifier_healthy_cases,
+            "candidate_source": self.verifier_candidates,
+            "deviation_k": self.verifier_deviation_k,
+            "features": tuple(self.verifier_features) if self.verifier_features else None,
+            "mr_healthy_cases": self.verifier_mr_healthy_cases,
+            "min_recall": self.verifier_min_recall,
+        }
+
     def normative_params(self):
         """The normative model's parameters this recipe sets (the rest: NormativeParams')."""
         from diffugts.stages.normative import NormativeParams

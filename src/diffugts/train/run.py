@@ -587,7 +587,7 @@ def train_lesion_verifier(
     examples = [
         ex
         for i, healthy, modality in progress(plan, desc="synthesis for verification", unit="case", enable=show_progress)
-        for ex in (make(i, healthy) if modality == "CT" else make.examples(make.case(i, healthy, modality)))
+        for ex in make.examples(make.case(i, healthy, modality))
     ]
     probs = held_out_probabilities(head, examples)
     voxel_ml = float(np.prod(make.prep.spacing_mm)) / 1000
@@ -720,18 +720,7 @@ def train_demo(
     )
     if recipe.verifier_cases:
         pkg = train_lesion_verifier(
-            out,
-            None,
-            recipe.seed,
-            recipe.verifier_cases,
-            recipe.verifier_healthy_cases,
-            show_progress=show_progress,
-            phantom_shape=shape,
-            candidate_source=recipe.verifier_candidates,
-            deviation_k=recipe.verifier_deviation_k,
-            features=tuple(recipe.verifier_features) if recipe.verifier_features else None,
-            mr_healthy_cases=recipe.verifier_mr_healthy_cases,
-            min_recall=recipe.verifier_min_recall,
+            out, None, recipe.seed, show_progress=show_progress, phantom_shape=shape, **recipe.verifier_options()
         )
     manifest_provenance = {
         "recipe": recipe.as_dict(),

@@ -91,6 +91,69 @@ def test_the_organs_own_vessel_is_normal_and_a_lesion_is_not(model):
     assert model.candidates(healthy, organ2, "liver", "CT", SPACING).sum() <= 0.01 * organ2.sum()
 
 
+def mosaic_organ(rng, texture: float):
+    """organ_with's organ whose lesion ball has the organ's mean but a coarse mosaic texture
+    (smooth noise of SD ``texture``; 0: no lesion), as rim-necrotic and mosaic tumours do."""
+    x, organ, ball = organ_with(rng)
+    mosaic = ndimage.gaussian_filter(rng.normal(0, 1, SHAPE), 0.7)
+    x[ball] += texture * (mosaic[ball] - mosaic[ball].mean()) / mosaic[ball].std()
+    return x.astype(np.float32), organ, ball
+
+
+def test_texture_features_find_a_lesion_with_its_organs_mean():
+    """Intensity, shape and depth features miss a mosaic lesion whose mean is its organ's more
+    often than a model that also reads local texture (``texture_mm``)."""
+    plain, textured = NormativeParams(components=4), NormativeParams(components=4, texture_mm=(2.5,))
+    assert textured.features == FEATURES + ("sd_2.5mm",) and plain.features == FEATURES
+    found = {}
+    for params in (plain, textured):
+        rng = np.random.default_rng(0)
+        healthy = [appearance_features(*organ_with(rng)[:2], SPACING, params)[1] for _ in range(6)]
+        assert healthy[0].shape[1] == len(params.features)
+        model = fit_normative({"liver/CT": np.concatenate(healthy)}, params)
+        shares = []
+        for seed in (9, 10, 11):
+            x, organ, ball = mosaic_organ(np.random.default_rng(seed), 0.02)
+            assert abs(x[ball].mean() - 0.5) < 0.01  # the organ's mean, within its noise
+            shares.append((model.candidates(x, organ, "liver", "CT", SPACING) & ball).sum() / ball.sum())
+        found[params.texture_mm] = np.mean(shares)
+        calm = model.candidates(*mosaic_organ(np.random.default_rng(9), 0.0)[:2], "liver", "CT", SPACING)
+        assert calm.sum() <= 0.01 * organ.sum()
+    assert found[(2.5,)] >= 0.5 and found[(2.5,)] >= found[()] + 0.25, found
+    with pytest.raises(ValueError, match="texture_mm"):
+        NormativeParams(texture_mm=(0.0,))
+    assert NormativeParams.from_dict({"texture_mm": [2.5, 5]}).texture_mm == (2.5, 5.0)
+
+
+def test_a_texture_model_round_trips_and_names_its_features():
+    params = NormativeParams(components=2, texture_mm=(2.5, 5.0))
+    rng = np.random.default_rng(3)
+    model = fit_normative({"liver/CT": rng.normal(size=(400, len(params.features)))}, params)
+    entry = model.entry()
+    assert entry["features"][-2:] == ["sd_2.5mm", "sd_5mm"]
+    loaded = NormativeModel.load(entry, model.state_dict())
+    assert loaded.params == params
+    # a manifest whose features its parameters do not compute does not load
+    with pytest.raises(ValueError, match="features"):
+        NormativeModel.load({**entry, "params": {**entry["params"], "texture_mm": [2.5]}}, model.state_dict())
+
+
+def test_train_normative_texture_option():
+    import argparse
+
+    from diffugts.cli import train as train_cli
+    from diffugts.train.recipe import DemoRecipe
+
+    parser = argparse.ArgumentParser()
+    train_cli.register(parser.add_subparsers())
+    parse = lambda *a: parser.parse_args(["train", "normative", "--model", "m", *a]).texture_mm  # noqa: E731
+    assert parse() == DemoRecipe.normative_texture_mm
+    assert parse("--texture-mm", "2.5,5") == (2.5, 5.0) and parse("--texture-mm", "none") == ()
+    for bad in ("0", "a,b"):
+        with pytest.raises(SystemExit):
+            parse("--texture-mm", bad)
+
+
 def test_unknown_organ_or_modality_gives_no_candidates(model):
     x, organ, _ = organ_with(np.random.default_rng(2), lesion=True)
     assert model.knows("liver", "CT") and model.knows("liver", "ct")

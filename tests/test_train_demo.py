@@ -50,7 +50,9 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     assert "--backbone demo" in training["command"]
     # The normative model: fitted after the AOVA head, on lesion-free CT and MR phantoms.
     normative = manifest["networks"]["normative"]
-    assert normative["features"] == list(NORMATIVE_FEATURES) and normative["params"]["margin_mm"] == 5.0
+    assert normative["features"] == list(DemoRecipe().normative_params().features)
+    assert normative["features"][: len(NORMATIVE_FEATURES)] == list(NORMATIVE_FEATURES)
+    assert normative["params"]["margin_mm"] == 5.0
     assert normative["params"] == DemoRecipe().normative_params().as_dict()  # the recipe sets them
     assert training["normative_training"]["cases"] == 1 and training["normative_training"]["mr_cases"] == 1
     assert set(normative["keys"]) <= set(training["normative_training"]["samples"])  # enough samples only
@@ -62,12 +64,13 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     # `train normative` refits it alone.
     norm = tmp_path / "normative"
     args = ["-q", "train", "normative", "--model", str(out), "--out", str(norm), "--cases", "1", "--mr-cases", "2"]
-    assert main([*args, "--seed-log-odds", "3.5", "--seed-opening", "slice"]) == 0
+    assert main([*args, "--seed-log-odds", "3.5", "--seed-opening", "slice", "--texture-mm", "none"]) == 0
     assert main(["models", "verify", str(norm)]) == 0
     refitted = json.loads((norm / "manifest.json").read_text())
     assert refitted["provenance"]["normative_training"]["mr_cases"] == 2
     assert refitted["networks"]["normative"]["params"]["seed_log_odds"] == 3.5
     assert refitted["networks"]["normative"]["params"]["seed_opening"] == "slice"
+    assert refitted["networks"]["normative"]["features"] == list(NORMATIVE_FEATURES)  # --texture-mm none
     assert refitted["networks"]["aova"] == manifest["networks"]["aova"]  # nothing else changed
 
     # `train verifier` refits it alone, on the features asked for and lesion-free MR cases too.

@@ -115,6 +115,13 @@ def register(sub) -> None:
         help="open the seeds with a cross in 3D, or within each slice, so that lesions on one or two "
         "slices seed (default %(default)s)",
     )
+    m.add_argument(
+        "--texture-mm",
+        type=_scales,
+        default=DemoRecipe.normative_texture_mm,
+        help="scales (mm, comma-separated) of local standard deviation features; 'none': intensity, shape "
+        "and depth only (default %(default)s)",
+    )
     m.set_defaults(func=_normative)
 
     r = t.add_parser("refine", help="the residual refinement head, on seen lesion types only")
@@ -377,6 +384,21 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
+def _scales(text: str) -> tuple[float, ...]:
+    """'2.5,5' -> (2.5, 5.0); 'none' -> ()."""
+    import argparse
+
+    if text.lower() == "none":
+        return ()
+    try:
+        scales = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of scales in mm: {text!r}") from None
+    if any(s <= 0 for s in scales):
+        raise argparse.ArgumentTypeError(f"scales must be positive: {text!r}")
+    return scales
+
+
 def _normative(args) -> int:
     from diffugts.stages.normative import NormativeParams
     from diffugts.train.run import train_normative
@@ -388,7 +410,9 @@ def _normative(args) -> int:
         args.cases,
         args.mr_cases,
         not args.quiet,
-        params=NormativeParams(seed_log_odds=args.seed_log_odds, seed_opening=args.seed_opening),
+        params=NormativeParams(
+            seed_log_odds=args.seed_log_odds, seed_opening=args.seed_opening, texture_mm=args.texture_mm
+        ),
     )
     known = pkg.manifest["networks"]["normative"]["keys"]
     print(f"wrote {pkg.root} (normative model of {', '.join(known) or 'no organ'})")

@@ -12,7 +12,10 @@ it is a Gaussian mixture over local appearance features (:data:`FEATURES`):
 - organ-relative intensity: local means at three scales as robust z-scores (median, MAD);
 - local shape: scale-normalised Hessian eigenvalues at two scales (tubes, sheets and blobs,
   bright or dark: a vessel is a tube, most lesions are not);
-- depth below the organ's surface (the sinus lies deep in the kidney, the cortex at its rim).
+- depth below the organ's surface (the sinus lies deep in the kidney, the cortex at its rim);
+- local texture, where ``texture_mm`` asks for it: the local standard deviation, relative to
+  the organ's spread. A rim-enhancing tumour with a necrotic core, or a mosaic one, can have its
+  organ's mean intensity at every scale; it does not have its organ's texture.
 
 A voxel's score is its negative log-likelihood under its organ's mixture. The candidates are
 hysteresis components: voxels above the ``high_quantile`` of healthy voxels' scores, opened,
@@ -53,6 +56,7 @@ FEATURES = (
 SEED_OPENINGS = ("volume", "slice")
 MEAN_SCALES_MM = (1.2, 2.5, 7.0)
 HESSIAN_SCALES_MM = (2.75, 5.5)
+TEXTURE_FLOOR = 0.05  # added to the relative local SD before its log
 
 
 @dataclass(frozen=True)
@@ -73,10 +77,22 @@ class NormativeParams:
     # three slices, so no lesion thinner than that (12 mm at 4 mm slices) seeds; "slice": a
     # cross within each slice, so small lesions on one or two slices do.
     seed_opening: str = "volume"
+    # Scales (mm) of local standard deviation features; none (models fitted before 2026-12-04):
+    # intensity, shape and depth only (docs/method.md, "normative appearance").
+    texture_mm: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.seed_opening not in SEED_OPENINGS:
             raise ValueError(f"seed_opening must be one of {', '.join(SEED_OPENINGS)}, not {self.seed_opening!r}")
+        texture = tuple(float(s) for s in self.texture_mm)  # a manifest holds a list
+        if any(s <= 0 for s in texture):
+            raise ValueError(f"texture_mm must hold positive scales, not {self.texture_mm!r}")
+        object.__setattr__(self, "texture_mm", texture)
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The names of the features these parameters compute, in their columns' order."""
+        return FEATURES + tuple(f"sd_{s:g}mm" for s in self.texture_mm)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> NormativeParams:
@@ -101,7 +117,7 @@ def appearance_features(
     on the organ's box (:func:`organ_box`: every filter here reaches no further), so the cost
     follows the organ's size, not the volume's."""
     organ = np.asarray(organ, bool)
-    reach = max(GAUSS_TRUNCATE * max(MEAN_SCALES_MM + HESSIAN_SCALES_MM), params.margin_mm)
+    reach = max(GAUSS_TRUNCATE * max(MEAN_SCALES_MM + HESSIAN_SCALES_MM + params.texture_mm), params.margin_mm)
     box = organ_box(organ, spacing_kji, reach)
     scored = np.zeros(organ.shape, bool)
     scored[box], feats = _appearance_features(np.asarray(x)[box], organ[box], spacing_kji, params)
@@ -115,7 +131,7 @@ def _appearance_features(
     spacing = np.asarray(spacing_kji, float)
     scored = organ_interior(organ, spacing, DeviationParams(margin_mm=params.margin_mm))
     if scored.sum() < 10:
-        return np.zeros(organ.shape, bool), np.zeros((0, len(FEATURES)), np.float32)
+        return np.zeros(organ.shape, bool), np.zeros((0, len(params.features)), np.float32)
     x = np.asarray(x, np.float32)
     means = [local_mean(x, organ, s, spacing) for s in MEAN_SCALES_MM]
     median, spread = robust_centre(means[1][scored], params.floor)
@@ -134,6 +150,10 @@ def _appearance_features(
         columns += list(np.linalg.eigvalsh(hessian).T)  # ascending
     depth = ndimage.distance_transform_edt(organ, sampling=spacing)[scored]
     columns.append(np.minimum(depth, params.depth_cap_mm) / 10.0)
+    for sigma_mm in params.texture_mm:
+        mean, square = local_mean(x, organ, sigma_mm, spacing), local_mean(x * x, organ, sigma_mm, spacing)
+        sd = np.sqrt(np.maximum(square - mean * mean, 0.0))[scored] / spread
+        columns.append(np.log(sd + TEXTURE_FLOOR))  # log: noise-level texture is not squeezed near 0
     return scored, np.stack(columns, 1).astype(np.float32)
 
 
@@ -216,7 +236,7 @@ class NormativeModel:
         """The manifest entry (the arrays go to :meth:`state_dict`)."""
         return {
             "params": self.params.as_dict(),
-            "features": list(FEATURES),
+            "features": list(self.params.features),
             "keys": sorted(self.mixtures),
             "thresholds": {k: [m.low, m.high] for k, m in sorted(self.mixtures.items())},
         }
@@ -231,7 +251,8 @@ class NormativeModel:
 
     @classmethod
     def load(cls, entry: dict, state: dict) -> NormativeModel:
-        if tuple(entry.get("features", ())) != FEATURES:
+        params = NormativeParams.from_dict(entry.get("params"))
+        if tuple(entry.get("features", ())) != params.features:
             raise ValueError(f"unknown normative features {entry.get('features')!r}")
         mixtures = {
             k: Mixture(
@@ -242,7 +263,7 @@ class NormativeModel:
             )
             for k in entry["keys"]
         }
-        return cls(NormativeParams.from_dict(entry.get("params")), mixtures)
+        return cls(params, mixtures)
 
 
 def normative_of(pkg) -> NormativeModel | None:

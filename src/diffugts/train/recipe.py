@@ -78,6 +78,10 @@ class DemoRecipe:
     # lesions, two draws (docs/benchmarks.md, "Confident seeds").
     normative_seed_log_odds: float | None = 4.0
     normative_seed_opening: str = "slice"
+    # Local texture features (standard deviation at these scales, mm): heterogeneous lesions that
+    # keep their organ's mean intensity become unlikely. Two draws: full method CT seen and unseen
+    # better in both, MR a little worse (docs/benchmarks.md, "Local texture").
+    normative_texture_mm: tuple[float, ...] = (2.5,)
     refine_cases: int = 30
     refine_steps: int = 900
     refine_healthy_cases: int = 12  # lesion-free cases: their coarse candidates teach the head to say "nothing"
@@ -128,7 +132,11 @@ class DemoRecipe:
         """The normative model's parameters this recipe sets (the rest: NormativeParams')."""
         from diffugts.stages.normative import NormativeParams
 
-        return NormativeParams(seed_log_odds=self.normative_seed_log_odds, seed_opening=self.normative_seed_opening)
+        return NormativeParams(
+            seed_log_odds=self.normative_seed_log_odds,
+            seed_opening=self.normative_seed_opening,
+            texture_mm=tuple(self.normative_texture_mm),
+        )
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoRecipe:

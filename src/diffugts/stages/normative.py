@@ -99,7 +99,8 @@ class NormativeParams:
         return cls(**(d or {}))
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """As the manifest holds them (JSON: lists, not tuples)."""
+        return {**asdict(self), "texture_mm": list(self.texture_mm)}
 
 
 def modality_group(modality: str) -> str:

@@ -111,6 +111,7 @@ def test_the_coarse_stage_uses_the_packages_organ_network(case):
     image.SetSpacing((2.75, 2.75, 4.0))  # the demo model grid: no resampling
     prompts = ["liver tumor", "pancreas tumor"]
     plain = Core(str(DEMO_MODEL))
+    plain.organ_net = None  # the head's regions, whether or not the shipped package has a network
     grounded = Core(str(DEMO_MODEL), backbone=plain.backbone)
     grounded.organ_net = UpperHalfLiver()
     (liver, pancreas), (_, own) = (

@@ -385,18 +385,17 @@ def _optional_float(text: str) -> float | None:
 
 
 def _scales(text: str) -> tuple[float, ...]:
-    """'2.5,5' -> (2.5, 5.0); 'none' -> ()."""
+    """'2.5,5' -> (2.5, 5.0); 'none' -> (); checked as NormativeParams checks them."""
     import argparse
+
+    from diffugts.stages.normative import NormativeParams
 
     if text.lower() == "none":
         return ()
     try:
-        scales = tuple(float(s) for s in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of scales in mm: {text!r}") from None
-    if any(s <= 0 for s in scales):
-        raise argparse.ArgumentTypeError(f"scales must be positive: {text!r}")
-    return scales
+        return NormativeParams(texture_mm=tuple(float(s) for s in text.split(","))).texture_mm
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
 def _normative(args) -> int:

@@ -152,7 +152,13 @@ def _appearance_features(
     depth = ndimage.distance_transform_edt(organ, sampling=spacing)[scored]
     columns.append(np.minimum(depth, params.depth_cap_mm) / 10.0)
     for sigma_mm in params.texture_mm:
-        mean, square = local_mean(x, organ, sigma_mm, spacing), local_mean(x * x, organ, sigma_mm, spacing)
+        # the local mean at a scale the intensity features already use is theirs
+        mean = (
+            means[MEAN_SCALES_MM.index(sigma_mm)]
+            if sigma_mm in MEAN_SCALES_MM
+            else local_mean(x, organ, sigma_mm, spacing)
+        )
+        square = local_mean(x * x, organ, sigma_mm, spacing)
         sd = np.sqrt(np.maximum(square - mean * mean, 0.0))[scored] / spread
         columns.append(np.log(sd + TEXTURE_FLOOR))  # log: noise-level texture is not squeezed near 0
     return scored, np.stack(columns, 1).astype(np.float32)

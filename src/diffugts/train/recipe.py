@@ -135,7 +135,7 @@ class DemoRecipe:
         return NormativeParams(
             seed_log_odds=self.normative_seed_log_odds,
             seed_opening=self.normative_seed_opening,
-            texture_mm=tuple(self.normative_texture_mm),
+            texture_mm=self.normative_texture_mm,
         )
 
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from diffugts.config import SynthesisParams
 from diffugts.models.defaults import DEMO_MODEL
@@ -107,6 +108,41 @@ def test_refinement_examples_hold_false_candidates_and_the_shipped_head_beats_th
         # a verifying head is sparing (measured 0.049 inside, 0.0005 outside): it ranks lesion
         # voxels far above the rest of its region
         assert inside > 20 * outside, (inside, outside)
+
+
+@pytest.mark.slow
+def test_verifier_examples_inpaint_the_candidates_never_a_missed_lesion(demo, text):
+    """Examples for the lesion verifier (made with the normative model) are made as inference
+    makes them: synthesis inpaints the coarse masks and the normative candidates, not a true
+    lesion nothing points at; refinement-head examples (without it) inpaint the lesions too."""
+    from diffugts.stages.normative import NormativeModel, normative_of
+
+    pkg, backbone, prep = demo
+    aova = load_head(pkg, "aova", AOVAHead)
+    features, fusion = pkg.network("aova")["features"], fusion_of(pkg)
+    channels = pkg.network("refine")["target_channels"]
+    model = normative_of(pkg)
+    assert model is not None
+    case = phantom_case(3500, 0, prep, split="seen", keep_volume=True)
+    assert case.lesions.any()
+
+    def made(normative):  # a threshold above every probability: no coarse mask
+        rng = np.random.default_rng(0)
+        args = (case, backbone, aova, text, features, prep, SynthesisParams(steps=2), rng, fusion, 1.5, channels)
+        return refinement_example(*args, normative=normative)
+
+    region = SHARED_CHANNELS - 1  # the shared inputs' last channel: the inpainted region
+    with_truth = made(None)
+    assert with_truth and all((e.inputs[region][e.truth] > 0.5).all() for e in with_truth)
+    assert made(NormativeModel(model.params, {})) == []  # no candidates, no mask: nothing inpainted
+    found = made(model)
+    assert any(
+        e.normative is not None and e.normative.any() for e in found
+    )  # the test means something: candidates were inpainted
+    for e in found:
+        assert e.normative is not None and (e.inputs[region][e.normative] > 0.5).all()
+        missed = e.truth & ~ndimage.binary_dilation(e.normative, iterations=8)
+        assert not (e.inputs[region][missed] > 0.5).any()
 
 
 @pytest.mark.slow

@@ -82,7 +82,7 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
         "--mr-healthy-cases",
         "1",
         "--features",
-        "depth_mm,elongation",
+        "depth_rel,elongation",
         "--min-recall",
         "0.9",
     ]
@@ -90,9 +90,9 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     assert main(["models", "verify", str(verified)]) == 0
     refitted = json.loads((verified / "manifest.json").read_text())
     report = refitted["provenance"]["verifier_training"]
-    assert report["features"] == ["depth_mm", "elongation"] and report["mr_healthy_cases"] == 1
+    assert report["features"] == ["depth_rel", "elongation"] and report["mr_healthy_cases"] == 1
     if "verifier" in refitted["networks"]["refine"]:
-        assert refitted["networks"]["refine"]["verifier"]["features"] == ["depth_mm", "elongation"]
+        assert refitted["networks"]["refine"]["verifier"]["features"] == ["depth_rel", "elongation"]
         assert report["min_recall"] == 0.9 and report["kept_lesion_components"] >= 0.9 * report["lesion_components"]
     else:
         assert "not_fitted" in report
@@ -118,3 +118,20 @@ def test_a_backbone_of_another_configuration_is_one_line_error(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "demo-2d" in err[0]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "recorded"),
+    [
+        (["/venv/bin/diffugts", "train", "demo", "--seed", "0"], "diffugts train demo --seed 0"),
+        (["/src/diffugts/__main__.py", "train", "verifier"], "diffugts train verifier"),
+        (["benchmarks/train_heads.py", "0", "out dir"], "python benchmarks/train_heads.py 0 'out dir'"),
+    ],
+)
+def test_provenance_records_the_command_that_ran(monkeypatch, argv, recorded):
+    """The CLI is recorded as `diffugts ...`; a script that calls the training functions
+    (benchmarks/train_heads.py) as itself, not as a diffugts command that does not exist."""
+    from diffugts.train.run import command_line
+
+    monkeypatch.setattr(sys, "argv", argv)
+    assert command_line() == recorded

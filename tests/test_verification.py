@@ -70,19 +70,44 @@ def test_geometric_features_tell_a_deep_ball_from_a_sliver_at_the_organs_border(
     zeros = np.zeros(organ.shape, np.float32)
     evidence = Evidence(zeros, zeros, zeros, zeros, organ, spacing_mm=spacing)
     labels, ids, feats = candidates(mask, evidence, 0.004, features=GEOMETRY)
-    assert feats.shape == (2, 2)
+    assert feats.shape == (2, 3)
     ball, sliver = sorted(feats.tolist(), key=lambda f: -f[0])
     assert 12.0 <= ball[0] <= 20.0 and sliver[0] == pytest.approx(2.0)  # depth (mm): to the nearest surface
     assert ball[1] > 0.85 and sliver[1] < 0.1  # elongation: near 1 for the (mm-)cube, near 0 for the line
-    with pytest.raises(ValueError, match="spacing_mm"):
-        candidates(mask, Evidence(zeros, zeros, zeros, zeros, organ), 0.004, features=("depth_mm",))
+    assert (
+        0.6 < ball[2] < 1.5 and sliver[2] < 0.2
+    )  # relative depth: about 1 at the core (over a 95th percentile), near 0 at the surface
+    for name in ("depth_mm", "depth_rel"):
+        with pytest.raises(ValueError, match="spacing_mm"):
+            candidates(mask, Evidence(zeros, zeros, zeros, zeros, organ), 0.004, features=(name,))
     # A verifier of the geometry alone: drops the sliver, keeps the ball.
-    v = LesionVerifier((1.0, 1.0), 0.0, (8.0, 0.5), (1.0, 0.1), 0.5, features=GEOMETRY)
+    v = LesionVerifier((1.0, 1.0, 0.0), 0.0, (8.0, 0.5, 0.5), (1.0, 0.1, 1.0), 0.5, features=GEOMETRY)
     kept = verified(mask, evidence, v, 0.004)
     assert kept[4:7, 18:30, 18:30].all() and not kept[5, 3].any()
     assert LesionVerifier.from_dict(json.loads(json.dumps(v.as_dict()))) == v
     with pytest.raises(ValueError, match="weights"):
         LesionVerifier.from_dict({**v.as_dict(), "features": list(FEATURES)})
+
+
+def test_relative_depth_is_the_same_at_the_core_of_a_thin_and_of_a_thick_organ():
+    """A ball at the core of a thin organ (a pancreas' 10 mm) lies shallower in mm than one
+    halfway into a thick organ (a liver's 40 mm) but deeper relative to its organ: depth_rel
+    measures depth in each organ's own thickness."""
+    spacing = (2.0, 2.0, 2.0)
+
+    def depth_features(half_thickness: int, offset: int):
+        organ = np.zeros((30, 60, 60), bool)
+        organ[15 - half_thickness : 15 + half_thickness, 5:55, 5:55] = True
+        mask = np.zeros(organ.shape, bool)
+        mask[15 - offset - 1 : 15 - offset + 1, 28:32, 28:32] = True
+        zeros = np.zeros(organ.shape, np.float32)
+        evidence = Evidence(zeros, zeros, zeros, zeros, organ, spacing_mm=spacing)
+        return candidates(mask, evidence, 0.008, features=("depth_mm", "depth_rel"))[2][0]
+
+    thin_core = depth_features(3, 0)  # 12 mm slab, the ball at its middle
+    thick_mid = depth_features(12, 6)  # 48 mm slab, the ball halfway between surface and middle
+    assert thin_core[0] < thick_mid[0]  # in mm the thin organ's core is shallower
+    assert thin_core[1] > thick_mid[1] and thin_core[1] > 0.7  # relative to its organ, deeper
 
 
 def test_verifier_drops_weak_components_and_round_trips():
@@ -168,7 +193,7 @@ def test_fitting_separates_true_from_false_components_and_never_lowers_dice():
     assert kept["kept_lesion_components"] == kept["lesion_components"] == 20 and kept["min_recall"] == 1.0
     assert keep_all.threshold < verifier.threshold and kept["kept_false_components"] > report["kept_false_components"]
     # A chosen feature set: the verifier records it, and depth and compactness count only for a lesion.
-    names = ("log_volume_ml", "residual_mean") + GEOMETRY
+    names = ("log_volume_ml", "residual_mean", "depth_mm", "elongation")
     chosen = [
         {**s, "features": np.asarray([s["features"][0], s["features"][1], -s["features"][1], s["features"][2]])}
         for s in samples
@@ -320,6 +345,69 @@ def test_geometric_verifiers_measure_in_the_grid_they_run_on(permissive, study, 
     assert spacings["normative-geometric"] == {model_kji}
     assert spacings["keep-geometric"] == {study_kji}
     assert study_kji[0] != study_kji[1]  # anisotropic: (k, j, i) and not (x, y, z)
+
+
+@pytest.mark.slow
+def test_normative_candidates_are_inpainted_so_the_verifier_reads_their_residual(
+    permissive, study, tmp_path, monkeypatch
+):
+    """No coarse region at all (a threshold above every probability): the normative candidates
+    alone are the attention's masks, synthesis inpaints them, and the verifier weighs a real
+    residual |x - H| there (where nothing is inpainted H = x and the residual is 0)."""
+    import diffugts.stages.verification as verification
+
+    pkg = permissive["normative"]
+    blind = add_networks(
+        pkg, {"aova": ({**pkg.network("aova"), "threshold": 1.5}, pkg.state_dict("aova"))}, out=tmp_path / "blind"
+    )
+    seen = []
+    original = verification.candidates
+
+    def spy(mask, evidence, *args, **kwargs):
+        seen.append(float(np.asarray(evidence.residual)[np.asarray(mask, bool)].mean()))
+        return original(mask, evidence, *args, **kwargs)
+
+    monkeypatch.setattr(verification, "candidates", spy)
+    out = tmp_path / "out"
+    args = ["-q", "segment", str(study / "dicom"), "--out", str(out), "--model", str(blind.root)]
+    assert main([*args, "--prompt", "liver tumor", "--no-report"]) == 0
+    entry = json.loads((out / "attention" / "attention.json").read_text())["targets"][0]
+    assert entry["max_probability"] < 1.5 and entry["normative_volume_ml"] > 0
+    assert entry["coarse_volume_ml"] == entry["normative_volume_ml"]  # the mask is the candidates alone
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "attention" / entry["mask"]))) > 0
+    inpainted = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "synthesis" / "inpaint_mask.nii.gz"))) > 0
+    assert mask.any() and not (mask & ~attention_organ(out)).any() and (mask <= inpainted).all()
+    assert seen and min(seen) > 0.0  # every candidate verified with a residual
+    assert lesion_mask(out).any()  # and this keep-all verifier kept them
+
+
+@pytest.mark.slow
+def test_refinement_verifies_the_candidates_attention_found_in_the_same_process(permissive, study, monkeypatch):
+    """In one process (diffugts.core) the normative candidates are found once, by the attention
+    stage; refinement from files finds the same ones again from the artifact's organs."""
+    import diffugts.stages.attend as attend_module
+    import diffugts.stages.normative as normative_module
+    from diffugts.artifacts.study import Study
+    from diffugts.core import Core
+
+    calls = []
+    original = normative_module.target_candidates
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(normative_module, "target_candidates", counting)
+    monkeypatch.setattr(attend_module, "target_candidates", counting)
+    core = Core(str(permissive["normative"].root))
+    prepared = core.prepare(Study.from_image(sitk.ReadImage(str(study / "volume.nii")), "CT"))
+    attention = core.attend(prepared, ["liver tumor"])
+    synthesis = core.synthesize(prepared, attention)
+    in_process = core.refine(prepared, attention, synthesis).masks[0]
+    assert len(calls) == 1 and attention.normative is not None and attention.normative[0].any()
+    attention.normative = None  # as an artifact read from files carries none
+    again = core.refine(prepared, attention, synthesis).masks[0]
+    assert len(calls) == 2 and (again == in_process).all() and in_process.any()
 
 
 @pytest.mark.slow

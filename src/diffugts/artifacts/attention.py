@@ -4,7 +4,9 @@ fused maps, its organ with inclusions, on the study grid; ``attention.json`` las
 Layout: ``maps/NN-slug.nii.gz`` (float32 probability), ``masks/NN-slug.nii.gz`` (uint8),
 ``organs/NN-slug.nii.gz`` (uint8, fused maps only), ``attention.json`` (stage, model, maps,
 device, one entry per prompt: index, prompt, score, threshold, coarse_volume_ml,
-max_probability and the file names, timings).
+max_probability and the file names, timings). Where the package's lesion verifier takes the
+normative model's candidates, a prompt's coarse mask holds its candidates too (so synthesis
+inpaints them) and its entry says how much of it they are (normative_volume_ml).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ class Attention:
     # In memory only, never written: the coarse stage's maps on the model grid
     # (diffugts.stages.attend.CoarseMaps; evaluate's organ-aware baseline reads their deviation).
     coarse: CoarseMaps | None = None
+    # In memory only: each target's normative candidates on the model grid, as the attention
+    # stage added them to its mask (refinement verifies these instead of computing them again;
+    # read from files, it does).
+    normative: list[np.ndarray] | None = None
 
     @property
     def targets(self) -> list[dict]:

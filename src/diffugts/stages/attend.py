@@ -3,6 +3,8 @@
 Study volume -> model grid -> frozen backbone features -> AOVA head, tiled with MONAI's
 sliding-window inferer so large volumes never hold full-resolution features at once ->
 per-prompt anomaly probability and coarse mask, mapped back onto the exact study grid.
+Where the package's lesion verifier takes the normative model's candidates, the coarse mask
+holds them too (synthesis inpaints them; see :func:`attention`).
 
 ``maps="training-free"`` replaces the trained head by the backbone's own cross-attention
 maps (2D diffusers family only: :func:`~diffugts.networks.backbones.cross_attention.training_free_probabilities`,
@@ -31,6 +33,7 @@ from diffugts.networks.backbones import Backbone
 from diffugts.networks.organs import OrganNet, grounded_region, organ_maps
 from diffugts.networks.text import Target, TextEncoder, make_target
 from diffugts.stages.deviation import Fusion, organ_deviation
+from diffugts.stages.normative import target_candidates
 from diffugts.stages.preprocess import ModelSpace, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -240,15 +243,13 @@ def attention(
         organs = coarse.organ if coarse.fused else None  # written only where refinement reads it
     else:
         probs, scores = training_free_maps(method, x, targets, seed=params.seed)
-    timings = {"attention_s": round(time.perf_counter() - t0, 3)}
     voxel_ml = float(np.prod(study.geometry.spacing)) / 1000.0
     out = Attention({}, coarse=coarse)
     entries = []
     for n, (target, prob, score) in enumerate(zip(targets, probs, scores)):
         on_study = np.clip(space.to_study(prob), 0.0, 1.0).astype(np.float32)
-        mask = on_study >= threshold
         out.maps.append(on_study)
-        out.masks.append(mask)
+        out.masks.append(on_study >= threshold)
         out.organs.append(None if organs is None else space.to_study(organs[n].astype(np.float32), nearest=True) > 0.5)
         entries.append(
             {
@@ -256,10 +257,24 @@ def attention(
                 "prompt": target.as_dict(),
                 "score": round(float(score), 4),
                 "threshold": threshold,
-                "coarse_volume_ml": round(float(mask.sum()) * voxel_ml, 3),
                 "max_probability": round(float(on_study.max()), 4),
             }
         )
+    # The normative model's candidates join the coarse masks, so that synthesis gives each a
+    # pseudo-healthy image: the difference map covers every lesion refinement can report, and
+    # a verifier that weighs |x - H| reads a real residual (H = x where nothing is inpainted).
+    found = None
+    if organs is not None:  # fused maps: the organ the candidates lie in
+        names = [t.organ for t in targets]
+        found = target_candidates(method.package, method.organs, x, space, study.modality, names, out.organs)
+    out.normative = found
+    for n, entry in enumerate(entries):
+        if found is not None and found[n].any():
+            extra = space.to_study(found[n].astype(np.float32), nearest=True) > 0.5
+            entry["normative_volume_ml"] = round(float(extra.sum()) * voxel_ml, 3)
+            out.masks[n] = out.masks[n] | extra
+        entry["coarse_volume_ml"] = round(float(out.masks[n].sum()) * voxel_ml, 3)
+    timings = {"attention_s": round(time.perf_counter() - t0, 3)}
     out.summary = {
         "stage": "attend",
         "model": {"name": method.package.name, "sha256": method.package.sha256},

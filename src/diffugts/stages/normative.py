@@ -280,6 +280,46 @@ def normative_of(pkg) -> NormativeModel | None:
     return NormativeModel.load(pkg.network(NORMATIVE), pkg.state_dict(NORMATIVE))
 
 
+def verifies_normative(pkg) -> bool:
+    """Whether the package's lesion verifier takes the normative model's candidates."""
+    from diffugts.config import REFINE_HEAD
+    from diffugts.stages.verification import verifier_of
+
+    if not pkg.has(REFINE_HEAD):
+        return False
+    verifier = verifier_of(pkg)
+    return verifier is not None and verifier.candidate_source == "normative"
+
+
+def target_candidates(pkg, organ_net, x: np.ndarray, space, modality: str, names, organs) -> list[np.ndarray] | None:
+    """Per target the normative model's candidate lesions on the model grid, inside its organ;
+    None unless the package's lesion verifier takes its candidates from there. ``x``/``space``:
+    the study on the model grid; ``names``: each target's organ (None: no candidates);
+    ``organs``: each target's organ with inclusions on the study grid (None: no candidates).
+    The attention stage (which has synthesis inpaint them) and refinement (which verifies
+    them) call this alike, so that both see the same candidates."""
+    from diffugts.errors import ConfigError
+
+    if not verifies_normative(pkg):
+        return None
+    model = normative_of(pkg)
+    if model is None:
+        raise ConfigError(f"{pkg.root}: its lesion verifier takes normative candidates but it has no normative model")
+    spacing = tuple(space.model.spacing)[::-1]
+    # Confident seeds need the organ network's log-odds. The attention artifact carries the
+    # organ as a mask; the same frozen network on the same volume gives them again (one pass)
+    # rather than a float map per target in every artifact.
+    grounding = model.seed_maps(organ_net, x) if any(o is not None for o in organs) else {}
+    out = []
+    for name, organ in zip(names, organs):
+        if organ is None or name is None or not model.knows(name, modality):
+            out.append(np.zeros(x.shape, bool))
+            continue
+        organ_model = space.to_model(organ.astype(np.float32), nearest=True) > 0.5
+        out.append(model.candidates(x, organ_model, name, modality, spacing, grounding.get(name)))
+    return out
+
+
 def hysteresis(
     score: np.ndarray, low: float, high: float, where: np.ndarray | None = None, in_slices: bool = False
 ) -> np.ndarray:

@@ -189,7 +189,7 @@ def verify_masks(
     probs: list[np.ndarray],
     coarse: list[np.ndarray],
     organs: list[np.ndarray | None],
-    shared,
+    residual: np.ndarray | None,
     own,
     space,
     normative: list[np.ndarray] | None = None,
@@ -198,8 +198,7 @@ def verify_masks(
     rejects (diffugts.stages.verification); unchanged without a verifier. A verifier whose
     candidates are the deviation's or the normative model's components replaces the masks by
     its verified candidates (``normative``: per target those on the model grid).
-    ``shared``: the head's shared inputs (model grid), whose |x - H| channel is the residual
-    evidence (None: the head did not run, nothing was inpainted, no residual); ``own``: the
+    ``residual``: |x - H| on the model grid (None: nothing was inpainted); ``own``: the
     :func:`own_channels` the head read, whose deviation channel is the |z| evidence."""
     from diffugts.stages.lesions import voxel_ml
     from diffugts.stages.synthesize.masks import bbox, grow
@@ -209,10 +208,8 @@ def verify_masks(
     if verifier is None:
         return masks
     deviation = list(pkg.network(REFINE_HEAD)["target_channels"]).index("deviation")
-    if shared is None:
+    if residual is None:
         residual = np.zeros(space.model.shape, np.float32)
-    else:
-        residual = np.asarray(shared[3].cpu() if isinstance(shared, torch.Tensor) else shared[3]) / RESIDUAL_GAIN
     if verifier.candidate_source != "refined":
         return _verified_candidates(verifier, probs, coarse, organs, residual, own, deviation, space, normative)
     if not any(m.any() for m in masks):
@@ -281,38 +278,20 @@ def _verified_candidates(
 
 def normative_candidates(core, study, attention) -> list[np.ndarray] | None:
     """Per target the normative model's candidate lesions on the model grid, inside the
-    attention artifact's organ (diffugts.stages.normative); None unless the package's lesion
-    verifier takes its candidates from there. ``core``: a :class:`diffugts.core.Core` (its
-    package, and its loaded organ network for confident seeds); ``study``: its
+    attention artifact's organ (diffugts.stages.normative.target_candidates): those the
+    attention stage found, when it ran in this process, else computed again from the
+    artifact's organs alike. ``core``: a :class:`diffugts.core.Core`; ``study``: its
     :class:`~diffugts.core.PreparedStudy`."""
-    from diffugts.errors import ConfigError
-    from diffugts.stages.normative import normative_of
-    from diffugts.stages.verification import verifier_of
+    from diffugts.stages.normative import target_candidates, verifies_normative
 
-    pkg = core.package
-    verifier = verifier_of(pkg)
-    if verifier is None or verifier.candidate_source != "normative":
-        return None
-    model = normative_of(pkg)
-    if model is None:
-        raise ConfigError(f"{pkg.root}: its lesion verifier takes normative candidates but it has no normative model")
+    if attention.normative is not None:
+        return attention.normative
+    if not verifies_normative(core.package):
+        return None  # before the model grid: it needs the backbone
     x, space = study.model_grid
-    modality = study.study.modality
-    spacing = tuple(space.model.spacing)[::-1]
-    # Confident seeds need the organ network's log-odds. The attention artifact carries the
-    # organ as a mask; the same frozen network on the same volume gives them again (one pass)
-    # rather than a float map per target in every artifact.
-    grounding = model.seed_maps(core.organ_net, x)
-    out = []
-    for n, target in enumerate(attention.targets):
-        organ = attention.organs[n] if n < len(attention.organs) else None
-        name = (target.get("prompt") or {}).get("organ")
-        if organ is None or name is None or not model.knows(name, modality):
-            out.append(np.zeros(x.shape, bool))
-            continue
-        organ_model = space.to_model(organ.astype(np.float32), nearest=True) > 0.5
-        out.append(model.candidates(x, organ_model, name, modality, spacing, grounding.get(name)))
-    return out
+    names = [(t.get("prompt") or {}).get("organ") for t in attention.targets]
+    organs = [attention.organs[n] if n < len(attention.organs) else None for n in range(len(names))]
+    return target_candidates(core.package, core.organ_net, x, space, study.study.modality, names, organs)
 
 
 def target_region(coarse_mask: np.ndarray, geometry, dilation_mm: float) -> np.ndarray:
@@ -366,15 +345,19 @@ def refinement(core, study, attention, synthesis):
     probs = [np.zeros(s.geometry.shape, np.float32) for _ in allowed]
     pkg = core.package
     normative = normative_candidates(core, study, attention)
-    shared = own_inputs = None
+    shared = own_inputs = residual = None
+    verify = any(a.any() for a in allowed) or any(c.any() for c in normative or ())
+    if verify:  # else no network is loaded (most studies of a cohort)
+        x, space = study.model_grid
+        if inpainted.any():
+            # H is normalised with the input's own range so x - H is a pure residual.
+            lo, hi = intensity_range(s.volume, s.modality, core.prep)
+            h = space.to_model(((synthesis.pseudo_healthy - lo) / (hi - lo)).astype(np.float32))
+            if s.modality == "CT":
+                h = np.clip(h, 0.0, 1.0)
+            residual = np.abs(x - h)  # the verifier's evidence, also where no head runs (normative candidates)
     if any(a.any() for a in allowed):
         backbone, head = core.backbone, core.refine_head
-        x, space = study.model_grid
-        # H is normalised with the input's own range so x - H is a pure residual.
-        lo, hi = intensity_range(s.volume, s.modality, core.prep)
-        h = space.to_model(((synthesis.pseudo_healthy - lo) / (hi - lo)).astype(np.float32))
-        if s.modality == "CT":
-            h = np.clip(h, 0.0, 1.0)
         region_model = space.to_model(inpainted.astype(np.float32), nearest=True) > 0.5
         coarse_maps = attention.coarse  # the attention stage's encoder levels of x, when it kept them
         x_levels = coarse_maps.encoder_levels if coarse_maps is not None else None
@@ -386,11 +369,10 @@ def refinement(core, study, attention, synthesis):
         probs = refined_probabilities(head, shared, coarse, allowed, space, roi, own_inputs)
     cut = refine_threshold(pkg)
     masks = [(p >= cut) & a for p, a in zip(probs, allowed)]
-    if any(a.any() for a in allowed) or any(c.any() for c in normative or ()):
-        x, space = study.model_grid
+    if verify:
         if own_inputs is None:  # no coarse region, normative candidates: the verifier still reads |z|
             own_inputs = own_channels(pkg, x, space, organs)
-        masks = verify_masks(pkg, masks, probs, coarse, organs, shared, own_inputs, space, normative)
+        masks = verify_masks(pkg, masks, probs, coarse, organs, residual, own_inputs, space, normative)
     targets = [{"prompt": e["prompt"], "score": e["score"]} for e in attention.targets]
     return lesion_artifact(
         s,

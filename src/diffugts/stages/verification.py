@@ -22,17 +22,22 @@ The evidence maps of one target, on one grid:
 - ``organ``: the target's organ (with inclusions);
 - ``spacing_mm``: the grid's voxel spacing (k, j, i), for the geometric features.
 
-Two features are geometry, not intensity (verifiers fitted since 2026-12-04 may use them):
+Three features are geometry, not intensity (verifiers fitted since 2026-12-04 may use them):
 - ``depth_mm``: the candidate's mean depth below its organ's surface. False candidates sit
   where the organ map errs, at its border (the next organ, fat or air scored as this organ);
 - ``elongation``: sqrt(smallest / largest eigenvalue) of the candidate's voxel positions in mm
-  (1: a ball, near 0: a tube or a sheet); vessels and border slivers are long, masses are not.
-Neither is learnt from a lesion type's look, which is why they carry over to unseen types and
+  (1: a ball, near 0: a tube or a sheet); vessels and border slivers are long, masses are not;
+- ``depth_rel``: the mean depth over the organ's own thickness (the 95th percentile of its
+  voxels' depths). In mm a lesion of a thin organ (pancreas, spleen) lies no deeper than a
+  false candidate of a thick one (liver), and a verifier fitted on liver and kidney lesions
+  drops it; relative to its organ it does not.
+None is learnt from a lesion type's look, which is why they carry over to unseen types and
 to MR, where the coarse map's evidence does not (docs/method.md, "lesion verification").
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -51,7 +56,7 @@ FEATURES = (
     "residual_mean",
     "organ_fraction",
 )
-GEOMETRY = ("depth_mm", "elongation")
+GEOMETRY = ("depth_mm", "elongation", "depth_rel")
 KNOWN_FEATURES = FEATURES + GEOMETRY
 CANDIDATE_SOURCES = ("refined", "deviation", "normative")
 
@@ -150,15 +155,22 @@ def candidates(
     def mean(a):
         return ndimage.mean(np.asarray(a, np.float32), labels, ids)
 
-    def depth():
+    @functools.cache
+    def depth_map():  # once for both depth features
         if evidence.spacing_mm is None:
-            raise ValueError("the depth feature needs the evidence's spacing_mm")
+            raise ValueError("the depth features need the evidence's spacing_mm")
         organ = np.asarray(evidence.organ) > 0.5
-        return (
-            mean(ndimage.distance_transform_edt(organ, sampling=evidence.spacing_mm))
-            if organ.any()
-            else np.zeros(len(ids))
-        )
+        return ndimage.distance_transform_edt(organ, sampling=evidence.spacing_mm) if organ.any() else None
+
+    def depth():
+        d = depth_map()
+        return mean(d) if d is not None else np.zeros(len(ids))
+
+    def depth_rel():
+        d = depth_map()
+        if d is None:
+            return np.zeros(len(ids))
+        return mean(d) / max(float(np.percentile(d[d > 0], 95)), 1e-6)
 
     compute = {
         "log_volume_ml": lambda: np.log10(count * voxel_ml),
@@ -169,6 +181,7 @@ def candidates(
         "residual_mean": lambda: mean(evidence.residual),
         "organ_fraction": lambda: mean(evidence.organ),
         "depth_mm": depth,
+        "depth_rel": depth_rel,
         "elongation": lambda: _elongation(labels, ids, evidence.spacing_mm),
     }
     return labels, ids, np.stack([np.asarray(compute[f](), np.float64) for f in features], 1)

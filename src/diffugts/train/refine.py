@@ -101,8 +101,11 @@ def refinement_example(
     """The examples of one case: every organ with lesions, and ``negatives`` lesion-free host
     organs (every host organ of a healthy case) whose coarse candidates are false ones: the
     head must learn to answer "nothing here" as well as to delineate. With a ``normative``
-    model each example carries its candidates, and a case whose coarse masks are empty is kept
-    when it has some (as inference, nothing is inpainted there: H = x)."""
+    model each example carries its candidates, made as inference makes them for the lesion
+    verifier: synthesis inpaints the coarse masks and the candidates (as the attention stage's
+    masks hold them), never a true lesion no mask covers, so that the residual |x - H| the
+    verifier weighs means at fitting what it means at inference. Without one the true lesions
+    are inpainted too: the refinement head learns to delineate every lesion."""
     geometry = Geometry((0, 0, 0), prep.spacing_mm, np.eye(3), case.x.shape)
     truths: dict[str, np.ndarray] = {}
     for rec in case.records:
@@ -122,24 +125,22 @@ def refinement_example(
             found[fam] = normative.candidates(case.x, m.organ, fam, case.modality, spacing_kji, grounding.get(fam))
     union = np.zeros(case.x.shape, bool)
     for fam in organs:
-        union |= (prob[fam] >= threshold) | truths.get(fam, False)
-    if not union.any() and not any(f.any() for f in found.values()):
+        union |= prob[fam] >= threshold
+        union |= found.get(fam, False) if normative is not None else truths.get(fam, False)
+    if not union.any():
         return []
     assert case.volume is not None  # refinement cases keep their study-grid volume
-    if union.any():
-        region = make_region(union, prep.spacing_mm[::-1], params.dilation_mm + rng.uniform(0, 6), params.feather_mm)
-        pseudo, _ = pseudo_healthy(
-            case.volume,
-            geometry,
-            case.modality,
-            region,
-            backbone,
-            prep,
-            SynthesisParams(**{**params.__dict__, "seed": int(rng.integers(1 << 30))}),
-        )
-        h, inpainted = normalise(pseudo, case.modality, prep), region.dilated
-    else:
-        h, inpainted = case.x, union
+    region = make_region(union, prep.spacing_mm[::-1], params.dilation_mm + rng.uniform(0, 6), params.feather_mm)
+    pseudo, _ = pseudo_healthy(
+        case.volume,
+        geometry,
+        case.modality,
+        region,
+        backbone,
+        prep,
+        SynthesisParams(**{**params.__dict__, "seed": int(rng.integers(1 << 30))}),
+    )
+    h, inpainted = normalise(pseudo, case.modality, prep), region.dilated
     shared = shared_inputs(backbone, case.x, h, inpainted)
     examples = []
     for fam in organs:

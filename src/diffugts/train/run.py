@@ -30,7 +30,14 @@ log = logging.getLogger(__name__)
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["diffugts", *sys.argv[1:]]) if sys.argv else ""
+    """The command that is running, for provenance: ``diffugts ...`` for the CLI (its console
+    script or ``python -m diffugts``), ``python SCRIPT ...`` for a script such as
+    benchmarks/train_heads.py, which calls the training functions itself."""
+    if not sys.argv:
+        return ""
+    program = Path(sys.argv[0]).name
+    head = ["diffugts"] if program in ("diffugts", "__main__.py") else ["python", sys.argv[0]]
+    return " ".join(shlex.quote(a) for a in [*head, *sys.argv[1:]])
 
 
 def backbone_cases(prep: Preprocessing, n: int, seed: int, show: bool, shape=None):

@@ -154,6 +154,44 @@ def test_train_normative_texture_option():
             parse("--texture-mm", bad)
 
 
+def test_intensity_only_features_are_the_full_models_columns():
+    """``shape=False`` leaves out the Hessian eigenvalues and depth: the remaining columns are
+    the full feature set's own, number for number, and such a model stores, loads and scores."""
+    x, organ, ball = organ_with(np.random.default_rng(4), lesion=True)
+    full = NormativeParams(components=2, texture_mm=(2.5,))
+    plain = NormativeParams(components=2, texture_mm=(2.5,), shape=False)
+    assert plain.features == ("mean_1.2mm", "mean_2.5mm", "mean_7mm", "sd_2.5mm")
+    scored_full, feats_full = appearance_features(x, organ, SPACING, full)
+    scored, feats = appearance_features(x, organ, SPACING, plain)
+    assert np.array_equal(scored, scored_full)
+    keep = [full.features.index(f) for f in plain.features]
+    assert np.array_equal(feats, feats_full[:, keep])
+    rng = np.random.default_rng(5)
+    healthy = np.concatenate([appearance_features(*organ_with(rng)[:2], SPACING, plain)[1] for _ in range(6)])
+    model = fit_normative({"liver/CT": healthy}, plain)
+    loaded = NormativeModel.load(model.entry(), model.state_dict())
+    assert loaded.params == plain and loaded.entry()["features"] == list(plain.features)
+    found = loaded.candidates(x, organ, "liver", "CT", SPACING)
+    assert (found & ball).sum() >= 0.5 * (ball & scored).sum()  # the dark ball is unlike the organ
+    calm, calm_organ, _ = organ_with(np.random.default_rng(6))  # its vessel is healthy anatomy
+    assert loaded.candidates(calm, calm_organ, "liver", "CT", SPACING).sum() <= 0.02 * calm_organ.sum()
+    # manifests written before the option hold no "shape": all features, as they were fitted
+    assert NormativeParams.from_dict({"components": 2}).shape is True
+
+
+def test_train_normative_shape_option():
+    import argparse
+
+    from diffugts.cli import train as train_cli
+    from diffugts.train.recipe import DemoRecipe
+
+    parser = argparse.ArgumentParser()
+    train_cli.register(parser.add_subparsers())
+    parse = lambda *a: parser.parse_args(["train", "normative", "--model", "m", *a]).shape  # noqa: E731
+    assert parse() is DemoRecipe.normative_shape is False  # the recipe's: intensity and texture only
+    assert parse("--no-shape") is False and parse("--shape") is True
+
+
 def test_unknown_organ_or_modality_gives_no_candidates(model):
     x, organ, _ = organ_with(np.random.default_rng(2), lesion=True)
     assert model.knows("liver", "CT") and model.knows("liver", "ct")

@@ -10,6 +10,8 @@ DEMO_CONFIGS = ("demo", "demo-2d")  # configurations with a training recipe
 
 
 def register(sub) -> None:
+    import argparse
+
     from diffugts.stages.verification import CANDIDATE_SOURCES, FEATURES, KNOWN_FEATURES
     from diffugts.train.recipe import DemoRecipe  # light: dataclasses only
 
@@ -119,8 +121,15 @@ def register(sub) -> None:
         "--texture-mm",
         type=_scales,
         default=DemoRecipe.normative_texture_mm,
-        help="scales (mm, comma-separated) of local standard deviation features; 'none': intensity, shape "
-        "and depth only (default %(default)s)",
+        help="scales (mm, comma-separated) of local standard deviation features; 'none': no texture "
+        "features (default %(default)s)",
+    )
+    m.add_argument(
+        "--shape",
+        action=argparse.BooleanOptionalAction,
+        default=DemoRecipe.normative_shape,
+        help="local shape (Hessian eigenvalues) and depth among the features; --no-shape: organ-relative "
+        "intensity and texture only (default %(default)s)",
     )
     m.set_defaults(func=_normative)
 
@@ -410,7 +419,10 @@ def _normative(args) -> int:
         args.mr_cases,
         not args.quiet,
         params=NormativeParams(
-            seed_log_odds=args.seed_log_odds, seed_opening=args.seed_opening, texture_mm=args.texture_mm
+            seed_log_odds=args.seed_log_odds,
+            seed_opening=args.seed_opening,
+            texture_mm=args.texture_mm,
+            shape=args.shape,
         ),
     )
     known = pkg.manifest["networks"]["normative"]["keys"]

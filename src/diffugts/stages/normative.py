@@ -13,6 +13,8 @@ it is a Gaussian mixture over local appearance features (:data:`FEATURES`):
 - local shape: scale-normalised Hessian eigenvalues at two scales (tubes, sheets and blobs,
   bright or dark: a vessel is a tube, most lesions are not);
 - depth below the organ's surface (the sinus lies deep in the kidney, the cortex at its rim);
+  these two groups (shape and depth) can be left out (``shape=False``): intensity and texture
+  only;
 - local texture, where ``texture_mm`` asks for it: the local standard deviation, relative to
   the organ's spread. A rim-enhancing tumour with a necrotic core, or a mosaic one, can have its
   organ's mean intensity at every scale; it does not have its organ's texture.
@@ -53,6 +55,7 @@ FEATURES = (
     "hessian_5.5mm_3",
     "depth",
 )
+SHAPE_FEATURES = FEATURES[3:]  # the Hessian eigenvalues and depth (NormativeParams.shape)
 SEED_OPENINGS = ("volume", "slice")
 MEAN_SCALES_MM = (1.2, 2.5, 7.0)
 HESSIAN_SCALES_MM = (2.75, 5.5)
@@ -80,6 +83,9 @@ class NormativeParams:
     # Scales (mm) of local standard deviation features; none (models fitted before 2026-12-04):
     # intensity, shape and depth only (docs/method.md, "normative appearance").
     texture_mm: tuple[float, ...] = ()
+    # Local shape (Hessian eigenvalues) and depth among the features; False: organ-relative
+    # intensity and texture only (docs/benchmarks.md, "Intensity-only normative model").
+    shape: bool = True
 
     def __post_init__(self):
         if self.seed_opening not in SEED_OPENINGS:
@@ -92,7 +98,8 @@ class NormativeParams:
     @property
     def features(self) -> tuple[str, ...]:
         """The names of the features these parameters compute, in their columns' order."""
-        return FEATURES + tuple(f"sd_{s:g}mm" for s in self.texture_mm)
+        base = FEATURES if self.shape else tuple(f for f in FEATURES if f not in SHAPE_FEATURES)
+        return base + tuple(f"sd_{s:g}mm" for s in self.texture_mm)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> NormativeParams:
@@ -137,6 +144,24 @@ def _appearance_features(
     means = [local_mean(x, organ, s, spacing) for s in MEAN_SCALES_MM]
     median, spread = robust_centre(means[1][scored], params.floor)
     columns = [(m[scored] - median) / spread for m in means]
+    if params.shape:
+        columns += _shape_columns(x, organ, scored, median, spread, spacing, params)
+    for sigma_mm in params.texture_mm:
+        # the local mean at a scale the intensity features already use is theirs
+        mean = (
+            means[MEAN_SCALES_MM.index(sigma_mm)]
+            if sigma_mm in MEAN_SCALES_MM
+            else local_mean(x, organ, sigma_mm, spacing)
+        )
+        square = local_mean(x * x, organ, sigma_mm, spacing)
+        sd = np.sqrt(np.maximum(square - mean * mean, 0.0))[scored] / spread
+        columns.append(np.log(sd + TEXTURE_FLOOR))  # log: noise-level texture is not squeezed near 0
+    return scored, np.stack(columns, 1).astype(np.float32)
+
+
+def _shape_columns(x, organ, scored, median, spread, spacing, params: NormativeParams) -> list[np.ndarray]:
+    """The scored voxels' Hessian eigenvalues at each scale (ascending) and depth."""
+    columns = []
     # Outside the organ the image is its median, so the organ's own border is not a "sheet".
     flat = np.where(organ, x, median).astype(np.float32)
     for sigma_mm in HESSIAN_SCALES_MM:
@@ -151,17 +176,7 @@ def _appearance_features(
         columns += list(np.linalg.eigvalsh(hessian).T)  # ascending
     depth = ndimage.distance_transform_edt(organ, sampling=spacing)[scored]
     columns.append(np.minimum(depth, params.depth_cap_mm) / 10.0)
-    for sigma_mm in params.texture_mm:
-        # the local mean at a scale the intensity features already use is theirs
-        mean = (
-            means[MEAN_SCALES_MM.index(sigma_mm)]
-            if sigma_mm in MEAN_SCALES_MM
-            else local_mean(x, organ, sigma_mm, spacing)
-        )
-        square = local_mean(x * x, organ, sigma_mm, spacing)
-        sd = np.sqrt(np.maximum(square - mean * mean, 0.0))[scored] / spread
-        columns.append(np.log(sd + TEXTURE_FLOOR))  # log: noise-level texture is not squeezed near 0
-    return scored, np.stack(columns, 1).astype(np.float32)
+    return columns
 
 
 @dataclass

@@ -82,6 +82,10 @@ class DemoRecipe:
     # keep their organ's mean intensity become unlikely. Two draws: full method CT seen and unseen
     # better in both, MR a little worse (docs/benchmarks.md, "Local texture").
     normative_texture_mm: tuple[float, ...] = (2.5,)
+    # Local shape (Hessian eigenvalues) and depth among its features (NormativeParams.shape): no.
+    # Intensity and texture alone: MR better in both draws, CT seen about equal, CT unseen a
+    # little worse (docs/benchmarks.md, "Intensity-only normative model").
+    normative_shape: bool = False
     refine_cases: int = 30
     refine_steps: int = 900
     refine_healthy_cases: int = 12  # lesion-free cases: their coarse candidates teach the head to say "nothing"
@@ -138,6 +142,7 @@ class DemoRecipe:
             seed_log_odds=self.normative_seed_log_odds,
             seed_opening=self.normative_seed_opening,
             texture_mm=self.normative_texture_mm,
+            shape=self.normative_shape,
         )
 
     @classmethod

@@ -64,13 +64,14 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     # `train normative` refits it alone.
     norm = tmp_path / "normative"
     args = ["-q", "train", "normative", "--model", str(out), "--out", str(norm), "--cases", "1", "--mr-cases", "2"]
-    assert main([*args, "--seed-log-odds", "3.5", "--seed-opening", "slice", "--texture-mm", "none"]) == 0
+    assert main([*args, "--seed-log-odds", "3.5", "--seed-opening", "slice", "--texture-mm", "none", "--shape"]) == 0
     assert main(["models", "verify", str(norm)]) == 0
     refitted = json.loads((norm / "manifest.json").read_text())
     assert refitted["provenance"]["normative_training"]["mr_cases"] == 2
     assert refitted["networks"]["normative"]["params"]["seed_log_odds"] == 3.5
     assert refitted["networks"]["normative"]["params"]["seed_opening"] == "slice"
-    assert refitted["networks"]["normative"]["features"] == list(NORMATIVE_FEATURES)  # --texture-mm none
+    assert refitted["networks"]["normative"]["params"]["shape"] is True
+    assert refitted["networks"]["normative"]["features"] == list(NORMATIVE_FEATURES)  # --texture-mm none --shape
     assert refitted["networks"]["aova"] == manifest["networks"]["aova"]  # nothing else changed
 
     # `train verifier` refits it alone, on the features asked for and lesion-free MR cases too.

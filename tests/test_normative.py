@@ -188,7 +188,7 @@ def test_train_normative_shape_option():
     parser = argparse.ArgumentParser()
     train_cli.register(parser.add_subparsers())
     parse = lambda *a: parser.parse_args(["train", "normative", "--model", "m", *a]).shape  # noqa: E731
-    assert parse() is DemoRecipe.normative_shape is False  # the recipe's: intensity and texture only
+    assert parse() is DemoRecipe.normative_shape is True  # the recipe's: shape and depth too
     assert parse("--no-shape") is False and parse("--shape") is True
 
 

@@ -13,7 +13,7 @@ from scipy import ndimage
 from diffugts.artifacts.geometry import Geometry
 from diffugts.cli import main
 from diffugts.phantom import CaseSpec, generate_case, write_case
-from diffugts.runners.evaluate import dice, evaluate, intensity_baseline, markdown, nsd
+from diffugts.runners.evaluate import dice, evaluate, intensity_baseline, markdown, nsd, summarise_healthy
 from diffugts.stages.refine import body_mask
 from modelfactory import random_package
 
@@ -242,13 +242,15 @@ def test_evaluate_with_fused_maps_adds_the_organ_zscore_baseline_and_healthy_stu
     assert {r["organ"] for r in result["healthy_rows"]} == {"kidney", "liver", "pancreas", "spleen"}
     for row in result["rows"] + result["healthy_rows"]:
         assert row["false_lesions"] >= 0
+    for row in result["healthy_rows"]:  # a false lesion has a volume, and only a false lesion
+        assert (row["false_volume_ml"] > 0) == (row["false_lesions"] > 0)
     text = markdown(result)
     assert "### By modality and split" in text.split("### By split")[0]  # the headline grouping first
     assert "Lesion-free studies" in text and "organ_zscore" in text
 
 
 def test_false_lesions_counts_components_that_touch_no_true_lesion():
-    from diffugts.runners.evaluate import false_lesions
+    from diffugts.runners.evaluate import false_components, false_lesions
 
     g = Geometry((0, 0, 0), (1.0, 1.0, 1.0), np.eye(3), (20, 40, 40))
     truth = np.zeros(g.shape, bool)
@@ -258,6 +260,31 @@ def test_false_lesions_counts_components_that_touch_no_true_lesion():
     pred[12:18, 20:26, 20:26] = True  # 216 mm3: a false lesion
     pred[2, 30, 30] = True  # 1 mm3: below the reported minimum volume, not counted
     assert false_lesions(pred, truth, g) == 1
+    assert false_components(pred, truth, g) == (1, pytest.approx(0.216))  # mL: the false one only
+
+
+def test_lesion_free_summary_reports_false_volume_per_study():
+    def row(case, modality, organ, false, ml=None):
+        extra = {} if ml is None else {"false_volume_ml": ml}  # None: a row written before it existed
+        return {"case": case, "modality": modality, "organ": organ, "variant": "full", "false_lesions": false, **extra}
+
+    rows = [row("a", "CT", "liver", 1, 50.0), row("a", "CT", "kidney", 1, 0.5), row("b", "CT", "liver", 0, 0.0)]
+    rows.append(row("c", "MR", "liver", 2))
+    summary = summarise_healthy(rows)
+    assert summary["CT"]["full"] == {"false_lesions_per_study": 1.0, "false_volume_ml_per_study": 25.25, "studies": 2}
+    assert summary["MR"]["full"]["false_volume_ml_per_study"] == 0.0
+    text = markdown(
+        {
+            "model": {"name": "m", "sha256": "0" * 64},
+            "cases": 3,
+            "prompt_template": "{organ} tumor",
+            "variants": ["full"],
+            "summary": {},
+            "healthy": summary,
+            "rows": [],
+        }
+    )
+    assert "| CT | 2 | 1.00 / 25.2 |" in text  # format(25.25, ".1f"): round half to even
 
 
 def test_metrics_on_known_shapes():

@@ -245,7 +245,7 @@ def evaluate(
             truth = np.isin(case.lesions, ids)
             for variant in variants:
                 pred = preds[variant]
-                false = false_lesions(pred, truth, case.geometry)
+                false, false_ml = false_components(pred, truth, case.geometry)
                 source = {"dataset": case.meta["dataset"]} if "dataset" in case.meta else {}
                 if not recs:
                     healthy_rows.append(
@@ -255,6 +255,7 @@ def evaluate(
                             "organ": organ,
                             "variant": variant,
                             "false_lesions": false,
+                            "false_volume_ml": round(false_ml, 3),
                             **source,
                         }
                     )
@@ -301,24 +302,37 @@ def evaluate(
 def false_lesions(pred: np.ndarray, truth: np.ndarray, geometry: Geometry) -> int:
     """Predicted lesions (components of at least the reported minimum volume) that touch no
     true lesion."""
-    from diffugts.stages.lesions import split_instances
+    return false_components(pred, truth, geometry)[0]
+
+
+def false_components(pred: np.ndarray, truth: np.ndarray, geometry: Geometry) -> tuple[int, float]:
+    """(how many, their volume in mL): the predicted lesions (components of at least the
+    reported minimum volume) that touch no true lesion. A count alone hides a 50 mL false
+    lesion behind a 0.1 mL one."""
+    from diffugts.stages.lesions import split_instances, voxel_ml
 
     labels = split_instances(pred, geometry)
-    hit = set(np.unique(labels[truth & (labels > 0)]).tolist())
-    return int(sum(1 for i in range(1, int(labels.max()) + 1) if i not in hit))
+    hit = np.unique(labels[truth & (labels > 0)])
+    false = np.setdiff1d(np.arange(1, int(labels.max()) + 1), hit)
+    return len(false), float(np.isin(labels, false).sum() * voxel_ml(geometry))
 
 
 def summarise_healthy(rows: list[dict], key: str = "modality") -> dict:
-    """False lesions per lesion-free study (every host organ prompted), per modality (or
-    ``key``) and variant."""
+    """False lesions and their volume (mL) per lesion-free study (every host organ prompted),
+    per modality (or ``key``) and variant."""
     table: dict[str, dict[str, dict]] = {}
     for row in rows:
-        cell = table.setdefault(row[key], {}).setdefault(row["variant"], {"cases": set(), "false": 0})
+        cell = table.setdefault(row[key], {}).setdefault(row["variant"], {"cases": set(), "false": 0, "ml": 0.0})
         cell["cases"].add((row.get("dataset"), row["case"]))  # case ids repeat across datasets
         cell["false"] += row["false_lesions"]
+        cell["ml"] += row.get("false_volume_ml", 0.0)  # rows of results written before it: none
     return {
         m: {
-            v: {"false_lesions_per_study": round(c["false"] / len(c["cases"]), 3), "studies": len(c["cases"])}
+            v: {
+                "false_lesions_per_study": round(c["false"] / len(c["cases"]), 3),
+                "false_volume_ml_per_study": round(c["ml"] / len(c["cases"]), 2),
+                "studies": len(c["cases"]),
+            }
             for v, c in cells.items()
         }
         for m, cells in sorted(table.items())
@@ -400,14 +414,19 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("healthy"):
         lines += [
-            "### Lesion-free studies: false lesions per study (every host organ prompted)",
+            "### Lesion-free studies: false lesions / their mL per study (every host organ prompted)",
             "",
             "| modality | studies | " + " | ".join(variants) + " |",
             "|---|---|" + "---|" * len(variants),
         ]
         for modality, cells in result["healthy"].items():
             n = next(iter(cells.values()))["studies"]
-            vals = [f"{cells[v]['false_lesions_per_study']:.2f}" if v in cells else "-" for v in variants]
+            vals = [
+                f"{cells[v]['false_lesions_per_study']:.2f} / {cells[v].get('false_volume_ml_per_study', 0.0):.1f}"
+                if v in cells
+                else "-"
+                for v in variants
+            ]
             lines.append(f"| {modality} | {n} | " + " | ".join(vals) + " |")
         lines.append("")
     if result.get("datasets") is not None:

@@ -131,6 +131,14 @@ def register(sub) -> None:
         help="local shape (Hessian eigenvalues) and depth among the features; --no-shape: organ-relative "
         "intensity and texture only (default %(default)s)",
     )
+    m.add_argument(
+        "--score",
+        choices=("likelihood", "discriminative"),
+        default=DemoRecipe.normative_score,
+        help="how unlike healthy tissue a voxel is: its negative log-likelihood under the organ's mixture, or "
+        "the log-odds of an anomaly discriminator trained against generic synthetic anomalies painted into "
+        "the same healthy phantoms (default %(default)s)",
+    )
     m.set_defaults(func=_normative)
 
     r = t.add_parser("refine", help="the residual refinement head, on seen lesion types only")
@@ -423,6 +431,7 @@ def _normative(args) -> int:
             seed_opening=args.seed_opening,
             texture_mm=args.texture_mm,
             shape=args.shape,
+            score=args.score,
         ),
     )
     known = pkg.manifest["networks"]["normative"]["keys"]

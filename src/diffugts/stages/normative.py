@@ -19,9 +19,12 @@ it is a Gaussian mixture over local appearance features (:data:`FEATURES`):
   the organ's spread. A rim-enhancing tumour with a necrotic core, or a mosaic one, can have its
   organ's mean intensity at every scale; it does not have its organ's texture.
 
-A voxel's score is its negative log-likelihood under its organ's mixture. The candidates are
-hysteresis components: voxels above the ``high_quantile`` of healthy voxels' scores, opened,
-grown through voxels above the ``low_quantile``. Like the deviation, scoring runs only in the
+A voxel's score is its negative log-likelihood under its organ's mixture, or (``score =
+"discriminative"``) the log-odds of the organ's anomaly discriminator, an MLP over the same
+features that learnt healthy tissue against generic synthetic anomalies painted into it
+(diffugts.stages.discriminator). The candidates are hysteresis components: voxels above the
+``high_quantile`` of healthy voxels' scores, opened, grown through voxels above the
+``low_quantile``. Like the deviation, scoring runs only in the
 organ's interior (``margin_mm`` in from its surface), on the model grid.
 """
 
@@ -41,6 +44,7 @@ from diffugts.stages.deviation import (
     organ_interior,
     robust_centre,
 )
+from diffugts.stages.discriminator import Discriminator
 
 NORMATIVE = "normative"  # the package's network entry
 FEATURES = (
@@ -57,6 +61,7 @@ FEATURES = (
 )
 SHAPE_FEATURES = FEATURES[3:]  # the Hessian eigenvalues and depth (NormativeParams.shape)
 SEED_OPENINGS = ("volume", "slice")
+SCORES = ("likelihood", "discriminative")  # NormativeParams.score
 MEAN_SCALES_MM = (1.2, 2.5, 7.0)
 HESSIAN_SCALES_MM = (2.75, 5.5)
 TEXTURE_FLOOR = 0.05  # added to the relative local SD before its log
@@ -86,8 +91,14 @@ class NormativeParams:
     # Local shape (Hessian eigenvalues) and depth among the features; False: organ-relative
     # intensity and texture only (docs/benchmarks.md, "Intensity-only normative model").
     shape: bool = True
+    # How unlike healthy tissue a voxel is: "likelihood" (the mixture's negative log-likelihood;
+    # models fitted before 2026-12-05) or "discriminative" (the anomaly discriminator's log-odds;
+    # docs/benchmarks.md, "Anomaly discriminator").
+    score: str = "likelihood"
 
     def __post_init__(self):
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, not {self.score!r}")
         if self.seed_opening not in SEED_OPENINGS:
             raise ValueError(f"seed_opening must be one of {', '.join(SEED_OPENINGS)}, not {self.seed_opening!r}")
         texture = tuple(float(s) for s in self.texture_mm)  # a manifest holds a list
@@ -207,20 +218,28 @@ class Mixture:
 
 @dataclass
 class NormativeModel:
-    """Every organ and modality's :class:`Mixture` (keys ``organ/CT``, ``organ/MR``)."""
+    """Every organ and modality's :class:`Mixture` or, for ``params.score ==
+    "discriminative"``, :class:`~diffugts.stages.discriminator.Discriminator` (keys
+    ``organ/CT``, ``organ/MR``)."""
 
     params: NormativeParams
     mixtures: dict[str, Mixture] = field(default_factory=dict)
+    discriminators: dict[str, Discriminator] = field(default_factory=dict)
+
+    @property
+    def scorers(self) -> dict[str, Mixture | Discriminator]:
+        """Per key what scores a voxel (``score``) and the thresholds (``low``, ``high``)."""
+        return self.discriminators if self.params.score == "discriminative" else self.mixtures  # type: ignore[return-value]
 
     def knows(self, organ: str | None, modality: str) -> bool:
-        return organ is not None and key(organ, modality) in self.mixtures
+        return organ is not None and key(organ, modality) in self.scorers
 
     def score_map(self, x: np.ndarray, organ_mask: np.ndarray, organ: str, modality: str, spacing_kji) -> np.ndarray:
         """The score of every voxel of the organ's interior (-inf elsewhere: a log-likelihood
         may be positive, so 0 would not mean "unscored")."""
         scored, feats = appearance_features(x, organ_mask, spacing_kji, self.params)
         out = np.full(np.shape(x), -np.inf, np.float32)
-        out[scored] = self.mixtures[key(organ, modality)].score(feats)
+        out[scored] = self.scorers[key(organ, modality)].score(feats)
         return out
 
     def seed_maps(self, organ_net, x) -> dict:
@@ -247,7 +266,7 @@ class NormativeModel:
         for confident seeds; without them every interior voxel may seed."""
         if not self.knows(organ, modality) or not np.any(organ_mask):
             return np.zeros(np.shape(x), bool)
-        mix = self.mixtures[key(organ, modality)]
+        mix = self.scorers[key(organ, modality)]
         where = None
         if self.params.seed_log_odds is not None and organ_log_odds is not None:
             where = np.asarray(organ_log_odds) > self.params.seed_log_odds
@@ -259,12 +278,14 @@ class NormativeModel:
         return {
             "params": self.params.as_dict(),
             "features": list(self.params.features),
-            "keys": sorted(self.mixtures),
-            "thresholds": {k: [m.low, m.high] for k, m in sorted(self.mixtures.items())},
+            "keys": sorted(self.scorers),
+            "thresholds": {k: [m.low, m.high] for k, m in sorted(self.scorers.items())},
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {}
+        for k, d in self.discriminators.items():
+            out.update(d.state_dict(f"{k}.discriminator"))
         for k, m in self.mixtures.items():
             out[f"{k}.weights"] = torch.as_tensor(m.weights, dtype=torch.float32)
             out[f"{k}.means"] = torch.as_tensor(m.means, dtype=torch.float32)
@@ -276,6 +297,12 @@ class NormativeModel:
         params = NormativeParams.from_dict(entry.get("params"))
         if tuple(entry.get("features", ())) != params.features:
             raise ValueError(f"unknown normative features {entry.get('features')!r}")
+        if params.score == "discriminative":
+            discriminators = {
+                k: Discriminator.load(state, f"{k}.discriminator", *map(float, entry["thresholds"][k]))
+                for k in entry["keys"]
+            }
+            return cls(params, discriminators=discriminators)
         mixtures = {
             k: Mixture(
                 state[f"{k}.weights"].double().numpy(),

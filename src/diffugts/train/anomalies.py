@@ -1,4 +1,5 @@
-"""Generic synthetic anomalies for training the AOVA head.
+"""Generic synthetic anomalies for training the AOVA head and the normative model's anomaly
+discriminator (:func:`organ_relative_anomaly`, diffugts.stages.discriminator).
 
 The head sees few real lesions (a seen-type case carries one or two), and learns their
 particular looks rather than "unlike the tissue around it". Self-supervised anomaly
@@ -116,3 +117,42 @@ def _blob(organ: np.ndarray, sp: np.ndarray, rng, spec: AnomalySpec):
     weight = ramp((q - 1.0) * r, rng.uniform(*spec.edge_mm)) * organ
     weight[mask] = np.maximum(weight[mask], 0.5)
     return mask, weight.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class RelativeAnomalySpec:
+    """Ranges of the anomalies the normative model's discriminator learns from
+    (diffugts.stages.discriminator): the intensity shift and texture in units of the organ's
+    robust spread, so that one spec serves every organ, CT and MR."""
+
+    count: tuple[int, int] = (1, 2)  # per painted copy
+    diameter_mm: tuple[float, float] = (5.0, 40.0)
+    contrast: tuple[float, float] = (0.7, 6.0)  # magnitude (organ spreads); the sign is random
+    texture: tuple[float, float] = (0.0, 1.0)  # amplitude of smooth texture (organ spreads)
+    edge_mm: tuple[float, float] = (0.5, 4.0)
+    lobulation: tuple[float, float] = (0.0, 0.35)
+
+
+def organ_relative_anomaly(
+    x: np.ndarray,
+    organ: np.ndarray,
+    spread: float,
+    spacing_kji,
+    rng: np.random.Generator,
+    spec: RelativeAnomalySpec = RelativeAnomalySpec(),
+) -> tuple[np.ndarray, np.ndarray]:
+    """(a copy of ``x`` with ``spec.count`` blobs painted inside ``organ``, their voxels (bool)).
+    The blobs come from the same generator as the AOVA head's (:func:`_blob`); their shift is
+    a random multiple of ``spread`` (the organ's robust spread in ``x``'s units), clipped to
+    [0, 1] as the model grid's intensities are."""
+    sp = np.asarray(spacing_kji, dtype=np.float64)
+    out, painted = np.array(x, np.float32, copy=True), np.zeros(np.shape(x), bool)
+    for _ in range(int(rng.integers(spec.count[0], spec.count[1] + 1))):
+        mask, weight = _blob(np.asarray(organ, bool) & ~painted, sp, rng, spec)  # type: ignore[arg-type]
+        if mask is None:
+            continue
+        shift = (1.0 if rng.random() < 0.5 else -1.0) * rng.uniform(*spec.contrast) * spread
+        texture = rng.uniform(*spec.texture) * spread * smooth_noise(rng, out.shape, 1.5 / sp)
+        out += (weight * (shift + texture)).astype(np.float32)
+        painted |= mask
+    return np.clip(out, 0.0, 1.0), painted

@@ -6,7 +6,9 @@ are those inference will compute. Only voxels inside the case's *true* organ are
 the network's organ spills into fat or the next organ is not healthy tissue of this organ,
 and learning it as normal hid lesions (development seeds: docs/method.md, "normative
 appearance"). Per organ and modality, half the samples fit a Gaussian mixture
-(scikit-learn) and the other half set the score quantiles the candidates are cut at.
+(scikit-learn), or an anomaly discriminator against generic synthetic anomalies painted into
+the same cases' organs (diffugts.stages.discriminator), and the other half set the score
+quantiles the candidates are cut at.
 """
 
 from __future__ import annotations
@@ -16,12 +18,31 @@ from collections import defaultdict
 import numpy as np
 
 from diffugts.networks.organs import OrganNet, organ_maps
-from diffugts.stages.deviation import DeviationParams, organ_with_inclusions
-from diffugts.stages.normative import Mixture, NormativeModel, NormativeParams, appearance_features, key
+from diffugts.stages.deviation import DeviationParams, local_mean, organ_interior, organ_with_inclusions, robust_centre
+from diffugts.stages.discriminator import Discriminator, fit_discriminator
+from diffugts.stages.normative import (
+    MEAN_SCALES_MM,
+    Mixture,
+    NormativeModel,
+    NormativeParams,
+    appearance_features,
+    key,
+)
+from diffugts.train.anomalies import organ_relative_anomaly
 from diffugts.train.data import TrainingCase
 from diffugts.train.organs import organ_labels
 
 MAX_SAMPLES = 60000  # voxels per organ and modality for the fit (as many again set the quantiles)
+ANOMALY_COPIES = 3  # painted copies per case and organ for the anomaly discriminator
+
+
+def _case_organs(case: TrainingCase, organ_net: OrganNet, spacing_kji, deviation: DeviationParams):
+    """Per organ family of the network: (family, its organ with inclusions as inference makes
+    it, the case's true organ (lesions included))."""
+    maps = organ_maps(organ_net, case.x)
+    truth = organ_labels(case, list(maps))  # 1 + the index of each voxel's organ in maps
+    for n, (fam, log_odds) in enumerate(maps.items()):
+        yield fam, organ_with_inclusions(log_odds > 0, spacing_kji, deviation), truth == n + 1
 
 
 def normative_samples(
@@ -36,33 +57,83 @@ def normative_samples(
     deviation = deviation or DeviationParams()
     found: dict[str, list[np.ndarray]] = defaultdict(list)
     for case in cases:
-        maps = organ_maps(organ_net, case.x)
-        truth = organ_labels(case, list(maps))  # 1 + the index of each voxel's organ in maps
-        for n, (fam, log_odds) in enumerate(maps.items()):
-            organ = organ_with_inclusions(log_odds > 0, spacing_kji, deviation)
+        for fam, organ, true in _case_organs(case, organ_net, spacing_kji, deviation):
             scored, feats = appearance_features(case.x, organ, spacing_kji, params)
-            healthy = (truth[scored] == n + 1) & (case.lesions[scored] == 0)
+            healthy = true[scored] & (case.lesions[scored] == 0)
             if healthy.any():
                 found[key(fam, case.modality)].append(feats[healthy])
     return {k: np.concatenate(v) for k, v in found.items()}
 
 
-def fit_normative(samples: dict[str, np.ndarray], params: NormativeParams, seed: int = 0) -> NormativeModel:
+def anomaly_samples(
+    cases: list[TrainingCase],
+    organ_net: OrganNet,
+    spacing_kji,
+    params: NormativeParams,
+    deviation: DeviationParams | None = None,
+    seed: int = 0,
+    copies: int = ANOMALY_COPIES,
+) -> dict[str, np.ndarray]:
+    """Per ``organ/modality`` key the (N, F) features of generic synthetic anomalies
+    (diffugts.train.anomalies.organ_relative_anomaly) painted into the true organs of
+    ``cases``, ``copies`` painted copies per case and organ, scored inside the organ as
+    inference scores it."""
+    deviation = deviation or DeviationParams()
+    rng = np.random.default_rng(seed)
+    spacing = np.asarray(spacing_kji, float)
+    found: dict[str, list[np.ndarray]] = defaultdict(list)
+    for case in cases:
+        for fam, organ, true in _case_organs(case, organ_net, spacing_kji, deviation):
+            host = true & organ & (case.lesions == 0)
+            inner = organ_interior(host, spacing, DeviationParams(margin_mm=params.margin_mm))
+            if inner.sum() < 10:
+                continue
+            _, spread = robust_centre(local_mean(case.x, organ, MEAN_SCALES_MM[1], spacing)[inner], params.floor)
+            for _ in range(copies):
+                x, painted = organ_relative_anomaly(case.x, host, spread, spacing, rng)
+                if not painted.any():
+                    continue
+                scored, feats = appearance_features(x, organ, spacing_kji, params)
+                if painted[scored].any():
+                    found[key(fam, case.modality)].append(feats[painted[scored]])
+    return {k: np.concatenate(v) for k, v in found.items()}
+
+
+def fit_normative(
+    samples: dict[str, np.ndarray],
+    params: NormativeParams,
+    seed: int = 0,
+    anomalies: dict[str, np.ndarray] | None = None,
+) -> NormativeModel:
     """A mixture per key with at least ``20 * components`` samples (fewer: the organ stays
-    unknown to the model rather than be guessed from a handful of voxels)."""
+    unknown to the model rather than be guessed from a handful of voxels); for ``params.score
+    == "discriminative"`` an anomaly discriminator per such key that has ``anomalies`` (their
+    features, :func:`anomaly_samples`) instead."""
     from sklearn.mixture import GaussianMixture
 
+    if params.score == "discriminative" and anomalies is None:
+        raise ValueError("a discriminative normative model needs anomaly samples")
     rng = np.random.default_rng(seed)
-    mixtures = {}
+    mixtures: dict[str, Mixture] = {}
+    discriminators: dict[str, Discriminator] = {}
     for k, x in sorted(samples.items()):
         if len(x) < 20 * params.components:
             continue
         x = x[rng.permutation(len(x))]
         fit_on, held_out = x[: min(MAX_SAMPLES, len(x) // 2)], x[len(x) // 2 :][:MAX_SAMPLES]
-        gmm = GaussianMixture(params.components, covariance_type="full", reg_covar=1e-3, random_state=seed)
-        gmm.fit(fit_on)
-        mix = Mixture(gmm.weights_, gmm.means_, np.linalg.cholesky(gmm.covariances_), 0.0, 0.0)
-        low, high = np.quantile(mix.score(held_out), [params.low_quantile, params.high_quantile])
-        mix.low, mix.high = float(low), float(high)
-        mixtures[k] = mix
-    return NormativeModel(params, mixtures)
+        scorer: Mixture | Discriminator
+        if params.score == "discriminative":
+            painted = (anomalies or {}).get(k)
+            if painted is None or len(painted) < 20 * params.components:
+                continue
+            scorer = discriminators[k] = fit_discriminator(
+                painted[rng.permutation(len(painted))][:MAX_SAMPLES], fit_on, seed
+            )
+        else:
+            gmm = GaussianMixture(params.components, covariance_type="full", reg_covar=1e-3, random_state=seed)
+            gmm.fit(fit_on)
+            tril = np.linalg.cholesky(gmm.covariances_)
+            scorer = mixtures[k] = Mixture(gmm.weights_, gmm.means_, tril, 0.0, 0.0)
+        low, high = np.quantile(scorer.score(held_out), [params.low_quantile, params.high_quantile])
+        scorer.low, scorer.high = float(low), float(high)
+    return NormativeModel(params, mixtures, discriminators)

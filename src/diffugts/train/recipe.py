@@ -86,6 +86,10 @@ class DemoRecipe:
     # Without them: MR better in both draws, unseen CT a little worse, and a 50 mL false liver
     # lesion in each make-run study (docs/benchmarks.md, "Intensity-only normative model").
     normative_shape: bool = True
+    # How unlike healthy tissue a voxel is (NormativeParams.score): "likelihood" under the organ's
+    # mixture, or "discriminative", an anomaly discriminator trained against generic synthetic
+    # anomalies (docs/benchmarks.md, "Anomaly discriminator").
+    normative_score: str = "likelihood"
     refine_cases: int = 30
     refine_steps: int = 900
     refine_healthy_cases: int = 12  # lesion-free cases: their coarse candidates teach the head to say "nothing"
@@ -143,6 +147,7 @@ class DemoRecipe:
             seed_opening=self.normative_seed_opening,
             texture_mm=self.normative_texture_mm,
             shape=self.normative_shape,
+            score=self.normative_score,
         )
 
     @classmethod

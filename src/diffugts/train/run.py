@@ -349,7 +349,7 @@ def train_normative(
     on ``cases`` lesion-free CT and ``mr_cases`` lesion-free MR phantoms of the AOVA seed range:
     healthy anatomy only, no lesion of any type (diffugts.train.normative)."""
     from diffugts.stages.attend import fusion_of
-    from diffugts.train.normative import fit_normative, normative_samples
+    from diffugts.train.normative import anomaly_samples, fit_normative, normative_samples
 
     params = params or NormativeParams()
     pkg = open_package(model)
@@ -365,10 +365,12 @@ def train_normative(
         phantom_case(R.AOVA_SEED + seed, i, prep, healthy=True, modality=modality, shape=phantom_shape)
         for modality, i in progress(plan, desc="healthy phantoms", unit="case", enable=show_progress)
     ]
-    samples = normative_samples(
-        data, net, tuple(prep.spacing_mm)[::-1], params, fusion.deviation if fusion else DeviationParams()
+    spacing, deviation = tuple(prep.spacing_mm)[::-1], fusion.deviation if fusion else DeviationParams()
+    samples = normative_samples(data, net, spacing, params, deviation)
+    anomalies = (
+        anomaly_samples(data, net, spacing, params, deviation, seed) if params.score == "discriminative" else None
     )
-    normative = fit_normative(samples, params, seed)
+    normative = fit_normative(samples, params, seed, anomalies)
     return add_networks(
         pkg,
         {NORMATIVE: (normative.entry(), normative.state_dict())},
@@ -382,6 +384,7 @@ def train_normative(
                 "case_seed": R.AOVA_SEED + seed,
                 "indices": [R.NORMATIVE_INDEX, R.NORMATIVE_INDEX + R.NORMATIVE_MR_OFFSET],
                 "samples": {k: len(v) for k, v in sorted(samples.items())},
+                **({"anomaly_samples": {k: len(v) for k, v in sorted(anomalies.items())}} if anomalies else {}),
                 "seconds": round(time.perf_counter() - t0, 1),
             }
         },

@@ -384,7 +384,11 @@ def train_normative(
                 "case_seed": R.AOVA_SEED + seed,
                 "indices": [R.NORMATIVE_INDEX, R.NORMATIVE_INDEX + R.NORMATIVE_MR_OFFSET],
                 "samples": {k: len(v) for k, v in sorted(samples.items())},
-                **({"anomaly_samples": {k: len(v) for k, v in sorted(anomalies.items())}} if anomalies else {}),
+                **(
+                    {"anomaly_samples": {k: len(v) for k, v in sorted(anomalies.items())}}
+                    if anomalies is not None
+                    else {}
+                ),
                 "seconds": round(time.perf_counter() - t0, 1),
             }
         },

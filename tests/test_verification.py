@@ -384,30 +384,42 @@ def test_normative_candidates_are_inpainted_so_the_verifier_reads_their_residual
 @pytest.mark.slow
 def test_refinement_verifies_the_candidates_attention_found_in_the_same_process(permissive, study, monkeypatch):
     """In one process (diffugts.core) the normative candidates are found once, by the attention
-    stage; refinement from files finds the same ones again from the artifact's organs."""
+    stage; refinement from files finds the same ones again from the artifact's organs. Either
+    way the verifier's evidence holds their score and the organ network's log-odds."""
     import diffugts.stages.attend as attend_module
     import diffugts.stages.normative as normative_module
+    import diffugts.stages.verification as verification
     from diffugts.artifacts.study import Study
     from diffugts.core import Core
 
-    calls = []
-    original = normative_module.target_candidates
+    calls, evidence_seen = [], []
+    original, original_candidates = normative_module.target_candidates, verification.candidates
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
+    def spy(mask, evidence, *args, **kwargs):
+        evidence_seen.append(evidence)
+        return original_candidates(mask, evidence, *args, **kwargs)
+
     monkeypatch.setattr(normative_module, "target_candidates", counting)
     monkeypatch.setattr(attend_module, "target_candidates", counting)
+    monkeypatch.setattr(verification, "candidates", spy)
     core = Core(str(permissive["normative"].root))
     prepared = core.prepare(Study.from_image(sitk.ReadImage(str(study / "volume.nii")), "CT"))
     attention = core.attend(prepared, ["liver tumor"])
     synthesis = core.synthesize(prepared, attention)
     in_process = core.refine(prepared, attention, synthesis).masks[0]
-    assert len(calls) == 1 and attention.normative is not None and attention.normative[0].any()
+    assert len(calls) == 1 and attention.normative is not None and attention.normative[0].candidates.any()
     attention.normative = None  # as an artifact read from files carries none
     again = core.refine(prepared, attention, synthesis).masks[0]
     assert len(calls) == 2 and (again == in_process).all() and in_process.any()
+    assert len(evidence_seen) == 2
+    for evidence in evidence_seen:
+        assert evidence.normative is not None and evidence.normative.shape == evidence.organ.shape
+        assert evidence.organ_log_odds is None  # neither its seeds nor its verifier need the organ network's
+    assert np.array_equal(evidence_seen[0].normative, evidence_seen[1].normative)
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from diffugts.utils import atomic
 
 if TYPE_CHECKING:
     from diffugts.stages.attend import CoarseMaps
+    from diffugts.stages.normative import Findings
 
 MARKER = "attention.json"
 # Version 1 is the layout above; it is written without the field (every artifact made before
@@ -47,10 +48,10 @@ class Attention:
     # In memory only, never written: the coarse stage's maps on the model grid
     # (diffugts.stages.attend.CoarseMaps; evaluate's organ-aware baseline reads their deviation).
     coarse: CoarseMaps | None = None
-    # In memory only: each target's normative candidates on the model grid, as the attention
-    # stage added them to its mask (refinement verifies these instead of computing them again;
-    # read from files, it does).
-    normative: list[np.ndarray] | None = None
+    # In memory only: each target's normative findings on the model grid (candidates, as the
+    # attention stage added them to its mask, and their evidence); refinement verifies these
+    # instead of computing them again (read from files, it does).
+    normative: list[Findings] | None = None
 
     @property
     def targets(self) -> list[dict]:

@@ -139,6 +139,20 @@ def register(sub) -> None:
         "the log-odds of an anomaly discriminator trained against generic synthetic anomalies painted into "
         "the same healthy phantoms (default %(default)s)",
     )
+    m.add_argument(
+        "--reference",
+        choices=("organ", "organ_map"),
+        default=DemoRecipe.normative_reference,
+        help="healthy reference voxels: those of the true organ, or every voxel the organ map grounds as the "
+        "organ, as inference sees it (default %(default)s)",
+    )
+    m.add_argument(
+        "--calibration-cases",
+        type=int,
+        default=DemoRecipe.normative_calibration_cases,
+        help="more lesion-free phantoms per modality, never fitted on, whose healthy quantiles set the "
+        "thresholds; 0: held-out voxels of the fitting cases (default %(default)s)",
+    )
     m.set_defaults(func=_normative)
 
     r = t.add_parser("refine", help="the residual refinement head, on seen lesion types only")
@@ -432,7 +446,9 @@ def _normative(args) -> int:
             texture_mm=args.texture_mm,
             shape=args.shape,
             score=args.score,
+            reference=args.reference,
         ),
+        calibration_cases=args.calibration_cases,
     )
     known = pkg.manifest["networks"]["normative"]["keys"]
     print(f"wrote {pkg.root} (normative model of {', '.join(known) or 'no organ'})")

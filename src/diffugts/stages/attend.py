@@ -269,8 +269,8 @@ def attention(
         found = target_candidates(method.package, method.organs, x, space, study.modality, names, out.organs)
     out.normative = found
     for n, entry in enumerate(entries):
-        if found is not None and found[n].any():
-            extra = space.to_study(found[n].astype(np.float32), nearest=True) > 0.5
+        if found is not None and found[n].candidates.any():
+            extra = space.to_study(found[n].candidates.astype(np.float32), nearest=True) > 0.5
             entry["normative_volume_ml"] = round(float(extra.sum()) * voxel_ml, 3)
             out.masks[n] = out.masks[n] | extra
         entry["coarse_volume_ml"] = round(float(out.masks[n].sum()) * voxel_ml, 3)

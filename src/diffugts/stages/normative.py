@@ -26,6 +26,14 @@ features that learnt healthy tissue against generic synthetic anomalies painted 
 ``high_quantile`` of healthy voxels' scores, opened, grown through voxels above the
 ``low_quantile``. Like the deviation, scoring runs only in the
 organ's interior (``margin_mm`` in from its surface), on the model grid.
+
+Healthy reference (``reference``): the voxels of the true organ, or every voxel the organ map
+grounds as the organ in lesion-free studies (the vena cava beside the liver, the kidney in the
+liver's closed concavity, vessels along the pancreas): inference scores those too, and they are
+healthy anatomy. Either way the quantiles are best cut on cases the model was not fitted on
+(``train normative --calibration-cases``). :class:`Findings` carry, with the candidates, the
+score they were cut from on one scale for every organ (:func:`relative_score`) and the organ
+network's log-odds: evidence for the lesion verifier (diffugts.stages.verification).
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ FEATURES = (
 SHAPE_FEATURES = FEATURES[3:]  # the Hessian eigenvalues and depth (NormativeParams.shape)
 SEED_OPENINGS = ("volume", "slice")
 SCORES = ("likelihood", "discriminative")  # NormativeParams.score
+REFERENCES = ("organ", "organ_map")  # NormativeParams.reference
 MEAN_SCALES_MM = (1.2, 2.5, 7.0)
 HESSIAN_SCALES_MM = (2.75, 5.5)
 TEXTURE_FLOOR = 0.05  # added to the relative local SD before its log
@@ -95,8 +104,16 @@ class NormativeParams:
     # models fitted before 2026-12-05) or "discriminative" (the anomaly discriminator's log-odds;
     # docs/benchmarks.md, "Anomaly discriminator").
     score: str = "likelihood"
+    # Which voxels of a lesion-free study are healthy reference (training only): "organ" (those
+    # of the true organ; models fitted before 2026-12-05) or "organ_map" (every voxel the organ
+    # map grounds as the organ: at inference the map also holds the vena cava, the next kidney,
+    # vessels along the pancreas, and they are healthy anatomy too; docs/benchmarks.md,
+    # "Healthy reference as inference sees it").
+    reference: str = "organ"
 
     def __post_init__(self):
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, not {self.reference!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, not {self.score!r}")
         if self.seed_opening not in SEED_OPENINGS:
@@ -216,6 +233,25 @@ class Mixture:
             return (-dist.log_prob(torch.as_tensor(features, dtype=torch.float64))).float().numpy()
 
 
+@dataclass(frozen=True)
+class Findings:
+    """One target's normative findings on the model grid."""
+
+    candidates: np.ndarray  # bool: the candidate lesion voxels
+    score: np.ndarray  # float32: :func:`relative_score` of every voxel (-1 where unscored)
+    log_odds: np.ndarray | None = None  # the organ network's for the target's organ, if it ran
+
+
+def relative_score(score: np.ndarray, low: float, high: float) -> np.ndarray:
+    """A score on one scale for every organ and modality: 0 at its seed threshold ``high``,
+    -1 at its growing threshold ``low`` (where the healthy quantiles put them); unscored voxels
+    (-inf) count as at the growing threshold. A verifier weighs how far a candidate stands
+    above its own organ's healthy tissue, which raw log-odds or likelihoods do not say across
+    organs."""
+    rel = (np.asarray(score, np.float32) - high) / max(high - low, 1e-6)
+    return np.where(np.isfinite(rel), rel, -1.0).astype(np.float32)
+
+
 @dataclass
 class NormativeModel:
     """Every organ and modality's :class:`Mixture` or, for ``params.score ==
@@ -251,7 +287,7 @@ class NormativeModel:
 
         return organ_maps(organ_net, x)
 
-    def candidates(
+    def findings(
         self,
         x: np.ndarray,
         organ_mask: np.ndarray,
@@ -259,19 +295,25 @@ class NormativeModel:
         modality: str,
         spacing_kji,
         organ_log_odds: np.ndarray | None = None,
-    ) -> np.ndarray:
+    ) -> Findings:
         """Candidate lesion voxels: hysteresis components of the score (none for an organ or
-        modality the model has no mixture for). ``organ_log_odds``: the organ network's for
-        this organ (:func:`diffugts.networks.organs.organ_maps`), where ``seed_log_odds`` asks
-        for confident seeds; without them every interior voxel may seed."""
+        modality the model has no scorer for), with the score they were cut from (the
+        lesion verifier's evidence). ``organ_log_odds``: the organ network's for this organ
+        (:func:`diffugts.networks.organs.organ_maps`), where ``seed_log_odds`` asks for
+        confident seeds; without them every interior voxel may seed."""
         if not self.knows(organ, modality) or not np.any(organ_mask):
-            return np.zeros(np.shape(x), bool)
+            return Findings(np.zeros(np.shape(x), bool), np.full(np.shape(x), -1.0, np.float32), organ_log_odds)
         mix = self.scorers[key(organ, modality)]
         where = None
         if self.params.seed_log_odds is not None and organ_log_odds is not None:
             where = np.asarray(organ_log_odds) > self.params.seed_log_odds
         score = self.score_map(x, organ_mask, organ, modality, spacing_kji)
-        return hysteresis(score, mix.low, mix.high, where, in_slices=self.params.seed_opening == "slice")
+        found = hysteresis(score, mix.low, mix.high, where, in_slices=self.params.seed_opening == "slice")
+        return Findings(found, relative_score(score, mix.low, mix.high), organ_log_odds)
+
+    def candidates(self, *args, **kwargs) -> np.ndarray:
+        """The candidate lesion voxels of :meth:`findings` (same arguments)."""
+        return self.findings(*args, **kwargs).candidates
 
     def entry(self) -> dict:
         """The manifest entry (the arrays go to :meth:`state_dict`)."""
@@ -333,14 +375,16 @@ def verifies_normative(pkg) -> bool:
     return verifier is not None and verifier.candidate_source == "normative"
 
 
-def target_candidates(pkg, organ_net, x: np.ndarray, space, modality: str, names, organs) -> list[np.ndarray] | None:
-    """Per target the normative model's candidate lesions on the model grid, inside its organ;
-    None unless the package's lesion verifier takes its candidates from there. ``x``/``space``:
-    the study on the model grid; ``names``: each target's organ (None: no candidates);
-    ``organs``: each target's organ with inclusions on the study grid (None: no candidates).
-    The attention stage (which has synthesis inpaint them) and refinement (which verifies
-    them) call this alike, so that both see the same candidates."""
+def target_candidates(pkg, organ_net, x: np.ndarray, space, modality: str, names, organs) -> list[Findings] | None:
+    """Per target the normative model's findings on the model grid (candidate lesions inside
+    its organ, the score, the organ log-odds); None unless the package's lesion verifier takes
+    its candidates from there. ``x``/``space``: the study on the model grid; ``names``: each
+    target's organ (None: no candidates); ``organs``: each target's organ with inclusions on
+    the study grid (None: no candidates). The attention stage (which has synthesis inpaint
+    the candidates) and refinement (which verifies them) call this alike, so that both see the
+    same candidates."""
     from diffugts.errors import ConfigError
+    from diffugts.networks.organs import organ_maps
 
     if not verifies_normative(pkg):
         return None
@@ -348,17 +392,21 @@ def target_candidates(pkg, organ_net, x: np.ndarray, space, modality: str, names
     if model is None:
         raise ConfigError(f"{pkg.root}: its lesion verifier takes normative candidates but it has no normative model")
     spacing = tuple(space.model.spacing)[::-1]
-    # Confident seeds need the organ network's log-odds. The attention artifact carries the
-    # organ as a mask; the same frozen network on the same volume gives them again (one pass)
-    # rather than a float map per target in every artifact.
-    grounding = model.seed_maps(organ_net, x) if any(o is not None for o in organs) else {}
+    # Confident seeds and the verifier need the organ network's log-odds. The attention
+    # artifact carries the organ as a mask; the same frozen network on the same volume gives
+    # them again (one pass) rather than a float map per target in every artifact.
+    from diffugts.stages.verification import verifier_of
+
+    needs_log_odds = model.params.seed_log_odds is not None or "organ_log_odds" in verifier_of(pkg).features  # type: ignore[union-attr]
+    grounded = needs_log_odds and any(o is not None for o in organs)
+    grounding = organ_maps(organ_net, x) if grounded else {}
     out = []
     for name, organ in zip(names, organs):
         if organ is None or name is None or not model.knows(name, modality):
-            out.append(np.zeros(x.shape, bool))
+            out.append(Findings(np.zeros(x.shape, bool), np.full(x.shape, -1.0, np.float32), grounding.get(name)))
             continue
         organ_model = space.to_model(organ.astype(np.float32), nearest=True) > 0.5
-        out.append(model.candidates(x, organ_model, name, modality, spacing, grounding.get(name)))
+        out.append(model.findings(x, organ_model, name, modality, spacing, grounding.get(name)))
     return out
 
 

@@ -192,12 +192,13 @@ def verify_masks(
     residual: np.ndarray | None,
     own,
     space,
-    normative: list[np.ndarray] | None = None,
+    normative: list | None = None,
 ) -> list[np.ndarray]:
     """Each target's mask (study grid) without the lesions the package's lesion verifier
     rejects (diffugts.stages.verification); unchanged without a verifier. A verifier whose
     candidates are the deviation's or the normative model's components replaces the masks by
-    its verified candidates (``normative``: per target those on the model grid).
+    its verified candidates (``normative``: per target the normative model's findings,
+    diffugts.stages.normative.Findings, on the model grid).
     ``residual``: |x - H| on the model grid (None: nothing was inpainted); ``own``: the
     :func:`own_channels` the head read, whose deviation channel is the |z| evidence."""
     from diffugts.stages.lesions import voxel_ml
@@ -259,6 +260,7 @@ def _verified_candidates(
             if organ_n is not None
             else np.zeros(z.shape, bool)
         )
+        findings = normative[n] if normative is not None and verifier.candidate_source == "normative" else None
         evidence = Evidence(
             refined=space.to_model(prob),
             coarse=coarse_model,
@@ -266,9 +268,11 @@ def _verified_candidates(
             residual=residual,
             organ=organ,
             spacing_mm=tuple(space.model.spacing)[::-1],
+            normative=findings.score if findings is not None else None,
+            organ_log_odds=findings.log_odds if findings is not None else None,
         )
         if verifier.candidate_source == "normative":
-            found = normative[n] if normative is not None else np.zeros(z.shape, bool)
+            found = findings.candidates if findings is not None else np.zeros(z.shape, bool)
         else:
             found = deviation_candidates(z, verifier.deviation_k)
         kept = verified(found, evidence, verifier, voxel_ml(space.model))
@@ -276,9 +280,9 @@ def _verified_candidates(
     return out
 
 
-def normative_candidates(core, study, attention) -> list[np.ndarray] | None:
-    """Per target the normative model's candidate lesions on the model grid, inside the
-    attention artifact's organ (diffugts.stages.normative.target_candidates): those the
+def normative_candidates(core, study, attention) -> list | None:
+    """Per target the normative model's findings on the model grid, inside the attention
+    artifact's organ (diffugts.stages.normative.target_candidates): those the
     attention stage found, when it ran in this process, else computed again from the
     artifact's organs alike. ``core``: a :class:`diffugts.core.Core`; ``study``: its
     :class:`~diffugts.core.PreparedStudy`."""
@@ -346,7 +350,7 @@ def refinement(core, study, attention, synthesis):
     pkg = core.package
     normative = normative_candidates(core, study, attention)
     shared = own_inputs = residual = None
-    verify = any(a.any() for a in allowed) or any(c.any() for c in normative or ())
+    verify = any(a.any() for a in allowed) or any(f.candidates.any() for f in normative or ())
     if verify:  # else no network is loaded (most studies of a cohort)
         x, space = study.model_grid
         if inpainted.any():

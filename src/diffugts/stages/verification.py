@@ -33,6 +33,18 @@ Three features are geometry, not intensity (verifiers fitted since 2026-12-04 ma
   drops it; relative to its organ it does not.
 None is learnt from a lesion type's look, which is why they carry over to unseen types and
 to MR, where the coarse map's evidence does not (docs/method.md, "lesion verification").
+
+Three features weigh the normative model's own evidence (``normative`` candidates only;
+verifiers fitted since 2026-12-05 may use them):
+- ``normative_mean`` / ``normative_max``: the candidate's mean / largest normative score,
+  relative to its organ's thresholds (0 at the seed threshold, -1 at the growing one;
+  diffugts.stages.normative.relative_score). A lesion stands well above its organ's healthy
+  tissue over its whole extent; noise and partial volume just cross the threshold;
+- ``organ_log_odds``: the organ network's mean log-odds over the candidate. Tissue the organ
+  map barely calls organ (the next organ, a vessel, fat at the border) is where false
+  candidates lie.
+They too say nothing about a lesion type's look: how unusual for its organ, and how surely
+inside it.
 """
 
 from __future__ import annotations
@@ -57,7 +69,8 @@ FEATURES = (
     "organ_fraction",
 )
 GEOMETRY = ("depth_mm", "elongation", "depth_rel")
-KNOWN_FEATURES = FEATURES + GEOMETRY
+NORMATIVE_EVIDENCE = ("normative_mean", "normative_max", "organ_log_odds")  # normative candidates only
+KNOWN_FEATURES = FEATURES + GEOMETRY + NORMATIVE_EVIDENCE
 CANDIDATE_SOURCES = ("refined", "deviation", "normative")
 
 
@@ -83,6 +96,8 @@ class Evidence:
     residual: np.ndarray
     organ: np.ndarray
     spacing_mm: tuple[float, float, float] | None = None  # (k, j, i); the geometric features need it
+    normative: np.ndarray | None = None  # relative normative score (NORMATIVE_EVIDENCE needs it)
+    organ_log_odds: np.ndarray | None = None  # the organ network's for the target's organ
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,8 @@ class LesionVerifier:
             )
         if d.get("candidate_source", "refined") not in CANDIDATE_SOURCES:
             raise ValueError(f"unknown lesion verifier candidate source {d.get('candidate_source')!r}")
+        if set(features) & set(NORMATIVE_EVIDENCE) and d.get("candidate_source") != "normative":
+            raise ValueError("the lesion verifier's normative features need normative candidates")
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**fields)
 
@@ -172,6 +189,12 @@ def candidates(
             return np.zeros(len(ids))
         return mean(d) / max(float(np.percentile(d[d > 0], 95)), 1e-6)
 
+    def evidence_map(name: str):
+        a = getattr(evidence, name)
+        if a is None:
+            raise ValueError(f"the normative features need the evidence's {name} map")
+        return np.asarray(a, np.float32)
+
     compute = {
         "log_volume_ml": lambda: np.log10(count * voxel_ml),
         "refined_mean": lambda: mean(evidence.refined),
@@ -183,6 +206,9 @@ def candidates(
         "depth_mm": depth,
         "depth_rel": depth_rel,
         "elongation": lambda: _elongation(labels, ids, evidence.spacing_mm),
+        "normative_mean": lambda: mean(evidence_map("normative")),
+        "normative_max": lambda: ndimage.maximum(evidence_map("normative"), labels, ids),
+        "organ_log_odds": lambda: mean(evidence_map("organ_log_odds")),
     }
     return labels, ids, np.stack([np.asarray(compute[f](), np.float64) for f in features], 1)
 

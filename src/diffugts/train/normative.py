@@ -52,14 +52,18 @@ def normative_samples(
     params: NormativeParams,
     deviation: DeviationParams | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per ``organ/modality`` key the (N, F) features of the healthy voxels of ``cases``;
-    ``deviation``: the parameters the package's organs are closed with (its fusion's)."""
+    """Per ``organ/modality`` key the (N, F) features of the healthy voxels of ``cases``: those
+    of the true organ, or (``params.reference == "organ_map"``) every scored voxel of the organ
+    as its map grounds it; ``deviation``: the parameters the package's organs are closed with
+    (its fusion's)."""
     deviation = deviation or DeviationParams()
     found: dict[str, list[np.ndarray]] = defaultdict(list)
     for case in cases:
         for fam, organ, true in _case_organs(case, organ_net, spacing_kji, deviation):
             scored, feats = appearance_features(case.x, organ, spacing_kji, params)
-            healthy = true[scored] & (case.lesions[scored] == 0)
+            healthy = case.lesions[scored] == 0
+            if params.reference == "organ":
+                healthy &= true[scored]
             if healthy.any():
                 found[key(fam, case.modality)].append(feats[healthy])
     return {k: np.concatenate(v) for k, v in found.items()}
@@ -104,11 +108,16 @@ def fit_normative(
     params: NormativeParams,
     seed: int = 0,
     anomalies: dict[str, np.ndarray] | None = None,
+    calibration: dict[str, np.ndarray] | None = None,
 ) -> NormativeModel:
     """A mixture per key with at least ``20 * components`` samples (fewer: the organ stays
     unknown to the model rather than be guessed from a handful of voxels); for ``params.score
     == "discriminative"`` an anomaly discriminator per such key that has ``anomalies`` (their
-    features, :func:`anomaly_samples`) instead."""
+    features, :func:`anomaly_samples`) instead. The thresholds are the healthy quantiles of
+    ``calibration`` (the healthy samples of other cases) where it has the key, else of half the
+    samples, held out. Voxels of the cases a model was fitted on sit next to the voxels it saw,
+    and a discriminator scores them lower than any new case's: on held-out voxels its
+    thresholds flagged 2-4 % of new healthy organs' voxels where they should flag 0.5 %."""
     from sklearn.mixture import GaussianMixture
 
     if params.score == "discriminative" and anomalies is None:
@@ -120,7 +129,11 @@ def fit_normative(
         if len(x) < 20 * params.components:
             continue
         x = x[rng.permutation(len(x))]
-        fit_on, held_out = x[: min(MAX_SAMPLES, len(x) // 2)], x[len(x) // 2 :][:MAX_SAMPLES]
+        if calibration is not None and k in calibration:
+            held_out = calibration[k]
+            fit_on, held_out = x[:MAX_SAMPLES], held_out[rng.permutation(len(held_out))][:MAX_SAMPLES]
+        else:
+            fit_on, held_out = x[: min(MAX_SAMPLES, len(x) // 2)], x[len(x) // 2 :][:MAX_SAMPLES]
         scorer: Mixture | Discriminator
         if params.score == "discriminative":
             painted = (anomalies or {}).get(k)

@@ -24,6 +24,7 @@ VERIFY_HEALTHY_INDEX = 4500  # and its lesion-free cases
 MR_INDEX = 2000  # lesion-free MR cases for region grounding: indices from here in the AOVA seed range
 NORMATIVE_INDEX = 5000  # lesion-free cases for the normative model: indices from here in the AOVA seed range
 NORMATIVE_MR_OFFSET = 500  # its MR cases: from NORMATIVE_INDEX + this (other anatomy than its CT cases)
+NORMATIVE_CALIBRATION_OFFSET = 250  # its held-out calibration cases: from NORMATIVE_INDEX (+ MR offset) + this
 VERIFY_MR_OFFSET = 250  # the verifier's lesion-free MR cases: from VERIFY_HEALTHY_INDEX + this (other anatomy)
 AOVA_FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
 
@@ -92,6 +93,10 @@ class DemoRecipe:
     # CT seen 0.38 -> 0.32, about 1.5 more false lesions per lesion-free study (docs/benchmarks.md,
     # "Anomaly discriminator").
     normative_score: str = "discriminative"
+    # Its healthy reference (NormativeParams.reference) and the lesion-free phantoms per modality
+    # its thresholds are cut on (train_normative's calibration_cases; 0: held-out voxels).
+    normative_reference: str = "organ"
+    normative_calibration_cases: int = 0
     refine_cases: int = 30
     refine_steps: int = 900
     refine_healthy_cases: int = 12  # lesion-free cases: their coarse candidates teach the head to say "nothing"
@@ -150,6 +155,7 @@ class DemoRecipe:
             texture_mm=self.normative_texture_mm,
             shape=self.normative_shape,
             score=self.normative_score,
+            reference=self.normative_reference,
         )
 
     @classmethod

@@ -25,7 +25,7 @@ from diffugts.networks.organs import OrganNet, grounded_region, organ_maps
 from diffugts.networks.refine import LEGACY_TARGET_CHANNELS, SHARED_CHANNELS as SHARED, RefineHead
 from diffugts.networks.text import TextEncoder, make_target
 from diffugts.stages.deviation import FusedMaps, Fusion
-from diffugts.stages.normative import NormativeModel
+from diffugts.stages.normative import Findings, NormativeModel
 from diffugts.stages.preprocess import Preprocessing, normalise
 from diffugts.stages.refine import shared_inputs, target_inputs
 from diffugts.stages.synthesize import make_region, pseudo_healthy
@@ -45,6 +45,7 @@ class Example:
     truth: np.ndarray  # bool (*S); empty for a false candidate
     candidates: np.ndarray  # bool (*S)
     normative: np.ndarray | None = None  # bool (*S): the normative model's candidates, if asked for
+    findings: Findings | None = None  # with them, their evidence (diffugts.stages.normative.Findings)
 
 
 def coarse_maps(
@@ -122,11 +123,14 @@ def refinement_example(
     for fam in organs:
         m = maps[fam]
         if normative is not None and isinstance(m, FusedMaps):
-            found[fam] = normative.candidates(case.x, m.organ, fam, case.modality, spacing_kji, grounding.get(fam))
+            found[fam] = normative.findings(case.x, m.organ, fam, case.modality, spacing_kji, grounding.get(fam))
     union = np.zeros(case.x.shape, bool)
     for fam in organs:
         union |= prob[fam] >= threshold
-        union |= found.get(fam, False) if normative is not None else truths.get(fam, False)
+        if normative is None:
+            union |= truths.get(fam, False)
+        elif fam in found:
+            union |= found[fam].candidates
     if not union.any():
         return []
     assert case.volume is not None  # refinement cases keep their study-grid volume
@@ -152,6 +156,7 @@ def refinement_example(
                 np.concatenate([shared, own]),
                 truths.get(fam, np.zeros(case.x.shape, bool)),
                 prob[fam] >= threshold,
+                found[fam].candidates if fam in found else None,
                 found.get(fam),
             )
         )

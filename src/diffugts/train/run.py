@@ -344,10 +344,13 @@ def train_normative(
     show_progress: bool = True,
     phantom_shape=None,
     params: NormativeParams | None = None,
+    calibration_cases: int = 0,
 ) -> ModelPackage:
     """The normative model (diffugts.stages.normative) of a package with an organ network, fitted
     on ``cases`` lesion-free CT and ``mr_cases`` lesion-free MR phantoms of the AOVA seed range:
-    healthy anatomy only, no lesion of any type (diffugts.train.normative)."""
+    healthy anatomy only, no lesion of any type (diffugts.train.normative). Its thresholds are
+    cut on ``calibration_cases`` more lesion-free phantoms per modality (0: on held-out voxels
+    of the fitting cases)."""
     from diffugts.stages.attend import fusion_of
     from diffugts.train.normative import anomaly_samples, fit_normative, normative_samples
 
@@ -360,17 +363,24 @@ def train_normative(
     fusion = fusion_of(pkg) if pkg.has(AOVA_HEAD) else None
     plan = [("CT", R.NORMATIVE_INDEX + i) for i in range(cases)]
     plan += [("MR", R.NORMATIVE_INDEX + R.NORMATIVE_MR_OFFSET + i) for i in range(mr_cases)]
+    held_out = [("CT", R.NORMATIVE_INDEX + R.NORMATIVE_CALIBRATION_OFFSET + i) for i in range(calibration_cases)]
+    held_out += [
+        ("MR", R.NORMATIVE_INDEX + R.NORMATIVE_MR_OFFSET + R.NORMATIVE_CALIBRATION_OFFSET + i)
+        for i in range(calibration_cases if mr_cases else 0)
+    ]
     t0 = time.perf_counter()
     data = [
         phantom_case(R.AOVA_SEED + seed, i, prep, healthy=True, modality=modality, shape=phantom_shape)
-        for modality, i in progress(plan, desc="healthy phantoms", unit="case", enable=show_progress)
+        for modality, i in progress(plan + held_out, desc="healthy phantoms", unit="case", enable=show_progress)
     ]
+    data, held_out_data = data[: len(plan)], data[len(plan) :]
     spacing, deviation = tuple(prep.spacing_mm)[::-1], fusion.deviation if fusion else DeviationParams()
     samples = normative_samples(data, net, spacing, params, deviation)
+    calibration = normative_samples(held_out_data, net, spacing, params, deviation) if held_out_data else None
     anomalies = (
         anomaly_samples(data, net, spacing, params, deviation, seed) if params.score == "discriminative" else None
     )
-    normative = fit_normative(samples, params, seed, anomalies)
+    normative = fit_normative(samples, params, seed, anomalies, calibration)
     return add_networks(
         pkg,
         {NORMATIVE: (normative.entry(), normative.state_dict())},
@@ -384,6 +394,14 @@ def train_normative(
                 "case_seed": R.AOVA_SEED + seed,
                 "indices": [R.NORMATIVE_INDEX, R.NORMATIVE_INDEX + R.NORMATIVE_MR_OFFSET],
                 "samples": {k: len(v) for k, v in sorted(samples.items())},
+                **(
+                    {
+                        "calibration_cases": calibration_cases,
+                        "calibration_samples": {k: len(v) for k, v in sorted(calibration.items())},
+                    }
+                    if calibration is not None
+                    else {}
+                ),
                 **(
                     {"anomaly_samples": {k: len(v) for k, v in sorted(anomalies.items())}}
                     if anomalies is not None
@@ -575,10 +593,15 @@ def train_lesion_verifier(
     from diffugts.networks.refine import RefineHead
     from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
     from diffugts.stages.refine import refine_threshold
-    from diffugts.stages.verification import FEATURES
+    from diffugts.stages.verification import FEATURES, NORMATIVE_EVIDENCE
     from diffugts.train.refine import held_out_probabilities
     from diffugts.train.verify import component_samples, fit_verifier
 
+    asked = sorted(set(features or ()) & set(NORMATIVE_EVIDENCE))
+    if asked and candidate_source != "normative":
+        raise ConfigError(
+            f"the verifier features {', '.join(asked)} weigh normative candidates only, not {candidate_source!r}"
+        )
     pkg = open_package(model)
     if "deviation" not in (pkg.network(REFINE_HEAD) or {}).get("target_channels", []):
         raise ConfigError(
@@ -721,6 +744,7 @@ def train_demo(
             show_progress,
             phantom_shape=shape,
             params=recipe.normative_params(),
+            calibration_cases=recipe.normative_calibration_cases,
         )
     pkg = train_refine_head(
         out,

@@ -39,8 +39,8 @@ THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 # opposite for the organ-relative deviation (false candidates at kidney borders deviate more
 # than the seen lesions' mean), and the verifier then drops the plainest lesions of other
 # organs: on the development seeds it removed every liver lesion a draw had found.
-# Depth and compactness count for a lesion too: deeper in its organ, rounder (GEOMETRY). Only
-# the volume is free.
+# Depth and compactness count for a lesion too: deeper in its organ, rounder (GEOMETRY), and so
+# do the normative score and the organ log-odds (NORMATIVE_EVIDENCE). Only the volume is free.
 EVIDENCE = tuple(f for f in KNOWN_FEATURES if f != "log_volume_ml")
 
 
@@ -56,6 +56,8 @@ def example_evidence(example: Example, refined: np.ndarray, spacing_kji=None) ->
         spacing_mm=None
         if spacing_kji is None
         else (float(spacing_kji[0]), float(spacing_kji[1]), float(spacing_kji[2])),
+        normative=example.findings.score if example.findings is not None else None,
+        organ_log_odds=example.findings.log_odds if example.findings is not None else None,
     )
 
 

@@ -1,0 +1,190 @@
+"""The normative model's evidence for the lesion verifier (relative score, organ log-odds), its
+healthy reference as inference sees it, and thresholds cut on held-out cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import diffugts.train.normative as train_normative
+from diffugts.stages.normative import Findings, NormativeParams, appearance_features, relative_score
+from diffugts.stages.verification import NORMATIVE_EVIDENCE, Evidence, LesionVerifier, candidates
+from diffugts.train.data import TrainingCase
+from diffugts.train.normative import fit_normative, normative_samples
+from test_normative import SPACING, organ_with
+
+
+def test_relative_score_is_zero_at_the_seed_and_minus_one_at_the_growing_threshold():
+    score = np.array([2.0, 5.0, 8.0, -np.inf, 11.0], np.float32)
+    rel = relative_score(score, low=5.0, high=8.0)
+    assert rel.dtype == np.float32
+    assert np.allclose(rel, [-2.0, -1.0, 0.0, -1.0, 1.0])  # unscored counts as at the growing threshold
+
+
+def test_findings_hold_the_candidates_and_the_score_they_were_cut_from():
+    rng = np.random.default_rng(0)
+    feats = [appearance_features(*organ_with(rng)[:2], SPACING)[1] for _ in range(6)]
+    model = fit_normative({"liver/CT": np.concatenate(feats)}, NormativeParams(components=4))
+    x, organ, ball = organ_with(np.random.default_rng(2), lesion=True)
+    log_odds = np.where(organ, 6.0, -6.0).astype(np.float32)
+    found = model.findings(x, organ, "liver", "CT", SPACING, log_odds)
+    assert isinstance(found, Findings) and found.log_odds is log_odds
+    assert np.array_equal(found.candidates, model.candidates(x, organ, "liver", "CT", SPACING, log_odds))
+    assert (found.candidates & ball).any()
+    mix = model.mixtures["liver/CT"]
+    score = model.score_map(x, organ, "liver", "CT", SPACING)
+    assert np.allclose(found.score, relative_score(score, mix.low, mix.high))
+    assert found.score[found.candidates].min() > -1.0  # every candidate voxel is above the growing threshold
+    assert (found.score[~organ] == -1.0).all()
+    # an organ the model does not know: no candidates, a flat score, the log-odds passed on
+    none = model.findings(x, organ, "spleen", "CT", SPACING, log_odds)
+    assert not none.candidates.any() and (none.score == -1.0).all() and none.log_odds is log_odds
+
+
+def _two_candidates():
+    """A candidate far above its organ's thresholds and sure to be organ, and one just above
+    them in tissue the organ network doubts."""
+    mask = np.zeros((10, 10, 10), bool)
+    mask[1:4, 1:4, 1:4] = True
+    mask[6:8, 6:8, 6:8] = True
+    score = np.full(mask.shape, -1.0, np.float32)
+    score[1:4, 1:4, 1:4] = 2.0
+    score[2, 2, 2] = 5.0
+    score[6:8, 6:8, 6:8] = -0.5
+    log_odds = np.full(mask.shape, 6.0, np.float32)
+    log_odds[6:8, 6:8, 6:8] = 0.5
+    flat = np.zeros(mask.shape, np.float32)
+    organ = np.ones(mask.shape, np.float32)
+    evidence = Evidence(flat, flat, flat, flat, organ, (4.0, 2.75, 2.75), normative=score, organ_log_odds=log_odds)
+    return mask, evidence
+
+
+def test_normative_features_are_per_candidate_means_and_maxima():
+    mask, evidence = _two_candidates()
+    labels, ids, feats = candidates(mask, evidence, 0.01, features=NORMATIVE_EVIDENCE)
+    by_size = {int((labels == i).sum()): dict(zip(NORMATIVE_EVIDENCE, f)) for i, f in zip(ids, feats)}
+    strong, weak = by_size[27], by_size[8]
+    assert strong["normative_mean"] == pytest.approx((26 * 2.0 + 5.0) / 27, rel=1e-5)
+    assert strong["normative_max"] == 5.0 and strong["organ_log_odds"] == 6.0
+    assert weak["normative_mean"] == weak["normative_max"] == -0.5 and weak["organ_log_odds"] == 0.5
+    # without the maps the features cannot be measured, and say which map is missing
+    bare = Evidence(*(getattr(evidence, f) for f in ("refined", "coarse", "deviation", "residual", "organ")))
+    with pytest.raises(ValueError, match="organ_log_odds"):
+        candidates(mask, bare, 0.01, features=("organ_log_odds",))
+
+
+def test_a_verifier_weighs_normative_evidence_of_normative_candidates_only():
+    entry = {
+        "weights": [1.0, 1.0],
+        "bias": 0.0,
+        "mean": [0.0, 0.0],
+        "scale": [1.0, 1.0],
+        "threshold": 0.5,
+        "features": ["normative_mean", "organ_log_odds"],
+        "candidate_source": "normative",
+    }
+    verifier = LesionVerifier.from_dict(entry)
+    mask, evidence = _two_candidates()
+    labels, ids, feats = candidates(mask, evidence, 0.01, features=verifier.features)
+    kept = {int((labels == i).sum()) for i, s in zip(ids, verifier.scores(feats)) if s >= verifier.threshold}
+    assert kept == {27, 8}  # both stand above a weightless bias ...
+    strict = LesionVerifier.from_dict({**entry, "bias": -4.0})
+    kept = {int((labels == i).sum()) for i, s in zip(ids, strict.scores(feats)) if s >= strict.threshold}
+    assert kept == {27}  # ... and a stricter one keeps the sure one only
+    with pytest.raises(ValueError, match="normative candidates"):
+        LesionVerifier.from_dict({**entry, "candidate_source": "deviation"})
+
+
+def _case_with_a_vessel_beside_the_organ():
+    """A healthy case whose organ map also grounds a bright tube just outside the true organ
+    (as the map grounds the vena cava as liver)."""
+    x, organ, _ = organ_with(np.random.default_rng(7), vessel=False)
+    tube = np.zeros(organ.shape, bool)
+    tube[8:16, 2:6, 10:38] = True
+    tube &= ~organ
+    x = np.where(tube, 0.8, x).astype(np.float32)
+    case = TrainingCase("c", "CT", x, organ.astype(np.uint8), np.zeros(x.shape, np.uint16), [], {1: "liver"})
+    return case, organ, organ | tube
+
+
+@pytest.mark.parametrize("reference", ["organ", "organ_map"])
+def test_the_healthy_reference_is_the_true_organ_or_the_organ_as_its_map_grounds_it(monkeypatch, reference):
+    case, organ, mapped = _case_with_a_vessel_beside_the_organ()
+    monkeypatch.setattr(train_normative, "_case_organs", lambda *a: iter([("liver", mapped, organ)]))
+    params = NormativeParams(margin_mm=0.0, reference=reference)
+    rows = normative_samples([case], None, SPACING, params)["liver/CT"]
+    scored, feats = appearance_features(case.x, mapped, SPACING, params)
+    expected = scored.sum() if reference == "organ_map" else (scored & organ).sum()
+    assert len(rows) == expected
+    bright = feats[:, 0].max() / 2  # the tube's voxels stand far above the organ's median
+    assert (rows[:, 0] > bright).any() == (reference == "organ_map")
+    with pytest.raises(ValueError, match="reference"):
+        NormativeParams(reference="truth")
+
+
+def test_thresholds_are_cut_on_the_calibration_cases_when_given():
+    rng = np.random.default_rng(3)
+    params = NormativeParams(components=2)
+    fit_on = rng.normal(size=(4000, len(params.features)))
+    wider = rng.normal(scale=1.5, size=(3000, len(params.features)))  # new cases vary more
+    voxels = fit_normative({"liver/CT": fit_on}, params, seed=0).mixtures["liver/CT"]
+    cases = fit_normative({"liver/CT": fit_on}, params, seed=0, calibration={"liver/CT": wider}).mixtures["liver/CT"]
+    held = cases.score(wider)
+    assert (held > cases.high).mean() == pytest.approx(1 - params.high_quantile, abs=0.003)
+    assert (held > cases.low).mean() == pytest.approx(1 - params.low_quantile, abs=0.01)
+    assert cases.high > voxels.high  # cut on held-out voxels, the thresholds flag wider new cases too often
+    # a key the calibration lacks falls back to held-out voxels
+    other = fit_normative({"liver/CT": fit_on}, params, seed=0, calibration={"spleen/CT": wider}).mixtures["liver/CT"]
+    assert (other.low, other.high) == (voxels.low, voxels.high)
+
+
+def test_train_normative_reference_and_calibration_options():
+    import argparse
+
+    from diffugts.cli import train as train_cli
+    from diffugts.train.recipe import DemoRecipe
+
+    parser = argparse.ArgumentParser()
+    train_cli.register(parser.add_subparsers())
+    parse = lambda *a: parser.parse_args(["train", "normative", "--model", "m", *a])  # noqa: E731
+    args = parse()
+    assert args.reference == DemoRecipe.normative_reference
+    assert args.calibration_cases == DemoRecipe.normative_calibration_cases
+    args = parse("--reference", "organ_map", "--calibration-cases", "3")
+    assert args.reference == "organ_map" and args.calibration_cases == 3
+    with pytest.raises(SystemExit):
+        parse("--reference", "truth")
+    assert DemoRecipe().normative_params().reference == DemoRecipe.normative_reference
+    # manifests written before the option were fitted on the true organ
+    assert NormativeParams.from_dict({"components": 2}).reference == "organ"
+
+
+def test_train_verifier_refuses_normative_features_of_other_candidates(tmp_path, capsys):
+    from diffugts.cli import main
+
+    out = tmp_path / "out"
+    args = ["-q", "train", "verifier", "--model", str(tmp_path / "none"), "--out", str(out)]
+    code = main([*args, "--candidates", "deviation", "--features", "depth_rel,normative_max"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "normative_max" in err[0] and "deviation" in err[0]
+    assert not out.exists()
+
+
+def test_fitting_samples_of_normative_candidates_carry_their_evidence():
+    """``train verifier --candidates normative`` samples each example's normative candidates,
+    weighing the score and log-odds they were found with (as inference weighs them)."""
+    from diffugts.networks.refine import SHARED_CHANNELS, TARGET_CHANNELS
+    from diffugts.train.refine import Example
+    from diffugts.train.verify import component_samples
+
+    mask, evidence = _two_candidates()
+    truth = np.zeros(mask.shape, bool)
+    truth[1:4, 1:4, 1:4] = True
+    inputs = np.zeros((SHARED_CHANNELS + len(TARGET_CHANNELS), *mask.shape), np.float32)
+    found = Findings(mask, evidence.normative, evidence.organ_log_odds)
+    example = Example(inputs, truth, truth, mask, found)
+    samples = component_samples(
+        [example], [np.zeros(mask.shape, np.float32)], 0.5, 0.01, 0.0, "normative", features=NORMATIVE_EVIDENCE
+    )
+    rows = sorted((s["lesion"], s["voxels"], tuple(np.round(s["features"], 4))) for s in samples)
+    assert rows == [(False, 8, (-0.5, -0.5, 0.5)), (True, 27, (round((26 * 2.0 + 5.0) / 27, 4), 5.0, 6.0))]

@@ -188,3 +188,25 @@ def test_fitting_samples_of_normative_candidates_carry_their_evidence():
     )
     rows = sorted((s["lesion"], s["voxels"], tuple(np.round(s["features"], 4))) for s in samples)
     assert rows == [(False, 8, (-0.5, -0.5, 0.5)), (True, 27, (round((26 * 2.0 + 5.0) / 27, 4), 5.0, 6.0))]
+
+
+def test_a_fit_grounds_each_case_once_for_healthy_and_painted_samples(monkeypatch):
+    case, organ, mapped = _case_with_a_vessel_beside_the_organ()
+    calls = []
+
+    def grounding(*args):
+        calls.append(1)
+        return iter([("liver", mapped, organ)])
+
+    monkeypatch.setattr(train_normative, "_case_organs", grounding)
+    params = NormativeParams(margin_mm=0.0)
+    healthy = normative_samples([case, case], None, SPACING, params)
+    painted = train_normative.anomaly_samples([case, case], None, SPACING, params, seed=3)
+    assert len(calls) == 4  # each call grounds every case
+    grounded = train_normative.ground_cases([case, case], None, SPACING, None)
+    assert len(calls) == 6
+    again = normative_samples([case, case], None, SPACING, params, grounded=grounded)
+    painted_again = train_normative.anomaly_samples([case, case], None, SPACING, params, seed=3, grounded=grounded)
+    assert len(calls) == 6  # grounded once, read twice
+    assert np.array_equal(healthy["liver/CT"], again["liver/CT"])
+    assert np.array_equal(painted["liver/CT"], painted_again["liver/CT"]) and len(painted["liver/CT"])

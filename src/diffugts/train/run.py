@@ -352,7 +352,7 @@ def train_normative(
     cut on ``calibration_cases`` more lesion-free phantoms per modality (0: on held-out voxels
     of the fitting cases)."""
     from diffugts.stages.attend import fusion_of
-    from diffugts.train.normative import anomaly_samples, fit_normative, normative_samples
+    from diffugts.train.normative import anomaly_samples, fit_normative, ground_cases, normative_samples
 
     params = params or NormativeParams()
     pkg = open_package(model)
@@ -375,10 +375,13 @@ def train_normative(
     ]
     data, held_out_data = data[: len(plan)], data[len(plan) :]
     spacing, deviation = tuple(prep.spacing_mm)[::-1], fusion.deviation if fusion else DeviationParams()
-    samples = normative_samples(data, net, spacing, params, deviation)
+    grounded = ground_cases(data, net, spacing, deviation)
+    samples = normative_samples(data, net, spacing, params, deviation, grounded)
     calibration = normative_samples(held_out_data, net, spacing, params, deviation) if held_out_data else None
     anomalies = (
-        anomaly_samples(data, net, spacing, params, deviation, seed) if params.score == "discriminative" else None
+        anomaly_samples(data, net, spacing, params, deviation, seed, grounded=grounded)
+        if params.score == "discriminative"
+        else None
     )
     normative = fit_normative(samples, params, seed, anomalies, calibration)
     return add_networks(

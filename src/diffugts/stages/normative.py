@@ -385,6 +385,7 @@ def target_candidates(pkg, organ_net, x: np.ndarray, space, modality: str, names
     same candidates."""
     from diffugts.errors import ConfigError
     from diffugts.networks.organs import organ_maps
+    from diffugts.stages.verification import verifier_of
 
     if not verifies_normative(pkg):
         return None
@@ -395,9 +396,9 @@ def target_candidates(pkg, organ_net, x: np.ndarray, space, modality: str, names
     # Confident seeds and the verifier need the organ network's log-odds. The attention
     # artifact carries the organ as a mask; the same frozen network on the same volume gives
     # them again (one pass) rather than a float map per target in every artifact.
-    from diffugts.stages.verification import verifier_of
-
-    needs_log_odds = model.params.seed_log_odds is not None or "organ_log_odds" in verifier_of(pkg).features  # type: ignore[union-attr]
+    verifier = verifier_of(pkg)
+    assert verifier is not None  # verifies_normative
+    needs_log_odds = model.params.seed_log_odds is not None or "organ_log_odds" in verifier.features
     grounded = needs_log_odds and any(o is not None for o in organs)
     grounding = organ_maps(organ_net, x) if grounded else {}
     out = []

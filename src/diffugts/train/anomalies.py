@@ -20,6 +20,7 @@ lesion map like a real lesion, with generic prompts.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 from scipy import ndimage
@@ -90,7 +91,19 @@ def add_anomalies(
     return replace(case, x=np.clip(x, 0.0, 1.0), lesions=lesions, records=records)
 
 
-def _blob(organ: np.ndarray, sp: np.ndarray, rng, spec: AnomalySpec):
+class BlobShape(Protocol):
+    """The geometric ranges a blob is drawn from; both specs (AnomalySpec for the AOVA head,
+    RelativeAnomalySpec for the discriminator) have them, and differ in how they shift intensity."""
+
+    @property
+    def diameter_mm(self) -> tuple[float, float]: ...
+    @property
+    def edge_mm(self) -> tuple[float, float]: ...
+    @property
+    def lobulation(self) -> tuple[float, float]: ...
+
+
+def _blob(organ: np.ndarray, sp: np.ndarray, rng, spec: BlobShape):
     """(mask, soft weight) of one blob centred in ``organ``, or (None, None) if none fits."""
     dist = ndimage.distance_transform_edt(organ, sampling=sp)
     r = float(np.exp(rng.uniform(*np.log(spec.diameter_mm)))) / 2
@@ -148,7 +161,7 @@ def organ_relative_anomaly(
     sp = np.asarray(spacing_kji, dtype=np.float64)
     out, painted = np.array(x, np.float32, copy=True), np.zeros(np.shape(x), bool)
     for _ in range(int(rng.integers(spec.count[0], spec.count[1] + 1))):
-        mask, weight = _blob(np.asarray(organ, bool) & ~painted, sp, rng, spec)  # type: ignore[arg-type]
+        mask, weight = _blob(np.asarray(organ, bool) & ~painted, sp, rng, spec)
         if mask is None:
             continue
         shift = (1.0 if rng.random() < 0.5 else -1.0) * rng.uniform(*spec.contrast) * spread

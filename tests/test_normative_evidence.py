@@ -182,7 +182,7 @@ def test_fitting_samples_of_normative_candidates_carry_their_evidence():
     truth[1:4, 1:4, 1:4] = True
     inputs = np.zeros((SHARED_CHANNELS + len(TARGET_CHANNELS), *mask.shape), np.float32)
     found = Findings(mask, evidence.normative, evidence.organ_log_odds)
-    example = Example(inputs, truth, truth, mask, found)
+    example = Example(inputs, truth, truth, found)
     samples = component_samples(
         [example], [np.zeros(mask.shape, np.float32)], 0.5, 0.01, 0.0, "normative", features=NORMATIVE_EVIDENCE
     )

@@ -241,6 +241,11 @@ class Findings:
     score: np.ndarray  # float32: :func:`relative_score` of every voxel (-1 where unscored)
     log_odds: np.ndarray | None = None  # the organ network's for the target's organ, if it ran
 
+    @classmethod
+    def none(cls, shape, log_odds: np.ndarray | None = None) -> Findings:
+        """No candidates, every voxel unscored."""
+        return cls(np.zeros(shape, bool), np.full(shape, -1.0, np.float32), log_odds)
+
 
 def relative_score(score: np.ndarray, low: float, high: float) -> np.ndarray:
     """A score on one scale for every organ and modality: 0 at its seed threshold ``high``,
@@ -302,7 +307,7 @@ class NormativeModel:
         (:func:`diffugts.networks.organs.organ_maps`), where ``seed_log_odds`` asks for
         confident seeds; without them every interior voxel may seed."""
         if not self.knows(organ, modality) or not np.any(organ_mask):
-            return Findings(np.zeros(np.shape(x), bool), np.full(np.shape(x), -1.0, np.float32), organ_log_odds)
+            return Findings.none(np.shape(x), organ_log_odds)
         mix = self.scorers[key(organ, modality)]
         where = None
         if self.params.seed_log_odds is not None and organ_log_odds is not None:
@@ -404,7 +409,7 @@ def target_candidates(pkg, organ_net, x: np.ndarray, space, modality: str, names
     out = []
     for name, organ in zip(names, organs):
         if organ is None or name is None or not model.knows(name, modality):
-            out.append(Findings(np.zeros(x.shape, bool), np.full(x.shape, -1.0, np.float32), grounding.get(name)))
+            out.append(Findings.none(x.shape, grounding.get(name)))
             continue
         organ_model = space.to_model(organ.astype(np.float32), nearest=True) > 0.5
         out.append(model.findings(x, organ_model, name, modality, spacing, grounding.get(name)))

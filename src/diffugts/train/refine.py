@@ -44,8 +44,12 @@ class Example:
     inputs: np.ndarray  # (SHARED_CHANNELS + len(channels), *S)
     truth: np.ndarray  # bool (*S); empty for a false candidate
     candidates: np.ndarray  # bool (*S)
-    normative: np.ndarray | None = None  # bool (*S): the normative model's candidates, if asked for
-    findings: Findings | None = None  # with them, their evidence (diffugts.stages.normative.Findings)
+    findings: Findings | None = None  # the normative model's, if asked for (diffugts.stages.normative)
+
+    @property
+    def normative(self) -> np.ndarray | None:
+        """bool (*S): the normative model's candidates, if asked for."""
+        return self.findings.candidates if self.findings is not None else None
 
 
 def coarse_maps(
@@ -156,7 +160,6 @@ def refinement_example(
                 np.concatenate([shared, own]),
                 truths.get(fam, np.zeros(case.x.shape, bool)),
                 prob[fam] >= threshold,
-                found[fam].candidates if fam in found else None,
                 found.get(fam),
             )
         )

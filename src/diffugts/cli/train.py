@@ -92,6 +92,12 @@ def register(sub) -> None:
     o.add_argument("--cases", type=int, default=40, help="CT phantoms of seen types and lesion-free ones (default 40)")
     o.add_argument("--steps", type=int, default=DemoRecipe.organ_steps, help="(default %(default)s)")
     o.add_argument("--mr-healthy-cases", type=int, default=16, help="lesion-free MR phantoms (MR anatomy; default 16)")
+    o.add_argument(
+        "--claim-anatomy",
+        action="store_true",
+        default=DemoRecipe.organ_claim_anatomy,
+        help="also label the vena cava and abdominal vessels, so that no organ map takes them in",
+    )
     _dataset_args(o, checkpoints=False)  # one short run: no resumable checkpoints (yet)
     o.set_defaults(func=_organs)
 
@@ -405,6 +411,7 @@ def _organs(args) -> int:
         show_progress=not args.quiet,
         source=_source(args),
         device=_device(args),
+        claim_anatomy=args.claim_anatomy,
     )
     dice = pkg.manifest["provenance"]["organ_training"]["held_out_dice"]
     print(f"wrote {pkg.root} (held-out organ Dice: {', '.join(f'{k} {v}' for k, v in dice.items())})")

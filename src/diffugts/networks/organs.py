@@ -13,26 +13,50 @@ label includes the lesions it holds: a region that excludes its lesions hides th
 
 The labels are organ *families* ("kidney" for both kidneys), the names prompts use; a
 target whose organ is not among them keeps the AOVA head's own region map.
+
+Claims (``claim_log_odds``, networks trained with :data:`ANATOMY`): an organ's map is closed
+over its concavities and holes so that it holds its lesions (diffugts.stages.deviation), and
+so it also took in the vena cava against the liver, the kidney in the liver's concavity and
+the vessels along the pancreas, healthy anatomy that the normative model then flagged as
+unlike the organ. A network that labels that anatomy too claims it: where another of its
+classes has log-odds above ``claim_log_odds``, an organ's log-odds read :data:`CLAIMED`, and
+its inclusions do not take the voxel.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Anatomy no prompt targets that an organ network may label beside the organs, so that it claims
+# it (module docstring): the vena cava and the abdominal vessels (phantom labels).
+ANATOMY = ("inferior vena cava", "abdominal vessels")
+CLAIMED = float("-inf")  # an organ's log-odds where another class claims the voxel
+
 
 class OrganNet(nn.Module):
     """Per-voxel organ logits (background first) at ``downsample`` of the model grid in-plane,
-    resized back to the input grid."""
+    resized back to the input grid. ``claim_log_odds``: see the module docstring (None: no
+    claims, networks trained before 2026-12-05)."""
 
-    def __init__(self, organs: list[str], features=(8, 16, 24, 32, 48, 8), downsample: int = 2):
+    def __init__(
+        self,
+        organs: list[str],
+        features=(8, 16, 24, 32, 48, 8),
+        downsample: int = 2,
+        claim_log_odds: float | None = None,
+    ):
         super().__init__()
         from monai.networks.nets import BasicUNet
 
         self.config = {"organs": list(organs), "features": list(features), "downsample": downsample}
+        if claim_log_odds is not None:  # older configs stay as they were
+            self.config["claim_log_odds"] = float(claim_log_odds)
         self.organs = list(organs)
         self.downsample = downsample
+        self.claim_log_odds = claim_log_odds
         # Instance norm: one whole volume per pass, so no batch statistics to freeze, and a
         # scale-free input (CT and MR intensities differ in level and spread).
         self.net = BasicUNet(
@@ -89,7 +113,19 @@ def organ_maps(net: OrganNet | None, x) -> dict:
     device = next(net.parameters()).device
     xt = torch.as_tensor(x, dtype=torch.float32, device=device)
     xt = xt.reshape((1, 1) + tuple(xt.shape[-3:]))
-    return {organ: lo[0].float().cpu().numpy() for organ, lo in net.log_odds(xt).items()}
+    maps = {organ: lo[0].float().cpu().numpy() for organ, lo in net.log_odds(xt).items()}
+    return claimed(maps, net.claim_log_odds) if net.claim_log_odds is not None else maps
+
+
+def claimed(maps: dict[str, np.ndarray], claim_log_odds: float) -> dict[str, np.ndarray]:
+    """Each class's log-odds, :data:`CLAIMED` where another class's exceed ``claim_log_odds``
+    and its own are not positive (module docstring)."""
+    out = {}
+    for organ, lo in maps.items():
+        others = [v > claim_log_odds for k, v in maps.items() if k != organ]
+        taken = np.logical_or.reduce(others) & (lo <= 0) if others else np.zeros(lo.shape, bool)
+        out[organ] = np.where(taken, np.float32(CLAIMED), lo).astype(np.float32)
+    return out
 
 
 def grounded_region(organ: str | None, head_region, grounding: dict):

@@ -50,8 +50,12 @@ class DeviationParams:
         return asdict(self)
 
 
-def organ_with_inclusions(region: np.ndarray, spacing_kji, params: DeviationParams = DeviationParams()) -> np.ndarray:
-    """The organ mask from a binary region map, lesions (holes, edge notches) included."""
+def organ_with_inclusions(
+    region: np.ndarray, spacing_kji, params: DeviationParams = DeviationParams(), claimed: np.ndarray | None = None
+) -> np.ndarray:
+    """The organ mask from a binary region map, lesions (holes, edge notches) included, except
+    ``claimed`` voxels (another class of the organ network holds them: the vena cava, a vessel,
+    the next organ; diffugts.networks.organs)."""
     region = np.asarray(region, bool)
     if not region.any():
         return region
@@ -59,7 +63,14 @@ def organ_with_inclusions(region: np.ndarray, spacing_kji, params: DeviationPara
     box = organ_box(region, spacing_kji, params.close_mm)
     out = np.zeros(region.shape, bool)
     out[box] = _with_inclusions(region[box], radius, params)
-    return out
+    return out & ~claimed if claimed is not None else out
+
+
+def organ_from_log_odds(log_odds: np.ndarray, spacing_kji, params: DeviationParams = DeviationParams()) -> np.ndarray:
+    """:func:`organ_with_inclusions` of a region's log-odds (> 0), without the voxels they mark
+    claimed (-inf, diffugts.networks.organs.CLAIMED)."""
+    log_odds = np.asarray(log_odds)
+    return organ_with_inclusions(log_odds > 0, spacing_kji, params, np.isneginf(log_odds))
 
 
 def _with_inclusions(region: np.ndarray, radius: np.ndarray, params: DeviationParams) -> np.ndarray:
@@ -197,7 +208,7 @@ def organ_deviation(
     """One target's organ with its inclusions, its scored interior (:func:`organ_interior`, the
     whole organ for margin 0) and its signed deviation z, from the head's region log-odds
     (every head has them; the fusion adds the anomaly branch on top)."""
-    organ = organ_with_inclusions(region_log_odds > 0, spacing_kji, params)
+    organ = organ_from_log_odds(region_log_odds, spacing_kji, params)
     scored = organ_interior(organ, spacing_kji, params)
     return organ, scored, _robust_z(x, scored, spacing_kji, params)
 

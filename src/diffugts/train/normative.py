@@ -18,7 +18,7 @@ from collections import defaultdict
 import numpy as np
 
 from diffugts.networks.organs import OrganNet, organ_maps
-from diffugts.stages.deviation import DeviationParams, local_mean, organ_interior, organ_with_inclusions, robust_centre
+from diffugts.stages.deviation import DeviationParams, local_mean, organ_from_log_odds, organ_interior, robust_centre
 from diffugts.stages.discriminator import Discriminator, fit_discriminator
 from diffugts.stages.normative import (
     MEAN_SCALES_MM,
@@ -29,6 +29,7 @@ from diffugts.stages.normative import (
     key,
 )
 from diffugts.train.anomalies import organ_relative_anomaly
+from diffugts.train.aova import PROMPTABLE
 from diffugts.train.data import TrainingCase
 from diffugts.train.organs import organ_labels
 
@@ -42,7 +43,8 @@ def _case_organs(case: TrainingCase, organ_net: OrganNet, spacing_kji, deviation
     maps = organ_maps(organ_net, case.x)
     truth = organ_labels(case, list(maps))  # 1 + the index of each voxel's organ in maps
     for n, (fam, log_odds) in enumerate(maps.items()):
-        yield fam, organ_with_inclusions(log_odds > 0, spacing_kji, deviation), truth == n + 1
+        if fam in PROMPTABLE:  # not the anatomy a network may label beside them
+            yield fam, organ_from_log_odds(log_odds, spacing_kji, deviation), truth == n + 1
 
 
 def ground_cases(cases: list[TrainingCase], organ_net: OrganNet, spacing_kji, deviation: DeviationParams) -> list:

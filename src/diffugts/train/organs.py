@@ -108,7 +108,7 @@ def organ_dice(net: OrganNet, cases: list[TrainingCase], spacing_kji) -> dict[st
     """Mean Dice per organ family of the organs with their inclusions (as the coarse stage makes
     them, diffugts.stages.deviation) against the truth, over ``cases`` (held out)."""
     from diffugts.networks.organs import organ_maps
-    from diffugts.stages.deviation import organ_with_inclusions
+    from diffugts.stages.deviation import organ_from_log_odds
 
     scores: dict[str, list[float]] = {}
     for case in cases:
@@ -117,6 +117,6 @@ def organ_dice(net: OrganNet, cases: list[TrainingCase], spacing_kji) -> dict[st
             t = truth == n
             if not t.any():
                 continue
-            p = organ_with_inclusions(lo > 0, spacing_kji)
+            p = organ_from_log_odds(lo, spacing_kji)
             scores.setdefault(organ, []).append(float(2 * (p & t).sum() / (p.sum() + t.sum())))
     return {organ: round(float(np.mean(v)), 3) for organ, v in scores.items()}

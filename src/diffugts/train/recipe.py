@@ -63,6 +63,10 @@ class DemoRecipe:
     # "Organ grounding"); 1600 rather than 2000 keeps `make demo-model` within 3 h on 2 cores.
     organ_steps: int = 1600
     organ_mr_healthy_cases: int = 16
+    # The organ network also labels the vena cava and abdominal vessels and claims them, so that
+    # no organ map takes them in (diffugts.networks.organs; docs/benchmarks.md, "Claimed
+    # anatomy"). False: organs only.
+    organ_claim_anatomy: bool = False
     # The coarse map fuses the head with the organ-relative deviation; its threshold keeps this
     # share of the training lesion voxels (the refinement head verifies). None: the head alone.
     fusion_recall: float | None = 0.85

@@ -268,17 +268,21 @@ def train_organ_net(
     source=None,
     refit_fusion: bool = True,
     device: str | None = None,
+    claim_anatomy: bool = False,
 ) -> ModelPackage:
     """Organ grounding (diffugts.networks.organs) on the AOVA seed range's cases (seen lesion
     types and lesion-free cases, as the AOVA head; ``source``: dataset cases beside them) and
     ``mr_healthy_cases`` lesion-free MR phantoms. With ``refit_fusion``, a package whose AOVA
     head already has a fusion gets it refitted on the new organs (its refinement head, if any,
     was trained on the old ones: retrain it for a consistent package). ``device``: where the
-    network trains (a GPU for full-size volumes)."""
+    network trains (a GPU for full-size volumes). ``claim_anatomy``: the network also labels
+    the vena cava and the abdominal vessels (diffugts.networks.organs.ANATOMY), and claims
+    them, so that no organ's inclusions take them in."""
     from diffugts.networks.aova import AOVAHead
     from diffugts.networks.loading import load_head
+    from diffugts.networks.organs import ANATOMY
     from diffugts.train.aova import case_features
-    from diffugts.train.organs import organ_dice, train_organs
+    from diffugts.train.organs import ORGANS, organ_dice, train_organs
 
     pkg = open_package(model)
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
@@ -288,7 +292,14 @@ def train_organ_net(
     data += _mr_healthy_cases(prep, seed, mr_healthy_cases, phantom_shape, show_progress)
     t0 = time.perf_counter()
     net, losses = train_organs(
-        data, spacing_kji, steps=steps, seed=seed, show_progress=show_progress, device=device or "cpu"
+        data,
+        spacing_kji,
+        steps=steps,
+        seed=seed,
+        show_progress=show_progress,
+        device=device or "cpu",
+        organs=ORGANS + list(ANATOMY) if claim_anatomy else None,
+        net_config={"claim_log_odds": 0.0} if claim_anatomy else None,
     )
     seconds = time.perf_counter() - t0
     held_out = [  # the AOVA head's held-out range, and MR
@@ -719,6 +730,7 @@ def train_demo(
             show_progress,
             phantom_shape=shape,
             refit_fusion=False,  # the AOVA head and its fusion are trained next
+            claim_anatomy=recipe.organ_claim_anatomy,
         )
     # features None: the backbone's own default scales (R.default_features).
     train_aova_head(

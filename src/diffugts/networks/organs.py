@@ -120,10 +120,11 @@ def organ_maps(net: OrganNet | None, x) -> dict:
 def claimed(maps: dict[str, np.ndarray], claim_log_odds: float) -> dict[str, np.ndarray]:
     """Each class's log-odds, :data:`CLAIMED` where another class's exceed ``claim_log_odds``
     and its own are not positive (module docstring)."""
+    above = {organ: lo > claim_log_odds for organ, lo in maps.items()}
+    holders = sum(a.astype(np.int8) for a in above.values())  # classes above the threshold per voxel
     out = {}
     for organ, lo in maps.items():
-        others = [v > claim_log_odds for k, v in maps.items() if k != organ]
-        taken = np.logical_or.reduce(others) & (lo <= 0) if others else np.zeros(lo.shape, bool)
+        taken = (holders - above[organ] > 0) & (lo <= 0)  # another class holds it, this one does not
         out[organ] = np.where(taken, np.float32(CLAIMED), lo).astype(np.float32)
     return out
 

@@ -34,6 +34,7 @@ from torch import nn
 # it (module docstring): the vena cava and the abdominal vessels (phantom labels).
 ANATOMY = ("inferior vena cava", "abdominal vessels")
 CLAIMED = float("-inf")  # an organ's log-odds where another class claims the voxel
+CLAIM_LOG_ODDS = 0.0  # networks trained with ANATOMY: a class claims the voxels it calls its own (log-odds > 0)
 
 
 class OrganNet(nn.Module):

@@ -280,7 +280,7 @@ def train_organ_net(
     them, so that no organ's inclusions take them in."""
     from diffugts.networks.aova import AOVAHead
     from diffugts.networks.loading import load_head
-    from diffugts.networks.organs import ANATOMY
+    from diffugts.networks.organs import ANATOMY, CLAIM_LOG_ODDS
     from diffugts.train.aova import case_features
     from diffugts.train.organs import ORGANS, organ_dice, train_organs
 
@@ -299,7 +299,7 @@ def train_organ_net(
         show_progress=show_progress,
         device=device or "cpu",
         organs=ORGANS + list(ANATOMY) if claim_anatomy else None,
-        net_config={"claim_log_odds": 0.0} if claim_anatomy else None,
+        net_config={"claim_log_odds": CLAIM_LOG_ODDS} if claim_anatomy else None,
     )
     seconds = time.perf_counter() - t0
     held_out = [  # the AOVA head's held-out range, and MR

@@ -517,3 +517,40 @@ def test_train_verifier_takes_none_for_the_best_dice_threshold():
     assert args.min_recall is None and args.features == DemoRecipe.verifier_features
     assert args.cases == DemoRecipe.verifier_cases and args.healthy_cases == DemoRecipe.verifier_healthy_cases
     assert parser.parse_args(["train", "verifier", "--model", "m"]).min_recall == DemoRecipe.verifier_min_recall
+
+
+@pytest.mark.slow
+def test_verified_normative_candidates_are_reported_as_delineated(permissive, study, monkeypatch):
+    """With a delineation (NormativeParams.delineate_above) the verifier still judges the whole
+    candidates, and what a kept candidate reports is only its delineated part."""
+    import diffugts.stages.verification as verification
+    from diffugts.artifacts.study import Study
+    from diffugts.core import Core
+    from diffugts.stages.normative import Findings
+
+    judged, original_findings, original_candidates = [], NormativeModel.findings, verification.candidates
+
+    def halved(self, *args, **kwargs):  # delineation: the candidates' voxels in even slices
+        found = original_findings(self, *args, **kwargs)
+        part = found.candidates.copy()
+        part[1::2] = False
+        return Findings(found.candidates, found.score, found.log_odds, part)
+
+    def spy(mask, evidence, *args, **kwargs):
+        judged.append(mask.copy())
+        return original_candidates(mask, evidence, *args, **kwargs)
+
+    core = Core(str(permissive["normative"].root))
+    prepared = core.prepare(Study.from_image(sitk.ReadImage(str(study / "volume.nii")), "CT"))
+    whole = core.refine(prepared, *_attend_and_synthesize(core, prepared)).masks[0]
+    monkeypatch.setattr(NormativeModel, "findings", halved)
+    monkeypatch.setattr(verification, "candidates", spy)
+    attention, synthesis = _attend_and_synthesize(core, prepared)
+    part = core.refine(prepared, attention, synthesis).masks[0]
+    assert judged and np.array_equal(judged[-1], attention.normative[0].candidates)  # whole ones judged
+    assert part.any() and not (part & ~whole).any() and part.sum() < 0.7 * whole.sum()
+
+
+def _attend_and_synthesize(core, prepared):
+    attention = core.attend(prepared, ["liver tumor"])
+    return attention, core.synthesize(prepared, attention)

@@ -159,6 +159,33 @@ def register(sub) -> None:
         help="more lesion-free phantoms per modality, never fitted on, whose healthy quantiles set the "
         "thresholds; 0: held-out voxels of the fitting cases (default %(default)s)",
     )
+    m.add_argument(
+        "--margin-mm",
+        type=float,
+        default=DemoRecipe.normative_margin_mm,
+        help="organ border (mm) left unscored: no features, no candidates there (default %(default)s)",
+    )
+    m.add_argument(
+        "--position",
+        action=argparse.BooleanOptionalAction,
+        default=DemoRecipe.normative_position,
+        help="the voxel's place in its organ (0..1 along each axis of the organ's box) among the features, so "
+        "that healthy anatomy where it always lies is normal (default %(default)s)",
+    )
+    m.add_argument(
+        "--grow-above",
+        type=float,
+        default=DemoRecipe.normative_grow_above,
+        help="candidates grow through voxels above this, between the growing threshold (-1, the healthy "
+        "95 %% quantile) and the seeds' (0) (default %(default)s)",
+    )
+    m.add_argument(
+        "--delineate-above",
+        type=_optional_float,
+        default=DemoRecipe.normative_delineate_above,
+        help="a verified candidate is reported as the part its seeds reach through voxels above this, "
+        "between -1 and 0 as --grow-above; 'none': the whole candidate (default %(default)s)",
+    )
     m.set_defaults(func=_normative)
 
     r = t.add_parser("refine", help="the residual refinement head, on seen lesion types only")
@@ -454,6 +481,10 @@ def _normative(args) -> int:
             shape=args.shape,
             score=args.score,
             reference=args.reference,
+            margin_mm=args.margin_mm,
+            position=args.position,
+            grow_above=args.grow_above,
+            delineate_above=args.delineate_above,
         ),
         calibration_cases=args.calibration_cases,
     )

@@ -24,7 +24,7 @@ A voxel's score is its negative log-likelihood under its organ's mixture, or (``
 features that learnt healthy tissue against generic synthetic anomalies painted into it
 (diffugts.stages.discriminator). The candidates are hysteresis components: voxels above the
 ``high_quantile`` of healthy voxels' scores, opened, grown through voxels above the
-``low_quantile``. Like the deviation, scoring runs only in the
+``low_quantile`` (or, with ``grow_above``, a threshold between the two). Like the deviation, scoring runs only in the
 organ's interior (``margin_mm`` in from its surface), on the model grid.
 
 Healthy reference (``reference``): the voxels of the true organ, or every voxel the organ map
@@ -73,6 +73,7 @@ SCORES = ("likelihood", "discriminative")  # NormativeParams.score
 REFERENCES = ("organ", "organ_map")  # NormativeParams.reference
 MEAN_SCALES_MM = (1.2, 2.5, 7.0)
 HESSIAN_SCALES_MM = (2.75, 5.5)
+POSITION_FEATURES = ("position_k", "position_j", "position_i")  # NormativeParams.position (array axes)
 TEXTURE_FLOOR = 0.05  # added to the relative local SD before its log
 
 
@@ -86,6 +87,15 @@ class NormativeParams:
     components: int = 12  # mixture components per organ and modality
     low_quantile: float = 0.95  # hysteresis: grow through voxels less likely than this share of healthy ones
     high_quantile: float = 0.995  # ... from seeds less likely than this share
+    # Where candidates grow, on relative_score's scale (0 at the seed threshold, -1 at the
+    # low_quantile's): -1 grows through every voxel past the low quantile; higher stops the
+    # growth short of the halo of tissue next to a lesion (docs/benchmarks.md, "Tighter growth").
+    grow_above: float = -1.0
+    # Delineation: a verified candidate is reported as the part of it that the same seeds reach
+    # through voxels above this (same scale; None: the whole candidate). The verifier still
+    # judges whole candidates, as it was fitted; only the reported extent shrinks
+    # (docs/benchmarks.md, "Tighter growth").
+    delineate_above: float | None = None
     # Seeds only where the organ network is this sure of the organ (log-odds; None: anywhere in
     # the scored interior). Its organ maps err at their border, and the next tissue, scored
     # under the organ's mixture, looks unlikely (docs/method.md, "normative appearance").
@@ -110,10 +120,21 @@ class NormativeParams:
     # vessels along the pancreas, and they are healthy anatomy too; docs/benchmarks.md,
     # "Healthy reference as inference sees it").
     reference: str = "organ"
+    # The voxel's place in its organ (position within the organ's bounding box, 0..1 per axis):
+    # healthy anatomy that looks like an anomaly sits in the same place in every study (the vena
+    # cava at the liver's back, vessels along the pancreas), a lesion anywhere. False: models
+    # fitted before 2026-12-05 (docs/benchmarks.md, "Where in the organ").
+    position: bool = False
 
     def __post_init__(self):
         if self.reference not in REFERENCES:
             raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, not {self.reference!r}")
+        if not -1.0 <= self.grow_above < 0.0:
+            raise ValueError(f"grow_above must lie in [-1, 0) (between the thresholds), not {self.grow_above!r}")
+        if self.delineate_above is not None and not -1.0 <= self.delineate_above < 0.0:
+            raise ValueError(f"delineate_above must lie in [-1, 0) or be None, not {self.delineate_above!r}")
+        if self.margin_mm < 0:
+            raise ValueError(f"margin_mm must be at least 0, not {self.margin_mm!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, not {self.score!r}")
         if self.seed_opening not in SEED_OPENINGS:
@@ -127,7 +148,7 @@ class NormativeParams:
     def features(self) -> tuple[str, ...]:
         """The names of the features these parameters compute, in their columns' order."""
         base = FEATURES if self.shape else tuple(f for f in FEATURES if f not in SHAPE_FEATURES)
-        return base + tuple(f"sd_{s:g}mm" for s in self.texture_mm)
+        return base + tuple(f"sd_{s:g}mm" for s in self.texture_mm) + (POSITION_FEATURES if self.position else ())
 
     @classmethod
     def from_dict(cls, d: dict | None) -> NormativeParams:
@@ -184,7 +205,22 @@ def _appearance_features(
         square = local_mean(x * x, organ, sigma_mm, spacing)
         sd = np.sqrt(np.maximum(square - mean * mean, 0.0))[scored] / spread
         columns.append(np.log(sd + TEXTURE_FLOOR))  # log: noise-level texture is not squeezed near 0
+    if params.position:
+        columns += _position_columns(organ, scored)
     return scored, np.stack(columns, 1).astype(np.float32)
+
+
+def _position_columns(organ: np.ndarray, scored: np.ndarray) -> list[np.ndarray]:
+    """Each scored voxel's place along every array axis of the organ's bounding box (0 at its
+    first voxel, 1 at its last; the model grid's orientation is fixed, so an axis means the same
+    direction in every study). Relative to the organ's own extent, so the same on its box."""
+    where = np.nonzero(scored)
+    columns = []
+    for axis, index in enumerate(where):
+        extent = np.nonzero(organ.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        first, last = extent[0], extent[-1]
+        columns.append((index - first) / max(last - first, 1))
+    return columns
 
 
 def _shape_columns(x, organ, scored, median, spread, spacing, params: NormativeParams) -> list[np.ndarray]:
@@ -240,6 +276,9 @@ class Findings:
     candidates: np.ndarray  # bool: the candidate lesion voxels
     score: np.ndarray  # float32: :func:`relative_score` of every voxel (-1 where unscored)
     log_odds: np.ndarray | None = None  # the organ network's for the target's organ, if it ran
+    # bool: where the candidates' lesions lie (NormativeParams.delineate_above); None: the
+    # candidates themselves
+    delineation: np.ndarray | None = None
 
     @classmethod
     def none(cls, shape, log_odds: np.ndarray | None = None) -> Findings:
@@ -313,8 +352,13 @@ class NormativeModel:
         if self.params.seed_log_odds is not None and organ_log_odds is not None:
             where = np.asarray(organ_log_odds) > self.params.seed_log_odds
         score = self.score_map(x, organ_mask, organ, modality, spacing_kji)
-        found = hysteresis(score, mix.low, mix.high, where, in_slices=self.params.seed_opening == "slice")
-        return Findings(found, relative_score(score, mix.low, mix.high), organ_log_odds)
+        in_slices = self.params.seed_opening == "slice"
+        between = lambda rel: mix.low + (1.0 + rel) * (mix.high - mix.low)  # noqa: E731  (relative -> score)
+        found = hysteresis(score, between(self.params.grow_above), mix.high, where, in_slices=in_slices)
+        delineation = None
+        if self.params.delineate_above is not None:
+            delineation = found & hysteresis(score, between(self.params.delineate_above), mix.high, where, in_slices)
+        return Findings(found, relative_score(score, mix.low, mix.high), organ_log_odds, delineation)
 
     def candidates(self, *args, **kwargs) -> np.ndarray:
         """The candidate lesion voxels of :meth:`findings` (same arguments)."""
@@ -414,6 +458,25 @@ def target_candidates(pkg, organ_net, x: np.ndarray, space, modality: str, names
         organ_model = space.to_model(organ.astype(np.float32), nearest=True) > 0.5
         out.append(model.findings(x, organ_model, name, modality, spacing, grounding.get(name)))
     return out
+
+
+def delineated(kept: np.ndarray, delineation: np.ndarray) -> np.ndarray:
+    """Each 26-connected component of ``kept`` (verified candidates) as the largest component of
+    its part inside ``delineation``: one reported lesion per verified candidate, as before, so a
+    candidate the tighter growth splits does not become several findings; a candidate with no
+    delineated part keeps nothing."""
+    whole, _ = ndimage.label(kept, structure=np.ones((3, 3, 3), bool))
+    parts, n = ndimage.label(kept & delineation, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return np.zeros(np.shape(kept), bool)
+    index = np.arange(1, n + 1)
+    size = ndimage.sum(np.ones(parts.shape, np.float32), parts, index)
+    parent = ndimage.maximum(whole, parts, index).astype(int)  # every part lies in one candidate
+    best: dict[int, tuple[int, float]] = {}
+    for part, (p, v) in enumerate(zip(parent, size), start=1):
+        if p not in best or v > best[p][1]:
+            best[p] = (part, v)
+    return np.isin(parts, [part for part, _ in best.values()])
 
 
 def hysteresis(

@@ -248,6 +248,7 @@ def _verified_candidates(
     (the verifier's ``candidate_source``): cut and scored on the model grid, where the
     verifier was fitted, every map there; the kept lesions mapped back to the study grid."""
     from diffugts.stages.lesions import voxel_ml
+    from diffugts.stages.normative import delineated
     from diffugts.stages.verification import Evidence, deviation_candidates, verified
 
     out = []
@@ -276,6 +277,8 @@ def _verified_candidates(
         else:
             found = deviation_candidates(z, verifier.deviation_k)
         kept = verified(found, evidence, verifier, voxel_ml(space.model))
+        if findings is not None and findings.delineation is not None:
+            kept = delineated(kept, findings.delineation)  # verified as whole candidates, reported delineated
         out.append(space.to_study(kept.astype(np.float32)) >= 0.5)
     return out
 

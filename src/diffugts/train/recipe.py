@@ -104,6 +104,19 @@ class DemoRecipe:
     # reference as inference sees it"): not adopted.
     normative_reference: str = "organ"
     normative_calibration_cases: int = 0
+    # The organ border its features and scores leave out (NormativeParams.margin_mm), as the
+    # fusion's: organ maps err at their edge.
+    normative_margin_mm: float = 5.0
+    # Its features include the voxel's place in the organ (NormativeParams.position).
+    normative_position: bool = False
+    # Where its candidates grow, between the growing (-1) and the seed threshold (0)
+    # (NormativeParams.grow_above).
+    normative_grow_above: float = -1.0
+    # What a verified candidate reports: the largest part its seeds reach above this (None: all
+    # of it; NormativeParams.delineate_above). Two draws: Dice up in every group (means 0.32 /
+    # 0.47 / 0.27 -> 0.46 / 0.52 / 0.28), false lesions the same, their volume a third
+    # (docs/benchmarks.md, "Delineation of verified candidates").
+    normative_delineate_above: float | None = -0.5
     refine_cases: int = 30
     refine_steps: int = 900
     refine_healthy_cases: int = 12  # lesion-free cases: their coarse candidates teach the head to say "nothing"
@@ -163,6 +176,10 @@ class DemoRecipe:
             shape=self.normative_shape,
             score=self.normative_score,
             reference=self.normative_reference,
+            margin_mm=self.normative_margin_mm,
+            position=self.normative_position,
+            grow_above=self.normative_grow_above,
+            delineate_above=self.normative_delineate_above,
         )
 
     @classmethod

@@ -89,12 +89,12 @@ class NormativeParams:
     high_quantile: float = 0.995  # ... from seeds less likely than this share
     # Where candidates grow, on relative_score's scale (0 at the seed threshold, -1 at the
     # low_quantile's): -1 grows through every voxel past the low quantile; higher stops the
-    # growth short of the halo of tissue next to a lesion (docs/benchmarks.md, "Tighter growth").
+    # growth short of the halo of tissue next to a lesion (docs/benchmarks.md, "Delineation of verified candidates").
     grow_above: float = -1.0
     # Delineation: a verified candidate is reported as the part of it that the same seeds reach
     # through voxels above this (same scale; None: the whole candidate). The verifier still
     # judges whole candidates, as it was fitted; only the reported extent shrinks
-    # (docs/benchmarks.md, "Tighter growth").
+    # (docs/benchmarks.md, "Delineation of verified candidates").
     delineate_above: float | None = None
     # Seeds only where the organ network is this sure of the organ (log-odds; None: anywhere in
     # the scored interior). Its organ maps err at their border, and the next tissue, scored
@@ -123,7 +123,7 @@ class NormativeParams:
     # The voxel's place in its organ (position within the organ's bounding box, 0..1 per axis):
     # healthy anatomy that looks like an anomaly sits in the same place in every study (the vena
     # cava at the liver's back, vessels along the pancreas), a lesion anywhere. False: models
-    # fitted before 2026-12-05 (docs/benchmarks.md, "Where in the organ").
+    # fitted before 2026-12-05 (docs/benchmarks.md, "Delineation of verified candidates").
     position: bool = False
 
     def __post_init__(self):
@@ -469,14 +469,12 @@ def delineated(kept: np.ndarray, delineation: np.ndarray) -> np.ndarray:
     parts, n = ndimage.label(kept & delineation, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return np.zeros(np.shape(kept), bool)
-    index = np.arange(1, n + 1)
-    size = ndimage.sum(np.ones(parts.shape, np.float32), parts, index)
-    parent = ndimage.maximum(whole, parts, index).astype(int)  # every part lies in one candidate
-    best: dict[int, tuple[int, float]] = {}
-    for part, (p, v) in enumerate(zip(parent, size), start=1):
-        if p not in best or v > best[p][1]:
-            best[p] = (part, v)
-    return np.isin(parts, [part for part, _ in best.values()])
+    size = np.bincount(parts.ravel(), minlength=n + 1)[1:]
+    parent = ndimage.maximum(whole, parts, np.arange(1, n + 1)).astype(int)  # each part lies in one candidate
+    largest: dict[int, int] = {}  # candidate -> its largest part (the first one on a tie)
+    for part in np.argsort(-size, kind="stable") + 1:
+        largest.setdefault(int(parent[part - 1]), int(part))
+    return np.isin(parts, list(largest.values()))
 
 
 def hysteresis(

@@ -70,23 +70,63 @@ def test_geometric_features_tell_a_deep_ball_from_a_sliver_at_the_organs_border(
     zeros = np.zeros(organ.shape, np.float32)
     evidence = Evidence(zeros, zeros, zeros, zeros, organ, spacing_mm=spacing)
     labels, ids, feats = candidates(mask, evidence, 0.004, features=GEOMETRY)
-    assert feats.shape == (2, 3)
+    assert feats.shape == (2, 4)
     ball, sliver = sorted(feats.tolist(), key=lambda f: -f[0])
     assert 12.0 <= ball[0] <= 20.0 and sliver[0] == pytest.approx(2.0)  # depth (mm): to the nearest surface
     assert ball[1] > 0.85 and sliver[1] < 0.1  # elongation: near 1 for the (mm-)cube, near 0 for the line
     assert (
         0.6 < ball[2] < 1.5 and sliver[2] < 0.2
     )  # relative depth: about 1 at the core (over a 95th percentile), near 0 at the surface
-    for name in ("depth_mm", "depth_rel"):
+    for name in ("depth_mm", "depth_rel", "elongation", "fill"):
         with pytest.raises(ValueError, match="spacing_mm"):
             candidates(mask, Evidence(zeros, zeros, zeros, zeros, organ), 0.004, features=(name,))
     # A verifier of the geometry alone: drops the sliver, keeps the ball.
-    v = LesionVerifier((1.0, 1.0, 0.0), 0.0, (8.0, 0.5, 0.5), (1.0, 0.1, 1.0), 0.5, features=GEOMETRY)
+    v = LesionVerifier((1.0, 1.0, 0.0, 0.0), 0.0, (8.0, 0.5, 0.5, 0.5), (1.0, 0.1, 1.0, 1.0), 0.5, features=GEOMETRY)
     kept = verified(mask, evidence, v, 0.004)
     assert kept[4:7, 18:30, 18:30].all() and not kept[5, 3].any()
     assert LesionVerifier.from_dict(json.loads(json.dumps(v.as_dict()))) == v
     with pytest.raises(ValueError, match="weights"):
         LesionVerifier.from_dict({**v.as_dict(), "features": list(FEATURES)})
+
+
+def test_fill_tells_solid_masses_of_any_size_and_elongation_from_hollow_and_branching_ones():
+    """fill: the volume over the solid ellipsoid of the same second moments, in mm on an
+    anisotropic grid; near 1 for a ball, an ellipsoid and a rod (one voxel thin), low for a
+    shell and a branching tree, whatever their size; elongation tells the rod apart instead."""
+    spacing = (4.0, 1.0, 1.0)
+    k, j, i = np.mgrid[:24, :80, :80]
+
+    def ellipsoid(radii, centre=(12, 40, 40)):
+        return sum(((a - c) * s / r) ** 2 for a, c, s, r in zip((k, j, i), centre, spacing, radii)) < 1.0
+
+    branching = np.zeros(k.shape, bool)
+    branching[12, 10:70, 39:41] = True  # a vessel-like tree: a trunk and three thin branches
+    for row in (20, 40, 60):
+        branching[12, row : row + 2, 40:75] = True
+    shapes = {
+        "small ball": ellipsoid((6, 6, 6)),
+        "large ball": ellipsoid((24, 24, 24)),
+        "ellipsoid": ellipsoid((8, 30, 12)),
+        "rod": (k == 12) & (j == 40) & (i >= 10) & (i < 70),
+        "shell": ellipsoid((24, 24, 24)) & ~ellipsoid((18, 18, 18)),
+        "branching": branching,
+    }
+    zeros = np.zeros(k.shape, np.float32)
+    evidence = Evidence(zeros, zeros, zeros, zeros, np.ones(k.shape, bool), spacing_mm=spacing)
+    fill = {}
+    for name, mask in shapes.items():
+        _, ids, feats = candidates(mask, evidence, 0.004, features=("fill", "elongation"))
+        assert len(ids) == 1, name
+        fill[name] = feats[0, 0]
+        if name == "rod":
+            assert feats[0, 1] < 0.05  # elongation, not fill, is what tells a rod
+    for name in ("small ball", "large ball", "ellipsoid", "rod"):
+        assert 0.75 < fill[name] < 1.15, (name, fill[name])
+    assert fill["shell"] < 0.5 and fill["branching"] < 0.5, fill
+    # Too few voxels to tell a shape: 1, as elongation.
+    tiny = np.zeros(k.shape, bool)
+    tiny[12, 40, 40:42] = True
+    assert candidates(tiny, evidence, 0.004, features=("fill",))[2][0, 0] == 1.0
 
 
 def test_relative_depth_is_the_same_at_the_core_of_a_thin_and_of_a_thick_organ():

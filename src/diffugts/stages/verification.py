@@ -22,7 +22,7 @@ The evidence maps of one target, on one grid:
 - ``organ``: the target's organ (with inclusions);
 - ``spacing_mm``: the grid's voxel spacing (k, j, i), for the geometric features.
 
-Three features are geometry, not intensity (verifiers fitted since 2026-12-04 may use them):
+Four features are geometry, not intensity (verifiers fitted since 2026-12-04 may use them):
 - ``depth_mm``: the candidate's mean depth below its organ's surface. False candidates sit
   where the organ map errs, at its border (the next organ, fat or air scored as this organ);
 - ``elongation``: sqrt(smallest / largest eigenvalue) of the candidate's voxel positions in mm
@@ -30,7 +30,10 @@ Three features are geometry, not intensity (verifiers fitted since 2026-12-04 ma
 - ``depth_rel``: the mean depth over the organ's own thickness (the 95th percentile of its
   voxels' depths). In mm a lesion of a thin organ (pancreas, spleen) lies no deeper than a
   false candidate of a thick one (liver), and a verifier fitted on liver and kidney lesions
-  drops it; relative to its organ it does not.
+  drops it; relative to its organ it does not;
+- ``fill`` (since 2026-12-05, fourteenth session): the candidate's volume over the solid
+  ellipsoid with its second moments, about 1 for a mass of any size or elongation, less for
+  a ragged, branching or hollow candidate (vessels, partial volume along a border).
 None is learnt from a lesion type's look, which is why they carry over to unseen types and
 to MR, where the coarse map's evidence does not (docs/method.md, "lesion verification").
 
@@ -68,7 +71,7 @@ FEATURES = (
     "residual_mean",
     "organ_fraction",
 )
-GEOMETRY = ("depth_mm", "elongation", "depth_rel")
+GEOMETRY = ("depth_mm", "elongation", "depth_rel", "fill")
 NORMATIVE_EVIDENCE = ("normative_mean", "normative_max", "organ_log_odds")  # normative candidates only
 KNOWN_FEATURES = FEATURES + GEOMETRY + NORMATIVE_EVIDENCE
 CANDIDATE_SOURCES = ("refined", "deviation", "normative")
@@ -189,6 +192,10 @@ def candidates(
             return np.zeros(len(ids))
         return mean(d) / max(float(np.percentile(d[d > 0], 95)), 1e-6)
 
+    @functools.cache
+    def moments():  # once for both shape features
+        return _moments(labels, ids, evidence.spacing_mm)
+
     def evidence_map(name: str):
         a = getattr(evidence, name)
         if a is None:
@@ -205,7 +212,8 @@ def candidates(
         "organ_fraction": lambda: mean(evidence.organ),
         "depth_mm": depth,
         "depth_rel": depth_rel,
-        "elongation": lambda: _elongation(labels, ids, evidence.spacing_mm),
+        "elongation": lambda: _elongation(moments()),
+        "fill": lambda: _fill(moments(), count * voxel_ml * 1000.0, evidence.spacing_mm),
         "normative_mean": lambda: mean(evidence_map("normative")),
         "normative_max": lambda: ndimage.maximum(evidence_map("normative"), labels, ids),
         "organ_log_odds": lambda: mean(evidence_map("organ_log_odds")),
@@ -213,18 +221,41 @@ def candidates(
     return labels, ids, np.stack([np.asarray(compute[f](), np.float64) for f in features], 1)
 
 
-def _elongation(labels: np.ndarray, ids: list[int], spacing_mm) -> np.ndarray:
-    """Per component sqrt(smallest / largest eigenvalue) of its voxel positions' covariance in
-    mm: 1 for a ball, towards 0 for a tube or a sheet (under 4 voxels: 1, too few to tell)."""
+def _moments(labels: np.ndarray, ids: list[int], spacing_mm) -> list[np.ndarray | None]:
+    """Per component the covariance (mm²) of its voxel positions in mm (None under 4 voxels:
+    too few to tell a shape)."""
     if spacing_mm is None:
-        raise ValueError("the elongation feature needs the evidence's spacing_mm")
-    out, boxes = np.ones(len(ids)), ndimage.find_objects(labels)
-    for n, i in enumerate(ids):
+        raise ValueError("the shape features (elongation, fill) need the evidence's spacing_mm")
+    out, boxes = [], ndimage.find_objects(labels)
+    for i in ids:
         box = boxes[i - 1]
         points = np.argwhere(labels[box] == i) * np.asarray(spacing_mm, np.float64)
-        if len(points) >= 4:
-            ev = np.linalg.eigvalsh(np.cov(points.T))
+        out.append(np.cov(points.T) if len(points) >= 4 else None)
+    return out
+
+
+def _elongation(moments: list[np.ndarray | None]) -> np.ndarray:
+    """sqrt(smallest / largest eigenvalue): 1 for a ball, towards 0 for a tube or a sheet (1
+    under 4 voxels)."""
+    out = np.ones(len(moments))
+    for n, cov in enumerate(moments):
+        if cov is not None:
+            ev = np.linalg.eigvalsh(cov)
             out[n] = np.sqrt(max(ev[0], 1e-3) / max(ev[-1], 1e-3))
+    return out
+
+
+def _fill(moments: list[np.ndarray | None], volume_mm3: np.ndarray, spacing_mm) -> np.ndarray:
+    """The component's volume over that of the solid ellipsoid with its second moments
+    (semi-axes sqrt(5 eigenvalues), volume 4/3 pi sqrt(125 det)): about 1 for a solid ball,
+    ellipsoid or rod of any size, less for a ragged, branching or hollow one. The voxels count
+    as the boxes they are (each adds spacing² / 12 along its axes), so a one-voxel-thin
+    component is not flat; under 4 voxels: 1."""
+    box_var = np.diag(np.square(np.asarray(spacing_mm, np.float64)) / 12.0)
+    out = np.ones(len(moments))
+    for n, cov in enumerate(moments):
+        if cov is not None:
+            out[n] = volume_mm3[n] / (4.0 / 3.0 * np.pi * np.sqrt(125.0 * np.linalg.det(cov + box_var)))
     return out
 
 

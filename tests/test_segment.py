@@ -489,3 +489,53 @@ def test_refine_of_a_study_with_no_region_loads_no_networks(model, case, tmp_pat
     )
     assert [t["lesion_ids"] for t in summary["targets"]] == [[], [], []]
     assert (tmp_path / "lesions" / "lesions.json").is_file()
+
+
+def test_detection_by_touch_and_by_overlap():
+    """A lesion the prediction only grazes is detected by touch, not at the minimum overlap;
+    the summary and the report carry both rates, and results written before the overlap keep
+    their tables."""
+    from diffugts.runners.evaluate import DETECTION_MIN_OVERLAP, detection, markdown, summarise
+
+    lesions = np.zeros((4, 20, 20), np.uint16)
+    lesions[1:3, 2:7, 2:7] = 1  # 50 voxels
+    lesions[1:3, 10:15, 10:15] = 2  # 50 voxels
+    pred = np.zeros(lesions.shape, bool)
+    pred[1:3, 2:7, 2:7] = True  # lesion 1 covered
+    pred[1, 10, 10:14] = True  # lesion 2 grazed: 4 of 50 voxels
+    assert detection(pred, lesions, [1, 2]) == (2, 2)
+    assert detection(pred, lesions, [1, 2], DETECTION_MIN_OVERLAP) == (1, 2)
+    pred[1:3, 10, 10:13] = True  # 6 voxels: 12 % of lesion 2
+    assert detection(pred, lesions, [1, 2], DETECTION_MIN_OVERLAP) == (2, 2)
+    assert detection(np.zeros_like(pred), lesions, [1, 2], 0.0) == (0, 2)
+
+    def row(detected, overlap):
+        r = {
+            "modality": "CT",
+            "split": "unseen",
+            "lesion_type": "t",
+            "organ": "liver",
+            "variant": "full",
+            "dice": 0.5,
+            "nsd": 0.5,
+            "detected": detected,
+            "lesions": 2,
+            "false_lesions": 0,
+        }
+        return r if overlap is None else {**r, "detected_overlap": overlap}
+
+    summary = summarise([row(2, 1), row(1, 0)])
+    cell = summary["modality_split"]["CT / unseen"]["full"]
+    assert cell["detection"] == 0.75 and cell["detection_overlap"] == 0.25
+    result = {
+        "model": {"name": "m", "sha256": "0" * 64},
+        "prompt_template": "{organ} tumor",
+        "cases": 2,
+        "variants": ["full"],
+        "summary": summary,
+        "healthy": {},
+    }
+    assert "| CT / unseen | 0.75 / 0.25 |" in markdown(result)
+    old = summarise([row(2, None)])
+    assert "detection_overlap" not in old["modality_split"]["CT / unseen"]["full"]
+    assert "at least 10%" not in markdown({**result, "summary": old})

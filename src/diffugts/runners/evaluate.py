@@ -157,15 +157,23 @@ def nsd(pred: np.ndarray, truth: np.ndarray, spacing_kji, tolerance_mm: float = 
 DETECTION_MIN_OVERLAP = 0.1
 
 
+def lesion_overlap(pred: np.ndarray, lesion_map: np.ndarray, ids) -> tuple[np.ndarray, np.ndarray]:
+    """Per lesion id: (voxels the prediction covers, the lesion's voxels), in one pass each."""
+    index = np.asarray(ids, int)
+    covered = ndimage.sum_labels(np.asarray(pred, bool), lesion_map, index)
+    size = ndimage.sum_labels(np.ones(lesion_map.shape, bool), lesion_map, index)
+    return np.asarray(covered), np.asarray(size)
+
+
+def detected(covered: np.ndarray, size: np.ndarray, min_overlap: float = 0.0) -> int:
+    """Lesions the prediction touches (``min_overlap`` 0), or covers at least that share of."""
+    return int(np.count_nonzero((covered > 0) & (covered >= min_overlap * size)))
+
+
 def detection(pred: np.ndarray, lesion_map: np.ndarray, ids, min_overlap: float = 0.0) -> tuple[int, int]:
     """(detected, total) lesions: a lesion is detected when the prediction touches it
     (``min_overlap`` 0), or covers at least that share of its voxels."""
-    found = 0
-    for i in ids:
-        lesion = lesion_map == i
-        covered = np.count_nonzero(pred & lesion)
-        found += int(covered > 0 and covered >= min_overlap * np.count_nonzero(lesion))
-    return found, len(ids)
+    return detected(*lesion_overlap(pred, lesion_map, ids), min_overlap), len(ids)
 
 
 def evaluate(
@@ -272,8 +280,12 @@ def evaluate(
                         }
                     )
                     continue
-                found, total = detection(pred, case.lesions, ids)
-                overlapping, _ = detection(pred, case.lesions, ids, DETECTION_MIN_OVERLAP)
+                covered, size = lesion_overlap(pred, case.lesions, ids)
+                found, overlapping, total = (
+                    detected(covered, size),
+                    detected(covered, size, DETECTION_MIN_OVERLAP),
+                    len(ids),
+                )
                 largest = max(recs, key=lambda r: r["voxels"])
                 rows.append(
                     {

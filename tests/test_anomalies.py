@@ -121,3 +121,46 @@ def test_train_aova_with_synthetic_cases_records_them(tmp_path, capsys, monkeypa
     training = json.loads((out / "manifest.json").read_text())["provenance"]["aova_training"]
     assert training["synthetic_cases"] == 1 and training["synthetic_lesions"] >= 1
     assert "--synthetic-cases 1" in training["command"]
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_relative_anomalies_for_the_verifier_are_painted_in_every_host_organ_of_either_modality(prep, modality):
+    """The verifier's type-free lesions (with_relative_anomalies): inside a host organ of any
+    family (not only the seen ones), painted into the volume and normalised from it, so that
+    synthesis (the volume) and the evidence maps (x) see the same anomaly; a shift of at least
+    half the organ's spread; one record per painted organ; the input case untouched."""
+    from diffugts.stages.preprocess import normalise
+    from diffugts.train.anomalies import RelativeAnomalySpec, with_relative_anomalies
+    from diffugts.train.refine import HOST_FAMILIES
+
+    families, hosts_seen = set(), 0
+    for i in range(3):
+        case = phantom_case(1000, i, prep, split="seen", healthy=True, shape=SMALL, modality=modality, keep_volume=True)
+        before = case.volume.copy()
+        hosts = [lb for lb, name in case.organ_names.items() if organ_family(name) in HOST_FAMILIES]
+        hosts_seen += len([lb for lb in hosts if (case.organs == lb).any()])
+        out = with_relative_anomalies(
+            case, prep, np.random.default_rng(i), chance=1.0, spec=RelativeAnomalySpec(contrast=(2.0, 3.0))
+        )
+        assert np.array_equal(case.volume, before) and not case.lesions.any() and not case.records
+        assert np.array_equal(out.x, normalise(out.volume, modality, prep))
+        changed = np.abs(out.volume - case.volume) > 1e-3
+        assert np.isin(out.organs[changed], hosts).all()  # only host organ tissue changes
+        for rec in out.records:
+            les = out.lesions == rec["id"]
+            assert les.sum() == rec["voxels"] >= 4 and rec["split"] == "synthetic"
+            label = [lb for lb, name in case.organ_names.items() if name == rec["organ"]][0]
+            assert (out.organs[les] == label).all()
+            families.add(organ_family(rec["organ"]))
+            assert changed[les].mean() > 0.9
+    assert families >= {"liver", "kidney", "spleen"}, families  # unseen organs too
+    with pytest.raises(ValueError, match="keep it"):
+        with_relative_anomalies(phantom_case(1000, 0, prep, healthy=True, shape=SMALL), prep, np.random.default_rng(0))
+
+
+def test_relative_anomalies_respect_their_chance(prep):
+    from diffugts.train.anomalies import with_relative_anomalies
+
+    case = phantom_case(1000, 0, prep, split="seen", healthy=True, shape=SMALL, keep_volume=True)
+    none = with_relative_anomalies(case, prep, np.random.default_rng(0), chance=0.0)
+    assert not none.records and not none.lesions.any() and np.array_equal(none.volume, case.volume)

@@ -145,3 +145,46 @@ def test_score_option_and_old_manifests():
         parse("--score", "density")
     model = NormativeModel(NormativeParams())
     assert model.scorers is model.mixtures
+
+
+def test_a_committee_scores_the_mean_of_members_fitted_on_their_own_cases(monkeypatch, tmp_path):
+    """--members: each further member fits on its own samples; the score is the members' mean
+    log-odds, cut at the healthy quantiles of that mean; stored member by member, it loads as it
+    was fitted, and a key some member lacks samples for gets no scorer."""
+    from diffugts.models.create import verify
+    from diffugts.models.package import add_networks, open_package
+    from diffugts.stages.discriminator import Committee
+    from modelfactory import random_package
+
+    monkeypatch.setattr("diffugts.stages.discriminator.STEPS", 300)
+    rng = np.random.default_rng(5)
+    draw = lambda n, shift=0.0: rng.normal(size=(n, 2)) + [shift, 0.0]  # noqa: E731
+    params = NormativeParams(components=2, score="discriminative", members=2)
+    healthy, painted = (
+        {"liver/CT": draw(4000), "spleen/CT": draw(4000)},
+        {"liver/CT": draw(400, 3), "spleen/CT": draw(400, 3)},
+    )
+    other = ({"liver/CT": draw(3000), "spleen/CT": draw(3000)}, {"liver/CT": draw(300, 3), "spleen/CT": draw(10, 3)})
+    with pytest.raises(ValueError, match="members"):
+        fit_normative(healthy, params, anomalies=painted)  # the second member's samples are missing
+    fitted = fit_normative(healthy, params, anomalies=painted, members=[other])
+    assert list(fitted.discriminators) == ["liver/CT"]  # the second member has too few spleen anomalies
+    c = fitted.discriminators["liver/CT"]
+    assert isinstance(c, Committee) and len(c.members) == 2
+    rows = draw(2000)
+    mean = (c.members[0].score(rows) + c.members[1].score(rows)) / 2
+    assert np.allclose(c.score(rows), mean, atol=1e-6)
+    assert not np.allclose(c.members[0].score(rows), c.members[1].score(rows), atol=1e-2)  # two fits, not one
+    assert c.low < c.high and 0.9 < (c.score(rows) <= c.low).mean() < 0.99  # cut on the committee's score
+    pkg = random_package(tmp_path, fused=True)
+    out = add_networks(pkg, {"normative": (fitted.entry(), fitted.state_dict())}, out=tmp_path / "with")
+    verify(out.root)
+    loaded = normative_of(open_package(out.root))
+    assert loaded is not None and loaded.params.members == 2
+    assert np.allclose(loaded.discriminators["liver/CT"].score(rows), c.score(rows), atol=1e-5)
+    assert (loaded.discriminators["liver/CT"].low, loaded.discriminators["liver/CT"].high) == (c.low, c.high)
+    with pytest.raises(ValueError, match="members"):
+        NormativeParams(members=2)  # a committee of discriminators, not of mixtures
+    with pytest.raises(ValueError, match="members"):
+        NormativeParams(score="discriminative", members=0)
+    assert NormativeParams.from_dict({"score": "discriminative"}).members == 1  # models fitted before

@@ -79,10 +79,13 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("diffugts.stages.discriminator.STEPS", 50)
     disc = tmp_path / "discriminative"
     args = ["-q", "train", "normative", "--model", str(DEMO_MODEL), "--out", str(disc), "--cases", "1"]
-    assert main([*args, "--mr-cases", "1", "--score", "discriminative"]) == 0
+    assert main([*args, "--mr-cases", "1", "--score", "discriminative", "--members", "2"]) == 0
     assert main(["models", "verify", str(disc)]) == 0
     refitted = json.loads((disc / "manifest.json").read_text())
     assert refitted["networks"]["normative"]["params"]["score"] == "discriminative"
+    # a committee of two, the second on cases of its own
+    assert refitted["networks"]["normative"]["params"]["members"] == 2
+    assert refitted["provenance"]["normative_training"]["members"] == 2
     painted = refitted["provenance"]["normative_training"]["anomaly_samples"]
     assert refitted["networks"]["normative"]["keys"] and set(refitted["networks"]["normative"]["keys"]) <= set(painted)
 
@@ -121,6 +124,27 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     assert refit["fusion_margin_mm"] == 5.0  # the refit keeps the package's own border margin
     assert regrounded["networks"]["aova"]["weights"] == aova["weights"]
     assert (again / "aova.safetensors").read_bytes() == (out / "aova.safetensors").read_bytes()  # the head kept
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_verifier_counts_candidates_on_painted_anomalies_as_lesions(tmp_path, capsys):
+    """Lesion-free CT and MR cases with generic anomalies painted into their organs give the
+    verifier true candidates of no lesion type (the shipped normative model finds them), and
+    the package records how many such cases it was fitted on."""
+    out = tmp_path / "anomalies"
+    args = ["-q", "train", "verifier", "--model", str(DEMO_MODEL), "--out", str(out), "--cases", "0"]
+    args += ["--healthy-cases", "0", "--anomaly-cases", "1", "--anomaly-mr-cases", "1", "--min-recall", "0.9"]
+    assert main(args) == 0
+    assert main(["models", "verify", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = manifest["provenance"]["verifier_training"]
+    assert report["anomaly_cases"] == 1 and report["anomaly_mr_cases"] == 1 and report["cases"] == 0
+    assert report["lesion_components"] >= 2, report  # measured: 5 + 5 of 15 candidates
+    assert report["components"] > report["lesion_components"]  # and false ones beside them
+    verifier = manifest["networks"]["refine"]["verifier"]
+    assert report["kept_lesion_components"] >= 0.9 * report["lesion_components"]
+    assert verifier["features"] == list(DemoRecipe.verifier_features)
     assert "wrote" in capsys.readouterr().out
 
 

@@ -173,6 +173,13 @@ def register(sub) -> None:
         "that healthy anatomy where it always lies is normal (default %(default)s)",
     )
     m.add_argument(
+        "--members",
+        type=int,
+        default=DemoRecipe.normative_members,
+        help="discriminators per organ and modality, each fitted on lesion-free cases of its own; the score is "
+        "their mean (--score discriminative; default %(default)s)",
+    )
+    m.add_argument(
         "--grow-above",
         type=float,
         default=DemoRecipe.normative_grow_above,
@@ -213,6 +220,12 @@ def register(sub) -> None:
         ("--cases", DemoRecipe.verifier_cases, "seen-type cases the refinement head never saw"),
         ("--healthy-cases", DemoRecipe.verifier_healthy_cases, "lesion-free cases"),
         ("--mr-healthy-cases", DemoRecipe.verifier_mr_healthy_cases, "lesion-free MR cases: false candidates only"),
+        (
+            "--anomaly-cases",
+            DemoRecipe.verifier_anomaly_cases,
+            "lesion-free CT cases with generic anomalies painted into their organs, counted as lesions",
+        ),
+        ("--anomaly-mr-cases", DemoRecipe.verifier_anomaly_mr_cases, "the same in MR"),
     ):
         v.add_argument(flag, type=int, default=default, help=f"{what} (default %(default)s)")
     v.add_argument(
@@ -483,6 +496,7 @@ def _normative(args) -> int:
             reference=args.reference,
             margin_mm=args.margin_mm,
             position=args.position,
+            members=args.members,
             grow_above=args.grow_above,
             delineate_above=args.delineate_above,
         ),
@@ -559,6 +573,8 @@ def _verifier(args) -> int:
         features=args.features,
         mr_healthy_cases=args.mr_healthy_cases,
         min_recall=args.min_recall,
+        anomaly_cases=args.anomaly_cases,
+        anomaly_mr_cases=args.anomaly_mr_cases,
     )
     r = pkg.manifest["provenance"]["verifier_training"]
     if "not_fitted" in r:

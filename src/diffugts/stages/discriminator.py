@@ -72,6 +72,39 @@ class Discriminator:
         return cls(centre, state[f"{prefix}.scale"].float().numpy(), net, low, high)
 
 
+@dataclass
+class Committee:
+    """Several discriminators of one organ and modality, each fitted on lesion-free cases of its
+    own; a voxel's score is the mean of their log-odds, cut at the healthy quantiles of that
+    mean (``low``/``high``). One discriminator learns, beside what every healthy organ shares,
+    the quirks of the dozen cases it saw, and flags healthy tissue those cases lacked; members
+    fitted on other cases flag other tissue, and their mean keeps what they agree on
+    (docs/benchmarks.md, "A committee of discriminators")."""
+
+    members: list[Discriminator]
+    low: float
+    high: float
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """(N, F) -> (N,) the members' mean log-odds of anomaly."""
+        return np.mean([m.score(features) for m in self.members], axis=0).astype(np.float32)
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Member 0 under ``prefix`` (as a lone discriminator), member m under ``prefix`` + m."""
+        out: dict[str, torch.Tensor] = {}
+        for i, m in enumerate(self.members):
+            out.update(m.state_dict(prefix if i == 0 else f"{prefix}{i}"))
+        return out
+
+    @classmethod
+    def load(cls, state: dict, prefix: str, members: int, low: float, high: float) -> Committee:
+        return cls(
+            [Discriminator.load(state, prefix if i == 0 else f"{prefix}{i}", low, high) for i in range(members)],
+            low,
+            high,
+        )
+
+
 def fit_discriminator(
     anomalies: np.ndarray, healthy: np.ndarray, seed: int = 0, steps: int | None = None, batch: int = 4096
 ) -> Discriminator:

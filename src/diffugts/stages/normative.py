@@ -22,7 +22,8 @@ it is a Gaussian mixture over local appearance features (:data:`FEATURES`):
 A voxel's score is its negative log-likelihood under its organ's mixture, or (``score =
 "discriminative"``) the log-odds of the organ's anomaly discriminator, an MLP over the same
 features that learnt healthy tissue against generic synthetic anomalies painted into it
-(diffugts.stages.discriminator). The candidates are hysteresis components: voxels above the
+(diffugts.stages.discriminator), or the mean log-odds of a committee of such discriminators,
+each fitted on lesion-free cases of its own (``members``). The candidates are hysteresis components: voxels above the
 ``high_quantile`` of healthy voxels' scores, opened, grown through voxels above the
 ``low_quantile`` (or, with ``grow_above``, a threshold between the two). Like the deviation, scoring runs only in the
 organ's interior (``margin_mm`` in from its surface), on the model grid.
@@ -52,7 +53,7 @@ from diffugts.stages.deviation import (
     organ_interior,
     robust_centre,
 )
-from diffugts.stages.discriminator import Discriminator
+from diffugts.stages.discriminator import Committee, Discriminator
 
 NORMATIVE = "normative"  # the package's network entry
 FEATURES = (
@@ -125,6 +126,10 @@ class NormativeParams:
     # cava at the liver's back, vessels along the pancreas), a lesion anywhere. False: models
     # fitted before 2026-12-05 (docs/benchmarks.md, "Delineation of verified candidates").
     position: bool = False
+    # Discriminators per organ and modality, each fitted on lesion-free cases of its own; the
+    # score is their mean log-odds (diffugts.stages.discriminator.Committee). 1: one, as every
+    # model fitted before 2026-12-05 (fifteenth session).
+    members: int = 1
 
     def __post_init__(self):
         if self.reference not in REFERENCES:
@@ -137,6 +142,8 @@ class NormativeParams:
             raise ValueError(f"margin_mm must be at least 0, not {self.margin_mm!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, not {self.score!r}")
+        if self.members < 1 or (self.members > 1 and self.score != "discriminative"):
+            raise ValueError(f"members must be 1, or more for a discriminative score, not {self.members!r}")
         if self.seed_opening not in SEED_OPENINGS:
             raise ValueError(f"seed_opening must be one of {', '.join(SEED_OPENINGS)}, not {self.seed_opening!r}")
         texture = tuple(float(s) for s in self.texture_mm)  # a manifest holds a list
@@ -304,10 +311,10 @@ class NormativeModel:
 
     params: NormativeParams
     mixtures: dict[str, Mixture] = field(default_factory=dict)
-    discriminators: dict[str, Discriminator] = field(default_factory=dict)
+    discriminators: dict[str, Discriminator | Committee] = field(default_factory=dict)
 
     @property
-    def scorers(self) -> dict[str, Mixture | Discriminator]:
+    def scorers(self) -> dict[str, Mixture | Discriminator | Committee]:
         """Per key what scores a voxel (``score``) and the thresholds (``low``, ``high``)."""
         return self.discriminators if self.params.score == "discriminative" else self.mixtures  # type: ignore[return-value]
 
@@ -389,8 +396,11 @@ class NormativeModel:
         if tuple(entry.get("features", ())) != params.features:
             raise ValueError(f"unknown normative features {entry.get('features')!r}")
         if params.score == "discriminative":
-            discriminators = {
-                k: Discriminator.load(state, f"{k}.discriminator", *map(float, entry["thresholds"][k]))
+            low_high = {k: tuple(map(float, entry["thresholds"][k])) for k in entry["keys"]}
+            discriminators: dict[str, Discriminator | Committee] = {
+                k: Discriminator.load(state, f"{k}.discriminator", *low_high[k])
+                if params.members == 1
+                else Committee.load(state, f"{k}.discriminator", params.members, *low_high[k])
                 for k in entry["keys"]
             }
             return cls(params, discriminators=discriminators)

@@ -76,19 +76,22 @@ def add_anomalies(
         texture = rng.uniform(*spec.texture_hu) * smooth_noise(rng, x.shape, 1.5 / sp)
         x += weight * ((shift + texture) / (hi - lo)).astype(np.float32)
         lesions[mask] = next_id
-        fam = organ_family(name)
-        records.append(
-            {
-                "id": next_id,
-                "type": "synthetic",
-                "organ": name,
-                "split": "seen",
-                "prompts": [p.format(organ=fam) for p in PROMPTS],
-                "voxels": int(mask.sum()),
-            }
-        )
+        records.append(_record(next_id, name, "seen", mask))
         next_id += 1
     return replace(case, x=np.clip(x, 0.0, 1.0), lesions=lesions, records=records)
+
+
+def _record(lesion_id: int, organ: str, split: str, mask: np.ndarray) -> dict:
+    """A painted anomaly's lesion record, as case.json holds a lesion's, with generic prompts."""
+    fam = organ_family(organ)
+    return {
+        "id": lesion_id,
+        "type": "synthetic",
+        "organ": organ,
+        "split": split,
+        "prompts": [p.format(organ=fam) for p in PROMPTS],
+        "voxels": int(mask.sum()),
+    }
 
 
 class BlobShape(Protocol):
@@ -153,11 +156,12 @@ def organ_relative_anomaly(
     spacing_kji,
     rng: np.random.Generator,
     spec: RelativeAnomalySpec = RelativeAnomalySpec(),
+    clip: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(a copy of ``x`` with ``spec.count`` blobs painted inside ``organ``, their voxels (bool)).
     The blobs come from the same generator as the AOVA head's (:func:`_blob`); their shift is
     a random multiple of ``spread`` (the organ's robust spread in ``x``'s units), clipped to
-    [0, 1] as the model grid's intensities are."""
+    [0, 1] as the model grid's intensities are (``clip=False``: intensities in other units)."""
     sp = np.asarray(spacing_kji, dtype=np.float64)
     out, painted = np.array(x, np.float32, copy=True), np.zeros(np.shape(x), bool)
     for _ in range(int(rng.integers(spec.count[0], spec.count[1] + 1))):
@@ -168,4 +172,50 @@ def organ_relative_anomaly(
         texture = rng.uniform(*spec.texture) * spread * smooth_noise(rng, out.shape, 1.5 / sp)
         out += (weight * (shift + texture)).astype(np.float32)
         painted |= mask
-    return np.clip(out, 0.0, 1.0), painted
+    return (np.clip(out, 0.0, 1.0) if clip else out), painted
+
+
+def with_relative_anomalies(
+    case: TrainingCase,
+    prep: Preprocessing,
+    rng: np.random.Generator,
+    chance: float = 0.6,
+    spec: RelativeAnomalySpec = RelativeAnomalySpec(),
+    margin_mm: float = 5.0,
+    floor: float = 0.02,
+) -> TrainingCase:
+    """A copy of ``case`` (CT or MR, with its ``volume``) with generic anomalies
+    (:func:`organ_relative_anomaly`) painted into each host organ with probability ``chance``,
+    every organ and both modalities alike: the lesion verifier's type-free lesions (one
+    lesion id and record per painted organ). They are painted into the volume in its own
+    units, against the spread of the organ's 2.5 mm local mean inside its interior (as the
+    normative model measures it), and ``x`` is normalised from the painted volume, so that
+    synthesis and every evidence map see the same anomaly. ``floor``: the least spread, in
+    model intensity units."""
+    from diffugts.stages.deviation import DeviationParams, local_mean, organ_interior, robust_centre
+    from diffugts.stages.normative import MEAN_SCALES_MM
+    from diffugts.stages.preprocess import normalise
+    from diffugts.train.refine import HOST_FAMILIES
+
+    if case.volume is None:
+        raise ValueError(f"{case.case_id}: generic anomalies are painted into the volume; keep it")
+    sp = np.asarray(prep.spacing_mm, dtype=np.float64)[::-1]  # (k, j, i) mm
+    lo, hi = intensity_range(case.volume, case.modality, prep)
+    volume, lesions, records = np.array(case.volume, np.float32), case.lesions.copy(), list(case.records)
+    next_id = int(lesions.max()) + 1
+    for label, name in sorted(case.organ_names.items()):
+        fam = organ_family(name)
+        organ = (case.organs == label) & (lesions == 0)
+        if fam not in HOST_FAMILIES or rng.random() >= chance:
+            continue
+        inner = organ_interior(organ, sp, DeviationParams(margin_mm=margin_mm))
+        if inner.sum() < 10:
+            continue
+        _, spread = robust_centre(local_mean(volume, organ, MEAN_SCALES_MM[1], sp)[inner], floor * (hi - lo))
+        volume, painted = organ_relative_anomaly(volume, organ, spread, sp, rng, spec, clip=False)
+        if not painted.any():
+            continue
+        lesions[painted] = next_id
+        records.append(_record(next_id, name, "synthetic", painted))
+        next_id += 1
+    return replace(case, x=normalise(volume, case.modality, prep), volume=volume, lesions=lesions, records=records)

@@ -19,7 +19,7 @@ import numpy as np
 
 from diffugts.networks.organs import OrganNet, organ_maps
 from diffugts.stages.deviation import DeviationParams, local_mean, organ_from_log_odds, organ_interior, robust_centre
-from diffugts.stages.discriminator import Discriminator, fit_discriminator
+from diffugts.stages.discriminator import Committee, Discriminator, fit_discriminator
 from diffugts.stages.normative import (
     MEAN_SCALES_MM,
     Mixture,
@@ -123,6 +123,7 @@ def fit_normative(
     seed: int = 0,
     anomalies: dict[str, np.ndarray] | None = None,
     calibration: dict[str, np.ndarray] | None = None,
+    members: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = (),  # type: ignore[assignment]
 ) -> NormativeModel:
     """A mixture per key with at least ``20 * components`` samples (fewer: the organ stays
     unknown to the model rather than be guessed from a handful of voxels); for ``params.score
@@ -131,14 +132,19 @@ def fit_normative(
     ``calibration`` (the healthy samples of other cases) where it has the key, else of half the
     samples, held out. Voxels of the cases a model was fitted on sit next to the voxels it saw,
     and a discriminator scores them lower than any new case's: on held-out voxels its
-    thresholds flagged 2-4 % of new healthy organs' voxels where they should flag 0.5 %."""
+    thresholds flagged 2-4 % of new healthy organs' voxels where they should flag 0.5 %.
+    ``members``: for ``params.members`` > 1, the (healthy, anomaly) samples of each further
+    member's own cases; a key gets a :class:`Committee` where every member has enough of both,
+    its thresholds cut on the mean score as one discriminator's are."""
     from sklearn.mixture import GaussianMixture
 
     if params.score == "discriminative" and anomalies is None:
         raise ValueError("a discriminative normative model needs anomaly samples")
+    if len(members) != params.members - 1:
+        raise ValueError(f"{params.members} members need the samples of {params.members - 1} more, not {len(members)}")
     rng = np.random.default_rng(seed)
     mixtures: dict[str, Mixture] = {}
-    discriminators: dict[str, Discriminator] = {}
+    discriminators: dict[str, Discriminator | Committee] = {}
     for k, x in sorted(samples.items()):
         if len(x) < 20 * params.components:
             continue
@@ -148,14 +154,17 @@ def fit_normative(
             fit_on, held_out = x[:MAX_SAMPLES], held_out[rng.permutation(len(held_out))][:MAX_SAMPLES]
         else:
             fit_on, held_out = x[: min(MAX_SAMPLES, len(x) // 2)], x[len(x) // 2 :][:MAX_SAMPLES]
-        scorer: Mixture | Discriminator
+        scorer: Mixture | Discriminator | Committee
         if params.score == "discriminative":
             painted = (anomalies or {}).get(k)
             if painted is None or len(painted) < 20 * params.components:
                 continue
-            scorer = discriminators[k] = fit_discriminator(
-                painted[rng.permutation(len(painted))][:MAX_SAMPLES], fit_on, seed
-            )
+            first = fit_discriminator(painted[rng.permutation(len(painted))][:MAX_SAMPLES], fit_on, seed)
+            more = [_member(h.get(k), a.get(k), params, rng, seed + m) for m, (h, a) in enumerate(members, 1)]
+            fitted = [d for d in more if d is not None]
+            if len(fitted) < len(more):
+                continue  # a committee needs every member
+            scorer = discriminators[k] = Committee([first, *fitted], 0.0, 0.0) if fitted else first
         else:
             gmm = GaussianMixture(params.components, covariance_type="full", reg_covar=1e-3, random_state=seed)
             gmm.fit(fit_on)
@@ -164,3 +173,12 @@ def fit_normative(
         low, high = np.quantile(scorer.score(held_out), [params.low_quantile, params.high_quantile])
         scorer.low, scorer.high = float(low), float(high)
     return NormativeModel(params, mixtures, discriminators)
+
+
+def _member(healthy, painted, params: NormativeParams, rng, seed: int) -> Discriminator | None:
+    """A further committee member's discriminator, fitted on its own cases' samples (all of
+    them: the committee's thresholds are cut on voxels of other cases), or None if too few."""
+    if healthy is None or painted is None or min(len(healthy), len(painted)) < 20 * params.components:
+        return None
+    fit_on = healthy[rng.permutation(len(healthy))][:MAX_SAMPLES]
+    return fit_discriminator(painted[rng.permutation(len(painted))][:MAX_SAMPLES], fit_on, seed)

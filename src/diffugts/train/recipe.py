@@ -25,7 +25,12 @@ MR_INDEX = 2000  # lesion-free MR cases for region grounding: indices from here 
 NORMATIVE_INDEX = 5000  # lesion-free cases for the normative model: indices from here in the AOVA seed range
 NORMATIVE_MR_OFFSET = 500  # its MR cases: from NORMATIVE_INDEX + this (other anatomy than its CT cases)
 NORMATIVE_CALIBRATION_OFFSET = 250  # its held-out calibration cases: from NORMATIVE_INDEX (+ MR offset) + this
+NORMATIVE_MEMBER_OFFSET = 1000  # a committee's member m fits on cases from NORMATIVE_INDEX + m * this (+ MR offset)
 VERIFY_MR_OFFSET = 250  # the verifier's lesion-free MR cases: from VERIFY_HEALTHY_INDEX + this (other anatomy)
+VERIFY_ANOMALY_INDEX = (
+    4800  # lesion-free cases with generic anomalies for the verifier (CT; MR from + VERIFY_MR_OFFSET)
+)
+VERIFY_ANOMALY_STREAM = 79  # their anomalies' own random stream
 AOVA_FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
 
 
@@ -109,6 +114,9 @@ class DemoRecipe:
     normative_margin_mm: float = 5.0
     # Its features include the voxel's place in the organ (NormativeParams.position).
     normative_position: bool = False
+    # Discriminators per organ and modality, each on lesion-free cases of its own, their mean
+    # the score (stages.discriminator.Committee; docs/benchmarks.md "A committee of discriminators").
+    normative_members: int = 1
     # Where its candidates grow, between the growing (-1) and the seed threshold (0)
     # (NormativeParams.grow_above).
     normative_grow_above: float = -1.0
@@ -140,6 +148,10 @@ class DemoRecipe:
     verifier_features: tuple[str, ...] | None = ("depth_rel", "elongation")
     verifier_mr_healthy_cases: int = 0
     verifier_min_recall: float | None = 0.9
+    # Lesion-free CT / MR cases with generic anomalies painted into every organ, their candidates
+    # counted as lesions (train.anomalies.with_relative_anomalies): lesions of no type, in MR too.
+    verifier_anomaly_cases: int = 0
+    verifier_anomaly_mr_cases: int = 0
     # None: the backbone's default scales (default_features)
     features: list[str] | None = field(default_factory=lambda: list(AOVA_FEATURES))
     config: str = "demo"  # backbone configuration (models/configs.py): its family picks the backbone recipe
@@ -163,6 +175,8 @@ class DemoRecipe:
             "features": tuple(self.verifier_features) if self.verifier_features else None,
             "mr_healthy_cases": self.verifier_mr_healthy_cases,
             "min_recall": self.verifier_min_recall,
+            "anomaly_cases": self.verifier_anomaly_cases,
+            "anomaly_mr_cases": self.verifier_anomaly_mr_cases,
         }
 
     def normative_params(self):
@@ -178,6 +192,7 @@ class DemoRecipe:
             reference=self.normative_reference,
             margin_mm=self.normative_margin_mm,
             position=self.normative_position,
+            members=self.normative_members,
             grow_above=self.normative_grow_above,
             delineate_above=self.normative_delineate_above,
         )

@@ -379,22 +379,33 @@ def train_normative(
         ("MR", R.NORMATIVE_INDEX + R.NORMATIVE_MR_OFFSET + R.NORMATIVE_CALIBRATION_OFFSET + i)
         for i in range(calibration_cases if mr_cases else 0)
     ]
+    # A committee's further members fit on cases of their own (params.members)
+    more = [[(m, i + k * R.NORMATIVE_MEMBER_OFFSET) for m, i in plan] for k in range(1, params.members)]
     t0 = time.perf_counter()
     data = [
         phantom_case(R.AOVA_SEED + seed, i, prep, healthy=True, modality=modality, shape=phantom_shape)
-        for modality, i in progress(plan + held_out, desc="healthy phantoms", unit="case", enable=show_progress)
+        for modality, i in progress(
+            plan + held_out + [c for p in more for c in p], desc="healthy phantoms", unit="case", enable=show_progress
+        )
     ]
-    data, held_out_data = data[: len(plan)], data[len(plan) :]
-    spacing, deviation = tuple(prep.spacing_mm)[::-1], fusion.deviation if fusion else DeviationParams()
-    grounded = ground_cases(data, net, spacing, deviation)
-    samples = normative_samples(data, net, spacing, params, deviation, grounded)
-    calibration = normative_samples(held_out_data, net, spacing, params, deviation) if held_out_data else None
-    anomalies = (
-        anomaly_samples(data, net, spacing, params, deviation, seed, grounded=grounded)
-        if params.score == "discriminative"
-        else None
+    data, held_out_data, rest = (
+        data[: len(plan)],
+        data[len(plan) : len(plan) + len(held_out)],
+        data[len(plan) + len(held_out) :],
     )
-    normative = fit_normative(samples, params, seed, anomalies, calibration)
+    spacing, deviation = tuple(prep.spacing_mm)[::-1], fusion.deviation if fusion else DeviationParams()
+
+    def sampled(cases: list, anomaly_seed: int):
+        grounded = ground_cases(cases, net, spacing, deviation)
+        healthy = normative_samples(cases, net, spacing, params, deviation, grounded)
+        if params.score != "discriminative":
+            return healthy, None
+        return healthy, anomaly_samples(cases, net, spacing, params, deviation, anomaly_seed, grounded=grounded)
+
+    samples, anomalies = sampled(data, seed)
+    calibration = normative_samples(held_out_data, net, spacing, params, deviation) if held_out_data else None
+    members = [sampled(rest[(k - 1) * len(plan) : k * len(plan)], seed + k) for k in range(1, params.members)]
+    normative = fit_normative(samples, params, seed, anomalies, calibration, members)  # type: ignore[arg-type]
     return add_networks(
         pkg,
         {NORMATIVE: (normative.entry(), normative.state_dict())},
@@ -408,6 +419,11 @@ def train_normative(
                 "case_seed": R.AOVA_SEED + seed,
                 "indices": [R.NORMATIVE_INDEX, R.NORMATIVE_INDEX + R.NORMATIVE_MR_OFFSET],
                 "samples": {k: len(v) for k, v in sorted(samples.items())},
+                **(
+                    {"members": params.members, "member_index_offset": R.NORMATIVE_MEMBER_OFFSET}
+                    if params.members > 1
+                    else {}
+                ),
                 **(
                     {
                         "calibration_cases": calibration_cases,
@@ -593,6 +609,8 @@ def train_lesion_verifier(
     features: tuple[str, ...] | None = None,
     mr_healthy_cases: int = 0,
     min_recall: float | None = None,
+    anomaly_cases: int = 0,
+    anomaly_mr_cases: int = 0,
 ) -> ModelPackage:
     """The lesion verifier of a package with a fused coarse map and a refinement head, fitted
     on ``cases`` seen-type and ``healthy_cases`` lesion-free phantoms the head never saw, and
@@ -602,12 +620,17 @@ def train_lesion_verifier(
     mask), "deviation" (of |z| > ``deviation_k``) or "normative" (the package's normative
     model's candidates); ``features``: the component features it weighs (None: the original
     seven, diffugts.stages.verification.FEATURES); ``min_recall``: the least share of the
-    fitting cases' true candidates its threshold keeps (diffugts.train.verify.fit_verifier)."""
+    fitting cases' true candidates its threshold keeps (diffugts.train.verify.fit_verifier).
+    ``anomaly_cases`` / ``anomaly_mr_cases``: lesion-free CT / MR phantoms with generic
+    anomalies painted into their organs (diffugts.train.anomalies.with_relative_anomalies), whose
+    candidates on the anomalies count as lesions: true candidates of no lesion type, in every
+    organ and both modalities, beside the seen types of CT liver and kidney."""
     from diffugts.networks.loading import load_head
     from diffugts.networks.refine import RefineHead
     from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
     from diffugts.stages.refine import refine_threshold
     from diffugts.stages.verification import FEATURES, NORMATIVE_EVIDENCE
+    from diffugts.train.anomalies import with_relative_anomalies
     from diffugts.train.refine import held_out_probabilities
     from diffugts.train.verify import component_samples, fit_verifier
 
@@ -634,11 +657,20 @@ def train_lesion_verifier(
         [(R.VERIFY_INDEX + i, False, "CT") for i in range(cases)]
         + [(R.VERIFY_HEALTHY_INDEX + i, True, "CT") for i in range(healthy_cases)]
         + [(R.VERIFY_HEALTHY_INDEX + R.VERIFY_MR_OFFSET + i, True, "MR") for i in range(mr_healthy_cases)]
+        + [(R.VERIFY_ANOMALY_INDEX + i, None, "CT") for i in range(anomaly_cases)]
+        + [(R.VERIFY_ANOMALY_INDEX + R.VERIFY_MR_OFFSET + i, None, "MR") for i in range(anomaly_mr_cases)]
     )
+    painter = np.random.default_rng([seed, R.VERIFY_ANOMALY_STREAM])
+
+    def case(i: int, healthy: bool | None, modality: str):  # healthy None: lesion-free, anomalies painted
+        if healthy is not None:
+            return make.case(i, healthy, modality)
+        return with_relative_anomalies(make.case(i, True, modality), make.prep, painter)
+
     examples = [
         ex
         for i, healthy, modality in progress(plan, desc="synthesis for verification", unit="case", enable=show_progress)
-        for ex in make.examples(make.case(i, healthy, modality))
+        for ex in make.examples(case(i, healthy, modality))
     ]
     probs = held_out_probabilities(head, examples)
     voxel_ml = float(np.prod(make.prep.spacing_mm)) / 1000
@@ -680,8 +712,16 @@ def train_lesion_verifier(
                 "cases": cases,
                 "healthy_cases": healthy_cases,
                 "mr_healthy_cases": mr_healthy_cases,
+                "anomaly_cases": anomaly_cases,
+                "anomaly_mr_cases": anomaly_mr_cases,
                 "case_seed": make.case_seed,
-                "indices": [R.VERIFY_INDEX, R.VERIFY_HEALTHY_INDEX, R.VERIFY_HEALTHY_INDEX + R.VERIFY_MR_OFFSET],
+                "indices": [
+                    R.VERIFY_INDEX,
+                    R.VERIFY_HEALTHY_INDEX,
+                    R.VERIFY_HEALTHY_INDEX + R.VERIFY_MR_OFFSET,
+                    R.VERIFY_ANOMALY_INDEX,
+                    R.VERIFY_ANOMALY_INDEX + R.VERIFY_MR_OFFSET,
+                ],
                 "candidate_source": candidate_source,
                 "features": list(features),
                 **({"deviation_k": deviation_k} if candidate_source == "deviation" else {}),

@@ -108,8 +108,9 @@ def phantom_case(
     )
 
 
-def case_from_dir(path: Path, prep: Preprocessing) -> TrainingCase:
-    """A phantom case folder written by ``diffugts phantom`` (volume.nii + labels + case.json)."""
+def case_from_dir(path: Path, prep: Preprocessing, keep_volume: bool = False) -> TrainingCase:
+    """A phantom case folder written by ``diffugts phantom`` (volume.nii + labels + case.json);
+    ``keep_volume``: with its intensities on the model grid too (as refinement examples need)."""
     import json
 
     import SimpleITK as sitk
@@ -129,4 +130,5 @@ def case_from_dir(path: Path, prep: Preprocessing) -> TrainingCase:
         meta["lesions"],
         names,
         prep,
+        keep_volume,
     )

@@ -102,6 +102,7 @@ def refinement_example(
     negatives: int = 1,
     organ_net: OrganNet | None = None,
     normative: NormativeModel | None = None,
+    synthesize: bool = True,
 ) -> list[Example]:
     """The examples of one case: every organ with lesions, and ``negatives`` lesion-free host
     organs (every host organ of a healthy case) whose coarse candidates are false ones: the
@@ -110,7 +111,10 @@ def refinement_example(
     verifier: synthesis inpaints the coarse masks and the candidates (as the attention stage's
     masks hold them), never a true lesion no mask covers, so that the residual |x - H| the
     verifier weighs means at fitting what it means at inference. Without one the true lesions
-    are inpainted too: the refinement head learns to delineate every lesion."""
+    are inpainted too: the refinement head learns to delineate every lesion. ``synthesize=False``
+    skips synthesis (H = x, residual 0): candidates and their geometric and normative evidence
+    only, what the verifier's offline proxy needs (benchmarks/verifier_proxy.py), at a tenth of
+    the time; the random draws are the same, so the candidates are too."""
     geometry = Geometry((0, 0, 0), prep.spacing_mm, np.eye(3), case.x.shape)
     truths: dict[str, np.ndarray] = {}
     for rec in case.records:
@@ -139,14 +143,11 @@ def refinement_example(
         return []
     assert case.volume is not None  # refinement cases keep their study-grid volume
     region = make_region(union, prep.spacing_mm[::-1], params.dilation_mm + rng.uniform(0, 6), params.feather_mm)
-    pseudo, _ = pseudo_healthy(
-        case.volume,
-        geometry,
-        case.modality,
-        region,
-        backbone,
-        prep,
-        SynthesisParams(**{**params.__dict__, "seed": int(rng.integers(1 << 30))}),
+    synthesis = SynthesisParams(**{**params.__dict__, "seed": int(rng.integers(1 << 30))})
+    pseudo = (
+        pseudo_healthy(case.volume, geometry, case.modality, region, backbone, prep, synthesis)[0]
+        if synthesize
+        else case.volume
     )
     h, inpainted = normalise(pseudo, case.modality, prep), region.dilated
     shared = shared_inputs(backbone, case.x, h, inpainted)

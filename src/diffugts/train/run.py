@@ -460,6 +460,7 @@ class _ExampleMaker:
         phantom_shape=None,
         device: str | None = None,
         normative=None,
+        synthesize: bool = True,
     ):
         from diffugts.config import SynthesisParams
         from diffugts.networks.aova import AOVAHead
@@ -480,6 +481,7 @@ class _ExampleMaker:
         self.rng = np.random.default_rng(seed)
         self.case_seed, self.shape = R.REFINE_SEED + seed, phantom_shape
         self.normative = normative  # the examples carry its candidates (for the lesion verifier)
+        self.synthesize = synthesize  # False: no synthesis (diffugts.train.refine.refinement_example)
 
     def __call__(self, index: int, healthy: bool):
         return self.examples(self.case(index, healthy))
@@ -516,6 +518,7 @@ class _ExampleMaker:
             self.channels,
             organ_net=self.organ_net,
             normative=self.normative,
+            synthesize=self.synthesize,
         )
 
 
@@ -595,6 +598,37 @@ def train_refine_head(
     )
 
 
+def verifier_plan(
+    cases: int, healthy_cases: int, mr_healthy_cases: int = 0, anomaly_cases: int = 0, anomaly_mr_cases: int = 0
+) -> list[tuple[int, str, str]]:
+    """The lesion verifier's fitting cases, in the order they are made: (index in the
+    refinement seed range, kind, modality); kinds "seen" (seen lesion types), "healthy"
+    (lesion-free), "anomalies" (lesion-free with generic anomalies painted)."""
+    return (
+        [(R.VERIFY_INDEX + i, "seen", "CT") for i in range(cases)]
+        + [(R.VERIFY_HEALTHY_INDEX + i, "healthy", "CT") for i in range(healthy_cases)]
+        + [(R.VERIFY_HEALTHY_INDEX + R.VERIFY_MR_OFFSET + i, "healthy", "MR") for i in range(mr_healthy_cases)]
+        + [(R.VERIFY_ANOMALY_INDEX + i, "anomalies", "CT") for i in range(anomaly_cases)]
+        + [(R.VERIFY_ANOMALY_INDEX + R.VERIFY_MR_OFFSET + i, "anomalies", "MR") for i in range(anomaly_mr_cases)]
+    )
+
+
+def verifier_examples(make: _ExampleMaker, seed: int, plan, show_progress: bool = True):
+    """Per case of ``plan`` (:func:`verifier_plan`) its examples, made in order by ``make``
+    (anomalies painted from the verifier's own stream of ``seed``): a generator of (plan
+    entry, examples)."""
+    from diffugts.train.anomalies import with_relative_anomalies
+
+    painter = np.random.default_rng([seed, R.VERIFY_ANOMALY_STREAM])
+    desc = "synthesis for verification" if make.synthesize else "candidates for verification"
+    for entry in progress(plan, desc=desc, unit="case", enable=show_progress):
+        i, kind, modality = entry
+        case = make.case(i, kind != "seen", modality)
+        if kind == "anomalies":
+            case = with_relative_anomalies(case, make.prep, painter)
+        yield entry, make.examples(case)
+
+
 def train_lesion_verifier(
     model: str | Path,
     out: Path | None = None,
@@ -630,7 +664,6 @@ def train_lesion_verifier(
     from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
     from diffugts.stages.refine import refine_threshold
     from diffugts.stages.verification import FEATURES, NORMATIVE_EVIDENCE
-    from diffugts.train.anomalies import with_relative_anomalies
     from diffugts.train.refine import held_out_probabilities
     from diffugts.train.verify import component_samples, fit_verifier
 
@@ -653,25 +686,8 @@ def train_lesion_verifier(
     make = _ExampleMaker(pkg, seed, synthesis_steps, phantom_shape, normative=normative)
     head, cut = load_head(pkg, REFINE_HEAD, RefineHead), refine_threshold(pkg)
     features = tuple(features or FEATURES)
-    plan = (
-        [(R.VERIFY_INDEX + i, False, "CT") for i in range(cases)]
-        + [(R.VERIFY_HEALTHY_INDEX + i, True, "CT") for i in range(healthy_cases)]
-        + [(R.VERIFY_HEALTHY_INDEX + R.VERIFY_MR_OFFSET + i, True, "MR") for i in range(mr_healthy_cases)]
-        + [(R.VERIFY_ANOMALY_INDEX + i, None, "CT") for i in range(anomaly_cases)]
-        + [(R.VERIFY_ANOMALY_INDEX + R.VERIFY_MR_OFFSET + i, None, "MR") for i in range(anomaly_mr_cases)]
-    )
-    painter = np.random.default_rng([seed, R.VERIFY_ANOMALY_STREAM])
-
-    def case(i: int, healthy: bool | None, modality: str):  # healthy None: lesion-free, anomalies painted
-        if healthy is not None:
-            return make.case(i, healthy, modality)
-        return with_relative_anomalies(make.case(i, True, modality), make.prep, painter)
-
-    examples = [
-        ex
-        for i, healthy, modality in progress(plan, desc="synthesis for verification", unit="case", enable=show_progress)
-        for ex in make.examples(case(i, healthy, modality))
-    ]
+    plan = verifier_plan(cases, healthy_cases, mr_healthy_cases, anomaly_cases, anomaly_mr_cases)
+    examples = [ex for _, exs in verifier_examples(make, seed, plan, show_progress) for ex in exs]
     probs = held_out_probabilities(head, examples)
     voxel_ml = float(np.prod(make.prep.spacing_mm)) / 1000
     samples = component_samples(

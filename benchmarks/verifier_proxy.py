@@ -1,0 +1,175 @@
+"""An offline proxy of `diffugts evaluate` for the lesion verifier of normative candidates: fit
+verifier variants and read their effect on development cases in minutes, not hours.
+
+    python benchmarks/verifier_proxy.py MODEL FOLDER [FOLDER ...] [--seed S]
+        [--fit SEEN,HEALTHY,MR_HEALTHY,ANOMALIES,MR_ANOMALIES] [--features A,B ...] [--min-recall R]
+
+Each case is made as the verifier's fitting examples are (diffugts.train.run.verifier_examples):
+the organ network, the coarse maps and the package's normative candidates on the model grid,
+with every verifier feature, but without synthesis (no weighed feature of a normative verifier
+reads the residual; ``refinement_example(synthesize=False)``), about 10 s a case on one core
+instead of 25. Lesion cases are prompted for their lesion-bearing organs, lesion-free ones for
+every host organ, as `evaluate` prompts them. Rows: every candidate kept (unverified), the
+package's own verifier, and one verifier per ``--features`` set, fitted as `train verifier`
+fits it (its fitting cases: ``--fit``, the seed's refinement range). Cells per folder: mean
+Dice over case-organs (candidates as cut, not delineated), lesions touched, and false lesions
+per lesion-free study. On dev2 (docs/benchmarks.md) it gave `evaluate`'s figures to the third
+decimal for both draws of the shipped recipe.
+
+FOLDER: `diffugts phantom --no-dicom` output. Development seeds only: never tune on evaluation seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from diffugts.models.package import open_package
+from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
+from diffugts.stages.normative import normative_of
+from diffugts.stages.verification import KNOWN_FEATURES, LesionVerifier, candidates, checked_features, verifier_of
+from diffugts.train.aova import organ_family
+from diffugts.train.data import case_from_dir
+from diffugts.train.refine import HOST_FAMILIES
+from diffugts.train.run import _ExampleMaker, verifier_examples, verifier_plan
+from diffugts.train.verify import component_samples, example_evidence, fit_verifier
+
+
+def maker(model: str, seed: int) -> _ExampleMaker:
+    pkg = open_package(model)
+    normative = normative_of(pkg)
+    if normative is None:
+        raise SystemExit(f"{model}: the proxy needs a package with a normative model")
+    return _ExampleMaker(pkg, seed, 10, None, normative=normative, synthesize=False)
+
+
+def fitting_samples(make: _ExampleMaker, seed: int, counts: list[int]) -> tuple[list[dict], int]:
+    """Every candidate of the verifier's fitting cases with every feature, and their true voxels."""
+    samples, truth = [], 0
+    spacing = tuple(make.prep.spacing_mm)[::-1]
+    voxel_ml = float(np.prod(make.prep.spacing_mm)) / 1000
+    for _, examples in verifier_examples(make, seed, verifier_plan(*counts)):
+        zero = [np.zeros(e.truth.shape, np.float32) for e in examples]  # no head: its features are unused
+        samples += component_samples(
+            examples, zero, 0.5, voxel_ml, DEFAULT_MIN_VOLUME_ML, "normative", 2.0, KNOWN_FEATURES, spacing
+        )
+        truth += sum(int(e.truth.sum()) for e in examples)
+    return samples, truth
+
+
+def folder_candidates(make: _ExampleMaker, folders: list[Path]) -> tuple[list[dict], list[dict], dict]:
+    """(candidates, case-organs, lesion-free studies per folder) of the folders' cases."""
+    spacing = tuple(make.prep.spacing_mm)[::-1]
+    voxel_ml = float(np.prod(make.prep.spacing_mm)) / 1000
+    rows: list[dict] = []
+    targets: list[dict] = []
+    healthy_studies: dict[str, int] = defaultdict(int)
+    for folder in folders:
+        group = f"{folder.parent.name}/{folder.name}"
+        for path in sorted(p for p in folder.iterdir() if (p / "case.json").exists()):
+            case = case_from_dir(path, make.prep, keep_volume=True)
+            families = sorted({organ_family(r["organ"]) for r in case.records})
+            healthy = not families
+            healthy_studies[group] += healthy
+            examples = make.examples(case)  # lesion families first, in this order; then lesion-free ones
+            for k, family in enumerate(HOST_FAMILIES if healthy else families):
+                ids = [r["id"] for r in case.records if organ_family(r["organ"]) == family]
+                ex = examples[k] if k < len(examples) else None
+                t = len(targets)
+                targets.append({"group": group, "healthy": healthy, "lesions": ids, "truth": 0})
+                if ex is None or ex.normative is None:
+                    continue
+                targets[t]["truth"] = int(ex.truth.sum())
+                evidence = example_evidence(ex, np.zeros(ex.truth.shape, np.float32), spacing)
+                labels, cids, feats = candidates(
+                    ex.normative, evidence, voxel_ml, DEFAULT_MIN_VOLUME_ML, KNOWN_FEATURES
+                )
+                for i, f in zip(cids, feats):
+                    m = labels == i
+                    touched = {int(v) for v in np.unique(case.lesions[m]) if int(v) in ids}
+                    rows.append(
+                        {
+                            "features": f,
+                            "target": t,
+                            "voxels": int(m.sum()),
+                            "hits": int((m & ex.truth).sum()),
+                            "touched": touched,
+                        }
+                    )
+            print(f"{group}/{path.name}: {len(rows)} candidates so far", flush=True)
+    return rows, targets, healthy_studies
+
+
+def proxy(rows: list[dict], targets: list[dict], healthy_studies: dict, verifier: LesionVerifier | None) -> dict:
+    """Per folder: (Dice, lesions touched, lesions) or false lesions per lesion-free study."""
+    kept: dict[int, list[dict]] = defaultdict(list)
+    for r in rows:
+        if verifier is not None:
+            x = np.asarray(r["features"])[[KNOWN_FEATURES.index(f) for f in verifier.features]][None]
+            if verifier.scores(x)[0] < verifier.threshold:
+                continue
+        kept[r["target"]].append(r)
+    out = {}
+    for group in sorted({t["group"] for t in targets}):
+        ts = [(i, t) for i, t in enumerate(targets) if t["group"] == group]
+        if healthy_studies[group]:
+            out[group] = sum(len(kept[i]) for i, _ in ts) / healthy_studies[group]
+            continue
+        dice, found, total = [], 0, 0
+        for i, t in ts:
+            predicted, hits = sum(r["voxels"] for r in kept[i]), sum(r["hits"] for r in kept[i])
+            dice.append(2 * hits / max(predicted + t["truth"], 1))
+            found += len(set().union(*(r["touched"] for r in kept[i])))
+            total += len(t["lesions"])
+        out[group] = (float(np.mean(dice)), found, total)
+    return out
+
+
+def table(results: dict[str, dict]) -> str:
+    groups = sorted({g for r in results.values() for g in r})
+    lines = ["| verifier | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    for name, r in results.items():
+        cells = [
+            f"{r[g]:.2f} per study" if not isinstance(r[g], tuple) else f"{r[g][0]:.3f}, {r[g][1]}/{r[g][2]}"
+            for g in groups
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("folders", nargs="+", type=Path)
+    parser.add_argument("--seed", type=int, default=0, help="the verifier fits' seed (the draw's)")
+    parser.add_argument(
+        "--fit", default="36,14,0,0,0", help="fitting cases: seen, healthy, MR healthy, anomalies, MR anomalies"
+    )
+    parser.add_argument("--features", action="append", default=[], help="a verifier to fit: comma-separated features")
+    parser.add_argument("--min-recall", type=float, default=0.9)
+    args = parser.parse_args(argv)
+    make = maker(args.model, args.seed)
+    results: dict[str, dict] = {}
+    if args.features:
+        counts = [int(v) for v in args.fit.split(",")]
+        samples, truth = fitting_samples(make, args.seed, counts)
+    rows, targets, healthy = folder_candidates(make, args.folders)
+    results["none (every candidate)"] = proxy(rows, targets, healthy, None)
+    own = verifier_of(make_pkg := open_package(args.model))
+    if own is not None and own.candidate_source == "normative":
+        results[f"the package's ({make_pkg.sha256[:12]})"] = proxy(rows, targets, healthy, own)
+    for names in args.features:
+        features = checked_features(n.strip() for n in names.split(","))
+        columns = [KNOWN_FEATURES.index(f) for f in features]
+        picked = [{**s, "features": np.asarray(s["features"])[columns]} for s in samples]
+        verifier, report = fit_verifier(picked, truth, "normative", 2.0, features, args.min_recall)
+        name = f"{','.join(features)} (fit {args.fit}, threshold {verifier.threshold:.2f})"
+        results[name] = proxy(rows, targets, healthy, verifier)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

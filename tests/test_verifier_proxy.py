@@ -1,0 +1,110 @@
+"""benchmarks/verifier_proxy.py: the offline proxy of `evaluate` for normative verifiers, on the
+shipped demo model and phantom folders; and the example maker's no-synthesis mode it rests on."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffugts.cli import main as cli
+from diffugts.models.defaults import DEMO_MODEL
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("verifier_proxy", REPO / "benchmarks" / "verifier_proxy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+vp = _load()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dev")
+    args = ["-q", "phantom", "--seed", "5104", "--split", "seen", "--healthy-fraction", "0", "--no-dicom"]
+    assert cli([*args, "--n", "2", "--out", str(root / "dev" / "ct-seen")]) == 0
+    assert (
+        cli(
+            [
+                "-q",
+                "phantom",
+                "--n",
+                "1",
+                "--seed",
+                "5132",
+                "--healthy",
+                "--no-dicom",
+                "--out",
+                str(root / "dev" / "healthy-ct"),
+            ]
+        )
+        == 0
+    )
+    return [root / "dev" / "ct-seen", root / "dev" / "healthy-ct"]
+
+
+@pytest.mark.slow
+def test_the_proxy_keeps_what_a_verifier_keeps_and_counts_as_evaluate_does(folders, capsys):
+    make = vp.maker(str(DEMO_MODEL), 0)
+    rows, targets, healthy = vp.folder_candidates(make, folders)
+    assert dict(healthy) == {"dev/ct-seen": 0, "dev/healthy-ct": 1}
+    lesion_targets = [t for t in targets if not t["healthy"]]
+    assert lesion_targets and all(t["lesions"] for t in lesion_targets)
+    assert len([t for t in targets if t["healthy"]]) == 4  # every host organ of the lesion-free study
+    assert rows and all(r["hits"] <= r["voxels"] and r["touched"] <= set(targets[r["target"]]["lesions"]) for r in rows)
+    every = vp.proxy(rows, targets, healthy, None)
+    dice, found, total = every["dev/ct-seen"]
+    assert 0.0 < dice <= 1.0 and 0 < found <= total == sum(len(t["lesions"]) for t in lesion_targets)
+    assert every["dev/healthy-ct"] == sum(1 for r in rows if targets[r["target"]]["healthy"])  # per 1 study
+    from diffugts.models.package import open_package
+    from diffugts.stages.verification import verifier_of
+
+    verified = vp.proxy(rows, targets, healthy, verifier_of(open_package(DEMO_MODEL)))
+    assert verified["dev/ct-seen"][1] <= found and verified["dev/healthy-ct"] <= every["dev/healthy-ct"]
+    # a verifier whose threshold nothing reaches keeps nothing
+    strict = vp.LesionVerifier(
+        (1.0,), -50.0, (0.0,), (1.0,), 0.99, features=("depth_rel",), candidate_source="normative"
+    )
+    assert vp.proxy(rows, targets, healthy, strict) == {"dev/ct-seen": (0.0, 0, total), "dev/healthy-ct": 0.0}
+
+    vp.main([str(DEMO_MODEL), *map(str, folders), "--fit", "1,1,0,0,0", "--features", "depth_rel,elongation"])
+    out = capsys.readouterr().out
+    assert "| none (every candidate) |" in out and "| the package's (7f8eddeee56a) |" in out
+    assert "| depth_rel,elongation (fit 1,1,0,0,0, threshold" in out
+
+
+def test_the_proxy_needs_a_normative_model(tmp_path):
+    from modelfactory import random_package
+
+    pkg = random_package(tmp_path, fused=True)
+    with pytest.raises(SystemExit, match="normative model"):
+        vp.maker(str(pkg.root), 0)
+
+
+@pytest.mark.slow
+def test_examples_without_synthesis_hold_the_same_candidates(tmp_path):
+    """synthesize=False changes the residual only: the random draws, and so the candidates and
+    the normative evidence, are those of the examples made with synthesis."""
+    from diffugts.models.package import open_package
+    from diffugts.stages.normative import normative_of
+    from diffugts.train.run import _ExampleMaker
+
+    pkg = open_package(DEMO_MODEL)
+    made = []
+    for synthesize in (True, False):
+        make = _ExampleMaker(pkg, 0, 2, None, normative=normative_of(pkg), synthesize=synthesize)
+        made.append(make.examples(make.case(4000, False)))
+    assert len(made[0]) == len(made[1]) > 0
+    for a, b in zip(*made):
+        assert np.array_equal(a.normative, b.normative) and np.array_equal(a.truth, b.truth)
+        assert np.array_equal(a.findings.score, b.findings.score)
+    assert any(not np.array_equal(a.inputs, b.inputs) for a, b in zip(*made))  # the residual differs

@@ -4,28 +4,17 @@ DICOM element or missing file fails; what legitimately differs between two runs 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("compare_outputs", REPO / "benchmarks" / "compare_outputs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-co = _load()
+co = load_benchmark("compare_outputs")
 
 
 def _nifti(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 2.0)) -> None:

@@ -3,28 +3,14 @@ shipped demo model and phantom folders; and the example maker's no-synthesis mod
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from benchmark_scripts import load_benchmark
 from diffugts.cli import main as cli
 from diffugts.models.defaults import DEMO_MODEL
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("verifier_proxy", REPO / "benchmarks" / "verifier_proxy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-vp = _load()
+vp = load_benchmark("verifier_proxy")
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffugts.models.package import open_package
+from diffugts.models.package import ModelPackage, open_package
 from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
 from diffugts.stages.normative import normative_of
 from diffugts.stages.verification import KNOWN_FEATURES, LesionVerifier, candidates, checked_features, verifier_of
@@ -38,11 +38,10 @@ from diffugts.train.run import _ExampleMaker, verifier_examples, verifier_plan
 from diffugts.train.verify import component_samples, example_evidence, fit_verifier
 
 
-def maker(model: str, seed: int) -> _ExampleMaker:
-    pkg = open_package(model)
+def maker(pkg: ModelPackage, seed: int) -> _ExampleMaker:
     normative = normative_of(pkg)
     if normative is None:
-        raise SystemExit(f"{model}: the proxy needs a package with a normative model")
+        raise SystemExit(f"{pkg.root}: the proxy needs a package with a normative model")
     return _ExampleMaker(pkg, seed, 10, None, normative=normative, synthesize=False)
 
 
@@ -151,16 +150,17 @@ def main(argv=None) -> None:
     parser.add_argument("--features", action="append", default=[], help="a verifier to fit: comma-separated features")
     parser.add_argument("--min-recall", type=float, default=0.9)
     args = parser.parse_args(argv)
-    make = maker(args.model, args.seed)
+    pkg = open_package(args.model)
+    make = maker(pkg, args.seed)
     results: dict[str, dict] = {}
     if args.features:
         counts = [int(v) for v in args.fit.split(",")]
         samples, truth = fitting_samples(make, args.seed, counts)
     rows, targets, healthy = folder_candidates(make, args.folders)
     results["none (every candidate)"] = proxy(rows, targets, healthy, None)
-    own = verifier_of(make_pkg := open_package(args.model))
+    own = verifier_of(pkg)
     if own is not None and own.candidate_source == "normative":
-        results[f"the package's ({make_pkg.sha256[:12]})"] = proxy(rows, targets, healthy, own)
+        results[f"the package's ({pkg.sha256[:12]})"] = proxy(rows, targets, healthy, own)
     for names in args.features:
         features = checked_features(n.strip() for n in names.split(","))
         columns = [KNOWN_FEATURES.index(f) for f in features]

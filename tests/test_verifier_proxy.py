@@ -9,6 +9,7 @@ import pytest
 from benchmark_scripts import load_benchmark
 from diffugts.cli import main as cli
 from diffugts.models.defaults import DEMO_MODEL
+from diffugts.models.package import open_package
 
 vp = load_benchmark("verifier_proxy")
 
@@ -40,7 +41,7 @@ def folders(tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_proxy_keeps_what_a_verifier_keeps_and_counts_as_evaluate_does(folders, capsys):
-    make = vp.maker(str(DEMO_MODEL), 0)
+    make = vp.maker(open_package(DEMO_MODEL), 0)
     rows, targets, healthy = vp.folder_candidates(make, folders)
     assert dict(healthy) == {"dev/ct-seen": 0, "dev/healthy-ct": 1}
     lesion_targets = [t for t in targets if not t["healthy"]]
@@ -51,7 +52,6 @@ def test_the_proxy_keeps_what_a_verifier_keeps_and_counts_as_evaluate_does(folde
     dice, found, total = every["dev/ct-seen"]
     assert 0.0 < dice <= 1.0 and 0 < found <= total == sum(len(t["lesions"]) for t in lesion_targets)
     assert every["dev/healthy-ct"] == sum(1 for r in rows if targets[r["target"]]["healthy"])  # per 1 study
-    from diffugts.models.package import open_package
     from diffugts.stages.verification import verifier_of
 
     verified = vp.proxy(rows, targets, healthy, verifier_of(open_package(DEMO_MODEL)))
@@ -73,7 +73,7 @@ def test_the_proxy_needs_a_normative_model(tmp_path):
 
     pkg = random_package(tmp_path, fused=True)
     with pytest.raises(SystemExit, match="normative model"):
-        vp.maker(str(pkg.root), 0)
+        vp.maker(pkg, 0)
 
 
 @pytest.mark.slow

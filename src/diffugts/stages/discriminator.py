@@ -76,10 +76,9 @@ class Discriminator:
 class Committee:
     """Several discriminators of one organ and modality, each fitted on lesion-free cases of its
     own; a voxel's score is the mean of their log-odds, cut at the healthy quantiles of that
-    mean (``low``/``high``). One discriminator learns, beside what every healthy organ shares,
-    the quirks of the dozen cases it saw, and flags healthy tissue those cases lacked; members
-    fitted on other cases flag other tissue, and their mean keeps what they agree on
-    (docs/benchmarks.md, "A committee of discriminators")."""
+    mean (``low``/``high``). Tried because one discriminator also learns the quirks of the
+    dozen cases it saw; with two members it kept more false candidates than one, so it is an
+    option, not the recipe's (docs/benchmarks.md, "a committee of discriminators")."""
 
     members: list[Discriminator]
     low: float

@@ -14,6 +14,7 @@ quantiles the candidates are cut at.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -123,7 +124,7 @@ def fit_normative(
     seed: int = 0,
     anomalies: dict[str, np.ndarray] | None = None,
     calibration: dict[str, np.ndarray] | None = None,
-    members: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = (),  # type: ignore[assignment]
+    members: Sequence[tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]] = (),
 ) -> NormativeModel:
     """A mixture per key with at least ``20 * components`` samples (fewer: the organ stays
     unknown to the model rather than be guessed from a handful of voxels); for ``params.score
@@ -160,7 +161,7 @@ def fit_normative(
             if painted is None or len(painted) < 20 * params.components:
                 continue
             first = fit_discriminator(painted[rng.permutation(len(painted))][:MAX_SAMPLES], fit_on, seed)
-            more = [_member(h.get(k), a.get(k), params, rng, seed + m) for m, (h, a) in enumerate(members, 1)]
+            more = [_member(h.get(k), (a or {}).get(k), params, rng, seed + m) for m, (h, a) in enumerate(members, 1)]
             fitted = [d for d in more if d is not None]
             if len(fitted) < len(more):
                 continue  # a committee needs every member

@@ -27,9 +27,7 @@ NORMATIVE_MR_OFFSET = 500  # its MR cases: from NORMATIVE_INDEX + this (other an
 NORMATIVE_CALIBRATION_OFFSET = 250  # its held-out calibration cases: from NORMATIVE_INDEX (+ MR offset) + this
 NORMATIVE_MEMBER_OFFSET = 1000  # a committee's member m fits on cases from NORMATIVE_INDEX + m * this (+ MR offset)
 VERIFY_MR_OFFSET = 250  # the verifier's lesion-free MR cases: from VERIFY_HEALTHY_INDEX + this (other anatomy)
-VERIFY_ANOMALY_INDEX = (
-    4800  # lesion-free cases with generic anomalies for the verifier (CT; MR from + VERIFY_MR_OFFSET)
-)
+VERIFY_ANOMALY_INDEX = 4800  # the verifier's lesion-free cases with generic anomalies (MR: + VERIFY_MR_OFFSET)
 VERIFY_ANOMALY_STREAM = 79  # their anomalies' own random stream
 AOVA_FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
 

@@ -379,20 +379,15 @@ def train_normative(
         ("MR", R.NORMATIVE_INDEX + R.NORMATIVE_MR_OFFSET + R.NORMATIVE_CALIBRATION_OFFSET + i)
         for i in range(calibration_cases if mr_cases else 0)
     ]
-    # A committee's further members fit on cases of their own (params.members)
-    more = [[(m, i + k * R.NORMATIVE_MEMBER_OFFSET) for m, i in plan] for k in range(1, params.members)]
     t0 = time.perf_counter()
-    data = [
-        phantom_case(R.AOVA_SEED + seed, i, prep, healthy=True, modality=modality, shape=phantom_shape)
-        for modality, i in progress(
-            plan + held_out + [c for p in more for c in p], desc="healthy phantoms", unit="case", enable=show_progress
-        )
-    ]
-    data, held_out_data, rest = (
-        data[: len(plan)],
-        data[len(plan) : len(plan) + len(held_out)],
-        data[len(plan) + len(held_out) :],
-    )
+
+    def phantoms(entries) -> list:
+        return [
+            phantom_case(R.AOVA_SEED + seed, i, prep, healthy=True, modality=modality, shape=phantom_shape)
+            for modality, i in progress(entries, desc="healthy phantoms", unit="case", enable=show_progress)
+        ]
+
+    data, held_out_data = phantoms(plan), phantoms(held_out)
     spacing, deviation = tuple(prep.spacing_mm)[::-1], fusion.deviation if fusion else DeviationParams()
 
     def sampled(cases: list, anomaly_seed: int):
@@ -404,8 +399,12 @@ def train_normative(
 
     samples, anomalies = sampled(data, seed)
     calibration = normative_samples(held_out_data, net, spacing, params, deviation) if held_out_data else None
-    members = [sampled(rest[(k - 1) * len(plan) : k * len(plan)], seed + k) for k in range(1, params.members)]
-    normative = fit_normative(samples, params, seed, anomalies, calibration, members)  # type: ignore[arg-type]
+    # A committee's further members fit on cases of their own (params.members)
+    members = [
+        sampled(phantoms([(m, i + k * R.NORMATIVE_MEMBER_OFFSET) for m, i in plan]), seed + k)
+        for k in range(1, params.members)
+    ]
+    normative = fit_normative(samples, params, seed, anomalies, calibration, members)
     return add_networks(
         pkg,
         {NORMATIVE: (normative.entry(), normative.state_dict())},

@@ -8,7 +8,7 @@ import pytest
 
 import diffugts.train.normative as train_normative
 from diffugts.stages.normative import Findings, NormativeParams, appearance_features, relative_score
-from diffugts.stages.verification import NORMATIVE_EVIDENCE, Evidence, LesionVerifier, candidates
+from diffugts.stages.verification import CORE_LEVEL, NORMATIVE_EVIDENCE, Evidence, LesionVerifier, candidates
 from diffugts.train.data import TrainingCase
 from diffugts.train.normative import fit_normative, normative_samples
 from test_normative import SPACING, organ_with
@@ -71,6 +71,30 @@ def test_normative_features_are_per_candidate_means_and_maxima():
     bare = Evidence(*(getattr(evidence, f) for f in ("refined", "coarse", "deviation", "residual", "organ")))
     with pytest.raises(ValueError, match="organ_log_odds"):
         candidates(mask, bare, 0.01, features=("organ_log_odds",))
+
+
+def test_a_candidates_core_is_its_volume_clearly_above_the_seed_threshold():
+    """``core_ml``: log10 mL (+ 0.01) of the candidate's voxels scoring above CORE_LEVEL, every
+    part of it (a candidate over several small foci keeps each one's core); a candidate grown
+    from scattered seeds through barely unusual tissue has little or none."""
+    mask = np.zeros((3, 3, 20), bool)
+    mask[1, 1, 0:12] = True  # one candidate: a bar along the last axis
+    mask[1, 1, 15:19] = True  # another, nowhere clearly abnormal
+    score = np.full(mask.shape, -1.0, np.float32)
+    score[1, 1, 0:4] = 2.0  # one part of the core: 4 voxels
+    score[1, 1, 4] = CORE_LEVEL  # at the level is not above it
+    score[1, 1, 5:7] = 3.0  # another part of the same candidate's core: 2 voxels
+    score[1, 1, 7:12] = -0.5
+    score[1, 1, 15:19] = 0.5  # seeds, but no core
+    flat = np.zeros(mask.shape, np.float32)
+    evidence = Evidence(flat, flat, flat, flat, np.ones(mask.shape, np.float32), normative=score)
+    labels, ids, feats = candidates(mask, evidence, 0.01, features=("core_ml", "log_volume_ml"))
+    by_size = {int((labels == i).sum()): f for i, f in zip(ids, feats)}
+    assert by_size[12][0] == pytest.approx(np.log10(6 * 0.01 + 0.01))
+    assert by_size[4][0] == pytest.approx(-2.0)  # no core at all: log10(0.01)
+    assert by_size[12][1] == pytest.approx(np.log10(0.12))
+    with pytest.raises(ValueError, match="normative"):  # the score map is needed
+        candidates(mask, Evidence(flat, flat, flat, flat, flat), 0.01, features=("core_ml",))
 
 
 def test_a_verifier_weighs_normative_evidence_of_normative_candidates_only():
@@ -187,7 +211,8 @@ def test_fitting_samples_of_normative_candidates_carry_their_evidence():
         [example], [np.zeros(mask.shape, np.float32)], 0.5, 0.01, 0.0, "normative", features=NORMATIVE_EVIDENCE
     )
     rows = sorted((s["lesion"], s["voxels"], tuple(np.round(s["features"], 4))) for s in samples)
-    assert rows == [(False, 8, (-0.5, -0.5, 0.5)), (True, 27, (round((26 * 2.0 + 5.0) / 27, 4), 5.0, 6.0))]
+    strong = (round((26 * 2.0 + 5.0) / 27, 4), 5.0, 6.0, round(np.log10(27 * 0.01 + 0.01), 4))
+    assert rows == [(False, 8, (-0.5, -0.5, 0.5, -2.0)), (True, 27, strong)]
 
 
 def test_a_fit_grounds_each_case_once_for_healthy_and_painted_samples(monkeypatch):

@@ -45,7 +45,14 @@ verifiers fitted since 2026-12-05 may use them):
   tissue over its whole extent; noise and partial volume just cross the threshold;
 - ``organ_log_odds``: the organ network's mean log-odds over the candidate. Tissue the organ
   map barely calls organ (the next organ, a vessel, fat at the border) is where false
-  candidates lie.
+  candidates lie;
+- ``core_ml`` (since 2026-12-06): log10 of the volume in mL (plus 0.01 mL, so that no core is
+  still finite) of the candidate's voxels scoring above ``CORE_LEVEL`` (1: as far above the
+  seed threshold as that lies above the growing one). A lesion is clearly abnormal tissue over
+  much of its extent; most false candidates are tissue just past the growing threshold,
+  reached from a few scattered seeds, and their core is small or missing. All such voxels
+  count, not only the largest part's, so that a candidate spanning several small foci keeps
+  the core of each.
 They too say nothing about a lesion type's look: how unusual for its organ, and how surely
 inside it.
 """
@@ -72,7 +79,8 @@ FEATURES = (
     "organ_fraction",
 )
 GEOMETRY = ("depth_mm", "elongation", "depth_rel", "fill")
-NORMATIVE_EVIDENCE = ("normative_mean", "normative_max", "organ_log_odds")  # normative candidates only
+NORMATIVE_EVIDENCE = ("normative_mean", "normative_max", "organ_log_odds", "core_ml")  # normative candidates only
+CORE_LEVEL = 1.0  # ``core_ml``: the relative normative score a candidate's core exceeds
 KNOWN_FEATURES = FEATURES + GEOMETRY + NORMATIVE_EVIDENCE
 CANDIDATE_SOURCES = ("refined", "deviation", "normative")
 
@@ -217,8 +225,15 @@ def candidates(
         "normative_mean": lambda: mean(evidence_map("normative")),
         "normative_max": lambda: ndimage.maximum(evidence_map("normative"), labels, ids),
         "organ_log_odds": lambda: mean(evidence_map("organ_log_odds")),
+        "core_ml": lambda: _core_ml(labels, ids, evidence_map("normative"), voxel_ml),
     }
     return labels, ids, np.stack([np.asarray(compute[f](), np.float64) for f in features], 1)
+
+
+def _core_ml(labels: np.ndarray, ids: list[int], score: np.ndarray, voxel_ml: float) -> np.ndarray:
+    """Per component log10(mL + 0.01) of its voxels scoring above CORE_LEVEL."""
+    core = ndimage.sum_labels(np.asarray(score) > CORE_LEVEL, labels, ids)
+    return np.log10(np.asarray(core, np.float64) * voxel_ml + 0.01)
 
 
 def _moments(labels: np.ndarray, ids: list[int], spacing_mm) -> list[np.ndarray | None]:

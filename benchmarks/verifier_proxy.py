@@ -3,6 +3,7 @@ verifier variants and read their effect on development cases in minutes, not hou
 
     python benchmarks/verifier_proxy.py MODEL FOLDER [FOLDER ...] [--seed S]
         [--fit SEEN,HEALTHY,MR_HEALTHY,ANOMALIES,MR_ANOMALIES] [--features A,B ...] [--min-recall R]
+        [--curve]
 
 Each case is made as the verifier's fitting examples are (diffugts.train.run.verifier_examples):
 the organ network, the coarse maps and the package's normative candidates on the model grid,
@@ -14,7 +15,10 @@ package's own verifier, and one verifier per ``--features`` set, fitted as `trai
 fits it (its fitting cases: ``--fit``, the seed's refinement range). Cells per folder: mean
 Dice over case-organs (candidates as cut, not delineated), lesions touched, and false lesions
 per lesion-free study. On dev2 (docs/benchmarks.md) it gave `evaluate`'s figures to the third
-decimal for both draws of the shipped recipe.
+decimal for both draws of the shipped recipe. ``--curve`` adds, per verifier, what it keeps at
+every threshold from 0.05 to 0.95 (lesions touched over all lesion folders, false lesions per
+lesion-free study over all lesion-free ones): whether a feature moves the trade-off between the
+two or only the point on it.
 
 FOLDER: `diffugts phantom --no-dicom` output. Development seeds only: never tune on evaluation seeds.
 """
@@ -22,6 +26,7 @@ FOLDER: `diffugts phantom --no-dicom` output. Development seeds only: never tune
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections import defaultdict
 from pathlib import Path
 
@@ -127,6 +132,22 @@ def proxy(rows: list[dict], targets: list[dict], healthy_studies: dict, verifier
     return out
 
 
+CURVE_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+
+def curve(rows: list[dict], targets: list[dict], healthy_studies: dict, verifier: LesionVerifier) -> list[tuple]:
+    """Per threshold of CURVE_THRESHOLDS: (threshold, lesions touched, lesions, false lesions
+    per lesion-free study), over all folders of each kind."""
+    out = []
+    for t in CURVE_THRESHOLDS:
+        cells = proxy(rows, targets, healthy_studies, dataclasses.replace(verifier, threshold=t))
+        lesions = [c for c in cells.values() if isinstance(c, tuple)]
+        studies = sum(healthy_studies.values())
+        false = sum(c * healthy_studies[g] for g, c in cells.items() if not isinstance(c, tuple))
+        out.append((t, sum(c[1] for c in lesions), sum(c[2] for c in lesions), false / max(studies, 1)))
+    return out
+
+
 def table(results: dict[str, dict]) -> str:
     groups = sorted({g for r in results.values() for g in r})
     lines = ["| verifier | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
@@ -149,6 +170,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--features", action="append", default=[], help="a verifier to fit: comma-separated features")
     parser.add_argument("--min-recall", type=float, default=0.9)
+    parser.add_argument("--curve", action="store_true", help="also each verifier's keeps at every threshold")
     args = parser.parse_args(argv)
     pkg = open_package(args.model)
     make = maker(pkg, args.seed)
@@ -158,17 +180,24 @@ def main(argv=None) -> None:
         samples, truth = fitting_samples(make, args.seed, counts)
     rows, targets, healthy = folder_candidates(make, args.folders)
     results["none (every candidate)"] = proxy(rows, targets, healthy, None)
+    verifiers = {}
     own = verifier_of(pkg)
     if own is not None and own.candidate_source == "normative":
-        results[f"the package's ({pkg.sha256[:12]})"] = proxy(rows, targets, healthy, own)
+        verifiers[f"the package's ({pkg.sha256[:12]})"] = own
     for names in args.features:
         features = checked_features(n.strip() for n in names.split(","))
         columns = [KNOWN_FEATURES.index(f) for f in features]
         picked = [{**s, "features": np.asarray(s["features"])[columns]} for s in samples]
         verifier, report = fit_verifier(picked, truth, "normative", 2.0, features, args.min_recall)
-        name = f"{','.join(features)} (fit {args.fit}, threshold {verifier.threshold:.2f})"
+        verifiers[f"{','.join(features)} (fit {args.fit}, threshold {verifier.threshold:.2f})"] = verifier
+    for name, verifier in verifiers.items():
         results[name] = proxy(rows, targets, healthy, verifier)
     print(table(results))
+    if args.curve:
+        print("\nlesions touched / false lesions per lesion-free study, by threshold:")
+        for name, verifier in verifiers.items():
+            points = " ".join(f"{t:.2f}: {f}/{n} {fp:.2f}" for t, f, n, fp in curve(rows, targets, healthy, verifier))
+            print(f"- {name}: {points}")
 
 
 if __name__ == "__main__":

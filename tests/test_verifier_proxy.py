@@ -3,6 +3,8 @@ shipped demo model and phantom folders; and the example maker's no-synthesis mod
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -62,10 +64,23 @@ def test_the_proxy_keeps_what_a_verifier_keeps_and_counts_as_evaluate_does(folde
     )
     assert vp.proxy(rows, targets, healthy, strict) == {"dev/ct-seen": (0.0, 0, total), "dev/healthy-ct": 0.0}
 
-    vp.main([str(DEMO_MODEL), *map(str, folders), "--fit", "1,1,0,0,0", "--features", "depth_rel,elongation"])
+    # the trade-off curve: what the verifier keeps at each threshold, as proxy() counts it
+    own = verifier_of(open_package(DEMO_MODEL))
+    points = vp.curve(rows, targets, healthy, own)
+    assert [p[0] for p in points] == list(vp.CURVE_THRESHOLDS) and all(p[2] == total for p in points)
+    assert all(a[1] >= b[1] and a[3] >= b[3] for a, b in zip(points, points[1:]))  # stricter keeps less
+    assert points[0][1] > points[-1][1] or points[0][3] > points[-1][3]
+    for t, kept, _, false in points[::6]:
+        at = vp.proxy(rows, targets, healthy, dataclasses.replace(own, threshold=t))
+        assert (kept, false) == (at["dev/ct-seen"][1], at["dev/healthy-ct"])
+
+    args = [str(DEMO_MODEL), *map(str, folders), "--fit", "1,1,0,0,0", "--features", "depth_rel,elongation"]
+    vp.main([*args, "--curve"])
     out = capsys.readouterr().out
-    assert "| none (every candidate) |" in out and "| the package's (7f8eddeee56a) |" in out
+    sha = open_package(DEMO_MODEL).sha256[:12]
+    assert "| none (every candidate) |" in out and f"| the package's ({sha}) |" in out
     assert "| depth_rel,elongation (fit 1,1,0,0,0, threshold" in out
+    assert "by threshold" in out and f"- the package's ({sha}): 0.05: " in out and "- depth_rel,elongation (" in out
 
 
 def test_the_proxy_needs_a_normative_model(tmp_path):

@@ -37,7 +37,7 @@ Four features are geometry, not intensity (verifiers fitted since 2026-12-04 may
 None is learnt from a lesion type's look, which is why they carry over to unseen types and
 to MR, where the coarse map's evidence does not (docs/method.md, "lesion verification").
 
-Three features weigh the normative model's own evidence (``normative`` candidates only;
+Four features weigh the normative model's own evidence (``normative`` candidates only;
 verifiers fitted since 2026-12-05 may use them):
 - ``normative_mean`` / ``normative_max``: the candidate's mean / largest normative score,
   relative to its organ's thresholds (0 at the seed threshold, -1 at the growing one;
@@ -46,9 +46,9 @@ verifiers fitted since 2026-12-05 may use them):
 - ``organ_log_odds``: the organ network's mean log-odds over the candidate. Tissue the organ
   map barely calls organ (the next organ, a vessel, fat at the border) is where false
   candidates lie;
-- ``core_ml`` (since 2026-12-06): log10 of the volume in mL (plus 0.01 mL, so that no core is
-  still finite) of the candidate's voxels scoring above ``CORE_LEVEL`` (1: as far above the
-  seed threshold as that lies above the growing one). A lesion is clearly abnormal tissue over
+- ``core_ml`` (since 2026-12-06): log10 of the volume in mL (plus 0.01 mL, so that an empty
+  core is still finite) of the candidate's voxels scoring above ``CORE_LEVEL`` (1: as far
+  above the seed threshold as that lies above the growing one). A lesion is clearly abnormal tissue over
   much of its extent; most false candidates are tissue just past the growing threshold,
   reached from a few scattered seeds, and their core is small or missing. All such voxels
   count, not only the largest part's, so that a candidate spanning several small foci keeps

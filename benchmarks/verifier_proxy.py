@@ -110,12 +110,13 @@ def folder_candidates(make: _ExampleMaker, folders: list[Path]) -> tuple[list[di
 def proxy(rows: list[dict], targets: list[dict], healthy_studies: dict, verifier: LesionVerifier | None) -> dict:
     """Per folder: (Dice, lesions touched, lesions) or false lesions per lesion-free study."""
     kept: dict[int, list[dict]] = defaultdict(list)
-    for r in rows:
-        if verifier is not None:
-            x = np.asarray(r["features"])[[KNOWN_FEATURES.index(f) for f in verifier.features]][None]
-            if verifier.scores(x)[0] < verifier.threshold:
-                continue
-        kept[r["target"]].append(r)
+    keep = np.ones(len(rows), bool)
+    if verifier is not None and rows:
+        columns = [KNOWN_FEATURES.index(f) for f in verifier.features]
+        keep = verifier.scores(np.stack([np.asarray(r["features"])[columns] for r in rows])) >= verifier.threshold
+    for r, k in zip(rows, keep):
+        if k:
+            kept[r["target"]].append(r)
     out = {}
     for group in sorted({t["group"] for t in targets}):
         ts = [(i, t) for i, t in enumerate(targets) if t["group"] == group]
@@ -138,11 +139,10 @@ CURVE_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))
 def curve(rows: list[dict], targets: list[dict], healthy_studies: dict, verifier: LesionVerifier) -> list[tuple]:
     """Per threshold of CURVE_THRESHOLDS: (threshold, lesions touched, lesions, false lesions
     per lesion-free study), over all folders of each kind."""
-    out = []
+    out, studies = [], sum(healthy_studies.values())
     for t in CURVE_THRESHOLDS:
         cells = proxy(rows, targets, healthy_studies, dataclasses.replace(verifier, threshold=t))
         lesions = [c for c in cells.values() if isinstance(c, tuple)]
-        studies = sum(healthy_studies.values())
         false = sum(c * healthy_studies[g] for g, c in cells.items() if not isinstance(c, tuple))
         out.append((t, sum(c[1] for c in lesions), sum(c[2] for c in lesions), false / max(studies, 1)))
     return out
@@ -188,7 +188,7 @@ def main(argv=None) -> None:
         features = checked_features(n.strip() for n in names.split(","))
         columns = [KNOWN_FEATURES.index(f) for f in features]
         picked = [{**s, "features": np.asarray(s["features"])[columns]} for s in samples]
-        verifier, report = fit_verifier(picked, truth, "normative", 2.0, features, args.min_recall)
+        verifier, _ = fit_verifier(picked, truth, "normative", 2.0, features, args.min_recall)
         verifiers[f"{','.join(features)} (fit {args.fit}, threshold {verifier.threshold:.2f})"] = verifier
     for name, verifier in verifiers.items():
         results[name] = proxy(rows, targets, healthy, verifier)

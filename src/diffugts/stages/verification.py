@@ -48,11 +48,11 @@ verifiers fitted since 2026-12-05 may use them):
   candidates lie;
 - ``core_ml`` (since 2026-12-06): log10 of the volume in mL (plus 0.01 mL, so that an empty
   core is still finite) of the candidate's voxels scoring above ``CORE_LEVEL`` (1: as far
-  above the seed threshold as that lies above the growing one). A lesion is clearly abnormal tissue over
-  much of its extent; most false candidates are tissue just past the growing threshold,
-  reached from a few scattered seeds, and their core is small or missing. All such voxels
-  count, not only the largest part's, so that a candidate spanning several small foci keeps
-  the core of each.
+  above the seed threshold as that lies above the growing one). A lesion is clearly abnormal
+  tissue over much of its extent; most false candidates are tissue just past the growing
+  threshold, reached from a few scattered seeds, and their core is small or missing. All such
+  voxels count, not only the largest part's, so that a candidate spanning several small foci
+  keeps the core of each.
 They too say nothing about a lesion type's look: how unusual for its organ, and how surely
 inside it.
 """

@@ -152,6 +152,20 @@ def test_delineation_is_the_tighter_growth_inside_the_whole_candidates():
     assert NormativeParams.from_dict({"components": 2}).delineate_above is None
 
 
+def test_findings_carry_the_delineation_by_level_the_params_ask_for():
+    from dataclasses import replace
+
+    model, params, (x, mask, ball) = healthy_model_and_lesion()
+    assert model.findings(x, mask, "liver", "CT", SPACING).level_delineation is None
+    model.params = replace(params, delineate_level=0.5, delineate_expand_mm=0.0)
+    found = model.findings(x, mask, "liver", "CT", SPACING)
+    assert found.delineation is None and found.level_delineation.image is x
+    assert (found.level_delineation.level, found.level_delineation.expand_mm) == (0.5, 0.0)
+    reported = found.level_delineation(found.candidates, mask, found.score, SPACING)
+    assert (reported & ball).sum() >= 0.9 * (found.candidates & ball).sum() > 0  # the dark ball kept
+    assert (reported & ~ball).sum() < (found.candidates & ~ball).sum()  # less of the tissue around it
+
+
 def test_each_verified_candidate_reports_its_largest_delineated_part():
     from diffugts.stages.normative import delineated
 

@@ -193,7 +193,40 @@ def register(sub) -> None:
         help="a verified candidate is reported as the part its seeds reach through voxels above this, "
         "between -1 and 0 as --grow-above; 'none': the whole candidate (default %(default)s)",
     )
+    m.add_argument(
+        "--delineate-level",
+        type=_optional_float,
+        default=DemoRecipe.normative_delineate_level,
+        help="a verified candidate is reported as its voxels past this fraction of the way from its organ's "
+        "intensity to its core's (0.5: half way); 'none': the whole candidate (default %(default)s)",
+    )
+    m.add_argument(
+        "--delineate-expand-mm",
+        type=float,
+        default=DemoRecipe.normative_delineate_expand_mm,
+        help="how far past the candidate the delineation by level may reach (default %(default)s)",
+    )
     m.set_defaults(func=_normative)
+
+    dl = t.add_parser(
+        "delineation",
+        help="how a package's verified lesions are reported (delineation by level), without refitting anything",
+    )
+    dl.add_argument("--model", required=True, help="package with a normative model")
+    dl.add_argument("--out", default=None, help="write a new package here (default: update --model)")
+    dl.add_argument(
+        "--level",
+        type=_optional_float,
+        default=DemoRecipe.normative_delineate_level,
+        help="as train normative --delineate-level; 'none': whole candidates (default %(default)s)",
+    )
+    dl.add_argument(
+        "--expand-mm",
+        type=float,
+        default=DemoRecipe.normative_delineate_expand_mm,
+        help="as train normative --delineate-expand-mm (default %(default)s)",
+    )
+    dl.set_defaults(func=_delineation)
 
     r = t.add_parser("refine", help="the residual refinement head, on seen lesion types only")
     r.add_argument("--model", required=True, help="package with a backbone and an AOVA head")
@@ -499,11 +532,22 @@ def _normative(args) -> int:
             members=args.members,
             grow_above=args.grow_above,
             delineate_above=args.delineate_above,
+            delineate_level=args.delineate_level,
+            delineate_expand_mm=args.delineate_expand_mm,
         ),
         calibration_cases=args.calibration_cases,
     )
     known = pkg.manifest["networks"]["normative"]["keys"]
     print(f"wrote {pkg.root} (normative model of {', '.join(known) or 'no organ'})")
+    return 0
+
+
+def _delineation(args) -> int:
+    from diffugts.train.run import set_delineation
+
+    pkg = set_delineation(args.model, Path(args.out) if args.out else None, args.level, args.expand_mm)
+    params = pkg.network("normative")["params"]
+    print(f"wrote {pkg.root} (delineation by level {params['delineate_level']}, {params['delineate_expand_mm']} mm)")
     return 0
 
 

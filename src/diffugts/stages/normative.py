@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from diffugts.stages.delineation import LevelDelineation
 from diffugts.stages.deviation import (
     GAUSS_TRUNCATE,
     DeviationParams,
@@ -97,6 +98,12 @@ class NormativeParams:
     # judges whole candidates, as it was fitted; only the reported extent shrinks
     # (docs/benchmarks.md, "Delineation of verified candidates").
     delineate_above: float | None = None
+    # Delineation by level (diffugts.stages.delineation): a verified candidate is reported as
+    # its voxels on the lesion's side of this fraction of the way from its organ's level to its
+    # core's, within ``delineate_expand_mm`` of it (None: the whole candidate). Changes where a
+    # lesion is reported, never whether (docs/benchmarks.md, "Delineation by level").
+    delineate_level: float | None = None
+    delineate_expand_mm: float = 3.0
     # Seeds only where the organ network is this sure of the organ (log-odds; None: anywhere in
     # the scored interior). Its organ maps err at their border, and the next tissue, scored
     # under the organ's mixture, looks unlikely (docs/method.md, "normative appearance").
@@ -138,6 +145,12 @@ class NormativeParams:
             raise ValueError(f"grow_above must lie in [-1, 0) (between the thresholds), not {self.grow_above!r}")
         if self.delineate_above is not None and not -1.0 <= self.delineate_above < 0.0:
             raise ValueError(f"delineate_above must lie in [-1, 0) or be None, not {self.delineate_above!r}")
+        if self.delineate_level is not None and not 0.0 < self.delineate_level < 1.0:
+            raise ValueError(f"delineate_level must lie in (0, 1) or be None, not {self.delineate_level!r}")
+        if self.delineate_level is not None and self.delineate_above is not None:
+            raise ValueError("delineate_level and delineate_above are two delineations: set one")
+        if self.delineate_expand_mm < 0:
+            raise ValueError(f"delineate_expand_mm must be at least 0, not {self.delineate_expand_mm!r}")
         if self.margin_mm < 0:
             raise ValueError(f"margin_mm must be at least 0, not {self.margin_mm!r}")
         if self.score not in SCORES:
@@ -286,6 +299,8 @@ class Findings:
     # bool: where the candidates' lesions lie (NormativeParams.delineate_above); None: the
     # candidates themselves
     delineation: np.ndarray | None = None
+    # how the verified candidates are delineated by level (NormativeParams.delineate_level)
+    level_delineation: LevelDelineation | None = None
 
     @classmethod
     def none(cls, shape, log_odds: np.ndarray | None = None) -> Findings:
@@ -365,7 +380,10 @@ class NormativeModel:
         delineation = None
         if self.params.delineate_above is not None:
             delineation = found & hysteresis(score, between(self.params.delineate_above), mix.high, where, in_slices)
-        return Findings(found, relative_score(score, mix.low, mix.high), organ_log_odds, delineation)
+        by_level = None
+        if self.params.delineate_level is not None:
+            by_level = LevelDelineation(np.asarray(x), self.params.delineate_level, self.params.delineate_expand_mm)
+        return Findings(found, relative_score(score, mix.low, mix.high), organ_log_odds, delineation, by_level)
 
     def candidates(self, *args, **kwargs) -> np.ndarray:
         """The candidate lesion voxels of :meth:`findings` (same arguments)."""

@@ -279,6 +279,8 @@ def _verified_candidates(
         kept = verified(found, evidence, verifier, voxel_ml(space.model))
         if findings is not None and findings.delineation is not None:
             kept = delineated(kept, findings.delineation)  # verified as whole candidates, reported delineated
+        elif findings is not None and findings.level_delineation is not None:
+            kept = findings.level_delineation(kept, organ, findings.score, evidence.spacing_mm)
         out.append(space.to_study(kept.astype(np.float32)) >= 0.5)
     return out
 

@@ -123,6 +123,12 @@ class DemoRecipe:
     # dev16, but on a fresh development set it cost CT detection (the largest part is not
     # always the lesion's): not adopted (docs/benchmarks.md, "Delineation of verified candidates").
     normative_delineate_above: float | None = None
+    # Or by level (NormativeParams.delineate_level; diffugts.stages.delineation): the verified
+    # candidate's voxels on its lesion's side of this fraction of the way from its organ's
+    # level to its core's, within delineate_expand_mm of it; a candidate it would split is
+    # reported whole.
+    normative_delineate_level: float | None = None
+    normative_delineate_expand_mm: float = 3.0
     refine_cases: int = 30
     refine_steps: int = 900
     refine_healthy_cases: int = 12  # lesion-free cases: their coarse candidates teach the head to say "nothing"
@@ -196,6 +202,8 @@ class DemoRecipe:
             members=self.normative_members,
             grow_above=self.normative_grow_above,
             delineate_above=self.normative_delineate_above,
+            delineate_level=self.normative_delineate_level,
+            delineate_expand_mm=self.normative_delineate_expand_mm,
         )
 
     @classmethod

@@ -346,6 +346,31 @@ def train_organ_net(
     )
 
 
+def set_delineation(
+    model: str | Path, out: Path | None = None, level: float | None = 0.4, expand_mm: float = 3.0
+) -> ModelPackage:
+    """The package with its normative model's delineation by level set (NormativeParams.
+    delineate_level, ``delineate_expand_mm``; diffugts.stages.delineation), nothing refitted:
+    the parameters shape only how verified candidates are reported, so the weights and
+    thresholds stay as they are (a refit draws other ones). ``level`` None: whole candidates."""
+    from dataclasses import replace
+
+    pkg = open_package(model)
+    normative = normative_of(pkg)
+    if normative is None:
+        raise ConfigError(f"{pkg.root}: the package has no normative model (`diffugts train normative`)")
+    try:
+        normative.params = replace(normative.params, delineate_level=level, delineate_expand_mm=expand_mm)
+    except ValueError as e:
+        raise ConfigError(f"{pkg.root}: {e}") from None
+    return add_networks(
+        pkg,
+        {NORMATIVE: (normative.entry(), normative.state_dict())},
+        out=out,
+        provenance={"delineation": {"command": command_line(), "level": level, "expand_mm": expand_mm}},
+    )
+
+
 def train_normative(
     model: str | Path,
     out: Path | None = None,

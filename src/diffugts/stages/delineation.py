@@ -1,0 +1,124 @@
+"""Delineation of verified lesions by their level: where the image passes from lesion to organ.
+
+A normative candidate grows through every voxel past its organ's healthy 95 % quantile, and the
+coarser appearance features make a ring of tissue next to a lesion look unusual. So a verified
+candidate holds its lesion and a halo: on development seeds only 36-55 % of a found lesion's
+candidate was lesion. Cutting the candidate on the same score (``NormativeParams.delineate_above``)
+splits candidates over several foci and keeps parts that miss the lesion.
+
+The image itself says where a lesion ends. Per verified candidate:
+- the lesion's level: the median of the (1 mm smoothed) image over the candidate's core, its
+  voxels scoring above ``CORE_LEVEL`` (as ``core_ml``; else its seeds, else all of it);
+- the organ's level: the median over the organ's voxels near the candidate (``pad_mm``), outside
+  the candidate grown by two voxels, so a bias field or contrast phase is read where it acts;
+- the lesion: the voxels on the lesion's side of ``level`` of the way from the organ's level to
+  the lesion's (0.5: half way, the edge of a blurred step), within ``expand_mm`` of the candidate
+  and in the organ or the candidate, connected to the core.
+Bright and dark lesions alike; no lesion type's look is learnt.
+
+One reported lesion per verified candidate, as before: when the delineation splits a candidate
+into several parts of at least the reported minimum volume, or leaves none, the candidate is
+reported whole. Delineation changes where, never whether (docs/benchmarks.md, "Delineation by
+level").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from diffugts.config import DEFAULT_MIN_VOLUME_ML
+from diffugts.stages.lesions import CONNECTIVITY_26
+from diffugts.stages.verification import CORE_LEVEL
+
+SMOOTH_MM = 1.0  # the image's noise, not its edges
+PAD_MM = 20.0  # how far around a candidate its organ's level is read
+MIN_REFERENCE = 20  # voxels: fewer near the candidate, and the whole organ's level is used
+
+
+@dataclass(frozen=True)
+class LevelDelineation:
+    """How verified candidates of one target are delineated (NormativeParams.delineate_level):
+    ``image`` the model-grid image they were cut from."""
+
+    image: np.ndarray
+    level: float = 0.4
+    expand_mm: float = 3.0
+
+    def __call__(self, kept: np.ndarray, organ: np.ndarray, score: np.ndarray, spacing_mm) -> np.ndarray:
+        return level_delineated(kept, self.image, organ, score, spacing_mm, self.level, self.expand_mm)
+
+
+def level_delineated(
+    kept: np.ndarray,
+    image: np.ndarray,
+    organ: np.ndarray,
+    score: np.ndarray,
+    spacing_mm,
+    level: float = 0.4,
+    expand_mm: float = 3.0,
+) -> np.ndarray:
+    """Each 26-connected component of ``kept`` (verified candidates) delineated by its level
+    (module docstring); all on one grid of voxel spacing ``spacing_mm`` (k, j, i); ``score``:
+    the relative normative score (diffugts.stages.normative.relative_score)."""
+    kept = np.asarray(kept, bool)
+    labels, n = ndimage.label(kept, structure=CONNECTIVITY_26)
+    if n == 0:
+        return kept.copy()
+    spacing = np.asarray(spacing_mm, np.float64)
+    smooth = ndimage.gaussian_filter(np.asarray(image, np.float32), SMOOTH_MM / spacing)
+    organ = np.asarray(organ, bool)
+    pad = [int(np.ceil(PAD_MM / s)) for s in spacing]
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    out = np.zeros(kept.shape, bool)
+    for i, tight in enumerate(ndimage.find_objects(labels), start=1):
+        box = tuple(slice(max(s.start - p, 0), min(s.stop + p, size)) for s, p, size in zip(tight, pad, kept.shape))
+        candidate = labels[box] == i
+        part = _delineated_one(
+            candidate,
+            smooth[box],
+            organ[box],
+            np.asarray(score)[box],
+            spacing,
+            smooth,
+            organ & ~kept,
+            level,
+            expand_mm,
+            voxel_ml,
+        )
+        out[box] |= part
+    return out
+
+
+def _delineated_one(candidate, smooth, organ, score, spacing, smooth_all, organ_all, level, expand_mm, voxel_ml):
+    """One candidate's delineation in its padded box (the candidate itself where the image
+    cannot say: no organ to compare with, no contrast, several parts or none)."""
+    reference = organ & ~ndimage.binary_dilation(candidate, iterations=2)
+    if reference.sum() >= MIN_REFERENCE:
+        organ_level = float(np.median(smooth[reference]))
+    elif organ_all.any():
+        organ_level = float(np.median(smooth_all[organ_all]))
+    else:
+        return candidate
+    core = candidate & (score > CORE_LEVEL)
+    if not core.any():
+        core = candidate & (score > 0.0)
+    if not core.any():
+        core = candidate
+    lesion_level = float(np.median(smooth[core]))
+    if lesion_level == organ_level:
+        return candidate
+    cut = organ_level + level * (lesion_level - organ_level)
+    lesion_side = smooth > cut if lesion_level > organ_level else smooth < cut
+    near = ndimage.distance_transform_edt(~candidate, sampling=spacing) <= expand_mm
+    grown = (lesion_side & near & (organ | candidate)) | core
+    parts, _ = ndimage.label(grown, structure=CONNECTIVITY_26)
+    ids = np.unique(parts[core])
+    ids = ids[ids > 0]
+    sizes = ndimage.sum_labels(np.ones(parts.shape, np.float32), parts, ids) * voxel_ml
+    reported = ids[sizes >= DEFAULT_MIN_VOLUME_ML]
+    if len(reported) != 1:
+        return candidate  # one lesion per verified candidate
+    return parts == reported[0]

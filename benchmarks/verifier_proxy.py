@@ -13,9 +13,11 @@ instead of 25. Lesion cases are prompted for their lesion-bearing organs, lesion
 every host organ, as `evaluate` prompts them. Rows: every candidate kept (unverified), the
 package's own verifier, and one verifier per ``--features`` set, fitted as `train verifier`
 fits it (its fitting cases: ``--fit``, the seed's refinement range). Cells per folder: mean
-Dice over case-organs (candidates as cut, not delineated), lesions touched, and false lesions
-per lesion-free study. On dev2 (docs/benchmarks.md) it gave `evaluate`'s figures to the third
-decimal for both draws of the shipped recipe. ``--curve`` adds, per verifier, what it keeps at
+Dice over case-organs, lesions touched, and false lesions per lesion-free study. Each kept
+candidate counts as the package reports it: delineated by level where its normative model asks
+(diffugts.stages.delineation; each candidate on its own, as the pipeline delineates it), else
+as cut. On dev2 (docs/benchmarks.md) it gave `evaluate`'s figures to the third decimal for
+both draws of the shipped recipe, as cut and delineated. ``--curve`` adds, per verifier, what it keeps at
 every threshold from 0.05 to 0.95 (lesions touched over all lesion folders, false lesions per
 lesion-free study over all lesion-free ones): whether a feature moves the trade-off between the
 two or only the point on it.
@@ -91,8 +93,11 @@ def folder_candidates(make: _ExampleMaker, folders: list[Path]) -> tuple[list[di
                 labels, cids, feats = candidates(
                     ex.normative, evidence, voxel_ml, DEFAULT_MIN_VOLUME_ML, KNOWN_FEATURES
                 )
+                by_level = ex.findings.level_delineation if ex.findings is not None else None
                 for i, f in zip(cids, feats):
                     m = labels == i
+                    if by_level is not None:  # reported as the package reports it, one candidate at a time
+                        m = by_level(m, np.asarray(evidence.organ) > 0.5, ex.findings.score, spacing)
                     touched = {int(v) for v in np.unique(case.lesions[m]) if int(v) in ids}
                     rows.append(
                         {

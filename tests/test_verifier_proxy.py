@@ -83,6 +83,24 @@ def test_the_proxy_keeps_what_a_verifier_keeps_and_counts_as_evaluate_does(folde
     assert "by threshold" in out and f"- the package's ({sha}): 0.05: " in out and "- depth_rel,elongation (" in out
 
 
+@pytest.mark.slow
+def test_the_proxy_counts_candidates_as_the_package_reports_them(folders, tmp_path):
+    """A package that delineates by level (the shipped one) counts each candidate's delineated
+    voxels; the same package reporting whole candidates counts them as cut, with the same
+    candidates and features."""
+    assert open_package(DEMO_MODEL).network("normative")["params"]["delineate_level"] is not None
+    assert (
+        cli(["train", "delineation", "--model", str(DEMO_MODEL), "--out", str(tmp_path / "cut"), "--level", "none"])
+        == 0
+    )
+    delineated = vp.folder_candidates(vp.maker(open_package(DEMO_MODEL), 0), folders[:1])[0]
+    cut = vp.folder_candidates(vp.maker(open_package(tmp_path / "cut"), 0), folders[:1])[0]
+    assert len(delineated) == len(cut) > 0
+    assert all(np.array_equal(a["features"], b["features"]) for a, b in zip(delineated, cut))
+    assert any(a["voxels"] != b["voxels"] for a, b in zip(delineated, cut))
+    assert all(a["voxels"] > 0 for a in delineated)
+
+
 def test_the_proxy_needs_a_normative_model(tmp_path):
     from modelfactory import random_package
 

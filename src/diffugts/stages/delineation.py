@@ -72,35 +72,24 @@ def level_delineated(
     organ = np.asarray(organ, bool)
     pad = [int(np.ceil(PAD_MM / s)) for s in spacing]
     voxel_ml = float(np.prod(spacing)) / 1000.0
+    elsewhere = organ & ~kept  # the organ's level where too little of it lies near a candidate
+    fallback = float(np.median(smooth[elsewhere])) if elsewhere.any() else None
     out = np.zeros(kept.shape, bool)
     for i, tight in enumerate(ndimage.find_objects(labels), start=1):
         box = tuple(slice(max(s.start - p, 0), min(s.stop + p, size)) for s, p, size in zip(tight, pad, kept.shape))
         candidate = labels[box] == i
-        part = _delineated_one(
-            candidate,
-            smooth[box],
-            organ[box],
-            np.asarray(score)[box],
-            spacing,
-            smooth,
-            organ & ~kept,
-            level,
-            expand_mm,
-            voxel_ml,
+        out[box] |= _delineated_one(
+            candidate, smooth[box], organ[box], np.asarray(score)[box], spacing, fallback, level, expand_mm, voxel_ml
         )
-        out[box] |= part
     return out
 
 
-def _delineated_one(candidate, smooth, organ, score, spacing, smooth_all, organ_all, level, expand_mm, voxel_ml):
+def _delineated_one(candidate, smooth, organ, score, spacing, fallback, level, expand_mm, voxel_ml):
     """One candidate's delineation in its padded box (the candidate itself where the image
     cannot say: no organ to compare with, no contrast, several parts or none)."""
     reference = organ & ~ndimage.binary_dilation(candidate, iterations=2)
-    if reference.sum() >= MIN_REFERENCE:
-        organ_level = float(np.median(smooth[reference]))
-    elif organ_all.any():
-        organ_level = float(np.median(smooth_all[organ_all]))
-    else:
+    organ_level = float(np.median(smooth[reference])) if reference.sum() >= MIN_REFERENCE else fallback
+    if organ_level is None:
         return candidate
     core = candidate & (score > CORE_LEVEL)
     if not core.any():

@@ -193,19 +193,7 @@ def register(sub) -> None:
         help="a verified candidate is reported as the part its seeds reach through voxels above this, "
         "between -1 and 0 as --grow-above; 'none': the whole candidate (default %(default)s)",
     )
-    m.add_argument(
-        "--delineate-level",
-        type=_optional_float,
-        default=DemoRecipe.normative_delineate_level,
-        help="a verified candidate is reported as its voxels past this fraction of the way from its organ's "
-        "intensity to its core's (0.5: half way); 'none': the whole candidate (default %(default)s)",
-    )
-    m.add_argument(
-        "--delineate-expand-mm",
-        type=float,
-        default=DemoRecipe.normative_delineate_expand_mm,
-        help="how far past the candidate the delineation by level may reach (default %(default)s)",
-    )
+    _delineation_options(m, "--delineate-level", "--delineate-expand-mm")
     m.set_defaults(func=_normative)
 
     dl = t.add_parser(
@@ -214,18 +202,7 @@ def register(sub) -> None:
     )
     dl.add_argument("--model", required=True, help="package with a normative model")
     dl.add_argument("--out", default=None, help="write a new package here (default: update --model)")
-    dl.add_argument(
-        "--level",
-        type=_optional_float,
-        default=DemoRecipe.normative_delineate_level,
-        help="as train normative --delineate-level; 'none': whole candidates (default %(default)s)",
-    )
-    dl.add_argument(
-        "--expand-mm",
-        type=float,
-        default=DemoRecipe.normative_delineate_expand_mm,
-        help="as train normative --delineate-expand-mm (default %(default)s)",
-    )
+    _delineation_options(dl, "--level", "--expand-mm")
     dl.set_defaults(func=_delineation)
 
     r = t.add_parser("refine", help="the residual refinement head, on seen lesion types only")
@@ -491,6 +468,30 @@ def _organs(args) -> int:
     return 0
 
 
+def _delineation_options(parser, level_flag: str, expand_flag: str) -> None:
+    """Delineation by level (NormativeParams.delineate_level, ``delineate_expand_mm``), as
+    `train normative` and `train delineation` name it."""
+    from diffugts.train.recipe import DemoRecipe
+
+    parser.add_argument(
+        level_flag,
+        dest="delineate_level",
+        metavar="FRACTION",
+        type=_optional_float,
+        default=DemoRecipe.normative_delineate_level,
+        help="a verified candidate is reported as its voxels past this fraction of the way from its organ's "
+        "intensity to its core's (0.5: half way); 'none': the whole candidate (default %(default)s)",
+    )
+    parser.add_argument(
+        expand_flag,
+        dest="delineate_expand_mm",
+        metavar="MM",
+        type=float,
+        default=DemoRecipe.normative_delineate_expand_mm,
+        help="how far past the candidate the delineation by level may reach (default %(default)s)",
+    )
+
+
 def _optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
@@ -545,7 +546,9 @@ def _normative(args) -> int:
 def _delineation(args) -> int:
     from diffugts.train.run import set_delineation
 
-    pkg = set_delineation(args.model, Path(args.out) if args.out else None, args.level, args.expand_mm)
+    pkg = set_delineation(
+        args.model, Path(args.out) if args.out else None, args.delineate_level, args.delineate_expand_mm
+    )
     params = pkg.network("normative")["params"]
     print(f"wrote {pkg.root} (delineation by level {params['delineate_level']}, {params['delineate_expand_mm']} mm)")
     return 0

@@ -9,7 +9,7 @@ splits candidates over several foci and keeps parts that miss the lesion.
 The image itself says where a lesion ends. Per verified candidate:
 - the lesion's level: the median of the (1 mm smoothed) image over the candidate's core, its
   voxels scoring above ``CORE_LEVEL`` (as ``core_ml``; else its seeds, else all of it);
-- the organ's level: the median over the organ's voxels near the candidate (``pad_mm``), outside
+- the organ's level: the median over the organ's voxels near the candidate (``PAD_MM``), outside
   the candidate grown by two voxels, so a bias field or contrast phase is read where it acts;
 - the lesion: the voxels on the lesion's side of ``level`` of the way from the organ's level to
   the lesion's (0.5: half way, the edge of a blurred step), within ``expand_mm`` of the candidate
@@ -44,8 +44,8 @@ class LevelDelineation:
     ``image`` the model-grid image they were cut from."""
 
     image: np.ndarray
-    level: float = 0.4
-    expand_mm: float = 3.0
+    level: float
+    expand_mm: float
 
     def __call__(self, kept: np.ndarray, organ: np.ndarray, score: np.ndarray, spacing_mm) -> np.ndarray:
         return level_delineated(kept, self.image, organ, score, spacing_mm, self.level, self.expand_mm)

@@ -347,7 +347,10 @@ def train_organ_net(
 
 
 def set_delineation(
-    model: str | Path, out: Path | None = None, level: float | None = 0.4, expand_mm: float = 3.0
+    model: str | Path,
+    out: Path | None = None,
+    level: float | None = R.DemoRecipe.normative_delineate_level,
+    expand_mm: float = R.DemoRecipe.normative_delineate_expand_mm,
 ) -> ModelPackage:
     """The package with its normative model's delineation by level set (NormativeParams.
     delineate_level, ``delineate_expand_mm``; diffugts.stages.delineation), nothing refitted:

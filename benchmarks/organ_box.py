@@ -21,10 +21,13 @@ from scipy import ndimage
 from diffugts.models.package import open_package
 from diffugts.stages import deviation, normative
 from diffugts.stages.deviation import DeviationParams, organ_deviation
-from diffugts.stages.normative import NormativeParams, appearance_features
+from diffugts.stages.normative import appearance_features
 from diffugts.stages.preprocess import Preprocessing
 from diffugts.train.data import phantom_case
 from diffugts.train.organs import ORGANS, organ_labels
+from diffugts.train.recipe import DemoRecipe
+
+NORMATIVE = DemoRecipe().normative_params()  # the recipe's features and border (a thin organ's too)
 
 
 def WHOLE(mask, spacing, reach):  # noqa: N802 - the baseline: every filter on the whole volume
@@ -33,7 +36,7 @@ def WHOLE(mask, spacing, reach):  # noqa: N802 - the baseline: every filter on t
 
 def per_target(x, organ_lo, spacing):
     organ, _, z = organ_deviation(x, organ_lo, spacing, DeviationParams(margin_mm=5.0))
-    return organ, z, appearance_features(x, organ, spacing, NormativeParams())
+    return organ, z, appearance_features(x, organ, spacing, NORMATIVE)
 
 
 def timed(fn, *args):

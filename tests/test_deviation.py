@@ -165,3 +165,22 @@ def test_randomise_changes_tissue_intensities_but_keeps_labels_and_lesion_contra
         # The lesion still departs from its organ (either sign): its deviation survives.
         z = deviation_z(c.x, organ, SPACING)
         assert np.median(np.abs(z[lesion])) > 2 * np.median(np.abs(z[organ & ~lesion]))
+
+
+def test_a_thin_organ_keeps_at_least_its_share_of_interior():
+    """``min_share``: a fixed 5 mm margin leaves a slab four voxels thick in-plane almost no
+    interior; halving the margin (down to one voxel) leaves it half. A thick organ, where the
+    margin leaves more than the share, is eroded as before, and 0 is the fixed margin."""
+    _, thick, _ = _organ_with_lesion(np.random.default_rng(6))
+    margin = DeviationParams(margin_mm=5.0)
+    assert (organ_interior(thick, SPACING, margin, min_share=0.5) == organ_interior(thick, SPACING, margin)).all()
+    slab = np.zeros((24, 48, 48), bool)
+    slab[4:20, 20:26, 8:40] = True  # 6 voxels (16.5 mm) across in j, like a pancreas
+    fixed = organ_interior(slab, SPACING, margin)
+    share = organ_interior(slab, SPACING, margin, min_share=0.5)
+    assert fixed.sum() < 0.5 * slab.sum() <= share.sum() and not (fixed & ~share).any()
+    assert not (share & ~slab).any()
+    # one voxel in: the slab's surface voxels are left out, in k, j and i
+    assert share.sum() == (slab[5:19, 21:25, 9:39]).sum()
+    # a share no margin reaches stops at one voxel rather than score the organ's surface
+    assert (organ_interior(slab, SPACING, margin, min_share=0.99) == share).all()

@@ -180,3 +180,114 @@ def test_each_verified_candidate_reports_its_largest_delineated_part():
     assert out[2:4, 6:9, 6:9].all() and not out[2:4, 3:5, 3:5].any()
     assert not out[1:5, 14:18, 14:18].any()  # nothing delineated: nothing reported
     assert out.sum() == 18 and not delineated(np.zeros_like(kept), delineation).any()
+
+
+def thin_organ(rng, dark: bool = False):
+    """A slab 6 voxels (16.5 mm) across, like a pancreas (0.5, noisy), holding a dark ball (0.3)
+    at its centre line if asked."""
+    k, j, i = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    mask = (k >= 4) & (k < 20) & (j >= 20) & (j < 26) & (i >= 6) & (i < 42)
+    x = np.where(mask, 0.5, 0.1) + rng.normal(0, 0.01, SHAPE)
+    ball = ((k - 12) * 4.0) ** 2 + ((j - 22.5) * 2.75) ** 2 + ((i - 24) * 2.75) ** 2 <= 7.0**2
+    if dark:
+        x[ball & mask] = 0.3
+    return x.astype(np.float32), mask, ball & mask
+
+
+def test_min_interior_scores_a_thin_organ_and_its_lesion():
+    """The 5 mm margin leaves a 16 mm slab a sliver; with ``min_interior`` 0.5 half of it and
+    most of a lesion inside it are scored, and a model fitted so finds the lesion. A thick
+    organ is scored as before."""
+    rng = np.random.default_rng(7)
+    fixed, shared = NormativeParams(components=2), NormativeParams(components=2, min_interior=0.5)
+    x, mask, ball = thin_organ(rng, dark=True)
+    scored_fixed = appearance_features(x, mask, SPACING, fixed)[0]
+    scored = appearance_features(x, mask, SPACING, shared)[0]
+    assert scored_fixed.sum() < 0.5 * mask.sum() <= scored.sum()
+    assert (scored & ball).sum() >= 1.5 * (scored_fixed & ball).sum()
+    healthy = np.concatenate([appearance_features(*thin_organ(rng)[:2], SPACING, shared)[1] for _ in range(6)])
+    model = fit_normative({"pancreas/CT": healthy}, shared)
+    found = model.candidates(x, mask, "pancreas", "CT", SPACING)
+    assert (found & ball).sum() >= 0.5 * (scored & ball).sum() > 0
+    x, thick, _ = organ(np.random.default_rng(8))
+    assert np.array_equal(
+        appearance_features(x, thick, SPACING, fixed)[0], appearance_features(x, thick, SPACING, shared)[0]
+    )
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="min_interior"):
+            NormativeParams(min_interior=bad)
+    assert NormativeParams.from_dict({"components": 2}).min_interior == 0.0  # models fitted before it
+
+
+def test_a_partial_refit_keeps_the_other_organs_fit():
+    """`train normative --organs`: the refitted families' scorers are the new fit's, every other
+    key's the package's own (weights and thresholds), under the new parameters; a change of the
+    features or of the kind of score, which the other organs' fit would not match, is refused."""
+    from diffugts.stages.normative import NormativeModel
+    from diffugts.train.normative import refitted
+
+    rng = np.random.default_rng(9)
+    params = NormativeParams(components=2)
+    feats = lambda p: np.concatenate([appearance_features(*organ(rng)[:2], SPACING, p)[1] for _ in range(3)])  # noqa: E731
+    old = fit_normative({"liver/CT": feats(params), "pancreas/CT": feats(params)}, params)
+    shared = NormativeParams(components=2, min_interior=0.5)
+    new = fit_normative({"pancreas/CT": feats(shared), "pancreas/MR": feats(shared)}, shared, seed=1)
+    merged = refitted(old, new, ("pancreas",))
+    assert merged.params == shared and sorted(merged.mixtures) == ["liver/CT", "pancreas/CT", "pancreas/MR"]
+    assert merged.mixtures["liver/CT"] is old.mixtures["liver/CT"]
+    assert merged.mixtures["pancreas/CT"] is new.mixtures["pancreas/CT"]
+    again = NormativeModel.load(merged.entry(), merged.state_dict())
+    assert again.entry()["thresholds"]["liver/CT"] == old.entry()["thresholds"]["liver/CT"]
+    other = NormativeParams(components=2, texture_mm=(2.5,))
+    with pytest.raises(ValueError, match="texture_mm"):
+        refitted(old, fit_normative({"pancreas/CT": feats(other)}, other), ("pancreas",))
+    # a seed rule would change the kept organs' candidates: refused, naming the flag
+    seeds = NormativeParams(components=2, seed_log_odds=3.0)
+    with pytest.raises(ValueError, match="--seed-log-odds"):
+        refitted(old, fit_normative({"pancreas/CT": feats(seeds)}, seeds), ("pancreas",))
+    # a key the model knew and the refit could not fit (too few samples) is not dropped silently
+    with pytest.raises(ValueError, match="pancreas/CT"):
+        refitted(old, fit_normative({"pancreas/MR": feats(shared)}, shared), ("pancreas",))
+
+
+def test_border_settings_may_change_only_where_the_kept_organs_are_scored_alike():
+    """A partial refit may change the border settings (margin, min_interior) only if every kept
+    organ is scored where it was: ``changed_interiors`` names the kept families whose scored
+    interior differs on the fitting cases."""
+    from diffugts.train.normative import changed_interiors
+
+    _, thin, _ = thin_organ(np.random.default_rng(10))
+    _, thick, _ = organ(np.random.default_rng(11))
+    grounded = [[("pancreas", thin, thin), ("liver", thick, thick)]]
+    fixed, shared = NormativeParams(components=2), NormativeParams(components=2, min_interior=0.5)
+    assert changed_interiors(grounded, fixed, shared, SPACING, ["pancreas", "liver"]) == ["pancreas"]
+    assert changed_interiors(grounded, fixed, shared, SPACING, ["liver"]) == []  # the pancreas is refitted
+    assert changed_interiors(grounded, fixed, fixed, SPACING, ["pancreas"]) == []
+    narrower = NormativeParams(components=2, margin_mm=2.5)
+    assert changed_interiors(grounded, fixed, narrower, SPACING, ["liver"]) == ["liver"]
+
+
+def test_train_normative_organs_names_known_families(tmp_path, capsys):
+    from diffugts.cli import main
+    from diffugts.models.defaults import DEMO_MODEL
+
+    out = tmp_path / "x"
+    code = main(
+        ["-q", "train", "normative", "--model", str(DEMO_MODEL), "--out", str(out), "--organs", "pancreas,brain"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "brain" in err[0] and not out.exists()
+
+
+def test_train_normative_min_interior_and_organs_options():
+    from diffugts.cli import train as train_cli
+    from diffugts.train.recipe import DemoRecipe
+
+    parser = argparse.ArgumentParser()
+    train_cli.register(parser.add_subparsers())
+    parse = lambda *a: parser.parse_args(["train", "normative", "--model", "m", *a])  # noqa: E731
+    args = parse()
+    assert args.min_interior == DemoRecipe.normative_min_interior == 0.5 and args.organs is None
+    args = parse("--min-interior", "0", "--organs", "pancreas, spleen")
+    assert args.min_interior == 0.0 and args.organs == ("pancreas", "spleen")
+    assert DemoRecipe(normative_min_interior=0.5).normative_params().min_interior == 0.5

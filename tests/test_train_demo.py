@@ -148,6 +148,49 @@ def test_train_verifier_counts_candidates_on_painted_anomalies_as_lesions(tmp_pa
     assert "wrote" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_train_normative_refits_only_the_organs_asked_for(tmp_path, capsys, monkeypatch):
+    """`train normative --organs pancreas` on the shipped package: the pancreas's scorers and
+    thresholds are new, every other organ's are the package's byte for byte, and the package
+    records the partial refit; a refit whose features the other organs' fit would not match is a
+    one-line error that writes nothing."""
+    from safetensors.numpy import load_file
+
+    monkeypatch.setattr("diffugts.stages.discriminator.STEPS", 50)  # the plumbing, not the fit
+    out = tmp_path / "pancreas"
+    # two cases per modality: one holds too few painted pancreas voxels for a fit
+    args = ["-q", "train", "normative", "--model", str(DEMO_MODEL), "--cases", "2", "--mr-cases", "2"]
+    assert main([*args, "--out", str(out), "--organs", "pancreas", "--min-interior", "0.5"]) == 0
+    assert main(["models", "verify", str(out)]) == 0
+    old = json.loads((DEMO_MODEL / "manifest.json").read_text())["networks"]["normative"]
+    new = json.loads((out / "manifest.json").read_text())
+    shipped = json.loads((DEMO_MODEL / "manifest.json").read_text())["provenance"]
+    assert new["provenance"]["normative_refits"][-1]["organs"] == ["pancreas"]
+    assert new["provenance"]["normative_training"] == shipped["normative_training"]  # the kept fit's record
+    normative = new["networks"]["normative"]
+    assert normative["params"]["min_interior"] == 0.5 and normative["keys"] == old["keys"]
+    before, after = load_file(DEMO_MODEL / "normative.safetensors"), load_file(out / "normative.safetensors")
+    assert set(before) == set(after)
+    for name in before:
+        kept = before[name].shape == after[name].shape and (before[name] == after[name]).all()
+        if not name.startswith("pancreas/"):
+            assert kept, name  # the other organs' fit, byte for byte
+        elif name.endswith("net.0.weight"):
+            assert not kept, name  # refitted
+    for k in old["keys"]:
+        assert (normative["thresholds"][k] == old["thresholds"][k]) != k.startswith("pancreas/"), k
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert main([*args, "--out", str(bad), "--organs", "pancreas", "--texture-mm", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--texture-mm" in err[0] and not bad.exists()
+    # a whole refit replaces every organ's fit, and with it the partial refits' records
+    whole = tmp_path / "whole"
+    assert main([*args, "--model", str(out), "--out", str(whole)]) == 0
+    provenance = json.loads((whole / "manifest.json").read_text())["provenance"]
+    assert "normative_refits" not in provenance and provenance["normative_training"]["cases"] == 2
+
+
 def test_a_backbone_of_another_configuration_is_one_line_error(tmp_path, capsys):
     code = main(
         ["-q", "train", "demo", "--quick", "--config", "demo-2d", "--backbone", "demo", "--out", str(tmp_path / "x")]

@@ -163,7 +163,23 @@ def register(sub) -> None:
         "--margin-mm",
         type=float,
         default=DemoRecipe.normative_margin_mm,
-        help="organ border (mm) left unscored: no features, no candidates there (default %(default)s)",
+        help="organ border (mm) left unscored: no features, no candidates there; less for a thin organ, see "
+        "--min-interior (default %(default)s)",
+    )
+    m.add_argument(
+        "--min-interior",
+        type=float,
+        default=DemoRecipe.normative_min_interior,
+        help="the least share of an organ left scored: where --margin-mm would leave less (a thin organ), the "
+        "margin is halved, down to one voxel; 0: a fixed margin (default %(default)s)",
+    )
+    m.add_argument(
+        "--organs",
+        type=_families,
+        default=None,
+        help="refit only these organ families (comma-separated) and keep the package's fit of the others byte "
+        "for byte; every other option must then be the package's own, and the border options must leave the "
+        "kept organs' scored interiors as they are (default: all)",
     )
     m.add_argument(
         "--position",
@@ -496,6 +512,11 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
+def _families(text: str) -> tuple[str, ...]:
+    """'pancreas,spleen' -> ('pancreas', 'spleen'); train_normative checks the names."""
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
 def _scales(text: str) -> tuple[float, ...]:
     """'2.5,5' -> (2.5, 5.0); 'none' -> (); checked as NormativeParams checks them."""
     import argparse
@@ -529,6 +550,7 @@ def _normative(args) -> int:
             score=args.score,
             reference=args.reference,
             margin_mm=args.margin_mm,
+            min_interior=args.min_interior,
             position=args.position,
             members=args.members,
             grow_above=args.grow_above,
@@ -537,6 +559,7 @@ def _normative(args) -> int:
             delineate_expand_mm=args.delineate_expand_mm,
         ),
         calibration_cases=args.calibration_cases,
+        organs=args.organs,
     )
     known = pkg.manifest["networks"]["normative"]["keys"]
     print(f"wrote {pkg.root} (normative model of {', '.join(known) or 'no organ'})")

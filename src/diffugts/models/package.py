@@ -159,9 +159,15 @@ def _fetch(uri: str) -> Path:
 
 
 def add_networks(
-    pkg: ModelPackage, networks: dict[str, tuple[dict, dict]], out: Path | None = None, provenance: dict | None = None
+    pkg: ModelPackage,
+    networks: dict[str, tuple[dict, dict]],
+    out: Path | None = None,
+    provenance: dict | None = None,
+    drop_provenance: tuple[str, ...] = (),
 ) -> ModelPackage:
-    """A package with extra (or replaced) networks: name -> (manifest entry, state dict).
+    """A package with extra (or replaced) networks: name -> (manifest entry, state dict);
+    ``provenance`` entries added or replaced, ``drop_provenance`` ones removed (records the new
+    networks make untrue).
 
     Written into ``out`` (the other files copied) or in place; the manifest is rewritten
     last, so a reader sees either the old package or the new one.
@@ -183,6 +189,8 @@ def add_networks(
         weights[name] = state
     if provenance:
         manifest.setdefault("provenance", {}).update(provenance)
+    for name in drop_provenance:
+        manifest.get("provenance", {}).pop(name, None)
     keep = [n["weights"] for k, n in manifest["networks"].items() if k not in weights and n.get("weights")]
     # Every other file stays hashed, safetensors included (a 2D model's text encoder), except
     # the weights of the networks being replaced.

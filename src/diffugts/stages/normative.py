@@ -84,6 +84,11 @@ class NormativeParams:
     """Decisions, each a parameter (defaults chosen on development seeds, docs/method.md)."""
 
     margin_mm: float = 5.0  # unscored organ border, as the fusion's (organ maps err at their edge)
+    # The least share of an organ its scored interior keeps: where ``margin_mm`` would leave
+    # less, the margin is halved, down to one voxel (a pancreas 10-20 mm thick kept a third of
+    # itself, and half of its lesions' voxels, under 5 mm). 0: a fixed margin, as every model
+    # fitted before 2026-12-06 (docs/benchmarks.md, "A thin organ's border").
+    min_interior: float = 0.0
     depth_cap_mm: float = 30.0  # deeper than this is "deep"
     floor: float = 0.02  # the least robust SD (model intensity units)
     components: int = 12  # mixture components per organ and modality
@@ -153,6 +158,8 @@ class NormativeParams:
             raise ValueError(f"delineate_expand_mm must be at least 0, not {self.delineate_expand_mm!r}")
         if self.margin_mm < 0:
             raise ValueError(f"margin_mm must be at least 0, not {self.margin_mm!r}")
+        if not 0.0 <= self.min_interior < 1.0:
+            raise ValueError(f"min_interior must lie in [0, 1), not {self.min_interior!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, not {self.score!r}")
         if self.members < 1 or (self.members > 1 and self.score != "discriminative"):
@@ -187,6 +194,12 @@ def key(organ: str, modality: str) -> str:
     return f"{organ}/{modality_group(modality)}"
 
 
+def scored_interior(organ: np.ndarray, spacing_kji, params: NormativeParams) -> np.ndarray:
+    """The part of ``organ`` the model scores: its interior, ``params.margin_mm`` in from its
+    surface (less for a thin organ: ``params.min_interior``)."""
+    return organ_interior(organ, spacing_kji, DeviationParams(margin_mm=params.margin_mm), params.min_interior)
+
+
 def appearance_features(
     x: np.ndarray, organ: np.ndarray, spacing_kji, params: NormativeParams = NormativeParams()
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -206,7 +219,7 @@ def _appearance_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`appearance_features` on the volume it is given."""
     spacing = np.asarray(spacing_kji, float)
-    scored = organ_interior(organ, spacing, DeviationParams(margin_mm=params.margin_mm))
+    scored = scored_interior(organ, spacing, params)
     if scored.sum() < 10:
         return np.zeros(organ.shape, bool), np.zeros((0, len(params.features)), np.float32)
     x = np.asarray(x, np.float32)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from diffugts.networks.organs import OrganNet, organ_maps
-from diffugts.stages.deviation import DeviationParams, local_mean, organ_from_log_odds, organ_interior, robust_centre
+from diffugts.stages.deviation import DeviationParams, local_mean, organ_from_log_odds, robust_centre
 from diffugts.stages.discriminator import Committee, Discriminator, fit_discriminator
 from diffugts.stages.normative import (
     MEAN_SCALES_MM,
@@ -28,6 +28,7 @@ from diffugts.stages.normative import (
     NormativeParams,
     appearance_features,
     key,
+    scored_interior,
 )
 from diffugts.train.anomalies import organ_relative_anomaly
 from diffugts.train.aova import PROMPTABLE
@@ -52,6 +53,75 @@ def ground_cases(cases: list[TrainingCase], organ_net: OrganNet, spacing_kji, de
     """Per case its :func:`_case_organs`, once: the healthy and the painted samples of a fit
     read the same organs (one organ-network pass per case instead of two)."""
     return [list(_case_organs(case, organ_net, spacing_kji, deviation)) for case in cases]
+
+
+def only_organs(grounded: list, organs: Sequence[str] | None) -> list:
+    """:func:`ground_cases`' output, only the organ families ``organs`` (None: all)."""
+    return grounded if organs is None else [[o for o in case if o[0] in organs] for case in grounded]
+
+
+# What a partial refit may change: where an organ is scored, and only where the kept organs'
+# scored interiors stay the same (:func:`changed_interiors`). Everything else would change what
+# the kept organs' scores or candidates mean.
+INTERIOR_PARAMS = ("margin_mm", "min_interior")
+
+
+def family_of(k: str) -> str:
+    """The organ family of a model key (:func:`diffugts.stages.normative.key`)."""
+    return k.split("/")[0]
+
+
+def check_partial_refit(previous: NormativeParams, params: NormativeParams) -> None:
+    """ValueError unless a model of ``params`` may keep some organs' fit from one of
+    ``previous``: every parameter the same, except where an organ is scored (``INTERIOR_PARAMS``,
+    checked on the cases by :func:`changed_interiors`)."""
+    old, new = previous.as_dict(), params.as_dict()
+    for name in sorted(old):
+        if name not in INTERIOR_PARAMS and old[name] != new[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"a partial refit keeps the other organs' fit, so {name} must stay {old[name]!r} "
+                f"(pass {flag}), not {new[name]!r}"
+            )
+
+
+def changed_interiors(
+    grounded: list, previous: NormativeParams, params: NormativeParams, spacing_kji, kept: Sequence[str]
+) -> list[str]:
+    """The families of ``kept`` whose scored interior on any of the ``grounded`` cases
+    (:func:`ground_cases`) differs between ``previous`` and ``params``: their fit would not
+    match what inference scores."""
+    if all(getattr(previous, n) == getattr(params, n) for n in INTERIOR_PARAMS):
+        return []
+    changed = set()
+    for case in grounded:
+        for fam, organ, _ in case:
+            if fam in kept and fam not in changed:
+                before = scored_interior(organ, spacing_kji, previous)
+                if not np.array_equal(before, scored_interior(organ, spacing_kji, params)):
+                    changed.add(fam)
+    return sorted(changed)
+
+
+def refitted(previous: NormativeModel, fitted: NormativeModel, organs: Sequence[str]) -> NormativeModel:
+    """``fitted``'s scorers for the organ families ``organs`` and ``previous``'s for every other
+    key, under ``fitted``'s parameters. The other organs' scores and thresholds stay exactly as
+    they were, so a change meant for some organs is measured on them alone. ValueError where
+    the parameters differ beyond where organs are scored (:func:`check_partial_refit`), or
+    where ``fitted`` lacks a key of ``organs`` that ``previous`` had (too few samples: the
+    model would silently stop knowing it)."""
+    check_partial_refit(previous.params, fitted.params)
+    lost = sorted(k for k in previous.scorers if family_of(k) in organs and k not in fitted.scorers)
+    if lost:
+        raise ValueError(f"the refit has too few samples for {', '.join(lost)}, which the model knew: use more cases")
+
+    def merge(old: dict, new: dict) -> dict:
+        kept = {k: v for k, v in old.items() if family_of(k) not in organs}
+        return dict(sorted({**kept, **{k: v for k, v in new.items() if family_of(k) in organs}}.items()))
+
+    return NormativeModel(
+        fitted.params, merge(previous.mixtures, fitted.mixtures), merge(previous.discriminators, fitted.discriminators)
+    )
 
 
 def _grounded(cases, organ_net, spacing_kji, deviation, grounded):
@@ -104,7 +174,7 @@ def anomaly_samples(
     for case, organs in zip(cases, _grounded(cases, organ_net, spacing_kji, deviation, grounded)):
         for fam, organ, true in organs:
             host = true & organ & (case.lesions == 0)
-            inner = organ_interior(host, spacing, DeviationParams(margin_mm=params.margin_mm))
+            inner = scored_interior(host, spacing, params)
             if inner.sum() < 10:
                 continue
             _, spread = robust_centre(local_mean(case.x, organ, MEAN_SCALES_MM[1], spacing)[inner], params.floor)

@@ -6,6 +6,7 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -384,20 +385,47 @@ def train_normative(
     phantom_shape=None,
     params: NormativeParams | None = None,
     calibration_cases: int = 0,
+    organs: Sequence[str] | None = None,
 ) -> ModelPackage:
     """The normative model (diffugts.stages.normative) of a package with an organ network, fitted
     on ``cases`` lesion-free CT and ``mr_cases`` lesion-free MR phantoms of the AOVA seed range:
     healthy anatomy only, no lesion of any type (diffugts.train.normative). Its thresholds are
     cut on ``calibration_cases`` more lesion-free phantoms per modality (0: on held-out voxels
-    of the fitting cases)."""
+    of the fitting cases). ``organs``: refit only these organ families and keep the package's
+    fit of every other (diffugts.train.normative.refitted): for a change that concerns them
+    alone, so that the other organs' candidates stay as they were."""
     from diffugts.stages.attend import fusion_of
-    from diffugts.train.normative import anomaly_samples, fit_normative, ground_cases, normative_samples
+    from diffugts.train.aova import PROMPTABLE
+    from diffugts.train.normative import (
+        anomaly_samples,
+        changed_interiors,
+        check_partial_refit,
+        family_of,
+        fit_normative,
+        ground_cases,
+        normative_samples,
+        only_organs,
+        refitted,
+    )
 
     params = params or NormativeParams()
     pkg = open_package(model)
     net = load_organ_net(pkg)
     if net is None:
         raise ConfigError(f"{pkg.root}: the normative model needs an organ network (`diffugts train organs`)")
+    previous = None
+    if organs is not None:
+        organs = sorted(set(organs))
+        unknown = sorted(set(organs) - set(PROMPTABLE))
+        if unknown or not organs:
+            raise ConfigError(f"--organs: {', '.join(unknown) or 'none'} (organ families: {', '.join(PROMPTABLE)})")
+        previous = normative_of(pkg)
+        if previous is None:
+            raise ConfigError(f"{pkg.root}: --organs refits part of a normative model, and it has none")
+        try:
+            check_partial_refit(previous.params, params)
+        except ValueError as e:
+            raise ConfigError(f"{pkg.root}: {e}") from None
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
     fusion = fusion_of(pkg) if pkg.has(AOVA_HEAD) else None
     plan = [("CT", R.NORMATIVE_INDEX + i) for i in range(cases)]
@@ -420,53 +448,73 @@ def train_normative(
 
     def sampled(cases: list, anomaly_seed: int):
         grounded = ground_cases(cases, net, spacing, deviation)
+        if previous is not None and organs is not None:
+            kept = sorted({family_of(k) for k in previous.scorers} - set(organs))
+            changed = changed_interiors(grounded, previous.params, params, spacing, kept)
+            if changed:
+                raise ConfigError(
+                    f"{pkg.root}: the new border settings change where {', '.join(changed)} "
+                    "(kept, not refitted) would be scored: add them to --organs"
+                )
+        grounded = only_organs(grounded, organs)
         healthy = normative_samples(cases, net, spacing, params, deviation, grounded)
         if params.score != "discriminative":
             return healthy, None
         return healthy, anomaly_samples(cases, net, spacing, params, deviation, anomaly_seed, grounded=grounded)
 
     samples, anomalies = sampled(data, seed)
-    calibration = normative_samples(held_out_data, net, spacing, params, deviation) if held_out_data else None
+    calibration = (
+        normative_samples(
+            held_out_data,
+            net,
+            spacing,
+            params,
+            deviation,
+            only_organs(ground_cases(held_out_data, net, spacing, deviation), organs),
+        )
+        if held_out_data
+        else None
+    )
     # A committee's further members fit on cases of their own (params.members)
     members = [
         sampled(phantoms([(m, i + k * R.NORMATIVE_MEMBER_OFFSET) for m, i in plan]), seed + k)
         for k in range(1, params.members)
     ]
     normative = fit_normative(samples, params, seed, anomalies, calibration, members)
-    return add_networks(
-        pkg,
-        {NORMATIVE: (normative.entry(), normative.state_dict())},
-        out=out,
-        provenance={
-            "normative_training": {
-                "command": command_line(),
-                "seed": seed,
-                "cases": cases,
-                "mr_cases": mr_cases,
-                "case_seed": R.AOVA_SEED + seed,
-                "indices": [R.NORMATIVE_INDEX, R.NORMATIVE_INDEX + R.NORMATIVE_MR_OFFSET],
-                "samples": {k: len(v) for k, v in sorted(samples.items())},
-                **(
-                    {"members": params.members, "member_index_offset": R.NORMATIVE_MEMBER_OFFSET}
-                    if params.members > 1
-                    else {}
-                ),
-                **(
-                    {
-                        "calibration_cases": calibration_cases,
-                        "calibration_samples": {k: len(v) for k, v in sorted(calibration.items())},
-                    }
-                    if calibration is not None
-                    else {}
-                ),
-                **(
-                    {"anomaly_samples": {k: len(v) for k, v in sorted(anomalies.items())}}
-                    if anomalies is not None
-                    else {}
-                ),
-                "seconds": round(time.perf_counter() - t0, 1),
+    if previous is not None and organs is not None:
+        try:
+            normative = refitted(previous, normative, organs)
+        except ValueError as e:
+            raise ConfigError(f"{pkg.root}: {e}") from None
+    report = {
+        "command": command_line(),
+        "seed": seed,
+        "cases": cases,
+        "mr_cases": mr_cases,
+        "case_seed": R.AOVA_SEED + seed,
+        "indices": [R.NORMATIVE_INDEX, R.NORMATIVE_INDEX + R.NORMATIVE_MR_OFFSET],
+        "samples": {k: len(v) for k, v in sorted(samples.items())},
+        **({"organs": sorted(organs)} if organs is not None else {}),
+        **({"members": params.members, "member_index_offset": R.NORMATIVE_MEMBER_OFFSET} if params.members > 1 else {}),
+        **(
+            {
+                "calibration_cases": calibration_cases,
+                "calibration_samples": {k: len(v) for k, v in sorted(calibration.items())},
             }
-        },
+            if calibration is not None
+            else {}
+        ),
+        **({"anomaly_samples": {k: len(v) for k, v in sorted(anomalies.items())}} if anomalies is not None else {}),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    # A partial refit (``organs``) keeps the record of the fit whose other organs it keeps; a
+    # whole one replaces that record and every partial refit's.
+    entry = {NORMATIVE: (normative.entry(), normative.state_dict())}
+    if organs is not None:
+        refits = [*pkg.manifest.get("provenance", {}).get("normative_refits", []), report]
+        return add_networks(pkg, entry, out=out, provenance={"normative_refits": refits})
+    return add_networks(
+        pkg, entry, out=out, provenance={"normative_training": report}, drop_provenance=("normative_refits",)
     )
 
 

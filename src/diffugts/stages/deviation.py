@@ -102,17 +102,14 @@ def organ_interior(
         return organ
     spacing = np.asarray(spacing_kji, float)
     box = organ_box(organ, spacing_kji, params.margin_mm)
-    margin, radius = params.margin_mm, None
-    while True:
-        smaller = np.maximum(np.rint(margin / spacing), 1).astype(int)
-        if radius is not None and (smaller == radius).all():
-            break  # one voxel: no smaller margin
-        radius = smaller
-        inner = np.zeros(organ.shape, bool)
-        inner[box] = _eroded(organ[box], radius)
-        if inner.sum() >= min_share * organ.sum():
-            break
+    margin = params.margin_mm
+    radius = np.maximum(np.rint(margin / spacing), 1).astype(int)
+    inner = np.zeros(organ.shape, bool)
+    inner[box] = _eroded(organ[box], radius)
+    while inner.sum() < min_share * organ.sum() and (radius > 1).any():  # one voxel is the least
         margin /= 2
+        radius = np.maximum(np.rint(margin / spacing), 1).astype(int)
+        inner[box] = _eroded(organ[box], radius)
     return inner if inner.sum() >= 10 else organ
 
 

@@ -194,6 +194,11 @@ def key(organ: str, modality: str) -> str:
     return f"{organ}/{modality_group(modality)}"
 
 
+def family_of(k: str) -> str:
+    """The organ family of a model key (:func:`key`'s inverse, in part)."""
+    return k.split("/")[0]
+
+
 def scored_interior(organ: np.ndarray, spacing_kji, params: NormativeParams) -> np.ndarray:
     """The part of ``organ`` the model scores: its interior, ``params.margin_mm`` in from its
     surface (less for a thin organ: ``params.min_interior``)."""

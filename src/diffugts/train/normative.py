@@ -27,6 +27,7 @@ from diffugts.stages.normative import (
     NormativeModel,
     NormativeParams,
     appearance_features,
+    family_of,
     key,
     scored_interior,
 )
@@ -64,11 +65,6 @@ def only_organs(grounded: list, organs: Sequence[str] | None) -> list:
 # scored interiors stay the same (:func:`changed_interiors`). Everything else would change what
 # the kept organs' scores or candidates mean.
 INTERIOR_PARAMS = ("margin_mm", "min_interior")
-
-
-def family_of(k: str) -> str:
-    """The organ family of a model key (:func:`diffugts.stages.normative.key`)."""
-    return k.split("/")[0]
 
 
 def check_partial_refit(previous: NormativeParams, params: NormativeParams) -> None:

@@ -21,7 +21,7 @@ from diffugts.networks.backbones import build_backbone, load_backbone
 from diffugts.networks.organs import load_organ_net
 from diffugts.networks.text import TextEncoder
 from diffugts.stages.deviation import DeviationParams
-from diffugts.stages.normative import NORMATIVE, NormativeParams, normative_of
+from diffugts.stages.normative import NORMATIVE, NormativeParams, family_of, normative_of
 from diffugts.stages.preprocess import Preprocessing
 from diffugts.train import recipe as R
 from diffugts.train.data import phantom_case
@@ -400,7 +400,6 @@ def train_normative(
         anomaly_samples,
         changed_interiors,
         check_partial_refit,
-        family_of,
         fit_normative,
         ground_cases,
         normative_samples,

@@ -128,3 +128,75 @@ def test_train_organs_offers_no_checkpoint_flag_it_would_ignore(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", "organs", "--model", "demo", "--checkpoint-every", "5"])
     assert exit_.value.code == 2 and "--checkpoint-every" in capsys.readouterr().err
+
+
+def test_painted_lesions_change_host_organs_only_and_keep_the_labels(case):
+    from diffugts.train.organs import with_painted_lesions
+    from diffugts.train.refine import HOST_FAMILIES
+
+    painted = with_painted_lesions(case, np.random.default_rng(3), SPACING_KJI, chance=1.0)
+    changed = painted.x != case.x
+    assert changed.any(), "every host organ was drawn: something is painted"
+    host = np.isin(case.organs, [l for l, n in case.organ_names.items() if n.split()[-1] in HOST_FAMILIES])
+    assert not (changed & ~host).any(), "nothing outside the host organs changes"
+    assert not (changed & (case.lesions > 0)).any(), "real lesions stay as they are"
+    np.testing.assert_array_equal(organ_labels(painted, ORGANS), organ_labels(case, ORGANS))  # still the organ's
+    assert case.x is not painted.x and not (with_painted_lesions(case, np.random.default_rng(3), SPACING_KJI, chance=0.0).x != case.x).any()
+
+
+def test_fine_tuning_starts_from_the_given_weights_and_paints_when_asked(case, monkeypatch):
+    import diffugts.train.organs as organs_module
+
+    start = OrganNet(ORGANS)
+    calls = []
+    real = organs_module.with_painted_lesions
+    monkeypatch.setattr(organs_module, "with_painted_lesions", lambda c, *a, **k: calls.append(1) or real(c, *a, **k))
+    net, _ = train_organs([case], SPACING_KJI, steps=0, init=start.state_dict(), show_progress=False)
+    for name, w in net.state_dict().items():
+        torch.testing.assert_close(w, start.state_dict()[name])  # no step: the weights it started from
+    train_organs([case], SPACING_KJI, steps=6, anomaly_p=1.0, randomise_p=0.0, show_progress=False)
+    assert len(calls) == 6, "anomaly_p=1 paints every step"
+    calls.clear()
+    train_organs([case], SPACING_KJI, steps=6, anomaly_p=0.0, randomise_p=0.0, show_progress=False)
+    assert calls == []
+
+
+def test_train_organs_fine_tunes_the_packages_network(tmp_path):
+    from diffugts.errors import ConfigError
+    from diffugts.models.defaults import DEMO_MODEL
+    from diffugts.models.package import open_package
+    from diffugts.networks.organs import load_organ_net
+    from diffugts.train.run import train_organ_net
+
+    kwargs = dict(cases=1, mr_healthy_cases=0, show_progress=False, phantom_shape=(32, 64, 64), refit_fusion=False)
+    pkg = train_organ_net(str(DEMO_MODEL), tmp_path / "ft", steps=1, fine_tune=True, anomaly_p=1.0, **kwargs)
+    shipped, tuned = load_organ_net(open_package(DEMO_MODEL)), load_organ_net(pkg)
+    assert tuned.config == shipped.config
+    record = pkg.manifest["provenance"]["organ_training"]
+    assert record["anomaly_p"] == 1.0 and record["lr"] == 1e-3
+    assert record["fine_tuned_from"]["seconds"] == open_package(DEMO_MODEL).manifest["provenance"]["organ_training"]["seconds"]
+    # one step at a low rate moves the weights a little, from the shipped ones
+    a = torch.cat([w.flatten().float() for w in shipped.state_dict().values()])
+    b = torch.cat([w.flatten().float() for w in tuned.state_dict().values()])
+    assert 0 < (a - b).abs().max() < 0.05
+    with pytest.raises(ConfigError, match="--claim-anatomy must match"):
+        train_organ_net(str(DEMO_MODEL), tmp_path / "no", steps=1, fine_tune=True, claim_anatomy=True, **kwargs)
+    assert not (tmp_path / "no").exists()
+
+
+def test_the_cli_passes_fine_tuning_painting_and_rate(monkeypatch):
+    from diffugts.cli import main
+    from diffugts.train import run
+    from diffugts.train.recipe import DemoRecipe
+
+    seen = {}
+
+    class Written:
+        manifest = {"provenance": {"organ_training": {"held_out_dice": {"liver": 0.9}}}}
+        root = "out"
+
+    monkeypatch.setattr(run, "train_organ_net", lambda *a, **k: seen.update(k) or Written())
+    assert main(["-q", "train", "organs", "--model", "m"]) == 0
+    assert seen["fine_tune"] is False and seen["anomaly_p"] == DemoRecipe.organ_anomaly_p and seen["lr"] is None
+    assert main(["-q", "train", "organs", "--model", "m", "--fine-tune", "--anomaly-p", "0.5", "--lr", "5e-4"]) == 0
+    assert seen["fine_tune"] is True and seen["anomaly_p"] == 0.5 and seen["lr"] == 5e-4

@@ -98,6 +98,16 @@ def register(sub) -> None:
         default=DemoRecipe.organ_claim_anatomy,
         help="also label the vena cava and abdominal vessels, so that no organ map takes them in",
     )
+    o.add_argument(
+        "--anomaly-p",
+        type=float,
+        default=DemoRecipe.organ_anomaly_p,
+        help="share of steps with generic lesions painted into the organs, labelled as the organ (default %(default)s)",
+    )
+    o.add_argument(
+        "--fine-tune", action="store_true", help="start from the package's organ network instead of from scratch"
+    )
+    o.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-3; 1e-3 with --fine-tune)")
     _dataset_args(o, checkpoints=False)  # one short run: no resumable checkpoints (yet)
     o.set_defaults(func=_organs)
 
@@ -478,6 +488,9 @@ def _organs(args) -> int:
         source=_source(args),
         device=_device(args),
         claim_anatomy=args.claim_anatomy,
+        anomaly_p=args.anomaly_p,
+        fine_tune=args.fine_tune,
+        lr=args.lr,
     )
     dice = pkg.manifest["provenance"]["organ_training"]["held_out_dice"]
     print(f"wrote {pkg.root} (held-out organ Dice: {', '.join(f'{k} {v}' for k, v in dice.items())})")

@@ -270,6 +270,9 @@ def train_organ_net(
     refit_fusion: bool = True,
     device: str | None = None,
     claim_anatomy: bool = False,
+    anomaly_p: float = 0.0,
+    fine_tune: bool = False,
+    lr: float | None = None,
 ) -> ModelPackage:
     """Organ grounding (diffugts.networks.organs) on the AOVA seed range's cases (seen lesion
     types and lesion-free cases, as the AOVA head; ``source``: dataset cases beside them) and
@@ -278,7 +281,11 @@ def train_organ_net(
     was trained on the old ones: retrain it for a consistent package). ``device``: where the
     network trains (a GPU for full-size volumes). ``claim_anatomy``: the network also labels
     the vena cava and the abdominal vessels (diffugts.networks.organs.ANATOMY), and claims
-    them, so that no organ's inclusions take them in."""
+    them, so that no organ's inclusions take them in. ``anomaly_p``: the share of steps with
+    generic lesions painted into the host organs and labelled as the organ
+    (diffugts.train.organs). ``fine_tune``: start from the package's organ network (its
+    organs and config; ``claim_anatomy`` must match it) rather than from scratch. ``lr``: the
+    peak learning rate (default 3e-3 from scratch, 1e-3 fine-tuning)."""
     from diffugts.networks.aova import AOVAHead
     from diffugts.networks.loading import load_head
     from diffugts.networks.organs import ANATOMY, CLAIM_LOG_ODDS
@@ -288,6 +295,17 @@ def train_organ_net(
     pkg = open_package(model)
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
     spacing_kji = tuple(prep.spacing_mm)[::-1]
+    organs = ORGANS + list(ANATOMY) if claim_anatomy else ORGANS
+    net_config = {"claim_log_odds": CLAIM_LOG_ODDS} if claim_anatomy else {}
+    init, start = None, None
+    if fine_tune:
+        if not pkg.has(ORGAN_NET):
+            raise ConfigError(f"{pkg.root}: no organ network to fine-tune (train one without --fine-tune)")
+        net_config = dict(pkg.network(ORGAN_NET)["config"])
+        organs = net_config.pop("organs")
+        if (net_config.get("claim_log_odds") is not None) != claim_anatomy:
+            raise ConfigError(f"{pkg.root}: --claim-anatomy must match the organ network being fine-tuned")
+        init, start = pkg.state_dict(ORGAN_NET), pkg.manifest.get("provenance", {}).get("organ_training")
     data = _seen_range_cases(prep, seed, cases, phantom_shape, show_progress, source)
     real = len(data)
     data += _mr_healthy_cases(prep, seed, mr_healthy_cases, phantom_shape, show_progress)
@@ -297,10 +315,13 @@ def train_organ_net(
         spacing_kji,
         steps=steps,
         seed=seed,
+        lr=lr or (1e-3 if fine_tune else 3e-3),
         show_progress=show_progress,
         device=device or "cpu",
-        organs=ORGANS + list(ANATOMY) if claim_anatomy else None,
-        net_config={"claim_log_odds": CLAIM_LOG_ODDS} if claim_anatomy else None,
+        organs=organs,
+        net_config=net_config or None,
+        anomaly_p=anomaly_p,
+        init=init,
     )
     seconds = time.perf_counter() - t0
     held_out = [  # the AOVA head's held-out range, and MR
@@ -336,6 +357,9 @@ def train_organ_net(
                 "case_seed": R.AOVA_SEED + seed,
                 "mr_healthy_cases": mr_healthy_cases,
                 "steps": steps,
+                "anomaly_p": anomaly_p,
+                "lr": lr or (1e-3 if fine_tune else 3e-3),
+                **({"fine_tuned_from": start} if fine_tune else {}),
                 "organs": net.organs,
                 "loss_first_last": _ends(losses),
                 "seconds": round(seconds, 1),
@@ -861,6 +885,7 @@ def train_demo(
             phantom_shape=shape,
             refit_fusion=False,  # the AOVA head and its fusion are trained next
             claim_anatomy=recipe.organ_claim_anatomy,
+            anomaly_p=recipe.organ_anomaly_p,
         )
     # features None: the backbone's own default scales (R.default_features).
     train_aova_head(

@@ -296,13 +296,13 @@ def train_organ_net(
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
     spacing_kji = tuple(prep.spacing_mm)[::-1]
     organs = ORGANS + list(ANATOMY) if claim_anatomy else ORGANS
-    net_config = {"claim_log_odds": CLAIM_LOG_ODDS} if claim_anatomy else {}
+    net_config: dict = {"claim_log_odds": CLAIM_LOG_ODDS} if claim_anatomy else {}
     init, start = None, None
     if fine_tune:
         if not pkg.has(ORGAN_NET):
             raise ConfigError(f"{pkg.root}: no organ network to fine-tune (train one without --fine-tune)")
         net_config = dict(pkg.network(ORGAN_NET)["config"])
-        organs = net_config.pop("organs")
+        organs = list(net_config.pop("organs"))
         if (net_config.get("claim_log_odds") is not None) != claim_anatomy:
             raise ConfigError(f"{pkg.root}: --claim-anatomy must match the organ network being fine-tuned")
         init, start = pkg.state_dict(ORGAN_NET), pkg.manifest.get("provenance", {}).get("organ_training")

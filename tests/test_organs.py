@@ -137,11 +137,14 @@ def test_painted_lesions_change_host_organs_only_and_keep_the_labels(case):
     painted = with_painted_lesions(case, np.random.default_rng(3), SPACING_KJI, chance=1.0)
     changed = painted.x != case.x
     assert changed.any(), "every host organ was drawn: something is painted"
-    host = np.isin(case.organs, [l for l, n in case.organ_names.items() if n.split()[-1] in HOST_FAMILIES])
+    host = np.isin(case.organs, [label for label, n in case.organ_names.items() if n.split()[-1] in HOST_FAMILIES])
     assert not (changed & ~host).any(), "nothing outside the host organs changes"
     assert not (changed & (case.lesions > 0)).any(), "real lesions stay as they are"
     np.testing.assert_array_equal(organ_labels(painted, ORGANS), organ_labels(case, ORGANS))  # still the organ's
-    assert case.x is not painted.x and not (with_painted_lesions(case, np.random.default_rng(3), SPACING_KJI, chance=0.0).x != case.x).any()
+    assert (
+        case.x is not painted.x
+        and not (with_painted_lesions(case, np.random.default_rng(3), SPACING_KJI, chance=0.0).x != case.x).any()
+    )
 
 
 def test_fine_tuning_starts_from_the_given_weights_and_paints_when_asked(case, monkeypatch):
@@ -174,7 +177,10 @@ def test_train_organs_fine_tunes_the_packages_network(tmp_path):
     assert tuned.config == shipped.config
     record = pkg.manifest["provenance"]["organ_training"]
     assert record["anomaly_p"] == 1.0 and record["lr"] == 1e-3
-    assert record["fine_tuned_from"]["seconds"] == open_package(DEMO_MODEL).manifest["provenance"]["organ_training"]["seconds"]
+    assert (
+        record["fine_tuned_from"]["seconds"]
+        == open_package(DEMO_MODEL).manifest["provenance"]["organ_training"]["seconds"]
+    )
     # one step at a low rate moves the weights a little, from the shipped ones
     a = torch.cat([w.flatten().float() for w in shipped.state_dict().values()])
     b = torch.cat([w.flatten().float() for w in tuned.state_dict().values()])

@@ -54,7 +54,6 @@ def with_painted_lesions(
     rng: np.random.Generator,
     spacing_kji,
     chance: float = 0.6,
-    spec: RelativeAnomalySpec = RelativeAnomalySpec(),
     floor: float = 0.02,
 ) -> TrainingCase:
     """A copy of ``case`` whose image has generic anomalies painted into each host organ
@@ -83,7 +82,7 @@ def with_painted_lesions(
         if inner.sum() < 10:
             continue
         _, spread = robust_centre(local_mean(x[box], organ, MEAN_SCALES_MM[1], sp)[inner], floor)
-        painted, _ = organ_relative_anomaly(x[box], organ, spread, sp, rng, spec, clip=False)
+        painted, _ = organ_relative_anomaly(x[box], organ, spread, sp, rng, RelativeAnomalySpec(), clip=False)
         x = x.copy() if x is case.x else x
         x[box] = painted
     return replace(case, x=x) if x is not case.x else case

@@ -71,8 +71,9 @@ class DemoRecipe:
     # anatomy"). False: organs only.
     organ_claim_anatomy: bool = False
     # The share of its steps with generic lesions painted into the host organs and labelled as
-    # the organ (diffugts.train.organs.with_painted_lesions): lesion tissue of organs no training
-    # lesion lies in is still organ. 0: none (networks before 2026-12-06).
+    # the organ (diffugts.train.organs.with_painted_lesions). 0: painting moved the organ's
+    # log-odds inside development lesions no more than noise against unpainted controls (two
+    # draws, docs/benchmarks.md "A surer organ network").
     organ_anomaly_p: float = 0.0
     # The coarse map fuses the head with the organ-relative deviation; its threshold keeps this
     # share of the training lesion voxels (the refinement head verifies). None: the head alone.

@@ -185,6 +185,9 @@ def test_train_organs_fine_tunes_the_packages_network(tmp_path):
     a = torch.cat([w.flatten().float() for w in shipped.state_dict().values()])
     b = torch.cat([w.flatten().float() for w in tuned.state_dict().values()])
     assert 0 < (a - b).abs().max() < 0.05
+    for bad in ({"anomaly_p": 1.5}, {"lr": 0.0}):
+        with pytest.raises(ConfigError, match="--anomaly-p must lie in"):
+            train_organ_net(str(DEMO_MODEL), tmp_path / "no", steps=1, **bad, **kwargs)
     with pytest.raises(ConfigError, match="--claim-anatomy must match"):
         train_organ_net(str(DEMO_MODEL), tmp_path / "no", steps=1, fine_tune=True, claim_anatomy=True, **kwargs)
     assert not (tmp_path / "no").exists()

@@ -13,7 +13,9 @@ hold them (seen types, liver and kidneys), so the network was unsure of lesion t
 pancreas and spleen and in MR (log-odds median 2 inside missed lesions, below the confident
 seeds' 4). With probability ``anomaly_p`` a step paints the discriminator's generic anomalies
 (diffugts.train.anomalies.organ_relative_anomaly) into each host organ and keeps them
-labelled as that organ: unlike-the-organ tissue inside an organ is still the organ.
+labelled as that organ: unlike-the-organ tissue inside an organ is still the organ. Measured
+against unpainted controls it moved those log-odds no more than noise, so the recipe leaves it
+off (docs/benchmarks.md, "A surer organ network").
 """
 
 from __future__ import annotations

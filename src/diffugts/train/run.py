@@ -292,6 +292,8 @@ def train_organ_net(
     from diffugts.train.aova import case_features
     from diffugts.train.organs import ORGANS, organ_dice, train_organs
 
+    if not 0.0 <= anomaly_p <= 1.0 or (lr is not None and lr <= 0):
+        raise ConfigError(f"--anomaly-p must lie in [0, 1] and --lr be positive (got {anomaly_p}, {lr})")
     pkg = open_package(model)
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
     spacing_kji = tuple(prep.spacing_mm)[::-1]

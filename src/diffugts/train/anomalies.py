@@ -149,6 +149,16 @@ class RelativeAnomalySpec:
     lobulation: tuple[float, float] = (0.0, 0.35)
 
 
+def organ_spread(x: np.ndarray, organ: np.ndarray, inner: np.ndarray, spacing_kji, floor: float) -> float:
+    """The organ's robust spread in ``x`` as the normative model measures it (its 2.5 mm local
+    mean over ``organ``, read in ``inner``; at least ``floor``): the unit of
+    :func:`organ_relative_anomaly`'s shifts."""
+    from diffugts.stages.deviation import local_mean, robust_centre
+    from diffugts.stages.normative import MEAN_SCALES_MM
+
+    return robust_centre(local_mean(x, organ, MEAN_SCALES_MM[1], spacing_kji)[inner], floor)[1]
+
+
 def organ_relative_anomaly(
     x: np.ndarray,
     organ: np.ndarray,
@@ -192,8 +202,7 @@ def with_relative_anomalies(
     normative model measures it), and ``x`` is normalised from the painted volume, so that
     synthesis and every evidence map see the same anomaly. ``floor``: the least spread, in
     model intensity units."""
-    from diffugts.stages.deviation import DeviationParams, local_mean, organ_interior, robust_centre
-    from diffugts.stages.normative import MEAN_SCALES_MM
+    from diffugts.stages.deviation import DeviationParams, organ_interior
     from diffugts.stages.preprocess import normalise
     from diffugts.train.refine import HOST_FAMILIES
 
@@ -211,7 +220,7 @@ def with_relative_anomalies(
         inner = organ_interior(organ, sp, DeviationParams(margin_mm=margin_mm))
         if inner.sum() < 10:
             continue
-        _, spread = robust_centre(local_mean(volume, organ, MEAN_SCALES_MM[1], sp)[inner], floor * (hi - lo))
+        spread = organ_spread(volume, organ, inner, sp, floor * (hi - lo))
         volume, painted = organ_relative_anomaly(volume, organ, spread, sp, rng, spec, clip=False)
         if not painted.any():
             continue

@@ -19,10 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from diffugts.networks.organs import OrganNet, organ_maps
-from diffugts.stages.deviation import DeviationParams, local_mean, organ_from_log_odds, robust_centre
+from diffugts.stages.deviation import DeviationParams, organ_from_log_odds
 from diffugts.stages.discriminator import Committee, Discriminator, fit_discriminator
 from diffugts.stages.normative import (
-    MEAN_SCALES_MM,
     Mixture,
     NormativeModel,
     NormativeParams,
@@ -31,7 +30,7 @@ from diffugts.stages.normative import (
     key,
     scored_interior,
 )
-from diffugts.train.anomalies import organ_relative_anomaly
+from diffugts.train.anomalies import organ_relative_anomaly, organ_spread
 from diffugts.train.aova import PROMPTABLE
 from diffugts.train.data import TrainingCase
 from diffugts.train.organs import organ_labels
@@ -173,7 +172,7 @@ def anomaly_samples(
             inner = scored_interior(host, spacing, params)
             if inner.sum() < 10:
                 continue
-            _, spread = robust_centre(local_mean(case.x, organ, MEAN_SCALES_MM[1], spacing)[inner], params.floor)
+            spread = organ_spread(case.x, organ, inner, spacing, params.floor)
             for _ in range(copies):
                 x, painted = organ_relative_anomaly(case.x, host, spread, spacing, rng)
                 if not painted.any():

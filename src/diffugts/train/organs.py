@@ -27,7 +27,7 @@ import torch
 from scipy import ndimage
 
 from diffugts.networks.organs import OrganNet
-from diffugts.train.anomalies import RelativeAnomalySpec, organ_relative_anomaly
+from diffugts.train.anomalies import RelativeAnomalySpec, organ_relative_anomaly, organ_spread
 from diffugts.train.aova import PROMPTABLE, organ_family
 from diffugts.train.data import TrainingCase
 from diffugts.train.randomise import randomise
@@ -65,8 +65,7 @@ def with_painted_lesions(
     interior; at least ``floor``, model units), so CT, MR and randomised copies alike."""
     from dataclasses import replace
 
-    from diffugts.stages.deviation import DeviationParams, local_mean, organ_interior, robust_centre
-    from diffugts.stages.normative import MEAN_SCALES_MM
+    from diffugts.stages.deviation import DeviationParams, organ_interior
     from diffugts.train.refine import HOST_FAMILIES
 
     sp = np.asarray(spacing_kji, dtype=np.float64)
@@ -83,7 +82,7 @@ def with_painted_lesions(
         inner = organ_interior(organ, sp, DeviationParams())
         if inner.sum() < 10:
             continue
-        _, spread = robust_centre(local_mean(x[box], organ, MEAN_SCALES_MM[1], sp)[inner], floor)
+        spread = organ_spread(x[box], organ, inner, sp, floor)
         painted, _ = organ_relative_anomaly(x[box], organ, spread, sp, rng, RelativeAnomalySpec(), clip=False)
         x = x.copy() if x is case.x else x
         x[box] = painted

@@ -294,6 +294,7 @@ def train_organ_net(
 
     if not 0.0 <= anomaly_p <= 1.0 or (lr is not None and lr <= 0):
         raise ConfigError(f"--anomaly-p must lie in [0, 1] and --lr be positive (got {anomaly_p}, {lr})")
+    lr = lr or (1e-3 if fine_tune else 3e-3)
     pkg = open_package(model)
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
     spacing_kji = tuple(prep.spacing_mm)[::-1]
@@ -317,7 +318,7 @@ def train_organ_net(
         spacing_kji,
         steps=steps,
         seed=seed,
-        lr=lr or (1e-3 if fine_tune else 3e-3),
+        lr=lr,
         show_progress=show_progress,
         device=device or "cpu",
         organs=organs,
@@ -360,7 +361,7 @@ def train_organ_net(
                 "mr_healthy_cases": mr_healthy_cases,
                 "steps": steps,
                 "anomaly_p": anomaly_p,
-                "lr": lr or (1e-3 if fine_tune else 3e-3),
+                "lr": lr,
                 **({"fine_tuned_from": start} if fine_tune else {}),
                 "organs": net.organs,
                 "loss_first_last": _ends(losses),

@@ -185,8 +185,11 @@ def test_evaluate_runs_every_variant(model, case, tmp_path):
     for row in result["rows"]:
         assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["nsd"] <= 1.0
         assert row["split"] == "seen"
+        # Removing false lesions never lowers Dice, exact delineation of what was found never does either.
+        assert row["dice"] - 1e-4 <= row["dice_without_false"] <= row["dice_found_exact"] + 1e-4 <= 1.0 + 1e-4
     text = markdown(result)
     assert "### By split" in text and "| full |" in text and "Lesion-free" not in text
+    assert "### Where Dice goes" in text
 
 
 @pytest.fixture(scope="module")
@@ -539,3 +542,60 @@ def test_detection_by_touch_and_by_overlap():
     old = summarise([row(2, None)])
     assert "detection_overlap" not in old["modality_split"]["CT / unseen"]["full"]
     assert "at least 10%" not in markdown({**result, "summary": old})
+
+
+def test_dice_budget_splits_the_loss_into_false_lesions_delineation_and_missed_lesions():
+    """Without false lesions: the components touching no true lesion go; found exactly: the
+    touched lesions' own voxels; summary and report carry both, old results keep their tables."""
+    from diffugts.runners.evaluate import dice, dice_budget, lesion_overlap, markdown, summarise
+
+    lesions = np.zeros((4, 30, 30), np.uint16)
+    lesions[1:3, 2:7, 2:7] = 1  # 50 voxels, found and over-grown
+    lesions[1:3, 20:25, 20:25] = 2  # 50 voxels, missed
+    truth = lesions > 0
+    pred = np.zeros(truth.shape, bool)
+    pred[1:3, 2:12, 2:7] = True  # lesion 1 and 50 voxels beside it: one component
+    pred[1:3, 14:19, 2:7] = True  # a false lesion, 50 voxels
+    covered, size = lesion_overlap(pred, lesions, [1, 2])
+    without_false, found_exact = dice_budget(pred, truth, covered, size)
+    assert dice(pred, truth) == pytest.approx(2 * 50 / (150 + 100))
+    assert without_false == pytest.approx(2 * 50 / (100 + 100))
+    assert found_exact == pytest.approx(2 * 50 / (50 + 100))
+    assert dice_budget(np.zeros_like(pred), truth, *lesion_overlap(np.zeros_like(pred), lesions, [1, 2])) == (0.0, 0.0)
+    exact = lesions == 1
+    assert dice_budget(exact, truth, *lesion_overlap(exact, lesions, [1, 2])) == (
+        pytest.approx(2 / 3),
+        pytest.approx(2 / 3),
+    )
+
+    def row(d, budget):
+        r = {
+            "modality": "MR",
+            "split": "unseen",
+            "lesion_type": "t",
+            "organ": "liver",
+            "variant": "full",
+            "dice": d,
+            "nsd": d,
+            "detected": 1,
+            "detected_overlap": 1,
+            "lesions": 2,
+            "false_lesions": 1,
+        }
+        return r if budget is None else {**r, "dice_without_false": budget[0], "dice_found_exact": budget[1]}
+
+    summary = summarise([row(0.4, (0.5, 0.6)), row(0.2, (0.3, 1.0))])
+    cell = summary["modality_split"]["MR / unseen"]["full"]
+    assert (cell["dice"], cell["dice_without_false"], cell["dice_found_exact"]) == (0.3, 0.4, 0.8)
+    result = {
+        "model": {"name": "m", "sha256": "0" * 64},
+        "prompt_template": "{organ} tumor",
+        "cases": 2,
+        "variants": ["full"],
+        "summary": summary,
+        "healthy": {},
+    }
+    assert "| MR / unseen | 0.300 / 0.400 / 0.800 |" in markdown(result)
+    mixed = summarise([row(0.4, (0.5, 0.6)), row(0.2, None)])  # a row of a result written before it
+    assert "dice_found_exact" not in mixed["modality_split"]["MR / unseen"]["full"]
+    assert "Where Dice goes" not in markdown({**result, "summary": mixed})

@@ -25,7 +25,9 @@ Scores are grouped by modality and seen / unseen (the headline groups: CT seen t
 unseen types, MR), by lesion type, by organ, with Dice and normalised surface Dice (MONAI
 metrics), a lesion-level detection rate (a lesion the prediction touches; beside it, one with at
 least DETECTION_MIN_OVERLAP of its voxels predicted) and false lesions (predicted lesions of at
-least the reported minimum volume touching no true lesion). Lesion-free cases are prompted for every
+least the reported minimum volume touching no true lesion), and where the Dice goes (``dice_budget``: the
+Dice without the false lesions, and with the found lesions delineated exactly: what false lesions,
+delineation and missed lesions each cost). Lesion-free cases are prompted for every
 host organ and give the false lesions per healthy study. The ``full`` variant is scored as
 the lesion artifact reports it (components under the minimum volume dropped).
 """
@@ -165,6 +167,21 @@ def lesion_overlap(pred: np.ndarray, lesion_map: np.ndarray, ids) -> tuple[np.nd
     return np.asarray(covered), np.asarray(size)
 
 
+def dice_budget(pred: np.ndarray, truth: np.ndarray, covered: np.ndarray, size: np.ndarray) -> tuple[float, float]:
+    """Where a row's Dice goes: (its Dice with the predicted components that touch no true
+    lesion removed, the Dice it would have if every lesion the prediction touches were
+    delineated exactly and nothing else predicted). Their gaps to the Dice as reported are
+    what false lesions and delineation cost; the gap of the second to 1, the missed lesions.
+    ``covered``/``size``: :func:`lesion_overlap` of the row's lesions."""
+    from diffugts.stages.lesions import CONNECTIVITY_26
+
+    labels, _ = ndimage.label(np.asarray(pred, bool), structure=CONNECTIVITY_26)
+    touching = np.unique(labels[truth & (labels > 0)])
+    found = float(np.asarray(size)[np.asarray(covered) > 0].sum())
+    total = float(np.asarray(size).sum())
+    return dice(np.isin(labels, touching), truth), (2 * found / (found + total) if total else 1.0)
+
+
 def detected(covered: np.ndarray, size: np.ndarray, min_overlap: float = 0.0) -> int:
     """Lesions the prediction touches (``min_overlap`` 0), or covers at least that share of."""
     return int(np.count_nonzero((covered > 0) & (covered >= min_overlap * size)))
@@ -287,6 +304,7 @@ def evaluate(
                     len(ids),
                 )
                 largest = max(recs, key=lambda r: r["voxels"])
+                without_false, found_exact = dice_budget(pred, truth, covered, size)
                 rows.append(
                     {
                         "case": case.case_id,
@@ -297,6 +315,8 @@ def evaluate(
                         "types": sorted({r["type"] for r in recs}),
                         "split": "seen" if all(r["split"] == "seen" for r in recs) else "unseen",
                         "dice": dice(pred, truth),
+                        "dice_without_false": round(without_false, 4),
+                        "dice_found_exact": round(found_exact, 4),
                         "nsd": nsd(pred, truth, case.geometry.spacing[::-1]),
                         "detected": found,
                         "detected_overlap": overlapping,
@@ -379,7 +399,8 @@ def summarise(rows: list[dict], groups: dict[str, list[str]] | None = None) -> d
         for row in rows:
             key = " / ".join(str(row[k]) for k in keys)
             cell = table.setdefault(key, {}).setdefault(
-                row["variant"], {"dice": [], "nsd": [], "found": 0, "total": 0, "false": 0, "overlap": 0, "old": False}
+                row["variant"],
+                {"dice": [], "nsd": [], "found": 0, "total": 0, "false": 0, "overlap": 0, "old": False, "budget": []},
             )
             cell["dice"].append(row["dice"])
             cell["nsd"].append(row["nsd"])
@@ -388,6 +409,8 @@ def summarise(rows: list[dict], groups: dict[str, list[str]] | None = None) -> d
             cell["false"] += row.get("false_lesions", 0)
             cell["overlap"] += row.get("detected_overlap", 0)
             cell["old"] |= "detected_overlap" not in row  # rows of results written before it
+            if "dice_found_exact" in row:  # likewise
+                cell["budget"].append((row["dice_without_false"], row["dice_found_exact"]))
         out[name] = {
             key: {
                 v: {
@@ -397,6 +420,14 @@ def summarise(rows: list[dict], groups: dict[str, list[str]] | None = None) -> d
                     "n": len(c["dice"]),
                     "false_lesions": round(c["false"] / len(c["dice"]), 3),
                     **({} if c["old"] else {"detection_overlap": round(c["overlap"] / max(c["total"], 1), 4)}),
+                    **(
+                        {
+                            "dice_without_false": round(float(np.mean([b[0] for b in c["budget"]])), 4),
+                            "dice_found_exact": round(float(np.mean([b[1] for b in c["budget"]])), 4),
+                        }
+                        if len(c["budget"]) == len(c["dice"])
+                        else {}
+                    ),
                 }
                 for v, c in variants.items()
             }
@@ -434,6 +465,31 @@ def overlap_table(table: dict, variants: list[str]) -> list[str]:
     return lines + [""]
 
 
+def budget_table(table: dict, variants: list[str]) -> list[str]:
+    """Where Dice goes, by modality and split: as reported / without the false lesions /
+    with the found lesions delineated exactly (nothing for results written before it)."""
+    if not table or any("dice_found_exact" not in c for cells in table.values() for c in cells.values()):
+        return []
+    lines = [
+        "### Where Dice goes: as reported / without false lesions / found lesions delineated exactly",
+        "",
+        "The second figure's gain is what false lesions cost, the third's what delineation costs; "
+        "the third's gap to 1, what missed lesions cost.",
+        "",
+        "| group | " + " | ".join(variants) + " |",
+        "|---|" + "---|" * len(variants),
+    ]
+    for key, cells in table.items():
+        vals = [
+            f"{cells[v]['dice']:.3f} / {cells[v]['dice_without_false']:.3f} / {cells[v]['dice_found_exact']:.3f}"
+            if v in cells
+            else "-"
+            for v in variants
+        ]
+        lines.append(f"| {key} | " + " | ".join(vals) + " |")
+    return lines + [""]
+
+
 def markdown(result: dict) -> str:
     variants = table_variants(result)
     lines = [
@@ -462,6 +518,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| {key} | {n} | " + " | ".join(vals) + " |")
         lines.append("")
     lines += overlap_table(result.get("summary", {}).get("modality_split", {}), variants)
+    lines += budget_table(result.get("summary", {}).get("modality_split", {}), variants)
     if result.get("healthy"):
         lines += [
             "### Lesion-free studies: false lesions / their mL per study (every host organ prompted)",

@@ -68,8 +68,8 @@ def discriminative(monkeypatch_module):
         return organs[id(x)]
 
     healthy = normative_samples(cases, None, SPACING, PARAMS)
-    painted = anomaly_samples(cases, None, SPACING, PARAMS, seed=0)
-    assert set(healthy) == set(painted) == {"liver/CT"}
+    painted, halo = anomaly_samples(cases, None, SPACING, PARAMS, seed=0)
+    assert set(healthy) == set(painted) == {"liver/CT"} and halo == {}
     assert painted["liver/CT"].shape[1] == len(PARAMS.features)
     return fit_normative(healthy, PARAMS, seed=0, anomalies=painted)
 
@@ -188,3 +188,62 @@ def test_a_committee_scores_the_mean_of_members_fitted_on_their_own_cases(monkey
     with pytest.raises(ValueError, match="members"):
         NormativeParams(score="discriminative", members=0)
     assert NormativeParams.from_dict({"score": "discriminative"}).members == 1  # models fitted before
+
+
+def test_the_halo_around_painted_anomalies_joins_the_healthy_class(monkeypatch):
+    """halo_mm: the painted copies' healthy voxels from HALO_GAP_MM to halo_mm around the
+    anomalies are sampled (the anomalies themselves unchanged) and fitted as healthy, but the
+    thresholds stay cut on healthy voxels of their own."""
+    from dataclasses import replace
+
+    from diffugts.train.normative import HALO_GAP_MM
+
+    rng = np.random.default_rng(3)
+    cases = [fake_case(*organ_with(rng)[:2]) for _ in range(2)]
+    organs = {id(c.x): c.organs > 0 for c in cases}
+    monkeypatch.setattr(
+        "diffugts.train.normative.organ_maps", lambda net, x: {"liver": np.where(organs[id(x)], 9.0, -9.0)}
+    )
+    plain, none = anomaly_samples(cases, None, SPACING, PARAMS, seed=1)
+    near, ring = anomaly_samples(cases, None, SPACING, replace(PARAMS, halo_mm=10.0), seed=1)
+    _, wide = anomaly_samples(cases, None, SPACING, replace(PARAMS, halo_mm=20.0), seed=1)
+    _, inside_gap = anomaly_samples(cases, None, SPACING, replace(PARAMS, halo_mm=HALO_GAP_MM), seed=1)
+    assert none == {} and inside_gap == {}
+    assert np.array_equal(plain["liver/CT"], near["liver/CT"])  # the same anomalies
+    assert 0 < len(ring["liver/CT"]) < len(wide["liver/CT"])
+    assert ring["liver/CT"].shape[1] == len(PARAMS.features)
+
+    monkeypatch.setattr("diffugts.stages.discriminator.STEPS", 300)
+    draw = np.random.default_rng(5).normal
+    # column 0 a fine feature, column 1 a coarse one: around an anomaly only the coarse one departs
+    healthy = {"liver/CT": draw(size=(4000, 2))}
+    painted = {"liver/CT": draw(size=(600, 2)) + [4.0, 4.0]}
+    halo = {"liver/CT": draw(size=(600, 2)) * [1.0, 0.3] + [0.0, 4.0]}
+    two = replace(PARAMS, components=2)
+    without = fit_normative(healthy, two, seed=0, anomalies=painted).discriminators["liver/CT"]
+    withit = fit_normative(healthy, replace(two, halo_mm=10.0), seed=0, anomalies=painted, halo=halo)
+    d = withit.discriminators["liver/CT"]
+    rows = halo["liver/CT"]
+    assert (without.score(rows) > without.high).mean() > 0.5  # the ring looked anomalous
+    assert (d.score(rows) > d.high).mean() < 0.2  # hardly any more
+    assert (d.score(painted["liver/CT"]) > d.high).mean() > 0.9  # the anomalies still do
+    held = d.score(draw(size=(4000, 2)))
+    assert 0.9 < (held <= d.low).mean() < 0.99  # cut on healthy voxels, not on the ring
+    with pytest.raises(ValueError, match="halo_mm"):
+        NormativeParams(halo_mm=10.0)  # a mixture has no healthy class to add it to
+    with pytest.raises(ValueError, match="halo_mm"):
+        NormativeParams(score="discriminative", halo_mm=-1.0)
+    assert NormativeParams.from_dict({"score": "discriminative"}).halo_mm == 0.0  # models fitted before it
+
+
+def test_train_normative_halo_option():
+    import argparse
+
+    from diffugts.cli import train as train_cli
+    from diffugts.train.recipe import DemoRecipe
+
+    parser = argparse.ArgumentParser()
+    train_cli.register(parser.add_subparsers())
+    parse = lambda *a: parser.parse_args(["train", "normative", "--model", "m", *a]).halo_mm  # noqa: E731
+    assert parse() == DemoRecipe.normative_halo_mm == DemoRecipe().normative_params().halo_mm
+    assert parse("--halo-mm", "10") == 10.0

@@ -192,6 +192,10 @@ def test_train_verifier_refuses_normative_features_of_other_candidates(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "normative_max" in err[0] and "deviation" in err[0]
     assert not out.exists()
+    code = main([*args, "--candidates", "deviation", "--features", "log_volume_ml", "--grow-mm", "9"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--grow-mm" in err[0] and "deviation" in err[0]
+    assert not out.exists()
 
 
 def test_fitting_samples_of_normative_candidates_carry_their_evidence():
@@ -226,12 +230,13 @@ def test_a_fit_grounds_each_case_once_for_healthy_and_painted_samples(monkeypatc
     monkeypatch.setattr(train_normative, "_case_organs", grounding)
     params = NormativeParams(margin_mm=0.0)
     healthy = normative_samples([case, case], None, SPACING, params)
-    painted = train_normative.anomaly_samples([case, case], None, SPACING, params, seed=3)
+    painted, halo = train_normative.anomaly_samples([case, case], None, SPACING, params, seed=3)
     assert len(calls) == 4  # each call grounds every case
     grounded = train_normative.ground_cases([case, case], None, SPACING, None)
     assert len(calls) == 6
     again = normative_samples([case, case], None, SPACING, params, grounded=grounded)
-    painted_again = train_normative.anomaly_samples([case, case], None, SPACING, params, seed=3, grounded=grounded)
+    painted_again, _ = train_normative.anomaly_samples([case, case], None, SPACING, params, seed=3, grounded=grounded)
     assert len(calls) == 6  # grounded once, read twice
     assert np.array_equal(healthy["liver/CT"], again["liver/CT"])
     assert np.array_equal(painted["liver/CT"], painted_again["liver/CT"]) and len(painted["liver/CT"])
+    assert halo == {}  # none without params.halo_mm

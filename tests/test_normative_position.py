@@ -7,6 +7,7 @@ import argparse
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from diffugts.stages.normative import POSITION_FEATURES, NormativeParams, appearance_features
 from diffugts.train.normative import fit_normative
@@ -120,6 +121,42 @@ def test_tighter_growth_keeps_the_lesion_and_less_of_the_tissue_around_it():
     assert NormativeParams.from_dict({"components": 2}).grow_above == -1.0  # models fitted before it
 
 
+def test_growth_in_steps_from_the_seeds():
+    """``hysteresis(steps=k)``: only the voxels above the growing threshold within k
+    26-connected steps of an (opened) seed, through such voxels; a strip seeded at both ends
+    becomes two candidates; without steps the whole component."""
+    from diffugts.stages.normative import hysteresis
+
+    score = np.zeros((3, 5, 30), np.float32)
+    score[1, 1:4, :] = 0.5  # a strip above the growing threshold (0.2)
+    score[1, 1:4, 0:3] = score[1, 1:4, 27:30] = 1.0  # seeds (above 0.8) at both ends, 3 x 3 each
+    whole = hysteresis(score, 0.2, 0.8, in_slices=True)
+    assert whole.sum() == 90
+    near = hysteresis(score, 0.2, 0.8, in_slices=True, steps=2)
+    assert np.array_equal(np.flatnonzero(near[1, 2]), [0, 1, 2, 3, 4, 25, 26, 27, 28, 29])
+    assert ndimage.label(near, np.ones((3, 3, 3)))[1] == 2 and not (near & ~whole).any()
+    lone = np.zeros_like(score)
+    lone[1, 2, 10] = 1.0  # one unlikely voxel is no seed, in steps or not
+    assert not hysteresis(lone, 0.2, 0.8, steps=3).any() and not hysteresis(lone, 0.2, 0.8).any()
+
+
+def test_growth_limited_in_mm_keeps_the_lesion_and_less_around_it():
+    """``grow_mm``: the same seeds, grown at most that far (steps of the finest spacing)."""
+    from dataclasses import replace
+
+    model, params, (x, mask, ball) = healthy_model_and_lesion()
+    loose = model.candidates(x, mask, "liver", "CT", SPACING)
+    model.params = replace(params, grow_mm=2 * min(SPACING))
+    near = model.candidates(x, mask, "liver", "CT", SPACING)
+    assert not (near & ~loose).any()
+    assert (near & ball).sum() >= 0.8 * (loose & ball).sum() > 0
+    assert (near & ~ball).sum() <= (loose & ~ball).sum()
+    for bad in (0.0, -3.0):
+        with pytest.raises(ValueError, match="grow_mm"):
+            NormativeParams(grow_mm=bad)
+    assert NormativeParams.from_dict({"components": 2}).grow_mm is None  # models fitted before it
+
+
 def test_train_normative_grow_and_delineate_options():
     from diffugts.cli import train as train_cli
     from diffugts.train.recipe import DemoRecipe
@@ -129,6 +166,9 @@ def test_train_normative_grow_and_delineate_options():
     parse = lambda *a: parser.parse_args(["train", "normative", "--model", "m", *a]).grow_above  # noqa: E731
     assert parse() == DemoRecipe.normative_grow_above == DemoRecipe().normative_params().grow_above
     assert parse("--grow-above", "-0.5") == -0.5
+    grow = lambda *a: parser.parse_args(["train", "normative", "--model", "m", *a]).grow_mm  # noqa: E731
+    assert grow() == DemoRecipe.normative_grow_mm == DemoRecipe().normative_params().grow_mm
+    assert grow("--grow-mm", "9") == 9.0 and grow("--grow-mm", "none") is None
     delineate = lambda *a: parser.parse_args(["train", "normative", "--model", "m", *a]).delineate_above  # noqa: E731
     assert delineate() == DemoRecipe.normative_delineate_above == DemoRecipe().normative_params().delineate_above
     assert delineate("--delineate-above", "-0.5") == -0.5 and delineate("--delineate-above", "none") is None

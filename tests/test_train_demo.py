@@ -135,7 +135,7 @@ def test_train_verifier_counts_candidates_on_painted_anomalies_as_lesions(tmp_pa
     out = tmp_path / "anomalies"
     args = ["-q", "train", "verifier", "--model", str(DEMO_MODEL), "--out", str(out), "--cases", "0"]
     args += ["--healthy-cases", "0", "--anomaly-cases", "1", "--anomaly-mr-cases", "1", "--min-recall", "0.9"]
-    assert main(args) == 0
+    assert main([*args, "--grow-mm", "9"]) == 0
     assert main(["models", "verify", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     report = manifest["provenance"]["verifier_training"]
@@ -146,6 +146,11 @@ def test_train_verifier_counts_candidates_on_painted_anomalies_as_lesions(tmp_pa
     assert report["kept_lesion_components"] >= 0.9 * report["lesion_components"]
     assert verifier["features"] == list(DemoRecipe.verifier_features)
     assert "wrote" in capsys.readouterr().out
+    # --grow-mm: fitted on candidates grown at most 9 mm, and the normative model set so, not refitted
+    assert report["grow_mm"] == 9.0 and manifest["networks"]["normative"]["params"]["grow_mm"] == 9.0
+    shipped = json.loads((DEMO_MODEL / "manifest.json").read_text())["networks"]["normative"]
+    assert manifest["networks"]["normative"]["thresholds"] == shipped["thresholds"]
+    assert (out / "normative.safetensors").read_bytes() == (DEMO_MODEL / "normative.safetensors").read_bytes()
 
 
 @pytest.mark.slow

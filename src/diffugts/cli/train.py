@@ -206,11 +206,25 @@ def register(sub) -> None:
         "their mean (--score discriminative; default %(default)s)",
     )
     m.add_argument(
+        "--halo-mm",
+        type=float,
+        default=DemoRecipe.normative_halo_mm,
+        help="the discriminator also learns the healthy voxels up to this far (mm) around its painted anomalies as "
+        "healthy (--score discriminative; 0: none; default %(default)s)",
+    )
+    m.add_argument(
         "--grow-above",
         type=float,
         default=DemoRecipe.normative_grow_above,
         help="candidates grow through voxels above this, between the growing threshold (-1, the healthy "
         "95 %% quantile) and the seeds' (0) (default %(default)s)",
+    )
+    m.add_argument(
+        "--grow-mm",
+        type=_optional_float,
+        default=DemoRecipe.normative_grow_mm,
+        help="candidates grow at most this far (mm) from their seeds; 'none': through the whole component "
+        "(default %(default)s)",
     )
     m.add_argument(
         "--delineate-above",
@@ -285,6 +299,13 @@ def register(sub) -> None:
         default=DemoRecipe.verifier_features,
         help="comma-separated component features to weigh, of: "
         f"{', '.join(KNOWN_FEATURES)} (default: {', '.join(DemoRecipe.verifier_features or FEATURES)})",
+    )
+    v.add_argument(
+        "--grow-mm",
+        type=_optional_float,
+        default=argparse.SUPPRESS,
+        help="set how far the package's normative candidates grow from their seeds (mm; 'none': unlimited) and "
+        "fit on them (default: as the package has it)",
     )
     v.set_defaults(func=_verifier)
 
@@ -566,7 +587,9 @@ def _normative(args) -> int:
             min_interior=args.min_interior,
             position=args.position,
             members=args.members,
+            halo_mm=args.halo_mm,
             grow_above=args.grow_above,
+            grow_mm=args.grow_mm,
             delineate_above=args.delineate_above,
             delineate_level=args.delineate_level,
             delineate_expand_mm=args.delineate_expand_mm,
@@ -658,6 +681,7 @@ def _verifier(args) -> int:
         min_recall=args.min_recall,
         anomaly_cases=args.anomaly_cases,
         anomaly_mr_cases=args.anomaly_mr_cases,
+        **({"grow_mm": args.grow_mm} if "grow_mm" in args else {}),
     )
     r = pkg.manifest["provenance"]["verifier_training"]
     if "not_fitted" in r:

@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from diffugts.networks.organs import OrganNet, organ_maps
 from diffugts.stages.deviation import DeviationParams, organ_from_log_odds
@@ -37,6 +38,9 @@ from diffugts.train.organs import organ_labels
 
 MAX_SAMPLES = 60000  # voxels per organ and modality for the fit (as many again set the quantiles)
 ANOMALY_COPIES = 3  # painted copies per case and organ for the anomaly discriminator
+# The halo (NormativeParams.halo_mm) starts this far from a painted anomaly: its soft edge
+# (RelativeAnomalySpec.edge_mm, up to 4 mm) still shifts the voxels nearer in.
+HALO_GAP_MM = 4.0
 
 
 def _case_organs(case: TrainingCase, organ_net: OrganNet, spacing_kji, deviation: DeviationParams):
@@ -157,15 +161,18 @@ def anomaly_samples(
     seed: int = 0,
     copies: int = ANOMALY_COPIES,
     grounded: list | None = None,
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per ``organ/modality`` key the (N, F) features of generic synthetic anomalies
     (diffugts.train.anomalies.organ_relative_anomaly) painted into the true organs of
     ``cases``, ``copies`` painted copies per case and organ, scored inside the organ as
-    inference scores it; ``grounded`` as for :func:`normative_samples`."""
+    inference scores it; ``grounded`` as for :func:`normative_samples`. And per key, for
+    ``params.halo_mm`` > 0, the features of the copies' healthy voxels around the anomalies
+    (HALO_GAP_MM to ``halo_mm`` away; empty for 0): (painted, halo)."""
     deviation = deviation or DeviationParams()
     rng = np.random.default_rng(seed)
     spacing = np.asarray(spacing_kji, float)
     found: dict[str, list[np.ndarray]] = defaultdict(list)
+    halo: dict[str, list[np.ndarray]] = defaultdict(list)
     for case, organs in zip(cases, _grounded(cases, organ_net, spacing_kji, deviation, grounded)):
         for fam, organ, true in organs:
             host = true & organ & (case.lesions == 0)
@@ -180,7 +187,12 @@ def anomaly_samples(
                 scored, feats = appearance_features(x, organ, spacing_kji, params)
                 if painted[scored].any():
                     found[key(fam, case.modality)].append(feats[painted[scored]])
-    return {k: np.concatenate(v) for k, v in found.items()}
+                if params.halo_mm > 0:
+                    away = ndimage.distance_transform_edt(~painted, sampling=spacing)
+                    ring = (away > HALO_GAP_MM) & (away <= params.halo_mm) & host
+                    if ring[scored].any():
+                        halo[key(fam, case.modality)].append(feats[ring[scored]])
+    return {k: np.concatenate(v) for k, v in found.items()}, {k: np.concatenate(v) for k, v in halo.items()}
 
 
 def fit_normative(
@@ -190,6 +202,7 @@ def fit_normative(
     anomalies: dict[str, np.ndarray] | None = None,
     calibration: dict[str, np.ndarray] | None = None,
     members: Sequence[tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]] = (),
+    halo: dict[str, np.ndarray] | None = None,
 ) -> NormativeModel:
     """A mixture per key with at least ``20 * components`` samples (fewer: the organ stays
     unknown to the model rather than be guessed from a handful of voxels); for ``params.score
@@ -201,7 +214,9 @@ def fit_normative(
     thresholds flagged 2-4 % of new healthy organs' voxels where they should flag 0.5 %.
     ``members``: for ``params.members`` > 1, the (healthy, anomaly) samples of each further
     member's own cases; a key gets a :class:`Committee` where every member has enough of both,
-    its thresholds cut on the mean score as one discriminator's are."""
+    its thresholds cut on the mean score as one discriminator's are. ``halo``: per key, healthy
+    voxels around painted anomalies (:func:`anomaly_samples`), which join the discriminator's
+    healthy class but not the voxels its thresholds are cut on (they are not a new study's)."""
     from sklearn.mixture import GaussianMixture
 
     if params.score == "discriminative" and anomalies is None:
@@ -225,7 +240,11 @@ def fit_normative(
             painted = (anomalies or {}).get(k)
             if painted is None or len(painted) < 20 * params.components:
                 continue
-            first = fit_discriminator(painted[rng.permutation(len(painted))][:MAX_SAMPLES], fit_on, seed)
+            ring = (halo or {}).get(k)
+            healthy = (
+                fit_on if ring is None else np.concatenate([fit_on, ring[rng.permutation(len(ring))][:MAX_SAMPLES]])
+            )
+            first = fit_discriminator(painted[rng.permutation(len(painted))][:MAX_SAMPLES], healthy, seed)
             more = [_member(h.get(k), (a or {}).get(k), params, rng, seed + m) for m, (h, a) in enumerate(members, 1)]
             fitted = [d for d in more if d is not None]
             if len(fitted) < len(more):

@@ -28,6 +28,7 @@ from diffugts.train.data import phantom_case
 from diffugts.utils.progress import progress
 
 log = logging.getLogger(__name__)
+KEEP = "keep"  # train_lesion_verifier(grow_mm=KEEP): the package's own growth
 
 
 def command_line() -> str:
@@ -485,10 +486,10 @@ def train_normative(
         grounded = only_organs(grounded, organs)
         healthy = normative_samples(cases, net, spacing, params, deviation, grounded)
         if params.score != "discriminative":
-            return healthy, None
-        return healthy, anomaly_samples(cases, net, spacing, params, deviation, anomaly_seed, grounded=grounded)
+            return healthy, None, {}
+        return healthy, *anomaly_samples(cases, net, spacing, params, deviation, anomaly_seed, grounded=grounded)
 
-    samples, anomalies = sampled(data, seed)
+    samples, anomalies, halo = sampled(data, seed)
     calibration = (
         normative_samples(
             held_out_data,
@@ -502,11 +503,18 @@ def train_normative(
         else None
     )
     # A committee's further members fit on cases of their own (params.members)
+    # (a member's healthy samples only fit it, so its halo simply joins them).
     members = [
-        sampled(phantoms([(m, i + k * R.NORMATIVE_MEMBER_OFFSET) for m, i in plan]), seed + k)
-        for k in range(1, params.members)
+        (
+            {k: np.concatenate([v, *([ring[k]] if k in ring else [])]) for k, v in healthy.items()},
+            painted,
+        )
+        for healthy, painted, ring in (
+            sampled(phantoms([(m, i + k * R.NORMATIVE_MEMBER_OFFSET) for m, i in plan]), seed + k)
+            for k in range(1, params.members)
+        )
     ]
-    normative = fit_normative(samples, params, seed, anomalies, calibration, members)
+    normative = fit_normative(samples, params, seed, anomalies, calibration, members, halo)
     if previous is not None and organs is not None:
         try:
             normative = refitted(previous, normative, organs)
@@ -531,6 +539,7 @@ def train_normative(
             else {}
         ),
         **({"anomaly_samples": {k: len(v) for k, v in sorted(anomalies.items())}} if anomalies is not None else {}),
+        **({"halo_samples": {k: len(v) for k, v in sorted(halo.items())}} if halo else {}),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     # A partial refit (``organs``) keeps the record of the fit whose other organs it keeps; a
@@ -746,6 +755,7 @@ def train_lesion_verifier(
     min_recall: float | None = None,
     anomaly_cases: int = 0,
     anomaly_mr_cases: int = 0,
+    grow_mm=KEEP,
 ) -> ModelPackage:
     """The lesion verifier of a package with a fused coarse map and a refinement head, fitted
     on ``cases`` seen-type and ``healthy_cases`` lesion-free phantoms the head never saw, and
@@ -759,7 +769,12 @@ def train_lesion_verifier(
     ``anomaly_cases`` / ``anomaly_mr_cases``: lesion-free CT / MR phantoms with generic
     anomalies painted into their organs (diffugts.train.anomalies.with_relative_anomalies), whose
     candidates on the anomalies count as lesions: true candidates of no lesion type, in every
-    organ and both modalities, beside the seen types of CT liver and kidney."""
+    organ and both modalities, beside the seen types of CT liver and kidney. ``grow_mm``: how
+    far the normative candidates grow from their seeds (NormativeParams.grow_mm, None:
+    unlimited), set in the package's normative model (nothing of it refitted) and fitted on,
+    since the verifier judges candidates as they grow; KEEP: as the package has it."""
+    from dataclasses import replace
+
     from diffugts.networks.loading import load_head
     from diffugts.networks.refine import RefineHead
     from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
@@ -773,6 +788,8 @@ def train_lesion_verifier(
         raise ConfigError(
             f"the verifier features {', '.join(asked)} weigh normative candidates only, not {candidate_source!r}"
         )
+    if grow_mm is not KEEP and candidate_source != "normative":
+        raise ConfigError(f"--grow-mm sets how normative candidates grow, not {candidate_source!r} ones")
     pkg = open_package(model)
     if "deviation" not in (pkg.network(REFINE_HEAD) or {}).get("target_channels", []):
         raise ConfigError(
@@ -784,6 +801,11 @@ def train_lesion_verifier(
         normative = normative_of(pkg)
         if normative is None:
             raise ConfigError(f"{pkg.root}: normative candidates need a normative model (`diffugts train normative`)")
+        if grow_mm is not KEEP:
+            try:
+                normative.params = replace(normative.params, grow_mm=grow_mm)
+            except ValueError as e:
+                raise ConfigError(f"{pkg.root}: {e}") from None
     make = _ExampleMaker(pkg, seed, synthesis_steps, phantom_shape, normative=normative)
     head, cut = load_head(pkg, REFINE_HEAD, RefineHead), refine_threshold(pkg)
     features = tuple(features or FEATURES)
@@ -818,9 +840,12 @@ def train_lesion_verifier(
         log.warning(
             "%s: lesion verifier not fitted (%d components, %d of them lesions)", pkg.root, len(samples), lesion
         )
+    networks = {REFINE_HEAD: (entry, pkg.state_dict(REFINE_HEAD))}
+    if normative is not None and grow_mm is not KEEP:
+        networks[NORMATIVE] = (normative.entry(), normative.state_dict())
     return add_networks(
         pkg,
-        {REFINE_HEAD: (entry, pkg.state_dict(REFINE_HEAD))},
+        networks,
         out=out,
         provenance={
             "verifier_training": {
@@ -840,6 +865,7 @@ def train_lesion_verifier(
                     R.VERIFY_ANOMALY_INDEX + R.VERIFY_MR_OFFSET,
                 ],
                 "candidate_source": candidate_source,
+                **({"grow_mm": grow_mm} if grow_mm is not KEEP else {}),
                 "features": list(features),
                 **({"deviation_k": deviation_k} if candidate_source == "deviation" else {}),
                 **report,

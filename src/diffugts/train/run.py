@@ -506,7 +506,7 @@ def train_normative(
     # (a member's healthy samples only fit it, so its halo simply joins them).
     members = [
         (
-            {k: np.concatenate([v, *([ring[k]] if k in ring else [])]) for k, v in healthy.items()},
+            {name: np.concatenate([v, *([ring[name]] if name in ring else [])]) for name, v in healthy.items()},
             painted,
         )
         for healthy, painted, ring in (

@@ -494,6 +494,33 @@ def test_refine_of_a_study_with_no_region_loads_no_networks(model, case, tmp_pat
     assert (tmp_path / "lesions" / "lesions.json").is_file()
 
 
+def summary_row(modality: str, dice: float, **counts) -> dict:
+    """One evaluation row of the full method on two unseen-type liver lesions."""
+    return {
+        "modality": modality,
+        "split": "unseen",
+        "lesion_type": "t",
+        "organ": "liver",
+        "variant": "full",
+        "dice": dice,
+        "nsd": dice,
+        "lesions": 2,
+        **counts,
+    }
+
+
+def result_of(summary: dict) -> dict:
+    """An evaluation result around ``summary``, as markdown() reads it."""
+    return {
+        "model": {"name": "m", "sha256": "0" * 64},
+        "prompt_template": "{organ} tumor",
+        "cases": 2,
+        "variants": ["full"],
+        "summary": summary,
+        "healthy": {},
+    }
+
+
 def test_detection_by_touch_and_by_overlap():
     """A lesion the prediction only grazes is detected by touch, not at the minimum overlap;
     the summary and the report carry both rates, and results written before the overlap keep
@@ -513,31 +540,13 @@ def test_detection_by_touch_and_by_overlap():
     assert detection(np.zeros_like(pred), lesions, [1, 2], 0.0) == (0, 2)
 
     def row(detected, overlap):
-        r = {
-            "modality": "CT",
-            "split": "unseen",
-            "lesion_type": "t",
-            "organ": "liver",
-            "variant": "full",
-            "dice": 0.5,
-            "nsd": 0.5,
-            "detected": detected,
-            "lesions": 2,
-            "false_lesions": 0,
-        }
+        r = summary_row("CT", 0.5, detected=detected, false_lesions=0)
         return r if overlap is None else {**r, "detected_overlap": overlap}
 
     summary = summarise([row(2, 1), row(1, 0)])
     cell = summary["modality_split"]["CT / unseen"]["full"]
     assert cell["detection"] == 0.75 and cell["detection_overlap"] == 0.25
-    result = {
-        "model": {"name": "m", "sha256": "0" * 64},
-        "prompt_template": "{organ} tumor",
-        "cases": 2,
-        "variants": ["full"],
-        "summary": summary,
-        "healthy": {},
-    }
+    result = result_of(summary)
     assert "| CT / unseen | 0.75 / 0.25 |" in markdown(result)
     old = summarise([row(2, None)])
     assert "detection_overlap" not in old["modality_split"]["CT / unseen"]["full"]
@@ -569,32 +578,13 @@ def test_dice_budget_splits_the_loss_into_false_lesions_delineation_and_missed_l
     )
 
     def row(d, budget):
-        r = {
-            "modality": "MR",
-            "split": "unseen",
-            "lesion_type": "t",
-            "organ": "liver",
-            "variant": "full",
-            "dice": d,
-            "nsd": d,
-            "detected": 1,
-            "detected_overlap": 1,
-            "lesions": 2,
-            "false_lesions": 1,
-        }
+        r = summary_row("MR", d, detected=1, detected_overlap=1, false_lesions=1)
         return r if budget is None else {**r, "dice_without_false": budget[0], "dice_found_exact": budget[1]}
 
     summary = summarise([row(0.4, (0.5, 0.6)), row(0.2, (0.3, 1.0))])
     cell = summary["modality_split"]["MR / unseen"]["full"]
     assert (cell["dice"], cell["dice_without_false"], cell["dice_found_exact"]) == (0.3, 0.4, 0.8)
-    result = {
-        "model": {"name": "m", "sha256": "0" * 64},
-        "prompt_template": "{organ} tumor",
-        "cases": 2,
-        "variants": ["full"],
-        "summary": summary,
-        "healthy": {},
-    }
+    result = result_of(summary)
     assert "| MR / unseen | 0.300 / 0.400 / 0.800 |" in markdown(result)
     mixed = summarise([row(0.4, (0.5, 0.6)), row(0.2, None)])  # a row of a result written before it
     assert "dice_found_exact" not in mixed["modality_split"]["MR / unseen"]["full"]

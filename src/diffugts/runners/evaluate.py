@@ -445,49 +445,43 @@ def table_variants(result: dict) -> list[str]:
     return [v for v in ALL_VARIANTS if v in seen] + sorted(seen - set(ALL_VARIANTS))
 
 
+def _group_table(table: dict, variants: list[str], needs: str, heading: list[str], cell) -> list[str]:
+    """A by-group table of ``cell(cells[variant])`` per variant under ``heading``; nothing for
+    results written before ``needs`` was measured."""
+    if not table or any(needs not in c for cells in table.values() for c in cells.values()):
+        return []
+    lines = [*heading, "| group | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for key, cells in table.items():
+        lines.append(f"| {key} | " + " | ".join(cell(cells[v]) if v in cells else "-" for v in variants) + " |")
+    return lines + [""]
+
+
 def overlap_table(table: dict, variants: list[str]) -> list[str]:
     """Detection by touch beside detection at DETECTION_MIN_OVERLAP, by modality and split
     (nothing for results written before the overlap was measured)."""
-    if not table or any("detection_overlap" not in c for cells in table.values() for c in cells.values()):
-        return []
-    lines = [
-        f"### Lesion detection: touched / at least {DETECTION_MIN_OVERLAP:.0%} of the lesion predicted",
-        "",
-        "| group | " + " | ".join(variants) + " |",
-        "|---|" + "---|" * len(variants),
-    ]
-    for key, cells in table.items():
-        vals = [
-            f"{cells[v]['detection']:.2f} / {cells[v]['detection_overlap']:.2f}" if v in cells else "-"
-            for v in variants
-        ]
-        lines.append(f"| {key} | " + " | ".join(vals) + " |")
-    return lines + [""]
+    heading = [f"### Lesion detection: touched / at least {DETECTION_MIN_OVERLAP:.0%} of the lesion predicted", ""]
+    return _group_table(
+        table, variants, "detection_overlap", heading, lambda c: f"{c['detection']:.2f} / {c['detection_overlap']:.2f}"
+    )
 
 
 def budget_table(table: dict, variants: list[str]) -> list[str]:
     """Where Dice goes, by modality and split: as reported / without the false lesions /
     with the found lesions delineated exactly (nothing for results written before it)."""
-    if not table or any("dice_found_exact" not in c for cells in table.values() for c in cells.values()):
-        return []
-    lines = [
+    heading = [
         "### Where Dice goes: as reported / without false lesions / found lesions delineated exactly",
         "",
         "The second figure's gain is what false lesions cost, the third's what delineation costs; "
         "the third's gap to 1, what missed lesions cost.",
         "",
-        "| group | " + " | ".join(variants) + " |",
-        "|---|" + "---|" * len(variants),
     ]
-    for key, cells in table.items():
-        vals = [
-            f"{cells[v]['dice']:.3f} / {cells[v]['dice_without_false']:.3f} / {cells[v]['dice_found_exact']:.3f}"
-            if v in cells
-            else "-"
-            for v in variants
-        ]
-        lines.append(f"| {key} | " + " | ".join(vals) + " |")
-    return lines + [""]
+    return _group_table(
+        table,
+        variants,
+        "dice_found_exact",
+        heading,
+        lambda c: f"{c['dice']:.3f} / {c['dice_without_false']:.3f} / {c['dice_found_exact']:.3f}",
+    )
 
 
 def markdown(result: dict) -> str:

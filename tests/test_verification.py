@@ -20,6 +20,7 @@ from diffugts.stages.verification import (
     LesionVerifier,
     candidates,
     deviation_candidates,
+    scored_verified,
     verified,
     verifier_of,
 )
@@ -162,6 +163,49 @@ def test_verifier_drops_weak_components_and_round_trips():
         LesionVerifier.from_dict({**verifier.as_dict(), "features": ["volume"]})
 
 
+def test_scored_verification_gives_each_kept_voxel_its_components_probability():
+    mask, evidence = two_blobs()
+    weights = tuple(1.0 if name == "refined_mean" else 0.0 for name in FEATURES)
+    verifier = LesionVerifier(weights, 0.0, tuple([0.0] * len(FEATURES)), tuple([1.0] * len(FEATURES)), threshold=0.5)
+    kept, score = scored_verified(mask, evidence, verifier, voxel_ml=0.01)
+    expected = 1.0 / (1.0 + np.exp(-np.array([(26 * 0.9 + 1.0) / 27, 0.2])))  # sigmoid of each blob's mean
+    assert kept.sum() == mask.sum()  # both above 0.5
+    assert np.allclose(score[1:4, 1:4, 1:4], expected[0]) and np.allclose(score[8:10, 8:10, 8:10], expected[1])
+    assert not score[~mask].any()
+    strict = LesionVerifier(verifier.weights, 0.0, verifier.mean, verifier.scale, threshold=0.6)
+    kept, score = scored_verified(mask, evidence, strict, voxel_ml=0.01)
+    assert not kept[8:10, 8:10, 8:10].any() and not score[8:10, 8:10, 8:10].any()  # dropped: no confidence
+    assert np.allclose(score[1:4, 1:4, 1:4], expected[0])
+    assert (kept == verified(mask, evidence, strict, 0.01)).all()
+    kept, score = scored_verified(mask, evidence, None, 0.01)
+    assert score is None and (kept == mask).all()
+
+
+def test_a_lesion_carries_its_candidates_confidence_past_the_candidates_edge():
+    from diffugts.stages.refine import lesion_confidence
+
+    score = np.zeros((10, 10, 10), np.float32)
+    score[2:4, 2:4, 2:4] = 0.7  # a kept candidate
+    lesions = np.zeros(score.shape, bool)
+    lesions[2:5, 2:4, 2:4] = True  # delineated one voxel past it
+    lesions[8, 8, 8] = True  # a lesion that overlaps no scored voxel
+    confidence = lesion_confidence(lesions, score)
+    assert np.allclose(confidence[lesions & (np.arange(10)[:, None, None] < 6)], 0.7)
+    assert confidence[5, 2, 2] == pytest.approx(0.7) and confidence[1, 1, 1] == pytest.approx(0.7)  # one voxel around
+    assert confidence[8, 8, 8] == 0.0 and confidence[0, 0, 0] == 0.0 and confidence[2, 6, 2] == 0.0
+    assert not lesion_confidence(np.zeros(score.shape, bool), score).any()
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1"])
+def test_a_verifier_threshold_outside_0_1_is_a_one_line_error_before_anything_runs(tmp_path, capsys, value):
+    out = tmp_path / "out"
+    args = ["segment", str(tmp_path / "nowhere"), "--out", str(out), "--prompt", "liver tumor"]
+    assert main([*args, "--verifier-threshold", value]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--verifier-threshold must lie in [0, 1]" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_deviation_candidates_are_opened_blobs_of_either_sign():
     z = np.zeros((16, 16, 16), np.float32)
     z[2:6, 2:6, 2:6] = 3.0  # a bright lesion
@@ -268,11 +312,13 @@ def permissive(tmp_path_factory):
         ("normative-unsure", 50.0, "normative"),  # ... exceed 4
         ("keep-geometric", 50.0, "refined"),  # the geometric features computed on the study grid
         ("normative-geometric", 50.0, "normative"),  # ... on the model grid
+        ("normative-half", 0.0, "normative"),  # every candidate a lesion with probability 0.5
     ):
         features = FEATURES + GEOMETRY if name.endswith("geometric") else FEATURES
         n = len(features)
+        threshold = 0.4 if name == "normative-half" else 0.5
         verifier = LesionVerifier(
-            (0.0,) * n, bias, (0.0,) * n, (1.0,) * n, 0.5, features=features, candidate_source=source
+            (0.0,) * n, bias, (0.0,) * n, (1.0,) * n, threshold, features=features, candidate_source=source
         )
         networks = {"refine": ({**refine, "verifier": verifier.as_dict()}, base.state_dict("refine"))}
         if source == "normative" and name != "normative-missing":  # every voxel unlike healthy tissue
@@ -354,6 +400,31 @@ def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
     assert masks["normative"].any() and not (masks["normative"] & ~organ).any()
     assert not masks["normative-spleen"].any()
     assert (masks["normative-geometric"] == masks["normative"]).all()
+
+
+@pytest.mark.slow
+def test_lesions_report_the_verifiers_confidence_and_the_operating_point_can_be_chosen(
+    permissive, study, tmp_path, capsys
+):
+    """A lesion the verifier decided carries the verifier's probability as its confidence (not
+    the refinement head's, which never saw it); --verifier-threshold replaces the package's."""
+    pkg = permissive["normative-half"]  # probability 0.5 for every candidate, threshold 0.4
+    base = ["-q", "segment", str(study / "dicom"), "--model", str(pkg.root), "--prompt", "liver tumor", "--no-report"]
+    assert main([*base, "--out", str(tmp_path / "default")]) == 0
+    printed = capsys.readouterr().out
+    lesions = json.loads((tmp_path / "default" / "lesions" / "lesions.json").read_text())["lesions"]
+    assert lesions and all(les["confidence"] == pytest.approx(0.5) for les in lesions)
+    assert "confidence 0.50" in printed
+    assert main([*base, "--out", str(tmp_path / "strict"), "--verifier-threshold", "0.6"]) == 0
+    assert json.loads((tmp_path / "strict" / "lesions" / "lesions.json").read_text())["lesions"] == []
+    assert main([*base, "--out", str(tmp_path / "lenient"), "--verifier-threshold", "0.5"]) == 0
+    lenient = json.loads((tmp_path / "lenient" / "lesions" / "lesions.json").read_text())["lesions"]
+    assert [les["voxels"] for les in lenient] == [les["voxels"] for les in lesions]
+    # The refine stage on files takes it too.
+    d = tmp_path / "default"
+    args = ["-q", "refine", str(d / "study"), "--attention", str(d / "attention"), "--synthesis", str(d / "synthesis")]
+    assert main([*args, "--model", str(pkg.root), "--out", str(tmp_path / "r"), "--verifier-threshold", "0.6"]) == 0
+    assert json.loads((tmp_path / "r" / "lesions.json").read_text())["lesions"] == []
 
 
 @pytest.mark.slow
@@ -489,6 +560,16 @@ def test_evaluate_scores_the_verified_mask(permissive, study):
     }
     assert any(r["detected"] or r["false_lesions"] for r in full["keep"])
     assert all(r["detected"] == 0 and r["false_lesions"] == 0 and r["dice"] == 0.0 for r in full["reject"])
+    # An operating point of the user's: recorded, named in the table, and applied.
+    from diffugts.runners.evaluate import markdown
+
+    half = str(permissive["normative-half"].root)
+    own = evaluate(study.parent, half, variants=("full",), show_progress=False)
+    strict = evaluate(study.parent, half, variants=("full",), show_progress=False, verifier_threshold=0.6)
+    assert "verifier_threshold" not in own and strict["verifier_threshold"] == 0.6
+    assert "lesion verifier at 0.6 instead of the model's" in markdown(strict)
+    assert any(r["detected"] or r["false_lesions"] for r in own["rows"])
+    assert all(r["detected"] == 0 and r["false_lesions"] == 0 for r in strict["rows"])
 
 
 @pytest.mark.slow

@@ -85,9 +85,17 @@ class SynthesisParams:
 
 @dataclass(frozen=True)
 class RefineParams:
-    """Stage 4."""
+    """Stage 4. ``verifier_threshold``: the lesion verifier's operating point, the least
+    probability of being a lesion a candidate needs to be reported (None: the package's; lower
+    finds more lesions and reports more false ones)."""
 
     min_volume_ml: float = DEFAULT_MIN_VOLUME_ML
+    verifier_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        t = self.verifier_threshold
+        if t is not None and not (isinstance(t, (int, float)) and 0.0 <= t <= 1.0):
+            raise ParameterError(f"refine: {{verifier_threshold}} must lie in [0, 1], not {t!r}", "verifier_threshold")
 
 
 @dataclass(frozen=True)

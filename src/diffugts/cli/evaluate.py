@@ -6,6 +6,8 @@ from pathlib import Path
 
 
 def register(sub) -> None:
+    from diffugts.cli.segment import add_verifier_threshold
+
     p = sub.add_parser(
         "evaluate",
         help="Dice / NSD per lesion type, organ, modality, seen vs unseen, for four method variants "
@@ -57,6 +59,7 @@ def register(sub) -> None:
         default="{organ} tumor",
         help="prompt template; {organ} is replaced by each lesion-bearing organ (default '{organ} tumor')",
     )
+    add_verifier_threshold(p)  # the full method's
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_run)
@@ -69,7 +72,12 @@ def _run(args) -> int:
     model = args.model or default_model()
     if args.cases:
         result = evaluate(
-            args.cases, model, prompt_template=args.prompt, device=args.device, show_progress=not args.quiet
+            args.cases,
+            model,
+            prompt_template=args.prompt,
+            device=args.device,
+            show_progress=not args.quiet,
+            verifier_threshold=args.verifier_threshold,
         )
     else:
         result = _evaluate_datasets(args, model)
@@ -82,7 +90,12 @@ def _evaluate_datasets(args, model: str) -> dict:
     from diffugts.datasets.run import evaluate_protocol, evaluate_sets, trained_types
     from diffugts.datasets.select import explicit, protocol_of
 
-    kw = {"prompt_template": args.prompt, "device": args.device, "show_progress": not args.quiet}
+    kw = {
+        "prompt_template": args.prompt,
+        "device": args.device,
+        "show_progress": not args.quiet,
+        "verifier_threshold": args.verifier_threshold,
+    }
     if args.protocol:
         return evaluate_protocol(model, args.protocol, args.data_root, **kw)
     seen = args.seen or trained_types(model) or protocol_of(None).seen_types

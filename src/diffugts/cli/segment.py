@@ -28,6 +28,7 @@ def register(sub) -> None:
         default=None,
         help=f"drop lesions smaller than this (default {DEFAULT_MIN_VOLUME_ML})",
     )
+    add_verifier_threshold(s)
     s.add_argument("--no-report", action="store_true", help="stop after the lesion masks")
     s.add_argument(
         "--maps",
@@ -57,8 +58,21 @@ def register(sub) -> None:
         default=DEFAULT_MIN_VOLUME_ML,
         help=f"drop lesions smaller than this (default {DEFAULT_MIN_VOLUME_ML})",
     )
+    add_verifier_threshold(r)
     r.add_argument("--device", default=None)
     r.set_defaults(func=_refine)
+
+
+def add_verifier_threshold(parser) -> None:
+    """``--verifier-threshold`` (diffugts.config.RefineParams.verifier_threshold)."""
+    parser.add_argument(
+        "--verifier-threshold",
+        type=float,
+        default=None,
+        help="the lesion verifier's operating point: the least probability of being a lesion a "
+        "candidate needs to be reported, 0..1 (default: the model's; lower finds more lesions "
+        "and more false ones)",
+    )
 
 
 def _segment(args) -> int:
@@ -77,6 +91,7 @@ def _segment(args) -> int:
         upload=args.upload,
         maps=args.maps,
         show_progress=not args.quiet,
+        verifier_threshold=args.verifier_threshold,
     )
     _print_lesions(result["lesions"])
     if "report" in result:
@@ -96,6 +111,7 @@ def _refine(args) -> int:
         args.out,
         min_volume_ml=args.min_volume_ml,
         device=args.device,
+        verifier_threshold=args.verifier_threshold,
     )
     _print_lesions(summary)
     return 0
@@ -110,4 +126,5 @@ def _print_lesions(summary: dict) -> None:
         total = sum(les["volume_ml"] for les in found)
         print(f"{t['prompt']['text']!r}: {len(found)} lesion(s), {total:.1f} mL")
         for les in found:
-            print(f"  lesion {les['id']}: {les['volume_ml']:.1f} mL, {les['longest_axial_diameter_mm']:.0f} mm")
+            sure = f", confidence {les['confidence']:.2f}" if "confidence" in les else ""
+            print(f"  lesion {les['id']}: {les['volume_ml']:.1f} mL, {les['longest_axial_diameter_mm']:.0f} mm{sure}")

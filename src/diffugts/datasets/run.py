@@ -106,6 +106,7 @@ def evaluate_sets(
     prompt_template: str = "{organ} tumor",
     device: str | None = None,
     show_progress: bool = True,
+    verifier_threshold: float | None = None,
 ) -> dict:
     """``sets``: (role, dataset) pairs; the role ("held-out", "evaluate") goes into the result.
     Cases that trained the model (its manifest says which) are never scored: they are left
@@ -124,6 +125,7 @@ def evaluate_sets(
         show_progress=show_progress,
         cases=EvalCases(*(d for _, d in sets)),
         datasets=provenance,
+        verifier_threshold=verifier_threshold,
     )
 
 

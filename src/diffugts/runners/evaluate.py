@@ -203,16 +203,19 @@ def evaluate(
     show_progress: bool = True,
     cases=None,
     datasets: list[dict] | None = None,
+    verifier_threshold: float | None = None,
 ) -> dict:
     """``variants`` None: the four and ``organ_zscore``, plus ``normative`` for a package with
     a normative model and ``training_free`` for a 2D diffusers package. Lesion-free cases are
     prompted for every host organ and give the false-lesion rate per healthy study.
+    ``verifier_threshold``: the full method's lesion verifier operating point (None: the
+    package's), recorded in the result.
 
     ``cases``: instead of ``cases_dir``, a sized iterable of :class:`Case` (real datasets:
     :meth:`diffugts.datasets.Dataset.eval_cases`, read one at a time); rows then carry each
     case's ``dataset`` and ``datasets`` (their provenance) goes into the result."""
     from diffugts.artifacts.study import Study
-    from diffugts.config import SynthesisParams
+    from diffugts.config import MethodParams, RefineParams, SynthesisParams
     from diffugts.core import Core
     from diffugts.networks.text import make_target
     from diffugts.stages.attend import default_threshold, training_free_maps
@@ -222,7 +225,7 @@ def evaluate(
     from diffugts.stages.refine import target_region
 
     cases = load_cases(cases_dir) if cases is None else cases
-    core = Core(model, device).load()
+    core = Core(model, device, MethodParams(refine=RefineParams(verifier_threshold=verifier_threshold))).load()
     threshold = default_threshold(core.package, MapMode.AOVA)
     normative = normative_of(core.package)
     if variants is None:
@@ -330,6 +333,7 @@ def evaluate(
                 )
     result = {
         "model": {"name": core.package.name, "sha256": core.package.sha256},
+        **({"verifier_threshold": verifier_threshold} if verifier_threshold is not None else {}),
         "prompt_template": prompt_template,
         "cases": len(cases),
         "variants": list(variants),
@@ -488,8 +492,14 @@ def markdown(result: dict) -> str:
     variants = table_variants(result)
     lines = [
         f"Model `{result['model']['name']}` (sha256 {result['model']['sha256'][:12]}), "
-        f'{result["cases"]} cases, prompt template "{result["prompt_template"]}". Cells: Dice / NSD / '
-        "lesion detection / false lesions per case-organ (predicted lesions touching no true one).",
+        f'{result["cases"]} cases, prompt template "{result["prompt_template"]}"'
+        + (
+            f", lesion verifier at {result['verifier_threshold']} instead of the model's"
+            if result.get("verifier_threshold") is not None
+            else ""
+        )
+        + ". Cells: Dice / NSD / lesion detection / false lesions per case-organ "
+        "(predicted lesions touching no true one).",
         "",
     ]
     for name, table in result["summary"].items():

@@ -53,12 +53,13 @@ def method_params(
     min_volume_ml: float | None = None,
     seed: int = DEFAULT_SEED,
     maps: str = MapMode.AOVA,
+    verifier_threshold: float | None = None,
 ) -> MethodParams:
     """The runners' keyword arguments as :class:`~diffugts.config.MethodParams` (None: default)."""
     return MethodParams(
         AttentionParams(maps=MapMode.parse(maps), seed=seed),
         synthesis or SynthesisParams(),
-        RefineParams(DEFAULT_MIN_VOLUME_ML if min_volume_ml is None else min_volume_ml),
+        RefineParams(DEFAULT_MIN_VOLUME_ML if min_volume_ml is None else min_volume_ml, verifier_threshold),
     )
 
 
@@ -199,16 +200,18 @@ def segment(
     maps: str = MapMode.AOVA,
     show_progress: bool = True,
     core=None,
+    verifier_threshold: float | None = None,
 ) -> dict:
     """Every stage on one input. ``core``: a loaded :class:`~diffugts.core.Core` to reuse
-    (then ``model``, ``device``, ``synthesis``, ``min_volume_ml`` and ``maps`` are its own);
-    without it, one is made for this input."""
+    (then ``model``, ``device``, ``synthesis``, ``min_volume_ml``, ``maps`` and
+    ``verifier_threshold`` are its own); without it, one is made for this input."""
     from diffugts.core import Core
     from diffugts.models.defaults import default_model
     from diffugts.stages.ingest import ingest
 
     check_prompts(prompts)
-    params = method_params(synthesis, min_volume_ml, maps=maps)  # checked before ingest
+    # checked before ingest
+    params = method_params(synthesis, min_volume_ml, maps=maps, verifier_threshold=verifier_threshold)
     out = Path(out)
     model = model or (None if core else default_model())
     folders = {key: out / name for key, name in FOLDERS.items()}

@@ -10,6 +10,7 @@ into lesion instances (diffugts.stages.lesions).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import cast
@@ -193,28 +194,35 @@ def verify_masks(
     own,
     space,
     normative: list | None = None,
-) -> list[np.ndarray]:
+    threshold: float | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
     """Each target's mask (study grid) without the lesions the package's lesion verifier
     rejects (diffugts.stages.verification); unchanged without a verifier. A verifier whose
     candidates are the deviation's or the normative model's components replaces the masks by
     its verified candidates (``normative``: per target the normative model's findings,
-    diffugts.stages.normative.Findings, on the model grid).
+    diffugts.stages.normative.Findings, on the model grid), and then also gives per target
+    each lesion's confidence, the verifier's score of its candidate, on the study grid (else
+    None: the head's probability says how sure it is).
     ``residual``: |x - H| on the model grid (None: nothing was inpainted); ``own``: the
-    :func:`own_channels` the head read, whose deviation channel is the |z| evidence."""
+    :func:`own_channels` the head read, whose deviation channel is the |z| evidence;
+    ``threshold``: the verifier's operating point instead of the package's (0..1)."""
     from diffugts.stages.lesions import voxel_ml
     from diffugts.stages.synthesize.masks import bbox, grow
     from diffugts.stages.verification import GEOMETRY, Evidence, verified, verifier_of
 
     verifier = verifier_of(pkg)
+    none: list[np.ndarray | None] = [None] * len(masks)
     if verifier is None:
-        return masks
+        return masks, none
+    if threshold is not None:
+        verifier = dataclasses.replace(verifier, threshold=float(threshold))
     deviation = list(pkg.network(REFINE_HEAD)["target_channels"]).index("deviation")
     if residual is None:
         residual = np.zeros(space.model.shape, np.float32)
     if verifier.candidate_source != "refined":
         return _verified_candidates(verifier, probs, coarse, organs, residual, own, deviation, space, normative)
     if not any(m.any() for m in masks):
-        return masks
+        return masks, none
     out = []
     geometric = bool(set(verifier.features) & set(GEOMETRY))
     for n, mask in enumerate(masks):
@@ -238,20 +246,22 @@ def verify_masks(
         kept = np.zeros_like(mask)
         kept[box] = verified(mask[box], evidence, verifier, voxel_ml(space.study))
         out.append(kept)
-    return out
+    return out, none
 
 
 def _verified_candidates(
     verifier, probs, coarse, organs, residual, own, deviation: int, space, normative=None
-) -> list[np.ndarray]:
+) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
     """Each target's verified lesions (study grid) when its candidates are not the head's mask
     (the verifier's ``candidate_source``): cut and scored on the model grid, where the
-    verifier was fitted, every map there; the kept lesions mapped back to the study grid."""
+    verifier was fitted, every map there; the kept lesions mapped back to the study grid, with
+    their confidence (:func:`lesion_confidence`)."""
     from diffugts.stages.lesions import voxel_ml
     from diffugts.stages.normative import delineated
-    from diffugts.stages.verification import Evidence, deviation_candidates, verified
+    from diffugts.stages.verification import Evidence, deviation_candidates, scored_verified
 
-    out = []
+    out: list[np.ndarray] = []
+    confidence: list[np.ndarray | None] = []
     for n, prob in enumerate(probs):
         coarse_model = space.to_model(coarse[n])
         z = own(n, coarse_model)[deviation] * DEVIATION_SCALE
@@ -276,13 +286,26 @@ def _verified_candidates(
             found = findings.candidates if findings is not None else np.zeros(z.shape, bool)
         else:
             found = deviation_candidates(z, verifier.deviation_k)
-        kept = verified(found, evidence, verifier, voxel_ml(space.model))
+        kept, score = scored_verified(found, evidence, verifier, voxel_ml(space.model))
         if findings is not None and findings.delineation is not None:
             kept = delineated(kept, findings.delineation)  # verified as whole candidates, reported delineated
         elif findings is not None and findings.level_delineation is not None:
             kept = findings.level_delineation(kept, organ, findings.score, evidence.spacing_mm)
         out.append(space.to_study(kept.astype(np.float32)) >= 0.5)
-    return out
+        confidence.append(space.to_study(lesion_confidence(kept, cast(np.ndarray, score)), nearest=True))
+    return out, confidence
+
+
+def lesion_confidence(lesions: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Each component of ``lesions`` (as reported: delineation may reach a little past its
+    candidate) carries the largest verifier ``score`` it overlaps, on its voxels and one
+    voxel around them, so that a lesion resampled onto the study grid (trilinear, cut at 0.5)
+    finds its value under every voxel when this map is resampled by nearest neighbour."""
+    labels, n = ndimage.label(np.asarray(lesions, bool), structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return np.zeros(labels.shape, np.float32)
+    value = np.concatenate([[0.0], ndimage.maximum(score, labels, np.arange(1, n + 1))]).astype(np.float32)
+    return ndimage.grey_dilation(value[labels], size=(3, 3, 3))
 
 
 def normative_candidates(core, study, attention) -> list | None:
@@ -381,7 +404,11 @@ def refinement(core, study, attention, synthesis):
     if verify:
         if own_inputs is None:  # no coarse region, normative candidates: the verifier still reads |z|
             own_inputs = own_channels(pkg, x, space, organs)
-        masks = verify_masks(pkg, masks, probs, coarse, organs, residual, own_inputs, space, normative)
+        operating_point = core.params.refine.verifier_threshold
+        masks, confidence = verify_masks(
+            pkg, masks, probs, coarse, organs, residual, own_inputs, space, normative, operating_point
+        )
+        probs = [p if c is None else c for p, c in zip(probs, confidence)]  # what each lesion's confidence reads
     targets = [{"prompt": e["prompt"], "score": e["score"]} for e in attention.targets]
     return lesion_artifact(
         s,
@@ -409,9 +436,11 @@ def refine(
     device: str | None = None,
     backbone: Backbone | None = None,
     head: RefineHead | None = None,
+    verifier_threshold: float | None = None,
 ) -> dict:
     """The refinement stage on files: the lesion artifact (``lesions.json`` last) for every
-    prompt of the attention artifact; returns its summary and the stage's time."""
+    prompt of the attention artifact; returns its summary and the stage's time.
+    ``verifier_threshold``: the lesion verifier's operating point (None: the package's)."""
     from diffugts.artifacts import attention as attention_artifact, lesions as artifact, synthesis as synthesis_artifact
     from diffugts.artifacts.study import load_study
     from diffugts.config import MethodParams, RefineParams
@@ -421,7 +450,8 @@ def refine(
     study = load_study(study_dir)
     attention = attention_artifact.read(attention_dir, study.geometry, masks=False)
     synthesis = synthesis_artifact.read(synthesis_dir, study.geometry)
-    core = Core(model, device, MethodParams(refine=RefineParams(min_volume_ml)), backbone=backbone, refine_head=head)
+    params = MethodParams(refine=RefineParams(min_volume_ml, verifier_threshold))
+    core = Core(model, device, params, backbone=backbone, refine_head=head)
     lesions = core.refine(core.prepare(study), attention, synthesis)
     summary = artifact.write(out_dir, lesions, study.geometry)
     return dict(summary, timings={"refine_s": elapsed()})

@@ -276,9 +276,27 @@ def _fill(moments: list[np.ndarray | None], volume_mm3: np.ndarray, spacing_mm) 
 
 def verified(mask: np.ndarray, evidence: Evidence, verifier: LesionVerifier | None, voxel_ml: float) -> np.ndarray:
     """``mask`` without the components the verifier rejects (all kept without a verifier)."""
+    return scored_verified(mask, evidence, verifier, voxel_ml)[0]
+
+
+def scored_verified(
+    mask: np.ndarray, evidence: Evidence, verifier: LesionVerifier | None, voxel_ml: float
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(:func:`verified`'s mask, each kept voxel's verifier score: the probability that its
+    component is a lesion, 0 elsewhere; None without a verifier). The score is what a report
+    calls a lesion's confidence: the verifier, not the refinement head, decided it."""
     mask = np.asarray(mask, bool)
-    if verifier is None or not mask.any():
-        return mask
+    if verifier is None:
+        return mask, None
+    score = np.zeros(mask.shape, np.float32)
+    if not mask.any():
+        return mask, score
     labels, ids, feats = candidates(mask, evidence, voxel_ml, features=verifier.features)
-    keep = [i for i, s in zip(ids, verifier.scores(feats)) if s >= verifier.threshold]
-    return np.isin(labels, keep) & mask
+    keep = np.zeros(int(labels.max()) + 1, bool)
+    value = np.zeros(keep.shape, np.float32)
+    for i, s in zip(ids, verifier.scores(feats)):
+        keep[i] = s >= verifier.threshold
+        value[i] = s if keep[i] else 0.0
+    kept = keep[labels] & mask
+    score[kept] = value[labels[kept]]
+    return kept, score

@@ -24,6 +24,7 @@ def list_studies(
     maps: str = "aova",
     batch_size: int = 8,
     max_parallel: int = 4,
+    verifier_threshold: float = -1.0,
 ) -> list:
     """The studies to process: every input without a ``done`` marker for this model and these
     parameters (all of them with ``force``), in batches of at least ``batch_size``, dealt into at
@@ -32,6 +33,7 @@ def list_studies(
     """
     import sys
 
+    from diffugts.config import pipeline_threshold
     from diffugts.errors import DiffugtsError
     from diffugts.runners.cohort import plan_run
 
@@ -50,6 +52,7 @@ def list_studies(
             maps=maps,
             batch_size=batch_size,
             max_parallel=max_parallel,
+            verifier_threshold=pipeline_threshold(verifier_threshold),
         )
     except DiffugtsError as err:
         print(f"diffugts: error: {err}", file=sys.stderr)
@@ -76,11 +79,13 @@ def segment_batch(
     resample: bool,
     min_volume_ml: float,
     maps: str = "aova",
+    verifier_threshold: float = -1.0,
 ):
     """One batch of the run's studies in one process, the model loaded once: per study ingestion,
     attention maps, synthesis, refinement, the report published to
     ``<results_uri>/<StudyInstanceUID>/report`` and its ``done`` marker. A study that fails is
     recorded with its reason and the batch goes on."""
+    from diffugts.config import pipeline_threshold
     from diffugts.runners.batch import run_batch
     from diffugts.utils.logs import component_step
 
@@ -97,6 +102,7 @@ def segment_batch(
             resample=resample,
             min_volume_ml=min_volume_ml,
             maps=maps,
+            verifier_threshold=pipeline_threshold(verifier_threshold),
         )
     print(
         f"batch {batch}: {counts['done']} done, {counts['failed']} failed, "

@@ -22,6 +22,7 @@ def segment(
     min_volume_ml: float = 0.1,
     seed: int = 0,
     maps: str = "aova",
+    verifier_threshold: float = -1.0,
 ):
     """Per-prompt attention maps, the pseudo-healthy study, refined masks and measured lesions.
 
@@ -34,9 +35,11 @@ def segment(
         seed: Seed of the attention features' noise (the same seed gives the same maps).
         maps: "aova" (the package's trained head) or "training-free" (the backbone's own text
             cross-attention; 2D diffusers packages only).
+        verifier_threshold: The lesion verifier's operating point, 0..1 (below 0: the model's own).
     """
     import sys
 
+    from diffugts.config import pipeline_threshold
     from diffugts.errors import DiffugtsError
     from diffugts.runners.segment import model_stages
 
@@ -51,6 +54,7 @@ def segment(
             min_volume_ml=min_volume_ml,
             seed=seed,
             maps=maps,
+            verifier_threshold=pipeline_threshold(verifier_threshold),
         )
     except DiffugtsError as err:
         print(f"diffugts: error: {err}", file=sys.stderr)

@@ -29,7 +29,7 @@ markers (model sha256 + parameters hash) are what skips a study done before.
 from kfp import dsl
 
 from components.cohort import cohort_report, list_studies, record_run, segment_batch
-from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, PIPELINE_MODEL_THRESHOLD, MapMode
 from pipelines.resources import cpu_stage, gpu_stage
 
 DEFAULT_PROMPTS = ["liver tumor", "kidney tumor", "pancreas tumor"]
@@ -52,6 +52,7 @@ def cohort_lane(
     min_volume_ml: float,
     results_uri: str,
     maps: str,
+    verifier_threshold: float,
 ):
     with dsl.ParallelFor(lane, parallelism=1) as batch:
         task = segment_batch(
@@ -64,6 +65,7 @@ def cohort_lane(
             resample=resample,
             min_volume_ml=min_volume_ml,
             maps=maps,
+            verifier_threshold=verifier_threshold,
         )
         gpu_stage(task, "Batch of studies")
         # A retry skips the studies the lost attempt finished (their done markers).
@@ -80,6 +82,7 @@ def cohort_studies(
     min_volume_ml: float,
     results_uri: str,
     maps: str,
+    verifier_threshold: float,
 ):
     with dsl.ParallelFor(lanes) as lane:
         cohort_lane(
@@ -91,6 +94,7 @@ def cohort_studies(
             min_volume_ml=min_volume_ml,
             results_uri=results_uri,
             maps=maps,
+            verifier_threshold=verifier_threshold,
         ).set_display_name("Lane")
 
 
@@ -112,6 +116,7 @@ def cohort_pipeline(
     maps: str = MapMode.AOVA.value,
     batch_size: int = 8,
     max_parallel: int = 4,
+    verifier_threshold: float = PIPELINE_MODEL_THRESHOLD,
 ):
     """Segment a cohort.
 
@@ -128,6 +133,7 @@ def cohort_pipeline(
         maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
         batch_size: Studies per GPU task, at least (more when the cohort would need over 24 tasks, to bound the run's size).
         max_parallel: GPU tasks at once, at most (1 to 16).
+        verifier_threshold: The lesion verifier's operating point: the least probability of being a lesion a candidate needs to be reported, 0..1 (below 0: the model's own; lower finds more lesions and more false ones).
     """  # noqa: E501  (KFP makes each Args line a parameter description: one line each)
     record = _bookkeeping(record_run(results_uri=results_uri, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "Record run")
     with dsl.ExitHandler(record, name="cohort"):
@@ -145,6 +151,7 @@ def cohort_pipeline(
                 maps=maps,
                 batch_size=batch_size,
                 max_parallel=max_parallel,
+                verifier_threshold=verifier_threshold,
                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             ),
             "List studies",
@@ -158,6 +165,7 @@ def cohort_pipeline(
             min_volume_ml=min_volume_ml,
             results_uri=results_uri,
             maps=maps,
+            verifier_threshold=verifier_threshold,
         )
         studies.set_display_name("Studies")
         report = cohort_report(

@@ -10,7 +10,7 @@ from components.ingest import ingest
 from components.refine import refine
 from components.report import report
 from components.synthesize import synthesize
-from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, PIPELINE_MODEL_THRESHOLD, MapMode
 from pipelines.resources import cpu_stage, fingerprints, gpu_stage
 
 
@@ -28,6 +28,7 @@ def study_pipeline(
     upload: bool = False,
     results_uri: str = "",
     maps: str = MapMode.AOVA.value,
+    verifier_threshold: float = PIPELINE_MODEL_THRESHOLD,
 ) -> dsl.Dataset:
     """Segment one study.
 
@@ -41,6 +42,7 @@ def study_pipeline(
         upload: Publish the results (DICOM SEG/SR, report) to the results bucket under the study UID.
         results_uri: Base s3:// URI for results; empty = s3://$DIFFUGTS_BUCKET.
         maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
+        verifier_threshold: The lesion verifier's operating point: the least probability of being a lesion a candidate needs to be reported, 0..1 (below 0: the model's own; lower finds more lesions and more false ones).
     """  # noqa: E501  (KFP makes each Args line a parameter description: one line each)
     keys = fingerprints(input_uri, model_uri)
     study_sha, model_sha = keys.outputs["study_sha256"], keys.outputs["model_sha256"]
@@ -70,6 +72,7 @@ def study_pipeline(
             model_uri=model_uri,
             model_sha256=model_sha,
             min_volume_ml=min_volume_ml,
+            verifier_threshold=verifier_threshold,
         ),
         "Residual refinement",
     )

@@ -14,7 +14,7 @@ from kfp import dsl
 from components.ingest import ingest
 from components.report import report
 from components.segment import segment
-from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, PIPELINE_MODEL_THRESHOLD, MapMode
 from pipelines.resources import cpu_stage, fingerprints, gpu_stage
 
 
@@ -33,6 +33,7 @@ def study_fused_pipeline(
     upload: bool = False,
     results_uri: str = "",
     maps: str = MapMode.AOVA.value,
+    verifier_threshold: float = PIPELINE_MODEL_THRESHOLD,
 ) -> dsl.Dataset:
     """Segment one study.
 
@@ -46,6 +47,7 @@ def study_fused_pipeline(
         upload: Publish the results (DICOM SEG/SR, report) to the results bucket under the study UID.
         results_uri: Base s3:// URI for results; empty = s3://$DIFFUGTS_BUCKET.
         maps: Attention maps from the trained AOVA head ("aova") or, for 2D diffusers models, the backbone's own cross-attention ("training-free").
+        verifier_threshold: The lesion verifier's operating point: the least probability of being a lesion a candidate needs to be reported, 0..1 (below 0: the model's own; lower finds more lesions and more false ones).
     """  # noqa: E501  (KFP makes each Args line a parameter description: one line each)
     keys = fingerprints(input_uri, model_uri)
     ingest_task = cpu_stage(
@@ -60,6 +62,7 @@ def study_fused_pipeline(
             prompts=prompts,
             maps=maps,
             min_volume_ml=min_volume_ml,
+            verifier_threshold=verifier_threshold,
         ),
         "Attention, synthesis, refinement",
     )

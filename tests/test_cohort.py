@@ -72,6 +72,10 @@ def test_params_hash_follows_every_parameter():
     # synthesis defaults entered the hash, after the step default went from 20 to 10.)
     assert base == "6b61c7edaf6345da60e764ceaade67a65003374673d7de522199698a7ba7d438"
     assert cohort.params_hash(**PARAMS, maps="aova") == base != cohort.params_hash(**PARAMS, maps="training-free")
+    # Likewise the lesion verifier's operating point: the model's own adds nothing.
+    assert cohort.params_hash(**PARAMS, verifier_threshold=None) == base
+    points = [cohort.params_hash(**PARAMS, verifier_threshold=t) for t in (0.5, 0.6)]
+    assert len({base, *points}) == 3
 
 
 def test_params_hash_follows_the_methods_defaults(monkeypatch):
@@ -181,9 +185,26 @@ def test_second_run_skips_done_studies_until_model_or_parameters_change(tmp_path
     assert _plan(results, studies, model) == ([s2], [s1])
     assert _plan(results, studies, model, force=True) == ([s1, s2], [])
     assert _plan(results, studies, model, min_volume_ml=0.5) == ([s1, s2], [])
+    assert _plan(results, studies, model, verifier_threshold=0.5) == ([s1, s2], [])  # another operating point
     assert _plan(results, studies, model, prompts=["kidney tumor"]) == ([s1, s2], [])
     _model(tmp_path / "model", '{"format": "diffugts-model/1", "name": "retrained"}')
     assert _plan(results, studies, model) == ([s1, s2], [])
+
+
+def test_a_bad_operating_point_fails_the_listing_not_every_batch(tmp_path):
+    from diffugts.errors import ParameterError
+
+    (tmp_path / "studies" / "s1").mkdir(parents=True)
+    with pytest.raises(ParameterError, match="verifier_threshold"):
+        cohort.plan_run(
+            str(tmp_path / "results"),
+            "r1",
+            studies_uri=str(tmp_path / "studies"),
+            model_uri=_model(tmp_path / "model"),
+            verifier_threshold=1.5,
+            **PARAMS,
+        )
+    assert not (tmp_path / "results").exists()
 
 
 def test_model_must_be_a_package(tmp_path):

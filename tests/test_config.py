@@ -8,7 +8,17 @@ import sys
 
 import pytest
 
-from diffugts.config import DEFAULT_MIN_VOLUME_ML, DEFAULT_SEED, AttentionParams, MapMode, MethodParams, SynthesisParams
+from diffugts.config import (
+    DEFAULT_MIN_VOLUME_ML,
+    DEFAULT_SEED,
+    PIPELINE_MODEL_THRESHOLD,
+    AttentionParams,
+    MapMode,
+    MethodParams,
+    RefineParams,
+    SynthesisParams,
+    pipeline_threshold,
+)
 from diffugts.errors import ParameterError
 
 
@@ -59,6 +69,7 @@ def test_library_cli_components_and_pipelines_share_the_defaults():
     import inspect
 
     from components.attend import attend
+    from components.cohort import list_studies, segment_batch
     from components.refine import refine
     from components.segment import segment
     from diffugts.cli import build_parser
@@ -74,15 +85,38 @@ def test_library_cli_components_and_pipelines_share_the_defaults():
     # kfp components run from their own source, so their defaults are literals: they must agree.
     for component, names in (
         (attend, {"seed": DEFAULT_SEED, "maps": MapMode.AOVA}),
-        (refine, {"min_volume_ml": DEFAULT_MIN_VOLUME_ML}),
-        (segment, {"min_volume_ml": DEFAULT_MIN_VOLUME_ML, "seed": DEFAULT_SEED, "maps": MapMode.AOVA}),
+        (refine, {"min_volume_ml": DEFAULT_MIN_VOLUME_ML, "verifier_threshold": PIPELINE_MODEL_THRESHOLD}),
+        (
+            segment,
+            {
+                "min_volume_ml": DEFAULT_MIN_VOLUME_ML,
+                "seed": DEFAULT_SEED,
+                "maps": MapMode.AOVA,
+                "verifier_threshold": PIPELINE_MODEL_THRESHOLD,
+            },
+        ),
+        (list_studies, {"verifier_threshold": PIPELINE_MODEL_THRESHOLD}),
+        (segment_batch, {"verifier_threshold": PIPELINE_MODEL_THRESHOLD}),
     ):
         inputs = component.component_spec.inputs
         for name, value in names.items():
             assert inputs[name].default == value, (component.name, name)
     assert study_pipeline.component_spec.inputs["min_volume_ml"].default == DEFAULT_MIN_VOLUME_ML
+    assert study_pipeline.component_spec.inputs["verifier_threshold"].default == PIPELINE_MODEL_THRESHOLD
+    assert seg.verifier_threshold is None and ref.verifier_threshold is None
+    assert RefineParams().verifier_threshold is None
     hashed = inspect.signature(params_hash).parameters["maps"].default
     assert hashed == MapMode.AOVA
     assert (
         MethodParams().synthesis == SynthesisParams() and MethodParams().refine.min_volume_ml == DEFAULT_MIN_VOLUME_ML
     )
+
+
+def test_the_verifiers_operating_point_is_checked_and_pipelines_say_model_own_below_0():
+    assert RefineParams(verifier_threshold=0.0).verifier_threshold == 0.0
+    assert RefineParams(verifier_threshold=1).verifier_threshold == 1
+    for bad in (1.5, -0.1, float("nan"), "0.5"):
+        with pytest.raises(ParameterError, match="verifier_threshold must lie in"):
+            RefineParams(verifier_threshold=bad)
+    assert pipeline_threshold(PIPELINE_MODEL_THRESHOLD) is None and pipeline_threshold(-0.001) is None
+    assert pipeline_threshold(0.0) == 0.0 and pipeline_threshold(0.7) == 0.7

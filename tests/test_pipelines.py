@@ -37,6 +37,7 @@ def test_pipelines_compile_and_load_back(tmp_path):
         "upload",
         "results_uri",
         "maps",
+        "verifier_threshold",
     }
     docs = [d for d in yaml.safe_load_all(paths[0].read_text()) if d]
     spec = docs[0]
@@ -84,7 +85,15 @@ def test_fused_study_pipeline_has_one_gpu_task_and_the_same_interface(tmp_path):
     assert cohort["deploymentSpec"]["executors"]["exec-segment-batch"]["container"]["image"] == GPU_IMAGE
     # The cohort takes the study pipelines' model-side choices too, and its scale settings.
     cohort_inputs = set(components.load_component_from_file(str(paths[2])).component_spec.inputs)
-    assert {"model_uri", "prompts", "min_volume_ml", "maps", "batch_size", "max_parallel"} <= cohort_inputs
+    assert {
+        "model_uri",
+        "prompts",
+        "min_volume_ml",
+        "maps",
+        "batch_size",
+        "max_parallel",
+        "verifier_threshold",
+    } <= cohort_inputs
 
 
 # What a cached task's result depends on besides its input values: the content behind these URI
@@ -187,6 +196,43 @@ def test_fused_study_pipeline_writes_what_the_staged_one_writes(kfp_local):
     assert [(x["target"], x["volume_ml"]) for x in fused["lesions"]] == [
         (x["target"], x["volume_ml"]) for x in staged["lesions"]
     ]
+
+
+def verified_package(root: Path):
+    """A random fused package whose heads mark every voxel, with a verifier that gives every
+    candidate probability 0.5 and keeps those of at least 0.4."""
+    from diffugts.models.package import add_networks
+    from diffugts.stages.verification import FEATURES, LesionVerifier
+
+    pkg = random_package(root / "random", fused=True)
+    n = len(FEATURES)
+    verifier = LesionVerifier((0.0,) * n, 0.0, (0.0,) * n, (1.0,) * n, 0.4)
+    refine = {**pkg.network("refine"), "threshold": 0.0, "verifier": verifier.as_dict()}
+    networks = {
+        "aova": ({**pkg.network("aova"), "threshold": 0.02}, pkg.state_dict("aova")),
+        "refine": (refine, pkg.state_dict("refine")),
+    }
+    return add_networks(pkg, networks, out=root / "verified")
+
+
+@pytest.mark.slow
+def test_pipelines_take_the_verifiers_operating_point(kfp_local):
+    """The staged pipeline (its refine component) and the fused one (its segment component)
+    pass verifier_threshold on; below 0 (the default) is the model's own."""
+    from diffugts.phantom import CaseSpec, generate_case, write_case
+    from pipelines.study import study_pipeline
+    from pipelines.study_fused import study_fused_pipeline
+
+    case = write_case(generate_case(CaseSpec(seed=3, index=0, shape=(32, 64, 64))), kfp_local / "cases")
+    model = str(verified_package(kfp_local / "model").root)
+    for pipeline in (study_pipeline, study_fused_pipeline):
+        found = {}
+        for threshold in (-1.0, 0.6):
+            task = pipeline(
+                input_uri=str(case / "dicom"), model_uri=model, prompts=["liver tumor"], verifier_threshold=threshold
+            )
+            found[threshold] = json.loads((Path(task.outputs["Output"].path) / "report.json").read_text())["lesions"]
+        assert found[-1.0] and found[0.6] == [], pipeline  # 0.5 passes the model's 0.4, not 0.6
 
 
 @pytest.mark.slow

@@ -425,6 +425,12 @@ def test_lesions_report_the_verifiers_confidence_and_the_operating_point_can_be_
     args = ["-q", "refine", str(d / "study"), "--attention", str(d / "attention"), "--synthesis", str(d / "synthesis")]
     assert main([*args, "--model", str(pkg.root), "--out", str(tmp_path / "r"), "--verifier-threshold", "0.6"]) == 0
     assert json.loads((tmp_path / "r" / "lesions.json").read_text())["lesions"] == []
+    # A model without a verifier has no operating point to set: one line, nothing written.
+    capsys.readouterr()
+    none = str(permissive["none"].root)
+    assert main([*args, "--model", none, "--out", str(tmp_path / "n"), "--verifier-threshold", "0.6"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "has no lesion verifier" in err and not (tmp_path / "n" / "lesions.json").exists()
 
 
 @pytest.mark.slow

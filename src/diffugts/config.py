@@ -83,6 +83,15 @@ class SynthesisParams:
                 raise ParameterError(f"synthesis: {{{name}}} {message}", name)
 
 
+PIPELINE_MODEL_THRESHOLD = -1.0  # a pipeline's "the model's own" operating point: KFP parameters cannot be None
+
+
+def pipeline_threshold(value: float) -> float | None:
+    """A pipeline parameter's lesion verifier operating point: below 0 (the default,
+    ``PIPELINE_MODEL_THRESHOLD``) the model's own (None), else the value (0..1)."""
+    return None if float(value) < 0.0 else float(value)
+
+
 @dataclass(frozen=True)
 class RefineParams:
     """Stage 4. ``verifier_threshold``: the lesion verifier's operating point, the least

@@ -84,6 +84,7 @@ def run_batch(
     maps: str = MapMode.AOVA,
     device: str | None = None,
     work_dir: str | None = None,
+    verifier_threshold: float | None = None,
 ) -> dict:
     """Process batch ``batch`` of run ``run`` (its studies from the run's listing.json).
     Returns the counts: done, failed, already done (a retried batch)."""
@@ -96,7 +97,8 @@ def run_batch(
     if not 0 <= batch < len(batches):
         raise InputError(cohort.run_uri(results_uri, run), f"run has {len(batches)} batches, no batch {batch}")
     items = {item["key"]: item for item in listing["pending"]}
-    core = Core(model_uri, device, method_params(min_volume_ml=min_volume_ml, maps=maps)).load()  # once per batch
+    params = method_params(min_volume_ml=min_volume_ml, maps=maps, verifier_threshold=verifier_threshold)
+    core = Core(model_uri, device, params).load()  # once per batch
     if core.package.sha256 != listing["model_sha256"]:
         raise InputError(model_uri, "the model changed since the studies were listed: start a new run")
     counts = {"done": 0, "failed": 0, "already_done": 0}

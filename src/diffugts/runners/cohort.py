@@ -35,7 +35,7 @@ from pathlib import Path
 
 from diffugts import __version__
 from diffugts.artifacts import report as report_artifact
-from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode, SynthesisParams
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode, RefineParams, SynthesisParams
 from diffugts.errors import ConfigError, DiffugtsError, InputError
 from diffugts.storage.location import is_s3, join, list_children, publish, read_bytes, read_json, write_json
 from diffugts.utils import atomic
@@ -69,7 +69,14 @@ def study_key(input_uri: str) -> str:
     return hashlib.sha256(str(input_uri).rstrip("/").encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
-def params_hash(prompts, rules: str, resample: bool, min_volume_ml: float, maps: str = MapMode.AOVA) -> str:
+def params_hash(
+    prompts,
+    rules: str,
+    resample: bool,
+    min_volume_ml: float,
+    maps: str = MapMode.AOVA,
+    verifier_threshold: float | None = None,
+) -> str:
     """Hash of what changes a study's results besides the model: the cohort's parameters
     (prompt order included) and the method's own defaults that the study pipeline runs with
     (the synthesis parameters), so a release that changes a default re-runs the studies done
@@ -85,6 +92,8 @@ def params_hash(prompts, rules: str, resample: bool, min_volume_ml: float, maps:
     }
     if maps != MapMode.AOVA:  # only then: studies done before the option existed keep their hash
         doc["maps"] = str(maps)
+    if verifier_threshold is not None:  # likewise: the model's own operating point
+        doc["verifier_threshold"] = float(verifier_threshold)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -169,13 +178,16 @@ def plan_run(
     maps: str = MapMode.AOVA,
     batch_size: int | None = None,
     max_parallel: int | None = None,
+    verifier_threshold: float | None = None,
 ) -> dict:
     """List the inputs, split them into pending and skipped (done before with this model and
     these parameters; ``force`` runs everything), deal the pending ones into batches and lanes
     (:func:`diffugts.runners.batch.plan_batches`), and write the run's ``listing.json``."""
     from diffugts.runners.batch import DEFAULT_BATCH_SIZE, DEFAULT_MAX_PARALLEL, plan_batches
 
-    sha, phash = model_sha256(model_uri), params_hash(prompts, rules, resample, min_volume_ml, maps)
+    RefineParams(min_volume_ml, verifier_threshold)  # a bad operating point fails here, not in every batch
+    phash = params_hash(prompts, rules, resample, min_volume_ml, maps, verifier_threshold)
+    sha = model_sha256(model_uri)
     pending, skipped = [], []
     for uri in list_inputs(studies_uri, studies_csv):
         key = study_key(uri)

@@ -140,6 +140,7 @@ def model_stages(
     seed: int = DEFAULT_SEED,
     maps: str = MapMode.AOVA,
     show_progress: bool = False,
+    verifier_threshold: float | None = None,
 ) -> dict:
     """Attention maps, pseudo-healthy synthesis and residual refinement of one ingested study,
     written to the three artifact folders; returns each stage's summary and the timings."""
@@ -147,7 +148,7 @@ def model_stages(
 
     check_prompts(prompts)
     clock = time.perf_counter()
-    core = Core(model, device, method_params(params, min_volume_ml, seed, maps)).load()
+    core = Core(model, device, method_params(params, min_volume_ml, seed, maps, verifier_threshold)).load()
     folders = {"attention": Path(attention), "synthesis": Path(synthesis), "lesions": Path(lesions)}
     run = StudyRun(core, Path(study), prompts, folders)
     result: dict = {"timings_s": {"load": round(time.perf_counter() - clock, 3)}}

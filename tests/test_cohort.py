@@ -185,26 +185,33 @@ def test_second_run_skips_done_studies_until_model_or_parameters_change(tmp_path
     assert _plan(results, studies, model) == ([s2], [s1])
     assert _plan(results, studies, model, force=True) == ([s1, s2], [])
     assert _plan(results, studies, model, min_volume_ml=0.5) == ([s1, s2], [])
-    assert _plan(results, studies, model, verifier_threshold=0.5) == ([s1, s2], [])  # another operating point
     assert _plan(results, studies, model, prompts=["kidney tumor"]) == ([s1, s2], [])
     _model(tmp_path / "model", '{"format": "diffugts-model/1", "name": "retrained"}')
     assert _plan(results, studies, model) == ([s1, s2], [])
 
 
-def test_a_bad_operating_point_fails_the_listing_not_every_batch(tmp_path):
+def test_an_operating_point_is_checked_when_the_studies_are_listed_not_in_every_batch(tmp_path):
     from diffugts.errors import ParameterError
 
     (tmp_path / "studies" / "s1").mkdir(parents=True)
-    with pytest.raises(ParameterError, match="verifier_threshold"):
-        cohort.plan_run(
-            str(tmp_path / "results"),
-            "r1",
-            studies_uri=str(tmp_path / "studies"),
-            model_uri=_model(tmp_path / "model"),
-            verifier_threshold=1.5,
-            **PARAMS,
+    plain = _model(tmp_path / "model")
+    verified = _model(
+        tmp_path / "verified",
+        '{"format": "diffugts-model/1", "networks": {"refine": {"verifier": {"threshold": 0.2}}}}',
+    )
+
+    def plan(model, threshold):
+        studies = str(tmp_path / "studies")
+        return cohort.plan_run(
+            str(tmp_path / "results"), "r", studies_uri=studies, model_uri=model, verifier_threshold=threshold, **PARAMS
         )
+
+    with pytest.raises(ParameterError, match="verifier_threshold"):
+        plan(verified, 1.5)
+    with pytest.raises(ConfigError, match="has no lesion verifier"):  # nothing to set: said once
+        plan(plain, 0.5)
     assert not (tmp_path / "results").exists()
+    assert len(plan(verified, 0.5)["pending"]) == 1 and len(plan(plain, None)["pending"]) == 1
 
 
 def test_model_must_be_a_package(tmp_path):

@@ -76,6 +76,7 @@ def test_report_names_the_side_and_the_slice_of_each_kidney_lesion(tmp_path):
     assert set(sites) == {"left kidney", "right kidney"}
     html = (tmp_path / "report" / "report.html").read_text()
     assert "left kidney" in html and "right kidney" in html and "not calibrated" in html
+    assert "lesion verifier&#x27;s probability" in html or "lesion verifier's probability" in html
     assert "slice in the source series" in html and "instance " in html
     assert json.loads((tmp_path / "report" / "report.json").read_text())["lesions"][0]["site"].endswith("kidney")
 

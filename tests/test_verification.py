@@ -412,11 +412,14 @@ def test_lesions_report_the_verifiers_confidence_and_the_operating_point_can_be_
     base = ["-q", "segment", str(study / "dicom"), "--model", str(pkg.root), "--prompt", "liver tumor", "--no-report"]
     assert main([*base, "--out", str(tmp_path / "default")]) == 0
     printed = capsys.readouterr().out
-    lesions = json.loads((tmp_path / "default" / "lesions" / "lesions.json").read_text())["lesions"]
+    summary = json.loads((tmp_path / "default" / "lesions" / "lesions.json").read_text())
+    lesions = summary["lesions"]
     assert lesions and all(les["confidence"] == pytest.approx(0.5) for les in lesions)
+    assert "verifier_threshold" not in summary  # the model's own
     assert "confidence 0.50" in printed
     assert main([*base, "--out", str(tmp_path / "strict"), "--verifier-threshold", "0.6"]) == 0
-    assert json.loads((tmp_path / "strict" / "lesions" / "lesions.json").read_text())["lesions"] == []
+    strict = json.loads((tmp_path / "strict" / "lesions" / "lesions.json").read_text())
+    assert strict["lesions"] == [] and strict["verifier_threshold"] == 0.6  # the run's choice, recorded
     assert main([*base, "--out", str(tmp_path / "lenient"), "--verifier-threshold", "0.5"]) == 0
     lenient = json.loads((tmp_path / "lenient" / "lesions" / "lesions.json").read_text())["lesions"]
     assert [les["voxels"] for les in lenient] == [les["voxels"] for les in lesions]

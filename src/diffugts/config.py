@@ -83,6 +83,10 @@ class SynthesisParams:
                 raise ParameterError(f"synthesis: {{{name}}} {message}", name)
 
 
+NO_VERIFIER = (
+    "{model}: the model has no lesion verifier, so a verifier threshold has nothing to set; "
+    "leave it out (pipelines: below 0)"
+)
 PIPELINE_MODEL_THRESHOLD = -1.0  # a pipeline's "the model's own" operating point: KFP parameters cannot be None
 
 

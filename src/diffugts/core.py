@@ -26,10 +26,11 @@ from diffugts.artifacts.attention import Attention
 from diffugts.artifacts.lesions import Lesions
 from diffugts.artifacts.study import Study
 from diffugts.artifacts.synthesis import Synthesis
-from diffugts.config import AOVA_HEAD, REFINE_HEAD, MapMode, MethodParams
+from diffugts.config import AOVA_HEAD, NO_VERIFIER, REFINE_HEAD, MapMode, MethodParams
 from diffugts.errors import ConfigError
 from diffugts.models.package import open_package
 from diffugts.stages.preprocess import Preprocessing
+from diffugts.stages.verification import verifier_of
 
 
 @dataclass
@@ -92,12 +93,10 @@ class Core:
         params.synthesis.validate()
         self.params = params
         self.package = open_package(model, verify=verify)
-        has_verifier = self.package.has(REFINE_HEAD) and bool(self.package.network(REFINE_HEAD).get("verifier"))
-        if params.refine.verifier_threshold is not None and not has_verifier:
-            raise ConfigError(
-                f"{model}: the model has no lesion verifier, so a verifier threshold has nothing to set; "
-                "leave it out (pipelines: below 0)"
-            )
+        if params.refine.verifier_threshold is not None and not (
+            self.package.has(REFINE_HEAD) and verifier_of(self.package) is not None
+        ):
+            raise ConfigError(NO_VERIFIER.format(model=model))
         self.prep = Preprocessing.from_dict(self.package.manifest["preprocessing"])
         self._device = device
         if backbone is not None:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from diffugts import __version__
 from diffugts.artifacts import report as report_artifact
-from diffugts.config import DEFAULT_MIN_VOLUME_ML, MapMode, RefineParams, SynthesisParams
+from diffugts.config import DEFAULT_MIN_VOLUME_ML, NO_VERIFIER, REFINE_HEAD, MapMode, RefineParams, SynthesisParams
 from diffugts.errors import ConfigError, DiffugtsError, InputError
 from diffugts.storage.location import is_s3, join, list_children, publish, read_bytes, read_json, write_json
 from diffugts.utils import atomic
@@ -103,6 +103,18 @@ def model_sha256(model_uri: str) -> str:
     if raw is None:
         raise InputError(model_uri, f"not a model package (no {MODEL_MANIFEST})")
     return hashlib.sha256(raw).hexdigest()
+
+
+def check_has_verifier(model_uri: str) -> None:
+    """ConfigError unless the model carries a lesion verifier (an operating point needs one):
+    here, once, rather than in every batch task of the run."""
+    raw = read_bytes(join(model_uri, MODEL_MANIFEST))
+    try:
+        networks = json.loads(raw or b"{}").get("networks", {})
+    except ValueError:
+        raise InputError(model_uri, f"{MODEL_MANIFEST} is not JSON") from None
+    if not (networks.get(REFINE_HEAD) or {}).get("verifier"):
+        raise ConfigError(NO_VERIFIER.format(model=model_uri))
 
 
 def list_inputs(studies_uri: str = "", studies_csv: str = "") -> list[str]:
@@ -188,6 +200,8 @@ def plan_run(
     RefineParams(min_volume_ml, verifier_threshold)  # a bad operating point fails here, not in every batch
     phash = params_hash(prompts, rules, resample, min_volume_ml, maps, verifier_threshold)
     sha = model_sha256(model_uri)
+    if verifier_threshold is not None:
+        check_has_verifier(model_uri)
     pending, skipped = [], []
     for uri in list_inputs(studies_uri, studies_csv):
         key = study_key(uri)

@@ -161,6 +161,7 @@ def lesion_artifact(
     min_volume_ml: float = DEFAULT_MIN_VOLUME_ML,
     model: dict | None = None,
     stage: str = "refine",
+    verifier_threshold: float | None = None,
 ):
     """The lesion artifact for ``study`` (a :class:`diffugts.artifacts.study.Study`) in memory
     (:class:`diffugts.artifacts.lesions.Lesions`).
@@ -168,7 +169,8 @@ def lesion_artifact(
     ``targets[n]`` is ``{"prompt": {"text", "organ", ...}, "score": float}`` (any extra keys
     are kept); ``labels_per_target[n]`` its mask on the study grid (non-zero = lesion).
     Lesions are split per target and numbered globally (target 0's first); in the instance
-    map, where targets overlap, the earlier target's id wins.
+    map, where targets overlap, the earlier target's id wins. ``verifier_threshold``: the lesion
+    verifier's operating point the run chose instead of the model's (recorded when given).
     """
     from diffugts.artifacts.lesions import INSTANCES, Lesions, mask_name
 
@@ -199,6 +201,7 @@ def lesion_artifact(
         "targets": entries,
         "lesions": lesions,
         "min_volume_ml": min_volume_ml,
+        **({"verifier_threshold": verifier_threshold} if verifier_threshold is not None else {}),
         "instances": INSTANCES,
     }
     return Lesions(summary, instances, masks)

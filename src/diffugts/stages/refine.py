@@ -292,7 +292,10 @@ def _verified_candidates(
         elif findings is not None and findings.level_delineation is not None:
             kept = findings.level_delineation(kept, organ, findings.score, evidence.spacing_mm)
         out.append(space.to_study(kept.astype(np.float32)) >= 0.5)
-        confidence.append(space.to_study(lesion_confidence(kept, cast(np.ndarray, score)), nearest=True))
+        if kept.any():
+            confidence.append(space.to_study(lesion_confidence(kept, cast(np.ndarray, score)), nearest=True))
+        else:  # nothing kept: no lesion to read a confidence from
+            confidence.append(np.zeros(space.study.shape, np.float32))
     return out, confidence
 
 
@@ -300,7 +303,9 @@ def lesion_confidence(lesions: np.ndarray, score: np.ndarray) -> np.ndarray:
     """Each component of ``lesions`` (as reported: delineation may reach a little past its
     candidate) carries the largest verifier ``score`` it overlaps, on its voxels and one
     voxel around them, so that a lesion resampled onto the study grid (trilinear, cut at 0.5)
-    finds its value under every voxel when this map is resampled by nearest neighbour."""
+    finds its value under every voxel when this map is resampled by nearest neighbour. (Where
+    lesions apart on this grid join on the study grid, the joined lesion's confidence, a mean
+    over its voxels, is the voxel-weighted mean of theirs.)"""
     labels, n = ndimage.label(np.asarray(lesions, bool), structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return np.zeros(labels.shape, np.float32)
@@ -417,6 +422,7 @@ def refinement(core, study, attention, synthesis):
         probs,
         min_volume_ml=core.params.refine.min_volume_ml,
         model={"name": pkg.name, "sha256": pkg.sha256},
+        verifier_threshold=core.params.refine.verifier_threshold,
     )
 
 

@@ -157,8 +157,9 @@ LESION_NOTES = [
     "Site: the organ the prompt names; left / right from the lesion's position against the body's midline "
     "(paired organs only, none named within 1 cm of the midline).",
     "Slice: the source series' instance through the lesion's longest axial diameter, to find it in PACS.",
-    "Confidence: the model's mean probability inside the lesion. It is not calibrated: it ranks the findings "
-    "of this report, it is not the chance that a finding is real.",
+    "Confidence: the lesion verifier's probability that the lesion's candidate is a lesion (the refinement "
+    "head's mean probability inside the lesion where the verifier did not choose the candidates). It is not "
+    "calibrated: it ranks the findings of this report, it is not the chance that a finding is real.",
 ]
 TARGET_HEADER = ["#", "prompt", "organ", "anomaly score", "lesions", "total volume (mL)"]
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from diffugts.errors import ConfigError, InputError
+from diffugts.errors import ConfigError, InputError, ParameterError
 from diffugts.runners import cohort
 from diffugts.storage.location import join, read_bytes
 from pipelines import submit
@@ -191,8 +191,6 @@ def test_second_run_skips_done_studies_until_model_or_parameters_change(tmp_path
 
 
 def test_an_operating_point_is_checked_when_the_studies_are_listed_not_in_every_batch(tmp_path):
-    from diffugts.errors import ParameterError
-
     (tmp_path / "studies" / "s1").mkdir(parents=True)
     plain = _model(tmp_path / "model")
     verified = _model(

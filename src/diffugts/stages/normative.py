@@ -565,10 +565,8 @@ def hysteresis(
     if in_slices:
         cross[0] = cross[2] = False
     seeded = ndimage.binary_opening(high_voxels, structure=cross)
-    if steps is not None:
-        if not seeded.any():
-            return seeded
-        return ndimage.binary_dilation(seeded, np.ones((3, 3, 3), bool), iterations=steps, mask=above) | seeded
+    if steps is not None:  # the seeds lie above ``low`` too, so the masked dilation keeps them
+        return ndimage.binary_dilation(seeded, np.ones((3, 3, 3), bool), iterations=steps, mask=above)
     grown, n = ndimage.label(above, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return grown > 0

@@ -502,18 +502,14 @@ def train_normative(
         if held_out_data
         else None
     )
-    # A committee's further members fit on cases of their own (params.members)
-    # (a member's healthy samples only fit it, so its halo simply joins them).
-    members = [
-        (
-            {name: np.concatenate([v, *([ring[name]] if name in ring else [])]) for name, v in healthy.items()},
-            painted,
+    # A committee's further members fit on cases of their own (params.members); a member's
+    # healthy samples only fit it (no thresholds are cut on them), so its halo simply joins them.
+    members = []
+    for k in range(1, params.members):
+        healthy, painted, ring = sampled(phantoms([(m, i + k * R.NORMATIVE_MEMBER_OFFSET) for m, i in plan]), seed + k)
+        members.append(
+            ({name: np.concatenate([v, ring[name]]) if name in ring else v for name, v in healthy.items()}, painted)
         )
-        for healthy, painted, ring in (
-            sampled(phantoms([(m, i + k * R.NORMATIVE_MEMBER_OFFSET) for m, i in plan]), seed + k)
-            for k in range(1, params.members)
-        )
-    ]
     normative = fit_normative(samples, params, seed, anomalies, calibration, members, halo)
     if previous is not None and organs is not None:
         try:

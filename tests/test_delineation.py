@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from diffugts.stages.delineation import LevelDelineation, level_delineated
+from diffugts.stages.delineation import LevelDelineation, continuation, level_delineated
 from diffugts.stages.normative import NormativeParams
 
 SPACING = (4.0, 2.75, 2.75)
@@ -155,3 +155,43 @@ def test_train_delineation_sets_it_on_a_package_without_refitting(tmp_path, caps
     assert not (tmp_path / "2d").exists()
     assert main([*args, "--level", "1.5"]) == 2
     assert "delineate_level" in capsys.readouterr().err
+
+
+def _tube(axis_centre=(10, 20), radius_mm=4.5):
+    """A bright tube along the last axis through the whole grid, in and out of the organ."""
+    k, j = np.ogrid[: SHAPE[0], : SHAPE[1]]
+    d2 = ((k - axis_centre[0]) * SPACING[0]) ** 2 + ((j - axis_centre[1]) * SPACING[1]) ** 2
+    return np.broadcast_to((d2 <= radius_mm**2)[:, :, None], SHAPE)
+
+
+@pytest.mark.parametrize("lesion_value", [0.8, 0.2])
+def test_a_bounded_lesion_does_not_continue_and_a_vessels_piece_does(lesion_value):
+    """``continuation``: tissue like a candidate within 10 mm of it, connected to it, over the
+    candidate. A lesion in its organ is all there is of its look (about 0); a piece of a vessel
+    is part of a longer structure like it, which goes on past the candidate."""
+    image, organ, score, lesion, _ = scene(lesion_value)
+    labels = lesion.astype(np.int32)
+    assert continuation(labels, [1], image, organ, score, SPACING)[0] == pytest.approx(0.0, abs=0.05)
+    tube = _tube()
+    vessel_image = np.where(organ, 0.5, 0.1).astype(np.float32) + np.random.default_rng(1).normal(0, 0.01, SHAPE)
+    vessel_image[tube] = lesion_value
+    piece = tube.copy()
+    piece[:, :, :17] = piece[:, :, 23:] = False  # 6 voxels (16.5 mm) of the tube
+    vessel_score = np.where(piece, 2.0, -1.0).astype(np.float32)
+    value = continuation(piece.astype(np.int32), [1], vessel_image, organ, vessel_score, SPACING)[0]
+    reach = 1 + 2 * 10.0 / 16.5  # the piece and 10 mm of tube on each side
+    assert value == pytest.approx(np.log(reach), abs=0.15)
+
+
+def test_continuation_is_zero_where_the_image_cannot_say_and_per_candidate():
+    image, organ, score, lesion, _ = scene()
+    labels = lesion.astype(np.int32)
+    assert continuation(labels, [1], image, np.zeros(SHAPE, bool), score, SPACING)[0] == 0.0  # no organ
+    flat = np.full(SHAPE, 0.5, np.float32)
+    assert continuation(labels, [1], flat, organ, score, SPACING)[0] == 0.0  # no contrast
+    # two candidates, each its own value, in the order of ids
+    tube = _tube((10, 8), 3.0)
+    image[tube] = 0.8
+    labels[tube & (np.arange(SHAPE[2]) >= 15)[None, None, :] & (np.arange(SHAPE[2]) < 20)[None, None, :]] = 2
+    values = continuation(labels, [2, 1], image, organ, score, SPACING)
+    assert values[0] > np.log(2.0) and values[1] == pytest.approx(0.0, abs=0.05)

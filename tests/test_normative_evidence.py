@@ -29,6 +29,7 @@ def test_findings_hold_the_candidates_and_the_score_they_were_cut_from():
     log_odds = np.where(organ, 6.0, -6.0).astype(np.float32)
     found = model.findings(x, organ, "liver", "CT", SPACING, log_odds)
     assert isinstance(found, Findings) and found.log_odds is log_odds
+    assert np.array_equal(found.image, x)  # what the verifier's continuation reads around a candidate
     assert np.array_equal(found.candidates, model.candidates(x, organ, "liver", "CT", SPACING, log_odds))
     assert (found.candidates & ball).any()
     mix = model.mixtures["liver/CT"]
@@ -97,6 +98,32 @@ def test_a_candidates_core_is_its_volume_clearly_above_the_seed_threshold():
         candidates(mask, Evidence(flat, flat, flat, flat, flat), 0.01, features=("core_ml",))
 
 
+def test_continuation_reads_the_image_around_each_candidate():
+    """The verifier's ``continuation`` (diffugts.stages.delineation.continuation) per candidate,
+    from the evidence's image, organ, normative score and spacing; without the image it cannot
+    be measured, and the error says so."""
+    shape, spacing = (12, 24, 24), (4.0, 2.75, 2.75)
+    organ = np.zeros(shape, np.float32)
+    organ[1:-1, 2:-2, 2:-2] = 1.0
+    image = np.where(organ > 0, 0.5, 0.1).astype(np.float32)
+    mask = np.zeros(shape, bool)
+    mask[5:7, 5:9, 5:9] = True  # a bounded lesion
+    image[mask] = 0.8
+    image[6, 16:18, :] = 0.8  # a vessel across the organ...
+    mask[6, 16:18, 10:13] = True  # ...of which a candidate holds a piece
+    score = np.where(mask, 2.0, -1.0).astype(np.float32)
+    flat = np.zeros(shape, np.float32)
+    evidence = Evidence(flat, flat, flat, flat, organ, spacing, normative=score, image=image)
+    labels, ids, feats = candidates(mask, evidence, 0.01, features=("continuation", "log_volume_ml"))
+    by_size = {int((labels == i).sum()): f[0] for i, f in zip(ids, feats)}
+    assert by_size[32] == pytest.approx(0.0, abs=1e-6)  # the lesion is all the tissue like it
+    assert by_size[6] == pytest.approx(np.log(3.0), abs=0.2)  # the vessel goes on 3 voxels (8.25 mm) either side
+    with pytest.raises(ValueError, match="image"):
+        candidates(
+            mask, Evidence(flat, flat, flat, flat, organ, spacing, normative=score), 0.01, features=("continuation",)
+        )
+
+
 def test_a_verifier_weighs_normative_evidence_of_normative_candidates_only():
     entry = {
         "weights": [1.0, 1.0],
@@ -117,6 +144,10 @@ def test_a_verifier_weighs_normative_evidence_of_normative_candidates_only():
     assert kept == {27}  # ... and a stricter one keeps the sure one only
     with pytest.raises(ValueError, match="normative candidates"):
         LesionVerifier.from_dict({**entry, "candidate_source": "deviation"})
+    with pytest.raises(ValueError, match="normative candidates"):  # the image's context too
+        LesionVerifier.from_dict(
+            {**entry, "features": ["continuation", "organ_log_odds"], "candidate_source": "refined"}
+        )
 
 
 def _case_with_a_vessel_beside_the_organ():
@@ -191,6 +222,10 @@ def test_train_verifier_refuses_normative_features_of_other_candidates(tmp_path,
     code = main([*args, "--candidates", "deviation", "--features", "depth_rel,normative_max"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "normative_max" in err[0] and "deviation" in err[0]
+    assert not out.exists()
+    code = main([*args, "--candidates", "refined", "--features", "depth_rel,continuation"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "continuation" in err[0] and "refined" in err[0]
     assert not out.exists()
     code = main([*args, "--candidates", "deviation", "--features", "log_volume_ml", "--grow-mm", "9"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -36,6 +36,8 @@ from diffugts.stages.verification import CORE_LEVEL
 SMOOTH_MM = 1.0  # the image's noise, not its edges
 PAD_MM = 20.0  # how far around a candidate its organ's level is read
 MIN_REFERENCE = 20  # voxels: fewer near the candidate, and the whole organ's level is used
+CONTINUATION_MM = 10.0  # how far past a candidate tissue like it is followed (within PAD_MM)
+CONTINUATION_BAND = 0.5  # "like": within this share of the lesion-organ contrast of its level
 
 
 @dataclass(frozen=True)
@@ -68,15 +70,11 @@ def level_delineated(
     if n == 0:
         return kept.copy()
     spacing = np.asarray(spacing_mm, np.float64)
-    smooth = ndimage.gaussian_filter(np.asarray(image, np.float32), SMOOTH_MM / spacing)
-    organ = np.asarray(organ, bool)
-    pad = [int(np.ceil(PAD_MM / s)) for s in spacing]
+    smooth, organ, fallback = _prepared(image, organ, kept, spacing)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    elsewhere = organ & ~kept  # the organ's level where too little of it lies near a candidate
-    fallback = float(np.median(smooth[elsewhere])) if elsewhere.any() else None
     out = np.zeros(kept.shape, bool)
     for i, tight in enumerate(ndimage.find_objects(labels), start=1):
-        box = tuple(slice(max(s.start - p, 0), min(s.stop + p, size)) for s, p, size in zip(tight, pad, kept.shape))
+        box = _padded(tight, spacing, kept.shape)
         candidate = labels[box] == i
         out[box] |= _delineated_one(
             candidate, smooth[box], organ[box], np.asarray(score)[box], spacing, fallback, level, expand_mm, voxel_ml
@@ -84,20 +82,72 @@ def level_delineated(
     return out
 
 
-def _delineated_one(candidate, smooth, organ, score, spacing, fallback, level, expand_mm, voxel_ml):
-    """One candidate's delineation in its padded box (the candidate itself where the image
-    cannot say: no organ to compare with, no contrast, several parts or none)."""
+def _levels(candidate, smooth, organ, score, fallback):
+    """(organ level or None, lesion level, core) of one candidate in its padded box: the
+    organ's median near it (outside it grown by two voxels; ``fallback`` where too little organ
+    lies near), the median over its core (voxels above CORE_LEVEL; else its seeds; else all)."""
     reference = organ & ~ndimage.binary_dilation(candidate, iterations=2)
     organ_level = float(np.median(smooth[reference])) if reference.sum() >= MIN_REFERENCE else fallback
-    if organ_level is None:
-        return candidate
     core = candidate & (score > CORE_LEVEL)
     if not core.any():
         core = candidate & (score > 0.0)
     if not core.any():
         core = candidate
-    lesion_level = float(np.median(smooth[core]))
-    if lesion_level == organ_level:
+    return organ_level, float(np.median(smooth[core])), core
+
+
+def continuation(
+    labels: np.ndarray, ids: list[int], image: np.ndarray, organ: np.ndarray, score: np.ndarray, spacing_mm
+) -> np.ndarray:
+    """Per candidate (component ``i`` of ``labels`` for each of ``ids``) how far tissue like it
+    continues past it: log(V' / V), V its volume, V' that of the tissue within
+    ``CONTINUATION_MM`` of it, connected to it, whose (smoothed) image lies within
+    ``CONTINUATION_BAND`` of the lesion-organ contrast of its level (the levels as
+    :func:`level_delineated` reads them). A lesion ends where it ends: organ tissue surrounds
+    it, and the tissue like its core is the lesion itself (about 0). A vessel's crossing, the
+    organ's sinus or the next organ scored as this one is part of a larger structure of the
+    same look, which the candidate only samples. 0 where the image cannot say (no organ to
+    compare with, no contrast). Not learnt from any lesion type's look (docs/method.md,
+    "Lesion verification")."""
+    labels = np.asarray(labels)
+    spacing = np.asarray(spacing_mm, np.float64)
+    smooth, organ, fallback = _prepared(image, organ, labels > 0, spacing)
+    boxes = ndimage.find_objects(labels)
+    out = np.zeros(len(ids))
+    for n, i in enumerate(ids):
+        box = _padded(boxes[i - 1], spacing, labels.shape)
+        candidate = labels[box] == i
+        organ_level, lesion_level, _ = _levels(candidate, smooth[box], organ[box], np.asarray(score)[box], fallback)
+        if organ_level is None or lesion_level == organ_level:
+            continue
+        like = np.abs(smooth[box] - lesion_level) < CONTINUATION_BAND * abs(lesion_level - organ_level)
+        near = ndimage.distance_transform_edt(~candidate, sampling=spacing) <= CONTINUATION_MM
+        parts, _ = ndimage.label((like & near) | candidate, structure=CONNECTIVITY_26)
+        reached = np.isin(parts, np.unique(parts[candidate]))
+        out[n] = np.log(reached.sum() / candidate.sum())
+    return out
+
+
+def _prepared(image, organ, candidates, spacing):
+    """(the smoothed image, the organ as bool, the organ's level away from every candidate:
+    where too little of it lies near one; None without such organ)."""
+    smooth = ndimage.gaussian_filter(np.asarray(image, np.float32), SMOOTH_MM / spacing)
+    organ = np.asarray(organ, bool)
+    elsewhere = organ & ~candidates
+    return smooth, organ, (float(np.median(smooth[elsewhere])) if elsewhere.any() else None)
+
+
+def _padded(tight, spacing, shape):
+    """A candidate's bounding box grown by PAD_MM (it holds CONTINUATION_MM too)."""
+    pad = [int(np.ceil(PAD_MM / s)) for s in spacing]
+    return tuple(slice(max(s.start - p, 0), min(s.stop + p, size)) for s, p, size in zip(tight, pad, shape))
+
+
+def _delineated_one(candidate, smooth, organ, score, spacing, fallback, level, expand_mm, voxel_ml):
+    """One candidate's delineation in its padded box (the candidate itself where the image
+    cannot say: no organ to compare with, no contrast, several parts or none)."""
+    organ_level, lesion_level, core = _levels(candidate, smooth, organ, score, fallback)
+    if organ_level is None or lesion_level == organ_level:
         return candidate
     cut = organ_level + level * (lesion_level - organ_level)
     lesion_side = smooth > cut if lesion_level > organ_level else smooth < cut

@@ -337,6 +337,7 @@ class Findings:
     delineation: np.ndarray | None = None
     # how the verified candidates are delineated by level (NormativeParams.delineate_level)
     level_delineation: LevelDelineation | None = None
+    image: np.ndarray | None = None  # the image scored (the verifier's continuation reads it)
 
     @classmethod
     def none(cls, shape, log_odds: np.ndarray | None = None) -> Findings:
@@ -424,7 +425,9 @@ class NormativeModel:
         by_level = None
         if self.params.delineate_level is not None:
             by_level = LevelDelineation(np.asarray(x), self.params.delineate_level, self.params.delineate_expand_mm)
-        return Findings(found, relative_score(score, mix.low, mix.high), organ_log_odds, delineation, by_level)
+        return Findings(
+            found, relative_score(score, mix.low, mix.high), organ_log_odds, delineation, by_level, np.asarray(x)
+        )
 
     def candidates(self, *args, **kwargs) -> np.ndarray:
         """The candidate lesion voxels of :meth:`findings` (same arguments)."""

@@ -281,6 +281,7 @@ def _verified_candidates(
             spacing_mm=tuple(space.model.spacing)[::-1],
             normative=findings.score if findings is not None else None,
             organ_log_odds=findings.log_odds if findings is not None else None,
+            image=findings.image if findings is not None else None,
         )
         if verifier.candidate_source == "normative":
             found = findings.candidates if findings is not None else np.zeros(z.shape, bool)

@@ -55,6 +55,15 @@ verifiers fitted since 2026-12-05 may use them):
   keeps the core of each.
 They too say nothing about a lesion type's look: how unusual for its organ, and how surely
 inside it.
+
+One feature reads the image around a candidate (``normative`` candidates; since 2026-12-06,
+twenty-second session):
+- ``continuation``: log of the volume of tissue like the candidate (its level, as delineation
+  reads it), connected to it within 10 mm, over its own volume
+  (diffugts.stages.delineation.continuation). A lesion is bounded: its organ surrounds it, so
+  the tissue like it is itself (about 0). Most false candidates that survive the other evidence
+  sample a larger structure of the same look, a vessel's crossing or branch, the kidney's
+  sinus, the next organ scored as this one, which continues past them.
 """
 
 from __future__ import annotations
@@ -80,8 +89,9 @@ FEATURES = (
 )
 GEOMETRY = ("depth_mm", "elongation", "depth_rel", "fill")
 NORMATIVE_EVIDENCE = ("normative_mean", "normative_max", "organ_log_odds", "core_ml")  # normative candidates only
+CONTEXT = ("continuation",)  # normative candidates only: what lies around a candidate in the image
 CORE_LEVEL = 1.0  # ``core_ml``: the relative normative score a candidate's core exceeds
-KNOWN_FEATURES = FEATURES + GEOMETRY + NORMATIVE_EVIDENCE
+KNOWN_FEATURES = FEATURES + GEOMETRY + NORMATIVE_EVIDENCE + CONTEXT
 CANDIDATE_SOURCES = ("refined", "deviation", "normative")
 
 
@@ -109,6 +119,7 @@ class Evidence:
     spacing_mm: tuple[float, float, float] | None = None  # (k, j, i); the geometric features need it
     normative: np.ndarray | None = None  # relative normative score (NORMATIVE_EVIDENCE needs it)
     organ_log_odds: np.ndarray | None = None  # the organ network's for the target's organ
+    image: np.ndarray | None = None  # the image the normative model scored (CONTEXT needs it)
 
 
 @dataclass(frozen=True)
@@ -135,7 +146,7 @@ class LesionVerifier:
             )
         if d.get("candidate_source", "refined") not in CANDIDATE_SOURCES:
             raise ValueError(f"unknown lesion verifier candidate source {d.get('candidate_source')!r}")
-        if set(features) & set(NORMATIVE_EVIDENCE) and d.get("candidate_source") != "normative":
+        if set(features) & set(NORMATIVE_EVIDENCE + CONTEXT) and d.get("candidate_source") != "normative":
             raise ValueError("the lesion verifier's normative features need normative candidates")
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**fields)
@@ -226,6 +237,7 @@ def candidates(
         "normative_max": lambda: ndimage.maximum(evidence_map("normative"), labels, ids),
         "organ_log_odds": lambda: mean(evidence_map("organ_log_odds")),
         "core_ml": lambda: _core_ml(labels, ids, evidence_map("normative"), voxel_ml),
+        "continuation": lambda: _continuation(labels, ids, evidence),
     }
     return labels, ids, np.stack([np.asarray(compute[f](), np.float64) for f in features], 1)
 
@@ -234,6 +246,16 @@ def _core_ml(labels: np.ndarray, ids: list[int], score: np.ndarray, voxel_ml: fl
     """Per component log10(mL + 0.01) of its voxels scoring above CORE_LEVEL."""
     core = ndimage.sum_labels(np.asarray(score) > CORE_LEVEL, labels, ids)
     return np.log10(np.asarray(core, np.float64) * voxel_ml + 0.01)
+
+
+def _continuation(labels: np.ndarray, ids: list[int], evidence: Evidence) -> np.ndarray:
+    from diffugts.stages.delineation import continuation  # it reads CORE_LEVEL from here
+
+    if evidence.image is None or evidence.normative is None or evidence.spacing_mm is None:
+        raise ValueError("the continuation feature needs the evidence's image, normative score and spacing_mm")
+    return continuation(
+        labels, ids, evidence.image, np.asarray(evidence.organ) > 0.5, evidence.normative, evidence.spacing_mm
+    )
 
 
 def _moments(labels: np.ndarray, ids: list[int], spacing_mm) -> list[np.ndarray | None]:

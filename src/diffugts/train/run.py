@@ -775,11 +775,11 @@ def train_lesion_verifier(
     from diffugts.networks.refine import RefineHead
     from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
     from diffugts.stages.refine import refine_threshold
-    from diffugts.stages.verification import FEATURES, NORMATIVE_EVIDENCE
+    from diffugts.stages.verification import CONTEXT, FEATURES, NORMATIVE_EVIDENCE
     from diffugts.train.refine import held_out_probabilities
     from diffugts.train.verify import component_samples, fit_verifier
 
-    asked = sorted(set(features or ()) & set(NORMATIVE_EVIDENCE))
+    asked = sorted(set(features or ()) & set(NORMATIVE_EVIDENCE + CONTEXT))
     if asked and candidate_source != "normative":
         raise ConfigError(
             f"the verifier features {', '.join(asked)} weigh normative candidates only, not {candidate_source!r}"

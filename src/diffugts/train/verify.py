@@ -40,8 +40,9 @@ THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 # than the seen lesions' mean), and the verifier then drops the plainest lesions of other
 # organs: on the development seeds it removed every liver lesion a draw had found.
 # Depth and compactness count for a lesion too: deeper in its organ, rounder (GEOMETRY), and so
-# do the normative score and the organ log-odds (NORMATIVE_EVIDENCE). Only the volume is free.
-EVIDENCE = tuple(f for f in KNOWN_FEATURES if f != "log_volume_ml")
+# do the normative score and the organ log-odds (NORMATIVE_EVIDENCE). The volume is free, and so
+# is the continuation (CONTEXT), which counts against a lesion: tissue like it going on past it.
+EVIDENCE = tuple(f for f in KNOWN_FEATURES if f not in ("log_volume_ml", "continuation"))
 
 
 def example_evidence(example: Example, refined: np.ndarray, spacing_kji=None) -> Evidence:
@@ -58,6 +59,7 @@ def example_evidence(example: Example, refined: np.ndarray, spacing_kji=None) ->
         else (float(spacing_kji[0]), float(spacing_kji[1]), float(spacing_kji[2])),
         normative=example.findings.score if example.findings is not None else None,
         organ_log_odds=example.findings.log_odds if example.findings is not None else None,
+        image=example.findings.image if example.findings is not None else None,
     )
 
 

@@ -171,8 +171,11 @@ class DemoRecipe:
     # false candidates only; with the best-Dice threshold they cost MR lesions, one draw, offline).
     # Since 2026-12-06 also the volume of the candidate's clearly abnormal core (core_ml), with the
     # threshold keeping 95 %: fewer false lesions at each number of lesions found, two draws, three
-    # development sets (docs/benchmarks.md, "A candidate's core").
-    verifier_features: tuple[str, ...] | None = ("core_ml", "depth_rel", "elongation")
+    # development sets (docs/benchmarks.md, "A candidate's core"). Since the twenty-second session
+    # also how far tissue like the candidate continues past it (continuation): 6-35 more lesions
+    # found at each rate of at most 1.6 false lesions per lesion-free study, two draws, three
+    # development sets (docs/benchmarks.md, "Continuation").
+    verifier_features: tuple[str, ...] | None = ("core_ml", "depth_rel", "elongation", "continuation")
     verifier_mr_healthy_cases: int = 0
     verifier_min_recall: float | None = 0.95
     # Lesion-free CT / MR cases with generic anomalies painted into every organ, their candidates

@@ -107,6 +107,7 @@ def test_quick_heads_on_the_shipped_backbone(tmp_path, capsys, monkeypatch):
     refitted = json.loads((verified / "manifest.json").read_text())
     report = refitted["provenance"]["verifier_training"]
     assert report["features"] == ["depth_rel", "elongation"] and report["mr_healthy_cases"] == 1
+    assert refitted["provenance"]["verifier_history"] == [verifying]  # the replaced verifier's record stays
     if "verifier" in refitted["networks"]["refine"]:
         assert refitted["networks"]["refine"]["verifier"]["features"] == ["depth_rel", "elongation"]
         assert report["min_recall"] == 0.9 and report["kept_lesion_components"] >= 0.9 * report["lesion_components"]

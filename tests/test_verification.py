@@ -3,6 +3,7 @@ refine stage and evaluate applying it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -312,9 +313,11 @@ def permissive(tmp_path_factory):
         ("normative-unsure", 50.0, "normative"),  # ... exceed 4
         ("keep-geometric", 50.0, "refined"),  # the geometric features computed on the study grid
         ("normative-geometric", 50.0, "normative"),  # ... on the model grid
+        ("normative-continuation", 50.0, "normative"),  # and the image around each candidate
         ("normative-half", 0.0, "normative"),  # every candidate a lesion with probability 0.5
     ):
         features = FEATURES + GEOMETRY if name.endswith("geometric") else FEATURES
+        features += ("continuation",) if name.endswith("continuation") else ()
         n = len(features)
         threshold = 0.4 if name == "normative-half" else 0.5
         verifier = LesionVerifier(
@@ -400,6 +403,7 @@ def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
     assert masks["normative"].any() and not (masks["normative"] & ~organ).any()
     assert not masks["normative-spleen"].any()
     assert (masks["normative-geometric"] == masks["normative"]).all()
+    assert (masks["normative-continuation"] == masks["normative"]).all()  # computed from the image, nothing dropped
 
 
 @pytest.mark.slow
@@ -505,7 +509,8 @@ def test_normative_candidates_are_inpainted_so_the_verifier_reads_their_residual
 def test_refinement_verifies_the_candidates_attention_found_in_the_same_process(permissive, study, monkeypatch):
     """In one process (diffugts.core) the normative candidates are found once, by the attention
     stage; refinement from files finds the same ones again from the artifact's organs. Either
-    way the verifier's evidence holds their score and the organ network's log-odds."""
+    way the verifier's evidence holds their score, the organ network's log-odds and the image
+    they were scored on."""
     import diffugts.stages.attend as attend_module
     import diffugts.stages.normative as normative_module
     import diffugts.stages.verification as verification
@@ -539,6 +544,7 @@ def test_refinement_verifies_the_candidates_attention_found_in_the_same_process(
     for evidence in evidence_seen:
         assert evidence.normative is not None and evidence.normative.shape == evidence.organ.shape
         assert evidence.organ_log_odds is None  # neither its seeds nor its verifier need the organ network's
+        assert evidence.image is not None and evidence.image.shape == evidence.organ.shape
     assert np.array_equal(evidence_seen[0].normative, evidence_seen[1].normative)
 
 
@@ -656,7 +662,6 @@ def test_verified_normative_candidates_are_reported_as_delineated(permissive, st
     import diffugts.stages.verification as verification
     from diffugts.artifacts.study import Study
     from diffugts.core import Core
-    from diffugts.stages.normative import Findings
 
     judged, original_findings, original_candidates = [], NormativeModel.findings, verification.candidates
 
@@ -664,7 +669,7 @@ def test_verified_normative_candidates_are_reported_as_delineated(permissive, st
         found = original_findings(self, *args, **kwargs)
         part = found.candidates.copy()
         part[1::2] = False
-        return Findings(found.candidates, found.score, found.log_odds, part)
+        return dataclasses.replace(found, delineation=part, level_delineation=None)
 
     def spy(mask, evidence, *args, **kwargs):
         judged.append(mask.copy())

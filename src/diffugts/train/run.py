@@ -839,11 +839,19 @@ def train_lesion_verifier(
     networks = {REFINE_HEAD: (entry, pkg.state_dict(REFINE_HEAD))}
     if normative is not None and grow_mm is not KEEP:
         networks[NORMATIVE] = (normative.entry(), normative.state_dict())
+    # The record of the verifier this one replaces joins the history, oldest first: how a shipped
+    # package came to be stays in its manifest (a --grow-mm refit also changed its candidates).
+    earlier = pkg.manifest.get("provenance", {})
+    history = [
+        *earlier.get("verifier_history", []),
+        *([earlier["verifier_training"]] if "verifier_training" in earlier else []),
+    ]
     return add_networks(
         pkg,
         networks,
         out=out,
         provenance={
+            **({"verifier_history": history} if history else {}),
             "verifier_training": {
                 "command": command_line(),
                 "seed": seed,
@@ -865,7 +873,7 @@ def train_lesion_verifier(
                 "features": list(features),
                 **({"deviation_k": deviation_k} if candidate_source == "deviation" else {}),
                 **report,
-            }
+            },
         },
     )
 

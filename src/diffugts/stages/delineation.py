@@ -104,12 +104,12 @@ def continuation(
     ``CONTINUATION_MM`` of it, connected to it, whose (smoothed) image lies within
     ``CONTINUATION_BAND`` of the lesion-organ contrast of its level (the levels as
     :func:`level_delineated` reads them, except that where too little organ lies near a
-    candidate the organ's level is read away from every candidate, not only the verified ones). A lesion ends where it ends: organ tissue surrounds
-    it, and the tissue like its core is the lesion itself (about 0). A vessel's crossing, the
-    organ's sinus or the next organ scored as this one is part of a larger structure of the
-    same look, which the candidate only samples. 0 where the image cannot say (no organ to
-    compare with, no contrast). Not learnt from any lesion type's look (docs/method.md,
-    "Lesion verification")."""
+    candidate the organ's level is read away from every candidate, not only the verified ones).
+    A lesion ends where it ends: organ tissue surrounds it, and the tissue like its core is the
+    lesion itself (about 0). A vessel's crossing, the organ's sinus or the next organ scored as
+    this one is part of a larger structure of the same look, which the candidate only samples.
+    0 where the image cannot say (no organ to compare with, no contrast). Not learnt from any
+    lesion type's look (docs/method.md, "Lesion verification")."""
     labels = np.asarray(labels)
     spacing = np.asarray(spacing_mm, np.float64)
     smooth, organ, fallback = _prepared(image, organ, labels > 0, spacing)

@@ -892,8 +892,14 @@ def train_demo(
         source = open_package(backbone)
         if source.manifest["backbone"].get("config") != recipe.config:
             raise ConfigError(f"{source.root}: its backbone is not of the {recipe.config!r} configuration")
+        # The source's verifier records describe a verifier the new heads replace from scratch:
+        # they would otherwise linger, and the new verifier would list them as its history.
         add_networks(
-            source, {}, out=out, provenance={"backbone_from": {"package": source.name, "sha256": source.sha256}}
+            source,
+            {},
+            out=out,
+            provenance={"backbone_from": {"package": source.name, "sha256": source.sha256}},
+            drop_provenance=("verifier_training", "verifier_history"),
         )
     else:
         train_backbone(

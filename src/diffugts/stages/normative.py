@@ -422,12 +422,11 @@ class NormativeModel:
             delineation = found & hysteresis(
                 score, between(self.params.delineate_above), mix.high, where, in_slices, steps
             )
+        image = np.asarray(x)  # one array: the level delineation and the verifier's continuation read it
         by_level = None
         if self.params.delineate_level is not None:
-            by_level = LevelDelineation(np.asarray(x), self.params.delineate_level, self.params.delineate_expand_mm)
-        return Findings(
-            found, relative_score(score, mix.low, mix.high), organ_log_odds, delineation, by_level, np.asarray(x)
-        )
+            by_level = LevelDelineation(image, self.params.delineate_level, self.params.delineate_expand_mm)
+        return Findings(found, relative_score(score, mix.low, mix.high), organ_log_odds, delineation, by_level, image)
 
     def candidates(self, *args, **kwargs) -> np.ndarray:
         """The candidate lesion voxels of :meth:`findings` (same arguments)."""

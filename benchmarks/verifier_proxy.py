@@ -2,8 +2,8 @@
 verifier variants and read their effect on development cases in minutes, not hours.
 
     python benchmarks/verifier_proxy.py MODEL FOLDER [FOLDER ...] [--seed S]
-        [--fit SEEN,HEALTHY,MR_HEALTHY,ANOMALIES,MR_ANOMALIES] [--features A,B ...] [--min-recall R]
-        [--curve]
+        [--fit SEEN,HEALTHY,MR_HEALTHY,ANOMALIES,MR_ANOMALIES ...] [--features A,B ...] [--min-recall R]
+        [--curve] [--cache DIR]
 
 Each case is made as the verifier's fitting examples are (diffugts.train.run.verifier_examples):
 the organ network, the coarse maps and the package's normative candidates on the model grid,
@@ -20,7 +20,9 @@ as cut. On dev2 (docs/benchmarks.md) it gave `evaluate`'s figures to the third d
 both draws of the shipped recipe, as cut and delineated. ``--curve`` adds, per verifier, what it keeps at
 every threshold from 0.05 to 0.95 (lesions touched over all lesion folders, false lesions per
 lesion-free study over all lesion-free ones): whether a feature moves the trade-off between the
-two or only the point on it.
+two or only the point on it. ``--cache DIR`` keeps the candidates and the fitting samples as JSON,
+keyed by the package, the folders, the seed, the fitting cases and the known features, so that a
+second run with other features or thresholds takes seconds.
 
 FOLDER: `diffugts phantom --no-dicom` output. Development seeds only: never tune on evaluation seeds.
 """
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -165,36 +169,68 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def cached(cache: Path | None, key: list, make, *args):
+    """``make(*args)``, or its result kept as JSON in ``cache`` under a hash of ``key`` (sets are
+    kept as sorted lists and read back as sets; feature vectors as lists)."""
+    if cache is None:
+        return make(*args)
+    path = cache / (hashlib.sha256(json.dumps([*key, KNOWN_FEATURES], default=str).encode()).hexdigest()[:16] + ".json")
+    if path.exists():
+        value = json.loads(path.read_text())
+    else:
+        value = make(*args)
+        cache.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else np.asarray(v).tolist())
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+        value = json.loads(text)
+    for row in value[0] if isinstance(value[0], list) else []:
+        if "touched" in row:
+            row["touched"] = set(row["touched"])
+    return value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--seed", type=int, default=0, help="the verifier fits' seed (the draw's)")
     parser.add_argument(
-        "--fit", default="36,14,0,0,0", help="fitting cases: seen, healthy, MR healthy, anomalies, MR anomalies"
+        "--fit",
+        action="append",
+        default=[],
+        help="fitting cases: seen, healthy, MR healthy, anomalies, MR anomalies (repeatable; default 36,14,0,0,0)",
     )
     parser.add_argument("--features", action="append", default=[], help="a verifier to fit: comma-separated features")
     parser.add_argument("--min-recall", type=float, default=0.9)
     parser.add_argument("--curve", action="store_true", help="also each verifier's keeps at every threshold")
+    parser.add_argument("--cache", type=Path, help="keep candidates and fitting samples here between runs")
     args = parser.parse_args(argv)
+    fits = args.fit or ["36,14,0,0,0"]
     pkg = open_package(args.model)
     make = maker(pkg, args.seed)
     results: dict[str, dict] = {}
-    if args.features:
-        counts = [int(v) for v in args.fit.split(",")]
-        samples, truth = fitting_samples(make, args.seed, counts)
-    rows, targets, healthy = folder_candidates(make, args.folders)
+    fitted = {}
+    for fit in fits if args.features else []:
+        counts = [int(v) for v in fit.split(",")]
+        key = ["fit", pkg.sha256, args.seed, counts]
+        fitted[fit] = cached(args.cache, key, fitting_samples, make, args.seed, counts)
+    key = ["candidates", pkg.sha256, [str(f.resolve()) for f in args.folders]]
+    rows, targets, healthy = cached(args.cache, key, folder_candidates, make, args.folders)
+    healthy = defaultdict(int, healthy)
     results["none (every candidate)"] = proxy(rows, targets, healthy, None)
     verifiers = {}
     own = verifier_of(pkg)
     if own is not None and own.candidate_source == "normative":
         verifiers[f"the package's ({pkg.sha256[:12]})"] = own
-    for names in args.features:
-        features = checked_features(n.strip() for n in names.split(","))
-        columns = [KNOWN_FEATURES.index(f) for f in features]
-        picked = [{**s, "features": np.asarray(s["features"])[columns]} for s in samples]
-        verifier, _ = fit_verifier(picked, truth, "normative", 2.0, features, args.min_recall)
-        verifiers[f"{','.join(features)} (fit {args.fit}, threshold {verifier.threshold:.2f})"] = verifier
+    for fit, (samples, truth) in fitted.items():
+        for names in args.features:
+            features = checked_features(n.strip() for n in names.split(","))
+            columns = [KNOWN_FEATURES.index(f) for f in features]
+            picked = [{**s, "features": np.asarray(s["features"])[columns]} for s in samples]
+            verifier, _ = fit_verifier(picked, truth, "normative", 2.0, features, args.min_recall)
+            verifiers[f"{','.join(features)} (fit {fit}, threshold {verifier.threshold:.2f})"] = verifier
     for name, verifier in verifiers.items():
         results[name] = proxy(rows, targets, healthy, verifier)
     print(table(results))

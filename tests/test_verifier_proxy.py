@@ -42,7 +42,7 @@ def folders(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_the_proxy_keeps_what_a_verifier_keeps_and_counts_as_evaluate_does(folders, capsys):
+def test_the_proxy_keeps_what_a_verifier_keeps_and_counts_as_evaluate_does(folders, capsys, tmp_path):
     make = vp.maker(open_package(DEMO_MODEL), 0)
     rows, targets, healthy = vp.folder_candidates(make, folders)
     assert dict(healthy) == {"dev/ct-seen": 0, "dev/healthy-ct": 1}
@@ -74,13 +74,17 @@ def test_the_proxy_keeps_what_a_verifier_keeps_and_counts_as_evaluate_does(folde
         at = vp.proxy(rows, targets, healthy, dataclasses.replace(own, threshold=t))
         assert (kept, false) == (at["dev/ct-seen"][1], at["dev/healthy-ct"])
 
-    args = [str(DEMO_MODEL), *map(str, folders), "--fit", "1,1,0,0,0", "--features", "depth_rel,elongation"]
-    vp.main([*args, "--curve"])
+    args = [str(DEMO_MODEL), *map(str, folders), "--fit", "1,1,0,0,0", "--fit", "2,1,0,0,0"]
+    vp.main([*args, "--features", "depth_rel,elongation", "--curve", "--cache", str(tmp_path / "cache")])
     out = capsys.readouterr().out
     sha = open_package(DEMO_MODEL).sha256[:12]
     assert "| none (every candidate) |" in out and f"| the package's ({sha}) |" in out
-    assert "| depth_rel,elongation (fit 1,1,0,0,0, threshold" in out
+    assert "| depth_rel,elongation (fit 1,1,0,0,0, threshold" in out and "(fit 2,1,0,0,0, threshold" in out
     assert "by threshold" in out and f"- the package's ({sha}): 0.05: " in out and "- depth_rel,elongation (" in out
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 3  # the candidates and each fit's samples
+    vp.main([*args, "--features", "depth_rel,elongation", "--curve", "--cache", str(tmp_path / "cache")])
+    again = capsys.readouterr().out  # read back from the cache: the same figures, and no case made again
+    assert again == "".join(line for line in out.splitlines(keepends=True) if "candidates so far" not in line)
 
 
 @pytest.mark.slow
@@ -99,6 +103,22 @@ def test_the_proxy_counts_candidates_as_the_package_reports_them(folders, tmp_pa
     assert all(np.array_equal(a["features"], b["features"]) for a, b in zip(delineated, cut))
     assert any(a["voxels"] != b["voxels"] for a, b in zip(delineated, cut))
     assert all(a["voxels"] > 0 for a in delineated)
+
+
+def test_the_cache_makes_once_and_reads_back_what_was_made(tmp_path):
+    made = []
+
+    def make(n):
+        made.append(n)
+        return [{"touched": {3, 1}, "features": np.arange(n, dtype=np.float32)}], [{"truth": 2}], {"g": 1}
+
+    first = vp.cached(tmp_path / "c", ["key", 1], make, 2)
+    again = vp.cached(tmp_path / "c", ["key", 1], make, 2)
+    assert made == [2] and first == again
+    assert again[0][0]["touched"] == {1, 3} and list(again[0][0]["features"]) == [0.0, 1.0]
+    vp.cached(tmp_path / "c", ["key", 2], make, 2)  # another key: made again
+    vp.cached(None, ["key", 1], make, 5)  # no cache: always made
+    assert made == [2, 2, 5] and not list((tmp_path / "c").glob("*.tmp"))
 
 
 def test_the_proxy_needs_a_normative_model(tmp_path):

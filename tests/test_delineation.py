@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from diffugts.stages.delineation import LevelDelineation, continuation, level_delineated
+from diffugts.stages.delineation import LevelDelineation, continuation, level_delineated, surround
 from diffugts.stages.normative import NormativeParams
 
 SPACING = (4.0, 2.75, 2.75)
@@ -195,3 +195,40 @@ def test_continuation_is_zero_where_the_image_cannot_say_and_per_candidate():
     labels[tube & (np.arange(SHAPE[2]) >= 15)[None, None, :] & (np.arange(SHAPE[2]) < 20)[None, None, :]] = 2
     values = continuation(labels, [2, 1], image, organ, score, SPACING)
     assert values[0] > np.log(2.0) and values[1] == pytest.approx(0.0, abs=0.05)
+
+
+@pytest.mark.parametrize("lesion_value", [0.8, 0.2])
+def test_a_lesion_is_surrounded_by_its_organ_and_a_candidate_on_the_next_organ_is_not(lesion_value):
+    """``surround``: the share of the first ring of voxels around a candidate that is like it.
+    About 0 for a lesion in its organ; a piece of a vessel touches the vessel at its two ends;
+    a candidate on the edge of a larger region of its look (the next organ scored as this one)
+    lies along it over much of its ring, however far that region goes on."""
+    image, organ, score, lesion, _ = scene(lesion_value)
+    assert surround(lesion.astype(np.int32), [1], image, organ, score, SPACING)[0] == pytest.approx(0.0, abs=0.02)
+    tube = _tube()
+    vessel_image = np.where(organ, 0.5, 0.1).astype(np.float32) + np.random.default_rng(1).normal(0, 0.01, SHAPE)
+    vessel_image[tube] = lesion_value
+    piece = tube.copy()
+    piece[:, :, :17] = piece[:, :, 23:] = False
+    vessel_score = np.where(piece, 2.0, -1.0).astype(np.float32)
+    on_vessel = surround(piece.astype(np.int32), [1], vessel_image, organ, vessel_score, SPACING)[0]
+    assert 0.05 < on_vessel < 0.3  # the tube's two cut faces, among the organ around its sides
+    neighbour = np.zeros(SHAPE, bool)
+    neighbour[:, :, 30:] = True  # the next organ, of the lesion's look, which the organ map overlaps
+    mapped = organ.copy()
+    mapped[:, :, 32:] = False
+    next_image = np.where(organ, 0.5, 0.1).astype(np.float32) + np.random.default_rng(2).normal(0, 0.01, SHAPE)
+    next_image[neighbour] = lesion_value
+    edge = ball((10, 20, 30), 6.0) & neighbour & mapped  # a candidate where the map overlaps it
+    next_score = np.where(edge, 2.0, -1.0).astype(np.float32)
+    on_next = surround(edge.astype(np.int32), [1], next_image, mapped, next_score, SPACING)[0]
+    assert on_next > 0.4 and on_next > on_vessel
+    # where the image cannot say: 0; two candidates: each its own, in the order of ids
+    flat = np.full(SHAPE, 0.5, np.float32)
+    assert surround(lesion.astype(np.int32), [1], flat, organ, score, SPACING)[0] == 0.0
+    assert surround(lesion.astype(np.int32), [1], image, np.zeros(SHAPE, bool), score, SPACING)[0] == 0.0
+    labels = lesion.astype(np.int32) + 2 * edge.astype(np.int32)
+    both = surround(
+        labels, [2, 1], np.where(neighbour, next_image, image), organ, np.maximum(score, next_score), SPACING
+    )
+    assert both[0] > 0.4 and both[1] == pytest.approx(0.0, abs=0.05)

@@ -99,7 +99,7 @@ def test_a_candidates_core_is_its_volume_clearly_above_the_seed_threshold():
 
 
 def test_continuation_reads_the_image_around_each_candidate():
-    """The verifier's ``continuation`` (diffugts.stages.delineation.continuation) per candidate,
+    """The verifier's ``continuation`` and ``surround`` (diffugts.stages.delineation) per candidate,
     from the evidence's image, organ, normative score and spacing; without the image it cannot
     be measured, and the error says so."""
     shape, spacing = (12, 24, 24), (4.0, 2.75, 2.75)
@@ -114,14 +114,16 @@ def test_continuation_reads_the_image_around_each_candidate():
     score = np.where(mask, 2.0, -1.0).astype(np.float32)
     flat = np.zeros(shape, np.float32)
     evidence = Evidence(flat, flat, flat, flat, organ, spacing, normative=score, image=image)
-    labels, ids, feats = candidates(mask, evidence, 0.01, features=("continuation", "log_volume_ml"))
-    by_size = {int((labels == i).sum()): f[0] for i, f in zip(ids, feats)}
-    assert by_size[32] == pytest.approx(0.0, abs=1e-6)  # the lesion is all the tissue like it
-    assert by_size[6] == pytest.approx(np.log(3.0), abs=0.2)  # the vessel goes on 3 voxels (8.25 mm) either side
-    with pytest.raises(ValueError, match="image"):
-        candidates(
-            mask, Evidence(flat, flat, flat, flat, organ, spacing, normative=score), 0.01, features=("continuation",)
-        )
+    labels, ids, feats = candidates(mask, evidence, 0.01, features=("continuation", "surround", "log_volume_ml"))
+    by_size = {int((labels == i).sum()): f[:2] for i, f in zip(ids, feats)}
+    assert by_size[32][0] == pytest.approx(0.0, abs=1e-6)  # the lesion is all the tissue like it
+    assert by_size[6][0] == pytest.approx(np.log(3.0), abs=0.2)  # the vessel goes on 3 voxels (8.25 mm) either side
+    assert (
+        by_size[32][1] == 0.0 and 0.0 < by_size[6][1] < 0.5
+    )  # organ around the lesion; the vessel at the piece's ends
+    for name in ("continuation", "surround"):
+        with pytest.raises(ValueError, match=f"{name} feature needs the evidence's image"):
+            candidates(mask, Evidence(flat, flat, flat, flat, organ, spacing, normative=score), 0.01, features=(name,))
 
 
 def test_a_verifier_weighs_normative_evidence_of_normative_candidates_only():
@@ -144,10 +146,28 @@ def test_a_verifier_weighs_normative_evidence_of_normative_candidates_only():
     assert kept == {27}  # ... and a stricter one keeps the sure one only
     with pytest.raises(ValueError, match="normative candidates"):
         LesionVerifier.from_dict({**entry, "candidate_source": "deviation"})
-    with pytest.raises(ValueError, match="normative candidates"):  # the image's context too
-        LesionVerifier.from_dict(
-            {**entry, "features": ["continuation", "organ_log_odds"], "candidate_source": "refined"}
-        )
+    for context in ("continuation", "surround"):  # the image's context too
+        with pytest.raises(ValueError, match="normative candidates"):
+            LesionVerifier.from_dict({**entry, "features": [context, "organ_log_odds"], "candidate_source": "refined"})
+
+
+def test_the_context_features_may_count_against_a_lesion():
+    """Evidence weights stay non-negative (they count for a lesion); the image's context counts
+    against one: a verifier fitted where the false candidates lie along tissue like them
+    weighs ``continuation`` and ``surround`` negatively."""
+    from diffugts.train.verify import fit_verifier
+
+    rng = np.random.default_rng(0)
+    lesion = rng.random(200) < 0.4
+    context = np.where(lesion, 0.05, 0.5) + rng.normal(0, 0.1, 200)
+    core = rng.normal(0, 1, 200)
+    samples = [
+        {"features": np.array([c, x, x]), "lesion": bool(y), "voxels": 10, "hits": 10 * int(y)}
+        for c, x, y in zip(core, context, lesion)
+    ]
+    features = ("core_ml", "continuation", "surround")
+    verifier, _ = fit_verifier(samples, 10 * int(lesion.sum()), "normative", 2.0, features)
+    assert verifier.weights[1] + verifier.weights[2] < -1.0 and verifier.weights[0] >= 0.0
 
 
 def _case_with_a_vessel_beside_the_organ():

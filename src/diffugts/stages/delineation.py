@@ -38,6 +38,7 @@ PAD_MM = 20.0  # how far around a candidate its organ's level is read
 MIN_REFERENCE = 20  # voxels: fewer near the candidate, and the whole organ's level is used
 CONTINUATION_MM = 10.0  # how far past a candidate tissue like it is followed (within PAD_MM)
 CONTINUATION_BAND = 0.5  # "like": within this share of the lesion-organ contrast of its level
+SURROUND_MM = (1.5, 4.5)  # ``surround``'s ring around a candidate (mm from it)
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,36 @@ def continuation(
     this one is part of a larger structure of the same look, which the candidate only samples.
     0 where the image cannot say (no organ to compare with, no contrast). Not learnt from any
     lesion type's look (docs/method.md, "Lesion verification")."""
+    out = np.zeros(len(ids))
+    for n, candidate, like, distance in _like_tissue(labels, ids, image, organ, score, spacing_mm):
+        parts, _ = ndimage.label((like & (distance <= CONTINUATION_MM)) | candidate, structure=CONNECTIVITY_26)
+        reached = np.isin(parts, np.unique(parts[candidate]))
+        out[n] = np.log(reached.sum() / candidate.sum())
+    return out
+
+
+def surround(
+    labels: np.ndarray, ids: list[int], image: np.ndarray, organ: np.ndarray, score: np.ndarray, spacing_mm
+) -> np.ndarray:
+    """Per candidate the share of the tissue around it (``SURROUND_MM`` from it: the first ring
+    of voxels on the demo's grid) that is like it, as :func:`continuation` reads "like". A
+    lesion is surrounded by its organ (about 0); a candidate on a vessel, the sinus or the next
+    organ lies along tissue of its own look, whether or not that tissue goes on far. 0 where the
+    image cannot say."""
+    out = np.zeros(len(ids))
+    for n, _, like, distance in _like_tissue(labels, ids, image, organ, score, spacing_mm):
+        ring = (distance > SURROUND_MM[0]) & (distance <= SURROUND_MM[1])
+        out[n] = like[ring].mean() if ring.any() else 0.0
+    return out
+
+
+def _like_tissue(labels, ids, image, organ, score, spacing_mm):
+    """Per candidate the image can speak for: (its index in ``ids``, the candidate in its padded
+    box, the tissue there like it, each voxel's distance (mm) from it)."""
     labels = np.asarray(labels)
     spacing = np.asarray(spacing_mm, np.float64)
     smooth, organ, fallback = _prepared(image, organ, labels > 0, spacing)
     boxes = ndimage.find_objects(labels)
-    out = np.zeros(len(ids))
     for n, i in enumerate(ids):
         box = _padded(boxes[i - 1], spacing, labels.shape)
         candidate = labels[box] == i
@@ -122,11 +148,7 @@ def continuation(
         if organ_level is None or lesion_level == organ_level:
             continue
         like = np.abs(smooth[box] - lesion_level) < CONTINUATION_BAND * abs(lesion_level - organ_level)
-        near = ndimage.distance_transform_edt(~candidate, sampling=spacing) <= CONTINUATION_MM
-        parts, _ = ndimage.label((like & near) | candidate, structure=CONNECTIVITY_26)
-        reached = np.isin(parts, np.unique(parts[candidate]))
-        out[n] = np.log(reached.sum() / candidate.sum())
-    return out
+        yield n, candidate, like, ndimage.distance_transform_edt(~candidate, sampling=spacing)
 
 
 def _prepared(image, organ, candidates, spacing):

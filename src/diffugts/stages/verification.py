@@ -56,14 +56,17 @@ verifiers fitted since 2026-12-05 may use them):
 They too say nothing about a lesion type's look: how unusual for its organ, and how surely
 inside it.
 
-One feature reads the image around a candidate (``normative`` candidates; since 2026-12-06,
-twenty-second session):
+Two features read the image around a candidate (``normative`` candidates; since 2026-12-06,
+twenty-second and twenty-third sessions):
 - ``continuation``: log of the volume of tissue like the candidate (its level, as delineation
   reads it), connected to it within 10 mm, over its own volume
   (diffugts.stages.delineation.continuation). A lesion is bounded: its organ surrounds it, so
   the tissue like it is itself (about 0). Most false candidates that survive the other evidence
   sample a larger structure of the same look, a vessel's crossing or branch, the kidney's
   sinus, the next organ scored as this one, which continues past them.
+- ``surround``: the share of the first ring of voxels around the candidate (1.5-4.5 mm) that
+  is like it (diffugts.stages.delineation.surround): about 0 for a lesion its organ surrounds;
+  a candidate along a structure of its own look touches it whether or not it goes on far.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ FEATURES = (
 )
 GEOMETRY = ("depth_mm", "elongation", "depth_rel", "fill")
 NORMATIVE_EVIDENCE = ("normative_mean", "normative_max", "organ_log_odds", "core_ml")  # normative candidates only
-CONTEXT = ("continuation",)  # normative candidates only: what lies around a candidate in the image
+CONTEXT = ("continuation", "surround")  # normative candidates only: what lies around a candidate in the image
 CORE_LEVEL = 1.0  # ``core_ml``: the relative normative score a candidate's core exceeds
 KNOWN_FEATURES = FEATURES + GEOMETRY + NORMATIVE_EVIDENCE + CONTEXT
 CANDIDATE_SOURCES = ("refined", "deviation", "normative")
@@ -237,7 +240,8 @@ def candidates(
         "normative_max": lambda: ndimage.maximum(evidence_map("normative"), labels, ids),
         "organ_log_odds": lambda: mean(evidence_map("organ_log_odds")),
         "core_ml": lambda: _core_ml(labels, ids, evidence_map("normative"), voxel_ml),
-        "continuation": lambda: _continuation(labels, ids, evidence),
+        "continuation": lambda: _context("continuation", labels, ids, evidence),
+        "surround": lambda: _context("surround", labels, ids, evidence),
     }
     return labels, ids, np.stack([np.asarray(compute[f](), np.float64) for f in features], 1)
 
@@ -248,12 +252,13 @@ def _core_ml(labels: np.ndarray, ids: list[int], score: np.ndarray, voxel_ml: fl
     return np.log10(np.asarray(core, np.float64) * voxel_ml + 0.01)
 
 
-def _continuation(labels: np.ndarray, ids: list[int], evidence: Evidence) -> np.ndarray:
-    from diffugts.stages.delineation import continuation  # it reads CORE_LEVEL from here
+def _context(name: str, labels: np.ndarray, ids: list[int], evidence: Evidence) -> np.ndarray:
+    """A CONTEXT feature (diffugts.stages.delineation's function of that name)."""
+    from diffugts.stages import delineation  # it reads CORE_LEVEL from here
 
     if evidence.image is None or evidence.normative is None or evidence.spacing_mm is None:
-        raise ValueError("the continuation feature needs the evidence's image, normative score and spacing_mm")
-    return continuation(
+        raise ValueError(f"the {name} feature needs the evidence's image, normative score and spacing_mm")
+    return getattr(delineation, name)(
         labels, ids, evidence.image, np.asarray(evidence.organ) > 0.5, evidence.normative, evidence.spacing_mm
     )
 

@@ -24,6 +24,7 @@ import numpy as np
 from diffugts.networks.refine import SHARED_CHANNELS as SHARED, TARGET_CHANNELS
 from diffugts.stages.refine import DEVIATION_SCALE, RESIDUAL_GAIN
 from diffugts.stages.verification import (
+    CONTEXT,
     FEATURES,
     KNOWN_FEATURES,
     Evidence,
@@ -41,8 +42,9 @@ THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 # organs: on the development seeds it removed every liver lesion a draw had found.
 # Depth and compactness count for a lesion too: deeper in its organ, rounder (GEOMETRY), and so
 # do the normative score and the organ log-odds (NORMATIVE_EVIDENCE). The volume is free, and so
-# is the continuation (CONTEXT), which counts against a lesion: tissue like it going on past it.
-EVIDENCE = tuple(f for f in KNOWN_FEATURES if f not in ("log_volume_ml", "continuation"))
+# are the features of what surrounds a candidate (CONTEXT: continuation, surround), which count
+# against a lesion: tissue like it going on past it, lying around it.
+EVIDENCE = tuple(f for f in KNOWN_FEATURES if f not in ("log_volume_ml", *CONTEXT))
 
 
 def example_evidence(example: Example, refined: np.ndarray, spacing_kji=None) -> Evidence:

@@ -47,6 +47,7 @@ from diffugts.train.data import case_from_dir
 from diffugts.train.refine import HOST_FAMILIES
 from diffugts.train.run import _ExampleMaker, verifier_examples, verifier_plan
 from diffugts.train.verify import component_samples, example_evidence, fit_verifier
+from diffugts.utils.atomic import write_text
 
 
 def maker(pkg: ModelPackage, seed: int) -> _ExampleMaker:
@@ -178,14 +179,10 @@ def cached(cache: Path | None, key: list, make, *args):
     if path.exists():
         value = json.loads(path.read_text())
     else:
-        value = make(*args)
-        cache.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else np.asarray(v).tolist())
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        value = json.loads(text)
-    for row in value[0] if isinstance(value[0], list) else []:
+        text = json.dumps(make(*args), default=lambda v: sorted(v) if isinstance(v, set) else np.asarray(v).tolist())
+        write_text(path, text)
+        value = json.loads(text)  # as a later run reads it
+    for row in value[0]:
         if "touched" in row:
             row["touched"] = set(row["touched"])
     return value

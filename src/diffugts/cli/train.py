@@ -149,11 +149,12 @@ def register(sub) -> None:
     )
     m.add_argument(
         "--score",
-        choices=("likelihood", "discriminative"),
+        choices=("likelihood", "discriminative", "either"),  # diffugts.stages.normative.SCORES
         default=DemoRecipe.normative_score,
-        help="how unlike healthy tissue a voxel is: its negative log-likelihood under the organ's mixture, or "
+        help="how unlike healthy tissue a voxel is: its negative log-likelihood under the organ's mixture, "
         "the log-odds of an anomaly discriminator trained against generic synthetic anomalies painted into "
-        "the same healthy phantoms (default %(default)s)",
+        "the same healthy phantoms, or either: the larger of the two, each relative to its healthy quantiles "
+        "(default %(default)s)",
     )
     m.add_argument(
         "--reference",

@@ -23,7 +23,9 @@ A voxel's score is its negative log-likelihood under its organ's mixture, or (``
 "discriminative"``) the log-odds of the organ's anomaly discriminator, an MLP over the same
 features that learnt healthy tissue against generic synthetic anomalies painted into it
 (diffugts.stages.discriminator), or the mean log-odds of a committee of such discriminators,
-each fitted on lesion-free cases of its own (``members``). The candidates are hysteresis components: voxels above the
+each fitted on lesion-free cases of its own (``members``), or (``score = "either"``) the larger
+of the discriminator's and the mixture's scores, each relative to its own healthy quantiles
+(:class:`Either`). The candidates are hysteresis components: voxels above the
 ``high_quantile`` of healthy voxels' scores, opened, grown through voxels above the
 ``low_quantile`` (or, with ``grow_above``, a threshold between the two). Like the deviation, scoring runs only in the
 organ's interior (``margin_mm`` in from its surface), on the model grid.
@@ -71,7 +73,7 @@ FEATURES = (
 )
 SHAPE_FEATURES = FEATURES[3:]  # the Hessian eigenvalues and depth (NormativeParams.shape)
 SEED_OPENINGS = ("volume", "slice")
-SCORES = ("likelihood", "discriminative")  # NormativeParams.score
+SCORES = ("likelihood", "discriminative", "either")  # NormativeParams.score
 REFERENCES = ("organ", "organ_map")  # NormativeParams.reference
 MEAN_SCALES_MM = (1.2, 2.5, 7.0)
 HESSIAN_SCALES_MM = (2.75, 5.5)
@@ -131,8 +133,9 @@ class NormativeParams:
     # intensity and texture only (docs/benchmarks.md, "Intensity-only normative model").
     shape: bool = True
     # How unlike healthy tissue a voxel is: "likelihood" (the mixture's negative log-likelihood;
-    # models fitted before 2026-12-05) or "discriminative" (the anomaly discriminator's log-odds;
-    # docs/benchmarks.md, "Anomaly discriminator").
+    # models fitted before 2026-12-05), "discriminative" (the anomaly discriminator's log-odds;
+    # docs/benchmarks.md, "Anomaly discriminator") or "either" (the larger of the two, each on
+    # its own relative scale: :class:`Either`; docs/benchmarks.md, "Either score").
     score: str = "likelihood"
     # Which voxels of a lesion-free study are healthy reference (training only): "organ" (those
     # of the true organ; models fitted before 2026-12-05) or "organ_map" (every voxel the organ
@@ -178,9 +181,9 @@ class NormativeParams:
             raise ValueError(f"min_interior must lie in [0, 1), not {self.min_interior!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, not {self.score!r}")
-        if self.members < 1 or (self.members > 1 and self.score != "discriminative"):
+        if self.members < 1 or (self.members > 1 and not self.discriminative):
             raise ValueError(f"members must be 1, or more for a discriminative score, not {self.members!r}")
-        if self.halo_mm < 0 or (self.halo_mm > 0 and self.score != "discriminative"):
+        if self.halo_mm < 0 or (self.halo_mm > 0 and not self.discriminative):
             raise ValueError(f"halo_mm must be 0, or positive for a discriminative score, not {self.halo_mm!r}")
         if self.seed_opening not in SEED_OPENINGS:
             raise ValueError(f"seed_opening must be one of {', '.join(SEED_OPENINGS)}, not {self.seed_opening!r}")
@@ -188,6 +191,11 @@ class NormativeParams:
         if any(s <= 0 for s in texture):
             raise ValueError(f"texture_mm must hold positive scales, not {self.texture_mm!r}")
         object.__setattr__(self, "texture_mm", texture)
+
+    @property
+    def discriminative(self) -> bool:
+        """Whether the score has an anomaly discriminator ("discriminative", "either")."""
+        return self.score in ("discriminative", "either")
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -325,6 +333,32 @@ class Mixture:
             return (-dist.log_prob(torch.as_tensor(features, dtype=torch.float64))).float().numpy()
 
 
+@dataclass
+class Either:
+    """One organ and modality's discriminator and mixture together: a voxel is as unlike healthy
+    tissue as the surer of the two says, each on its own :func:`relative_score` scale, and the
+    larger is cut at quantiles of healthy voxels' scores (``low``/``high``) like any score.
+
+    The discriminator learnt healthy tissue against painted anomalies, and beyond what was
+    painted it extrapolates: healthy MR livers hold vessels 10-15 organ spreads from the organ's
+    level, painted anomalies reach 6, so it called any such tissue healthy, a lesion of the
+    vessels' intensity most surely (voxel AUC 0.43-0.52 on development seeds). The mixture calls
+    tissue unlike every healthy voxel it saw unlikely, whatever was painted (0.95 there); the
+    discriminator stays the surer one for subtle anomalies (docs/benchmarks.md, "Either score")."""
+
+    discriminator: Discriminator | Committee
+    mixture: Mixture
+    low: float
+    high: float
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """(N, F) -> (N,) the larger relative score of the two."""
+        d, m = self.discriminator, self.mixture
+        return np.maximum(
+            relative_score(d.score(features), d.low, d.high), relative_score(m.score(features), m.low, m.high)
+        )
+
+
 @dataclass(frozen=True)
 class Findings:
     """One target's normative findings on the model grid."""
@@ -358,17 +392,19 @@ def relative_score(score: np.ndarray, low: float, high: float) -> np.ndarray:
 @dataclass
 class NormativeModel:
     """Every organ and modality's :class:`Mixture` or, for ``params.score ==
-    "discriminative"``, :class:`~diffugts.stages.discriminator.Discriminator` (keys
-    ``organ/CT``, ``organ/MR``)."""
+    "discriminative"``, :class:`~diffugts.stages.discriminator.Discriminator`, or for
+    "either" both and their :class:`Either` (keys ``organ/CT``, ``organ/MR``)."""
 
     params: NormativeParams
     mixtures: dict[str, Mixture] = field(default_factory=dict)
     discriminators: dict[str, Discriminator | Committee] = field(default_factory=dict)
+    either: dict[str, Either] = field(default_factory=dict)  # its members are those of the two above
 
     @property
-    def scorers(self) -> dict[str, Mixture | Discriminator | Committee]:
+    def scorers(self) -> dict[str, Mixture | Discriminator | Committee | Either]:
         """Per key what scores a voxel (``score``) and the thresholds (``low``, ``high``)."""
-        return self.discriminators if self.params.score == "discriminative" else self.mixtures  # type: ignore[return-value]
+        by_score = {"discriminative": self.discriminators, "either": self.either, "likelihood": self.mixtures}
+        return by_score[self.params.score]  # type: ignore[return-value]
 
     def knows(self, organ: str | None, modality: str) -> bool:
         return organ is not None and key(organ, modality) in self.scorers
@@ -439,6 +475,19 @@ class NormativeModel:
             "features": list(self.params.features),
             "keys": sorted(self.scorers),
             "thresholds": {k: [m.low, m.high] for k, m in sorted(self.scorers.items())},
+            **(
+                {
+                    "member_thresholds": {
+                        k: {
+                            "discriminative": [e.discriminator.low, e.discriminator.high],
+                            "likelihood": [e.mixture.low, e.mixture.high],
+                        }
+                        for k, e in sorted(self.either.items())
+                    }
+                }
+                if self.params.score == "either"
+                else {}
+            ),
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -456,25 +505,38 @@ class NormativeModel:
         params = NormativeParams.from_dict(entry.get("params"))
         if tuple(entry.get("features", ())) != params.features:
             raise ValueError(f"unknown normative features {entry.get('features')!r}")
-        if params.score == "discriminative":
-            low_high = {k: tuple(map(float, entry["thresholds"][k])) for k in entry["keys"]}
-            discriminators: dict[str, Discriminator | Committee] = {
-                k: Discriminator.load(state, f"{k}.discriminator", *low_high[k])
+        low_high = {k: tuple(map(float, entry["thresholds"][k])) for k in entry["keys"]}
+        members = entry.get("member_thresholds", {})
+        if params.score == "either":  # each member's own thresholds
+            own = {
+                s: {k: tuple(map(float, members[k][s])) for k in entry["keys"]}
+                for s in ("discriminative", "likelihood")
+            }
+        else:
+            own = {params.score: low_high}
+        discriminators: dict[str, Discriminator | Committee] = {}
+        mixtures = {}
+        if "discriminative" in own:
+            discriminators = {
+                k: Discriminator.load(state, f"{k}.discriminator", *own["discriminative"][k])
                 if params.members == 1
-                else Committee.load(state, f"{k}.discriminator", params.members, *low_high[k])
+                else Committee.load(state, f"{k}.discriminator", params.members, *own["discriminative"][k])
                 for k in entry["keys"]
             }
-            return cls(params, discriminators=discriminators)
-        mixtures = {
-            k: Mixture(
-                state[f"{k}.weights"].double().numpy(),
-                state[f"{k}.means"].double().numpy(),
-                state[f"{k}.scale_tril"].double().numpy(),
-                *map(float, entry["thresholds"][k]),
-            )
-            for k in entry["keys"]
-        }
-        return cls(params, mixtures)
+        if "likelihood" in own:
+            mixtures = {
+                k: Mixture(
+                    state[f"{k}.weights"].double().numpy(),
+                    state[f"{k}.means"].double().numpy(),
+                    state[f"{k}.scale_tril"].double().numpy(),
+                    *own["likelihood"][k],
+                )
+                for k in entry["keys"]
+            }
+        either = {}
+        if params.score == "either":
+            either = {k: Either(discriminators[k], mixtures[k], *low_high[k]) for k in entry["keys"]}
+        return cls(params, mixtures, discriminators, either)
 
 
 def normative_of(pkg) -> NormativeModel | None:

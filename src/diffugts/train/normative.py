@@ -23,6 +23,7 @@ from diffugts.networks.organs import OrganNet, organ_maps
 from diffugts.stages.deviation import DeviationParams, organ_from_log_odds
 from diffugts.stages.discriminator import Committee, Discriminator, fit_discriminator
 from diffugts.stages.normative import (
+    Either,
     Mixture,
     NormativeModel,
     NormativeParams,
@@ -119,7 +120,10 @@ def refitted(previous: NormativeModel, fitted: NormativeModel, organs: Sequence[
         return dict(sorted({**kept, **{k: v for k, v in new.items() if family_of(k) in organs}}.items()))
 
     return NormativeModel(
-        fitted.params, merge(previous.mixtures, fitted.mixtures), merge(previous.discriminators, fitted.discriminators)
+        fitted.params,
+        merge(previous.mixtures, fitted.mixtures),
+        merge(previous.discriminators, fitted.discriminators),
+        merge(previous.either, fitted.either),
     )
 
 
@@ -219,13 +223,14 @@ def fit_normative(
     healthy class but not the voxels its thresholds are cut on (they are not a new study's)."""
     from sklearn.mixture import GaussianMixture
 
-    if params.score == "discriminative" and anomalies is None:
-        raise ValueError("a discriminative normative model needs anomaly samples")
+    if params.discriminative and anomalies is None:
+        raise ValueError(f"a {params.score} normative model needs anomaly samples")
     if len(members) != params.members - 1:
         raise ValueError(f"{params.members} members need the samples of {params.members - 1} more, not {len(members)}")
     rng = np.random.default_rng(seed)
     mixtures: dict[str, Mixture] = {}
     discriminators: dict[str, Discriminator | Committee] = {}
+    either: dict[str, Either] = {}
     for k, x in sorted(samples.items()):
         if len(x) < 20 * params.components:
             continue
@@ -235,8 +240,8 @@ def fit_normative(
             fit_on, held_out = x[:MAX_SAMPLES], held_out[rng.permutation(len(held_out))][:MAX_SAMPLES]
         else:
             fit_on, held_out = x[: min(MAX_SAMPLES, len(x) // 2)], x[len(x) // 2 :][:MAX_SAMPLES]
-        scorer: Mixture | Discriminator | Committee
-        if params.score == "discriminative":
+        found: list = []  # this key's scorers: a discriminator, a mixture, or both ("either")
+        if params.discriminative:
             painted = (anomalies or {}).get(k)
             if painted is None or len(painted) < 20 * params.components:
                 continue
@@ -249,15 +254,21 @@ def fit_normative(
             fitted = [d for d in more if d is not None]
             if len(fitted) < len(more):
                 continue  # a committee needs every member
-            scorer = discriminators[k] = Committee([first, *fitted], 0.0, 0.0) if fitted else first
-        else:
+            found.append(Committee([first, *fitted], 0.0, 0.0) if fitted else first)
+        if params.score != "discriminative":
             gmm = GaussianMixture(params.components, covariance_type="full", reg_covar=1e-3, random_state=seed)
             gmm.fit(fit_on)
             tril = np.linalg.cholesky(gmm.covariances_)
-            scorer = mixtures[k] = Mixture(gmm.weights_, gmm.means_, tril, 0.0, 0.0)
-        low, high = np.quantile(scorer.score(held_out), [params.low_quantile, params.high_quantile])
-        scorer.low, scorer.high = float(low), float(high)
-    return NormativeModel(params, mixtures, discriminators)
+            found.append(Mixture(gmm.weights_, gmm.means_, tril, 0.0, 0.0))
+        if params.score == "either":  # the members' thresholds first: the larger of their relative scores is cut
+            found.append(Either(found[0], found[1], 0.0, 0.0))
+        for scorer in found:
+            low, high = np.quantile(scorer.score(held_out), [params.low_quantile, params.high_quantile])
+            scorer.low, scorer.high = float(low), float(high)
+        for scorer in found:
+            target = {Mixture: mixtures, Either: either}.get(type(scorer), discriminators)
+            target[k] = scorer  # type: ignore[index]
+    return NormativeModel(params, mixtures, discriminators, either)
 
 
 def _member(healthy, painted, params: NormativeParams, rng, seed: int) -> Discriminator | None:

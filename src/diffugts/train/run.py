@@ -485,7 +485,7 @@ def train_normative(
                 )
         grounded = only_organs(grounded, organs)
         healthy = normative_samples(cases, net, spacing, params, deviation, grounded)
-        if params.score != "discriminative":
+        if not params.discriminative:
             return healthy, None, {}
         return healthy, *anomaly_samples(cases, net, spacing, params, deviation, anomaly_seed, grounded=grounded)
 

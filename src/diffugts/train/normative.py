@@ -254,20 +254,20 @@ def fit_normative(
             fitted = [d for d in more if d is not None]
             if len(fitted) < len(more):
                 continue  # a committee needs every member
-            found.append(Committee([first, *fitted], 0.0, 0.0) if fitted else first)
+            discriminators[k] = Committee([first, *fitted], 0.0, 0.0) if fitted else first
+            found.append(discriminators[k])
         if params.score != "discriminative":
             gmm = GaussianMixture(params.components, covariance_type="full", reg_covar=1e-3, random_state=seed)
             gmm.fit(fit_on)
             tril = np.linalg.cholesky(gmm.covariances_)
-            found.append(Mixture(gmm.weights_, gmm.means_, tril, 0.0, 0.0))
+            mixtures[k] = Mixture(gmm.weights_, gmm.means_, tril, 0.0, 0.0)
+            found.append(mixtures[k])
         if params.score == "either":  # the members' thresholds first: the larger of their relative scores is cut
-            found.append(Either(found[0], found[1], 0.0, 0.0))
+            either[k] = Either(discriminators[k], mixtures[k], 0.0, 0.0)
+            found.append(either[k])
         for scorer in found:
             low, high = np.quantile(scorer.score(held_out), [params.low_quantile, params.high_quantile])
             scorer.low, scorer.high = float(low), float(high)
-        for scorer in found:
-            target = {Mixture: mixtures, Either: either}.get(type(scorer), discriminators)
-            target[k] = scorer  # type: ignore[index]
     return NormativeModel(params, mixtures, discriminators, either)
 
 

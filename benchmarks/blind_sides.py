@@ -57,7 +57,7 @@ def table(shares: dict[str, dict[float, float]], spreads: Sequence[float]) -> st
 def healthy_rows(pkg, model, modality: str, cases: int, seed: int) -> dict[str, np.ndarray]:
     """Per key the healthy feature rows of ``cases`` lesion-free phantoms, as training samples them."""
     from diffugts.networks.organs import load_organ_net
-    from diffugts.stages.attend import fusion_of
+    from diffugts.stages.attend import deviation_of
     from diffugts.stages.preprocess import Preprocessing
     from diffugts.train.data import phantom_case
     from diffugts.train.normative import normative_samples
@@ -65,7 +65,7 @@ def healthy_rows(pkg, model, modality: str, cases: int, seed: int) -> dict[str, 
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
     spacing = tuple(prep.spacing_mm)[::-1]
     phantoms = [phantom_case(seed, i, prep, healthy=True, modality=modality) for i in range(cases)]
-    return normative_samples(phantoms, load_organ_net(pkg), spacing, model.params, fusion_of(pkg).deviation)
+    return normative_samples(phantoms, load_organ_net(pkg), spacing, model.params, deviation_of(pkg))
 
 
 def main(argv=None) -> None:

@@ -99,6 +99,14 @@ def fusion_of(pkg: ModelPackage):
     return Fusion.from_dict(entry) if entry else None
 
 
+def deviation_of(pkg: ModelPackage):
+    """The organ-relative deviation's parameters (diffugts.stages.deviation.DeviationParams) that
+    the package closes its organ maps with: its fusion's, or None (the defaults) for a package
+    without an AOVA head or a fusion."""
+    fusion = fusion_of(pkg) if pkg.has(AOVA_HEAD) else None
+    return fusion.deviation if fusion else None
+
+
 @torch.no_grad()
 def coarse_maps(method: Method, x: np.ndarray, spacing, targets: list[Target], seed: int = 0) -> CoarseMaps:
     """The AOVA head tiled over the volume; with the package's fusion, its region and anomaly

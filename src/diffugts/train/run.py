@@ -422,7 +422,7 @@ def train_normative(
     of the fitting cases). ``organs``: refit only these organ families and keep the package's
     fit of every other (diffugts.train.normative.refitted): for a change that concerns them
     alone, so that the other organs' candidates stay as they were."""
-    from diffugts.stages.attend import fusion_of
+    from diffugts.stages.attend import deviation_of
     from diffugts.train.aova import PROMPTABLE
     from diffugts.train.normative import (
         anomaly_samples,
@@ -454,7 +454,6 @@ def train_normative(
         except ValueError as e:
             raise ConfigError(f"{pkg.root}: {e}") from None
     prep = Preprocessing.from_dict(pkg.manifest["preprocessing"])
-    fusion = fusion_of(pkg) if pkg.has(AOVA_HEAD) else None
     plan = [("CT", R.NORMATIVE_INDEX + i) for i in range(cases)]
     plan += [("MR", R.NORMATIVE_INDEX + R.NORMATIVE_MR_OFFSET + i) for i in range(mr_cases)]
     held_out = [("CT", R.NORMATIVE_INDEX + R.NORMATIVE_CALIBRATION_OFFSET + i) for i in range(calibration_cases)]
@@ -471,7 +470,7 @@ def train_normative(
         ]
 
     data, held_out_data = phantoms(plan), phantoms(held_out)
-    spacing, deviation = tuple(prep.spacing_mm)[::-1], fusion.deviation if fusion else DeviationParams()
+    spacing, deviation = tuple(prep.spacing_mm)[::-1], deviation_of(pkg) or DeviationParams()
 
     def sampled(cases: list, anomaly_seed: int):
         grounded = ground_cases(cases, net, spacing, deviation)

@@ -3,7 +3,7 @@ verifier variants and read their effect on development cases in minutes, not hou
 
     python benchmarks/verifier_proxy.py MODEL FOLDER [FOLDER ...] [--seed S]
         [--fit SEEN,HEALTHY,MR_HEALTHY,ANOMALIES,MR_ANOMALIES ...] [--features A,B ...] [--min-recall R]
-        [--curve] [--cache DIR]
+        [--curve] [--cache DIR] [--lookalike-cases N]
 
 Each case is made as the verifier's fitting examples are (diffugts.train.run.verifier_examples):
 the organ network, the coarse maps and the package's normative candidates on the model grid,
@@ -22,7 +22,9 @@ every threshold from 0.05 to 0.95 (lesions touched over all lesion folders, fals
 lesion-free study over all lesion-free ones): whether a feature moves the trade-off between the
 two or only the point on it. ``--cache DIR`` keeps the candidates and the fitting samples as JSON,
 keyed by the package, the folders, the seed, the fitting cases and the known features, so that a
-second run with other features or thresholds takes seconds.
+second run with other features or thresholds takes seconds. ``--lookalike-cases N`` builds the
+look-alike atlas as `train verifier --lookalike-cases N` does (the seed's refinement range),
+so that verifiers weighing ``lookalikes`` can be fitted.
 
 FOLDER: `diffugts phantom --no-dicom` output. Development seeds only: never tune on evaluation seeds.
 """
@@ -45,7 +47,7 @@ from diffugts.stages.verification import KNOWN_FEATURES, LesionVerifier, candida
 from diffugts.train.aova import organ_family
 from diffugts.train.data import case_from_dir
 from diffugts.train.refine import HOST_FAMILIES
-from diffugts.train.run import _ExampleMaker, verifier_examples, verifier_plan
+from diffugts.train.run import _ExampleMaker, lookalike_atlas, verifier_examples, verifier_plan
 from diffugts.train.verify import component_samples, example_evidence, fit_verifier
 from diffugts.utils.atomic import write_text
 
@@ -57,21 +59,24 @@ def maker(pkg: ModelPackage, seed: int) -> _ExampleMaker:
     return _ExampleMaker(pkg, seed, 10, None, normative=normative, synthesize=False)
 
 
-def fitting_samples(make: _ExampleMaker, seed: int, counts: list[int]) -> tuple[list[dict], int]:
-    """Every candidate of the verifier's fitting cases with every feature, and their true voxels."""
+def fitting_samples(make: _ExampleMaker, seed: int, counts: list[int], atlas: dict | None) -> tuple[list[dict], int]:
+    """Every candidate of the verifier's fitting cases with every feature, and their true voxels
+    (``lookalikes`` read from ``atlas``; without one, the feature is left at its empty value)."""
     samples, truth = [], 0
     spacing = tuple(make.prep.spacing_mm)[::-1]
     voxel_ml = float(np.prod(make.prep.spacing_mm)) / 1000
     for _, examples in verifier_examples(make, seed, verifier_plan(*counts)):
         zero = [np.zeros(e.truth.shape, np.float32) for e in examples]  # no head: its features are unused
         samples += component_samples(
-            examples, zero, 0.5, voxel_ml, DEFAULT_MIN_VOLUME_ML, "normative", 2.0, KNOWN_FEATURES, spacing
+            examples, zero, 0.5, voxel_ml, DEFAULT_MIN_VOLUME_ML, "normative", 2.0, KNOWN_FEATURES, spacing, atlas or {}
         )
         truth += sum(int(e.truth.sum()) for e in examples)
     return samples, truth
 
 
-def folder_candidates(make: _ExampleMaker, folders: list[Path]) -> tuple[list[dict], list[dict], dict]:
+def folder_candidates(
+    make: _ExampleMaker, folders: list[Path], atlas: dict | None
+) -> tuple[list[dict], list[dict], dict]:
     """(candidates, case-organs, lesion-free studies per folder) of the folders' cases."""
     spacing = tuple(make.prep.spacing_mm)[::-1]
     voxel_ml = float(np.prod(make.prep.spacing_mm)) / 1000
@@ -94,7 +99,7 @@ def folder_candidates(make: _ExampleMaker, folders: list[Path]) -> tuple[list[di
                 if ex is None or ex.normative is None:
                     continue
                 targets[t]["truth"] = int(ex.truth.sum())
-                evidence = example_evidence(ex, np.zeros(ex.truth.shape, np.float32), spacing)
+                evidence = example_evidence(ex, np.zeros(ex.truth.shape, np.float32), spacing, atlas or {})
                 labels, cids, feats = candidates(
                     ex.normative, evidence, voxel_ml, DEFAULT_MIN_VOLUME_ML, KNOWN_FEATURES
                 )
@@ -203,18 +208,28 @@ def main(argv=None) -> None:
     parser.add_argument("--min-recall", type=float, default=0.9)
     parser.add_argument("--curve", action="store_true", help="also each verifier's keeps at every threshold")
     parser.add_argument("--cache", type=Path, help="keep candidates and fitting samples here between runs")
+    parser.add_argument(
+        "--lookalike-cases",
+        type=int,
+        default=0,
+        help="lesion-free CT and as many MR cases for the look-alike atlas that lookalikes reads (default 0: none)",
+    )
     args = parser.parse_args(argv)
     fits = args.fit or ["36,14,0,0,0"]
     pkg = open_package(args.model)
     make = maker(pkg, args.seed)
     results: dict[str, dict] = {}
     fitted = {}
+    atlas = None
+    if args.lookalike_cases:  # kept as the verifier carries it; cached beside the candidates
+        key = ["lookalikes", pkg.sha256, args.lookalike_cases]
+        atlas = cached(args.cache, key, lambda: ([], lookalike_atlas(make, args.lookalike_cases)))[1]
     for fit in fits if args.features else []:
         counts = [int(v) for v in fit.split(",")]
-        key = ["fit", pkg.sha256, args.seed, counts]
-        fitted[fit] = cached(args.cache, key, fitting_samples, make, args.seed, counts)
-    key = ["candidates", pkg.sha256, [str(f.resolve()) for f in args.folders]]
-    rows, targets, healthy = cached(args.cache, key, folder_candidates, make, args.folders)
+        key = ["fit", pkg.sha256, args.seed, counts, args.lookalike_cases]
+        fitted[fit] = cached(args.cache, key, fitting_samples, make, args.seed, counts, atlas)
+    key = ["candidates", pkg.sha256, [str(f.resolve()) for f in args.folders], args.lookalike_cases]
+    rows, targets, healthy = cached(args.cache, key, folder_candidates, make, args.folders, atlas)
     healthy = defaultdict(int, healthy)
     results["none (every candidate)"] = proxy(rows, targets, healthy, None)
     verifiers = {}

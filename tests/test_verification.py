@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from diffugts.cli import main
 from diffugts.models.package import add_networks
 from diffugts.phantom import CaseSpec, generate_case, write_case
+from diffugts.stages.lookalikes import FLOOR, atlas_entry
 from diffugts.stages.normative import FEATURES as NORMATIVE_FEATURES, Mixture, NormativeModel, NormativeParams
 from diffugts.stages.verification import (
     FEATURES,
@@ -315,14 +316,26 @@ def permissive(tmp_path_factory):
         ("normative-geometric", 50.0, "normative"),  # ... on the model grid
         ("normative-continuation", 50.0, "normative"),  # and the image around each candidate
         ("normative-half", 0.0, "normative"),  # every candidate a lesion with probability 0.5
+        ("normative-lookalikes", 50.0, "normative"),  # look-alikes everywhere in the liver: all dropped
+        ("normative-lookalikes-elsewhere", 50.0, "normative"),  # ... in the spleen: the liver's kept
     ):
         features = FEATURES + GEOMETRY if name.endswith("geometric") else FEATURES
         features += ("continuation",) if name.endswith("continuation") else ()
+        features += ("lookalikes",) if "lookalikes" in name else ()
         n = len(features)
         threshold = 0.4 if name == "normative-half" else 0.5
         verifier = LesionVerifier(
             (0.0,) * n, bias, (0.0,) * n, (1.0,) * n, threshold, features=features, candidate_source=source
         )
+        if "lookalikes" in name:  # a look-alike within RADIUS of every place in the organ's box, per study
+            grid = np.stack(np.meshgrid(*[np.arange(0.0, 1.05, 0.09)] * 3, indexing="ij"), -1).reshape(-1, 3)
+            organ_key = "spleen/CT" if name.endswith("elsewhere") else "liver/CT"
+            verifier = dataclasses.replace(
+                verifier,
+                weights=(0.0,) * (n - 1) + (-20.0,),  # the empty neighbourhood: 0; a look-alike per study: -78
+                mean=(0.0,) * (n - 1) + (float(np.log(FLOOR)),),
+                lookalikes=atlas_entry({organ_key: [grid]}, {organ_key: 1}),
+            )
         networks = {"refine": ({**refine, "verifier": verifier.as_dict()}, base.state_dict("refine"))}
         if source == "normative" and name != "normative-missing":  # every voxel unlike healthy tissue
             organ = "spleen" if name.endswith("spleen") else "liver"
@@ -404,6 +417,8 @@ def test_segment_applies_the_packages_verifier(permissive, study, tmp_path):
     assert not masks["normative-spleen"].any()
     assert (masks["normative-geometric"] == masks["normative"]).all()
     assert (masks["normative-continuation"] == masks["normative"]).all()  # computed from the image, nothing dropped
+    assert not masks["normative-lookalikes"].any()  # the liver's atlas, read for the liver's candidates
+    assert (masks["normative-lookalikes-elsewhere"] == masks["normative"]).all()  # the spleen's is not the liver's
 
 
 @pytest.mark.slow

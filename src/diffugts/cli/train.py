@@ -280,6 +280,13 @@ def register(sub) -> None:
     ):
         v.add_argument(flag, type=int, default=default, help=f"{what} (default %(default)s)")
     v.add_argument(
+        "--lookalike-cases",
+        type=int,
+        default=None,
+        help="lesion-free CT and as many MR cases whose normative candidates make the look-alike atlas that the "
+        f"lookalikes feature reads (default: {DemoRecipe.verifier_lookalike_cases} when --features has it, else none)",
+    )
+    v.add_argument(
         "--candidates",
         choices=CANDIDATE_SOURCES,
         default=DemoRecipe.verifier_candidates,
@@ -666,6 +673,7 @@ def _verifier_features(text: str) -> tuple[str, ...]:
 
 
 def _verifier(args) -> int:
+    from diffugts.train.recipe import DemoRecipe
     from diffugts.train.run import train_lesion_verifier
 
     pkg = train_lesion_verifier(
@@ -682,6 +690,9 @@ def _verifier(args) -> int:
         min_recall=args.min_recall,
         anomaly_cases=args.anomaly_cases,
         anomaly_mr_cases=args.anomaly_mr_cases,
+        lookalike_cases=args.lookalike_cases
+        if args.lookalike_cases is not None
+        else DemoRecipe.verifier_lookalike_cases * ("lookalikes" in (args.features or ())),
         **({"grow_mm": args.grow_mm} if "grow_mm" in args else {}),
     )
     r = pkg.manifest["provenance"]["verifier_training"]

@@ -372,6 +372,7 @@ class Findings:
     # how the verified candidates are delineated by level (NormativeParams.delineate_level)
     level_delineation: LevelDelineation | None = None
     image: np.ndarray | None = None  # the image scored (the verifier's continuation reads it)
+    key: str | None = None  # the organ and modality scored (:func:`key`; the verifier's look-alikes read it)
 
     @classmethod
     def none(cls, shape, log_odds: np.ndarray | None = None) -> Findings:
@@ -462,7 +463,15 @@ class NormativeModel:
         by_level = None
         if self.params.delineate_level is not None:
             by_level = LevelDelineation(image, self.params.delineate_level, self.params.delineate_expand_mm)
-        return Findings(found, relative_score(score, mix.low, mix.high), organ_log_odds, delineation, by_level, image)
+        return Findings(
+            found,
+            relative_score(score, mix.low, mix.high),
+            organ_log_odds,
+            delineation,
+            by_level,
+            image,
+            key(organ, modality),
+        )
 
     def candidates(self, *args, **kwargs) -> np.ndarray:
         """The candidate lesion voxels of :meth:`findings` (same arguments)."""

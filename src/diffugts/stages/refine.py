@@ -257,6 +257,7 @@ def _verified_candidates(
     verifier was fitted, every map there; the kept lesions mapped back to the study grid, with
     their confidence (:func:`lesion_confidence`)."""
     from diffugts.stages.lesions import voxel_ml
+    from diffugts.stages.lookalikes import lookalikes_for
     from diffugts.stages.normative import delineated
     from diffugts.stages.verification import Evidence, deviation_candidates, scored_verified
 
@@ -282,6 +283,9 @@ def _verified_candidates(
             normative=findings.score if findings is not None else None,
             organ_log_odds=findings.log_odds if findings is not None else None,
             image=findings.image if findings is not None else None,
+            lookalikes=lookalikes_for(verifier.lookalikes, findings.key)
+            if findings is not None and verifier.lookalikes is not None
+            else None,
         )
         if verifier.candidate_source == "normative":
             found = findings.candidates if findings is not None else np.zeros(z.shape, bool)

@@ -67,6 +67,13 @@ twenty-second and twenty-third sessions):
 - ``surround``: the share of the first ring of voxels around the candidate (1.5-4.5 mm) that
   is like it (diffugts.stages.delineation.surround): about 0 for a lesion its organ surrounds;
   a candidate along a structure of its own look touches it whether or not it goes on far.
+
+One feature reads where in its organ a candidate lies (``normative`` candidates; since
+2026-12-07, twenty-sixth session):
+- ``lookalikes``: log of how many normative candidates of lesion-free studies lay near the
+  candidate's place in its organ, per study (diffugts.stages.lookalikes; the verifier carries
+  that atlas). Healthy anatomy that looks like a lesion (the vena cava's notch of the liver,
+  the veins along the pancreas) lies at the same place in every study; a lesion anywhere.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ import numpy as np
 from scipy import ndimage
 
 from diffugts.stages.lesions import CONNECTIVITY_26
+from diffugts.stages.lookalikes import Lookalikes, places
 
 # Component features, in the order of the verifier's weights.
 FEATURES = (
@@ -93,8 +101,10 @@ FEATURES = (
 GEOMETRY = ("depth_mm", "elongation", "depth_rel", "fill")
 NORMATIVE_EVIDENCE = ("normative_mean", "normative_max", "organ_log_odds", "core_ml")  # normative candidates only
 CONTEXT = ("continuation", "surround")  # normative candidates only: what lies around a candidate in the image
+PRIOR = ("lookalikes",)  # normative candidates only: where in its organ a candidate lies
 CORE_LEVEL = 1.0  # ``core_ml``: the relative normative score a candidate's core exceeds
-KNOWN_FEATURES = FEATURES + GEOMETRY + NORMATIVE_EVIDENCE + CONTEXT
+KNOWN_FEATURES = FEATURES + GEOMETRY + NORMATIVE_EVIDENCE + CONTEXT + PRIOR
+NORMATIVE_ONLY = NORMATIVE_EVIDENCE + CONTEXT + PRIOR  # features of normative candidates only
 CANDIDATE_SOURCES = ("refined", "deviation", "normative")
 
 
@@ -123,6 +133,7 @@ class Evidence:
     normative: np.ndarray | None = None  # relative normative score (NORMATIVE_EVIDENCE needs it)
     organ_log_odds: np.ndarray | None = None  # the organ network's for the target's organ
     image: np.ndarray | None = None  # the image the normative model scored (CONTEXT needs it)
+    lookalikes: Lookalikes | None = None  # the atlas's look-alikes of the target's organ and modality (PRIOR)
 
 
 @dataclass(frozen=True)
@@ -138,6 +149,8 @@ class LesionVerifier:
     features: tuple[str, ...] = FEATURES
     candidate_source: str = "refined"  # the default: how verifiers fitted before the choice decided
     deviation_k: float = 2.0  # the |z| of a "deviation" candidate
+    # The look-alike atlas (diffugts.stages.lookalikes.atlas_entry) that ``lookalikes`` reads
+    lookalikes: dict | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> LesionVerifier:
@@ -149,8 +162,10 @@ class LesionVerifier:
             )
         if d.get("candidate_source", "refined") not in CANDIDATE_SOURCES:
             raise ValueError(f"unknown lesion verifier candidate source {d.get('candidate_source')!r}")
-        if set(features) & set(NORMATIVE_EVIDENCE + CONTEXT) and d.get("candidate_source") != "normative":
+        if set(features) & set(NORMATIVE_ONLY) and d.get("candidate_source") != "normative":
             raise ValueError("the lesion verifier's normative features need normative candidates")
+        if "lookalikes" in features and not isinstance(d.get("lookalikes"), dict):
+            raise ValueError("the lesion verifier weighs look-alikes but carries no look-alike atlas")
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**fields)
 
@@ -242,6 +257,7 @@ def candidates(
         "core_ml": lambda: _core_ml(labels, ids, evidence_map("normative"), voxel_ml),
         "continuation": lambda: _context("continuation", labels, ids, evidence),
         "surround": lambda: _context("surround", labels, ids, evidence),
+        "lookalikes": lambda: _lookalikes(labels, ids, evidence),
     }
     return labels, ids, np.stack([np.asarray(compute[f](), np.float64) for f in features], 1)
 
@@ -261,6 +277,13 @@ def _context(name: str, labels: np.ndarray, ids: list[int], evidence: Evidence) 
     return getattr(delineation, name)(
         labels, ids, evidence.image, np.asarray(evidence.organ) > 0.5, evidence.normative, evidence.spacing_mm
     )
+
+
+def _lookalikes(labels: np.ndarray, ids: list[int], evidence: Evidence) -> np.ndarray:
+    """The PRIOR feature: the atlas's look-alikes near each component's place in its organ."""
+    if evidence.lookalikes is None:
+        raise ValueError("the lookalikes feature needs the evidence's look-alike atlas")
+    return evidence.lookalikes.feature(places(labels, ids, np.asarray(evidence.organ) > 0.5))
 
 
 def _moments(labels: np.ndarray, ids: list[int], spacing_mm) -> list[np.ndarray | None]:

@@ -29,6 +29,7 @@ NORMATIVE_MEMBER_OFFSET = 1000  # a committee's member m fits on cases from NORM
 VERIFY_MR_OFFSET = 250  # the verifier's lesion-free MR cases: from VERIFY_HEALTHY_INDEX + this (other anatomy)
 VERIFY_ANOMALY_INDEX = 4800  # the verifier's lesion-free cases with generic anomalies (MR: + VERIFY_MR_OFFSET)
 VERIFY_ANOMALY_STREAM = 79  # their anomalies' own random stream
+VERIFY_LOOKALIKE_INDEX = 5200  # the verifier's look-alike atlas: lesion-free cases (MR: + VERIFY_MR_OFFSET)
 AOVA_FEATURES = ["encoder1", "encoder2", "denoiser0", "denoiser1", "denoiser2"]
 
 
@@ -182,6 +183,9 @@ class DemoRecipe:
     # counted as lesions (train.anomalies.with_relative_anomalies): lesions of no type, in MR too.
     verifier_anomaly_cases: int = 0
     verifier_anomaly_mr_cases: int = 0
+    # Lesion-free CT and as many MR phantoms whose normative candidates make the look-alike
+    # atlas (diffugts.stages.lookalikes); 0: no atlas, and no ``lookalikes`` feature.
+    verifier_lookalike_cases: int = 0
     # None: the backbone's default scales (default_features)
     features: list[str] | None = field(default_factory=lambda: list(AOVA_FEATURES))
     config: str = "demo"  # backbone configuration (models/configs.py): its family picks the backbone recipe
@@ -207,6 +211,7 @@ class DemoRecipe:
             "min_recall": self.verifier_min_recall,
             "anomaly_cases": self.verifier_anomaly_cases,
             "anomaly_mr_cases": self.verifier_anomaly_mr_cases,
+            "lookalike_cases": self.verifier_lookalike_cases,
         }
 
     def normative_params(self):

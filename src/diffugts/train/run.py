@@ -734,6 +734,49 @@ def verifier_examples(make: _ExampleMaker, seed: int, plan, show_progress: bool 
         yield entry, make.examples(case)
 
 
+def lookalike_atlas(make: _ExampleMaker, cases: int, show_progress: bool = True) -> dict:
+    """The look-alike atlas (diffugts.stages.lookalikes) of ``cases`` lesion-free CT and as many
+    MR phantoms of the refinement seed range, none a fitting case: per organ and modality,
+    every normative candidate's place in its organ, prompted for every organ as `evaluate`
+    prompts a lesion-free study."""
+    from collections import defaultdict
+
+    from diffugts.stages.lookalikes import atlas_entry
+
+    spacing = tuple(make.prep.spacing_mm)[::-1]
+    voxel_ml = float(np.prod(make.prep.spacing_mm)) / 1000
+    found: dict[str, list[np.ndarray]] = defaultdict(list)
+    studies: dict[str, int] = defaultdict(int)
+    plan = [
+        (R.VERIFY_LOOKALIKE_INDEX + (R.VERIFY_MR_OFFSET if modality == "MR" else 0) + i, modality)
+        for modality in ("CT", "MR")
+        for i in range(cases)
+    ]
+    synthesize, make.synthesize = make.synthesize, False  # the candidates do not read the pseudo-healthy image
+    try:
+        for index, modality in progress(plan, desc="look-alike atlas", unit="case", enable=show_progress):
+            _atlas_case(make, make.case(index, True, modality), spacing, voxel_ml, found, studies)
+    finally:
+        make.synthesize = synthesize
+    return atlas_entry(found, studies)
+
+
+def _atlas_case(make: _ExampleMaker, case, spacing, voxel_ml: float, found: dict, studies: dict) -> None:
+    """One lesion-free case's look-alikes, added to ``found`` and ``studies`` (:func:`lookalike_atlas`)."""
+    from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
+    from diffugts.stages.lookalikes import places
+    from diffugts.stages.verification import candidates
+    from diffugts.train.verify import example_evidence
+
+    for ex in make.examples(case):
+        if ex.findings is None or ex.findings.key is None:
+            continue  # an organ the normative model does not score, or one not found
+        studies[ex.findings.key] += 1
+        evidence = example_evidence(ex, np.zeros(ex.truth.shape, np.float32), spacing)
+        labels, ids, _ = candidates(ex.normative, evidence, voxel_ml, DEFAULT_MIN_VOLUME_ML, ("log_volume_ml",))
+        found[ex.findings.key].append(places(labels, ids, np.asarray(evidence.organ) > 0.5))
+
+
 def train_lesion_verifier(
     model: str | Path,
     out: Path | None = None,
@@ -751,6 +794,7 @@ def train_lesion_verifier(
     anomaly_cases: int = 0,
     anomaly_mr_cases: int = 0,
     grow_mm=KEEP,
+    lookalike_cases: int = 0,
 ) -> ModelPackage:
     """The lesion verifier of a package with a fused coarse map and a refinement head, fitted
     on ``cases`` seen-type and ``healthy_cases`` lesion-free phantoms the head never saw, and
@@ -767,22 +811,28 @@ def train_lesion_verifier(
     organ and both modalities, beside the seen types of CT liver and kidney. ``grow_mm``: how
     far the normative candidates grow from their seeds (NormativeParams.grow_mm, None:
     unlimited), set in the package's normative model (nothing of it refitted) and fitted on,
-    since the verifier judges candidates as they grow; KEEP: as the package has it."""
+    since the verifier judges candidates as they grow; KEEP: as the package has it.
+    ``lookalike_cases``: lesion-free CT and as many MR phantoms whose normative candidates make
+    the look-alike atlas that the ``lookalikes`` feature reads (:func:`lookalike_atlas`)."""
     from dataclasses import replace
 
     from diffugts.networks.loading import load_head
     from diffugts.networks.refine import RefineHead
     from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
     from diffugts.stages.refine import refine_threshold
-    from diffugts.stages.verification import CONTEXT, FEATURES, NORMATIVE_EVIDENCE
+    from diffugts.stages.verification import FEATURES, NORMATIVE_ONLY
     from diffugts.train.refine import held_out_probabilities
     from diffugts.train.verify import component_samples, fit_verifier
 
-    asked = sorted(set(features or ()) & set(NORMATIVE_EVIDENCE + CONTEXT))
+    asked = sorted(set(features or ()) & set(NORMATIVE_ONLY))
     if asked and candidate_source != "normative":
         raise ConfigError(
             f"the verifier features {', '.join(asked)} weigh normative candidates only, not {candidate_source!r}"
         )
+    if "lookalikes" in (features or ()) and lookalike_cases <= 0:
+        raise ConfigError("the lookalikes feature needs a look-alike atlas: give --lookalike-cases N (N > 0)")
+    if lookalike_cases and "lookalikes" not in (features or ()):
+        raise ConfigError("--lookalike-cases makes an atlas only the lookalikes feature reads: add it to --features")
     if grow_mm is not KEEP and candidate_source != "normative":
         raise ConfigError(f"--grow-mm sets how normative candidates grow, not {candidate_source!r} ones")
     pkg = open_package(model)
@@ -805,6 +855,7 @@ def train_lesion_verifier(
     head, cut = load_head(pkg, REFINE_HEAD, RefineHead), refine_threshold(pkg)
     features = tuple(features or FEATURES)
     plan = verifier_plan(cases, healthy_cases, mr_healthy_cases, anomaly_cases, anomaly_mr_cases)
+    atlas = lookalike_atlas(make, lookalike_cases, show_progress) if lookalike_cases else None
     examples = [ex for _, exs in verifier_examples(make, seed, plan, show_progress) for ex in exs]
     probs = held_out_probabilities(head, examples)
     voxel_ml = float(np.prod(make.prep.spacing_mm)) / 1000
@@ -818,13 +869,14 @@ def train_lesion_verifier(
         deviation_k,
         features,
         tuple(make.prep.spacing_mm)[::-1],
+        atlas,
     )
     lesion = sum(s["lesion"] for s in samples)
     entry = {k: v for k, v in pkg.network(REFINE_HEAD).items() if k != "verifier"}
     if 0 < lesion < len(samples):
         truth = sum(int(e.truth.sum()) for e in examples)
         verifier, report = fit_verifier(samples, truth, candidate_source, deviation_k, features, min_recall)
-        entry["verifier"] = verifier.as_dict()
+        entry["verifier"] = replace(verifier, lookalikes=atlas).as_dict() if atlas else verifier.as_dict()
     else:  # nothing to tell apart: the package keeps every refined lesion, and says why
         report = {
             "components": len(samples),
@@ -859,6 +911,7 @@ def train_lesion_verifier(
                 "mr_healthy_cases": mr_healthy_cases,
                 "anomaly_cases": anomaly_cases,
                 "anomaly_mr_cases": anomaly_mr_cases,
+                **({"lookalike_cases": lookalike_cases} if lookalike_cases else {}),
                 "case_seed": make.case_seed,
                 "indices": [
                     R.VERIFY_INDEX,
@@ -866,6 +919,11 @@ def train_lesion_verifier(
                     R.VERIFY_HEALTHY_INDEX + R.VERIFY_MR_OFFSET,
                     R.VERIFY_ANOMALY_INDEX,
                     R.VERIFY_ANOMALY_INDEX + R.VERIFY_MR_OFFSET,
+                    *(
+                        [R.VERIFY_LOOKALIKE_INDEX, R.VERIFY_LOOKALIKE_INDEX + R.VERIFY_MR_OFFSET]
+                        if lookalike_cases
+                        else []
+                    ),
                 ],
                 "candidate_source": candidate_source,
                 **({"grow_mm": grow_mm} if grow_mm is not KEEP else {}),

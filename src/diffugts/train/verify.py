@@ -22,11 +22,13 @@ import dataclasses
 import numpy as np
 
 from diffugts.networks.refine import SHARED_CHANNELS as SHARED, TARGET_CHANNELS
+from diffugts.stages.lookalikes import lookalikes_for
 from diffugts.stages.refine import DEVIATION_SCALE, RESIDUAL_GAIN
 from diffugts.stages.verification import (
     CONTEXT,
     FEATURES,
     KNOWN_FEATURES,
+    PRIOR,
     Evidence,
     LesionVerifier,
     candidates,
@@ -43,13 +45,18 @@ THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 # Depth and compactness count for a lesion too: deeper in its organ, rounder (GEOMETRY), and so
 # do the normative score and the organ log-odds (NORMATIVE_EVIDENCE). The volume is free, and so
 # are the features of what surrounds a candidate (CONTEXT: continuation, surround), which count
-# against a lesion: tissue like it going on past it, lying around it.
-EVIDENCE = tuple(f for f in KNOWN_FEATURES if f not in ("log_volume_ml", *CONTEXT))
+# against a lesion: tissue like it going on past it, lying around it; and the look-alikes
+# near its place (PRIOR), which count against it too.
+EVIDENCE = tuple(f for f in KNOWN_FEATURES if f not in ("log_volume_ml", *CONTEXT, *PRIOR))
 
 
-def example_evidence(example: Example, refined: np.ndarray, spacing_kji=None) -> Evidence:
-    """An example's evidence maps on the model grid, from its input channels."""
+def example_evidence(
+    example: Example, refined: np.ndarray, spacing_kji=None, lookalikes: dict | None = None
+) -> Evidence:
+    """An example's evidence maps on the model grid, from its input channels; ``lookalikes``:
+    the look-alike atlas (diffugts.stages.lookalikes.atlas_entry), if the features read it."""
     own = example.inputs[SHARED:]
+    findings = example.findings
     return Evidence(
         refined=refined,
         coarse=own[TARGET_CHANNELS.index("coarse")],
@@ -59,9 +66,12 @@ def example_evidence(example: Example, refined: np.ndarray, spacing_kji=None) ->
         spacing_mm=None
         if spacing_kji is None
         else (float(spacing_kji[0]), float(spacing_kji[1]), float(spacing_kji[2])),
-        normative=example.findings.score if example.findings is not None else None,
-        organ_log_odds=example.findings.log_odds if example.findings is not None else None,
-        image=example.findings.image if example.findings is not None else None,
+        normative=findings.score if findings is not None else None,
+        organ_log_odds=findings.log_odds if findings is not None else None,
+        image=findings.image if findings is not None else None,
+        lookalikes=lookalikes_for(lookalikes, findings.key)
+        if findings is not None and lookalikes is not None
+        else None,
     )
 
 
@@ -75,14 +85,16 @@ def component_samples(
     deviation_k: float = 2.0,
     features: tuple[str, ...] = FEATURES,
     spacing_kji=None,
+    lookalikes: dict | None = None,
 ) -> list[dict]:
     """Per candidate of each example (a component of the head's mask at ``cut``, of the
     deviation for ``source`` "deviation", of the example's normative candidates for
     "normative"): features, whether it is a lesion, its voxels and
-    the true voxels it covers (for the threshold), and its example's index."""
+    the true voxels it covers (for the threshold), and its example's index. ``lookalikes``: the
+    look-alike atlas the ``lookalikes`` feature reads (diffugts.stages.lookalikes)."""
     out = []
     for n, (ex, prob) in enumerate(zip(examples, probs)):
-        evidence = example_evidence(ex, prob, spacing_kji)
+        evidence = example_evidence(ex, prob, spacing_kji, lookalikes)
         if source == "normative":
             mask = ex.normative if ex.normative is not None else np.zeros(prob.shape, bool)
         elif source == "deviation":

@@ -136,6 +136,7 @@ def test_train_verifier_counts_candidates_on_painted_anomalies_as_lesions(tmp_pa
     out = tmp_path / "anomalies"
     args = ["-q", "train", "verifier", "--model", str(DEMO_MODEL), "--out", str(out), "--cases", "0"]
     args += ["--healthy-cases", "0", "--anomaly-cases", "1", "--anomaly-mr-cases", "1", "--min-recall", "0.9"]
+    args += ["--lookalike-cases", "1"]  # the recipe's features read an atlas: a small one
     assert main([*args, "--grow-mm", "9"]) == 0
     assert main(["models", "verify", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())

@@ -175,8 +175,11 @@ class DemoRecipe:
     # development sets (docs/benchmarks.md, "A candidate's core"). Since the twenty-second session
     # also how far tissue like the candidate continues past it (continuation): 6-35 more lesions
     # found at each rate of at most 1.6 false lesions per lesion-free study, two draws, three
-    # development sets (docs/benchmarks.md, "Continuation").
-    verifier_features: tuple[str, ...] | None = ("core_ml", "depth_rel", "elongation", "continuation")
+    # development sets (docs/benchmarks.md, "Continuation"). Since the twenty-sixth session also
+    # how many look-alikes lesion-free studies raised near its place in its organ (lookalikes):
+    # draw 0 half the false lesions at the same lesions found, draw 1 level or a few lesions more
+    # along the whole curve (docs/benchmarks.md, "Look-alikes").
+    verifier_features: tuple[str, ...] | None = ("core_ml", "depth_rel", "elongation", "continuation", "lookalikes")
     verifier_mr_healthy_cases: int = 0
     verifier_min_recall: float | None = 0.95
     # Lesion-free CT / MR cases with generic anomalies painted into every organ, their candidates
@@ -185,7 +188,7 @@ class DemoRecipe:
     verifier_anomaly_mr_cases: int = 0
     # Lesion-free CT and as many MR phantoms whose normative candidates make the look-alike
     # atlas (diffugts.stages.lookalikes); 0: no atlas, and no ``lookalikes`` feature.
-    verifier_lookalike_cases: int = 0
+    verifier_lookalike_cases: int = 24
     # None: the backbone's default scales (default_features)
     features: list[str] | None = field(default_factory=lambda: list(AOVA_FEATURES))
     config: str = "demo"  # backbone configuration (models/configs.py): its family picks the backbone recipe
@@ -255,6 +258,7 @@ class DemoRecipe:
             refine_healthy_cases=1,
             verifier_cases=2,
             verifier_healthy_cases=1,
+            verifier_lookalike_cases=1,
             organ_steps=6,
             organ_mr_healthy_cases=1,
             normative_cases=1,

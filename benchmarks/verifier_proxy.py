@@ -59,7 +59,9 @@ def maker(pkg: ModelPackage, seed: int) -> _ExampleMaker:
     return _ExampleMaker(pkg, seed, 10, None, normative=normative, synthesize=False)
 
 
-def fitting_samples(make: _ExampleMaker, seed: int, counts: list[int], atlas: dict | None) -> tuple[list[dict], int]:
+def fitting_samples(
+    make: _ExampleMaker, seed: int, counts: list[int], atlas: dict | None = None
+) -> tuple[list[dict], int]:
     """Every candidate of the verifier's fitting cases with every feature, and their true voxels
     (``lookalikes`` read from ``atlas``; without one, the feature is left at its empty value)."""
     samples, truth = [], 0
@@ -75,7 +77,7 @@ def fitting_samples(make: _ExampleMaker, seed: int, counts: list[int], atlas: di
 
 
 def folder_candidates(
-    make: _ExampleMaker, folders: list[Path], atlas: dict | None
+    make: _ExampleMaker, folders: list[Path], atlas: dict | None = None
 ) -> tuple[list[dict], list[dict], dict]:
     """(candidates, case-organs, lesion-free studies per folder) of the folders' cases."""
     spacing = tuple(make.prep.spacing_mm)[::-1]

@@ -88,6 +88,33 @@ def test_the_proxy_keeps_what_a_verifier_keeps_and_counts_as_evaluate_does(folde
 
 
 @pytest.mark.slow
+def test_the_proxy_reads_the_lookalike_atlas_it_is_given(folders, capsys, tmp_path, monkeypatch):
+    """With ``--lookalike-cases`` the proxy makes the atlas (here a stand-in with a look-alike
+    near every place of every organ), caches it, and every candidate's ``lookalikes`` reads it;
+    without one the feature is the empty neighbourhood's."""
+    from diffugts.stages.lookalikes import FLOOR, atlas_entry
+    from diffugts.stages.verification import KNOWN_FEATURES
+
+    grid = np.stack(np.meshgrid(*[np.arange(0.0, 1.05, 0.09)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    keys = [f"{o}/CT" for o in ("liver", "kidney", "spleen", "pancreas")]
+    atlas = atlas_entry({k: [grid] for k in keys}, {k: 1 for k in keys})
+    made = []
+    monkeypatch.setattr(vp, "lookalike_atlas", lambda make, n: made.append(n) or atlas)
+    column = KNOWN_FEATURES.index("lookalikes")
+    make = vp.maker(open_package(DEMO_MODEL), 0)
+    rows, _, _ = vp.folder_candidates(make, folders, atlas)
+    assert rows and all(r["features"][column] >= np.log(1 + FLOOR) - 1e-9 for r in rows)
+    plain, _, _ = vp.folder_candidates(make, folders)
+    assert all(r["features"][column] == pytest.approx(np.log(FLOOR)) for r in plain)
+    args = [str(DEMO_MODEL), *map(str, folders), "--fit", "1,1,0,0,0", "--lookalike-cases", "2"]
+    vp.main([*args, "--features", "core_ml,lookalikes", "--cache", str(tmp_path / "cache")])
+    assert made == [2] and "| core_ml,lookalikes (fit 1,1,0,0,0, threshold" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 3  # the atlas, the candidates, the fit's samples
+    vp.main([*args, "--features", "core_ml,lookalikes", "--cache", str(tmp_path / "cache")])
+    assert made == [2]  # read back from the cache
+
+
+@pytest.mark.slow
 def test_the_proxy_counts_candidates_as_the_package_reports_them(folders, tmp_path):
     """A package that delineates by level (the shipped one) counts each candidate's delineated
     voxels; the same package reporting whole candidates counts them as cut, with the same

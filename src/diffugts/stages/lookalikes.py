@@ -30,8 +30,8 @@ FLOOR = 0.02
 
 
 def places(labels: np.ndarray, ids: list[int], organ: np.ndarray) -> np.ndarray:
-    """(N, 3): each component's centroid in ``organ``'s bounding box (0..1 per axis); an
-    empty organ map gives the middle of the grid's box."""
+    """(N, 3): each component's centroid in ``organ``'s bounding box (0..1 per axis); with an
+    empty organ map, in the whole grid's box."""
     organ = np.asarray(organ, bool)
     if not ids:
         return np.zeros((0, 3))

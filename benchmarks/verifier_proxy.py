@@ -11,7 +11,8 @@ with every verifier feature, but without synthesis (no weighed feature of a norm
 reads the residual; ``refinement_example(synthesize=False)``), about 10 s a case on one core
 instead of 25. Lesion cases are prompted for their lesion-bearing organs, lesion-free ones for
 every host organ, as `evaluate` prompts them. Rows: every candidate kept (unverified), the
-package's own verifier, and one verifier per ``--features`` set, fitted as `train verifier`
+package's own verifier as shipped (``lookalikes`` read from the atlas it carries, whatever
+``--lookalike-cases`` makes), and one verifier per ``--features`` set, fitted as `train verifier`
 fits it (its fitting cases: ``--fit``, the seed's refinement range). Cells per folder: mean
 Dice over case-organs, lesions touched, and false lesions per lesion-free study. Each kept
 candidate counts as the package reports it: delineated by level where its normative model asks
@@ -42,6 +43,7 @@ import numpy as np
 
 from diffugts.models.package import ModelPackage, open_package
 from diffugts.stages.lesions import DEFAULT_MIN_VOLUME_ML
+from diffugts.stages.lookalikes import lookalikes_for, places
 from diffugts.stages.normative import normative_of
 from diffugts.stages.verification import KNOWN_FEATURES, LesionVerifier, candidates, checked_features, verifier_of
 from diffugts.train.aova import organ_family
@@ -106,7 +108,8 @@ def folder_candidates(
                     ex.normative, evidence, voxel_ml, DEFAULT_MIN_VOLUME_ML, KNOWN_FEATURES
                 )
                 by_level = ex.findings.level_delineation if ex.findings is not None else None
-                for i, f in zip(cids, feats):
+                where = places(labels, list(cids), np.asarray(evidence.organ) > 0.5)
+                for i, f, place in zip(cids, feats, where):
                     m = labels == i
                     if by_level is not None:  # reported as the package reports it, one candidate at a time
                         m = by_level(m, np.asarray(evidence.organ) > 0.5, ex.findings.score, spacing)
@@ -118,10 +121,25 @@ def folder_candidates(
                             "voxels": int(m.sum()),
                             "hits": int((m & ex.truth).sum()),
                             "touched": touched,
+                            "place": place.tolist(),  # so that each verifier's own atlas can be read
+                            "key": ex.findings.key if ex.findings is not None else None,
                         }
                     )
             print(f"{group}/{path.name}: {len(rows)} candidates so far", flush=True)
     return rows, targets, healthy_studies
+
+
+def verifier_features(rows: list[dict], verifier: LesionVerifier) -> np.ndarray:
+    """(N, F): the rows' features that ``verifier`` weighs, ``lookalikes`` read from the atlas
+    the verifier carries (a package's as shipped, whatever atlas the proxy made)."""
+    columns = [KNOWN_FEATURES.index(f) for f in verifier.features]
+    x = np.stack([np.asarray(r["features"], np.float64)[columns] for r in rows])
+    if "lookalikes" in verifier.features and verifier.lookalikes is not None:
+        at = verifier.features.index("lookalikes")
+        for k in {r["key"] for r in rows}:
+            mine = [n for n, r in enumerate(rows) if r["key"] == k]
+            x[mine, at] = lookalikes_for(verifier.lookalikes, k).feature(np.asarray([rows[n]["place"] for n in mine]))
+    return x
 
 
 def proxy(rows: list[dict], targets: list[dict], healthy_studies: dict, verifier: LesionVerifier | None) -> dict:
@@ -129,8 +147,7 @@ def proxy(rows: list[dict], targets: list[dict], healthy_studies: dict, verifier
     kept: dict[int, list[dict]] = defaultdict(list)
     keep = np.ones(len(rows), bool)
     if verifier is not None and rows:
-        columns = [KNOWN_FEATURES.index(f) for f in verifier.features]
-        keep = verifier.scores(np.stack([np.asarray(r["features"])[columns] for r in rows])) >= verifier.threshold
+        keep = verifier.scores(verifier_features(rows, verifier)) >= verifier.threshold
     for r, k in zip(rows, keep):
         if k:
             kept[r["target"]].append(r)
@@ -230,7 +247,7 @@ def main(argv=None) -> None:
         counts = [int(v) for v in fit.split(",")]
         key = ["fit", pkg.sha256, args.seed, counts, args.lookalike_cases]
         fitted[fit] = cached(args.cache, key, fitting_samples, make, args.seed, counts, atlas)
-    key = ["candidates", pkg.sha256, [str(f.resolve()) for f in args.folders], args.lookalike_cases]
+    key = ["candidates", "places", pkg.sha256, [str(f.resolve()) for f in args.folders], args.lookalike_cases]
     rows, targets, healthy = cached(args.cache, key, folder_candidates, make, args.folders, atlas)
     healthy = defaultdict(int, healthy)
     results["none (every candidate)"] = proxy(rows, targets, healthy, None)
@@ -244,6 +261,7 @@ def main(argv=None) -> None:
             columns = [KNOWN_FEATURES.index(f) for f in features]
             picked = [{**s, "features": np.asarray(s["features"])[columns]} for s in samples]
             verifier, _ = fit_verifier(picked, truth, "normative", 2.0, features, args.min_recall)
+            verifier = dataclasses.replace(verifier, lookalikes=atlas)  # as `train verifier` ships it
             verifiers[f"{','.join(features)} (fit {fit}, threshold {verifier.threshold:.2f})"] = verifier
     for name, verifier in verifiers.items():
         results[name] = proxy(rows, targets, healthy, verifier)

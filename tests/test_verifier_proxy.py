@@ -106,12 +106,26 @@ def test_the_proxy_reads_the_lookalike_atlas_it_is_given(folders, capsys, tmp_pa
     assert rows and all(r["features"][column] >= np.log(1 + FLOOR) - 1e-9 for r in rows)
     plain, _, _ = vp.folder_candidates(make, folders)
     assert all(r["features"][column] == pytest.approx(np.log(FLOOR)) for r in plain)
+    # a verifier reads lookalikes from the atlas it carries, whichever atlas the rows were made with
+    weighs = vp.LesionVerifier((1.0,), 0.0, (0.0,), (1.0,), 0.5, features=("lookalikes",), candidate_source="normative")
+    carried = vp.verifier_features(plain, dataclasses.replace(weighs, lookalikes=atlas))[:, 0]
+    assert carried == pytest.approx([r["features"][column] for r in rows])
+    assert vp.verifier_features(rows, weighs)[:, 0] == pytest.approx([r["features"][column] for r in rows])
     args = [str(DEMO_MODEL), *map(str, folders), "--fit", "1,1,0,0,0", "--lookalike-cases", "2"]
     vp.main([*args, "--features", "core_ml,lookalikes", "--cache", str(tmp_path / "cache")])
     assert made == [2] and "| core_ml,lookalikes (fit 1,1,0,0,0, threshold" in capsys.readouterr().out
     assert len(list((tmp_path / "cache").glob("*.json"))) == 3  # the atlas, the candidates, the fit's samples
     vp.main([*args, "--features", "core_ml,lookalikes", "--cache", str(tmp_path / "cache")])
     assert made == [2]  # read back from the cache
+    # the package's row is its verifier as shipped: its own atlas, not the one the proxy made
+    sha = open_package(DEMO_MODEL).sha256[:12]
+    rows_of, _ = {}, capsys.readouterr()
+    for extra in ([], ["--lookalike-cases", "2"]):
+        vp.main([str(DEMO_MODEL), *map(str, folders), *extra, "--cache", str(tmp_path / "cache")])
+        rows_of[bool(extra)] = [
+            line for line in capsys.readouterr().out.splitlines() if line.startswith("| the package's")
+        ]
+    assert rows_of[False] == rows_of[True] and len(rows_of[True]) == 1 and sha in rows_of[True][0]
 
 
 @pytest.mark.slow

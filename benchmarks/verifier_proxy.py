@@ -78,6 +78,26 @@ def fitting_samples(
     return samples, truth
 
 
+def folder_cases(make: _ExampleMaker, folders: list[Path]):
+    """Per case of the folders: (folder's group, case folder, case, lesion-free?, targets), a
+    target per case-organ as `evaluate` prompts them (lesion-bearing organs, or every host
+    organ of a lesion-free study): (its lesions' ids, its example or None)."""
+    for folder in folders:
+        group = f"{folder.parent.name}/{folder.name}"
+        for path in sorted(p for p in folder.iterdir() if (p / "case.json").exists()):
+            case = case_from_dir(path, make.prep, keep_volume=True)
+            families = sorted({organ_family(r["organ"]) for r in case.records})
+            examples = make.examples(case)  # lesion families first, in this order; then lesion-free ones
+            targets = [
+                (
+                    [r["id"] for r in case.records if organ_family(r["organ"]) == family],
+                    examples[k] if k < len(examples) else None,
+                )
+                for k, family in enumerate(families or HOST_FAMILIES)
+            ]
+            yield group, path, case, not families, targets
+
+
 def folder_candidates(
     make: _ExampleMaker, folders: list[Path], atlas: dict | None = None
 ) -> tuple[list[dict], list[dict], dict]:
@@ -87,45 +107,35 @@ def folder_candidates(
     rows: list[dict] = []
     targets: list[dict] = []
     healthy_studies: dict[str, int] = defaultdict(int)
-    for folder in folders:
-        group = f"{folder.parent.name}/{folder.name}"
-        for path in sorted(p for p in folder.iterdir() if (p / "case.json").exists()):
-            case = case_from_dir(path, make.prep, keep_volume=True)
-            families = sorted({organ_family(r["organ"]) for r in case.records})
-            healthy = not families
-            healthy_studies[group] += healthy
-            examples = make.examples(case)  # lesion families first, in this order; then lesion-free ones
-            for k, family in enumerate(HOST_FAMILIES if healthy else families):
-                ids = [r["id"] for r in case.records if organ_family(r["organ"]) == family]
-                ex = examples[k] if k < len(examples) else None
-                t = len(targets)
-                targets.append({"group": group, "healthy": healthy, "lesions": ids, "truth": 0})
-                if ex is None or ex.normative is None:
-                    continue
-                targets[t]["truth"] = int(ex.truth.sum())
-                evidence = example_evidence(ex, np.zeros(ex.truth.shape, np.float32), spacing, atlas or {})
-                labels, cids, feats = candidates(
-                    ex.normative, evidence, voxel_ml, DEFAULT_MIN_VOLUME_ML, KNOWN_FEATURES
+    for group, path, case, healthy, case_targets in folder_cases(make, folders):
+        healthy_studies[group] += healthy
+        for ids, ex in case_targets:
+            t = len(targets)
+            targets.append({"group": group, "healthy": healthy, "lesions": ids, "truth": 0})
+            if ex is None or ex.normative is None:
+                continue
+            targets[t]["truth"] = int(ex.truth.sum())
+            evidence = example_evidence(ex, np.zeros(ex.truth.shape, np.float32), spacing, atlas or {})
+            labels, cids, feats = candidates(ex.normative, evidence, voxel_ml, DEFAULT_MIN_VOLUME_ML, KNOWN_FEATURES)
+            by_level = ex.findings.level_delineation if ex.findings is not None else None
+            where = places(labels, list(cids), np.asarray(evidence.organ) > 0.5)
+            for i, f, place in zip(cids, feats, where):
+                m = labels == i
+                if by_level is not None:  # reported as the package reports it, one candidate at a time
+                    m = by_level(m, np.asarray(evidence.organ) > 0.5, ex.findings.score, spacing)
+                touched = {int(v) for v in np.unique(case.lesions[m]) if int(v) in ids}
+                rows.append(
+                    {
+                        "features": f,
+                        "target": t,
+                        "voxels": int(m.sum()),
+                        "hits": int((m & ex.truth).sum()),
+                        "touched": touched,
+                        "place": place.tolist(),  # so that each verifier's own atlas can be read
+                        "key": ex.findings.key if ex.findings is not None else None,
+                    }
                 )
-                by_level = ex.findings.level_delineation if ex.findings is not None else None
-                where = places(labels, list(cids), np.asarray(evidence.organ) > 0.5)
-                for i, f, place in zip(cids, feats, where):
-                    m = labels == i
-                    if by_level is not None:  # reported as the package reports it, one candidate at a time
-                        m = by_level(m, np.asarray(evidence.organ) > 0.5, ex.findings.score, spacing)
-                    touched = {int(v) for v in np.unique(case.lesions[m]) if int(v) in ids}
-                    rows.append(
-                        {
-                            "features": f,
-                            "target": t,
-                            "voxels": int(m.sum()),
-                            "hits": int((m & ex.truth).sum()),
-                            "touched": touched,
-                            "place": place.tolist(),  # so that each verifier's own atlas can be read
-                            "key": ex.findings.key if ex.findings is not None else None,
-                        }
-                    )
-            print(f"{group}/{path.name}: {len(rows)} candidates so far", flush=True)
+        print(f"{group}/{path.name}: {len(rows)} candidates so far", flush=True)
     return rows, targets, healthy_studies
 
 

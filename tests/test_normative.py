@@ -323,3 +323,30 @@ def test_the_recipe_refuses_normative_candidates_without_a_normative_model():
     with pytest.raises(ConfigError, match="normative"):
         DemoRecipe(normative_cases=0, normative_mr_cases=0)
     assert DemoRecipe(organ_steps=0, verifier_candidates="refined").organ_steps == 0
+
+
+def test_reseeded_findings_move_the_seed_threshold_only(model):
+    """Re-cut at 0 on the relative scale, findings hold their own candidates, with confident
+    seeds and limited growth alike; a stricter threshold keeps a subset, and one no voxel
+    reaches keeps nothing; a looser one, a superset."""
+    import dataclasses
+
+    x, organ, lesion = organ_with(np.random.default_rng(7), lesion=True)
+    confident = np.where(organ, 8.0, -8.0).astype(np.float32)
+    confident[:, :, 24:] = 1.0  # unsure on the lesion's side: no candidate there
+    for params in (
+        model.params,
+        dataclasses.replace(model.params, seed_log_odds=4.0, grow_mm=3.0, seed_opening="slice"),
+    ):
+        m = dataclasses.replace(model, params=params)
+        for log_odds in (None, confident):
+            found = m.findings(x, organ, "liver", "CT", SPACING, log_odds)
+            assert np.array_equal(m.reseeded(found, SPACING, 0.0), found.candidates)
+            strict, loose = m.reseeded(found, SPACING, 0.5), m.reseeded(found, SPACING, -0.5)
+            assert not (strict & ~found.candidates).any() and not (found.candidates & ~loose).any()
+            assert not m.reseeded(found, SPACING, float(found.score.max())).any()
+    plain = model.findings(x, organ, "liver", "CT", SPACING)
+    assert (plain.candidates & lesion).any()
+    assert m.growth(SPACING) == (True, 1) and model.growth(SPACING) == (False, None)
+    assert m.seedable(None) is None and model.seedable(confident) is None
+    assert np.array_equal(m.seedable(confident), confident > 4.0)

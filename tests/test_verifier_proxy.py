@@ -1,5 +1,6 @@
 """benchmarks/verifier_proxy.py: the offline proxy of `evaluate` for normative verifiers, on the
-shipped demo model and phantom folders; and the example maker's no-synthesis mode it rests on."""
+shipped demo model and phantom folders; the example maker's no-synthesis mode it rests on; and
+benchmarks/candidate_curve.py, its sibling for the candidate stage before any verifier."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from diffugts.models.defaults import DEMO_MODEL
 from diffugts.models.package import open_package
 
 vp = load_benchmark("verifier_proxy")
+cc = load_benchmark("candidate_curve")
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +190,44 @@ def test_examples_without_synthesis_hold_the_same_candidates(tmp_path):
         assert np.array_equal(a.normative, b.normative) and np.array_equal(a.truth, b.truth)
         assert np.array_equal(a.findings.score, b.findings.score)
     assert any(not np.array_equal(a.inputs, b.inputs) for a, b in zip(*made))  # the residual differs
+
+
+@pytest.mark.slow
+def test_the_candidate_curve_recuts_the_package_candidates(folders):
+    """Seeds moved along the relative score: at 0 the package's own candidates, stricter seeds
+    a subset of them, looser a superset; the curve counts the unverified candidates as the proxy
+    does in lesion-free studies."""
+    make = vp.maker(open_package(DEMO_MODEL), 0)
+    spacing = tuple(make.prep.spacing_mm)[::-1]
+    cut = 0
+    for _, _, _, _, targets in vp.folder_cases(make, folders):
+        for _, ex in targets:
+            if ex is None or ex.findings is None:
+                continue
+            at = {s: make.normative.reseeded(ex.findings, spacing, s) for s in (-0.5, 0.0, 0.5)}
+            assert np.array_equal(at[0.0], ex.findings.candidates) and np.array_equal(at[0.0], ex.normative)
+            assert not (at[0.5] & ~at[0.0]).any() and not (at[0.0] & ~at[-0.5]).any()
+            cut += 1
+    assert cut
+    results = cc.curve(make, folders, [0.0, 50.0])
+    rows, targets, healthy = vp.folder_candidates(make, folders)
+    every = vp.proxy(rows, targets, healthy, None)
+    ct, free = results[0.0]["dev/ct-seen"], results[0.0]["dev/healthy-ct"]
+    assert ct[1] == every["dev/ct-seen"][2] and every["dev/ct-seen"][1] <= ct[0] <= ct[1]
+    assert free[3] == 1 and free[2] == every["dev/healthy-ct"] and free[0] == free[1] == 0
+    assert results[50.0]["dev/ct-seen"][0] == 0 and results[50.0]["dev/healthy-ct"][2] == 0  # nothing seeds
+    text = cc.table(results)
+    assert "| +0.00 |" in text and "| +50.00 |" in text and "CT lesions, false per lesion-free study" in text
+    assert f"| {ct[0]}/{ct[1]} | {free[2]:.2f} per study | {ct[0]}/{ct[1]}, {free[2]:.2f} |" in text
+
+
+def test_touched_counts_lesions_and_the_components_that_miss_them():
+    mask = np.zeros((1, 5, 12), bool)
+    mask[0, 1:3, 0:2] = True  # on lesion 4
+    mask[0, 1:3, 4:6] = True  # on nothing
+    mask[0, 1, 8] = True  # too small to count
+    mask[0, 1:3, 10:12] = True  # on lesion 9, which the target does not prompt for
+    lesions = np.zeros(mask.shape, np.int16)
+    lesions[0, 2, 1], lesions[0, 1, 8], lesions[0, 2, 11] = 4, 7, 9
+    assert cc.touched(mask, lesions, [4, 7], 4) == ({4}, 2)
+    assert cc.touched(mask, lesions, [4, 7, 9], 1) == ({4, 7, 9}, 1)

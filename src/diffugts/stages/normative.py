@@ -444,15 +444,10 @@ class NormativeModel:
         if not self.knows(organ, modality) or not np.any(organ_mask):
             return Findings.none(np.shape(x), organ_log_odds)
         mix = self.scorers[key(organ, modality)]
-        where = None
-        if self.params.seed_log_odds is not None and organ_log_odds is not None:
-            where = np.asarray(organ_log_odds) > self.params.seed_log_odds
+        where = self.seedable(organ_log_odds)
         score = self.score_map(x, organ_mask, organ, modality, spacing_kji)
-        in_slices = self.params.seed_opening == "slice"
+        in_slices, steps = self.growth(spacing_kji)
         between = lambda rel: mix.low + (1.0 + rel) * (mix.high - mix.low)  # noqa: E731  (relative -> score)
-        steps = None
-        if self.params.grow_mm is not None:
-            steps = max(1, int(self.params.grow_mm // min(float(s) for s in spacing_kji)))
         found = hysteresis(score, between(self.params.grow_above), mix.high, where, in_slices, steps)
         delineation = None
         if self.params.delineate_above is not None:
@@ -472,6 +467,28 @@ class NormativeModel:
             image,
             key(organ, modality),
         )
+
+    def seedable(self, organ_log_odds: np.ndarray | None) -> np.ndarray | None:
+        """Where candidates may seed (``seed_log_odds``); None: anywhere scored."""
+        if self.params.seed_log_odds is None or organ_log_odds is None:
+            return None
+        return np.asarray(organ_log_odds) > self.params.seed_log_odds
+
+    def growth(self, spacing_kji) -> tuple[bool, int | None]:
+        """How seeds are opened (in slices or not) and how many steps candidates grow from them."""
+        if self.params.grow_mm is None:
+            return self.params.seed_opening == "slice", None
+        steps = max(1, int(self.params.grow_mm // min(float(s) for s in spacing_kji)))
+        return self.params.seed_opening == "slice", steps
+
+    def reseeded(self, findings: Findings, spacing_kji, seed_above: float) -> np.ndarray:
+        """The candidates ``findings`` would hold with seeds above ``seed_above`` on the
+        relative score's scale (0: this model's seed threshold, -1: its growing one), grown as
+        :meth:`findings` grows them: what a looser or stricter seed threshold would touch
+        (benchmarks/candidate_curve.py)."""
+        in_slices, steps = self.growth(spacing_kji)
+        where = self.seedable(findings.log_odds)
+        return hysteresis(findings.score, self.params.grow_above, seed_above, where, in_slices, steps)
 
     def candidates(self, *args, **kwargs) -> np.ndarray:
         """The candidate lesion voxels of :meth:`findings` (same arguments)."""

@@ -132,6 +132,34 @@ def test_fill_tells_solid_masses_of_any_size_and_elongation_from_hollow_and_bran
     assert candidates(tiny, evidence, 0.004, features=("fill",))[2][0, 0] == 1.0
 
 
+def test_blob_tells_a_mass_in_the_image_from_a_vessel_and_flat_tissue():
+    """blob: the share of a candidate's voxels where the image is locally a mass (bright or
+    dark), on the model's anisotropic grid; a candidate on a vessel is a tube, one in flat
+    tissue no shape, whether or not it touches the volume's edge."""
+    spacing = (4.0, 2.75, 2.75)
+    k, j, i = np.mgrid[:20, :48, :48]
+    ball = ((k - 10) * 4.0) ** 2 + ((j - 16) * 2.75) ** 2 + ((i - 16) * 2.75) ** 2 <= 6.0**2
+    vessel = (((k - 10) * 4.0) ** 2 + ((j - 34) * 2.75) ** 2 <= 3.0**2) & (i >= 4) & (i < 44)
+    on_vessel = vessel & (i >= 16) & (i < 32)
+    flat = np.zeros(k.shape, bool)
+    flat[14:20, 40:48, 0:8] = True  # tissue away from both, at the volume's corner
+    zeros = np.zeros(k.shape, np.float32)
+    rng = np.random.default_rng(0)
+    for sign in (1.0, -1.0):  # a bright and a dark lesion and vessel
+        image = (0.5 + sign * 0.2 * (ball | vessel) + rng.normal(0, 0.0002, k.shape)).astype(np.float32)
+        evidence = Evidence(zeros, zeros, zeros, zeros, np.ones(k.shape, bool), spacing_mm=spacing, image=image)
+        labels, ids, feats = candidates(ball | on_vessel | flat, evidence, 0.03, features=("blob",))
+        assert len(ids) == 3
+        share = {
+            name: feats[ids.index(int(labels[m][0])), 0]
+            for name, m in (("ball", ball), ("vessel", on_vessel), ("flat", flat))
+        }
+        # a ball is a blob at its core (a sheet at its rim); a vessel never, nor flat tissue
+        assert share["ball"] > 0.15 and share["vessel"] < 0.02 and share["flat"] < 0.02, (sign, share)
+    with pytest.raises(ValueError, match="blob feature needs"):
+        candidates(ball, Evidence(zeros, zeros, zeros, zeros, np.ones(k.shape, bool)), 0.03, features=("blob",))
+
+
 def test_relative_depth_is_the_same_at_the_core_of_a_thin_and_of_a_thick_organ():
     """A ball at the core of a thin organ (a pancreas' 10 mm) lies shallower in mm than one
     halfway into a thick organ (a liver's 40 mm) but deeper relative to its organ: depth_rel

@@ -74,6 +74,14 @@ One feature reads where in its organ a candidate lies (``normative`` candidates;
   candidate's place in its organ, per study (diffugts.stages.lookalikes; the verifier carries
   that atlas). Healthy anatomy that looks like a lesion (the vena cava's notch of the liver,
   the veins along the pancreas) lies at the same place in every study; a lesion anywhere.
+
+One feature reads the image's local shape over a candidate (``normative`` candidates; since
+2026-12-07, twenty-eighth session):
+- ``blob``: the share of the candidate's voxels where the image's Hessian at 2.75 mm is a blob
+  (three curvatures of one sign, the weakest at least half the strongest): a mass, bright or
+  dark. The false candidates that survive the other evidence are mostly vessels (tubes),
+  their branchings and the kidney's sinus (sheets and folds); a mass is what a reader calls a
+  tumour, whatever its type.
 """
 
 from __future__ import annotations
@@ -101,10 +109,15 @@ FEATURES = (
 GEOMETRY = ("depth_mm", "elongation", "depth_rel", "fill")
 NORMATIVE_EVIDENCE = ("normative_mean", "normative_max", "organ_log_odds", "core_ml")  # normative candidates only
 CONTEXT = ("continuation", "surround")  # normative candidates only: what lies around a candidate in the image
+SHAPE_IN_IMAGE = ("blob",)  # normative candidates only: the image's local shape over a candidate
 PRIOR = ("lookalikes",)  # normative candidates only: where in its organ a candidate lies
 CORE_LEVEL = 1.0  # ``core_ml``: the relative normative score a candidate's core exceeds
-KNOWN_FEATURES = FEATURES + GEOMETRY + NORMATIVE_EVIDENCE + CONTEXT + PRIOR
-NORMATIVE_ONLY = NORMATIVE_EVIDENCE + CONTEXT + PRIOR  # features of normative candidates only
+# ``blob``: the scale (mm) of the image's Hessian, and the least curvature (scale-normalised,
+# model intensity units) that counts as shape rather than flat tissue
+BLOB_SCALE_MM = 2.75
+BLOB_MIN_CURVATURE = 1e-3
+KNOWN_FEATURES = FEATURES + GEOMETRY + NORMATIVE_EVIDENCE + CONTEXT + PRIOR + SHAPE_IN_IMAGE
+NORMATIVE_ONLY = NORMATIVE_EVIDENCE + CONTEXT + PRIOR + SHAPE_IN_IMAGE  # features of normative candidates only
 CANDIDATE_SOURCES = ("refined", "deviation", "normative")
 
 
@@ -258,6 +271,7 @@ def candidates(
         "continuation": lambda: _context("continuation", labels, ids, evidence),
         "surround": lambda: _context("surround", labels, ids, evidence),
         "lookalikes": lambda: _lookalikes(labels, ids, evidence),
+        "blob": lambda: _blob(labels, ids, evidence),
     }
     return labels, ids, np.stack([np.asarray(compute[f](), np.float64) for f in features], 1)
 
@@ -284,6 +298,39 @@ def _lookalikes(labels: np.ndarray, ids: list[int], evidence: Evidence) -> np.nd
     if evidence.lookalikes is None:
         raise ValueError("the lookalikes feature needs the evidence's look-alike atlas")
     return evidence.lookalikes.feature(places(labels, ids, np.asarray(evidence.organ) > 0.5))
+
+
+def _blob(labels: np.ndarray, ids: list[int], evidence: Evidence) -> np.ndarray:
+    """Per component the share of its voxels where the image's Hessian at BLOB_SCALE_MM is a
+    blob: three curvatures of one sign, the weakest at least half the strongest (a mass, bright
+    or dark), not a tube (one weak curvature), a sheet (two) or flat tissue. Each component's
+    box with a margin of four scales, so the filters cost the candidates, not the volume."""
+    if evidence.image is None or evidence.spacing_mm is None:
+        raise ValueError("the blob feature needs the evidence's image and spacing_mm")
+    image = np.asarray(evidence.image, np.float32)
+    spacing = np.asarray(evidence.spacing_mm, np.float64)
+    sigma = BLOB_SCALE_MM / spacing
+    margin = np.ceil(4 * sigma).astype(int) + 1
+    out, boxes = [], ndimage.find_objects(labels)
+    for i in ids:
+        box = tuple(
+            slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(boxes[i - 1], margin, labels.shape)
+        )
+        inside = labels[box] == i
+        hessian = np.empty((int(inside.sum()), 3, 3))
+        for a in range(3):
+            for b in range(a, 3):
+                order = [0, 0, 0]
+                order[a] += 1
+                order[b] += 1
+                d = ndimage.gaussian_filter(image[box], sigma, order=order)[inside]
+                hessian[:, a, b] = hessian[:, b, a] = d / (spacing[a] * spacing[b]) * BLOB_SCALE_MM**2
+        ev = np.linalg.eigvalsh(hessian)
+        ev = np.take_along_axis(ev, np.argsort(np.abs(ev), axis=1), 1)  # weakest first
+        one_sign = (np.sign(ev) == np.sign(ev[:, 2:])).all(1)
+        blob = one_sign & (np.abs(ev[:, 0]) >= 0.5 * np.abs(ev[:, 2])) & (np.abs(ev[:, 2]) > BLOB_MIN_CURVATURE)
+        out.append(float(blob.mean()) if len(blob) else 0.0)
+    return np.asarray(out)
 
 
 def _moments(labels: np.ndarray, ids: list[int], spacing_mm) -> list[np.ndarray | None]:

@@ -43,7 +43,8 @@ THRESHOLDS = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 # than the seen lesions' mean), and the verifier then drops the plainest lesions of other
 # organs: on the development seeds it removed every liver lesion a draw had found.
 # Depth and compactness count for a lesion too: deeper in its organ, rounder (GEOMETRY), and so
-# do the normative score and the organ log-odds (NORMATIVE_EVIDENCE). The volume is free, and so
+# do the normative score and the organ log-odds (NORMATIVE_EVIDENCE) and a mass in the image
+# (SHAPE_IN_IMAGE: blob). The volume is free, and so
 # are the features of what surrounds a candidate (CONTEXT: continuation, surround), which count
 # against a lesion: tissue like it going on past it, lying around it; and the look-alikes
 # near its place (PRIOR), which count against it too.

@@ -287,21 +287,28 @@ def _position_columns(organ: np.ndarray, scored: np.ndarray) -> list[np.ndarray]
     return columns
 
 
+def hessian_at(image: np.ndarray, where: np.ndarray, sigma_mm: float, spacing, unit: float = 1.0) -> np.ndarray:
+    """(N, 3, 3) float32: the scale-normalised Hessian (mm, Gaussian of ``sigma_mm``) of
+    ``image`` at the N voxels of ``where``, in ``unit``s of intensity."""
+    spacing = np.asarray(spacing, np.float64)
+    hessian = np.empty((int(np.count_nonzero(where)), 3, 3), np.float32)
+    for a in range(3):
+        for b in range(a, 3):
+            order = [0, 0, 0]
+            order[a] += 1
+            order[b] += 1
+            d = ndimage.gaussian_filter(image, sigma_mm / spacing, order=order)[where]
+            hessian[:, a, b] = hessian[:, b, a] = d / (spacing[a] * spacing[b]) * sigma_mm**2 / unit
+    return hessian
+
+
 def _shape_columns(x, organ, scored, median, spread, spacing, params: NormativeParams) -> list[np.ndarray]:
     """The scored voxels' Hessian eigenvalues at each scale (ascending) and depth."""
     columns = []
     # Outside the organ the image is its median, so the organ's own border is not a "sheet".
     flat = np.where(organ, x, median).astype(np.float32)
     for sigma_mm in HESSIAN_SCALES_MM:
-        hessian = np.empty((int(scored.sum()), 3, 3), np.float32)
-        for a in range(3):
-            for b in range(a, 3):
-                order = [0, 0, 0]
-                order[a] += 1
-                order[b] += 1
-                d = ndimage.gaussian_filter(flat, sigma_mm / spacing, order=order)[scored]
-                hessian[:, a, b] = hessian[:, b, a] = d / (spacing[a] * spacing[b]) * sigma_mm**2 / spread
-        columns += list(np.linalg.eigvalsh(hessian).T)  # ascending
+        columns += list(np.linalg.eigvalsh(hessian_at(flat, scored, sigma_mm, spacing, spread)).T)  # ascending
     depth = ndimage.distance_transform_edt(organ, sampling=spacing)[scored]
     columns.append(np.minimum(depth, params.depth_cap_mm) / 10.0)
     return columns

@@ -307,6 +307,8 @@ def _blob(labels: np.ndarray, ids: list[int], evidence: Evidence) -> np.ndarray:
     box with a margin of four scales, so the filters cost the candidates, not the volume."""
     if evidence.image is None or evidence.spacing_mm is None:
         raise ValueError("the blob feature needs the evidence's image and spacing_mm")
+    from diffugts.stages.normative import hessian_at  # normative reaches this module through delineation
+
     image = np.asarray(evidence.image, np.float32)
     spacing = np.asarray(evidence.spacing_mm, np.float64)
     sigma = BLOB_SCALE_MM / spacing
@@ -316,16 +318,7 @@ def _blob(labels: np.ndarray, ids: list[int], evidence: Evidence) -> np.ndarray:
         box = tuple(
             slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(boxes[i - 1], margin, labels.shape)
         )
-        inside = labels[box] == i
-        hessian = np.empty((int(inside.sum()), 3, 3))
-        for a in range(3):
-            for b in range(a, 3):
-                order = [0, 0, 0]
-                order[a] += 1
-                order[b] += 1
-                d = ndimage.gaussian_filter(image[box], sigma, order=order)[inside]
-                hessian[:, a, b] = hessian[:, b, a] = d / (spacing[a] * spacing[b]) * BLOB_SCALE_MM**2
-        ev = np.linalg.eigvalsh(hessian)
+        ev = np.linalg.eigvalsh(hessian_at(image[box], labels[box] == i, BLOB_SCALE_MM, spacing))
         ev = np.take_along_axis(ev, np.argsort(np.abs(ev), axis=1), 1)  # weakest first
         one_sign = (np.sign(ev) == np.sign(ev[:, 2:])).all(1)
         blob = one_sign & (np.abs(ev[:, 0]) >= 0.5 * np.abs(ev[:, 2])) & (np.abs(ev[:, 2]) > BLOB_MIN_CURVATURE)
